@@ -1,0 +1,71 @@
+"""What the CLI (and any integration) uses to talk to the control plane."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+
+from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
+from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
+from stratus.events.ids import new_id
+
+_reply = msgspec.json.Decoder(Reply)
+_enc = msgspec.json.Encoder()
+
+
+class Client:
+    def __init__(self, nc: nats.NATS, token: str | None = None, timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
+        try:
+            nc = await nats.connect(
+                url, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise Unavailable(f"cannot reach the control plane at {url}: {exc}") from None
+        return cls(nc, token, timeout)
+
+    async def close(self) -> None:
+        try:
+            await self.nc.drain()
+        except Exception:
+            await self.nc.close()
+
+    async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
+        if self.token:
+            headers[H_AUTHORIZATION] = f"Bearer {self.token}"
+        try:
+            msg = await self.nc.request(
+                subject, _enc.encode(body), timeout=self.timeout, headers=headers
+            )
+        except nats.errors.NoRespondersError:
+            raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise Unavailable(f"{subject}: no answer within {self.timeout}s") from None
+        except nats.errors.Error as exc:
+            raise Unavailable(f"{subject}: {exc}") from None
+        try:
+            reply = _reply.decode(msg.data)
+        except msgspec.DecodeError:
+            raise Internal(f"{subject}: unreadable reply") from None
+        if not reply.ok:
+            if reply.error is None:
+                raise StratusError("refused without a reason")
+            raise from_wire(reply.error)
+        return reply
+
+    async def command(
+        self, verb: str, body: dict[str, Any], command_id: str | None = None
+    ) -> Reply:
+        """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
+        return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
+
+    async def query(self, view: str, body: dict[str, Any] | None = None) -> Any:
+        return (await self._request(f"q.{view}", body or {}, {})).data

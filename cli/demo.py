@@ -1,0 +1,93 @@
+"""``stratus demo``: the embedded control plane and a scripted scenario.
+
+The scenario grows with the control plane: for now it covers tenants, the
+event log and the audit trail.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from stratus.cli import logs
+from stratus.cli.client import Client
+from stratus.cli.output import Format, emit
+from stratus.cli.runtime import Stack
+from stratus.events.errors import AlreadyExists, Invalid
+from stratus.events.store import EventStore
+
+
+async def run_demo() -> None:
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    with tempfile.TemporaryDirectory(prefix="stratus-demo-") as tmp:
+        data = Path(tmp)
+        logs.configure("WARNING", json_file=data / "stratus.log")
+        stack = Stack(data, port=0)
+        url = await stack.start()
+        console.print(f"[bold]stratus ready[/] on {url} (data dir {data})")
+        client = await Client.connect(url)
+        try:
+            console.rule("tenants")
+            r = await client.command("tenant.create", {"name": "acme", "description": "demo"})
+            console.print(f"created tenant [bold]acme[/] at seq {r.seqs}")
+            r = await client.command("tenant.create", {"name": "globex"})
+            console.print(f"created tenant [bold]globex[/] at seq {r.seqs}")
+            r = await client.command("tenant.rename", {"tenant": "globex", "name": "globex-eu"})
+            console.print(f"renamed globex to globex-eu at seq {r.seqs}")
+            try:
+                await client.command("tenant.create", {"name": "acme"})
+                raise AssertionError("a duplicate tenant was accepted")
+            except AlreadyExists as err:
+                console.print(f"refused as expected: already_exists: {escape(err.message)}")
+            try:
+                await client.command("tenant.create", {"name": "Not Valid!"})
+                raise AssertionError("an invalid name was accepted")
+            except Invalid as err:
+                console.print(f"refused as expected: invalid: {escape(err.message)}")
+            status = await _wait_projected(client)
+            emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
+            console.rule("audit trail (the event log)")
+            store = await EventStore.connect(url)
+            try:
+                rows = []
+                for rec in await store.read_all():
+                    e = rec.decode()
+                    rows.append(
+                        {
+                            "seq": rec.seq,
+                            "at": e.at.isoformat(timespec="seconds"),
+                            "type": e.type_name(),
+                            "resource": f"{e.aggregate.kind}/{e.aggregate.id}",
+                            "actor": e.actor,
+                            "command": e.correlation_id,
+                        }
+                    )
+                emit(rows, Format.table)
+            finally:
+                await store.close()
+            console.print(
+                f"last_seq={status['last_seq']} projector_lag={status['projector_lag']} "
+                f"digest={status['projection_digest'][:16]}…"
+            )
+            console.print("[bold green]demo finished[/]")
+        finally:
+            await client.close()
+            await stack.stop()
+
+
+async def _wait_projected(client: Client, timeout: float = 10.0) -> dict:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = await client.query("status")
+        if status["projector_lag"] == 0:
+            return status
+        if loop.time() > deadline:
+            raise TimeoutError(f"projector still {status['projector_lag']} events behind")
+        await asyncio.sleep(0.05)

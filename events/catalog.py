@@ -1,0 +1,12 @@
+"""Every event type and command Stratus knows, and the one codec over them."""
+
+from __future__ import annotations
+
+from stratus.events import tenants
+from stratus.events.commands import Command
+from stratus.events.model import Codec, Event
+
+EVENT_TYPES: tuple[type[Event], ...] = (*tenants.EVENTS,)
+COMMAND_TYPES: dict[str, type[Command]] = {**tenants.COMMANDS}
+
+CODEC = Codec(EVENT_TYPES)

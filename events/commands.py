@@ -1,0 +1,34 @@
+"""The command envelope shared by the CLI, integrations and the handlers.
+
+A command travels as a NATS request on ``cmd.<verb>``: the JSON body is the
+command's fields, and the headers carry what is about the request rather
+than the command (its id for idempotency, later the bearer token). Keeping
+the token in a header means callers do not change when identity lands.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from stratus.events.errors import ErrorBody
+
+# Headers of a command request.
+H_COMMAND_ID = "Stratus-Command-Id"
+H_AUTHORIZATION = "Authorization"
+
+# Larger bodies are refused before decoding; no command needs more.
+MAX_COMMAND_BYTES = 64 * 1024
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every command. Unknown fields are typos and are refused."""
+
+
+class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A service's answer: ``seqs`` of appended events and ``data``, or ``error``."""
+
+    ok: bool
+    seqs: list[int] = []
+    data: dict | list | None = None
+    error: ErrorBody | None = None
+    duplicate: bool = False

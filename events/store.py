@@ -1,0 +1,566 @@
+"""The event-store client: ``append``, ``read`` and ``subscribe`` on JetStream.
+
+Everything that touches the ``EVENTS`` stream goes through here, and every
+broker failure leaves as a Stratus error (``ConcurrencyConflict``,
+``Unavailable``, ...), never as a nats-py exception.
+
+Reads use an ephemeral push consumer driven directly over core NATS rather
+than nats-py's ordered consumer: we need the stream sequence, timestamp and
+pending count of every message (they are in the reply subject), a clean
+stop at a sequence or time, and backpressure (flow-control replies are held
+back until the reader has drained what it buffered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from stratus.events.catalog import CODEC
+from stratus.events.errors import ConcurrencyConflict, Internal, Invalid, Unavailable
+from stratus.events.model import Codec, Event
+
+STREAM = "EVENTS"
+SUBJECTS = "ev.>"
+MAX_BATCH = 1000
+# A retried command must land inside the window to be recognised as a retry.
+DUPLICATE_WINDOW_S = 15 * 60
+
+ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_BATCH_DUPLICATE_MSG_ID = 10201
+_LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
+
+H_MSG_ID = "Nats-Msg-Id"
+H_EXPECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+H_EXPECT_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+H_BATCH_ID = "Nats-Batch-Id"
+H_BATCH_SEQ = "Nats-Batch-Sequence"
+H_BATCH_COMMIT = "Nats-Batch-Commit"
+
+
+class Condition(msgspec.Struct, frozen=True):
+    """Append only if the last event matching ``subject`` is still ``last_seq``.
+
+    ``subject`` is an aggregate subject (per-aggregate check) or a filter such
+    as ``ev.<tenant>.>`` (tenant-wide check); ``last_seq`` 0 means nothing may
+    match yet. ``index`` names the event of the append that carries the check:
+    in an atomic batch each member may carry its own.
+    """
+
+    subject: str
+    last_seq: int
+    index: int = 0
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    seqs: list[int]
+    duplicate: bool = False
+
+
+class Recorded:
+    """One stored event as read from the stream, decoded on demand."""
+
+    __slots__ = ("_event", "data", "headers", "seq", "subject", "ts_ns")
+
+    def __init__(
+        self,
+        seq: int,
+        subject: str,
+        ts_ns: int,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.seq = seq
+        self.subject = subject
+        self.ts_ns = ts_ns
+        self.data = data
+        self.headers = headers
+        self._event: Event | None = None
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromtimestamp(self.ts_ns / 1e9, UTC)
+
+    def decode(self, codec: Codec = CODEC) -> Event:
+        if self._event is None:
+            self._event = codec.decode(self.data)
+        return self._event
+
+    def __repr__(self) -> str:
+        return f"Recorded(seq={self.seq}, subject={self.subject!r})"
+
+
+Until = int | datetime | None
+
+
+class EventStore:
+    """Append, read and subscribe over one NATS connection."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        codec: Codec = CODEC,
+        stream: str = STREAM,
+        timeout: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=timeout)
+        self.codec = codec
+        self.stream = stream
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(cls, url: str, **options: Any) -> EventStore:
+        try:
+            nc = await nats.connect(
+                url,
+                connect_timeout=options.pop("connect_timeout", 3),
+                max_reconnect_attempts=options.pop("max_reconnect_attempts", 5),
+                allow_reconnect=True,
+                **options,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise Unavailable(f"cannot reach NATS at {url}: {exc}") from None
+        return cls(nc)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.drain()
+
+    # -- stream ---------------------------------------------------------------
+
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            subjects=[SUBJECTS],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.OLD,
+            max_age=0,
+            max_msgs=-1,
+            max_bytes=-1,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            allow_direct=True,
+            allow_atomic=True,
+            # The log is kept forever: an operator may archive, never edit.
+            deny_delete=True,
+            deny_purge=True,
+        )
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or bring an existing one to our settings."""
+        cfg = self.stream_config()
+        try:
+            try:
+                await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(cfg)
+                return
+            await self.js.update_stream(cfg)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _translate(exc) from None
+
+    async def last_seq(self, subject: str | None = None) -> int:
+        """The stream's last sequence, or the last one matching ``subject``."""
+        try:
+            if subject is None or subject == SUBJECTS:
+                info = await self.js.stream_info(self.stream)
+                return info.state.last_seq
+            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+            return msg.seq or 0
+        except nats.js.errors.NotFoundError:
+            return 0
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _translate(exc) from None
+
+    async def first_seq_after(self, when: datetime) -> int:
+        """The sequence of the first event stored at or after ``when`` (0: none)."""
+        req = {"start_time": when.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+        try:
+            resp = await self.nc.request(
+                f"$JS.API.DIRECT.GET.{self.stream}", json.dumps(req).encode(), timeout=self.timeout
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _translate(exc) from None
+        if resp.headers and resp.headers.get("Status") == "404":
+            return 0
+        if resp.headers and resp.headers.get("Status"):
+            raise Internal(f"direct get by time failed: {resp.headers}")
+        return int((resp.headers or {}).get("Nats-Sequence", 0))
+
+    # -- append ---------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        condition: Condition | Sequence[Condition] | None = None,
+        *,
+        msg_id: str | None = None,
+    ) -> AppendResult:
+        """Append ``events`` atomically, if ``condition`` holds.
+
+        One event is one publish; several are one atomic batch (all land or
+        none). ``msg_id`` is the command id: appending again with the same id
+        within the duplicate window appends nothing and returns the original
+        sequence numbers with ``duplicate=True``.
+        """
+        if not events:
+            return AppendResult([])
+        if len(events) > MAX_BATCH:
+            raise Invalid(f"at most {MAX_BATCH} events can be appended together, got {len(events)}")
+        conds: dict[int, Condition] = {}
+        for c in [condition] if isinstance(condition, Condition) else (condition or []):
+            if not 0 <= c.index < len(events):
+                raise Invalid(f"condition index {c.index} is outside the {len(events)} events")
+            conds[c.index] = c
+        payloads = [(e.subject, self.codec.encode(e)) for e in events]
+        try:
+            if len(events) == 1:
+                return await self._publish_one(payloads[0], conds.get(0), msg_id)
+            return await self._publish_batch(payloads, conds, msg_id)
+        except (TimeoutError, nats.errors.Error) as exc:
+            err = _translate(exc, conds)
+        if isinstance(err, ConcurrencyConflict) and msg_id:
+            # The server checks expectations before deduplication, so a retry
+            # of an append that landed is refused as stale. If the first
+            # subject's last message carries this id, the retry is a duplicate.
+            first = await self._last_with_msg_id(payloads[0][0], msg_id)
+            if first:
+                return AppendResult(list(range(first, first + len(events))), True)
+        raise err
+
+    @staticmethod
+    def _headers(cond: Condition | None, subject: str) -> dict[str, str]:
+        if cond is None:
+            return {}
+        h = {H_EXPECT_SEQ: str(cond.last_seq)}
+        if cond.subject != subject:
+            h[H_EXPECT_SUBJECT] = cond.subject
+        return h
+
+    async def _publish_one(
+        self, payload: tuple[str, bytes], cond: Condition | None, msg_id: str | None
+    ) -> AppendResult:
+        subject, data = payload
+        headers = self._headers(cond, subject)
+        if msg_id:
+            headers[H_MSG_ID] = msg_id
+        ack = await self.js.publish(subject, data, headers=headers or None)
+        return AppendResult([ack.seq], bool(ack.duplicate))
+
+    async def _publish_batch(
+        self,
+        payloads: list[tuple[str, bytes]],
+        conds: dict[int, Condition],
+        msg_id: str | None,
+    ) -> AppendResult:
+        batch_id = uuid.uuid4().hex
+        n = len(payloads)
+        for i, (subject, data) in enumerate(payloads):
+            headers = self._headers(conds.get(i), subject)
+            headers[H_BATCH_ID] = batch_id
+            headers[H_BATCH_SEQ] = str(i + 1)
+            if i == 0 and msg_id:
+                headers[H_MSG_ID] = msg_id
+            if i < n - 1:
+                await self.nc.publish(subject, data, headers=headers)
+                continue
+            headers[H_BATCH_COMMIT] = "1"
+            try:
+                ack = await self.js.publish(subject, data, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == ERR_BATCH_DUPLICATE_MSG_ID and msg_id:
+                    first = await self._find_msg_id(payloads[0][0], msg_id)
+                    if first:
+                        # An atomic batch is stored contiguously.
+                        return AppendResult(list(range(first, first + n)), True)
+                raise
+            return AppendResult(list(range(ack.seq - n + 1, ack.seq + 1)))
+        raise AssertionError("unreachable")
+
+    async def _last_with_msg_id(self, subject: str, msg_id: str) -> int:
+        try:
+            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+        except (TimeoutError, nats.errors.Error):
+            return 0
+        if msg.headers and msg.headers.get(H_MSG_ID) == msg_id:
+            return msg.seq or 0
+        return 0
+
+    async def _find_msg_id(self, subject: str, msg_id: str) -> int:
+        """The sequence of the message on ``subject`` that carried ``msg_id``."""
+        found = 0
+        async for batch in self.read(subjects=[subject], headers=True):
+            for rec in batch:
+                if rec.headers and rec.headers.get(H_MSG_ID) == msg_id:
+                    found = rec.seq
+        return found
+
+    # -- read -----------------------------------------------------------------
+
+    def read(
+        self,
+        after: int = 0,
+        until: Until = None,
+        subjects: Sequence[str] = (SUBJECTS,),
+        *,
+        batch: int = 1000,
+        headers: bool = False,
+    ) -> AsyncIterator[list[Recorded]]:
+        """Stored events after ``after``, in order, as lists of at most ``batch``.
+
+        Stops at ``until`` (a sequence, or a time: events stored after it are
+        not returned), or at the end of the stream as it was when called.
+        """
+        return _Reader(self, after, until, subjects, batch, headers, follow=False).batches()
+
+    def subscribe(
+        self,
+        after: int = 0,
+        subjects: Sequence[str] = (SUBJECTS,),
+        *,
+        batch: int = 1000,
+    ) -> AsyncIterator[list[Recorded]]:
+        """Like ``read`` but never ends: after the backlog, new events as they land."""
+        return _Reader(self, after, None, subjects, batch, False, follow=True).batches()
+
+    async def read_all(self, after: int = 0, until: Until = None, **kw: Any) -> list[Recorded]:
+        out: list[Recorded] = []
+        async for b in self.read(after, until, **kw):
+            out.extend(b)
+        return out
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    p = pattern.split(".")
+    t = subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(t) > i
+        if i >= len(t) or (tok != "*" and tok != t[i]):
+            return False
+    return len(t) == len(p)
+
+
+def _translate(exc: BaseException, conds: dict[int, Condition] | None = None) -> Exception:
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+        m = _LAST_SEQ_RE.search(exc.description or "")
+        cond = next(iter(conds.values()), None) if conds else None
+        return ConcurrencyConflict(
+            f"expected last sequence {cond.last_seq if cond else '?'} on "
+            f"{cond.subject if cond else '?'}: {exc.description}",
+            expected=cond.last_seq if cond else -1,
+            actual=int(m.group(1)) if m else None,
+        )
+    if isinstance(
+        exc,
+        nats.errors.TimeoutError
+        | asyncio.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.js.errors.NoStreamResponseError
+        | nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionDrainingError
+        | nats.errors.StaleConnectionError
+        | nats.js.errors.ServiceUnavailableError,
+    ):
+        return Unavailable(f"event store unavailable: {type(exc).__name__} {exc}".strip())
+    if isinstance(exc, nats.js.errors.APIError):
+        return Internal(f"event store refused: {exc.err_code} {exc.description}")
+    return Unavailable(f"event store error: {type(exc).__name__}: {exc}")
+
+
+class _Reader:
+    """One ephemeral push consumer, read as batches of ``Recorded``."""
+
+    HEARTBEAT_S = 2.0
+    # Hold back flow-control replies while this many events wait unread.
+    HIGH_WATER = 20_000
+
+    def __init__(
+        self,
+        store: EventStore,
+        after: int,
+        until: Until,
+        subjects: Sequence[str],
+        batch: int,
+        headers: bool,
+        follow: bool,
+    ) -> None:
+        self.store = store
+        self.next_seq = after + 1
+        self.until_seq = until if isinstance(until, int) else None
+        self.until_ns = int(until.timestamp() * 1e9) if isinstance(until, datetime) else None
+        self.subjects = list(subjects)
+        self.batch = batch
+        self.headers = headers
+        self.follow = follow
+        self.buf: list[Recorded] = []
+        self.fc_reply: str | None = None
+        self.wake = asyncio.Event()
+        self.expect_dseq = 1
+        self.caught_up = False
+        self.broken = False
+        self.beat = False
+        self.sub: Any = None
+        self.consumer: str | None = None
+
+    async def batches(self) -> AsyncIterator[list[Recorded]]:
+        try:
+            if not self.follow:
+                end = await self.store.last_seq()
+                if self.until_seq is None or self.until_seq > end:
+                    self.until_seq = end
+                if self.next_seq > self.until_seq:
+                    return
+            await self._start()
+            while True:
+                if self.broken:
+                    await self._start()
+                if not self.buf:
+                    if self.caught_up and not self.follow:
+                        return
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), self.HEARTBEAT_S * 3)
+                    except TimeoutError:
+                        if not self.beat:
+                            self.broken = True  # consumer or connection lost
+                        self.beat = False
+                    continue
+                out, self.buf = self.buf[: self.batch], self.buf[self.batch :]
+                if len(self.buf) < self.HIGH_WATER and self.fc_reply:
+                    await self.store.nc.publish(self.fc_reply)
+                    self.fc_reply = None
+                done = False
+                if self.until_seq is not None and out[-1].seq >= self.until_seq:
+                    out = [r for r in out if r.seq <= self.until_seq]
+                    done = True
+                if self.until_ns is not None and out[-1].ts_ns > self.until_ns:
+                    out = [r for r in out if r.ts_ns <= self.until_ns]
+                    done = True
+                if out:
+                    yield out
+                if done:
+                    return
+        finally:
+            await self._stop()
+
+    async def _start(self) -> None:
+        await self._stop()
+        self.broken = False
+        self.expect_dseq = 1
+        nc = self.store.nc
+        inbox = nc.new_inbox()
+        self.sub = await nc.subscribe(
+            inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+        cfg: dict[str, Any] = {
+            "ack_policy": "none",
+            "deliver_subject": inbox,
+            "flow_control": True,
+            "idle_heartbeat": int(self.HEARTBEAT_S * 1e9),
+            "inactive_threshold": int(30 * 1e9),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "replay_policy": "instant",
+            "headers_only": False,
+        }
+        if self.next_seq <= 1:
+            cfg["deliver_policy"] = "all"
+        else:
+            cfg["deliver_policy"] = "by_start_sequence"
+            cfg["opt_start_seq"] = self.next_seq
+        if len(self.subjects) == 1:
+            cfg["filter_subject"] = self.subjects[0]
+        else:
+            cfg["filter_subjects"] = self.subjects
+        req = json.dumps({"stream_name": self.store.stream, "config": cfg}).encode()
+        try:
+            resp = await nc.request(
+                f"$JS.API.CONSUMER.CREATE.{self.store.stream}", req, timeout=self.store.timeout
+            )
+        except (TimeoutError, nats.errors.Error) as exc:
+            await self._stop()
+            raise _translate(exc) from None
+        info = json.loads(resp.data)
+        if "error" in info:
+            await self._stop()
+            err = info["error"]
+            raise _translate(
+                nats.js.errors.APIError(
+                    code=err.get("code"),
+                    err_code=err.get("err_code"),
+                    description=err.get("description"),
+                )
+            )
+        self.consumer = info["name"]
+        self.caught_up = info.get("num_pending", 0) == 0
+
+    async def _stop(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        name, self.consumer = self.consumer, None
+        if name is not None and self.store.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.store.nc.publish(
+                    f"$JS.API.CONSUMER.DELETE.{self.store.stream}.{name}", b""
+                )
+
+    async def _on_msg(self, msg: Msg) -> None:
+        reply = msg.reply
+        if not reply or not reply.startswith("$JS.ACK."):
+            hdr = msg.headers or {}
+            if hdr.get("Status") == "100":
+                self.beat = True
+                if reply:  # flow-control request: answer once drained
+                    if len(self.buf) < self.HIGH_WATER:
+                        await self.store.nc.publish(reply)
+                    else:
+                        self.fc_reply = reply
+                self.wake.set()
+            elif hdr.get("Status") in ("409", "404", "408"):
+                self.broken = True
+                self.wake.set()
+            return
+        if self.broken:
+            return
+        t = reply.split(".")
+        if len(t) == 9:
+            sseq, dseq, ts, pending = t[5], t[6], t[7], t[8]
+        else:
+            sseq, dseq, ts, pending = t[7], t[8], t[9], t[10]
+        d = int(dseq)
+        if d != self.expect_dseq:
+            # A gap: the server dropped something for us. Restart after the
+            # last event we hold so nothing is skipped or doubled.
+            self.broken = True
+            self.wake.set()
+            return
+        self.expect_dseq = d + 1
+        seq = int(sseq)
+        self.next_seq = seq + 1
+        self.buf.append(
+            Recorded(seq, msg.subject, int(ts), msg.data, msg.headers if self.headers else None)
+        )
+        if pending == "0":
+            self.caught_up = True
+        self.beat = True
+        self.wake.set()
