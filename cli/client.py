@@ -11,6 +11,7 @@ import nats.errors
 from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
+from stratus.events.store import connect_nats
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
@@ -25,11 +26,9 @@ class Client:
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
         try:
-            nc = await nats.connect(
-                url, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False
-            )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise Unavailable(f"cannot reach the control plane at {url}: {exc}") from None
+            nc = await connect_nats(url, persistent=False)
+        except Unavailable as exc:
+            raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
         return cls(nc, token, timeout)
 
     async def close(self) -> None:

@@ -159,7 +159,7 @@ def serve(
     logs.configure("INFO")
 
     async def main() -> None:
-        store = await EventStore.connect(resolve_url(), max_reconnect_attempts=-1)
+        store = await EventStore.connect(resolve_url())
         await store.ensure_stream()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -284,7 +284,7 @@ def events_tail(
     subjects = [f"ev.{tenant}.>"] if tenant else ["ev.>"]
 
     async def main() -> None:
-        store = await EventStore.connect(resolve_url(), max_reconnect_attempts=0)
+        store = await EventStore.connect(resolve_url(), persistent=False)
         rows: list[dict] = []
         try:
             it = (

@@ -80,7 +80,7 @@ class Stack:
                 log_file=str(self.data_dir / "nats.log"),
             )
             url = await asyncio.to_thread(self.broker.start)
-            self.store = await EventStore.connect(url, max_reconnect_attempts=-1)
+            self.store = await EventStore.connect(url)
             await self.store.ensure_stream()
             engine = make_engine(self.db_url)
             self.engine = engine

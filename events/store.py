@@ -107,6 +107,39 @@ class Recorded:
 Until = int | datetime | None
 
 
+async def _quiet(exc: Exception) -> None:
+    # nats-py reports every failed (re)connect attempt here; callers see the
+    # outcome as Unavailable, so the noise is not printed.
+    return None
+
+
+async def connect_nats(
+    url: str, *, persistent: bool = True, timeout: float = 10.0, **options: Any
+) -> NATS:
+    """Connect to NATS, failing with ``Unavailable`` within ``timeout``.
+
+    A persistent connection (services) reconnects forever once up; a
+    one-shot one (the CLI) gives up at the first failure.
+    """
+    nc = NATS()
+    opts: dict[str, Any] = {
+        "connect_timeout": 2,
+        "reconnect_time_wait": 0.5,
+        "error_cb": _quiet,
+        "allow_reconnect": persistent,
+        # nats-py treats 0 as "no limit"; 1 is the smallest real bound.
+        "max_reconnect_attempts": -1 if persistent else 1,
+    }
+    opts.update(options)
+    try:
+        await asyncio.wait_for(nc.connect(url, **opts), timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+    return nc
+
+
 class EventStore:
     """Append, read and subscribe over one NATS connection."""
 
@@ -125,18 +158,8 @@ class EventStore:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str, **options: Any) -> EventStore:
-        try:
-            nc = await nats.connect(
-                url,
-                connect_timeout=options.pop("connect_timeout", 3),
-                max_reconnect_attempts=options.pop("max_reconnect_attempts", 5),
-                allow_reconnect=True,
-                **options,
-            )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            raise Unavailable(f"cannot reach NATS at {url}: {exc}") from None
-        return cls(nc)
+    async def connect(cls, url: str, *, persistent: bool = True, **options: Any) -> EventStore:
+        return cls(await connect_nats(url, persistent=persistent, **options))
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -464,6 +487,7 @@ class _Reader:
     async def _start(self) -> None:
         await self._stop()
         self.broken = False
+        self.caught_up = False
         self.expect_dseq = 1
         nc = self.store.nc
         inbox = nc.new_inbox()
@@ -510,7 +534,9 @@ class _Reader:
                 )
             )
         self.consumer = info["name"]
-        self.caught_up = info.get("num_pending", 0) == 0
+        # Messages may arrive before this reply: never undo what they said.
+        if info.get("num_pending", 0) == 0:
+            self.caught_up = True
 
     async def _stop(self) -> None:
         sub, self.sub = self.sub, None
