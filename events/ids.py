@@ -12,9 +12,11 @@ _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# The lookahead refuses a trailing newline, which Python's `$` would accept;
+# it reads the same as a JSON Schema (ECMA) pattern.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}(?!\n)$")
 # Ids that reach a subject token: no dots, wildcards or white space.
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(?!\n)$")
 
 
 def uuid7() -> uuid.UUID:

@@ -19,7 +19,7 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -31,7 +31,13 @@ from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from stratus.events.catalog import CODEC
-from stratus.events.errors import ConcurrencyConflict, Internal, Invalid, Unavailable
+from stratus.events.errors import (
+    ConcurrencyConflict,
+    Internal,
+    Invalid,
+    StratusError,
+    Unavailable,
+)
 from stratus.events.model import Codec, Event
 
 STREAM = "EVENTS"
@@ -69,6 +75,14 @@ class Condition(msgspec.Struct, frozen=True):
 class AppendResult(msgspec.Struct, frozen=True):
     seqs: list[int]
     duplicate: bool = False
+
+
+class AppendRequest(msgspec.Struct, frozen=True):
+    """One caller's ``append`` arguments, for ``append_group``."""
+
+    events: Sequence[Event]
+    condition: Condition | Sequence[Condition] | None = None
+    msg_id: str | None = None
 
 
 class Recorded:
@@ -228,6 +242,18 @@ class EventStore:
 
     # -- append ---------------------------------------------------------------
 
+    def _prepare(
+        self, events: Sequence[Event], condition: Condition | Sequence[Condition] | None
+    ) -> tuple[list[tuple[str, bytes]], dict[int, Condition]]:
+        if len(events) > MAX_BATCH:
+            raise Invalid(f"at most {MAX_BATCH} events can be appended together, got {len(events)}")
+        conds: dict[int, Condition] = {}
+        for c in [condition] if isinstance(condition, Condition) else (condition or []):
+            if not 0 <= c.index < len(events):
+                raise Invalid(f"condition index {c.index} is outside the {len(events)} events")
+            conds[c.index] = c
+        return [(e.subject, self.codec.encode(e)) for e in events], conds
+
     async def append(
         self,
         events: Sequence[Event],
@@ -244,28 +270,77 @@ class EventStore:
         """
         if not events:
             return AppendResult([])
-        if len(events) > MAX_BATCH:
-            raise Invalid(f"at most {MAX_BATCH} events can be appended together, got {len(events)}")
-        conds: dict[int, Condition] = {}
-        for c in [condition] if isinstance(condition, Condition) else (condition or []):
-            if not 0 <= c.index < len(events):
-                raise Invalid(f"condition index {c.index} is outside the {len(events)} events")
-            conds[c.index] = c
-        payloads = [(e.subject, self.codec.encode(e)) for e in events]
+        payloads, conds = self._prepare(events, condition)
         try:
             if len(events) == 1:
                 return await self._publish_one(payloads[0], conds.get(0), msg_id)
-            return await self._publish_batch(payloads, conds, msg_id)
+            seqs = await self._publish_batch(payloads, conds, {0: msg_id} if msg_id else {})
+            return AppendResult(seqs)
         except (TimeoutError, nats.errors.Error) as exc:
             err = _translate(exc, conds)
+            dup_batch = (
+                isinstance(exc, nats.js.errors.APIError)
+                and exc.err_code == ERR_BATCH_DUPLICATE_MSG_ID
+            )
+        if msg_id and dup_batch:
+            first = await self._find_msg_id(payloads[0][0], msg_id)
+            if first:
+                # An atomic batch is stored contiguously.
+                return AppendResult(list(range(first, first + len(events))), True)
         if isinstance(err, ConcurrencyConflict) and msg_id:
             # The server checks expectations before deduplication, so a retry
             # of an append that landed is refused as stale. If the first
             # subject's last message carries this id, the retry is a duplicate.
             first = await self._last_with_msg_id(payloads[0][0], msg_id)
+            if not first:
+                # The aggregate may have moved on since: look further back,
+                # as far as the server would still deduplicate.
+                first = await self._find_msg_id(payloads[0][0], msg_id, recent=True)
             if first:
                 return AppendResult(list(range(first, first + len(events))), True)
         raise err
+
+    async def append_group(
+        self, requests: Sequence[AppendRequest]
+    ) -> list[AppendResult | Exception]:
+        """Append several independent requests, as one atomic batch if possible.
+
+        Concurrent commands pay one broker round trip and one disk sync per
+        batch instead of one each. A batch is all or nothing, so if any
+        member is refused (a stale condition, a retried command id) the
+        requests are appended one by one instead, each getting its own
+        result or error. Each request's result is what ``append`` would give.
+        """
+        if len(requests) == 1 or sum(len(r.events) for r in requests) > MAX_BATCH:
+            return await self._each(requests)
+        payloads: list[tuple[str, bytes]] = []
+        conds: dict[int, Condition] = {}
+        msg_ids: dict[int, str] = {}
+        spans: list[tuple[int, int]] = []
+        try:
+            for r in requests:
+                p, c = self._prepare(r.events, r.condition)
+                base = len(payloads)
+                conds.update({base + i: cond for i, cond in c.items()})
+                if r.msg_id:
+                    msg_ids[base] = r.msg_id
+                payloads.extend(p)
+                spans.append((base, len(p)))
+            seqs = await self._publish_batch(payloads, conds, msg_ids)
+        except (StratusError, TimeoutError, nats.errors.Error):
+            # Including a timeout: if the batch did land, each retry below
+            # finds its own command id and reports a duplicate.
+            return await self._each(requests)
+        return [AppendResult(seqs[b : b + n]) for b, n in spans]
+
+    async def _each(self, requests: Sequence[AppendRequest]) -> list[AppendResult | Exception]:
+        async def one(r: AppendRequest) -> AppendResult | Exception:
+            try:
+                return await self.append(r.events, r.condition, msg_id=r.msg_id)
+            except StratusError as err:
+                return err
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
     @staticmethod
     def _headers(cond: Condition | None, subject: str) -> dict[str, str]:
@@ -290,31 +365,27 @@ class EventStore:
         self,
         payloads: list[tuple[str, bytes]],
         conds: dict[int, Condition],
-        msg_id: str | None,
-    ) -> AppendResult:
+        msg_ids: dict[int, str],
+    ) -> list[int]:
+        """One atomic batch; returns its (contiguous) sequence numbers."""
         batch_id = uuid.uuid4().hex
         n = len(payloads)
-        for i, (subject, data) in enumerate(payloads):
+        for i, (subject, data) in enumerate(payloads[:-1]):
             headers = self._headers(conds.get(i), subject)
             headers[H_BATCH_ID] = batch_id
             headers[H_BATCH_SEQ] = str(i + 1)
-            if i == 0 and msg_id:
-                headers[H_MSG_ID] = msg_id
-            if i < n - 1:
-                await self.nc.publish(subject, data, headers=headers)
-                continue
-            headers[H_BATCH_COMMIT] = "1"
-            try:
-                ack = await self.js.publish(subject, data, headers=headers)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == ERR_BATCH_DUPLICATE_MSG_ID and msg_id:
-                    first = await self._find_msg_id(payloads[0][0], msg_id)
-                    if first:
-                        # An atomic batch is stored contiguously.
-                        return AppendResult(list(range(first, first + n)), True)
-                raise
-            return AppendResult(list(range(ack.seq - n + 1, ack.seq + 1)))
-        raise AssertionError("unreachable")
+            if i in msg_ids:
+                headers[H_MSG_ID] = msg_ids[i]
+            await self.nc.publish(subject, data, headers=headers)
+        subject, data = payloads[-1]
+        headers = self._headers(conds.get(n - 1), subject)
+        headers[H_BATCH_ID] = batch_id
+        headers[H_BATCH_SEQ] = str(n)
+        headers[H_BATCH_COMMIT] = "1"
+        if n - 1 in msg_ids:
+            headers[H_MSG_ID] = msg_ids[n - 1]
+        ack = await self.js.publish(subject, data, headers=headers)
+        return list(range(ack.seq - n + 1, ack.seq + 1))
 
     async def _last_with_msg_id(self, subject: str, msg_id: str) -> int:
         try:
@@ -325,10 +396,21 @@ class EventStore:
             return msg.seq or 0
         return 0
 
-    async def _find_msg_id(self, subject: str, msg_id: str) -> int:
-        """The sequence of the message on ``subject`` that carried ``msg_id``."""
+    async def _find_msg_id(self, subject: str, msg_id: str, recent: bool = False) -> int:
+        """The sequence of the message on ``subject`` that carried ``msg_id``.
+
+        ``recent``: only within the duplicate window (older ids are forgotten
+        by the server too, so a match there would not be a retry it knows).
+        """
+        after = 0
+        if recent:
+            since = datetime.now(UTC) - timedelta(seconds=DUPLICATE_WINDOW_S)
+            first = await self.first_seq_after(since)
+            if first == 0:
+                return 0
+            after = first - 1
         found = 0
-        async for batch in self.read(subjects=[subject], headers=True):
+        async for batch in self.read(after=after, subjects=[subject], headers=True):
             for rec in batch:
                 if rec.headers and rec.headers.get(H_MSG_ID) == msg_id:
                     found = rec.seq

@@ -30,6 +30,7 @@ from stratus.events.errors import (
     Invalid,
     StratusError,
 )
+from stratus.events.group import GroupCommit
 from stratus.events.ids import is_token, new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore, subject_matches
@@ -70,6 +71,7 @@ class CommandService:
             self.handlers[h.verb] = h
         self._decoders = {v: msgspec.json.Decoder(h.command) for v, h in self.handlers.items()}
         self.cache = StateCache(store)
+        self.appender = GroupCommit(store)
         self.queue = queue
         self.max_attempts = max_attempts
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -159,7 +161,7 @@ class CommandService:
                 if not events:
                     return self._ok(handler, tracked.state, [])
                 try:
-                    result = await self.store.append(
+                    result = await self.appender.append(
                         events,
                         Condition(boundary, tracked.seq),
                         msg_id=cause.correlation_id,
@@ -177,7 +179,6 @@ class CommandService:
                     # Only what matches the boundary moves its position.
                     if subject_matches(boundary, event.subject):
                         tracked.apply(seq, event, handler.fold)
-                log.debug("command applied", seqs=result.seqs, **bind)
                 return self._ok(handler, tracked.state, result.seqs)
         raise Conflict(
             f"{handler.verb}: the state kept changing over {self.max_attempts} attempts; retry"

@@ -8,8 +8,10 @@ starts after the checkpoint: nothing is skipped and nothing applied twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -59,19 +61,20 @@ class Projector:
         self.name = name
         self.batch = batch
         self.position = 0
+        self._folded = 0
 
     async def start_position(self) -> int:
         await init_schema(self.engine)
         async with self.engine.connect() as conn:
             self.position = await read_checkpoint(conn, self.name)
+        self._folded = self.position
         return self.position
 
     async def run(self) -> None:
         """Follow the log forever (until cancelled)."""
         after = await self.start_position()
         log.info("projector started", after=after)
-        async for recs in self.store.subscribe(after=after, batch=self.batch):
-            await self.apply(recs)
+        await self._consume(self.store.subscribe(after=after, batch=self.batch))
 
     async def catch_up(
         self,
@@ -80,22 +83,55 @@ class Projector:
     ) -> int:
         """Apply everything up to ``until`` (default: the end as of now)."""
         after = await self.start_position()
-        async for recs in self.store.read(after=after, until=until, batch=self.batch):
-            await self.apply(recs)
-            if progress:
-                progress(len(recs), recs[-1].seq)
+        await self._consume(self.store.read(after=after, until=until, batch=self.batch), progress)
         return self.position
 
     async def apply(self, recs: list[Recorded]) -> None:
+        """Fold and write one batch (what ``run`` does, without the overlap)."""
+        self._folded = max(self._folded, self.position)
+        prepared = self._fold(recs)
+        if prepared is not None:
+            await self._write(prepared)
+
+    async def _consume(
+        self,
+        batches: AsyncIterator[list[Recorded]],
+        progress: Callable[[int, int], Any] | None = None,
+    ) -> None:
+        # Fold the next batch while the previous one is being written: the
+        # write runs in the database driver's thread, the fold in ours.
+        # Writes stay strictly in order, one transaction each.
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for recs in batches:
+                prepared = self._fold(recs)
+                if prepared is None:
+                    continue
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self._write(prepared))
+                if progress:
+                    progress(len(recs), recs[-1].seq)
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
+
+    def _fold(self, recs: list[Recorded]) -> _Prepared | None:
         rows = RowBatch()
         poisoned: list[dict[str, Any]] = []
         codec = self.store.codec
+        views = self.views
+        floor = self._folded
         for rec in recs:
-            if rec.seq <= self.position:
+            if rec.seq <= floor:
                 continue  # redelivered after a reconnect: already applied
             try:
                 event = rec.decode(codec)
-                ops = [op for v in self.views for op in v.apply(rec.seq, event)]
+                ops = [op for v in views for op in v.apply(rec.seq, event)]
             except Exception as exc:
                 poisoned.append(
                     {
@@ -110,16 +146,29 @@ class Projector:
             for op in ops:
                 rows.add(op)
         last = recs[-1].seq
-        if last <= self.position:
-            return
+        if last <= floor:
+            return None
         rows.add(Upsert(checkpoints, {"name": self.name, "last_seq": last}))
+        self._folded = last
+        return _Prepared(rows, poisoned, last)
+
+    async def _write(self, p: _Prepared) -> None:
         async with self.engine.begin() as conn:
-            await rows.flush(conn)
-            if poisoned:
-                await conn.execute(insert(quarantine), poisoned)
-        self.position = last
-        for p in poisoned:
-            log.warning("event quarantined", seq=p["seq"], subject=p["subject"], error=p["error"])
+            await p.rows.flush(conn)
+            if p.poisoned:
+                await conn.execute(insert(quarantine), p.poisoned)
+        self.position = p.last
+        for q in p.poisoned:
+            log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
+
+
+class _Prepared:
+    __slots__ = ("last", "poisoned", "rows")
+
+    def __init__(self, rows: RowBatch, poisoned: list[dict[str, Any]], last: int) -> None:
+        self.rows = rows
+        self.poisoned = poisoned
+        self.last = last
 
 
 async def digest(conn: AsyncConnection, views: Sequence[View] | None = None) -> str:

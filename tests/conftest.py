@@ -22,3 +22,35 @@ async def store(nats_server):
     await s.ensure_stream()
     yield s
     await s.close()
+
+
+@pytest.fixture
+async def connect_store(nats_server):
+    """Open more EventStore connections to the same server (closed at teardown)."""
+    opened = []
+
+    async def _open():
+        s = await EventStore.connect(nats_server.url)
+        opened.append(s)
+        return s
+
+    yield _open
+    for s in opened:
+        await s.close()
+
+
+@pytest.fixture
+async def sqlite_engine(tmp_path):
+    """Make SQLite projection stores (files in tmp_path), disposed at teardown."""
+    from stratus.projections.db import make_engine, sqlite_url
+
+    engines = []
+
+    def _make(name: str = "projections.db"):
+        engine = make_engine(sqlite_url(tmp_path / name))
+        engines.append(engine)
+        return engine
+
+    yield _make
+    for engine in engines:
+        await engine.dispose()

@@ -1,0 +1,106 @@
+"""Run the Stratus benchmarks: ``python -m stratus.ops.bench [--json]``.
+
+Exit status: 0 when every phase ran without errors, 1 when one failed, 2
+with ``--strict`` when a figure missed its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from stratus.ops.bench import foundation
+from stratus.ops.bench.common import print_table
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected numbers separated by commas") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected positive numbers")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = foundation.Options()
+    p = argparse.ArgumentParser(prog="python -m stratus.ops.bench", description=__doc__)
+    p.add_argument("--events", type=_positive, default=d.events, help="events to read back")
+    p.add_argument(
+        "--commands", type=_positive, default=d.commands, help="commands per client mode"
+    )
+    p.add_argument(
+        "--publishes",
+        type=_positive,
+        default=d.publishes,
+        help="awaited publishes and appends (twice as many in flight)",
+    )
+    p.add_argument("--clients", type=_positive, default=d.clients, help="concurrent clients")
+    p.add_argument(
+        "--handlers",
+        type=_counts,
+        default=d.handlers,
+        help="handler process counts to run the concurrent clients against, e.g. 1,2",
+    )
+    p.add_argument(
+        "--phase-seconds",
+        type=float,
+        default=d.phase_seconds,
+        help="no phase starts new work after this long",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object, no table")
+    p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = foundation.Options(
+        events=args.events,
+        commands=args.commands,
+        publishes=args.publishes,
+        clients=args.clients,
+        handlers=args.handlers,
+        phase_seconds=args.phase_seconds,
+    )
+    start = time.perf_counter()
+    report = foundation.run(opts)
+    wall = time.perf_counter() - start
+    report.info["wall_seconds"] = round(wall, 1)
+    errors = [f"{r.name}: {r.errors} errors ({r.note})" for r in report.results if r.errors]
+    failures = report.failures + errors
+    if args.json:
+        print(json.dumps({"foundation": report.to_json()}, indent=2))
+    else:
+        info = report.info
+        prefill = info.get("prefill", {})
+        caption = (
+            f"nats-server on {info.get('nats_url')} (sync_interval: {info.get('sync_interval')}), "
+            f"{info.get('cpus')} CPUs, Python {info.get('python')}; "
+            f"events {info.get('event_bytes')} bytes encoded; prefill of "
+            f"{prefill.get('events', 0):,} events ({prefill.get('created', 0):,} created, "
+            f"{prefill.get('renamed', 0):,} renamed) in {prefill.get('seconds')} s, not timed; "
+            f"wall time {wall:.1f} s"
+        )
+        print_table("Stratus foundation benchmark", report.results, caption)
+        for f in failures:
+            print(f"FAILED: {f}", file=sys.stderr)
+    if failures:
+        return 1
+    if args.strict and any(r.met is False for r in report.results):
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

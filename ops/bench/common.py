@@ -1,0 +1,172 @@
+"""Helpers shared by the benchmarks: bounded load loops, percentiles, output."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class Result:
+    """One measured figure: ``count`` operations in ``seconds``."""
+
+    name: str
+    count: int
+    seconds: float
+    errors: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    # The baseline this figure is compared with, and the ratio it must reach.
+    baseline: str | None = None
+    ratio: float | None = None
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio >= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rate"] = round(self.rate, 1)
+        d["seconds"] = round(self.seconds, 3)
+        d["met"] = self.met
+        for k in ("p50_ms", "p99_ms", "ratio"):
+            if d[k] is not None:
+                d[k] = round(d[k], 3)
+        return d
+
+
+@dataclass
+class Load:
+    """What a bounded load loop achieved."""
+
+    done: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    first_error: str | None = None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of unsorted ``values``."""
+    if not values:
+        return None
+    s = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(s)))
+    return s[min(rank, len(s)) - 1]
+
+
+async def drive(
+    op: Callable[[int, int], Awaitable[object]],
+    total: int,
+    workers: int,
+    max_seconds: float,
+    *,
+    latencies: bool = False,
+) -> Load:
+    """Run ``op(worker, i)`` for i in 0..total-1 with ``workers`` in flight.
+
+    Each worker awaits its operation before taking the next index, so at
+    most ``workers`` are in flight: the same load as ``asyncio.gather`` over
+    a semaphore of that size, without ``total`` pending tasks competing for
+    the event loop. No new operation starts after ``max_seconds``, so a slow
+    system ends the phase with a smaller count rather than hanging the run.
+    """
+    load = Load()
+    next_i = 0
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    async def worker(w: int) -> None:
+        nonlocal next_i
+        while next_i < total:
+            now = time.perf_counter()
+            if now >= deadline:
+                return
+            i = next_i
+            next_i += 1
+            try:
+                await op(w, i)
+            except Exception as exc:
+                load.errors += 1
+                if load.first_error is None:
+                    load.first_error = f"{type(exc).__name__}: {exc}"
+                continue
+            load.done += 1
+            if latencies:
+                load.latencies.append(time.perf_counter() - now)
+
+    await asyncio.gather(*(worker(w) for w in range(min(workers, total))))
+    load.seconds = time.perf_counter() - start
+    return load
+
+
+def result(name: str, load: Load, **kw: Any) -> Result:
+    r = Result(name, load.done, load.seconds, load.errors, **kw)
+    if load.latencies:
+        r.p50_ms = _ms(percentile(load.latencies, 50))
+        r.p99_ms = _ms(percentile(load.latencies, 99))
+    if load.first_error and not r.note:
+        r.note = f"first error: {load.first_error}"[:120]
+    return r
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def compare(r: Result, base: Result, target: float | None = None, label: str = "") -> Result:
+    """Rate ratio of ``r`` to ``base``; ``label`` names the baseline in the table."""
+    r.baseline = label or base.name
+    r.ratio = r.rate / base.rate if base.rate > 0 else None
+    r.target = target
+    return r
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "" if v is None else f"{v:,.{digits}f}"
+
+
+def print_table(title: str, results: Sequence[Result], caption: str = "") -> None:
+    table = Table(title=title, caption=caption or None, caption_justify="left")
+    table.add_column("measurement")
+    table.add_column("count", justify="right")
+    table.add_column("rate/s", justify="right")
+    table.add_column("p50 ms", justify="right")
+    table.add_column("p99 ms", justify="right")
+    table.add_column("vs baseline", justify="right")
+    table.add_column("target", justify="right")
+    table.add_column("note")
+    for r in results:
+        ratio = "" if r.ratio is None else f"{r.ratio:.2f}x {r.baseline}"
+        if r.met is None:
+            target = ""
+        else:
+            mark = "[green]met[/]" if r.met else "[red]MISSED[/]"
+            target = f">= {r.target:.2f}x {mark}"
+        count = f"{r.count:,}" + (f" ({r.errors:,} err)" if r.errors else "")
+        table.add_row(
+            r.name,
+            count,
+            _fmt(r.rate, 0),
+            _fmt(r.p50_ms),
+            _fmt(r.p99_ms),
+            ratio,
+            target,
+            r.note,
+        )
+    Console(width=200).print(table)

@@ -1,0 +1,356 @@
+"""The projector: folding the log into SQL, resuming after a kill, poison events, time travel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+from sqlalchemy import select
+
+from stratus.events.model import Cause
+from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
+from stratus.projections.projector import (
+    Projector,
+    init_schema,
+    quarantine_count,
+    read_checkpoint,
+    store_digest,
+)
+from stratus.projections.schema import quarantine
+from stratus.projections.tenants import get_tenant, list_tenants, tenants
+
+pytestmark = pytest.mark.timeout(60)
+
+CAUSE = Cause(actor="test", correlation_id="corr", causation_id="corr")
+
+
+def make_history(n_tenants: int, seed: int, prefix: str = "t") -> list:
+    """Creates, renames and deletes of ``n_tenants`` tenants, in a plausible order."""
+    rng = random.Random(seed)
+    events = []
+    live: dict[str, str] = {}
+    for i in range(n_tenants):
+        t = f"{prefix}{i:04d}"
+        events.append(
+            CAUSE.make(TenantCreated, t, "tenant", t, name=t, description=f"tenant number {i}")
+        )
+        live[t] = t
+        for _ in range(rng.randint(0, 2)):
+            victim = rng.choice(sorted(live))
+            if rng.random() < 0.25:
+                events.append(CAUSE.make(TenantDeleted, victim, "tenant", victim))
+                del live[victim]
+            else:
+                name = f"{victim}-r{rng.randint(0, 999)}"
+                events.append(
+                    CAUSE.make(
+                        TenantRenamed, victim, "tenant", victim, name=name, previous=live[victim]
+                    )
+                )
+                live[victim] = name
+            if not live:
+                break
+    return events
+
+
+def expected_rows(events, first_seq: int = 1) -> dict[str, dict]:
+    """The tenants view, folded independently of the projector."""
+    rows: dict[str, dict] = {}
+    for seq, e in enumerate(events, start=first_seq):
+        tid = e.aggregate.id
+        at = e.at.replace(tzinfo=None)
+        if isinstance(e, TenantCreated):
+            rows[tid] = {
+                "id": tid,
+                "name": e.name,
+                "description": e.description,
+                "status": "active",
+                "created_at": at,
+                "updated_at": at,
+                "created_seq": seq,
+                "updated_seq": seq,
+            }
+        elif isinstance(e, TenantRenamed):
+            rows[tid].update(name=e.name, updated_at=at, updated_seq=seq)
+        elif isinstance(e, TenantDeleted):
+            rows[tid].update(status="deleted", updated_at=at, updated_seq=seq)
+    return rows
+
+
+async def append_all(store, events, chunk: int = 40) -> None:
+    for i in range(0, len(events), chunk):
+        await store.append(events[i : i + chunk])
+
+
+async def view_rows(engine) -> dict[str, dict]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(tenants))
+        rows = {}
+        for r in result.mappings():
+            row = dict(r)
+            for k in ("created_at", "updated_at"):
+                row[k] = row[k].replace(tzinfo=None)
+            rows[row["id"]] = row
+        return rows
+
+
+async def checkpoint(engine) -> int:
+    async with engine.connect() as conn:
+        return await read_checkpoint(conn)
+
+
+async def wait_for_checkpoint(engine, seq: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await checkpoint(engine) >= seq:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"projector did not reach {seq} in {timeout}s: at {await checkpoint(engine)}"
+    )
+
+
+async def rebuild(store, engine, until=None) -> tuple[int, str]:
+    """A fresh projection built from sequence 1: (checkpoint, digest)."""
+    await Projector(store, engine, batch=500).catch_up(until=until)
+    return await store_digest(engine)
+
+
+async def stop(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+
+
+# -- folding -----------------------------------------------------------------
+
+
+async def test_folding_a_history_gives_the_view_rows(store, sqlite_engine):
+    # given a history of 120 tenants created, renamed and deleted
+    events = make_history(120, seed=1)
+    await append_all(store, events)
+    last = await store.last_seq()
+    assert last == len(events)
+
+    # when a projector catches up, in batches that cut histories apart
+    engine = sqlite_engine("live.db")
+    position = await Projector(store, engine, batch=13).catch_up()
+
+    # then every tenant's row is what the events say, and the checkpoint is the end
+    assert position == last
+    assert await checkpoint(engine) == last
+    want = expected_rows(events)
+    assert await view_rows(engine) == want
+    statuses = {r["status"] for r in want.values()}
+    assert statuses == {"active", "deleted"}, "the history should exercise deletes too"
+    renamed = [r for r in want.values() if r["name"] != r["id"]]
+    assert renamed, "the history should exercise renames too"
+
+    # and the query helpers read the same rows
+    async with engine.connect() as conn:
+        listed = await list_tenants(conn)
+        everything = await list_tenants(conn, include_deleted=True)
+        one = await get_tenant(conn, renamed[0]["id"])
+        by_name = await get_tenant(conn, renamed[0]["name"])
+    assert [t["id"] for t in listed] == sorted(
+        k for k, r in want.items() if r["status"] == "active"
+    )
+    assert len(everything) == len(want)
+    assert one is not None and one["name"] == renamed[0]["name"]
+    if renamed[0]["status"] == "active":
+        assert by_name is not None and by_name["id"] == renamed[0]["id"]
+
+
+async def test_batch_size_does_not_change_the_result(store, sqlite_engine):
+    events = make_history(60, seed=2)
+    await append_all(store, events)
+    digests = set()
+    for i, batch in enumerate((1, 3, 64, 5000)):
+        engine = sqlite_engine(f"b{i}.db")
+        await Projector(store, engine, batch=batch).catch_up()
+        digests.add(await store_digest(engine))
+        assert await view_rows(engine) == expected_rows(events)
+    assert len(digests) == 1
+
+
+async def test_catch_up_twice_applies_nothing_twice(store, sqlite_engine):
+    events = make_history(30, seed=3)
+    await append_all(store, events)
+    engine = sqlite_engine()
+    await Projector(store, engine).catch_up()
+    first = await store_digest(engine)
+    # a second projector on the same store starts after the checkpoint
+    again = Projector(store, engine)
+    assert await again.catch_up() == len(events)
+    assert await store_digest(engine) == first
+
+
+# -- killed and resumed ------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_projector_killed_between_events_resumes_to_the_same_digest(store, sqlite_engine):
+    # given a long history, and more appended while the projector runs
+    rng = random.Random(7)
+    events = make_history(700, seed=4)
+    first_half, second_half = events[: len(events) // 2], events[len(events) // 2 :]
+    await append_all(store, first_half)
+    engine = sqlite_engine("live.db")
+    await init_schema(engine)
+
+    kills = []
+    pending = list(second_half)
+    per_round = len(pending) // 6 + 1
+    for k in range(8):
+        # when a projector (small batches: many transactions) runs for a moment...
+        task = asyncio.create_task(Projector(store, engine, batch=7).run())
+        if pending:
+            chunk, pending = pending[:per_round], pending[per_round:]
+            await append_all(store, chunk, chunk=20)
+        await asyncio.sleep(rng.uniform(0.01, 0.15))
+        # ...and is killed wherever it is, mid-transaction included
+        await stop(task)
+        cp, live_digest = await store_digest(engine)
+        kills.append(cp)
+        # then what it left is exactly the world as of its checkpoint
+        _, rebuilt = await rebuild(store, sqlite_engine(f"until-{k}.db"), until=cp)
+        assert live_digest == rebuilt, f"kill {k} at checkpoint {cp}"
+
+    assert not pending
+    assert len(set(kills)) > 1, f"the kills should land at different points: {kills}"
+    last = await store.last_seq()
+    assert last == len(events)
+    assert min(kills) < last, "at least one kill should land before the end"
+
+    # when it runs once more to the end
+    task = asyncio.create_task(Projector(store, engine, batch=7).run())
+    try:
+        await wait_for_checkpoint(engine, last)
+    finally:
+        await stop(task)
+
+    # then it matches a fresh rebuild into another file, and the checkpoint is the stream's end
+    cp, live_digest = await store_digest(engine)
+    rebuilt_cp, rebuilt_digest = await rebuild(store, sqlite_engine("rebuild.db"))
+    assert cp == rebuilt_cp == last
+    assert live_digest == rebuilt_digest
+    assert await view_rows(engine) == expected_rows(events)
+
+
+# -- poison events -----------------------------------------------------------
+
+
+def foreign_event(type_name: str, **payload) -> bytes:
+    return msgspec.msgpack.encode(
+        {
+            "type": type_name,
+            "id": "x",
+            "v": 1,
+            "tenant": "x",
+            "aggregate": {"kind": "tenant", "id": "x"},
+            "actor": "someone",
+            "at": "2024-01-01T00:00:00Z",
+            "correlation_id": "c",
+            "causation_id": "c",
+            **payload,
+        }
+    )
+
+
+async def test_a_poison_event_is_quarantined_and_does_not_stop_the_projector(store, sqlite_engine):
+    # given a live projector following the log
+    engine = sqlite_engine("live.db")
+    before = make_history(20, seed=5)
+    after = make_history(20, seed=6, prefix="u")
+    await append_all(store, before)
+    await init_schema(engine)
+    task = asyncio.create_task(Projector(store, engine, batch=10).run())
+    try:
+        await wait_for_checkpoint(engine, len(before))
+
+        # when undecodable events land on the log (not through the store's codec)
+        poison = [
+            b"\x00\xffthis is not msgpack",
+            foreign_event("alien.landed", crew=3),
+            foreign_event("tenant.renamed", name="no-previous-field"),
+            b"",
+        ]
+        poison_seqs = []
+        for data in poison:
+            ack = await store.js.publish("ev.x.tenant.x", data)
+            poison_seqs.append(ack.seq)
+        # and good events keep coming after them
+        await append_all(store, after, chunk=7)
+        last = await store.last_seq()
+
+        # then the projector gets past them to the end
+        await wait_for_checkpoint(engine, last)
+    finally:
+        await stop(task)
+
+    async with engine.connect() as conn:
+        assert await quarantine_count(conn) == len(poison)
+        rows = (await conn.execute(select(quarantine).order_by(quarantine.c.seq))).all()
+    assert [r.seq for r in rows] == poison_seqs
+    assert all(r.subject == "ev.x.tenant.x" for r in rows)
+    assert [r.data for r in rows] == poison
+    assert all(r.error for r in rows)
+    # every good event was applied, before and after the poison
+    good = before + after
+    want = {**expected_rows(before), **expected_rows(after, first_seq=len(before) + 5)}
+    assert await view_rows(engine) == want
+    assert len(want) == len({e.aggregate.id for e in good})
+    # and the live store is what a fresh rebuild makes
+    cp, live_digest = await store_digest(engine)
+    assert (cp, live_digest) == await rebuild(store, sqlite_engine("rebuild.db"))
+    assert cp == last
+
+
+async def test_a_log_of_only_poison_moves_the_checkpoint(store, sqlite_engine):
+    for _ in range(3):
+        await store.js.publish("ev.x.tenant.x", b"junk")
+    engine = sqlite_engine()
+    assert await Projector(store, engine).catch_up() == 3
+    async with engine.connect() as conn:
+        assert await quarantine_count(conn) == 3
+    assert await view_rows(engine) == {}
+
+
+# -- time travel -------------------------------------------------------------
+
+
+async def test_rebuild_until_a_sequence_or_a_time_is_the_world_as_it_was(store, sqlite_engine):
+    # given acme created, renamed (seq 2), then a pause, then deleted (seq 3)
+    await store.append([CAUSE.make(TenantCreated, "acme", "tenant", "acme", name="acme")])
+    await store.append(
+        [CAUSE.make(TenantRenamed, "acme", "tenant", "acme", name="roadrunner", previous="acme")]
+    )
+    await asyncio.sleep(0.05)
+    moment = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await store.append([CAUSE.make(TenantDeleted, "acme", "tenant", "acme")])
+    await store.append([CAUSE.make(TenantCreated, "globex", "tenant", "globex", name="globex")])
+
+    # when the world is built as of seq 1, as of the moment, and now
+    at_1 = sqlite_engine("at1.db")
+    at_moment = sqlite_engine("at-moment.db")
+    now = sqlite_engine("now.db")
+    assert await Projector(store, at_1).catch_up(until=1) == 1
+    assert await Projector(store, at_moment).catch_up(until=moment) == 2
+    assert await Projector(store, now).catch_up() == 4
+
+    # then each shows what was true then
+    rows_1, rows_moment, rows_now = [await view_rows(e) for e in (at_1, at_moment, now)]
+    assert {k: (r["name"], r["status"]) for k, r in rows_1.items()} == {"acme": ("acme", "active")}
+    assert {k: (r["name"], r["status"]) for k, r in rows_moment.items()} == {
+        "acme": ("roadrunner", "active")
+    }
+    assert {k: (r["name"], r["status"]) for k, r in rows_now.items()} == {
+        "acme": ("roadrunner", "deleted"),
+        "globex": ("globex", "active"),
+    }

@@ -1,0 +1,451 @@
+"""The event store against a real nats-server: conditional appends, batches, dedup, reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from stratus.events.errors import ConcurrencyConflict, Invalid
+from stratus.events.model import Cause
+from stratus.events.store import MAX_BATCH, Condition
+from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
+
+# A broken store must fail a test, not hang the run.
+pytestmark = pytest.mark.timeout(60)
+
+CAUSE = Cause(actor="test", correlation_id="corr", causation_id="corr")
+
+
+def created(tenant: str, agg: str | None = None, name: str | None = None) -> TenantCreated:
+    """A TenantCreated on ``ev.<tenant>.tenant.<agg>`` (agg defaults to the tenant)."""
+    agg = agg or tenant
+    return CAUSE.make(TenantCreated, tenant, "tenant", agg, name=name or agg)
+
+
+def renamed(tenant: str, name: str, previous: str = "old") -> TenantRenamed:
+    return CAUSE.make(TenantRenamed, tenant, "tenant", tenant, name=name, previous=previous)
+
+
+def deleted(tenant: str) -> TenantDeleted:
+    return CAUSE.make(TenantDeleted, tenant, "tenant", tenant)
+
+
+def bounded(coro, seconds: float = 10):
+    """Every store call in these tests fails within seconds instead of hanging."""
+    return asyncio.wait_for(coro, seconds)
+
+
+async def ids_at(store, subjects=("ev.>",)) -> list[tuple[int, str]]:
+    """(seq, event id) of everything stored on ``subjects``."""
+    recs = await bounded(store.read_all(subjects=list(subjects)))
+    return [(r.seq, r.decode().id) for r in recs]
+
+
+# -- conditional appends -----------------------------------------------------
+
+
+async def test_a_stale_aggregate_expectation_is_refused_and_nothing_lands(store):
+    # given an aggregate with two events (seqs 1 and 2)
+    first = created("acme")
+    await store.append([first], Condition(first.subject, 0))
+    await store.append([renamed("acme", "acme-1")], Condition(first.subject, 1))
+    assert await store.last_seq() == 2
+
+    # when a writer that last saw seq 1 appends on the condition it held
+    with pytest.raises(ConcurrencyConflict) as info:
+        await store.append([renamed("acme", "acme-2")], Condition(first.subject, 1))
+
+    # then it is told where the aggregate really is, and nothing was stored
+    assert info.value.expected == 1
+    assert info.value.actual == 2
+    assert info.value.kind == "conflict"
+    assert await store.last_seq() == 2
+    assert await store.last_seq(first.subject) == 2
+
+
+@pytest.mark.parametrize("expected", [0, 1, 7])
+async def test_any_wrong_expectation_is_refused(store, expected):
+    # given an aggregate whose last event is seq 2 (seq 1 is another tenant's)
+    await store.append([created("other")])
+    e = created("acme")
+    await store.append([e])
+    # when the expectation is anything but 2 (nothing yet, older, from the future)
+    with pytest.raises(ConcurrencyConflict) as info:
+        await store.append([deleted("acme")], Condition(e.subject, expected))
+    # then it is refused with the true position
+    assert info.value.actual == 2
+    assert await store.last_seq() == 2
+
+
+async def test_expecting_nothing_on_a_fresh_aggregate_is_accepted(store):
+    await store.append([created("other")])
+    e = created("acme")
+    result = await store.append([e], Condition(e.subject, 0))
+    assert result.seqs == [2]
+    assert result.duplicate is False
+    assert await store.last_seq(e.subject) == 2
+
+
+@pytest.mark.parametrize("preexisting", [0, 3], ids=["expect-0", "expect-N"])
+async def test_twenty_racing_appenders_have_exactly_one_winner(store, connect_store, preexisting):
+    # given an aggregate with `preexisting` events, and 20 writers on 4
+    # connections that all read it at the same position
+    subject = created("race").subject
+    for i in range(preexisting):
+        await store.append([renamed("race", f"n{i}")])
+    await store.append([created("bystander")])  # the stream moves elsewhere, too
+    position = await store.last_seq(subject)
+    assert position == preexisting
+    before = await store.last_seq()
+    stores = [store] + [await connect_store() for _ in range(3)]
+    events = [renamed("race", f"winner-{i}") for i in range(20)]
+
+    # when all of them append on that same expectation at once
+    results = await asyncio.gather(
+        *(
+            stores[i % len(stores)].append([e], Condition(subject, position))
+            for i, e in enumerate(events)
+        ),
+        return_exceptions=True,
+    )
+
+    # then exactly one lands and 19 are told they lost to it
+    wins = [(i, r) for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    conflicts = [r for r in results if isinstance(r, ConcurrencyConflict)]
+    assert len(wins) == 1, results
+    assert len(conflicts) == 19, results
+    winner_index, win = wins[0]
+    assert win.seqs == [before + 1]
+    assert all(c.actual == before + 1 for c in conflicts)
+    assert await store.last_seq() == before + 1
+    stored = await ids_at(store, [subject])
+    assert stored[-1] == (before + 1, events[winner_index].id)
+    assert len(stored) == preexisting + 1
+
+
+async def test_a_tenant_wide_expectation_sees_every_subject_of_the_tenant(store):
+    # given tenant acme with one event, observed tenant-wide at its seq
+    await store.append([created("acme")])
+    seen = await store.last_seq("ev.acme.>")
+    assert seen == 1
+
+    # when another subject of the same tenant moves
+    await store.append([created("acme", agg="side")])  # ev.acme.tenant.side, seq 2
+
+    # then a tenant-wide condition on the old position is refused...
+    with pytest.raises(ConcurrencyConflict) as info:
+        await store.append([renamed("acme", "x")], Condition("ev.acme.>", seen))
+    assert info.value.actual == 2
+    assert await store.last_seq() == 2
+    # ...although the aggregate subject itself did not move
+    assert await store.last_seq("ev.acme.tenant.acme") == 1
+
+
+async def test_a_tenant_wide_expectation_ignores_other_tenants(store):
+    # given tenant acme observed tenant-wide at seq 1
+    await store.append([created("acme")])
+    seen = await store.last_seq("ev.acme.>")
+
+    # when only other tenants move, including one whose name extends "acme"
+    await store.append([created("globex")])
+    await store.append([created("acme-2")])
+    await store.append([created("acmeco", agg="acme")])
+
+    # then the tenant-wide condition still holds and the append lands
+    result = await store.append([renamed("acme", "x")], Condition("ev.acme.>", seen))
+    assert result.seqs == [5]
+    assert await store.last_seq("ev.acme.>") == 5
+
+
+# -- atomic batches ----------------------------------------------------------
+
+
+async def test_a_batch_with_one_stale_member_lands_nothing(store):
+    # given tenant acme at seq 1 and tenant globex at seq 2
+    await store.append([created("acme")])
+    await store.append([created("globex")])
+    before = await store.last_seq()
+
+    # when a batch's second member expects acme to be untouched (stale: it is at 1)
+    batch = [created("initech"), renamed("acme", "acme-x"), created("umbrella")]
+    with pytest.raises(ConcurrencyConflict) as info:
+        await store.append(
+            batch,
+            [Condition("ev.initech.>", 0), Condition("ev.acme.>", 0, index=1)],
+        )
+
+    # then no member landed, not even the ones whose condition held
+    assert info.value.actual == 1
+    assert await store.last_seq() == before
+    assert await store.last_seq("ev.initech.>") == 0
+    assert await store.last_seq("ev.umbrella.>") == 0
+    assert [seq for seq, _ in await ids_at(store)] == [1, 2]
+
+
+async def test_a_batch_whose_last_member_is_stale_lands_nothing(store):
+    await store.append([created("acme")])
+    batch = [created("a1"), created("a2"), created("a3"), renamed("acme", "z")]
+    with pytest.raises(ConcurrencyConflict):
+        await store.append(batch, Condition("ev.acme.tenant.acme", 0, index=3))
+    assert await store.last_seq() == 1
+
+
+async def test_a_batch_lands_contiguously_and_returns_its_sequences(store, connect_store):
+    # given single appends racing from another connection
+    other = await connect_store()
+    singles = [created(f"single-{i}") for i in range(40)]
+    batches = [[created(f"b{b}-{i}") for i in range(8)] for b in range(5)]
+
+    # when five 8-event batches are appended while they run
+    async def single_writer():
+        for e in singles:
+            await other.append([e])
+
+    writer = asyncio.create_task(single_writer())
+    results = [await store.append(b) for b in batches]
+    await asyncio.wait_for(writer, 30)
+
+    # then each batch got 8 consecutive sequences, holding its events in order
+    stored = dict(await ids_at(store))
+    assert len(stored) == 40 + 5 * 8
+    for batch, result in zip(batches, results, strict=True):
+        first = result.seqs[0]
+        assert result.seqs == list(range(first, first + len(batch)))
+        assert result.duplicate is False
+        assert [stored[s] for s in result.seqs] == [e.id for e in batch]
+
+
+async def test_a_batch_with_its_conditions_holding_lands_whole(store):
+    await store.append([created("acme")])
+    batch = [renamed("acme", "a2"), created("acme", agg="side"), created("globex")]
+    result = await store.append(
+        batch,
+        [Condition("ev.acme.tenant.acme", 1), Condition("ev.globex.>", 0, index=2)],
+    )
+    assert result.seqs == [2, 3, 4]
+    assert [i for _, i in await ids_at(store)][1:] == [e.id for e in batch]
+
+
+async def test_an_oversized_batch_or_a_misplaced_condition_is_invalid(store):
+    await store.append([created("acme")])
+    with pytest.raises(Invalid, match="at most"):
+        await store.append([created(f"t{i}") for i in range(MAX_BATCH + 1)])
+    with pytest.raises(Invalid, match="index 2"):
+        await store.append([created("a"), created("b")], Condition("ev.a.>", 0, index=2))
+    assert await store.last_seq() == 1
+    assert (await store.append([])).seqs == []
+
+
+# -- retries (msg id dedup) --------------------------------------------------
+
+
+async def test_a_retried_single_append_returns_the_original_sequence(store):
+    # given an event appended with a command id (the stream has moved on elsewhere too)
+    e = created("acme")
+    first = await bounded(store.append([e], Condition(e.subject, 0), msg_id="cmd-1"))
+    await store.append([created("globex")])
+
+    # when it is retried with the same id and the same (now stale) condition
+    again = await bounded(store.append([e], Condition(e.subject, 0), msg_id="cmd-1"))
+    # or without a condition
+    again_unconditional = await bounded(store.append([e], msg_id="cmd-1"))
+
+    # then nothing new lands and the original sequence comes back
+    assert first.seqs == [1]
+    assert again.seqs == [1] and again.duplicate is True
+    assert again_unconditional.seqs == [1] and again_unconditional.duplicate is True
+    assert await store.last_seq() == 2
+
+
+async def test_a_retried_single_append_is_a_duplicate_even_after_its_aggregate_moved_on(store):
+    # given an event appended with a command id, then another event on the same aggregate
+    e = created("acme")
+    first = await bounded(store.append([e], Condition(e.subject, 0), msg_id="cmd-1"))
+    await bounded(
+        store.append([renamed("acme", "acme-2")], Condition(e.subject, 1), msg_id="cmd-2")
+    )
+
+    # when the first command's append is retried (its condition is stale twice over)
+    again = await bounded(store.append([e], Condition(e.subject, 0), msg_id="cmd-1"))
+
+    # then it is recognised as the retry it is: nothing new, the original seq
+    assert again.seqs == first.seqs == [1]
+    assert again.duplicate is True
+    assert await store.last_seq() == 2
+
+
+async def test_a_retried_batch_returns_the_original_sequences(store):
+    # given a batch appended with a command id, with two members on its first subject
+    await store.append([created("zero")])
+    batch = [created("acme"), renamed("acme", "acme-2"), created("globex")]
+    first = await bounded(store.append(batch, Condition("ev.acme.>", 0), msg_id="batch-1"))
+    assert first.seqs == [2, 3, 4]
+
+    # when it is retried, with its (now stale) condition and without one
+    again = await bounded(store.append(batch, Condition("ev.acme.>", 0), msg_id="batch-1"))
+    again_unconditional = await bounded(store.append(batch, msg_id="batch-1"))
+
+    # then nothing new lands and the original sequences come back
+    for result in (again, again_unconditional):
+        assert result.seqs == [2, 3, 4]
+        assert result.duplicate is True
+    assert await store.last_seq() == 4
+
+
+async def test_a_retried_batch_is_a_duplicate_even_after_its_subjects_moved_on(store):
+    batch = [created("acme"), created("globex")]
+    first = await bounded(store.append(batch, Condition("ev.acme.>", 0), msg_id="batch-1"))
+    await store.append([renamed("acme", "later")])
+    await store.append([renamed("globex", "later")])
+
+    again = await bounded(store.append(batch, Condition("ev.acme.>", 0), msg_id="batch-1"))
+
+    assert again.seqs == first.seqs == [1, 2]
+    assert again.duplicate is True
+    assert await store.last_seq() == 4
+
+
+async def test_a_new_command_id_is_not_a_duplicate(store):
+    e = created("acme")
+    await bounded(store.append([e], msg_id="cmd-1"))
+    second = await bounded(store.append([created("globex")], msg_id="cmd-2"))
+    assert second.seqs == [2]
+    assert second.duplicate is False
+
+
+# -- reads -------------------------------------------------------------------
+
+
+async def test_read_returns_everything_in_order_in_bounded_batches(store):
+    events = [created(f"t{i}") for i in range(25)]
+    for i in range(0, 25, 5):
+        await store.append(events[i : i + 5])
+
+    batches = [b async for b in store.read(batch=7)]
+
+    assert all(1 <= len(b) <= 7 for b in batches)
+    recs = [r for b in batches for r in b]
+    assert [r.seq for r in recs] == list(range(1, 26))
+    assert [r.decode().id for r in recs] == [e.id for e in events]
+    assert [r.subject for r in recs] == [e.subject for e in events]
+
+
+async def test_read_after_and_until_a_sequence_stop_at_the_right_place(store):
+    for i in range(30):
+        await store.append([created(f"t{i}")])
+
+    assert [r.seq for r in await store.read_all(until=12)] == list(range(1, 13))
+    assert [r.seq for r in await store.read_all(after=12, until=20)] == list(range(13, 21))
+    assert [r.seq for r in await store.read_all(after=25)] == [26, 27, 28, 29, 30]
+    assert [r.seq for r in await store.read_all(after=5, until=1000)] == list(range(6, 31))
+    assert await store.read_all(after=30) == []
+    assert await store.read_all(after=12, until=12) == []
+    # with small batches too: the cut falls inside a batch
+    assert [r.seq for r in await store.read_all(until=12, batch=5)] == list(range(1, 13))
+
+
+async def test_read_until_a_time_stops_at_the_right_place(store):
+    # given events before and after a moment in time
+    early = [created(f"early-{i}") for i in range(6)]
+    late = [created(f"late-{i}") for i in range(6)]
+    for e in early:
+        await store.append([e])
+    await asyncio.sleep(0.05)
+    cut = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    for e in late:
+        await store.append([e])
+
+    # when reading until that moment
+    recs = await store.read_all(until=cut)
+    # then exactly the events stored before it come back
+    assert [r.decode().id for r in recs] == [e.id for e in early]
+    assert all(r.time <= cut for r in recs)
+
+    # and the extremes: before everything, after everything, or from a later position
+    assert await store.read_all(until=cut - timedelta(hours=1)) == []
+    assert len(await store.read_all(until=datetime.now(UTC) + timedelta(hours=1))) == 12
+    assert [r.seq for r in await store.read_all(after=3, until=cut, batch=2)] == [4, 5, 6]
+
+
+async def test_a_filtered_read_ends_when_its_subject_ends(store):
+    # given a subject whose last event is far from the stream's end
+    await store.append([created("acme"), renamed("acme", "a2")])
+    for i in range(20):
+        await store.append([created(f"t{i}")])
+
+    # when reading only that subject (many times, the reply race included)
+    for _ in range(20):
+        recs = await asyncio.wait_for(
+            store.read_all(subjects=["ev.acme.tenant.acme"], headers=True), 10
+        )
+        # then the read ends, with just its events
+        assert [r.seq for r in recs] == [1, 2]
+    assert await asyncio.wait_for(store.read_all(subjects=["ev.nobody.>"]), 10) == []
+
+
+async def test_read_with_several_subject_filters(store):
+    await store.append([created("a"), created("b"), created("c"), created("a", agg="x")])
+    recs = await store.read_all(subjects=["ev.a.>", "ev.c.>"])
+    assert [r.seq for r in recs] == [1, 3, 4]
+
+
+async def test_subscribe_delivers_the_backlog_then_events_appended_after_it_started(store):
+    # given two events already stored
+    await store.append([created("old-1")])
+    await store.append([created("old-2")])
+    got: list[int] = []
+    backlog_seen = asyncio.Event()
+    live_seen = asyncio.Event()
+
+    async def follow():
+        async with contextlib.aclosing(store.subscribe(after=1, batch=3)) as sub:
+            async for batch in sub:
+                got.extend(r.seq for r in batch)
+                if 2 in got:
+                    backlog_seen.set()
+                if len(got) >= 6:
+                    live_seen.set()
+                    return
+
+    task = asyncio.create_task(follow())
+    try:
+        # when the subscriber has caught up and new events are appended
+        await asyncio.wait_for(backlog_seen.wait(), 10)
+        fresh = [created(f"new-{i}") for i in range(5)]
+        await store.append(fresh[:2])
+        for e in fresh[2:]:
+            await store.append([e])
+        # then it receives them, in order, without a gap or a repeat
+        await asyncio.wait_for(live_seen.wait(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert got == [2, 3, 4, 5, 6, 7]
+
+
+async def test_subscribe_on_an_empty_stream_waits_for_the_first_event(store):
+    first = asyncio.get_running_loop().create_future()
+
+    async def follow():
+        async with contextlib.aclosing(store.subscribe()) as sub:
+            async for batch in sub:
+                first.set_result(batch)
+                return
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.sleep(0.2)
+        assert not first.done()
+        e = created("acme")
+        await store.append([e])
+        batch = await asyncio.wait_for(first, 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [(r.seq, r.decode().id) for r in batch] == [(1, e.id)]
