@@ -84,7 +84,7 @@ class Stack:
             await self.store.ensure_stream()
             engine = make_engine(self.db_url)
             self.engine = engine
-            projector = Projector(self.store, engine)
+            projector = self.projector = Projector(self.store, engine)
             await projector.start_position()
             self.projector_task = asyncio.create_task(self._run_projector(projector))
             self.commands = CommandService(self.store, HANDLERS)
@@ -129,6 +129,8 @@ class Stack:
                 await self.projector_task
         if self.store is not None:
             await self.store.close()
+        if getattr(self, "projector", None) is not None:
+            self.projector.close()
         if getattr(self, "engine", None) is not None:
             await self.engine.dispose()
         if self.broker is not None:

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
+from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine
 from stratus.projections.views import View, all_views
 
@@ -62,6 +63,11 @@ class Projector:
         self.batch = batch
         self.position = 0
         self._folded = 0
+        self._sync = sync_writer(engine)
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.dispose()
 
     async def start_position(self) -> int:
         await init_schema(self.engine)
@@ -153,10 +159,16 @@ class Projector:
         return _Prepared(rows, poisoned, last)
 
     async def _write(self, p: _Prepared) -> None:
-        async with self.engine.begin() as conn:
-            await p.rows.flush(conn)
-            if p.poisoned:
-                await conn.execute(insert(quarantine), p.poisoned)
+        if self._sync is not None:
+            with self._sync.begin() as sconn:
+                p.rows.flush_sync(sconn)
+                if p.poisoned:
+                    sconn.execute(insert(quarantine), p.poisoned)
+        else:
+            async with self.engine.begin() as conn:
+                await p.rows.flush(conn)
+                if p.poisoned:
+                    await conn.execute(insert(quarantine), p.poisoned)
         self.position = p.last
         for q in p.poisoned:
             log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
