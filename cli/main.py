@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -180,7 +181,8 @@ def serve(
         else:
             from stratus.projections.projector import Projector
 
-            task = asyncio.create_task(Projector(store, engine).run())
+            projector = Projector(store, engine)
+            task = asyncio.create_task(projector.run())
         if svc is not None:
             await svc.start()
         print(f"stratus {service} ready", flush=True)
@@ -189,6 +191,9 @@ def serve(
             await svc.stop()
         if task is not None:
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            projector.close()
         await store.close()
         await engine.dispose()
 
