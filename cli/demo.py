@@ -18,7 +18,6 @@ from stratus.cli.client import Client
 from stratus.cli.output import Format, emit
 from stratus.cli.runtime import Stack
 from stratus.events.errors import AlreadyExists, Invalid
-from stratus.events.store import EventStore
 
 
 async def run_demo() -> None:
@@ -29,7 +28,15 @@ async def run_demo() -> None:
         stack = Stack(data, port=0)
         url = await stack.start()
         console.print(f"[bold]stratus ready[/] on {url} (data dir {data})")
-        client = await Client.connect(url)
+        anonymous = await Client.connect(url)
+        try:
+            r = await anonymous.command(
+                "auth.login", {"user": "admin", "password": stack.admin_password}
+            )
+        finally:
+            await anonymous.close()
+        console.print(f"logged in as admin (token {r.data['token_id']}, tenant admin)")
+        client = await Client.connect(url, r.data["token"])
         try:
             console.rule("tenants")
             r = await client.command("tenant.create", {"name": "acme", "description": "demo"})
@@ -51,24 +58,18 @@ async def run_demo() -> None:
             status = await _wait_projected(client)
             emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
             console.rule("audit trail (the event log)")
-            store = await EventStore.connect(url)
-            try:
-                rows = []
-                for rec in await store.read_all():
-                    e = rec.decode()
-                    rows.append(
-                        {
-                            "seq": rec.seq,
-                            "at": e.at.isoformat(timespec="seconds"),
-                            "type": e.type_name(),
-                            "resource": f"{e.aggregate.kind}/{e.aggregate.id}",
-                            "actor": e.actor,
-                            "command": e.correlation_id,
-                        }
-                    )
-                emit(rows, Format.table)
-            finally:
-                await store.close()
+            rows = [
+                {
+                    "seq": r["seq"],
+                    "at": r["at"][:19],
+                    "actor": r["actor"],
+                    "action": r["type"],
+                    "resource": f"{r['aggregate']['kind']}/{r['aggregate']['id']}",
+                    "command": r["correlation_id"],
+                }
+                for r in await client.query("audit", {})
+            ]
+            emit(rows, Format.table)
             console.print(
                 f"last_seq={status['last_seq']} projector_lag={status['projector_lag']} "
                 f"digest={status['projection_digest'][:16]}…"

@@ -9,16 +9,15 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import msgspec
 import typer
 
 from stratus.cli.client import Client
 from stratus.cli.output import Format, emit
 from stratus.events.errors import StratusError, Unauthenticated, Unavailable
-from stratus.events.model import Event
 
 T = TypeVar("T")
 
@@ -30,8 +29,14 @@ EXIT_AUTH = 4
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants (projects).")
 events_app = typer.Typer(no_args_is_help=True, help="The event log.")
+user_app = typer.Typer(no_args_is_help=True, help="Users.")
+role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
+token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
+app.add_typer(user_app, name="user")
+app.add_typer(role_app, name="role")
+app.add_typer(token_app, name="token")
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml")]
 
@@ -66,6 +71,31 @@ def resolve_url() -> str:
     return "nats://127.0.0.1:4222"
 
 
+def token_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "stratus" / "token"
+
+
+def resolve_token() -> str | None:
+    """--token / STRATUS_TOKEN first, else the one `stratus login` saved."""
+    if settings.token:
+        return settings.token
+    f = token_file()
+    if f.exists():
+        return f.read_text().strip() or None
+    return None
+
+
+def save_token(token: str) -> Path:
+    f = token_file()
+    f.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.chmod(f, 0o600)
+    return f
+
+
 def fail(err: StratusError) -> typer.Exit:
     typer.echo(f"error: {err.kind}: {err.message}", err=True)
     if isinstance(err, Unavailable):
@@ -79,7 +109,7 @@ def run(fn: Callable[[Client], Awaitable[T]]) -> T:
     """Connect, run ``fn``, and turn refusals into CLI.md's exit codes."""
 
     async def main() -> T:
-        client = await Client.connect(resolve_url(), settings.token)
+        client = await Client.connect(resolve_url(), resolve_token())
         try:
             return await fn(client)
         finally:
@@ -102,6 +132,13 @@ def up(
     port: Annotated[int, typer.Option(help="NATS client port on 127.0.0.1 (0: any free)")] = 4222,
     hosts: Annotated[int, typer.Option(help="simulated hosts (agents come later)")] = 0,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
+    admin_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATUS_ADMIN_PASSWORD",
+            help="password of the bootstrap user admin (first start; else one is generated)",
+        ),
+    ] = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -112,12 +149,15 @@ def up(
     logs.configure("INFO", json_file=data_dir / "stratus.log")
 
     async def main() -> None:
-        stack = Stack(data_dir, port=port, db_url=db, hosts=hosts)
+        stack = Stack(data_dir, port=port, db_url=db, hosts=hosts, admin_password=admin_password)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         url = await stack.start()
+        if stack.admin_password and not admin_password:
+            # Shown once: it is stored nowhere but as a hash on the log.
+            print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             await stop.wait()
@@ -148,46 +188,81 @@ def status(output: OutputOpt = Format.table) -> None:
 def serve(
     service: Annotated[str, typer.Argument(help="handlers, projector or query")],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the signing keys and NATS secrets are")
+    ] = None,
+    nats_user: Annotated[str | None, typer.Option(envvar="STRATUS_NATS_USER")] = None,
+    nats_password: Annotated[str | None, typer.Option(envvar="STRATUS_NATS_PASSWORD")] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            help="trust every request as the cloud admin: benchmarks on a closed network only",
+        ),
+    ] = False,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
+    from stratus.cli.runtime import (
+        NATS_SERVICE_SECRET,
+        NATS_SERVICE_USER,
+        default_data_dir,
+        start_services,
+    )
     from stratus.events.store import EventStore
+    from stratus.handlers.tokens import KeyRing
     from stratus.projections.db import make_engine, sqlite_url
 
     if service not in ("handlers", "projector", "query"):
         typer.echo("error: SERVICE must be handlers, projector or query", err=True)
         raise typer.Exit(EXIT_USAGE)
     logs.configure("INFO")
+    data_dir = data_dir or default_data_dir()
+    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+    if nats_password is None and secret_file.exists():
+        nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
+    creds = {"user": nats_user, "password": nats_password} if nats_password else {}
 
     async def main() -> None:
-        store = await EventStore.connect(resolve_url())
+        store = await EventStore.connect(resolve_url(), **creds)
         await store.ensure_stream()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        engine = make_engine(db or sqlite_url(Path.cwd() / "projections.db"))
+        engine = make_engine(db or sqlite_url(data_dir / "projections.db"))
         task: asyncio.Task[Any] | None = None
-        svc: Any = None
-        if service == "handlers":
-            from stratus.handlers.service import CommandService
-            from stratus.handlers.tenants import HANDLERS
-
-            svc = CommandService(store, HANDLERS)
-        elif service == "query":
-            from stratus.projections.query import QueryService
-
-            svc = QueryService(store, engine)
-        else:
+        running: list[Any] = []
+        if service == "projector":
             from stratus.projections.projector import Projector
 
             projector = Projector(store, engine)
             task = asyncio.create_task(projector.run())
-        if svc is not None:
+        elif insecure_no_auth:
+            from stratus.handlers.identity import handlers as identity_handlers
+            from stratus.handlers.service import CommandService
+            from stratus.handlers.tenants import HANDLERS
+            from stratus.projections.query import QueryService
+
+            svc: Any = (
+                CommandService(store, [*HANDLERS, *identity_handlers()])
+                if service == "handlers"
+                else QueryService(store, engine)
+            )
             await svc.start()
+            running.append(svc)
+        else:
+            # Logging in needs the private signing keys; verifying needs none.
+            keys = data_dir / "keys"
+            handlers = service == "handlers"
+            keyring = KeyRing.load_or_create(keys) if handlers and keys.exists() else None
+            feed, commands, queries = await start_services(
+                store, engine, keyring, commands=handlers, queries=not handlers
+            )
+            running.extend([commands or queries, feed])
         print(f"stratus {service} ready", flush=True)
         await stop.wait()
-        if svc is not None:
+        for svc in running:
             await svc.stop()
         if task is not None:
             task.cancel()
@@ -255,79 +330,175 @@ def tenant_delete(tenant: str, output: OutputOpt = Format.table) -> None:
 
 # -- events -------------------------------------------------------------------
 
-ENVELOPE = {"id", "type", "v", "tenant", "aggregate", "actor", "at"}
-ENVELOPE |= {"correlation_id", "causation_id"}
-
-
-def event_record(seq: int, subject: str, event: Event | None, error: str | None = None) -> dict:
-    if event is None:
-        return {"seq": seq, "subject": subject, "type": None, "error": error}
-    raw = msgspec.to_builtins(event)
-    out: dict[str, Any] = {"seq": seq, "subject": subject}
-    out.update({k: raw[k] for k in ("type", "v", "tenant", "aggregate", "actor", "at")})
-    out.update({k: raw[k] for k in ("correlation_id", "causation_id", "id")})
-    out["data"] = {k: v for k, v in raw.items() if k not in ENVELOPE}
-    return out
-
 
 @events_app.command("tail")
 def events_tail(
     tenant: Annotated[str | None, typer.Option(help="only this tenant's events")] = None,
     from_: Annotated[int, typer.Option("--from", help="first sequence to show")] = 1,
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="keep printing new events")
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="print new events too")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Events in log order (your tenant's, or any for the cloud admin); -o json: one a line."""
+
+    async def main(c: Client) -> list[dict]:
+        rows: list[dict] = []
+        after = max(0, from_ - 1)
+        while True:
+            page = await c.query("events", {"after": after, "limit": 500, "tenant": tenant})
+            for row in page:
+                if output is Format.json:
+                    sys.stdout.write(json.dumps(row, default=str) + "\n")
+                elif follow:
+                    typer.echo(_line(row))
+                else:
+                    rows.append(row)
+                after = row["seq"]
+            if follow:
+                sys.stdout.flush()
+            if len(page) < 500:
+                if not follow:
+                    return rows
+                await asyncio.sleep(0.5)
+
+    try:
+        rows = run(main)
+    except KeyboardInterrupt:
+        return
+    if output is Format.yaml:
+        emit(rows, output)
+    elif output is Format.table:
+        emit(
+            [_flat(r) for r in rows],
+            output,
+            ["seq", "at", "type", "tenant", "resource", "actor", "correlation_id"],
+        )
+
+
+@app.command()
+def audit(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    actor: Annotated[str | None, typer.Option(help="only what this user did")] = None,
+    resource: Annotated[str | None, typer.Option(help="only this resource id")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="event type, * wildcards")] = None,
+    since: Annotated[datetime | None, typer.Option(help="ISO-8601 UTC time")] = None,
+    until: Annotated[datetime | None, typer.Option(help="ISO-8601 UTC time")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 500,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Who did what, when, through which command (read from the log)."""
+    params: dict[str, Any] = {"limit": limit}
+    for k, v in (("tenant", tenant), ("actor", actor), ("resource", resource), ("type", type_)):
+        if v is not None:
+            params[k] = v
+    for k, t in (("since", since), ("until", until)):
+        if t is not None:
+            params[k] = (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
+    rows = run(lambda c: c.query("audit", params))
+    if output is Format.table:
+        rows = [
+            {**_flat(r), "command": r.get("correlation_id"), "action": r.get("type")} for r in rows
+        ]
+        emit(rows, output, ["seq", "at", "actor", "action", "tenant", "resource", "command"])
+    else:
+        emit(rows, output)
+
+
+# -- identity -----------------------------------------------------------------
+
+
+@app.command()
+def login(
+    user: Annotated[str, typer.Option(help="user name")],
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+    tenant: Annotated[str | None, typer.Option(help="tenant to act in")] = None,
+    print_: Annotated[
+        bool, typer.Option("--print", help="print the token, do not save it")
     ] = False,
     output: OutputOpt = Format.table,
 ) -> None:
-    """Events in log order; with -o json one object a line."""
-    from stratus.events.ids import is_name
-    from stratus.events.store import EventStore
+    """Get a signed token; saved for later commands (mode 0600) unless --print."""
+    body: dict[str, Any] = {"user": user, "password": password}
+    if tenant:
+        body["tenant"] = tenant
+    reply = run(lambda c: c.command("auth.login", body))
+    data = dict(reply.data or {})
+    if print_:
+        sys.stdout.write(data["token"] + "\n")
+        return
+    path = save_token(data.pop("token"))
+    data["saved_to"] = str(path)
+    emit(data, output)
 
-    if tenant is not None and not (is_name(tenant) or tenant == "_system"):
-        typer.echo(f"error: invalid: tenant {tenant!r} is not a tenant id", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    subjects = [f"ev.{tenant}.>"] if tenant else ["ev.>"]
 
-    async def main() -> None:
-        store = await EventStore.connect(resolve_url(), persistent=False)
-        rows: list[dict] = []
-        try:
-            it = (
-                store.subscribe(after=max(0, from_ - 1), subjects=subjects)
-                if follow
-                else store.read(after=max(0, from_ - 1), subjects=subjects)
-            )
-            async for batch in it:
-                for rec in batch:
-                    try:
-                        row = event_record(rec.seq, rec.subject, rec.decode(store.codec))
-                    except Exception as exc:
-                        row = event_record(rec.seq, rec.subject, None, str(exc))
-                    if output is Format.json:
-                        sys.stdout.write(json.dumps(row, default=str) + "\n")
-                    elif follow:
-                        typer.echo(_line(row))
-                    else:
-                        rows.append(row)
-                if follow:
-                    sys.stdout.flush()
-        finally:
-            await store.close()
-        if output is Format.yaml:
-            emit(rows, output)
-        elif output is Format.table:
-            emit(
-                [_flat(r) for r in rows],
-                output,
-                ["seq", "at", "type", "tenant", "resource", "actor", "correlation_id"],
-            )
+@user_app.command("create")
+def user_create(
+    name: str,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
+    output: OutputOpt = Format.table,
+) -> None:
+    reply = run(lambda c: c.command("user.create", {"name": name, "password": password}))
+    emit(reply.data, output)
 
-    try:
-        asyncio.run(main())
-    except StratusError as err:
-        raise fail(err) from None
-    except KeyboardInterrupt:
-        pass
+
+@user_app.command("list")
+def user_list(output: OutputOpt = Format.table) -> None:
+    emit(run(lambda c: c.query("users")), output, ["id", "enabled", "roles", "created_at"])
+
+
+@user_app.command("disable")
+def user_disable(name: str, output: OutputOpt = Format.table) -> None:
+    emit(run(lambda c: c.command("user.disable", {"name": name})).data, output)
+
+
+@user_app.command("enable")
+def user_enable(name: str, output: OutputOpt = Format.table) -> None:
+    emit(run(lambda c: c.command("user.enable", {"name": name})).data, output)
+
+
+RoleOpt = Annotated[str, typer.Option(help="admin, member or reader")]
+
+
+@role_app.command("assign")
+def role_assign(
+    user: Annotated[str, typer.Option()],
+    tenant: Annotated[str, typer.Option()],
+    role: RoleOpt,
+    output: OutputOpt = Format.table,
+) -> None:
+    body = {"user": user, "tenant": tenant, "role": role}
+    emit(run(lambda c: c.command("role.assign", body)).data, output)
+
+
+@role_app.command("revoke")
+def role_revoke(
+    user: Annotated[str, typer.Option()],
+    tenant: Annotated[str, typer.Option()],
+    role: RoleOpt,
+    output: OutputOpt = Format.table,
+) -> None:
+    body = {"user": user, "tenant": tenant, "role": role}
+    emit(run(lambda c: c.command("role.revoke", body)).data, output)
+
+
+@role_app.command("list")
+def role_list(
+    user: Annotated[str | None, typer.Option()] = None,
+    tenant: Annotated[str | None, typer.Option()] = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    body = {k: v for k, v in (("user", user), ("tenant", tenant)) if v is not None}
+    emit(run(lambda c: c.query("roles", body)), output)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str | None, typer.Argument(help="default: your own token")] = None,
+    user: Annotated[str | None, typer.Option(help="revoke every token of this user")] = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    body = {k: v for k, v in (("token_id", token_id), ("user", user)) if v is not None}
+    reply = run(lambda c: c.command("token.revoke", body))
+    emit({"revoked": token_id or user or "your token", "seqs": reply.seqs}, output)
 
 
 def _flat(row: dict) -> dict:

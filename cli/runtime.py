@@ -9,16 +9,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
+import secrets
 from pathlib import Path
 from typing import IO
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.broker import EmbeddedNats
-from stratus.events.store import EventStore
+from stratus.events.errors import ConcurrencyConflict
+from stratus.events.ids import new_id
+from stratus.events.model import Cause
+from stratus.events.store import Condition, EventStore
+from stratus.handlers.auth import Authenticator, IdentityFeed
+from stratus.handlers.identity import bootstrap_admin, signing_key_event
+from stratus.handlers.identity import handlers as identity_handlers
+from stratus.handlers.rbac import authorize
 from stratus.handlers.service import CommandService
-from stratus.handlers.tenants import HANDLERS
+from stratus.handlers.tenants import HANDLERS as tenant_handlers
+from stratus.handlers.tokens import KeyRing, Verifier
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.query import QueryService
@@ -26,6 +37,78 @@ from stratus.projections.query import QueryService
 log = structlog.get_logger("stratus.up")
 
 URL_FILE = "url"
+NATS_SERVICE_USER = "stratus"
+NATS_SERVICE_SECRET = "nats-service-password"
+# Clients (the CLI, integrations) connect without credentials and get only
+# this: send commands and queries, receive replies. Appending to the log, or
+# any JetStream API call, is refused by the server itself.
+NATS_CLIENT_USER = "client"
+
+
+def secret(data_dir: Path, name: str) -> str:
+    """A random secret kept in DATA_DIR/secrets (mode 0600), made on first use."""
+    d = data_dir / "secrets"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = d / name
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def nats_auth_config(service_password: str) -> str:
+    client_perms = {
+        "publish": {"allow": ["cmd.>", "q.>"]},
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }
+    users = [
+        {"user": NATS_SERVICE_USER, "password": service_password},
+        {
+            "user": NATS_CLIENT_USER,
+            "password": secrets.token_urlsafe(16),
+            "permissions": client_perms,
+        },
+    ]
+    # nats-server's config format accepts JSON values.
+    return (
+        f"authorization {{ users: {json.dumps(users)} }}\n"
+        f"no_auth_user: {json.dumps(NATS_CLIENT_USER)}\n"
+    )
+
+
+async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
+    """Put every public key on the log once, so any verifier can learn it."""
+    cause = Cause(actor="system", correlation_id=new_id(), causation_id="bootstrap")
+    for kid, public in keyring.public_keys().items():
+        event = signing_key_event(kid, public, cause)
+        with contextlib.suppress(ConcurrencyConflict):
+            await store.append([event], Condition(event.subject, 0))
+
+
+async def start_services(
+    store: EventStore,
+    engine: AsyncEngine,
+    keyring: KeyRing | None,
+    *,
+    commands: bool = True,
+    queries: bool = True,
+) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
+    """The identity feed first (keys, revocations), then the services asked for."""
+    verifier = Verifier()
+    feed = IdentityFeed(store, verifier)
+    await feed.start()
+    authenticate = Authenticator(verifier)
+    cmd_svc = q_svc = None
+    if commands:
+        cmd_svc = CommandService(
+            store, [*tenant_handlers, *identity_handlers(keyring)], authenticate=authenticate
+        )
+        await cmd_svc.start()
+    if queries:
+        q_svc = QueryService(store, engine, authenticate=authenticate, authorize=authorize)
+        await q_svc.start()
+    return feed, cmd_svc, q_svc
 
 
 def default_data_dir() -> Path:
@@ -48,8 +131,12 @@ class Stack:
         port: int = 4222,
         db_url: str | None = None,
         hosts: int = 0,
+        admin_password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # None: generate one on first start (returned by start(), printed once).
+        self.admin_password = admin_password
+        self.feed: IdentityFeed | None = None
         self.port = port
         self.db_url = db_url or sqlite_url(self.data_dir / "projections.db")
         self.hosts = hosts
@@ -74,23 +161,31 @@ class Stack:
     async def start(self) -> str:
         self._lock()
         try:
+            service_password = secret(self.data_dir, NATS_SERVICE_SECRET)
             self.broker = EmbeddedNats(
                 self.data_dir / "nats",
                 port=-1 if self.port == 0 else self.port,
                 log_file=str(self.data_dir / "nats.log"),
+                extra_config=nats_auth_config(service_password),
             )
             url = await asyncio.to_thread(self.broker.start)
-            self.store = await EventStore.connect(url)
+            self.store = await EventStore.connect(
+                url, user=NATS_SERVICE_USER, password=service_password
+            )
             await self.store.ensure_stream()
             engine = make_engine(self.db_url)
             self.engine = engine
             projector = self.projector = Projector(self.store, engine)
             await projector.start_position()
             self.projector_task = asyncio.create_task(self._run_projector(projector))
-            self.commands = CommandService(self.store, HANDLERS)
-            await self.commands.start()
-            self.queries = QueryService(self.store, engine)
-            await self.queries.start()
+            keyring = KeyRing.load_or_create(self.data_dir / "keys")
+            await publish_signing_keys(self.store, keyring)
+            self.feed, self.commands, self.queries = await start_services(
+                self.store, engine, keyring
+            )
+            assert self.commands is not None
+            assert self.commands is not None
+            self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
             if self.hosts:
@@ -119,7 +214,7 @@ class Stack:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
-        for svc in (self.commands, self.queries):
+        for svc in (self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()

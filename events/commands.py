@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from stratus.events.errors import ErrorBody
+from stratus.events.ids import NAME_RE, TOKEN_RE
 
 # Headers of a command request.
 H_COMMAND_ID = "Stratus-Command-Id"
@@ -32,3 +33,17 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     data: dict | list | None = None
     error: ErrorBody | None = None
     duplicate: bool = False
+
+
+_PATTERN_HELP = {
+    NAME_RE.pattern: "a name: 1-63 lowercase letters, digits and '-', not starting with '-'",
+    TOKEN_RE.pattern: "an id: 1-64 letters, digits, '_' and '-'",
+}
+
+
+def explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's message, with our regular expressions said in words."""
+    text = str(exc)
+    for pattern, words in _PATTERN_HELP.items():
+        text = text.replace(f"`str` matching regex '{pattern}'", words)
+    return text

@@ -69,6 +69,31 @@ class Cause(msgspec.Struct, frozen=True):
         )
 
 
+ENVELOPE = frozenset(
+    {"id", "type", "v", "tenant", "aggregate", "actor", "at", "correlation_id", "causation_id"}
+)
+
+
+# Payload fields shown to nobody through the API (they stay on the log).
+SECRET_FIELDS = frozenset({"password_hash"})
+
+
+def record(seq: int, subject: str, event: Event | None, error: str | None = None) -> dict:
+    """One stored event as plain data: envelope fields, then ``data`` (the payload)."""
+    if event is None:
+        return {"seq": seq, "subject": subject, "type": None, "error": error}
+    raw = msgspec.to_builtins(event)
+    out: dict[str, Any] = {"seq": seq, "subject": subject}
+    for k in ("type", "v", "tenant", "aggregate", "actor", "at", "correlation_id"):
+        out[k] = raw[k]
+    out["causation_id"] = raw["causation_id"]
+    out["id"] = raw["id"]
+    out["data"] = {
+        k: ("<redacted>" if k in SECRET_FIELDS else v) for k, v in raw.items() if k not in ENVELOPE
+    }
+    return out
+
+
 class UnknownEvent(ValueError):
     """The bytes are not an event this code knows (a foreign or newer writer)."""
 

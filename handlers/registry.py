@@ -1,8 +1,8 @@
-"""What a command handler is: one verb, its boundary, fold and decision."""
+"""What a command handler is: one verb, its permission, boundary, fold and decision."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -14,17 +14,37 @@ from stratus.events.model import Cause, Event
 class Handler(msgspec.Struct, frozen=True):
     """Everything the command service needs to run one verb.
 
-    ``boundary`` names the subject (or filter) whose state the decision
-    reads and whose last sequence the append is conditioned on;
-    ``decide(state, command, cause)`` is pure and either returns the events
-    or raises a ``StratusError``; ``view`` turns the resulting state into the
-    reply's ``data``.
+    ``permission`` names the entry of ``handlers.rbac.PERMISSIONS`` that
+    guards the verb, and ``tenant_of`` the tenant whose resource the command
+    touches (None for cloud-wide ones). ``prepare(command, caller, service)``,
+    if given, runs first and may read other state or do slow work (hashing a
+    password) off the decision; it returns what ``decide`` gets. ``boundary``
+    names the subject (or filter) whose state the decision reads and whose
+    last sequence the append is conditioned on; ``decide(state, command,
+    cause)`` is pure and either returns the events or raises a
+    ``StratusError``; ``view`` turns the resulting state into the reply's
+    ``data``.
     """
 
     verb: str
     command: type[Command]
+    permission: str
     boundary: Callable[[Any], str]
     initial: Callable[[], Any]
     fold: Callable[[Any, Event], Any]
     decide: Callable[[Any, Any, Cause], list[Event]]
     view: Callable[[Any], Any] | None = None
+    tenant_of: Callable[[Any], str | None] | None = None
+    prepare: Callable[[Any, Any, Any], Awaitable[Any]] | None = None
+    # When one verb decides on boundaries of different kinds (revoking one
+    # token, or every token of a user): the initial state for a boundary.
+    initial_for: Callable[[str], Any] | None = None
+
+
+class Special(msgspec.Struct, frozen=True):
+    """A verb that is not one decision on one boundary (logging in)."""
+
+    verb: str
+    command: type[Command]
+    permission: str
+    run: Callable[[Any, Any, Cause], Awaitable[Any]]

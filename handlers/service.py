@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ from stratus.events.commands import (
     H_COMMAND_ID,
     MAX_COMMAND_BYTES,
     Reply,
+    explain,
 )
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -34,7 +35,8 @@ from stratus.events.group import GroupCommit
 from stratus.events.ids import is_token, new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore, subject_matches
-from stratus.handlers.registry import Handler
+from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, Scope, authorize, rule
+from stratus.handlers.registry import Handler, Special
 from stratus.handlers.state import StateCache
 
 QUEUE_GROUP = "handlers"
@@ -53,23 +55,37 @@ def error_reply(err: StratusError) -> bytes:
     return encode_reply(Reply(ok=False, error=err.to_wire()))
 
 
+Authenticate = Callable[[dict[str, str]], Caller]
+
+
 class CommandService:
+    """Serves ``cmd.>``.
+
+    ``authenticate`` turns request headers into a ``Caller`` (verifying the
+    bearer token) or raises ``Unauthenticated``; without it every request is
+    trusted as the cloud administrator, which is for tests and benchmarks of
+    the write path only: ``stratus up`` and ``stratus serve`` always pass one.
+    """
+
     def __init__(
         self,
         store: EventStore,
-        handlers: Iterable[Handler],
+        handlers: Iterable[Handler | Special],
         *,
+        authenticate: Authenticate | None = None,
         queue: str = QUEUE_GROUP,
         max_attempts: int = MAX_ATTEMPTS,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.store = store
-        self.handlers: dict[str, Handler] = {}
+        self.handlers: dict[str, Handler | Special] = {}
         for h in handlers:
             if h.verb in self.handlers:
                 raise ValueError(f"two handlers for {h.verb}")
+            rule(h.permission)  # no permission entry, no registration
             self.handlers[h.verb] = h
         self._decoders = {v: msgspec.json.Decoder(h.command) for v, h in self.handlers.items()}
+        self.authenticate = authenticate
         self.cache = StateCache(store)
         self.appender = GroupCommit(store)
         self.queue = queue
@@ -121,22 +137,32 @@ class CommandService:
             raise Invalid(f"unknown command {verb!r}; known: {', '.join(sorted(self.handlers))}")
         if len(data) > MAX_COMMAND_BYTES:
             raise Invalid(f"command body is {len(data)} bytes; the limit is {MAX_COMMAND_BYTES}")
+        if rule(handler.permission).scope is Scope.PUBLIC:
+            caller = ANONYMOUS
+        elif self.authenticate is None:
+            caller = TRUSTED
+        else:
+            caller = self.authenticate(headers)
         command_id = headers.get(H_COMMAND_ID) or new_id()
         if not is_token(command_id):
             raise Invalid(f"header {H_COMMAND_ID} must match [A-Za-z0-9_-]{{1,64}}")
         try:
             cmd = self._decoders[verb].decode(data or b"{}")
         except msgspec.ValidationError as exc:
-            raise Invalid(f"{verb}: {exc}") from None
+            raise Invalid(f"{verb}: {explain(exc)}") from None
         except msgspec.DecodeError:
             raise Invalid(f"{verb}: body is not a JSON object") from None
-        # Identity lands later: until then every caller is anonymous.
         cause = Cause(
-            actor="anonymous",
+            actor=caller.user,
             correlation_id=command_id,
             causation_id=command_id,
             at=datetime.now(UTC),
         )
+        if isinstance(handler, Special):
+            return encode_reply(await handler.run(self, cmd, cause))
+        authorize(caller, handler.permission, handler.tenant_of(cmd) if handler.tenant_of else None)
+        if handler.prepare is not None:
+            cmd = await handler.prepare(cmd, caller, self)
         reply = await self.execute(handler, cmd, cause)
         return encode_reply(reply)
 
@@ -145,7 +171,11 @@ class CommandService:
         boundary = handler.boundary(cmd)
         bind = {"correlation_id": cause.correlation_id, "verb": handler.verb}
         async with self.cache.lock(boundary):
-            tracked = self.cache.get(boundary, handler.initial)
+            initial = (
+                (lambda: handler.initial_for(boundary)) if handler.initial_for else handler.initial
+            )
+            tracked = self.cache.get(boundary, initial)
+            refreshed = False
             for attempt in range(self.max_attempts):
                 done = tracked.ledger.get(cause.correlation_id)
                 if done is not None:
@@ -153,8 +183,11 @@ class CommandService:
                 try:
                     events = handler.decide(tracked.state, cmd, cause)
                 except StratusError as err:
-                    if not tracked.fresh:
+                    # The cache may be behind another handler's writes:
+                    # refuse only on state just read from the log.
+                    if not refreshed:
                         await self.cache.refresh(boundary, tracked, handler.fold)
+                        refreshed = True
                         continue
                     log.info("command refused", kind=err.kind, reason=err.message, **bind)
                     raise
@@ -167,8 +200,8 @@ class CommandService:
                         msg_id=cause.correlation_id,
                     )
                 except ConcurrencyConflict:
-                    tracked.fresh = False
                     await self.cache.refresh(boundary, tracked, handler.fold)
+                    refreshed = True
                     if attempt:
                         await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
                     continue

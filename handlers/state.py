@@ -29,12 +29,11 @@ LEDGER_SIZE = 256
 
 
 class Tracked(Generic[S]):
-    __slots__ = ("fresh", "ledger", "seq", "state")
+    __slots__ = ("ledger", "seq", "state")
 
     def __init__(self, state: S) -> None:
         self.state = state
         self.seq = 0
-        self.fresh = False
         self.ledger: OrderedDict[str, list[int]] = OrderedDict()
 
     def apply(self, seq: int, event: Event, fold: Fold[S]) -> None:
@@ -74,7 +73,6 @@ class StateCache:
         async for batch in self.store.read(after=tracked.seq, subjects=[subject]):
             for rec in batch:
                 tracked.apply(rec.seq, rec.decode(self.store.codec), fold)
-        tracked.fresh = True
 
     def lock(self, subject: str) -> _KeyLock:
         """Serialise this process's commands on one boundary (fewer conflicts)."""

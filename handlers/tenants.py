@@ -96,6 +96,7 @@ HANDLERS = [
     Handler(
         verb="tenant.create",
         command=TenantCreate,
+        permission="tenant.create",
         boundary=lambda c: subject(c.name),
         initial=TenantState,
         fold=fold,
@@ -105,6 +106,7 @@ HANDLERS = [
     Handler(
         verb="tenant.rename",
         command=TenantRename,
+        permission="tenant.rename",
         boundary=lambda c: subject(c.tenant),
         initial=TenantState,
         fold=fold,
@@ -114,6 +116,7 @@ HANDLERS = [
     Handler(
         verb="tenant.delete",
         command=TenantDelete,
+        permission="tenant.delete",
         boundary=lambda c: subject(c.tenant),
         initial=TenantState,
         fold=fold,

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 from collections.abc import Awaitable, Callable
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import structlog
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from stratus.events.commands import MAX_COMMAND_BYTES, Reply
+from stratus.events.commands import MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Internal, Invalid, NotFound, StratusError
-from stratus.events.store import EventStore
-from stratus.projections import tenants
+from stratus.events.ids import is_name, is_token
+from stratus.events.model import record
+from stratus.events.store import EventStore, Recorded
+from stratus.projections import tenants, users
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
 
 QUEUE_GROUP = "queries"
+MAX_PAGE = 1000
 
 log = structlog.get_logger("stratus.query")
 _enc = msgspec.json.Encoder()
@@ -36,27 +41,95 @@ class StatusQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: bool = True
 
 
+class UsersQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class RolesQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    user: str | None = None
+    tenant: str | None = None
+
+
+class EventsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 500
+    tenant: str | None = None
+
+
+class AuditQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tenant: str | None = None
+    actor: str | None = None
+    resource: str | None = None
+    type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 500
+
+
+class CallerLike(Protocol):
+    user: str
+    tenant: str
+
+    @property
+    def is_cloud_admin(self) -> bool: ...
+
+
+class _Trusted:
+    user = "system"
+    tenant = "admin"
+    is_cloud_admin = True
+
+
+# The identity layer lives in handlers/; it is handed in, not imported, so
+# that projections depend on events alone.
+Authenticate = Callable[[dict[str, str]], CallerLike]
+Authorize = Callable[[CallerLike, str, "str | None"], None]
+
+
+class Route(msgspec.Struct, frozen=True):
+    params: type
+    run: Callable[[Any, Any], Awaitable[Any]]
+    permission: str
+
+
 class QueryService:
+    """Serves ``q.>``: every answer is scoped to the caller's tenant.
+
+    Without ``authenticate`` every caller is trusted as the cloud admin (tests
+    and benchmarks); ``stratus up`` and ``stratus serve`` always pass one.
+    """
+
     def __init__(
         self,
         store: EventStore,
         engine: AsyncEngine,
         *,
+        authenticate: Authenticate | None = None,
+        authorize: Authorize | None = None,
         projector_name: str = DEFAULT_NAME,
         queue: str = QUEUE_GROUP,
     ) -> None:
         self.store = store
         self.engine = engine
+        self.authenticate = authenticate
+        self.authorize = authorize
         self.projector_name = projector_name
         self.queue = queue
         self._sub: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._digest_cache: tuple[int, str] | None = None
-        self.routes: dict[str, tuple[type, Callable[[Any], Awaitable[Any]]]] = {
-            "tenants": (TenantsQuery, self.q_tenants),
-            "tenant": (TenantQuery, self.q_tenant),
-            "status": (StatusQuery, self.q_status),
+        self.routes: dict[str, Route] = {
+            "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
+            "tenant": Route(TenantQuery, self.q_tenant, "tenant.show"),
+            "status": Route(StatusQuery, self.q_status, "status.read"),
+            "users": Route(UsersQuery, self.q_users, "user.list"),
+            "roles": Route(RolesQuery, self.q_roles, "role.list"),
+            "events": Route(EventsQuery, self.q_events, "events.read"),
+            "audit": Route(AuditQuery, self.q_audit, "audit.read"),
         }
+
+    def permissions(self) -> dict[str, str]:
+        return {view: r.permission for view, r in self.routes.items()}
 
     async def start(self) -> None:
         self._sub = await self.store.nc.subscribe("q.>", queue=self.queue, cb=self._on_msg)
@@ -76,7 +149,7 @@ class QueryService:
 
     async def _serve(self, msg: Msg) -> None:
         try:
-            data = await self.handle(msg.subject[2:], msg.data)
+            data = await self.handle(msg.subject[2:], msg.data, msg.headers or {})
             body = _enc.encode(Reply(ok=True, data=data))
         except StratusError as err:
             body = _enc.encode(Reply(ok=False, error=err.to_wire()))
@@ -87,33 +160,102 @@ class QueryService:
             with contextlib.suppress(Exception):
                 await self.store.nc.publish(msg.reply, body)
 
-    async def handle(self, view: str, data: bytes) -> Any:
+    async def handle(self, view: str, data: bytes, headers: dict[str, str] | None = None) -> Any:
         route = self.routes.get(view)
         if route is None:
             raise Invalid(f"unknown query {view!r}; known: {', '.join(sorted(self.routes))}")
         if len(data) > MAX_COMMAND_BYTES:
             raise Invalid("query body too large")
-        typ, fn = route
+        caller: CallerLike = (
+            _Trusted() if self.authenticate is None else self.authenticate(headers or {})
+        )
         try:
-            params = msgspec.json.decode(data or b"{}", type=typ)
+            params = msgspec.json.decode(data or b"{}", type=route.params)
         except msgspec.ValidationError as exc:
-            raise Invalid(f"{view}: {exc}") from None
+            raise Invalid(f"{view}: {explain(exc)}") from None
         except msgspec.DecodeError:
             raise Invalid(f"{view}: body is not a JSON object") from None
-        return await fn(params)
+        return await route.run(caller, params)
 
-    async def q_tenants(self, p: TenantsQuery) -> list[dict]:
+    def _check(self, caller: CallerLike, permission: str, tenant: str | None) -> None:
+        if self.authorize is not None:
+            self.authorize(caller, permission, tenant)
+
+    def _own_tenant(self, caller: CallerLike, permission: str, asked: str | None) -> str | None:
+        """The tenant a scoped read is limited to (None: all, cloud admin only)."""
+        if caller.is_cloud_admin:
+            return asked
+        tenant = asked or caller.tenant
+        self._check(caller, permission, tenant)
+        return tenant
+
+    async def q_tenants(self, caller: CallerLike, p: TenantsQuery) -> list[dict]:
+        self._check(caller, "tenant.list", None)
         async with self.engine.connect() as conn:
-            return await tenants.list_tenants(conn, p.include_deleted)
+            found = await tenants.list_tenants(conn, p.include_deleted)
+        if caller.is_cloud_admin:
+            return found
+        return [t for t in found if t["id"] == caller.tenant]
 
-    async def q_tenant(self, p: TenantQuery) -> dict:
+    async def q_tenant(self, caller: CallerLike, p: TenantQuery) -> dict:
         async with self.engine.connect() as conn:
             found = await tenants.get_tenant(conn, p.tenant)
         if found is None:
             raise NotFound(f"tenant {p.tenant} not found")
+        self._check(caller, "tenant.show", found["id"])
         return found
 
-    async def q_status(self, p: StatusQuery) -> dict:
+    async def q_users(self, caller: CallerLike, _p: UsersQuery) -> list[dict]:
+        self._check(caller, "user.list", None)
+        async with self.engine.connect() as conn:
+            return await users.list_users(conn)
+
+    async def q_roles(self, caller: CallerLike, p: RolesQuery) -> list[dict]:
+        tenant = self._own_tenant(caller, "role.list", p.tenant)
+        async with self.engine.connect() as conn:
+            return await users.list_roles(conn, p.user, tenant)
+
+    async def q_events(self, caller: CallerLike, p: EventsQuery) -> list[dict]:
+        tenant = self._own_tenant(caller, "events.read", p.tenant)
+        if tenant is not None and not (is_name(tenant) or tenant == "_system"):
+            raise Invalid(f"tenant {tenant!r} is not a tenant id")
+        subjects = [f"ev.{tenant}.>"] if tenant else ["ev.>"]
+        out: list[dict] = []
+        async for batch in self.store.read(after=p.after, subjects=subjects, batch=p.limit):
+            out.extend(_record(r, self.store) for r in batch[: p.limit - len(out)])
+            if len(out) >= p.limit:
+                break
+        return out
+
+    async def q_audit(self, caller: CallerLike, p: AuditQuery) -> list[dict]:
+        """Who did what, read from the log itself (newest last)."""
+        tenant = self._own_tenant(caller, "audit.read", p.tenant)
+        if p.resource is not None and not is_token(p.resource):
+            raise Invalid("resource must be an id")
+        if tenant is not None and not (is_name(tenant) or tenant == "_system"):
+            raise Invalid(f"tenant {tenant!r} is not a tenant id")
+        subject = f"ev.{tenant or '*'}.*.{p.resource or '*'}"
+        if tenant and not p.resource:
+            subject = f"ev.{tenant}.>"
+        after = 0
+        if p.since is not None:
+            first = await self.store.first_seq_after(p.since)
+            if first == 0:
+                return []
+            after = first - 1
+        out: list[dict] = []
+        async for batch in self.store.read(after=after, until=p.until, subjects=[subject]):
+            for rec in batch:
+                r = _record(rec, self.store)
+                if p.actor is not None and r.get("actor") != p.actor:
+                    continue
+                if p.type is not None and not fnmatch.fnmatchcase(str(r.get("type")), p.type):
+                    continue
+                out.append(r)
+        return out[-p.limit :]
+
+    async def q_status(self, caller: CallerLike, p: StatusQuery) -> dict:
+        self._check(caller, "status.read", None)
         last = await self.store.last_seq()
         async with self.engine.connect() as conn, conn.begin():
             applied = await read_checkpoint(conn, self.projector_name)
@@ -129,3 +271,10 @@ class QueryService:
         if p.digest and self._digest_cache is not None:
             out["projection_digest"] = self._digest_cache[1]
         return out
+
+
+def _record(rec: Recorded, store: EventStore) -> dict:
+    try:
+        return record(rec.seq, rec.subject, rec.decode(store.codec))
+    except Exception as exc:
+        return record(rec.seq, rec.subject, None, str(exc))

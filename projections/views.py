@@ -8,7 +8,7 @@ import msgspec
 from sqlalchemy import Table
 
 from stratus.events.model import Event
-from stratus.projections import tenants
+from stratus.projections import tenants, users
 from stratus.projections.batch import Op
 
 
@@ -19,4 +19,7 @@ class View(msgspec.Struct, frozen=True):
 
 
 def all_views() -> list[View]:
-    return [View(tenants.NAME, tenants.TABLES, tenants.apply)]
+    return [
+        View(tenants.NAME, tenants.TABLES, tenants.apply),
+        View(users.NAME, users.TABLES, users.apply),
+    ]

@@ -13,16 +13,30 @@ from pathlib import Path
 import pytest
 
 STRATUS = [sys.executable, "-m", "stratus.cli.main"]
+ADMIN_PASSWORD = "admin-pass-for-tests"
+# Where `stratus login` saves its token in these tests (never the user's own).
+CONFIG_HOME = {"value": "/nonexistent-stratus-config"}
 
 
-def cli(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def cli(
+    url: str, *args: str, timeout: float = 30, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "STRATUS_DATA_DIR": "/nonexistent-stratus",
+        "XDG_CONFIG_HOME": CONFIG_HOME["value"],
+    }
+    env.pop("STRATUS_TOKEN", None)
+    if token is not None:
+        env["STRATUS_TOKEN"] = token
     return subprocess.run(
-        [*STRATUS, "--url", url, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "STRATUS_DATA_DIR": "/nonexistent-stratus"},
+        [*STRATUS, "--url", url, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def login(url: str, user: str = "admin", password: str = ADMIN_PASSWORD) -> None:
+    r = cli(url, "login", "--user", user, "--password", password, "-o", "json")
+    assert r.returncode == 0, r.stderr
 
 
 class Up:
@@ -35,7 +49,16 @@ class Up:
 
     def start(self, timeout: float = 30) -> str:
         self.proc = subprocess.Popen(
-            [*STRATUS, "up", "--data-dir", str(self.data_dir), "--port", "0"],
+            [
+                *STRATUS,
+                "up",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                "0",
+                "--admin-password",
+                ADMIN_PASSWORD,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -77,6 +100,7 @@ class Up:
 
 @pytest.fixture
 def up(tmp_path):
+    CONFIG_HOME["value"] = str(tmp_path / "config")
     u = Up(tmp_path / "data")
     yield u
     u.kill()
@@ -103,6 +127,8 @@ def wait_projected(url: str, timeout: float = 15) -> dict:
 
 def test_up_serves_the_cli_contract_and_a_restart_loses_nothing(up):
     url = up.start()
+    login(url)
+    base = wait_projected(url)["last_seq"]  # the bootstrap: key, tenant, user, role
 
     # Given a running control plane, when a user creates a tenant...
     r = cli(url, "tenant", "create", "acme", "-o", "json")
@@ -116,24 +142,29 @@ def test_up_serves_the_cli_contract_and_a_restart_loses_nothing(up):
     assert r.returncode == 0 and json.loads(r.stdout)["name"] == "globex-eu"
 
     before = wait_projected(url)
-    assert before["last_seq"] == 3
+    assert before["last_seq"] == base + 3
 
     # ...then list, show and the event log agree.
     r = cli(url, "tenant", "list", "-o", "json")
     tenants = json.loads(r.stdout)
-    assert [(t["id"], t["name"]) for t in tenants] == [("acme", "acme"), ("globex", "globex-eu")]
+    assert [(t["id"], t["name"]) for t in tenants] == [
+        ("acme", "acme"),
+        ("admin", "admin"),
+        ("globex", "globex-eu"),
+    ]
     r = cli(url, "tenant", "show", "globex", "-o", "yaml")
     assert r.returncode == 0 and "globex-eu" in r.stdout
 
-    r = cli(url, "events", "tail", "--from", "1", "-o", "json")
+    r = cli(url, "events", "tail", "--from", str(base + 1), "-o", "json")
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [x["seq"] for x in lines] == [1, 2, 3]
+    assert [x["seq"] for x in lines] == [base + 1, base + 2, base + 3]
     assert [x["type"] for x in lines] == ["tenant.created", "tenant.created", "tenant.renamed"]
     for x in lines:
         assert {"seq", "type", "tenant", "actor", "at", "correlation_id"} <= x.keys()
-    r = cli(url, "events", "tail", "--from", "2", "--tenant", "globex", "-o", "json")
-    assert [json.loads(x)["seq"] for x in r.stdout.splitlines()] == [2, 3]
+        assert x["actor"] == "admin"
+    r = cli(url, "events", "tail", "--tenant", "globex", "-o", "json")
+    assert [json.loads(x)["seq"] for x in r.stdout.splitlines()] == [base + 2, base + 3]
 
     # A refused command exits 1, names the kind on stderr and appends nothing.
     r = cli(url, "tenant", "create", "acme")
@@ -143,7 +174,7 @@ def test_up_serves_the_cli_contract_and_a_restart_loses_nothing(up):
     assert r.returncode == 1 and "error: invalid:" in r.stderr and "name" in r.stderr
     r = cli(url, "tenant", "delete", "nobody")
     assert r.returncode == 1 and "error: not_found:" in r.stderr
-    assert wait_projected(url)["last_seq"] == 3
+    assert wait_projected(url)["last_seq"] == base + 3
 
     # SIGTERM stops everything, the broker child included, within 10 s.
     broker = up.broker_pid()
@@ -152,16 +183,17 @@ def test_up_serves_the_cli_contract_and_a_restart_loses_nothing(up):
     assert not Path(f"/proc/{broker}").exists()
     assert not (up.data_dir / "url").exists()
 
-    # Restarting on the same data dir keeps every event and the projection.
+    # Restarting on the same data dir keeps every event, the projection and
+    # the signing key (the saved token still works).
     url = up.start()
     after = wait_projected(url)
-    assert after["last_seq"] == 3
+    assert after["last_seq"] == base + 3
     assert after["projection_digest"] == before["projection_digest"]
     r = cli(url, "tenant", "list", "-o", "json")
-    assert [t["id"] for t in json.loads(r.stdout)] == ["acme", "globex"]
+    assert [t["id"] for t in json.loads(r.stdout)] == ["acme", "admin", "globex"]
     r = cli(url, "tenant", "delete", "acme", "-o", "json")
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "deleted"
-    assert wait_projected(url)["last_seq"] == 4
+    assert wait_projected(url)["last_seq"] == base + 4
     rc, _ = up.stop(signal.SIGINT)
     assert rc == 0
 

@@ -1,0 +1,104 @@
+"""Who may do what: one permission table, deny by default.
+
+Roles are granted per tenant. ``admin`` in the tenant ``admin`` is the cloud
+administrator: it manages tenants, users, role assignments and hosts, and may
+act in any tenant. Within a tenant, ``admin`` and ``member`` create, change
+and delete the tenant's resources and ``reader`` only reads them.
+
+Every command and query names one permission from ``PERMISSIONS``; the
+services refuse to register a verb without one, so none can skip the check.
+A caller outside the resource's tenant is told ``not_found``, never
+``forbidden``: that another tenant's resource exists is not theirs to know.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import msgspec
+
+from stratus.events.errors import Forbidden, NotFound
+
+CLOUD_TENANT = "admin"
+CLOUD_ADMIN_ROLE = "admin"
+
+
+class Scope(Enum):
+    PUBLIC = "public"  # no token needed (logging in)
+    CLOUD = "cloud"  # the cloud administrator only
+    TENANT = "tenant"  # roles within the resource's tenant (or the cloud admin)
+    SELF = "self"  # any valid token; the handler limits it to the caller's own
+
+
+class Rule(msgspec.Struct, frozen=True):
+    scope: Scope
+    roles: frozenset[str] = frozenset()
+
+
+READ = frozenset({"admin", "member", "reader"})
+WRITE = frozenset({"admin", "member"})
+MANAGE = frozenset({"admin"})
+
+PERMISSIONS: dict[str, Rule] = {
+    "auth.login": Rule(Scope.PUBLIC),
+    "tenant.create": Rule(Scope.CLOUD),
+    "tenant.rename": Rule(Scope.CLOUD),
+    "tenant.delete": Rule(Scope.CLOUD),
+    "tenant.list": Rule(Scope.SELF),
+    "tenant.show": Rule(Scope.TENANT, READ),
+    "user.create": Rule(Scope.CLOUD),
+    "user.disable": Rule(Scope.CLOUD),
+    "user.enable": Rule(Scope.CLOUD),
+    "user.list": Rule(Scope.CLOUD),
+    "role.assign": Rule(Scope.TENANT, MANAGE),
+    "role.revoke": Rule(Scope.TENANT, MANAGE),
+    "role.list": Rule(Scope.TENANT, MANAGE),
+    "token.revoke": Rule(Scope.SELF),
+    "status.read": Rule(Scope.SELF),
+    "events.read": Rule(Scope.TENANT, READ),
+    "audit.read": Rule(Scope.TENANT, READ),
+}
+
+
+class Caller(msgspec.Struct, frozen=True):
+    """What RBAC needs to know about whoever sent a request."""
+
+    user: str
+    tenant: str
+    roles: tuple[str, ...]
+    token_id: str = ""
+
+    @property
+    def is_cloud_admin(self) -> bool:
+        return self.tenant == CLOUD_TENANT and CLOUD_ADMIN_ROLE in self.roles
+
+
+# The caller of services run without authentication (tests, benchmarks,
+# in-process bootstrap): trusted as the cloud administrator.
+TRUSTED = Caller(user="system", tenant=CLOUD_TENANT, roles=(CLOUD_ADMIN_ROLE,))
+# The caller of a public verb (logging in): no rights at all.
+ANONYMOUS = Caller(user="anonymous", tenant="", roles=())
+
+
+def rule(permission: str) -> Rule:
+    try:
+        return PERMISSIONS[permission]
+    except KeyError:
+        raise LookupError(f"no permission entry for {permission!r}") from None
+
+
+def authorize(caller: Caller, permission: str, tenant: str | None = None) -> None:
+    """Allow or raise. ``tenant``: the tenant whose resource is touched."""
+    r = rule(permission)
+    if r.scope is Scope.PUBLIC or caller.is_cloud_admin:
+        return
+    if r.scope is Scope.CLOUD:
+        raise Forbidden(f"{permission} needs the cloud admin role")
+    if r.scope is Scope.SELF:
+        return
+    if tenant is None or tenant != caller.tenant:
+        raise NotFound(f"tenant {tenant or '(none)'} not found")
+    if not r.roles.intersection(caller.roles):
+        need = " or ".join(sorted(r.roles))
+        have = ", ".join(caller.roles) or "no role"
+        raise Forbidden(f"{permission} in tenant {tenant} needs role {need}; you have {have}")
