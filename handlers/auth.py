@@ -52,7 +52,13 @@ class Authenticator:
 
     def __call__(self, headers: dict[str, str]) -> Caller:
         p = self.verifier.verify(bearer(headers))
-        return Caller(user=p.user, tenant=p.tenant, roles=tuple(p.roles), token_id=p.token_id)
+        return Caller(
+            user=p.user,
+            tenant=p.tenant,
+            roles=tuple(p.roles),
+            token_id=p.token_id,
+            expires_at=p.expires_at,
+        )
 
 
 def apply_identity_event(verifier: Verifier, event: Event) -> None:

@@ -56,6 +56,9 @@ from stratus.handlers.registry import Handler, Special
 from stratus.handlers.tokens import KeyRing
 
 DEFAULT_TTL_S = 8 * 3600
+# No token lives longer: a revocation whose token's expiry is unknown (an
+# admin revoking another user's token by id) is kept this long.
+MAX_TTL_S = 24 * 3600
 
 
 class UserState(msgspec.Struct, frozen=True):
@@ -214,7 +217,7 @@ async def prepare_revoke(cmd: TokenRevoke, caller: Caller, _svc: Any) -> Any:
     if not token_id:
         raise Invalid("no token to revoke: name one, or call with a token")
     if token_id == caller.token_id:
-        return _RevokeOne(token_id, caller.user, _expiry_bound())
+        return _RevokeOne(token_id, caller.user, caller.expires_at or _expiry_bound())
     if not caller.is_cloud_admin:
         raise Forbidden("you may revoke your own token or all your tokens (--user yourself)")
     return _RevokeOne(token_id, "", _expiry_bound())
@@ -222,7 +225,7 @@ async def prepare_revoke(cmd: TokenRevoke, caller: Caller, _svc: Any) -> Any:
 
 def _expiry_bound() -> int:
     # How long a revocation must be remembered: at most a token's lifetime.
-    return int(time.time()) + DEFAULT_TTL_S
+    return int(time.time()) + MAX_TTL_S
 
 
 def decide_revoke_one(state: TokenState, cmd: _RevokeOne, cause: Cause) -> list[Event]:
@@ -270,7 +273,7 @@ class LoginFlow:
 
     def __init__(self, keyring: KeyRing, ttl_s: int = DEFAULT_TTL_S) -> None:
         self.keyring = keyring
-        self.ttl_s = ttl_s
+        self.ttl_s = min(ttl_s, MAX_TTL_S)
 
     async def run(self, svc: Any, cmd: Login, cause: Cause) -> Reply:
         name = cmd.user

@@ -67,6 +67,7 @@ class Caller(msgspec.Struct, frozen=True):
     tenant: str
     roles: tuple[str, ...]
     token_id: str = ""
+    expires_at: int = 0
 
     @property
     def is_cloud_admin(self) -> bool:

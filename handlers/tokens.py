@@ -354,8 +354,11 @@ class _Claims(msgspec.Struct):
 
 
 def _when(ts: float) -> str:
-    """``ts`` as an ISO 8601 UTC time for a message (claims are range-checked first)."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``ts`` as an ISO 8601 UTC time for a message; never raises."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError, TypeError):
+        return f"unix time {ts!r}"
 
 
 def _printable(value: str, limit: int = 64) -> str:
@@ -507,6 +510,8 @@ class Verifier:
             self.prune(now)
         if type(token) is not str:
             raise _malformed(f"expected a string, got {type(token).__name__}")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _malformed(f"longer than {MAX_TOKEN_CHARS} characters")
         # Keyed by digest, not by the token: a third of the memory per entry,
         # and SHA-256 makes two tokens sharing an entry infeasible.
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
@@ -572,8 +577,6 @@ class Verifier:
 
     def _check(self, token: str) -> tuple[Principal, int | None]:
         """Signature and claims of an uncached token: the expensive part, done once."""
-        if len(token) > MAX_TOKEN_CHARS:
-            raise _malformed(f"longer than {MAX_TOKEN_CHARS} characters")
         parts = token.split(".")
         if len(parts) != 3:
             raise _malformed("expected three dot-separated parts (header.payload.signature)")

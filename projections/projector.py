@@ -23,7 +23,7 @@ from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine
-from stratus.projections.views import View, all_views
+from stratus.projections.views import View, all_views, dispatch
 
 log = structlog.get_logger("stratus.projector")
 
@@ -59,6 +59,7 @@ class Projector:
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
+        self._dispatch = dispatch(self.views)
         self.name = name
         self.batch = batch
         self.position = 0
@@ -130,14 +131,15 @@ class Projector:
         rows = RowBatch()
         poisoned: list[dict[str, Any]] = []
         codec = self.store.codec
-        views = self.views
+        folds = self._dispatch
+        none: list = []
         floor = self._folded
         for rec in recs:
             if rec.seq <= floor:
                 continue  # redelivered after a reconnect: already applied
             try:
                 event = rec.decode(codec)
-                ops = [op for v in views for op in v.apply(rec.seq, event)]
+                ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]
             except Exception as exc:
                 poisoned.append(
                     {

@@ -28,6 +28,7 @@ tenants = Table(
 
 NAME = "tenants"
 TABLES = (tenants,)
+FOLDS = (TenantCreated, TenantRenamed, TenantDeleted)
 
 
 def apply(seq: int, event: Event) -> Iterable[Op]:

@@ -41,6 +41,7 @@ role_assignments = Table(
 
 NAME = "users"
 TABLES = (users, role_assignments)
+FOLDS = (UserCreated, UserDisabled, UserEnabled, RoleAssigned, RoleRevoked)
 
 
 def apply(seq: int, event: Event) -> Iterable[Op]:

@@ -13,13 +13,27 @@ from stratus.projections.batch import Op
 
 
 class View(msgspec.Struct, frozen=True):
+    """A read model: its tables, its fold, and the event types it folds."""
+
     name: str
     tables: tuple[Table, ...]
     apply: Callable[[int, Event], Iterable[Op]]
+    folds: tuple[type[Event], ...]
 
 
 def all_views() -> list[View]:
     return [
-        View(tenants.NAME, tenants.TABLES, tenants.apply),
-        View(users.NAME, users.TABLES, users.apply),
+        View(tenants.NAME, tenants.TABLES, tenants.apply, tenants.FOLDS),
+        View(users.NAME, users.TABLES, users.apply, users.FOLDS),
     ]
+
+
+def dispatch(
+    views: Iterable[View],
+) -> dict[type[Event], list[Callable[[int, Event], Iterable[Op]]]]:
+    """Event type -> the folds that want it, so an event costs only its views."""
+    table: dict[type[Event], list[Callable[[int, Event], Iterable[Op]]]] = {}
+    for v in views:
+        for t in v.folds:
+            table.setdefault(t, []).append(v.apply)
+    return table

@@ -85,7 +85,7 @@ def _good() -> str:
         "scrypt$16384$8$1$c2FsdA$???",
         "scrypt$16384$8$1$$aGFzaGhhc2hoYXNoaGFzaA",  # empty salt
         "scrypt$16384$8$1$c2FsdA$aGFzaA",  # hash too short
-        "scrypt$１６３８４$8$1$c2FsdA$aGFzaGhhc2hoYXNoaGFzaA",  # non-ASCII digits
+        "scrypt$\uff11\uff16\uff13\uff18\uff14$8$1$c2FsdA$aGFzaGhhc2hoYXNoaGFzaA",  # wide digits
         "scrypt$" + "9" * 5000 + "$8$1$c2FsdA$aGFzaGhhc2hoYXNoaGFzaA",
     ],
 )

@@ -768,3 +768,9 @@ def test_any_single_character_change_is_refused(
     i = data.draw(st.integers(min_value=0, max_value=len(token) - 1))
     c = data.draw(st.characters(codec="ascii").filter(lambda ch: ch != token[i]))
     refused(verifier, token[:i] + c + token[i + 1 :])
+
+
+def test_absurd_revocation_times_still_give_a_message(ring: KeyRing, verifier: Verifier) -> None:
+    token, _ = ring.sign("alice", "acme", [], now=NOW)
+    verifier.revoke_user("alice", 1e20)
+    assert refused(verifier, token).startswith("token revoked: user alice")

@@ -1,4 +1,9 @@
-"""Run the Stratus benchmarks: ``python -m stratus.ops.bench [--json]``.
+"""Run the Stratus benchmarks: ``python -m stratus.ops.bench [SUITE] [--json]``.
+
+SUITE is ``foundation`` (broker, write, command and read paths) or
+``identity`` (token verification and password hashing on one core); with no
+SUITE both run, foundation first. ``python -m stratus.ops.bench identity
+--help`` lists the identity options; the options below are foundation's.
 
 Exit status: 0 when every phase ran without errors, 1 when one failed, 2
 with ``--strict`` when a figure missed its target.
@@ -11,8 +16,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation
+from stratus.ops.bench import foundation, identity
 from stratus.ops.bench.common import print_table
+
+SUITES = ("foundation", "identity")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -34,7 +41,11 @@ def _positive(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = foundation.Options()
-    p = argparse.ArgumentParser(prog="python -m stratus.ops.bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m stratus.ops.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--events", type=_positive, default=d.events, help="events to read back")
     p.add_argument(
         "--commands", type=_positive, default=d.commands, help="commands per client mode"
@@ -64,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    suite = argv[0] if argv and argv[0] in SUITES else None
+    if suite == "identity":
+        # Only identity: its own options, table and JSON.
+        return identity.main(argv[1:])
+    if suite is not None:
+        argv = argv[1:]
     args = parse_args(argv)
     opts = foundation.Options(
         events=args.events,
@@ -79,8 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     report.info["wall_seconds"] = round(wall, 1)
     errors = [f"{r.name}: {r.errors} errors ({r.note})" for r in report.results if r.errors]
     failures = report.failures + errors
+    id_report = None
+    if suite is None:
+        # Pure CPU, no broker: it runs after foundation has stopped its server.
+        id_start = time.perf_counter()
+        id_report = identity.run(identity.Options())
+        id_report.info["wall_seconds"] = round(time.perf_counter() - id_start, 1)
+        failures += id_report.failures
     if args.json:
-        print(json.dumps({"foundation": report.to_json()}, indent=2))
+        out = {"foundation": report.to_json()}
+        if id_report is not None:
+            out["identity"] = id_report.to_json()
+        print(json.dumps(out, indent=2))
     else:
         info = report.info
         prefill = info.get("prefill", {})
@@ -93,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             f"wall time {wall:.1f} s"
         )
         print_table("Stratus foundation benchmark", report.results, caption)
+        if id_report is not None:
+            identity.print_report(id_report, id_report.info["wall_seconds"])
         for f in failures:
             print(f"FAILED: {f}", file=sys.stderr)
     if failures:
         return 1
-    if args.strict and any(r.met is False for r in report.results):
+    results = report.results + (id_report.results if id_report is not None else [])
+    if args.strict and any(r.met is False for r in results):
         return 2
     return 0
 

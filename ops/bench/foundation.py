@@ -38,11 +38,13 @@ from nats.js.api import DeliverPolicy
 from sqlalchemy import func, select
 
 from stratus.cli.client import Client
+from stratus.cli.runtime import publish_signing_keys
 from stratus.events.broker import EmbeddedNats
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.store import MAX_BATCH, SUBJECTS, Condition, EventStore
 from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
+from stratus.handlers.tokens import KeyRing
 from stratus.ops.bench.common import Load, Result, compare, drive, result
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
@@ -56,6 +58,7 @@ PREFILL_BATCHES_IN_FLIGHT = 4
 READY_TIMEOUT_S = 30.0
 PREFILL_TIMEOUT_S = 120.0
 WARMUP_COMMANDS = 300
+AUTH_ROUNDS = 3
 # The in-flight write phases run this many times the awaited count: they are
 # that much faster, and a phase of a second or less is mostly noise.
 IN_FLIGHT_FACTOR = 4
@@ -380,10 +383,15 @@ def _stratus_binary() -> str:
     return found
 
 
-def _spawn_handlers(url: str, cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn_handlers(
+    url: str, cwd: Path, log_path: Path, auth_dir: Path | None
+) -> subprocess.Popen[bytes]:
+    # Without auth_dir the service trusts every request (the write path
+    # alone); with it, it verifies each request's token as in production.
+    auth = ["--data-dir", str(auth_dir)] if auth_dir else ["--insecure-no-auth"]
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [_stratus_binary(), "--url", url, "serve", "handlers"],
+            [_stratus_binary(), "--url", url, "serve", "handlers", *auth],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -392,13 +400,17 @@ def _spawn_handlers(url: str, cwd: Path, log_path: Path) -> subprocess.Popen[byt
 
 
 async def _start_handlers(
-    url: str, count: int, tmp: Path, procs: list[subprocess.Popen[bytes]]
+    url: str,
+    count: int,
+    tmp: Path,
+    procs: list[subprocess.Popen[bytes]],
+    auth_dir: Path | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     started: list[subprocess.Popen[bytes]] = []
     logs: dict[int, Path] = {}
     for i in range(count):
-        log = tmp / f"handlers-{count}-{i}.log"
-        p = _spawn_handlers(url, tmp, log)
+        log = tmp / f"handlers-{count}-{i}-{'auth' if auth_dir else 'open'}.log"
+        p = _spawn_handlers(url, tmp, log, auth_dir)
         logs[p.pid] = log
         procs.append(p)
         started.append(p)
@@ -519,7 +531,74 @@ async def _command_path(
             finally:
                 for p in started:
                     _stop_process(p)
+        await _authenticated(url, tmp, opts, report, procs)
     finally:
         for c in clients:
             with contextlib.suppress(Exception):
                 await c.close()
+
+
+async def _authenticated(
+    url: str,
+    tmp: Path,
+    opts: Options,
+    report: Report,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """64 clients with every request's token verified, against the same
+    without authentication. The two alternate in rounds (A B A B A B) so a
+    drift of the machine's speed does not land on one side."""
+    auth_dir = tmp / "auth"
+    keyring = KeyRing.load_or_create(auth_dir / "keys")
+    store = await EventStore.connect(url)
+    try:
+        await publish_signing_keys(store, keyring)
+    finally:
+        await store.close()
+    # One token per client, as separate CLI sessions would have.
+    tokens = [keyring.sign("admin", "admin", ["admin"])[0] for _ in range(opts.clients)]
+    sides = {
+        "open": ([await Client.connect(url, timeout=10.0) for _ in tokens], None),
+        "auth": ([await Client.connect(url, t, timeout=10.0) for t in tokens], auth_dir),
+    }
+    totals = {k: Load() for k in sides}
+    per_round = max(1, opts.commands // AUTH_ROUNDS)
+    try:
+        for rnd in range(AUTH_ROUNDS):
+            for side, (clients, auth) in sides.items():
+                started = await _start_handlers(url, 1, tmp, procs, auth)
+                try:
+                    await asyncio.sleep(0.3)
+                    tag = f"a{side[0]}{rnd}"
+                    warm = await _commands(
+                        clients, f"{tag}w", WARMUP_COMMANDS // 2, opts.clients, opts.phase_seconds
+                    )
+                    if warm.errors:
+                        report.failures.append(f"warm-up ({side}): {warm.first_error}")
+                    got = await _commands(
+                        clients, f"{tag}p", per_round, opts.clients, opts.phase_seconds
+                    )
+                    t = totals[side]
+                    t.done += got.done
+                    t.errors += got.errors
+                    t.seconds += got.seconds
+                    t.latencies.extend(got.latencies)
+                    t.first_error = t.first_error or got.first_error
+                finally:
+                    for p in started:
+                        _stop_process(p)
+        rounds = f"{AUTH_ROUNDS} alternating rounds"
+        base = result(
+            f"tenant.create, {opts.clients} clients (1 handler proc, no auth, {rounds})",
+            totals["open"],
+        )
+        r = result(
+            f"tenant.create, {opts.clients} clients (1 handler proc, tokens verified, {rounds})",
+            totals["auth"],
+        )
+        report.results.extend([base, compare(r, base, target=0.9, label="no auth")])
+    finally:
+        for clients, _ in sides.values():
+            for c in clients:
+                with contextlib.suppress(Exception):
+                    await c.close()
