@@ -490,6 +490,12 @@ def role_list(
     emit(run(lambda c: c.query("roles", body)), output)
 
 
+@app.command("key-rotate")
+def key_rotate(output: OutputOpt = Format.table) -> None:
+    """Add a new token signing key (cloud admin); older tokens stay valid until they expire."""
+    emit(run(lambda c: c.command("key.rotate", {})).data, output)
+
+
 @token_app.command("revoke")
 def token_revoke(
     token_id: Annotated[str | None, typer.Argument(help="default: your own token")] = None,

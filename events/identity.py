@@ -145,7 +145,12 @@ class TokenRevoke(Command, frozen=True):
     user: Name | None = None
 
 
+class KeyRotate(Command, frozen=True):
+    """Add a new signing key; tokens signed with older keys stay valid."""
+
+
 COMMANDS = {
+    "key.rotate": KeyRotate,
     "auth.login": Login,
     "user.create": UserCreate,
     "user.disable": UserDisable,

@@ -26,6 +26,7 @@ from stratus.events.identity import (
     SYSTEM,
     TOKEN,
     USER,
+    KeyRotate,
     Login,
     LoginFailed,
     RoleAssign,
@@ -341,6 +342,20 @@ def _home_tenant(state: UserState) -> str | None:
     return tenants_[0] if len(tenants_) == 1 else ("admin" if "admin" in tenants_ else None)
 
 
+class KeyRotation:
+    """``key.rotate``: a new signing key, announced on the log before first use."""
+
+    def __init__(self, keyring: KeyRing) -> None:
+        self.keyring = keyring
+
+    async def run(self, svc: Any, cmd: KeyRotate, cause: Cause) -> Reply:
+        kid = await asyncio.to_thread(self.keyring.add_key)
+        public = self.keyring.public_keys()[kid]
+        event = signing_key_event(kid, public, cause)
+        result = await svc.appender.append([event], Condition(event.subject, 0))
+        return Reply(ok=True, seqs=result.seqs, data={"kid": kid, "keys": list(self.keyring.kids)})
+
+
 def signing_key_event(kid: str, public_key: bytes, cause: Cause) -> Event:
     return cause.make(SigningKeyAdded, SYSTEM, KEY, kid, kid=kid, public_key=public_key)
 
@@ -418,6 +433,7 @@ def handlers(keyring: KeyRing | None = None, ttl_s: int = DEFAULT_TTL_S) -> list
     ]
     if keyring is not None:
         out.append(Special("auth.login", Login, "auth.login", LoginFlow(keyring, ttl_s).run))
+        out.append(Special("key.rotate", KeyRotate, "key.rotate", KeyRotation(keyring).run))
     return out
 
 

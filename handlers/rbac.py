@@ -54,6 +54,7 @@ PERMISSIONS: dict[str, Rule] = {
     "role.revoke": Rule(Scope.TENANT, MANAGE),
     "role.list": Rule(Scope.TENANT, MANAGE),
     "token.revoke": Rule(Scope.SELF),
+    "key.rotate": Rule(Scope.CLOUD),
     "status.read": Rule(Scope.SELF),
     "events.read": Rule(Scope.TENANT, READ),
     "audit.read": Rule(Scope.TENANT, READ),

@@ -159,6 +159,7 @@ class CommandService:
             at=datetime.now(UTC),
         )
         if isinstance(handler, Special):
+            authorize(caller, handler.permission, None)
             return encode_reply(await handler.run(self, cmd, cause))
         authorize(caller, handler.permission, handler.tenant_of(cmd) if handler.tenant_of else None)
         if handler.prepare is not None:
