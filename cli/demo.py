@@ -6,6 +6,7 @@ event log and the audit trail.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from stratus.cli import logs
 from stratus.cli.client import Client
 from stratus.cli.output import Format, emit
 from stratus.cli.runtime import Stack
-from stratus.events.errors import AlreadyExists, Invalid
+from stratus.events.errors import AlreadyExists, Forbidden, Invalid, NotFound, Unauthenticated
 
 
 async def run_demo() -> None:
@@ -55,6 +56,7 @@ async def run_demo() -> None:
                 raise AssertionError("an invalid name was accepted")
             except Invalid as err:
                 console.print(f"refused as expected: invalid: {escape(err.message)}")
+            await _identity(console, client, url)
             status = await _wait_projected(client)
             emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
             console.rule("audit trail (the event log)")
@@ -80,9 +82,50 @@ async def run_demo() -> None:
             await stack.stop()
 
 
-async def _wait_projected(client: Client, timeout: float = 10.0) -> dict:
-    import asyncio
+async def _identity(console: Console, admin: Client, url: str) -> None:
+    """alice is a member of acme: she sees acme only and cannot act as admin."""
+    console.rule("identity")
+    await admin.command("user.create", {"name": "alice", "password": "alice-demo-pw"})
+    await admin.command("role.assign", {"user": "alice", "tenant": "acme", "role": "member"})
+    console.print("created user [bold]alice[/], member of acme")
+    anon = await Client.connect(url)
+    try:
+        r = await anon.command("auth.login", {"user": "alice", "password": "alice-demo-pw"})
+        try:
+            await anon.command("auth.login", {"user": "alice", "password": "wrong"})
+            raise AssertionError("a wrong password was accepted")
+        except Unauthenticated as err:
+            console.print(f"wrong password refused: unauthenticated: {escape(err.message)}")
+    finally:
+        await anon.close()
+    alice = await Client.connect(url, r.data["token"])
+    try:
+        seen = [t["id"] for t in await alice.query("tenants")]
+        console.print(f"alice lists tenants: {seen}")
+        if seen != ["acme"]:
+            raise AssertionError(f"alice should see only acme, saw {seen}")
+        try:
+            await alice.query("tenant", {"tenant": "globex"})
+            raise AssertionError("alice saw another tenant")
+        except NotFound as err:
+            console.print(f"alice asks for globex: not_found: {escape(err.message)}")
+        try:
+            await alice.command("tenant.create", {"name": "alices-own"})
+            raise AssertionError("alice created a tenant")
+        except Forbidden as err:
+            console.print(f"alice creates a tenant: forbidden: {escape(err.message)}")
+        await alice.command("token.revoke", {})
+        await asyncio.sleep(0.2)
+        try:
+            await alice.query("tenants")
+            raise AssertionError("a revoked token still worked")
+        except Unauthenticated as err:
+            console.print(f"after revoking her token: unauthenticated: {escape(err.message)}")
+    finally:
+        await alice.close()
 
+
+async def _wait_projected(client: Client, timeout: float = 10.0) -> dict:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
