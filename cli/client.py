@@ -11,6 +11,7 @@ import nats.errors
 from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
+from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
 from stratus.events.store import connect_nats
 
 _reply = msgspec.json.Decoder(Reply)
@@ -22,6 +23,7 @@ class Client:
         self.nc = nc
         self.token = token
         self.timeout = timeout
+        self.opener = Opener()
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
@@ -37,21 +39,26 @@ class Client:
         except Exception:
             await self.nc.close()
 
-    async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
-        if self.token:
-            headers[H_AUTHORIZATION] = f"Bearer {self.token}"
+    async def request_raw(self, subject: str, data: bytes, headers: dict[str, str]) -> bytes:
+        """One request; the reply's body, unsealed (see ``events.sealed``)."""
+        headers[H_REPLY_KEY] = self.opener.public_b64
         try:
-            msg = await self.nc.request(
-                subject, _enc.encode(body), timeout=self.timeout, headers=headers
-            )
+            msg = await self.nc.request(subject, data, timeout=self.timeout, headers=headers)
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise Unavailable(f"{subject}: no answer within {self.timeout}s") from None
         except nats.errors.Error as exc:
             raise Unavailable(f"{subject}: {exc}") from None
+        sealed = (msg.headers or {}).get(H_SEALED)
+        return self.opener.open(sealed, msg.subject, msg.data) if sealed else msg.data
+
+    async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
+        if self.token:
+            headers[H_AUTHORIZATION] = f"Bearer {self.token}"
+        data = await self.request_raw(subject, _enc.encode(body), headers)
         try:
-            reply = _reply.decode(msg.data)
+            reply = _reply.decode(data)
         except msgspec.DecodeError:
             raise Internal(f"{subject}: unreadable reply") from None
         if not reply.ok:

@@ -17,6 +17,24 @@ from stratus.events.ids import NAME_RE, TOKEN_RE
 H_COMMAND_ID = "Stratus-Command-Id"
 H_AUTHORIZATION = "Authorization"
 
+# Clients receive replies in this namespace, and it is the only one the
+# broker lets them subscribe to; the services' own inboxes use another one.
+CLIENT_INBOX = "_INBOX."
+SERVICE_INBOX_PREFIX = "_STRATUS_INBOX"
+
+
+def reply_allowed(reply: str | None) -> bool:
+    """A request's reply subject a service may publish to.
+
+    The requester chooses it, and the services may publish on the log: a
+    reply to ``ev.<tenant>...`` would be an event no handler decided. Only
+    inboxes qualify (a service calling another service has its own prefix).
+    """
+    if not reply or " " in reply:
+        return False
+    return reply.startswith(CLIENT_INBOX) or reply.startswith(SERVICE_INBOX_PREFIX + ".")
+
+
 # Larger bodies are refused before decoding; no command needs more.
 MAX_COMMAND_BYTES = 64 * 1024
 

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from stratus.events.catalog import CODEC
+from stratus.events.commands import SERVICE_INBOX_PREFIX
 from stratus.events.errors import (
     ConcurrencyConflict,
     Internal,
@@ -221,6 +222,9 @@ class EventStore:
 
     @classmethod
     async def connect(cls, url: str, *, persistent: bool = True, **options: Any) -> EventStore:
+        # A service's inboxes (acks, event deliveries) live outside the
+        # namespace clients may subscribe to.
+        options.setdefault("inbox_prefix", SERVICE_INBOX_PREFIX)
         return cls(await connect_nats(url, persistent=persistent, **options))
 
     async def close(self) -> None:

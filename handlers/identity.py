@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from typing import Any
@@ -68,6 +69,14 @@ class UserState(msgspec.Struct, frozen=True):
     created: bool = False
     enabled: bool = True
     assignments: frozenset[tuple[str, str]] = frozenset()  # (tenant, role)
+    # When the user's tokens, or those for one tenant, were last made void.
+    revoked_at: float = 0.0
+    tenant_revoked_at: tuple[tuple[str, float], ...] = ()
+
+    def void_before(self, tenant: str) -> float:
+        """Tokens for ``tenant`` issued at or before this time are refused."""
+        per_tenant = dict(self.tenant_revoked_at).get(tenant, 0.0)
+        return max(self.revoked_at, per_tenant)
 
     def roles_in(self, tenant: str) -> list[str]:
         return sorted(r for t, r in self.assignments if t == tenant)
@@ -84,7 +93,9 @@ def fold_user(state: UserState, event: Event) -> UserState:
         case UserPasswordChanged():
             return msgspec.structs.replace(state, password_hash=event.password_hash)
         case UserDisabled():
-            return msgspec.structs.replace(state, enabled=False)
+            return msgspec.structs.replace(state, enabled=False, revoked_at=event.at.timestamp())
+        case UserTokensRevoked():
+            return msgspec.structs.replace(state, revoked_at=event.at.timestamp())
         case UserEnabled():
             return msgspec.structs.replace(state, enabled=True)
         case RoleAssigned():
@@ -92,8 +103,12 @@ def fold_user(state: UserState, event: Event) -> UserState:
                 state, assignments=state.assignments | {(event.role_tenant, event.role)}
             )
         case RoleRevoked():
+            times = dict(state.tenant_revoked_at)
+            times[event.role_tenant] = event.at.timestamp()
             return msgspec.structs.replace(
-                state, assignments=state.assignments - {(event.role_tenant, event.role)}
+                state,
+                assignments=state.assignments - {(event.role_tenant, event.role)},
+                tenant_revoked_at=tuple(sorted(times.items())),
             )
     return state
 
@@ -299,6 +314,12 @@ class LoginFlow:
             roles = state.roles_in(tenant) if tenant else []
             if not roles:
                 raise Forbidden(f"user {name} has no role in tenant {tenant or '(none)'}")
+            # Token times are whole seconds and a revocation voids tokens
+            # issued up to its instant: a token signed in that same second
+            # would be born void. Wait for the next second (at most one).
+            wait = math.floor(state.void_before(tenant)) + 1 - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             token, principal = self.keyring.sign(name, tenant, roles, ttl_s=self.ttl_s)
             event = cause.make(
                 TokenIssued,

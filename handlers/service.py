@@ -34,6 +34,7 @@ from stratus.events.errors import (
 from stratus.events.group import GroupCommit
 from stratus.events.ids import is_token, new_id
 from stratus.events.model import Cause
+from stratus.events.sealed import Sealer, respond
 from stratus.events.store import Condition, EventStore, subject_matches
 from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, Scope, authorize, rule
 from stratus.handlers.registry import Handler, Special
@@ -93,6 +94,7 @@ class CommandService:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
+        self.sealer = Sealer()
 
     async def start(self) -> None:
         self._sub = await self.store.nc.subscribe("cmd.>", queue=self.queue, cb=self._on_msg)
@@ -126,9 +128,7 @@ class CommandService:
         except Exception:
             log.exception("command failed", subject=msg.subject)
             body = error_reply(Internal("internal error; see the handler log"))
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await self.store.nc.publish(msg.reply, body)
+        await respond(self.store.nc, msg, body, self.sealer)
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str]) -> bytes:
         verb = subject[4:] if subject.startswith("cmd.") else subject

@@ -18,6 +18,7 @@ from stratus.events.commands import MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Internal, Invalid, NotFound, StratusError
 from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
+from stratus.events.sealed import Sealer, respond
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import tenants, users
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
@@ -90,6 +91,12 @@ class Route(msgspec.Struct, frozen=True):
     params: type
     run: Callable[[Any, Any], Awaitable[Any]]
     permission: str
+    # The tenant a request asks about (default: the caller's own).
+    tenant_of: Callable[[Any], str | None] | None = None
+
+
+def _asked(params: Any) -> str | None:
+    return params.tenant
 
 
 class QueryService:
@@ -116,16 +123,17 @@ class QueryService:
         self.projector_name = projector_name
         self.queue = queue
         self._sub: Any = None
+        self.sealer = Sealer()
         self._tasks: set[asyncio.Task[None]] = set()
         self._digest_cache: tuple[int, str] | None = None
         self.routes: dict[str, Route] = {
             "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
-            "tenant": Route(TenantQuery, self.q_tenant, "tenant.show"),
+            "tenant": Route(TenantQuery, self.q_tenant, "tenant.show", _asked),
             "status": Route(StatusQuery, self.q_status, "status.read"),
             "users": Route(UsersQuery, self.q_users, "user.list"),
-            "roles": Route(RolesQuery, self.q_roles, "role.list"),
-            "events": Route(EventsQuery, self.q_events, "events.read"),
-            "audit": Route(AuditQuery, self.q_audit, "audit.read"),
+            "roles": Route(RolesQuery, self.q_roles, "role.list", _asked),
+            "events": Route(EventsQuery, self.q_events, "events.read", _asked),
+            "audit": Route(AuditQuery, self.q_audit, "audit.read", _asked),
         }
 
     def permissions(self) -> dict[str, str]:
@@ -156,9 +164,7 @@ class QueryService:
         except Exception:
             log.exception("query failed", subject=msg.subject)
             body = _enc.encode(Reply(ok=False, error=Internal("internal error").to_wire()))
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await self.store.nc.publish(msg.reply, body)
+        await respond(self.store.nc, msg, body, self.sealer)
 
     async def handle(self, view: str, data: bytes, headers: dict[str, str] | None = None) -> Any:
         route = self.routes.get(view)
@@ -175,6 +181,10 @@ class QueryService:
             raise Invalid(f"{view}: {explain(exc)}") from None
         except msgspec.DecodeError:
             raise Invalid(f"{view}: body is not a JSON object") from None
+        # Every route's own permission, checked here so no route can forget
+        # it; routes narrow further to the caller's tenant themselves.
+        asked = route.tenant_of(params) if route.tenant_of else None
+        self._check(caller, route.permission, asked or caller.tenant)
         return await route.run(caller, params)
 
     def _check(self, caller: CallerLike, permission: str, tenant: str | None) -> None:

@@ -168,7 +168,7 @@ def test_every_rule_is_well_formed():
 
 
 def test_unknown_permission_is_a_lookup_error_even_for_the_cloud_admin():
-    with pytest.raises(LookupError, match="widget.create"):
+    with pytest.raises(LookupError, match=r"widget\.create"):
         rule("widget.create")
     with pytest.raises(LookupError):
         authorize(CLOUD_ADMIN, "widget.create", "ta")
