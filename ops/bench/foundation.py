@@ -58,7 +58,7 @@ PREFILL_BATCHES_IN_FLIGHT = 4
 READY_TIMEOUT_S = 30.0
 PREFILL_TIMEOUT_S = 120.0
 WARMUP_COMMANDS = 300
-AUTH_ROUNDS = 3
+AUTH_ROUNDS = 4
 # The in-flight write phases run this many times the awaited count: they are
 # that much faster, and a phase of a second or less is mostly noise.
 IN_FLIGHT_FACTOR = 4
@@ -546,7 +546,7 @@ async def _authenticated(
     procs: list[subprocess.Popen[bytes]],
 ) -> None:
     """64 clients with every request's token verified, against the same
-    without authentication. The two alternate in rounds (A B A B A B) so a
+    without authentication. The two alternate in rounds (A B, B A, A B, B A) so a
     drift of the machine's speed does not land on one side."""
     auth_dir = tmp / "auth"
     keyring = KeyRing.load_or_create(auth_dir / "keys")
@@ -565,7 +565,9 @@ async def _authenticated(
     per_round = max(1, opts.commands // AUTH_ROUNDS)
     try:
         for rnd in range(AUTH_ROUNDS):
-            for side, (clients, auth) in sides.items():
+            # A B, B A, ...: neither side always runs first in a round.
+            order = list(sides.items()) if rnd % 2 == 0 else list(sides.items())[::-1]
+            for side, (clients, auth) in order:
                 started = await _start_handlers(url, 1, tmp, procs, auth)
                 try:
                     await asyncio.sleep(0.3)
