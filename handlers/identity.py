@@ -381,64 +381,33 @@ def signing_key_event(kid: str, public_key: bytes, cause: Cause) -> Event:
     return cause.make(SigningKeyAdded, SYSTEM, KEY, kid, kid=kid, public_key=public_key)
 
 
+def _on_user(verb: str, command: type, field: str, decide: Any, **extra: Any) -> Handler:
+    """A verb deciding on one user's aggregate (named by ``command.<field>``);
+    its permission is the verb itself."""
+    return Handler(
+        verb=verb,
+        command=command,
+        permission=verb,
+        boundary=lambda c: user_subject(getattr(c, field)),
+        initial=UserState,
+        fold=fold_user,
+        decide=decide,
+        view=user_view,
+        **extra,
+    )
+
+
 def handlers(keyring: KeyRing | None = None, ttl_s: int = DEFAULT_TTL_S) -> list[Any]:
     """The identity verbs; logging in needs the private signing keys."""
+    in_tenant = {"tenant_of": lambda c: c.tenant, "prepare": prepare_role}
     out: list[Any] = [
-        Handler(
-            verb="user.create",
-            command=UserCreate,
-            permission="user.create",
-            prepare=prepare_user_create,
-            boundary=lambda c: user_subject(c.name),
-            initial=UserState,
-            fold=fold_user,
-            decide=decide_user_create,
-            view=user_view,
+        _on_user(
+            "user.create", UserCreate, "name", decide_user_create, prepare=prepare_user_create
         ),
-        Handler(
-            verb="user.disable",
-            command=UserDisable,
-            permission="user.disable",
-            boundary=lambda c: user_subject(c.name),
-            initial=UserState,
-            fold=fold_user,
-            decide=decide_user_disable,
-            view=user_view,
-        ),
-        Handler(
-            verb="user.enable",
-            command=UserEnable,
-            permission="user.enable",
-            boundary=lambda c: user_subject(c.name),
-            initial=UserState,
-            fold=fold_user,
-            decide=decide_user_enable,
-            view=user_view,
-        ),
-        Handler(
-            verb="role.assign",
-            command=RoleAssign,
-            permission="role.assign",
-            tenant_of=lambda c: c.tenant,
-            prepare=prepare_role,
-            boundary=lambda c: user_subject(c.user),
-            initial=UserState,
-            fold=fold_user,
-            decide=decide_role_assign,
-            view=user_view,
-        ),
-        Handler(
-            verb="role.revoke",
-            command=RoleRevoke,
-            permission="role.revoke",
-            tenant_of=lambda c: c.tenant,
-            prepare=prepare_role,
-            boundary=lambda c: user_subject(c.user),
-            initial=UserState,
-            fold=fold_user,
-            decide=decide_role_revoke,
-            view=user_view,
-        ),
+        _on_user("user.disable", UserDisable, "name", decide_user_disable),
+        _on_user("user.enable", UserEnable, "name", decide_user_enable),
+        _on_user("role.assign", RoleAssign, "user", decide_role_assign, **in_tenant),
+        _on_user("role.revoke", RoleRevoke, "user", decide_role_revoke, **in_tenant),
         Handler(
             verb="token.revoke",
             command=TokenRevoke,

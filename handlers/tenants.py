@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from stratus.events.errors import AlreadyExists, NotFound
@@ -92,35 +94,22 @@ def decide_delete(state: TenantState, cmd: TenantDelete, cause: Cause) -> list[E
     return [cause.make(TenantDeleted, t.id, KIND, t.id)]
 
 
+def _on_tenant(verb: str, command: type, field: str, decide: Any) -> Handler:
+    """A verb deciding on one tenant's aggregate; its permission is the verb."""
+    return Handler(
+        verb=verb,
+        command=command,
+        permission=verb,
+        boundary=lambda c: subject(getattr(c, field)),
+        initial=TenantState,
+        fold=fold,
+        decide=decide,
+        view=view,
+    )
+
+
 HANDLERS = [
-    Handler(
-        verb="tenant.create",
-        command=TenantCreate,
-        permission="tenant.create",
-        boundary=lambda c: subject(c.name),
-        initial=TenantState,
-        fold=fold,
-        decide=decide_create,
-        view=view,
-    ),
-    Handler(
-        verb="tenant.rename",
-        command=TenantRename,
-        permission="tenant.rename",
-        boundary=lambda c: subject(c.tenant),
-        initial=TenantState,
-        fold=fold,
-        decide=decide_rename,
-        view=view,
-    ),
-    Handler(
-        verb="tenant.delete",
-        command=TenantDelete,
-        permission="tenant.delete",
-        boundary=lambda c: subject(c.tenant),
-        initial=TenantState,
-        fold=fold,
-        decide=decide_delete,
-        view=view,
-    ),
+    _on_tenant("tenant.create", TenantCreate, "name", decide_create),
+    _on_tenant("tenant.rename", TenantRename, "tenant", decide_rename),
+    _on_tenant("tenant.delete", TenantDelete, "tenant", decide_delete),
 ]
