@@ -455,7 +455,20 @@ def user_enable(name: str, output: OutputOpt = Format.table) -> None:
     emit(run(lambda c: c.command("user.enable", {"name": name})).data, output)
 
 
-RoleOpt = Annotated[str, typer.Option(help="admin, member or reader")]
+RoleOpt = Annotated[str, typer.Option(help="admin, member, reader or a custom role")]
+
+
+@role_app.command("create")
+def role_create(
+    name: str,
+    permission: Annotated[
+        list[str], typer.Option("--permission", help="repeat: e.g. events.read, audit.read")
+    ],
+    output: OutputOpt = Format.table,
+) -> None:
+    """Define a custom role granting tenant-scoped permissions (cloud admin)."""
+    body = {"name": name, "permissions": permission}
+    emit(run(lambda c: c.command("role.create", body)).data, output)
 
 
 @role_app.command("assign")

@@ -26,7 +26,7 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.identity import bootstrap_admin, signing_key_event
 from stratus.handlers.identity import handlers as identity_handlers
-from stratus.handlers.rbac import authorize
+from stratus.handlers.rbac import RoleBook
 from stratus.handlers.service import CommandService
 from stratus.handlers.tenants import HANDLERS as tenant_handlers
 from stratus.handlers.tokens import KeyRing, Verifier
@@ -96,17 +96,21 @@ async def start_services(
 ) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
     """The identity feed first (keys, revocations), then the services asked for."""
     verifier = Verifier()
-    feed = IdentityFeed(store, verifier)
+    book = RoleBook()
+    feed = IdentityFeed(store, verifier, book)
     await feed.start()
     authenticate = Authenticator(verifier)
     cmd_svc = q_svc = None
     if commands:
         cmd_svc = CommandService(
-            store, [*tenant_handlers, *identity_handlers(keyring)], authenticate=authenticate
+            store,
+            [*tenant_handlers, *identity_handlers(keyring)],
+            authenticate=authenticate,
+            roles=book,
         )
         await cmd_svc.start()
     if queries:
-        q_svc = QueryService(store, engine, authenticate=authenticate, authorize=authorize)
+        q_svc = QueryService(store, engine, authenticate=authenticate, authorize=book.authorize)
         await q_svc.start()
     return feed, cmd_svc, q_svc
 

@@ -8,7 +8,7 @@ only as memory-hard hashes; tokens never do (only their id).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 
@@ -25,8 +25,10 @@ LOGIN = "login"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
 TokenId = Annotated[str, msgspec.Meta(pattern=TOKEN_RE.pattern, max_length=64)]
 Password = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
-Role = Literal["admin", "member", "reader"]
-ROLES: tuple[str, ...] = ("admin", "member", "reader")
+ROLE = "role"
+# Built-in (admin, member, reader) or a custom role defined with role.create.
+Role = Name
+Permission = Annotated[str, msgspec.Meta(pattern=r"^[a-z]+\.[a-z]+$", max_length=64)]
 
 
 # -- events -------------------------------------------------------------------
@@ -82,6 +84,13 @@ class LoginFailed(Event, frozen=True, tag="login.failed"):
     reason: str
 
 
+class RoleDefined(Event, frozen=True, tag="role.defined"):
+    """A custom role: the tenant-scoped permissions it grants."""
+
+    name: str
+    permissions: list[str]
+
+
 class SigningKeyAdded(Event, frozen=True, tag="key.added"):
     kid: str
     public_key: bytes
@@ -99,6 +108,7 @@ EVENTS = (
     UserTokensRevoked,
     TokenRevoked,
     LoginFailed,
+    RoleDefined,
     SigningKeyAdded,
 )
 
@@ -137,6 +147,11 @@ class RoleRevoke(Command, frozen=True):
     role: Role
 
 
+class RoleCreate(Command, frozen=True):
+    name: Name
+    permissions: Annotated[list[Permission], msgspec.Meta(min_length=1, max_length=64)]
+
+
 class TokenRevoke(Command, frozen=True):
     """Revoke ``token_id`` (default: the caller's own token), or with
     ``user`` every token of that user."""
@@ -155,6 +170,7 @@ COMMANDS = {
     "user.create": UserCreate,
     "user.disable": UserDisable,
     "user.enable": UserEnable,
+    "role.create": RoleCreate,
     "role.assign": RoleAssign,
     "role.revoke": RoleRevoke,
     "token.revoke": TokenRevoke,

@@ -17,9 +17,11 @@ from stratus.events.commands import H_AUTHORIZATION
 from stratus.events.errors import Unauthenticated
 from stratus.events.identity import (
     KEY,
+    ROLE,
     SYSTEM,
     TOKEN,
     USER,
+    RoleDefined,
     RoleRevoked,
     SigningKeyAdded,
     TokenRevoked,
@@ -28,12 +30,17 @@ from stratus.events.identity import (
 )
 from stratus.events.model import Event
 from stratus.events.store import EventStore
-from stratus.handlers.rbac import Caller
+from stratus.handlers.rbac import Caller, RoleBook
 from stratus.handlers.tokens import Verifier
 
 log = structlog.get_logger("stratus.auth")
 
-FEED_SUBJECTS = (f"ev.{SYSTEM}.{KEY}.*", f"ev.{SYSTEM}.{TOKEN}.*", f"ev.{SYSTEM}.{USER}.*")
+FEED_SUBJECTS = (
+    f"ev.{SYSTEM}.{KEY}.*",
+    f"ev.{SYSTEM}.{TOKEN}.*",
+    f"ev.{SYSTEM}.{USER}.*",
+    f"ev.{SYSTEM}.{ROLE}.*",
+)
 
 
 def bearer(headers: dict[str, str]) -> str:
@@ -61,8 +68,8 @@ class Authenticator:
         )
 
 
-def apply_identity_event(verifier: Verifier, event: Event) -> None:
-    """Fold one event into what a verifier must know."""
+def apply_identity_event(verifier: Verifier, event: Event, book: RoleBook | None = None) -> None:
+    """Fold one event into what a verifier (and the role book) must know."""
     at = event.at.timestamp()
     match event:
         case SigningKeyAdded():
@@ -73,12 +80,15 @@ def apply_identity_event(verifier: Verifier, event: Event) -> None:
             verifier.revoke_user(event.aggregate.id, at)
         case RoleRevoked():
             verifier.revoke_assignment(event.user, event.role_tenant, at)
+        case RoleDefined() if book is not None:
+            book.define(event.name, event.permissions)
 
 
 class IdentityFeed:
-    def __init__(self, store: EventStore, verifier: Verifier) -> None:
+    def __init__(self, store: EventStore, verifier: Verifier, book: RoleBook | None = None) -> None:
         self.store = store
         self.verifier = verifier
+        self.book = book
         self.position = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -91,7 +101,7 @@ class IdentityFeed:
     def _apply(self, batch: list) -> None:
         for rec in batch:
             try:
-                apply_identity_event(self.verifier, rec.decode(self.store.codec))
+                apply_identity_event(self.verifier, rec.decode(self.store.codec), self.book)
             except Exception as exc:  # a poison event must not stop authentication
                 log.warning("identity event skipped", seq=rec.seq, error=str(exc))
             self.position = rec.seq

@@ -24,6 +24,7 @@ from stratus.events.errors import (
 from stratus.events.identity import (
     KEY,
     LOGIN,
+    ROLE,
     SYSTEM,
     TOKEN,
     USER,
@@ -32,6 +33,8 @@ from stratus.events.identity import (
     LoginFailed,
     RoleAssign,
     RoleAssigned,
+    RoleCreate,
+    RoleDefined,
     RoleRevoke,
     RoleRevoked,
     SigningKeyAdded,
@@ -53,7 +56,7 @@ from stratus.events.store import Condition
 from stratus.events.tenants import TenantCreate
 from stratus.handlers import tenants
 from stratus.handlers.passwords import hash_password, verify_password
-from stratus.handlers.rbac import TRUSTED, Caller
+from stratus.handlers.rbac import BUILT_IN_ROLES, TRUSTED, Caller, grantable
 from stratus.handlers.registry import Handler, Special
 from stratus.handlers.tokens import KeyRing
 
@@ -159,7 +162,46 @@ def decide_user_enable(state: UserState, cmd: UserEnable, cause: Cause) -> list[
     return [] if u.enabled else [cause.make(UserEnabled, SYSTEM, USER, cmd.name)]
 
 
+class RoleState(msgspec.Struct, frozen=True):
+    defined: bool = False
+    permissions: tuple[str, ...] = ()
+
+
+def role_subject(name: str) -> str:
+    return f"ev.{SYSTEM}.{ROLE}.{name}"
+
+
+def fold_role(state: RoleState, event: Event) -> RoleState:
+    if isinstance(event, RoleDefined):
+        return RoleState(True, tuple(event.permissions))
+    return state
+
+
+def role_view(state: RoleState) -> dict[str, Any]:
+    return {"defined": state.defined, "permissions": list(state.permissions)}
+
+
+def decide_role_create(state: RoleState, cmd: RoleCreate, cause: Cause) -> list[Event]:
+    if cmd.name in BUILT_IN_ROLES:
+        raise AlreadyExists(f"role {cmd.name} is built in")
+    if state.defined:
+        raise AlreadyExists(f"role {cmd.name} already exists")
+    unknown = sorted(set(cmd.permissions) - grantable())
+    if unknown:
+        raise Invalid(
+            f"role.create: {', '.join(unknown)} cannot be granted by a role; "
+            f"grantable: {', '.join(sorted(grantable()))}"
+        )
+    perms = sorted(set(cmd.permissions))
+    return [cause.make(RoleDefined, SYSTEM, ROLE, cmd.name, name=cmd.name, permissions=perms)]
+
+
 async def prepare_role(cmd: RoleAssign | RoleRevoke, _caller: Caller, svc: Any) -> Any:
+    if isinstance(cmd, RoleAssign) and cmd.role not in BUILT_IN_ROLES:
+        r = svc.cache.get(role_subject(cmd.role), RoleState)
+        await svc.cache.refresh(role_subject(cmd.role), r, fold_role)
+        if not r.state.defined:
+            raise NotFound(f"role {cmd.role} not found (create it with role.create)")
     if isinstance(cmd, RoleAssign):
         # A grant in a tenant that does not exist would be a dangling right.
         t = svc.cache.get(tenants.subject(cmd.tenant), tenants.TenantState)
@@ -406,6 +448,16 @@ def handlers(keyring: KeyRing | None = None, ttl_s: int = DEFAULT_TTL_S) -> list
         ),
         _on_user("user.disable", UserDisable, "name", decide_user_disable),
         _on_user("user.enable", UserEnable, "name", decide_user_enable),
+        Handler(
+            verb="role.create",
+            command=RoleCreate,
+            permission="role.create",
+            boundary=lambda c: role_subject(c.name),
+            initial=RoleState,
+            fold=fold_role,
+            decide=decide_role_create,
+            view=role_view,
+        ),
         _on_user("role.assign", RoleAssign, "user", decide_role_assign, **in_tenant),
         _on_user("role.revoke", RoleRevoke, "user", decide_role_revoke, **in_tenant),
         Handler(

@@ -13,6 +13,7 @@ A caller outside the resource's tenant is told ``not_found``, never
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 import msgspec
@@ -55,6 +56,7 @@ PERMISSIONS: dict[str, Rule] = {
     "role.list": Rule(Scope.TENANT, MANAGE),
     "token.revoke": Rule(Scope.SELF),
     "key.rotate": Rule(Scope.CLOUD),
+    "role.create": Rule(Scope.CLOUD),
     "status.read": Rule(Scope.SELF),
     "events.read": Rule(Scope.TENANT, READ),
     "audit.read": Rule(Scope.TENANT, READ),
@@ -89,7 +91,38 @@ def rule(permission: str) -> Rule:
         raise LookupError(f"no permission entry for {permission!r}") from None
 
 
-def authorize(caller: Caller, permission: str, tenant: str | None = None) -> None:
+BUILT_IN_ROLES = frozenset({"admin", "member", "reader"})
+
+
+def grantable() -> frozenset[str]:
+    """Permissions a custom role may carry: those decided within a tenant."""
+    return frozenset(p for p, r in PERMISSIONS.items() if r.scope is Scope.TENANT)
+
+
+class RoleBook:
+    """Custom roles (name -> permissions), folded from ``role.defined`` events.
+
+    A custom role grants its permissions within the tenant it is assigned
+    in, never cloud-wide ones. The services share one book per process,
+    kept current by the identity feed.
+    """
+
+    def __init__(self) -> None:
+        self.custom: dict[str, frozenset[str]] = {}
+
+    def define(self, name: str, permissions: Iterable[str]) -> None:
+        self.custom[name] = frozenset(permissions) & grantable()
+
+    def allows(self, roles: Iterable[str], permission: str) -> bool:
+        return any(permission in self.custom.get(r, ()) for r in roles)
+
+    def authorize(self, caller: Caller, permission: str, tenant: str | None = None) -> None:
+        authorize(caller, permission, tenant, self)
+
+
+def authorize(
+    caller: Caller, permission: str, tenant: str | None = None, book: RoleBook | None = None
+) -> None:
     """Allow or raise. ``tenant``: the tenant whose resource is touched."""
     r = rule(permission)
     if r.scope is Scope.PUBLIC or caller.is_cloud_admin:
@@ -100,7 +133,13 @@ def authorize(caller: Caller, permission: str, tenant: str | None = None) -> Non
         return
     if tenant is None or tenant != caller.tenant:
         raise NotFound(f"tenant {tenant or '(none)'} not found")
-    if not r.roles.intersection(caller.roles):
-        need = " or ".join(sorted(r.roles))
-        have = ", ".join(caller.roles) or "no role"
-        raise Forbidden(f"{permission} in tenant {tenant} needs role {need}; you have {have}")
+    if r.roles.intersection(caller.roles):
+        return
+    if book is not None and book.allows(caller.roles, permission):
+        return
+    need = " or ".join(sorted(r.roles))
+    have = ", ".join(caller.roles) or "no role"
+    raise Forbidden(
+        f"{permission} in tenant {tenant} needs role {need} or a custom role granting it; "
+        f"you have {have}"
+    )

@@ -36,7 +36,7 @@ from stratus.events.ids import is_token, new_id
 from stratus.events.model import Cause
 from stratus.events.sealed import Sealer, respond
 from stratus.events.store import Condition, EventStore, subject_matches
-from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, Scope, authorize, rule
+from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, RoleBook, Scope, authorize, rule
 from stratus.handlers.registry import Handler, Special
 from stratus.handlers.state import StateCache
 
@@ -74,6 +74,7 @@ class CommandService:
         handlers: Iterable[Handler | Special],
         *,
         authenticate: Authenticate | None = None,
+        roles: RoleBook | None = None,
         queue: str = QUEUE_GROUP,
         max_attempts: int = MAX_ATTEMPTS,
         max_in_flight: int = MAX_IN_FLIGHT,
@@ -87,6 +88,7 @@ class CommandService:
             self.handlers[h.verb] = h
         self._decoders = {v: msgspec.json.Decoder(h.command) for v, h in self.handlers.items()}
         self.authenticate = authenticate
+        self.roles = roles
         self.cache = StateCache(store)
         self.appender = GroupCommit(store)
         self.queue = queue
@@ -159,9 +161,10 @@ class CommandService:
             at=datetime.now(UTC),
         )
         if isinstance(handler, Special):
-            authorize(caller, handler.permission, None)
+            authorize(caller, handler.permission, None, self.roles)
             return encode_reply(await handler.run(self, cmd, cause))
-        authorize(caller, handler.permission, handler.tenant_of(cmd) if handler.tenant_of else None)
+        tenant = handler.tenant_of(cmd) if handler.tenant_of else None
+        authorize(caller, handler.permission, tenant, self.roles)
         if handler.prepare is not None:
             cmd = await handler.prepare(cmd, caller, self)
         reply = await self.execute(handler, cmd, cause)

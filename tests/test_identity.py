@@ -259,6 +259,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     # sent with a fresh token of the caller, which it revokes
     "token.revoke": lambda i: {},
     "key.rotate": lambda i: {},
+    "role.create": lambda i: {"name": f"custom-{i}", "permissions": ["events.read"]},
 }
 FRESH_TOKEN = {"token.revoke"}
 # Verbs that use up their resource: run after every other verb.
@@ -1125,3 +1126,56 @@ def test_alice_and_bob_through_the_cli(stratus_up, tmp_path):
     ]
     # a tenant member may not read the system's audit trail
     refused("bob", 1, "not_found", "audit", "--tenant", "_system")
+
+
+# -- custom roles ---------------------------------------------------------------
+
+
+async def test_a_custom_role_grants_its_permissions_in_its_tenant_only(world):
+    cloud, admin = world.cloud, world.admin
+    # Given a role that may read the log and the audit trail, and nothing else
+    await cloud.ok(
+        "cmd.role.create",
+        {"name": "auditor", "permissions": ["events.read", "audit.read"]},
+        admin.token,
+    )
+    await cloud.ok("cmd.user.create", {"name": "ada", "password": PASSWORD}, admin.token)
+    await cloud.ok(
+        "cmd.role.assign", {"user": "ada", "tenant": "ta", "role": "auditor"}, admin.token
+    )
+    ada = await sign_in(cloud, "ada", "ta")
+    assert ada.roles == ("auditor",)
+    # then she reads ta's events and audit trail...
+    events = await cloud.ok("q.events", {"tenant": "ta"}, ada.token)
+    assert events and all(e["tenant"] == "ta" for e in events)
+    await cloud.ok("q.audit", {"tenant": "ta"}, ada.token)
+    # ...but nothing the role does not grant, and nothing of another tenant
+    reply = await cloud.q("roles", {"tenant": "ta"}, ada.token)
+    assert reply["error"]["kind"] == "forbidden"
+    reply = await cloud.q("events", {"tenant": "tb"}, ada.token)
+    assert reply["error"]["kind"] == "not_found"
+    reply = await cloud.cmd(
+        "role.assign", {"user": "ada", "tenant": "ta", "role": "admin"}, ada.token
+    )
+    assert reply["error"]["kind"] == "forbidden"
+
+
+async def test_custom_roles_are_checked_when_defined_and_assigned(world):
+    cloud, admin = world.cloud, world.admin
+    before = await world.cloud.stack.store.last_seq()
+    # a cloud-wide permission cannot be granted by a role
+    reply = await cloud.cmd(
+        "role.create", {"name": "sneaky", "permissions": ["tenant.create"]}, admin.token
+    )
+    assert reply["error"]["kind"] == "invalid" and "tenant.create" in reply["error"]["message"]
+    # a built-in name cannot be redefined
+    reply = await cloud.cmd(
+        "role.create", {"name": "member", "permissions": ["events.read"]}, admin.token
+    )
+    assert reply["error"]["kind"] == "already_exists"
+    # an undefined role cannot be assigned
+    reply = await cloud.cmd(
+        "role.assign", {"user": "mia", "tenant": "ta", "role": "ghost"}, admin.token
+    )
+    assert reply["error"]["kind"] == "not_found"
+    assert await world.cloud.stack.store.last_seq() == before
