@@ -445,6 +445,17 @@ def user_list(output: OutputOpt = Format.table) -> None:
     emit(run(lambda c: c.query("users")), output, ["id", "enabled", "roles", "created_at"])
 
 
+@user_app.command("set-password")
+def user_set_password(
+    name: str,
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True)],
+    output: OutputOpt = Format.table,
+) -> None:
+    """Change a password (your own, or anyone's as cloud admin); old tokens become void."""
+    body = {"name": name, "password": password}
+    emit(run(lambda c: c.command("user.set-password", body)).data, output)
+
+
 @user_app.command("disable")
 def user_disable(name: str, output: OutputOpt = Format.table) -> None:
     emit(run(lambda c: c.command("user.disable", {"name": name})).data, output)

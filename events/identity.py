@@ -127,6 +127,13 @@ class UserCreate(Command, frozen=True):
     password: Password
 
 
+class UserSetPassword(Command, frozen=True):
+    """A new password; every token the user holds becomes void."""
+
+    name: Name
+    password: Password
+
+
 class UserDisable(Command, frozen=True):
     name: Name
 
@@ -168,6 +175,7 @@ COMMANDS = {
     "key.rotate": KeyRotate,
     "auth.login": Login,
     "user.create": UserCreate,
+    "user.set-password": UserSetPassword,
     "user.disable": UserDisable,
     "user.enable": UserEnable,
     "role.create": RoleCreate,

@@ -48,6 +48,7 @@ from stratus.events.identity import (
     UserEnable,
     UserEnabled,
     UserPasswordChanged,
+    UserSetPassword,
     UserTokensRevoked,
 )
 from stratus.events.ids import is_name, new_id
@@ -149,6 +150,26 @@ def decide_user_create(state: UserState, cmd: _HashedUserCreate, cause: Cause) -
         cause.make(
             UserCreated, SYSTEM, USER, cmd.name, name=cmd.name, password_hash=cmd.password_hash
         )
+    ]
+
+
+class _HashedPassword(msgspec.Struct, frozen=True):
+    name: str
+    password_hash: str
+
+
+async def prepare_set_password(cmd: UserSetPassword, caller: Caller, _svc: Any) -> _HashedPassword:
+    if cmd.name != caller.user and not caller.is_cloud_admin:
+        raise Forbidden("you may change your own password only")
+    return _HashedPassword(cmd.name, await asyncio.to_thread(hash_password, cmd.password))
+
+
+def decide_set_password(state: UserState, cmd: _HashedPassword, cause: Cause) -> list[Event]:
+    _user(state, cmd.name)
+    return [
+        cause.make(UserPasswordChanged, SYSTEM, USER, cmd.name, password_hash=cmd.password_hash),
+        # Whoever held the old password may hold a token too.
+        cause.make(UserTokensRevoked, SYSTEM, USER, cmd.name),
     ]
 
 
@@ -445,6 +466,13 @@ def handlers(keyring: KeyRing | None = None, ttl_s: int = DEFAULT_TTL_S) -> list
     out: list[Any] = [
         _on_user(
             "user.create", UserCreate, "name", decide_user_create, prepare=prepare_user_create
+        ),
+        _on_user(
+            "user.set-password",
+            UserSetPassword,
+            "name",
+            decide_set_password,
+            prepare=prepare_set_password,
         ),
         _on_user("user.disable", UserDisable, "name", decide_user_disable),
         _on_user("user.enable", UserEnable, "name", decide_user_enable),

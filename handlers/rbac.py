@@ -48,6 +48,7 @@ PERMISSIONS: dict[str, Rule] = {
     "tenant.list": Rule(Scope.SELF),
     "tenant.show": Rule(Scope.TENANT, READ),
     "user.create": Rule(Scope.CLOUD),
+    "user.set-password": Rule(Scope.SELF),
     "user.disable": Rule(Scope.CLOUD),
     "user.enable": Rule(Scope.CLOUD),
     "user.list": Rule(Scope.CLOUD),

@@ -252,6 +252,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "tenant.rename": lambda i: {"tenant": "ta", "name": f"ta-{i}"},
     "tenant.delete": lambda i: {"tenant": "ta"},
     "user.create": lambda i: {"name": f"new-{i}", "password": PASSWORD},
+    "user.set-password": lambda i: {"name": f"m{i}", "password": PASSWORD},
     "user.disable": lambda i: {"name": f"m{i}"},
     "user.enable": lambda i: {"name": f"m{i}"},
     "role.assign": lambda i: {"user": f"m{i}", "tenant": "ta", "role": "member"},
@@ -261,9 +262,12 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "key.rotate": lambda i: {},
     "role.create": lambda i: {"name": f"custom-{i}", "permissions": ["events.read"]},
 }
-FRESH_TOKEN = {"token.revoke"}
-# Verbs that use up their resource: run after every other verb.
-RUN_LAST = ("tenant.delete",)
+FRESH_TOKEN = {"token.revoke", "user.set-password"}
+# Verbs that act on the caller's own user: the body names the caller.
+ON_SELF = {"user.set-password"}
+# Verbs that use up their resource (a tenant; every token of the caller):
+# run after every other verb.
+RUN_LAST = ("tenant.delete", "user.set-password")
 
 QUERY_SAMPLES: dict[str, dict] = {
     "tenants": {},
@@ -341,6 +345,9 @@ async def test_role_by_command_matrix_follows_the_permission_table(world):
             if who and verb in FRESH_TOKEN:
                 token = (await sign_in(cloud, who.user, who.tenant, who.password)).token
             before = await stack.store.last_seq()
+            if who and verb in ON_SELF:
+                # the same password again: later sign-ins still work
+                body = {"name": who.user, "password": who.password}
             reply = await cloud.cmd(verb, body, token)
             check(f"cmd.{verb}", name, want, reply)
             if want != "ok":
@@ -348,9 +355,12 @@ async def test_role_by_command_matrix_follows_the_permission_table(world):
                 assert await stack.store.last_seq() == before, (verb, name, reply)
 
     assert not mismatches, "\n".join(mismatches)
-    # and the cloud admin's last verb really removed ta
-    await cloud.settled(world.admin.token)
-    shown = await cloud.ok("q.tenant", {"tenant": "ta"}, world.admin.token)
+    # and the cloud admin's tenant.delete really removed ta (a new token: the
+    # password change voided the old ones)
+    admin = world.admin
+    token = (await sign_in(cloud, admin.user, admin.tenant, admin.password)).token
+    await cloud.settled(token)
+    shown = await cloud.ok("q.tenant", {"tenant": "ta"}, token)
     assert shown["status"] == "deleted"
 
 
@@ -1179,3 +1189,30 @@ async def test_custom_roles_are_checked_when_defined_and_assigned(world):
     )
     assert reply["error"]["kind"] == "not_found"
     assert await world.cloud.stack.store.last_seq() == before
+
+
+async def test_changing_a_password_voids_old_tokens_and_the_old_password(world):
+    cloud, admin = world.cloud, world.admin
+    await cloud.ok("cmd.user.create", {"name": "pat", "password": PASSWORD}, admin.token)
+    await cloud.ok(
+        "cmd.role.assign", {"user": "pat", "tenant": "ta", "role": "member"}, admin.token
+    )
+    pat = await sign_in(cloud, "pat", "ta")
+    # pat may not change someone else's password
+    reply = await cloud.cmd("user.set-password", {"name": "mia", "password": "x" * 12}, pat.token)
+    assert reply["error"]["kind"] == "forbidden"
+    # when pat changes their own
+    await cloud.ok("cmd.user.set-password", {"name": "pat", "password": "new-pass-1234"}, pat.token)
+    # then the old token is refused within a second, and only the new password works
+    deadline = time.monotonic() + 5
+    while True:
+        reply = await cloud.q("status", {"digest": False}, pat.token)
+        if not reply["ok"]:
+            break
+        assert time.monotonic() < deadline, "the old token still works"
+        await asyncio.sleep(0.05)
+    assert reply["error"]["kind"] == "unauthenticated"
+    old = await cloud.cmd("auth.login", {"user": "pat", "password": PASSWORD}, None)
+    assert old["error"]["kind"] == "unauthenticated"
+    new = await sign_in(cloud, "pat", "ta", password="new-pass-1234")
+    await cloud.ok("q.status", {"digest": False}, new.token)
