@@ -139,6 +139,9 @@ def up(
             help="password of the bootstrap user admin (first start; else one is generated)",
         ),
     ] = None,
+    token_ttl: Annotated[
+        int, typer.Option(min=60, max=24 * 3600, help="lifetime of login tokens, seconds")
+    ] = 8 * 3600,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -149,7 +152,14 @@ def up(
     logs.configure("INFO", json_file=data_dir / "stratus.log")
 
     async def main() -> None:
-        stack = Stack(data_dir, port=port, db_url=db, hosts=hosts, admin_password=admin_password)
+        stack = Stack(
+            data_dir,
+            port=port,
+            db_url=db,
+            hosts=hosts,
+            admin_password=admin_password,
+            token_ttl_s=token_ttl,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
