@@ -17,7 +17,7 @@ import sys
 import time
 
 from stratus.ops.bench import foundation, identity
-from stratus.ops.bench.common import print_table
+from stratus.ops.bench.common import positive, print_table
 
 SUITES = ("foundation", "identity")
 
@@ -32,13 +32,6 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = foundation.Options()
     p = argparse.ArgumentParser(
@@ -46,17 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--events", type=_positive, default=d.events, help="events to read back")
-    p.add_argument(
-        "--commands", type=_positive, default=d.commands, help="commands per client mode"
-    )
+    p.add_argument("--events", type=positive, default=d.events, help="events to read back")
+    p.add_argument("--commands", type=positive, default=d.commands, help="commands per client mode")
     p.add_argument(
         "--publishes",
-        type=_positive,
+        type=positive,
         default=d.publishes,
         help="awaited publishes and appends (twice as many in flight)",
     )
-    p.add_argument("--clients", type=_positive, default=d.clients, help="concurrent clients")
+    p.add_argument("--clients", type=positive, default=d.clients, help="concurrent clients")
     p.add_argument(
         "--handlers",
         type=_counts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import time
@@ -48,6 +49,34 @@ class Result:
             if d[k] is not None:
                 d[k] = round(d[k], 3)
         return d
+
+
+@dataclass
+class Report:
+    """One benchmark's figures, the options it ran with, and what went wrong."""
+
+    benchmark: str
+    options: Any
+    results: list[Result] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "options": asdict(self.options),
+            "info": self.info,
+            "results": [r.to_json() for r in self.results],
+            "failures": self.failures,
+        }
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 @dataclass

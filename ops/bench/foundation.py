@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -45,7 +45,7 @@ from stratus.events.model import Cause, Event
 from stratus.events.store import MAX_BATCH, SUBJECTS, Condition, EventStore
 from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
 from stratus.handlers.tokens import KeyRing
-from stratus.ops.bench.common import Load, Result, compare, drive, result
+from stratus.ops.bench.common import Load, Report, Result, compare, drive, result
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.tenants import tenants
@@ -77,26 +77,9 @@ class Options:
     phase_seconds: float = 25.0
 
 
-@dataclass
-class Report:
-    options: Options
-    results: list[Result] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "benchmark": "foundation",
-            "options": asdict(self.options),
-            "info": self.info,
-            "results": [r.to_json() for r in self.results],
-            "failures": self.failures,
-        }
-
-
 def run(opts: Options) -> Report:
     """Start a broker in a temp dir, measure everything, clean up."""
-    report = Report(opts)
+    report = Report("foundation", opts)
     tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     srv = EmbeddedNats(tmp / "nats", host="127.0.0.1", log_file=str(tmp / "nats.log"))

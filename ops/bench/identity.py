@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from stratus.handlers import passwords
 from stratus.handlers.passwords import hash_password, verify_password
 from stratus.handlers.tokens import KeyRing, Verifier
-from stratus.ops.bench.common import Load, Result, compare, print_table, result
+from stratus.ops.bench.common import Load, Report, Result, compare, positive, print_table, result
 
 TARGET_PER_S = 20_000
 
@@ -64,23 +64,6 @@ class Options:
     # No row starts new work after this long; it reports what it did.
     phase_seconds: float = 8.0
     seed: int = 7
-
-
-@dataclass
-class Report:
-    options: Options
-    results: list[Result] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "benchmark": "identity",
-            "options": asdict(self.options),
-            "info": self.info,
-            "results": [r.to_json() for r in self.results],
-            "failures": self.failures,
-        }
 
 
 @contextlib.contextmanager
@@ -131,7 +114,7 @@ def timed(op: Callable[[Any], object], items: Sequence[Any], max_seconds: float)
 
 def run(opts: Options) -> Report:
     """Make a key ring in a temp dir, measure every row, clean up."""
-    report = Report(opts)
+    report = Report("identity", opts)
     tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-identity-"))
     try:
         with one_core() as cpu:
@@ -266,23 +249,16 @@ def print_report(report: Report, wall: float | None = None) -> None:
             print(f"{row.name}: {row.rate:,.0f}/s {verdict} the {TARGET_PER_S:,}/s target")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Options()
     p = argparse.ArgumentParser(
         prog="python -m stratus.ops.bench identity",
         description="Token verification and password hashing on one core.",
     )
-    p.add_argument("--cold-tokens", type=_positive, default=d.cold_tokens)
-    p.add_argument("--warm-tokens", type=_positive, default=d.warm_tokens)
-    p.add_argument("--warm-uses", type=_positive, default=d.warm_uses)
-    p.add_argument("--password-hashes", type=_positive, default=d.password_hashes)
+    p.add_argument("--cold-tokens", type=positive, default=d.cold_tokens)
+    p.add_argument("--warm-tokens", type=positive, default=d.warm_tokens)
+    p.add_argument("--warm-uses", type=positive, default=d.warm_uses)
+    p.add_argument("--password-hashes", type=positive, default=d.password_hashes)
     p.add_argument(
         "--phase-seconds",
         type=float,
