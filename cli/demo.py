@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,7 +20,14 @@ from stratus.cli import logs
 from stratus.cli.client import Client
 from stratus.cli.output import Format, emit
 from stratus.cli.runtime import Stack
-from stratus.events.errors import AlreadyExists, Forbidden, Invalid, NotFound, Unauthenticated
+from stratus.events.errors import (
+    AlreadyExists,
+    Forbidden,
+    Invalid,
+    NotFound,
+    StratusError,
+    Unauthenticated,
+)
 
 
 async def run_demo() -> None:
@@ -46,16 +55,18 @@ async def run_demo() -> None:
             console.print(f"created tenant [bold]globex[/] at seq {r.seqs}")
             r = await client.command("tenant.rename", {"tenant": "globex", "name": "globex-eu"})
             console.print(f"renamed globex to globex-eu at seq {r.seqs}")
-            try:
-                await client.command("tenant.create", {"name": "acme"})
-                raise AssertionError("a duplicate tenant was accepted")
-            except AlreadyExists as err:
-                console.print(f"refused as expected: already_exists: {escape(err.message)}")
-            try:
-                await client.command("tenant.create", {"name": "Not Valid!"})
-                raise AssertionError("an invalid name was accepted")
-            except Invalid as err:
-                console.print(f"refused as expected: invalid: {escape(err.message)}")
+            await _refused(
+                console,
+                "a second tenant acme",
+                AlreadyExists,
+                client.command("tenant.create", {"name": "acme"}),
+            )
+            await _refused(
+                console,
+                "the name 'Not Valid!'",
+                Invalid,
+                client.command("tenant.create", {"name": "Not Valid!"}),
+            )
             await _identity(console, client, url)
             status = await _wait_projected(client)
             emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
@@ -91,11 +102,12 @@ async def _identity(console: Console, admin: Client, url: str) -> None:
     anon = await Client.connect(url)
     try:
         r = await anon.command("auth.login", {"user": "alice", "password": "alice-demo-pw"})
-        try:
-            await anon.command("auth.login", {"user": "alice", "password": "wrong"})
-            raise AssertionError("a wrong password was accepted")
-        except Unauthenticated as err:
-            console.print(f"wrong password refused: unauthenticated: {escape(err.message)}")
+        await _refused(
+            console,
+            "alice with a wrong password",
+            Unauthenticated,
+            anon.command("auth.login", {"user": "alice", "password": "wrong"}),
+        )
     finally:
         await anon.close()
     alice = await Client.connect(url, r.data["token"])
@@ -104,25 +116,34 @@ async def _identity(console: Console, admin: Client, url: str) -> None:
         console.print(f"alice lists tenants: {seen}")
         if seen != ["acme"]:
             raise AssertionError(f"alice should see only acme, saw {seen}")
-        try:
-            await alice.query("tenant", {"tenant": "globex"})
-            raise AssertionError("alice saw another tenant")
-        except NotFound as err:
-            console.print(f"alice asks for globex: not_found: {escape(err.message)}")
-        try:
-            await alice.command("tenant.create", {"name": "alices-own"})
-            raise AssertionError("alice created a tenant")
-        except Forbidden as err:
-            console.print(f"alice creates a tenant: forbidden: {escape(err.message)}")
+        await _refused(
+            console, "alice asks for globex", NotFound, alice.query("tenant", {"tenant": "globex"})
+        )
+        await _refused(
+            console,
+            "alice creates a tenant",
+            Forbidden,
+            alice.command("tenant.create", {"name": "alices-own"}),
+        )
         await alice.command("token.revoke", {})
         await asyncio.sleep(0.2)
-        try:
-            await alice.query("tenants")
-            raise AssertionError("a revoked token still worked")
-        except Unauthenticated as err:
-            console.print(f"after revoking her token: unauthenticated: {escape(err.message)}")
+        await _refused(
+            console, "alice, after revoking her token", Unauthenticated, alice.query("tenants")
+        )
     finally:
         await alice.close()
+
+
+async def _refused(
+    console: Console, what: str, kind: type[StratusError], call: Awaitable[Any]
+) -> None:
+    """``call`` must be refused with ``kind``; the refusal is shown."""
+    try:
+        await call
+    except kind as err:
+        console.print(f"{what}: refused, {err.kind}: {escape(err.message)}")
+        return
+    raise AssertionError(f"{what} was not refused with {kind.kind}")
 
 
 async def _wait_projected(client: Client, timeout: float = 10.0) -> dict:

@@ -492,26 +492,27 @@ def role_create(
     emit(run(lambda c: c.command("role.create", body)).data, output)
 
 
+UserOpt = Annotated[str, typer.Option()]
+TenantOpt = Annotated[str, typer.Option()]
+
+
+def _grant(verb: str, user: str, tenant: str, role: str, output: Format) -> None:
+    body = {"user": user, "tenant": tenant, "role": role}
+    emit(run(lambda c: c.command(verb, body)).data, output)
+
+
 @role_app.command("assign")
 def role_assign(
-    user: Annotated[str, typer.Option()],
-    tenant: Annotated[str, typer.Option()],
-    role: RoleOpt,
-    output: OutputOpt = Format.table,
+    user: UserOpt, tenant: TenantOpt, role: RoleOpt, output: OutputOpt = Format.table
 ) -> None:
-    body = {"user": user, "tenant": tenant, "role": role}
-    emit(run(lambda c: c.command("role.assign", body)).data, output)
+    _grant("role.assign", user, tenant, role, output)
 
 
 @role_app.command("revoke")
 def role_revoke(
-    user: Annotated[str, typer.Option()],
-    tenant: Annotated[str, typer.Option()],
-    role: RoleOpt,
-    output: OutputOpt = Format.table,
+    user: UserOpt, tenant: TenantOpt, role: RoleOpt, output: OutputOpt = Format.table
 ) -> None:
-    body = {"user": user, "tenant": tenant, "role": role}
-    emit(run(lambda c: c.command("role.revoke", body)).data, output)
+    _grant("role.revoke", user, tenant, role, output)
 
 
 @role_app.command("list")

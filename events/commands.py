@@ -63,5 +63,7 @@ def explain(exc: msgspec.ValidationError) -> str:
     """msgspec's message, with our regular expressions said in words."""
     text = str(exc)
     for pattern, words in _PATTERN_HELP.items():
-        text = text.replace(f"`str` matching regex '{pattern}'", words)
+        # msgspec quotes the pattern with its backslashes doubled.
+        for shown in (pattern, pattern.replace("\\", "\\\\")):
+            text = text.replace(f"`str` matching regex '{shown}'", words)
     return text

@@ -295,3 +295,16 @@ def test_invalid_tokens(value):
 )
 def test_subject_matches_follows_nats_wildcards(pattern, subject, expected):
     assert subject_matches(pattern, subject) is expected
+
+
+def test_validation_messages_say_our_patterns_in_words():
+    import msgspec
+
+    from stratus.events.commands import explain
+    from stratus.events.tenants import TenantCreate
+
+    with pytest.raises(msgspec.ValidationError) as info:
+        msgspec.json.decode(b'{"name": "Not Valid!"}', type=TenantCreate)
+    text = explain(info.value)
+    assert "regex" not in text
+    assert "lowercase letters" in text and "$.name" in text
