@@ -232,38 +232,24 @@ async def prepare_role(cmd: RoleAssign | RoleRevoke, _caller: Caller, svc: Any) 
     return cmd
 
 
+def _grant_event(cls: type[Event], cmd: RoleAssign | RoleRevoke, cause: Cause) -> Event:
+    return cause.make(
+        cls, SYSTEM, USER, cmd.user, user=cmd.user, role_tenant=cmd.tenant, role=cmd.role
+    )
+
+
 def decide_role_assign(state: UserState, cmd: RoleAssign, cause: Cause) -> list[Event]:
     u = _user(state, cmd.user)
     if (cmd.tenant, cmd.role) in u.assignments:
         return []
-    return [
-        cause.make(
-            RoleAssigned,
-            SYSTEM,
-            USER,
-            cmd.user,
-            user=cmd.user,
-            role_tenant=cmd.tenant,
-            role=cmd.role,
-        )
-    ]
+    return [_grant_event(RoleAssigned, cmd, cause)]
 
 
 def decide_role_revoke(state: UserState, cmd: RoleRevoke, cause: Cause) -> list[Event]:
     u = _user(state, cmd.user)
     if (cmd.tenant, cmd.role) not in u.assignments:
         raise NotFound(f"user {cmd.user} has no role {cmd.role} in tenant {cmd.tenant}")
-    return [
-        cause.make(
-            RoleRevoked,
-            SYSTEM,
-            USER,
-            cmd.user,
-            user=cmd.user,
-            role_tenant=cmd.tenant,
-            role=cmd.role,
-        )
-    ]
+    return [_grant_event(RoleRevoked, cmd, cause)]
 
 
 # -- tokens -------------------------------------------------------------------
