@@ -8,7 +8,7 @@ import msgspec
 import nats
 import nats.errors
 
-from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
+from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
 from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
@@ -73,5 +73,9 @@ class Client:
         """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
         return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
 
-    async def query(self, view: str, body: dict[str, Any] | None = None) -> Any:
-        return (await self._request(f"q.{view}", body or {}, {})).data
+    async def query(
+        self, view: str, body: dict[str, Any] | None = None, at: str | int | None = None
+    ) -> Any:
+        """Ask ``q.<view>``; ``at`` (a sequence or ISO time) asks about the past."""
+        headers = {H_AT: str(at)} if at is not None else {}
+        return (await self._request(f"q.{view}", body or {}, headers)).data

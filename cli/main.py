@@ -8,23 +8,25 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from stratus.cli.client import Client
+from stratus.cli.common import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    OutputOpt,
+    fail,
+    resolve_url,
+    run,
+    save_token,
+    settings,
+)
 from stratus.cli.output import Format, emit
-from stratus.events.errors import StratusError, Unauthenticated, Unavailable
-
-T = TypeVar("T")
-
-EXIT_REFUSED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_AUTH = 4
+from stratus.events.errors import StratusError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants (projects).")
@@ -38,16 +40,6 @@ app.add_typer(user_app, name="user")
 app.add_typer(role_app, name="role")
 app.add_typer(token_app, name="token")
 
-OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table, json or yaml")]
-
-
-class Settings:
-    url: str | None = None
-    token: str | None = None
-
-
-settings = Settings()
-
 
 @app.callback()
 def _global(
@@ -58,67 +50,6 @@ def _global(
 ) -> None:
     settings.url = url
     settings.token = token
-
-
-def resolve_url() -> str:
-    if settings.url:
-        return settings.url
-    from stratus.cli.runtime import URL_FILE, default_data_dir
-
-    f = default_data_dir() / URL_FILE
-    if f.exists():
-        return f.read_text().strip()
-    return "nats://127.0.0.1:4222"
-
-
-def token_file() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "stratus" / "token"
-
-
-def resolve_token() -> str | None:
-    """--token / STRATUS_TOKEN first, else the one `stratus login` saved."""
-    if settings.token:
-        return settings.token
-    f = token_file()
-    if f.exists():
-        return f.read_text().strip() or None
-    return None
-
-
-def save_token(token: str) -> Path:
-    f = token_file()
-    f.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(token + "\n")
-    os.chmod(f, 0o600)
-    return f
-
-
-def fail(err: StratusError) -> typer.Exit:
-    typer.echo(f"error: {err.kind}: {err.message}", err=True)
-    if isinstance(err, Unavailable):
-        return typer.Exit(EXIT_UNREACHABLE)
-    if isinstance(err, Unauthenticated):
-        return typer.Exit(EXIT_AUTH)
-    return typer.Exit(EXIT_REFUSED)
-
-
-def run(fn: Callable[[Client], Awaitable[T]]) -> T:
-    """Connect, run ``fn``, and turn refusals into CLI.md's exit codes."""
-
-    async def main() -> T:
-        client = await Client.connect(resolve_url(), resolve_token())
-        try:
-            return await fn(client)
-        finally:
-            await client.close()
-
-    try:
-        return asyncio.run(main())
-    except StratusError as err:
-        raise fail(err) from None
 
 
 # -- running it ---------------------------------------------------------------

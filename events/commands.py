@@ -16,6 +16,8 @@ from stratus.events.ids import NAME_RE, TOKEN_RE
 # Headers of a command request.
 H_COMMAND_ID = "Stratus-Command-Id"
 H_AUTHORIZATION = "Authorization"
+# Of a query: answer as of this stream sequence or ISO-8601 UTC time.
+H_AT = "Stratus-At"
 
 # Clients receive replies in this namespace, and it is the only one the
 # broker lets them subscribe to; the services' own inboxes use another one.

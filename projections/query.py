@@ -14,7 +14,7 @@ import structlog
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from stratus.events.commands import MAX_COMMAND_BYTES, Reply, explain
+from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Internal, Invalid, NotFound, StratusError
 from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
@@ -87,9 +87,18 @@ Authenticate = Callable[[dict[str, str]], CallerLike]
 Authorize = Callable[[CallerLike, str, "str | None"], None]
 
 
+class Point(msgspec.Struct, frozen=True):
+    """The projection store a query reads: the live one (``seq`` None) or
+    one rebuilt from the log up to ``seq`` (time travel)."""
+
+    engine: AsyncEngine
+    seq: int | None = None
+
+
 class Route(msgspec.Struct, frozen=True):
     params: type
-    run: Callable[[Any, Any], Awaitable[Any]]
+    # run(caller, params, point)
+    run: Callable[[Any, Any, Point], Awaitable[Any]]
     permission: str
     # The tenant a request asks about (default: the caller's own).
     tenant_of: Callable[[Any], str | None] | None = None
@@ -185,7 +194,14 @@ class QueryService:
         # it; routes narrow further to the caller's tenant themselves.
         asked = route.tenant_of(params) if route.tenant_of else None
         self._check(caller, route.permission, asked or caller.tenant)
-        return await route.run(caller, params)
+        point = await self.point((headers or {}).get(H_AT))
+        return await route.run(caller, params, point)
+
+    async def point(self, at: str | None) -> Point:
+        """The store that answers as of ``at`` (None: now)."""
+        if at is None:
+            return Point(self.engine)
+        raise Invalid("--at is not supported yet")
 
     def _check(self, caller: CallerLike, permission: str, tenant: str | None) -> None:
         if self.authorize is not None:
@@ -199,45 +215,47 @@ class QueryService:
         self._check(caller, permission, tenant)
         return tenant
 
-    async def q_tenants(self, caller: CallerLike, p: TenantsQuery) -> list[dict]:
+    async def q_tenants(self, caller: CallerLike, p: TenantsQuery, pt: Point) -> list[dict]:
         self._check(caller, "tenant.list", None)
-        async with self.engine.connect() as conn:
+        async with pt.engine.connect() as conn:
             found = await tenants.list_tenants(conn, p.include_deleted)
         if caller.is_cloud_admin:
             return found
         return [t for t in found if t["id"] == caller.tenant]
 
-    async def q_tenant(self, caller: CallerLike, p: TenantQuery) -> dict:
-        async with self.engine.connect() as conn:
+    async def q_tenant(self, caller: CallerLike, p: TenantQuery, pt: Point) -> dict:
+        async with pt.engine.connect() as conn:
             found = await tenants.get_tenant(conn, p.tenant)
         if found is None:
             raise NotFound(f"tenant {p.tenant} not found")
         self._check(caller, "tenant.show", found["id"])
         return found
 
-    async def q_users(self, caller: CallerLike, _p: UsersQuery) -> list[dict]:
+    async def q_users(self, caller: CallerLike, _p: UsersQuery, pt: Point) -> list[dict]:
         self._check(caller, "user.list", None)
-        async with self.engine.connect() as conn:
+        async with pt.engine.connect() as conn:
             return await users.list_users(conn)
 
-    async def q_roles(self, caller: CallerLike, p: RolesQuery) -> list[dict]:
+    async def q_roles(self, caller: CallerLike, p: RolesQuery, pt: Point) -> list[dict]:
         tenant = self._own_tenant(caller, "role.list", p.tenant)
-        async with self.engine.connect() as conn:
+        async with pt.engine.connect() as conn:
             return await users.list_roles(conn, p.user, tenant)
 
-    async def q_events(self, caller: CallerLike, p: EventsQuery) -> list[dict]:
+    async def q_events(self, caller: CallerLike, p: EventsQuery, pt: Point) -> list[dict]:
         tenant = self._own_tenant(caller, "events.read", p.tenant)
         if tenant is not None and not (is_name(tenant) or tenant == "_system"):
             raise Invalid(f"tenant {tenant!r} is not a tenant id")
         subjects = [f"ev.{tenant}.>"] if tenant else ["ev.>"]
         out: list[dict] = []
-        async for batch in self.store.read(after=p.after, subjects=subjects, batch=p.limit):
+        async for batch in self.store.read(
+            after=p.after, until=pt.seq, subjects=subjects, batch=p.limit
+        ):
             out.extend(_record(r, self.store) for r in batch[: p.limit - len(out)])
             if len(out) >= p.limit:
                 break
         return out
 
-    async def q_audit(self, caller: CallerLike, p: AuditQuery) -> list[dict]:
+    async def q_audit(self, caller: CallerLike, p: AuditQuery, pt: Point) -> list[dict]:
         """Who did what, read from the log itself (newest last)."""
         tenant = self._own_tenant(caller, "audit.read", p.tenant)
         if p.resource is not None and not is_token(p.resource):
@@ -256,6 +274,8 @@ class QueryService:
         out: list[dict] = []
         async for batch in self.store.read(after=after, until=p.until, subjects=[subject]):
             for rec in batch:
+                if pt.seq is not None and rec.seq > pt.seq:
+                    break
                 r = _record(rec, self.store)
                 if p.actor is not None and r.get("actor") != p.actor:
                     continue
@@ -264,10 +284,10 @@ class QueryService:
                 out.append(r)
         return out[-p.limit :]
 
-    async def q_status(self, caller: CallerLike, p: StatusQuery) -> dict:
+    async def q_status(self, caller: CallerLike, p: StatusQuery, pt: Point) -> dict:
         self._check(caller, "status.read", None)
         last = await self.store.last_seq()
-        async with self.engine.connect() as conn, conn.begin():
+        async with pt.engine.connect() as conn, conn.begin():
             applied = await read_checkpoint(conn, self.projector_name)
             poisoned = await quarantine_count(conn)
             if p.digest and (self._digest_cache is None or self._digest_cache[0] != applied):

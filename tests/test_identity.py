@@ -425,7 +425,7 @@ async def test_the_query_dispatcher_enforces_each_routes_declared_permission(wor
     # forgets to call the check must still be refused to callers without it.
     cloud, stack = world.cloud, world.cloud.stack
 
-    async def leaky(caller, params):
+    async def leaky(caller, params, point):
         return {"every_user": ["admin", "ann", "mia"]}
 
     stack.queries.routes["probe"] = Route(stack.queries.routes["users"].params, leaky, "user.list")
