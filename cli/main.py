@@ -180,13 +180,12 @@ def serve(
             projector = Projector(store, engine)
             task = asyncio.create_task(projector.run())
         elif insecure_no_auth:
-            from stratus.handlers.identity import handlers as identity_handlers
+            from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService
-            from stratus.handlers.tenants import HANDLERS
             from stratus.projections.query import QueryService
 
             svc: Any = (
-                CommandService(store, [*HANDLERS, *identity_handlers()])
+                CommandService(store, all_handlers())
                 if service == "handlers"
                 else QueryService(store, engine)
             )

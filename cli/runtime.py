@@ -24,11 +24,10 @@ from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
+from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
-from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.service import CommandService
-from stratus.handlers.tenants import HANDLERS as tenant_handlers
 from stratus.handlers.tokens import KeyRing, Verifier
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
@@ -94,6 +93,7 @@ async def start_services(
     commands: bool = True,
     queries: bool = True,
     token_ttl_s: int = DEFAULT_TTL_S,
+    quota_defaults: dict[str, int] | None = None,
 ) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
     """The identity feed first (keys, revocations), then the services asked for."""
     verifier = Verifier()
@@ -105,7 +105,7 @@ async def start_services(
     if commands:
         cmd_svc = CommandService(
             store,
-            [*tenant_handlers, *identity_handlers(keyring, token_ttl_s)],
+            all_handlers(keyring, token_ttl_s, quota_defaults),
             authenticate=authenticate,
             roles=book,
         )
@@ -138,8 +138,10 @@ class Stack:
         hosts: int = 0,
         admin_password: str | None = None,
         token_ttl_s: int = DEFAULT_TTL_S,
+        quota_defaults: dict[str, int] | None = None,
     ) -> None:
         self.token_ttl_s = token_ttl_s
+        self.quota_defaults = quota_defaults
         self.data_dir = Path(data_dir)
         # None: generate one on first start (returned by start(), printed once).
         self.admin_password = admin_password
@@ -188,7 +190,11 @@ class Stack:
             keyring = KeyRing.load_or_create(self.data_dir / "keys")
             await publish_signing_keys(self.store, keyring)
             self.feed, self.commands, self.queries = await start_services(
-                self.store, engine, keyring, token_ttl_s=self.token_ttl_s
+                self.store,
+                engine,
+                keyring,
+                token_ttl_s=self.token_ttl_s,
+                quota_defaults=self.quota_defaults,
             )
             assert self.commands is not None
             assert self.commands is not None

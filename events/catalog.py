@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from stratus.events import identity, tenants
+from stratus.events import identity, resources, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
-EVENT_TYPES: tuple[type[Event], ...] = (*tenants.EVENTS, *identity.EVENTS)
-COMMAND_TYPES: dict[str, type[Command]] = {**tenants.COMMANDS, **identity.COMMANDS}
+EVENT_TYPES: tuple[type[Event], ...] = (*tenants.EVENTS, *identity.EVENTS, *resources.EVENTS)
+COMMAND_TYPES: dict[str, type[Command]] = {
+    **tenants.COMMANDS,
+    **identity.COMMANDS,
+    **resources.COMMANDS,
+}
 
 CODEC = Codec(EVENT_TYPES)

@@ -58,6 +58,7 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
 _PATTERN_HELP = {
     NAME_RE.pattern: "a name: 1-63 lowercase letters, digits and '-', not starting with '-'",
     TOKEN_RE.pattern: "an id: 1-64 letters, digits, '_' and '-'",
+    r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$": "a name, an id or an address (1-64 characters)",
 }
 
 

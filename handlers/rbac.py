@@ -61,6 +61,53 @@ PERMISSIONS: dict[str, Rule] = {
     "status.read": Rule(Scope.SELF),
     "events.read": Rule(Scope.TENANT, READ),
     "audit.read": Rule(Scope.TENANT, READ),
+    # Cloud-wide inventory: the cloud admin (and the agents, acting as it).
+    "host.register": Rule(Scope.CLOUD),
+    "host.enable": Rule(Scope.CLOUD),
+    "host.disable": Rule(Scope.CLOUD),
+    "host.remove": Rule(Scope.CLOUD),
+    "host.list": Rule(Scope.CLOUD),
+    "flavor.create": Rule(Scope.CLOUD),
+    "flavor.delete": Rule(Scope.CLOUD),
+    "flavor.list": Rule(Scope.SELF),
+    "image.create-public": Rule(Scope.CLOUD),
+    "network.create-external": Rule(Scope.CLOUD),
+    "quota.set": Rule(Scope.CLOUD),
+    "quota.show": Rule(Scope.TENANT, READ),
+    **{
+        f"{kind}.{verb}": Rule(Scope.TENANT, WRITE)
+        for kind, verbs in {
+            "image": ("create", "delete"),
+            "server": ("create", "delete", "stop", "start", "reboot"),
+            "server-group": ("create", "delete"),
+            "volume": ("create", "delete", "attach", "detach"),
+            "network": ("create", "delete"),
+            "subnet": ("create", "delete"),
+            "port": ("create", "delete"),
+            "router": ("create", "delete", "add-subnet", "remove-subnet"),
+            "floating-ip": ("create", "delete", "associate", "disassociate"),
+            "security-group": ("create", "delete", "rule-add", "rule-remove"),
+            "qos-policy": ("create", "delete"),
+        }.items()
+        for verb in verbs
+    },
+    # Reading a tenant's inventory (one permission a kind, list and show).
+    **{
+        f"{kind}.read": Rule(Scope.TENANT, READ)
+        for kind in (
+            "image",
+            "server",
+            "server-group",
+            "volume",
+            "network",
+            "subnet",
+            "port",
+            "router",
+            "floating-ip",
+            "security-group",
+            "qos-policy",
+        )
+    },
 }
 
 

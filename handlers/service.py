@@ -163,6 +163,9 @@ class CommandService:
         if isinstance(handler, Special):
             authorize(caller, handler.permission, None, self.roles)
             return encode_reply(await handler.run(self, cmd, cause))
+        if getattr(cmd, "tenant", "") is None:
+            # Left out: the caller acts in the tenant of its token.
+            cmd = msgspec.structs.replace(cmd, tenant=caller.tenant)
         tenant = handler.tenant_of(cmd) if handler.tenant_of else None
         authorize(caller, handler.permission, tenant, self.roles)
         if handler.prepare is not None:
@@ -173,55 +176,115 @@ class CommandService:
     async def execute(self, handler: Handler, cmd: Any, cause: Cause) -> Reply:
         """Decide on the boundary's state and append on the condition it held."""
         boundary = handler.boundary(cmd)
+        second = handler.also(cmd) if handler.also else None
+        if second is None:
+            async with self.cache.lock(boundary):
+                return await self._decide_and_append(handler, cmd, cause, boundary, None)
+        # Two boundaries: always lock in one order, so two commands that
+        # need the same pair cannot wait on each other.
+        first, last = sorted((boundary, second))
+        async with self.cache.lock(first), self.cache.lock(last):
+            return await self._decide_and_append(handler, cmd, cause, boundary, second)
+
+    async def _decide_and_append(
+        self, handler: Handler, cmd: Any, cause: Cause, boundary: str, second: str | None
+    ) -> Reply:
         bind = {"correlation_id": cause.correlation_id, "verb": handler.verb}
-        async with self.cache.lock(boundary):
-            initial = (
-                (lambda: handler.initial_for(boundary)) if handler.initial_for else handler.initial
+        initial = (
+            (lambda: handler.initial_for(boundary)) if handler.initial_for else handler.initial
+        )
+        tracked = self.cache.get(boundary, initial)
+        other = (
+            self.cache.get(second, handler.also_initial)  # type: ignore[arg-type]
+            if second is not None
+            else None
+        )
+        also_fold = handler.also_fold or handler.fold
+
+        async def refresh() -> None:
+            await self.cache.refresh(boundary, tracked, handler.fold)
+            if other is not None:
+                await self.cache.refresh(second, other, also_fold)  # type: ignore[arg-type]
+
+        refreshed = False
+        for attempt in range(self.max_attempts):
+            done = tracked.ledger.get(cause.correlation_id)
+            if done is not None:
+                return self._ok(handler, tracked.state, done, duplicate=True)
+            state = (
+                tracked.state
+                if handler.also is None
+                else (
+                    tracked.state,
+                    other.state if other is not None else None,
+                )
             )
-            tracked = self.cache.get(boundary, initial)
-            refreshed = False
-            for attempt in range(self.max_attempts):
-                done = tracked.ledger.get(cause.correlation_id)
-                if done is not None:
-                    return self._ok(handler, tracked.state, done, duplicate=True)
-                try:
-                    events = handler.decide(tracked.state, cmd, cause)
-                except StratusError as err:
-                    # The cache may be behind another handler's writes:
-                    # refuse only on state just read from the log.
-                    if not refreshed:
-                        await self.cache.refresh(boundary, tracked, handler.fold)
-                        refreshed = True
-                        continue
-                    log.info("command refused", kind=err.kind, reason=err.message, **bind)
-                    raise
-                if not events:
-                    return self._ok(handler, tracked.state, [])
-                try:
-                    result = await self.appender.append(
-                        events,
-                        Condition(boundary, tracked.seq),
-                        msg_id=cause.correlation_id,
-                    )
-                except ConcurrencyConflict:
-                    await self.cache.refresh(boundary, tracked, handler.fold)
+            try:
+                events = handler.decide(state, cmd, cause)
+            except StratusError as err:
+                # The cache may be behind another handler's writes:
+                # refuse only on state just read from the log.
+                if not refreshed:
+                    await refresh()
                     refreshed = True
-                    if attempt:
-                        await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
                     continue
-                if result.duplicate:
-                    await self.cache.refresh(boundary, tracked, handler.fold)
-                    return self._ok(handler, tracked.state, result.seqs, duplicate=True)
-                for seq, event in zip(result.seqs, events, strict=True):
-                    # Only what matches the boundary moves its position.
-                    if subject_matches(boundary, event.subject):
-                        tracked.apply(seq, event, handler.fold)
-                return self._ok(handler, tracked.state, result.seqs)
+                log.info("command refused", kind=err.kind, reason=err.message, **bind)
+                raise
+            if not events:
+                return self._ok(handler, tracked.state, [])
+            conditions = [Condition(boundary, tracked.seq)]
+            if other is not None:
+                conditions = _conditions(events, [(boundary, tracked.seq), (second, other.seq)])
+            try:
+                result = await self.appender.append(events, conditions, msg_id=cause.correlation_id)
+            except ConcurrencyConflict:
+                await refresh()
+                refreshed = True
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
+                continue
+            if result.duplicate:
+                await refresh()
+                return self._ok(handler, tracked.state, result.seqs, duplicate=True)
+            for seq, event in zip(result.seqs, events, strict=True):
+                # Only what matches the boundary moves its position.
+                if subject_matches(boundary, event.subject):
+                    tracked.apply(seq, event, handler.fold)
+                if other is not None and subject_matches(second, event.subject):  # type: ignore[arg-type]
+                    other.apply(seq, event, also_fold)
+            return self._ok(handler, tracked.state, result.seqs, events=events)
         raise Conflict(
             f"{handler.verb}: the state kept changing over {self.max_attempts} attempts; retry"
         )
 
     @staticmethod
-    def _ok(handler: Handler, state: Any, seqs: list[int], duplicate: bool = False) -> Reply:
-        data = handler.view(state) if handler.view else None
+    def _ok(
+        handler: Handler,
+        state: Any,
+        seqs: list[int],
+        duplicate: bool = False,
+        events: list[Any] | None = None,
+    ) -> Reply:
+        if handler.result is not None:
+            data = handler.result(state, events or [])
+        else:
+            data = handler.view(state) if handler.view else None
         return Reply(ok=True, seqs=seqs, data=data, duplicate=duplicate)
+
+
+def _conditions(events: list, bounds: list[tuple[str, int]]) -> list[Condition]:
+    """One condition per boundary, each on a different member of the batch
+    (a message carries one expected-sequence check), preferring a member
+    whose subject the boundary matches."""
+    taken: set[int] = set()
+    out: list[Condition] = []
+    for subject, seq in bounds:
+        order = sorted(
+            range(len(events)), key=lambda i: not subject_matches(subject, events[i].subject)
+        )
+        index = next((i for i in order if i not in taken), None)
+        if index is None:
+            raise Internal(f"{len(bounds)} conditions need as many events; got {len(events)}")
+        taken.add(index)
+        out.append(Condition(subject, seq, index))
+    return out

@@ -261,7 +261,137 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "token.revoke": lambda i: {},
     "key.rotate": lambda i: {},
     "role.create": lambda i: {"name": f"custom-{i}", "permissions": ["events.read"]},
+    # the inventory (what each acts on is made by seed_inventory, per index)
+    "host.register": lambda i: {"name": f"h-{i}", "vcpus": 8, "ram_mb": 8192, "disk_gb": 50},
+    "host.enable": lambda i: {"name": f"hs-{i}"},
+    "host.disable": lambda i: {"name": f"hs-{i}", "reason": "matrix"},
+    "host.remove": lambda i: {"name": f"hr-{i}"},
+    "flavor.create": lambda i: {"name": f"f-{i}", "vcpus": 1, "ram_mb": 64},
+    "flavor.delete": lambda i: {"name": f"fd-{i}"},
+    "image.create-public": lambda i: {"name": f"pub-{i}"},
+    "network.create-external": lambda i: {"name": f"ext-{i}", "cidr": "198.51.100.0/24"},
+    "image.create": lambda i: {"tenant": "ta", "name": f"img-{i}"},
+    "image.delete": lambda i: {"tenant": "ta", "ref": f"imgd-{i}"},
+    "server.create": lambda i: {
+        "tenant": "ta",
+        "name": f"new-{i}",
+        "image": "base",
+        "vcpus": 1,
+        "ram_mb": 64,
+    },
+    "server.delete": lambda i: {"tenant": "ta", "ref": f"sd-{i}"},
+    "server.reboot": lambda i: {"tenant": "ta", "ref": f"run-{i}"},
+    "server.stop": lambda i: {"tenant": "ta", "ref": f"run-{i}"},
+    "server.start": lambda i: {"tenant": "ta", "ref": f"off-{i}"},
+    "server-group.create": lambda i: {"tenant": "ta", "name": f"g-{i}", "policy": "affinity"},
+    "server-group.delete": lambda i: {"tenant": "ta", "ref": f"gd-{i}"},
+    "volume.create": lambda i: {"tenant": "ta", "name": f"v-{i}", "size_gb": 1},
+    "volume.delete": lambda i: {"tenant": "ta", "ref": f"vd-{i}"},
+    "volume.attach": lambda i: {"tenant": "ta", "volume": f"va-{i}", "server": f"run-{i}"},
+    "volume.detach": lambda i: {"tenant": "ta", "volume": f"vt-{i}", "server": f"run-{i}"},
+    "network.create": lambda i: {"tenant": "ta", "name": f"n-{i}"},
+    "network.delete": lambda i: {"tenant": "ta", "ref": f"nd-{i}"},
+    "subnet.create": lambda i: {
+        "tenant": "ta",
+        "name": f"sn-{i}",
+        "network": f"nn-{i}",
+        "cidr": "10.9.0.0/24",
+    },
+    "subnet.delete": lambda i: {"tenant": "ta", "ref": f"snd-{i}"},
+    "port.create": lambda i: {"tenant": "ta", "name": f"p-{i}", "network": "lan"},
+    "port.delete": lambda i: {"tenant": "ta", "ref": f"pd-{i}"},
+    "router.create": lambda i: {"tenant": "ta", "name": f"r-{i}"},
+    "router.delete": lambda i: {"tenant": "ta", "ref": f"rd-{i}"},
+    "router.add-subnet": lambda i: {"tenant": "ta", "router": f"ra-{i}", "subnet": f"sa-{i}"},
+    "router.remove-subnet": lambda i: {"tenant": "ta", "router": f"rr-{i}", "subnet": f"sr-{i}"},
+    "floating-ip.create": lambda i: {"tenant": "ta", "network": "public"},
+    "floating-ip.delete": lambda i: {"tenant": "ta", "ref": SEEDED[f"fip-del-{i}"]},
+    "floating-ip.associate": lambda i: {
+        "tenant": "ta",
+        "floating_ip": SEEDED[f"fip-assoc-{i}"],
+        "server": f"run-{i}",
+    },
+    "floating-ip.disassociate": lambda i: {"tenant": "ta", "ref": SEEDED[f"fip-dis-{i}"]},
+    "security-group.create": lambda i: {"tenant": "ta", "name": f"sg-{i}"},
+    "security-group.delete": lambda i: {"tenant": "ta", "ref": f"sgd-{i}"},
+    "security-group.rule-add": lambda i: {
+        "tenant": "ta",
+        "security_group": "web",
+        "port_min": 1000 + i,
+    },
+    "security-group.rule-remove": lambda i: {
+        "tenant": "ta",
+        "security_group": "web",
+        "rule": SEEDED[f"rule-{i}"],
+    },
+    "qos-policy.create": lambda i: {"tenant": "ta", "name": f"q-{i}", "max_kbps": 1000},
+    "qos-policy.delete": lambda i: {"tenant": "ta", "ref": f"qd-{i}"},
+    "quota.set": lambda i: {"tenant": "ta", "limits": {"instances": 100 + i}},
 }
+# Ids and addresses seed_inventory learned (floating IPs and rules have no name).
+SEEDED: dict[str, str] = {}
+
+
+async def seed_inventory(cloud: Cloud, token: str, n: int) -> None:
+    """What the inventory samples act on, for caller indexes 0..n, made as the cloud admin."""
+    from stratus.events.model import Cause
+    from stratus.events.resources import QUOTA_DEFAULTS, ServerRunning, ServerStopped
+
+    async def ok(verb: str, body: dict) -> Any:
+        return await cloud.ok(f"cmd.{verb}", body, token)
+
+    def ta(body: dict) -> dict:
+        return {"tenant": "ta", **body}
+
+    big = {r: 100_000 for r in QUOTA_DEFAULTS}
+    await ok("quota.set", ta({"limits": big}))
+    await ok("image.create", ta({"name": "base"}))
+    await ok("network.create-external", {"name": "public", "cidr": "203.0.113.0/24"})
+    await ok("network.create", ta({"name": "lan"}))
+    await ok("subnet.create", ta({"name": "lan-v4", "network": "lan", "cidr": "10.0.0.0/24"}))
+    await ok("security-group.create", ta({"name": "web"}))
+    store = cloud.stack.store
+    for i in range(n + 1):
+        for h in (f"hs-{i}", f"hr-{i}"):
+            await ok("host.register", {"name": h, "vcpus": 4, "ram_mb": 4096, "disk_gb": 40})
+        await ok("flavor.create", {"name": f"fd-{i}", "vcpus": 1, "ram_mb": 64})
+        await ok("image.create", ta({"name": f"imgd-{i}"}))
+        servers = {}
+        for name in (f"sd-{i}", f"run-{i}", f"off-{i}"):
+            body = {"name": name, "image": "base", "vcpus": 1, "ram_mb": 64, "networks": ["lan"]}
+            servers[name] = await ok("server.create", ta(body))
+        # what a compute agent would report
+        cause = Cause(actor="compute-agent", correlation_id=new_id(), causation_id=new_id())
+        for name, cls in ((f"run-{i}", ServerRunning), (f"off-{i}", ServerRunning)):
+            sid = servers[name]["id"]
+            await store.append([cause.make(cls, "ta", "server", sid, host=f"hs-{i}")])
+        await store.append([cause.make(ServerStopped, "ta", "server", servers[f"off-{i}"]["id"])])
+        await ok("server-group.create", ta({"name": f"gd-{i}", "policy": "anti-affinity"}))
+        for v in (f"vd-{i}", f"va-{i}", f"vt-{i}"):
+            await ok("volume.create", ta({"name": v, "size_gb": 1}))
+        await ok("volume.attach", ta({"volume": f"vt-{i}", "server": f"run-{i}"}))
+        for net in (f"nd-{i}", f"nn-{i}", f"nsd-{i}", f"na-{i}", f"nr-{i}"):
+            await ok("network.create", ta({"name": net}))
+        for sub, net in ((f"snd-{i}", f"nsd-{i}"), (f"sa-{i}", f"na-{i}"), (f"sr-{i}", f"nr-{i}")):
+            await ok("subnet.create", ta({"name": sub, "network": net, "cidr": "10.5.0.0/24"}))
+        await ok("port.create", ta({"name": f"pd-{i}", "network": "lan"}))
+        for r in (f"rd-{i}", f"ra-{i}", f"rr-{i}"):
+            await ok("router.create", ta({"name": r}))
+        await ok("router.add-subnet", ta({"router": f"rr-{i}", "subnet": f"sr-{i}"}))
+        for key in ("fip-del", "fip-assoc", "fip-dis"):
+            fip = await ok("floating-ip.create", ta({"network": "public"}))
+            SEEDED[f"{key}-{i}"] = fip["address"]
+        await ok(
+            "floating-ip.associate", ta({"floating_ip": SEEDED[f"fip-dis-{i}"], "port": f"pd-{i}"})
+        )
+        await ok("security-group.create", ta({"name": f"sgd-{i}"}))
+        sg = await ok(
+            "security-group.rule-add", ta({"security_group": "web", "port_min": 2000 + i})
+        )
+        SEEDED[f"rule-{i}"] = sg["rules"][-1]["rule"]
+        await ok("qos-policy.create", ta({"name": f"qd-{i}", "max_kbps": 100}))
+
+
 FRESH_TOKEN = {"token.revoke", "user.set-password"}
 # Verbs that act on the caller's own user: the body names the caller.
 ON_SELF = {"user.set-password"}
@@ -310,6 +440,7 @@ async def test_role_by_command_matrix_follows_the_permission_table(world):
 
     callers = [(name, world.people[user]) for name, user, _, _ in CALLERS]
     mismatches: list[str] = []
+    await seed_inventory(cloud, world.admin.token, len(callers))
 
     def check(what: str, name: str, want: str, reply: dict) -> None:
         got = kind(reply)

@@ -1,0 +1,684 @@
+"""Events and commands of the inventory: hosts, flavors, images, servers,
+volumes, networks, subnets, ports, routers, floating IPs, security groups,
+QoS policies, server groups and quotas.
+
+Subjects: a tenant's resource lives on ``ev.<tenant>.<kind>.<id>`` with a
+UUIDv7 id; cloud-wide objects (hosts, flavors, public images, external
+networks) live in the tenant ``_system`` and, like tenants, are identified
+by the name they were created with (immutable, never reused).
+
+Every event class says, in ``status``, the status its resource has once the
+event is applied (None: unchanged); the projections and the decision state
+both read it, so the lifecycle is written down once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+import msgspec
+
+from stratus.events.commands import Command
+from stratus.events.ids import NAME_RE
+from stratus.events.model import Event
+
+SYSTEM = "_system"
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
+# A reference to a resource: its id or its name (or a floating IP's address).
+# Refs are resolved against the state, never put into a subject as given.
+REF_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
+Ref = Annotated[str, msgspec.Meta(pattern=REF_PATTERN, max_length=64)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
+Positive = Annotated[int, msgspec.Meta(ge=1, le=1 << 30)]
+Ratio = Annotated[float, msgspec.Meta(gt=0, le=1000)]
+Text = Annotated[str, msgspec.Meta(max_length=255)]
+Label = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}(?!\n)$")]
+Labels = Annotated[dict[Label, Label], msgspec.Meta(max_length=64)]
+Refs = Annotated[list[Ref], msgspec.Meta(max_length=16)]
+# An address or prefix is parsed by ``ipaddress`` in the decision; this only
+# bounds what reaches it.
+Addr = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Fa-f:./]{2,49}(?!\n)$")]
+InstanceType = Literal["vm", "container"]
+
+
+class ResourceEvent(Event, frozen=True):
+    """An event about one resource; ``status`` is its status afterwards."""
+
+    status: ClassVar[str | None] = None
+    # The resource comes into existence with this event ...
+    begins: ClassVar[bool] = False
+    # ... or stops existing (its row leaves the views).
+    ends: ClassVar[bool] = False
+
+
+# -- hosts (registered by their agents; cloud-wide) ----------------------------
+
+
+class HostRegistered(ResourceEvent, frozen=True, tag="host.registered"):
+    begins = True
+    status = "enabled"
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    zone: str = "nova"
+    labels: dict[str, str] = {}
+    types: list[str] = msgspec.field(default_factory=lambda: ["vm", "container"])
+    cpu_ratio: float = 4.0
+    ram_ratio: float = 1.0
+    disk_ratio: float = 1.0
+
+
+class HostUpdated(ResourceEvent, frozen=True, tag="host.updated"):
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    zone: str = "nova"
+    labels: dict[str, str] = {}
+    types: list[str] = msgspec.field(default_factory=lambda: ["vm", "container"])
+    cpu_ratio: float = 4.0
+    ram_ratio: float = 1.0
+    disk_ratio: float = 1.0
+
+
+class HostEnabled(ResourceEvent, frozen=True, tag="host.enabled"):
+    status = "enabled"
+    reason: str = ""
+
+
+class HostDisabled(ResourceEvent, frozen=True, tag="host.disabled"):
+    status = "disabled"
+    reason: str = ""
+
+
+class HostRemoved(ResourceEvent, frozen=True, tag="host.removed"):
+    ends = True
+
+
+# -- flavors (cloud-wide) --------------------------------------------------------
+
+
+class FlavorCreated(ResourceEvent, frozen=True, tag="flavor.created"):
+    begins = True
+    status = "active"
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int = 0
+
+
+class FlavorDeleted(ResourceEvent, frozen=True, tag="flavor.deleted"):
+    ends = True
+
+
+# -- images ------------------------------------------------------------------------
+
+
+class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
+    begins = True
+    status = "active"
+    name: str
+    format: str = "qcow2"
+    size_bytes: int = 0
+    checksum: str = ""
+    visibility: str = "private"
+    parent: str = ""
+    min_disk_gb: int = 0
+
+
+class ImageDeleted(ResourceEvent, frozen=True, tag="image.deleted"):
+    ends = True
+
+
+# -- servers -----------------------------------------------------------------------
+
+
+class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
+    begins = True
+    status = "requested"
+    name: str
+    image: str
+    flavor: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    instance_type: str = "vm"
+    networks: list[str] = []
+    security_groups: list[str] = []
+    labels: dict[str, str] = {}
+    requested_host: str = ""
+    group: str = ""
+    zone: str = ""
+
+
+class ServerScheduled(ResourceEvent, frozen=True, tag="server.scheduled"):
+    status = "scheduled"
+    host: str
+    scheduling: dict = {}
+
+
+class ServerBuilding(ResourceEvent, frozen=True, tag="server.building"):
+    status = "building"
+    host: str
+
+
+class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
+    status = "running"
+    host: str
+    disk: str = ""
+
+
+class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
+    pass
+
+
+class ServerStartRequested(ResourceEvent, frozen=True, tag="server.start-requested"):
+    pass
+
+
+class ServerRebootRequested(ResourceEvent, frozen=True, tag="server.reboot-requested"):
+    pass
+
+
+class ServerStopped(ResourceEvent, frozen=True, tag="server.stopped"):
+    status = "stopped"
+
+
+class ServerFailed(ResourceEvent, frozen=True, tag="server.failed"):
+    status = "error"
+    reason: str
+    host: str = ""
+
+
+class ServerDeleting(ResourceEvent, frozen=True, tag="server.deleting"):
+    """Asked to go; the compute agent of its host confirms with ``server.deleted``."""
+
+    status = "deleting"
+
+
+class ServerDeleted(ResourceEvent, frozen=True, tag="server.deleted"):
+    ends = True
+
+
+class ServerGroupCreated(ResourceEvent, frozen=True, tag="server-group.created"):
+    begins = True
+    status = "active"
+    name: str
+    policy: str
+
+
+class ServerGroupDeleted(ResourceEvent, frozen=True, tag="server-group.deleted"):
+    ends = True
+
+
+# -- volumes -----------------------------------------------------------------------
+
+
+class VolumeCreated(ResourceEvent, frozen=True, tag="volume.created"):
+    begins = True
+    status = "available"
+    name: str
+    size_gb: int
+
+
+class VolumeAttached(ResourceEvent, frozen=True, tag="volume.attached"):
+    status = "in-use"
+    server: str
+
+
+class VolumeDetached(ResourceEvent, frozen=True, tag="volume.detached"):
+    status = "available"
+    server: str
+
+
+class VolumeDeleted(ResourceEvent, frozen=True, tag="volume.deleted"):
+    ends = True
+
+
+# -- networks ----------------------------------------------------------------------
+
+
+class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
+    """A tenant network, or (tenant ``_system``) an external network whose
+    addresses from ``pool_start`` to ``pool_end`` are floating IPs."""
+
+    begins = True
+    status = "active"
+    name: str
+    external: bool = False
+    cidr: str = ""
+    gateway: str = ""
+    pool_start: str = ""
+    pool_end: str = ""
+
+
+class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):
+    ends = True
+
+
+class SubnetCreated(ResourceEvent, frozen=True, tag="subnet.created"):
+    begins = True
+    status = "active"
+    name: str
+    network: str
+    cidr: str
+    gateway: str
+    pool_start: str
+    pool_end: str
+    dns: list[str] = []
+    ip_version: int = 4
+
+
+class SubnetDeleted(ResourceEvent, frozen=True, tag="subnet.deleted"):
+    ends = True
+
+
+class PortCreated(ResourceEvent, frozen=True, tag="port.created"):
+    begins = True
+    status = "down"
+    name: str
+    network: str
+    subnet: str
+    mac: str
+    ip: str
+    device: str = ""
+    device_owner: str = ""
+    security_groups: list[str] = []
+    qos_policy: str = ""
+
+
+class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
+    status = "active"
+    host: str
+
+
+class PortDeleted(ResourceEvent, frozen=True, tag="port.deleted"):
+    ends = True
+
+
+class RouterCreated(ResourceEvent, frozen=True, tag="router.created"):
+    begins = True
+    status = "active"
+    name: str
+    external_network: str = ""
+
+
+class RouterInterfaceAdded(ResourceEvent, frozen=True, tag="router.interface-added"):
+    subnet: str
+    port: str
+    ip: str
+
+
+class RouterInterfaceRemoved(ResourceEvent, frozen=True, tag="router.interface-removed"):
+    subnet: str
+    port: str
+
+
+class RouterDeleted(ResourceEvent, frozen=True, tag="router.deleted"):
+    ends = True
+
+
+class FloatingIpCreated(ResourceEvent, frozen=True, tag="floating-ip.created"):
+    begins = True
+    status = "down"
+    address: str
+    network: str
+
+
+class FloatingIpAssociated(ResourceEvent, frozen=True, tag="floating-ip.associated"):
+    status = "active"
+    port: str
+    server: str
+    fixed_ip: str
+
+
+class FloatingIpDisassociated(ResourceEvent, frozen=True, tag="floating-ip.disassociated"):
+    status = "down"
+    port: str
+
+
+class FloatingIpDeleted(ResourceEvent, frozen=True, tag="floating-ip.deleted"):
+    ends = True
+
+
+# On the external network's subject: the pool's own record of who holds
+# which address, so two tenants can never be handed the same one.
+class AddressAllocated(Event, frozen=True, tag="pool.address-allocated"):
+    address: str
+    holder_tenant: str
+    holder: str
+
+
+class AddressReleased(Event, frozen=True, tag="pool.address-released"):
+    address: str
+    holder_tenant: str
+    holder: str
+
+
+class SecurityGroupCreated(ResourceEvent, frozen=True, tag="security-group.created"):
+    begins = True
+    status = "active"
+    name: str
+    description: str = ""
+
+
+class SecurityGroupRuleAdded(ResourceEvent, frozen=True, tag="security-group.rule-added"):
+    rule: str
+    direction: str
+    protocol: str
+    port_min: int = 0
+    port_max: int = 0
+    remote_cidr: str = ""
+    remote_group: str = ""
+
+
+class SecurityGroupRuleRemoved(ResourceEvent, frozen=True, tag="security-group.rule-removed"):
+    rule: str
+
+
+class SecurityGroupDeleted(ResourceEvent, frozen=True, tag="security-group.deleted"):
+    ends = True
+
+
+class QosPolicyCreated(ResourceEvent, frozen=True, tag="qos-policy.created"):
+    begins = True
+    status = "active"
+    name: str
+    max_kbps: int
+    burst_kb: int = 0
+
+
+class QosPolicyDeleted(ResourceEvent, frozen=True, tag="qos-policy.deleted"):
+    ends = True
+
+
+class QuotaSet(Event, frozen=True, tag="quota.set"):
+    """The tenant's limits after the change (every resource, -1 unlimited)."""
+
+    limits: dict[str, int]
+
+
+EVENTS = (
+    HostRegistered,
+    HostUpdated,
+    HostEnabled,
+    HostDisabled,
+    HostRemoved,
+    FlavorCreated,
+    FlavorDeleted,
+    ImageCreated,
+    ImageDeleted,
+    ServerRequested,
+    ServerScheduled,
+    ServerBuilding,
+    ServerRunning,
+    ServerStopRequested,
+    ServerStartRequested,
+    ServerRebootRequested,
+    ServerStopped,
+    ServerFailed,
+    ServerDeleting,
+    ServerDeleted,
+    ServerGroupCreated,
+    ServerGroupDeleted,
+    VolumeCreated,
+    VolumeAttached,
+    VolumeDetached,
+    VolumeDeleted,
+    NetworkCreated,
+    NetworkDeleted,
+    SubnetCreated,
+    SubnetDeleted,
+    PortCreated,
+    PortBound,
+    PortDeleted,
+    RouterCreated,
+    RouterInterfaceAdded,
+    RouterInterfaceRemoved,
+    RouterDeleted,
+    FloatingIpCreated,
+    FloatingIpAssociated,
+    FloatingIpDisassociated,
+    FloatingIpDeleted,
+    AddressAllocated,
+    AddressReleased,
+    SecurityGroupCreated,
+    SecurityGroupRuleAdded,
+    SecurityGroupRuleRemoved,
+    SecurityGroupDeleted,
+    QosPolicyCreated,
+    QosPolicyDeleted,
+    QuotaSet,
+)
+
+
+# -- commands --------------------------------------------------------------------
+#
+# ``tenant`` is the tenant acted in; left out, it is the caller's own.
+
+
+class TenantScoped(Command, frozen=True, kw_only=True):
+    tenant: Name | None = None
+
+
+class HostRegister(Command, frozen=True):
+    name: Name
+    vcpus: Positive
+    ram_mb: Positive
+    disk_gb: Positive
+    zone: Name = "nova"
+    labels: Labels = {}
+    types: Annotated[list[InstanceType], msgspec.Meta(min_length=1, max_length=2)] = msgspec.field(
+        default_factory=lambda: ["vm", "container"]
+    )
+    cpu_ratio: Ratio = 4.0
+    ram_ratio: Ratio = 1.0
+    disk_ratio: Ratio = 1.0
+
+
+class HostSetEnabled(Command, frozen=True):
+    name: Name
+    reason: Text = ""
+
+
+class HostRemove(Command, frozen=True):
+    name: Name
+
+
+class FlavorCreate(Command, frozen=True):
+    name: Name
+    vcpus: Positive
+    ram_mb: Positive
+    disk_gb: Count = 0
+
+
+class FlavorDelete(Command, frozen=True):
+    name: Name
+
+
+class ImageCreate(TenantScoped, frozen=True):
+    name: Name
+    format: Literal["qcow2", "raw"] = "qcow2"
+    size_bytes: Count = 0
+    checksum: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")] = ""
+    public: bool = False
+    min_disk_gb: Count = 0
+
+
+class ServerCreate(TenantScoped, frozen=True):
+    name: Name
+    image: Ref
+    flavor: Ref | None = None
+    vcpus: Positive | None = None
+    ram_mb: Positive | None = None
+    disk_gb: Count | None = None
+    instance_type: InstanceType = "vm"
+    networks: Refs = []
+    security_groups: Refs = []
+    labels: Labels = {}
+    host: Name | None = None
+    group: Ref | None = None
+    zone: Name | None = None
+
+
+class ServerGroupCreate(TenantScoped, frozen=True):
+    name: Name
+    policy: Literal["affinity", "anti-affinity"]
+
+
+class VolumeCreate(TenantScoped, frozen=True):
+    name: Name
+    size_gb: Positive
+
+
+class VolumeAttach(TenantScoped, frozen=True):
+    volume: Ref
+    server: Ref
+
+
+class NetworkCreate(TenantScoped, frozen=True):
+    name: Name
+    external: bool = False
+    cidr: Addr | None = None
+    gateway: Addr | None = None
+    pool_start: Addr | None = None
+    pool_end: Addr | None = None
+
+
+class SubnetCreate(TenantScoped, frozen=True):
+    name: Name
+    network: Ref
+    cidr: Addr
+    gateway: Addr | None = None
+    pool_start: Addr | None = None
+    pool_end: Addr | None = None
+    dns: Annotated[list[Addr], msgspec.Meta(max_length=4)] = []
+
+
+class PortCreate(TenantScoped, frozen=True):
+    name: Name
+    network: Ref
+    subnet: Ref | None = None
+    ip: Addr | None = None
+    security_groups: Refs = []
+    qos_policy: Ref | None = None
+
+
+class RouterCreate(TenantScoped, frozen=True):
+    name: Name
+    external_network: Name | None = None
+
+
+class RouterInterface(TenantScoped, frozen=True):
+    router: Ref
+    subnet: Ref
+
+
+class FloatingIpCreate(TenantScoped, frozen=True):
+    network: Name = "public"
+
+
+class FloatingIpAssociate(TenantScoped, frozen=True):
+    floating_ip: Ref
+    server: Ref | None = None
+    port: Ref | None = None
+
+
+class SecurityGroupCreate(TenantScoped, frozen=True):
+    name: Name
+    description: Text = ""
+
+
+class SecurityGroupRuleAdd(TenantScoped, frozen=True):
+    security_group: Ref
+    direction: Literal["ingress", "egress"] = "ingress"
+    protocol: Literal["tcp", "udp", "icmp", "any"] = "tcp"
+    port_min: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    port_max: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    remote_cidr: Addr | None = None
+    remote_group: Ref | None = None
+
+
+class SecurityGroupRuleRemove(TenantScoped, frozen=True):
+    security_group: Ref
+    rule: Ref
+
+
+class QosPolicyCreate(TenantScoped, frozen=True):
+    name: Name
+    max_kbps: Positive
+    burst_kb: Count = 0
+
+
+class QuotaSetCommand(TenantScoped, frozen=True):
+    limits: Annotated[
+        dict[str, Annotated[int, msgspec.Meta(ge=-1, le=1 << 40)]], msgspec.Meta(max_length=32)
+    ]
+
+
+class RefCommand(TenantScoped, frozen=True):
+    """A verb on one existing resource (delete, stop, ...)."""
+
+    ref: Ref
+
+
+COMMANDS: dict[str, type[Command]] = {
+    "host.register": HostRegister,
+    "host.enable": HostSetEnabled,
+    "host.disable": HostSetEnabled,
+    "host.remove": HostRemove,
+    "flavor.create": FlavorCreate,
+    "flavor.delete": FlavorDelete,
+    "image.create": ImageCreate,
+    "image.create-public": ImageCreate,
+    "image.delete": RefCommand,
+    "server.create": ServerCreate,
+    "server.delete": RefCommand,
+    "server.stop": RefCommand,
+    "server.start": RefCommand,
+    "server.reboot": RefCommand,
+    "server-group.create": ServerGroupCreate,
+    "server-group.delete": RefCommand,
+    "volume.create": VolumeCreate,
+    "volume.delete": RefCommand,
+    "volume.attach": VolumeAttach,
+    "volume.detach": VolumeAttach,
+    "network.create": NetworkCreate,
+    "network.create-external": NetworkCreate,
+    "network.delete": RefCommand,
+    "subnet.create": SubnetCreate,
+    "subnet.delete": RefCommand,
+    "port.create": PortCreate,
+    "port.delete": RefCommand,
+    "router.create": RouterCreate,
+    "router.delete": RefCommand,
+    "router.add-subnet": RouterInterface,
+    "router.remove-subnet": RouterInterface,
+    "floating-ip.create": FloatingIpCreate,
+    "floating-ip.delete": RefCommand,
+    "floating-ip.associate": FloatingIpAssociate,
+    "floating-ip.disassociate": RefCommand,
+    "security-group.create": SecurityGroupCreate,
+    "security-group.delete": RefCommand,
+    "security-group.rule-add": SecurityGroupRuleAdd,
+    "security-group.rule-remove": SecurityGroupRuleRemove,
+    "qos-policy.create": QosPolicyCreate,
+    "qos-policy.delete": RefCommand,
+    "quota.set": QuotaSetCommand,
+}
+
+# What a quota limits, and the built-in default of each (-1: unlimited).
+QUOTA_DEFAULTS: dict[str, int] = {
+    "instances": 10,
+    "vcpus": 20,
+    "ram_mb": 51200,
+    "volumes": 10,
+    "volume_gb": 1000,
+    "networks": 10,
+    "subnets": 10,
+    "ports": 50,
+    "routers": 10,
+    "floating_ips": 10,
+    "security_groups": 10,
+}

@@ -1,0 +1,22 @@
+"""Every command handler, in one list: what ``stratus up`` and ``serve handlers`` run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stratus.handlers import resources, tenants
+from stratus.handlers.identity import DEFAULT_TTL_S
+from stratus.handlers.identity import handlers as identity_handlers
+from stratus.handlers.tokens import KeyRing
+
+
+def all_handlers(
+    keyring: KeyRing | None = None,
+    token_ttl_s: int = DEFAULT_TTL_S,
+    quota_defaults: dict[str, int] | None = None,
+) -> list[Any]:
+    return [
+        *tenants.HANDLERS,
+        *identity_handlers(keyring, token_ttl_s),
+        *resources.handlers(quota_defaults),
+    ]

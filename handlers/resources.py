@@ -1,0 +1,1195 @@
+"""Decisions about the inventory: pure functions of a tenant's world (or of
+one cloud-wide aggregate) and a command.
+
+A tenant's resources are decided on ``ev.<tenant>.>`` (see
+``handlers.world``), so quota, name uniqueness, address allocation within a
+subnet and references between the tenant's resources all hold under any
+number of racing handlers. Cloud-wide objects (hosts, flavors, public
+images, external networks) are decided on their own subject. Floating IPs
+draw from an external network's pool, which every tenant shares: their
+decision reads both and conditions on both in one atomic batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from typing import Any
+
+import msgspec
+
+from stratus.events.errors import AlreadyExists, Conflict, Forbidden, Invalid, NotFound
+from stratus.events.ids import is_name, new_id
+from stratus.events.model import Cause, Event
+from stratus.events.resources import (
+    QUOTA_DEFAULTS,
+    SYSTEM,
+    AddressAllocated,
+    AddressReleased,
+    FlavorCreate,
+    FlavorCreated,
+    FlavorDelete,
+    FlavorDeleted,
+    FloatingIpAssociate,
+    FloatingIpAssociated,
+    FloatingIpCreate,
+    FloatingIpCreated,
+    FloatingIpDeleted,
+    FloatingIpDisassociated,
+    HostDisabled,
+    HostEnabled,
+    HostRegister,
+    HostRegistered,
+    HostRemove,
+    HostRemoved,
+    HostSetEnabled,
+    HostUpdated,
+    ImageCreate,
+    ImageCreated,
+    ImageDeleted,
+    NetworkCreate,
+    NetworkCreated,
+    NetworkDeleted,
+    PortCreate,
+    PortCreated,
+    PortDeleted,
+    QosPolicyCreate,
+    QosPolicyCreated,
+    QosPolicyDeleted,
+    QuotaSet,
+    QuotaSetCommand,
+    RefCommand,
+    RouterCreate,
+    RouterCreated,
+    RouterDeleted,
+    RouterInterface,
+    RouterInterfaceAdded,
+    RouterInterfaceRemoved,
+    SecurityGroupCreate,
+    SecurityGroupCreated,
+    SecurityGroupDeleted,
+    SecurityGroupRuleAdd,
+    SecurityGroupRuleAdded,
+    SecurityGroupRuleRemove,
+    SecurityGroupRuleRemoved,
+    ServerCreate,
+    ServerDeleted,
+    ServerDeleting,
+    ServerGroupCreate,
+    ServerGroupCreated,
+    ServerGroupDeleted,
+    ServerRebootRequested,
+    ServerRequested,
+    ServerStartRequested,
+    ServerStopRequested,
+    SubnetCreate,
+    SubnetCreated,
+    SubnetDeleted,
+    VolumeAttach,
+    VolumeAttached,
+    VolumeCreate,
+    VolumeCreated,
+    VolumeDeleted,
+    VolumeDetached,
+)
+from stratus.handlers.registry import Handler
+from stratus.handlers.world import (
+    Aggregate,
+    World,
+    fold,
+    fold_aggregate,
+    tenant_boundary,
+)
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def system_subject(kind: str, name: str) -> str:
+    return f"ev.{SYSTEM}.{kind}.{name}"
+
+
+def _live_tenant(w: World, tenant: str) -> None:
+    if not w.exists or w.deleted:
+        raise NotFound(f"tenant {tenant} not found")
+
+
+def _unique(w: World, kind: str, name: str) -> None:
+    if w.named(kind, name) is not None:
+        raise AlreadyExists(f"a {kind} named {name} already exists in tenant {w.tenant}")
+
+
+def _mac(port_id: str) -> str:
+    # OpenStack's locally administered prefix; the rest from the id, so a
+    # replayed decision gives the same address.
+    h = hashlib.sha256(port_id.encode()).digest()
+    return "fa:16:3e:" + ":".join(f"{b:02x}" for b in h[:3])
+
+
+def _network(value: str, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise Invalid(f"{what}: {exc}") from None
+
+
+def _address(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise Invalid(f"{what}: {exc}") from None
+
+
+class Range(msgspec.Struct, frozen=True):
+    gateway: str
+    start: str
+    end: str
+
+
+def address_range(
+    cidr: str, gateway: str | None, start: str | None, end: str | None, what: str
+) -> Range:
+    """Gateway and allocation pool of a prefix, defaults as Neutron's: the
+    first host is the gateway, the rest of the hosts are the pool."""
+    net = _network(cidr, f"{what} cidr")
+    if net.num_addresses < 4:
+        raise Invalid(f"{what} cidr {cidr} is too small: at least a /30 (or /126)")
+    first, last = net.network_address + 1, net.broadcast_address - 1
+    gw = _address(gateway, f"{what} gateway") if gateway else first
+    lo = _address(start, f"{what} pool start") if start else (first + 1 if gw == first else first)
+    hi = _address(end, f"{what} pool end") if end else last
+    for name, a in (("gateway", gw), ("pool start", lo), ("pool end", hi)):
+        if a not in net or a in (net.network_address, net.broadcast_address):
+            raise Invalid(f"{what} {name} {a} is not a host address of {cidr}")
+    if lo > hi:
+        raise Invalid(f"{what} pool start {lo} is after its end {hi}")
+    return Range(str(gw), str(lo), str(hi))
+
+
+def _first_free(start: str, end: str, taken: set[str], what: str) -> str:
+    lo, hi = ipaddress.ip_address(start), ipaddress.ip_address(end)
+    a = lo
+    while a <= hi:
+        if str(a) not in taken:
+            return str(a)
+        a += 1
+    raise Conflict(f"{what}: no free address left ({start} to {end} are all in use)")
+
+
+# -- tenant world decisions ------------------------------------------------------------
+
+
+def _default_sg(w: World, cause: Cause, tenant: str) -> tuple[str, list[Event]]:
+    """The tenant's ``default`` security group, made on first use (as Neutron
+    does): all egress, ingress only from members of the same group."""
+    sg = w.named("security-group", "default")
+    if sg is not None:
+        return sg["id"], []
+    sg_ev = cause.make(
+        SecurityGroupCreated,
+        tenant,
+        "security-group",
+        new_id(),
+        name="default",
+        description="default: all egress, ingress from members of this group",
+    )
+    sid = sg_ev.aggregate.id
+    rules = [
+        cause.make(
+            SecurityGroupRuleAdded,
+            tenant,
+            "security-group",
+            sid,
+            rule=new_id(),
+            direction="egress",
+            protocol="any",
+        ),
+        cause.make(
+            SecurityGroupRuleAdded,
+            tenant,
+            "security-group",
+            sid,
+            rule=new_id(),
+            direction="ingress",
+            protocol="any",
+            remote_group=sid,
+        ),
+    ]
+    return sid, [sg_ev, *rules]
+
+
+def _security_groups(
+    w: World, refs: list[str], cause: Cause, tenant: str
+) -> tuple[list[str], list[Event], int]:
+    """Resolved group ids, events creating ``default`` if needed, and how many
+    groups those events add (for the quota)."""
+    if refs:
+        return [w.find("security-group", r, "security group")["id"] for r in refs], [], 0
+    sid, made = _default_sg(w, cause, tenant)
+    return [sid], made, 1 if made else 0
+
+
+def _subnets_of(w: World, network_id: str) -> list[dict[str, Any]]:
+    subnets = [s for s in w.of("subnet").values() if s["network"] == network_id]
+    return sorted(subnets, key=lambda s: s["id"])
+
+
+def _used_ips(w: World, subnet_id: str) -> set[str]:
+    return {p["ip"] for p in w.of("port").values() if p["subnet"] == subnet_id and p["ip"]}
+
+
+def _new_port(
+    w: World,
+    cause: Cause,
+    tenant: str,
+    network: dict[str, Any],
+    *,
+    name: str,
+    subnet_ref: str | None = None,
+    ip: str | None = None,
+    device: str = "",
+    device_owner: str = "",
+    security_groups: list[str] | None = None,
+    qos_policy: str = "",
+    reserved: set[str] | None = None,
+    gateway_ok: bool = False,
+) -> PortCreated:
+    subnets = _subnets_of(w, network["id"])
+    if subnet_ref is not None:
+        subnet = w.find("subnet", subnet_ref)
+        if subnet["network"] != network["id"]:
+            raise Invalid(f"subnet {subnet_ref} is not on network {network['name']}")
+    elif subnets:
+        subnet = subnets[0]
+    else:
+        subnet = None
+    address = ""
+    if subnet is not None:
+        taken = _used_ips(w, subnet["id"]) | (reserved or set())
+        if ip is not None:
+            a = _address(ip, "ip")
+            on_gateway = str(a) == subnet["gateway"] and not gateway_ok
+            if a not in ipaddress.ip_network(subnet["cidr"]) or on_gateway:
+                raise Invalid(f"ip {ip} is not a usable address of subnet {subnet['name']}")
+            if str(a) in taken:
+                raise Conflict(f"ip {ip} is already in use on subnet {subnet['name']}")
+            address = str(a)
+        else:
+            address = _first_free(
+                subnet["pool_start"], subnet["pool_end"], taken, f"subnet {subnet['name']}"
+            )
+    elif ip is not None:
+        raise Invalid(f"network {network['name']} has no subnet to take ip {ip} from")
+    pid = new_id()
+    return cause.make(
+        PortCreated,
+        tenant,
+        "port",
+        pid,
+        name=name,
+        network=network["id"],
+        subnet=subnet["id"] if subnet else "",
+        mac=_mac(pid),
+        ip=address,
+        device=device,
+        device_owner=device_owner,
+        security_groups=security_groups or [],
+        qos_policy=qos_policy,
+    )
+
+
+class ServerPlan(msgspec.Struct, frozen=True):
+    """``server create`` with what ``prepare`` looked up outside the tenant."""
+
+    cmd: ServerCreate
+    flavor: dict[str, Any] | None
+    image: dict[str, Any] | None
+
+    @property
+    def tenant(self) -> str | None:
+        return self.cmd.tenant
+
+
+def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event]:
+    cmd, t = plan.cmd, plan.cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, "server", cmd.name)
+    image = w.named("image", cmd.image) or w.of("image").get(cmd.image) or plan.image
+    if image is None:
+        raise NotFound(f"image {cmd.image} not found")
+    if cmd.flavor is not None:
+        if plan.flavor is None:
+            raise NotFound(f"flavor {cmd.flavor} not found")
+        if cmd.vcpus is not None or cmd.ram_mb is not None:
+            raise Invalid("give --flavor or --vcpus/--ram-mb, not both")
+        vcpus, ram, disk = plan.flavor["vcpus"], plan.flavor["ram_mb"], plan.flavor["disk_gb"]
+    else:
+        if cmd.vcpus is None or cmd.ram_mb is None:
+            raise Invalid("server create needs --flavor, or --vcpus and --ram-mb")
+        vcpus, ram, disk = cmd.vcpus, cmd.ram_mb, cmd.disk_gb or 0
+    disk = max(disk, image.get("min_disk_gb", 0))
+    group = w.find("server-group", cmd.group, "server group")["id"] if cmd.group else ""
+    networks = [w.find("network", n) for n in cmd.networks]
+    if len({n["id"] for n in networks}) != len(networks):
+        raise Invalid("a network is named twice")
+    sgs, sg_events, new_sgs = _security_groups(w, cmd.security_groups, cause, t)
+    sid = new_id()
+    ports: list[Event] = []
+    for i, net in enumerate(networks):
+        ports.append(
+            _new_port(
+                w,
+                cause,
+                t,
+                net,
+                name=f"{cmd.name}-{i}",
+                device=sid,
+                device_owner="compute",
+                security_groups=sgs,
+            )
+        )
+    w.check_quota(
+        {
+            "instances": 1,
+            "vcpus": vcpus,
+            "ram_mb": ram,
+            "ports": len(ports),
+            "security_groups": new_sgs,
+        }
+    )
+    server = cause.make(
+        ServerRequested,
+        t,
+        "server",
+        sid,
+        name=cmd.name,
+        image=image["id"],
+        flavor=plan.flavor["id"] if plan.flavor else "",
+        vcpus=vcpus,
+        ram_mb=ram,
+        disk_gb=disk,
+        instance_type=cmd.instance_type,
+        networks=[n["id"] for n in networks],
+        security_groups=sgs,
+        labels=dict(cmd.labels),
+        requested_host=cmd.host or "",
+        group=group,
+        zone=cmd.zone or "",
+    )
+    return [*sg_events, server, *ports]
+
+
+# Servers already placed on a host need its agent to tear them down.
+_PLACED = {"scheduled", "building", "running", "stopped", "deleting"}
+
+
+def decide_server_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    s = w.find("server", cmd.ref)
+    if s["status"] == "deleting":
+        return []
+    out: list[Event] = []
+    for p in w.of("port").values():
+        if p["device"] == s["id"]:
+            out.append(cause.make(PortDeleted, t, "port", p["id"]))
+    for v in w.of("volume").values():
+        if v.get("server") == s["id"]:
+            out.append(cause.make(VolumeDetached, t, "volume", v["id"], server=s["id"]))
+    for f in w.of("floating-ip").values():
+        if f.get("server") == s["id"]:
+            out.append(
+                cause.make(FloatingIpDisassociated, t, "floating-ip", f["id"], port=f["port"])
+            )
+    ev_cls = ServerDeleting if s["status"] in _PLACED and s.get("host") else ServerDeleted
+    return [cause.make(ev_cls, t, "server", s["id"]), *out]
+
+
+def _power(event: type[Event], allowed: set[str], verb: str) -> Any:
+    def decide(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+        s = w.find("server", cmd.ref)
+        if s["status"] not in allowed:
+            raise Conflict(
+                f"cannot {verb} server {s['name']} while it is {s['status']} "
+                f"(needs {' or '.join(sorted(allowed))})"
+            )
+        return [cause.make(event, cmd.tenant or "", "server", s["id"])]
+
+    return decide
+
+
+def decide_server_group_create(w: World, cmd: ServerGroupCreate, cause: Cause) -> list[Event]:
+    _live_tenant(w, cmd.tenant or "")
+    _unique(w, "server-group", cmd.name)
+    return [
+        cause.make(
+            ServerGroupCreated,
+            cmd.tenant or "",
+            "server-group",
+            new_id(),
+            name=cmd.name,
+            policy=cmd.policy,
+        )
+    ]
+
+
+def decide_server_group_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    g = w.find("server-group", cmd.ref, "server group")
+    members = [s["name"] for s in w.of("server").values() if s.get("group") == g["id"]]
+    if members:
+        raise Conflict(f"server group {g['name']} still has servers: {', '.join(members)}")
+    return [cause.make(ServerGroupDeleted, cmd.tenant or "", "server-group", g["id"])]
+
+
+def decide_volume_create(w: World, cmd: VolumeCreate, cause: Cause) -> list[Event]:
+    _live_tenant(w, cmd.tenant or "")
+    _unique(w, "volume", cmd.name)
+    w.check_quota({"volumes": 1, "volume_gb": cmd.size_gb})
+    return [
+        cause.make(
+            VolumeCreated,
+            cmd.tenant or "",
+            "volume",
+            new_id(),
+            name=cmd.name,
+            size_gb=cmd.size_gb,
+        )
+    ]
+
+
+def decide_volume_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    v = w.find("volume", cmd.ref)
+    if v.get("server"):
+        raise Conflict(f"volume {v['name']} is attached to a server; detach it first")
+    return [cause.make(VolumeDeleted, cmd.tenant or "", "volume", v["id"])]
+
+
+def decide_volume_attach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Event]:
+    v, s = w.find("volume", cmd.volume), w.find("server", cmd.server)
+    if v.get("server") == s["id"]:
+        return []
+    if v.get("server"):
+        raise Conflict(f"volume {v['name']} is attached to another server")
+    if s["status"] in ("deleting", "error"):
+        raise Conflict(f"server {s['name']} is {s['status']}")
+    return [cause.make(VolumeAttached, cmd.tenant or "", "volume", v["id"], server=s["id"])]
+
+
+def decide_volume_detach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Event]:
+    v, s = w.find("volume", cmd.volume), w.find("server", cmd.server)
+    if v.get("server") != s["id"]:
+        raise Conflict(f"volume {v['name']} is not attached to server {s['name']}")
+    return [cause.make(VolumeDetached, cmd.tenant or "", "volume", v["id"], server=s["id"])]
+
+
+def decide_network_create(w: World, cmd: NetworkCreate, cause: Cause) -> list[Event]:
+    _live_tenant(w, cmd.tenant or "")
+    if cmd.external or cmd.cidr or cmd.pool_start or cmd.pool_end or cmd.gateway:
+        raise Invalid("--external, --cidr and pools belong to external networks (cloud admin)")
+    _unique(w, "network", cmd.name)
+    w.check_quota({"networks": 1})
+    return [cause.make(NetworkCreated, cmd.tenant or "", "network", new_id(), name=cmd.name)]
+
+
+def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    n = w.find("network", cmd.ref)
+    users = [s["name"] for s in _subnets_of(w, n["id"])]
+    users += [p["name"] for p in w.of("port").values() if p["network"] == n["id"]]
+    if users:
+        raise Conflict(f"network {n['name']} is in use by {', '.join(sorted(users))}")
+    return [cause.make(NetworkDeleted, cmd.tenant or "", "network", n["id"])]
+
+
+def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    net = w.find("network", cmd.network)
+    _unique(w, "subnet", cmd.name)
+    r = address_range(cmd.cidr, cmd.gateway, cmd.pool_start, cmd.pool_end, "subnet")
+    mine = _network(cmd.cidr, "subnet cidr")
+    for other in _subnets_of(w, net["id"]):
+        theirs = ipaddress.ip_network(other["cidr"])
+        if theirs.version == mine.version and theirs.overlaps(mine):
+            raise Conflict(
+                f"subnet cidr {cmd.cidr} overlaps subnet {other['name']} ({other['cidr']}) "
+                f"on network {net['name']}"
+            )
+    for d in cmd.dns:
+        _address(d, "dns server")
+    w.check_quota({"subnets": 1})
+    return [
+        cause.make(
+            SubnetCreated,
+            t,
+            "subnet",
+            new_id(),
+            name=cmd.name,
+            network=net["id"],
+            cidr=str(mine),
+            gateway=r.gateway,
+            pool_start=r.start,
+            pool_end=r.end,
+            dns=list(cmd.dns),
+            ip_version=mine.version,
+        )
+    ]
+
+
+def decide_subnet_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    s = w.find("subnet", cmd.ref)
+    users = [p["name"] for p in w.of("port").values() if p["subnet"] == s["id"]]
+    if users:
+        raise Conflict(f"subnet {s['name']} has ports: {', '.join(sorted(users))}")
+    return [cause.make(SubnetDeleted, cmd.tenant or "", "subnet", s["id"])]
+
+
+def decide_port_create(w: World, cmd: PortCreate, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, "port", cmd.name)
+    net = w.find("network", cmd.network)
+    qos = w.find("qos-policy", cmd.qos_policy, "qos policy")["id"] if cmd.qos_policy else ""
+    sgs, sg_events, new_sgs = _security_groups(w, cmd.security_groups, cause, t)
+    port = _new_port(
+        w,
+        cause,
+        t,
+        net,
+        name=cmd.name,
+        subnet_ref=cmd.subnet,
+        ip=cmd.ip,
+        security_groups=sgs,
+        qos_policy=qos,
+    )
+    w.check_quota({"ports": 1, "security_groups": new_sgs})
+    return [*sg_events, port]
+
+
+def decide_port_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    p = w.find("port", cmd.ref)
+    if p["device"]:
+        raise Conflict(f"port {p['name']} belongs to {p['device_owner']} {p['device']}")
+    out: list[Event] = [cause.make(PortDeleted, cmd.tenant or "", "port", p["id"])]
+    for f in w.of("floating-ip").values():
+        if f.get("port") == p["id"]:
+            out.append(
+                cause.make(
+                    FloatingIpDisassociated,
+                    cmd.tenant or "",
+                    "floating-ip",
+                    f["id"],
+                    port=p["id"],
+                )
+            )
+    return out
+
+
+def decide_router_create(
+    state: tuple[World, Aggregate | None], cmd: RouterCreate, cause: Cause
+) -> list[Event]:
+    w, pool = state
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, "router", cmd.name)
+    if cmd.external_network and (pool is None or not pool.live):
+        raise NotFound(f"external network {cmd.external_network} not found")
+    w.check_quota({"routers": 1})
+    return [
+        cause.make(
+            RouterCreated,
+            t,
+            "router",
+            new_id(),
+            name=cmd.name,
+            external_network=cmd.external_network or "",
+        )
+    ]
+
+
+def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    r = w.find("router", cmd.ref)
+    if r.get("interfaces"):
+        raise Conflict(f"router {r['name']} still has subnets; remove them first")
+    return [cause.make(RouterDeleted, cmd.tenant or "", "router", r["id"])]
+
+
+def decide_router_add_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    r, s = w.find("router", cmd.router), w.find("subnet", cmd.subnet)
+    if s["id"] in r.get("interfaces", {}):
+        return []
+    for other in w.of("router").values():
+        if s["id"] in other.get("interfaces", {}):
+            raise Conflict(f"subnet {s['name']} is already on router {other['name']}")
+    net = w.find("network", s["network"])
+    port = _new_port(
+        w,
+        cause,
+        t,
+        net,
+        name=f"{r['name']}-{s['name']}",
+        subnet_ref=s["id"],
+        ip=s["gateway"],
+        device=r["id"],
+        device_owner="router_interface",
+        gateway_ok=True,
+    )
+    w.check_quota({"ports": 1})
+    return [
+        port,
+        cause.make(
+            RouterInterfaceAdded,
+            t,
+            "router",
+            r["id"],
+            subnet=s["id"],
+            port=port.aggregate.id,
+            ip=s["gateway"],
+        ),
+    ]
+
+
+def decide_router_remove_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    r, s = w.find("router", cmd.router), w.find("subnet", cmd.subnet)
+    port = r.get("interfaces", {}).get(s["id"])
+    if port is None:
+        raise Conflict(f"subnet {s['name']} is not on router {r['name']}")
+    return [
+        cause.make(RouterInterfaceRemoved, t, "router", r["id"], subnet=s["id"], port=port),
+        cause.make(PortDeleted, t, "port", port),
+    ]
+
+
+def decide_fip_create(
+    state: tuple[World, Aggregate | None], cmd: FloatingIpCreate, cause: Cause
+) -> list[Event]:
+    w, pool = state
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    if pool is None or not pool.live or not pool.attrs or not pool.attrs.get("external"):
+        raise NotFound(f"external network {cmd.network} not found")
+    w.check_quota({"floating_ips": 1})
+    a = pool.attrs
+    address = _first_free(
+        a["pool_start"], a["pool_end"], set(pool.allocated), f"external network {cmd.network}"
+    )
+    fid = new_id()
+    return [
+        cause.make(FloatingIpCreated, t, "floating-ip", fid, address=address, network=cmd.network),
+        cause.make(
+            AddressAllocated,
+            SYSTEM,
+            "network",
+            cmd.network,
+            address=address,
+            holder_tenant=t,
+            holder=fid,
+        ),
+    ]
+
+
+def decide_fip_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    f = _fip(w, cmd.ref)
+    # Releasing needs no condition on the pool: an address going back can
+    # never make two holders.
+    return [
+        cause.make(FloatingIpDeleted, t, "floating-ip", f["id"]),
+        cause.make(
+            AddressReleased,
+            SYSTEM,
+            "network",
+            f["network"],
+            address=f["address"],
+            holder_tenant=t,
+            holder=f["id"],
+        ),
+    ]
+
+
+def _fip(w: World, ref: str) -> dict[str, Any]:
+    for f in w.of("floating-ip").values():
+        if f["address"] == ref:
+            return f
+    return w.find("floating-ip", ref, "floating ip")
+
+
+def decide_fip_associate(w: World, cmd: FloatingIpAssociate, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    f = _fip(w, cmd.floating_ip)
+    if (cmd.server is None) == (cmd.port is None):
+        raise Invalid("give the server or the port to associate with (one of them)")
+    if cmd.port is not None:
+        port = w.find("port", cmd.port)
+        server = port["device"] if port["device_owner"] == "compute" else ""
+    else:
+        s = w.find("server", cmd.server or "")
+        ports = sorted(
+            (p for p in w.of("port").values() if p["device"] == s["id"]), key=lambda p: p["id"]
+        )
+        if not ports:
+            raise Conflict(f"server {s['name']} has no port (create it with --network)")
+        port, server = ports[0], s["id"]
+    if not port["ip"]:
+        raise Conflict(f"port {port['name']} has no fixed address")
+    if f.get("port") == port["id"]:
+        return []
+    if f.get("port"):
+        raise Conflict(f"floating ip {f['address']} is associated already; disassociate first")
+    return [
+        cause.make(
+            FloatingIpAssociated,
+            t,
+            "floating-ip",
+            f["id"],
+            port=port["id"],
+            server=server,
+            fixed_ip=port["ip"],
+        )
+    ]
+
+
+def decide_fip_disassociate(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    f = _fip(w, cmd.ref)
+    if not f.get("port"):
+        return []
+    return [
+        cause.make(
+            FloatingIpDisassociated, cmd.tenant or "", "floating-ip", f["id"], port=f["port"]
+        )
+    ]
+
+
+def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, "security-group", cmd.name)
+    w.check_quota({"security_groups": 1})
+    return [
+        cause.make(
+            SecurityGroupCreated,
+            t,
+            "security-group",
+            new_id(),
+            name=cmd.name,
+            description=cmd.description,
+        )
+    ]
+
+
+def decide_sg_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    g = w.find("security-group", cmd.ref, "security group")
+    users = [p["name"] for p in w.of("port").values() if g["id"] in p["security_groups"]]
+    if users:
+        raise Conflict(f"security group {g['name']} is used by ports {', '.join(sorted(users))}")
+    return [cause.make(SecurityGroupDeleted, cmd.tenant or "", "security-group", g["id"])]
+
+
+def decide_sg_rule_add(w: World, cmd: SecurityGroupRuleAdd, cause: Cause) -> list[Event]:
+    g = w.find("security-group", cmd.security_group, "security group")
+    if cmd.remote_cidr is not None and cmd.remote_group is not None:
+        raise Invalid("give --remote-cidr or --remote-group, not both")
+    cidr = str(_network(cmd.remote_cidr, "remote cidr")) if cmd.remote_cidr else ""
+    remote = (
+        w.find("security-group", cmd.remote_group, "security group")["id"]
+        if cmd.remote_group
+        else ""
+    )
+    lo, hi = cmd.port_min, cmd.port_max or cmd.port_min
+    if cmd.protocol in ("icmp", "any") and (lo or hi):
+        raise Invalid(f"--port does not apply to protocol {cmd.protocol}")
+    if lo > hi:
+        raise Invalid(f"port range {lo}:{hi} is backwards")
+    rule = {
+        "direction": cmd.direction,
+        "protocol": cmd.protocol,
+        "port_min": lo,
+        "port_max": hi,
+        "remote_cidr": cidr,
+        "remote_group": remote,
+    }
+    for existing in g.get("rules", {}).values():
+        if all(existing.get(k) == v for k, v in rule.items()):
+            raise AlreadyExists(f"security group {g['name']} has this rule already")
+    return [
+        cause.make(
+            SecurityGroupRuleAdded,
+            cmd.tenant or "",
+            "security-group",
+            g["id"],
+            rule=new_id(),
+            **rule,
+        )
+    ]
+
+
+def decide_sg_rule_remove(w: World, cmd: SecurityGroupRuleRemove, cause: Cause) -> list[Event]:
+    g = w.find("security-group", cmd.security_group, "security group")
+    if cmd.rule not in g.get("rules", {}):
+        raise NotFound(f"rule {cmd.rule} not found in security group {g['name']}")
+    return [
+        cause.make(
+            SecurityGroupRuleRemoved, cmd.tenant or "", "security-group", g["id"], rule=cmd.rule
+        )
+    ]
+
+
+def decide_qos_create(w: World, cmd: QosPolicyCreate, cause: Cause) -> list[Event]:
+    _live_tenant(w, cmd.tenant or "")
+    _unique(w, "qos-policy", cmd.name)
+    return [
+        cause.make(
+            QosPolicyCreated,
+            cmd.tenant or "",
+            "qos-policy",
+            new_id(),
+            name=cmd.name,
+            max_kbps=cmd.max_kbps,
+            burst_kb=cmd.burst_kb,
+        )
+    ]
+
+
+def decide_qos_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    q = w.find("qos-policy", cmd.ref, "qos policy")
+    users = [p["name"] for p in w.of("port").values() if p.get("qos_policy") == q["id"]]
+    if users:
+        raise Conflict(f"qos policy {q['name']} is used by ports {', '.join(sorted(users))}")
+    return [cause.make(QosPolicyDeleted, cmd.tenant or "", "qos-policy", q["id"])]
+
+
+def decide_image_create(w: World, cmd: ImageCreate, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, "image", cmd.name)
+    return [_image_event(cmd, cause, t, new_id(), "private")]
+
+
+def _image_event(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, vis: str) -> Event:
+    return cause.make(
+        ImageCreated,
+        tenant,
+        "image",
+        iid,
+        name=cmd.name,
+        format=cmd.format,
+        size_bytes=cmd.size_bytes,
+        checksum=cmd.checksum,
+        visibility=vis,
+        min_disk_gb=cmd.min_disk_gb,
+    )
+
+
+def decide_image_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
+    i = w.find("image", cmd.ref)
+    return [cause.make(ImageDeleted, cmd.tenant or "", "image", i["id"])]
+
+
+def decide_quota_set(w: World, cmd: QuotaSetCommand, cause: Cause) -> list[Event]:
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    unknown = sorted(set(cmd.limits) - set(QUOTA_DEFAULTS))
+    if unknown:
+        raise Invalid(
+            f"unknown quota {', '.join(unknown)}; known: {', '.join(sorted(QUOTA_DEFAULTS))}"
+        )
+    limits = {r: w.limit(r) for r in QUOTA_DEFAULTS}
+    merged = {**limits, **cmd.limits}
+    if merged == limits and w.limits:
+        return []
+    # Lowering a limit below usage is allowed: it only blocks new allocations.
+    return [cause.make(QuotaSet, t, "quota", t, limits=merged)]
+
+
+# -- cloud-wide aggregates -----------------------------------------------------------
+
+
+def decide_host_register(a: Aggregate, cmd: HostRegister, cause: Cause) -> list[Event]:
+    spec = {k: v for k, v in msgspec.structs.asdict(cmd).items() if k != "name"}
+    spec["labels"], spec["types"] = dict(cmd.labels), list(cmd.types)
+    if not a.live:
+        return [cause.make(HostRegistered, SYSTEM, "host", cmd.name, name=cmd.name, **spec)]
+    current = a.attrs or {}
+    if all(current.get(k) == v for k, v in spec.items()):
+        return []  # an agent restarting with nothing changed
+    return [cause.make(HostUpdated, SYSTEM, "host", cmd.name, **spec)]
+
+
+def _host_switch(enabled: bool) -> Any:
+    def decide(a: Aggregate, cmd: HostSetEnabled, cause: Cause) -> list[Event]:
+        if not a.live:
+            raise NotFound(f"host {cmd.name} not found")
+        want = "enabled" if enabled else "disabled"
+        if (a.attrs or {}).get("status") == want:
+            return []
+        cls = HostEnabled if enabled else HostDisabled
+        return [cause.make(cls, SYSTEM, "host", cmd.name, reason=cmd.reason)]
+
+    return decide
+
+
+def decide_host_remove(a: Aggregate, cmd: HostRemove, cause: Cause) -> list[Event]:
+    if not a.live:
+        raise NotFound(f"host {cmd.name} not found")
+    return [cause.make(HostRemoved, SYSTEM, "host", cmd.name)]
+
+
+def decide_flavor_create(a: Aggregate, cmd: FlavorCreate, cause: Cause) -> list[Event]:
+    if a.live or a.ended:
+        raise AlreadyExists(f"flavor {cmd.name} exists or existed; flavor names are never reused")
+    return [
+        cause.make(
+            FlavorCreated,
+            SYSTEM,
+            "flavor",
+            cmd.name,
+            name=cmd.name,
+            vcpus=cmd.vcpus,
+            ram_mb=cmd.ram_mb,
+            disk_gb=cmd.disk_gb,
+        )
+    ]
+
+
+def decide_flavor_delete(a: Aggregate, cmd: FlavorDelete, cause: Cause) -> list[Event]:
+    if not a.live:
+        raise NotFound(f"flavor {cmd.name} not found")
+    return [cause.make(FlavorDeleted, SYSTEM, "flavor", cmd.name)]
+
+
+def decide_public_image_create(a: Aggregate, cmd: ImageCreate, cause: Cause) -> list[Event]:
+    if a.live or a.ended:
+        raise AlreadyExists(f"public image {cmd.name} exists or existed; choose another name")
+    return [_image_event(cmd, cause, SYSTEM, cmd.name, "public")]
+
+
+def decide_external_network_create(a: Aggregate, cmd: NetworkCreate, cause: Cause) -> list[Event]:
+    if a.live or a.ended:
+        raise AlreadyExists(f"external network {cmd.name} exists or existed; choose another name")
+    if not cmd.cidr:
+        raise Invalid("an external network needs --cidr (its floating IPs come from it)")
+    r = address_range(cmd.cidr, cmd.gateway, cmd.pool_start, cmd.pool_end, "external network")
+    return [
+        cause.make(
+            NetworkCreated,
+            SYSTEM,
+            "network",
+            cmd.name,
+            name=cmd.name,
+            external=True,
+            cidr=str(_network(cmd.cidr, "cidr")),
+            gateway=r.gateway,
+            pool_start=r.start,
+            pool_end=r.end,
+        )
+    ]
+
+
+# -- prepare hooks (may read other state; run before the decision) -------------------
+
+
+async def _system_attrs(service: Any, kind: str, name: str) -> dict[str, Any] | None:
+    if not is_name(name):
+        return None
+    subject = system_subject(kind, name)
+    tracked = service.cache.get(subject, Aggregate)
+    if tracked.seq == 0:
+        await service.cache.refresh(subject, tracked, fold_aggregate)
+    return tracked.state.attrs
+
+
+async def prepare_server(cmd: ServerCreate, caller: Any, service: Any) -> ServerPlan:
+    flavor = await _system_attrs(service, "flavor", cmd.flavor) if cmd.flavor else None
+    image = await _system_attrs(service, "image", cmd.image)
+    return ServerPlan(cmd, flavor, image)
+
+
+async def cloud_admin_only(cmd: Any, caller: Any, service: Any) -> Any:
+    if not caller.is_cloud_admin:
+        raise Forbidden("only the cloud admin creates public images and external networks")
+    return cmd
+
+
+# -- replies ------------------------------------------------------------------------
+
+
+def resource_view(r: dict[str, Any]) -> dict[str, Any]:
+    """A resource as callers see it: nested maps as lists, in a stable order."""
+    out = dict(r)
+    if "rules" in out:
+        out["rules"] = [{"rule": k, **v} for k, v in sorted(out["rules"].items())]
+    if "interfaces" in out:
+        out["interfaces"] = [{"subnet": k, "port": v} for k, v in sorted(out["interfaces"].items())]
+    return out
+
+
+def _touched(kind: str) -> Any:
+    """The reply of a tenant verb: the ``kind`` resource its events are about."""
+
+    def result(w: World, events: list[Event]) -> Any:
+        for ev in events:
+            if ev.aggregate.kind == kind and ev.tenant == w.tenant:
+                r = w.of(kind).get(ev.aggregate.id)
+                if r is None:
+                    return {"id": ev.aggregate.id, "status": "deleted"}
+                return resource_view(r)
+        return None
+
+    return result
+
+
+def quota_view(w: World) -> dict[str, Any]:
+    used = w.usage()
+    return {
+        "tenant": w.tenant,
+        "quota": [{"resource": r, "limit": w.limit(r), "in_use": used[r]} for r in QUOTA_DEFAULTS],
+    }
+
+
+def _aggregate_view(a: Aggregate) -> Any:
+    return dict(a.attrs) if a.attrs is not None else {"status": "deleted"}
+
+
+# -- the handler table ---------------------------------------------------------------
+
+
+def _tenant(cmd: Any) -> str | None:
+    return cmd.tenant
+
+
+def _tenant_handler(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
+    kind = verb.split(".")[0]
+    if kind == "quota":
+        kw.setdefault("view", quota_view)
+    else:
+        kw.setdefault("result", _touched(kind))
+    return Handler(
+        verb=verb,
+        command=command,
+        permission=verb,
+        boundary=lambda c: tenant_boundary(c.tenant),
+        initial=World,
+        fold=fold,
+        decide=decide,
+        tenant_of=_tenant,
+        **kw,
+    )
+
+
+def _pool(field: str) -> Any:
+    def boundary(cmd: Any) -> str | None:
+        name = getattr(cmd, field)
+        return system_subject("network", name) if name else None
+
+    return boundary
+
+
+def _on_system(verb: str, command: type, kind: str, decide: Any, **kw: Any) -> Handler:
+    return Handler(
+        verb=verb,
+        command=command,
+        permission=kw.pop("permission", verb),
+        boundary=lambda c: system_subject(kind, c.name),
+        initial=Aggregate,
+        fold=fold_aggregate,
+        decide=decide,
+        view=_aggregate_view,
+        **kw,
+    )
+
+
+_POOL = {"also_initial": Aggregate, "also_fold": fold_aggregate}
+
+
+def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
+    """Every inventory verb; ``quota_defaults`` are the limits of tenants no
+    ``quota set`` has touched (over the built-in ``QUOTA_DEFAULTS``)."""
+    unknown = set(quota_defaults or {}) - set(QUOTA_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown quota {', '.join(sorted(unknown))}")
+
+    def world() -> World:
+        return World(quota_defaults)
+
+    def _in_tenant(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
+        return msgspec.structs.replace(_tenant_handler(verb, command, decide, **kw), initial=world)
+
+    return [
+        _on_system("host.register", HostRegister, "host", decide_host_register),
+        _on_system("host.enable", HostSetEnabled, "host", _host_switch(True)),
+        _on_system("host.disable", HostSetEnabled, "host", _host_switch(False)),
+        _on_system("host.remove", HostRemove, "host", decide_host_remove),
+        _on_system("flavor.create", FlavorCreate, "flavor", decide_flavor_create),
+        _on_system("flavor.delete", FlavorDelete, "flavor", decide_flavor_delete),
+        _on_system(
+            "image.create-public",
+            ImageCreate,
+            "image",
+            decide_public_image_create,
+            permission="image.create-public",
+        ),
+        _on_system(
+            "network.create-external",
+            NetworkCreate,
+            "network",
+            decide_external_network_create,
+            permission="network.create-external",
+        ),
+        _in_tenant("image.create", ImageCreate, decide_image_create),
+        _in_tenant("image.delete", RefCommand, decide_image_delete),
+        _in_tenant("server.create", ServerCreate, decide_server_create, prepare=prepare_server),
+        _in_tenant("server.delete", RefCommand, decide_server_delete),
+        _in_tenant(
+            "server.stop",
+            RefCommand,
+            _power(ServerStopRequested, {"running"}, "stop"),
+        ),
+        _in_tenant(
+            "server.start",
+            RefCommand,
+            _power(ServerStartRequested, {"stopped"}, "start"),
+        ),
+        _in_tenant(
+            "server.reboot",
+            RefCommand,
+            _power(ServerRebootRequested, {"running"}, "reboot"),
+        ),
+        _in_tenant("server-group.create", ServerGroupCreate, decide_server_group_create),
+        _in_tenant("server-group.delete", RefCommand, decide_server_group_delete),
+        _in_tenant("volume.create", VolumeCreate, decide_volume_create),
+        _in_tenant("volume.delete", RefCommand, decide_volume_delete),
+        _in_tenant("volume.attach", VolumeAttach, decide_volume_attach),
+        _in_tenant("volume.detach", VolumeAttach, decide_volume_detach),
+        _in_tenant("network.create", NetworkCreate, decide_network_create),
+        _in_tenant("network.delete", RefCommand, decide_network_delete),
+        _in_tenant("subnet.create", SubnetCreate, decide_subnet_create),
+        _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
+        _in_tenant("port.create", PortCreate, decide_port_create),
+        _in_tenant("port.delete", RefCommand, decide_port_delete),
+        _in_tenant(
+            "router.create",
+            RouterCreate,
+            decide_router_create,
+            also=_pool("external_network"),
+            **_POOL,
+        ),
+        _in_tenant("router.delete", RefCommand, decide_router_delete),
+        _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),
+        _in_tenant("router.remove-subnet", RouterInterface, decide_router_remove_subnet),
+        _in_tenant(
+            "floating-ip.create",
+            FloatingIpCreate,
+            decide_fip_create,
+            also=_pool("network"),
+            **_POOL,
+        ),
+        _in_tenant("floating-ip.delete", RefCommand, decide_fip_delete),
+        _in_tenant("floating-ip.associate", FloatingIpAssociate, decide_fip_associate),
+        _in_tenant("floating-ip.disassociate", RefCommand, decide_fip_disassociate),
+        _in_tenant("security-group.create", SecurityGroupCreate, decide_sg_create),
+        _in_tenant("security-group.delete", RefCommand, decide_sg_delete),
+        _in_tenant("security-group.rule-add", SecurityGroupRuleAdd, decide_sg_rule_add),
+        _in_tenant("security-group.rule-remove", SecurityGroupRuleRemove, decide_sg_rule_remove),
+        _in_tenant("qos-policy.create", QosPolicyCreate, decide_qos_create),
+        _in_tenant("qos-policy.delete", RefCommand, decide_qos_delete),
+        _in_tenant("quota.set", QuotaSetCommand, decide_quota_set),
+    ]
