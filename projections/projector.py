@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -214,7 +214,10 @@ def _canonical(row: Any) -> str:
     parts = []
     for v in row:
         if isinstance(v, datetime):
-            # SQLite drops the zone: normalise so backends hash alike.
+            # SQLite drops the zone, PostgreSQL (timestamptz) answers in UTC:
+            # naive UTC on both, so backends hash alike.
+            if v.tzinfo is not None:
+                v = v.astimezone(UTC)
             v = v.replace(tzinfo=None).isoformat()
         parts.append(repr(v))
     return "\x1f".join(parts) + "\n"
