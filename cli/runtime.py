@@ -86,6 +86,11 @@ async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
             await store.append([event], Condition(event.subject, 0))
 
 
+def command_handlers(keyring: KeyRing | None = None, token_ttl_s: int = DEFAULT_TTL_S) -> list:
+    """Every command verb the handlers serve (logging in needs ``keyring``)."""
+    return [*tenant_handlers, *identity_handlers(keyring, token_ttl_s)]
+
+
 async def start_services(
     store: EventStore,
     engine: AsyncEngine,
@@ -105,7 +110,7 @@ async def start_services(
     if commands:
         cmd_svc = CommandService(
             store,
-            [*tenant_handlers, *identity_handlers(keyring, token_ttl_s)],
+            command_handlers(keyring, token_ttl_s),
             authenticate=authenticate,
             roles=book,
         )
