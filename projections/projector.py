@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -140,6 +140,10 @@ class Projector:
             try:
                 event = rec.decode(codec)
                 ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]
+                # A NUL byte in the raw data is the cheap sign (usually there
+                # is none); only then look at the text values themselves.
+                if b"\x00" in rec.data and _has_nul(ops):
+                    raise ValueError(NUL_REFUSED)
             except Exception as exc:
                 poisoned.append(
                     {
@@ -174,6 +178,21 @@ class Projector:
         self.position = p.last
         for q in p.poisoned:
             log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
+
+
+NUL_REFUSED = "a text value holds a NUL character, which PostgreSQL text cannot store"
+
+
+def _has_nul(ops: list[Any]) -> bool:
+    """Whether a row would carry "\\x00" in text: PostgreSQL refuses such a
+    row (and so the whole batch, again on every retry) while SQLite keeps it.
+    Quarantining the event on every backend keeps them identical."""
+    for op in ops:
+        values = op.row.values() if type(op) is Upsert else getattr(op, "values", {}).values()
+        for v in (*values, *getattr(op, "key", ())):
+            if type(v) is str and "\x00" in v:
+                return True
+    return False
 
 
 class _Prepared:
@@ -214,7 +233,10 @@ def _canonical(row: Any) -> str:
     parts = []
     for v in row:
         if isinstance(v, datetime):
-            # SQLite drops the zone: normalise so backends hash alike.
+            # SQLite drops the zone, PostgreSQL (timestamptz) answers in UTC:
+            # naive UTC on both, so backends hash alike.
+            if v.tzinfo is not None:
+                v = v.astimezone(UTC)
             v = v.replace(tzinfo=None).isoformat()
         parts.append(repr(v))
     return "\x1f".join(parts) + "\n"

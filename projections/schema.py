@@ -2,9 +2,51 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table, Text
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Enum,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+)
 
 metadata = MetaData()
+
+
+@event.listens_for(metadata, "after_create")
+def _binary_collation(_target: MetaData, connection: Any, tables: Any = (), **_kw: Any) -> None:
+    """Text compares and sorts by code point on PostgreSQL, as on SQLite.
+
+    A PostgreSQL database usually collates linguistically (en_US, ICU), so
+    ``ORDER BY id`` and the digest's row order would differ from SQLite's
+    binary order for the same log ("_system" sorts after "0a" on one and
+    before it on the other). ``COLLATE "C"`` on every text column of every
+    table created here, present and future, makes both backends agree.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    prep = connection.dialect.identifier_preparer
+    for table in tables or ():
+        alters = [
+            f"ALTER COLUMN {prep.quote(c.name)} TYPE "
+            f'{c.type.compile(dialect=connection.dialect)} COLLATE "C"'
+            for c in table.columns
+            if isinstance(c.type, String)
+            and not isinstance(c.type, Enum)
+            and c.type.collation is None
+        ]
+        if alters:
+            connection.exec_driver_sql(
+                f"ALTER TABLE {prep.format_table(table)} {', '.join(alters)}"
+            )
+
 
 checkpoints = Table(
     "checkpoints",

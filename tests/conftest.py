@@ -54,3 +54,33 @@ async def sqlite_engine(tmp_path):
     yield _make
     for engine in engines:
         await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server (Debian's binaries) for the session, on loopback.
+
+    Missing binaries fail the tests that need it, with what to install: the
+    PostgreSQL store is part of the contract, so it is never skipped.
+    """
+    from stratus.projections.pgserver import LocalPostgres, PostgresError
+
+    server = LocalPostgres(durable=False)
+    try:
+        server.start()
+    except PostgresError as exc:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def pg_url(postgres_server):
+    """A throwaway database (ICU en-US collation, like a typical production
+    database) on the session's server, dropped afterwards: its URL."""
+    import uuid
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = await postgres_server.create_database(name, icu_locale="en-US")
+    yield url
+    await postgres_server.drop_database(name)

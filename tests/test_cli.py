@@ -42,8 +42,9 @@ def login(url: str, user: str = "admin", password: str = ADMIN_PASSWORD) -> None
 class Up:
     """`stratus up` as a child process on a free port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = data_dir
+        self.extra = extra  # more `stratus up` options, e.g. --db
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -58,6 +59,7 @@ class Up:
                 "0",
                 "--admin-password",
                 ADMIN_PASSWORD,
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

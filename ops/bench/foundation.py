@@ -47,7 +47,8 @@ from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
 from stratus.handlers.tokens import KeyRing
 from stratus.ops.bench.common import Load, Report, Result, compare, drive, result
 from stratus.projections.db import make_engine, sqlite_url
-from stratus.projections.projector import Projector
+from stratus.projections.pgserver import LocalPostgres
+from stratus.projections.projector import Projector, store_digest
 from stratus.projections.tenants import tenants
 
 RAW_PAYLOAD_BYTES = 145
@@ -213,11 +214,12 @@ async def _store_read(store: EventStore, n: int, max_s: float) -> Load:
 
 
 async def _projector_catch_up(
-    store: EventStore, db: Path, n: int, creates: int, max_s: float
-) -> tuple[Load, str]:
-    engine = make_engine(sqlite_url(db))
+    store: EventStore, db_url: str, n: int, creates: int, max_s: float
+) -> tuple[Load, str, str]:
+    """Catch a fresh store at ``db_url`` up to ``n``: (load, check note, digest)."""
+    engine = make_engine(db_url)
     load = Load()
-    check = ""
+    check = digest = ""
 
     def progress(count: int, _seq: int) -> None:
         load.done += count
@@ -231,6 +233,7 @@ async def _projector_catch_up(
             load.first_error = f"stopped after {max_s:.0f}s"
             position = projector.position
         load.seconds = time.perf_counter() - start
+        projector.close()
         async with engine.connect() as conn:
             rows = (await conn.execute(select(func.count()).select_from(tenants))).scalar_one()
         if position != n or rows != creates:
@@ -240,9 +243,24 @@ async def _projector_catch_up(
             )
         else:
             check = f"checkpoint {position}, {rows:,} rows"
+            digest = (await store_digest(engine))[1]
     finally:
         await engine.dispose()
-    return load, check
+    return load, check, digest
+
+
+async def _postgres_catch_up(
+    store: EventStore, n: int, creates: int, max_s: float
+) -> tuple[Load, str, str]:
+    """The same catch-up into a fresh database on a local PostgreSQL server
+    (Debian's, default durability: fsync and synchronous commit on)."""
+    server = LocalPostgres()
+    await asyncio.to_thread(server.start)
+    try:
+        url = await server.create_database("bench")
+        return await _projector_catch_up(store, url, n, creates, max_s)
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 async def _read_path(
@@ -276,8 +294,8 @@ async def _read_path(
         raw,
         label="raw read",
     )
-    load, check = await _projector_catch_up(
-        store, tmp / "projections.db", n, creates, opts.phase_seconds * 2
+    load, check, lite_digest = await _projector_catch_up(
+        store, sqlite_url(tmp / "projections.db"), n, creates, opts.phase_seconds * 2
     )
     proj = compare(
         result(f"projector catch-up of {n:,} into SQLite", load, note=check),
@@ -286,6 +304,21 @@ async def _read_path(
         label="raw read",
     )
     report.results += [raw, read, proj]
+    # PostgreSQL after SQLite, on the same log in the same run. Its server
+    # needs Debian's binaries: without them this row fails, the others stand.
+    load, check, pg_digest = await _postgres_catch_up(store, n, creates, opts.phase_seconds * 2)
+    if check and pg_digest != lite_digest:
+        load.errors += 1
+        load.first_error = "digest differs from SQLite's"
+    elif check:
+        check += ", digest equals SQLite's"
+    report.results.append(
+        compare(
+            result(f"projector catch-up of {n:,} into PostgreSQL", load, note=check),
+            proj,
+            label="SQLite catch-up",
+        )
+    )
 
 
 # -- write path ---------------------------------------------------------------
