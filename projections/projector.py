@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -23,6 +24,7 @@ from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine
+from stratus.projections.snapshots import Snapshots
 from stratus.projections.views import View, all_views, dispatch
 
 log = structlog.get_logger("stratus.projector")
@@ -55,6 +57,7 @@ class Projector:
         views: Sequence[View] | None = None,
         name: str = DEFAULT_NAME,
         batch: int = 2000,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -65,10 +68,21 @@ class Projector:
         self.position = 0
         self._folded = 0
         self._sync = sync_writer(engine)
+        # Checkpoint snapshots are copies of a SQLite file (time travel's
+        # starting points); other backends do without.
+        db = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.snapshots = snapshots if db else None
+        self._db_path = Path(db) if db else None
 
     def close(self) -> None:
         if self._sync is not None:
             self._sync.dispose()
+
+    async def aclose(self) -> None:
+        """``close``, after letting a snapshot in progress finish."""
+        if self.snapshots is not None:
+            await self.snapshots.wait()
+        self.close()
 
     async def start_position(self) -> int:
         await init_schema(self.engine)
@@ -172,6 +186,9 @@ class Projector:
                 if p.poisoned:
                     await conn.execute(insert(quarantine), p.poisoned)
         self.position = p.last
+        if self.snapshots is not None and self._db_path is not None:
+            # Between batches: the copy's read transaction sees this commit.
+            self.snapshots.maybe_take(self._db_path, p.last)
         for q in p.poisoned:
             log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
 
