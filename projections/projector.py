@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
-from stratus.projections.schema import checkpoints, metadata, quarantine
+from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import Snapshots
 from stratus.projections.views import View, all_views, dispatch
 
@@ -42,6 +42,16 @@ async def read_checkpoint(conn: AsyncConnection, name: str = DEFAULT_NAME) -> in
         await conn.execute(select(checkpoints.c.last_seq).where(checkpoints.c.name == name))
     ).first()
     return int(row[0]) if row else 0
+
+
+def fingerprint(view: View) -> str:
+    """A hash of a view's tables: names, columns, types, keys, nullability."""
+    h = hashlib.sha256()
+    for table in sorted(view.tables, key=lambda t: t.name):
+        h.update(f"table {table.name}\n".encode())
+        for c in sorted(table.columns, key=lambda c: c.name):
+            h.update(f"{c.name} {c.type!r} pk={c.primary_key} null={c.nullable}\n".encode())
+    return h.hexdigest()
 
 
 async def quarantine_count(conn: AsyncConnection) -> int:
@@ -67,6 +77,8 @@ class Projector:
         self.batch = batch
         self.position = 0
         self._folded = 0
+        self._skip: frozenset[int] = frozenset()
+        self._check_schema = True
         self._sync = sync_writer(engine)
         # Checkpoint snapshots are copies of a SQLite file (time travel's
         # starting points); other backends do without.
@@ -89,7 +101,53 @@ class Projector:
         async with self.engine.connect() as conn:
             self.position = await read_checkpoint(conn, self.name)
         self._folded = self.position
+        if self._check_schema:
+            await self._check_views()
         return self.position
+
+    async def _check_views(self) -> None:
+        """Rebuild every view whose tables changed (or that is new) since
+        the store last folded it: schema changes need no migration."""
+        want = {v.name: fingerprint(v) for v in self.views}
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(view_schemas))).all()
+        have = {r.view: r.fingerprint for r in rows}
+        stale = [v for v in self.views if have.get(v.name) != want[v.name]]
+        if not stale:
+            return
+        if self.position > 0:
+            log.warning(
+                "view schema changed; rebuilding from the log",
+                views=[v.name for v in stale],
+                until=self.position,
+            )
+            await self._rebuild_views(stale)
+        async with self.engine.begin() as conn:
+            for v in stale:
+                await conn.execute(delete(view_schemas).where(view_schemas.c.view == v.name))
+            await conn.execute(
+                insert(view_schemas), [{"view": v.name, "fingerprint": want[v.name]} for v in stale]
+            )
+
+    async def _rebuild_views(self, stale: list[View]) -> None:
+        tables: list[Table] = [t for v in stale for t in v.tables]
+        async with self.engine.begin() as conn:
+            for t in tables:
+                await conn.run_sync(t.drop, checkfirst=True)
+                await conn.run_sync(t.create)
+            poisoned = (await conn.execute(select(quarantine.c.seq))).scalars().all()
+        name = f"schema:{self.name}"
+        sub = Projector(self.store, self.engine, views=stale, name=name, batch=self.batch)
+        # Events already quarantined stay so (and out of every view), as in
+        # a full rebuild.
+        sub._skip = frozenset(poisoned)
+        sub._check_schema = False
+        try:
+            await sub.catch_up(until=self.position)
+        finally:
+            sub.close()
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(checkpoints).where(checkpoints.c.name == name))
 
     async def run(self) -> None:
         """Follow the log forever (until cancelled)."""
@@ -148,9 +206,12 @@ class Projector:
         folds = self._dispatch
         none: list = []
         floor = self._folded
+        skip = self._skip
         for rec in recs:
             if rec.seq <= floor:
                 continue  # redelivered after a reconnect: already applied
+            if rec.seq in skip:
+                continue
             try:
                 event = rec.decode(codec)
                 ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]

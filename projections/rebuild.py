@@ -22,8 +22,9 @@ PostgreSQL stores are not swapped yet: the request is refused with a message
 saying so.
 
 Schema changes need no hand-written migrations: ``Projector.start_position``
-finds a view whose tables changed and rebuilds that view from the log (see
-``schema_check``).
+compares each view's table fingerprint with the one the store recorded and
+rebuilds a changed (or newly added) view from the log up to the checkpoint;
+``stratus projections rebuild`` rebuilds everything.
 """
 
 from __future__ import annotations

@@ -252,3 +252,42 @@ async def test_poison_is_quarantined_counted_and_rebuilt_alike(store, tmp_path):
         assert swapped["digest"] == status["projection_digest"]
         status = await plant.queries.handle("status", b"{}")
         assert status["quarantined"] == 2
+
+
+# -- schema changes ----------------------------------------------------------
+
+
+async def test_a_view_whose_tables_changed_is_rebuilt_from_the_log(store, tmp_path):
+    # given a store folded by an older version of the code: the tenants
+    # table lacked a column then, and the users view did not exist yet
+    await append_all(store, make_history(40, seed=25))
+    await store.js.publish("ev.x.tenant.x", b"\x00 poison")
+    svc = CommandService(store, [*tenant_handlers, *identity_handlers()])
+    await play(svc, [("user.create", {"name": "alice", "password": "pass-word-1"})])
+    last = await store.last_seq()
+    path = tmp_path / "old.db"
+    await build_store(store, path)
+    engine = make_engine(sqlite_url(path))
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("ALTER TABLE tenants DROP COLUMN description")
+            await conn.exec_driver_sql("UPDATE view_schemas SET fingerprint = 'old'")
+            await conn.exec_driver_sql("DELETE FROM view_schemas WHERE view = 'users'")
+            await conn.exec_driver_sql("DELETE FROM users")
+        # when the current code's projector starts on it
+        projector = Projector(store, engine)
+        try:
+            assert await projector.start_position() == last
+        finally:
+            projector.close()
+        # then both views were rebuilt up to the checkpoint, the poison kept
+        # quarantined once, and the store equals a fresh rebuild
+        _, want = await fresh_digest(store, tmp_path / "fresh.db", last)
+        assert await store_digest(engine) == (last, want)
+        async with engine.connect() as conn:
+            fps = dict((await conn.exec_driver_sql("SELECT * FROM view_schemas")).all())
+            cps = (await conn.exec_driver_sql("SELECT name FROM checkpoints")).scalars().all()
+        assert set(fps) == {"tenants", "users"} and "old" not in fps.values()
+        assert cps == ["main"]
+    finally:
+        await engine.dispose()
