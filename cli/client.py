@@ -73,6 +73,10 @@ class Client:
         """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
         return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
 
+    async def control(self, subject: str, body: dict[str, Any]) -> Any:
+        """A control-plane request outside ``cmd.``/``q.`` (e.g. a store swap)."""
+        return (await self._request(subject, body, {})).data
+
     async def query(
         self, view: str, body: dict[str, Any] | None = None, at: str | int | None = None
     ) -> Any:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +18,7 @@ from stratus.cli.client import Client
 from stratus.cli.common import (
     EXIT_REFUSED,
     EXIT_USAGE,
+    AtOpt,
     OutputOpt,
     fail,
     resolve_url,
@@ -34,11 +35,13 @@ events_app = typer.Typer(no_args_is_help=True, help="The event log.")
 user_app = typer.Typer(no_args_is_help=True, help="Users.")
 role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
 token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
+projections_app = typer.Typer(no_args_is_help=True, help="The projection store (read models).")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
 app.add_typer(user_app, name="user")
 app.add_typer(role_app, name="role")
 app.add_typer(token_app, name="token")
+app.add_typer(projections_app, name="projections")
 
 
 @app.callback()
@@ -119,9 +122,9 @@ def up(
 
 
 @app.command()
-def status(output: OutputOpt = Format.table) -> None:
+def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     """Exit 0 when the control plane answers; show the log and projector state."""
-    data = run(lambda c: c.query("status"))
+    data = run(lambda c: c.query("status", at=at))
     emit(data, output)
 
 
@@ -153,6 +156,7 @@ def serve(
     from stratus.events.store import EventStore
     from stratus.handlers.tokens import KeyRing
     from stratus.projections.db import make_engine, sqlite_url
+    from stratus.projections.rebuild import LiveProjection, live_store_path
 
     if service not in ("handlers", "projector", "query"):
         typer.echo("error: SERVICE must be handlers, projector or query", err=True)
@@ -171,14 +175,12 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        engine = make_engine(db or sqlite_url(data_dir / "projections.db"))
-        task: asyncio.Task[Any] | None = None
+        engine = make_engine(db or sqlite_url(live_store_path(data_dir)))
+        live: LiveProjection | None = None
         running: list[Any] = []
         if service == "projector":
-            from stratus.projections.projector import Projector
-
-            projector = Projector(store, engine)
-            task = asyncio.create_task(projector.run())
+            live = LiveProjection(store, engine)
+            await live.start()
         elif insecure_no_auth:
             from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService
@@ -204,11 +206,8 @@ def serve(
         await stop.wait()
         for svc in running:
             await svc.stop()
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            projector.close()
+        if live is not None:
+            await live.stop()
         await store.close()
         await engine.dispose()
 
@@ -246,14 +245,15 @@ def tenant_create(
 def tenant_list(
     all_: Annotated[bool, typer.Option("--all", help="include deleted tenants")] = False,
     output: OutputOpt = Format.table,
+    at: AtOpt = None,
 ) -> None:
-    data = run(lambda c: c.query("tenants", {"include_deleted": all_}))
+    data = run(lambda c: c.query("tenants", {"include_deleted": all_}, at=at))
     emit(data, output, ["id", "name", "status", "description", "created_at"])
 
 
 @tenant_app.command("show")
-def tenant_show(tenant: str, output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.query("tenant", {"tenant": tenant})), output)
+def tenant_show(tenant: str, output: OutputOpt = Format.table, at: AtOpt = None) -> None:
+    emit(run(lambda c: c.query("tenant", {"tenant": tenant}, at=at)), output)
 
 
 @tenant_app.command("rename")
@@ -277,14 +277,19 @@ def events_tail(
     from_: Annotated[int, typer.Option("--from", help="first sequence to show")] = 1,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="print new events too")] = False,
     output: OutputOpt = Format.table,
+    at: AtOpt = None,
 ) -> None:
     """Events in log order (your tenant's, or any for the cloud admin); -o json: one a line."""
+    if follow and at is not None:
+        typer.echo("error: --follow and --at exclude each other", err=True)
+        raise typer.Exit(EXIT_USAGE)
 
     async def main(c: Client) -> list[dict]:
         rows: list[dict] = []
         after = max(0, from_ - 1)
         while True:
-            page = await c.query("events", {"after": after, "limit": 500, "tenant": tenant})
+            body = {"after": after, "limit": 500, "tenant": tenant}
+            page = await c.query("events", body, at=at)
             for row in page:
                 if output is Format.json:
                     sys.stdout.write(json.dumps(row, default=str) + "\n")
@@ -324,6 +329,7 @@ def audit(
     until: Annotated[datetime | None, typer.Option(help="ISO-8601 UTC time")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 500,
     output: OutputOpt = Format.table,
+    at: AtOpt = None,
 ) -> None:
     """Who did what, when, through which command (read from the log)."""
     params: dict[str, Any] = {"limit": limit}
@@ -333,7 +339,7 @@ def audit(
     for k, t in (("since", since), ("until", until)):
         if t is not None:
             params[k] = (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
-    rows = run(lambda c: c.query("audit", params))
+    rows = run(lambda c: c.query("audit", params, at=at))
     if output is Format.table:
         rows = [
             {**_flat(r), "command": r.get("correlation_id"), "action": r.get("type")} for r in rows
@@ -381,8 +387,8 @@ def user_create(
 
 
 @user_app.command("list")
-def user_list(output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.query("users")), output, ["id", "enabled", "roles", "created_at"])
+def user_list(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
+    emit(run(lambda c: c.query("users", at=at)), output, ["id", "enabled", "roles", "created_at"])
 
 
 @user_app.command("set-password")
@@ -450,9 +456,10 @@ def role_list(
     user: Annotated[str | None, typer.Option()] = None,
     tenant: Annotated[str | None, typer.Option()] = None,
     output: OutputOpt = Format.table,
+    at: AtOpt = None,
 ) -> None:
     body = {k: v for k, v in (("user", user), ("tenant", tenant)) if v is not None}
-    emit(run(lambda c: c.query("roles", body)), output)
+    emit(run(lambda c: c.query("roles", body, at=at)), output)
 
 
 @app.command("key-rotate")
@@ -488,6 +495,95 @@ def events_schema() -> None:
     from stratus.events.catalog import CODEC
 
     sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    output: OutputOpt = Format.table,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="the data dir of the running `stratus up`")
+    ] = None,
+) -> None:
+    """Replay the whole log into a fresh store and swap it in while queries go on.
+
+    Runs on the machine of `stratus up` (it reads the data dir); the swap is
+    done by the running services, for the cloud admin's token only.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from stratus.cli.common import resolve_token
+    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER, URL_FILE
+    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.events.store import EventStore
+    from stratus.projections.rebuild import (
+        SWAP_SUBJECT,
+        build_store,
+        new_store_path,
+        remove_store,
+    )
+
+    data_dir = data_dir or default_dir()
+    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+    if not secret_file.exists():
+        typer.echo(
+            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
+            "needed): run this where `stratus up` runs, or pass --data-dir",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    url = settings.url or (
+        (data_dir / URL_FILE).read_text().strip()
+        if (data_dir / URL_FILE).exists()
+        else resolve_url()
+    )
+    password = secret_file.read_text().strip()
+    path = new_store_path(data_dir)
+
+    async def main() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        store = await EventStore.connect(
+            url, persistent=False, user=NATS_SERVICE_USER, password=password
+        )
+        swap = Client(store.nc, resolve_token(), timeout=600)
+        try:
+            await swap.control(SWAP_SUBJECT, {})  # refused callers learn it before the replay
+            head = await store.last_seq()
+            bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            with bar:
+                job = bar.add_task("replaying the log", total=max(head, 1))
+                built = await build_store(
+                    store, path, lambda _n, seq: bar.update(job, completed=seq)
+                )
+            swapped = await swap.control(SWAP_SUBJECT, {"store": path.name})
+        except BaseException:
+            remove_store(path)
+            raise
+        finally:
+            await store.close()
+        return {
+            "digest": swapped["digest"],
+            "events": built.events + swapped["caught_up"],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "replay_seconds": round(built.seconds, 3),
+            "seq": swapped["seq"],
+            "store": swapped["store"],
+            "caught_up": swapped["caught_up"],
+            "paused_seconds": swapped["paused_seconds"],
+        }
+
+    try:
+        result = asyncio.run(main())
+    except StratusError as err:
+        raise fail(err) from None
+    emit(result, output)
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from stratus.handlers.rbac import RoleBook
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
 from stratus.projections.db import make_engine, sqlite_url
-from stratus.projections.projector import Projector
 from stratus.projections.query import QueryService
+from stratus.projections.rebuild import LiveProjection, SwapService, live_store_path
 
 log = structlog.get_logger("stratus.up")
 
@@ -147,13 +147,14 @@ class Stack:
         self.admin_password = admin_password
         self.feed: IdentityFeed | None = None
         self.port = port
-        self.db_url = db_url or sqlite_url(self.data_dir / "projections.db")
+        self.db_url = db_url or sqlite_url(live_store_path(self.data_dir))
         self.hosts = hosts
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
         self.queries: QueryService | None = None
-        self.projector_task: asyncio.Task[None] | None = None
+        self.live: LiveProjection | None = None
+        self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
 
@@ -183,10 +184,8 @@ class Stack:
             )
             await self.store.ensure_stream()
             engine = make_engine(self.db_url)
-            self.engine = engine
-            projector = self.projector = Projector(self.store, engine)
-            await projector.start_position()
-            self.projector_task = asyncio.create_task(self._run_projector(projector))
+            self.live = LiveProjection(self.store, engine)
+            await self.live.start()
             keyring = KeyRing.load_or_create(self.data_dir / "keys")
             await publish_signing_keys(self.store, keyring)
             self.feed, self.commands, self.queries = await start_services(
@@ -196,8 +195,15 @@ class Stack:
                 token_ttl_s=self.token_ttl_s,
                 quota_defaults=self.quota_defaults,
             )
-            assert self.commands is not None
-            assert self.commands is not None
+            assert self.commands is not None and self.queries is not None
+            self.swapper = SwapService(
+                self.store,
+                self.live,
+                self.queries,
+                self.data_dir,
+                authenticate=self.queries.authenticate,
+            )
+            await self.swapper.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
@@ -212,35 +218,19 @@ class Stack:
             await self.stop()
             raise
 
-    async def _run_projector(self, projector: Projector) -> None:
-        while True:
-            try:
-                await projector.run()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # A broken connection or database hiccup: resume from the
-                # checkpoint, which is exactly where the failed batch began.
-                log.exception("projector failed; restarting from its checkpoint")
-                await asyncio.sleep(1)
-
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
-        for svc in (self.commands, self.queries, self.feed):
+        for svc in (self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()
-        if self.projector_task is not None:
-            self.projector_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.projector_task
+        if self.live is not None:
+            await self.live.stop()
         if self.store is not None:
             await self.store.close()
-        if getattr(self, "projector", None) is not None:
-            self.projector.close()
-        if getattr(self, "engine", None) is not None:
-            await self.engine.dispose()
+        if self.live is not None:
+            await self.live.engine.dispose()
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
         if self._lock_file is not None:

@@ -13,6 +13,15 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite+aiosqlite:///{Path(path)}"
 
 
+def sqlite_path(engine: AsyncEngine) -> Path | None:
+    """The file of a SQLite store (None: another backend, or in memory)."""
+    if engine.dialect.name != "sqlite" or not engine.url.database:
+        return None
+    if engine.url.database == ":memory:":
+        return None
+    return Path(engine.url.database)
+
+
 def make_engine(url: str, **kw: Any) -> AsyncEngine:
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "sqlite":

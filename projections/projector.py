@@ -13,16 +13,18 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import func, insert, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
-from stratus.projections.schema import checkpoints, metadata, quarantine
+from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
+from stratus.projections.snapshots import Snapshots
 from stratus.projections.views import View, all_views, dispatch
 
 log = structlog.get_logger("stratus.projector")
@@ -42,6 +44,16 @@ async def read_checkpoint(conn: AsyncConnection, name: str = DEFAULT_NAME) -> in
     return int(row[0]) if row else 0
 
 
+def fingerprint(view: View) -> str:
+    """A hash of a view's tables: names, columns, types, keys, nullability."""
+    h = hashlib.sha256()
+    for table in sorted(view.tables, key=lambda t: t.name):
+        h.update(f"table {table.name}\n".encode())
+        for c in sorted(table.columns, key=lambda c: c.name):
+            h.update(f"{c.name} {c.type!r} pk={c.primary_key} null={c.nullable}\n".encode())
+    return h.hexdigest()
+
+
 async def quarantine_count(conn: AsyncConnection) -> int:
     return int((await conn.execute(select(func.count()).select_from(quarantine))).scalar_one())
 
@@ -55,6 +67,7 @@ class Projector:
         views: Sequence[View] | None = None,
         name: str = DEFAULT_NAME,
         batch: int = 2000,
+        snapshots: Snapshots | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -64,18 +77,77 @@ class Projector:
         self.batch = batch
         self.position = 0
         self._folded = 0
+        self._skip: frozenset[int] = frozenset()
+        self._check_schema = True
         self._sync = sync_writer(engine)
+        # Checkpoint snapshots are copies of a SQLite file (time travel's
+        # starting points); other backends do without.
+        db = engine.url.database if engine.dialect.name == "sqlite" else None
+        self.snapshots = snapshots if db else None
+        self._db_path = Path(db) if db else None
 
     def close(self) -> None:
         if self._sync is not None:
             self._sync.dispose()
+
+    async def aclose(self) -> None:
+        """``close``, after letting a snapshot in progress finish."""
+        if self.snapshots is not None:
+            await self.snapshots.wait()
+        self.close()
 
     async def start_position(self) -> int:
         await init_schema(self.engine)
         async with self.engine.connect() as conn:
             self.position = await read_checkpoint(conn, self.name)
         self._folded = self.position
+        if self._check_schema:
+            await self._check_views()
         return self.position
+
+    async def _check_views(self) -> None:
+        """Rebuild every view whose tables changed (or that is new) since
+        the store last folded it: schema changes need no migration."""
+        want = {v.name: fingerprint(v) for v in self.views}
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(view_schemas))).all()
+        have = {r.view: r.fingerprint for r in rows}
+        stale = [v for v in self.views if have.get(v.name) != want[v.name]]
+        if not stale:
+            return
+        if self.position > 0:
+            log.warning(
+                "view schema changed; rebuilding from the log",
+                views=[v.name for v in stale],
+                until=self.position,
+            )
+            await self._rebuild_views(stale)
+        async with self.engine.begin() as conn:
+            for v in stale:
+                await conn.execute(delete(view_schemas).where(view_schemas.c.view == v.name))
+            await conn.execute(
+                insert(view_schemas), [{"view": v.name, "fingerprint": want[v.name]} for v in stale]
+            )
+
+    async def _rebuild_views(self, stale: list[View]) -> None:
+        tables: list[Table] = [t for v in stale for t in v.tables]
+        async with self.engine.begin() as conn:
+            for t in tables:
+                await conn.run_sync(t.drop, checkfirst=True)
+                await conn.run_sync(t.create)
+            poisoned = (await conn.execute(select(quarantine.c.seq))).scalars().all()
+        name = f"schema:{self.name}"
+        sub = Projector(self.store, self.engine, views=stale, name=name, batch=self.batch)
+        # Events already quarantined stay so (and out of every view), as in
+        # a full rebuild.
+        sub._skip = frozenset(poisoned)
+        sub._check_schema = False
+        try:
+            await sub.catch_up(until=self.position)
+        finally:
+            sub.close()
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(checkpoints).where(checkpoints.c.name == name))
 
     async def run(self) -> None:
         """Follow the log forever (until cancelled)."""
@@ -134,9 +206,12 @@ class Projector:
         folds = self._dispatch
         none: list = []
         floor = self._folded
+        skip = self._skip
         for rec in recs:
             if rec.seq <= floor:
                 continue  # redelivered after a reconnect: already applied
+            if rec.seq in skip:
+                continue
             try:
                 event = rec.decode(codec)
                 ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]
@@ -176,6 +251,9 @@ class Projector:
                 if p.poisoned:
                     await conn.execute(insert(quarantine), p.poisoned)
         self.position = p.last
+        if self.snapshots is not None and self._db_path is not None:
+            # Between batches: the copy's read transaction sees this commit.
+            self.snapshots.maybe_take(self._db_path, p.last)
         for q in p.poisoned:
             log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
 

@@ -21,7 +21,10 @@ from stratus.events.model import record
 from stratus.events.sealed import Sealer, respond
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import tenants, users
+from stratus.projections.db import sqlite_path
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
+from stratus.projections.snapshots import Snapshots
+from stratus.projections.timetravel import PastStore, TimeTravel
 
 QUEUE_GROUP = "queries"
 MAX_PAGE = 1000
@@ -102,6 +105,9 @@ class Route(msgspec.Struct, frozen=True):
     permission: str
     # The tenant a request asks about (default: the caller's own).
     tenant_of: Callable[[Any], str | None] | None = None
+    # Answered from the log itself: ``--at`` only bounds the read, no past
+    # store is built.
+    reads_log: bool = False
 
 
 def _asked(params: Any) -> str | None:
@@ -124,9 +130,12 @@ class QueryService:
         authorize: Authorize | None = None,
         projector_name: str = DEFAULT_NAME,
         queue: str = QUEUE_GROUP,
+        timetravel: TimeTravel | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
+        self.timetravel = timetravel or TimeTravel(store, snapshots=_snapshots_of(engine))
+        self._leases: dict[int, PastStore] = {}
         self.authenticate = authenticate
         self.authorize = authorize
         self.projector_name = projector_name
@@ -141,8 +150,8 @@ class QueryService:
             "status": Route(StatusQuery, self.q_status, "status.read"),
             "users": Route(UsersQuery, self.q_users, "user.list"),
             "roles": Route(RolesQuery, self.q_roles, "role.list", _asked),
-            "events": Route(EventsQuery, self.q_events, "events.read", _asked),
-            "audit": Route(AuditQuery, self.q_audit, "audit.read", _asked),
+            "events": Route(EventsQuery, self.q_events, "events.read", _asked, reads_log=True),
+            "audit": Route(AuditQuery, self.q_audit, "audit.read", _asked, reads_log=True),
         }
 
     def permissions(self) -> dict[str, str]:
@@ -158,6 +167,17 @@ class QueryService:
             self._sub = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        await self.timetravel.close()
+
+    def set_engine(self, engine: AsyncEngine) -> None:
+        """Answer from another live store from now on (a rebuild's swap).
+
+        One assignment in the event loop: a query reads either store
+        entirely, never a mix.
+        """
+        self.engine = engine
+        self.timetravel.snapshots = _snapshots_of(engine)
+        self._digest_cache = None
 
     async def _on_msg(self, msg: Msg) -> None:
         task = asyncio.create_task(self._serve(msg))
@@ -194,14 +214,32 @@ class QueryService:
         # it; routes narrow further to the caller's tenant themselves.
         asked = route.tenant_of(params) if route.tenant_of else None
         self._check(caller, route.permission, asked or caller.tenant)
-        point = await self.point((headers or {}).get(H_AT))
-        return await route.run(caller, params, point)
+        point = await self.point((headers or {}).get(H_AT), build=not route.reads_log)
+        try:
+            return await route.run(caller, params, point)
+        finally:
+            await self.release(point)
 
-    async def point(self, at: str | None) -> Point:
-        """The store that answers as of ``at`` (None: now)."""
+    async def point(self, at: str | None, *, build: bool = True) -> Point:
+        """The store that answers as of ``at`` (None: now); see ``timetravel``.
+
+        A past store is held for the caller until ``release(point)``.
+        ``build=False`` only resolves the sequence (routes reading the log).
+        """
         if at is None:
             return Point(self.engine)
-        raise Invalid("--at is not supported yet")
+        seq = await self.timetravel.resolve(at)
+        if not build:
+            return Point(self.engine, seq)
+        past = await self.timetravel.acquire(seq)
+        point = Point(past.engine, seq)
+        self._leases[id(point)] = past
+        return point
+
+    async def release(self, point: Point) -> None:
+        past = self._leases.pop(id(point), None)
+        if past is not None:
+            await self.timetravel.release(past)
 
     def _check(self, caller: CallerLike, permission: str, tenant: str | None) -> None:
         if self.authorize is not None:
@@ -290,17 +328,29 @@ class QueryService:
         async with pt.engine.connect() as conn, conn.begin():
             applied = await read_checkpoint(conn, self.projector_name)
             poisoned = await quarantine_count(conn)
-            if p.digest and (self._digest_cache is None or self._digest_cache[0] != applied):
-                self._digest_cache = (applied, await digest(conn))
+            found: str | None = None
+            if p.digest and pt.seq is not None:
+                found = await digest(conn)  # a past store: its own content
+            elif p.digest:
+                if self._digest_cache is None or self._digest_cache[0] != applied:
+                    self._digest_cache = (applied, await digest(conn))
+                found = self._digest_cache[1]
         out: dict[str, Any] = {
             "last_seq": last,
             "projector_seq": applied,
             "projector_lag": max(0, last - applied),
             "quarantined": poisoned,
         }
-        if p.digest and self._digest_cache is not None:
-            out["projection_digest"] = self._digest_cache[1]
+        if found is not None:
+            out["projection_digest"] = found
+        if pt.seq is not None:
+            out["at"] = pt.seq
         return out
+
+
+def _snapshots_of(engine: AsyncEngine) -> Snapshots | None:
+    path = sqlite_path(engine)
+    return Snapshots.for_store(path) if path is not None else None
 
 
 def _record(rec: Recorded, store: EventStore) -> dict:

@@ -65,3 +65,12 @@ quarantine = Table(
     Column("data", LargeBinary, nullable=False),
     Column("attempts", Integer, nullable=False, default=1),
 )
+
+# Each view's table layout as it was when its rows were written: a view whose
+# layout changed since is rebuilt from the log, instead of migrated by hand.
+view_schemas = Table(
+    "view_schemas",
+    metadata,
+    Column("view", String(64), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+)

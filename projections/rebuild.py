@@ -1,0 +1,308 @@
+"""Rebuild: replay the whole log into a fresh store, then swap it in live.
+
+Where things run (SQLite stores, the embedded ``stratus up``):
+
+1. ``stratus projections rebuild`` (the CLI, on the machine that runs
+   ``stratus up``: it reads DATA_DIR for the service's NATS credentials)
+   replays the log into ``DATA_DIR/projections.<stamp>.db`` with a progress
+   bar. The live store and the services are not involved: the heavy part
+   costs them nothing.
+2. It then asks the running control plane to swap, on ``ctl.projections.swap``
+   (a subject only the service NATS user may publish to), with the caller's
+   token: only the cloud admin is obeyed.
+3. ``SwapService`` pauses the live projector at a batch boundary, lets the
+   new store catch up to the head of the log, points the query service and
+   the projector at it (one assignment in the event loop: a query reads one
+   store or the other, never a half-built one), records the new file in
+   ``DATA_DIR/projections.current`` (so a restart opens it), and removes the
+   old file with its snapshots. Queries are answered throughout, from the
+   old store until the switch.
+
+PostgreSQL stores are not swapped yet: the request is refused with a message
+saying so.
+
+Schema changes need no hand-written migrations: ``Projector.start_position``
+compares each view's table fingerprint with the one the store recorded and
+rebuilds a changed (or newly added) view from the log up to the checkpoint;
+``stratus projections rebuild`` rebuilds everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from stratus.events.commands import MAX_COMMAND_BYTES, Reply
+from stratus.events.errors import Forbidden, Internal, Invalid, StratusError
+from stratus.events.sealed import Sealer, respond
+from stratus.events.store import EventStore
+from stratus.projections.db import make_engine, sqlite_path, sqlite_url
+from stratus.projections.projector import Projector, read_checkpoint, store_digest
+from stratus.projections.snapshots import DEFAULT_EVERY, Snapshots, snapshot_dir
+
+log = structlog.get_logger("stratus.rebuild")
+
+SWAP_SUBJECT = "ctl.projections.swap"
+DEFAULT_STORE = "projections.db"
+LIVE_POINTER = "projections.current"
+_STORE_NAME = re.compile(r"^projections(\.[0-9]{8}T[0-9]{12}Z)?\.db$")
+
+_enc = msgspec.json.Encoder()
+
+
+def live_store_path(data_dir: Path) -> Path:
+    """The live SQLite store of a data dir: the last one swapped in, else the default."""
+    pointer = data_dir / LIVE_POINTER
+    with contextlib.suppress(OSError):
+        name = pointer.read_text().strip()
+        if _STORE_NAME.match(name):
+            return data_dir / name
+    return data_dir / DEFAULT_STORE
+
+
+def set_live_store(data_dir: Path, path: Path) -> None:
+    tmp = data_dir / f".{LIVE_POINTER}.tmp"
+    tmp.write_text(path.name + "\n")
+    os.replace(tmp, data_dir / LIVE_POINTER)
+
+
+def new_store_path(data_dir: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return data_dir / f"projections.{stamp}.db"
+
+
+def remove_store(path: Path) -> None:
+    """A SQLite store file, its companions and its snapshots."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").unlink()
+    shutil.rmtree(snapshot_dir(path), ignore_errors=True)
+
+
+class Built(msgspec.Struct, frozen=True):
+    seq: int
+    events: int
+    seconds: float
+
+
+async def build_store(
+    store: EventStore, path: Path, progress: Callable[[int, int], Any] | None = None
+) -> Built:
+    """Replay the log from 1 into a new SQLite file at ``path``."""
+    _must_be_new(path)
+    t0 = time.perf_counter()
+    engine = make_engine(sqlite_url(path))
+    projector = Projector(store, engine, batch=5000)
+    events = 0
+
+    def counted(n: int, seq: int) -> None:
+        nonlocal events
+        events += n
+        if progress is not None:
+            progress(n, seq)
+
+    try:
+        seq = await projector.catch_up(progress=counted)
+        async with engine.connect() as conn:
+            # The whole store in the main file: the services open it next.
+            await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        projector.close()
+        await engine.dispose()
+    return Built(seq=seq, events=events, seconds=time.perf_counter() - t0)
+
+
+def _must_be_new(path: Path) -> None:
+    if path.exists():
+        raise Invalid(f"{path} exists already: a rebuild writes a new file")
+
+
+class LiveProjection:
+    """The live store and the projector that follows the log into it.
+
+    Restarts the projector from its checkpoint after a failure, and can be
+    paused at a batch boundary and resumed on another store (a swap).
+    """
+
+    def __init__(
+        self, store: EventStore, engine: AsyncEngine, *, snapshot_every: int = DEFAULT_EVERY
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.snapshot_every = snapshot_every
+        self.projector: Projector | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        path = sqlite_path(self.engine)
+        snaps = Snapshots.for_store(path, every=self.snapshot_every) if path else None
+        self.projector = Projector(self.store, self.engine, snapshots=snaps)
+        await self.projector.start_position()
+        self._task = asyncio.create_task(self._run(self.projector))
+
+    async def _run(self, projector: Projector) -> None:
+        while True:
+            try:
+                await projector.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A broken connection or database hiccup: resume from the
+                # checkpoint, which is exactly where the failed batch began.
+                log.exception("projector failed; restarting from its checkpoint")
+                await asyncio.sleep(1)
+
+    async def pause(self) -> None:
+        """Stop between batches: the store is then exactly at its checkpoint."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        projector, self.projector = self.projector, None
+        if projector is not None:
+            await projector.aclose()
+
+    async def resume(self, engine: AsyncEngine | None = None) -> None:
+        if engine is not None:
+            self.engine = engine
+        await self.start()
+
+    async def stop(self) -> None:
+        await self.pause()
+
+
+class SwapRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # None: only check that the caller may swap (before a long replay).
+    store: str | None = None
+
+
+class SwapService:
+    """Serves ``ctl.projections.swap`` for the embedded control plane."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        live: LiveProjection,
+        queries: Any,  # QueryService: set_engine(engine)
+        data_dir: Path,
+        *,
+        authenticate: Callable[[dict[str, str]], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.live = live
+        self.queries = queries
+        self.data_dir = Path(data_dir)
+        self.authenticate = authenticate
+        self.sealer = Sealer()
+        self._lock = asyncio.Lock()
+        self._sub: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._sub = await self.store.nc.subscribe(SWAP_SUBJECT, cb=self._on_msg)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=30)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, msg: Msg) -> None:
+        try:
+            data = await self.handle(msg.data, msg.headers or {})
+            body = _enc.encode(Reply(ok=True, data=data))
+        except StratusError as err:
+            body = _enc.encode(Reply(ok=False, error=err.to_wire()))
+        except Exception:
+            log.exception("swap failed")
+            err = Internal("swap failed; see the log of stratus up")
+            body = _enc.encode(Reply(ok=False, error=err.to_wire()))
+        await respond(self.store.nc, msg, body, self.sealer)
+
+    async def handle(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        if self.authenticate is not None:
+            caller = self.authenticate(headers)
+            if not caller.is_cloud_admin:
+                raise Forbidden("swapping the projection store is for the cloud admin")
+        if len(data) > MAX_COMMAND_BYTES:
+            raise Invalid("request too large")
+        try:
+            req = msgspec.json.decode(data, type=SwapRequest)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise Invalid(f"swap: {exc}") from None
+        if req.store is None:
+            return {"allowed": True}
+        return await self.swap(req.store)
+
+    async def swap(self, name: str) -> dict[str, Any]:
+        old_path = sqlite_path(self.live.engine)
+        if old_path is None:
+            raise Invalid("swapping is implemented for SQLite stores only, for now")
+        if not _STORE_NAME.match(name) or name == DEFAULT_STORE:
+            raise Invalid(f"{name!r} is not a rebuilt store name (projections.<stamp>.db)")
+        path = self.data_dir / name
+        if path.resolve() == old_path.resolve():
+            raise Invalid(f"{name} is the live store already")
+        if not path.is_file():
+            raise Invalid(f"no store {name} in {self.data_dir}")
+        async with self._lock:
+            t0 = time.perf_counter()
+            engine = make_engine(sqlite_url(path))
+            try:
+                async with engine.connect() as conn:
+                    built_at = await read_checkpoint(conn)
+            except Exception:
+                await engine.dispose()
+                raise Invalid(f"{name} is not a projection store") from None
+            await self.live.pause()
+            try:
+                # Queries are still answered, from the old store.
+                catch_up = Projector(self.store, engine)
+                try:
+                    reached = await catch_up.catch_up()
+                finally:
+                    catch_up.close()
+            except BaseException:
+                await self.live.resume()
+                await engine.dispose()
+                raise
+            old_engine = self.live.engine
+            self.queries.set_engine(engine)
+            await self.live.resume(engine)
+            set_live_store(self.data_dir, path)
+            paused = time.perf_counter() - t0
+            # Queries that began on the old store finish on it (their
+            # connections stay open); unlinking does not disturb them.
+            await old_engine.dispose()
+            remove_store(old_path)
+            seq, found = await store_digest(engine)
+            log.info("projection store swapped", store=name, built_at=built_at, reached=reached)
+            return {
+                "store": name,
+                "built_at": built_at,
+                "caught_up": reached - built_at,
+                "seq": seq,
+                "digest": found,
+                "paused_seconds": round(paused, 3),
+            }

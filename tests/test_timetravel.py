@@ -1,0 +1,204 @@
+"""Time travel: queries ``--at`` a sequence or a time, answered from a replayed store."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from stratus.events.commands import H_AT
+from stratus.events.errors import Invalid
+from stratus.events.tenants import TenantCreated, TenantRenamed
+from stratus.projections.projector import Projector, init_schema, store_digest
+from stratus.projections.query import QueryService
+from stratus.projections.snapshots import Snapshots
+from stratus.projections.timetravel import TimeTravel
+from stratus.tests.test_projector import CAUSE, append_all, make_history, stop, wait_for_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def ask(svc: QueryService, view: str, at: str | int | None = None, body: dict | None = None):
+    headers = {H_AT: str(at)} if at is not None else {}
+    return await svc.handle(view, json.dumps(body or {}).encode(), headers)
+
+
+async def fresh(store, engine, until: int) -> tuple[int, str]:
+    """What a projection built from 1 had when it reached ``until``."""
+    projector = Projector(store, engine, batch=97)
+    try:
+        await projector.catch_up(until=until)
+    finally:
+        projector.close()
+    return await store_digest(engine)
+
+
+def file_state(path: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.parent.glob(path.name + "*"))
+        if p.is_file()
+    }
+
+
+async def test_at_a_sequence_is_the_world_a_fresh_projection_had_then(
+    store, sqlite_engine, tmp_path
+):
+    # given a history, and a live projector taking a snapshot every 40 events
+    events = make_history(150, seed=11)
+    await append_all(store, events)
+    last = await store.last_seq()
+    live = sqlite_engine("live.db")
+    snaps = Snapshots.for_store(tmp_path / "live.db", every=40, keep=3)
+    projector = Projector(store, live, batch=10, snapshots=snaps)
+    await init_schema(live)
+    task = asyncio.create_task(projector.run())
+    try:
+        await wait_for_checkpoint(live, last)
+    finally:
+        await stop(task)
+        await projector.aclose()
+    taken = [s for s, _ in snaps.list()]
+    assert 1 <= len(taken) <= 3, taken
+    assert all(b - a >= 40 for a, b in itertools.pairwise(taken)), taken
+
+    svc = QueryService(store, live)
+    assert svc.timetravel.snapshots is not None
+    assert svc.timetravel.snapshots.directory == snaps.directory
+    try:
+        # when the status and the tenants are asked as of several points
+        points = sorted({1, 17, taken[0], taken[-1] + 3, last - 1, last} - {0})
+        points = [p for p in points if p <= last]
+        for i, seq in enumerate(points):
+            status = await ask(svc, "status", seq)
+            # then each is what a projection built from 1 had at that point
+            cp, want = await fresh(store, sqlite_engine(f"fresh-{i}.db"), seq)
+            assert cp == seq
+            assert status["at"] == seq and status["projector_seq"] == seq
+            assert status["projection_digest"] == want, f"at {seq}"
+            listed = await ask(svc, "tenants", seq, {"include_deleted": True})
+            created = {e.aggregate.id for e in events[:seq] if isinstance(e, TenantCreated)}
+            assert {t["id"] for t in listed} == created
+        # and points at or above a snapshot started from it, not from 1
+        tt = svc.timetravel
+        assert tt.builds == len(points)
+        assert tt.replayed < sum(points) - taken[0], (tt.replayed, points)
+    finally:
+        await svc.stop()
+
+
+async def test_at_a_time_is_the_last_event_at_or_before_it(store, sqlite_engine):
+    # given acme created, then renamed after a pause
+    await store.append([CAUSE.make(TenantCreated, "acme", "tenant", "acme", name="acme")])
+    await asyncio.sleep(0.05)
+    moment = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    await store.append(
+        [CAUSE.make(TenantRenamed, "acme", "tenant", "acme", name="roadrunner", previous="acme")]
+    )
+    live = sqlite_engine("live.db")
+    await fresh(store, live, 2)
+    svc = QueryService(store, live)
+    try:
+        # when asked as of the moment in between (with and without an offset)
+        for text in (moment.isoformat(), moment.replace(tzinfo=None).isoformat()):
+            status = await ask(svc, "status", text)
+            assert status["at"] == 1
+            shown = await ask(svc, "tenant", text, {"tenant": "acme"})
+            # then the tenant has its old name; now it has the new one
+            assert shown["name"] == "acme"
+        assert (await ask(svc, "tenant", body={"tenant": "acme"}))["name"] == "roadrunner"
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        assert (await ask(svc, "status", later))["at"] == 2
+        # events and audit stop at the point too, without a store being built
+        before = svc.timetravel.builds
+        rows = await ask(svc, "events", 1)
+        assert [r["seq"] for r in rows] == [1]
+        rows = await ask(svc, "audit", moment.isoformat())
+        assert [r["type"] for r in rows] == ["tenant.created"]
+        assert svc.timetravel.builds == before
+    finally:
+        await svc.stop()
+
+
+async def test_repeated_points_come_from_the_cache_and_evicted_files_go(store, sqlite_engine):
+    await append_all(store, make_history(40, seed=12))
+    live = sqlite_engine("live.db")
+    await fresh(store, live, await store.last_seq())
+    tt = TimeTravel(store, max_stores=2)
+    svc = QueryService(store, live, timetravel=tt)
+    try:
+        first = await ask(svc, "status", 10)
+        assert (tt.builds, tt.hits) == (1, 0)
+        # the same point again: served from the cache, same answer
+        for _ in range(3):
+            assert await ask(svc, "status", 10) == first
+        assert (tt.builds, tt.hits) == (1, 3)
+
+        # concurrent requests for a new point share one build
+        answers = await asyncio.gather(*(ask(svc, "status", 20) for _ in range(5)))
+        assert tt.builds == 2
+        assert len({a["projection_digest"] for a in answers}) == 1
+
+        # a third point evicts the least recently used one and its file
+        workdir = tt._workdir()
+        await ask(svc, "status", 30)
+        assert tt.cached() == [20, 30]
+        assert len(list(workdir.glob("*.db"))) == 2
+        # built from the nearest cached store, not from 1
+        assert tt.replayed == 10 + 10 + 10
+    finally:
+        await svc.stop()
+    # stopping removes every past store
+    assert not workdir.exists()
+
+
+async def test_time_travel_never_touches_the_live_store(store, sqlite_engine, tmp_path):
+    await append_all(store, make_history(60, seed=13))
+    last = await store.last_seq()
+    live = sqlite_engine("live.db")
+    await fresh(store, live, last - 5)
+    await live.dispose()  # every connection closed: the files are at rest
+    before = file_state(tmp_path / "live.db")
+    svc = QueryService(store, live)
+    try:
+        for seq in (3, last - 20, last):
+            await ask(svc, "status", seq)
+            await ask(svc, "tenants", seq)
+    finally:
+        await svc.stop()
+    assert file_state(tmp_path / "live.db") == before
+    cp, _ = await store_digest(live)
+    assert cp == last - 5
+
+
+async def test_bad_at_is_refused_clearly_and_builds_nothing(store, sqlite_engine):
+    first_at = datetime.now(UTC) - timedelta(seconds=5)
+    await append_all(store, make_history(5, seed=14))
+    last = await store.last_seq()
+    live = sqlite_engine("live.db")
+    await fresh(store, live, last)
+    svc = QueryService(store, live)
+    try:
+        cases = {
+            "yesterday-ish": "not a sequence number or an ISO-8601",
+            "-3": "1 or more",
+            "0": "1 or more",
+            str(last + 1): f"beyond the end of the log (last sequence is {last})",
+            "   ": "empty",
+            first_at.isoformat(): "before the first event",
+            "2026-13-45T00:00:00Z": "not a sequence number or an ISO-8601",
+        }
+        for at, words in cases.items():
+            for view in ("status", "tenants", "events"):
+                with pytest.raises(Invalid) as err:
+                    await ask(svc, view, at)
+                assert words in err.value.message, (at, err.value.message)
+        assert svc.timetravel.builds == 0 and svc.timetravel.cached() == []
+    finally:
+        await svc.stop()
