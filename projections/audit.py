@@ -20,7 +20,6 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
-    LargeBinary,
     String,
     Table,
     Text,
@@ -55,7 +54,7 @@ audit = Table(
     Column("causation_id", String, nullable=False),
     Column("result", Text, nullable=False),
     # The event's own fields as JSON (not the envelope, secrets redacted).
-    Column("payload", LargeBinary, nullable=False),
+    Column("payload", Text, nullable=False),
     # Each filter walks its index in log order, so a page is a range scan.
     Index("audit_tenant_seq", "tenant", "seq"),
     Index("audit_actor_seq", "actor", "seq"),
@@ -141,7 +140,7 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
                 "correlation_id": event.correlation_id,
                 "causation_id": event.causation_id,
                 "result": result_of(event, shape),
-                "payload": _json.encode(payload_of(event, shape)),
+                "payload": _json.encode(payload_of(event, shape)).decode(),
             },
         ),
     )
