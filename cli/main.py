@@ -325,28 +325,60 @@ def audit(
     actor: Annotated[str | None, typer.Option(help="only what this user did")] = None,
     resource: Annotated[str | None, typer.Option(help="only this resource id")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="event type, * wildcards")] = None,
-    since: Annotated[datetime | None, typer.Option(help="ISO-8601 UTC time")] = None,
-    until: Annotated[datetime | None, typer.Option(help="ISO-8601 UTC time")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO-8601 time (UTC if no offset)")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO-8601 time (UTC if no offset)")] = None,
+    command: Annotated[
+        str | None, typer.Option(help="a command's correlation id: everything it caused")
+    ] = None,
+    after: Annotated[
+        int | None, typer.Option(min=0, help="page forward: rows after this sequence")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 500,
-    output: OutputOpt = Format.table,
     at: AtOpt = None,
+    output: OutputOpt = Format.table,
 ) -> None:
-    """Who did what, when, through which command (read from the log)."""
+    """Who did what, when, through which command, with what result (newest last)."""
     params: dict[str, Any] = {"limit": limit}
-    for k, v in (("tenant", tenant), ("actor", actor), ("resource", resource), ("type", type_)):
+    for k, v in (
+        ("tenant", tenant),
+        ("actor", actor),
+        ("resource", resource),
+        ("type", type_),
+        ("command", command),
+        ("after", after),
+    ):
         if v is not None:
             params[k] = v
-    for k, t in (("since", since), ("until", until)):
-        if t is not None:
-            params[k] = (t if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
+    for k, text in (("since", since), ("until", until)):
+        if text is not None:
+            params[k] = _utc_time(k, text)
     rows = run(lambda c: c.query("audit", params, at=at))
     if output is Format.table:
         rows = [
-            {**_flat(r), "command": r.get("correlation_id"), "action": r.get("type")} for r in rows
+            {
+                "time": r["at"],
+                "actor": r["actor"],
+                "action": r["type"],
+                "resource": _flat(r)["resource"],
+                "command": r["correlation_id"],
+                "result": r["result"],
+            }
+            for r in rows
         ]
-        emit(rows, output, ["seq", "at", "actor", "action", "tenant", "resource", "command"])
+        emit(rows, output, ["time", "actor", "action", "resource", "command", "result"])
     else:
         emit(rows, output)
+
+
+def _utc_time(option: str, text: str) -> str:
+    """An ISO-8601 time as UTC; a usage error (exit 2) if it is not one."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an ISO-8601 time", param_hint=f"--{option}"
+        ) from None
+    return (t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)).isoformat()
 
 
 # -- identity -----------------------------------------------------------------

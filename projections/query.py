@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Protocol
@@ -20,7 +19,7 @@ from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
 from stratus.events.sealed import Sealer, respond
 from stratus.events.store import EventStore, Recorded
-from stratus.projections import tenants, users
+from stratus.projections import audit, tenants, users
 from stratus.projections.db import sqlite_path
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
 from stratus.projections.snapshots import Snapshots
@@ -28,6 +27,8 @@ from stratus.projections.timetravel import PastStore, TimeTravel
 
 QUEUE_GROUP = "queries"
 MAX_PAGE = 1000
+# How long an audit query waits for the projector to reach the end of the log.
+CATCH_UP_WAIT_S = 2.0
 
 log = structlog.get_logger("stratus.query")
 _enc = msgspec.json.Encoder()
@@ -62,11 +63,15 @@ class EventsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class AuditQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tenant: str | None = None
-    actor: str | None = None
+    actor: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     resource: str | None = None
     type: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    # A correlation id: everything one command caused.
+    command: str | None = None
+    # Paging: rows after this sequence, oldest first (default: the newest).
+    after: Annotated[int, msgspec.Meta(ge=0)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 500
 
 
@@ -294,33 +299,42 @@ class QueryService:
         return out
 
     async def q_audit(self, caller: CallerLike, p: AuditQuery, pt: Point) -> list[dict]:
-        """Who did what, read from the log itself (newest last)."""
+        """Who did what, from the audit view (newest last)."""
         tenant = self._own_tenant(caller, "audit.read", p.tenant)
-        if p.resource is not None and not is_token(p.resource):
-            raise Invalid("resource must be an id")
+        for what, value in (("resource", p.resource), ("command", p.command)):
+            if value is not None and not is_token(value):
+                raise Invalid(f"{what} must be an id")
         if tenant is not None and not (is_name(tenant) or tenant == "_system"):
             raise Invalid(f"tenant {tenant!r} is not a tenant id")
-        subject = f"ev.{tenant or '*'}.*.{p.resource or '*'}"
-        if tenant and not p.resource:
-            subject = f"ev.{tenant}.>"
-        after = 0
-        if p.since is not None:
-            first = await self.store.first_seq_after(p.since)
-            if first == 0:
-                return []
-            after = first - 1
-        out: list[dict] = []
-        async for batch in self.store.read(after=after, until=p.until, subjects=[subject]):
-            for rec in batch:
-                if pt.seq is not None and rec.seq > pt.seq:
-                    break
-                r = _record(rec, self.store)
-                if p.actor is not None and r.get("actor") != p.actor:
-                    continue
-                if p.type is not None and not fnmatch.fnmatchcase(str(r.get("type")), p.type):
-                    continue
-                out.append(r)
-        return out[-p.limit :]
+        f = audit.AuditFilter(
+            tenant=tenant,
+            actor=p.actor,
+            resource=p.resource,
+            type=p.type,
+            command=p.command,
+            since=p.since,
+            until=p.until,
+            after=p.after,
+            upto=pt.seq,
+            limit=p.limit,
+        )
+        if pt.seq is None:
+            await self._caught_up(pt.engine)
+        async with pt.engine.connect() as conn:
+            return await audit.list_audit(conn, f)
+
+    async def _caught_up(self, engine: AsyncEngine) -> None:
+        """Wait (briefly) until the projector has applied what the log held
+        when asked, so the trail shows the command the caller just ran."""
+        last = await self.store.last_seq()
+        deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT_S
+        while True:
+            async with engine.connect() as conn:
+                if await read_checkpoint(conn, self.projector_name) >= last:
+                    return
+            if asyncio.get_running_loop().time() >= deadline:
+                return  # a stalled projector: answer with what is there
+            await asyncio.sleep(0.01)
 
     async def q_status(self, caller: CallerLike, p: StatusQuery, pt: Point) -> dict:
         self._check(caller, "status.read", None)

@@ -8,7 +8,7 @@ import msgspec
 from sqlalchemy import Table
 
 from stratus.events.model import Event
-from stratus.projections import tenants, users
+from stratus.projections import audit, tenants, users
 from stratus.projections.batch import Op
 
 
@@ -25,6 +25,7 @@ def all_views() -> list[View]:
     return [
         View(tenants.NAME, tenants.TABLES, tenants.apply, tenants.FOLDS),
         View(users.NAME, users.TABLES, users.apply, users.FOLDS),
+        View(audit.NAME, audit.TABLES, audit.apply, audit.FOLDS),
     ]
 
 

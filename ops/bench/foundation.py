@@ -46,10 +46,12 @@ from stratus.events.store import MAX_BATCH, SUBJECTS, Condition, EventStore
 from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
 from stratus.handlers.tokens import KeyRing
 from stratus.ops.bench.common import Load, Report, Result, compare, drive, result
+from stratus.projections import audit
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.pgserver import LocalPostgres
 from stratus.projections.projector import Projector, store_digest
 from stratus.projections.tenants import tenants
+from stratus.projections.views import View, all_views
 
 RAW_PAYLOAD_BYTES = 145
 # One in this many prefilled events renames an earlier tenant.
@@ -214,7 +216,12 @@ async def _store_read(store: EventStore, n: int, max_s: float) -> Load:
 
 
 async def _projector_catch_up(
-    store: EventStore, db_url: str, n: int, creates: int, max_s: float
+    store: EventStore,
+    db_url: str,
+    n: int,
+    creates: int,
+    max_s: float,
+    views: list[View] | None = None,
 ) -> tuple[Load, str, str]:
     """Catch a fresh store at ``db_url`` up to ``n``: (load, check note, digest)."""
     engine = make_engine(db_url)
@@ -225,7 +232,7 @@ async def _projector_catch_up(
         load.done += count
 
     try:
-        projector = Projector(store, engine)
+        projector = Projector(store, engine, views=views)
         start = time.perf_counter()
         try:
             position = await asyncio.wait_for(projector.catch_up(until=n, progress=progress), max_s)
@@ -303,7 +310,22 @@ async def _read_path(
         target=0.5,
         label="raw read",
     )
-    report.results += [raw, read, proj]
+    # What the audit trail (one indexed row per event) costs a rebuild.
+    others = [v for v in all_views() if v.name != audit.NAME]
+    load, check, _ = await _projector_catch_up(
+        store,
+        sqlite_url(tmp / "projections-no-audit.db"),
+        n,
+        creates,
+        opts.phase_seconds * 2,
+        others,
+    )
+    no_audit = compare(
+        result(f"projector catch-up of {n:,}, without the audit view", load, note=check),
+        raw,
+        label="raw read",
+    )
+    report.results += [raw, read, no_audit, proj]
     # PostgreSQL after SQLite, on the same log in the same run. Its server
     # needs Debian's binaries: without them this row fails, the others stand.
     load, check, pg_digest = await _postgres_catch_up(store, n, creates, opts.phase_seconds * 2)

@@ -1,0 +1,241 @@
+"""The audit trail: one row per event, who did what, when, from which command.
+
+Every event type is folded here, generically from the envelope, so a new
+event type needs no change: its payload is kept (secret fields redacted) and
+its ``result`` is read from its own fields. The fold is one dict per event
+and one JSON encode; everything a filter needs is an indexed column.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from stratus.events.catalog import EVENT_TYPES
+from stratus.events.errors import Invalid
+from stratus.events.model import ENVELOPE, SECRET_FIELDS, Event
+from stratus.projections.batch import Op, Upsert
+from stratus.projections.schema import metadata
+from stratus.projections.tenants import _iso
+
+# On SQLite an INTEGER PRIMARY KEY is the rowid itself: no second B-tree for
+# the key, and every index below ends in the sequence for free.
+_SEQ = BigInteger().with_variant(Integer, "sqlite")
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", _SEQ, primary_key=True, autoincrement=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    # Unbounded strings: an event is never refused by the view for a long id.
+    Column("tenant", String, nullable=False),
+    Column("actor", String, nullable=False),
+    Column("type", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("resource", String, nullable=False),
+    Column("event_id", String, nullable=False),
+    Column("correlation_id", String, nullable=False),
+    Column("causation_id", String, nullable=False),
+    Column("result", Text, nullable=False),
+    # The event's own fields as JSON (not the envelope, secrets redacted).
+    Column("payload", Text, nullable=False),
+    # Each filter walks its index in log order, so a page is a range scan.
+    Index("audit_tenant_seq", "tenant", "seq"),
+    Index("audit_actor_seq", "actor", "seq"),
+    Index("audit_resource_seq", "resource", "seq"),
+    Index("audit_correlation_seq", "correlation_id", "seq"),
+    Index("audit_type_seq", "type", "seq"),
+)
+
+NAME = "audit"
+TABLES = (audit,)
+FOLDS: tuple[type[Event], ...] = EVENT_TYPES
+
+OK = "ok"
+FAILED = "failed"
+# Payload fields, in this order, whose text says why something went wrong.
+OUTCOME_FIELDS = ("error", "reason")
+MAX_RESULT = 500
+MAX_PAGE = 1000
+REDACTED = "<redacted>"
+
+
+class _Shape(msgspec.Struct, frozen=True):
+    """What the fold needs to know about one event type, worked out once."""
+
+    payload: tuple[str, ...]
+    secret: frozenset[str]
+    outcome: tuple[str, ...]
+    failed: bool
+
+
+def _shape(cls: type[Event]) -> _Shape:
+    payload = tuple(f for f in cls.__struct_fields__ if f not in ENVELOPE)
+    return _Shape(
+        payload=payload,
+        secret=frozenset(payload) & SECRET_FIELDS,
+        outcome=tuple(f for f in OUTCOME_FIELDS if f in payload),
+        failed=cls.type_name().endswith(".failed"),
+    )
+
+
+SHAPES: dict[type[Event], _Shape] = {cls: _shape(cls) for cls in EVENT_TYPES}
+
+_json = msgspec.json.Encoder()
+
+
+def result_of(event: Event, shape: _Shape | None = None) -> str:
+    """ "ok", or what the event says went wrong: its error or reason text,
+    else "failed" for a ``*.failed`` type."""
+    shape = shape or SHAPES.get(type(event)) or _shape(type(event))
+    for f in shape.outcome:
+        text = getattr(event, f)
+        if text:
+            return str(text)[:MAX_RESULT]
+    return FAILED if shape.failed else OK
+
+
+def payload_of(event: Event, shape: _Shape | None = None) -> dict[str, Any]:
+    shape = shape or SHAPES.get(type(event)) or _shape(type(event))
+    if shape.secret:
+        return {f: (REDACTED if f in shape.secret else getattr(event, f)) for f in shape.payload}
+    return {f: getattr(event, f) for f in shape.payload}
+
+
+def apply(seq: int, event: Event) -> Iterable[Op]:
+    shape = SHAPES.get(type(event)) or _shape(type(event))
+    at = event.at
+    if at.tzinfo is not UTC:
+        # Stored as UTC wall time (SQLite keeps no offset).
+        at = at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+    agg = event.aggregate
+    return (
+        Upsert(
+            audit,
+            {
+                "seq": seq,
+                "at": at,
+                "tenant": event.tenant,
+                "actor": event.actor,
+                "type": event.type_name(),
+                "kind": agg.kind,
+                "resource": agg.id,
+                "event_id": event.id,
+                "correlation_id": event.correlation_id,
+                "causation_id": event.causation_id,
+                "result": result_of(event, shape),
+                "payload": _json.encode(payload_of(event, shape)).decode(),
+            },
+        ),
+    )
+
+
+# -- reading --------------------------------------------------------------------
+
+# Event types are dotted lower-case words; a filter may add * and ? wildcards.
+TYPE_PATTERN_RE = re.compile(r"^[A-Za-z0-9_.*?-]{1,128}(?!\n)$")
+
+Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``list_audit`` selects. ``tenant`` None: every tenant."""
+
+    tenant: str | None = None
+    actor: str | None = None
+    resource: str | None = None
+    type: str | None = None
+    command: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    # Forward paging: rows after this sequence, oldest first. Without it,
+    # the newest ``limit`` rows (newest last).
+    after: int | None = None
+    # The last sequence the answer may include (a point in the past).
+    upto: int | None = None
+    limit: int = 500
+
+
+async def list_audit(conn: AsyncConnection, f: AuditFilter) -> list[dict[str, Any]]:
+    """The audit rows ``f`` selects, in log order."""
+    a = audit.c
+    q = select(audit)
+    for col, value in (
+        (a.tenant, f.tenant),
+        (a.actor, f.actor),
+        (a.resource, f.resource),
+        (a.correlation_id, f.command),
+    ):
+        if value is not None:
+            q = q.where(col == value)
+    if f.type is not None:
+        q = q.where(_type_clause(conn.dialect.name, f.type))
+    if f.since is not None:
+        q = q.where(a.at >= _utc(f.since))
+    if f.until is not None:
+        q = q.where(a.at <= _utc(f.until))
+    if f.upto is not None:
+        q = q.where(a.seq <= f.upto)
+    limit = max(1, min(f.limit, MAX_PAGE))
+    if f.after is not None:
+        q = q.where(a.seq > f.after).order_by(a.seq).limit(limit)
+        rows = (await conn.execute(q)).all()
+    else:
+        q = q.order_by(a.seq.desc()).limit(limit)
+        rows = (await conn.execute(q)).all()[::-1]
+    return [row_view(r) for r in rows]
+
+
+def _type_clause(dialect: str, pattern: str) -> Any:
+    if not TYPE_PATTERN_RE.match(pattern):
+        raise Invalid("type: an event type such as server.created, with * or ? wildcards")
+    col = audit.c.type
+    if "*" not in pattern and "?" not in pattern:
+        return col == pattern
+    if dialect == "sqlite":
+        # GLOB is case-sensitive with * and ?, as fnmatchcase; LIKE is not.
+        return col.op("GLOB")(pattern)
+    like = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return col.like(like.replace("*", "%").replace("?", "_"), escape="\\")
+
+
+def _utc(t: datetime) -> datetime:
+    return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+_payload = msgspec.json.Decoder(dict)
+
+
+def row_view(row: Any) -> dict[str, Any]:
+    """One audit row as the API shows it: the event's envelope, its result
+    and its payload as ``data`` (the shape ``q.events`` gives, plus ``result``)."""
+    return {
+        "seq": row.seq,
+        "subject": f"ev.{row.tenant}.{row.kind}.{row.resource}",
+        "type": row.type,
+        "tenant": row.tenant,
+        "aggregate": {"kind": row.kind, "id": row.resource},
+        "actor": row.actor,
+        "at": _iso(row.at),
+        "correlation_id": row.correlation_id,
+        "causation_id": row.causation_id,
+        "id": row.event_id,
+        "result": row.result,
+        "data": _payload.decode(row.payload),
+    }
