@@ -618,6 +618,11 @@ def projections_rebuild(
     emit(result, output)
 
 
+from stratus.cli import resources as _resources  # noqa: E402
+
+_resources.register(app)
+
+
 def main() -> None:
     # Usage errors from click already exit 2, as CLI.md asks.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
