@@ -275,3 +275,25 @@ def test_twelve_racing_cli_creates_under_a_quota_of_three_and_the_past_is_querya
     assert wait_projected(url)["last_seq"] == last
     with contextlib.suppress(Exception):
         up.stop()
+
+
+def test_configured_quota_defaults_apply_to_tenants_no_quota_set_touched(tmp_path):
+    from stratus.tests.test_cli import CONFIG_HOME, Up
+
+    CONFIG_HOME["value"] = str(tmp_path / "config")
+    u = Up(tmp_path / "data", "--quota-default", "instances=1", "--quota-default", "vcpus=-1")
+    try:
+        url = u.start()
+        login(url)
+        assert cli(url, "tenant", "create", "dflt").returncode == 0
+        assert cli(url, "image", "create", "img", "--tenant", "dflt").returncode == 0
+        wait_projected(url)
+        r = cli(url, "quota", "show", "dflt", "-o", "json")
+        limits = {q["resource"]: q["limit"] for q in json.loads(r.stdout)["quota"]}
+        assert limits["instances"] == 1 and limits["vcpus"] == -1 and limits["ports"] == 50
+        base = ["server", "create", "--image", "img", "--vcpus", "64", "--ram-mb", "64"]
+        assert cli(url, *base[:2], "a", *base[2:], "--tenant", "dflt").returncode == 0
+        r = cli(url, *base[:2], "b", *base[2:], "--tenant", "dflt")
+        assert r.returncode == 1 and "instances 1 of 1 in use" in r.stderr
+    finally:
+        u.stop()
