@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -416,50 +417,68 @@ def _power(event: type[Event], allowed: set[str], verb: str) -> Any:
     return decide
 
 
+def _create(
+    w: World,
+    cmd: Any,
+    cause: Cause,
+    cls: type[Event],
+    kind: str,
+    quota: dict[str, int] | None = None,
+    **fields: Any,
+) -> list[Event]:
+    """A named resource of the tenant: it must live, the name be free, the quota allow it."""
+    t = cmd.tenant or ""
+    _live_tenant(w, t)
+    _unique(w, kind, cmd.name)
+    if quota:
+        w.check_quota(quota)
+    return [cause.make(cls, t, kind, new_id(), name=cmd.name, **fields)]
+
+
+def _delete_unused(
+    w: World,
+    cmd: RefCommand,
+    cause: Cause,
+    cls: type[Event],
+    kind: str,
+    users: Callable[[dict[str, Any]], Iterable[str]],
+    label: str | None = None,
+) -> list[Event]:
+    """Delete a resource nothing uses any more; otherwise name what still does."""
+    r = w.find(kind, cmd.ref, label)
+    using = sorted(users(r))
+    if using:
+        raise Conflict(f"{label or kind} {r['name']} is in use by {', '.join(using)}")
+    return [cause.make(cls, cmd.tenant or "", kind, r["id"])]
+
+
+def _ports_where(w: World, test: Callable[[dict[str, Any]], bool]) -> list[str]:
+    return [f"port {p['name']}" for p in w.of("port").values() if test(p)]
+
+
 def decide_server_group_create(w: World, cmd: ServerGroupCreate, cause: Cause) -> list[Event]:
-    _live_tenant(w, cmd.tenant or "")
-    _unique(w, "server-group", cmd.name)
-    return [
-        cause.make(
-            ServerGroupCreated,
-            cmd.tenant or "",
-            "server-group",
-            new_id(),
-            name=cmd.name,
-            policy=cmd.policy,
-        )
-    ]
+    return _create(w, cmd, cause, ServerGroupCreated, "server-group", policy=cmd.policy)
 
 
 def decide_server_group_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    g = w.find("server-group", cmd.ref, "server group")
-    members = [s["name"] for s in w.of("server").values() if s.get("group") == g["id"]]
-    if members:
-        raise Conflict(f"server group {g['name']} still has servers: {', '.join(members)}")
-    return [cause.make(ServerGroupDeleted, cmd.tenant or "", "server-group", g["id"])]
+    def members(g: dict[str, Any]) -> list[str]:
+        return [f"server {s['name']}" for s in w.of("server").values() if s.get("group") == g["id"]]
+
+    return _delete_unused(
+        w, cmd, cause, ServerGroupDeleted, "server-group", members, "server group"
+    )
 
 
 def decide_volume_create(w: World, cmd: VolumeCreate, cause: Cause) -> list[Event]:
-    _live_tenant(w, cmd.tenant or "")
-    _unique(w, "volume", cmd.name)
-    w.check_quota({"volumes": 1, "volume_gb": cmd.size_gb})
-    return [
-        cause.make(
-            VolumeCreated,
-            cmd.tenant or "",
-            "volume",
-            new_id(),
-            name=cmd.name,
-            size_gb=cmd.size_gb,
-        )
-    ]
+    quota = {"volumes": 1, "volume_gb": cmd.size_gb}
+    return _create(w, cmd, cause, VolumeCreated, "volume", quota, size_gb=cmd.size_gb)
 
 
 def decide_volume_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    v = w.find("volume", cmd.ref)
-    if v.get("server"):
-        raise Conflict(f"volume {v['name']} is attached to a server; detach it first")
-    return [cause.make(VolumeDeleted, cmd.tenant or "", "volume", v["id"])]
+    def attached(v: dict[str, Any]) -> list[str]:
+        return [f"server {v['server']} (detach it first)"] if v.get("server") else []
+
+    return _delete_unused(w, cmd, cause, VolumeDeleted, "volume", attached)
 
 
 def decide_volume_attach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Event]:
@@ -481,21 +500,17 @@ def decide_volume_detach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
 
 
 def decide_network_create(w: World, cmd: NetworkCreate, cause: Cause) -> list[Event]:
-    _live_tenant(w, cmd.tenant or "")
     if cmd.external or cmd.cidr or cmd.pool_start or cmd.pool_end or cmd.gateway:
         raise Invalid("--external, --cidr and pools belong to external networks (cloud admin)")
-    _unique(w, "network", cmd.name)
-    w.check_quota({"networks": 1})
-    return [cause.make(NetworkCreated, cmd.tenant or "", "network", new_id(), name=cmd.name)]
+    return _create(w, cmd, cause, NetworkCreated, "network", {"networks": 1})
 
 
 def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    n = w.find("network", cmd.ref)
-    users = [s["name"] for s in _subnets_of(w, n["id"])]
-    users += [p["name"] for p in w.of("port").values() if p["network"] == n["id"]]
-    if users:
-        raise Conflict(f"network {n['name']} is in use by {', '.join(sorted(users))}")
-    return [cause.make(NetworkDeleted, cmd.tenant or "", "network", n["id"])]
+    def users(n: dict[str, Any]) -> list[str]:
+        subnets = [f"subnet {s['name']}" for s in _subnets_of(w, n["id"])]
+        return subnets + _ports_where(w, lambda p: p["network"] == n["id"])
+
+    return _delete_unused(w, cmd, cause, NetworkDeleted, "network", users)
 
 
 def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Event]:
@@ -534,11 +549,10 @@ def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Even
 
 
 def decide_subnet_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    s = w.find("subnet", cmd.ref)
-    users = [p["name"] for p in w.of("port").values() if p["subnet"] == s["id"]]
-    if users:
-        raise Conflict(f"subnet {s['name']} has ports: {', '.join(sorted(users))}")
-    return [cause.make(SubnetDeleted, cmd.tenant or "", "subnet", s["id"])]
+    def users(s: dict[str, Any]) -> list[str]:
+        return _ports_where(w, lambda p: p["subnet"] == s["id"])
+
+    return _delete_unused(w, cmd, cause, SubnetDeleted, "subnet", users)
 
 
 def decide_port_create(w: World, cmd: PortCreate, cause: Cause) -> list[Event]:
@@ -605,10 +619,10 @@ def decide_router_create(
 
 
 def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    r = w.find("router", cmd.ref)
-    if r.get("interfaces"):
-        raise Conflict(f"router {r['name']} still has subnets; remove them first")
-    return [cause.make(RouterDeleted, cmd.tenant or "", "router", r["id"])]
+    def interfaces(r: dict[str, Any]) -> list[str]:
+        return [f"subnet {s} (remove it first)" for s in r.get("interfaces", {})]
+
+    return _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
 
 
 def decide_router_add_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:
@@ -760,28 +774,25 @@ def decide_fip_disassociate(w: World, cmd: RefCommand, cause: Cause) -> list[Eve
 
 
 def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[Event]:
-    t = cmd.tenant or ""
-    _live_tenant(w, t)
-    _unique(w, "security-group", cmd.name)
-    w.check_quota({"security_groups": 1})
-    return [
-        cause.make(
-            SecurityGroupCreated,
-            t,
-            "security-group",
-            new_id(),
-            name=cmd.name,
-            description=cmd.description,
-        )
-    ]
+    quota = {"security_groups": 1}
+    return _create(
+        w,
+        cmd,
+        cause,
+        SecurityGroupCreated,
+        "security-group",
+        quota,
+        description=cmd.description,
+    )
 
 
 def decide_sg_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    g = w.find("security-group", cmd.ref, "security group")
-    users = [p["name"] for p in w.of("port").values() if g["id"] in p["security_groups"]]
-    if users:
-        raise Conflict(f"security group {g['name']} is used by ports {', '.join(sorted(users))}")
-    return [cause.make(SecurityGroupDeleted, cmd.tenant or "", "security-group", g["id"])]
+    def users(g: dict[str, Any]) -> list[str]:
+        return _ports_where(w, lambda p: g["id"] in p["security_groups"])
+
+    return _delete_unused(
+        w, cmd, cause, SecurityGroupDeleted, "security-group", users, "security group"
+    )
 
 
 def decide_sg_rule_add(w: World, cmd: SecurityGroupRuleAdd, cause: Cause) -> list[Event]:
@@ -834,27 +845,22 @@ def decide_sg_rule_remove(w: World, cmd: SecurityGroupRuleRemove, cause: Cause) 
 
 
 def decide_qos_create(w: World, cmd: QosPolicyCreate, cause: Cause) -> list[Event]:
-    _live_tenant(w, cmd.tenant or "")
-    _unique(w, "qos-policy", cmd.name)
-    return [
-        cause.make(
-            QosPolicyCreated,
-            cmd.tenant or "",
-            "qos-policy",
-            new_id(),
-            name=cmd.name,
-            max_kbps=cmd.max_kbps,
-            burst_kb=cmd.burst_kb,
-        )
-    ]
+    return _create(
+        w,
+        cmd,
+        cause,
+        QosPolicyCreated,
+        "qos-policy",
+        max_kbps=cmd.max_kbps,
+        burst_kb=cmd.burst_kb,
+    )
 
 
 def decide_qos_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
-    q = w.find("qos-policy", cmd.ref, "qos policy")
-    users = [p["name"] for p in w.of("port").values() if p.get("qos_policy") == q["id"]]
-    if users:
-        raise Conflict(f"qos policy {q['name']} is used by ports {', '.join(sorted(users))}")
-    return [cause.make(QosPolicyDeleted, cmd.tenant or "", "qos-policy", q["id"])]
+    def users(q: dict[str, Any]) -> list[str]:
+        return _ports_where(w, lambda p: p.get("qos_policy") == q["id"])
+
+    return _delete_unused(w, cmd, cause, QosPolicyDeleted, "qos-policy", users, "qos policy")
 
 
 def decide_image_create(w: World, cmd: ImageCreate, cause: Cause) -> list[Event]:
