@@ -1,7 +1,9 @@
 """``stratus demo``: the embedded control plane and a scripted scenario.
 
-The scenario grows with the control plane: for now it covers tenants, the
-event log and the audit trail.
+The scenario grows with the control plane: tenants, identity, a tenant's
+network, router, servers and floating IP under a quota, time travel and the
+audit trail. (Placement and the hosts' agents come with later issues: the
+servers stay ``requested``.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from stratus.events.errors import (
     Forbidden,
     Invalid,
     NotFound,
+    QuotaExceeded,
     StratusError,
     Unauthenticated,
 )
@@ -68,6 +71,7 @@ async def run_demo() -> None:
                 client.command("tenant.create", {"name": "Not Valid!"}),
             )
             await _identity(console, client, url)
+            await _inventory(console, client)
             status = await _wait_projected(client)
             emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
             console.rule("audit trail (the event log)")
@@ -79,8 +83,9 @@ async def run_demo() -> None:
                     "action": r["type"],
                     "resource": f"{r['aggregate']['kind']}/{r['aggregate']['id']}",
                     "command": r["correlation_id"],
+                    "result": r.get("result", ""),
                 }
-                for r in await client.query("audit", {})
+                for r in await client.query("audit", {"limit": 40})
             ]
             emit(rows, Format.table)
             console.print(
@@ -132,6 +137,58 @@ async def _identity(console: Console, admin: Client, url: str) -> None:
         )
     finally:
         await alice.close()
+
+
+async def _inventory(console: Console, admin: Client) -> None:
+    """acme's network, router, two servers under a quota of 2, a floating IP."""
+    console.rule("inventory and quota")
+    acme = {"tenant": "acme"}
+
+    async def do(verb: str, body: dict[str, Any]) -> Any:
+        return (await admin.command(verb, {**acme, **body})).data
+
+    await do("quota.set", {"limits": {"instances": 2, "floating_ips": 1}})
+    console.print("quota of acme: 2 instances, 1 floating IP")
+    await admin.command("network.create-external", {"name": "public", "cidr": "203.0.113.0/24"})
+    console.print("external network [bold]public[/] 203.0.113.0/24 (floating IP pool)")
+    await do("image.create", {"name": "cirros"})
+    await do("network.create", {"name": "lan"})
+    subnet = await do("subnet.create", {"name": "lan-v4", "network": "lan", "cidr": "10.0.0.0/24"})
+    console.print(f"network lan, subnet lan-v4 {subnet['cidr']} gateway {subnet['gateway']}")
+    await do("router.create", {"name": "edge", "external_network": "public"})
+    await do("router.add-subnet", {"router": "edge", "subnet": "lan-v4"})
+    console.print("router edge: gateway on public, interface on lan-v4")
+    before = (await _wait_projected(admin))["last_seq"]
+    for name in ("web-1", "web-2"):
+        s = await do(
+            "server.create",
+            {"name": name, "image": "cirros", "vcpus": 1, "ram_mb": 256, "networks": ["lan"]},
+        )
+        console.print(f"server [bold]{name}[/] recorded: {s['status']}")
+    await _refused(
+        console,
+        "a third server",
+        QuotaExceeded,
+        do("server.create", {"name": "web-3", "image": "cirros", "vcpus": 1, "ram_mb": 256}),
+    )
+    fip = await do("floating-ip.create", {"network": "public"})
+    await do("floating-ip.associate", {"floating_ip": fip["address"], "server": "web-1"})
+    console.print(f"floating IP {fip['address']} associated with web-1")
+    await _wait_projected(admin)
+    emit(
+        await admin.query("servers", acme),
+        Format.table,
+        ["name", "status", "vcpus", "ram_mb"],
+        title="servers of acme",
+    )
+    web1 = await admin.query("server", {**acme, "ref": "web-1"})
+    console.print(f"web-1 addresses: {web1['addresses'][0]['ip']}, {web1['floating_ips']}")
+    quota = await admin.query("quota", acme)
+    emit(quota["quota"], Format.table, ["resource", "limit", "in_use"], title="quota of acme")
+    past = await admin.query("servers", acme, at=before)
+    console.print(f"time travel: servers of acme --at {before}: {len(past)} (before they existed)")
+    if past:
+        raise AssertionError(f"--at {before} should show no servers, got {past}")
 
 
 async def _refused(

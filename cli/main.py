@@ -55,6 +55,39 @@ def _global(
     settings.token = token
 
 
+QuotaDefaultOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--quota-default",
+        help="RESOURCE=N, repeat: the limit of tenants no `quota set` touched "
+        "(give every handler and query process the same)",
+    ),
+]
+
+
+def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
+    from stratus.events.resources import QUOTA_DEFAULTS
+
+    if not pairs:
+        return None
+    out: dict[str, int] = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        try:
+            n = int(v)
+        except ValueError:
+            n = -2
+        if not sep or k not in QUOTA_DEFAULTS or n < -1:
+            typer.echo(
+                f"error: --quota-default wants RESOURCE=N (N >= -1), RESOURCE one of "
+                f"{', '.join(QUOTA_DEFAULTS)}; got {p!r}",
+                err=True,
+            )
+            raise typer.Exit(EXIT_USAGE)
+        out[k] = n
+    return out
+
+
 # -- running it ---------------------------------------------------------------
 
 
@@ -76,11 +109,13 @@ def up(
     token_ttl: Annotated[
         int, typer.Option(min=60, max=24 * 3600, help="lifetime of login tokens, seconds")
     ] = 8 * 3600,
+    quota_default: QuotaDefaultOpt = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
     from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
 
+    defaults = parse_quota_defaults(quota_default)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -93,6 +128,7 @@ def up(
             hosts=hosts,
             admin_password=admin_password,
             token_ttl_s=token_ttl,
+            quota_defaults=defaults,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -144,6 +180,7 @@ def serve(
             help="trust every request as the cloud admin: benchmarks on a closed network only",
         ),
     ] = False,
+    quota_default: QuotaDefaultOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
@@ -167,6 +204,7 @@ def serve(
     if nats_password is None and secret_file.exists():
         nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
     creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+    defaults = parse_quota_defaults(quota_default)
 
     async def main() -> None:
         store = await EventStore.connect(resolve_url(), **creds)
@@ -187,9 +225,9 @@ def serve(
             from stratus.projections.query import QueryService
 
             svc: Any = (
-                CommandService(store, all_handlers())
+                CommandService(store, all_handlers(quota_defaults=defaults))
                 if service == "handlers"
-                else QueryService(store, engine)
+                else QueryService(store, engine, quota_defaults=defaults)
             )
             await svc.start()
             running.append(svc)
@@ -199,7 +237,12 @@ def serve(
             handlers = service == "handlers"
             keyring = KeyRing.load_or_create(keys) if handlers and keys.exists() else None
             feed, commands, queries = await start_services(
-                store, engine, keyring, commands=handlers, queries=not handlers
+                store,
+                engine,
+                keyring,
+                commands=handlers,
+                queries=not handlers,
+                quota_defaults=defaults,
             )
             running.extend([commands or queries, feed])
         print(f"stratus {service} ready", flush=True)
@@ -616,6 +659,11 @@ def projections_rebuild(
     except StratusError as err:
         raise fail(err) from None
     emit(result, output)
+
+
+from stratus.cli import resources as _resources  # noqa: E402
+
+_resources.register(app)
 
 
 def main() -> None:

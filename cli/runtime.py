@@ -111,7 +111,13 @@ async def start_services(
         )
         await cmd_svc.start()
     if queries:
-        q_svc = QueryService(store, engine, authenticate=authenticate, authorize=book.authorize)
+        q_svc = QueryService(
+            store,
+            engine,
+            authenticate=authenticate,
+            authorize=book.authorize,
+            quota_defaults=quota_defaults,
+        )
         await q_svc.start()
     return feed, cmd_svc, q_svc
 

@@ -233,7 +233,10 @@ class CommandService:
             if not events:
                 return self._ok(handler, tracked.state, [])
             conditions = [Condition(boundary, tracked.seq)]
-            if other is not None:
+            if other is not None and any(subject_matches(second, e.subject) for e in events):  # type: ignore[arg-type]
+                # Only a decision that writes to the second boundary (takes
+                # an address from a pool) is conditioned on it; one that only
+                # looked (a router naming its external network) is not.
                 conditions = _conditions(events, [(boundary, tracked.seq), (second, other.seq)])
             try:
                 result = await self.appender.append(events, conditions, msg_id=cause.correlation_id)

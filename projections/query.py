@@ -19,7 +19,7 @@ from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
 from stratus.events.sealed import Sealer, respond
 from stratus.events.store import EventStore, Recorded
-from stratus.projections import audit, tenants, users
+from stratus.projections import audit, resources, tenants, users
 from stratus.projections.db import sqlite_path
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
 from stratus.projections.snapshots import Snapshots
@@ -73,6 +73,27 @@ class AuditQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Paging: rows after this sequence, oldest first (default: the newest).
     after: Annotated[int, msgspec.Meta(ge=0)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 500
+
+
+class ListQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tenant: str | None = None
+    name: str | None = None
+
+
+class ShowQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    tenant: str | None = None
+
+
+class QuotaQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    tenant: str | None = None
+
+
+# Kinds anyone may see some of besides their own: public images and
+# external networks live in the tenant ``_system``.
+_SHARED_KINDS = {"image", "network"}
+# Cloud-wide kinds and the permission that reads them.
+_CLOUD_KINDS = {"host": "host.list", "flavor": "flavor.list"}
 
 
 class CallerLike(Protocol):
@@ -136,7 +157,11 @@ class QueryService:
         projector_name: str = DEFAULT_NAME,
         queue: str = QUEUE_GROUP,
         timetravel: TimeTravel | None = None,
+        quota_defaults: dict[str, int] | None = None,
     ) -> None:
+        from stratus.events.resources import QUOTA_DEFAULTS
+
+        self.quota_defaults = {**QUOTA_DEFAULTS, **(quota_defaults or {})}
         self.store = store
         self.engine = engine
         self.timetravel = timetravel or TimeTravel(store, snapshots=_snapshots_of(engine))
@@ -157,7 +182,14 @@ class QueryService:
             "roles": Route(RolesQuery, self.q_roles, "role.list", _asked),
             "events": Route(EventsQuery, self.q_events, "events.read", _asked, reads_log=True),
             "audit": Route(AuditQuery, self.q_audit, "audit.read", _asked, reads_log=True),
+            "quota": Route(QuotaQuery, self.q_quota, "quota.show", _asked),
         }
+        for kind in resources.PLURAL:
+            perm = _CLOUD_KINDS.get(kind, f"{kind}.read")
+            asked = None if kind in _CLOUD_KINDS else _asked
+            plural = resources.PLURAL[kind].replace("_", "-")
+            self.routes[plural] = Route(ListQuery, self._lister(kind, perm), perm, asked)
+            self.routes[kind] = Route(ShowQuery, self._shower(kind, perm), perm, asked)
 
     def permissions(self) -> dict[str, str]:
         return {view: r.permission for view, r in self.routes.items()}
@@ -257,6 +289,40 @@ class QueryService:
         tenant = asked or caller.tenant
         self._check(caller, permission, tenant)
         return tenant
+
+    def _visible(self, caller: CallerLike, kind: str, perm: str, asked: str | None) -> list | None:
+        """Tenants whose ``kind`` rows the caller may read (None: all of them)."""
+        if kind in _CLOUD_KINDS:
+            return None
+        tenant = self._own_tenant(caller, perm, asked)
+        if tenant is None:
+            return None
+        return [tenant, "_system"] if kind in _SHARED_KINDS else [tenant]
+
+    def _lister(self, kind: str, perm: str) -> Callable[..., Awaitable[Any]]:
+        async def run(caller: CallerLike, p: ListQuery, pt: Point) -> list[dict]:
+            tenants_ = self._visible(caller, kind, perm, p.tenant)
+            async with pt.engine.connect() as conn:
+                return await resources.list_rows(conn, kind, tenants_, p.name)
+
+        return run
+
+    def _shower(self, kind: str, perm: str) -> Callable[..., Awaitable[Any]]:
+        async def run(caller: CallerLike, p: ShowQuery, pt: Point) -> dict:
+            tenants_ = self._visible(caller, kind, perm, p.tenant)
+            async with pt.engine.connect() as conn, conn.begin():
+                row = await resources.find_row(conn, kind, p.ref, tenants_)
+                if row is None:
+                    raise NotFound(f"{kind} {p.ref} not found")
+                return await resources.details(conn, kind, row)
+
+        return run
+
+    async def q_quota(self, caller: CallerLike, p: QuotaQuery, pt: Point) -> dict:
+        tenant = p.tenant or caller.tenant
+        self._check(caller, "quota.show", tenant)
+        async with pt.engine.connect() as conn, conn.begin():
+            return await resources.quota_usage(conn, tenant, self.quota_defaults)
 
     async def q_tenants(self, caller: CallerLike, p: TenantsQuery, pt: Point) -> list[dict]:
         self._check(caller, "tenant.list", None)

@@ -8,7 +8,7 @@ import msgspec
 from sqlalchemy import Table
 
 from stratus.events.model import Event
-from stratus.projections import audit, tenants, users
+from stratus.projections import audit, resources, tenants, users
 from stratus.projections.batch import Op
 
 
@@ -26,6 +26,7 @@ def all_views() -> list[View]:
         View(tenants.NAME, tenants.TABLES, tenants.apply, tenants.FOLDS),
         View(users.NAME, users.TABLES, users.apply, users.FOLDS),
         View(audit.NAME, audit.TABLES, audit.apply, audit.FOLDS),
+        View(resources.NAME, resources.TABLES, resources.apply, resources.FOLDS),
     ]
 
 

@@ -407,6 +407,38 @@ QUERY_SAMPLES: dict[str, dict] = {
     "roles": {"tenant": "ta"},
     "events": {"tenant": "ta", "limit": 5},
     "audit": {"tenant": "ta", "limit": 5},
+    "quota": {"tenant": "ta"},
+    "hosts": {},
+    "host": {"ref": "hs-0"},
+    "flavors": {},
+    "flavor": {"ref": "fd-0"},
+    **{
+        plural: {"tenant": "ta"}
+        for plural in (
+            "images",
+            "servers",
+            "server-groups",
+            "volumes",
+            "networks",
+            "subnets",
+            "ports",
+            "routers",
+            "floating-ips",
+            "security-groups",
+            "qos-policies",
+        )
+    },
+    "image": {"tenant": "ta", "ref": "base"},
+    "server": {"tenant": "ta", "ref": "run-0"},
+    "server-group": {"tenant": "ta", "ref": "gd-0"},
+    "volume": {"tenant": "ta", "ref": "vd-0"},
+    "network": {"tenant": "ta", "ref": "lan"},
+    "subnet": {"tenant": "ta", "ref": "lan-v4"},
+    "port": {"tenant": "ta", "ref": "pd-0"},
+    "router": {"tenant": "ta", "ref": "rd-0"},
+    "floating-ip": {"tenant": "ta", "ref": "203.0.113.2"},
+    "security-group": {"tenant": "ta", "ref": "web"},
+    "qos-policy": {"tenant": "ta", "ref": "qd-0"},
 }
 
 
@@ -441,6 +473,7 @@ async def test_role_by_command_matrix_follows_the_permission_table(world):
     callers = [(name, world.people[user]) for name, user, _, _ in CALLERS]
     mismatches: list[str] = []
     await seed_inventory(cloud, world.admin.token, len(callers))
+    await cloud.settled(world.admin.token)
 
     def check(what: str, name: str, want: str, reply: dict) -> None:
         got = kind(reply)

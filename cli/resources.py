@@ -1,0 +1,493 @@
+"""Resource verbs, in the OpenStack client's shape: ``stratus server create ...``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, run
+from stratus.cli.output import Format, emit
+
+TenantOpt = Annotated[
+    str | None, typer.Option(help="tenant to act in (default: your token's; cloud admin: any)")
+]
+
+# kind -> (list columns, help)
+KINDS: dict[str, tuple[list[str], str]] = {
+    "host": (["id", "status", "zone", "vcpus", "ram_mb", "disk_gb", "labels"], "Hosts."),
+    "flavor": (["id", "vcpus", "ram_mb", "disk_gb"], "Flavors (cloud-wide sizes)."),
+    "image": (["id", "name", "tenant", "status", "format", "visibility"], "Images."),
+    "server": (
+        ["id", "name", "status", "host", "vcpus", "ram_mb", "instance_type", "tenant"],
+        "Servers (instances).",
+    ),
+    "server-group": (["id", "name", "policy", "tenant"], "Server groups."),
+    "volume": (["id", "name", "status", "size_gb", "server", "tenant"], "Volumes."),
+    "network": (["id", "name", "status", "external", "cidr", "tenant"], "Networks."),
+    "subnet": (["id", "name", "network", "cidr", "gateway", "tenant"], "Subnets."),
+    "port": (["id", "name", "network", "ip", "mac", "device", "status", "tenant"], "Ports."),
+    "router": (["id", "name", "status", "external_network", "tenant"], "Routers."),
+    "floating-ip": (["id", "address", "status", "fixed_ip", "server", "tenant"], "Floating IPs."),
+    "security-group": (["id", "name", "description", "tenant"], "Security groups."),
+    "qos-policy": (["id", "name", "max_kbps", "burst_kb", "tenant"], "QoS policies."),
+}
+PLURAL = {
+    "host": "hosts",
+    "flavor": "flavors",
+    "image": "images",
+    "server": "servers",
+    "server-group": "server-groups",
+    "volume": "volumes",
+    "network": "networks",
+    "subnet": "subnets",
+    "port": "ports",
+    "router": "routers",
+    "floating-ip": "floating-ips",
+    "security-group": "security-groups",
+    "qos-policy": "qos-policies",
+}
+
+
+def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
+    body = {k: v for k, v in fields.items() if v is not None}
+    if tenant is not None:
+        body["tenant"] = tenant
+    return body
+
+
+def do(verb: str, body: dict[str, Any], output: Format) -> None:
+    emit(run(lambda c: c.command(verb, body)).data, output)
+
+
+def _labels(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            typer.echo(f"error: --label wants KEY=VALUE, got {p!r}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        out[k] = v
+    return out
+
+
+def _reads(app: typer.Typer, kind: str) -> None:
+    columns, _ = KINDS[kind]
+    cloud = kind in ("host", "flavor")
+
+    @app.command("list")
+    def list_(
+        tenant: TenantOpt = None,
+        name: Annotated[str | None, typer.Option(help="only this name")] = None,
+        at: AtOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        body = {} if cloud else _body(tenant, name=name)
+        emit(run(lambda c: c.query(PLURAL[kind], body, at=at)), output, columns)
+
+    @app.command("show")
+    def show(
+        ref: Annotated[str, typer.Argument(help="id or name")],
+        tenant: TenantOpt = None,
+        at: AtOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        body = {"ref": ref} if cloud else _body(tenant, ref=ref)
+        emit(run(lambda c: c.query(kind, body, at=at)), output)
+
+
+def _delete(app: typer.Typer, kind: str, verb: str = "delete") -> None:
+    @app.command(verb)
+    def delete(
+        ref: Annotated[str, typer.Argument(help="id or name")],
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do(f"{kind}.{verb}", _body(tenant, ref=ref), output)
+
+
+def register(root: typer.Typer) -> None:
+    apps = {k: typer.Typer(no_args_is_help=True, help=h) for k, (_, h) in KINDS.items()}
+    for kind, sub in apps.items():
+        root.add_typer(sub, name=kind)
+        _reads(sub, kind)
+    for kind in KINDS:
+        if kind not in ("host", "flavor", "image", "network"):
+            _delete(apps[kind], kind)
+    for verb in ("stop", "start", "reboot"):
+        _delete(apps["server"], "server", verb)
+    _delete(apps["image"], "image")
+    _delete(apps["network"], "network")
+    _delete(apps["floating-ip"], "floating-ip", "disassociate")
+
+    @apps["host"].command("register")
+    def host_register(
+        name: str,
+        vcpus: Annotated[int, typer.Option()],
+        ram_mb: Annotated[int, typer.Option()],
+        disk_gb: Annotated[int, typer.Option()],
+        zone: Annotated[str, typer.Option()] = "nova",
+        label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeat")] = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Register a host (what its agent does at start); cloud admin."""
+        body = {"name": name, "vcpus": vcpus, "ram_mb": ram_mb, "disk_gb": disk_gb}
+        do("host.register", {**body, "zone": zone, "labels": _labels(label)}, output)
+
+    for verb in ("enable", "disable"):
+
+        def switch(
+            name: str,
+            reason: Annotated[str, typer.Option()] = "",
+            output: OutputOpt = Format.table,
+            _verb: str = verb,
+        ) -> None:
+            do(f"host.{_verb}", {"name": name, "reason": reason}, output)
+
+        apps["host"].command(verb)(switch)
+
+    @apps["host"].command("remove")
+    def host_remove(name: str, output: OutputOpt = Format.table) -> None:
+        do("host.remove", {"name": name}, output)
+
+    @apps["flavor"].command("delete")
+    def flavor_delete(name: str, output: OutputOpt = Format.table) -> None:
+        do("flavor.delete", {"name": name}, output)
+
+    @apps["flavor"].command("create")
+    def flavor_create(
+        name: str,
+        vcpus: Annotated[int, typer.Option()],
+        ram_mb: Annotated[int, typer.Option()],
+        disk_gb: Annotated[int, typer.Option()] = 0,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do(
+            "flavor.create",
+            {"name": name, "vcpus": vcpus, "ram_mb": ram_mb, "disk_gb": disk_gb},
+            output,
+        )
+
+    @apps["image"].command("create")
+    def image_create(
+        name: str,
+        format_: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
+        size_bytes: Annotated[int, typer.Option()] = 0,
+        public: Annotated[
+            bool, typer.Option("--public", help="for every tenant (cloud admin)")
+        ] = False,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Record an image (its file store comes with the compute agent)."""
+        body = {"name": name, "format": format_, "size_bytes": size_bytes}
+        if public:
+            do("image.create-public", body, output)
+        else:
+            do("image.create", _body(tenant, **body), output)
+
+    @apps["server"].command("create")
+    def server_create(
+        name: str,
+        image: Annotated[str, typer.Option()],
+        flavor: Annotated[str | None, typer.Option()] = None,
+        vcpus: Annotated[int | None, typer.Option()] = None,
+        ram_mb: Annotated[int | None, typer.Option()] = None,
+        disk_gb: Annotated[int | None, typer.Option()] = None,
+        type_: Annotated[str, typer.Option("--type", help="vm or container")] = "vm",
+        network: Annotated[list[str] | None, typer.Option(help="repeat")] = None,
+        security_group: Annotated[list[str] | None, typer.Option(help="repeat")] = None,
+        label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeat")] = None,
+        host: Annotated[str | None, typer.Option()] = None,
+        group: Annotated[str | None, typer.Option()] = None,
+        zone: Annotated[str | None, typer.Option()] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Request a server; it appears as `requested` until the scheduler places it."""
+        body = _body(
+            tenant,
+            name=name,
+            image=image,
+            flavor=flavor,
+            vcpus=vcpus,
+            ram_mb=ram_mb,
+            disk_gb=disk_gb,
+            instance_type=type_,
+            networks=network or [],
+            security_groups=security_group or [],
+            labels=_labels(label),
+            host=host,
+            group=group,
+            zone=zone,
+        )
+        do("server.create", body, output)
+
+    @apps["server-group"].command("create")
+    def server_group_create(
+        name: str,
+        policy: Annotated[str, typer.Option(help="affinity or anti-affinity")],
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do("server-group.create", _body(tenant, name=name, policy=policy), output)
+
+    @apps["volume"].command("create")
+    def volume_create(
+        name: str,
+        size_gb: Annotated[int, typer.Option()],
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do("volume.create", _body(tenant, name=name, size_gb=size_gb), output)
+
+    for verb in ("attach", "detach"):
+
+        def attach(
+            server: str,
+            volume: str,
+            tenant: TenantOpt = None,
+            output: OutputOpt = Format.table,
+            _verb: str = verb,
+        ) -> None:
+            do(f"volume.{_verb}", _body(tenant, server=server, volume=volume), output)
+
+        apps["volume"].command(verb)(attach)
+
+    @apps["network"].command("create")
+    def network_create(
+        name: str,
+        external: Annotated[bool, typer.Option("--external", help="cloud admin")] = False,
+        cidr: Annotated[str | None, typer.Option(help="external: floating IP range")] = None,
+        gateway: Annotated[str | None, typer.Option()] = None,
+        pool_start: Annotated[str | None, typer.Option()] = None,
+        pool_end: Annotated[str | None, typer.Option()] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        if external:
+            body = _body(
+                None,
+                name=name,
+                external=True,
+                cidr=cidr,
+                gateway=gateway,
+                pool_start=pool_start,
+                pool_end=pool_end,
+            )
+            do("network.create-external", body, output)
+        else:
+            do("network.create", _body(tenant, name=name), output)
+
+    @apps["subnet"].command("create")
+    def subnet_create(
+        name: str,
+        network: Annotated[str, typer.Option()],
+        cidr: Annotated[str, typer.Option()],
+        gateway: Annotated[str | None, typer.Option()] = None,
+        pool_start: Annotated[str | None, typer.Option()] = None,
+        pool_end: Annotated[str | None, typer.Option()] = None,
+        dns: Annotated[list[str] | None, typer.Option(help="repeat")] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        body = _body(
+            tenant,
+            name=name,
+            network=network,
+            cidr=cidr,
+            gateway=gateway,
+            pool_start=pool_start,
+            pool_end=pool_end,
+            dns=dns or [],
+        )
+        do("subnet.create", body, output)
+
+    @apps["port"].command("create")
+    def port_create(
+        name: str,
+        network: Annotated[str, typer.Option()],
+        subnet: Annotated[str | None, typer.Option()] = None,
+        ip: Annotated[str | None, typer.Option()] = None,
+        security_group: Annotated[list[str] | None, typer.Option(help="repeat")] = None,
+        qos_policy: Annotated[str | None, typer.Option()] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        body = _body(
+            tenant,
+            name=name,
+            network=network,
+            subnet=subnet,
+            ip=ip,
+            security_groups=security_group or [],
+            qos_policy=qos_policy,
+        )
+        do("port.create", body, output)
+
+    @apps["router"].command("create")
+    def router_create(
+        name: str,
+        external: Annotated[
+            str | None, typer.Option("--external", help="external network for the gateway")
+        ] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do("router.create", _body(tenant, name=name, external_network=external), output)
+
+    for verb in ("add-subnet", "remove-subnet"):
+
+        def iface(
+            router: str,
+            subnet: str,
+            tenant: TenantOpt = None,
+            output: OutputOpt = Format.table,
+            _verb: str = verb,
+        ) -> None:
+            do(f"router.{_verb}", _body(tenant, router=router, subnet=subnet), output)
+
+        apps["router"].command(verb)(iface)
+
+    @apps["floating-ip"].command("create")
+    def fip_create(
+        network: Annotated[str, typer.Option(help="external network")] = "public",
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do("floating-ip.create", _body(tenant, network=network), output)
+
+    @apps["floating-ip"].command("associate")
+    def fip_associate(
+        floating_ip: Annotated[str, typer.Argument(help="address or id")],
+        server: Annotated[str | None, typer.Argument()] = None,
+        port: Annotated[str | None, typer.Option()] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        body = _body(tenant, floating_ip=floating_ip, server=server, port=port)
+        do("floating-ip.associate", body, output)
+
+    sg = apps["security-group"]
+
+    @sg.command("create")
+    def sg_create(
+        name: str,
+        description: Annotated[str, typer.Option()] = "",
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do("security-group.create", _body(tenant, name=name, description=description), output)
+
+    rule_app = typer.Typer(no_args_is_help=True, help="Security group rules.")
+    sg.add_typer(rule_app, name="rule")
+
+    @rule_app.command("add")
+    def rule_add(
+        security_group: str,
+        protocol: Annotated[str, typer.Option(help="tcp, udp, icmp or any")] = "tcp",
+        port: Annotated[str | None, typer.Option(help="N or N:M")] = None,
+        remote_cidr: Annotated[str | None, typer.Option()] = None,
+        remote_group: Annotated[str | None, typer.Option()] = None,
+        direction: Annotated[str, typer.Option(help="ingress or egress")] = "ingress",
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        lo = hi = 0
+        if port:
+            a, _, b = port.partition(":")
+            try:
+                lo, hi = int(a), int(b or a)
+            except ValueError:
+                typer.echo(f"error: --port wants N or N:M, got {port!r}", err=True)
+                raise typer.Exit(EXIT_USAGE) from None
+        body = _body(
+            tenant,
+            security_group=security_group,
+            protocol=protocol,
+            port_min=lo,
+            port_max=hi,
+            remote_cidr=remote_cidr,
+            remote_group=remote_group,
+            direction=direction,
+        )
+        do("security-group.rule-add", body, output)
+
+    @rule_app.command("remove")
+    def rule_remove(
+        security_group: str, rule: str, tenant: TenantOpt = None, output: OutputOpt = Format.table
+    ) -> None:
+        do(
+            "security-group.rule-remove",
+            _body(tenant, security_group=security_group, rule=rule),
+            output,
+        )
+
+    @apps["qos-policy"].command("create")
+    def qos_create(
+        name: str,
+        max_kbps: Annotated[int, typer.Option()],
+        burst_kb: Annotated[int, typer.Option()] = 0,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do(
+            "qos-policy.create",
+            _body(tenant, name=name, max_kbps=max_kbps, burst_kb=burst_kb),
+            output,
+        )
+
+    quota = typer.Typer(no_args_is_help=True, help="Quotas: limits and usage per tenant.")
+    root.add_typer(quota, name="quota")
+
+    @quota.command("show")
+    def quota_show(
+        tenant: Annotated[str | None, typer.Argument()] = None,
+        at: AtOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        data = run(lambda c: c.query("quota", _body(tenant), at=at))
+        if output is Format.table:
+            emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
+        else:
+            emit(data, output)
+
+    @quota.command("set")
+    def quota_set(
+        tenant: str,
+        instances: Annotated[int | None, typer.Option()] = None,
+        vcpus: Annotated[int | None, typer.Option()] = None,
+        ram_mb: Annotated[int | None, typer.Option()] = None,
+        volumes: Annotated[int | None, typer.Option()] = None,
+        volume_gb: Annotated[int | None, typer.Option()] = None,
+        networks: Annotated[int | None, typer.Option()] = None,
+        subnets: Annotated[int | None, typer.Option()] = None,
+        ports: Annotated[int | None, typer.Option()] = None,
+        routers: Annotated[int | None, typer.Option()] = None,
+        floating_ips: Annotated[int | None, typer.Option()] = None,
+        security_groups: Annotated[int | None, typer.Option()] = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Set limits (-1: unlimited); below usage only blocks new allocations."""
+        limits = {
+            k: v
+            for k, v in {
+                "instances": instances,
+                "vcpus": vcpus,
+                "ram_mb": ram_mb,
+                "volumes": volumes,
+                "volume_gb": volume_gb,
+                "networks": networks,
+                "subnets": subnets,
+                "ports": ports,
+                "routers": routers,
+                "floating_ips": floating_ips,
+                "security_groups": security_groups,
+            }.items()
+            if v is not None
+        }
+        data = run(lambda c: c.command("quota.set", {"tenant": tenant, "limits": limits})).data
+        if output is Format.table:
+            emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
+        else:
+            emit(data, output)

@@ -1,0 +1,394 @@
+"""The inventory views: one table per resource kind, its columns derived from
+the kind's events, so a field added to an event is a column without a
+hand-written migration (the changed view is rebuilt from the log).
+
+A creating event inserts the row, a changing event updates the columns it
+carries (and the status its class names), an ending event removes the row:
+the past stays in the audit view and is reachable with ``--at``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, get_type_hints
+
+import msgspec
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from stratus.events import resources as ev
+from stratus.events.model import ENVELOPE, Event
+from stratus.projections.batch import Delete, Op, Patch, Upsert
+from stratus.projections.schema import metadata
+
+NAME = "inventory"
+
+PLURAL = {
+    "host": "hosts",
+    "flavor": "flavors",
+    "image": "images",
+    "server": "servers",
+    "server-group": "server_groups",
+    "volume": "volumes",
+    "network": "networks",
+    "subnet": "subnets",
+    "port": "ports",
+    "router": "routers",
+    "floating-ip": "floating_ips",
+    "security-group": "security_groups",
+    "qos-policy": "qos_policies",
+}
+
+# Events whose payload is not columns of their kind's row.
+_RULES = (ev.SecurityGroupRuleAdded, ev.SecurityGroupRuleRemoved)
+_INTERFACES = (ev.RouterInterfaceAdded, ev.RouterInterfaceRemoved)
+# What a change event sets, where its payload says something else (the
+# volume detached *from* a server; the port an address was taken *off*).
+_OVERRIDE: dict[type, dict[str, Any]] = {
+    ev.VolumeDetached: {"server": ""},
+    ev.FloatingIpDisassociated: {"port": "", "server": "", "fixed_ip": ""},
+}
+
+_enc = msgspec.json.Encoder(order="sorted")
+_dec = msgspec.json.Decoder()
+
+
+def _column_type(tp: Any) -> Any:
+    if tp is bool:
+        return Boolean
+    if tp is int:
+        return BigInteger
+    if tp is float:
+        return Float
+    if tp is str:
+        return Text
+    return None  # lists and maps: canonical JSON text
+
+
+def _payload_fields(cls: type) -> dict[str, Any]:
+    hints = get_type_hints(cls)
+    return {f: hints[f] for f in cls.__struct_fields__ if f not in ENVELOPE}
+
+
+def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
+    out: dict[str, list[type[ev.ResourceEvent]]] = {}
+    for cls in ev.EVENTS:
+        if isinstance(cls, type) and issubclass(cls, ev.ResourceEvent):
+            out.setdefault(cls.type_name().split(".")[0], []).append(cls)
+    return out
+
+
+KIND_EVENTS = _kind_events()
+# JSON-text columns, per table (decoded again when read).
+JSON_COLUMNS: dict[str, set[str]] = {}
+TABLES_BY_KIND: dict[str, Table] = {}
+
+
+def _make_table(kind: str, classes: list[type[ev.ResourceEvent]]) -> Table:
+    cols: dict[str, Any] = {}
+    json_cols: set[str] = set()
+    for cls in classes:
+        if cls in _RULES or cls in _INTERFACES:
+            continue
+        for field, tp in _payload_fields(cls).items():
+            if field in cols:
+                continue
+            sql = _column_type(tp)
+            if sql is None:
+                json_cols.add(field)
+                sql = Text
+            cols[field] = sql
+    name = PLURAL[kind]
+    JSON_COLUMNS[name] = json_cols
+    table = Table(
+        name,
+        metadata,
+        Column("id", String(64), primary_key=True),
+        Column("tenant", String(63), nullable=False),
+        Column("status", String(16), nullable=False),
+        *(Column(f, t) for f, t in cols.items() if f not in ("id", "tenant", "status")),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("created_seq", BigInteger, nullable=False),
+        Column("updated_seq", BigInteger, nullable=False),
+    )
+    Index(f"ix_{name}_tenant", table.c.tenant)
+    return table
+
+
+for _kind, _classes in KIND_EVENTS.items():
+    TABLES_BY_KIND[_kind] = _make_table(_kind, _classes)
+
+security_group_rules = Table(
+    "security_group_rules",
+    metadata,
+    Column("rule", String(64), primary_key=True),
+    Column("security_group", String(64), nullable=False, index=True),
+    Column("tenant", String(63), nullable=False),
+    Column("direction", String(8), nullable=False),
+    Column("protocol", String(8), nullable=False),
+    Column("port_min", BigInteger, nullable=False),
+    Column("port_max", BigInteger, nullable=False),
+    Column("remote_cidr", String(64), nullable=False),
+    Column("remote_group", String(64), nullable=False),
+    Column("created_seq", BigInteger, nullable=False),
+)
+
+router_interfaces = Table(
+    "router_interfaces",
+    metadata,
+    Column("router", String(64), primary_key=True),
+    Column("subnet", String(64), primary_key=True),
+    Column("tenant", String(63), nullable=False),
+    Column("port", String(64), nullable=False),
+    Column("ip", String(64), nullable=False),
+    Column("created_seq", BigInteger, nullable=False),
+)
+
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("tenant", String(63), primary_key=True),
+    Column("limits", Text, nullable=False),
+    Column("updated_seq", BigInteger, nullable=False),
+)
+
+TABLES = (*TABLES_BY_KIND.values(), security_group_rules, router_interfaces, quotas)
+FOLDS: tuple[type[Event], ...] = (
+    *(c for cs in KIND_EVENTS.values() for c in cs),
+    ev.QuotaSet,
+)
+
+
+class _Plan:
+    """How one event class becomes row operations, worked out once."""
+
+    __slots__ = ("begins", "ends", "fields", "json", "override", "status", "table", "template")
+
+    def __init__(self, cls: type[ev.ResourceEvent]) -> None:
+        kind = cls.type_name().split(".")[0]
+        self.table = TABLES_BY_KIND[kind]
+        self.fields = tuple(f for f in _payload_fields(cls) if f in self.table.c)
+        self.json = JSON_COLUMNS[self.table.name]
+        self.status = cls.status
+        self.begins, self.ends = cls.begins, cls.ends
+        self.override = _OVERRIDE.get(cls)
+        self.template = dict.fromkeys(c.name for c in self.table.columns)
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type) -> _Plan:
+    p = _PLANS.get(cls)
+    if p is None:
+        p = _PLANS[cls] = _Plan(cls)
+    return p
+
+
+def _value(p: _Plan, event: Event, f: str) -> Any:
+    v = getattr(event, f)
+    return _enc.encode(v).decode() if f in p.json else v
+
+
+def apply(seq: int, event: Event) -> Iterable[Op]:
+    if isinstance(event, ev.QuotaSet):
+        yield Upsert(
+            quotas,
+            {
+                "tenant": event.tenant,
+                "limits": _enc.encode(event.limits).decode(),
+                "updated_seq": seq,
+            },
+        )
+        return
+    rid, cls = event.aggregate.id, type(event)
+    if cls is ev.SecurityGroupRuleAdded:
+        yield Upsert(
+            security_group_rules,
+            {
+                "rule": event.rule,
+                "security_group": rid,
+                "tenant": event.tenant,
+                "direction": event.direction,
+                "protocol": event.protocol,
+                "port_min": event.port_min,
+                "port_max": event.port_max,
+                "remote_cidr": event.remote_cidr,
+                "remote_group": event.remote_group,
+                "created_seq": seq,
+            },
+        )
+    elif cls is ev.SecurityGroupRuleRemoved:
+        yield Delete(security_group_rules, (event.rule,))
+    elif cls is ev.RouterInterfaceAdded:
+        yield Upsert(
+            router_interfaces,
+            {
+                "router": rid,
+                "subnet": event.subnet,
+                "tenant": event.tenant,
+                "port": event.port,
+                "ip": event.ip,
+                "created_seq": seq,
+            },
+        )
+    elif cls is ev.RouterInterfaceRemoved:
+        yield Delete(router_interfaces, (rid, event.subnet))
+    p = _plan(cls)
+    if p.ends:
+        yield Delete(p.table, (rid,))
+        return
+    if p.begins:
+        row = dict(p.template)
+        for f in p.fields:
+            row[f] = _value(p, event, f)
+        row.update(
+            id=rid,
+            tenant=event.tenant,
+            status=p.status or "active",
+            created_at=event.at,
+            updated_at=event.at,
+            created_seq=seq,
+            updated_seq=seq,
+        )
+        yield Upsert(p.table, row)
+        return
+    values: dict[str, Any] = {"updated_at": event.at, "updated_seq": seq}
+    if cls not in _RULES and cls not in _INTERFACES:
+        for f in p.fields:
+            values[f] = _value(p, event, f)
+    if p.override:
+        values.update(p.override)
+    if p.status is not None:
+        values["status"] = p.status
+    yield Patch(p.table, (rid,), values)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        return value.isoformat() + "Z"
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def row_view(table: Table, row: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    json_cols = JSON_COLUMNS.get(table.name, ())
+    for k, v in row._mapping.items():
+        if k in ("created_seq", "updated_seq"):
+            continue
+        if k in json_cols and isinstance(v, str):
+            v = _dec.decode(v)
+        elif isinstance(v, datetime):
+            v = _iso(v)
+        out[k] = v
+    return out
+
+
+async def list_rows(
+    conn: AsyncConnection, kind: str, tenants: list[str] | None, name: str | None = None
+) -> list[dict[str, Any]]:
+    """A kind's live rows, of ``tenants`` (None: every tenant), oldest first."""
+    t = TABLES_BY_KIND[kind]
+    q = select(t).order_by(t.c.created_seq)
+    if tenants is not None:
+        q = q.where(t.c.tenant.in_(tenants))
+    if name is not None and "name" in t.c:
+        q = q.where(t.c.name == name)
+    return [row_view(t, r) for r in (await conn.execute(q)).all()]
+
+
+async def find_row(
+    conn: AsyncConnection, kind: str, ref: str, tenants: list[str] | None
+) -> dict[str, Any] | None:
+    """By id, else by a name exactly one row (of ``tenants``) has, else by address."""
+    t = TABLES_BY_KIND[kind]
+    scope = (lambda q: q) if tenants is None else (lambda q: q.where(t.c.tenant.in_(tenants)))
+    rows = (await conn.execute(scope(select(t).where(t.c.id == ref)))).all()
+    for column in ("name", "address"):
+        if not rows and column in t.c:
+            rows = (await conn.execute(scope(select(t).where(t.c[column] == ref)))).all()
+    return row_view(t, rows[0]) if len(rows) == 1 else None
+
+
+async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    """What ``show`` adds to a row: a server's addresses, a group's rules, ..."""
+    if kind == "server":
+        ports = TABLES_BY_KIND["port"]
+        q = select(ports.c.network, ports.c.ip, ports.c.mac, ports.c.id).where(
+            ports.c.device == row["id"]
+        )
+        found = (await conn.execute(q.order_by(ports.c.created_seq))).all()
+        row["addresses"] = [
+            {"network": r.network, "ip": r.ip, "mac": r.mac, "port": r.id} for r in found
+        ]
+        fips = TABLES_BY_KIND["floating-ip"]
+        q = select(fips.c.address).where(fips.c.server == row["id"])
+        row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
+    elif kind == "security-group":
+        r = security_group_rules
+        q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)
+        row["rules"] = [
+            {k: v for k, v in x._mapping.items() if k not in ("created_seq", "tenant")}
+            for x in (await conn.execute(q)).all()
+        ]
+    elif kind == "router":
+        r = router_interfaces
+        q = select(r).where(r.c.router == row["id"]).order_by(r.c.created_seq)
+        row["interfaces"] = [
+            {"subnet": x.subnet, "port": x.port, "ip": x.ip} for x in (await conn.execute(q)).all()
+        ]
+    return row
+
+
+async def quota_usage(
+    conn: AsyncConnection, tenant: str, defaults: dict[str, int]
+) -> dict[str, Any]:
+    """Limits and usage, counted from the tenant's resource rows."""
+    row = (await conn.execute(select(quotas.c.limits).where(quotas.c.tenant == tenant))).first()
+    limits = {**defaults, **(_dec.decode(row[0]) if row else {})}
+    t = TABLES_BY_KIND
+
+    async def count(kind: str) -> int:
+        tb = t[kind]
+        q = select(func.count()).select_from(tb).where(tb.c.tenant == tenant)
+        return int((await conn.execute(q)).scalar_one())
+
+    async def total(kind: str, column: str) -> int:
+        tb = t[kind]
+        q = select(func.coalesce(func.sum(tb.c[column]), 0)).where(tb.c.tenant == tenant)
+        return int((await conn.execute(q)).scalar_one())
+
+    used = {
+        "instances": await count("server"),
+        "vcpus": await total("server", "vcpus"),
+        "ram_mb": await total("server", "ram_mb"),
+        "volumes": await count("volume"),
+        "volume_gb": await total("volume", "size_gb"),
+        "networks": await count("network"),
+        "subnets": await count("subnet"),
+        "ports": await count("port"),
+        "routers": await count("router"),
+        "floating_ips": await count("floating-ip"),
+        "security_groups": await count("security-group"),
+    }
+    return {
+        "tenant": tenant,
+        "quota": [{"resource": r, "limit": limits.get(r, -1), "in_use": used[r]} for r in defaults],
+    }
