@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, delete, func, insert, select
+from sqlalchemy import Index, Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
@@ -68,7 +68,13 @@ class Projector:
         name: str = DEFAULT_NAME,
         batch: int = 2000,
         snapshots: Snapshots | None = None,
+        bulk: bool = False,
     ) -> None:
+        """``bulk``: a rebuild into a new store that nothing reads until it
+        is complete (``build_store``). Starting from 0, the secondary
+        indexes are built once at the end instead of row by row, and a
+        SQLite file is written without syncs (a crash leaves a file nobody
+        swaps in). The checkpoint still commits with each batch."""
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
@@ -79,7 +85,10 @@ class Projector:
         self._folded = 0
         self._skip: frozenset[int] = frozenset()
         self._check_schema = True
-        self._sync = sync_writer(engine)
+        self.bulk = bulk
+        # Indexes dropped for a bulk load, created again when it ends.
+        self._deferred: list[Index] = []
+        self._sync = sync_writer(engine, bulk=bulk)
         # Checkpoint snapshots are copies of a SQLite file (time travel's
         # starting points); other backends do without.
         db = engine.url.database if engine.dialect.name == "sqlite" else None
@@ -103,7 +112,42 @@ class Projector:
         self._folded = self.position
         if self._check_schema:
             await self._check_views()
+        if self.bulk and self.position == 0:
+            await self._defer_indexes()
+        else:
+            # A bulk load that stopped part way left its indexes out.
+            await self._create_indexes(self._view_indexes())
         return self.position
+
+    def _view_indexes(self) -> list[Index]:
+        return [ix for v in self.views for t in v.tables for ix in sorted(t.indexes, key=_name)]
+
+    async def _defer_indexes(self) -> None:
+        self._deferred = self._view_indexes()
+        if not self._deferred:
+            return
+        async with self.engine.begin() as conn:
+            for ix in self._deferred:
+                await conn.run_sync(ix.drop, checkfirst=True)
+
+    async def _create_indexes(self, indexes: list[Index]) -> None:
+        if not indexes:
+            return
+        if self._sync is not None and self.bulk:
+            # The bulk writer's connection: its pragmas let SQLite sort each
+            # index with helper threads (on the other core) in a big cache.
+            with self._sync.begin() as sconn:
+                for ix in indexes:
+                    ix.create(sconn, checkfirst=True)
+            return
+        async with self.engine.begin() as conn:
+            for ix in indexes:
+                await conn.run_sync(ix.create, checkfirst=True)
+
+    async def finish_bulk(self) -> None:
+        """Create the indexes a bulk load deferred (one sorted pass each)."""
+        deferred, self._deferred = self._deferred, []
+        await self._create_indexes(deferred)
 
     async def _check_views(self) -> None:
         """Rebuild every view whose tables changed (or that is new) since
@@ -163,6 +207,8 @@ class Projector:
         """Apply everything up to ``until`` (default: the end as of now)."""
         after = await self.start_position()
         await self._consume(self.store.read(after=after, until=until, batch=self.batch), progress)
+        if self._deferred:
+            await self.finish_bulk()
         return self.position
 
     async def apply(self, recs: list[Recorded]) -> None:
@@ -239,12 +285,16 @@ class Projector:
         self._folded = last
         return _Prepared(rows, poisoned, last)
 
+    def _write_sync(self, p: _Prepared) -> None:
+        assert self._sync is not None
+        with self._sync.begin() as sconn:
+            p.rows.flush_sync(sconn)
+            if p.poisoned:
+                sconn.execute(insert(quarantine), p.poisoned)
+
     async def _write(self, p: _Prepared) -> None:
         if self._sync is not None:
-            with self._sync.begin() as sconn:
-                p.rows.flush_sync(sconn)
-                if p.poisoned:
-                    sconn.execute(insert(quarantine), p.poisoned)
+            self._write_sync(p)
         else:
             async with self.engine.begin() as conn:
                 await p.rows.flush(conn)
@@ -259,6 +309,10 @@ class Projector:
 
 
 NUL_REFUSED = "a text value holds a NUL character, which PostgreSQL text cannot store"
+
+
+def _name(ix: Index) -> str:
+    return str(ix.name)
 
 
 def _has_nul(ops: list[Any]) -> bool:

@@ -105,7 +105,7 @@ async def build_store(
     _must_be_new(path)
     t0 = time.perf_counter()
     engine = make_engine(sqlite_url(path))
-    projector = Projector(store, engine, batch=5000)
+    projector = Projector(store, engine, batch=5000, bulk=True)
     events = 0
 
     def counted(n: int, seq: int) -> None:

@@ -292,3 +292,77 @@ async def test_a_view_whose_tables_changed_is_rebuilt_from_the_log(store, tmp_pa
         assert cps == ["main"]
     finally:
         await engine.dispose()
+
+
+# -- bulk rebuilds ----------------------------------------------------------------
+
+
+def _indexes(path: Path) -> set[str]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        ).fetchall()
+    finally:
+        db.close()
+    return {r[0] for r in rows}
+
+
+async def _append_workload(store, n: int) -> int:
+    from stratus.ops.bench.workload import Workload, batches
+
+    for chunk in batches(Workload(tenants=20, seed=7), n, 500):
+        await store.append(chunk)
+    return await store.last_seq()
+
+
+async def test_a_bulk_rebuild_defers_indexes_and_equals_a_plain_catch_up(store, tmp_path):
+    last = await _append_workload(store, 3000)
+    assert last == 3000
+    plain_seq, plain = await fresh_digest(store, tmp_path / "plain.db", last)
+    want = _indexes(tmp_path / "plain.db")
+    # Every view's secondary index, the audit trail's among them.
+    assert "audit_tenant_seq" in want
+    assert want == {ix.name for v in all_views() for t in v.tables for ix in t.indexes}
+
+    bulk = tmp_path / "projections.bulk.db"
+    built = await build_store(store, bulk)
+    assert (built.seq, built.events) == (last, last)
+    assert _indexes(bulk) == want
+    engine = make_engine(sqlite_url(bulk))
+    try:
+        assert await store_digest(engine) == (plain_seq, plain)
+        async with engine.connect() as conn:
+            plan = await conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT seq FROM audit WHERE tenant = 't0001' ORDER BY seq"
+            )
+            assert "audit_tenant_seq" in " ".join(str(r) for r in plan.all())
+    finally:
+        await engine.dispose()
+
+
+async def test_a_bulk_load_stopped_part_way_gets_its_indexes_back(store, tmp_path):
+    last = await _append_workload(store, 2000)
+    path = tmp_path / "stopped.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        bulk = Projector(store, engine, bulk=True)
+        await bulk.start_position()
+        # Stopped after one batch, before the end of the load.
+        async for recs in store.read(until=700, batch=700):
+            await bulk.apply(recs)
+        bulk.close()
+        assert bulk.position == 700
+        assert not any(name.startswith("audit_") for name in _indexes(path))
+        # The next (ordinary) start creates them again and carries on.
+        resumed = Projector(store, engine)
+        assert await resumed.catch_up(until=last) == last
+        resumed.close()
+        want = {ix.name for v in all_views() for t in v.tables for ix in t.indexes}
+        assert _indexes(path) == want
+        got = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    assert got == await fresh_digest(store, tmp_path / "plain.db", last)

@@ -1,9 +1,11 @@
 """Run the Stratus benchmarks: ``python -m stratus.ops.bench [SUITE] [--json]``.
 
-SUITE is ``foundation`` (broker, write, command and read paths) or
-``identity`` (token verification and password hashing on one core); with no
-SUITE both run, foundation first. ``python -m stratus.ops.bench identity
---help`` lists the identity options; the options below are foundation's.
+SUITE is ``foundation`` (broker, write, command and read paths),
+``identity`` (token verification and password hashing on one core) or
+``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
+server creation); with no SUITE all run, in that order. ``python -m
+stratus.ops.bench identity --help`` (or ``projections --help``) lists that
+suite's options; the options below are foundation's.
 
 Exit status: 0 when every phase ran without errors, 1 when one failed, 2
 with ``--strict`` when a figure missed its target.
@@ -16,10 +18,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity
+from stratus.ops.bench import foundation, identity, projections
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity")
+SUITES = ("foundation", "identity", "projections")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "identity":
         # Only identity: its own options, table and JSON.
         return identity.main(argv[1:])
+    if suite == "projections":
+        return projections.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
@@ -116,12 +120,17 @@ def main(argv: list[str] | None = None) -> int:
             identity.print_report(id_report, id_report.info["wall_seconds"])
         for f in failures:
             print(f"FAILED: {f}", file=sys.stderr)
+    code = 0
     if failures:
-        return 1
+        code = 1
     results = report.results + (id_report.results if id_report is not None else [])
-    if args.strict and any(r.met is False for r in results):
-        return 2
-    return 0
+    if not code and args.strict and any(r.met is False for r in results):
+        code = 2
+    if suite is None:
+        # Last: its own broker, log and table (default sizes: 1M events).
+        proj = projections.main(["--json"] if args.json else [])
+        code = max(code, proj)
+    return code
 
 
 if __name__ == "__main__":
