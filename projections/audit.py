@@ -1,9 +1,11 @@
 """The audit trail: one row per event, who did what, when, from which command.
 
 Every event type is folded here, generically from the envelope, so a new
-event type needs no change: its payload is kept (secret fields redacted) and
-its ``result`` is read from its own fields. The fold is one dict per event
-and one JSON encode; everything a filter needs is an indexed column.
+event type needs no change: its ``result`` is read from its own fields. The
+view is an index into the log, not a copy of it: a row holds what filters
+and the table need (each an indexed column), and the event's own fields are
+read from the log by sequence when a page is shown. That keeps the rebuild
+to one small row per event and the store (which time travel copies) small.
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ audit = Table(
     Column("correlation_id", String, nullable=False),
     Column("causation_id", String, nullable=False),
     Column("result", Text, nullable=False),
-    # The event's own fields as JSON (not the envelope, secrets redacted).
-    Column("payload", Text, nullable=False),
     # Each filter walks its index in log order, so a page is a range scan.
     Index("audit_tenant_seq", "tenant", "seq"),
     Index("audit_actor_seq", "actor", "seq"),
@@ -97,8 +97,6 @@ def _shape(cls: type[Event]) -> _Shape:
 
 SHAPES: dict[type[Event], _Shape] = {cls: _shape(cls) for cls in EVENT_TYPES}
 
-_json = msgspec.json.Encoder()
-
 
 def result_of(event: Event, shape: _Shape | None = None) -> str:
     """ "ok", or what the event says went wrong: its error or reason text,
@@ -109,13 +107,6 @@ def result_of(event: Event, shape: _Shape | None = None) -> str:
         if text:
             return str(text)[:MAX_RESULT]
     return FAILED if shape.failed else OK
-
-
-def payload_of(event: Event, shape: _Shape | None = None) -> dict[str, Any]:
-    shape = shape or SHAPES.get(type(event)) or _shape(type(event))
-    if shape.secret:
-        return {f: (REDACTED if f in shape.secret else getattr(event, f)) for f in shape.payload}
-    return {f: getattr(event, f) for f in shape.payload}
 
 
 def apply(seq: int, event: Event) -> Iterable[Op]:
@@ -140,7 +131,6 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
                 "correlation_id": event.correlation_id,
                 "causation_id": event.causation_id,
                 "result": result_of(event, shape),
-                "payload": _json.encode(payload_of(event, shape)).decode(),
             },
         ),
     )
@@ -219,12 +209,10 @@ def _utc(t: datetime) -> datetime:
     return t.astimezone(UTC) if t.tzinfo else t.replace(tzinfo=UTC)
 
 
-_payload = msgspec.json.Decoder(dict)
-
-
 def row_view(row: Any) -> dict[str, Any]:
-    """One audit row as the API shows it: the event's envelope, its result
-    and its payload as ``data`` (the shape ``q.events`` gives, plus ``result``)."""
+    """One audit row as the API shows it: the event's envelope and its result
+    (the query service adds ``data`` from the log: the shape ``q.events``
+    gives, plus ``result``)."""
     return {
         "seq": row.seq,
         "subject": f"ev.{row.tenant}.{row.kind}.{row.resource}",
@@ -237,5 +225,4 @@ def row_view(row: Any) -> dict[str, Any]:
         "causation_id": row.causation_id,
         "id": row.event_id,
         "result": row.result,
-        "data": _payload.decode(row.payload),
     }

@@ -387,7 +387,11 @@ class QueryService:
         if pt.seq is None:
             await self._caught_up(pt.engine)
         async with pt.engine.connect() as conn:
-            return await audit.list_audit(conn, f)
+            rows = await audit.list_audit(conn, f)
+        # The event's own fields come from the log itself, secrets redacted.
+        for row, rec in zip(rows, await self.store.get([r["seq"] for r in rows]), strict=True):
+            row["data"] = _record(rec, self.store).get("data")
+        return rows
 
     async def _caught_up(self, engine: AsyncEngine) -> None:
         """Wait (briefly) until the projector has applied what the log held

@@ -176,16 +176,22 @@ FOLDS: tuple[type[Event], ...] = (
 class _Plan:
     """How one event class becomes row operations, worked out once."""
 
-    __slots__ = ("begins", "ends", "fields", "json", "override", "status", "table", "template")
+    __slots__ = ("begins", "ends", "fixed", "json", "plain", "status", "table", "template")
 
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
         kind = cls.type_name().split(".")[0]
         self.table = TABLES_BY_KIND[kind]
-        self.fields = tuple(f for f in _payload_fields(cls) if f in self.table.c)
-        self.json = JSON_COLUMNS[self.table.name]
+        special = cls in _RULES or cls in _INTERFACES
+        fields = () if special else tuple(f for f in _payload_fields(cls) if f in self.table.c)
+        json_cols = JSON_COLUMNS[self.table.name]
+        self.plain = tuple(f for f in fields if f not in json_cols)
+        self.json = tuple(f for f in fields if f in json_cols)
         self.status = cls.status
         self.begins, self.ends = cls.begins, cls.ends
-        self.override = _OVERRIDE.get(cls)
+        # What the change sets besides its own fields.
+        self.fixed: dict[str, Any] = dict(_OVERRIDE.get(cls, {}))
+        if cls.status is not None:
+            self.fixed["status"] = cls.status
         self.template = dict.fromkeys(c.name for c in self.table.columns)
 
 
@@ -199,25 +205,15 @@ def _plan(cls: type) -> _Plan:
     return p
 
 
-def _value(p: _Plan, event: Event, f: str) -> Any:
-    v = getattr(event, f)
-    return _enc.encode(v).decode() if f in p.json else v
+def _json(value: Any) -> str:
+    return _enc.encode(value).decode()
 
 
-def apply(seq: int, event: Event) -> Iterable[Op]:
-    if isinstance(event, ev.QuotaSet):
-        yield Upsert(
-            quotas,
-            {
-                "tenant": event.tenant,
-                "limits": _enc.encode(event.limits).decode(),
-                "updated_seq": seq,
-            },
-        )
-        return
-    rid, cls = event.aggregate.id, type(event)
+def _side(seq: int, event: Any, cls: type) -> Op:
+    """The rows of a security group's rules and a router's interfaces."""
+    rid = event.aggregate.id
     if cls is ev.SecurityGroupRuleAdded:
-        yield Upsert(
+        return Upsert(
             security_group_rules,
             {
                 "rule": event.rule,
@@ -232,10 +228,10 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
                 "created_seq": seq,
             },
         )
-    elif cls is ev.SecurityGroupRuleRemoved:
-        yield Delete(security_group_rules, (event.rule,))
-    elif cls is ev.RouterInterfaceAdded:
-        yield Upsert(
+    if cls is ev.SecurityGroupRuleRemoved:
+        return Delete(security_group_rules, (event.rule,))
+    if cls is ev.RouterInterfaceAdded:
+        return Upsert(
             router_interfaces,
             {
                 "router": rid,
@@ -246,36 +242,50 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
                 "created_seq": seq,
             },
         )
-    elif cls is ev.RouterInterfaceRemoved:
-        yield Delete(router_interfaces, (rid, event.subnet))
-    p = _plan(cls)
-    if p.ends:
-        yield Delete(p.table, (rid,))
-        return
-    if p.begins:
-        row = dict(p.template)
-        for f in p.fields:
-            row[f] = _value(p, event, f)
-        row.update(
-            id=rid,
-            tenant=event.tenant,
-            status=p.status or "active",
-            created_at=event.at,
-            updated_at=event.at,
-            created_seq=seq,
-            updated_seq=seq,
+    return Delete(router_interfaces, (rid, event.subnet))
+
+
+_SIDE = frozenset((*_RULES, *_INTERFACES))
+
+
+def apply(seq: int, event: Event) -> Iterable[Op]:
+    # Called once per inventory event on a rebuild of the whole log: one
+    # plan lookup and plain loops, no per-field helper calls.
+    cls = type(event)
+    if cls is ev.QuotaSet:
+        return (
+            Upsert(
+                quotas, {"tenant": event.tenant, "limits": _json(event.limits), "updated_seq": seq}
+            ),
         )
-        yield Upsert(p.table, row)
-        return
-    values: dict[str, Any] = {"updated_at": event.at, "updated_seq": seq}
-    if cls not in _RULES and cls not in _INTERFACES:
-        for f in p.fields:
-            values[f] = _value(p, event, f)
-    if p.override:
-        values.update(p.override)
-    if p.status is not None:
-        values["status"] = p.status
-    yield Patch(p.table, (rid,), values)
+    p = _PLANS.get(cls) or _plan(cls)
+    rid = event.aggregate.id
+    side = _side(seq, event, cls) if cls in _SIDE else None
+    if p.ends:
+        op: Op = Delete(p.table, (rid,))
+    elif p.begins:
+        row = p.template.copy()
+        for f in p.plain:
+            row[f] = getattr(event, f)
+        for f in p.json:
+            row[f] = _json(getattr(event, f))
+        at = event.at
+        row["id"] = rid
+        row["tenant"] = event.tenant
+        row["status"] = p.status or "active"
+        row["created_at"] = row["updated_at"] = at
+        row["created_seq"] = row["updated_seq"] = seq
+        op = Upsert(p.table, row)
+    else:
+        values = {"updated_at": event.at, "updated_seq": seq}
+        for f in p.plain:
+            values[f] = getattr(event, f)
+        for f in p.json:
+            values[f] = _json(getattr(event, f))
+        if p.fixed:
+            values.update(p.fixed)
+        op = Patch(p.table, (rid,), values)
+    return (side, op) if side is not None else (op,)
 
 
 # -- reading ---------------------------------------------------------------------------
