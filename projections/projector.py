@@ -24,7 +24,7 @@ from stratus.events.store import EventStore, Recorded, Until
 from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
-from stratus.projections.snapshots import Snapshots
+from stratus.projections.snapshots import LIVE_ONLY, Snapshots
 from stratus.projections.views import View, all_views, dispatch
 
 log = structlog.get_logger("stratus.projector")
@@ -336,11 +336,18 @@ class _Prepared:
         self.last = last
 
 
-async def digest(conn: AsyncConnection, views: Sequence[View] | None = None) -> str:
+async def digest(
+    conn: AsyncConnection,
+    views: Sequence[View] | None = None,
+    *,
+    live: tuple[AsyncConnection, int] | None = None,
+) -> str:
     """A hash of every view's content: equal histories give equal digests.
 
     Checkpoints are left out (a rebuild beside the live store has another
-    name); quarantined events are included so a poison event shows.
+    name); quarantined events are included so a poison event shows. For a
+    past store, ``live`` (the live store and the past point) supplies the
+    append-only tables snapshots leave out: their rows up to that point.
     """
     h = hashlib.sha256()
     tables = [t for v in (views if views is not None else all_views()) for t in v.tables]
@@ -349,7 +356,16 @@ async def digest(conn: AsyncConnection, views: Sequence[View] | None = None) -> 
         h.update(f"\x00table {table.name}\n".encode())
         cols = [c for c in table.columns if c.name != "data"]
         order = list(table.primary_key.columns)
-        result = await conn.stream(select(*cols).order_by(*order))
+        q = select(*cols).order_by(*order)
+        if live is not None and table.name in LIVE_ONLY:
+            # The past store holds this table's rows from where its replay
+            # began (a snapshot leaves them out); the live one the rest.
+            source, upto = live
+            lo = (await conn.execute(select(func.min(table.c.seq)))).scalar()
+            head = q.where(table.c.seq < (lo if lo is not None else upto + 1))
+            async for row in await source.stream(head):
+                h.update(_canonical(row).encode())
+        result = await conn.stream(q)
         async for row in result:
             h.update(_canonical(row).encode())
     return h.hexdigest()

@@ -414,7 +414,9 @@ class QueryService:
             poisoned = await quarantine_count(conn)
             found: str | None = None
             if p.digest and pt.seq is not None:
-                found = await digest(conn)  # a past store: its own content
+                # A past store, with the audit rows of the live one up to then.
+                async with self.engine.connect() as live, live.begin():
+                    found = await digest(conn, live=(live, pt.seq))
             elif p.digest:
                 if self._digest_cache is None or self._digest_cache[0] != applied:
                     self._digest_cache = (applied, await digest(conn))

@@ -9,6 +9,12 @@ checkpoint commit together the copy is exactly at some checkpoint, which it
 is then named after. Time travel to a recent point starts from the nearest
 snapshot at or below it instead of replaying the log from 1.
 
+A snapshot leaves out the rows of the audit view (``LIVE_ONLY``): they are
+one per event, most of the store, and a past point never needs them copied,
+since the live view's rows up to that sequence are exactly the past's (the
+audit trail and the digest of a past point read them there). Its table is
+kept, empty, so the store's schema is whole.
+
 A snapshot belongs to its store file: a rebuild that swaps in another file
 starts another directory, and the old one is removed with the old file.
 """
@@ -30,6 +36,10 @@ log = structlog.get_logger("stratus.snapshots")
 
 SUFFIX = ".snapshots"
 _NAME = re.compile(r"^snap-(\d{12})\.db$")
+
+# Append-only tables keyed by ``seq``: the past's rows are the live rows <= seq.
+LIVE_ONLY = frozenset({"audit"})
+_CREATE = re.compile(r'^CREATE (TABLE|(?:UNIQUE )?INDEX) ("?)(\w+)\2', re.IGNORECASE)
 
 DEFAULT_EVERY = 10_000
 DEFAULT_KEEP = 3
@@ -92,9 +102,9 @@ class Snapshots:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".tmp-{uuid.uuid4().hex}.db"
         try:
-            src = sqlite3.connect(source, timeout=10)
+            src = sqlite3.connect(source, timeout=10, isolation_level=None)
             try:
-                src.execute("VACUUM INTO ?", (str(tmp),))
+                _copy(src, tmp)
             finally:
                 src.close()
             dst = sqlite3.connect(tmp)
@@ -131,3 +141,42 @@ class Snapshots:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _copy(src: sqlite3.Connection, target: Path) -> None:
+    """Every table's schema and, but for ``LIVE_ONLY``, its rows, from one
+    read transaction (so from one checkpoint), into a new file."""
+    src.execute("ATTACH DATABASE ? AS snap", (str(target),))
+    try:
+        src.execute("BEGIN")
+        schema = src.execute(
+            "SELECT type, name, tbl_name, sql FROM main.sqlite_master "
+            "WHERE sql IS NOT NULL AND name NOT LIKE 'sqlite_%' ORDER BY type DESC"
+        ).fetchall()
+
+        # Our own schema text, read back from SQLite: only the object's name
+        # is qualified, so it lands in the snapshot file. Tables, then their
+        # rows, then the indexes (built once, not row by row).
+        def create(sql: str) -> None:
+            m = _CREATE.match(sql)
+            if m is None:
+                raise sqlite3.DatabaseError(f"unexpected schema entry: {sql[:60]}")
+            at = m.start(3) - len(m.group(2))
+            src.execute(sql[:at] + "snap." + sql[at:])
+
+        for kind, _name, _table, sql in schema:
+            if kind == "table":
+                create(sql)
+        for kind, name, _table, _sql in schema:
+            if kind == "table" and name not in LIVE_ONLY:
+                src.execute(f'INSERT INTO snap."{name}" SELECT * FROM main."{name}"')
+        for kind, _name, _table, sql in schema:
+            if kind != "table":
+                create(sql)
+        src.execute("COMMIT")
+    except BaseException:
+        if src.in_transaction:
+            src.execute("ROLLBACK")
+        raise
+    finally:
+        src.execute("DETACH DATABASE snap")
