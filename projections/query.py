@@ -393,10 +393,12 @@ class QueryService:
             row["data"] = _record(rec, self.store).get("data")
         return rows
 
-    async def _caught_up(self, engine: AsyncEngine) -> None:
+    async def _caught_up(self, engine: AsyncEngine, last: int | None = None) -> None:
         """Wait (briefly) until the projector has applied what the log held
-        when asked, so the trail shows the command the caller just ran."""
-        last = await self.store.last_seq()
+        when asked (or up to ``last``), so the trail shows the command the
+        caller just ran."""
+        if last is None:
+            last = await self.store.last_seq()
         deadline = asyncio.get_running_loop().time() + CATCH_UP_WAIT_S
         while True:
             async with engine.connect() as conn:
@@ -415,6 +417,7 @@ class QueryService:
             found: str | None = None
             if p.digest and pt.seq is not None:
                 # A past store, with the audit rows of the live one up to then.
+                await self._caught_up(self.engine, pt.seq)
                 async with self.engine.connect() as live, live.begin():
                     found = await digest(conn, live=(live, pt.seq))
             elif p.digest:

@@ -41,7 +41,7 @@ _NAME = re.compile(r"^snap-(\d{12})\.db$")
 LIVE_ONLY = frozenset({"audit"})
 _CREATE = re.compile(r'^CREATE (TABLE|(?:UNIQUE )?INDEX) ("?)(\w+)\2', re.IGNORECASE)
 
-DEFAULT_EVERY = 10_000
+DEFAULT_EVERY = 5_000
 DEFAULT_KEEP = 3
 
 

@@ -2,7 +2,9 @@
 
 A query with ``Stratus-At: SEQ|TIME`` is answered from a store built by
 replaying the log up to that sequence into a temporary SQLite file, with
-every view. The live store is never opened here, let alone written.
+every view but the audit trail, whose rows up to a point are the live
+view's (the query service reads them there, and so does the digest of a
+past point). The live store is never written.
 
 - ``resolve`` turns the header into a sequence: a number is taken as is
   (1 .. the log's last sequence); an ISO-8601 time (UTC when no offset is
@@ -37,8 +39,8 @@ from stratus.events.errors import Internal, Invalid
 from stratus.events.store import EventStore
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
-from stratus.projections.snapshots import Snapshots
-from stratus.projections.views import View
+from stratus.projections.snapshots import LIVE_ONLY, Snapshots
+from stratus.projections.views import View, all_views
 
 log = structlog.get_logger("stratus.timetravel")
 
@@ -114,7 +116,13 @@ class TimeTravel:
             raise ValueError("max_stores must be at least 1")
         self.store = store
         self.snapshots = snapshots
-        self.views = views
+        # The audit view's rows of a past point are the live view's up to it
+        # (see snapshots.LIVE_ONLY): a past store need not fold them again.
+        self.views = (
+            list(views)
+            if views is not None
+            else [v for v in all_views() if not all(t.name in LIVE_ONLY for t in v.tables)]
+        )
         self.max_stores = max_stores
         self.batch = batch
         self._cache: OrderedDict[int, PastStore] = OrderedDict()
