@@ -274,8 +274,12 @@ def _new_port(
                 raise Conflict(f"ip {ip} is already in use on subnet {subnet['name']}")
             address = str(a)
         else:
+            # A gateway given inside the default pool stays the router's.
             address = _first_free(
-                subnet["pool_start"], subnet["pool_end"], taken, f"subnet {subnet['name']}"
+                subnet["pool_start"],
+                subnet["pool_end"],
+                taken | {subnet["gateway"]},
+                f"subnet {subnet['name']}",
             )
     elif ip is not None:
         raise Invalid(f"network {network['name']} has no subnet to take ip {ip} from")
@@ -670,7 +674,10 @@ def decide_fip_create(
     w.check_quota({"floating_ips": 1})
     a = pool.attrs
     address = _first_free(
-        a["pool_start"], a["pool_end"], set(pool.allocated), f"external network {cmd.network}"
+        a["pool_start"],
+        a["pool_end"],
+        {*pool.allocated, a["gateway"]},
+        f"external network {cmd.network}",
     )
     fid = new_id()
     return [
