@@ -586,14 +586,27 @@ def decide_port_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     return out
 
 
-def decide_router_create(
-    state: tuple[World, Aggregate | None], cmd: RouterCreate, cause: Cause
-) -> list[Event]:
-    w, pool = state
+class RouterPlan(msgspec.Struct, frozen=True):
+    """``router create`` with the external network ``prepare`` looked up.
+
+    Read, not conditioned on: the router writes nothing to the network's
+    subject (one event can carry only one condition), and external networks
+    are never deleted."""
+
+    cmd: RouterCreate
+    external: dict[str, Any] | None
+
+    @property
+    def tenant(self) -> str | None:
+        return self.cmd.tenant
+
+
+def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event]:
+    cmd = plan.cmd
     t = cmd.tenant or ""
     _live_tenant(w, t)
     _unique(w, "router", cmd.name)
-    if cmd.external_network and (pool is None or not pool.live):
+    if cmd.external_network and not (plan.external or {}).get("external"):
         raise NotFound(f"external network {cmd.external_network} not found")
     w.check_quota({"routers": 1})
     return [
@@ -1010,6 +1023,11 @@ async def prepare_server(cmd: ServerCreate, caller: Any, service: Any) -> Server
     return ServerPlan(cmd, flavor, image)
 
 
+async def prepare_router(cmd: RouterCreate, caller: Any, service: Any) -> RouterPlan:
+    name = cmd.external_network
+    return RouterPlan(cmd, await _system_attrs(service, "network", name) if name else None)
+
+
 async def cloud_admin_only(cmd: Any, caller: Any, service: Any) -> Any:
     if not caller.is_cloud_admin:
         raise Forbidden("only the cloud admin creates public images and external networks")
@@ -1172,13 +1190,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
         _in_tenant("port.create", PortCreate, decide_port_create),
         _in_tenant("port.delete", RefCommand, decide_port_delete),
-        _in_tenant(
-            "router.create",
-            RouterCreate,
-            decide_router_create,
-            also=_pool("external_network"),
-            **_POOL,
-        ),
+        _in_tenant("router.create", RouterCreate, decide_router_create, prepare=prepare_router),
         _in_tenant("router.delete", RefCommand, decide_router_delete),
         _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),
         _in_tenant("router.remove-subnet", RouterInterface, decide_router_remove_subnet),

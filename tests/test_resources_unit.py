@@ -120,7 +120,7 @@ def server(w: World, name: str, *, networks: list[str] | None = None, **kw: Any)
 
 def router(w: World, name: str) -> dict[str, Any]:
     cmd = RouterCreate(tenant=w.tenant, name=name)
-    apply(w, r.decide_router_create((w, None), cmd, CAUSE))
+    apply(w, r.decide_router_create(w, r.RouterPlan(cmd, None), CAUSE))
     return w.find("router", name)
 
 
@@ -473,8 +473,10 @@ def test_a_router_on_an_unknown_external_network_is_not_found():
     w = world()
     cmd = RouterCreate(tenant="acme", name="rt", external_network="public")
     with pytest.raises(NotFound, match="external network public not found"):
-        r.decide_router_create((w, None), cmd, CAUSE)
-    made = r.decide_router_create((w, public_pool()), cmd, CAUSE)
+        r.decide_router_create(w, r.RouterPlan(cmd, None), CAUSE)
+    with pytest.raises(NotFound, match="external network public not found"):
+        r.decide_router_create(w, r.RouterPlan(cmd, {"id": "public", "external": False}), CAUSE)
+    made = r.decide_router_create(w, r.RouterPlan(cmd, public_pool().attrs), CAUSE)
     assert made[0].external_network == "public"
 
 
