@@ -275,8 +275,12 @@ def _new_port(
                 raise Conflict(f"ip {ip} is already in use on subnet {subnet['name']}")
             address = str(a)
         else:
+            # A gateway given inside the default pool stays the router's.
             address = _first_free(
-                subnet["pool_start"], subnet["pool_end"], taken, f"subnet {subnet['name']}"
+                subnet["pool_start"],
+                subnet["pool_end"],
+                taken | {subnet["gateway"]},
+                f"subnet {subnet['name']}",
             )
     elif ip is not None:
         raise Invalid(f"network {network['name']} has no subnet to take ip {ip} from")
@@ -596,14 +600,27 @@ def decide_port_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     return out
 
 
-def decide_router_create(
-    state: tuple[World, Aggregate | None], cmd: RouterCreate, cause: Cause
-) -> list[Event]:
-    w, pool = state
+class RouterPlan(msgspec.Struct, frozen=True):
+    """``router create`` with the external network ``prepare`` looked up.
+
+    Read, not conditioned on: the router writes nothing to the network's
+    subject (one event can carry only one condition), and external networks
+    are never deleted."""
+
+    cmd: RouterCreate
+    external: dict[str, Any] | None
+
+    @property
+    def tenant(self) -> str | None:
+        return self.cmd.tenant
+
+
+def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event]:
+    cmd = plan.cmd
     t = cmd.tenant or ""
     _live_tenant(w, t)
     _unique(w, "router", cmd.name)
-    if cmd.external_network and (pool is None or not pool.live):
+    if cmd.external_network and not (plan.external or {}).get("external"):
         raise NotFound(f"external network {cmd.external_network} not found")
     w.check_quota({"routers": 1})
     return [
@@ -620,7 +637,11 @@ def decide_router_create(
 
 def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     def interfaces(r: dict[str, Any]) -> list[str]:
-        return [f"subnet {s} (remove it first)" for s in r.get("interfaces", {})]
+        subnets = w.of("subnet")
+        return [
+            f"subnet {subnets.get(s, {}).get('name', s)} (remove it first)"
+            for s in r.get("interfaces", {})
+        ]
 
     return _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
 
@@ -684,7 +705,10 @@ def decide_fip_create(
     w.check_quota({"floating_ips": 1})
     a = pool.attrs
     address = _first_free(
-        a["pool_start"], a["pool_end"], set(pool.allocated), f"external network {cmd.network}"
+        a["pool_start"],
+        a["pool_end"],
+        {*pool.allocated, a["gateway"]},
+        f"external network {cmd.network}",
     )
     fid = new_id()
     return [
@@ -1009,6 +1033,11 @@ async def prepare_server(cmd: ServerCreate, caller: Any, service: Any) -> Server
     return ServerPlan(cmd, flavor, image)
 
 
+async def prepare_router(cmd: RouterCreate, caller: Any, service: Any) -> RouterPlan:
+    name = cmd.external_network
+    return RouterPlan(cmd, await _system_attrs(service, "network", name) if name else None)
+
+
 async def cloud_admin_only(cmd: Any, caller: Any, service: Any) -> Any:
     if not caller.is_cloud_admin:
         raise Forbidden("only the cloud admin creates public images and external networks")
@@ -1171,13 +1200,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
         _in_tenant("port.create", PortCreate, decide_port_create),
         _in_tenant("port.delete", RefCommand, decide_port_delete),
-        _in_tenant(
-            "router.create",
-            RouterCreate,
-            decide_router_create,
-            also=_pool("external_network"),
-            **_POOL,
-        ),
+        _in_tenant("router.create", RouterCreate, decide_router_create, prepare=prepare_router),
         _in_tenant("router.delete", RefCommand, decide_router_delete),
         _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),
         _in_tenant("router.remove-subnet", RouterInterface, decide_router_remove_subnet),

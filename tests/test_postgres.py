@@ -27,6 +27,7 @@ from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import bootstrap_admin
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing
+from stratus.projections import resources
 from stratus.projections.db import make_engine
 from stratus.projections.projector import (
     Projector,
@@ -99,16 +100,80 @@ async def build_log(store, tmp_path, seed: int = 11) -> int:
         await command(svc, "user.disable", name="bob")
         await command(svc, "user.disable", name="carol")
         await command(svc, "user.enable", name="carol")
+        await inventory(svc)
     finally:
         await svc.stop()
     return await store.last_seq()
+
+
+async def inventory(svc: CommandService) -> None:
+    """Every inventory kind, with JSON text columns (labels, lists), booleans,
+    floats that are not exact in binary, deletes, rules, interfaces, quotas."""
+    t = {"tenant": "inv"}
+    await command(svc, "tenant.create", name="inv", description="inventory")
+    await command(svc, "host.register", name="h1", vcpus=16, ram_mb=65536, disk_gb=500,
+                  labels={"rack": "r-1", "ssd": "yes"}, cpu_ratio=1.1, ram_ratio=0.7)  # fmt: skip
+    await command(svc, "host.register", name="h1", vcpus=32, ram_mb=65536, disk_gb=500,
+                  types=["vm"], cpu_ratio=3.3, disk_ratio=0.1)  # fmt: skip
+    await command(svc, "host.register", name="h2", vcpus=8, ram_mb=8192, disk_gb=100)
+    await command(svc, "host.disable", name="h2", reason="maintenance ü")
+    await command(svc, "host.remove", name="h2")
+    await command(svc, "flavor.create", name="m1", vcpus=2, ram_mb=2048, disk_gb=20)
+    await command(svc, "flavor.create", name="m2", vcpus=4, ram_mb=4096)
+    await command(svc, "flavor.delete", name="m2")
+    await command(svc, "image.create-public", name="cirros", size_bytes=12716032,
+                  checksum="ab" * 32, min_disk_gb=1)  # fmt: skip
+    await command(svc, "image.create", **t, name="private-img", format="raw")
+    await command(svc, "image.create", **t, name="gone-img")
+    await command(svc, "image.delete", **t, ref="gone-img")
+    await command(svc, "network.create-external", name="public", cidr="203.0.113.0/24")
+    await command(svc, "quota.set", **t, limits={"instances": 20, "floating_ips": -1})
+    await command(svc, "network.create", **t, name="lan")
+    await command(svc, "network.create", **t, name="lan-2")
+    await command(svc, "subnet.create", **t, name="lan-v4", network="lan", cidr="10.0.0.0/24",
+                  dns=["9.9.9.9", "1.1.1.1"])  # fmt: skip
+    await command(svc, "subnet.create", **t, name="lan-v6", network="lan", cidr="2001:db8::/64")
+    await command(svc, "security-group.create", **t, name="web", description="Web ü")
+    await command(svc, "security-group.rule-add", **t, security_group="web", port_min=80,
+                  port_max=443, remote_cidr="0.0.0.0/0")  # fmt: skip
+    await command(svc, "security-group.rule-add", **t, security_group="web", protocol="icmp")
+    await command(svc, "qos-policy.create", **t, name="slow", max_kbps=1000, burst_kb=100)
+    await command(svc, "server-group.create", **t, name="spread", policy="anti-affinity")
+    for i, name in enumerate(["a-c", "ab", "a0", "0a"]):
+        await command(svc, "server.create", **t, name=name, image="cirros", flavor="m1",
+                      networks=["lan"], labels={"app": "web", "n": str(i)},
+                      group="spread", security_groups=["web"])  # fmt: skip
+    await command(svc, "server.create", **t, name="box", image="private-img", vcpus=1,
+                  ram_mb=64, instance_type="container")  # fmt: skip
+    await command(svc, "port.create", **t, name="vip", network="lan", ip="10.0.0.200",
+                  qos_policy="slow")  # fmt: skip
+    await command(svc, "port.create", **t, name="tmp", network="lan")
+    await command(svc, "port.delete", **t, ref="tmp")
+    await command(svc, "volume.create", **t, name="data", size_gb=10)
+    await command(svc, "volume.create", **t, name="scratch", size_gb=1)
+    await command(svc, "volume.attach", **t, volume="data", server="ab")
+    await command(svc, "volume.attach", **t, volume="scratch", server="a0")
+    await command(svc, "volume.detach", **t, volume="scratch", server="a0")
+    await command(svc, "router.create", **t, name="edge", external_network="public")
+    await command(svc, "router.add-subnet", **t, router="edge", subnet="lan-v4")
+    await command(svc, "router.add-subnet", **t, router="edge", subnet="lan-v6")
+    await command(svc, "router.remove-subnet", **t, router="edge", subnet="lan-v6")
+    for _ in range(3):
+        await command(svc, "floating-ip.create", **t, network="public")
+    await command(svc, "floating-ip.associate", **t, floating_ip="203.0.113.2", server="a-c")
+    await command(svc, "floating-ip.associate", **t, floating_ip="203.0.113.3", port="vip")
+    await command(svc, "floating-ip.disassociate", **t, ref="203.0.113.3")
+    await command(svc, "floating-ip.delete", **t, ref="203.0.113.4")
+    await command(svc, "server.delete", **t, ref="0a")
+    await command(svc, "network.delete", **t, ref="lan-2")
+    await command(svc, "quota.set", **t, limits={"instances": 5})
 
 
 async def rows(engine: AsyncEngine) -> dict[str, list[tuple]]:
     """Every row of the views, in primary key order as each backend sorts it."""
     out = {}
     async with engine.connect() as conn:
-        for table in (tenants, users, role_assignments):
+        for table in (tenants, users, role_assignments, *resources.TABLES):
             q = select(table).order_by(*table.primary_key.columns)
             out[table.name] = [
                 tuple(v.replace(tzinfo=None) if hasattr(v, "tzinfo") else v for v in r)
@@ -146,7 +211,12 @@ async def test_a_log_from_the_command_service_gives_identical_digests(
         assert await rows(pg) == await rows(lite)
         assert await store_digest(pg) == await store_digest(lite)
         got = await rows(pg)
-        assert len(got["tenants"]) == 31 and len(got["users"]) == 5
+        assert len(got["tenants"]) == 32 and len(got["users"]) == 5
+        # every inventory table has rows, deletes and all
+        assert all(got[t.name] for t in resources.TABLES), [t.name for t in resources.TABLES]
+        assert len(got["servers"]) == 4 and len(got["floating_ips"]) == 2
+        assert len(got["security_group_rules"]) == 2 + 2  # web's and default's
+        assert len(got["router_interfaces"]) == 1
         assert {r[3] for r in got["tenants"]} == {"active", "deleted"}
         assert [r[1] for r in got["users"] if r[0] in ("bob", "carol")] == [False, True]
         # the text columns are ordered by code point, whatever the database's collation

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from stratus.cli.client import Client
-from stratus.events.errors import Invalid, StratusError
+from stratus.events.errors import Internal, Invalid, StratusError
 from stratus.handlers.identity import handlers as identity_handlers
+from stratus.handlers.resources import handlers as resource_handlers
 from stratus.handlers.service import CommandService
 from stratus.handlers.tenants import HANDLERS as tenant_handlers
 from stratus.projections.db import make_engine, sqlite_url
@@ -29,6 +31,7 @@ from stratus.projections.rebuild import (
     live_store_path,
     new_store_path,
 )
+from stratus.projections.resources import TABLES_BY_KIND
 from stratus.projections.views import all_views
 from stratus.tests.test_projector import append_all, make_history, wait_for_checkpoint
 
@@ -55,32 +58,167 @@ VERBS: dict[str, st.SearchStrategy] = {
     "role.revoke": st.fixed_dictionaries({"user": USERS, "tenant": TENANTS, "role": ROLES}),
     "poison": POISON,
 }
+
+# The inventory, in few names so that commands meet each other's resources:
+# overlapping prefixes, a small floating-IP pool, deletes of what is in use.
+# Mostly tenants no random tenant.delete can take away (the log is shared by
+# all the examples), sometimes one it can.
+IN = st.sampled_from(["shop", "shop", "lab", "acme"])
+NETS = st.sampled_from(["lan", "dmz"])
+SUBNETS = st.sampled_from(["lan-v4", "dmz-v4", "v6"])
+CIDRS = st.sampled_from(["10.0.0.0/29", "10.0.0.0/28", "10.1.0.0/29", "2001:db8::/64"])
+PORTS = st.sampled_from(["p1", "p2"])
+SERVERS = st.sampled_from(["web", "db"])
+VOLUMES = st.sampled_from(["v1", "v2"])
+GROUPS = st.sampled_from(["default", "sg1"])
+ROUTERS = st.sampled_from(["r1", "r2"])
+FIPS = st.sampled_from(["203.0.113.2", "203.0.113.3", "203.0.113.4"])
+PUBLIC_CIDR = "203.0.113.0/29"
+QUOTAS = st.sampled_from(["instances", "vcpus", "ports", "floating_ips", "volume_gb", "bogus"])
+
+
+def _in(**fields: st.SearchStrategy) -> st.SearchStrategy:
+    return st.fixed_dictionaries({"tenant": IN, **fields})
+
+
+def _ref(names: st.SearchStrategy) -> st.SearchStrategy:
+    return _in(ref=names)
+
+
+SIZES = st.one_of(
+    st.fixed_dictionaries({"flavor": st.sampled_from(["m1", "m9"])}),
+    st.fixed_dictionaries({"vcpus": st.integers(1, 4), "ram_mb": st.sampled_from([64, 512])}),
+)
+VERBS.update(
+    {
+        "network.create": _in(name=NETS),
+        "network.delete": _ref(NETS),
+        "subnet.create": _in(name=SUBNETS, network=NETS, cidr=CIDRS),
+        "subnet.delete": _ref(SUBNETS),
+        "port.create": st.fixed_dictionaries(
+            {"tenant": IN, "name": PORTS, "network": NETS},
+            optional={"ip": st.sampled_from(["10.0.0.3", "10.1.0.2"])},
+        ),
+        "port.delete": _ref(PORTS),
+        "server.create": st.tuples(
+            _in(
+                name=SERVERS,
+                image=st.just("cirros"),
+                networks=st.lists(NETS, max_size=2, unique=True),
+            ),
+            SIZES,
+        ).map(lambda t: {**t[0], **t[1]}),
+        "server.delete": _ref(SERVERS),
+        "volume.create": _in(name=VOLUMES, size_gb=st.integers(1, 50)),
+        "volume.attach": _in(volume=VOLUMES, server=SERVERS),
+        "volume.detach": _in(volume=VOLUMES, server=SERVERS),
+        "volume.delete": _ref(VOLUMES),
+        "floating-ip.create": _in(network=st.just("public")),
+        "floating-ip.associate": _in(floating_ip=FIPS, server=SERVERS),
+        "floating-ip.disassociate": _ref(FIPS),
+        "floating-ip.delete": _ref(FIPS),
+        "security-group.create": _in(name=GROUPS),
+        "security-group.rule-add": _in(
+            security_group=GROUPS,
+            protocol=st.sampled_from(["tcp", "icmp"]),
+            port_min=st.sampled_from([0, 22]),
+        ),
+        "security-group.delete": _ref(GROUPS),
+        "router.create": st.fixed_dictionaries(
+            {"tenant": IN, "name": ROUTERS}, optional={"external_network": st.just("public")}
+        ),
+        "router.add-subnet": _in(router=ROUTERS, subnet=SUBNETS),
+        "router.remove-subnet": _in(router=ROUTERS, subnet=SUBNETS),
+        "router.delete": _ref(ROUTERS),
+        "quota.set": _in(
+            limits=st.dictionaries(QUOTAS, st.sampled_from([-1, 1, 3, 50]), max_size=3)
+        ),
+    }
+)
+# "seed" (no command: a few of them in a row) builds what the other verbs
+# act on, so attaches, associations and interfaces happen in short histories.
+VERBS["seed"] = _in(network=st.just("public"))
+
+
+def seed(tenant: str, public: str) -> list[tuple[str, dict]]:
+    t = {"tenant": tenant}
+    return [
+        ("network.create", {**t, "name": "lan"}),
+        ("subnet.create", {**t, "name": "lan-v4", "network": "lan", "cidr": "10.0.0.0/28"}),
+        ("server.create", {**t, "name": "web", "image": "cirros", "flavor": "m1",
+                           "networks": ["lan"]}),
+        ("volume.create", {**t, "name": "v1", "size_gb": 5}),
+        ("volume.attach", {**t, "volume": "v1", "server": "web"}),
+        ("floating-ip.create", {**t, "network": public}),
+        ("router.create", {**t, "name": "r1", "external_network": public}),
+        ("router.add-subnet", {**t, "router": "r1", "subnet": "lan-v4"}),
+        ("security-group.rule-add", {**t, "security_group": "default", "port_min": 22}),
+    ]  # fmt: skip
+
+
+# What every history starts with, so inventory commands have an image and a
+# flavor to use (made once: the log is shared by the examples, and these
+# names are never reused).
+PREAMBLE = [
+    ("image.create-public", {"name": "cirros"}),
+    ("flavor.create", {"name": "m1", "vcpus": 2, "ram_mb": 256}),
+]
 STEPS = st.lists(
     st.sampled_from(sorted(VERBS)).flatmap(lambda v: st.tuples(st.just(v), VERBS[v])),
-    min_size=1,
-    max_size=30,
+    min_size=20,
+    max_size=50,
 )
+
+
+def fresh_tenants(steps: list, n: int) -> list:
+    """The steps of example ``n`` in tenants and a floating-IP pool of its
+    own: ``shop``, ``lab`` and ``public`` are new each time, so every example
+    starts from the same worlds (``shop`` seeded, ``lab`` empty) and the
+    addresses FIPS names are the ones its pool hands out."""
+    own = {"shop": f"shop{n}", "lab": f"lab{n}", "public": f"pub{n}"}
+    out = [
+        *PREAMBLE,
+        ("network.create-external", {"name": own["public"], "cidr": PUBLIC_CIDR}),
+        *(("tenant.create", {"name": own[t]}) for t in ("shop", "lab")),
+        ("seed", {"tenant": own["shop"], "network": own["public"]}),
+    ]
+    for verb, body in steps:
+        if isinstance(body, dict):
+            body = {k: own.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
+        out.append((verb, body))
+    return out
+
+
 _run = itertools.count()
+networks = TABLES_BY_KIND["network"]
 
 
-async def play(svc: CommandService, steps: list) -> int:
-    """Run the steps; returns how many were accepted (refusals append nothing)."""
+async def play(svc: CommandService, steps: list, took: list[str] | None = None) -> int:
+    """Run the steps; returns how many were accepted (refusals append nothing),
+    and adds the verbs that appended something to ``took``."""
     accepted = 0
     for verb, body in steps:
+        if verb == "seed":
+            accepted += await play(svc, seed(body["tenant"], body["network"]), took)
+            continue
         if verb == "poison":
             await svc.store.js.publish("ev.x.tenant.x", body)
             accepted += 1
             continue
         try:
-            await svc.handle(f"cmd.{verb}", json.dumps(body).encode(), {})
+            reply = json.loads(await svc.handle(f"cmd.{verb}", json.dumps(body).encode(), {}))
             accepted += 1
+            if took is not None and reply.get("seqs"):
+                took.append(verb)
+        except Internal:
+            raise  # a refusal is fine; a crash of the handler is a bug
         except StratusError:
             pass
     return accepted
 
 
 @settings(
-    max_examples=12,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -91,11 +229,19 @@ async def test_rebuild_equals_the_live_store_after_any_history(store, tmp_path, 
     live_engine = make_engine(sqlite_url(tmp_path / f"live-{n}.db"))
     live = LiveProjection(store, live_engine, snapshot_every=7)
     await live.start()
-    svc = CommandService(store, [*tenant_handlers, *identity_handlers()])
+    svc = CommandService(store, [*tenant_handlers, *identity_handlers(), *resource_handlers()])
     try:
-        await play(svc, steps)
+        took: list[str] = []
+        await play(svc, fresh_tenants(steps, n), took)
+        for verb in sorted(set(took)):
+            event(f"appended: {verb}")
         last = await store.last_seq()
         await wait_for_checkpoint(live_engine, last)
+        # (the log is shared by the examples: the first one's preamble holds)
+        async with live_engine.connect() as conn:
+            q = select(networks.c.pool_end).where(networks.c.id == f"pub{n}")
+            pool = (await conn.execute(q)).scalars().all()
+        assert pool == ["203.0.113.6"]
         # when the log is replayed into a new file
         path = tmp_path / f"rebuilt-{n}.db"
         built = await build_store(store, path)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from stratus.events.commands import H_AT
-from stratus.events.errors import Invalid
+from stratus.events.errors import Invalid, StratusError
 from stratus.events.tenants import TenantCreated, TenantRenamed
+from stratus.handlers.catalog import all_handlers
+from stratus.handlers.service import CommandService
 from stratus.projections.projector import Projector, init_schema, store_digest
 from stratus.projections.query import QueryService
 from stratus.projections.snapshots import Snapshots
@@ -235,3 +237,91 @@ async def test_a_snapshot_is_the_store_without_the_audit_rows(store, sqlite_engi
     finally:
         src.close()
         snap.close()
+
+
+# -- the inventory, as of a point ----------------------------------------------
+
+
+async def inventory_history(store) -> dict[str, int]:
+    """Servers made, given addresses and a floating IP, then deleted, and the
+    quota moved, through the command service; the seqs between the acts."""
+    svc = CommandService(store, all_handlers())
+
+    async def do(verb: str, **body) -> None:
+        reply = json.loads(await svc.handle(f"cmd.{verb}", json.dumps(body).encode(), {}))
+        assert reply["ok"], (verb, reply)
+
+    marks = {}
+    await do("tenant.create", name="shop")
+    await do("image.create-public", name="cirros")
+    await do("network.create-external", name="public", cidr="203.0.113.0/29")
+    await do("network.create", tenant="shop", name="lan")
+    await do("subnet.create", tenant="shop", name="lan-v4", network="lan", cidr="10.0.0.0/28")
+    marks["empty"] = await store.last_seq()
+    for i in range(4):
+        await do("server.create", tenant="shop", name=f"web{i}", image="cirros", vcpus=1,
+                 ram_mb=64, networks=["lan"])  # fmt: skip
+    marks["four"] = await store.last_seq()
+    await do("quota.set", tenant="shop", limits={"instances": 4, "volumes": 3})
+    await do("floating-ip.create", tenant="shop", network="public")
+    await do("floating-ip.associate", tenant="shop", floating_ip="203.0.113.2", server="web0")
+    await do("volume.create", tenant="shop", name="data", size_gb=8)
+    await do("volume.attach", tenant="shop", volume="data", server="web1")
+    marks["extras"] = await store.last_seq()
+    await do("server.delete", tenant="shop", ref="web0")
+    await do("server.delete", tenant="shop", ref="web1")
+    await do("quota.set", tenant="shop", limits={"instances": 2})
+    marks["two"] = await store.last_seq()
+    return marks
+
+
+async def answer(svc: QueryService, view: str, body: dict, at: int | None = None):
+    try:
+        return await ask(svc, view, at, body)
+    except StratusError as exc:
+        return (exc.kind, exc.message)
+
+
+async def test_inventory_at_a_sequence_is_what_a_fresh_projection_had_then(store, sqlite_engine):
+    marks = await inventory_history(store)
+    last = await store.last_seq()
+    live = sqlite_engine("live.db")
+    await fresh(store, live, last)
+    svc = QueryService(store, live)
+    questions = [
+        ("servers", {"tenant": "shop"}),
+        ("server", {"tenant": "shop", "ref": "web0"}),
+        ("server", {"tenant": "shop", "ref": "web2"}),
+        ("floating_ips", {"tenant": "shop"}),
+        ("volume", {"tenant": "shop", "ref": "data"}),
+        ("ports", {"tenant": "shop"}),
+        ("quota", {"tenant": "shop"}),
+    ]
+    try:
+        seen = {}
+        for i, seq in enumerate(sorted({*marks.values(), marks["four"] - 3, last})):
+            # a projection built from 1 up to seq, asked as it is now
+            then = QueryService(store, sqlite_engine(f"then-{i}.db"))
+            await fresh(store, then.engine, seq)
+            for view, body in questions:
+                want = await answer(then, view, body)
+                assert await answer(svc, view, body, seq) == want, (seq, view, body)
+            seen[seq] = {v: await answer(then, v, b) for v, b in questions[:1] + questions[-1:]}
+    finally:
+        await svc.stop()
+
+    # and those answers are the history told: none, four, then two servers
+    def names(seq: int) -> list[str]:
+        return sorted(s["name"] for s in seen[seq]["servers"])
+
+    def quota(seq: int) -> dict[str, tuple[int, int]]:
+        return {q["resource"]: (q["limit"], q["in_use"]) for q in seen[seq]["quota"]["quota"]}
+
+    assert names(marks["empty"]) == []
+    assert names(marks["four"]) == ["web0", "web1", "web2", "web3"]
+    assert names(marks["two"]) == ["web2", "web3"]
+    assert quota(marks["four"])["instances"] == (10, 4)
+    assert quota(marks["extras"])["instances"] == (4, 4)
+    assert quota(marks["extras"])["volume_gb"] == (1000, 8)
+    assert quota(marks["two"])["instances"] == (2, 2)
+    assert quota(marks["two"])["volumes"] == (3, 1)
