@@ -41,7 +41,8 @@ from stratus.handlers.registry import Handler, Special
 from stratus.handlers.state import StateCache
 
 QUEUE_GROUP = "handlers"
-MAX_ATTEMPTS = 8
+# Enough for dozens of commands racing on one tenant or one pool.
+MAX_ATTEMPTS = 16
 MAX_IN_FLIGHT = 512
 
 log = structlog.get_logger("stratus.handlers")
