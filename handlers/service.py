@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,7 @@ QUEUE_GROUP = "handlers"
 # Enough for dozens of commands racing on one tenant or one pool.
 MAX_ATTEMPTS = 16
 MAX_IN_FLIGHT = 512
+OWN_REMEMBERED = 4096
 
 log = structlog.get_logger("stratus.handlers")
 _reply_encoder = msgspec.json.Encoder()
@@ -97,17 +99,37 @@ class CommandService:
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
+        self._feed: Any = None
+        # Commands this service appended lately: their events, seen again
+        # on the stream, are not news to its cache.
+        self._own: OrderedDict[str, None] = OrderedDict()
+        self.conflicts = 0
         self.sealer = Sealer()
 
     async def start(self) -> None:
+        self._feed = await self.store.nc.subscribe("ev.>", cb=self._on_event)
         self._sub = await self.store.nc.subscribe("cmd.>", queue=self.queue, cb=self._on_msg)
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = self.store.codec.decode(msg.data)
+        except Exception:
+            return  # not ours to judge: the projector quarantines it
+        if event.correlation_id not in self._own:
+            self.cache.invalidate(msg.subject, event.tenant)
+
+    def _mine(self, command_id: str) -> None:
+        self._own[command_id] = None
+        if len(self._own) > OWN_REMEMBERED:
+            self._own.popitem(last=False)
 
     async def stop(self) -> None:
         """Stop taking requests, then let the ones in flight finish."""
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+        for sub in (self._sub, self._feed):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        self._sub = self._feed = None
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
 
@@ -203,11 +225,15 @@ class CommandService:
         also_fold = handler.also_fold or handler.fold
 
         async def refresh() -> None:
+            # (Tracked.stale is cleared by the refresh itself.)
             await self.cache.refresh(boundary, tracked, handler.fold)
             if other is not None:
                 await self.cache.refresh(second, other, also_fold)  # type: ignore[arg-type]
 
         refreshed = False
+        if tracked.stale or (other is not None and other.stale):
+            await refresh()
+            refreshed = True
         for attempt in range(self.max_attempts):
             done = tracked.ledger.get(cause.correlation_id)
             if done is not None:
@@ -239,9 +265,11 @@ class CommandService:
                 # an address from a pool) is conditioned on it; one that only
                 # looked (a router naming its external network) is not.
                 conditions = _conditions(events, [(boundary, tracked.seq), (second, other.seq)])
+            self._mine(cause.correlation_id)
             try:
                 result = await self.appender.append(events, conditions, msg_id=cause.correlation_id)
             except ConcurrencyConflict:
+                self.conflicts += 1
                 await refresh()
                 refreshed = True
                 if attempt:

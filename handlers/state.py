@@ -29,11 +29,14 @@ LEDGER_SIZE = 256
 
 
 class Tracked(Generic[S]):
-    __slots__ = ("ledger", "seq", "state")
+    __slots__ = ("ledger", "seq", "stale", "state")
 
     def __init__(self, state: S) -> None:
         self.state = state
         self.seq = 0
+        # Set when the stream shows another writer's event on this boundary:
+        # the next decision reads it first instead of losing an append.
+        self.stale = False
         self.ledger: OrderedDict[str, list[int]] = OrderedDict()
 
     def apply(self, seq: int, event: Event, fold: Fold[S]) -> None:
@@ -68,8 +71,17 @@ class StateCache:
             self._entries.move_to_end(subject)
         return t
 
+    def invalidate(self, subject: str, tenant: str) -> None:
+        """An event landed on ``subject``: the cached boundaries it matches
+        (its aggregate, its tenant's whole log) are behind."""
+        for key in (subject, f"ev.{tenant}.>"):
+            t = self._entries.get(key)
+            if t is not None:
+                t.stale = True
+
     async def refresh(self, subject: str, tracked: Tracked[S], fold: Fold[S]) -> None:
         """Fold every event on ``subject`` after what ``tracked`` has seen."""
+        tracked.stale = False
         async for batch in self.store.read(after=tracked.seq, subjects=[subject]):
             for rec in batch:
                 tracked.apply(rec.seq, rec.decode(self.store.codec), fold)

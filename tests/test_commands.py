@@ -647,3 +647,50 @@ async def test_any_command_is_applied_exactly_as_decided_or_refused_with_nothing
         assert {k: getattr(event, k) for k in fields} == fields
         if command_id is not None:
             assert event.correlation_id == command_id
+
+
+async def test_the_stream_tells_a_handler_its_tenant_moved_so_it_reads_before_deciding(
+    store, connect_store
+):
+    """Two handler processes taking turns on one tenant: each learns from the
+    stream that the other wrote, and decides on what it read, not on a
+    refused append. Without the feed every turn would cost a conflict."""
+    import time
+
+    from stratus.handlers.catalog import all_handlers
+
+    a = CommandService(store, all_handlers())
+    b = CommandService(await connect_store(), all_handlers())
+    await a.start()
+    await b.start()
+    try:
+        ok = await call(a, "tenant.create", b'{"name": "turns"}')
+        assert ok["ok"], ok
+
+        async def create(svc: CommandService, i: int) -> None:
+            body = json.dumps({"tenant": "turns", "name": f"v{i}", "size_gb": 1}).encode()
+            reply = await call(svc, "volume.create", body)
+            assert reply["ok"], reply
+
+        async def marked(svc: CommandService) -> None:
+            # bounded wait for the other's event to reach this handler
+            deadline = time.monotonic() + 5
+            while not svc.cache.get("ev.turns.>", dict).stale:
+                assert time.monotonic() < deadline, "the stream never marked the boundary"
+                await asyncio.sleep(0.005)
+
+        await create(a, 0)
+        await create(b, 1)  # b's first look: it reads the tenant, nothing cached yet
+        for i in range(2, 10):
+            svc = a if i % 2 == 0 else b
+            await marked(svc)
+            await create(svc, i)
+            # its own events, coming back on the stream, do not mark it
+            await asyncio.sleep(0.05)
+            assert not svc.cache.get("ev.turns.>", dict).stale
+        assert a.conflicts == 0 and b.conflicts == 0, (a.conflicts, b.conflicts)
+        names = {r.decode().name for r in await store.read_all(subjects=["ev.turns.volume.*"])}
+        assert names == {f"v{i}" for i in range(10)}
+    finally:
+        await a.stop()
+        await b.stop()
