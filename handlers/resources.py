@@ -933,6 +933,17 @@ def decide_quota_set(w: World, cmd: QuotaSetCommand, cause: Cause) -> list[Event
 # -- cloud-wide aggregates -----------------------------------------------------------
 
 
+def _existing(a: Aggregate, what: str, name: str) -> None:
+    if not a.live:
+        raise NotFound(f"{what} {name} not found")
+
+
+def _unused_name(a: Aggregate, what: str, name: str) -> None:
+    # A cloud-wide object's name is its id, on the log forever: never reused.
+    if a.live or a.ended:
+        raise AlreadyExists(f"{what} {name} exists or existed; names are never reused")
+
+
 def decide_host_register(a: Aggregate, cmd: HostRegister, cause: Cause) -> list[Event]:
     spec = {k: v for k, v in msgspec.structs.asdict(cmd).items() if k != "name"}
     spec["labels"], spec["types"] = dict(cmd.labels), list(cmd.types)
@@ -946,8 +957,7 @@ def decide_host_register(a: Aggregate, cmd: HostRegister, cause: Cause) -> list[
 
 def _host_switch(enabled: bool) -> Any:
     def decide(a: Aggregate, cmd: HostSetEnabled, cause: Cause) -> list[Event]:
-        if not a.live:
-            raise NotFound(f"host {cmd.name} not found")
+        _existing(a, "host", cmd.name)
         want = "enabled" if enabled else "disabled"
         if (a.attrs or {}).get("status") == want:
             return []
@@ -958,14 +968,12 @@ def _host_switch(enabled: bool) -> Any:
 
 
 def decide_host_remove(a: Aggregate, cmd: HostRemove, cause: Cause) -> list[Event]:
-    if not a.live:
-        raise NotFound(f"host {cmd.name} not found")
+    _existing(a, "host", cmd.name)
     return [cause.make(HostRemoved, SYSTEM, "host", cmd.name)]
 
 
 def decide_flavor_create(a: Aggregate, cmd: FlavorCreate, cause: Cause) -> list[Event]:
-    if a.live or a.ended:
-        raise AlreadyExists(f"flavor {cmd.name} exists or existed; flavor names are never reused")
+    _unused_name(a, "flavor", cmd.name)
     return [
         cause.make(
             FlavorCreated,
@@ -981,20 +989,17 @@ def decide_flavor_create(a: Aggregate, cmd: FlavorCreate, cause: Cause) -> list[
 
 
 def decide_flavor_delete(a: Aggregate, cmd: FlavorDelete, cause: Cause) -> list[Event]:
-    if not a.live:
-        raise NotFound(f"flavor {cmd.name} not found")
+    _existing(a, "flavor", cmd.name)
     return [cause.make(FlavorDeleted, SYSTEM, "flavor", cmd.name)]
 
 
 def decide_public_image_create(a: Aggregate, cmd: ImageCreate, cause: Cause) -> list[Event]:
-    if a.live or a.ended:
-        raise AlreadyExists(f"public image {cmd.name} exists or existed; choose another name")
+    _unused_name(a, "public image", cmd.name)
     return [_image_event(cmd, cause, SYSTEM, cmd.name, "public")]
 
 
 def decide_external_network_create(a: Aggregate, cmd: NetworkCreate, cause: Cause) -> list[Event]:
-    if a.live or a.ended:
-        raise AlreadyExists(f"external network {cmd.name} exists or existed; choose another name")
+    _unused_name(a, "external network", cmd.name)
     if not cmd.cidr:
         raise Invalid("an external network needs --cidr (its floating IPs come from it)")
     r = address_range(cmd.cidr, cmd.gateway, cmd.pool_start, cmd.pool_end, "external network")
