@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -199,3 +207,51 @@ def print_table(title: str, results: Sequence[Result], caption: str = "") -> Non
             r.note,
         )
     Console(width=200).print(table)
+
+
+Procs = list[subprocess.Popen[bytes]]
+
+
+def with_broker(
+    report: Report,
+    body: Callable[[str, Path, Procs], Awaitable[None]],
+    **info: Any,
+) -> Report:
+    """Run ``body(url, tmp, procs)`` against a nats-server of its own in a
+    temporary directory, the machine's facts in ``report.info``; afterwards
+    every process in ``procs``, the broker and the directory are gone."""
+    from stratus.events.broker import EmbeddedNats
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"stratus-bench-{report.benchmark}-"))
+    procs: Procs = []
+    srv = EmbeddedNats(tmp / "nats", host="127.0.0.1", log_file=str(tmp / "nats.log"))
+    try:
+        url = srv.start()
+        report.info.update(
+            {
+                "nats_url": url,
+                "sync_interval": "always" if srv.sync_always else "default",
+                "cpus": os.cpu_count(),
+                "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                "python": platform.python_version(),
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                **info,
+            }
+        )
+        asyncio.run(body(url, tmp, procs))
+    finally:
+        for p in procs:
+            stop_process(p)
+        srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def stop_process(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)

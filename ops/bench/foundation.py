@@ -19,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import platform
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,13 +36,21 @@ from sqlalchemy import func, select
 
 from stratus.cli.client import Client
 from stratus.cli.runtime import publish_signing_keys
-from stratus.events.broker import EmbeddedNats
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.store import MAX_BATCH, SUBJECTS, Condition, EventStore
 from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
 from stratus.handlers.tokens import KeyRing
-from stratus.ops.bench.common import Load, Report, Result, compare, drive, result
+from stratus.ops.bench.common import (
+    Load,
+    Report,
+    Result,
+    compare,
+    drive,
+    result,
+    stop_process,
+    with_broker,
+)
 from stratus.projections import audit
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.pgserver import LocalPostgres
@@ -83,27 +88,7 @@ class Options:
 def run(opts: Options) -> Report:
     """Start a broker in a temp dir, measure everything, clean up."""
     report = Report("foundation", opts)
-    tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    srv = EmbeddedNats(tmp / "nats", host="127.0.0.1", log_file=str(tmp / "nats.log"))
-    try:
-        url = srv.start()
-        report.info.update(
-            {
-                "nats_url": url,
-                "sync_interval": "always" if srv.sync_always else "default",
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-        )
-        asyncio.run(_run(url, tmp, opts, report, procs))
-    finally:
-        for p in procs:
-            _stop_process(p)
-        srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    return with_broker(report, lambda url, tmp, procs: _run(url, tmp, opts, report, procs))
 
 
 async def _run(
@@ -478,7 +463,7 @@ async def _start_handlers(
         # Stopping them also ends a readline still blocked in its thread,
         # which asyncio.run would otherwise wait for at shutdown.
         for p in started:
-            _stop_process(p)
+            stop_process(p)
             if p.stdout is not None:
                 p.stdout.close()
         raise
@@ -498,16 +483,6 @@ def _drain(stream: IO[bytes]) -> None:
     with contextlib.suppress(Exception), stream:
         while stream.read(65536):
             pass
-
-
-def _stop_process(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 async def _commands(
@@ -568,7 +543,7 @@ async def _command_path(
                 report.results.append(r)
             finally:
                 for p in started:
-                    _stop_process(p)
+                    stop_process(p)
         await _authenticated(url, tmp, opts, report, procs)
     finally:
         for c in clients:
@@ -626,7 +601,7 @@ async def _authenticated(
                     t.first_error = t.first_error or got.first_error
                 finally:
                     for p in started:
-                        _stop_process(p)
+                        stop_process(p)
         rounds = f"{AUTH_ROUNDS} alternating rounds"
         base = result(
             f"tenant.create, {opts.clients} clients (1 handler proc, no auth, {rounds})",

@@ -29,23 +29,17 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import nats
 
 from stratus.cli.client import Client
-from stratus.events.broker import EmbeddedNats
 from stratus.events.store import MAX_BATCH, EventStore
 from stratus.ops.bench import foundation
 from stratus.ops.bench.common import (
@@ -57,6 +51,8 @@ from stratus.ops.bench.common import (
     positive,
     print_table,
     result,
+    stop_process,
+    with_broker,
 )
 from stratus.ops.bench.workload import Workload, batches
 from stratus.projections.db import make_engine, sqlite_url
@@ -157,31 +153,13 @@ def print_report(report: Report) -> None:
 
 
 def run(opts: Options) -> Report:
-    report = Report("projections", opts)
-    tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-proj-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    srv = EmbeddedNats(tmp / "nats", host="127.0.0.1", log_file=str(tmp / "nats.log"))
-    try:
-        url = srv.start()
-        from stratus.projections.views import all_views
+    from stratus.projections.views import all_views
 
-        report.info.update(
-            {
-                "nats_url": url,
-                "cpus": os.cpu_count(),
-                "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                "python": platform.python_version(),
-                "views": ", ".join(v.name for v in all_views()),
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
-        )
-        asyncio.run(_run(url, tmp, opts, report, procs))
-    finally:
-        for p in procs:
-            foundation._stop_process(p)
-        srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    report = Report("projections", opts)
+    views = ", ".join(v.name for v in all_views())
+    return with_broker(
+        report, lambda url, tmp, procs: _run(url, tmp, opts, report, procs), views=views
+    )
 
 
 async def _run(
@@ -527,7 +505,7 @@ async def _server_create(
             with contextlib.suppress(Exception):
                 await c.close()
         for p in started:
-            foundation._stop_process(p)
+            stop_process(p)
 
 
 async def _creates(clients: list[Client], tenant: Any, tag: str, opts: Options) -> Load:
