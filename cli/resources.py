@@ -8,6 +8,7 @@ import typer
 
 from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, run
 from stratus.cli.output import Format, emit
+from stratus.events.resources import PLURALS
 
 TenantOpt = Annotated[
     str | None, typer.Option(help="tenant to act in (default: your token's; cloud admin: any)")
@@ -31,21 +32,6 @@ KINDS: dict[str, tuple[list[str], str]] = {
     "floating-ip": (["id", "address", "status", "fixed_ip", "server", "tenant"], "Floating IPs."),
     "security-group": (["id", "name", "description", "tenant"], "Security groups."),
     "qos-policy": (["id", "name", "max_kbps", "burst_kb", "tenant"], "QoS policies."),
-}
-PLURAL = {
-    "host": "hosts",
-    "flavor": "flavors",
-    "image": "images",
-    "server": "servers",
-    "server-group": "server-groups",
-    "volume": "volumes",
-    "network": "networks",
-    "subnet": "subnets",
-    "port": "ports",
-    "router": "routers",
-    "floating-ip": "floating-ips",
-    "security-group": "security-groups",
-    "qos-policy": "qos-policies",
 }
 
 
@@ -83,7 +69,7 @@ def _reads(app: typer.Typer, kind: str) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         body = {} if cloud else _body(tenant, name=name)
-        emit(run(lambda c: c.query(PLURAL[kind], body, at=at)), output, columns)
+        emit(run(lambda c: c.query(PLURALS[kind], body, at=at)), output, columns)
 
     @app.command("show")
     def show(
@@ -104,6 +90,33 @@ def _delete(app: typer.Typer, kind: str, verb: str = "delete") -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         do(f"{kind}.{verb}", _body(tenant, ref=ref), output)
+
+
+def _linking(app: typer.Typer, kind: str, verbs: tuple[str, str], first: str, second: str) -> None:
+    """A pair of verbs joining two resources and parting them again."""
+    for verb in verbs:
+
+        def link(
+            a: str,
+            b: str,
+            tenant: TenantOpt = None,
+            output: OutputOpt = Format.table,
+            _verb: str = verb,
+        ) -> None:
+            do(f"{kind}.{_verb}", _body(tenant, **{first: a, second: b}), output)
+
+        # Annotations are strings here (``from __future__``): the argument
+        # names shown in help are given as objects instead.
+        link.__annotations__["a"] = Annotated[str, typer.Argument(metavar=first.upper())]
+        link.__annotations__["b"] = Annotated[str, typer.Argument(metavar=second.upper())]
+        app.command(verb)(link)
+
+
+def _emit_quota(data: dict[str, Any], output: Format) -> None:
+    if output is Format.table:
+        emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
+    else:
+        emit(data, output)
 
 
 def register(root: typer.Typer) -> None:
@@ -241,18 +254,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         do("volume.create", _body(tenant, name=name, size_gb=size_gb), output)
 
-    for verb in ("attach", "detach"):
-
-        def attach(
-            server: str,
-            volume: str,
-            tenant: TenantOpt = None,
-            output: OutputOpt = Format.table,
-            _verb: str = verb,
-        ) -> None:
-            do(f"volume.{_verb}", _body(tenant, server=server, volume=volume), output)
-
-        apps["volume"].command(verb)(attach)
+    _linking(apps["volume"], "volume", ("attach", "detach"), "server", "volume")
 
     @apps["network"].command("create")
     def network_create(
@@ -336,18 +338,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         do("router.create", _body(tenant, name=name, external_network=external), output)
 
-    for verb in ("add-subnet", "remove-subnet"):
-
-        def iface(
-            router: str,
-            subnet: str,
-            tenant: TenantOpt = None,
-            output: OutputOpt = Format.table,
-            _verb: str = verb,
-        ) -> None:
-            do(f"router.{_verb}", _body(tenant, router=router, subnet=subnet), output)
-
-        apps["router"].command(verb)(iface)
+    _linking(apps["router"], "router", ("add-subnet", "remove-subnet"), "router", "subnet")
 
     @apps["floating-ip"].command("create")
     def fip_create(
@@ -447,10 +438,7 @@ def register(root: typer.Typer) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         data = run(lambda c: c.query("quota", _body(tenant), at=at))
-        if output is Format.table:
-            emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
-        else:
-            emit(data, output)
+        _emit_quota(data, output)
 
     @quota.command("set")
     def quota_set(
@@ -487,7 +475,4 @@ def register(root: typer.Typer) -> None:
             if v is not None
         }
         data = run(lambda c: c.command("quota.set", {"tenant": tenant, "limits": limits})).data
-        if output is Format.table:
-            emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
-        else:
-            emit(data, output)
+        _emit_quota(data, output)

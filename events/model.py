@@ -39,6 +39,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     def type_name(cls) -> str:
         return cls.__struct_config__.tag  # type: ignore[return-value]
 
+    @classmethod
+    def payload_fields(cls) -> tuple[str, ...]:
+        """The type's own fields: everything but the envelope."""
+        names = _PAYLOAD.get(cls)
+        if names is None:
+            names = _PAYLOAD[cls] = tuple(f for f in cls.__struct_fields__ if f not in ENVELOPE)
+        return names
+
     @property
     def subject(self) -> str:
         return f"ev.{self.tenant}.{self.aggregate.kind}.{self.aggregate.id}"
@@ -68,6 +76,8 @@ class Cause(msgspec.Struct, frozen=True):
             **fields,
         )
 
+
+_PAYLOAD: dict[type, tuple[str, ...]] = {}
 
 ENVELOPE = frozenset(
     {"id", "type", "v", "tenant", "aggregate", "actor", "at", "correlation_id", "causation_id"}

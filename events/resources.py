@@ -50,6 +50,9 @@ class ResourceEvent(Event, frozen=True):
     begins: ClassVar[bool] = False
     # ... or stops existing (its row leaves the views).
     ends: ClassVar[bool] = False
+    # Fields it empties, instead of setting its own (whose values say what
+    # those fields held: the server a volume was detached from).
+    resets: ClassVar[tuple[str, ...]] = ()
 
 
 # -- hosts (registered by their agents; cloud-wide) ----------------------------
@@ -229,6 +232,7 @@ class VolumeAttached(ResourceEvent, frozen=True, tag="volume.attached"):
 
 class VolumeDetached(ResourceEvent, frozen=True, tag="volume.detached"):
     status = "available"
+    resets = ("server",)
     server: str
 
 
@@ -335,6 +339,7 @@ class FloatingIpAssociated(ResourceEvent, frozen=True, tag="floating-ip.associat
 
 class FloatingIpDisassociated(ResourceEvent, frozen=True, tag="floating-ip.disassociated"):
     status = "down"
+    resets = ("port", "server", "fixed_ip")
     port: str
 
 
@@ -668,17 +673,55 @@ COMMANDS: dict[str, type[Command]] = {
     "quota.set": QuotaSetCommand,
 }
 
-# What a quota limits, and the built-in default of each (-1: unlimited).
-QUOTA_DEFAULTS: dict[str, int] = {
-    "instances": 10,
-    "vcpus": 20,
-    "ram_mb": 51200,
-    "volumes": 10,
-    "volume_gb": 1000,
-    "networks": 10,
-    "subnets": 10,
-    "ports": 50,
-    "routers": 10,
-    "floating_ips": 10,
-    "security_groups": 10,
+
+# Every kind of the inventory and the name its list query (``q.<plural>``)
+# and its table (with ``_``) go by.
+PLURALS: dict[str, str] = {
+    "host": "hosts",
+    "flavor": "flavors",
+    "image": "images",
+    "server": "servers",
+    "server-group": "server-groups",
+    "volume": "volumes",
+    "network": "networks",
+    "subnet": "subnets",
+    "port": "ports",
+    "router": "routers",
+    "floating-ip": "floating-ips",
+    "security-group": "security-groups",
+    "qos-policy": "qos-policies",
 }
+
+
+class Quota(msgspec.Struct, frozen=True):
+    """One limited resource: its built-in default (-1: unlimited), and how
+    its usage is counted from the tenant's resources (rows of ``kind``, or
+    the sum of their ``column``)."""
+
+    default: int
+    kind: str
+    column: str | None = None
+
+
+QUOTAS: dict[str, Quota] = {
+    "instances": Quota(10, "server"),
+    "vcpus": Quota(20, "server", "vcpus"),
+    "ram_mb": Quota(51200, "server", "ram_mb"),
+    "volumes": Quota(10, "volume"),
+    "volume_gb": Quota(1000, "volume", "size_gb"),
+    "networks": Quota(10, "network"),
+    "subnets": Quota(10, "subnet"),
+    "ports": Quota(50, "port"),
+    "routers": Quota(10, "router"),
+    "floating_ips": Quota(10, "floating-ip"),
+    "security_groups": Quota(10, "security-group"),
+}
+QUOTA_DEFAULTS: dict[str, int] = {r: q.default for r, q in QUOTAS.items()}
+
+
+def quota_report(tenant: str, limits: dict[str, int], used: dict[str, int]) -> dict:
+    """What ``quota show`` and ``quota set`` answer."""
+    return {
+        "tenant": tenant,
+        "quota": [{"resource": r, "limit": limits.get(r, -1), "in_use": used[r]} for r in QUOTAS],
+    }

@@ -39,16 +39,16 @@ class Handler(msgspec.Struct, frozen=True):
     # When one verb decides on boundaries of different kinds (revoking one
     # token, or every token of a user): the initial state for a boundary.
     initial_for: Callable[[str], Any] | None = None
-    # A second boundary the decision also reads and conditions on (a pool of
-    # addresses another tenant may draw from at the same time): with it,
-    # ``decide`` gets ``(state, second_state_or_None)``. Both conditions go
+    # A second boundary the decision reads and writes to (a pool of addresses
+    # another tenant may draw from at the same time): with it, ``decide``
+    # gets ``(state, second_state)`` and appends to both. Both conditions go
     # into one atomic batch, so neither can move unnoticed.
-    also: Callable[[Any], str | None] | None = None
+    also: Callable[[Any], str] | None = None
+    also_initial: Callable[[], Any] | None = None
+    also_fold: Callable[[Any, Event], Any] | None = None
     # Instead of ``view``: the reply's data from the state and the events just
     # appended (which of a tenant's many resources the command touched).
     result: Callable[[Any, list[Event]], Any] | None = None
-    also_initial: Callable[[], Any] | None = None
-    also_fold: Callable[[Any, Event], Any] | None = None
 
 
 class Special(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from stratus.events.errors import AlreadyExists, Conflict, Forbidden, Invalid, NotFound
+from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.ids import is_name, new_id
 from stratus.events.model import Cause, Event
 from stratus.events.resources import (
@@ -92,6 +92,7 @@ from stratus.events.resources import (
     VolumeCreated,
     VolumeDeleted,
     VolumeDetached,
+    quota_report,
 )
 from stratus.handlers.registry import Handler
 from stratus.handlers.world import (
@@ -1043,12 +1044,6 @@ async def prepare_router(cmd: RouterCreate, caller: Any, service: Any) -> Router
     return RouterPlan(cmd, await _system_attrs(service, "network", name) if name else None)
 
 
-async def cloud_admin_only(cmd: Any, caller: Any, service: Any) -> Any:
-    if not caller.is_cloud_admin:
-        raise Forbidden("only the cloud admin creates public images and external networks")
-    return cmd
-
-
 # -- replies ------------------------------------------------------------------------
 
 
@@ -1078,11 +1073,7 @@ def _touched(kind: str) -> Any:
 
 
 def quota_view(w: World) -> dict[str, Any]:
-    used = w.usage()
-    return {
-        "tenant": w.tenant,
-        "quota": [{"resource": r, "limit": w.limit(r), "in_use": used[r]} for r in QUOTA_DEFAULTS],
-    }
+    return quota_report(w.tenant, {r: w.limit(r) for r in QUOTA_DEFAULTS}, w.usage())
 
 
 def _aggregate_view(a: Aggregate) -> Any:
@@ -1096,7 +1087,9 @@ def _tenant(cmd: Any) -> str | None:
     return cmd.tenant
 
 
-def _tenant_handler(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
+def _tenant_handler(
+    verb: str, command: type, decide: Any, initial: Callable[[], World], **kw: Any
+) -> Handler:
     kind = verb.split(".")[0]
     if kind == "quota":
         kw.setdefault("view", quota_view)
@@ -1107,7 +1100,7 @@ def _tenant_handler(verb: str, command: type, decide: Any, **kw: Any) -> Handler
         command=command,
         permission=verb,
         boundary=lambda c: tenant_boundary(c.tenant),
-        initial=World,
+        initial=initial,
         fold=fold,
         decide=decide,
         tenant_of=_tenant,
@@ -1115,19 +1108,11 @@ def _tenant_handler(verb: str, command: type, decide: Any, **kw: Any) -> Handler
     )
 
 
-def _pool(field: str) -> Any:
-    def boundary(cmd: Any) -> str | None:
-        name = getattr(cmd, field)
-        return system_subject("network", name) if name else None
-
-    return boundary
-
-
 def _on_system(verb: str, command: type, kind: str, decide: Any, **kw: Any) -> Handler:
     return Handler(
         verb=verb,
         command=command,
-        permission=kw.pop("permission", verb),
+        permission=verb,
         boundary=lambda c: system_subject(kind, c.name),
         initial=Aggregate,
         fold=fold_aggregate,
@@ -1135,9 +1120,6 @@ def _on_system(verb: str, command: type, kind: str, decide: Any, **kw: Any) -> H
         view=_aggregate_view,
         **kw,
     )
-
-
-_POOL = {"also_initial": Aggregate, "also_fold": fold_aggregate}
 
 
 def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
@@ -1151,7 +1133,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         return World(quota_defaults)
 
     def _in_tenant(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
-        return msgspec.structs.replace(_tenant_handler(verb, command, decide, **kw), initial=world)
+        return _tenant_handler(verb, command, decide, world, **kw)
 
     return [
         _on_system("host.register", HostRegister, "host", decide_host_register),
@@ -1160,19 +1142,9 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _on_system("host.remove", HostRemove, "host", decide_host_remove),
         _on_system("flavor.create", FlavorCreate, "flavor", decide_flavor_create),
         _on_system("flavor.delete", FlavorDelete, "flavor", decide_flavor_delete),
+        _on_system("image.create-public", ImageCreate, "image", decide_public_image_create),
         _on_system(
-            "image.create-public",
-            ImageCreate,
-            "image",
-            decide_public_image_create,
-            permission="image.create-public",
-        ),
-        _on_system(
-            "network.create-external",
-            NetworkCreate,
-            "network",
-            decide_external_network_create,
-            permission="network.create-external",
+            "network.create-external", NetworkCreate, "network", decide_external_network_create
         ),
         _in_tenant("image.create", ImageCreate, decide_image_create),
         _in_tenant("image.delete", RefCommand, decide_image_delete),
@@ -1213,8 +1185,11 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
             "floating-ip.create",
             FloatingIpCreate,
             decide_fip_create,
-            also=_pool("network"),
-            **_POOL,
+            # Takes an address from the external network's pool, which
+            # every tenant shares: conditioned on the pool's subject too.
+            also=lambda c: system_subject("network", c.network),
+            also_initial=Aggregate,
+            also_fold=fold_aggregate,
         ),
         _in_tenant("floating-ip.delete", RefCommand, decide_fip_delete),
         _in_tenant("floating-ip.associate", FloatingIpAssociate, decide_fip_associate),

@@ -238,14 +238,7 @@ class CommandService:
             done = tracked.ledger.get(cause.correlation_id)
             if done is not None:
                 return self._ok(handler, tracked.state, done, duplicate=True)
-            state = (
-                tracked.state
-                if handler.also is None
-                else (
-                    tracked.state,
-                    other.state if other is not None else None,
-                )
-            )
+            state = tracked.state if other is None else (tracked.state, other.state)
             try:
                 events = handler.decide(state, cmd, cause)
             except StratusError as err:
@@ -259,12 +252,11 @@ class CommandService:
                 raise
             if not events:
                 return self._ok(handler, tracked.state, [])
-            conditions = [Condition(boundary, tracked.seq)]
-            if other is not None and any(subject_matches(second, e.subject) for e in events):  # type: ignore[arg-type]
-                # Only a decision that writes to the second boundary (takes
-                # an address from a pool) is conditioned on it; one that only
-                # looked (a router naming its external network) is not.
-                conditions = _conditions(events, [(boundary, tracked.seq), (second, other.seq)])
+            conditions = (
+                [Condition(boundary, tracked.seq)]
+                if other is None
+                else _conditions(events, [(boundary, tracked.seq), (second, other.seq)])  # type: ignore[list-item]
+            )
             self._mine(cause.correlation_id)
             try:
                 result = await self.appender.append(events, conditions, msg_id=cause.correlation_id)

@@ -13,32 +13,25 @@ from __future__ import annotations
 from typing import Any
 
 from stratus.events.errors import NotFound, QuotaExceeded
-from stratus.events.model import ENVELOPE, Event
+from stratus.events.model import Event
 from stratus.events.resources import (
     QUOTA_DEFAULTS,
+    QUOTAS,
     AddressAllocated,
     AddressReleased,
-    FloatingIpDisassociated,
     QuotaSet,
     ResourceEvent,
     RouterInterfaceAdded,
     RouterInterfaceRemoved,
     SecurityGroupRuleAdded,
     SecurityGroupRuleRemoved,
-    VolumeDetached,
 )
 from stratus.events.tenants import TenantCreated, TenantDeleted
-
-_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def payload(event: Event) -> dict[str, Any]:
     """The event's own fields (not the envelope), as a fresh dict."""
-    cls = type(event)
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f for f in cls.__struct_fields__ if f not in ENVELOPE)
-    return {n: getattr(event, n) for n in names}
+    return {n: getattr(event, n) for n in event.payload_fields()}
 
 
 def tenant_boundary(tenant: str) -> str:
@@ -88,20 +81,11 @@ class World:
         return self.limits.get(resource, self.defaults.get(resource, -1))
 
     def usage(self) -> dict[str, int]:
-        servers = self.of("server").values()
-        volumes = self.of("volume").values()
         return {
-            "instances": len(servers),
-            "vcpus": sum(s["vcpus"] for s in servers),
-            "ram_mb": sum(s["ram_mb"] for s in servers),
-            "volumes": len(volumes),
-            "volume_gb": sum(v["size_gb"] for v in volumes),
-            "networks": len(self.of("network")),
-            "subnets": len(self.of("subnet")),
-            "ports": len(self.of("port")),
-            "routers": len(self.of("router")),
-            "floating_ips": len(self.of("floating-ip")),
-            "security_groups": len(self.of("security-group")),
+            r: len(self.of(q.kind))
+            if q.column is None
+            else sum(x[q.column] for x in self.of(q.kind).values())
+            for r, q in QUOTAS.items()
         }
 
     def check_quota(self, wanted: dict[str, int]) -> None:
@@ -153,10 +137,8 @@ def _fold_resource(world: World, event: ResourceEvent) -> None:
             r.setdefault("interfaces", {})[event.subnet] = event.port
         elif isinstance(event, RouterInterfaceRemoved):
             r.setdefault("interfaces", {}).pop(event.subnet, None)
-        elif isinstance(event, VolumeDetached):
-            r["server"] = ""
-        elif isinstance(event, FloatingIpDisassociated):
-            r.update(port="", server="", fixed_ip="")
+        elif event.resets:
+            r.update(dict.fromkeys(event.resets, ""))
         else:
             r.update(payload(event))
     if event.status is not None:

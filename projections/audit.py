@@ -31,10 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stratus.events.catalog import EVENT_TYPES
 from stratus.events.errors import Invalid
-from stratus.events.model import ENVELOPE, SECRET_FIELDS, Event
+from stratus.events.model import SECRET_FIELDS, Event
 from stratus.projections.batch import Op, Upsert
 from stratus.projections.schema import metadata
-from stratus.projections.tenants import _iso
+from stratus.projections.tenants import iso
 
 # On SQLite an INTEGER PRIMARY KEY is the rowid itself: no second B-tree for
 # the key, and every index below ends in the sequence for free.
@@ -86,7 +86,7 @@ class _Shape(msgspec.Struct, frozen=True):
 
 
 def _shape(cls: type[Event]) -> _Shape:
-    payload = tuple(f for f in cls.__struct_fields__ if f not in ENVELOPE)
+    payload = cls.payload_fields()
     return _Shape(
         payload=payload,
         secret=frozenset(payload) & SECRET_FIELDS,
@@ -220,7 +220,7 @@ def row_view(row: Any) -> dict[str, Any]:
         "tenant": row.tenant,
         "aggregate": {"kind": row.kind, "id": row.resource},
         "actor": row.actor,
-        "at": _iso(row.at),
+        "at": iso(row.at),
         "correlation_id": row.correlation_id,
         "causation_id": row.causation_id,
         "id": row.event_id,

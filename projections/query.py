@@ -17,6 +17,7 @@ from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Internal, Invalid, NotFound, StratusError
 from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
+from stratus.events.resources import PLURALS
 from stratus.events.sealed import Sealer, respond
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import audit, resources, tenants, users
@@ -184,10 +185,9 @@ class QueryService:
             "audit": Route(AuditQuery, self.q_audit, "audit.read", _asked, reads_log=True),
             "quota": Route(QuotaQuery, self.q_quota, "quota.show", _asked),
         }
-        for kind in resources.PLURAL:
+        for kind, plural in PLURALS.items():
             perm = _CLOUD_KINDS.get(kind, f"{kind}.read")
             asked = None if kind in _CLOUD_KINDS else _asked
-            plural = resources.PLURAL[kind].replace("_", "-")
             self.routes[plural] = Route(ListQuery, self._lister(kind, perm), perm, asked)
             self.routes[kind] = Route(ShowQuery, self._shower(kind, perm), perm, asked)
 

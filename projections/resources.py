@@ -30,37 +30,17 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stratus.events import resources as ev
-from stratus.events.model import ENVELOPE, Event
+from stratus.events.model import Event
 from stratus.projections.batch import Delete, Op, Patch, Upsert
 from stratus.projections.schema import metadata
+from stratus.projections.tenants import iso
 
 NAME = "inventory"
 
-PLURAL = {
-    "host": "hosts",
-    "flavor": "flavors",
-    "image": "images",
-    "server": "servers",
-    "server-group": "server_groups",
-    "volume": "volumes",
-    "network": "networks",
-    "subnet": "subnets",
-    "port": "ports",
-    "router": "routers",
-    "floating-ip": "floating_ips",
-    "security-group": "security_groups",
-    "qos-policy": "qos_policies",
-}
 
 # Events whose payload is not columns of their kind's row.
 _RULES = (ev.SecurityGroupRuleAdded, ev.SecurityGroupRuleRemoved)
 _INTERFACES = (ev.RouterInterfaceAdded, ev.RouterInterfaceRemoved)
-# What a change event sets, where its payload says something else (the
-# volume detached *from* a server; the port an address was taken *off*).
-_OVERRIDE: dict[type, dict[str, Any]] = {
-    ev.VolumeDetached: {"server": ""},
-    ev.FloatingIpDisassociated: {"port": "", "server": "", "fixed_ip": ""},
-}
 
 _enc = msgspec.json.Encoder(order="sorted")
 _dec = msgspec.json.Decoder()
@@ -80,7 +60,7 @@ def _column_type(tp: Any) -> Any:
 
 def _payload_fields(cls: type) -> dict[str, Any]:
     hints = get_type_hints(cls)
-    return {f: hints[f] for f in cls.__struct_fields__ if f not in ENVELOPE}
+    return {f: hints[f] for f in cls.payload_fields()}
 
 
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
@@ -111,7 +91,7 @@ def _make_table(kind: str, classes: list[type[ev.ResourceEvent]]) -> Table:
                 json_cols.add(field)
                 sql = Text
             cols[field] = sql
-    name = PLURAL[kind]
+    name = ev.PLURALS[kind].replace("-", "_")
     JSON_COLUMNS[name] = json_cols
     table = Table(
         name,
@@ -181,7 +161,7 @@ class _Plan:
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
         kind = cls.type_name().split(".")[0]
         self.table = TABLES_BY_KIND[kind]
-        special = cls in _RULES or cls in _INTERFACES
+        special = cls in _RULES or cls in _INTERFACES or cls.resets
         fields = () if special else tuple(f for f in _payload_fields(cls) if f in self.table.c)
         json_cols = JSON_COLUMNS[self.table.name]
         self.plain = tuple(f for f in fields if f not in json_cols)
@@ -189,7 +169,7 @@ class _Plan:
         self.status = cls.status
         self.begins, self.ends = cls.begins, cls.ends
         # What the change sets besides its own fields.
-        self.fixed: dict[str, Any] = dict(_OVERRIDE.get(cls, {}))
+        self.fixed: dict[str, Any] = dict.fromkeys(cls.resets, "")
         if cls.status is not None:
             self.fixed["status"] = cls.status
         self.template = dict.fromkeys(c.name for c in self.table.columns)
@@ -291,12 +271,6 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
 # -- reading ---------------------------------------------------------------------------
 
 
-def _iso(value: datetime) -> str:
-    if value.tzinfo is None:
-        return value.isoformat() + "Z"
-    return value.isoformat().replace("+00:00", "Z")
-
-
 def row_view(table: Table, row: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     json_cols = JSON_COLUMNS.get(table.name, ())
@@ -306,7 +280,7 @@ def row_view(table: Table, row: Any) -> dict[str, Any]:
         if k in json_cols and isinstance(v, str):
             v = _dec.decode(v)
         elif isinstance(v, datetime):
-            v = _iso(v)
+            v = iso(v)
         out[k] = v
     return out
 
@@ -373,32 +347,10 @@ async def quota_usage(
     """Limits and usage, counted from the tenant's resource rows."""
     row = (await conn.execute(select(quotas.c.limits).where(quotas.c.tenant == tenant))).first()
     limits = {**defaults, **(_dec.decode(row[0]) if row else {})}
-    t = TABLES_BY_KIND
-
-    async def count(kind: str) -> int:
-        tb = t[kind]
-        q = select(func.count()).select_from(tb).where(tb.c.tenant == tenant)
-        return int((await conn.execute(q)).scalar_one())
-
-    async def total(kind: str, column: str) -> int:
-        tb = t[kind]
-        q = select(func.coalesce(func.sum(tb.c[column]), 0)).where(tb.c.tenant == tenant)
-        return int((await conn.execute(q)).scalar_one())
-
-    used = {
-        "instances": await count("server"),
-        "vcpus": await total("server", "vcpus"),
-        "ram_mb": await total("server", "ram_mb"),
-        "volumes": await count("volume"),
-        "volume_gb": await total("volume", "size_gb"),
-        "networks": await count("network"),
-        "subnets": await count("subnet"),
-        "ports": await count("port"),
-        "routers": await count("router"),
-        "floating_ips": await count("floating-ip"),
-        "security_groups": await count("security-group"),
-    }
-    return {
-        "tenant": tenant,
-        "quota": [{"resource": r, "limit": limits.get(r, -1), "in_use": used[r]} for r in defaults],
-    }
+    used: dict[str, int] = {}
+    for resource, quota in ev.QUOTAS.items():
+        tb = TABLES_BY_KIND[quota.kind]
+        what = func.count() if quota.column is None else func.sum(tb.c[quota.column])
+        q = select(func.coalesce(what, 0)).select_from(tb).where(tb.c.tenant == tenant)
+        used[resource] = int((await conn.execute(q)).scalar_one())
+    return ev.quota_report(tenant, limits, used)

@@ -67,12 +67,13 @@ def row_view(row: Any) -> dict[str, Any]:
         "name": row.name,
         "description": row.description,
         "status": row.status,
-        "created_at": _iso(row.created_at),
-        "updated_at": _iso(row.updated_at),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
     }
 
 
-def _iso(value: Any) -> str:
+def iso(value: Any) -> str:
+    """A stored time as ISO-8601 UTC with a Z (SQLite keeps no offset)."""
     return value.isoformat().replace("+00:00", "Z") if value.tzinfo else value.isoformat() + "Z"
 
 

@@ -18,7 +18,7 @@ from stratus.events.identity import (
 from stratus.events.model import Event
 from stratus.projections.batch import Delete, Op, Patch, Upsert
 from stratus.projections.schema import metadata
-from stratus.projections.tenants import _iso
+from stratus.projections.tenants import iso
 
 users = Table(
     "users",
@@ -81,7 +81,7 @@ async def list_users(conn: AsyncConnection) -> list[dict[str, Any]]:
             "id": r.name,
             "name": r.name,
             "enabled": bool(r.enabled),
-            "created_at": _iso(r.created_at),
+            "created_at": iso(r.created_at),
             "roles": by_user.get(r.name, []),
         }
         for r in rows
@@ -103,7 +103,7 @@ async def list_roles(
             "user": r.user,
             "tenant": r.tenant,
             "role": r.role,
-            "granted_at": _iso(r.granted_at),
+            "granted_at": iso(r.granted_at),
             "granted_by": r.granted_by,
         }
         for r in (await conn.execute(q)).all()
