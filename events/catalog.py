@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from stratus.events import identity, resources, tenants
+from stratus.events import identity, resources, scheduling, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
-EVENT_TYPES: tuple[type[Event], ...] = (*tenants.EVENTS, *identity.EVENTS, *resources.EVENTS)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    *tenants.EVENTS,
+    *identity.EVENTS,
+    *resources.EVENTS,
+    *scheduling.EVENTS,
+)
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,

@@ -192,6 +192,8 @@ class ServerFailed(ResourceEvent, frozen=True, tag="server.failed"):
     status = "error"
     reason: str
     host: str = ""
+    # When the scheduler gave up: how many hosts each filter removed.
+    scheduling: dict = {}
 
 
 class ServerDeleting(ResourceEvent, frozen=True, tag="server.deleting"):

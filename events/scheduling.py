@@ -1,0 +1,69 @@
+"""What the scheduler and the compute agents say to each other about hosts.
+
+A placement is claimed on the host's own subject, ``ev._system.host.<name>``:
+``host.claimed`` reserves the server's vCPUs, RAM and disk there and
+``host.released`` gives them back. A host's capacity in use is therefore the
+fold of its subject alone, and a claim appended on the condition "nothing
+new on this host since the state I decided on" can never double-book it.
+The compute agent of the host consumes the same subject to learn its work.
+
+Liveness is not history: agents heartbeat into the KV bucket ``HEARTBEATS``
+(one key per host, a per-key TTL), never into the event log.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from stratus.events.model import Event
+
+# The KV bucket agents heartbeat into (key: host name) and how long a beat
+# keeps its host alive. Agents beat every HEARTBEAT_INTERVAL seconds, so a
+# host survives two lost beats before the scheduler stops choosing it.
+HEARTBEATS = "stratus-heartbeats"
+HEARTBEAT_TTL = 15.0
+HEARTBEAT_INTERVAL = 5.0
+
+
+class HostClaimed(Event, frozen=True, tag="host.claimed"):
+    """Capacity on the host reserved for one server (what its agent builds)."""
+
+    server: str
+    server_tenant: str
+    name: str
+    image: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    instance_type: str = "vm"
+    group: str = ""
+    attempt: int = 1
+
+
+class HostReleased(Event, frozen=True, tag="host.released"):
+    """The server's claim on the host given back (deleted, or its build failed)."""
+
+    server: str
+    server_tenant: str
+    reason: str = ""
+
+
+class ServerBuildFailed(Event, frozen=True, tag="server.build-failed"):
+    """The compute agent could not build the server on ``host``; the
+    scheduler tries another host, or gives up with ``server.failed``."""
+
+    host: str
+    reason: str
+    attempt: int = 1
+
+
+class HostHeartbeat(msgspec.Struct, frozen=True):
+    """One beat in the KV bucket (not an event: it never reaches the log)."""
+
+    host: str
+    at: float
+    # The agent's own view, shown by ``host show``; the scheduler trusts claims.
+    instances: int = 0
+
+
+EVENTS = (HostClaimed, HostReleased, ServerBuildFailed)
