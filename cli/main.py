@@ -90,6 +90,31 @@ def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
 
 # -- running it ---------------------------------------------------------------
 
+SERVICES = ("handlers", "projector", "query", "scheduler")
+
+SchedulerConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="scheduler: TOML file with filters, weighers (name = multiplier), "
+        "host_subset_size, max_attempts",
+    ),
+]
+SeedOpt = Annotated[
+    int | None, typer.Option(help="scheduler: seed of the top-k pick (reproducible runs)")
+]
+
+
+def scheduler_config_from(path: Path | None, seed: int | None = None) -> Any:
+    """The scheduler's configuration, or a usage error naming what is wrong."""
+    from stratus.handlers.scheduler import load_config
+
+    try:
+        return load_config(path, seed=seed)
+    except StratusError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
 
 @app.command()
 def up(
@@ -110,12 +135,17 @@ def up(
         int, typer.Option(min=60, max=24 * 3600, help="lifetime of login tokens, seconds")
     ] = 8 * 3600,
     quota_default: QuotaDefaultOpt = None,
+    scheduler_replicas: Annotated[
+        int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
+    ] = 1,
+    scheduler_config: SchedulerConfigOpt = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
     from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
 
     defaults = parse_quota_defaults(quota_default)
+    sched_config = scheduler_config_from(scheduler_config)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -129,6 +159,8 @@ def up(
             admin_password=admin_password,
             token_ttl_s=token_ttl,
             quota_defaults=defaults,
+            scheduler_replicas=scheduler_replicas,
+            scheduler_config=sched_config,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -166,7 +198,7 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="handlers, projector or query")],
+    service: Annotated[str, typer.Argument(help="handlers, projector, query or scheduler")],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -181,6 +213,8 @@ def serve(
         ),
     ] = False,
     quota_default: QuotaDefaultOpt = None,
+    config: SchedulerConfigOpt = None,
+    seed: SeedOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
@@ -195,9 +229,10 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
-    if service not in ("handlers", "projector", "query"):
-        typer.echo("error: SERVICE must be handlers, projector or query", err=True)
+    if service not in SERVICES:
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
         raise typer.Exit(EXIT_USAGE)
+    sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
     logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
@@ -219,6 +254,12 @@ def serve(
         if service == "projector":
             live = LiveProjection(store, engine)
             await live.start()
+        elif service == "scheduler":
+            from stratus.handlers.scheduler import SchedulerService
+
+            sched = SchedulerService(store, sched_config)
+            await sched.start()
+            running.append(sched)
         elif insecure_no_auth:
             from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService

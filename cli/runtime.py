@@ -27,6 +27,7 @@ from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.rbac import RoleBook
+from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
 from stratus.projections.db import make_engine, sqlite_url
@@ -145,8 +146,13 @@ class Stack:
         admin_password: str | None = None,
         token_ttl_s: int = DEFAULT_TTL_S,
         quota_defaults: dict[str, int] | None = None,
+        scheduler_replicas: int = 1,
+        scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         self.token_ttl_s = token_ttl_s
+        self.scheduler_replicas = scheduler_replicas
+        self.scheduler_config = scheduler_config
+        self.schedulers: list[SchedulerService] = []
         self.quota_defaults = quota_defaults
         self.data_dir = Path(data_dir)
         # None: generate one on first start (returned by start(), printed once).
@@ -210,6 +216,11 @@ class Stack:
                 authenticate=self.queries.authenticate,
             )
             await self.swapper.start()
+            for _ in range(self.scheduler_replicas):
+                # Replicas share the work consumer; each keeps its own host table.
+                sched = SchedulerService(self.store, self.scheduler_config)
+                await sched.start()
+                self.schedulers.append(sched)
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
@@ -227,7 +238,7 @@ class Stack:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
-        for svc in (self.swapper, self.commands, self.queries, self.feed):
+        for svc in (*self.schedulers, self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()

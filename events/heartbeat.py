@@ -51,14 +51,15 @@ async def beat(
     """Say ``host`` is alive for the next ``ttl`` seconds."""
     if not NAME_RE.match(host):
         raise ValueError(f"not a host name: {host!r}")
-    data = _enc.encode(HostHeartbeat(host=host, at=time.time(), instances=instances))
+    ttl = max(1.0, ttl)
+    data = _enc.encode(HostHeartbeat(host=host, at=time.time(), ttl=ttl, instances=instances))
     subject = f"$KV.{HEARTBEATS}.{host}"
     try:
-        await js.publish(subject, data, msg_ttl=max(1.0, ttl))
+        await js.publish(subject, data, msg_ttl=ttl)
     except nats.js.errors.NoStreamResponseError:
         # The first beat of a fresh cloud: make the bucket, then beat.
         await bucket(js)
-        await js.publish(subject, data, msg_ttl=max(1.0, ttl))
+        await js.publish(subject, data, msg_ttl=ttl)
 
 
 class Liveness:
@@ -105,11 +106,15 @@ class Liveness:
 
     def _apply(self, entry: KeyValue.Entry) -> None:
         host = entry.key
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
-            until = 0.0
-        else:
+        until = 0.0
+        if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
+            try:
+                ttl = _dec.decode(entry.value).ttl
+            except msgspec.DecodeError:
+                ttl = self.ttl
             # Local receive time, not the sender's clock: hosts may disagree.
-            until = time.time() + self.ttl
+            # The server's expiry marker ends it sooner if the beats stop.
+            until = time.time() + ttl
         self._until[host] = until
         if self.on_change is not None:
             self.on_change(host, until)

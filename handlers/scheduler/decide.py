@@ -31,7 +31,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     weighers: dict[str, float] = msgspec.field(default_factory=lambda: dict(DEFAULT_WEIGHERS))
     # Pick at random among this many best hosts (Nova's host_subset_size), so
     # replicas deciding at once rarely pick the same host.
-    host_subset_size: int = 3
+    host_subset_size: int = 8
     # Placement attempts per server, the first included (Nova: 3).
     max_attempts: int = 3
     seed: int | None = None
@@ -126,7 +126,15 @@ class Decider:
         k = min(self.config.host_subset_size, len(rows))
         best = np.argpartition(-weights, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
         best = best[np.argsort(-weights[best], kind="stable")]
-        pick = int(best[self.rng.integers(k)]) if k > 1 else int(best[0])
+        tied = np.flatnonzero(weights >= weights[best[0]] - 1e-9)
+        if len(tied) > k:
+            # More hosts share the best weight than the subset holds (empty
+            # hosts of one size, say): any of them is as good, and replicas
+            # that each pick at random among them rarely pick the same.
+            pick = int(tied[self.rng.integers(len(tied))])
+            best = np.concatenate(([pick], best[best != pick]))[:k]
+        else:
+            pick = int(best[self.rng.integers(k)]) if k > 1 else int(best[0])
         row = int(rows[pick])
         top = [
             {"host": t.names[int(rows[b])], "weight": round(float(weights[b]), 4)} for b in best[:3]

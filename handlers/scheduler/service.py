@@ -99,6 +99,19 @@ class Job(msgspec.Struct):
     give_up: str = ""
 
 
+class Sent(msgspec.Struct):
+    job: Job
+    out: Any
+    req: AppendRequest
+    # The claimed host's row and the host sequence the claim is conditioned on.
+    row: int
+    expected: int
+
+
+class HostMoved(ConcurrencyConflict):
+    """Another replica claimed the chosen host first: decide again."""
+
+
 class SchedulerService:
     def __init__(
         self,
@@ -147,6 +160,7 @@ class SchedulerService:
         log.info("scheduler started", hosts=len(self.table), folded=self.table.last_applied)
 
     async def stop(self) -> None:
+        log.info("scheduler stopping", **self.stats())
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -244,7 +258,7 @@ class SchedulerService:
     async def _round(self, jobs: list[Job]) -> list[Job]:
         t = self.table
         later: list[Job] = []
-        sent: list[tuple[Job, Outcome, AppendRequest]] = []
+        sent: list[Sent] = []
         for job in jobs:
             out: Outcome
             if job.give_up:
@@ -254,49 +268,84 @@ class SchedulerService:
             if isinstance(out, Busy):
                 later.append(job)
                 continue
+            row, expected = -1, 0
             if isinstance(out, Placed):
-                t.hold[out.row] = IN_FLIGHT
-            sent.append((job, out, self._append_request(job, out)))
-        results = await self.store.append_group([s[2] for s in sent]) if sent else []
-        contended = False
-        for (job, out, _req), res in zip(sent, results, strict=True):
-            row = out.row if isinstance(out, Placed) else -1
+                row, expected = out.row, int(t.last_seq[out.row])
+                t.hold[row] = IN_FLIGHT
+            sent.append(Sent(job, out, self._append_request(job, out, expected), row, expected))
+        results = await self._append(sent)
+        for s, res in zip(sent, results, strict=True):
+            job = s.job
             if isinstance(res, AppendResult):
-                if row >= 0:
+                if s.row >= 0:
                     # Free again once the table has folded our own claim.
-                    claim_at = 1 if job.release else 0
-                    t.hold[row] = res.seqs[claim_at]
+                    t.hold[s.row] = res.seqs[1 if job.release else 0]
                     self.placed += 1
                 else:
                     self.failed += 1
                 await job.msg.ack()
                 continue
-            if row >= 0:
-                t.hold[row] = 0
-            if isinstance(res, ConcurrencyConflict):
+            if s.row >= 0:
+                t.hold[s.row] = 0
+            if isinstance(res, HostMoved):
                 self.conflicts += 1
-                last = await self.store.last_seq(
-                    f"ev.{job.request.tenant}.server.{job.request.server}"
-                )
-                if last != job.server_seq:
+                later.append(job)
+            elif isinstance(res, ConcurrencyConflict):
+                self.conflicts += 1
+                subject = f"ev.{job.request.tenant}.server.{job.request.server}"
+                if await self.store.last_seq(subject) != job.server_seq:
                     # The server moved on (deleted, or placed by another replica).
                     await job.msg.ack()
-                    continue
-                contended = True
-                later.append(job)
+                else:
+                    later.append(job)
             else:
                 log.warning("placement not appended", server=job.request.server, error=str(res))
                 later.append(job)
-        if contended:
-            await self._caught_up()
-        elif later and len(later) == len(jobs):
-            # Only busy hosts: give our claims in flight a moment to land.
+        if later and len(later) == len(jobs):
+            # Nothing landed: give claims in flight (ours or a replica's) a
+            # moment to reach the table before deciding again.
             self._folded.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._folded.wait(), 0.05)
         return later
 
-    def _append_request(self, job: Job, out: Outcome) -> AppendRequest:
+    async def _append(self, sent: list[Sent]) -> list[AppendResult | Exception]:
+        """The round's appends as one atomic batch. If a replica claimed one
+        of its hosts first, the whole batch is refused: the table, once it
+        has folded that claim, tells which members were stale, and the rest
+        go again as one batch (one disk sync) rather than one by one."""
+        results: list[AppendResult | Exception | None] = [None] * len(sent)
+        todo = list(range(len(sent)))
+        for _ in range(3):
+            if not todo:
+                break
+            got = await self.store.append_group([sent[i].req for i in todo], one_by_one=False)
+            if not any(isinstance(r, Exception) for r in got):
+                for i, r in zip(todo, got, strict=True):
+                    results[i] = r
+                todo = []
+                break
+            err = next(r for r in got if isinstance(r, Exception))
+            if not isinstance(err, ConcurrencyConflict):
+                break
+            await self._caught_up()
+            stale = {
+                i
+                for i in todo
+                if sent[i].row >= 0 and self.table.last_seq[sent[i].row] != sent[i].expected
+            }
+            if not stale:
+                break  # a server subject moved: only one by one can tell which
+            for i in stale:
+                results[i] = HostMoved(str(err), sent[i].expected, None)
+            todo = [i for i in todo if i not in stale]
+        if todo:
+            got = await self.store.append_group([sent[i].req for i in todo])
+            for i, r in zip(todo, got, strict=True):
+                results[i] = r
+        return [r if r is not None else HostMoved("not sent", 0, None) for r in results]
+
+    def _append_request(self, job: Job, out: Outcome, expected: int) -> AppendRequest:
         r, cause = job.request, job.cause
         events: list[Event] = []
         conds: list[Condition] = []
@@ -314,7 +363,7 @@ class SchedulerService:
             )
         if isinstance(out, Placed):
             subject = host_subject(out.host)
-            conds.append(Condition(subject, int(self.table.last_seq[out.row]), len(events)))
+            conds.append(Condition(subject, expected, len(events)))
             events.append(
                 cause.make(
                     HostClaimed,
@@ -353,7 +402,10 @@ class SchedulerService:
             )
         conds.append(Condition(server_event.subject, job.server_seq, len(events)))
         events.append(server_event)
-        return AppendRequest(events, conds, msg_id=f"place-{r.server}-{r.attempt}")
+        # No command id: the condition on the server subject already refuses a
+        # second placement, and a message id would make every refusal look up
+        # whether it was a duplicate.
+        return AppendRequest(events, conds)
 
     # -- retries and releases --------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Run the Stratus benchmarks: ``python -m stratus.ops.bench [SUITE] [--json]``.
 
 SUITE is ``foundation`` (broker, write, command and read paths),
-``identity`` (token verification and password hashing on one core) or
+``identity`` (token verification and password hashing on one core),
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
-server creation); with no SUITE all run, in that order. ``python -m
+server creation) or ``scheduler`` (placements at 5,000 and 10,000 hosts);
+with no SUITE all run, in that order. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -18,10 +19,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity, projections
+from stratus.ops.bench import foundation, identity, projections, scheduler
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections")
+SUITES = ("foundation", "identity", "projections", "scheduler")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return identity.main(argv[1:])
     if suite == "projections":
         return projections.main(argv[1:])
+    if suite == "scheduler":
+        return scheduler.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         # Last: its own broker, log and table (default sizes: 1M events).
         proj = projections.main(["--json"] if args.json else [])
         code = max(code, proj)
+        sched = scheduler.main(["--json"] if args.json else [])
+        code = max(code, sched)
     return code
 
 
