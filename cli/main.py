@@ -36,12 +36,14 @@ user_app = typer.Typer(no_args_is_help=True, help="Users.")
 role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
 token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
 projections_app = typer.Typer(no_args_is_help=True, help="The projection store (read models).")
+scheduler_app = typer.Typer(no_args_is_help=True, help="The scheduler's placement decisions.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
 app.add_typer(user_app, name="user")
 app.add_typer(role_app, name="role")
 app.add_typer(token_app, name="token")
 app.add_typer(projections_app, name="projections")
+app.add_typer(scheduler_app, name="scheduler")
 
 
 @app.callback()
@@ -613,6 +615,81 @@ def events_schema() -> None:
     sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
 
 
+def service_access(data_dir: Path) -> tuple[str, str]:
+    """The NATS URL and service password of the `stratus up` in ``data_dir``:
+    what reading the log directly needs (a usage error where there is none)."""
+    from stratus.cli.runtime import NATS_SERVICE_SECRET, URL_FILE
+
+    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+    if not secret_file.exists():
+        typer.echo(
+            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
+            "needed): run this where `stratus up` runs, or pass --data-dir",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    url = settings.url or (
+        (data_dir / URL_FILE).read_text().strip()
+        if (data_dir / URL_FILE).exists()
+        else resolve_url()
+    )
+    return url, secret_file.read_text().strip()
+
+
+@scheduler_app.command("replay")
+def scheduler_replay(
+    from_seq: Annotated[int, typer.Option("--from", min=1, help="first sequence replayed")],
+    to_seq: Annotated[
+        int | None, typer.Option("--to", min=1, help="last sequence replayed (default: the end)")
+    ] = None,
+    config: SchedulerConfigOpt = None,
+    seed: Annotated[int, typer.Option(help="seed of the top-k pick")] = 0,
+    output: OutputOpt = Format.table,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="the data dir of the running `stratus up`")
+    ] = None,
+) -> None:
+    """Decide the recorded placements of --from..--to again with another
+    configuration; report how many change and how the load would spread."""
+    from stratus.cli.runtime import NATS_SERVICE_USER
+    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.events.store import EventStore
+    from stratus.handlers.scheduler.replay import replay
+
+    cfg = scheduler_config_from(config, seed)
+    url, password = service_access(data_dir or default_dir())
+
+    async def main() -> dict[str, Any]:
+        store = await EventStore.connect(
+            url, persistent=False, user=NATS_SERVICE_USER, password=password
+        )
+        try:
+            return await replay(store, cfg, from_seq, to_seq)
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(main())
+    except StratusError as err:
+        raise fail(err) from None
+    if output is not Format.table:
+        emit(result, output)
+        return
+    rec, alt = result["recorded"], result["alternative"]
+    emit(
+        [
+            {"": "decisions", "recorded": result["decisions"], "alternative": result["decisions"]},
+            {"": "changed", "recorded": "", "alternative": result["changed"]},
+            {"": "hosts", "recorded": rec["hosts"], "alternative": alt["hosts"]},
+            {"": "mean utilisation", "recorded": rec["mean"], "alternative": alt["mean"]},
+            {"": "stddev utilisation", "recorded": rec["stddev"], "alternative": alt["stddev"]},
+            {"": "hosts left empty", "recorded": rec["empty"], "alternative": alt["empty"]},
+        ],
+        output,
+        title=f"scheduler replay of {result['from']}..{result['to']} (seed {result['seed']})",
+    )
+
+
 @projections_app.command("rebuild")
 def projections_rebuild(
     output: OutputOpt = Format.table,
@@ -629,7 +706,7 @@ def projections_rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from stratus.cli.common import resolve_token
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER, URL_FILE
+    from stratus.cli.runtime import NATS_SERVICE_USER
     from stratus.cli.runtime import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.projections.rebuild import (
@@ -640,20 +717,7 @@ def projections_rebuild(
     )
 
     data_dir = data_dir or default_dir()
-    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-    if not secret_file.exists():
-        typer.echo(
-            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
-            "needed): run this where `stratus up` runs, or pass --data-dir",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE)
-    url = settings.url or (
-        (data_dir / URL_FILE).read_text().strip()
-        if (data_dir / URL_FILE).exists()
-        else resolve_url()
-    )
-    password = secret_file.read_text().strip()
+    url, password = service_access(data_dir)
     path = new_store_path(data_dir)
 
     async def main() -> dict[str, Any]:

@@ -81,6 +81,7 @@ class Liveness:
         self._until: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._closing = False
 
     async def start(self) -> None:
         kv = await bucket(self.js)
@@ -96,7 +97,7 @@ class Liveness:
 
     async def _follow(self) -> None:
         assert self._watcher is not None
-        while True:
+        while not self._closing:
             try:
                 entry = await self._watcher.updates(timeout=60)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -127,10 +128,12 @@ class Liveness:
         return {h for h, t in self._until.items() if t > now}
 
     async def stop(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # The watcher may report a cancellation as a timeout; the loop
+            # then ends on ``_closing`` instead.
+            await asyncio.wait([self._task], timeout=5)
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()

@@ -67,7 +67,14 @@ class Stacks:
         self.running: list[Stack] = []
 
     async def start(self, data_dir: Path | None = None) -> Stack:
-        s = Stack(data_dir or self.root / "data", port=0, admin_password=ADMIN_PASSWORD)
+        # No scheduler: its answers to accepted server creates would land at
+        # any moment, and these tests count what each command appended.
+        s = Stack(
+            data_dir or self.root / "data",
+            port=0,
+            admin_password=ADMIN_PASSWORD,
+            scheduler_replicas=0,
+        )
         await s.start()
         self.running.append(s)
         return s

@@ -131,6 +131,7 @@ class SchedulerService:
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Any = None
         self._folded = asyncio.Event()
+        self._closing = False
         # Counters for ``status`` and the benchmark.
         self.placed = self.failed = self.conflicts = self.rounds = 0
 
@@ -161,11 +162,14 @@ class SchedulerService:
 
     async def stop(self) -> None:
         log.info("scheduler stopping", **self.stats())
+        self._closing = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # nats-py may turn a cancellation inside a request into its own
+        # error; the loops then see ``_closing`` on their next turn.
+        _, late = await asyncio.wait(self._tasks, timeout=5)
+        if late:
+            log.warning("scheduler tasks still running at stop", tasks=len(late))
         self._tasks.clear()
         if self.liveness is not None:
             await self.liveness.stop()
@@ -201,7 +205,7 @@ class SchedulerService:
     # -- work ------------------------------------------------------------------
 
     async def _work(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 msgs = await self._sub.fetch(FETCH, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):
