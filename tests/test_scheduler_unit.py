@@ -314,3 +314,10 @@ def test_config_from_toml_and_its_errors(tmp_path):
         f.write_text(text)
         with pytest.raises(Invalid, match=fragment):
             load_config(f)
+
+
+def test_shipped_config_file_states_the_defaults():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "ops" / "scheduler.toml"
+    assert load_config(shipped) == SchedulerConfig()
