@@ -87,6 +87,11 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     assert why["hosts"] == 2 and why["top"][0]["host"] == "large"
     r = cli(url, "server", "show", "web")  # the table a person reads says it too
     assert "insufficient vCPU" in r.stdout and "large" in r.stdout
+    wait_projected(url)
+    r = cli(url, "host", "show", "large", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    large = json.loads(r.stdout)
+    assert (large["servers"], large["used_vcpus"], large["used_ram_mb"]) == (1, 12, 2048)
 
     r = cli(
         url,
