@@ -93,6 +93,18 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     large = json.loads(r.stdout)
     assert (large["servers"], large["used_vcpus"], large["used_ram_mb"]) == (1, 12, 2048)
 
+    r = cli(url, "why", web["id"], "-o", "json")
+    assert r.returncode == 0, r.stderr
+    chain = {row["type"]: row for row in json.loads(r.stdout)}
+    assert chain["server.requested"]["depth"] == 0
+    assert chain["server.scheduled"]["depth"] == 1  # caused by the request
+    assert chain["server.scheduled"]["why"] == "on large: 1/2 hosts passed (1 insufficient vCPU)"
+    assert chain["host.claimed"]["aggregate"] == {"kind": "host", "id": "large"}
+    r = cli(url, "why", web["id"])  # the table a person reads
+    assert "  server.scheduled" in r.stdout and "insufficient vCPU" in r.stdout
+    r = cli(url, "why", "01a00000-0000-7000-8000-000000000000")
+    assert r.returncode == 1 and "not_found" in r.stderr
+
     r = cli(
         url,
         "server",
