@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, run
+from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, run
 from stratus.cli.output import Format, emit
+from stratus.events.errors import NotFound
 from stratus.events.resources import PLURALS
 
 TenantOpt = Annotated[
@@ -44,6 +48,30 @@ def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
 
 def do(verb: str, body: dict[str, Any], output: Format) -> None:
     emit(run(lambda c: c.command(verb, body)).data, output)
+
+
+# Where a new server's lifecycle stops moving on its own.
+SETTLED = ("running", "error", "stopped")
+
+
+async def _create_and_wait(c: Any, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Create the server, then follow its status (on stderr) until it settles."""
+    from rich.console import Console
+    from rich.status import Status
+
+    created = (await c.command("server.create", body)).data
+    ask = {"ref": created["id"], "tenant": body.get("tenant")}
+    deadline = time.monotonic() + timeout
+    row = created
+    with Status(f"server {created['name']}: requested", console=Console(stderr=True)) as shown:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(NotFound):  # the view may not have it yet
+                row = await c.query("server", ask)
+                if row["status"] in SETTLED:
+                    return row
+                shown.update(f"server {row['name']}: {row['status']}")
+            await asyncio.sleep(0.2)
+    return {**row, "reason": row.get("reason") or f"still {row['status']} after {timeout:g}s"}
 
 
 def _labels(pairs: list[str] | None) -> dict[str, str]:
@@ -214,10 +242,14 @@ def register(root: typer.Typer) -> None:
         host: Annotated[str | None, typer.Option()] = None,
         group: Annotated[str | None, typer.Option()] = None,
         zone: Annotated[str | None, typer.Option()] = None,
+        wait: Annotated[
+            bool, typer.Option("--wait", help="until it runs or fails (exit 1 if it fails)")
+        ] = False,
+        wait_timeout: Annotated[float, typer.Option(min=1, help="seconds --wait waits")] = 300,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        """Request a server; it appears as `requested` until the scheduler places it."""
+        """Request a server; it is `requested` until the scheduler places it."""
         body = _body(
             tenant,
             name=name,
@@ -234,7 +266,17 @@ def register(root: typer.Typer) -> None:
             group=group,
             zone=zone,
         )
-        do("server.create", body, output)
+        if not wait:
+            do("server.create", body, output)
+            return
+        row = run(lambda c: _create_and_wait(c, body, wait_timeout))
+        emit(row, output)
+        if row["status"] != "running":
+            typer.echo(
+                f"error: server {row['name']} is {row['status']}: {row.get('reason') or ''}",
+                err=True,
+            )
+            raise typer.Exit(EXIT_REFUSED)
 
     @apps["server-group"].command("create")
     def server_group_create(

@@ -121,6 +121,29 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     )
     assert r.returncode == 0, r.stderr
     huge = _show(url, "huge", "error")
+    # --wait follows it until it settles; a server that fails exits 1 with why.
+    r = cli(
+        url,
+        "server",
+        "create",
+        "huge-2",
+        "--image",
+        "cirros",
+        "--vcpus",
+        "1",
+        "--ram-mb",
+        "64",
+        "--label",
+        "tier=platinum",
+        "--wait",
+        "--wait-timeout",
+        "20",
+        "-o",
+        "json",
+    )
+    assert r.returncode == 1 and r.stdout, r.stderr
+    assert json.loads(r.stdout)["status"] == "error"
+    assert "No valid host: 0/2 hosts: 2 label tier=platinum not matched" in r.stderr
     assert huge["reason"] == "No valid host: 0/2 hosts: 2 label tier=platinum not matched"
 
     # What-if: the same history, stacking instead of spreading.
@@ -142,7 +165,7 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["decisions"] == 2 and report["unknown"] == 0
+    assert report["decisions"] == 3 and report["unknown"] == 0
     assert report["config"]["weighers"] == {"LeastRequested": -1.0}
     r = cli(url, "scheduler", "replay", "--from", "999999", "--data-dir", str(up.data_dir))
     assert r.returncode == 1 and "past the end of the log" in r.stderr
