@@ -1,0 +1,37 @@
+"""What tenant verbs on a placed server tell its host's compute agent.
+
+A server's own events live on ``ev.<tenant>.server.<id>``; its agent
+consumes only its host's subject ``ev._system.host.<name>``. So a verb that
+needs the host to act (delete, stop, start, reboot, attach a volume, take a
+snapshot) appends ``host.server-action`` there too, in the same atomic batch
+as the tenant's event: the agent learns its whole job from one subject, in
+order, and the action can never land without the tenant event or the other
+way round.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from stratus.events.model import Event
+
+Action = Literal["delete", "stop", "start", "reboot", "attach-volume", "detach-volume", "snapshot"]
+
+
+class HostServerAction(Event, frozen=True, tag="host.server-action"):
+    """Do ``action`` to ``server`` (of ``server_tenant``) on this host.
+
+    ``volume``/``size_gb``: the volume attached or detached; ``image``/
+    ``image_name``: the image a snapshot becomes (its id chosen by the verb).
+    """
+
+    server: str
+    server_tenant: str
+    action: Action
+    volume: str = ""
+    size_gb: int = 0
+    image: str = ""
+    image_name: str = ""
+
+
+EVENTS = (HostServerAction,)
