@@ -34,4 +34,17 @@ class HostServerAction(Event, frozen=True, tag="host.server-action"):
     image_name: str = ""
 
 
-EVENTS = (HostServerAction,)
+
+
+class HostReconciled(Event, frozen=True, tag="host.reconciled"):
+    """What the agent corrected when the host differed from the log: servers
+    it recreated, started or stopped to match, and Stratus-owned instances
+    no event wants any more that it removed."""
+
+    recreated: list[str] = []
+    started: list[str] = []
+    stopped: list[str] = []
+    removed: list[str] = []
+
+
+EVENTS = (HostServerAction, HostReconciled)
