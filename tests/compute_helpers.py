@@ -130,9 +130,7 @@ async def cleanup(agent: ComputeAgent) -> None:
             with contextlib.suppress(Exception):
                 driver.remove(server)
         if hasattr(driver, "cgroups"):
-            for base in driver.cgroups.bases:
-                with contextlib.suppress(OSError):
-                    base.rmdir()
+            driver.cgroups.prune()
         if hasattr(driver, "close"):
             driver.close()
 

@@ -135,6 +135,14 @@ class Cgroups:
             with contextlib.suppress(FileNotFoundError):
                 d.rmdir()
 
+    def prune(self) -> None:
+        """Remove this host's (empty) cgroup directories and the shared parent
+        if no other host uses it: what an agent leaves when it goes for good."""
+        for b in self.bases:
+            for d in (b, b.parent):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
 
 class ContainerDriver:
     """Container instances of one host (blocking: the agent runs it in a thread)."""
