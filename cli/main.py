@@ -124,7 +124,10 @@ def up(
         Path | None, typer.Option(help="where the log, projections and logs live")
     ] = None,
     port: Annotated[int, typer.Option(help="NATS client port on 127.0.0.1 (0: any free)")] = 4222,
-    hosts: Annotated[int, typer.Option(help="simulated hosts (agents come later)")] = 0,
+    hosts: Annotated[int, typer.Option(help="simulated hosts, one compute agent each")] = 0,
+    libvirt_uri: Annotated[
+        str, typer.Option(help="the simulated hosts' hypervisor")
+    ] = "test:///default",
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     admin_password: Annotated[
         str | None,
@@ -158,6 +161,7 @@ def up(
             port=port,
             db_url=db,
             hosts=hosts,
+            libvirt_uri=libvirt_uri,
             admin_password=admin_password,
             token_ttl_s=token_ttl,
             quota_defaults=defaults,
@@ -198,9 +202,12 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     emit(data, output)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
-    service: Annotated[str, typer.Argument(help="handlers, projector, query or scheduler")],
+    ctx: typer.Context,
+    service: Annotated[
+        str, typer.Argument(help="handlers, projector, query, scheduler or compute-agent")
+    ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -231,8 +238,26 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
+    if service == "compute-agent":
+        # Its own options (--host, --libvirt-uri, ...) follow the service name.
+        from stratus.cli.agents import serve_compute_agent
+
+        logs.configure("INFO")
+        data_dir = data_dir or default_data_dir()
+        secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+        if nats_password is None and secret_file.exists():
+            nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
+        creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+        try:
+            serve_compute_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
+        except StratusError as err:
+            raise fail(err) from None
+        return
+    if ctx.args:
+        typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
     if service not in SERVICES:
-        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent", err=True)
         raise typer.Exit(EXIT_USAGE)
     sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
     logs.configure("INFO")

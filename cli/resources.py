@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, run
+from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, fail, run
 from stratus.cli.output import Format, emit
-from stratus.events.errors import NotFound
+from stratus.events.errors import Invalid, NotFound, StratusError
 from stratus.events.resources import PLURALS
 
 TenantOpt = Annotated[
@@ -214,14 +216,35 @@ def register(root: typer.Typer) -> None:
         name: str,
         format_: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
         size_bytes: Annotated[int, typer.Option()] = 0,
+        file: Annotated[
+            Path | None, typer.Option(help="the image file, checked and put in the store")
+        ] = None,
+        image_store: Annotated[
+            Path | None, typer.Option(help="the image store (default: DATA_DIR/images)")
+        ] = None,
         public: Annotated[
             bool, typer.Option("--public", help="for every tenant (cloud admin)")
         ] = False,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        """Record an image (its file store comes with the compute agent)."""
-        body = {"name": name, "format": format_, "size_bytes": size_bytes}
+        """Store an image file (checked with qemu-img) and record it; without
+        --file, only the record (its instances get a blank disk)."""
+        body: dict[str, Any] = {"name": name, "format": format_, "size_bytes": size_bytes}
+        if file is not None:
+            from stratus.agents.compute import images
+            from stratus.cli.runtime import default_data_dir
+
+            store = image_store or default_data_dir() / "images"
+            try:
+                stored = images.store_file(file, format_, store)
+            except StratusError as err:
+                raise fail(err) from None
+            except images.ImageError as exc:
+                raise fail(Invalid(str(exc))) from None
+            body["size_bytes"] = stored.size_bytes
+            body["checksum"] = stored.checksum
+            body["min_disk_gb"] = -(-stored.virtual_size // (1 << 30))
         if public:
             do("image.create-public", body, output)
         else:
@@ -277,6 +300,26 @@ def register(root: typer.Typer) -> None:
                 err=True,
             )
             raise typer.Exit(EXIT_REFUSED)
+
+    @apps["server"].command("exec")
+    def server_exec(
+        server: str,
+        command: Annotated[list[str], typer.Argument(help="the command, after --")],
+        timeout: Annotated[float, typer.Option(min=1, max=600)] = 60.0,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Run a command inside a container instance; exits with its exit code.
+
+        Put ``--`` before the command so its options are not taken as ours."""
+        body = _body(tenant, ref=server, command=command, timeout=timeout)
+        data = run(lambda c: c.command("server.exec", body)).data
+        if output is not Format.table:
+            emit(data, output)
+        else:
+            sys.stdout.write(data["stdout"])
+            sys.stderr.write(data["stderr"])
+        raise typer.Exit(data["exit_code"])
 
     @apps["server-group"].command("create")
     def server_group_create(

@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -143,6 +143,7 @@ class Stack:
         port: int = 4222,
         db_url: str | None = None,
         hosts: int = 0,
+        libvirt_uri: str = "test:///default",
         admin_password: str | None = None,
         token_ttl_s: int = DEFAULT_TTL_S,
         quota_defaults: dict[str, int] | None = None,
@@ -161,6 +162,8 @@ class Stack:
         self.port = port
         self.db_url = db_url or sqlite_url(live_store_path(self.data_dir))
         self.hosts = hosts
+        self.libvirt_uri = libvirt_uri
+        self.agents: list[Any] = []
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
@@ -224,20 +227,43 @@ class Stack:
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
-            if self.hosts:
-                log.warning(
-                    "simulated hosts requested; host agents are not part of this build yet",
-                    hosts=self.hosts,
-                )
+            await self._start_agents()
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
             await self.stop()
             raise
 
+    async def _start_agents(self) -> None:
+        """One compute agent per simulated host, ``host-01`` ... (same names
+        on every start, so a restart finds its hosts and instances again)."""
+        from stratus.agents.compute.agent import build_agent
+
+        assert self.store is not None
+        for i in range(1, self.hosts + 1):
+            name = f"host-{i:02d}"
+            agent = build_agent(
+                self.store,
+                name,
+                libvirt_uri=self.libvirt_uri,
+                data_dir=self.data_dir / "hosts" / name,
+                image_store=self.data_dir / "images",
+                # Simulated hosts all share this machine: a fixed, modest size.
+                vcpus=16,
+                ram_mb=65536,
+                disk_gb=500,
+            )
+            self.agents.append(agent)
+            await agent.start()
+
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                await agent.stop()
+                agent.close()
+        self.agents = []
         for svc in (*self.schedulers, self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):

@@ -17,6 +17,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,
     **resources.COMMANDS,
+    **compute.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

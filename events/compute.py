@@ -11,9 +11,13 @@ way round.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+import msgspec
+
+from stratus.events.commands import Command
 from stratus.events.model import Event
+from stratus.events.resources import Ref, TenantScoped
 
 Action = Literal["delete", "stop", "start", "reboot", "attach-volume", "detach-volume", "snapshot"]
 
@@ -34,8 +38,6 @@ class HostServerAction(Event, frozen=True, tag="host.server-action"):
     image_name: str = ""
 
 
-
-
 class HostReconciled(Event, frozen=True, tag="host.reconciled"):
     """What the agent corrected when the host differed from the log: servers
     it recreated, started or stopped to match, and Stratus-owned instances
@@ -48,3 +50,17 @@ class HostReconciled(Event, frozen=True, tag="host.reconciled"):
 
 
 EVENTS = (HostServerAction, HostReconciled)
+
+
+class ServerExec(TenantScoped, frozen=True):
+    """Run ``command`` inside a running container instance (``server exec``)."""
+
+    ref: Ref
+    command: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4096)]],
+        msgspec.Meta(min_length=1, max_length=256),
+    ]
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
+
+
+COMMANDS: dict[str, type[Command]] = {"server.exec": ServerExec}

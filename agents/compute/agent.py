@@ -172,6 +172,12 @@ class ComputeAgent:
                     await sub.unsubscribe()
         self._exec_sub = self._psub = None
 
+    def close(self) -> None:
+        """Release the hypervisor connection (after ``stop``)."""
+        vm = self.drivers.get("vm")
+        if vm is not None:
+            vm.close()
+
     # -- registration and heartbeat ----------------------------------------------
 
     async def _read_host(self, after: int = 0, until: int | None = None) -> Desired:
@@ -563,3 +569,61 @@ class ComputeAgent:
             body = ExecReply(ok=False, error=exc.reason)
         if msg.reply:
             await msg.respond(msgspec.json.encode(body))
+
+
+def build_agent(
+    store: EventStore,
+    host: str,
+    *,
+    libvirt_uri: str,
+    data_dir: Path,
+    image_store: Path,
+    vcpus: int | None = None,
+    ram_mb: int | None = None,
+    disk_gb: int | None = None,
+    zone: str = "nova",
+    labels: dict[str, str] | None = None,
+    types: Sequence[str] = ("vm", "container"),
+    reconcile_interval: float = 60.0,
+) -> ComputeAgent:
+    """An agent with the drivers ``types`` asks for; capacity not given is
+    what libvirt reports for the node (and the data directory's disk)."""
+    from stratus.agents.compute.domain import LibvirtDriver
+
+    unknown = set(types) - {"vm", "container"}
+    if unknown or not types:
+        raise Invalid(f"instance types must be vm and/or container, not {sorted(unknown)}")
+    vm = LibvirtDriver(libvirt_uri, host) if "vm" in types else None
+    containers = None
+    if "container" in types:
+        try:
+            containers = ContainerDriver(host, Path(data_dir) / "containers")
+        except (HostError, OSError) as exc:
+            if vm is None:
+                raise HostError(f"container instances need cgroups here: {exc}") from None
+            log.warning("no container instances on this host", host=host, error=str(exc))
+    if vm is not None and (vcpus is None or ram_mb is None):
+        node_cpus, node_ram = vm.capacity()
+        vcpus, ram_mb = vcpus or node_cpus, ram_mb or node_ram
+    if disk_gb is None:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        st = os.statvfs(data_dir)
+        disk_gb = max(1, st.f_blocks * st.f_frsize >> 30)
+    spec = HostSpec(
+        vcpus=vcpus or os.cpu_count() or 1,
+        ram_mb=ram_mb or 1024,
+        disk_gb=disk_gb,
+        zone=zone,
+        labels=dict(labels or {}),
+        types=[t for t, d in (("vm", vm), ("container", containers)) if d is not None],
+    )
+    return ComputeAgent(
+        store,
+        host,
+        data_dir=data_dir,
+        image_store=image_store,
+        spec=spec,
+        vm=vm,
+        containers=containers,
+        reconcile_interval=reconcile_interval,
+    )

@@ -160,6 +160,8 @@ class BaseCache:
         real overlay disk, it just boots nothing (the test driver's case).
         """
         src = stored(store, checksum) if checksum else None
+        if checksum and src is None:
+            raise ImageError(f"image file {checksum} is not in the image store {store}")
         if src is None:
             gb = max(1, blank_gb)
             path = self.root / f"blank-{gb}g.qcow2"

@@ -1,0 +1,208 @@
+"""`stratus up --hosts 1` with its compute agent, driven through the CLI:
+image files checked and stored, a VM on an overlay of that image, a
+container answering `server exec`, malformed images refused with nothing
+appended. The scheduler's part (claiming the host) is played by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stratus.agents.compute import images
+from stratus.agents.compute.containers import ContainerDriver
+from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+from stratus.events.resources import ServerRequested
+from stratus.events.store import EventStore
+from stratus.tests.compute_helpers import cause
+from stratus.tests.test_cli import Up, cli, login
+
+pytestmark = pytest.mark.timeout(180)
+
+HOST = "host-01"
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def show(url: str, ref: str) -> dict:
+    r = cli(url, "server", "show", ref, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_status(url: str, ref: str, status: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = show(url, ref)
+        if s["status"] == status:
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"server {ref} not {status} in {timeout}s: {show(url, ref)}")
+
+
+def last_seq(url: str) -> int:
+    r = cli(url, "status", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["last_seq"]
+
+
+async def schedule(data_dir: Path, url: str, server_id: str) -> None:
+    """What the scheduler does: claim HOST for the requested server."""
+    from stratus.events.scheduling import HostClaimed
+    from stratus.events.resources import SYSTEM, ServerScheduled
+
+    password = (data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
+    store = await EventStore.connect(url, user=NATS_SERVICE_USER, password=password)
+    try:
+        [req] = [
+            r.decode()
+            for r in await store.read_all(subjects=[f"ev.*.server.{server_id}"])
+            if isinstance(r.decode(), ServerRequested)
+        ]
+        c = cause()
+        claim = c.make(
+            HostClaimed,
+            SYSTEM,
+            "host",
+            HOST,
+            server=req.aggregate.id,
+            server_tenant=req.tenant,
+            name=req.name,
+            image=req.image,
+            vcpus=req.vcpus,
+            ram_mb=req.ram_mb,
+            disk_gb=req.disk_gb,
+            instance_type=req.instance_type,
+        )
+        sched = c.make(ServerScheduled, req.tenant, "server", req.aggregate.id, host=HOST)
+        await store.append([claim, sched])
+    finally:
+        await store.close()
+
+
+def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data, "--hosts", "1")
+    url = up.start(timeout=60)
+    store_dir = data / "images"
+    try:
+        login(url)
+        r = cli(url, "host", "list", "-o", "json")
+        assert r.returncode == 0 and [h["id"] for h in json.loads(r.stdout)] == [HOST]
+
+        # Malformed images are refused, and nothing is appended.
+        raw = tmp_path / "raw.img"
+        raw.write_bytes(b"\0" * 65536)
+        evil = tmp_path / "evil.qcow2"
+        qemu_img("create", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(evil))
+        before = last_seq(url)
+        for path, fmt, why in ((raw, "qcow2", "is a raw image"), (evil, "qcow2", "outside")):
+            r = cli(
+                url,
+                "image",
+                "create",
+                "bad",
+                "--file",
+                str(path),
+                "--format",
+                fmt,
+                "--image-store",
+                str(store_dir),
+            )
+            assert r.returncode == 1 and "invalid" in r.stderr and why in r.stderr, r.stderr
+        assert last_seq(url) == before
+        assert not list(store_dir.glob("*")) if store_dir.exists() else True
+
+        base = tmp_path / "base.qcow2"
+        qemu_img("create", "-f", "qcow2", str(base), "64M")
+        r = cli(
+            url,
+            "image",
+            "create",
+            "base",
+            "--file",
+            str(base),
+            "--image-store",
+            str(store_dir),
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        image = json.loads(r.stdout)
+        assert image["checksum"] == images.sha256(base)
+        assert (store_dir / image["checksum"]).is_file()
+
+        r = cli(
+            url,
+            "server",
+            "create",
+            "vm1",
+            "--image",
+            "base",
+            "--vcpus",
+            "1",
+            "--ram-mb",
+            "64",
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        vm = json.loads(r.stdout)
+        r = cli(
+            url,
+            "server",
+            "create",
+            "box",
+            "--image",
+            "base",
+            "--vcpus",
+            "1",
+            "--ram-mb",
+            "64",
+            "--type",
+            "container",
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        box = json.loads(r.stdout)
+        for s in (vm, box):
+            asyncio.run(schedule(data, url, s["id"]))
+
+        running = wait_status(url, "vm1", "running")
+        assert running["host"] == HOST
+        chain = images.info(Path(running["disk"]), chain=True)
+        assert len(chain) == 2
+        # The overlay's base is the host's cached copy of exactly that image.
+        assert images.sha256(Path(chain[1]["filename"])) == image["checksum"]
+
+        wait_status(url, "box", "running")
+        r = cli(url, "server", "exec", "box", "--", "sh", "-c", "echo hello from $$; exit 4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.startswith("hello from ")
+        r = cli(url, "server", "exec", "vm1", "--", "true")
+        assert r.returncode == 1 and "container" in r.stderr
+
+        for name in ("vm1", "box"):
+            assert cli(url, "server", "delete", name).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = cli(url, "server", "list", "-o", "json")
+            if not json.loads(r.stdout):
+                break
+            time.sleep(0.2)
+        assert json.loads(cli(url, "server", "list", "-o", "json").stdout) == []
+        assert not Path(running["disk"]).exists()
+    finally:
+        up.stop()
+        # Whatever a failed run left on the host (instances outlive agents).
+        leftover = ContainerDriver(HOST, data / "hosts" / HOST / "containers")
+        for server in leftover.list_owned():
+            leftover.remove(server)
+        leftover.cgroups.prune()
