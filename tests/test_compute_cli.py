@@ -54,8 +54,8 @@ def last_seq(url: str) -> int:
 
 async def schedule(data_dir: Path, url: str, server_id: str) -> None:
     """What the scheduler does: claim HOST for the requested server."""
-    from stratus.events.scheduling import HostClaimed
     from stratus.events.resources import SYSTEM, ServerScheduled
+    from stratus.events.scheduling import HostClaimed
 
     password = (data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
     store = await EventStore.connect(url, user=NATS_SERVICE_USER, password=password)
