@@ -3,8 +3,9 @@
 SUITE is ``foundation`` (broker, write, command and read paths),
 ``identity`` (token verification and password hashing on one core),
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
-server creation) or ``scheduler`` (placements at 5,000 and 10,000 hosts);
-with no SUITE all run, in that order. ``python -m
+server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
+``compute`` (compute agents on libvirt's test driver: claim to running,
+overlays against copies); with no SUITE all run, in that order. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -19,10 +20,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity, projections, scheduler
+from stratus.ops.bench import compute, foundation, identity, projections, scheduler
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections", "scheduler")
+SUITES = ("foundation", "identity", "projections", "scheduler", "compute")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return projections.main(argv[1:])
     if suite == "scheduler":
         return scheduler.main(argv[1:])
+    if suite == "compute":
+        return compute.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         code = max(code, proj)
         sched = scheduler.main(["--json"] if args.json else [])
         code = max(code, sched)
+        code = max(code, compute.main(["--json"] if args.json else []))
     return code
 
 
