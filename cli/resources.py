@@ -321,6 +321,17 @@ def register(root: typer.Typer) -> None:
             sys.stderr.write(data["stderr"])
         raise typer.Exit(data["exit_code"])
 
+    @apps["server"].command("snapshot")
+    def server_snapshot(
+        server: str,
+        name: str,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Make image NAME from the server's disk (layered on its image);
+        the image appears once its host has stored it."""
+        do("server.snapshot", _body(tenant, ref=server, name=name), output)
+
     @apps["server-group"].command("create")
     def server_group_create(
         name: str,

@@ -17,7 +17,7 @@ import msgspec
 
 from stratus.events.commands import Command
 from stratus.events.model import Event
-from stratus.events.resources import Ref, TenantScoped
+from stratus.events.resources import Name, Ref, TenantScoped
 
 Action = Literal["delete", "stop", "start", "reboot", "attach-volume", "detach-volume", "snapshot"]
 
@@ -63,4 +63,11 @@ class ServerExec(TenantScoped, frozen=True):
     timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 60.0
 
 
-COMMANDS: dict[str, type[Command]] = {"server.exec": ServerExec}
+class ServerSnapshot(TenantScoped, frozen=True):
+    """Make image ``name`` from the server's disk (``server snapshot``)."""
+
+    ref: Ref
+    name: Name
+
+
+COMMANDS: dict[str, type[Command]] = {"server.exec": ServerExec, "server.snapshot": ServerSnapshot}

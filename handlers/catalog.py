@@ -19,5 +19,5 @@ def all_handlers(
         *tenants.HANDLERS,
         *identity_handlers(keyring, token_ttl_s),
         *resources.handlers(quota_defaults),
-        *compute.HANDLERS,
+        *compute.handlers(quota_defaults),
     ]

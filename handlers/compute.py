@@ -1,5 +1,8 @@
 """Verbs served by a host's compute agent rather than decided on the log.
 
+``server snapshot`` is decided on the tenant like any verb and appends one
+``host.server-action`` for the host; the agent then records the image.
+
 ``server exec`` appends nothing: the handler authenticates and authorises
 the caller like any command (the server's tenant, role member or admin),
 finds the server and its host from the tenant's server events, and forwards
@@ -15,10 +18,12 @@ import msgspec
 import nats.errors
 
 from stratus.events.commands import Reply
-from stratus.events.compute import ServerExec
+from stratus.events.compute import HostServerAction, ServerExec, ServerSnapshot
 from stratus.events.errors import Conflict, Internal, Invalid, Unavailable
-from stratus.events.model import Cause
+from stratus.events.ids import new_id
+from stratus.events.model import Cause, Event
 from stratus.handlers.registry import Special
+from stratus.handlers.resources import _host_action, _tenant_handler, _unique
 from stratus.handlers.world import World, fold
 
 EXEC_SUBJECT = "agent.{host}.exec"
@@ -63,6 +68,39 @@ async def run_exec(service: Any, cmd: ServerExec, cause: Cause) -> Reply:
     return Reply(ok=True, data={"server": s["id"], **result})
 
 
-HANDLERS = [
-    Special("server.exec", ServerExec, "server.exec", run_exec, tenant_of=lambda c: c.tenant)
-]
+def decide_server_snapshot(w: World, cmd: ServerSnapshot, cause: Cause) -> list[Event]:
+    """Ask the server's host for an image of its disk; the agent appends
+    ``image.created`` (layered on the server's image) once it is stored."""
+    t = cmd.tenant or ""
+    s = w.find("server", cmd.ref)
+    if s.get("instance_type") != "vm":
+        raise Invalid(f"server {s['name']} is a {s.get('instance_type')}; snapshots are of VMs")
+    if s["status"] not in ("running", "stopped") or not s.get("host"):
+        raise Conflict(f"server {s['name']} is {s['status']}; snapshots need it built")
+    _unique(w, "image", cmd.name)
+    return [
+        _host_action(s, t, cause, "snapshot", image=new_id(), image_name=cmd.name),
+    ]
+
+
+def _snapshot_result(w: World, events: list[Event]) -> Any:
+    for ev in events:
+        if isinstance(ev, HostServerAction):
+            return {"id": ev.image, "name": ev.image_name, "server": ev.server, "status": "saving"}
+    return None
+
+
+def handlers(quota_defaults: dict[str, int] | None = None) -> list[Any]:
+    def world() -> World:
+        return World(quota_defaults)
+
+    return [
+        Special("server.exec", ServerExec, "server.exec", run_exec, tenant_of=lambda c: c.tenant),
+        _tenant_handler(
+            "server.snapshot",
+            ServerSnapshot,
+            decide_server_snapshot,
+            world,
+            result=_snapshot_result,
+        ),
+    ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import libvirt
 import msgspec
 import pytest
 
@@ -14,7 +15,8 @@ from stratus.agents.compute import images
 from stratus.agents.compute.domain import NS, domain_name
 from stratus.events.compute import HostServerAction
 from stratus.events.heartbeat import Liveness
-from stratus.events.resources import SYSTEM
+from stratus.events.ids import new_id
+from stratus.events.resources import SYSTEM, ImageCreated
 from stratus.events.scheduling import HostReleased
 from stratus.tests.compute_helpers import (
     TENANT,
@@ -93,8 +95,6 @@ async def test_libvirt_error_is_a_build_failure_with_its_reason(store, tmp_path)
     agent = make_agent(store, host, tmp_path)
     await agent.start()
     conn = agent.drivers["vm"].conn
-    from stratus.events.ids import new_id
-
     sid = new_id()
     # Someone else's domain already holds the name (another UUID, no marks):
     # libvirt refuses the definition, and the foreign domain is left alone.
@@ -199,4 +199,112 @@ async def test_registration_and_heartbeat(store, tmp_path):
         assert liveness.alive(host) and host in liveness.alive_hosts()
     finally:
         await liveness.stop()
+        await cleanup(agent)
+
+
+async def wait_image(store, image_id, timeout=20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        recs = await store.read_all(subjects=[f"ev.{TENANT}.image.{image_id}"])
+        if recs:
+            return recs[-1].decode()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"image {image_id} never recorded")
+
+
+async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        src = tmp_path / "base.qcow2"
+        await asyncio.to_thread(images.qemu_img, "create", "-q", "-f", "qcow2", str(src), "32M")
+        stored = await asyncio.to_thread(images.store_file, src, "qcow2", agent.image_store)
+        parent_id = new_id()
+        await store.append(
+            [
+                cause().make(
+                    ImageCreated,
+                    TENANT,
+                    "image",
+                    parent_id,
+                    name="base",
+                    format="qcow2",
+                    size_bytes=stored.size_bytes,
+                    checksum=stored.checksum,
+                )
+            ]
+        )
+        first = await place(store, host, image=parent_id)
+        await wait_for(store, first, "server.running")
+
+        snap_id = new_id()
+        await action(store, host, first, "snapshot", image=snap_id, image_name="snap")
+        snap = await wait_image(store, snap_id)
+        assert snap.name == "snap" and snap.parent == parent_id and snap.format == "qcow2"
+        snap_file = agent.image_store / snap.checksum
+        chain = images.info(snap_file, chain=True)
+        # The snapshot keeps only its own changes, backed by the parent's file.
+        assert [Path(c["filename"]).name for c in chain] == [snap.checksum, stored.checksum]
+        assert images.sha256(snap_file) == snap.checksum
+        assert owned(agent)[first] == "running"  # paused for the copy, then resumed
+
+        second = await place(store, host, image=snap_id)
+        evs = await wait_for(store, second, "server.running")
+        chain = images.info(Path(evs[-1].disk), chain=True)
+        assert len(chain) == 3
+        assert images.sha256(Path(chain[1]["filename"])) == snap.checksum
+        assert images.sha256(Path(chain[2]["filename"])) == stored.checksum
+
+        # A redelivered snapshot request records nothing twice.
+        want = agent.desired.instances[first]
+        redo = cause().make(
+            HostServerAction,
+            SYSTEM,
+            "host",
+            host,
+            server=first,
+            server_tenant=TENANT,
+            action="snapshot",
+            image=snap_id,
+            image_name="snap",
+        )
+        await agent._snapshot(redo, want, agent.instance(want.claim, want), agent.drivers["vm"])
+        assert len(await store.read_all(subjects=[f"ev.{TENANT}.image.{snap_id}"])) == 1
+    finally:
+        await cleanup(agent)
+
+
+async def test_volume_attach_and_detach_reach_the_domain(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        vol = new_id()
+        path = agent.volumes / f"{vol}.qcow2"
+        dom = agent.drivers["vm"].conn.lookupByName(domain_name(sid))
+
+        def xml() -> str:
+            # The definition: the test driver has no hotplug, so the disk is
+            # added to what the domain boots with (live too where supported).
+            return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+        await action(store, host, sid, "attach-volume", volume=vol, size_gb=2)
+        for _ in range(200):
+            if str(path) in xml():
+                break
+            await asyncio.sleep(0.05)
+        assert f"<source file='{path}'/>" in xml()
+        assert "<target dev='vdb' bus='virtio'/>" in xml()
+        assert images.info(path)["virtual-size"] == 2 << 30
+        await action(store, host, sid, "detach-volume", volume=vol)
+        for _ in range(200):
+            if str(path) not in xml():
+                break
+            await asyncio.sleep(0.05)
+        assert str(path) not in xml()
+        assert path.exists()  # the volume outlives its attachment
+    finally:
         await cleanup(agent)

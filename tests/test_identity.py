@@ -296,6 +296,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     # run-i is a VM: an allowed caller passes RBAC and is told exec needs a
     # container (see AFTER_RBAC), a refused one never gets that far.
     "server.exec": lambda i: {"tenant": "ta", "ref": f"run-{i}", "command": ["true"]},
+    "server.snapshot": lambda i: {"tenant": "ta", "ref": f"run-{i}", "name": f"snap-{i}"},
     "server-group.create": lambda i: {"tenant": "ta", "name": f"g-{i}", "policy": "affinity"},
     "server-group.delete": lambda i: {"tenant": "ta", "ref": f"gd-{i}"},
     "volume.create": lambda i: {"tenant": "ta", "name": f"v-{i}", "size_gb": 1},

@@ -449,6 +449,8 @@ class ComputeAgent:
                 path = Path(spec.volumes[ev.volume])
                 await asyncio.to_thread(images.create_volume, path, max(1, ev.size_gb))
                 await asyncio.to_thread(driver.attach, spec, ev.volume, str(path))
+            elif ev.action == "snapshot":
+                await self._snapshot(ev, want, spec, driver)
             elif ev.action == "detach-volume":
                 await asyncio.to_thread(
                     driver.detach, spec, str(self.volumes / f"{ev.volume}.qcow2")
@@ -456,6 +458,43 @@ class ComputeAgent:
         except (HostError, images.ImageError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
             await self._report(cause, ServerFailed, t, s, "failed", host=self.host, reason=reason)
+
+    async def _snapshot(
+        self, ev: HostServerAction, want: Want, spec: InstanceSpec, vm: Any
+    ) -> None:
+        """Store the server's disk as image ``ev.image`` and record it."""
+        if not ID_RE.match(ev.image) or not spec.disk:
+            raise HostError(f"cannot snapshot server {ev.server} as image {ev.image!r}")
+        parent = await self._image(want.claim)
+        parent_file = images.stored(self.image_store, parent.checksum) if parent else None
+
+        def make() -> images.ImageFile:
+            with vm.paused(ev.server):
+                return images.snapshot(
+                    Path(spec.disk),
+                    self.image_store,
+                    parent_file,
+                    parent.format if parent else "qcow2",
+                    ev.image,
+                )
+
+        made = await asyncio.to_thread(make)
+        created = self._cause(ev).make(
+            ImageCreated,
+            ev.server_tenant,
+            "image",
+            ev.image,
+            name=ev.image_name,
+            format=made.format,
+            size_bytes=made.size_bytes,
+            checksum=made.checksum,
+            visibility="private",
+            parent=want.claim.image,
+            min_disk_gb=-(-made.virtual_size // (1 << 30)),
+        )
+        # Once only: a redelivered request finds its image already recorded.
+        with contextlib.suppress(ConcurrencyConflict):
+            await self.store.append([created], Condition(created.subject, 0))
 
     # -- reconcile --------------------------------------------------------------
 

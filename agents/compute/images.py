@@ -207,3 +207,39 @@ def create_volume(path: Path, size_gb: int) -> None:
     tmp = path.with_name(f".{path.name}.part")
     qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{size_gb}G")
     os.replace(tmp, path)
+
+
+def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag: str) -> ImageFile:
+    """A new image in the store from an instance's ``disk``.
+
+    Layered on ``parent`` (the server's image, already in the store) when it
+    has one: the copy of the overlay keeps only what the instance changed
+    and is re-pointed at the store's file. Without one it is flattened.
+    """
+    store.mkdir(parents=True, exist_ok=True)
+    tmp = store / f".snapshot-{tag}.part"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    if parent is not None:
+        shutil.copyfile(disk, tmp)
+        # -u: the cached base and the store file are the same bytes.
+        qemu_img("rebase", "-u", "-b", str(parent), "-F", parent_fmt, str(tmp))
+    else:
+        qemu_img("convert", "-O", "qcow2", str(disk), str(tmp))
+    probed = info(tmp, "qcow2")
+    assert isinstance(probed, dict)
+    checksum = sha256(tmp)
+    dest = store / checksum
+    os.chmod(tmp, 0o444)
+    if dest.exists():
+        tmp.unlink()
+    else:
+        os.replace(tmp, dest)
+    return ImageFile(
+        path=str(dest),
+        format="qcow2",
+        size_bytes=dest.stat().st_size,
+        virtual_size=int(probed["virtual-size"]),
+        checksum=checksum,
+        backing=str(parent or ""),
+    )
