@@ -308,3 +308,28 @@ async def test_volume_attach_and_detach_reach_the_domain(store, tmp_path):
         assert path.exists()  # the volume outlives its attachment
     finally:
         await cleanup(agent)
+
+
+async def test_an_event_naming_no_valid_server_touches_nothing(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path, containers=True)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        seq = await store.last_seq()
+        bad = cause().make(
+            HostServerAction,
+            SYSTEM,
+            "host",
+            host,
+            server="../../../etc",
+            server_tenant=TENANT,
+            action="delete",
+        )
+        await agent.handle(bad)
+        assert await store.last_seq() == seq
+        assert owned(agent) == {sid: "running"}
+        assert "../../../etc" not in agent.desired.instances
+    finally:
+        await cleanup(agent)

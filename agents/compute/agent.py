@@ -303,6 +303,11 @@ class ComputeAgent:
         await self.store.append([ev], msg_id=f"{cause.causation_id}.{key}")
 
     async def handle(self, ev: Event, seq: int = 0) -> None:
+        server = getattr(ev, "server", None)
+        if server is not None and not ID_RE.match(server):
+            # Names reach cgroup paths and libvirt: never one that is not an id.
+            log.warning("event names no valid server; ignored", type=ev.type_name(), seq=seq)
+            return
         fold(self.desired, ev, seq)
         if isinstance(ev, HostClaimed):
             await self._build(ev)
