@@ -97,7 +97,8 @@ async def wait_for(
             return evs
         await asyncio.sleep(0.05)
     evs = await server_events(store, sid, tenant)
-    raise AssertionError(f"no {type_name} for {sid} in {timeout}s: {[e.type_name() for e in evs]}")
+    seen = [(e.type_name(), getattr(e, "reason", "")) for e in evs]
+    raise AssertionError(f"no {type_name} for {sid} in {timeout}s: {seen}")
 
 
 def make_agent(

@@ -78,6 +78,15 @@ class HostSpec(msgspec.Struct, frozen=True):
     types: list[str] = msgspec.field(default_factory=lambda: ["vm", "container"])
 
 
+class DirectBoot(msgspec.Struct, frozen=True):
+    """A host setting: boot every VM straight into this kernel and initrd
+    (its overlay disk still attached), for images that carry no boot loader."""
+
+    kernel: str
+    initrd: str = ""
+    cmdline: str = "console=ttyS0"
+
+
 class ExecRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server: str
     command: list[str]
@@ -111,6 +120,7 @@ class ComputeAgent:
         containers: ContainerDriver | None = None,
         reconcile_interval: float = 60.0,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        direct_boot: DirectBoot | None = None,
     ) -> None:
         if not NAME_RE.match(host):
             raise Invalid(f"host name {host!r} is not a valid name")
@@ -131,6 +141,7 @@ class ComputeAgent:
         if containers is not None:
             self.drivers["container"] = containers
         self.reconcile_interval = reconcile_interval
+        self.direct_boot = direct_boot
         self.heartbeat_interval = heartbeat_interval
         self.subject = host_subject(host)
         self.desired = Desired()
@@ -334,6 +345,11 @@ class ComputeAgent:
                 else "",
                 console_log=str(self.consoles / f"{claim.server}.log"),
                 volumes=volumes,
+                **(
+                    msgspec.structs.asdict(self.direct_boot)
+                    if self.direct_boot and claim.instance_type == "vm"
+                    else {}
+                ),
             )
         )
 

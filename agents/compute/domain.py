@@ -13,6 +13,7 @@ import contextlib
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from stratus.agents.compute.spec import HostError, InstanceSpec, check, domain_uuid
@@ -21,7 +22,9 @@ NS = "https://stratus.dev/xmlns/compute/1"
 PREFIX = "stratus-"
 # Guest RAM plus what the hypervisor process needs beyond it: the hard limit
 # must leave room for qemu itself or the kernel kills it at the guest's size.
+# Under TCG (domain type qemu) its translation cache needs far more.
 MEM_OVERHEAD_KIB = 256 * 1024
+TCG_OVERHEAD_KIB = 1024 * 1024
 CPU_PERIOD_US = 100_000
 SHARES_PER_VCPU = 1024
 VOLUME_TARGETS = [f"vd{chr(c)}" for c in range(ord("b"), ord("z") + 1)]
@@ -33,8 +36,29 @@ def domain_name(server: str) -> str:
     return PREFIX + server
 
 
-def domain_xml(spec: InstanceSpec, host: str, domain_type: str = "qemu") -> str:
-    """The domain for ``spec``, built as a tree (no user text is ever parsed)."""
+CAP_SYS_RESOURCE = 24
+
+
+def can_raise_memlock() -> bool:
+    """Whether this process (and so a libvirtd beside it) may raise
+    RLIMIT_MEMLOCK: libvirt sets it to a domain's memory hard limit, and
+    fails the start without CAP_SYS_RESOURCE (containers often drop it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def domain_xml(
+    spec: InstanceSpec, host: str, domain_type: str = "qemu", hard_limit: bool = True
+) -> str:
+    """The domain for ``spec``, built as a tree (no user text is ever parsed).
+
+    Without ``hard_limit`` the memory cap is a soft limit (reclaimed first
+    under pressure) instead of a hard one."""
     check(spec)
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = domain_name(spec.server)
@@ -59,10 +83,19 @@ def domain_xml(spec: InstanceSpec, host: str, domain_type: str = "qemu") -> str:
     ET.SubElement(tune, "period").text = str(CPU_PERIOD_US)
     ET.SubElement(tune, "quota").text = str(CPU_PERIOD_US * spec.vcpus)
     mem = ET.SubElement(dom, "memtune")
-    ET.SubElement(mem, "hard_limit", unit="KiB").text = str(spec.ram_mb * 1024 + MEM_OVERHEAD_KIB)
+    overhead = TCG_OVERHEAD_KIB if domain_type == "qemu" else MEM_OVERHEAD_KIB
+    limit = "hard_limit" if hard_limit else "soft_limit"
+    ET.SubElement(mem, limit, unit="KiB").text = str(spec.ram_mb * 1024 + overhead)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
-    ET.SubElement(os_el, "boot", dev="hd")
+    if spec.kernel:
+        ET.SubElement(os_el, "kernel").text = spec.kernel
+        if spec.initrd:
+            ET.SubElement(os_el, "initrd").text = spec.initrd
+        if spec.cmdline:
+            ET.SubElement(os_el, "cmdline").text = spec.cmdline
+    else:
+        ET.SubElement(os_el, "boot", dev="hd")
     devices = ET.SubElement(dom, "devices")
     if spec.disk:
         devices.append(_disk(spec.disk, "vda"))
@@ -92,7 +125,13 @@ class LibvirtDriver:
     """VM instances of one host on one libvirt connection (blocking calls:
     the agent runs them in a thread)."""
 
-    def __init__(self, uri: str, host: str, domain_type: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        host: str,
+        domain_type: str | None = None,
+        hard_limit: bool | None = None,
+    ) -> None:
         import libvirt
 
         self.libvirt: Any = libvirt
@@ -101,6 +140,9 @@ class LibvirtDriver:
         self.uri = uri
         self.host = host
         self.domain_type = domain_type or ("test" if uri.startswith("test:") else "qemu")
+        if hard_limit is None:
+            hard_limit = self.domain_type == "test" or can_raise_memlock()
+        self.hard_limit = hard_limit
         self._lock = threading.Lock()
         try:
             self.conn = libvirt.open(uri)
@@ -159,7 +201,9 @@ class LibvirtDriver:
         """Defined (and running if ``running``), whatever state it was in."""
         dom = self._lookup(spec.server)
         if dom is None:
-            dom = self._call(self.conn.defineXML, domain_xml(spec, self.host, self.domain_type))
+            dom = self._call(
+                self.conn.defineXML, domain_xml(spec, self.host, self.domain_type, self.hard_limit)
+            )
         if running and not self._call(dom.isActive):
             self._call(dom.create)
 

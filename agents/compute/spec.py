@@ -45,6 +45,11 @@ class InstanceSpec(msgspec.Struct, frozen=True):
     # and the command their PID 1 runs.
     cpu: float = 0.0
     command: list[str] = []
+    # VMs booted straight into a kernel (the host's direct-boot setting):
+    # absolute paths, and the kernel command line.
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
 
     @property
     def cpus(self) -> float:
@@ -67,6 +72,11 @@ def check(spec: InstanceSpec) -> InstanceSpec:
         raise Invalid(f"cpu {spec.cpu} outside 0..{MAX_VCPUS}")
     if len(spec.volumes) > MAX_VOLUMES or not all(ID_RE.match(v) for v in spec.volumes):
         raise Invalid("volumes: at most 16, named by their ids")
+    for path in (spec.kernel, spec.initrd, spec.disk, spec.console_log):
+        if path and (not path.startswith("/") or "\0" in path or len(path) > 4096):
+            raise Invalid(f"{path!r} is not an absolute path")
+    if len(spec.cmdline) > 4096 or "\0" in spec.cmdline:
+        raise Invalid("kernel command line: at most 4096 characters, no NUL")
     if any("\0" in a for a in spec.command) or len(spec.command) > 256:
         raise Invalid("command: at most 256 arguments without NUL bytes")
     return spec
