@@ -21,6 +21,7 @@ from stratus.tests.compute_helpers import (
     make_agent,
     owned,
     place,
+    server_events,
     types,
     unique_host,
     wait_for,
@@ -128,5 +129,30 @@ async def test_agent_runs_a_container_from_a_claim_and_serves_exec(store, tmp_pa
                 break
             await asyncio.sleep(0.05)
         assert owned(agent) == {}
+    finally:
+        await cleanup(agent)
+
+
+async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path, vm=False, containers=True, reconcile_interval=1)
+    await agent.start()
+    try:
+        sid = await place(store, host, instance_type="container")
+        await wait_for(store, sid, "server.running")
+        driver = agent.drivers["container"]
+        old = driver.init_pid(sid)
+        await asyncio.to_thread(driver.stop, sid)  # what an OOM or a stray kill does
+        assert owned(agent) == {sid: "stopped"}
+        for _ in range(100):
+            if owned(agent) == {sid: "running"}:
+                break
+            await asyncio.sleep(0.1)
+        assert owned(agent) == {sid: "running"}
+        assert driver.init_pid(sid) not in (None, old)
+        recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
+        fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
+        assert [f.started for f in fixes] == [[sid]]
+        assert types(await server_events(store, sid))[-1] == "server.running"
     finally:
         await cleanup(agent)
