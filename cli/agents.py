@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 
 from stratus.cli.common import EXIT_USAGE
+from stratus.events.errors import Invalid
+from stratus.events.ids import NAME_RE
 
 DEFAULT_LIBVIRT_URI = "test:///default"
 
@@ -29,6 +31,7 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
 
 @agent_app.command()
 def compute_agent(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="this host's name ([a-z0-9-], its id)")],
     libvirt_uri: Annotated[
         str, typer.Option(help="test:///default (simulated) or qemu:///system")
@@ -45,8 +48,9 @@ def compute_agent(
     reconcile_interval: Annotated[float, typer.Option(min=1)] = 60.0,
 ) -> None:
     """Run the compute agent of HOST (called by ``stratus serve compute-agent``)."""
-    ctx = typer.get_current_context()
     opts = ctx.obj
+    if not NAME_RE.match(host):
+        raise Invalid(f"--host {host!r}: names are [a-z0-9][a-z0-9-]{{0,62}}")
     from stratus.agents.compute.agent import build_agent
     from stratus.events.store import EventStore
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
 from stratus.events.resources import ServerRequested
 from stratus.events.store import EventStore
 from stratus.tests.compute_helpers import cause
-from stratus.tests.test_cli import Up, cli, login
+from stratus.tests.test_cli import STRATUS, Up, cli, login
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -206,3 +207,58 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
         for server in leftover.list_owned():
             leftover.remove(server)
         leftover.cgroups.prune()
+
+
+def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data)
+    url = up.start(timeout=60)
+    agent = None
+    try:
+        login(url)
+        agent = subprocess.Popen(
+            [
+                *STRATUS,
+                "--url",
+                url,
+                "serve",
+                "compute-agent",
+                "--data-dir",
+                str(data),
+                "--host",
+                "edge-7",
+                "--types",
+                "vm",
+                "--vcpus",
+                "8",
+                "--label",
+                "rack=r1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert agent.stdout is not None
+        line = agent.stdout.readline()
+        assert "compute-agent edge-7 ready" in line, line
+        r = cli(url, "host", "show", "edge-7", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        host = json.loads(r.stdout)
+        assert host["vcpus"] == 8 and host["labels"] == {"rack": "r1"}
+        assert host["types"] == ["vm"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        r = subprocess.run(
+            [*STRATUS, "--url", url, "serve", "compute-agent", "--host", "Bad Name"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 1 and "invalid" in r.stderr
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+        if agent is not None and agent.stdout:
+            agent.stdout.close()
+        up.stop()
