@@ -1,11 +1,10 @@
-"""`stratus up --hosts 1` with its compute agent, driven through the CLI:
-image files checked and stored, a VM on an overlay of that image, a
-container answering `server exec`, malformed images refused with nothing
-appended. The scheduler's part (claiming the host) is played by the test."""
+"""`stratus up --hosts 1` with its scheduler and compute agent, driven
+through the CLI: image files checked and stored, a VM on an overlay of that
+image, a container answering `server exec`, malformed images refused with
+nothing appended."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -16,10 +15,6 @@ import pytest
 
 from stratus.agents.compute import images
 from stratus.agents.compute.containers import ContainerDriver
-from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
-from stratus.events.resources import ServerRequested
-from stratus.events.store import EventStore
-from stratus.tests.compute_helpers import cause
 from stratus.tests.test_cli import STRATUS, Up, cli, login
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,40 +46,6 @@ def last_seq(url: str) -> int:
     r = cli(url, "status", "-o", "json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)["last_seq"]
-
-
-async def schedule(data_dir: Path, url: str, server_id: str) -> None:
-    """What the scheduler does: claim HOST for the requested server."""
-    from stratus.events.resources import SYSTEM, ServerScheduled
-    from stratus.events.scheduling import HostClaimed
-
-    password = (data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
-    store = await EventStore.connect(url, user=NATS_SERVICE_USER, password=password)
-    try:
-        [req] = [
-            r.decode()
-            for r in await store.read_all(subjects=[f"ev.*.server.{server_id}"])
-            if isinstance(r.decode(), ServerRequested)
-        ]
-        c = cause()
-        claim = c.make(
-            HostClaimed,
-            SYSTEM,
-            "host",
-            HOST,
-            server=req.aggregate.id,
-            server_tenant=req.tenant,
-            name=req.name,
-            image=req.image,
-            vcpus=req.vcpus,
-            ram_mb=req.ram_mb,
-            disk_gb=req.disk_gb,
-            instance_type=req.instance_type,
-        )
-        sched = c.make(ServerScheduled, req.tenant, "server", req.aggregate.id, host=HOST)
-        await store.append([claim, sched])
-    finally:
-        await store.close()
 
 
 def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
@@ -173,17 +134,16 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
         )
         assert r.returncode == 0, r.stderr
         box = json.loads(r.stdout)
-        for s in (vm, box):
-            asyncio.run(schedule(data, url, s["id"]))
-
+        # The scheduler places both on the only host; its agent builds them.
         running = wait_status(url, "vm1", "running")
-        assert running["host"] == HOST
+        assert running["id"] == vm["id"] and running["host"] == HOST
+        assert running["scheduling"]  # placed by the scheduler, with its reasons
         chain = images.info(Path(running["disk"]), chain=True)
         assert len(chain) == 2
         # The overlay's base is the host's cached copy of exactly that image.
         assert images.sha256(Path(chain[1]["filename"])) == image["checksum"]
 
-        wait_status(url, "box", "running")
+        assert wait_status(url, "box", "running")["id"] == box["id"]
         r = cli(url, "server", "exec", "box", "--", "sh", "-c", "echo hello from $$; exit 4")
         assert r.returncode == 4, r.stderr
         assert r.stdout.startswith("hello from ")
