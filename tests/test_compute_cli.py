@@ -222,3 +222,15 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
         if agent is not None and agent.stdout:
             agent.stdout.close()
         up.stop()
+
+
+def test_demo_boots_servers_a_snapshot_and_a_container():
+    r = subprocess.run([*STRATUS, "demo"], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "disk 2 layers" in out  # vm-1: an overlay on the stored image
+    assert "booted from the snapshot" in out and "3 layers" in out
+    assert "exec said 'pid " in out and "container box deleted" in out
+    assert "demo finished" in out
+    # The container went with its server, and nothing of it is left behind.
+    assert not Path("/sys/fs/cgroup/cpu/stratus/host-01").exists()

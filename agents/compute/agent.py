@@ -188,6 +188,10 @@ class ComputeAgent:
         vm = self.drivers.get("vm")
         if vm is not None:
             vm.close()
+        containers = self.drivers.get("container")
+        if containers is not None and not containers.list_owned():
+            # Nothing left running here: leave no empty cgroup directories.
+            containers.cgroups.prune()
 
     # -- registration and heartbeat ----------------------------------------------
 
