@@ -515,6 +515,8 @@ def decide_volume_attach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
         raise Conflict(f"volume {v['name']} is attached to another server")
     if s["status"] in ("deleting", "error"):
         raise Conflict(f"server {s['name']} is {s['status']}")
+    if s.get("instance_type") == "container":
+        raise Invalid(f"server {s['name']} is a container; volumes attach to VMs")
     t = cmd.tenant or ""
     out = [cause.make(VolumeAttached, t, "volume", v["id"], server=s["id"])]
     if s.get("host"):

@@ -333,3 +333,23 @@ async def test_an_event_naming_no_valid_server_touches_nothing(store, tmp_path):
         assert "../../../etc" not in agent.desired.instances
     finally:
         await cleanup(agent)
+
+
+async def test_an_event_that_keeps_failing_is_given_up_and_reported(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    agent.retry_delay = 0.05
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        # A volume id no path may be made of: the agent cannot do it at all.
+        await action(store, host, sid, "attach-volume", volume="../../x", size_gb=1)
+        evs = await wait_for(store, sid, "server.failed", timeout=30)
+        assert "after 5 attempts" in evs[-1].reason
+        # Later events of the server are handled again afterwards.
+        await action(store, host, sid, "delete")
+        await wait_for(store, sid, "server.deleted")
+        assert owned(agent) == {}
+    finally:
+        await cleanup(agent)

@@ -62,6 +62,10 @@ from stratus.events.store import STREAM, Condition, EventStore
 log = structlog.get_logger("stratus.compute")
 
 FETCH_BATCH = 64
+# An event whose handling keeps failing (not a refusal by the host, which is
+# reported, but an error of the agent's own) is tried this often, then given up.
+MAX_DELIVERIES = 5
+RETRY_DELAY_S = 5.0
 # Server events after which the log no longer wants an instance built.
 TERMINAL = {"server.build-failed", "server.failed", "server.deleting", "server.deleted"}
 EXEC_SUBJECT = "agent.{host}.exec"
@@ -141,6 +145,7 @@ class ComputeAgent:
         if containers is not None:
             self.drivers["container"] = containers
         self.reconcile_interval = reconcile_interval
+        self.retry_delay = RETRY_DELAY_S
         self.direct_boot = direct_boot
         self.heartbeat_interval = heartbeat_interval
         self.subject = host_subject(host)
@@ -290,20 +295,43 @@ class ComputeAgent:
         await asyncio.gather(*(self._lane(items) for items in lanes.values()))
 
     async def _lane(self, items: list[tuple[Any, Event | None]]) -> None:
-        for m, ev in items:
+        for i, (m, ev) in enumerate(items):
             if ev is None:
                 await m.term()  # not an event this code can read: never redeliver
                 continue
             try:
                 await self.handle(ev, m.metadata.sequence.stream)
-            except Exception:
-                # Not acknowledged: redelivered after ack_wait, by then
-                # perhaps doable (the broker back, the disk freed).
+            except Exception as exc:
                 log.exception("event failed", host=self.host, type=ev.type_name())
-                await m.nak(delay=5)
-                continue
+                if m.metadata.num_delivered >= MAX_DELIVERIES:
+                    await self._give_up(ev, exc)
+                    await m.term()
+                    continue
+                # Redelivered later, by then perhaps doable (the broker back,
+                # the disk freed); the server's later events wait for it, so
+                # they are never applied out of order.
+                for later, _ in items[i:]:
+                    await later.nak(delay=self.retry_delay)
+                return
             await m.ack()
             self.handled += 1
+
+    async def _give_up(self, ev: Event, exc: Exception) -> None:
+        """After MAX_DELIVERIES attempts: say so on the server, stop retrying."""
+        server = getattr(ev, "server", "")
+        tenant = getattr(ev, "server_tenant", "")
+        if not server or not tenant:
+            return
+        with contextlib.suppress(Exception):
+            await self._report(
+                self._cause(ev),
+                ServerFailed,
+                tenant,
+                server,
+                "gave-up",
+                host=self.host,
+                reason=f"agent error after {MAX_DELIVERIES} attempts: {exc}"[:500],
+            )
 
     # -- events -----------------------------------------------------------------
 
