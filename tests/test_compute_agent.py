@@ -25,6 +25,7 @@ from stratus.tests.compute_helpers import (
     make_agent,
     owned,
     place,
+    server_events,
     types,
     unique_host,
     wait_for,
@@ -351,5 +352,23 @@ async def test_an_event_that_keeps_failing_is_given_up_and_reported(store, tmp_p
         await action(store, host, sid, "delete")
         await wait_for(store, sid, "server.deleted")
         assert owned(agent) == {}
+    finally:
+        await cleanup(agent)
+
+
+async def test_a_redelivered_claim_builds_nothing_twice_and_reports_nothing_twice(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        before = await wait_for(store, sid, "server.running")
+        claim = agent.desired.instances[sid].claim
+        disk = agent.disks / f"{sid}.qcow2"
+        mtime = disk.stat().st_mtime_ns
+        await agent.handle(claim)  # what a redelivery after a crash does
+        assert types(await server_events(store, sid)) == types(before)
+        assert owned(agent) == {sid: "running"}
+        assert disk.stat().st_mtime_ns == mtime  # the overlay was kept, not remade
     finally:
         await cleanup(agent)
