@@ -12,6 +12,8 @@ Rows:
 - create -> running at idle: one server at a time (target p50 <= 50 ms);
 - create -> running, N over H hosts: ``--in-flight`` creations
   outstanding at once, throughput and latency under load;
+- requested -> scheduled -> running: a ``server.requested`` placed by the
+  real scheduler (run in this process), then built, one at a time;
 - overlay vs copy: ``qemu-img create -b`` of an overlay against a full copy
   of the same ``--base-gb`` base (target: the overlay >= 100x faster).
 """
@@ -193,6 +195,43 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
         )
         load.note = f"{opts.in_flight} in flight"
         report.results.append(load)
+        # The whole path: a stored request placed by the real scheduler
+        # (in this process), then built by the host's agent.
+        from stratus.handlers.scheduler import SchedulerService
+        from stratus.tests.schedkit import server_request
+
+        sched = SchedulerService(store)
+        await sched.start()
+        try:
+
+            async def requested() -> float:
+                req = server_request(tenant="bench", vcpus=1, ram_mb=64)
+                fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+                waiting[req.aggregate.id] = fut
+                start = time.perf_counter()
+                await store.append([req])
+                try:
+                    done = await asyncio.wait_for(fut, 60)
+                finally:
+                    waiting.pop(req.aggregate.id, None)
+                return done - start
+
+            lat, errors = [], 0
+            t0 = time.perf_counter()
+            for _ in range(opts.idle):
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    lat.append(await requested())
+                except Exception:
+                    errors += 1
+            full = _latency_result(
+                "requested -> scheduled -> running, idle", lat, time.perf_counter() - t0, errors
+            )
+            full.note = "through the scheduler"
+            report.results.append(full)
+        finally:
+            await sched.stop()
         running = sum(len(a.drivers["vm"].list_owned()) for a in agents)
         report.info["domains_running"] = running
         report.info["build_failures"] = failed
