@@ -152,7 +152,7 @@ async def test_reconcile_recreates_the_missing_and_removes_strays(store, tmp_pat
         gone = conn.lookupByName(domain_name(a))
         gone.destroy()
         gone.undefine()
-        claim_b = (await agent._read_host()).instances[b].claim
+        claim_b = (await agent.read_host()).instances[b].claim
         stray = msgspec.structs.replace(claim_b, server="0190aaaa-bbbb-7ccc-8ddd-eeeeeeeeeeee")
         stray_spec = agent.instance(stray)
         agent.drivers["vm"].ensure(stray_spec)

@@ -200,12 +200,16 @@ class ComputeAgent:
 
     # -- registration and heartbeat ----------------------------------------------
 
-    async def _read_host(self, after: int = 0, until: int | None = None) -> Desired:
-        d = Desired() if after == 0 else self.desired
-        async for batch in self.store.read(after=after, until=until, subjects=[self.subject]):
+    async def read_host(self, until: int | None = None) -> Desired:
+        """The fold of the host's subject (up to sequence ``until``)."""
+        d = Desired()
+        async for batch in self.store.read(until=until, subjects=[self.subject]):
             for rec in batch:
-                with contextlib.suppress(Exception):
-                    fold(d, rec.decode(self.store.codec), rec.seq)
+                try:
+                    event = rec.decode(self.store.codec)
+                except Exception:
+                    continue  # a foreign writer's bytes: not ours to act on
+                fold(d, event, rec.seq)
         return d
 
     async def register(self) -> None:
@@ -213,7 +217,7 @@ class ComputeAgent:
         want = msgspec.structs.asdict(self.spec)
         cause = Cause(actor=self.actor, correlation_id=new_id(), causation_id="agent-start")
         for _ in range(8):
-            d = await self._read_host()
+            d = await self.read_host()
             if d.registered == want:
                 return
             if d.registered is None:
@@ -579,8 +583,8 @@ class ComputeAgent:
         (``full``), and is built by the consumer with its usual reports.
         """
         floor = await self._acked_floor()
-        upto = await self._read_host(until=floor) if floor else Desired()
-        full = await self._read_host()
+        upto = await self.read_host(until=floor) if floor else Desired()
+        full = await self.read_host()
         self.desired = full
         actual = await self.actual()
         fixed: dict[str, list[str]] = {"recreated": [], "started": [], "stopped": [], "removed": []}
