@@ -142,7 +142,9 @@ async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp
         await wait_for(store, sid, "server.running")
         driver = agent.drivers["container"]
         old = driver.init_pid(sid)
-        await asyncio.to_thread(driver.stop, sid)  # what an OOM or a stray kill does
+        # What an OOM or a stray kill does; done without yielding to the
+        # loop, so the agent's reconcile cannot run halfway through it.
+        driver.stop(sid)
         assert owned(agent) == {sid: "stopped"}
         for _ in range(100):
             if owned(agent) == {sid: "running"}:
