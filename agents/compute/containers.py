@@ -53,6 +53,19 @@ def _run(args: list[str], timeout: float = 10) -> str:
     return done.stdout
 
 
+def _exec_done(pid: int) -> bool:
+    """Whether the forked child of unshare has exec'd its command (its
+    executable is no longer its parent's)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ppid = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")
+        )
+        return os.readlink(f"/proc/{pid}/exe") != os.readlink(f"/proc/{ppid}/exe")
+    except (OSError, StopIteration, ValueError):
+        return False
+
+
 class Cgroups:
     """The cgroup directories of one host's instances, v1 or v2."""
 
@@ -206,10 +219,13 @@ class ContainerDriver:
         finally:
             log.close()
         self._procs[spec.server] = proc
-        # Running means its PID 1 exists inside the cgroup.
+        # Running means its PID 1 runs the command: until that exec, the
+        # child of unshare is still mounting the namespace's own /proc, and
+        # an exec entering it then would see the host's.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            if self.init_pid(spec.server):
+            pid = self.init_pid(spec.server)
+            if pid is not None and _exec_done(pid):
                 return
             if proc.poll() is not None:
                 tail = self.console(spec.server)[-500:]
