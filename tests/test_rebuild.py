@@ -512,3 +512,81 @@ async def test_a_bulk_load_stopped_part_way_gets_its_indexes_back(store, tmp_pat
     finally:
         await engine.dispose()
     assert got == await fresh_digest(store, tmp_path / "plain.db", last)
+
+
+async def test_a_bulk_rebuild_quarantines_text_with_a_nul_as_the_live_projector(store, tmp_path):
+    from datetime import UTC, datetime
+
+    from stratus.events.model import Cause
+    from stratus.events.tenants import TenantCreated, TenantRenamed
+    from stratus.projections.schema import quarantine
+
+    cause = Cause(actor="test", correlation_id="corr", causation_id="corr")
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: a format edge
+    nul_actor = Cause(actor="a\x00dmin", correlation_id="c2", causation_id="c2", at=at)
+    await store.append([cause.make(TenantCreated, "before", "tenant", "before", name="before")])
+    # a NUL in an inventory value, in an audit value, and in a field no row holds
+    await store.append([cause.make(TenantCreated, "nul", "tenant", "nul", name="a\x00b")])
+    await store.append([nul_actor.make(TenantCreated, "act", "tenant", "act", name="act")])
+    await store.append(
+        [cause.make(TenantRenamed, "before", "tenant", "before", name="b-0", previous="\x00")]
+    )
+    await store.append(
+        [cause.make(TenantCreated, "esc", "tenant", "esc", name='\\u0000 "q" \U0001f600')]
+    )
+    last = await store.last_seq()
+    plain_seq, plain = await fresh_digest(store, tmp_path / "plain.db", last)
+    bulk = tmp_path / "projections.bulk.db"
+    await build_store(store, bulk)
+    engine = make_engine(sqlite_url(bulk))
+    try:
+        assert await store_digest(engine) == (plain_seq, plain)
+        async with engine.connect() as conn:
+            kept = (await conn.execute(select(quarantine.c.seq).order_by(quarantine.c.seq))).all()
+    finally:
+        await engine.dispose()
+    assert [r[0] for r in kept] == [2, 3]
+
+
+async def test_bundled_rows_are_stored_as_bound_rows(tmp_path):
+    import sqlite3
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from stratus.projections.audit import COLUMNS, audit
+    from stratus.projections.batch import Appends, RowBatch, Upsert
+    from stratus.projections.db import sync_writer
+
+    texts = ["", "123", " 42", "1e5", "null", 'q"uote', "back\\slash", "\\u0000", "é", "\U0001f600"]
+    times = [
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, 5, 999999, tzinfo=timezone(timedelta(hours=2))),
+    ]
+    rows = [
+        [2**62 + i, times[i % len(times)], *(texts[(i + k) % len(texts)] for k in range(9))]
+        for i in range(30)
+    ]
+    stored = []
+    for name in ("bound", "bundled"):
+        engine = make_engine(sqlite_url(tmp_path / f"{name}.db"))
+        await init_schema(engine)
+        sync = sync_writer(engine, bulk=True)
+        assert sync is not None
+        with sync.begin() as conn:
+            if name == "bound":
+                batch = RowBatch()
+                for r in rows:
+                    batch.add(Upsert(audit, dict(zip(COLUMNS, r, strict=True))))
+                batch.flush_sync(conn)
+            else:
+                appends = Appends(audit, conn.dialect)
+                appends.rows = [list(r) for r in rows]
+                conn.exec_driver_sql(appends.sql, (appends.take(),))
+        sync.dispose()
+        await engine.dispose()
+        db = sqlite3.connect(tmp_path / f"{name}.db")
+        cols = ", ".join(f"{c}, typeof({c})" for c in COLUMNS)
+        stored.append(db.execute(f"SELECT {cols} FROM audit ORDER BY seq").fetchall())
+        db.close()
+    assert len(stored[0]) == len(rows)
+    assert stored[1] == stored[0]
