@@ -16,7 +16,7 @@ from collections.abc import Collection
 from typing import Any
 
 import msgspec
-from sqlalchemy import DateTime, Float, Table, and_, bindparam, delete, update
+from sqlalchemy import DateTime, Table, and_, bindparam, delete, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -157,65 +157,6 @@ class _Statement:
             return [(p[name],) for p in params]
         return list(map(self.get, params))
 
-
-class Appends:
-    """New rows of one append-only table, bundled for SQLite.
-
-    The rows (value lists in column order) travel as one JSON text that
-    SQLite unpacks itself (``json_each``): the whole insert is then one call
-    into SQLite, which runs without the GIL, where ``executemany`` binds
-    each row in Python. A bulk load runs it in a thread beside the loop
-    that reads and folds the next batch, so the two overlap on two cores.
-    """
-
-    def __init__(self, table: Table, dialect: Any) -> None:
-        if dialect.name != "sqlite":
-            raise NotImplementedError("bundled rows are for SQLite")
-        if any(isinstance(c.type, Float) for c in table.columns):
-            # SQLite's JSON parser need not round a decimal to the double
-            # that binding the float stores.
-            raise NotImplementedError(f"{table.name} has floats: bind its rows instead")
-        self.table = table
-        self.rows: list[list[Any]] = []
-        self.convert = [
-            (i, f)
-            for i, c in enumerate(table.columns)
-            if (f := _converter(c.type, dialect)) is not None
-        ]
-        self.sql = _bundled_insert(dialect, table)
-
-    def take(self) -> str | None:
-        """The pending rows as one JSON array (None: there are none)."""
-        rows, self.rows = self.rows, []
-        if not rows:
-            return None
-        for i, f in self.convert:
-            for r in rows:
-                v = r[i]
-                if v is not None:
-                    r[i] = f(v)
-        return _json.encode(rows).decode()
-
-
-def _bundled_insert(dialect: Any, table: Table) -> str:
-    # ``value ->> i``: the row's i-th element as SQL text, integer (JSON
-    # booleans as 1/0, as a bound bool) or NULL; the column's affinity then
-    # applies as it does to a bound value. "WHERE true" is what SQLite's
-    # parser needs between a SELECT and ON CONFLICT.
-    prep = dialect.identifier_preparer
-    names = [c.name for c in table.columns]
-    pk = _pk(table)
-    cols = ", ".join(prep.quote(n) for n in names)
-    values = ", ".join(f"j.value ->> {i}" for i in range(len(names)))
-    sets = ", ".join(f"{prep.quote(n)} = excluded.{prep.quote(n)}" for n in names if n not in pk)
-    return (
-        f"INSERT INTO {prep.format_table(table)} ({cols}) SELECT {values} "
-        f"FROM json_each(?) AS j WHERE true "
-        f"ON CONFLICT ({', '.join(prep.quote(c) for c in pk)}) DO UPDATE SET {sets}"
-    )
-
-
-_json = msgspec.json.Encoder()
 
 _COMPILED: dict[tuple[str, Table, str, frozenset[str]], _Statement] = {}
 

@@ -13,18 +13,16 @@ import contextlib
 import gc
 import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 from sqlalchemy import Index, Table, delete, func, insert, select
-from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
-from stratus.projections.batch import Appends, RowBatch, Upsert
+from stratus.projections.batch import RowBatch, Upsert
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
@@ -265,54 +263,28 @@ class Projector:
 
         Rows are folded in memory across the batches of a transaction, so a
         resource row changed many times is written once per commit, not
-        once per batch. Append-only rows (``View.row``: the audit trail, one
-        per event) go into the open transaction batch by batch, to keep
-        memory flat, as one bundled insert (``Appends``) in a writer thread
-        while this one reads and folds the next batch. The checkpoint
-        commits with the rows as ever: a load stopped part way rolls back to
-        the last commit, and resumes there.
+        once per batch; append-only rows (the audit trail: one per event,
+        never changed) go into the open transaction batch by batch, to keep
+        memory flat. The checkpoint commits with the rows as ever: a load
+        stopped part way rolls back to the last commit, and resumes there.
         """
         assert self._sync is not None
-        loop = asyncio.get_running_loop()
-        dialect = self._sync.dialect
-        appends = [
-            _Appender(Appends(v.tables[0], dialect), frozenset(v.folds), v.row)
-            for v in self.views
-            if v.row is not None
-        ]
-        folds = dispatch([v for v in self.views if v.row is None])
         carry = RowBatch()
         folded = 0
         last = self.position
-        writing: asyncio.Future[Any] | None = None
-        with (
-            _fewer_collections(),
-            ThreadPoolExecutor(1, "bulk-writer") as writer,
-            self._sync.connect() as conn,
-        ):
+        with _fewer_collections(), self._sync.connect() as conn:
             tx = conn.begin()
             try:
                 async for recs in batches:
-                    prepared = self._fold(recs, carry, folds, appends)
+                    prepared = self._fold(recs, carry)
                     if prepared is None:
                         continue
-                    # One statement at a time on the connection: the last
-                    # bundle is written before this one (or anything else).
-                    if writing is not None:
-                        await writing
-                        writing = None
-                    bundles = [(a.rows.sql, a.rows.take()) for a in appends]
-                    if any(text is not None for _, text in bundles):
-                        writing = loop.run_in_executor(writer, _execute, conn, bundles)
+                    carry.flush_sync(conn, LIVE_ONLY)
+                    if prepared.poisoned:
+                        conn.execute(insert(quarantine), prepared.poisoned)
+                        self._warn(prepared.poisoned)
                     folded += len(recs)
                     last = prepared.last
-                    if prepared.poisoned or folded >= self.commit_every:
-                        if writing is not None:
-                            await writing
-                            writing = None
-                        if prepared.poisoned:
-                            conn.execute(insert(quarantine), prepared.poisoned)
-                            self._warn(prepared.poisoned)
                     if folded >= self.commit_every:
                         carry.flush_sync(conn)
                         tx.commit()
@@ -321,39 +293,20 @@ class Projector:
                         tx = conn.begin()
                     if progress:
                         progress(len(recs), recs[-1].seq)
-                if writing is not None:
-                    await writing
-                    writing = None
                 carry.flush_sync(conn)
                 tx.commit()
                 self.position = last
             except BaseException:
-                if writing is not None:
-                    # Let the thread leave the connection before rolling back.
-                    with contextlib.suppress(BaseException):
-                        await asyncio.shield(writing)
                 tx.rollback()
                 raise
 
-    def _fold(
-        self,
-        recs: list[Recorded],
-        rows: RowBatch | None = None,
-        folds: dict[type, list[Callable[[int, Any], Any]]] | None = None,
-        appends: list[_Appender] | None = None,
-    ) -> _Prepared | None:
-        """Fold ``recs`` into ``rows`` (a new batch by default).
-
-        A bulk load passes ``appends`` (the append-only views, whose rows
-        are collected as value lists) and ``folds`` (the other views).
-        """
+    def _fold(self, recs: list[Recorded], rows: RowBatch | None = None) -> _Prepared | None:
+        """Fold ``recs`` into ``rows`` (a new batch by default)."""
         if rows is None:
             rows = RowBatch()
-        if folds is None:
-            folds = self._dispatch
-        appends = appends or []
         poisoned: list[dict[str, Any]] = []
         codec = self.store.codec
+        folds = self._dispatch
         none: list = []
         floor = self._folded
         skip = self._skip
@@ -364,13 +317,10 @@ class Projector:
                 continue
             try:
                 event = rec.decode(codec)
-                cls = type(event)
-                ops = [op for f in folds.get(cls, none) for op in f(rec.seq, event)]
-                new = [a for a in appends if cls in a.folds]
-                values = [a.row(rec.seq, event) for a in new]
+                ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]
                 # A NUL byte in the raw data is the cheap sign (usually there
                 # is none); only then look at the text values themselves.
-                if b"\x00" in rec.data and (_has_nul(ops) or _lists_hold_nul(values)):
+                if b"\x00" in rec.data and _has_nul(ops):
                     raise ValueError(NUL_REFUSED)
             except Exception as exc:
                 poisoned.append(
@@ -385,8 +335,6 @@ class Projector:
                 continue
             for op in ops:
                 rows.add(op)
-            for a, v in zip(new, values, strict=True):
-                a.rows.rows.append(v)
         last = recs[-1].seq
         if last <= floor:
             return None
@@ -460,30 +408,6 @@ def _has_nul(ops: list[Any]) -> bool:
             if type(v) is str and "\x00" in v:
                 return True
     return False
-
-
-def _lists_hold_nul(rows: list[list[Any]]) -> bool:
-    return any(type(v) is str and "\x00" in v for r in rows for v in r)
-
-
-class _Appender:
-    """An append-only view in a bulk load: its rows, the events it folds."""
-
-    __slots__ = ("folds", "row", "rows")
-
-    def __init__(
-        self, rows: Appends, folds: frozenset[type], row: Callable[[int, Any], list[Any]]
-    ) -> None:
-        self.rows = rows
-        self.folds = folds
-        self.row = row
-
-
-def _execute(conn: Connection, statements: list[tuple[str, str | None]]) -> None:
-    """The writer thread's part: each bundle, one call into SQLite each."""
-    for sql, text in statements:
-        if text is not None:
-            conn.exec_driver_sql(sql, (text,))
 
 
 class _Prepared:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import msgspec
 from sqlalchemy import Table
@@ -20,17 +19,13 @@ class View(msgspec.Struct, frozen=True):
     tables: tuple[Table, ...]
     apply: Callable[[int, Event], Iterable[Op]]
     folds: tuple[type[Event], ...]
-    # For a view of one append-only table keyed by the sequence (one new
-    # row per event it folds): that row's values in column order. A bulk
-    # load inserts these without going through row operations.
-    row: Callable[[int, Event], list[Any]] | None = None
 
 
 def all_views() -> list[View]:
     return [
         View(tenants.NAME, tenants.TABLES, tenants.apply, tenants.FOLDS),
         View(users.NAME, users.TABLES, users.apply, users.FOLDS),
-        View(audit.NAME, audit.TABLES, audit.apply, audit.FOLDS, audit.row),
+        View(audit.NAME, audit.TABLES, audit.apply, audit.FOLDS),
         View(resources.NAME, resources.TABLES, resources.apply, resources.FOLDS),
     ]
 
