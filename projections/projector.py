@@ -76,7 +76,9 @@ class Projector:
         is complete (``build_store``). Starting from 0, the secondary
         indexes are built once at the end instead of row by row, and a
         SQLite file is written without syncs (a crash leaves a file nobody
-        swaps in). The checkpoint still commits with each batch."""
+        swaps in). A SQLite catch-up commits every ``commit_every`` events
+        instead of every batch (``_load``), the checkpoint with the rows as
+        ever."""
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
