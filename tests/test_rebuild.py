@@ -546,3 +546,45 @@ async def test_a_bulk_rebuild_quarantines_text_with_a_nul_as_the_live_projector(
     finally:
         await engine.dispose()
     assert [r[0] for r in kept] == [2, 3]
+
+
+async def test_a_bulk_load_stopped_between_commits_resumes_exactly_once(store, tmp_path):
+    import sqlite3
+
+    last = await _append_workload(store, 3000)
+    path = tmp_path / "stopped.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        bulk = Projector(store, engine, batch=500, bulk=True)
+        bulk.commit_every = 1000
+
+        class Stop(Exception):
+            pass
+
+        stopped: list[int] = []
+
+        def stop_at(_n: int, seq: int) -> None:
+            # Stopped with folded events not yet committed.
+            if seq >= 2000 and seq > bulk.position:
+                stopped.append(seq)
+                raise Stop
+
+        with pytest.raises(Stop):
+            await bulk.catch_up(progress=stop_at)
+        bulk.close()
+        assert 0 < bulk.position < stopped[0] < last
+        db = sqlite3.connect(path)
+        try:
+            # The store holds exactly what the committed checkpoint covers.
+            assert db.execute("SELECT last_seq FROM checkpoints").fetchall() == [(bulk.position,)]
+            audit_rows = db.execute("SELECT count(*), max(seq) FROM audit").fetchone()
+            assert audit_rows == (bulk.position, bulk.position)
+        finally:
+            db.close()
+        resumed = Projector(store, engine)
+        assert await resumed.catch_up(until=last) == last
+        resumed.close()
+        got = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    assert got == await fresh_digest(store, tmp_path / "plain.db", last)
