@@ -22,7 +22,7 @@ from sqlalchemy import Index, Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from stratus.events.store import EventStore, Recorded, Until
-from stratus.projections.batch import RowBatch, Upsert
+from stratus.projections.batch import Patch, RowBatch, Upsert
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
@@ -405,10 +405,20 @@ def _has_nul(ops: list[Any]) -> bool:
     row (and so the whole batch, again on every retry) while SQLite keeps it.
     Quarantining the event on every backend keeps them identical."""
     for op in ops:
-        values = op.row.values() if type(op) is Upsert else getattr(op, "values", {}).values()
-        for v in (*values, *getattr(op, "key", ())):
+        # Called for about every other event of a rebuild: no tuple built
+        # per op, one loop per kind of value.
+        if type(op) is Upsert:
+            for v in op.row.values():
+                if type(v) is str and "\x00" in v:
+                    return True
+            continue
+        for v in op.key:
             if type(v) is str and "\x00" in v:
                 return True
+        if type(op) is Patch:
+            for v in op.values.values():
+                if type(v) is str and "\x00" in v:
+                    return True
     return False
 
 
