@@ -32,9 +32,10 @@ async def test_beats_keep_alive_and_silence_expires(store):
         assert not live.alive("h-never")
         await beat(js, "h-short", ttl=1)
         assert await _until(lambda: live.alive("h-short"), 5)
-        # No more beats: the server expires the beat and tells the watcher.
+        # No more beats: dead once its TTL has passed, and the server expires
+        # the beat and tells the watcher (its expiry sweep may lag under load).
         assert await _until(lambda: not live.alive("h-short"), 8)
-        assert ("h-short", 0.0) in changes
+        assert await _until(lambda: ("h-short", 0.0) in changes, 30)
         assert live.alive_hosts() == {"h-early"}
     finally:
         await live.stop()
