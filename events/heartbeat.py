@@ -62,6 +62,15 @@ async def beat(
         await js.publish(subject, data, msg_ttl=ttl)
 
 
+async def beating_hosts(js: JetStreamContext) -> set[str]:
+    """Hosts whose last beat has not expired, read once (no watcher)."""
+    try:
+        kv = await js.key_value(HEARTBEATS)
+        return set(await kv.keys())
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.NoKeysError):
+        return set()
+
+
 class Liveness:
     """Which hosts beat within their TTL, kept current by a KV watch.
 

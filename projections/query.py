@@ -11,10 +11,12 @@ from typing import Annotated, Any, Protocol
 import msgspec
 import structlog
 from nats.aio.msg import Msg
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Internal, Invalid, NotFound, StratusError
+from stratus.events.heartbeat import beating_hosts
 from stratus.events.ids import is_name, is_token
 from stratus.events.model import record
 from stratus.events.resources import PLURALS
@@ -434,7 +436,33 @@ class QueryService:
             out["projection_digest"] = found
         if pt.seq is not None:
             out["at"] = pt.seq
+        else:
+            out.update(await self._live_parts(pt))
         return out
+
+    async def _live_parts(self, pt: Point) -> dict[str, Any]:
+        """Hosts (registered, enabled, beating now) and the scheduler's
+        backlog: facts of the present only, so not part of a ``--at`` answer."""
+        t = resources.TABLES_BY_KIND["host"]
+        async with pt.engine.connect() as conn:
+            rows = (await conn.execute(select(t.c.id, t.c.status))).all()
+        try:
+            alive = sorted(await beating_hosts(self.store.js))
+        except Exception:  # no bucket yet (no agent ever beat), or no JetStream access
+            alive = []
+        hosts = {
+            "registered": len(rows),
+            "enabled": sum(1 for r in rows if r.status == "enabled"),
+            "alive": len(alive),
+        }
+        services: dict[str, Any] = {}
+        with contextlib.suppress(Exception):  # no scheduler has ever run
+            info = await self.store.js.consumer_info(self.store.stream, "scheduler")
+            services["scheduler"] = {
+                "waiting_replicas": info.num_waiting,
+                "backlog": (info.num_pending or 0) + (info.num_ack_pending or 0),
+            }
+        return {"hosts": hosts, "services": services}
 
 
 def _snapshots_of(engine: AsyncEngine) -> Snapshots | None:

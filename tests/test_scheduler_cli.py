@@ -147,7 +147,9 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     assert huge["reason"] == "No valid host: 0/2 hosts: 2 label tier=platinum not matched"
 
     # What-if: the same history, stacking instead of spreading.
-    wait_projected(url)
+    status = wait_projected(url)
+    assert status["hosts"] == {"registered": 2, "enabled": 2, "alive": 2}
+    assert status["services"]["scheduler"]["backlog"] == 0
     cfg = up.data_dir.parent / "stack.toml"
     cfg.write_text("host_subset_size = 1\n[weighers]\nLeastRequested = -1.0\n")
     r = cli(
