@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -26,6 +27,7 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
@@ -56,7 +58,12 @@ def secret(data_dir: Path, name: str) -> str:
     return path.read_text().strip()
 
 
-def nats_auth_config(service_password: str) -> str:
+def nats_auth_config(
+    service_password: str,
+    integration_users: list[dict] | None = None,
+    client_password: str | None = None,
+) -> str:
+    """``integration_users``: see ``handlers.natsauth`` (reloaded as they change)."""
     client_perms = {
         "publish": {"allow": ["cmd.>", "q.>"]},
         "subscribe": {"allow": ["_INBOX.>"]},
@@ -65,9 +72,10 @@ def nats_auth_config(service_password: str) -> str:
         {"user": NATS_SERVICE_USER, "password": service_password},
         {
             "user": NATS_CLIENT_USER,
-            "password": secrets.token_urlsafe(16),
+            "password": client_password or secrets.token_urlsafe(16),
             "permissions": client_perms,
         },
+        *(integration_users or []),
     ]
     # nats-server's config format accepts JSON values.
     return (
@@ -163,6 +171,7 @@ class Stack:
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
+        self.integration_auth: IntegrationAuth | None = None
 
     def _lock(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +198,10 @@ class Stack:
                 url, user=NATS_SERVICE_USER, password=service_password
             )
             await self.store.ensure_stream()
+            self.integration_auth = IntegrationAuth(
+                self.store, self._integration_users(service_password)
+            )
+            await self.integration_auth.start()
             engine = make_engine(self.db_url)
             self.live = LiveProjection(self.store, engine)
             await self.live.start()
@@ -224,10 +237,19 @@ class Stack:
             await self.stop()
             raise
 
+    def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
+        client_password = secrets.token_urlsafe(16)
+
+        def apply(users: list[dict]) -> None:
+            assert self.broker is not None
+            self.broker.reload(nats_auth_config(service_password, users, client_password))
+
+        return apply
+
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
-        for svc in (self.swapper, self.commands, self.queries, self.feed):
+        for svc in (self.integration_auth, self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()
