@@ -572,6 +572,15 @@ def events_schema() -> None:
     sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
 
 
+@events_app.command("asyncapi")
+def events_asyncapi() -> None:
+    """An AsyncAPI 3.0 document: the subjects, every event type, the webhook CloudEvents."""
+    from stratus.events.asyncapi import dumps
+    from stratus.events.catalog import CODEC
+
+    sys.stdout.write(dumps(CODEC) + "\n")
+
+
 @projections_app.command("rebuild")
 def projections_rebuild(
     output: OutputOpt = Format.table,
