@@ -166,7 +166,7 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="handlers, projector or query")],
+    service: Annotated[str, typer.Argument(help="handlers, projector, query or webhooks")],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -195,8 +195,8 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
-    if service not in ("handlers", "projector", "query"):
-        typer.echo("error: SERVICE must be handlers, projector or query", err=True)
+    if service not in ("handlers", "projector", "query", "webhooks"):
+        typer.echo("error: SERVICE must be handlers, projector, query or webhooks", err=True)
         raise typer.Exit(EXIT_USAGE)
     logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
@@ -219,6 +219,14 @@ def serve(
         if service == "projector":
             live = LiveProjection(store, engine)
             await live.start()
+        elif service == "webhooks":
+            # The signing secrets derive from a key beside the token keys.
+            from stratus.handlers.integrations import WebhookKeys
+            from stratus.handlers.webhooks import WebhookService
+
+            hooks = WebhookService(store, WebhookKeys.load_or_create(data_dir / "keys"))
+            await hooks.start()
+            running.append(hooks)
         elif insecure_no_auth:
             from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService
@@ -673,6 +681,10 @@ def projections_rebuild(
 from stratus.cli import resources as _resources  # noqa: E402
 
 _resources.register(app)
+
+from stratus.cli import integrations as _integrations  # noqa: E402
+
+_integrations.register(app)
 
 
 def main() -> None:

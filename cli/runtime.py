@@ -14,7 +14,7 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,10 +27,13 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.integrations import WebhookKeys
 from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.webhooks import WebhookService
+from stratus.handlers.webhooks import register_query as register_webhook_query
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.query import QueryService
 from stratus.projections.rebuild import LiveProjection, SwapService, live_store_path
@@ -126,6 +129,7 @@ async def start_services(
             authorize=book.authorize,
             quota_defaults=quota_defaults,
         )
+        register_webhook_query(q_svc, store)
         await q_svc.start()
     return feed, cmd_svc, q_svc
 
@@ -172,6 +176,9 @@ class Stack:
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
         self.integration_auth: IntegrationAuth | None = None
+        self.webhooks: WebhookService | None = None
+        # WebhookService keyword arguments (retries, backoff, timeout).
+        self.webhook_options: dict[str, Any] = {}
 
     def _lock(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -223,6 +230,10 @@ class Stack:
                 authenticate=self.queries.authenticate,
             )
             await self.swapper.start()
+            self.webhooks = WebhookService(
+                self.store, WebhookKeys.load_or_create(keyring.path), **self.webhook_options
+            )
+            await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
@@ -249,7 +260,14 @@ class Stack:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
-        for svc in (self.integration_auth, self.swapper, self.commands, self.queries, self.feed):
+        for svc in (
+            self.webhooks,
+            self.integration_auth,
+            self.swapper,
+            self.commands,
+            self.queries,
+            self.feed,
+        ):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()

@@ -124,23 +124,27 @@ class IntegrationAuth:
             await self._push()
             self._ready.set()
         changed = False
-        async for batch in self.store.subscribe(self.seq, SUBJECTS):
-            for r in batch:
-                self.seq = r.seq
-                try:
-                    changed |= fold(self.creds, r.decode())
-                except Exception:
-                    log.warning("undecodable integration event", seq=r.seq)
-            if not self._ready.is_set() and self.seq < target:
-                continue
-            if changed or not self._ready.is_set():
-                await self._push()
-                changed = False
-                self._ready.set()
+        async with contextlib.aclosing(self.store.subscribe(self.seq, SUBJECTS)) as batches:
+            async for batch in batches:
+                changed = await self._apply(batch, target, changed)
+
+    async def _apply(self, batch: list[Any], target: int, changed: bool) -> bool:
+        for r in batch:
+            self.seq = r.seq
+            try:
+                changed |= fold(self.creds, r.decode())
+            except Exception:
+                log.warning("undecodable integration event", seq=r.seq)
+        if not self._ready.is_set() and self.seq < target:
+            return changed
+        if changed or not self._ready.is_set():
+            await self._push()
+            self._ready.set()
+        return False
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            from stratus.handlers.webhooks import cancel
+
+            await cancel(self._task)
             self._task = None
