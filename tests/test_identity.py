@@ -455,6 +455,7 @@ QUERY_SAMPLES: dict[str, dict] = {
     "integration": {"tenant": "ta", "ref": "intr-0"},
     "webhooks": {"tenant": "ta"},
     "webhook": {"tenant": "ta", "ref": "whd-0"},
+    "webhook-deliveries": {"tenant": "ta", "ref": "whd-0"},
 }
 
 
