@@ -18,10 +18,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity, projections
+from stratus.ops.bench import foundation, identity, integrations, projections
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections")
+SUITES = ("foundation", "identity", "projections", "integrations")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return identity.main(argv[1:])
     if suite == "projections":
         return projections.main(argv[1:])
+    if suite == "integrations":
+        # Not part of the default run: its own stack, receivers and table.
+        return integrations.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
