@@ -166,7 +166,7 @@ class Worker:
                     while True:
                         try:
                             msgs = await psub.fetch(FETCH, timeout=5)
-                        except nats.errors.TimeoutError:
+                        except (nats.errors.TimeoutError, TimeoutError):
                             continue
                         for m in msgs:
                             await self._deliver(http, m)

@@ -159,7 +159,7 @@ async def _bench(opts: Options, report: Report, tmp: Path) -> None:
             while True:
                 try:
                     msgs = await psub.fetch(256, timeout=0.5)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 now = time.time()
                 for m in msgs:

@@ -186,7 +186,7 @@ async def run(args: argparse.Namespace, creds: dict[str, Any]) -> dict[str, Any]
         while args.idle_exit is None or idle < args.idle_exit:
             try:
                 msgs = await sub.fetch(args.batch, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 idle += 0.5
                 continue
             idle = 0.0
