@@ -188,3 +188,31 @@ async def test_bad_requests_change_nothing(admin_cloud):
         assert kind(reply) == want, (verb, body, reply)
     assert member is None
     assert await store.last_seq() == before
+
+
+async def test_a_restarted_stack_rebuilds_the_users_from_the_log(tmp_path):
+    stacks = Stacks(tmp_path)
+    try:
+        stack = await stacks.start()
+        c = await connect(stack)
+        token = (await c.login("admin", ADMIN_PASSWORD))["token"]
+        await c.ok("cmd.tenant.create", {"name": "ta"}, token)
+        kept, kept_secret = await create_integration(c, token, {"name": "kept", "tenant": "ta"})
+        gone, gone_secret = await create_integration(c, token, {"name": "gone", "tenant": "ta"})
+        await c.ok("cmd.integration.revoke", {"ref": "gone", "tenant": "ta"}, token)
+        await c.client.close()
+        await stacks.stop(stack)
+
+        stack = await stacks.start()  # same data dir: same log, a fresh nats-server config
+        nc = await Watch().connect(stack.url, kept, kept_secret)
+        try:
+            sub = await nc.jetstream().pull_subscribe(
+                "ev.ta.>", durable=kept["id"], stream="EVENTS"
+            )
+            assert [m.subject for m in await sub.fetch(1, timeout=5)] == ["ev.ta.tenant.ta"]
+        finally:
+            await nc.close()
+        with pytest.raises(nats.errors.Error, match="Authorization"):
+            await Watch().connect(stack.url, gone, gone_secret)
+    finally:
+        await stacks.close()
