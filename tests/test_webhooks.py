@@ -188,3 +188,48 @@ async def test_a_hanging_receiver_delays_no_other_subscription_and_dead_letters(
     await quota(c, token, "ta", 99)
     await asyncio.sleep(0.5)
     assert len(fast.posts) == 3
+
+
+async def test_an_event_in_flight_when_the_service_stops_is_sent_again_after_restart(tmp_path):
+    from stratus.cli.runtime import Stack
+
+    gate = {"hold": True}
+
+    async def held(r: Receiver, ce: dict) -> int:
+        if gate["hold"]:
+            await r.release.wait()
+            return 503
+        return 200
+
+    rx = await Receiver(held).start()
+    stacks = Stacks(tmp_path)
+    try:
+        s = Stack(tmp_path / "data", port=0, admin_password=ADMIN_PASSWORD)
+        s.webhook_options = {"backoff_s": 0.05, "timeout_s": 30}
+        await s.start()
+        stacks.running.append(s)
+        c = await connect(s)
+        token = (await c.login("admin", ADMIN_PASSWORD))["token"]
+        await c.ok("cmd.tenant.create", {"name": "ta"}, token)
+        body = {"tenant": "ta", "name": "h", "url": rx.url, "types": ["quota.set"]}
+        await c.ok("cmd.webhook.create", body, token)
+        for i in range(3):
+            await quota(c, token, "ta", 30 + i)
+        await wait_for(lambda: len(rx.posts) == 1, 10, "the first POST, held open")
+        first = rx.posts[0][0]["id"]
+        await c.client.close()
+        await stacks.stop(s)  # the POST is cut off: nothing was acknowledged
+        gate["hold"] = False
+
+        s = Stack(tmp_path / "data", port=0, admin_password=ADMIN_PASSWORD)
+        s.webhook_options = {"backoff_s": 0.05, "timeout_s": 5}
+        await s.start()
+        stacks.running.append(s)
+        await wait_for(lambda: len(rx.posts) == 4, 20, "the held event again, then the rest")
+        ids = rx.delivered_ids()
+        assert ids[0] == ids[1] == first  # at least once: receivers dedupe on id
+        seqs = [ce["stratusseq"] for ce, *_ in rx.posts[1:]]
+        assert seqs == sorted(seqs) and len(set(ids)) == 3
+    finally:
+        await stacks.close()
+        await rx.stop()
