@@ -92,7 +92,7 @@ def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
 
 # -- running it ---------------------------------------------------------------
 
-SERVICES = ("handlers", "projector", "query", "scheduler")
+SERVICES = ("handlers", "projector", "query", "scheduler", "webhooks")
 
 SchedulerConfigOpt = Annotated[
     Path | None,
@@ -206,7 +206,8 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
 def serve(
     ctx: typer.Context,
     service: Annotated[
-        str, typer.Argument(help="handlers, projector, query, scheduler or compute-agent")
+        str,
+        typer.Argument(help="handlers, projector, query, scheduler, compute-agent or webhooks"),
     ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
@@ -287,6 +288,14 @@ def serve(
             sched = SchedulerService(store, sched_config)
             await sched.start()
             running.append(sched)
+        elif service == "webhooks":
+            # The signing secrets derive from a key beside the token keys.
+            from stratus.handlers.integrations import WebhookKeys
+            from stratus.handlers.webhooks import WebhookService
+
+            hooks = WebhookService(store, WebhookKeys.load_or_create(data_dir / "keys"))
+            await hooks.start()
+            running.append(hooks)
         elif insecure_no_auth:
             from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService
@@ -730,6 +739,15 @@ def events_schema() -> None:
     sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
 
 
+@events_app.command("asyncapi")
+def events_asyncapi() -> None:
+    """An AsyncAPI 3.0 document: the subjects, every event type, the webhook CloudEvents."""
+    from stratus.events.asyncapi import dumps
+    from stratus.events.catalog import CODEC
+
+    sys.stdout.write(dumps(CODEC) + "\n")
+
+
 def service_access(data_dir: Path) -> tuple[str, str]:
     """The NATS URL and service password of the `stratus up` in ``data_dir``:
     what reading the log directly needs (a usage error where there is none)."""
@@ -884,6 +902,10 @@ def projections_rebuild(
 from stratus.cli import resources as _resources  # noqa: E402
 
 _resources.register(app)
+
+from stratus.cli import integrations as _integrations  # noqa: E402
+
+_integrations.register(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,10 +27,14 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.integrations import WebhookKeys
+from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.webhooks import WebhookService
+from stratus.handlers.webhooks import register_query as register_webhook_query
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.query import QueryService
 from stratus.projections.rebuild import LiveProjection, SwapService, live_store_path
@@ -57,7 +62,12 @@ def secret(data_dir: Path, name: str) -> str:
     return path.read_text().strip()
 
 
-def nats_auth_config(service_password: str) -> str:
+def nats_auth_config(
+    service_password: str,
+    integration_users: list[dict] | None = None,
+    client_password: str | None = None,
+) -> str:
+    """``integration_users``: see ``handlers.natsauth`` (reloaded as they change)."""
     client_perms = {
         "publish": {"allow": ["cmd.>", "q.>"]},
         "subscribe": {"allow": ["_INBOX.>"]},
@@ -66,9 +76,10 @@ def nats_auth_config(service_password: str) -> str:
         {"user": NATS_SERVICE_USER, "password": service_password},
         {
             "user": NATS_CLIENT_USER,
-            "password": secrets.token_urlsafe(16),
+            "password": client_password or secrets.token_urlsafe(16),
             "permissions": client_perms,
         },
+        *(integration_users or []),
     ]
     # nats-server's config format accepts JSON values.
     return (
@@ -119,6 +130,7 @@ async def start_services(
             authorize=book.authorize,
             quota_defaults=quota_defaults,
         )
+        register_webhook_query(q_svc, store)
         await q_svc.start()
     return feed, cmd_svc, q_svc
 
@@ -172,6 +184,10 @@ class Stack:
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
+        self.integration_auth: IntegrationAuth | None = None
+        self.webhooks: WebhookService | None = None
+        # WebhookService keyword arguments (retries, backoff, timeout).
+        self.webhook_options: dict[str, Any] = {}
 
     def _lock(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +214,10 @@ class Stack:
                 url, user=NATS_SERVICE_USER, password=service_password
             )
             await self.store.ensure_stream()
+            self.integration_auth = IntegrationAuth(
+                self.store, self._integration_users(service_password)
+            )
+            await self.integration_auth.start()
             engine = make_engine(self.db_url)
             self.live = LiveProjection(self.store, engine)
             await self.live.start()
@@ -224,6 +244,10 @@ class Stack:
                 sched = SchedulerService(self.store, self.scheduler_config)
                 await sched.start()
                 self.schedulers.append(sched)
+            self.webhooks = WebhookService(
+                self.store, WebhookKeys.load_or_create(keyring.path), **self.webhook_options
+            )
+            await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
@@ -233,6 +257,15 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
+
+    def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
+        client_password = secrets.token_urlsafe(16)
+
+        def apply(users: list[dict]) -> None:
+            assert self.broker is not None
+            self.broker.reload(nats_auth_config(service_password, users, client_password))
+
+        return apply
 
     async def _start_agents(self) -> None:
         """One compute agent per simulated host, ``host-01`` ... (same names
@@ -264,7 +297,15 @@ class Stack:
                 await agent.stop()
                 agent.close()
         self.agents = []
-        for svc in (*self.schedulers, self.swapper, self.commands, self.queries, self.feed):
+        for svc in (
+            self.webhooks,
+            self.integration_auth,
+            *self.schedulers,
+            self.swapper,
+            self.commands,
+            self.queries,
+            self.feed,
+        ):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()

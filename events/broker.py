@@ -125,6 +125,20 @@ class EmbeddedNats:
         self.stop()
         raise BrokerError(f"nats-server did not become ready within {timeout}s")
 
+    def reload(self, extra_config: str | None = None) -> None:
+        """Rewrite the config (with new ``extra_config``) and make the server
+        reload it. nats-server re-checks every open connection against the
+        new users, so a removed user is disconnected at once."""
+        if extra_config is not None:
+            self.extra_config = extra_config
+        if self.proc is None or self.proc.poll() is not None:
+            raise BrokerError("nats-server is not running")
+        conf = self.data_dir / "nats-server.conf"
+        tmp = conf.with_suffix(".tmp")
+        tmp.write_text(self.config_text())
+        os.replace(tmp, conf)
+        self.proc.send_signal(signal.SIGHUP)
+
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stratus.events import compute, identity, resources, scheduling, tenants
+from stratus.events import compute, identity, integrations, resources, scheduling, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
@@ -12,12 +12,14 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *resources.EVENTS,
     *scheduling.EVENTS,
     *compute.EVENTS,
+    *integrations.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,
     **resources.COMMANDS,
     **compute.COMMANDS,
+    **integrations.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

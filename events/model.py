@@ -177,7 +177,7 @@ class Codec:
         return {
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "Stratus events",
-            "oneOf": refs,
+            "oneOf": list(refs),  # a tuple is not a JSON array to a validator
             "discriminator": {"propertyName": "type"},
             "$defs": components,
         }

@@ -692,6 +692,9 @@ PLURALS: dict[str, str] = {
     "floating-ip": "floating-ips",
     "security-group": "security-groups",
     "qos-policy": "qos-policies",
+    # Defined in events/integrations.py; listed here so they get views too.
+    "integration": "integrations",
+    "webhook": "webhooks",
 }
 
 

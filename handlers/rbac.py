@@ -74,6 +74,13 @@ PERMISSIONS: dict[str, Rule] = {
     "network.create-external": Rule(Scope.CLOUD),
     "quota.set": Rule(Scope.CLOUD),
     "quota.show": Rule(Scope.TENANT, READ),
+    # Integrations hand out a reader of the whole tenant's log: admins only.
+    "integration.create": Rule(Scope.TENANT, MANAGE),
+    "integration.revoke": Rule(Scope.TENANT, MANAGE),
+    "integration.read": Rule(Scope.TENANT, MANAGE),
+    "webhook.create": Rule(Scope.TENANT, MANAGE),
+    "webhook.delete": Rule(Scope.TENANT, MANAGE),
+    "webhook.read": Rule(Scope.TENANT, MANAGE),
     **{
         f"{kind}.{verb}": Rule(Scope.TENANT, WRITE)
         for kind, verbs in {

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from stratus.events import integrations as integ
 from stratus.events import resources as ev
 from stratus.events.model import Event
 from stratus.projections.batch import Delete, Op, Patch, Upsert
@@ -65,7 +66,7 @@ def _payload_fields(cls: type) -> dict[str, Any]:
 
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
     out: dict[str, list[type[ev.ResourceEvent]]] = {}
-    for cls in ev.EVENTS:
+    for cls in (*ev.EVENTS, *integ.EVENTS):
         if isinstance(cls, type) and issubclass(cls, ev.ResourceEvent):
             out.setdefault(cls.type_name().split(".")[0], []).append(cls)
     return out

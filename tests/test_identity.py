@@ -341,6 +341,15 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "qos-policy.create": lambda i: {"tenant": "ta", "name": f"q-{i}", "max_kbps": 1000},
     "qos-policy.delete": lambda i: {"tenant": "ta", "ref": f"qd-{i}"},
     "quota.set": lambda i: {"tenant": "ta", "limits": {"instances": 100 + i}},
+    "integration.create": lambda i: {"tenant": "ta", "name": f"int-{i}", "secret": "s" * 40},
+    "integration.revoke": lambda i: {"tenant": "ta", "ref": f"intr-{i}"},
+    "webhook.create": lambda i: {
+        "tenant": "ta",
+        "name": f"wh-{i}",
+        "url": "http://127.0.0.1:9/",
+        "types": ["server.*"],
+    },
+    "webhook.delete": lambda i: {"tenant": "ta", "ref": f"whd-{i}"},
 }
 # Ids and addresses seed_inventory learned (floating IPs and rules have no name).
 SEEDED: dict[str, str] = {}
@@ -404,6 +413,9 @@ async def seed_inventory(cloud: Cloud, token: str, n: int) -> None:
         )
         SEEDED[f"rule-{i}"] = sg["rules"][-1]["rule"]
         await ok("qos-policy.create", ta({"name": f"qd-{i}", "max_kbps": 100}))
+        await ok("integration.create", ta({"name": f"intr-{i}", "secret": "s" * 40}))
+        hook = {"name": f"whd-{i}", "url": "http://127.0.0.1:9/", "types": ["*"]}
+        await ok("webhook.create", ta(hook))
 
 
 FRESH_TOKEN = {"token.revoke", "user.set-password"}
@@ -453,6 +465,11 @@ QUERY_SAMPLES: dict[str, dict] = {
     "floating-ip": {"tenant": "ta", "ref": "203.0.113.2"},
     "security-group": {"tenant": "ta", "ref": "web"},
     "qos-policy": {"tenant": "ta", "ref": "qd-0"},
+    "integrations": {"tenant": "ta"},
+    "integration": {"tenant": "ta", "ref": "intr-0"},
+    "webhooks": {"tenant": "ta"},
+    "webhook": {"tenant": "ta", "ref": "whd-0"},
+    "webhook-deliveries": {"tenant": "ta", "ref": "whd-0"},
 }
 
 

@@ -167,6 +167,13 @@ async def inventory(svc: CommandService) -> None:
     await command(svc, "server.delete", **t, ref="0a")
     await command(svc, "network.delete", **t, ref="lan-2")
     await command(svc, "quota.set", **t, limits={"instances": 5})
+    for name in ("billing", "old"):
+        await command(svc, "integration.create", **t, name=name, secret="s" * 40)
+    await command(svc, "integration.revoke", **t, ref="old")
+    for name in ("cmdb", "gone"):
+        await command(svc, "webhook.create", **t, name=name, url="https://example.test/h",
+                      types=["server.*", "volume.attached"])  # fmt: skip
+    await command(svc, "webhook.delete", **t, ref="gone")
 
 
 async def rows(engine: AsyncEngine) -> dict[str, list[tuple]]:

@@ -20,10 +20,17 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import compute, foundation, identity, projections, scheduler
+from stratus.ops.bench import (
+    compute,
+    foundation,
+    identity,
+    integrations,
+    projections,
+    scheduler,
+)
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections", "scheduler", "compute")
+SUITES = ("foundation", "identity", "projections", "scheduler", "compute", "integrations")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -81,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return scheduler.main(argv[1:])
     if suite == "compute":
         return compute.main(argv[1:])
+    if suite == "integrations":
+        # Not part of the default run: its own stack, receivers and table.
+        return integrations.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)

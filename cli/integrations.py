@@ -1,0 +1,147 @@
+"""``stratus integration ...`` and ``stratus webhook ...``."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+import typer
+
+from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, resolve_url, run
+from stratus.cli.output import Format, emit
+from stratus.events.store import STREAM
+from stratus.handlers.natsauth import inbox_prefix
+
+TenantOpt = Annotated[
+    str | None, typer.Option(help="tenant (default: your token's; cloud admin: any)")
+]
+
+integration_app = typer.Typer(
+    no_args_is_help=True,
+    help="NATS credentials that may only consume one tenant's events (or, cloud admin, all).",
+)
+webhook_app = typer.Typer(
+    no_args_is_help=True, help="Signed CloudEvents POSTed to a URL for matching events."
+)
+
+INTEGRATION_COLUMNS = ["id", "name", "status", "filter_subject", "user", "tenant"]
+WEBHOOK_COLUMNS = ["id", "name", "status", "url", "types", "tenant"]
+DELIVERY_COLUMNS = ["seq", "type", "status", "attempts", "last_status", "last_error", "at"]
+
+
+def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
+    body = {k: v for k, v in fields.items() if v is not None}
+    if tenant is not None:
+        body["tenant"] = tenant
+    return body
+
+
+def connect_info(url: str, created: dict[str, Any], password: str) -> dict[str, Any]:
+    """What a nats-py client needs: ``nats.connect(url, **connect)``, then a pull
+    consumer named ``durable`` on ``stream`` with ``filter_subject``."""
+    return {
+        **created,
+        "url": url,
+        "connect": {
+            "user": created["user"],
+            "password": password,
+            # Replies arrive under a prefix only this credential may read.
+            "inbox_prefix": inbox_prefix(created["id"]),
+        },
+        "stream": STREAM,
+        "filter_subject": created["filter_subject"],
+        "durable": created["id"],
+    }
+
+
+@integration_app.command("create")
+def integration_create(
+    name: Annotated[str, typer.Argument(help="a name unique in the tenant")],
+    tenant: TenantOpt = None,
+    all_tenants: Annotated[
+        bool, typer.Option("--all-tenants", help="every tenant's events (cloud admin; a SIEM)")
+    ] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Issue credentials; the password is shown once (only its bcrypt hash is kept)."""
+    if all_tenants and tenant is not None:
+        typer.echo("error: --all-tenants and --tenant exclude each other", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    password = secrets.token_urlsafe(32)
+    body = _body(tenant, name=name, secret=password, all_tenants=all_tenants or None)
+    created = run(lambda c: c.command("integration.create", body)).data
+    info = connect_info(resolve_url(), created, password)
+    if output is Format.table:
+        typer.echo("the password is shown once; keep it (as -o json) now", err=True)
+        info = {**info, "connect": ", ".join(f"{k}={v}" for k, v in info["connect"].items())}
+    emit(info, output)
+
+
+@integration_app.command("list")
+def integration_list(
+    tenant: TenantOpt = None, at: AtOpt = None, output: OutputOpt = Format.table
+) -> None:
+    emit(run(lambda c: c.query("integrations", _body(tenant), at=at)), output, INTEGRATION_COLUMNS)
+
+
+@integration_app.command("revoke")
+def integration_revoke(
+    ref: Annotated[str, typer.Argument(help="id or name")],
+    tenant: TenantOpt = None,
+    all_tenants: Annotated[bool, typer.Option("--all-tenants")] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Revoke: the server disconnects the credential within seconds."""
+    body = _body(tenant, ref=ref, all_tenants=all_tenants or None)
+    emit(run(lambda c: c.command("integration.revoke", body)).data, output)
+
+
+@webhook_app.command("create")
+def webhook_create(
+    url: Annotated[str, typer.Option(help="http:// or https:// URL that receives the POSTs")],
+    types: Annotated[str, typer.Option(help="event types, comma-separated globs: 'server.*'")],
+    name: Annotated[str | None, typer.Option(help="default: hook-<random>")] = None,
+    tenant: TenantOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Subscribe a URL; the signing secret is shown once."""
+    patterns = [t.strip() for t in types.split(",") if t.strip()]
+    body = _body(tenant, name=name or f"hook-{secrets.token_hex(4)}", url=url, types=patterns)
+    data = run(lambda c: c.command("webhook.create", body)).data
+    if output is Format.table:
+        typer.echo("the secret is shown once; receivers verify Stratus-Signature with it", err=True)
+    emit(data, output)
+
+
+@webhook_app.command("list")
+def webhook_list(tenant: TenantOpt = None, at: AtOpt = None, output: OutputOpt = Format.table):
+    emit(run(lambda c: c.query("webhooks", _body(tenant), at=at)), output, WEBHOOK_COLUMNS)
+
+
+@webhook_app.command("delete")
+def webhook_delete(
+    ref: Annotated[str, typer.Argument(help="id or name")],
+    tenant: TenantOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    emit(run(lambda c: c.command("webhook.delete", _body(tenant, ref=ref))).data, output)
+
+
+@webhook_app.command("deliveries")
+def webhook_deliveries(
+    ref: Annotated[str, typer.Argument(help="id or name")],
+    tenant: TenantOpt = None,
+    status: Annotated[
+        str | None, typer.Option(help="delivered, retrying or dead (the dead letters)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 100,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Each event's delivery: attempts, last HTTP status or error, outcome."""
+    body = _body(tenant, ref=ref, status=status, limit=limit)
+    emit(run(lambda c: c.query("webhook-deliveries", body)), output, DELIVERY_COLUMNS)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(integration_app, name="integration")
+    root.add_typer(webhook_app, name="webhook")

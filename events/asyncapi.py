@@ -1,0 +1,126 @@
+"""The AsyncAPI 3.0 document of Stratus' events, generated from the Structs.
+
+Two channels: the event stream on NATS (``ev.<tenant>.<kind>.<id>``, msgpack)
+and webhook deliveries (CloudEvents JSON over HTTP POST). Every message's
+payload is the same JSON Schema ``stratus events schema`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stratus.events import cloudevents
+from stratus.events.model import Codec
+
+VERSION = "3.0.0"
+
+
+def _rebase(node: Any) -> Any:
+    """$defs references, as AsyncAPI components want them."""
+    if isinstance(node, dict):
+        return {
+            k: (
+                v.replace("#/$defs/", "#/components/schemas/")
+                if k == "$ref" and isinstance(v, str)
+                else _rebase(v)
+            )
+            for k, v in node.items()
+        }
+    if isinstance(node, list | tuple):
+        return [_rebase(v) for v in node]
+    return node
+
+
+def document(codec: Codec, title: str = "Stratus events", version: str = "1") -> dict[str, Any]:
+    js = codec.json_schema()
+    schemas: dict[str, Any] = _rebase(js["$defs"])
+    messages: dict[str, Any] = {}
+    kinds: set[str] = set()
+    for type_name, cls in sorted(codec.types.items()):
+        kinds.add(type_name.split(".")[0])
+        messages[type_name] = {
+            "name": type_name,
+            "title": cls.__name__,
+            "summary": (cls.__doc__ or "").strip().split("\n")[0] or type_name,
+            "contentType": "application/msgpack",
+            "payload": {"$ref": f"#/components/schemas/{cls.__name__}"},
+        }
+    schemas["StratusEvent"] = _rebase({"oneOf": js["oneOf"], "discriminator": js["discriminator"]})
+    schemas["CloudEvent"] = cloudevents.schema({"$ref": "#/components/schemas/StratusEvent"})
+    messages["cloudevent"] = {
+        "name": "cloudevent",
+        "title": "A Stratus event as a CloudEvent 1.0 (structured mode)",
+        "contentType": cloudevents.CONTENT_TYPE,
+        "headers": {
+            "type": "object",
+            "required": [cloudevents.H_SIGNATURE],
+            "properties": {
+                cloudevents.H_SIGNATURE: {
+                    "type": "string",
+                    "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.<body>'>",
+                },
+                cloudevents.H_WEBHOOK: {"type": "string"},
+                cloudevents.H_ATTEMPT: {"type": "integer"},
+            },
+        },
+        "payload": {"$ref": "#/components/schemas/CloudEvent"},
+    }
+    event_refs = {t: {"$ref": f"#/components/messages/{t}"} for t in sorted(codec.types)}
+    return {
+        "asyncapi": VERSION,
+        "info": {
+            "title": title,
+            "version": version,
+            "description": (
+                "Every change in Stratus is an immutable event. Integrations consume "
+                "their tenant's events from JetStream (stream EVENTS) or receive them "
+                "as signed CloudEvents webhooks (at least once: dedupe on id)."
+            ),
+        },
+        "defaultContentType": "application/msgpack",
+        "servers": {
+            "local": {
+                "host": "127.0.0.1:4222",
+                "protocol": "nats",
+                "description": "the nats-server `stratus up` starts",
+            }
+        },
+        "channels": {
+            "events": {
+                "address": "ev.{tenant}.{kind}.{id}",
+                "title": "The event log (JetStream stream EVENTS)",
+                "parameters": {
+                    "tenant": {"description": "tenant id; _system for cloud-wide objects"},
+                    "kind": {"enum": sorted(kinds), "description": "the aggregate's kind"},
+                    "id": {"description": "the aggregate's id"},
+                },
+                "messages": event_refs,
+            },
+            "webhook": {
+                "address": None,
+                "title": "Webhook deliveries: HTTP POST to the subscription's URL",
+                "messages": {"cloudevent": {"$ref": "#/components/messages/cloudevent"}},
+            },
+        },
+        "operations": {
+            "consumeEvents": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/events"},
+                "summary": "a durable JetStream consumer filtered to ev.<tenant>.>",
+                "messages": [
+                    {"$ref": f"#/channels/events/messages/{t}"} for t in sorted(codec.types)
+                ],
+            },
+            "receiveWebhook": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/webhook"},
+                "messages": [{"$ref": "#/channels/webhook/messages/cloudevent"}],
+            },
+        },
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def dumps(codec: Codec) -> str:
+    return json.dumps(document(codec), indent=2)

@@ -1,0 +1,231 @@
+"""Metering: instance-hours per server and per flavor size, from one tenant's events.
+
+An example integration. It needs only nats-py and msgspec, and the JSON that
+``stratus integration create NAME -o json`` printed:
+
+    stratus integration create billing --tenant acme -o json > billing.json
+    python ops/examples/metering.py --creds billing.json --state metering.db
+
+It consumes the tenant's server lifecycle events through its durable
+consumer, so a restart resumes where the last run stopped (if the last run
+died holding unacknowledged events, the consumer is made again from the
+saved position rather than waiting out the ack timeout). Counting nothing
+twice needs one more thing, because an event can be applied and then
+redelivered (killed after saving, before acknowledging): the state file keeps
+the last applied stream sequence in the same SQLite transaction as the
+totals, and anything at or below it is acknowledged without being counted.
+
+A server is billed from ``server.running`` until ``server.stopped``,
+``server.failed``, ``server.deleting`` or ``server.deleted``; a server still
+running is counted up to the time of the latest event seen, so the table is
+a pure function of the log (two runs over the same events agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+ENDS = {"server.stopped", "server.failed", "server.deleting", "server.deleted"}
+
+SCHEMA = """
+create table if not exists meta (k text primary key, v text not null);
+create table if not exists servers (
+    id text primary key, name text not null, size text not null,
+    running_since text, seconds real not null default 0
+);
+"""
+
+
+def size_of(e: dict[str, Any]) -> str:
+    """The flavor's name, else its shape (servers may be sized ad hoc)."""
+    return e.get("flavor") or f"{e.get('vcpus')}vcpu-{e.get('ram_mb')}MB"
+
+
+def _iso(t: Any) -> str:
+    return t.isoformat() if isinstance(t, datetime) else str(t)
+
+
+class Meter:
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.executescript(SCHEMA)
+
+    def last_seq(self) -> int:
+        row = self.db.execute("select v from meta where k = 'last_seq'").fetchone()
+        return int(row[0]) if row else 0
+
+    def apply(self, batch: list[tuple[int, dict[str, Any]]]) -> int:
+        """Fold the events past the saved position in one transaction; how many counted."""
+        done = self.last_seq()
+        todo = [(s, e) for s, e in batch if s > done]
+        if not todo:
+            return 0
+        db = self.db
+        db.execute("begin")
+        try:
+            for _seq, e in todo:
+                self._fold(e)
+            db.execute(
+                "insert into meta values ('last_seq', ?) on conflict(k) do update set v = ?",
+                (str(todo[-1][0]), str(todo[-1][0])),
+            )
+            last_at = _iso(todo[-1][1]["at"])
+            db.execute(
+                "insert into meta values ('as_of', ?) on conflict(k) do update set v = ?",
+                (last_at, last_at),
+            )
+            db.execute("commit")
+        except BaseException:
+            db.execute("rollback")
+            raise
+        return len(todo)
+
+    def _fold(self, e: dict[str, Any]) -> None:
+        t, sid, at = e.get("type", ""), e["aggregate"]["id"], e["at"]
+        if t == "server.requested":
+            self.db.execute(
+                "insert or ignore into servers (id, name, size) values (?, ?, ?)",
+                (sid, e.get("name", ""), size_of(e)),
+            )
+        elif t == "server.running":
+            self.db.execute(
+                "update servers set running_since = coalesce(running_since, ?) where id = ?",
+                (_iso(at), sid),
+            )
+        elif t in ENDS:
+            row = self.db.execute(
+                "select running_since from servers where id = ?", (sid,)
+            ).fetchone()
+            if row and row[0]:
+                secs = (at - datetime.fromisoformat(row[0])).total_seconds()
+                self.db.execute(
+                    "update servers set seconds = seconds + ?, running_since = null where id = ?",
+                    (max(0.0, secs), sid),
+                )
+
+    def table(self) -> dict[str, Any]:
+        row = self.db.execute("select v from meta where k = 'as_of'").fetchone()
+        as_of = datetime.fromisoformat(row[0]) if row else None
+        servers = []
+        for sid, name, size, since, secs in self.db.execute(
+            "select id, name, size, running_since, seconds from servers order by id"
+        ):
+            if since and as_of is not None:
+                secs += max(0.0, (as_of - datetime.fromisoformat(since)).total_seconds())
+            servers.append({"id": sid, "name": name, "size": size, "hours": round(secs / 3600, 6)})
+        sizes: dict[str, float] = {}
+        for s in servers:
+            sizes[s["size"]] = round(sizes.get(s["size"], 0.0) + s["hours"], 6)
+        return {
+            "last_seq": self.last_seq(),
+            "as_of": as_of.isoformat() if as_of else None,
+            "servers": servers,
+            "sizes": sizes,
+        }
+
+
+def print_table(t: dict[str, Any]) -> None:
+    print(f"instance-hours as of {t['as_of']} (stream sequence {t['last_seq']})")
+    print(f"{'server':<38} {'name':<16} {'size':<16} {'hours':>12}")
+    for s in t["servers"]:
+        print(f"{s['id']:<38} {s['name']:<16} {s['size']:<16} {s['hours']:>12.4f}")
+    print(f"{'size':<16} {'hours':>12}")
+    for size, hours in sorted(t["sizes"].items()):
+        print(f"{size:<16} {hours:>12.4f}")
+
+
+async def run(args: argparse.Namespace, creds: dict[str, Any]) -> dict[str, Any]:
+    meter = Meter(args.state)
+    nc = await nats.connect(args.url or creds["url"], **creds["connect"])
+    try:
+        js = nc.jetstream()
+        # Only server events are metered; a narrower filter inside the
+        # tenant's is allowed. A first run starts at the log's beginning.
+        tenant_filter = creds["filter_subject"].removesuffix(">") + "server.>"
+        durable, stream = creds["durable"], creds["stream"]
+        start = meter.last_seq() + 1
+        try:
+            info = await js.consumer_info(stream, durable)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and info.num_ack_pending:
+            # The last run died holding events: they would come back only
+            # after the ack wait. Rebuild the cursor at our saved position.
+            await js.delete_consumer(stream, durable)
+            info = None
+        if info is None:
+            await js.add_consumer(
+                stream,
+                ConsumerConfig(
+                    name=durable,
+                    durable_name=durable,
+                    filter_subject=tenant_filter,
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                    opt_start_seq=start,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=30,
+                    max_ack_pending=1000,
+                ),
+            )
+        sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+        batches = 0
+        idle = 0.0
+        while args.idle_exit is None or idle < args.idle_exit:
+            try:
+                msgs = await sub.fetch(args.batch, timeout=0.5)
+            except (nats.errors.TimeoutError, TimeoutError):
+                idle += 0.5
+                continue
+            idle = 0.0
+            batch = [(m.metadata.sequence.stream, msgspec.msgpack.decode(m.data)) for m in msgs]
+            meter.apply(batch)
+            batches += 1
+            if args.crash_after is not None and batches >= args.crash_after:
+                os._exit(17)  # saved, not acknowledged: the worst moment to die
+            for m in msgs:
+                await m.ack()
+            if args.delay:
+                await asyncio.sleep(args.delay)
+    finally:
+        await nc.close()
+    return meter.table()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--creds", required=True, help="stratus integration create -o json output")
+    p.add_argument("--state", default="metering.db", help="SQLite file of totals and position")
+    p.add_argument("--url", help="override the creds' url")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--idle-exit", type=float, help="exit after this many idle seconds")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--crash-after", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    try:
+        with open(args.creds) as f:
+            creds = json.load(f)
+        table = asyncio.run(run(args, creds))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if args.json:
+        print(json.dumps(table))
+    else:
+        print_table(table)
+
+
+if __name__ == "__main__":
+    main()
