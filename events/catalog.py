@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stratus.events import identity, resources, scheduling, tenants
+from stratus.events import identity, network, resources, scheduling, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
@@ -11,6 +11,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *identity.EVENTS,
     *resources.EVENTS,
     *scheduling.EVENTS,
+    *network.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,

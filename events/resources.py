@@ -257,6 +257,8 @@ class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
     gateway: str = ""
     pool_start: str = ""
     pool_end: str = ""
+    # A tenant network's VXLAN segment (from the segment pool); 0 before VNIs.
+    vni: int = 0
 
 
 class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):

@@ -22,6 +22,13 @@ import msgspec
 from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.ids import is_name, new_id
 from stratus.events.model import Cause, Event
+from stratus.events.network import (
+    SEGMENT_POOL_SUBJECT,
+    VNI_FIRST,
+    VNI_LAST,
+    SegmentAllocated,
+    SegmentReleased,
+)
 from stratus.events.resources import (
     QUOTA_DEFAULTS,
     SYSTEM,
@@ -139,6 +146,11 @@ def _address(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
         return ipaddress.ip_address(value)
     except ValueError as exc:
         raise Invalid(f"{what}: {exc}") from None
+
+
+# The widest tenant subnet per IP version: one L2 segment (a bridge and its
+# ARP/neighbour tables on every host) should not hold more than that.
+SUBNET_WIDEST = {4: 16, 6: 64}
 
 
 class Range(msgspec.Struct, frozen=True):
@@ -504,10 +516,35 @@ def decide_volume_detach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
     return [cause.make(VolumeDetached, cmd.tenant or "", "volume", v["id"], server=s["id"])]
 
 
-def decide_network_create(w: World, cmd: NetworkCreate, cause: Cause) -> list[Event]:
+def _free_vni(pool: Aggregate | None) -> int:
+    taken = pool.allocated if pool is not None else {}
+    for vni in range(VNI_FIRST, min(VNI_LAST, VNI_FIRST + len(taken)) + 1):
+        if str(vni) not in taken:
+            return vni
+    raise Conflict(f"no free VXLAN segment left ({VNI_FIRST} to {VNI_LAST} are all in use)")
+
+
+def decide_network_create(
+    state: tuple[World, Aggregate | None], cmd: NetworkCreate, cause: Cause
+) -> list[Event]:
+    """A tenant network with a VNI from the cloud-wide segment pool, appended
+    on the pool's condition too: a VNI is never held by two live networks."""
+    w, pool = state
     if cmd.external or cmd.cidr or cmd.pool_start or cmd.pool_end or cmd.gateway:
         raise Invalid("--external, --cidr and pools belong to external networks (cloud admin)")
-    return _create(w, cmd, cause, NetworkCreated, "network", {"networks": 1})
+    vni = _free_vni(pool)
+    (net,) = _create(w, cmd, cause, NetworkCreated, "network", {"networks": 1}, vni=vni)
+    t = cmd.tenant or ""
+    seg = cause.make(
+        SegmentAllocated,
+        SYSTEM,
+        "segment-pool",
+        SEGMENT_POOL_SUBJECT.rsplit(".", 1)[1],
+        vni=vni,
+        holder_tenant=t,
+        holder=net.aggregate.id,
+    )
+    return [net, seg]
 
 
 def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
@@ -515,7 +552,22 @@ def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event
         subnets = [f"subnet {s['name']}" for s in _subnets_of(w, n["id"])]
         return subnets + _ports_where(w, lambda p: p["network"] == n["id"])
 
-    return _delete_unused(w, cmd, cause, NetworkDeleted, "network", users)
+    out = _delete_unused(w, cmd, cause, NetworkDeleted, "network", users)
+    n = w.find("network", cmd.ref)
+    if n.get("vni"):
+        # Giving a segment back needs no condition: it can never make two holders.
+        out.append(
+            cause.make(
+                SegmentReleased,
+                SYSTEM,
+                "segment-pool",
+                SEGMENT_POOL_SUBJECT.rsplit(".", 1)[1],
+                vni=n["vni"],
+                holder_tenant=cmd.tenant or "",
+                holder=n["id"],
+            )
+        )
+    return out
 
 
 def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Event]:
@@ -525,10 +577,13 @@ def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Even
     _unique(w, "subnet", cmd.name)
     r = address_range(cmd.cidr, cmd.gateway, cmd.pool_start, cmd.pool_end, "subnet")
     mine = _network(cmd.cidr, "subnet cidr")
+    widest = SUBNET_WIDEST[mine.version]
+    if mine.prefixlen < widest:
+        raise Invalid(f"subnet cidr {cmd.cidr} is too large: at most a /{widest}")
     for other in _subnets_of(w, net["id"]):
         theirs = ipaddress.ip_network(other["cidr"])
         if theirs.version == mine.version and theirs.overlaps(mine):
-            raise Conflict(
+            raise Invalid(
                 f"subnet cidr {cmd.cidr} overlaps subnet {other['name']} ({other['cidr']}) "
                 f"on network {net['name']}"
             )
@@ -1171,7 +1226,14 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("volume.delete", RefCommand, decide_volume_delete),
         _in_tenant("volume.attach", VolumeAttach, decide_volume_attach),
         _in_tenant("volume.detach", VolumeAttach, decide_volume_detach),
-        _in_tenant("network.create", NetworkCreate, decide_network_create),
+        _in_tenant(
+            "network.create",
+            NetworkCreate,
+            decide_network_create,
+            also=lambda c: SEGMENT_POOL_SUBJECT,
+            also_initial=Aggregate,
+            also_fold=fold_aggregate,
+        ),
         _in_tenant("network.delete", RefCommand, decide_network_delete),
         _in_tenant("subnet.create", SubnetCreate, decide_subnet_create),
         _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
