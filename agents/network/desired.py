@@ -1,0 +1,265 @@
+"""What a host's data plane should be, folded from events alone.
+
+``Topology`` is the cloud's networking as the log says it is (every
+tenant's networks, ports, security groups, QoS policies, routers and the
+agents' VTEPs); ``plan(topology, host, prefix)`` is the part one host must
+realise, as kernel object names and their settings. Both are pure, so a
+restart, a redelivered event or a replay gives the same plan.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from stratus.events import network as nw
+from stratus.events import resources as rs
+from stratus.events.model import Event
+from stratus.events.scheduling import HostClaimed, HostReleased
+
+
+@dataclass
+class Port:
+    id: str
+    tenant: str
+    network: str
+    subnet: str
+    mac: str
+    ip: str
+    device: str
+    device_owner: str
+    security_groups: list[str]
+    qos_policy: str
+    host: str = ""  # from port.bound
+    bound_at: int = 0
+    cause: tuple[str, str] = ("", "")  # correlation and causation of port.created
+
+
+@dataclass
+class Topology:
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    subnets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ports: dict[str, Port] = field(default_factory=dict)
+    servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    qos: dict[str, int] = field(default_factory=dict)
+    vteps: dict[str, str] = field(default_factory=dict)
+    seq: int = 0
+
+    def apply(self, seq: int, ev: Event) -> None:
+        """Fold one event; events this agent has no use for are ignored."""
+        self.seq = max(self.seq, seq)
+        kind, rid = ev.aggregate.kind, ev.aggregate.id
+        if isinstance(ev, rs.NetworkCreated) and not ev.external:
+            self.networks[rid] = {"vni": ev.vni, "tenant": ev.tenant}
+        elif isinstance(ev, rs.NetworkDeleted):
+            self.networks.pop(rid, None)
+        elif isinstance(ev, rs.SubnetCreated):
+            self.subnets[rid] = {"network": ev.network, "cidr": ev.cidr, "gateway": ev.gateway}
+        elif isinstance(ev, rs.SubnetDeleted):
+            self.subnets.pop(rid, None)
+        elif isinstance(ev, rs.PortCreated):
+            self.ports[rid] = Port(
+                rid,
+                ev.tenant,
+                ev.network,
+                ev.subnet,
+                ev.mac,
+                ev.ip,
+                ev.device,
+                ev.device_owner,
+                list(ev.security_groups),
+                ev.qos_policy,
+                cause=(ev.correlation_id, ev.id),
+            )
+        elif isinstance(ev, rs.PortBound):
+            p = self.ports.get(rid)
+            if p is not None:
+                p.host, p.bound_at = ev.host, seq
+        elif isinstance(ev, rs.PortDeleted):
+            self.ports.pop(rid, None)
+        elif isinstance(ev, rs.ServerRequested):
+            self.servers[rid] = {"type": ev.instance_type, "host": ""}
+        elif isinstance(ev, rs.ServerScheduled | rs.ServerBuilding | rs.ServerRunning):
+            if rid in self.servers:
+                self.servers[rid]["host"] = ev.host
+        elif isinstance(ev, HostClaimed):
+            if ev.server in self.servers:
+                self.servers[ev.server]["host"] = rid
+        elif isinstance(ev, HostReleased):
+            s = self.servers.get(ev.server)
+            if s is not None and s["host"] == rid:
+                s["host"] = ""
+        elif isinstance(ev, rs.ServerDeleted):
+            self.servers.pop(rid, None)
+        elif isinstance(ev, rs.SecurityGroupCreated):
+            self.groups[rid] = {}
+        elif isinstance(ev, rs.SecurityGroupRuleAdded):
+            rule = {f: getattr(ev, f) for f in ev.payload_fields()}
+            self.groups.setdefault(rid, {})[ev.rule] = rule
+        elif isinstance(ev, rs.SecurityGroupRuleRemoved):
+            self.groups.get(rid, {}).pop(ev.rule, None)
+        elif isinstance(ev, rs.SecurityGroupDeleted):
+            self.groups.pop(rid, None)
+        elif isinstance(ev, rs.QosPolicyCreated):
+            self.qos[rid] = ev.max_kbps
+        elif isinstance(ev, rs.QosPolicyDeleted):
+            self.qos.pop(rid, None)
+        elif isinstance(ev, nw.NetworkAgentRegistered) and kind == "network-agent":
+            self.vteps[ev.host] = ev.vtep
+
+    def port_host(self, p: Port) -> str:
+        """Where a port lives: its binding, else the host its server is placed on."""
+        if p.host:
+            return p.host
+        if p.device_owner == "compute":
+            return self.servers.get(p.device, {}).get("host", "")
+        return ""
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    port: str
+    ifname: str  # host side, on the bridge
+    bridge: str
+    netns: str  # the instance's namespace ("" for a VM's tap)
+    peer: str  # the name inside it
+    mac: str
+    address: str  # ip/prefixlen
+    gateway: str
+    kbps: int
+    zone: int
+
+
+@dataclass(frozen=True)
+class BridgePlan:
+    network: str
+    bridge: str
+    vxlan: str
+    vni: int
+    remotes: frozenset[str]
+
+
+@dataclass
+class HostPlan:
+    bridges: dict[str, BridgePlan] = field(default_factory=dict)
+    ports: dict[str, PortPlan] = field(default_factory=dict)
+    firewall: str = ""
+
+    def names(self) -> set[str]:
+        out = set(self.ports)
+        for b in self.bridges.values():
+            out |= {b.bridge, b.vxlan}
+        return out
+
+
+def plan(t: Topology, host: str, prefix: str) -> HostPlan:
+    """The kernel objects ``host`` needs: a bridge and VXLAN device per
+    network with a port here, one veth per container port, tc per QoS."""
+    out = HostPlan()
+    here: dict[str, list[Port]] = {}
+    spread: dict[str, set[str]] = {}
+    for p in t.ports.values():
+        h = t.port_host(p)
+        if not h or p.network not in t.networks:
+            continue
+        spread.setdefault(p.network, set()).add(h)
+        if h == host:
+            here.setdefault(p.network, []).append(p)
+    for net, ports in sorted(here.items()):
+        vni = t.networks[net]["vni"]
+        if not vni:
+            continue  # a network from before segments: nothing to carry it
+        remotes = frozenset(t.vteps[h] for h in spread.get(net, ()) if h != host and h in t.vteps)
+        b = BridgePlan(
+            net,
+            nw.kernel_name(prefix, "bridge", net),
+            nw.kernel_name(prefix, "vxlan", net),
+            vni,
+            remotes,
+        )
+        out.bridges[b.bridge] = b
+        # The first port of a server (by id) carries its default route.
+        for p in sorted(ports, key=lambda p: p.id):
+            server = t.servers.get(p.device, {})
+            if p.device_owner != "compute" or server.get("type", "container") != "container":
+                continue
+            sub = t.subnets.get(p.subnet)
+            if sub is None or not p.ip:
+                continue
+            netw = ipaddress.ip_network(sub["cidr"])
+            first = min(q.id for q in t.ports.values() if q.device == p.device)
+            name = nw.kernel_name(prefix, "port", p.id)
+            out.ports[name] = PortPlan(
+                port=p.id,
+                ifname=name,
+                bridge=b.bridge,
+                netns=nw.instance_netns(p.device, prefix),
+                peer=nw.kernel_name(prefix, "peer", p.id),
+                mac=p.mac,
+                address=f"{p.ip}/{netw.prefixlen}",
+                gateway=sub["gateway"] if first == p.id else "",
+                kbps=t.qos.get(p.qos_policy, 0),
+                zone=1 + vni % 65535,
+            )
+    out.firewall = firewall_rules(t, out, prefix)
+    return out
+
+
+def _members(t: Topology, group: str) -> list[str]:
+    return sorted({p.ip for p in t.ports.values() if group in p.security_groups and p.ip})
+
+
+def _match(rule: dict[str, Any], ips: list[str] | None) -> list[list[str]]:
+    """iptables match arguments of one rule (one line per remote member)."""
+    base: list[str] = []
+    if rule["protocol"] != "any":
+        proto = rule["protocol"]
+        base += ["-p", proto]
+        if proto in ("tcp", "udp") and rule["port_min"]:
+            lo, hi = rule["port_min"], rule["port_max"] or rule["port_min"]
+            # Written as iptables-save prints it, so probing can compare text.
+            base += ["-m", proto, "--dport", f"{lo}:{hi}" if hi != lo else str(lo)]
+    if ips is None:
+        cidr = rule["remote_cidr"]
+        return [(["-s", cidr] if cidr and cidr != "0.0.0.0/0" else []) + base]
+    return [["-s", f"{ip}/32", *base] for ip in ips]
+
+
+def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
+    """The host's security groups as an ``iptables-restore --noflush`` file:
+    conntrack zones per network in ``raw``, a chain per port direction in
+    ``filter``. Ingress is denied unless a rule allows it; egress too (the
+    default group allows all egress)."""
+    top = nw.kernel_name(prefix, "chain", "forward")
+    raw = nw.kernel_name(prefix, "chain", "raw")
+    raw_lines = [f":{raw} - [0:0]"]
+    flt = [f":{top} - [0:0]"]
+    body: list[str] = [f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
+    jumps_out: list[str] = []
+    jumps_in: list[str] = []
+    for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
+        zone = 1 + b.vni % 65535
+        raw_lines.append(f"-A {raw} -m physdev --physdev-in {b.vxlan} -j CT --zone {zone}")
+    for name, pp in sorted(hp.ports.items()):
+        port = t.ports[pp.port]
+        raw_lines.append(f"-A {raw} -m physdev --physdev-in {name} -j CT --zone {pp.zone}")
+        cin, cout = f"{name}-i", f"{name}-o"
+        flt += [f":{cin} - [0:0]", f":{cout} - [0:0]"]
+        jumps_out.append(f"-A {top} -m physdev --physdev-in {name} --physdev-is-bridged -j {cout}")
+        jumps_in.append(f"-A {top} -m physdev --physdev-out {name} --physdev-is-bridged -j {cin}")
+        # No spoofing: the instance speaks only from its own address.
+        body.append(f"-A {cout} ! -s {port.ip}/32 -j DROP")
+        for g in sorted(port.security_groups):
+            for _, rule in sorted(t.groups.get(g, {}).items()):
+                ips = _members(t, rule["remote_group"]) if rule["remote_group"] else None
+                chain, verdict = (
+                    (cin, "ACCEPT") if rule["direction"] == "ingress" else (cout, "RETURN")
+                )
+                for m in _match(rule, ips):
+                    body.append(" ".join([f"-A {chain}", *m, "-j", verdict]))
+        body += [f"-A {cin} -j DROP", f"-A {cout} -j DROP"]
+    return "\n".join(
+        ["*raw", *raw_lines, "COMMIT", "*filter", *flt, *body, *jumps_out, *jumps_in, "COMMIT", ""]
+    )
