@@ -301,6 +301,13 @@ class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
     host: str
 
 
+class PortUpdated(ResourceEvent, frozen=True, tag="port.updated"):
+    """The port's security groups and QoS policy after ``port set``."""
+
+    security_groups: list[str]
+    qos_policy: str = ""
+
+
 class PortDeleted(ResourceEvent, frozen=True, tag="port.deleted"):
     ends = True
 
@@ -441,6 +448,7 @@ EVENTS = (
     SubnetDeleted,
     PortCreated,
     PortBound,
+    PortUpdated,
     PortDeleted,
     RouterCreated,
     RouterInterfaceAdded,
@@ -574,6 +582,16 @@ class PortCreate(TenantScoped, frozen=True):
     qos_policy: Ref | None = None
 
 
+class PortSet(TenantScoped, frozen=True):
+    """Change a port's security groups and QoS policy (None: keep; "" clears the policy)."""
+
+    ref: Ref
+    security_groups: Refs | None = None
+    qos_policy: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_.:-]{1,64})?(?!\n)$")] | None = (
+        None
+    )
+
+
 class RouterCreate(TenantScoped, frozen=True):
     name: Name
     external_network: Name | None = None
@@ -660,6 +678,7 @@ COMMANDS: dict[str, type[Command]] = {
     "subnet.delete": RefCommand,
     "port.create": PortCreate,
     "port.delete": RefCommand,
+    "port.set": PortSet,
     "router.create": RouterCreate,
     "router.delete": RefCommand,
     "router.add-subnet": RouterInterface,

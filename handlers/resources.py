@@ -61,6 +61,8 @@ from stratus.events.resources import (
     PortCreate,
     PortCreated,
     PortDeleted,
+    PortSet,
+    PortUpdated,
     QosPolicyCreate,
     QosPolicyCreated,
     QosPolicyDeleted,
@@ -656,6 +658,23 @@ def decide_port_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     return out
 
 
+def decide_port_set(w: World, cmd: PortSet, cause: Cause) -> list[Event]:
+    p = w.find("port", cmd.ref)
+    sgs = list(p["security_groups"])
+    if cmd.security_groups is not None:
+        sgs = [w.find("security-group", g, "security group")["id"] for g in cmd.security_groups]
+    qos = p.get("qos_policy", "")
+    if cmd.qos_policy is not None:
+        qos = w.find("qos-policy", cmd.qos_policy, "qos policy")["id"] if cmd.qos_policy else ""
+    if sgs == p["security_groups"] and qos == p.get("qos_policy", ""):
+        return []
+    return [
+        cause.make(
+            PortUpdated, cmd.tenant or "", "port", p["id"], security_groups=sgs, qos_policy=qos
+        )
+    ]
+
+
 class RouterPlan(msgspec.Struct, frozen=True):
     """``router create`` with the external network ``prepare`` looked up.
 
@@ -1239,6 +1258,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
         _in_tenant("port.create", PortCreate, decide_port_create),
         _in_tenant("port.delete", RefCommand, decide_port_delete),
+        _in_tenant("port.set", PortSet, decide_port_set),
         _in_tenant("router.create", RouterCreate, decide_router_create, prepare=prepare_router),
         _in_tenant("router.delete", RefCommand, decide_router_delete),
         _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),

@@ -10,9 +10,18 @@ import asyncio
 import pytest
 
 from stratus.agents.network.kernel import Host
+from stratus.agents.network.sim import leftovers
 from stratus.events import network as nw
-from stratus.events.resources import PortBound
-from stratus.tests.netlab import Lab, ping
+from stratus.events.resources import (
+    PortBound,
+    PortSet,
+    QosPolicyCreate,
+    SecurityGroupCreate,
+    SecurityGroupRuleAdd,
+    SecurityGroupRuleRemove,
+)
+from stratus.handlers import resources as r
+from stratus.tests.netlab import Lab, ping, probe, serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,3 +83,121 @@ async def test_two_tenants_on_one_cidr_reach_their_own_instances_only(lab, store
                 bound[ev.aggregate.id] = ev.host
     assert len(bound) == 5
     assert set(bound.values()) == {"host-1", "host-2", "host-3"}
+
+
+async def acme_pair(lab: Lab, **server_kw) -> dict[str, tuple[str, str]]:
+    """acme's c1 (host-1) and srv (host-2) on 10.0.0.0/24, agents running."""
+    c = lab.cloud
+    await c.tenant("acme")
+    await c.network("acme", "net", "10.0.0.0/24")
+    out = {}
+    for name, host in (("c1", "host-1"), ("srv", "host-2")):
+        sid = await c.server("acme", name, host, ["net"])
+        out[name] = (await lab.instance(sid), c.port_of("acme", sid)["ip"])
+        out[name + "-port"] = c.port_of("acme", sid)["id"]
+    await lab.start_agents()
+    await lab.converge()
+    return out
+
+
+async def test_a_security_group_rule_opens_a_tcp_port_and_removing_it_closes_it(lab):
+    c = lab.cloud
+    s = await acme_pair(lab)
+    await c.do("acme", r.decide_sg_create, SecurityGroupCreate(tenant="acme", name="web"))
+    listener = serve(s["srv"][0], "listen", "8080", "60")
+    try:
+        # srv in the default group: c1, a member, may connect
+        assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 0
+        # srv in "web" alone, which has no rule yet: nothing gets in
+        await c.do(
+            "acme",
+            r.decide_port_set,
+            PortSet(tenant="acme", ref=s["srv-port"], security_groups=["web"]),
+        )
+        await lab.converge()
+        assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 1
+        assert not ping(s["c1"][0], s["srv"][1], tries=1)
+        add = SecurityGroupRuleAdd(tenant="acme", security_group="web", port_min=8080)
+        (ev,) = await c.do("acme", r.decide_sg_rule_add, add)
+        await lab.converge()
+        assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 0
+        # the rule names one port: others stay closed, ICMP too
+        assert probe(s["c1"][0], "connect", s["srv"][1], "8081").returncode == 1
+        rm = SecurityGroupRuleRemove(tenant="acme", security_group="web", rule=ev.rule)
+        await c.do("acme", r.decide_sg_rule_remove, rm)
+        await lab.converge()
+        assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 1
+    finally:
+        listener.kill()
+        listener.wait(5)
+
+
+async def test_a_qos_limit_of_8_mbit_holds_within_20_percent(lab):
+    c = lab.cloud
+    s = await acme_pair(lab)
+    await c.do(
+        "acme", r.decide_qos_create, QosPolicyCreate(tenant="acme", name="slow", max_kbps=8000)
+    )
+    await c.do(
+        "acme", r.decide_port_set, PortSet(tenant="acme", ref=s["srv-port"], qos_policy="slow")
+    )
+    await lab.converge()
+    listener = serve(s["srv"][0], "listen", "9000", "60")
+    try:
+        size = 4_000_000  # 32 Mbit: about 4 s at 8 Mbit/s
+        res = probe(s["c1"][0], "send", s["srv"][1], "9000", str(size), timeout=40)
+        assert res.returncode == 0, res.stderr
+        mbit = size * 8 / float(res.stdout.strip()) / 1e6
+        assert 6.4 <= mbit <= 9.6, f"{mbit:.2f} Mbit/s"
+    finally:
+        listener.kill()
+        listener.wait(5)
+
+
+async def test_restart_changes_nothing_and_reconcile_repairs_a_deleted_interface(
+    lab, connect_store
+):
+    s = await acme_pair(lab)
+    host2 = lab.agents["host-2"]
+    before = await asyncio.to_thread(host2.kernel.links)
+    # a restarted agent (a new connection, a fresh fold) finds nothing to do
+    await host2.stop()
+    again = lab.agent("host-2", store=await connect_store())
+    await again.start()
+    assert not again.last_changes, again.last_changes
+    assert await asyncio.to_thread(again.kernel.links) == before
+    # someone deletes srv's veth by hand: the next pass puts it back, and says so
+    name = nw.kernel_name(lab.prefix, "port", s["srv-port"])
+    await asyncio.to_thread(again.kernel._delete, name)
+    assert not ping(s["c1"][0], s["srv"][1], tries=1)
+    changes = await again.reconcile(correction=True)
+    assert name in changes.created
+    assert ping(s["c1"][0], s["srv"][1])
+    seen = []
+    async for batch in lab.store.read(after=0):
+        seen += [rec.decode() for rec in batch]
+    corrected = [e for e in seen if isinstance(e, nw.NetworkAgentCorrected) and e.host == "host-2"]
+    assert corrected and name in corrected[-1].created
+    # and a stale link of ours that no event explains is removed
+    stray = nw.kernel_name(lab.prefix, "bridge", "no-such-network")
+    await asyncio.to_thread(_add_bridge, again.kernel, stray)
+    changes = await again.reconcile(correction=True)
+    assert changes.removed == [stray]
+    assert stray not in await asyncio.to_thread(again.kernel.links)
+
+
+def _add_bridge(host: Host, name: str) -> None:
+    with host._ipr() as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+
+
+async def test_teardown_leaves_no_link_chain_or_namespace(lab):
+    await acme_pair(lab)
+    for a in lab.agents.values():
+        await a.stop()
+        await a.teardown()
+        assert await asyncio.to_thread(a.kernel.links) == {}
+        assert await asyncio.to_thread(a.kernel._our_chains, "filter") == set()
+        assert await asyncio.to_thread(a.kernel._our_chains, "raw") == set()
+    await lab.close()
+    assert leftovers(lab.prefix) == []

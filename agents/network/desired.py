@@ -77,6 +77,10 @@ class Topology:
             p = self.ports.get(rid)
             if p is not None:
                 p.host, p.bound_at = ev.host, seq
+        elif isinstance(ev, rs.PortUpdated):
+            p = self.ports.get(rid)
+            if p is not None:
+                p.security_groups, p.qos_policy = list(ev.security_groups), ev.qos_policy
         elif isinstance(ev, rs.PortDeleted):
             self.ports.pop(rid, None)
         elif isinstance(ev, rs.ServerRequested):
