@@ -317,6 +317,8 @@ class RouterCreated(ResourceEvent, frozen=True, tag="router.created"):
     status = "active"
     name: str
     external_network: str = ""
+    # The router's own address on the external network (its SNAT source).
+    external_ip: str = ""
 
 
 class RouterInterfaceAdded(ResourceEvent, frozen=True, tag="router.interface-added"):

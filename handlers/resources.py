@@ -690,7 +690,12 @@ class RouterPlan(msgspec.Struct, frozen=True):
         return self.cmd.tenant
 
 
-def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event]:
+def decide_router_create(
+    state: World | tuple[World, Aggregate | None], plan: RouterPlan, cause: Cause
+) -> list[Event]:
+    """A router; with an external network (decided with its pool as well)
+    it takes an address from the pool for its gateway, as a floating IP does."""
+    w, pool = state if isinstance(state, tuple) else (state, None)
     cmd = plan.cmd
     t = cmd.tenant or ""
     _live_tenant(w, t)
@@ -698,16 +703,37 @@ def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event
     if cmd.external_network and not (plan.external or {}).get("external"):
         raise NotFound(f"external network {cmd.external_network} not found")
     w.check_quota({"routers": 1})
-    return [
-        cause.make(
-            RouterCreated,
-            t,
-            "router",
-            new_id(),
-            name=cmd.name,
-            external_network=cmd.external_network or "",
+    rid, address = new_id(), ""
+    out: list[Event] = []
+    if cmd.external_network and pool is not None and pool.attrs:
+        a = pool.attrs
+        address = _first_free(
+            a["pool_start"],
+            a["pool_end"],
+            {*pool.allocated, a["gateway"]},
+            f"external network {cmd.external_network}",
         )
-    ]
+        out.append(
+            cause.make(
+                AddressAllocated,
+                SYSTEM,
+                "network",
+                cmd.external_network,
+                address=address,
+                holder_tenant=t,
+                holder=rid,
+            )
+        )
+    router = cause.make(
+        RouterCreated,
+        t,
+        "router",
+        rid,
+        name=cmd.name,
+        external_network=cmd.external_network or "",
+        external_ip=address,
+    )
+    return [router, *out]
 
 
 def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
@@ -718,7 +744,21 @@ def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]
             for s in r.get("interfaces", {})
         ]
 
-    return _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
+    out = _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
+    r = w.find("router", cmd.ref)
+    if r.get("external_ip"):
+        out.append(
+            cause.make(
+                AddressReleased,
+                SYSTEM,
+                "network",
+                r["external_network"],
+                address=r["external_ip"],
+                holder_tenant=cmd.tenant or "",
+                holder=r["id"],
+            )
+        )
+    return out
 
 
 def decide_router_add_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:
@@ -1259,7 +1299,20 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("port.create", PortCreate, decide_port_create),
         _in_tenant("port.delete", RefCommand, decide_port_delete),
         _in_tenant("port.set", PortSet, decide_port_set),
-        _in_tenant("router.create", RouterCreate, decide_router_create, prepare=prepare_router),
+        _in_tenant(
+            "router.create",
+            RouterCreate,
+            decide_router_create,
+            prepare=prepare_router,
+            # A gateway takes an address from the external network's pool.
+            also=lambda p: (
+                system_subject("network", p.cmd.external_network)
+                if p.cmd.external_network
+                else None
+            ),
+            also_initial=Aggregate,
+            also_fold=fold_aggregate,
+        ),
         _in_tenant("router.delete", RefCommand, decide_router_delete),
         _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),
         _in_tenant("router.remove-subnet", RouterInterface, decide_router_remove_subnet),

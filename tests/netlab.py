@@ -37,6 +37,7 @@ class Cloud:
         self.store = store
         self.worlds: dict[str, World] = {}
         self.segments = Aggregate()
+        self.pools: dict[str, Aggregate] = {}
 
     async def append(self, events: list[Event]) -> int:
         res = await self.store.append(events)
@@ -96,6 +97,30 @@ class Cloud:
         await self.append([ev])
         return sid
 
+    async def external(self, name: str, cidr: str, gateway: str) -> Aggregate:
+        """An admin's external network: its subject's state is its address pool."""
+        from stratus.events.resources import NetworkCreate
+
+        pool = self.pools.setdefault(name, Aggregate())
+        cmd = NetworkCreate(name=name, external=True, cidr=cidr, gateway=gateway)
+        events = r.decide_external_network_create(pool, cmd, CAUSE)
+        for e in events:
+            fold_aggregate(pool, e)
+        await self.append(events)
+        return pool
+
+    async def on_pool(self, tenant: str, pool: str, decide: Any, cmd: Any) -> list[Event]:
+        """A decision on the tenant and an external network's pool together."""
+        w, agg = self.worlds[tenant], self.pools[pool]
+        events = decide((w, agg), cmd, CAUSE)
+        for e in events:
+            if e.tenant == tenant:
+                fold(w, e)
+            else:
+                fold_aggregate(agg, e)
+        await self.append(events)
+        return events
+
     def port_of(self, tenant: str, server: str) -> dict[str, Any]:
         ports = [p for p in self.worlds[tenant].of("port").values() if p["device"] == server]
         return sorted(ports, key=lambda p: p["id"])[0]
@@ -127,9 +152,9 @@ class Lab:
         self.agents[host] = a
         return a
 
-    async def start_agents(self) -> None:
+    async def start_agents(self, routers: str = "") -> None:
         for h in self.sim.names:
-            await self.agent(h).start()
+            await self.agent(h, routers=h == routers).start()
 
     async def instance(self, server: str) -> str:
         """The container instance's namespace, as the compute agent makes it."""
@@ -152,7 +177,7 @@ class Lab:
     def _remove(self) -> None:
         for h in self.sim.names:
             try:
-                Host(self.prefix, self.sim.vtep(h), self.sim.netns(h)).teardown()
+                Host(self.prefix, self.sim.vtep(h), self.sim.netns(h), routers=True).teardown()
             except Exception:
                 pass  # the namespace goes below with whatever is left in it
         have = set(netns.listnetns())

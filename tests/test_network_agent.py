@@ -13,9 +13,14 @@ from stratus.agents.network.kernel import Host
 from stratus.agents.network.sim import leftovers
 from stratus.events import network as nw
 from stratus.events.resources import (
+    FloatingIpAssociate,
+    FloatingIpCreate,
     PortBound,
     PortSet,
     QosPolicyCreate,
+    RefCommand,
+    RouterCreate,
+    RouterInterface,
     SecurityGroupCreate,
     SecurityGroupRuleAdd,
     SecurityGroupRuleRemove,
@@ -201,3 +206,81 @@ async def test_teardown_leaves_no_link_chain_or_namespace(lab):
         assert await asyncio.to_thread(a.kernel._our_chains, "raw") == set()
     await lab.close()
     assert leftovers(lab.prefix) == []
+
+
+def _outside(lab: Lab, ns: str, bridge: str, address: str) -> None:
+    """A namespace on the external network (the internet, for the test),
+    plugged into host-1's external bridge; it has no route to 10.0.0.0/24."""
+    from pyroute2 import IPRoute
+
+    leg = nw.kernel_name(lab.prefix, "uplink", "outside")
+    with IPRoute(netns=lab.sim.netns("host-1")) as ipr:
+        ipr.link("add", ifname=leg, kind="veth", peer={"ifname": "eth0", "net_ns_fd": ns})
+        idx = ipr.link_lookup(ifname=leg)[0]
+        ipr.link("set", index=idx, master=ipr.link_lookup(ifname=bridge)[0], state="up")
+    with IPRoute(netns=ns) as ipr:
+        idx = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=idx, address=address, prefixlen=24)
+        ipr.link("set", index=idx, state="up")
+
+
+async def test_a_floating_ip_answers_from_outside_and_the_instance_reaches_out_through_snat(lab):
+    c = lab.cloud
+    await c.external("public", "203.0.113.0/24", "203.0.113.1")
+    await c.tenant("acme")
+    await c.network("acme", "net", "10.0.0.0/24")
+    sid = await c.server("acme", "c1", "host-2", ["net"])
+    inst = await lab.instance(sid)
+    (router, _) = await c.on_pool(
+        "acme",
+        "public",
+        r.decide_router_create,
+        r.RouterPlan(
+            RouterCreate(tenant="acme", name="edge", external_network="public"),
+            c.pools["public"].attrs,
+        ),
+    )
+    await c.do(
+        "acme",
+        r.decide_router_add_subnet,
+        RouterInterface(tenant="acme", router="edge", subnet="net-sub"),
+    )
+    fip, _ = await c.on_pool("acme", "public", r.decide_fip_create, FloatingIpCreate(tenant="acme"))
+    await c.do(
+        "acme",
+        r.decide_fip_associate,
+        FloatingIpAssociate(tenant="acme", floating_ip=fip.address, server="c1"),
+    )
+    icmp = SecurityGroupRuleAdd(tenant="acme", security_group="default", protocol="icmp")
+    await c.do("acme", r.decide_sg_rule_add, icmp)
+    await lab.start_agents(routers="host-1")
+    await lab.converge()
+    assert router.external_ip == "203.0.113.2" and fip.address == "203.0.113.3"
+    outside = nw.kernel_name(lab.prefix, "instance", "outside")
+    lab.instances.append(outside)
+    await asyncio.to_thread(netns_create, outside)
+    bridge = nw.kernel_name(lab.prefix, "ext", "public")
+    await asyncio.to_thread(_outside, lab, outside, bridge, "203.0.113.1")
+    # the instance (host-2) reaches its router (host-1) over VXLAN
+    assert ping(inst, "10.0.0.1")
+    # from outside, the floating IP answers (DNAT to 10.0.0.2 on host-2)
+    assert ping(outside, fip.address)
+    # and the instance reaches outside, which has no route back to 10.0.0.0/24:
+    # only a translated source gets an answer
+    assert ping(inst, "203.0.113.1")
+    # disassociated, the floating IP stops answering
+    await c.do("acme", r.decide_fip_disassociate, RefCommand(tenant="acme", ref=fip.address))
+    await lab.converge()
+    assert not ping(outside, fip.address, tries=1)
+    assert ping(inst, "203.0.113.1")  # still out, through the router's own address
+    # the router host's teardown takes the router's namespace too
+    for a in lab.agents.values():
+        await a.stop()
+        await a.teardown()
+    assert not [n for n in leftovers(lab.prefix) if nw.owned(lab.prefix, n, "router")]
+
+
+def netns_create(name: str) -> None:
+    from pyroute2 import netns
+
+    netns.create(name)

@@ -39,12 +39,14 @@ class NetworkAgent:
         prefix: str = "st",
         host_ns: str | None = None,
         interval: float = 10.0,
+        routers: bool = False,
     ) -> None:
         self.store = store
         self.host = host
         self.vtep = vtep
         self.prefix = prefix
-        self.kernel = Host(prefix, vtep, host_ns)
+        self.kernel = Host(prefix, vtep, host_ns, routers)
+        self.routers = routers
         self.interval = interval
         self.topology = Topology()
         self.converged_seq = -1  # the topology seq the host last matched
@@ -62,7 +64,10 @@ class NetworkAgent:
         """Catch up with the log, register the VTEP, reconcile, then follow."""
         async for batch in self.store.read(after=0):
             self._fold(batch)
-        if self.topology.vteps.get(self.host) != self.vtep:
+        registered = self.topology.vteps.get(self.host) == self.vtep and (
+            self.routers == (self.host in self.topology.router_hosts)
+        )
+        if not registered:
             cause = Cause(self.actor, new_id(), new_id())
             ev = cause.make(
                 nw.NetworkAgentRegistered,
@@ -71,6 +76,7 @@ class NetworkAgent:
                 self.host,
                 host=self.host,
                 vtep=self.vtep,
+                routers=self.routers,
             )
             await self.store.append([ev])
         await self.reconcile(correction=True)

@@ -45,7 +45,16 @@ class Topology:
     groups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     qos: dict[str, int] = field(default_factory=dict)
     vteps: dict[str, str] = field(default_factory=dict)
+    # Hosts whose agent runs routers (the lowest name gets them all).
+    router_hosts: set[str] = field(default_factory=set)
+    routers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    externals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fips: dict[str, dict[str, Any]] = field(default_factory=dict)
     seq: int = 0
+
+    @property
+    def router_host(self) -> str:
+        return min(self.router_hosts) if self.router_hosts else ""
 
     def apply(self, seq: int, ev: Event) -> None:
         """Fold one event; events this agent has no use for are ignored."""
@@ -53,6 +62,32 @@ class Topology:
         kind, rid = ev.aggregate.kind, ev.aggregate.id
         if isinstance(ev, rs.NetworkCreated) and not ev.external:
             self.networks[rid] = {"vni": ev.vni, "tenant": ev.tenant}
+        elif isinstance(ev, rs.NetworkCreated):
+            self.externals[rid] = {"cidr": ev.cidr, "gateway": ev.gateway}
+        elif isinstance(ev, rs.RouterCreated):
+            self.routers[rid] = {
+                "external_network": ev.external_network,
+                "external_ip": ev.external_ip,
+                "interfaces": {},
+            }
+        elif isinstance(ev, rs.RouterInterfaceAdded):
+            if rid in self.routers:
+                self.routers[rid]["interfaces"][ev.subnet] = ev.port
+        elif isinstance(ev, rs.RouterInterfaceRemoved):
+            if rid in self.routers:
+                self.routers[rid]["interfaces"].pop(ev.subnet, None)
+        elif isinstance(ev, rs.RouterDeleted):
+            self.routers.pop(rid, None)
+        elif isinstance(ev, rs.FloatingIpCreated):
+            self.fips[rid] = {"address": ev.address, "network": ev.network, "fixed_ip": ""}
+        elif isinstance(ev, rs.FloatingIpAssociated):
+            if rid in self.fips:
+                self.fips[rid].update(port=ev.port, fixed_ip=ev.fixed_ip)
+        elif isinstance(ev, rs.FloatingIpDisassociated):
+            if rid in self.fips:
+                self.fips[rid].update(port="", fixed_ip="")
+        elif isinstance(ev, rs.FloatingIpDeleted):
+            self.fips.pop(rid, None)
         elif isinstance(ev, rs.NetworkDeleted):
             self.networks.pop(rid, None)
         elif isinstance(ev, rs.SubnetCreated):
@@ -112,6 +147,10 @@ class Topology:
             self.qos.pop(rid, None)
         elif isinstance(ev, nw.NetworkAgentRegistered) and kind == "network-agent":
             self.vteps[ev.host] = ev.vtep
+            if ev.routers:
+                self.router_hosts.add(ev.host)
+            else:
+                self.router_hosts.discard(ev.host)
 
     def port_host(self, p: Port) -> str:
         """Where a port lives: its binding, else the host its server is placed on."""
@@ -119,6 +158,8 @@ class Topology:
             return p.host
         if p.device_owner == "compute":
             return self.servers.get(p.device, {}).get("host", "")
+        if p.device_owner == "router_interface" and p.device in self.routers:
+            return self.router_host
         return ""
 
 
@@ -145,16 +186,45 @@ class BridgePlan:
     remotes: frozenset[str]
 
 
+@dataclass(frozen=True)
+class LegPlan:
+    """One veth between a bridge (host side) and a router's namespace."""
+
+    ifname: str
+    bridge: str
+    inner: str
+    mac: str
+    address: str  # ip/prefixlen inside the router
+    zone: int = 0
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    router: str
+    netns: str
+    legs: tuple[LegPlan, ...]
+    external: LegPlan | None
+    gateway: str  # the external network's gateway: the router's default route
+    extra: tuple[str, ...]  # floating IPs held on the external leg (/32)
+    nat: tuple[str, ...]  # iptables-restore lines of the nat table
+
+
 @dataclass
 class HostPlan:
     bridges: dict[str, BridgePlan] = field(default_factory=dict)
     ports: dict[str, PortPlan] = field(default_factory=dict)
+    routers: dict[str, RouterPlan] = field(default_factory=dict)
+    externals: set[str] = field(default_factory=set)
     firewall: str = ""
 
     def names(self) -> set[str]:
-        out = set(self.ports)
+        out = set(self.ports) | set(self.externals)
         for b in self.bridges.values():
             out |= {b.bridge, b.vxlan}
+        for r in self.routers.values():
+            out |= {leg.ifname for leg in r.legs}
+            if r.external is not None:
+                out.add(r.external.ifname)
         return out
 
 
@@ -207,8 +277,79 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
                 kbps=t.qos.get(p.qos_policy, 0),
                 zone=1 + vni % 65535,
             )
+    if host == t.router_host:
+        for rid, r in sorted(t.routers.items()):
+            rp = _router(t, rid, r, out, prefix)
+            if rp is not None:
+                out.routers[rp.netns] = rp
+                if rp.external is not None:
+                    out.externals.add(rp.external.bridge)
     out.firewall = firewall_rules(t, out, prefix)
     return out
+
+
+def _router(
+    t: Topology, rid: str, r: dict[str, Any], hp: HostPlan, prefix: str
+) -> RouterPlan | None:
+    legs = []
+    snat_sources = []
+    for subnet, port_id in sorted(r["interfaces"].items()):
+        port, sub = t.ports.get(port_id), t.subnets.get(subnet)
+        if port is None or sub is None:
+            continue
+        bridge = nw.kernel_name(prefix, "bridge", port.network)
+        if bridge not in hp.bridges:
+            continue
+        plen = ipaddress.ip_network(sub["cidr"]).prefixlen
+        legs.append(
+            LegPlan(
+                nw.kernel_name(prefix, "leg", port_id),
+                bridge,
+                nw.kernel_name(prefix, "gw", port_id),
+                port.mac,
+                f"{port.ip}/{plen}",
+                zone=1 + hp.bridges[bridge].vni % 65535,
+            )
+        )
+        snat_sources.append(sub["cidr"])
+    ext = t.externals.get(r["external_network"])
+    external, gateway, extra, nat = None, "", [], []
+    if ext is not None and r["external_ip"]:
+        plen = ipaddress.ip_network(ext["cidr"]).prefixlen
+        xname = nw.kernel_name(prefix, "xgw", rid)
+        external = LegPlan(
+            nw.kernel_name(prefix, "xleg", rid),
+            nw.kernel_name(prefix, "ext", r["external_network"]),
+            xname,
+            "",
+            f"{r['external_ip']}/{plen}",
+        )
+        gateway = ext["gateway"]
+        mine = [ipaddress.ip_network(c) for c in snat_sources]
+        for _, f in sorted(t.fips.items()):
+            fixed = f.get("fixed_ip")
+            if f["network"] != r["external_network"] or not fixed:
+                continue
+            if not any(ipaddress.ip_address(fixed) in n for n in mine):
+                continue
+            extra.append(f["address"])
+            nat.append(f"-A PREROUTING -d {f['address']}/32 -j DNAT --to-destination {fixed}")
+            nat.append(
+                f"-A POSTROUTING -s {fixed}/32 -o {xname} -j SNAT --to-source {f['address']}"
+            )
+        for cidr in snat_sources:
+            nat.append(
+                f"-A POSTROUTING -s {cidr} -o {xname} -j SNAT --to-source {r['external_ip']}"
+            )
+    return RouterPlan(
+        rid,
+        nw.kernel_name(prefix, "router", rid),
+        tuple(legs),
+        external,
+        gateway,
+        tuple(extra),
+        tuple(nat),
+    )
 
 
 def _members(t: Topology, group: str) -> list[str]:
@@ -246,6 +387,11 @@ def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
     for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
         zone = 1 + b.vni % 65535
         raw_lines.append(f"-A {raw} -m physdev --physdev-in {b.vxlan} -j CT --zone {zone}")
+    for r in sorted(hp.routers.values(), key=lambda r: r.netns):
+        for leg in r.legs:
+            raw_lines.append(
+                f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}"
+            )
     for name, pp in sorted(hp.ports.items()):
         port = t.ports[pp.port]
         raw_lines.append(f"-A {raw} -m physdev --physdev-in {name} -j CT --zone {pp.zone}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from stratus.agents.network.desired import BridgePlan, HostPlan, PortPlan
+from stratus.agents.network.desired import BridgePlan, HostPlan, LegPlan, PortPlan, RouterPlan
 from stratus.events import network as nw
 
 ZERO_MAC = "00:00:00:00:00:00"
@@ -74,10 +74,15 @@ def _vxlan_id(link) -> int:
 class Host:
     """One host's kernel (the namespace ``host_ns``, or the current one)."""
 
-    def __init__(self, prefix: str, vtep: str, host_ns: str | None = None) -> None:
+    def __init__(
+        self, prefix: str, vtep: str, host_ns: str | None = None, routers: bool = False
+    ) -> None:
         self.prefix = prefix
         self.vtep = vtep
         self.host_ns = nw.check_kernel_name(host_ns) if host_ns else None
+        # Router namespaces are machine-wide names: only a host that runs
+        # routers probes and removes them.
+        self.routers = routers
 
     def _ipr(self, ns: str | None = None) -> IPRoute:
         target = ns if ns is not None else self.host_ns
@@ -163,9 +168,21 @@ class Host:
                 actual.pop(name)
         for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
             self._bridge(b, actual, ch)
+        for name in sorted(hp.externals - set(actual)):
+            with self._ipr() as ipr:
+                ipr.link("add", ifname=name, kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            ch.created.append(name)
         actual = self.links()
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, hp, ch)
+        if self.routers:
+            have = {n for n in namespaces() if nw.owned(self.prefix, n, "router")}
+            for ns in sorted(have - set(hp.routers)):
+                netns.remove(ns)
+                ch.removed.append(ns)
+            for rp in sorted(hp.routers.values(), key=lambda r: r.netns):
+                self._router(rp, actual, ch)
         if hp.firewall and self._firewall(hp.firewall):
             ch.created.append("firewall")
         return ch
@@ -264,6 +281,88 @@ class Host:
             ipr.link("set", index=idx, state="up")
             if pp.gateway:
                 ipr.route("replace", dst="0.0.0.0/0", gateway=pp.gateway, oif=idx)
+
+    # -- routers ---------------------------------------------------------------------
+
+    def _router(self, rp: RouterPlan, actual: dict[str, dict], ch: Changes) -> None:
+        if rp.netns not in namespaces():
+            netns.create(rp.netns)
+            ch.created.append(rp.netns)
+        legs = [*rp.legs, *([rp.external] if rp.external else [])]
+        for leg in legs:
+            if leg.ifname in actual and not self._leg_ok(rp.netns, leg):
+                self._delete(leg.ifname)
+                actual.pop(leg.ifname)
+                ch.removed.append(leg.ifname)
+            if leg.ifname not in actual:
+                self._leg(rp.netns, leg)
+                ch.created.append(leg.ifname)
+        if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
+            run_in(rp.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            ch.created.append(f"{rp.netns} ip_forward")
+        if rp.external is not None:
+            self._external_addresses(rp, ch)
+        have = run_in(rp.netns, ["iptables-save", "-t", "nat"]).stdout.splitlines()
+        if sorted(ln for ln in have if ln.startswith("-A ")) != sorted(rp.nat):
+            chains = [
+                f":{c} ACCEPT [0:0]" for c in ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
+            ]
+            text = "\n".join(["*nat", *chains, *rp.nat, "COMMIT", ""])
+            res = run_in(rp.netns, ["iptables-restore"], stdin=text)
+            if res.returncode != 0:
+                raise KernelError(f"iptables-restore in {rp.netns}: {res.stderr.strip()}")
+            ch.created.append(f"{rp.netns} nat")
+
+    def _leg_ok(self, ns: str, leg: LegPlan) -> bool:
+        with self._ipr(ns) as ipr:
+            idx = ipr.link_lookup(ifname=leg.inner)
+            if not idx:
+                return False
+            ip, plen = leg.address.split("/")
+            addrs = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
+            }
+            return (ip, int(plen)) in addrs
+
+    def _leg(self, ns: str, leg: LegPlan) -> None:
+        with self._ipr() as ipr:
+            ipr.link("add", ifname=leg.ifname, kind="veth", peer={"ifname": leg.inner})
+            peer = ipr.link_lookup(ifname=leg.inner)[0]
+            ipr.link("set", index=peer, net_ns_fd=ns)
+            idx = ipr.link_lookup(ifname=leg.ifname)[0]
+            br = ipr.link_lookup(ifname=leg.bridge)[0]
+            ipr.link("set", index=idx, master=br, state="up")
+        with self._ipr(ns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.link("set", index=lo[0], state="up")
+            idx = ipr.link_lookup(ifname=leg.inner)[0]
+            if leg.mac:
+                ipr.link("set", index=idx, address=leg.mac)
+            ip, plen = leg.address.split("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+
+    def _external_addresses(self, rp: RouterPlan, ch: Changes) -> None:
+        """Floating IPs as /32s on the external leg (the router answers ARP
+        for them), and the default route out through the external gateway."""
+        assert rp.external is not None
+        with self._ipr(rp.netns) as ipr:
+            idx = ipr.link_lookup(ifname=rp.external.inner)[0]
+            have = {
+                a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx) if a["prefixlen"] == 32
+            }
+            for a in sorted(set(rp.extra) - have):
+                ipr.addr("add", index=idx, address=a, prefixlen=32)
+                ch.created.append(f"{rp.netns} {a}")
+            for a in sorted(have - set(rp.extra)):
+                ipr.addr("del", index=idx, address=a, prefixlen=32)
+                ch.removed.append(f"{rp.netns} {a}")
+            if rp.gateway:
+                routes = ipr.get_routes(family=2, dst_len=0, table=254)
+                if not any(r.get_attr("RTA_GATEWAY") == rp.gateway for r in routes):
+                    ipr.route("replace", dst="0.0.0.0/0", gateway=rp.gateway, oif=idx)
+                    ch.created.append(f"{rp.netns} default via {rp.gateway}")
 
     # -- firewall -------------------------------------------------------------------
 
