@@ -166,7 +166,7 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="handlers, projector or query")],
+    service: Annotated[str, typer.Argument(help="handlers, projector, query or network-agent")],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -181,8 +181,17 @@ def serve(
         ),
     ] = False,
     quota_default: QuotaDefaultOpt = None,
+    host: Annotated[str | None, typer.Option(help="network-agent: this host's name")] = None,
+    vtep: Annotated[
+        str | None, typer.Option(help="network-agent: this host's VXLAN endpoint address")
+    ] = None,
+    routers: Annotated[
+        bool, typer.Option("--routers", help="network-agent: this host runs the routers")
+    ] = False,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
+    if service == "network-agent":
+        return _serve_network_agent(host, vtep, routers, data_dir, nats_user, nats_password)
     from stratus.cli import logs
     from stratus.cli.runtime import (
         NATS_SERVICE_SECRET,
@@ -253,6 +262,51 @@ def serve(
             await live.stop()
         await store.close()
         await engine.dispose()
+
+    try:
+        asyncio.run(main())
+    except StratusError as err:
+        raise fail(err) from None
+
+
+def _serve_network_agent(
+    host: str | None,
+    vtep: str | None,
+    routers: bool,
+    data_dir: Path | None,
+    nats_user: str | None,
+    nats_password: str | None,
+) -> None:
+    from stratus.agents.network.service import network_capable, serve_agent
+    from stratus.cli import logs
+    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER, default_data_dir
+    from stratus.events.ids import is_name
+    from stratus.events.store import EventStore
+
+    if not host or not is_name(host) or not vtep:
+        typer.echo("error: network-agent needs --host NAME and --vtep ADDRESS", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    why = network_capable()
+    if why is not None:
+        typer.echo(f"error: {why}", err=True)
+        raise typer.Exit(1)
+    logs.configure("INFO")
+    secret_file = (data_dir or default_data_dir()) / "secrets" / NATS_SERVICE_SECRET
+    if nats_password is None and secret_file.exists():
+        nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
+    creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+
+    async def main() -> None:
+        store = await EventStore.connect(resolve_url(), **creds)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        agent = await serve_agent(store, host, vtep, routers=routers)
+        print(f"stratus network-agent {host} ready", flush=True)
+        await stop.wait()
+        await agent.stop()
+        await store.close()
 
     try:
         asyncio.run(main())

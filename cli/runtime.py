@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -155,6 +156,7 @@ class Stack:
         self.port = port
         self.db_url = db_url or sqlite_url(live_store_path(self.data_dir))
         self.hosts = hosts
+        self.network: Any = None  # simulated hosts and their network agents
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
@@ -214,19 +216,37 @@ class Stack:
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
             if self.hosts:
-                log.warning(
-                    "simulated hosts requested; host agents are not part of this build yet",
-                    hosts=self.hosts,
-                )
+                await self._start_network()
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
             await self.stop()
             raise
 
+    async def _start_network(self) -> None:
+        """Simulated hosts in namespaces and their network agents, when allowed."""
+        from stratus.agents.network.service import SimulatedPlane, network_capable
+
+        why = network_capable()
+        if why is not None:
+            log.warning(why, hosts=self.hosts)
+            print(f"stratus: {why}", flush=True)
+            return
+        assert self.store is not None
+        # Kernel names carry a prefix of this data directory's own, so two
+        # stacks on one machine never touch each other's namespaces.
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
+        self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
+        await self.network.start()
+
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.network is not None:
+            # The hosts' namespaces go too: a restart rebuilds them from the log.
+            with contextlib.suppress(Exception):
+                await self.network.stop(teardown=True)
+            self.network = None
         for svc in (self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):

@@ -284,3 +284,32 @@ def netns_create(name: str) -> None:
     from pyroute2 import netns
 
     netns.create(name)
+
+
+def test_stratus_up_with_hosts_builds_simulated_hosts_and_removes_them_on_stop(tmp_path):
+    import hashlib
+
+    from stratus.tests.test_cli import Up
+
+    data = tmp_path / "data"
+    u = Up(data, "--hosts", "2")
+    data.mkdir()
+    prefix = "s" + hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:3]
+    try:
+        u.start(timeout=60)
+        names = set(leftovers(prefix))
+        hosts = {nw.kernel_name(prefix, "host", h) for h in ("host-1", "host-2")}
+        assert hosts | {nw.kernel_name(prefix, "underlay", "underlay")} == names
+        rc, _ = u.stop(timeout=30)
+        assert rc == 0
+        assert leftovers(prefix) == []
+    finally:
+        u.kill()
+        for ns in leftovers(prefix):
+            netns_remove(ns)
+
+
+def netns_remove(name: str) -> None:
+    from pyroute2 import netns
+
+    netns.remove(name)

@@ -84,7 +84,7 @@ class NetworkAgent:
             asyncio.create_task(self._follow(), name=f"{self.actor} follow"),
             asyncio.create_task(self._periodic(), name=f"{self.actor} periodic"),
         ]
-        log.info("network agent ready", host=self.host, seq=self.topology.seq)
+        log.info("network agent started", host=self.host, seq=self.topology.seq)
 
     async def stop(self) -> None:
         for t in self._tasks:

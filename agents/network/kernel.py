@@ -9,6 +9,7 @@ here blocks: the agent calls them in a worker thread.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,32 @@ def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeou
     )
 
 
+def _child_after_fork() -> None:
+    # pyroute2 forks helpers to enter namespaces and ends them with SIGTERM.
+    # A forked child keeps the parent's signal handlers and asyncio's wakeup
+    # fd, so that SIGTERM would reach the parent's loop as its own and stop
+    # ``stratus up``. The child (whose forking thread is now its main thread)
+    # lets the signal act as the default instead.
+    import signal
+
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
+
+
+_FORK_HOOK: list[bool] = []
+
+
+def isolate_forked_helpers() -> None:
+    """Install the fork hook above once per process."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_child_after_fork)
+        _FORK_HOOK.append(True)
+
+
 def namespaces() -> set[str]:
     return set(netns.listnetns())
 
@@ -77,6 +104,7 @@ class Host:
     def __init__(
         self, prefix: str, vtep: str, host_ns: str | None = None, routers: bool = False
     ) -> None:
+        isolate_forked_helpers()
         self.prefix = prefix
         self.vtep = vtep
         self.host_ns = nw.check_kernel_name(host_ns) if host_ns else None

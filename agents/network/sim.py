@@ -36,6 +36,9 @@ class SimulatedHosts:
         return str(UNDERLAY.network_address + 1 + self.names.index(host))
 
     def start(self) -> None:
+        from stratus.agents.network.kernel import isolate_forked_helpers
+
+        isolate_forked_helpers()
         have = set(netns.listnetns())
         if self.underlay not in have:
             netns.create(self.underlay)
