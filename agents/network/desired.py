@@ -241,6 +241,10 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
         spread.setdefault(p.network, set()).add(h)
         if h == host:
             here.setdefault(p.network, []).append(p)
+    firsts: dict[str, str] = {}
+    for p in t.ports.values():
+        if p.device and (p.device not in firsts or p.id < firsts[p.device]):
+            firsts[p.device] = p.id
     for net, ports in sorted(here.items()):
         vni = t.networks[net]["vni"]
         if not vni:
@@ -263,7 +267,7 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
             if sub is None or not p.ip:
                 continue
             netw = ipaddress.ip_network(sub["cidr"])
-            first = min(q.id for q in t.ports.values() if q.device == p.device)
+            first = firsts.get(p.device, p.id)
             name = nw.kernel_name(prefix, "port", p.id)
             out.ports[name] = PortPlan(
                 port=p.id,
@@ -356,20 +360,20 @@ def _members(t: Topology, group: str) -> list[str]:
     return sorted({p.ip for p in t.ports.values() if group in p.security_groups and p.ip})
 
 
-def _match(rule: dict[str, Any], ips: list[str] | None) -> list[list[str]]:
-    """iptables match arguments of one rule (one line per remote member)."""
-    base: list[str] = []
+def _match(rule: dict[str, Any]) -> list[str]:
+    """iptables match arguments of one rule, the remote side by CIDR only."""
+    out: list[str] = []
+    cidr = rule["remote_cidr"]
+    if cidr and cidr != "0.0.0.0/0":
+        out += ["-s" if rule["direction"] == "ingress" else "-d", cidr]
     if rule["protocol"] != "any":
         proto = rule["protocol"]
-        base += ["-p", proto]
+        out += ["-p", proto]
         if proto in ("tcp", "udp") and rule["port_min"]:
             lo, hi = rule["port_min"], rule["port_max"] or rule["port_min"]
             # Written as iptables-save prints it, so probing can compare text.
-            base += ["-m", proto, "--dport", f"{lo}:{hi}" if hi != lo else str(lo)]
-    if ips is None:
-        cidr = rule["remote_cidr"]
-        return [(["-s", cidr] if cidr and cidr != "0.0.0.0/0" else []) + base]
-    return [["-s", f"{ip}/32", *base] for ip in ips]
+            out += ["-m", proto, "--dport", f"{lo}:{hi}" if hi != lo else str(lo)]
+    return out
 
 
 def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
@@ -384,6 +388,7 @@ def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
     body: list[str] = [f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
     jumps_out: list[str] = []
     jumps_in: list[str] = []
+    member_chains: dict[tuple[str, bool], str] = {}
     for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
         zone = 1 + b.vni % 65535
         raw_lines.append(f"-A {raw} -m physdev --physdev-in {b.vxlan} -j CT --zone {zone}")
@@ -403,13 +408,29 @@ def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
         body.append(f"-A {cout} ! -s {port.ip}/32 -j DROP")
         for g in sorted(port.security_groups):
             for _, rule in sorted(t.groups.get(g, {}).items()):
-                ips = _members(t, rule["remote_group"]) if rule["remote_group"] else None
-                chain, verdict = (
-                    (cin, "ACCEPT") if rule["direction"] == "ingress" else (cout, "RETURN")
-                )
-                for m in _match(rule, ips):
-                    body.append(" ".join([f"-A {chain}", *m, "-j", verdict]))
+                ingress = rule["direction"] == "ingress"
+                chain, verdict = (cin, "ACCEPT") if ingress else (cout, "RETURN")
+                target = verdict
+                if rule["remote_group"] and not ingress:
+                    # (a RETURN from a called chain would come back here, so
+                    # egress to a group's members is spelled out inline)
+                    for ip in _members(t, rule["remote_group"]):
+                        m = ["-d", f"{ip}/32", *_match(rule)]
+                        body.append(" ".join([f"-A {chain}", *m, "-j", verdict]))
+                    continue
+                if rule["remote_group"]:
+                    # Members are listed once per group, not once per rule and
+                    # port: a new member rewrites one chain, not every port's.
+                    target = member_chains.setdefault(
+                        (rule["remote_group"], ingress),
+                        nw.kernel_name(prefix, "chain", f"{rule['remote_group']}/in"),
+                    )
+                body.append(" ".join([f"-A {chain}", *_match(rule), "-j", target]))
         body += [f"-A {cin} -j DROP", f"-A {cout} -j DROP"]
+    for (group, _), chain in sorted(member_chains.items()):
+        flt.append(f":{chain} - [0:0]")
+        for ip in _members(t, group):
+            body.append(f"-A {chain} -s {ip}/32 -j ACCEPT")
     return "\n".join(
         ["*raw", *raw_lines, "COMMIT", "*filter", *flt, *body, *jumps_out, *jumps_in, "COMMIT", ""]
     )

@@ -9,9 +9,11 @@ here blocks: the agent calls them in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute, netns
@@ -54,11 +56,10 @@ def _child_after_fork() -> None:
     # A forked child keeps the parent's signal handlers and asyncio's wakeup
     # fd, so that SIGTERM would reach the parent's loop as its own and stop
     # ``stratus up``. The child (whose forking thread is now its main thread)
-    # lets the signal act as the default instead.
+    # lets the signal act as the default (ending it) instead.
     import signal
 
     try:
-        signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     except (ValueError, OSError):
@@ -73,6 +74,32 @@ def isolate_forked_helpers() -> None:
     if not _FORK_HOOK:
         os.register_at_fork(after_in_child=_child_after_fork)
         _FORK_HOOK.append(True)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the block with this thread (only) in network namespace ``name``."""
+    nw.check_kernel_name(name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise KernelError(f"cannot enter namespace {name}: {os.strerror(err)}")
+            try:
+                yield
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:
+                    raise KernelError("cannot return to the agent's own namespace")
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 def namespaces() -> set[str]:
@@ -111,10 +138,23 @@ class Host:
         # Router namespaces are machine-wide names: only a host that runs
         # routers probes and removes them.
         self.routers = routers
+        # What the last pass applied: a shallow pass (after new events)
+        # trusts what it made itself and only touches what the plan changed;
+        # a deep pass (start, periodic) probes everything again.
+        self._done: dict[str, object] = {}
+        self._rules = ""
+        self._declared: set[str] = set()
+        self._ns: set[str] = set()
 
     def _ipr(self, ns: str | None = None) -> IPRoute:
         target = ns if ns is not None else self.host_ns
-        return IPRoute(netns=target) if target else IPRoute()
+        if not target:
+            return IPRoute()
+        # The socket is opened by this thread after entering the namespace
+        # (a netlink socket stays in the namespace it was made in), instead
+        # of pyroute2's forked helper per connection.
+        with in_netns(target):
+            return IPRoute()
 
     # -- probing --------------------------------------------------------------
 
@@ -178,9 +218,12 @@ class Host:
 
     # -- changing ------------------------------------------------------------------
 
-    def reconcile(self, hp: HostPlan) -> Changes:
+    def reconcile(self, hp: HostPlan, deep: bool = True) -> Changes:
         """Make the host match ``hp``; what had to change is returned."""
         ch = Changes()
+        if deep:
+            self._done, self._rules = {}, ""
+        self._ns = namespaces()
         actual = self.links()
         wanted = hp.names()
         for name, link in sorted(actual.items()):
@@ -211,8 +254,10 @@ class Host:
                 ch.removed.append(ns)
             for rp in sorted(hp.routers.values(), key=lambda r: r.netns):
                 self._router(rp, actual, ch)
-        if hp.firewall and self._firewall(hp.firewall):
-            ch.created.append("firewall")
+        if hp.firewall and hp.firewall != self._rules:
+            if self._firewall(hp.firewall, deep):
+                ch.created.append("firewall")
+            self._rules = hp.firewall
         return ch
 
     def _delete(self, name: str) -> None:
@@ -222,6 +267,12 @@ class Host:
                 ipr.link("del", index=idx[0])
 
     def _bridge(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
+        if self._done.get(b.bridge) == b and b.bridge in actual and b.vxlan in actual:
+            return
+        self._bridge_now(b, actual, ch)
+        self._done[b.bridge] = b
+
+    def _bridge_now(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
         with self._ipr() as ipr:
             if b.bridge not in actual:
                 ipr.link("add", ifname=b.bridge, kind="bridge")
@@ -251,7 +302,14 @@ class Host:
                 ch.removed.append(f"fdb {b.vxlan} {dst}")
 
     def _port(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
-        if pp.netns not in namespaces():
+        if self._done.get(pp.ifname) == pp and pp.ifname in actual:
+            return
+        self._port_now(pp, actual, hp, ch)
+        if pp.netns in self._ns:  # wired, not waiting for its instance
+            self._done[pp.ifname] = pp
+
+    def _port_now(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
+        if pp.netns not in self._ns:
             # The instance is not there (yet): wired once the compute agent made it.
             if pp.ifname in actual:
                 self._delete(pp.ifname)
@@ -394,28 +452,44 @@ class Host:
 
     # -- firewall -------------------------------------------------------------------
 
-    def _firewall(self, rules: str) -> bool:
-        """Load the ruleset if the host's differs; drop our stale chains."""
-        if self._firewall_matches(rules):
+    def _hooks(self) -> list[tuple[str, str, str]]:
+        top = nw.kernel_name(self.prefix, "chain", "forward")
+        raw = nw.kernel_name(self.prefix, "chain", "raw")
+        return [("filter", "FORWARD", top), ("raw", "PREROUTING", raw)]
+
+    def _hooked(self) -> bool:
+        return all(
+            run_in(self.host_ns, ["iptables", "-t", t, "-C", hook, "-j", c]).returncode == 0
+            for t, hook, c in self._hooks()
+        )
+
+    def _firewall(self, rules: str, deep: bool = True) -> bool:
+        """Load the ruleset; a deep pass first checks whether the host's
+        already matches (and is hooked in). Our stale chains are dropped."""
+        if deep and self._firewall_matches(rules) and self._hooked():
+            self._declared = _declared(rules)
             return False
         ns = self.host_ns
-        for key, val in (
-            ("net.bridge.bridge-nf-call-iptables", "1"),
-            ("net.bridge.bridge-nf-call-ip6tables", "1"),
-        ):
-            run_in(ns, ["sysctl", "-qw", f"{key}={val}"])
+        if deep or not self._declared:
+            for key in (
+                "net.bridge.bridge-nf-call-iptables",
+                "net.bridge.bridge-nf-call-ip6tables",
+            ):
+                run_in(ns, ["sysctl", "-qw", f"{key}=1"])
         res = run_in(ns, ["iptables-restore", "--noflush"], stdin=rules)
         if res.returncode != 0:
             raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
-        top = nw.kernel_name(self.prefix, "chain", "forward")
-        raw = nw.kernel_name(self.prefix, "chain", "raw")
-        for table, hook, chain in (("filter", "FORWARD", top), ("raw", "PREROUTING", raw)):
-            if run_in(ns, ["iptables", "-t", table, "-C", hook, "-j", chain]).returncode:
-                run_in(ns, ["iptables", "-t", table, "-I", hook, "-j", chain])
-        declared = {ln[1:].split()[0] for ln in rules.splitlines() if ln.startswith(":")}
-        for chain in sorted(self._our_chains("filter") - declared):
+        if deep or not self._declared:
+            for table, hook, chain in self._hooks():
+                if run_in(ns, ["iptables", "-t", table, "-C", hook, "-j", chain]).returncode:
+                    run_in(ns, ["iptables", "-t", table, "-I", hook, "-j", chain])
+        declared = _declared(rules)
+        # (the chains restored above no longer jump to a stale one)
+        stale = (self._our_chains("filter") if deep else self._declared) - declared
+        for chain in sorted(stale):
             run_in(ns, ["iptables", "-F", chain])
             run_in(ns, ["iptables", "-X", chain])
+        self._declared = declared
         return True
 
     def _our_chains(self, table: str) -> set[str]:
@@ -453,7 +527,12 @@ class Host:
         return ch
 
 
+def _declared(rules: str) -> set[str]:
+    return {ln[1:].split()[0] for ln in rules.splitlines() if ln.startswith(":")}
+
+
 def wipe_firewall(host: Host) -> None:
+    host._declared, host._rules = set(), ""
     ns, prefix = host.host_ns, host.prefix
     top = nw.kernel_name(prefix, "chain", "forward")
     raw = nw.kernel_name(prefix, "chain", "raw")

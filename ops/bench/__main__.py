@@ -3,7 +3,8 @@
 SUITE is ``foundation`` (broker, write, command and read paths),
 ``identity`` (token verification and password hashing on one core) or
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
-server creation); with no SUITE all run, in that order. ``python -m
+server creation); with no SUITE all run, in that order. ``network`` (the
+network agent on simulated hosts, as root) runs only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -18,10 +19,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity, projections
+from stratus.ops.bench import foundation, identity, network, projections
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections")
+SUITES = ("foundation", "identity", "projections", "network")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         return identity.main(argv[1:])
     if suite == "projections":
         return projections.main(argv[1:])
+    if suite == "network":
+        # Root only (namespaces): run by name, not with the others.
+        return network.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
