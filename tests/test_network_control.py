@@ -124,3 +124,43 @@ def test_kernel_names_come_from_ids_and_fit_the_kernel():
             nw.kernel_name(prefix, "bridge", "x")
     with pytest.raises(Invalid):
         nw.kernel_name("st", "nonsense", "x")
+
+
+async def test_a_router_gateway_takes_a_pool_address_and_gives_it_back(svc, store):
+    await ok(svc, "network.create-external", name="public", cidr="203.0.113.0/29")
+    await ok(svc, "tenant.create", name="acme")
+    edge = await ok(svc, "router.create", tenant="acme", name="edge", external_network="public")
+    assert edge["external_ip"] == "203.0.113.2"  # .1 is the gateway
+    fip = await ok(svc, "floating-ip.create", tenant="acme", network="public")
+    assert fip["address"] == "203.0.113.3"  # never the router's
+    await ok(svc, "router.delete", tenant="acme", ref="edge")
+    again = await ok(svc, "floating-ip.create", tenant="acme", network="public")
+    assert again["address"] == "203.0.113.2"
+    # a router without an external network takes nothing
+    inner = await ok(svc, "router.create", tenant="acme", name="inner")
+    assert inner["external_ip"] == ""
+
+
+async def test_port_set_changes_groups_and_qos_and_refuses_unknown_ones(svc, store):
+    await ok(svc, "tenant.create", name="acme")
+    await ok(svc, "network.create", tenant="acme", name="lan")
+    await ok(svc, "subnet.create", tenant="acme", name="s", network="lan", cidr="10.0.0.0/24")
+    port = await ok(svc, "port.create", tenant="acme", name="p", network="lan")
+    await ok(svc, "security-group.create", tenant="acme", name="web")
+    await ok(svc, "qos-policy.create", tenant="acme", name="slow", max_kbps=8000)
+    got = await ok(
+        svc, "port.set", tenant="acme", ref="p", security_groups=["web"], qos_policy="slow"
+    )
+    assert got["qos_policy"] != "" and got["security_groups"] != port["security_groups"]
+    before = await store.last_seq()
+    # the same again changes nothing; unknown references are not found
+    same = await call(svc, "port.set", tenant="acme", ref="p", security_groups=["web"])
+    assert same["ok"] and not same.get("seqs")
+    reply = await call(svc, "port.set", tenant="acme", ref="p", qos_policy="nope")
+    assert reply["error"]["kind"] == "not_found"
+    assert await store.last_seq() == before
+    # in use, the policy cannot go; cleared from the port, it can
+    reply = await call(svc, "qos-policy.delete", tenant="acme", ref="slow")
+    assert reply["error"]["kind"] == "conflict"
+    await ok(svc, "port.set", tenant="acme", ref="p", qos_policy="")
+    await ok(svc, "qos-policy.delete", tenant="acme", ref="slow")
