@@ -188,10 +188,18 @@ def serve(
     routers: Annotated[
         bool, typer.Option("--routers", help="network-agent: this host runs the routers")
     ] = False,
+    netns: Annotated[
+        str | None, typer.Option(help="network-agent: the host's namespace (simulated hosts)")
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option(help="network-agent: the deployment's kernel name prefix")
+    ] = "st",
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     if service == "network-agent":
-        return _serve_network_agent(host, vtep, routers, data_dir, nats_user, nats_password)
+        return _serve_network_agent(
+            host, vtep, routers, netns, prefix, data_dir, nats_user, nats_password
+        )
     from stratus.cli import logs
     from stratus.cli.runtime import (
         NATS_SERVICE_SECRET,
@@ -273,6 +281,8 @@ def _serve_network_agent(
     host: str | None,
     vtep: str | None,
     routers: bool,
+    netns: str | None,
+    prefix: str,
     data_dir: Path | None,
     nats_user: str | None,
     nats_password: str | None,
@@ -302,7 +312,7 @@ def _serve_network_agent(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        agent = await serve_agent(store, host, vtep, routers=routers)
+        agent = await serve_agent(store, host, vtep, routers=routers, host_ns=netns, prefix=prefix)
         print(f"stratus network-agent {host} ready", flush=True)
         await stop.wait()
         await agent.stop()

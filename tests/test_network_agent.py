@@ -313,3 +313,51 @@ def netns_remove(name: str) -> None:
     from pyroute2 import netns
 
     netns.remove(name)
+
+
+async def test_an_agent_killed_and_restarted_changes_nothing_on_its_host(lab, nats_server):
+    """`stratus serve network-agent` as a process: SIGKILL once ready, then a
+    new one on the same host finds nothing to change (every link keeps its
+    index, no correction is recorded) and traffic still flows."""
+    import sys
+
+    s = await acme_pair(lab)
+    for a in lab.agents.values():
+        await a.stop()
+    host = "host-2"
+    argv = [sys.executable, "-m", "stratus.cli.main", "--url", nats_server.url, "serve",
+            "network-agent", "--host", host, "--vtep", lab.sim.vtep(host),
+            "--netns", lab.sim.netns(host), "--prefix", lab.prefix]  # fmt: skip
+    kernel = Host(lab.prefix, "", lab.sim.netns(host))
+    before = await asyncio.to_thread(kernel.links)
+    seq = await lab.store.last_seq()
+    for _ in range(2):
+        await asyncio.to_thread(_start_and_kill, argv)
+    assert await asyncio.to_thread(kernel.links) == before  # same names, same indexes
+    assert ping(s["c1"][0], s["srv"][1])
+    later = [rec.decode() for rec in await lab.store.read_all(after=seq)]
+    assert not [e for e in later if isinstance(e, nw.NetworkAgentCorrected)]
+
+
+def _start_and_kill(argv: list[str]) -> None:
+    """Run the agent until it says ready (60 s at most), then SIGKILL it."""
+    import signal
+    import subprocess
+    import time
+
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while "ready" not in line and time.monotonic() < deadline:
+            line = p.stdout.readline() if p.stdout else ""
+            assert line or p.poll() is None, "the agent exited"
+        assert "ready" in line
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+        if p.stdout:
+            p.stdout.close()

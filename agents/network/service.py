@@ -6,12 +6,14 @@ root: each host a namespace on an underlay bridge, agents inside them).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from pathlib import Path
 
 from stratus.agents.network.agent import NetworkAgent
 from stratus.agents.network.sim import SimulatedHosts
 from stratus.events import network as nw
+from stratus.events.errors import Invalid
 from stratus.events.store import EventStore
 
 # The name prefix of a deployment's kernel objects unless configured.
@@ -78,6 +80,11 @@ async def serve_agent(
     """Start the agent of one (real) host."""
     if host_ns:
         nw.check_kernel_name(host_ns)
+    nw.kernel_name(prefix, "bridge", host)  # a bad prefix is refused here, not mid-way
+    try:
+        ipaddress.ip_address(vtep)
+    except ValueError:
+        raise Invalid(f"--vtep {vtep!r} is not an IP address") from None
     agent = NetworkAgent(
         store,
         host,
