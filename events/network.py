@@ -50,7 +50,7 @@ ROLES = {
     "ext": "e",  # an external network's bridge
     "xleg": "m",  # host side of a router's leg into the external bridge
     "xgw": "n",  # router side of it
-    "instance": "c",  # a container instance's namespace
+    "instance": "c",  # a namespace of our own beside the hosts (a test's outside world)
     "dhcp": "d",  # a network's DHCP namespace
     "host": "h",  # a simulated host's namespace
     "underlay": "u",  # the simulated underlay's namespace (and its bridge)
@@ -90,9 +90,20 @@ def owned(prefix: str, name: str, role: str | None = None) -> bool:
     return any(name.startswith(f"{prefix}{x}-") for x in letters)
 
 
-def instance_netns(server_id: str, prefix: str = "st") -> str:
-    """The network namespace of a container instance (made by the compute agent)."""
-    return kernel_name(prefix, "instance", server_id)
+_NETNS_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}(?!\n)$")
+
+
+def check_netns_name(name: str) -> str:
+    """``name`` if it is a safe namespace name (a file under /run/netns), else Invalid."""
+    if not isinstance(name, str) or not _NETNS_NAME.match(name):
+        raise Invalid(f"namespace name {name!r} must be 1-63 characters of [a-z0-9-]")
+    return name
+
+
+def instance_netns(server_id: str) -> str:
+    """The network namespace of a container instance, as the compute agent
+    names it (``st-<server id>``; ids are UUIDs, unique on any machine)."""
+    return check_netns_name(f"st-{server_id}")
 
 
 def port_binding(cause: Cause, tenant: str, port_id: str, host: str) -> PortBound:

@@ -158,7 +158,7 @@ class Lab:
 
     async def instance(self, server: str) -> str:
         """The container instance's namespace, as the compute agent makes it."""
-        ns = nw.instance_netns(server, self.prefix)
+        ns = nw.instance_netns(server)
         self.instances.append(ns)
         await asyncio.to_thread(netns.create, ns)
         return ns
@@ -186,6 +186,7 @@ class Lab:
                 netns.remove(ns)
         self.sim.stop()
         assert leftovers(self.prefix) == []
+        assert not set(self.instances) & set(netns.listnetns())
 
 
 def ping(ns: str, address: str, tries: int = 3) -> bool:
@@ -203,7 +204,7 @@ def probe(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProce
 
 def serve(ns: str, *args: str) -> subprocess.Popen:
     """A netprobe server in ``ns``; it prints ``listening`` once bound."""
-    nw.check_kernel_name(ns)
+    nw.check_netns_name(ns)
 
     def enter() -> None:
         netns.setns(ns, flags=0)

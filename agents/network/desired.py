@@ -273,7 +273,7 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
                 port=p.id,
                 ifname=name,
                 bridge=b.bridge,
-                netns=nw.instance_netns(p.device, prefix),
+                netns=nw.instance_netns(p.device),
                 peer=nw.kernel_name(prefix, "peer", p.id),
                 mac=p.mac,
                 address=f"{p.ip}/{netw.prefixlen}",

@@ -34,7 +34,7 @@ class KernelError(RuntimeError):
 def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeout: float = 30):
     """Run ``argv`` (a list, no shell) inside network namespace ``ns``."""
     if ns is not None:
-        nw.check_kernel_name(ns)
+        nw.check_netns_name(ns)
 
     def enter() -> None:
         if ns is not None:
@@ -82,7 +82,7 @@ _CLONE_NEWNET = 0x40000000
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """Run the block with this thread (only) in network namespace ``name``."""
-    nw.check_kernel_name(name)
+    nw.check_netns_name(name)
     libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
@@ -134,7 +134,7 @@ class Host:
         isolate_forked_helpers()
         self.prefix = prefix
         self.vtep = vtep
-        self.host_ns = nw.check_kernel_name(host_ns) if host_ns else None
+        self.host_ns = nw.check_netns_name(host_ns) if host_ns else None
         # Router namespaces are machine-wide names: only a host that runs
         # routers probes and removes them.
         self.routers = routers

@@ -79,7 +79,7 @@ async def serve_agent(
 ) -> NetworkAgent:
     """Start the agent of one (real) host."""
     if host_ns:
-        nw.check_kernel_name(host_ns)
+        nw.check_netns_name(host_ns)
     nw.kernel_name(prefix, "bridge", host)  # a bad prefix is refused here, not mid-way
     try:
         ipaddress.ip_address(vtep)

@@ -151,7 +151,7 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
             events = await cloud.do(t, r.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
-            ns = nw.instance_netns(sid, prefix)
+            ns = nw.instance_netns(sid)
             made.append(ns)
             await asyncio.to_thread(netns.create, ns)
             ev = CAUSE.make(ServerScheduled, t, "server", sid, host=host)
