@@ -36,12 +36,14 @@ user_app = typer.Typer(no_args_is_help=True, help="Users.")
 role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
 token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
 projections_app = typer.Typer(no_args_is_help=True, help="The projection store (read models).")
+scheduler_app = typer.Typer(no_args_is_help=True, help="The scheduler's placement decisions.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
 app.add_typer(user_app, name="user")
 app.add_typer(role_app, name="role")
 app.add_typer(token_app, name="token")
 app.add_typer(projections_app, name="projections")
+app.add_typer(scheduler_app, name="scheduler")
 
 
 @app.callback()
@@ -90,6 +92,31 @@ def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
 
 # -- running it ---------------------------------------------------------------
 
+SERVICES = ("handlers", "projector", "query", "scheduler")
+
+SchedulerConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="scheduler: TOML file with filters, weighers (name = multiplier), "
+        "host_subset_size, max_attempts",
+    ),
+]
+SeedOpt = Annotated[
+    int | None, typer.Option(help="scheduler: seed of the top-k pick (reproducible runs)")
+]
+
+
+def scheduler_config_from(path: Path | None, seed: int | None = None) -> Any:
+    """The scheduler's configuration, or a usage error naming what is wrong."""
+    from stratus.handlers.scheduler import load_config
+
+    try:
+        return load_config(path, seed=seed)
+    except StratusError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
 
 @app.command()
 def up(
@@ -97,7 +124,10 @@ def up(
         Path | None, typer.Option(help="where the log, projections and logs live")
     ] = None,
     port: Annotated[int, typer.Option(help="NATS client port on 127.0.0.1 (0: any free)")] = 4222,
-    hosts: Annotated[int, typer.Option(help="simulated hosts (agents come later)")] = 0,
+    hosts: Annotated[int, typer.Option(help="simulated hosts, one compute agent each")] = 0,
+    libvirt_uri: Annotated[
+        str, typer.Option(help="the simulated hosts' hypervisor")
+    ] = "test:///default",
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     admin_password: Annotated[
         str | None,
@@ -110,12 +140,17 @@ def up(
         int, typer.Option(min=60, max=24 * 3600, help="lifetime of login tokens, seconds")
     ] = 8 * 3600,
     quota_default: QuotaDefaultOpt = None,
+    scheduler_replicas: Annotated[
+        int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
+    ] = 1,
+    scheduler_config: SchedulerConfigOpt = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
     from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
 
     defaults = parse_quota_defaults(quota_default)
+    sched_config = scheduler_config_from(scheduler_config)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -126,9 +161,12 @@ def up(
             port=port,
             db_url=db,
             hosts=hosts,
+            libvirt_uri=libvirt_uri,
             admin_password=admin_password,
             token_ttl_s=token_ttl,
             quota_defaults=defaults,
+            scheduler_replicas=scheduler_replicas,
+            scheduler_config=sched_config,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -164,9 +202,15 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     emit(data, output)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
-    service: Annotated[str, typer.Argument(help="handlers, projector, query or network-agent")],
+    ctx: typer.Context,
+    service: Annotated[
+        str,
+        typer.Argument(
+            help="handlers, projector, query, scheduler, compute-agent or network-agent"
+        ),
+    ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -181,25 +225,10 @@ def serve(
         ),
     ] = False,
     quota_default: QuotaDefaultOpt = None,
-    host: Annotated[str | None, typer.Option(help="network-agent: this host's name")] = None,
-    vtep: Annotated[
-        str | None, typer.Option(help="network-agent: this host's VXLAN endpoint address")
-    ] = None,
-    routers: Annotated[
-        bool, typer.Option("--routers", help="network-agent: this host runs the routers")
-    ] = False,
-    netns: Annotated[
-        str | None, typer.Option(help="network-agent: the host's namespace (simulated hosts)")
-    ] = None,
-    prefix: Annotated[
-        str, typer.Option(help="network-agent: the deployment's kernel name prefix")
-    ] = "st",
+    config: SchedulerConfigOpt = None,
+    seed: SeedOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
-    if service == "network-agent":
-        return _serve_network_agent(
-            host, vtep, routers, netns, prefix, data_dir, nats_user, nats_password
-        )
     from stratus.cli import logs
     from stratus.cli.runtime import (
         NATS_SERVICE_SECRET,
@@ -212,9 +241,34 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
-    if service not in ("handlers", "projector", "query"):
-        typer.echo("error: SERVICE must be handlers, projector or query", err=True)
+    if service in ("compute-agent", "network-agent"):
+        # Its own options (--host, --libvirt-uri, ...) follow the service name.
+        from stratus.cli.agents import serve_compute_agent
+        from stratus.cli.network_agent import serve_network_agent
+
+        serve_agent = serve_compute_agent if service == "compute-agent" else serve_network_agent
+
+        logs.configure("INFO")
+        data_dir = data_dir or default_data_dir()
+        secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+        if nats_password is None and secret_file.exists():
+            nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
+        creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+        try:
+            serve_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
+        except StratusError as err:
+            raise fail(err) from None
+        return
+    if ctx.args:
+        typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
         raise typer.Exit(EXIT_USAGE)
+    if service not in SERVICES:
+        typer.echo(
+            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, network-agent",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
     logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
@@ -236,6 +290,12 @@ def serve(
         if service == "projector":
             live = LiveProjection(store, engine)
             await live.start()
+        elif service == "scheduler":
+            from stratus.handlers.scheduler import SchedulerService
+
+            sched = SchedulerService(store, sched_config)
+            await sched.start()
+            running.append(sched)
         elif insecure_no_auth:
             from stratus.handlers.catalog import all_handlers
             from stratus.handlers.service import CommandService
@@ -270,53 +330,6 @@ def serve(
             await live.stop()
         await store.close()
         await engine.dispose()
-
-    try:
-        asyncio.run(main())
-    except StratusError as err:
-        raise fail(err) from None
-
-
-def _serve_network_agent(
-    host: str | None,
-    vtep: str | None,
-    routers: bool,
-    netns: str | None,
-    prefix: str,
-    data_dir: Path | None,
-    nats_user: str | None,
-    nats_password: str | None,
-) -> None:
-    from stratus.agents.network.service import network_capable, serve_agent
-    from stratus.cli import logs
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER, default_data_dir
-    from stratus.events.ids import is_name
-    from stratus.events.store import EventStore
-
-    if not host or not is_name(host) or not vtep:
-        typer.echo("error: network-agent needs --host NAME and --vtep ADDRESS", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    why = network_capable()
-    if why is not None:
-        typer.echo(f"error: {why}", err=True)
-        raise typer.Exit(1)
-    logs.configure("INFO")
-    secret_file = (data_dir or default_data_dir()) / "secrets" / NATS_SERVICE_SECRET
-    if nats_password is None and secret_file.exists():
-        nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
-    creds = {"user": nats_user, "password": nats_password} if nats_password else {}
-
-    async def main() -> None:
-        store = await EventStore.connect(resolve_url(), **creds)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        agent = await serve_agent(store, host, vtep, routers=routers, host_ns=netns, prefix=prefix)
-        print(f"stratus network-agent {host} ready", flush=True)
-        await stop.wait()
-        await agent.stop()
-        await store.close()
 
     try:
         asyncio.run(main())
@@ -475,6 +488,96 @@ def audit(
         emit(rows, output, ["time", "actor", "action", "resource", "command", "result"])
     else:
         emit(rows, output)
+
+
+@app.command()
+def why(
+    resource_id: Annotated[str, typer.Argument(help="a server, port, volume, ... id")],
+    tenant: Annotated[str | None, typer.Option(help="the resource's tenant")] = None,
+    at: AtOpt = None,
+    output: OutputOpt = Format.table,
+) -> None:
+    """The causal chain from each command that touched RESOURCE_ID to every
+    event it caused (the scheduler's decisions and the agents' reports
+    included), with the scheduler's reasons."""
+
+    async def chain(c: Client) -> list[dict]:
+        base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
+        if tenant is not None:
+            base["tenant"] = tenant
+        touched = await c.query("audit", base, at=at)
+        if not touched:
+            raise NotFound(f"no events about {resource_id} (or not visible to you)")
+        seen: dict[int, dict] = {}
+        for cid in dict.fromkeys(r["correlation_id"] for r in touched):
+            params = {**base, "command": cid}
+            del params["resource"]
+            if tenant is None:
+                params.pop("tenant", None)
+            for r in await c.query("audit", params, at=at):
+                seen[r["seq"]] = r
+        return [seen[k] for k in sorted(seen)]
+
+    from stratus.events.errors import NotFound
+
+    rows = run(chain)
+    depth = _causal_depths(rows)
+    if output is not Format.table:
+        for r in rows:
+            r["depth"] = depth[r["id"]]
+            r["why"] = _because(r)
+        emit(rows, output)
+        return
+    emit(
+        [
+            {
+                "seq": r["seq"],
+                "time": r["at"],
+                "actor": r["actor"],
+                "event": "  " * depth[r["id"]] + r["type"],
+                "resource": _flat(r)["resource"],
+                "why": _because(r) or r["result"],
+            }
+            for r in rows
+        ],
+        output,
+        ["seq", "time", "actor", "event", "resource", "why"],
+    )
+
+
+def _causal_depths(rows: list[dict]) -> dict[str, int]:
+    """How far each event is from its command: 0 for what the command
+    appended, one more for each event caused by another in the chain."""
+    by_id = {r["id"]: r for r in rows}
+    depth: dict[str, int] = {}
+
+    def of(r: dict, hops: int = 0) -> int:
+        if r["id"] in depth:
+            return depth[r["id"]]
+        parent = by_id.get(r["causation_id"])
+        d = 0 if parent is None or hops > 64 else of(parent, hops + 1) + 1
+        depth[r["id"]] = d
+        return d
+
+    for r in rows:
+        of(r)
+    return depth
+
+
+def _because(row: dict) -> str:
+    """The reason an event carries, in a line: where the scheduler placed a
+    server and what it ruled out, or why something failed."""
+    data = row.get("data") or {}
+    sched = data.get("scheduling") or {}
+    removed = ", ".join(f"{n} {why}" for why, n in (sched.get("removed") or {}).items())
+    if row["type"] == "server.scheduled":
+        head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
+        return head + (f" ({removed})" if removed else "")
+    if row["type"] in ("server.failed", "server.build-failed"):
+        return str(data.get("reason", ""))
+    if row["type"] == "host.claimed":
+        return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
+    return ""
 
 
 def _utc_time(option: str, text: str) -> str:
@@ -636,6 +739,81 @@ def events_schema() -> None:
     sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
 
 
+def service_access(data_dir: Path) -> tuple[str, str]:
+    """The NATS URL and service password of the `stratus up` in ``data_dir``:
+    what reading the log directly needs (a usage error where there is none)."""
+    from stratus.cli.runtime import NATS_SERVICE_SECRET, URL_FILE
+
+    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+    if not secret_file.exists():
+        typer.echo(
+            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
+            "needed): run this where `stratus up` runs, or pass --data-dir",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    url = settings.url or (
+        (data_dir / URL_FILE).read_text().strip()
+        if (data_dir / URL_FILE).exists()
+        else resolve_url()
+    )
+    return url, secret_file.read_text().strip()
+
+
+@scheduler_app.command("replay")
+def scheduler_replay(
+    from_seq: Annotated[int, typer.Option("--from", min=1, help="first sequence replayed")],
+    to_seq: Annotated[
+        int | None, typer.Option("--to", min=1, help="last sequence replayed (default: the end)")
+    ] = None,
+    config: SchedulerConfigOpt = None,
+    seed: Annotated[int, typer.Option(help="seed of the top-k pick")] = 0,
+    output: OutputOpt = Format.table,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="the data dir of the running `stratus up`")
+    ] = None,
+) -> None:
+    """Decide the recorded placements of --from..--to again with another
+    configuration; report how many change and how the load would spread."""
+    from stratus.cli.runtime import NATS_SERVICE_USER
+    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.events.store import EventStore
+    from stratus.handlers.scheduler.replay import replay
+
+    cfg = scheduler_config_from(config, seed)
+    url, password = service_access(data_dir or default_dir())
+
+    async def main() -> dict[str, Any]:
+        store = await EventStore.connect(
+            url, persistent=False, user=NATS_SERVICE_USER, password=password
+        )
+        try:
+            return await replay(store, cfg, from_seq, to_seq)
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(main())
+    except StratusError as err:
+        raise fail(err) from None
+    if output is not Format.table:
+        emit(result, output)
+        return
+    rec, alt = result["recorded"], result["alternative"]
+    emit(
+        [
+            {"": "decisions", "recorded": result["decisions"], "alternative": result["decisions"]},
+            {"": "changed", "recorded": "", "alternative": result["changed"]},
+            {"": "hosts", "recorded": rec["hosts"], "alternative": alt["hosts"]},
+            {"": "mean utilisation", "recorded": rec["mean"], "alternative": alt["mean"]},
+            {"": "stddev utilisation", "recorded": rec["stddev"], "alternative": alt["stddev"]},
+            {"": "hosts left empty", "recorded": rec["empty"], "alternative": alt["empty"]},
+        ],
+        output,
+        title=f"scheduler replay of {result['from']}..{result['to']} (seed {result['seed']})",
+    )
+
+
 @projections_app.command("rebuild")
 def projections_rebuild(
     output: OutputOpt = Format.table,
@@ -652,7 +830,7 @@ def projections_rebuild(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from stratus.cli.common import resolve_token
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER, URL_FILE
+    from stratus.cli.runtime import NATS_SERVICE_USER
     from stratus.cli.runtime import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.projections.rebuild import (
@@ -663,20 +841,7 @@ def projections_rebuild(
     )
 
     data_dir = data_dir or default_dir()
-    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-    if not secret_file.exists():
-        typer.echo(
-            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
-            "needed): run this where `stratus up` runs, or pass --data-dir",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE)
-    url = settings.url or (
-        (data_dir / URL_FILE).read_text().strip()
-        if (data_dir / URL_FILE).exists()
-        else resolve_url()
-    )
-    password = secret_file.read_text().strip()
+    url, password = service_access(data_dir)
     path = new_store_path(data_dir)
 
     async def main() -> dict[str, Any]:

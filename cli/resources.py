@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sys
+import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, run
+from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, fail, run
 from stratus.cli.output import Format, emit
+from stratus.events.errors import Invalid, NotFound, StratusError
 from stratus.events.resources import PLURALS
 
 TenantOpt = Annotated[
@@ -44,6 +50,30 @@ def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
 
 def do(verb: str, body: dict[str, Any], output: Format) -> None:
     emit(run(lambda c: c.command(verb, body)).data, output)
+
+
+# Where a new server's lifecycle stops moving on its own.
+SETTLED = ("running", "error", "stopped")
+
+
+async def _create_and_wait(c: Any, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Create the server, then follow its status (on stderr) until it settles."""
+    from rich.console import Console
+    from rich.status import Status
+
+    created = (await c.command("server.create", body)).data
+    ask = {"ref": created["id"], "tenant": body.get("tenant")}
+    deadline = time.monotonic() + timeout
+    row = created
+    with Status(f"server {created['name']}: requested", console=Console(stderr=True)) as shown:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(NotFound):  # the view may not have it yet
+                row = await c.query("server", ask)
+                if row["status"] in SETTLED:
+                    return row
+                shown.update(f"server {row['name']}: {row['status']}")
+            await asyncio.sleep(0.2)
+    return {**row, "reason": row.get("reason") or f"still {row['status']} after {timeout:g}s"}
 
 
 def _labels(pairs: list[str] | None) -> dict[str, str]:
@@ -186,14 +216,35 @@ def register(root: typer.Typer) -> None:
         name: str,
         format_: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
         size_bytes: Annotated[int, typer.Option()] = 0,
+        file: Annotated[
+            Path | None, typer.Option(help="the image file, checked and put in the store")
+        ] = None,
+        image_store: Annotated[
+            Path | None, typer.Option(help="the image store (default: DATA_DIR/images)")
+        ] = None,
         public: Annotated[
             bool, typer.Option("--public", help="for every tenant (cloud admin)")
         ] = False,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        """Record an image (its file store comes with the compute agent)."""
-        body = {"name": name, "format": format_, "size_bytes": size_bytes}
+        """Store an image file (checked with qemu-img) and record it; without
+        --file, only the record (its instances get a blank disk)."""
+        body: dict[str, Any] = {"name": name, "format": format_, "size_bytes": size_bytes}
+        if file is not None:
+            from stratus.agents.compute import images
+            from stratus.cli.runtime import default_data_dir
+
+            store = image_store or default_data_dir() / "images"
+            try:
+                stored = images.store_file(file, format_, store)
+            except StratusError as err:
+                raise fail(err) from None
+            except images.ImageError as exc:
+                raise fail(Invalid(str(exc))) from None
+            body["size_bytes"] = stored.size_bytes
+            body["checksum"] = stored.checksum
+            body["min_disk_gb"] = -(-stored.virtual_size // (1 << 30))
         if public:
             do("image.create-public", body, output)
         else:
@@ -214,10 +265,14 @@ def register(root: typer.Typer) -> None:
         host: Annotated[str | None, typer.Option()] = None,
         group: Annotated[str | None, typer.Option()] = None,
         zone: Annotated[str | None, typer.Option()] = None,
+        wait: Annotated[
+            bool, typer.Option("--wait", help="until it runs or fails (exit 1 if it fails)")
+        ] = False,
+        wait_timeout: Annotated[float, typer.Option(min=1, help="seconds --wait waits")] = 300,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        """Request a server; it appears as `requested` until the scheduler places it."""
+        """Request a server; it is `requested` until the scheduler places it."""
         body = _body(
             tenant,
             name=name,
@@ -234,7 +289,48 @@ def register(root: typer.Typer) -> None:
             group=group,
             zone=zone,
         )
-        do("server.create", body, output)
+        if not wait:
+            do("server.create", body, output)
+            return
+        row = run(lambda c: _create_and_wait(c, body, wait_timeout))
+        emit(row, output)
+        if row["status"] != "running":
+            typer.echo(
+                f"error: server {row['name']} is {row['status']}: {row.get('reason') or ''}",
+                err=True,
+            )
+            raise typer.Exit(EXIT_REFUSED)
+
+    @apps["server"].command("exec")
+    def server_exec(
+        server: str,
+        command: Annotated[list[str], typer.Argument(help="the command, after --")],
+        timeout: Annotated[float, typer.Option(min=1, max=600)] = 60.0,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Run a command inside a container instance; exits with its exit code.
+
+        Put ``--`` before the command so its options are not taken as ours."""
+        body = _body(tenant, ref=server, command=command, timeout=timeout)
+        data = run(lambda c: c.command("server.exec", body)).data
+        if output is not Format.table:
+            emit(data, output)
+        else:
+            sys.stdout.write(data["stdout"])
+            sys.stderr.write(data["stderr"])
+        raise typer.Exit(data["exit_code"])
+
+    @apps["server"].command("snapshot")
+    def server_snapshot(
+        server: str,
+        name: str,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Make image NAME from the server's disk (layered on its image);
+        the image appears once its host has stored it."""
+        do("server.snapshot", _body(tenant, ref=server, name=name), output)
 
     @apps["server-group"].command("create")
     def server_group_create(

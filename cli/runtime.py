@@ -28,6 +28,7 @@ from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.rbac import RoleBook
+from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
 from stratus.handlers.tokens import KeyRing, Verifier
 from stratus.projections.db import make_engine, sqlite_url
@@ -143,11 +144,17 @@ class Stack:
         port: int = 4222,
         db_url: str | None = None,
         hosts: int = 0,
+        libvirt_uri: str = "test:///default",
         admin_password: str | None = None,
         token_ttl_s: int = DEFAULT_TTL_S,
         quota_defaults: dict[str, int] | None = None,
+        scheduler_replicas: int = 1,
+        scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         self.token_ttl_s = token_ttl_s
+        self.scheduler_replicas = scheduler_replicas
+        self.scheduler_config = scheduler_config
+        self.schedulers: list[SchedulerService] = []
         self.quota_defaults = quota_defaults
         self.data_dir = Path(data_dir)
         # None: generate one on first start (returned by start(), printed once).
@@ -156,6 +163,8 @@ class Stack:
         self.port = port
         self.db_url = db_url or sqlite_url(live_store_path(self.data_dir))
         self.hosts = hosts
+        self.libvirt_uri = libvirt_uri
+        self.agents: list[Any] = []
         self.network: Any = None  # simulated hosts and their network agents
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
@@ -212,9 +221,15 @@ class Stack:
                 authenticate=self.queries.authenticate,
             )
             await self.swapper.start()
+            for _ in range(self.scheduler_replicas):
+                # Replicas share the work consumer; each keeps its own host table.
+                sched = SchedulerService(self.store, self.scheduler_config)
+                await sched.start()
+                self.schedulers.append(sched)
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
+            await self._start_agents()
             if self.hosts:
                 await self._start_network()
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
@@ -239,6 +254,28 @@ class Stack:
         self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
         await self.network.start()
 
+    async def _start_agents(self) -> None:
+        """One compute agent per simulated host, ``host-01`` ... (same names
+        on every start, so a restart finds its hosts and instances again)."""
+        from stratus.agents.compute.agent import build_agent
+
+        assert self.store is not None
+        for i in range(1, self.hosts + 1):
+            name = f"host-{i:02d}"
+            agent = build_agent(
+                self.store,
+                name,
+                libvirt_uri=self.libvirt_uri,
+                data_dir=self.data_dir / "hosts" / name,
+                image_store=self.data_dir / "images",
+                # Simulated hosts all share this machine: a fixed, modest size.
+                vcpus=16,
+                ram_mb=65536,
+                disk_gb=500,
+            )
+            self.agents.append(agent)
+            await agent.start()
+
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
@@ -247,7 +284,12 @@ class Stack:
             with contextlib.suppress(Exception):
                 await self.network.stop(teardown=True)
             self.network = None
-        for svc in (self.swapper, self.commands, self.queries, self.feed):
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                await agent.stop()
+                agent.close()
+        self.agents = []
+        for svc in (*self.schedulers, self.swapper, self.commands, self.queries, self.feed):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()

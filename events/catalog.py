@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stratus.events import identity, network, resources, scheduling, tenants
+from stratus.events import compute, identity, network, resources, scheduling, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
@@ -11,12 +11,14 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *identity.EVENTS,
     *resources.EVENTS,
     *scheduling.EVENTS,
+    *compute.EVENTS,
     *network.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,
     **resources.COMMANDS,
+    **compute.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

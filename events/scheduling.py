@@ -62,6 +62,8 @@ class HostHeartbeat(msgspec.Struct, frozen=True):
 
     host: str
     at: float
+    # How long this beat keeps the host alive (the watcher's clock, not the sender's).
+    ttl: float = HEARTBEAT_TTL
     # The agent's own view, shown by ``host show``; the scheduler trusts claims.
     instances: int = 0
 

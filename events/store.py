@@ -378,7 +378,7 @@ class EventStore:
         raise err
 
     async def append_group(
-        self, requests: Sequence[AppendRequest]
+        self, requests: Sequence[AppendRequest], *, one_by_one: bool = True
     ) -> list[AppendResult | Exception]:
         """Append several independent requests, as one atomic batch if possible.
 
@@ -387,8 +387,14 @@ class EventStore:
         member is refused (a stale condition, a retried command id) the
         requests are appended one by one instead, each getting its own
         result or error. Each request's result is what ``append`` would give.
+
+        With ``one_by_one=False`` a refused batch is not retried: every
+        request gets the batch's error, for a caller that can tell by itself
+        which members were stale and send the rest again as one batch.
         """
-        if len(requests) == 1 or sum(len(r.events) for r in requests) > MAX_BATCH:
+        if sum(len(r.events) for r in requests) > MAX_BATCH:
+            return await self._each(requests)
+        if len(requests) == 1 and one_by_one:
             return await self._each(requests)
         payloads: list[tuple[str, bytes]] = []
         conds: dict[int, Condition] = {}
@@ -404,7 +410,10 @@ class EventStore:
                 payloads.extend(p)
                 spans.append((base, len(p)))
             seqs = await self._publish_batch(payloads, conds, msg_ids)
-        except (StratusError, TimeoutError, nats.errors.Error):
+        except (StratusError, TimeoutError, nats.errors.Error) as exc:
+            if not one_by_one:
+                err = exc if isinstance(exc, StratusError) else _translate(exc, conds)
+                return [err] * len(requests)
             # Including a timeout: if the batch did land, each retry below
             # finds its own command id and reports a duplicate.
             return await self._each(requests)

@@ -78,7 +78,7 @@ PERMISSIONS: dict[str, Rule] = {
         f"{kind}.{verb}": Rule(Scope.TENANT, WRITE)
         for kind, verbs in {
             "image": ("create", "delete"),
-            "server": ("create", "delete", "stop", "start", "reboot"),
+            "server": ("create", "delete", "stop", "start", "reboot", "exec", "snapshot"),
             "server-group": ("create", "delete"),
             "volume": ("create", "delete", "attach", "detach"),
             "network": ("create", "delete"),

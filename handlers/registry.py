@@ -58,3 +58,6 @@ class Special(msgspec.Struct, frozen=True):
     command: type[Command]
     permission: str
     run: Callable[[Any, Any, Cause], Awaitable[Any]]
+    # For a verb on a tenant's resource: the tenant whose roles authorise it
+    # (the command's ``tenant``, filled with the caller's when left out).
+    tenant_of: Callable[[Any], str | None] | None = None

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from stratus.events.compute import HostServerAction
 from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.ids import is_name, new_id
 from stratus.events.model import Cause, Event
@@ -419,8 +420,24 @@ def decide_server_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]
             out.append(
                 cause.make(FloatingIpDisassociated, t, "floating-ip", f["id"], port=f["port"])
             )
-    ev_cls = ServerDeleting if s["status"] in _PLACED and s.get("host") else ServerDeleted
-    return [cause.make(ev_cls, t, "server", s["id"]), *out]
+    if s["status"] in _PLACED and s.get("host"):
+        deleting = cause.make(ServerDeleting, t, "server", s["id"])
+        return [deleting, *out, _host_action(s, t, cause, "delete")]
+    return [cause.make(ServerDeleted, t, "server", s["id"]), *out]
+
+
+def _host_action(s: dict[str, Any], tenant: str, cause: Cause, action: str, **kw: Any) -> Event:
+    """The same verb told to the agent of the server's host (see events.compute)."""
+    return cause.make(
+        HostServerAction,
+        SYSTEM,
+        "host",
+        s["host"],
+        server=s["id"],
+        server_tenant=tenant,
+        action=action,
+        **kw,
+    )
 
 
 def _power(event: type[Event], allowed: set[str], verb: str) -> Any:
@@ -431,7 +448,11 @@ def _power(event: type[Event], allowed: set[str], verb: str) -> Any:
                 f"cannot {verb} server {s['name']} while it is {s['status']} "
                 f"(needs {' or '.join(sorted(allowed))})"
             )
-        return [cause.make(event, cmd.tenant or "", "server", s["id"])]
+        t = cmd.tenant or ""
+        out = [cause.make(event, t, "server", s["id"])]
+        if s.get("host"):
+            out.append(_host_action(s, t, cause, verb))
+        return out
 
     return decide
 
@@ -508,14 +529,24 @@ def decide_volume_attach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
         raise Conflict(f"volume {v['name']} is attached to another server")
     if s["status"] in ("deleting", "error"):
         raise Conflict(f"server {s['name']} is {s['status']}")
-    return [cause.make(VolumeAttached, cmd.tenant or "", "volume", v["id"], server=s["id"])]
+    if s.get("instance_type") == "container":
+        raise Invalid(f"server {s['name']} is a container; volumes attach to VMs")
+    t = cmd.tenant or ""
+    out = [cause.make(VolumeAttached, t, "volume", v["id"], server=s["id"])]
+    if s.get("host"):
+        out.append(_host_action(s, t, cause, "attach-volume", volume=v["id"], size_gb=v["size_gb"]))
+    return out
 
 
 def decide_volume_detach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Event]:
     v, s = w.find("volume", cmd.volume), w.find("server", cmd.server)
     if v.get("server") != s["id"]:
         raise Conflict(f"volume {v['name']} is not attached to server {s['name']}")
-    return [cause.make(VolumeDetached, cmd.tenant or "", "volume", v["id"], server=s["id"])]
+    t = cmd.tenant or ""
+    out = [cause.make(VolumeDetached, t, "volume", v["id"], server=s["id"])]
+    if s.get("host"):
+        out.append(_host_action(s, t, cause, "detach-volume", volume=v["id"]))
+    return out
 
 
 def _free_vni(pool: Aggregate | None) -> int:

@@ -184,7 +184,12 @@ class CommandService:
             at=datetime.now(UTC),
         )
         if isinstance(handler, Special):
-            authorize(caller, handler.permission, None, self.roles)
+            tenant = None
+            if handler.tenant_of is not None:
+                if getattr(cmd, "tenant", "") is None:
+                    cmd = msgspec.structs.replace(cmd, tenant=caller.tenant)
+                tenant = handler.tenant_of(cmd)
+            authorize(caller, handler.permission, tenant, self.roles)
             return encode_reply(await handler.run(self, cmd, cause))
         if getattr(cmd, "tenant", "") is None:
             # Left out: the caller acts in the tenant of its token.

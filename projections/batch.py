@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -80,10 +81,18 @@ class RowBatch:
         else:
             rows[op.key] = (_DELETE, {})
 
-    def statements(self, dialect: Any) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """The SQL and parameter rows that write this batch, in a safe order."""
+    def statements(
+        self, dialect: Any, tables: Collection[str] | None = None
+    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """The SQL and parameter rows that write this batch, in a safe order.
+
+        ``tables``: only the rows of the tables so named (the rest stay
+        pending); all of them by default.
+        """
         out: list[tuple[str, list[tuple[Any, ...]]]] = []
         for table, rows in self.pending.items():
+            if tables is not None and table.name not in tables:
+                continue
             pk = _pk(table)
             deletes: list[dict[str, Any]] = []
             upserts: list[dict[str, Any]] = []
@@ -107,15 +116,17 @@ class RowBatch:
             for cols, params in patches.items():
                 stmt = _compiled(dialect, table, "patch", cols)
                 out.append((stmt.sql, stmt.rows(params)))
-        self.pending.clear()
+            rows.clear()
+        if tables is None:
+            self.pending.clear()
         return out
 
     async def flush(self, conn: AsyncConnection) -> None:
         for sql, rows in self.statements(conn.dialect):
             await conn.exec_driver_sql(sql, rows)
 
-    def flush_sync(self, conn: Connection) -> None:
-        for sql, rows in self.statements(conn.dialect):
+    def flush_sync(self, conn: Connection, tables: Collection[str] | None = None) -> None:
+        for sql, rows in self.statements(conn.dialect, tables):
             conn.exec_driver_sql(sql, rows)
 
 

@@ -325,6 +325,17 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
         fips = TABLES_BY_KIND["floating-ip"]
         q = select(fips.c.address).where(fips.c.server == row["id"])
         row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
+    elif kind == "host":
+        # What the scheduler's claims hold there: the servers placed on it
+        # (a claim is released exactly when its server leaves the view or
+        # the scheduler gives up on it, which clears its host).
+        sv = TABLES_BY_KIND["server"]
+        q = select(
+            func.count(), func.sum(sv.c.vcpus), func.sum(sv.c.ram_mb), func.sum(sv.c.disk_gb)
+        ).where(sv.c.host == row["id"])
+        n, cpu, ram, disk = (await conn.execute(q)).one()
+        row["servers"] = n
+        row["used_vcpus"], row["used_ram_mb"], row["used_disk_gb"] = cpu or 0, ram or 0, disk or 0
     elif kind == "security-group":
         r = security_group_rules
         q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)

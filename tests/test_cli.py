@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,19 +102,28 @@ class Up:
         self.proc = None
 
 
+@contextlib.contextmanager
+def running_up(tmp_path: Path, *extra: str) -> Iterator[Up]:
+    """A ``stratus up`` on tmp_path (started by the test), killed afterwards."""
+    CONFIG_HOME["value"] = str(tmp_path / "config")
+    u = Up(tmp_path / "data", *extra)
+    try:
+        yield u
+    finally:
+        u.kill()
+        # A killed `up` cannot stop its broker: do it here so nothing leaks.
+        for ports in (tmp_path / "data" / "nats").glob("nats-server_*.ports"):
+            pid = int(ports.stem.split("_")[1])
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture
 def up(tmp_path):
-    CONFIG_HOME["value"] = str(tmp_path / "config")
-    u = Up(tmp_path / "data")
-    yield u
-    u.kill()
-    # A killed `up` cannot stop its broker: do it here so nothing leaks.
-    for ports in (tmp_path / "data" / "nats").glob("nats-server_*.ports"):
-        pid = int(ports.stem.split("_")[1])
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    with running_up(tmp_path) as u:
+        yield u
 
 
 def wait_projected(url: str, timeout: float = 15) -> dict:

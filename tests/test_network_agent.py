@@ -298,7 +298,7 @@ def test_stratus_up_with_hosts_builds_simulated_hosts_and_removes_them_on_stop(t
     try:
         u.start(timeout=60)
         names = set(leftovers(prefix))
-        hosts = {nw.kernel_name(prefix, "host", h) for h in ("host-1", "host-2")}
+        hosts = {nw.kernel_name(prefix, "host", h) for h in ("host-01", "host-02")}
         assert hosts | {nw.kernel_name(prefix, "underlay", "underlay")} == names
         rc, _ = u.stop(timeout=30)
         assert rc == 0

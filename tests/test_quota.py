@@ -205,7 +205,20 @@ async def test_lowering_a_quota_below_usage_blocks_only_new_allocations(three_ha
 # -- the issue's "done when", through the CLI against `stratus up` --------------
 
 
-def test_twelve_racing_cli_creates_under_a_quota_of_three_and_the_past_is_queryable(up):
+@pytest.fixture
+def up_unscheduled(tmp_path):
+    """``stratus up`` without a scheduler: the servers stay ``requested``, so
+    what is checked here is the quota alone (scheduling has its own tests)."""
+    from stratus.tests.test_cli import running_up
+
+    with running_up(tmp_path, "--scheduler-replicas", "0") as u:
+        yield u
+
+
+def test_twelve_racing_cli_creates_under_a_quota_of_three_and_the_past_is_queryable(
+    up_unscheduled,
+):
+    up = up_unscheduled
     url = up.start()
     login(url)
 

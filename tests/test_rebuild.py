@@ -512,3 +512,79 @@ async def test_a_bulk_load_stopped_part_way_gets_its_indexes_back(store, tmp_pat
     finally:
         await engine.dispose()
     assert got == await fresh_digest(store, tmp_path / "plain.db", last)
+
+
+async def test_a_bulk_rebuild_quarantines_text_with_a_nul_as_the_live_projector(store, tmp_path):
+    from datetime import UTC, datetime
+
+    from stratus.events.model import Cause
+    from stratus.events.tenants import TenantCreated, TenantRenamed
+    from stratus.projections.schema import quarantine
+
+    cause = Cause(actor="test", correlation_id="corr", causation_id="corr")
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)  # no microseconds: a format edge
+    nul_actor = Cause(actor="a\x00dmin", correlation_id="c2", causation_id="c2", at=at)
+    await store.append([cause.make(TenantCreated, "before", "tenant", "before", name="before")])
+    # a NUL in an inventory value, in an audit value, and in a field no row holds
+    await store.append([cause.make(TenantCreated, "nul", "tenant", "nul", name="a\x00b")])
+    await store.append([nul_actor.make(TenantCreated, "act", "tenant", "act", name="act")])
+    await store.append(
+        [cause.make(TenantRenamed, "before", "tenant", "before", name="b-0", previous="\x00")]
+    )
+    await store.append(
+        [cause.make(TenantCreated, "esc", "tenant", "esc", name='\\u0000 "q" \U0001f600')]
+    )
+    last = await store.last_seq()
+    plain_seq, plain = await fresh_digest(store, tmp_path / "plain.db", last)
+    bulk = tmp_path / "projections.bulk.db"
+    await build_store(store, bulk)
+    engine = make_engine(sqlite_url(bulk))
+    try:
+        assert await store_digest(engine) == (plain_seq, plain)
+        async with engine.connect() as conn:
+            kept = (await conn.execute(select(quarantine.c.seq).order_by(quarantine.c.seq))).all()
+    finally:
+        await engine.dispose()
+    assert [r[0] for r in kept] == [2, 3]
+
+
+async def test_a_bulk_load_stopped_between_commits_resumes_exactly_once(store, tmp_path):
+    import sqlite3
+
+    last = await _append_workload(store, 3000)
+    path = tmp_path / "stopped.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        bulk = Projector(store, engine, batch=500, bulk=True)
+        bulk.commit_every = 1000
+
+        class Stop(Exception):
+            pass
+
+        stopped: list[int] = []
+
+        def stop_at(_n: int, seq: int) -> None:
+            # Stopped with folded events not yet committed.
+            if seq >= 2000 and seq > bulk.position:
+                stopped.append(seq)
+                raise Stop
+
+        with pytest.raises(Stop):
+            await bulk.catch_up(progress=stop_at)
+        bulk.close()
+        assert 0 < bulk.position < stopped[0] < last
+        db = sqlite3.connect(path)
+        try:
+            # The store holds exactly what the committed checkpoint covers.
+            assert db.execute("SELECT last_seq FROM checkpoints").fetchall() == [(bulk.position,)]
+            audit_rows = db.execute("SELECT count(*), max(seq) FROM audit").fetchone()
+            assert audit_rows == (bulk.position, bulk.position)
+        finally:
+            db.close()
+        resumed = Projector(store, engine)
+        assert await resumed.catch_up(until=last) == last
+        resumed.close()
+        got = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    assert got == await fresh_digest(store, tmp_path / "plain.db", last)

@@ -30,7 +30,8 @@ def network_capable() -> str | None:
 
 
 def host_names(n: int) -> list[str]:
-    return [f"host-{i + 1}" for i in range(n)]
+    """The simulated hosts' names: the compute agents' (``host-01`` ...)."""
+    return [f"host-{i:02d}" for i in range(1, n + 1)]
 
 
 class SimulatedPlane:

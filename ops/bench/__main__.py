@@ -1,10 +1,12 @@
 """Run the Stratus benchmarks: ``python -m stratus.ops.bench [SUITE] [--json]``.
 
 SUITE is ``foundation`` (broker, write, command and read paths),
-``identity`` (token verification and password hashing on one core) or
+``identity`` (token verification and password hashing on one core),
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
-server creation); with no SUITE all run, in that order. ``network`` (the
-network agent on simulated hosts, as root) runs only when named. ``python -m
+server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
+``compute`` (compute agents on libvirt's test driver: claim to running,
+overlays against copies); with no SUITE all run, in that order. ``network``
+(the network agent on simulated hosts, as root) runs only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -19,10 +21,10 @@ import json
 import sys
 import time
 
-from stratus.ops.bench import foundation, identity, network, projections
+from stratus.ops.bench import compute, foundation, identity, network, projections, scheduler
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections", "network")
+SUITES = ("foundation", "identity", "projections", "scheduler", "compute", "network")
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return identity.main(argv[1:])
     if suite == "projections":
         return projections.main(argv[1:])
+    if suite == "scheduler":
+        return scheduler.main(argv[1:])
+    if suite == "compute":
+        return compute.main(argv[1:])
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
@@ -134,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         # Last: its own broker, log and table (default sizes: 1M events).
         proj = projections.main(["--json"] if args.json else [])
         code = max(code, proj)
+        sched = scheduler.main(["--json"] if args.json else [])
+        code = max(code, sched)
+        code = max(code, compute.main(["--json"] if args.json else []))
     return code
 
 

@@ -406,22 +406,6 @@ def _stratus_binary() -> str:
     return found
 
 
-def _spawn_handlers(
-    url: str, cwd: Path, log_path: Path, auth_dir: Path | None
-) -> subprocess.Popen[bytes]:
-    # Without auth_dir the service trusts every request (the write path
-    # alone); with it, it verifies each request's token as in production.
-    auth = ["--data-dir", str(auth_dir)] if auth_dir else ["--insecure-no-auth"]
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [_stratus_binary(), "--url", url, "serve", "handlers", *auth],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-
-
 async def _start_handlers(
     url: str,
     count: int,
@@ -429,12 +413,33 @@ async def _start_handlers(
     procs: list[subprocess.Popen[bytes]],
     auth_dir: Path | None = None,
 ) -> list[subprocess.Popen[bytes]]:
+    # Without auth_dir the service trusts every request (the write path
+    # alone); with it, it verifies each request's token as in production.
+    auth = ["--data-dir", str(auth_dir)] if auth_dir else ["--insecure-no-auth"]
+    label = f"handlers-{count}-{'auth' if auth_dir else 'open'}"
+    return await start_service_processes(
+        url, ["serve", "handlers", *auth], count, tmp, procs, label=label
+    )
+
+
+async def start_service_processes(
+    url: str,
+    argv: list[str],
+    count: int,
+    tmp: Path,
+    procs: list[subprocess.Popen[bytes]],
+    *,
+    label: str,
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` processes of ``stratus --url URL ARGV...`` and wait until
+    each says it is ready; their stderr goes to logs under ``tmp``."""
     started: list[subprocess.Popen[bytes]] = []
     logs: dict[int, Path] = {}
+    what = " ".join(argv[:2])
     for i in range(count):
-        log = tmp / f"handlers-{count}-{i}-{'auth' if auth_dir else 'open'}.log"
-        p = _spawn_handlers(url, tmp, log, auth_dir)
-        logs[p.pid] = log
+        log_path = tmp / f"{label}-{i}.log"
+        p = _spawn([_stratus_binary(), "--url", url, *argv], tmp, log_path)
+        logs[p.pid] = log_path
         procs.append(p)
         started.append(p)
     try:
@@ -447,13 +452,11 @@ async def _start_handlers(
                     line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), left)
                 except TimeoutError:
                     raise RuntimeError(
-                        f"stratus serve handlers not ready in {READY_TIMEOUT_S:.0f}s"
+                        f"stratus {what} not ready in {READY_TIMEOUT_S:.0f}s"
                     ) from None
                 if not line:
                     code = p.wait()
-                    raise RuntimeError(
-                        f"stratus serve handlers exited with {code}: {_tail(logs[p.pid])}"
-                    )
+                    raise RuntimeError(f"stratus {what} exited with {code}: {_tail(logs[p.pid])}")
                 if b"ready" in line:
                     break
             # Nothing reads stdout after this: drain it so a chatty service
@@ -468,6 +471,13 @@ async def _start_handlers(
                 p.stdout.close()
         raise
     return started
+
+
+def _spawn(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
+        )
 
 
 def _tail(path: Path, chars: int = 400) -> str:

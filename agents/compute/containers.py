@@ -1,0 +1,313 @@
+"""Container instances: a network namespace plus a cgroup, the isolation the
+seed describes for Docker and pods, with the command as PID 1 of its own PID
+namespace.
+
+Names derive from the server id (``st-<id>`` namespaces, cgroups under
+``stratus/<host>/<id>``), so a redelivered event finds what it already made,
+and reconcile lists this host's instances from the cgroup tree alone.
+cgroup v1 (``cpu`` and ``memory`` hierarchies) is used where it is mounted,
+else the unified v2 hierarchy (``cpu.max``, ``memory.max``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from stratus.agents.compute.spec import HostError, InstanceSpec, check
+from stratus.events.ids import NAME_RE
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NETNS_DIR = Path("/run/netns")
+DEFAULT_COMMAND = ["sleep", "infinity"]
+CPU_PERIOD_US = 100_000
+STOP_TIMEOUT_S = 5.0
+EXEC_TIMEOUT_S = 60.0
+EXEC_OUTPUT_MAX = 1 << 20
+
+
+class ExecResult(msgspec.Struct, frozen=True):
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def netns_name(server: str) -> str:
+    return f"st-{server}"
+
+
+def _run(args: list[str], timeout: float = 10) -> str:
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostError(f"{args[0]}: {exc}") from None
+    if done.returncode != 0:
+        raise HostError(f"{' '.join(args[:3])}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def _exec_done(pid: int) -> bool:
+    """Whether the forked child of unshare has exec'd its command (its
+    executable is no longer its parent's)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        ppid = next(
+            int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")
+        )
+        return os.readlink(f"/proc/{pid}/exe") != os.readlink(f"/proc/{ppid}/exe")
+    except (OSError, StopIteration, ValueError):
+        return False
+
+
+class Cgroups:
+    """The cgroup directories of one host's instances, v1 or v2."""
+
+    def __init__(self, host: str, root: Path = CGROUP_ROOT) -> None:
+        if not NAME_RE.match(host):
+            raise HostError(f"host name {host!r} is not a valid name")
+        self.v1 = (root / "cpu" / "cpu.cfs_quota_us").exists() and (
+            root / "memory" / "memory.limit_in_bytes"
+        ).exists()
+        if self.v1:
+            self.bases = [root / "cpu" / "stratus" / host, root / "memory" / "stratus" / host]
+        else:
+            self.bases = [root / "stratus" / host]
+            self._enable_v2(root, host)
+        for b in self.bases:
+            b.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _enable_v2(root: Path, host: str) -> None:
+        # v2 hands controllers down one level at a time.
+        d = root
+        for part in ("stratus", host):
+            with contextlib.suppress(OSError):
+                (d / "cgroup.subtree_control").write_text("+cpu +memory")
+            d = d / part
+            d.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            (d / "cgroup.subtree_control").write_text("+cpu +memory")
+
+    def dirs(self, server: str) -> list[Path]:
+        return [b / server for b in self.bases]
+
+    def servers(self) -> set[str]:
+        return {p.name for p in self.bases[0].iterdir() if p.is_dir()}
+
+    def create(self, spec: InstanceSpec) -> list[Path]:
+        dirs = self.dirs(spec.server)
+        for d in dirs:
+            d.mkdir(exist_ok=True)
+        quota = max(1000, int(spec.cpus * CPU_PERIOD_US))
+        limit = spec.ram_mb << 20
+        if self.v1:
+            cpu, mem = dirs
+            (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+            (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+            (cpu / "cpu.shares").write_text(str(max(2, int(1024 * spec.cpus))))
+            (mem / "memory.limit_in_bytes").write_text(str(limit))
+            # With swap on the host, RAM plus swap is capped too, or a hog
+            # would page out instead of being stopped at its limit.
+            with contextlib.suppress(OSError):
+                (mem / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        else:
+            d = dirs[0]
+            (d / "cpu.max").write_text(f"{quota} {CPU_PERIOD_US}")
+            (d / "memory.max").write_text(str(limit))
+            with contextlib.suppress(OSError):
+                (d / "memory.swap.max").write_text("0")
+        return dirs
+
+    def pids(self, server: str) -> list[int]:
+        try:
+            text = (self.dirs(server)[0] / "cgroup.procs").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def oom_kills(self, server: str) -> int:
+        """How many times the memory limit killed a process of the instance."""
+        d = self.dirs(server)[-1]
+        name = "memory.oom_control" if self.v1 else "memory.events"
+        with contextlib.suppress(FileNotFoundError):
+            for line in (d / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        return 0
+
+    def remove(self, server: str) -> None:
+        for d in self.dirs(server):
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
+
+    def prune(self) -> None:
+        """Remove this host's (empty) cgroup directories and the shared parent
+        if no other host uses it: what an agent leaves when it goes for good."""
+        for b in self.bases:
+            for d in (b, b.parent):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+class ContainerDriver:
+    """Container instances of one host (blocking: the agent runs it in a thread)."""
+
+    def __init__(self, host: str, log_dir: Path, cgroup_root: Path = CGROUP_ROOT) -> None:
+        self.host = host
+        self.cgroups = Cgroups(host, cgroup_root)
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def list_owned(self) -> dict[str, str]:
+        self._reap()
+        return {s: "running" if self.cgroups.pids(s) else "stopped" for s in self.cgroups.servers()}
+
+    def _reap(self) -> None:
+        for server, proc in list(self._procs.items()):
+            if proc.poll() is not None:
+                del self._procs[server]
+
+    def ensure(self, spec: InstanceSpec, running: bool = True) -> None:
+        check(spec)
+        ns = netns_name(spec.server)
+        if not (NETNS_DIR / ns).exists():
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        dirs = self.cgroups.create(spec)
+        if not running or self.cgroups.pids(spec.server):
+            return
+        command = list(spec.command) or DEFAULT_COMMAND
+        enter = [sys.executable, "-m", "stratus.agents.compute.enter"]
+        for d in dirs:
+            enter += ["--cgroup", str(d)]
+        args = [
+            *enter,
+            "--",
+            "nsenter",
+            f"--net={NETNS_DIR / ns}",
+            "--",
+            # PID 1 of a new PID namespace, with its own /proc; --kill-child:
+            # the instance dies with its unshare parent, never orphaned.
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            "--",
+            *command,
+        ]
+        log = open(self.log_dir / f"{spec.server}.log", "ab")
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # the agent's signals are not the instance's
+            )
+        except OSError as exc:
+            raise HostError(f"cannot start the container: {exc}") from None
+        finally:
+            log.close()
+        self._procs[spec.server] = proc
+        # Running means its PID 1 runs the command: until that exec, the
+        # child of unshare is still mounting the namespace's own /proc, and
+        # an exec entering it then would see the host's.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pid = self.init_pid(spec.server)
+            if pid is not None and _exec_done(pid):
+                return
+            if proc.poll() is not None:
+                tail = self.console(spec.server)[-500:]
+                raise HostError(f"container exited at start ({proc.returncode}): {tail}")
+            time.sleep(0.01)
+        raise HostError("container did not start within 5s")
+
+    def console(self, server: str) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.log_dir / f"{server}.log").read_text(errors="replace")
+        return ""
+
+    def init_pid(self, server: str) -> int | None:
+        """The host PID of the instance's PID 1 (its own namespace's init)."""
+        for pid in self.cgroups.pids(server):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("NSpid:"):
+                    ids = line.split()[1:]
+                    if len(ids) > 1 and ids[-1] == "1":
+                        return pid
+        return None
+
+    def stop(self, server: str) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            pids = self.cgroups.pids(server)
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+        else:
+            raise HostError(f"processes of {server} survived SIGKILL for {STOP_TIMEOUT_S}s")
+        proc = self._procs.pop(server, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_TIMEOUT_S)
+
+    def start(self, spec: InstanceSpec) -> None:
+        self.ensure(spec, running=True)
+
+    def reboot(self, spec: InstanceSpec) -> None:
+        self.stop(spec.server)
+        self.ensure(spec, running=True)
+
+    def remove(self, server: str) -> None:
+        self.stop(server)
+        self.cgroups.remove(server)
+        ns = netns_name(server)
+        if (NETNS_DIR / ns).exists():
+            _run(["ip", "netns", "delete", ns])
+        with contextlib.suppress(FileNotFoundError):
+            (self.log_dir / f"{server}.log").unlink()
+
+    def exec(self, server: str, command: list[str], timeout: float = EXEC_TIMEOUT_S) -> ExecResult:
+        """Run ``command`` inside the instance (its namespaces and cgroup)."""
+        if not command or any("\0" in a for a in command):
+            raise HostError("exec needs a command without NUL bytes")
+        pid = self.init_pid(server)
+        if pid is None:
+            raise HostError(f"server {server} is not running on {self.host}")
+        args = [sys.executable, "-m", "stratus.agents.compute.enter"]
+        for d in self.cgroups.dirs(server):
+            args += ["--cgroup", str(d)]
+        args += ["--", "nsenter", "-t", str(pid), "-n", "-p", "-m", "--", *command]
+        try:
+            done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return ExecResult(124, "", f"timed out after {timeout}s")
+        return ExecResult(
+            done.returncode,
+            done.stdout[:EXEC_OUTPUT_MAX].decode(errors="replace"),
+            done.stderr[:EXEC_OUTPUT_MAX].decode(errors="replace"),
+        )
+
+    def attach(self, spec: InstanceSpec, volume: str, path: str) -> None:
+        raise HostError("volumes attach to VM instances only")
+
+    def detach(self, spec: InstanceSpec, path: str) -> None:
+        return None

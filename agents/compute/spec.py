@@ -1,0 +1,90 @@
+"""One instance as the agent wants it: validated values only.
+
+Everything that reaches libvirt XML, a cgroup path, a namespace name or a
+command line goes through ``InstanceSpec``; its fields are checked here once,
+so the drivers never see a value straight from an event.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import msgspec
+
+from stratus.events.errors import Invalid
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}(?!\n)$")
+MAX_VCPUS = 256
+MAX_RAM_MB = 1 << 22  # 4 TiB
+MAX_VOLUMES = 16
+
+
+class HostError(Exception):
+    """The host could not do it; ``reason`` is the hypervisor's own words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InstanceSpec(msgspec.Struct, frozen=True):
+    server: str
+    tenant: str
+    name: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int = 0
+    instance_type: str = "vm"
+    # Filled by the agent: the overlay disk, the serial log, attached volumes
+    # (volume id -> qcow2 path, in attach order).
+    disk: str = ""
+    console_log: str = ""
+    volumes: dict[str, str] = {}
+    # Container instances: CPU as a fraction of cores (defaults to vcpus)
+    # and the command their PID 1 runs.
+    cpu: float = 0.0
+    command: list[str] = []
+    # VMs booted straight into a kernel (the host's direct-boot setting):
+    # absolute paths, and the kernel command line.
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
+
+    @property
+    def cpus(self) -> float:
+        return self.cpu or float(self.vcpus)
+
+
+def check(spec: InstanceSpec) -> InstanceSpec:
+    """``spec`` if every field is safe to hand to a driver, else ``Invalid``."""
+    if not ID_RE.match(spec.server):
+        raise Invalid(f"server id {spec.server!r} is not an id")
+    if not ID_RE.match(spec.tenant) and spec.tenant != "_system":
+        raise Invalid(f"tenant {spec.tenant!r} is not a tenant name")
+    if not 1 <= spec.vcpus <= MAX_VCPUS:
+        raise Invalid(f"vcpus {spec.vcpus} outside 1..{MAX_VCPUS}")
+    if not 1 <= spec.ram_mb <= MAX_RAM_MB:
+        raise Invalid(f"ram_mb {spec.ram_mb} outside 1..{MAX_RAM_MB}")
+    if spec.instance_type not in ("vm", "container"):
+        raise Invalid(f"instance type {spec.instance_type!r} is neither vm nor container")
+    if not 0 <= spec.cpu <= MAX_VCPUS:
+        raise Invalid(f"cpu {spec.cpu} outside 0..{MAX_VCPUS}")
+    if len(spec.volumes) > MAX_VOLUMES or not all(ID_RE.match(v) for v in spec.volumes):
+        raise Invalid("volumes: at most 16, named by their ids")
+    for path in (spec.kernel, spec.initrd, spec.disk, spec.console_log):
+        if path and (not path.startswith("/") or "\0" in path or len(path) > 4096):
+            raise Invalid(f"{path!r} is not an absolute path")
+    if len(spec.cmdline) > 4096 or "\0" in spec.cmdline:
+        raise Invalid("kernel command line: at most 4096 characters, no NUL")
+    if any("\0" in a for a in spec.command) or len(spec.command) > 256:
+        raise Invalid("command: at most 256 arguments without NUL bytes")
+    return spec
+
+
+def domain_uuid(server: str) -> str | None:
+    """The server id as the domain's UUID when it is one (UUIDv7 ids are)."""
+    try:
+        return str(uuid.UUID(server))
+    except ValueError:
+        return None

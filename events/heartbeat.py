@@ -1,0 +1,139 @@
+"""Host liveness through a JetStream KV bucket, never through the event log.
+
+Each beat is one message on ``$KV.<HEARTBEATS>.<host>`` carrying its own TTL;
+when a host stops beating, the server expires its last beat and places a
+delete marker, which every watcher sees. The bucket lives in memory: a beat
+is worth nothing after its TTL, so it is not worth a disk sync either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import StorageType
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from stratus.events.ids import NAME_RE
+from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(HostHeartbeat)
+
+
+async def bucket(js: JetStreamContext) -> KeyValue:
+    """The heartbeat bucket, made on first use (by whichever side comes first)."""
+    try:
+        return await js.key_value(HEARTBEATS)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    with contextlib.suppress(nats.js.errors.BadRequestError):
+        # Another process may create it at the same moment with the same config.
+        await js.create_key_value(
+            bucket=HEARTBEATS,
+            history=1,
+            storage=StorageType.MEMORY,
+            # Delete markers for expired beats, so watchers learn of a death.
+            limit_marker_ttl=1.0,
+        )
+    return await js.key_value(HEARTBEATS)
+
+
+async def beat(
+    js: JetStreamContext, host: str, *, ttl: float = HEARTBEAT_TTL, instances: int = 0
+) -> None:
+    """Say ``host`` is alive for the next ``ttl`` seconds."""
+    if not NAME_RE.match(host):
+        raise ValueError(f"not a host name: {host!r}")
+    ttl = max(1.0, ttl)
+    data = _enc.encode(HostHeartbeat(host=host, at=time.time(), ttl=ttl, instances=instances))
+    subject = f"$KV.{HEARTBEATS}.{host}"
+    try:
+        await js.publish(subject, data, msg_ttl=ttl)
+    except nats.js.errors.NoStreamResponseError:
+        # The first beat of a fresh cloud: make the bucket, then beat.
+        await bucket(js)
+        await js.publish(subject, data, msg_ttl=ttl)
+
+
+class Liveness:
+    """Which hosts beat within their TTL, kept current by a KV watch.
+
+    ``on_change(host, alive_until)`` is called for every beat and expiry
+    (``alive_until`` 0 when the host's beat expired or was removed).
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        on_change: Callable[[str, float], None] | None = None,
+        ttl: float = HEARTBEAT_TTL,
+    ) -> None:
+        self.js = js
+        self.ttl = ttl
+        self.on_change = on_change
+        self._until: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        kv = await bucket(self.js)
+        self._watcher = await kv.watchall()
+        # The current beats first, so the caller starts with a full picture.
+        async with asyncio.timeout(10):
+            while True:
+                entry = await self._watcher.updates(timeout=5)
+                if entry is None:
+                    break
+                self._apply(entry)
+        self._task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        assert self._watcher is not None
+        while not self._closing:
+            try:
+                entry = await self._watcher.updates(timeout=60)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            if entry is not None:
+                self._apply(entry)
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        host = entry.key
+        until = 0.0
+        if entry.operation not in (KV_DEL, KV_PURGE) and entry.value:
+            try:
+                ttl = _dec.decode(entry.value).ttl
+            except msgspec.DecodeError:
+                ttl = self.ttl
+            # Local receive time, not the sender's clock: hosts may disagree.
+            # The server's expiry marker ends it sooner if the beats stop.
+            until = time.time() + ttl
+        self._until[host] = until
+        if self.on_change is not None:
+            self.on_change(host, until)
+
+    def alive(self, host: str) -> bool:
+        return self._until.get(host, 0.0) > time.time()
+
+    def alive_hosts(self) -> set[str]:
+        now = time.time()
+        return {h for h, t in self._until.items() if t > now}
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            # The watcher may report a cancellation as a timeout; the loop
+            # then ends on ``_closing`` instead.
+            await asyncio.wait([self._task], timeout=5)
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()

@@ -1,0 +1,205 @@
+"""Filters: which hosts can take a server at all.
+
+A filter has a ``name`` (what configuration and reasons use) and answers
+with checks: each a short reason and a boolean mask over every host (True:
+passes). Masks are computed for all hosts at once; the decision applies
+them in order and counts how many hosts each one removed, which is what the
+user reads: "0/5000 hosts: 3120 insufficient RAM, 1880 label zone=b not
+matched".
+
+The pure cores (``fits``) are plain functions on arrays, tested on their own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import ClassVar
+
+import msgspec
+import numpy as np
+
+from stratus.handlers.scheduler.table import HostTable
+
+Check = tuple[str, np.ndarray]
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True):
+    """What one placement asks for (from ``server.requested``)."""
+
+    server: str
+    tenant: str
+    name: str = ""
+    image: str = ""
+    vcpus: int
+    ram_mb: int
+    disk_gb: int = 0
+    instance_type: str = "vm"
+    labels: dict[str, str] = {}
+    host: str = ""
+    zone: str = ""
+    group: str = ""
+    # Hosts this server's build already failed on (retries go elsewhere).
+    exclude: tuple[str, ...] = ()
+    attempt: int = 1
+
+
+def fits(capacity: np.ndarray, used: np.ndarray, requested: float) -> np.ndarray:
+    """Hosts with room for ``requested`` more: used + requested <= capacity.
+
+    ``capacity`` is after the allocation ratio (4 vCPUs at ratio 4.0 hold
+    16), as in Nova's CoreFilter and kube's PodFitsResources.
+    """
+    return used + requested <= capacity
+
+
+class Filter:
+    name: ClassVar[str]
+
+    def applies(self, r: Request) -> bool:
+        """False when the request cannot be refused by this filter (skipped)."""
+        return True
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        raise NotImplementedError
+
+
+class HostAlive(Filter):
+    """Hosts whose agent heartbeat has not expired."""
+
+    name = "HostAlive"
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        yield "not alive (no heartbeat)", t.col("alive_until") > time.time()
+
+
+class HostEnabled(Filter):
+    name = "HostEnabled"
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        yield "disabled", t.col("enabled")
+
+
+class InstanceType(Filter):
+    """Hosts that run this instance type (``vm`` through libvirt, ``container``)."""
+
+    name = "InstanceType"
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        col = "container" if r.instance_type == "container" else "vm"
+        yield f"no {col} support", t.col(col)
+
+
+class ResourceFit(Filter):
+    """vCPU, RAM and disk, each against capacity x allocation ratio."""
+
+    name = "ResourceFit"
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        yield "insufficient vCPU", fits(t.col("cap_vcpus"), t.col("used_vcpus"), r.vcpus)
+        yield "insufficient RAM", fits(t.col("cap_ram"), t.col("used_ram"), r.ram_mb)
+        if r.disk_gb:
+            yield "insufficient disk", fits(t.col("cap_disk"), t.col("used_disk"), r.disk_gb)
+
+
+class Labels(Filter):
+    """Every ``--label k=v`` of the server must be a label of the host."""
+
+    name = "Labels"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.labels)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        for k, v in sorted(r.labels.items()):
+            yield f"label {k}={v} not matched", t.label_mask(k, v)
+
+
+class HostName(Filter):
+    """``--host``: that host and no other."""
+
+    name = "HostName"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.host)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        m = np.zeros(len(t), np.bool_)
+        i = t.index.get(r.host)
+        if i is not None:
+            m[i] = True
+        yield f"not host {r.host}", m
+
+
+class AvailabilityZone(Filter):
+    name = "AvailabilityZone"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.zone)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        code = t.zones.get(r.zone, -1)
+        yield f"not in zone {r.zone}", t.col("zone") == code
+
+
+class ServerGroupAffinity(Filter):
+    """Members of an affinity group share a host (any host for the first)."""
+
+    name = "ServerGroupAffinity"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.group)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        if t.policies.get(r.group) != "affinity" or not t.group_hosts.get(r.group):
+            return
+        yield "affinity: not the group's host", t.group_mask(r.group)
+
+
+class ServerGroupAntiAffinity(Filter):
+    """Members of an anti-affinity group never share a host."""
+
+    name = "ServerGroupAntiAffinity"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.group)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        if t.policies.get(r.group) != "anti-affinity" or not t.group_hosts.get(r.group):
+            return
+        yield "anti-affinity: group member there", ~t.group_mask(r.group)
+
+
+class Retry(Filter):
+    """Hosts this server's build already failed on."""
+
+    name = "Retry"
+
+    def applies(self, r: Request) -> bool:
+        return bool(r.exclude)
+
+    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        m = np.ones(len(t), np.bool_)
+        for h in r.exclude:
+            i = t.index.get(h)
+            if i is not None:
+                m[i] = False
+        yield "build failed there before", m
+
+
+FILTERS: dict[str, type[Filter]] = {
+    f.name: f
+    for f in (
+        HostAlive,
+        HostEnabled,
+        InstanceType,
+        HostName,
+        AvailabilityZone,
+        Labels,
+        ServerGroupAffinity,
+        ServerGroupAntiAffinity,
+        Retry,
+        ResourceFit,
+    )
+}
+DEFAULT_FILTERS = tuple(FILTERS)

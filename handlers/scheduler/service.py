@@ -1,0 +1,479 @@
+"""The scheduler service: places requested servers on hosts, event-driven.
+
+Host state is the fold of the hosts' subjects (``HostTable``), read at start
+and kept current by an ordered subscription; liveness comes from the
+heartbeat bucket. Work arrives on a durable pull consumer of
+``ev.*.server.*`` that every replica shares, so each server event goes to
+one replica.
+
+A placement is claimed by one atomic batch: ``host.claimed`` on the host's
+subject, on the condition that nothing was appended there since the host
+state the decision used, plus ``server.scheduled`` on the server's subject,
+on the condition that the server is still as it was requested. If another
+replica claimed that host first, the batch is refused; this replica waits
+until its table has folded what it missed and decides again (bounded).
+Concurrent decisions go to the log together (one batch, one disk sync).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import msgspec
+import nats.errors
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from stratus.events.catalog import CODEC
+from stratus.events.errors import ConcurrencyConflict, StratusError
+from stratus.events.heartbeat import Liveness
+from stratus.events.model import Cause, Event, UnknownEvent
+from stratus.events.resources import (
+    SYSTEM,
+    ServerDeleted,
+    ServerFailed,
+    ServerRequested,
+    ServerScheduled,
+)
+from stratus.events.scheduling import HostClaimed, HostReleased, ServerBuildFailed
+from stratus.events.store import AppendRequest, AppendResult, Condition, EventStore
+from stratus.handlers.scheduler.decide import (
+    Busy,
+    Decider,
+    NoValidHost,
+    Outcome,
+    Placed,
+    SchedulerConfig,
+)
+from stratus.handlers.scheduler.filters import Request
+from stratus.handlers.scheduler.table import SUBJECTS, HostTable
+
+log = structlog.get_logger("stratus.scheduler")
+
+ACTOR = "scheduler"
+DURABLE = "scheduler"
+WORK_SUBJECT = "ev.*.server.*"
+# A claim in flight has no sequence yet: its host waits until it lands.
+IN_FLIGHT = 1 << 62
+MAX_ROUNDS = 16
+FETCH = 256
+
+
+def host_subject(host: str) -> str:
+    return f"ev.{SYSTEM}.host.{host}"
+
+
+def request_of(e: ServerRequested, exclude: tuple[str, ...] = (), attempt: int = 1) -> Request:
+    return Request(
+        server=e.aggregate.id,
+        tenant=e.tenant,
+        name=e.name,
+        image=e.image,
+        vcpus=e.vcpus,
+        ram_mb=e.ram_mb,
+        disk_gb=e.disk_gb,
+        instance_type=e.instance_type,
+        labels=dict(e.labels),
+        host=e.requested_host,
+        zone=e.zone,
+        group=e.group,
+        exclude=exclude,
+        attempt=attempt,
+    )
+
+
+class Job(msgspec.Struct):
+    """One server to place: the work message, what it asks, what it waits on."""
+
+    msg: Any
+    request: Request
+    cause: Cause
+    # The server subject's last sequence the decision is conditioned on.
+    server_seq: int
+    # A retry gives back the failed host's claim in the same batch.
+    release: str = ""
+    # Retries exhausted: fail with this reason instead of placing.
+    give_up: str = ""
+
+
+class Sent(msgspec.Struct):
+    job: Job
+    out: Any
+    req: AppendRequest
+    # The claimed host's row and the host sequence the claim is conditioned on.
+    row: int
+    expected: int
+
+
+class HostMoved(ConcurrencyConflict):
+    """Another replica claimed the chosen host first: decide again."""
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        store: EventStore,
+        config: SchedulerConfig | None = None,
+        *,
+        durable: str = DURABLE,
+        liveness: bool | None = None,
+    ) -> None:
+        self.store = store
+        self.decider = Decider(config)
+        self.config = self.decider.config
+        self.durable = durable
+        self.use_liveness = "HostAlive" in self.config.filters if liveness is None else liveness
+        self.table = HostTable()
+        self.liveness: Liveness | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sub: Any = None
+        self._folded = asyncio.Event()
+        self._closing = False
+        # Counters for ``status`` and the benchmark.
+        self.placed = self.failed = self.conflicts = self.rounds = 0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        end = await self.store.last_seq()
+        async for batch in self.store.read(0, end, subjects=SUBJECTS):
+            for rec in batch:
+                self._fold(rec.seq, rec)
+        self._tasks.append(asyncio.create_task(self._follow(end)))
+        if self.use_liveness:
+            self.liveness = Liveness(self.store.js, on_change=self.table.set_alive)
+            await self.liveness.start()
+        self._sub = await self.store.js.pull_subscribe(
+            WORK_SUBJECT,
+            durable=self.durable,
+            stream=self.store.stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=30,
+                max_ack_pending=20_000,
+            ),
+        )
+        self._tasks.append(asyncio.create_task(self._work()))
+        log.info("scheduler started", hosts=len(self.table), folded=self.table.last_applied)
+
+    async def stop(self) -> None:
+        log.info("scheduler stopping", **self.stats())
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        # nats-py may turn a cancellation inside a request into its own
+        # error; the loops then see ``_closing`` on their next turn.
+        _, late = await asyncio.wait(self._tasks, timeout=5)
+        if late:
+            log.warning("scheduler tasks still running at stop", tasks=len(late))
+        self._tasks.clear()
+        if self.liveness is not None:
+            await self.liveness.stop()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+    # -- host state ----------------------------------------------------------
+
+    def _fold(self, seq: int, rec: Any) -> None:
+        try:
+            event = rec.decode()
+        except UnknownEvent:
+            log.warning("event not understood; host table skips it", seq=seq)
+            return
+        self.table.apply(seq, event)
+
+    async def _follow(self, after: int) -> None:
+        async for batch in self.store.subscribe(after, subjects=SUBJECTS):
+            for rec in batch:
+                self._fold(rec.seq, rec)
+            self._folded.set()
+
+    async def _caught_up(self, timeout: float = 5.0) -> None:
+        """Wait until the table holds everything now on the hosts' subjects."""
+        target = await self.store.last_seq(SUBJECTS[0])
+        deadline = time.monotonic() + timeout
+        while self.table.last_applied < target and time.monotonic() < deadline:
+            self._folded.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._folded.wait(), 0.05)
+
+    # -- work ------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while not self._closing:
+            try:
+                msgs = await self._sub.fetch(FETCH, timeout=1)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                log.warning("fetch failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                await self.handle(msgs)
+            except Exception:
+                # A bug, not a refusal: leave the messages to be redelivered.
+                log.exception("scheduler round failed")
+
+    async def handle(self, msgs: list[Any]) -> None:
+        jobs: list[Job] = []
+        for m in msgs:
+            seq = m.metadata.sequence.stream
+            try:
+                event = CODEC.decode(m.data)
+            except UnknownEvent:
+                log.warning("work event not understood; skipped", seq=seq)
+                await m.ack()
+                continue
+            job: Job | None = None
+            if isinstance(event, ServerRequested):
+                if event.aggregate.id in self.table.claims:
+                    await m.ack()  # placed long ago (a consumer starting over the log)
+                    continue
+                job = Job(m, request_of(event), _cause(event), seq)
+            elif isinstance(event, ServerBuildFailed):
+                job = await self._retry(m, seq, event)
+            elif isinstance(event, ServerDeleted):
+                await self._release_deleted(event)
+            if job is None:
+                await m.ack()
+            else:
+                jobs.append(job)
+        if jobs:
+            await self.place(jobs)
+
+    async def place(self, jobs: list[Job]) -> None:
+        pending = jobs
+        for _ in range(MAX_ROUNDS):
+            if not pending:
+                return
+            self.rounds += 1
+            pending = await self._round(pending)
+        for job in pending:
+            # Still contended after every round: let the consumer bring it back.
+            with contextlib.suppress(Exception):
+                await job.msg.nak(delay=1)
+
+    async def _round(self, jobs: list[Job]) -> list[Job]:
+        t = self.table
+        later: list[Job] = []
+        sent: list[Sent] = []
+        for job in jobs:
+            out: Outcome
+            if job.give_up:
+                out = NoValidHost(job.give_up, {"attempt": job.request.attempt})
+            else:
+                out = self.decider.decide(t, job.request)
+            if isinstance(out, Busy):
+                later.append(job)
+                continue
+            row, expected = -1, 0
+            if isinstance(out, Placed):
+                row, expected = out.row, int(t.last_seq[out.row])
+                t.hold[row] = IN_FLIGHT
+            sent.append(Sent(job, out, self._append_request(job, out, expected), row, expected))
+        results = await self._append(sent)
+        for s, res in zip(sent, results, strict=True):
+            job = s.job
+            if isinstance(res, AppendResult):
+                if s.row >= 0:
+                    # Free again once the table has folded our own claim.
+                    t.hold[s.row] = res.seqs[1 if job.release else 0]
+                    self.placed += 1
+                else:
+                    self.failed += 1
+                await job.msg.ack()
+                continue
+            if s.row >= 0:
+                t.hold[s.row] = 0
+            if isinstance(res, HostMoved):
+                self.conflicts += 1
+                later.append(job)
+            elif isinstance(res, ConcurrencyConflict):
+                self.conflicts += 1
+                subject = f"ev.{job.request.tenant}.server.{job.request.server}"
+                if await self.store.last_seq(subject) != job.server_seq:
+                    # The server moved on (deleted, or placed by another replica).
+                    await job.msg.ack()
+                else:
+                    later.append(job)
+            else:
+                log.warning("placement not appended", server=job.request.server, error=str(res))
+                later.append(job)
+        if later and len(later) == len(jobs):
+            # Nothing landed: give claims in flight (ours or a replica's) a
+            # moment to reach the table before deciding again.
+            self._folded.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._folded.wait(), 0.05)
+        return later
+
+    async def _append(self, sent: list[Sent]) -> list[AppendResult | Exception]:
+        """The round's appends as one atomic batch. If a replica claimed one
+        of its hosts first, the whole batch is refused: the table, once it
+        has folded that claim, tells which members were stale, and the rest
+        go again as one batch (one disk sync) rather than one by one."""
+        results: list[AppendResult | Exception | None] = [None] * len(sent)
+        todo = list(range(len(sent)))
+        for _ in range(3):
+            if not todo:
+                break
+            got = await self.store.append_group([sent[i].req for i in todo], one_by_one=False)
+            if not any(isinstance(r, Exception) for r in got):
+                for i, r in zip(todo, got, strict=True):
+                    results[i] = r
+                todo = []
+                break
+            err = next(r for r in got if isinstance(r, Exception))
+            if not isinstance(err, ConcurrencyConflict):
+                break
+            await self._caught_up()
+            stale = {
+                i
+                for i in todo
+                if sent[i].row >= 0 and self.table.last_seq[sent[i].row] != sent[i].expected
+            }
+            if not stale:
+                break  # a server subject moved: only one by one can tell which
+            for i in stale:
+                results[i] = HostMoved(str(err), sent[i].expected, None)
+            todo = [i for i in todo if i not in stale]
+        if todo:
+            got = await self.store.append_group([sent[i].req for i in todo])
+            for i, r in zip(todo, got, strict=True):
+                results[i] = r
+        return [r if r is not None else HostMoved("not sent", 0, None) for r in results]
+
+    def _append_request(self, job: Job, out: Outcome, expected: int) -> AppendRequest:
+        r, cause = job.request, job.cause
+        events: list[Event] = []
+        conds: list[Condition] = []
+        if job.release:
+            events.append(
+                cause.make(
+                    HostReleased,
+                    SYSTEM,
+                    "host",
+                    job.release,
+                    server=r.server,
+                    server_tenant=r.tenant,
+                    reason="build failed",
+                )
+            )
+        if isinstance(out, Placed):
+            subject = host_subject(out.host)
+            conds.append(Condition(subject, expected, len(events)))
+            events.append(
+                cause.make(
+                    HostClaimed,
+                    SYSTEM,
+                    "host",
+                    out.host,
+                    server=r.server,
+                    server_tenant=r.tenant,
+                    name=r.name,
+                    image=r.image,
+                    vcpus=r.vcpus,
+                    ram_mb=r.ram_mb,
+                    disk_gb=r.disk_gb,
+                    instance_type=r.instance_type,
+                    group=r.group,
+                    attempt=r.attempt,
+                )
+            )
+            server_event: Event = cause.make(
+                ServerScheduled,
+                r.tenant,
+                "server",
+                r.server,
+                host=out.host,
+                scheduling=out.scheduling,
+            )
+        else:
+            assert isinstance(out, NoValidHost)
+            server_event = cause.make(
+                ServerFailed,
+                r.tenant,
+                "server",
+                r.server,
+                reason=out.reason,
+                scheduling=out.scheduling,
+            )
+        conds.append(Condition(server_event.subject, job.server_seq, len(events)))
+        events.append(server_event)
+        # No command id: the condition on the server subject already refuses a
+        # second placement, and a message id would make every refusal look up
+        # whether it was a duplicate.
+        return AppendRequest(events, conds)
+
+    # -- retries and releases --------------------------------------------------
+
+    async def _history(self, tenant: str, server: str) -> list[Event]:
+        recs = await self.store.read_all(subjects=[f"ev.{tenant}.server.{server}"])
+        return [r.decode() for r in recs]
+
+    async def _retry(self, msg: Any, seq: int, failed: ServerBuildFailed) -> Job | None:
+        """After a build failure: a job that places the server elsewhere, or
+        gives up once its attempts are spent (the failed host's claim is
+        released in the same batch either way)."""
+        history = await self._history(failed.tenant, failed.aggregate.id)
+        requested = next((e for e in history if isinstance(e, ServerRequested)), None)
+        if requested is None or any(isinstance(e, ServerDeleted) for e in history):
+            return None
+        failures = [e for e in history if isinstance(e, ServerBuildFailed)]
+        exclude = tuple(dict.fromkeys(e.host for e in failures))
+        await self._caught_up()
+        release = failed.host if self.table.host_of(failed.aggregate.id) == failed.host else ""
+        job = Job(
+            msg,
+            request_of(requested, exclude, attempt=len(failures) + 1),
+            _cause(failed),
+            seq,
+            release=release,
+        )
+        if len(failures) >= self.config.max_attempts:
+            tried = "; ".join(f"{e.host}: {e.reason}" for e in failures)
+            job.give_up = f"build failed {len(failures)} times ({tried})"
+        return job
+
+    async def _release_deleted(self, deleted: ServerDeleted) -> None:
+        server = deleted.aggregate.id
+        if server not in self.table.claims:
+            # The claim precedes the deletion on the log: fold up to now first.
+            await self._caught_up()
+        claim = self.table.claims.get(server)
+        if claim is None:
+            return
+        host = self.table.names[claim.host]
+        event = _cause(deleted).make(
+            HostReleased,
+            SYSTEM,
+            "host",
+            host,
+            server=server,
+            server_tenant=deleted.tenant,
+            reason="server deleted",
+        )
+        try:
+            await self.store.append([event], msg_id=f"release-{server}-{claim.seq}")
+        except StratusError as err:
+            log.warning("release not appended", server=server, error=str(err))
+            raise
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "hosts": int(self.table.col("exists").sum()),
+            "placed": self.placed,
+            "no_valid_host": self.failed,
+            "conflicts": self.conflicts,
+            "rounds": self.rounds,
+        }
+
+
+def _cause(event: Event) -> Cause:
+    return Cause(actor=ACTOR, correlation_id=event.correlation_id, causation_id=event.id)

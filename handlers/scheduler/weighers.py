@@ -1,0 +1,84 @@
+"""Weighers: which of the hosts that can take a server should.
+
+A weigher scores the candidate hosts (higher is better) with a pure
+function of arrays. Scores are normalised to 0..1 over the candidates and
+multiplied by the weigher's multiplier in one place (``weigh``), as in
+Nova, so a weigher never worries about scale: a positive multiplier on
+``LeastRequested`` spreads servers over hosts, a negative one stacks them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from stratus.handlers.scheduler.filters import Request
+from stratus.handlers.scheduler.table import HostTable
+
+
+def least_requested_score(capacity: np.ndarray, used: np.ndarray, requested: float) -> np.ndarray:
+    """Share of the host left free once the server is placed: (cap - used - req) / cap.
+
+    kube-scheduler's LeastAllocated per resource (before its x100 scale).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = (capacity - used - requested) / capacity
+    return np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def balanced_score(cpu_fraction: np.ndarray, ram_fraction: np.ndarray) -> np.ndarray:
+    """1 - standard deviation of the used fractions: hosts whose CPU and RAM
+    fill at the same pace score higher (kube's BalancedResourceAllocation).
+    For two resources the standard deviation is |a - b| / 2."""
+    return 1.0 - np.abs(cpu_fraction - ram_fraction) / 2.0
+
+
+class Weigher:
+    name: ClassVar[str]
+
+    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LeastRequested(Weigher):
+    """Prefers the emptiest host (spread); a negative multiplier stacks."""
+
+    name = "LeastRequested"
+
+    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
+        cpu = least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.vcpus)
+        ram = least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.ram_mb)
+        return (cpu + ram) / 2.0
+
+
+class BalancedAllocation(Weigher):
+    name = "BalancedAllocation"
+
+    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
+        cpu = 1.0 - least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.vcpus)
+        ram = 1.0 - least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.ram_mb)
+        return balanced_score(cpu, ram)
+
+
+WEIGHERS: dict[str, type[Weigher]] = {w.name: w for w in (LeastRequested, BalancedAllocation)}
+DEFAULT_WEIGHERS: dict[str, float] = {"LeastRequested": 1.0, "BalancedAllocation": 1.0}
+
+
+def normalise(scores: np.ndarray) -> np.ndarray:
+    """Scale to 0..1 over the candidates; all equal → all 0 (no preference)."""
+    lo, hi = float(scores.min()), float(scores.max())
+    if hi - lo <= 1e-12:
+        return np.zeros_like(scores)
+    return (scores - lo) / (hi - lo)
+
+
+def weigh(
+    t: HostTable, r: Request, rows: np.ndarray, weighers: list[tuple[Weigher, float]]
+) -> np.ndarray:
+    """The total weight of each candidate row: sum of multiplier x normalised score."""
+    total = np.zeros(len(rows), np.float64)
+    for w, multiplier in weighers:
+        if multiplier:
+            total += multiplier * normalise(w.scores(t, r, rows))
+    return total

@@ -1,0 +1,374 @@
+"""The compute agent on libvirt's test driver: claims become running domains
+on qcow2 overlays, verbs reach the host, failures are reported, reconcile
+repairs the host, and restarting with nothing changed changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import libvirt
+import msgspec
+import pytest
+
+from stratus.agents.compute import images
+from stratus.agents.compute.domain import NS, domain_name
+from stratus.events.compute import HostServerAction
+from stratus.events.heartbeat import Liveness
+from stratus.events.ids import new_id
+from stratus.events.resources import SYSTEM, ImageCreated
+from stratus.events.scheduling import HostReleased
+from stratus.tests.compute_helpers import (
+    TENANT,
+    cause,
+    cleanup,
+    make_agent,
+    owned,
+    place,
+    server_events,
+    types,
+    unique_host,
+    wait_for,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def action(store, host, sid, what, **kw):
+    ev = cause().make(
+        HostServerAction,
+        SYSTEM,
+        "host",
+        host,
+        server=sid,
+        server_tenant=TENANT,
+        action=what,
+        **kw,
+    )
+    await store.append([ev])
+
+
+async def test_claim_builds_a_running_domain_on_an_overlay(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host, vcpus=2, ram_mb=128)
+        evs = await wait_for(store, sid, "server.running")
+        assert types(evs)[-2:] == ["server.building", "server.running"]
+        running = evs[-1]
+        assert running.host == host
+        chain = images.info(Path(running.disk), chain=True)
+        # The instance's disk is a qcow2 overlay on the host's cached base.
+        assert len(chain) == 2
+        assert chain[0]["format"] == "qcow2"
+        assert chain[0]["full-backing-filename"].startswith(str(agent.cache.root))
+        assert chain[0]["actual-size"] < 1 << 20
+        dom = agent.drivers["vm"].conn.lookupByName(domain_name(sid))
+        xml = dom.XMLDesc(0)
+        assert f'<stratus:instance xmlns:stratus="{NS}"' in xml or NS in xml
+        assert "<quota>200000</quota>" in xml and "<shares>2048</shares>" in xml
+        assert dom.isActive()
+        assert owned(agent) == {sid: "running"}
+
+        # stop, start, reboot, delete: each done on the host and reported.
+        await action(store, host, sid, "stop")
+        await wait_for(store, sid, "server.stopped")
+        assert owned(agent) == {sid: "stopped"}
+        await action(store, host, sid, "start")
+        evs = await wait_for(store, sid, "server.stopped")
+        for _ in range(200):
+            evs = await wait_for(store, sid, "server.running")
+            if types(evs).count("server.running") == 2:
+                break
+        assert types(evs).count("server.running") == 2
+        assert owned(agent) == {sid: "running"}
+        await action(store, host, sid, "delete")
+        await wait_for(store, sid, "server.deleted")
+        assert owned(agent) == {}
+        assert not (agent.disks / f"{sid}.qcow2").exists()
+    finally:
+        await cleanup(agent)
+
+
+async def test_libvirt_error_is_a_build_failure_with_its_reason(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    conn = agent.drivers["vm"].conn
+    sid = new_id()
+    # Someone else's domain already holds the name (another UUID, no marks):
+    # libvirt refuses the definition, and the foreign domain is left alone.
+    foreign = conn.defineXML(
+        f"<domain type='test'><name>{domain_name(sid)}</name>"
+        "<memory unit='KiB'>1024</memory><os><type>hvm</type></os></domain>"
+    )
+    try:
+        await place(store, host, server=sid)
+        evs = await wait_for(store, sid, "server.build-failed")
+        failed = evs[-1]
+        assert failed.host == host and failed.attempt == 1
+        assert "already exists" in failed.reason
+        assert "server.running" not in types(evs)
+        assert conn.lookupByName(domain_name(sid)).UUIDString() == foreign.UUIDString()
+        assert not (agent.disks / f"{sid}.qcow2").exists()
+    finally:
+        foreign.undefine()
+        await cleanup(agent)
+
+
+async def test_release_removes_the_instance(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        ev = cause().make(
+            HostReleased, SYSTEM, "host", host, server=sid, server_tenant=TENANT, reason="test"
+        )
+        await store.append([ev])
+        for _ in range(200):
+            if not owned(agent):
+                break
+            await asyncio.sleep(0.05)
+        assert owned(agent) == {}
+    finally:
+        await cleanup(agent)
+
+
+async def test_reconcile_recreates_the_missing_and_removes_strays(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        a = await place(store, host)
+        b = await place(store, host)
+        await wait_for(store, a, "server.running")
+        await wait_for(store, b, "server.running")
+        await agent.stop()
+        conn = agent.drivers["vm"].conn
+        # By hand: one domain destroyed and undefined, one stray of ours added.
+        gone = conn.lookupByName(domain_name(a))
+        gone.destroy()
+        gone.undefine()
+        claim_b = (await agent.read_host()).instances[b].claim
+        stray = msgspec.structs.replace(claim_b, server="0190aaaa-bbbb-7ccc-8ddd-eeeeeeeeeeee")
+        stray_spec = agent.instance(stray)
+        agent.drivers["vm"].ensure(stray_spec)
+        assert set(owned(agent)) == {b, stray_spec.server}
+
+        restarted = make_agent(store, host, tmp_path)
+        await restarted.start()
+        try:
+            assert owned(restarted) == {a: "running", b: "running"}
+            evs = await store.read_all(subjects=[f"ev.{SYSTEM}.host.{host}"])
+            report = [r.decode() for r in evs if r.decode().type_name() == "host.reconciled"]
+            assert len(report) == 1
+            assert report[0].recreated == [a]
+            assert report[0].removed == [stray_spec.server]
+            assert types(await wait_for(store, a, "server.running")).count("server.running") == 2
+            seq = await store.last_seq()
+            await restarted.stop()
+            # A restart with nothing changed changes nothing, appends nothing.
+            again = make_agent(store, host, tmp_path)
+            await again.start()
+            await again.stop()
+            assert await store.last_seq() == seq
+            assert owned(again) == {a: "running", b: "running"}
+        finally:
+            await cleanup(restarted)
+    finally:
+        await cleanup(agent)
+
+
+async def test_registration_and_heartbeat(store, tmp_path):
+    host = unique_host()
+    liveness = Liveness(store.js)
+    await liveness.start()
+    agent = make_agent(store, host, tmp_path)
+    try:
+        assert not liveness.alive(host)
+        await agent.start()
+        evs = [r.decode() for r in await store.read_all(subjects=[f"ev.{SYSTEM}.host.{host}"])]
+        assert types(evs) == ["host.registered"]
+        assert evs[0].vcpus == 16 and evs[0].ram_mb == 32768
+        for _ in range(100):
+            if liveness.alive(host):
+                break
+            await asyncio.sleep(0.05)
+        assert liveness.alive(host) and host in liveness.alive_hosts()
+    finally:
+        await liveness.stop()
+        await cleanup(agent)
+
+
+async def wait_image(store, image_id, timeout=20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        recs = await store.read_all(subjects=[f"ev.{TENANT}.image.{image_id}"])
+        if recs:
+            return recs[-1].decode()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"image {image_id} never recorded")
+
+
+async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        src = tmp_path / "base.qcow2"
+        await asyncio.to_thread(images.qemu_img, "create", "-q", "-f", "qcow2", str(src), "32M")
+        stored = await asyncio.to_thread(images.store_file, src, "qcow2", agent.image_store)
+        parent_id = new_id()
+        await store.append(
+            [
+                cause().make(
+                    ImageCreated,
+                    TENANT,
+                    "image",
+                    parent_id,
+                    name="base",
+                    format="qcow2",
+                    size_bytes=stored.size_bytes,
+                    checksum=stored.checksum,
+                )
+            ]
+        )
+        first = await place(store, host, image=parent_id)
+        await wait_for(store, first, "server.running")
+
+        snap_id = new_id()
+        await action(store, host, first, "snapshot", image=snap_id, image_name="snap")
+        snap = await wait_image(store, snap_id)
+        assert snap.name == "snap" and snap.parent == parent_id and snap.format == "qcow2"
+        snap_file = agent.image_store / snap.checksum
+        chain = images.info(snap_file, chain=True)
+        # The snapshot keeps only its own changes, backed by the parent's file.
+        assert [Path(c["filename"]).name for c in chain] == [snap.checksum, stored.checksum]
+        assert images.sha256(snap_file) == snap.checksum
+        assert owned(agent)[first] == "running"  # paused for the copy, then resumed
+
+        second = await place(store, host, image=snap_id)
+        evs = await wait_for(store, second, "server.running")
+        chain = images.info(Path(evs[-1].disk), chain=True)
+        assert len(chain) == 3
+        assert images.sha256(Path(chain[1]["filename"])) == snap.checksum
+        assert images.sha256(Path(chain[2]["filename"])) == stored.checksum
+
+        # A redelivered snapshot request records nothing twice.
+        want = agent.desired.instances[first]
+        redo = cause().make(
+            HostServerAction,
+            SYSTEM,
+            "host",
+            host,
+            server=first,
+            server_tenant=TENANT,
+            action="snapshot",
+            image=snap_id,
+            image_name="snap",
+        )
+        await agent._snapshot(redo, want, agent.instance(want.claim, want), agent.drivers["vm"])
+        assert len(await store.read_all(subjects=[f"ev.{TENANT}.image.{snap_id}"])) == 1
+    finally:
+        await cleanup(agent)
+
+
+async def test_volume_attach_and_detach_reach_the_domain(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        vol = new_id()
+        path = agent.volumes / f"{vol}.qcow2"
+        dom = agent.drivers["vm"].conn.lookupByName(domain_name(sid))
+
+        def xml() -> str:
+            # The definition: the test driver has no hotplug, so the disk is
+            # added to what the domain boots with (live too where supported).
+            return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+        await action(store, host, sid, "attach-volume", volume=vol, size_gb=2)
+        for _ in range(200):
+            if str(path) in xml():
+                break
+            await asyncio.sleep(0.05)
+        assert f"<source file='{path}'/>" in xml()
+        assert "<target dev='vdb' bus='virtio'/>" in xml()
+        assert images.info(path)["virtual-size"] == 2 << 30
+        await action(store, host, sid, "detach-volume", volume=vol)
+        for _ in range(200):
+            if str(path) not in xml():
+                break
+            await asyncio.sleep(0.05)
+        assert str(path) not in xml()
+        assert path.exists()  # the volume outlives its attachment
+    finally:
+        await cleanup(agent)
+
+
+async def test_an_event_naming_no_valid_server_touches_nothing(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path, containers=True)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        seq = await store.last_seq()
+        bad = cause().make(
+            HostServerAction,
+            SYSTEM,
+            "host",
+            host,
+            server="../../../etc",
+            server_tenant=TENANT,
+            action="delete",
+        )
+        await agent.handle(bad)
+        assert await store.last_seq() == seq
+        assert owned(agent) == {sid: "running"}
+        assert "../../../etc" not in agent.desired.instances
+    finally:
+        await cleanup(agent)
+
+
+async def test_an_event_that_keeps_failing_is_given_up_and_reported(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    agent.retry_delay = 0.05
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        await wait_for(store, sid, "server.running")
+        # A volume id no path may be made of: the agent cannot do it at all.
+        await action(store, host, sid, "attach-volume", volume="../../x", size_gb=1)
+        evs = await wait_for(store, sid, "server.failed", timeout=30)
+        assert "after 5 attempts" in evs[-1].reason
+        # Later events of the server are handled again afterwards.
+        await action(store, host, sid, "delete")
+        await wait_for(store, sid, "server.deleted")
+        assert owned(agent) == {}
+    finally:
+        await cleanup(agent)
+
+
+async def test_a_redelivered_claim_builds_nothing_twice_and_reports_nothing_twice(store, tmp_path):
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    await agent.start()
+    try:
+        sid = await place(store, host)
+        before = await wait_for(store, sid, "server.running")
+        claim = agent.desired.instances[sid].claim
+        disk = agent.disks / f"{sid}.qcow2"
+        mtime = disk.stat().st_mtime_ns
+        await agent.handle(claim)  # what a redelivery after a crash does
+        assert types(await server_events(store, sid)) == types(before)
+        assert owned(agent) == {sid: "running"}
+        assert disk.stat().st_mtime_ns == mtime  # the overlay was kept, not remade
+    finally:
+        await cleanup(agent)

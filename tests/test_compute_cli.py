@@ -1,0 +1,236 @@
+"""`stratus up --hosts 1` with its scheduler and compute agent, driven
+through the CLI: image files checked and stored, a VM on an overlay of that
+image, a container answering `server exec`, malformed images refused with
+nothing appended."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from stratus.agents.compute import images
+from stratus.agents.compute.containers import ContainerDriver
+from stratus.tests.test_cli import STRATUS, Up, cli, login
+
+pytestmark = pytest.mark.timeout(180)
+
+HOST = "host-01"
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def show(url: str, ref: str) -> dict:
+    r = cli(url, "server", "show", ref, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_status(url: str, ref: str, status: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = show(url, ref)
+        if s["status"] == status:
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"server {ref} not {status} in {timeout}s: {show(url, ref)}")
+
+
+def last_seq(url: str) -> int:
+    r = cli(url, "status", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["last_seq"]
+
+
+def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data, "--hosts", "1")
+    url = up.start(timeout=60)
+    store_dir = data / "images"
+    try:
+        login(url)
+        r = cli(url, "host", "list", "-o", "json")
+        assert r.returncode == 0 and [h["id"] for h in json.loads(r.stdout)] == [HOST]
+
+        # Malformed images are refused, and nothing is appended.
+        raw = tmp_path / "raw.img"
+        raw.write_bytes(b"\0" * 65536)
+        evil = tmp_path / "evil.qcow2"
+        qemu_img("create", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(evil))
+        before = last_seq(url)
+        for path, fmt, why in ((raw, "qcow2", "is a raw image"), (evil, "qcow2", "outside")):
+            r = cli(
+                url,
+                "image",
+                "create",
+                "bad",
+                "--file",
+                str(path),
+                "--format",
+                fmt,
+                "--image-store",
+                str(store_dir),
+            )
+            assert r.returncode == 1 and "invalid" in r.stderr and why in r.stderr, r.stderr
+        assert last_seq(url) == before
+        assert not list(store_dir.glob("*")) if store_dir.exists() else True
+
+        base = tmp_path / "base.qcow2"
+        qemu_img("create", "-f", "qcow2", str(base), "64M")
+        r = cli(
+            url,
+            "image",
+            "create",
+            "base",
+            "--file",
+            str(base),
+            "--image-store",
+            str(store_dir),
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        image = json.loads(r.stdout)
+        assert image["checksum"] == images.sha256(base)
+        assert (store_dir / image["checksum"]).is_file()
+
+        r = cli(
+            url,
+            "server",
+            "create",
+            "vm1",
+            "--image",
+            "base",
+            "--vcpus",
+            "1",
+            "--ram-mb",
+            "64",
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        vm = json.loads(r.stdout)
+        r = cli(
+            url,
+            "server",
+            "create",
+            "box",
+            "--image",
+            "base",
+            "--vcpus",
+            "1",
+            "--ram-mb",
+            "64",
+            "--type",
+            "container",
+            "-o",
+            "json",
+        )
+        assert r.returncode == 0, r.stderr
+        box = json.loads(r.stdout)
+        # The scheduler places both on the only host; its agent builds them.
+        running = wait_status(url, "vm1", "running")
+        assert running["id"] == vm["id"] and running["host"] == HOST
+        assert running["scheduling"]  # placed by the scheduler, with its reasons
+        chain = images.info(Path(running["disk"]), chain=True)
+        assert len(chain) == 2
+        # The overlay's base is the host's cached copy of exactly that image.
+        assert images.sha256(Path(chain[1]["filename"])) == image["checksum"]
+
+        assert wait_status(url, "box", "running")["id"] == box["id"]
+        r = cli(url, "server", "exec", "box", "--", "sh", "-c", "echo hello from $$; exit 4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.startswith("hello from ")
+        r = cli(url, "server", "exec", "vm1", "--", "true")
+        assert r.returncode == 1 and "container" in r.stderr
+
+        for name in ("vm1", "box"):
+            assert cli(url, "server", "delete", name).returncode == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = cli(url, "server", "list", "-o", "json")
+            if not json.loads(r.stdout):
+                break
+            time.sleep(0.2)
+        assert json.loads(cli(url, "server", "list", "-o", "json").stdout) == []
+        assert not Path(running["disk"]).exists()
+    finally:
+        up.stop()
+        # Whatever a failed run left on the host (instances outlive agents).
+        leftover = ContainerDriver(HOST, data / "hosts" / HOST / "containers")
+        for server in leftover.list_owned():
+            leftover.remove(server)
+        leftover.cgroups.prune()
+
+
+def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data)
+    url = up.start(timeout=60)
+    agent = None
+    try:
+        login(url)
+        agent = subprocess.Popen(
+            [
+                *STRATUS,
+                "--url",
+                url,
+                "serve",
+                "compute-agent",
+                "--data-dir",
+                str(data),
+                "--host",
+                "edge-7",
+                "--types",
+                "vm",
+                "--vcpus",
+                "8",
+                "--label",
+                "rack=r1",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert agent.stdout is not None
+        line = agent.stdout.readline()
+        assert "compute-agent edge-7 ready" in line, line
+        r = cli(url, "host", "show", "edge-7", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        host = json.loads(r.stdout)
+        assert host["vcpus"] == 8 and host["labels"] == {"rack": "r1"}
+        assert host["types"] == ["vm"]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        r = subprocess.run(
+            [*STRATUS, "--url", url, "serve", "compute-agent", "--host", "Bad Name"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 1 and "invalid" in r.stderr
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+        if agent is not None and agent.stdout:
+            agent.stdout.close()
+        up.stop()
+
+
+def test_demo_boots_servers_a_snapshot_and_a_container():
+    r = subprocess.run([*STRATUS, "demo"], capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert "disk 2 layers" in out  # vm-1: an overlay on the stored image
+    assert "booted from the snapshot" in out and "3 layers" in out
+    assert "exec said 'pid " in out and "container box deleted" in out
+    assert "demo finished" in out
+    # The container went with its server, and nothing of it is left behind.
+    assert not Path("/sys/fs/cgroup/cpu/stratus/host-01").exists()

@@ -1,0 +1,323 @@
+"""Filters, weighers and the decision as pure functions: table-driven, no broker."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from stratus.events.errors import Invalid
+from stratus.events.resources import SYSTEM, HostDisabled
+from stratus.events.scheduling import HostClaimed, HostReleased
+from stratus.handlers.scheduler import Decider, HostTable, Request, SchedulerConfig, load_config
+from stratus.handlers.scheduler.decide import Busy, NoValidHost, Placed
+from stratus.handlers.scheduler.filters import (
+    AvailabilityZone,
+    HostAlive,
+    HostEnabled,
+    HostName,
+    InstanceType,
+    Labels,
+    ResourceFit,
+    Retry,
+    ServerGroupAffinity,
+    ServerGroupAntiAffinity,
+    fits,
+)
+from stratus.handlers.scheduler.weighers import (
+    BalancedAllocation,
+    LeastRequested,
+    balanced_score,
+    least_requested_score,
+    normalise,
+    weigh,
+)
+from stratus.tests.schedkit import CAUSE, group_event, host_event
+
+
+def table(*hosts, alive: bool = True) -> HostTable:
+    t = HostTable(capacity=2)  # small, so the tests also cover growing
+    for seq, h in enumerate(hosts, 1):
+        t.apply(seq, h)
+    if alive:
+        t.alive_until[: len(t)] = time.time() + 60
+    return t
+
+
+def claim(t: HostTable, host: str, server: str, vcpus: int, ram_mb: int, group: str = "") -> None:
+    e = CAUSE.make(
+        HostClaimed,
+        SYSTEM,
+        "host",
+        host,
+        server=server,
+        server_tenant="acme",
+        name=server,
+        image="i",
+        vcpus=vcpus,
+        ram_mb=ram_mb,
+        disk_gb=0,
+        group=group,
+    )
+    t.apply(t.last_applied + 1, e)
+
+
+def req(**kw) -> Request:
+    kw.setdefault("vcpus", 1)
+    kw.setdefault("ram_mb", 512)
+    return Request(server="s", tenant="acme", **kw)
+
+
+def masks(f, t, r) -> dict[str, list[bool]]:
+    return {why: m.tolist() for why, m in f.checks(t, r)}
+
+
+# -- pure cores ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("capacity", "used", "requested", "expected"),
+    [
+        (16.0, 0.0, 16, True),  # exactly full fits
+        (16.0, 15.0, 2, False),
+        (16.0, 15.5, 0.5, True),
+        (0.0, 0.0, 1, False),  # a host of no capacity takes nothing
+    ],
+)
+def test_fits(capacity, used, requested, expected):
+    assert fits(np.array([capacity]), np.array([used]), requested).tolist() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("capacity", "used", "requested", "expected"),
+    [
+        (8.0, 0.0, 2, 0.75),  # (8 - 0 - 2) / 8
+        (8.0, 6.0, 2, 0.0),  # full afterwards
+        (4.0, 1.0, 1, 0.5),
+        (0.0, 0.0, 1, 0.0),  # no capacity: no preference, not NaN
+    ],
+)
+def test_least_requested_score(capacity, used, requested, expected):
+    got = least_requested_score(np.array([capacity]), np.array([used]), requested)
+    assert got.tolist() == pytest.approx([expected])
+
+
+@pytest.mark.parametrize(
+    ("cpu", "ram", "expected"),
+    [
+        (0.5, 0.5, 1.0),  # perfectly balanced
+        (1.0, 0.0, 0.5),  # 1 - |1 - 0| / 2
+        (0.25, 0.75, 0.75),
+    ],
+)
+def test_balanced_score(cpu, ram, expected):
+    assert balanced_score(np.array([cpu]), np.array([ram])).tolist() == pytest.approx([expected])
+
+
+def test_normalise_spreads_to_unit_range_and_flattens_ties():
+    assert normalise(np.array([2.0, 4.0, 3.0])).tolist() == [0.0, 1.0, 0.5]
+    assert normalise(np.array([5.0, 5.0])).tolist() == [0.0, 0.0]
+
+
+# -- filters, table-driven ---------------------------------------------------------
+
+
+def test_resource_fit_uses_allocation_ratios():
+    t = table(
+        host_event("a", vcpus=2, ram_mb=4096, cpu_ratio=4.0),  # 8 vCPUs after the ratio
+        host_event("b", vcpus=4, ram_mb=2048, cpu_ratio=1.0, ram_ratio=1.5),  # 3072 MB
+    )
+    claim(t, "a", "x", 7, 1024)
+    got = masks(ResourceFit(), t, req(vcpus=2, ram_mb=3000, disk_gb=5))
+    assert got == {
+        "insufficient vCPU": [False, True],  # a: 7 + 2 > 8
+        "insufficient RAM": [True, True],  # b: 3000 <= 3072 thanks to the ratio
+        "insufficient disk": [True, True],
+    }
+    assert "insufficient disk" not in masks(ResourceFit(), t, req(disk_gb=0))
+
+
+def test_releasing_gives_capacity_back():
+    t = table(host_event("a", vcpus=1, cpu_ratio=1.0))
+    claim(t, "a", "x", 1, 512)
+    assert masks(ResourceFit(), t, req())["insufficient vCPU"] == [False]
+    released = CAUSE.make(HostReleased, SYSTEM, "host", "a", server="x", server_tenant="acme")
+    t.apply(t.last_applied + 1, released)
+    assert masks(ResourceFit(), t, req())["insufficient vCPU"] == [True]
+    assert t.claims == {}
+
+
+@pytest.mark.parametrize(
+    ("filter_", "request_", "expected"),
+    [
+        (HostEnabled(), req(), {"disabled": [True, False, True]}),
+        (
+            InstanceType(),
+            req(instance_type="container"),
+            {"no container support": [True, True, False]},
+        ),
+        (InstanceType(), req(instance_type="vm"), {"no vm support": [True, True, True]}),
+        (HostName(), req(host="c"), {"not host c": [False, False, True]}),
+        (HostName(), req(host="nope"), {"not host nope": [False, False, False]}),
+        (AvailabilityZone(), req(zone="z2"), {"not in zone z2": [False, True, True]}),
+        (AvailabilityZone(), req(zone="z9"), {"not in zone z9": [False, False, False]}),
+        (
+            Labels(),
+            req(labels={"ssd": "yes", "rack": "r1"}),
+            {
+                "label rack=r1 not matched": [True, True, False],
+                "label ssd=yes not matched": [True, False, False],
+            },
+        ),
+        (Retry(), req(exclude=("a", "c")), {"build failed there before": [False, True, False]}),
+    ],
+)
+def test_filter_table(filter_, request_, expected):
+    t = table(
+        host_event("a", zone="z1", labels={"ssd": "yes", "rack": "r1"}),
+        host_event("b", zone="z2", labels={"rack": "r1"}),
+        host_event("c", zone="z2", types=["vm"]),
+    )
+    t.apply(t.last_applied + 1, CAUSE.make(HostDisabled, SYSTEM, "host", "b"))
+    assert masks(filter_, t, request_) == expected
+
+
+def test_filters_that_do_not_apply_are_skipped():
+    r = req()
+    for f in (
+        Labels(),
+        HostName(),
+        AvailabilityZone(),
+        ServerGroupAffinity(),
+        ServerGroupAntiAffinity(),
+        Retry(),
+    ):
+        assert not f.applies(r), f.name
+
+
+def test_alive_follows_the_beat_deadline():
+    t = table(host_event("a"), host_event("b"), alive=False)
+    t.set_alive("a", time.time() + 30)
+    t.set_alive("b", time.time() - 1)  # expired
+    t.set_alive("later", time.time() + 30)  # heard before it registered
+    t.apply(t.last_applied + 1, host_event("later"))
+    assert masks(HostAlive(), t, req()) == {"not alive (no heartbeat)": [True, False, True]}
+
+
+def test_server_group_filters():
+    aff, anti = group_event("acme", "affinity"), group_event("acme", "anti-affinity")
+    t = table(host_event("a"), host_event("b"), host_event("c"))
+    t.apply(t.last_applied + 1, aff)
+    t.apply(t.last_applied + 1, anti)
+    g_aff, g_anti = aff.aggregate.id, anti.aggregate.id
+    # The first member of either kind may go anywhere.
+    assert masks(ServerGroupAffinity(), t, req(group=g_aff)) == {}
+    assert masks(ServerGroupAntiAffinity(), t, req(group=g_anti)) == {}
+    claim(t, "b", "m1", 1, 512, group=g_aff)
+    claim(t, "a", "m2", 1, 512, group=g_anti)
+    claim(t, "c", "m3", 1, 512, group=g_anti)
+    assert masks(ServerGroupAffinity(), t, req(group=g_aff)) == {
+        "affinity: not the group's host": [False, True, False]
+    }
+    assert masks(ServerGroupAntiAffinity(), t, req(group=g_anti)) == {
+        "anti-affinity: group member there": [False, True, False]
+    }
+    # An affinity filter ignores anti-affinity groups and the reverse.
+    assert masks(ServerGroupAffinity(), t, req(group=g_anti)) == {}
+    assert masks(ServerGroupAntiAffinity(), t, req(group=g_aff)) == {}
+
+
+# -- weighers and the decision -------------------------------------------------------
+
+
+def test_least_requested_spreads_and_negative_multiplier_stacks():
+    t = table(host_event("a", vcpus=8, ram_mb=8192), host_event("b", vcpus=8, ram_mb=8192))
+    claim(t, "a", "x", 8, 4096)
+    rows = np.arange(2)
+    spread = weigh(t, req(), rows, [(LeastRequested(), 1.0)])
+    stack = weigh(t, req(), rows, [(LeastRequested(), -1.0)])
+    assert spread.tolist() == [0.0, 1.0]  # b is emptier
+    assert stack.tolist() == [-0.0, -1.0]  # a wins when stacking
+
+
+def test_balanced_allocation_prefers_even_use():
+    t = table(
+        host_event("cpu-heavy", vcpus=4, ram_mb=4096, cpu_ratio=1.0),
+        host_event("even", vcpus=4, ram_mb=4096, cpu_ratio=1.0),
+    )
+    claim(t, "cpu-heavy", "x", 3, 0)
+    claim(t, "even", "y", 1, 1024)
+    scores = BalancedAllocation().scores(t, req(vcpus=1, ram_mb=1024), np.arange(2))
+    # cpu-heavy: 4/4 CPU vs 1024/4096 RAM -> 1 - 0.75/2; even: 2/4 vs 2048/4096 -> 1
+    assert scores.tolist() == pytest.approx([0.625, 1.0])
+
+
+def test_decision_reports_counts_and_top_weights():
+    t = table(
+        host_event("big", vcpus=32), host_event("small", vcpus=2, cpu_ratio=1.0), host_event("off")
+    )
+    t.apply(t.last_applied + 1, CAUSE.make(HostDisabled, SYSTEM, "host", "off"))
+    out = Decider(SchedulerConfig(seed=1, host_subset_size=1)).decide(t, req(vcpus=4))
+    assert isinstance(out, Placed)
+    assert out.host == "big"
+    assert out.scheduling["removed"] == {"disabled": 1, "insufficient vCPU": 1}
+    assert out.scheduling["hosts"] == 3 and out.scheduling["passed"] == 1
+    assert [x["host"] for x in out.scheduling["top"]] == ["big"]
+
+
+def test_no_valid_host_summary():
+    t = table(
+        *[host_event(f"h{i}", ram_mb=1024) for i in range(3)], host_event("z", labels={"zone": "b"})
+    )
+    out = Decider().decide(t, req(ram_mb=4096, labels={"zone": "a"}))
+    assert isinstance(out, NoValidHost)
+    assert out.reason == "No valid host: 0/4 hosts: 4 label zone=a not matched"
+
+
+def test_busy_when_only_hosts_with_claims_in_flight_fit():
+    t = table(host_event("a"), host_event("b"))
+    t.hold[:2] = 1 << 62
+    assert isinstance(Decider().decide(t, req()), Busy)
+    t.hold[1] = 0
+    out = Decider().decide(t, req())
+    assert isinstance(out, Placed) and out.host == "b"
+
+
+def test_same_seed_same_choices():
+    hosts = [host_event(f"h{i}", vcpus=16 + i % 3) for i in range(50)]
+    picks = []
+    for _ in range(2):
+        t = table(*hosts)
+        d = Decider(SchedulerConfig(seed=42))
+        picks.append([d.decide(t, req()).host for _ in range(20)])
+    assert picks[0] == picks[1]
+
+
+def test_config_from_toml_and_its_errors(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text(
+        'filters = ["HostEnabled", "ResourceFit"]\nhost_subset_size = 2\n'
+        "[weighers]\nLeastRequested = -1.0\n"
+    )
+    c = load_config(f, seed=3)
+    assert c.filters == ["HostEnabled", "ResourceFit"]
+    assert c.weighers == {"LeastRequested": -1.0}
+    assert (c.host_subset_size, c.seed) == (2, 3)
+    for text, fragment in [
+        ('filters = ["Nope"]', "unknown filter Nope"),
+        ("[weighers]\nMost = 1.0", "unknown weigher Most"),
+        ("host_subset_size = 0", "at least 1"),
+        ("colour = 1", "colour"),
+        ("filters = [", "cannot read"),
+    ]:
+        f.write_text(text)
+        with pytest.raises(Invalid, match=fragment):
+            load_config(f)
+
+
+def test_shipped_config_file_states_the_defaults():
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "ops" / "scheduler.toml"
+    assert load_config(shipped) == SchedulerConfig()
