@@ -54,6 +54,7 @@ class NetworkAgent:
         self.last_changes = Changes()
         self.corrections: list[Changes] = []
         self.timings: list[tuple[bool, float]] = []
+        self._last_plan: HostPlan | None = None
         self._reported: set[str] = set()
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -149,7 +150,10 @@ class NetworkAgent:
             # (deep pass?, seconds): what the benchmark compares
             self.timings.append((correction, time.perf_counter() - started))
             del self.timings[:-10_000]
-            drift = correction or seq == self.converged_seq
+            # Drift: what had to change although the plan had not (the log
+            # moved on by events that do not concern this host, or not at all).
+            drift = correction or hp == self._last_plan
+            self._last_plan = hp
             self.converged_seq = seq
             if ch:
                 log.info(

@@ -476,9 +476,11 @@ class Host:
                 "net.bridge.bridge-nf-call-ip6tables",
             ):
                 run_in(ns, ["sysctl", "-qw", f"{key}=1"])
-        res = run_in(ns, ["iptables-restore", "--noflush"], stdin=rules)
-        if res.returncode != 0:
-            raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
+        text = rules if deep or not self._rules else _delta(self._rules, rules)
+        if text:
+            res = run_in(ns, ["iptables-restore", "--noflush"], stdin=text)
+            if res.returncode != 0:
+                raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
         if deep or not self._declared:
             for table, hook, chain in self._hooks():
                 if run_in(ns, ["iptables", "-t", table, "-C", hook, "-j", chain]).returncode:
@@ -525,6 +527,37 @@ class Host:
         ch = self.reconcile(HostPlan())
         wipe_firewall(self)
         return ch
+
+
+def _chains(rules: str) -> dict[tuple[str, str], list[str]]:
+    """(table, chain) -> its rule lines, from an iptables-restore file."""
+    out: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for ln in rules.splitlines():
+        if ln.startswith("*"):
+            table = ln[1:]
+        elif ln.startswith(":"):
+            out.setdefault((table, ln[1:].split()[0]), [])
+        elif ln.startswith("-A "):
+            out.setdefault((table, ln.split()[1]), []).append(ln)
+    return out
+
+
+def _delta(old: str, new: str) -> str:
+    """A restore file with only the chains whose rules changed (declaring a
+    chain flushes it): a new port rewrites a few chains, not the host's all."""
+    before, after = _chains(old), _chains(new)
+    lines: list[str] = []
+    for table in ("raw", "filter"):
+        changed = [k for k in after if k[0] == table and after[k] != before.get(k)]
+        if not changed:
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{c} - [0:0]" for _, c in changed]
+        for k in changed:
+            lines += after[k]
+        lines.append("COMMIT")
+    return "\n".join([*lines, ""])
 
 
 def _declared(rules: str) -> set[str]:
