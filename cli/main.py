@@ -207,7 +207,9 @@ def serve(
     ctx: typer.Context,
     service: Annotated[
         str,
-        typer.Argument(help="handlers, projector, query, scheduler, compute-agent or webhooks"),
+        typer.Argument(
+            help="handlers, projector, query, scheduler, compute-agent, network-agent or webhooks"
+        ),
     ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
@@ -239,9 +241,12 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
-    if service == "compute-agent":
+    if service in ("compute-agent", "network-agent"):
         # Its own options (--host, --libvirt-uri, ...) follow the service name.
         from stratus.cli.agents import serve_compute_agent
+        from stratus.cli.network_agent import serve_network_agent
+
+        serve_agent = serve_compute_agent if service == "compute-agent" else serve_network_agent
 
         logs.configure("INFO")
         data_dir = data_dir or default_data_dir()
@@ -250,7 +255,7 @@ def serve(
             nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
         creds = {"user": nats_user, "password": nats_password} if nats_password else {}
         try:
-            serve_compute_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
+            serve_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
         except StratusError as err:
             raise fail(err) from None
         return
@@ -258,7 +263,10 @@ def serve(
         typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
         raise typer.Exit(EXIT_USAGE)
     if service not in SERVICES:
-        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent", err=True)
+        typer.echo(
+            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, network-agent",
+            err=True,
+        )
         raise typer.Exit(EXIT_USAGE)
     sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
     logs.configure("INFO")

@@ -423,6 +423,18 @@ def register(root: typer.Typer) -> None:
         )
         do("port.create", body, output)
 
+    @apps["port"].command("set")
+    def port_set(
+        port: str,
+        security_group: Annotated[list[str] | None, typer.Option(help="repeat")] = None,
+        qos_policy: Annotated[str | None, typer.Option(help='"" removes it')] = None,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Change a port's security groups or QoS policy."""
+        body = _body(tenant, ref=port, security_groups=security_group, qos_policy=qos_policy)
+        do("port.set", body, output)
+
     @apps["router"].command("create")
     def router_create(
         name: str,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -176,6 +177,7 @@ class Stack:
         self.hosts = hosts
         self.libvirt_uri = libvirt_uri
         self.agents: list[Any] = []
+        self.network: Any = None  # simulated hosts and their network agents
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
@@ -252,6 +254,8 @@ class Stack:
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
             await self._start_agents()
+            if self.hosts:
+                await self._start_network()
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
@@ -266,6 +270,22 @@ class Stack:
             self.broker.reload(nats_auth_config(service_password, users, client_password))
 
         return apply
+
+    async def _start_network(self) -> None:
+        """Simulated hosts in namespaces and their network agents, when allowed."""
+        from stratus.agents.network.service import SimulatedPlane, network_capable
+
+        why = network_capable()
+        if why is not None:
+            log.warning(why, hosts=self.hosts)
+            print(f"stratus: {why}", flush=True)
+            return
+        assert self.store is not None
+        # Kernel names carry a prefix of this data directory's own, so two
+        # stacks on one machine never touch each other's namespaces.
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
+        self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
+        await self.network.start()
 
     async def _start_agents(self) -> None:
         """One compute agent per simulated host, ``host-01`` ... (same names
@@ -292,6 +312,11 @@ class Stack:
     async def stop(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.network is not None:
+            # The hosts' namespaces go too: a restart rebuilds them from the log.
+            with contextlib.suppress(Exception):
+                await self.network.stop(teardown=True)
+            self.network = None
         for agent in self.agents:
             with contextlib.suppress(Exception):
                 await agent.stop()

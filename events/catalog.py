@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stratus.events import compute, identity, integrations, resources, scheduling, tenants
+from stratus.events import compute, identity, integrations, network, resources, scheduling, tenants
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
@@ -13,6 +13,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *scheduling.EVENTS,
     *compute.EVENTS,
     *integrations.EVENTS,
+    *network.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,

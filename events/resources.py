@@ -257,6 +257,8 @@ class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
     gateway: str = ""
     pool_start: str = ""
     pool_end: str = ""
+    # A tenant network's VXLAN segment (from the segment pool); 0 before VNIs.
+    vni: int = 0
 
 
 class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):
@@ -299,6 +301,13 @@ class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
     host: str
 
 
+class PortUpdated(ResourceEvent, frozen=True, tag="port.updated"):
+    """The port's security groups and QoS policy after ``port set``."""
+
+    security_groups: list[str]
+    qos_policy: str = ""
+
+
 class PortDeleted(ResourceEvent, frozen=True, tag="port.deleted"):
     ends = True
 
@@ -308,6 +317,8 @@ class RouterCreated(ResourceEvent, frozen=True, tag="router.created"):
     status = "active"
     name: str
     external_network: str = ""
+    # The router's own address on the external network (its SNAT source).
+    external_ip: str = ""
 
 
 class RouterInterfaceAdded(ResourceEvent, frozen=True, tag="router.interface-added"):
@@ -439,6 +450,7 @@ EVENTS = (
     SubnetDeleted,
     PortCreated,
     PortBound,
+    PortUpdated,
     PortDeleted,
     RouterCreated,
     RouterInterfaceAdded,
@@ -572,6 +584,16 @@ class PortCreate(TenantScoped, frozen=True):
     qos_policy: Ref | None = None
 
 
+class PortSet(TenantScoped, frozen=True):
+    """Change a port's security groups and QoS policy (None: keep; "" clears the policy)."""
+
+    ref: Ref
+    security_groups: Refs | None = None
+    qos_policy: Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_.:-]{1,64})?(?!\n)$")] | None = (
+        None
+    )
+
+
 class RouterCreate(TenantScoped, frozen=True):
     name: Name
     external_network: Name | None = None
@@ -658,6 +680,7 @@ COMMANDS: dict[str, type[Command]] = {
     "subnet.delete": RefCommand,
     "port.create": PortCreate,
     "port.delete": RefCommand,
+    "port.set": PortSet,
     "router.create": RouterCreate,
     "router.delete": RefCommand,
     "router.add-subnet": RouterInterface,

@@ -90,7 +90,7 @@ PERMISSIONS: dict[str, Rule] = {
             "volume": ("create", "delete", "attach", "detach"),
             "network": ("create", "delete"),
             "subnet": ("create", "delete"),
-            "port": ("create", "delete"),
+            "port": ("create", "delete", "set"),
             "router": ("create", "delete", "add-subnet", "remove-subnet"),
             "floating-ip": ("create", "delete", "associate", "disassociate"),
             "security-group": ("create", "delete", "rule-add", "rule-remove"),

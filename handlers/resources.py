@@ -23,6 +23,13 @@ from stratus.events.compute import HostServerAction
 from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.ids import is_name, new_id
 from stratus.events.model import Cause, Event
+from stratus.events.network import (
+    SEGMENT_POOL_SUBJECT,
+    VNI_FIRST,
+    VNI_LAST,
+    SegmentAllocated,
+    SegmentReleased,
+)
 from stratus.events.resources import (
     QUOTA_DEFAULTS,
     SYSTEM,
@@ -55,6 +62,8 @@ from stratus.events.resources import (
     PortCreate,
     PortCreated,
     PortDeleted,
+    PortSet,
+    PortUpdated,
     QosPolicyCreate,
     QosPolicyCreated,
     QosPolicyDeleted,
@@ -140,6 +149,11 @@ def _address(value: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Add
         return ipaddress.ip_address(value)
     except ValueError as exc:
         raise Invalid(f"{what}: {exc}") from None
+
+
+# The widest tenant subnet per IP version: one L2 segment (a bridge and its
+# ARP/neighbour tables on every host) should not hold more than that.
+SUBNET_WIDEST = {4: 16, 6: 64}
 
 
 class Range(msgspec.Struct, frozen=True):
@@ -535,10 +549,35 @@ def decide_volume_detach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
     return out
 
 
-def decide_network_create(w: World, cmd: NetworkCreate, cause: Cause) -> list[Event]:
+def _free_vni(pool: Aggregate | None) -> int:
+    taken = pool.allocated if pool is not None else {}
+    for vni in range(VNI_FIRST, min(VNI_LAST, VNI_FIRST + len(taken)) + 1):
+        if str(vni) not in taken:
+            return vni
+    raise Conflict(f"no free VXLAN segment left ({VNI_FIRST} to {VNI_LAST} are all in use)")
+
+
+def decide_network_create(
+    state: tuple[World, Aggregate | None], cmd: NetworkCreate, cause: Cause
+) -> list[Event]:
+    """A tenant network with a VNI from the cloud-wide segment pool, appended
+    on the pool's condition too: a VNI is never held by two live networks."""
+    w, pool = state
     if cmd.external or cmd.cidr or cmd.pool_start or cmd.pool_end or cmd.gateway:
         raise Invalid("--external, --cidr and pools belong to external networks (cloud admin)")
-    return _create(w, cmd, cause, NetworkCreated, "network", {"networks": 1})
+    vni = _free_vni(pool)
+    (net,) = _create(w, cmd, cause, NetworkCreated, "network", {"networks": 1}, vni=vni)
+    t = cmd.tenant or ""
+    seg = cause.make(
+        SegmentAllocated,
+        SYSTEM,
+        "segment-pool",
+        SEGMENT_POOL_SUBJECT.rsplit(".", 1)[1],
+        vni=vni,
+        holder_tenant=t,
+        holder=net.aggregate.id,
+    )
+    return [net, seg]
 
 
 def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
@@ -546,7 +585,22 @@ def decide_network_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event
         subnets = [f"subnet {s['name']}" for s in _subnets_of(w, n["id"])]
         return subnets + _ports_where(w, lambda p: p["network"] == n["id"])
 
-    return _delete_unused(w, cmd, cause, NetworkDeleted, "network", users)
+    out = _delete_unused(w, cmd, cause, NetworkDeleted, "network", users)
+    n = w.find("network", cmd.ref)
+    if n.get("vni"):
+        # Giving a segment back needs no condition: it can never make two holders.
+        out.append(
+            cause.make(
+                SegmentReleased,
+                SYSTEM,
+                "segment-pool",
+                SEGMENT_POOL_SUBJECT.rsplit(".", 1)[1],
+                vni=n["vni"],
+                holder_tenant=cmd.tenant or "",
+                holder=n["id"],
+            )
+        )
+    return out
 
 
 def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Event]:
@@ -556,10 +610,13 @@ def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Even
     _unique(w, "subnet", cmd.name)
     r = address_range(cmd.cidr, cmd.gateway, cmd.pool_start, cmd.pool_end, "subnet")
     mine = _network(cmd.cidr, "subnet cidr")
+    widest = SUBNET_WIDEST[mine.version]
+    if mine.prefixlen < widest:
+        raise Invalid(f"subnet cidr {cmd.cidr} is too large: at most a /{widest}")
     for other in _subnets_of(w, net["id"]):
         theirs = ipaddress.ip_network(other["cidr"])
         if theirs.version == mine.version and theirs.overlaps(mine):
-            raise Conflict(
+            raise Invalid(
                 f"subnet cidr {cmd.cidr} overlaps subnet {other['name']} ({other['cidr']}) "
                 f"on network {net['name']}"
             )
@@ -632,6 +689,23 @@ def decide_port_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     return out
 
 
+def decide_port_set(w: World, cmd: PortSet, cause: Cause) -> list[Event]:
+    p = w.find("port", cmd.ref)
+    sgs = list(p["security_groups"])
+    if cmd.security_groups is not None:
+        sgs = [w.find("security-group", g, "security group")["id"] for g in cmd.security_groups]
+    qos = p.get("qos_policy", "")
+    if cmd.qos_policy is not None:
+        qos = w.find("qos-policy", cmd.qos_policy, "qos policy")["id"] if cmd.qos_policy else ""
+    if sgs == p["security_groups"] and qos == p.get("qos_policy", ""):
+        return []
+    return [
+        cause.make(
+            PortUpdated, cmd.tenant or "", "port", p["id"], security_groups=sgs, qos_policy=qos
+        )
+    ]
+
+
 class RouterPlan(msgspec.Struct, frozen=True):
     """``router create`` with the external network ``prepare`` looked up.
 
@@ -647,7 +721,12 @@ class RouterPlan(msgspec.Struct, frozen=True):
         return self.cmd.tenant
 
 
-def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event]:
+def decide_router_create(
+    state: World | tuple[World, Aggregate | None], plan: RouterPlan, cause: Cause
+) -> list[Event]:
+    """A router; with an external network (decided with its pool as well)
+    it takes an address from the pool for its gateway, as a floating IP does."""
+    w, pool = state if isinstance(state, tuple) else (state, None)
     cmd = plan.cmd
     t = cmd.tenant or ""
     _live_tenant(w, t)
@@ -655,16 +734,37 @@ def decide_router_create(w: World, plan: RouterPlan, cause: Cause) -> list[Event
     if cmd.external_network and not (plan.external or {}).get("external"):
         raise NotFound(f"external network {cmd.external_network} not found")
     w.check_quota({"routers": 1})
-    return [
-        cause.make(
-            RouterCreated,
-            t,
-            "router",
-            new_id(),
-            name=cmd.name,
-            external_network=cmd.external_network or "",
+    rid, address = new_id(), ""
+    out: list[Event] = []
+    if cmd.external_network and pool is not None and pool.attrs:
+        a = pool.attrs
+        address = _first_free(
+            a["pool_start"],
+            a["pool_end"],
+            {*pool.allocated, a["gateway"]},
+            f"external network {cmd.external_network}",
         )
-    ]
+        out.append(
+            cause.make(
+                AddressAllocated,
+                SYSTEM,
+                "network",
+                cmd.external_network,
+                address=address,
+                holder_tenant=t,
+                holder=rid,
+            )
+        )
+    router = cause.make(
+        RouterCreated,
+        t,
+        "router",
+        rid,
+        name=cmd.name,
+        external_network=cmd.external_network or "",
+        external_ip=address,
+    )
+    return [router, *out]
 
 
 def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
@@ -675,7 +775,21 @@ def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]
             for s in r.get("interfaces", {})
         ]
 
-    return _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
+    out = _delete_unused(w, cmd, cause, RouterDeleted, "router", interfaces)
+    r = w.find("router", cmd.ref)
+    if r.get("external_ip"):
+        out.append(
+            cause.make(
+                AddressReleased,
+                SYSTEM,
+                "network",
+                r["external_network"],
+                address=r["external_ip"],
+                holder_tenant=cmd.tenant or "",
+                holder=r["id"],
+            )
+        )
+    return out
 
 
 def decide_router_add_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:
@@ -1202,13 +1316,34 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("volume.delete", RefCommand, decide_volume_delete),
         _in_tenant("volume.attach", VolumeAttach, decide_volume_attach),
         _in_tenant("volume.detach", VolumeAttach, decide_volume_detach),
-        _in_tenant("network.create", NetworkCreate, decide_network_create),
+        _in_tenant(
+            "network.create",
+            NetworkCreate,
+            decide_network_create,
+            also=lambda c: SEGMENT_POOL_SUBJECT,
+            also_initial=Aggregate,
+            also_fold=fold_aggregate,
+        ),
         _in_tenant("network.delete", RefCommand, decide_network_delete),
         _in_tenant("subnet.create", SubnetCreate, decide_subnet_create),
         _in_tenant("subnet.delete", RefCommand, decide_subnet_delete),
         _in_tenant("port.create", PortCreate, decide_port_create),
         _in_tenant("port.delete", RefCommand, decide_port_delete),
-        _in_tenant("router.create", RouterCreate, decide_router_create, prepare=prepare_router),
+        _in_tenant("port.set", PortSet, decide_port_set),
+        _in_tenant(
+            "router.create",
+            RouterCreate,
+            decide_router_create,
+            prepare=prepare_router,
+            # A gateway takes an address from the external network's pool.
+            also=lambda p: (
+                system_subject("network", p.cmd.external_network)
+                if p.cmd.external_network
+                else None
+            ),
+            also_initial=Aggregate,
+            also_fold=fold_aggregate,
+        ),
         _in_tenant("router.delete", RefCommand, decide_router_delete),
         _in_tenant("router.add-subnet", RouterInterface, decide_router_add_subnet),
         _in_tenant("router.remove-subnet", RouterInterface, decide_router_remove_subnet),

@@ -14,6 +14,7 @@ from typing import Any
 
 from stratus.events.errors import NotFound, QuotaExceeded
 from stratus.events.model import Event
+from stratus.events.network import SegmentAllocated, SegmentReleased
 from stratus.events.resources import (
     QUOTA_DEFAULTS,
     QUOTAS,
@@ -169,6 +170,10 @@ def fold_aggregate(state: Aggregate, event: Event) -> Aggregate:
         state.allocated[event.address] = (event.holder_tenant, event.holder)
     elif isinstance(event, AddressReleased):
         state.allocated.pop(event.address, None)
+    elif isinstance(event, SegmentAllocated):
+        state.allocated[str(event.vni)] = (event.holder_tenant, event.holder)
+    elif isinstance(event, SegmentReleased):
+        state.allocated.pop(str(event.vni), None)
     elif isinstance(event, ResourceEvent):
         if event.ends:
             state.attrs, state.ended = None, True

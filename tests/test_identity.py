@@ -314,6 +314,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "subnet.delete": lambda i: {"tenant": "ta", "ref": f"snd-{i}"},
     "port.create": lambda i: {"tenant": "ta", "name": f"p-{i}", "network": "lan"},
     "port.delete": lambda i: {"tenant": "ta", "ref": f"pd-{i}"},
+    "port.set": lambda i: {"tenant": "ta", "ref": f"ps-{i}", "security_groups": ["default"]},
     "router.create": lambda i: {"tenant": "ta", "name": f"r-{i}"},
     "router.delete": lambda i: {"tenant": "ta", "ref": f"rd-{i}"},
     "router.add-subnet": lambda i: {"tenant": "ta", "router": f"ra-{i}", "subnet": f"sa-{i}"},
@@ -397,7 +398,8 @@ async def seed_inventory(cloud: Cloud, token: str, n: int) -> None:
             await ok("network.create", ta({"name": net}))
         for sub, net in ((f"snd-{i}", f"nsd-{i}"), (f"sa-{i}", f"na-{i}"), (f"sr-{i}", f"nr-{i}")):
             await ok("subnet.create", ta({"name": sub, "network": net, "cidr": "10.5.0.0/24"}))
-        await ok("port.create", ta({"name": f"pd-{i}", "network": "lan"}))
+        for p in (f"pd-{i}", f"ps-{i}"):
+            await ok("port.create", ta({"name": p, "network": "lan"}))
         for r in (f"rd-{i}", f"ra-{i}", f"rr-{i}"):
             await ok("router.create", ta({"name": r}))
         await ok("router.add-subnet", ta({"router": f"rr-{i}", "subnet": f"sr-{i}"}))

@@ -98,7 +98,10 @@ def refused(w: World, decide: Any, cmd: Any, error: type[StratusError], words: s
 
 
 def network(w: World, name: str = "lan", cidr: str | None = "10.0.0.0/24", **sub: Any) -> str:
-    nid = do(w, r.decide_network_create, NetworkCreate(tenant=w.tenant, name=name))[0]
+    segments = Aggregate()  # the VXLAN segment pool, for this network alone
+    nid = apply(
+        w, r.decide_network_create((w, segments), NetworkCreate(tenant=w.tenant, name=name), CAUSE)
+    )[0]
     if cidr is not None:
         cmd = SubnetCreate(tenant=w.tenant, name=f"{name}-sub", network=name, cidr=cidr, **sub)
         do(w, r.decide_subnet_create, cmd)
@@ -328,14 +331,20 @@ def test_names_are_unique_per_kind_within_a_tenant_only():
 def test_tenant_networks_cannot_be_external():
     w = world()
     cmd = NetworkCreate(tenant="acme", name="pub", external=True, cidr="203.0.113.0/24")
-    refused(w, r.decide_network_create, cmd, Invalid, "belong to external networks")
+    refused(
+        w,
+        lambda w, c, k: r.decide_network_create((w, None), c, k),
+        cmd,
+        Invalid,
+        "belong to external networks",
+    )
 
 
 def test_overlapping_subnets_are_refused_within_a_network_only():
     w = world()
     network(w, "lan", "10.0.0.0/24")
     cmd = SubnetCreate(tenant="acme", name="b", network="lan", cidr="10.0.0.128/25")
-    refused(w, r.decide_subnet_create, cmd, Conflict, "overlaps subnet lan-sub (10.0.0.0/24)")
+    refused(w, r.decide_subnet_create, cmd, Invalid, "overlaps subnet lan-sub (10.0.0.0/24)")
     # the same prefix on another network, or in another tenant, is fine
     network(w, "lan2", "10.0.0.0/24")
     other = world("globex")

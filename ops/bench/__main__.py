@@ -5,7 +5,8 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
-overlays against copies); with no SUITE all run, in that order. ``python -m
+overlays against copies); with no SUITE all run, in that order. ``network``
+(the network agent on simulated hosts, as root) runs only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -25,12 +26,21 @@ from stratus.ops.bench import (
     foundation,
     identity,
     integrations,
+    network,
     projections,
     scheduler,
 )
 from stratus.ops.bench.common import positive, print_table
 
-SUITES = ("foundation", "identity", "projections", "scheduler", "compute", "integrations")
+SUITES = (
+    "foundation",
+    "identity",
+    "projections",
+    "scheduler",
+    "compute",
+    "integrations",
+    "network",
+)
 
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -91,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "network":
+        # Root only (namespaces): run by name, not with the others.
+        return network.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)

@@ -1,0 +1,578 @@
+"""The host side: probe what exists and make it match a ``HostPlan``.
+
+pyroute2 for links, addresses, routes, FDB and qdiscs; ``iptables-restore``
+with a generated file (an argument list, never a shell string) for the
+security groups. Only objects carrying the deployment's prefix are read or
+removed, so whatever else runs on the host is left alone. Every function
+here blocks: the agent calls them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from stratus.agents.network.desired import BridgePlan, HostPlan, LegPlan, PortPlan, RouterPlan
+from stratus.events import network as nw
+
+ZERO_MAC = "00:00:00:00:00:00"
+# The links the agent owns on its host (a simulated host's uplink is not one).
+MANAGED = ("bridge", "vxlan", "port", "leg", "ext", "xleg")
+
+
+class KernelError(RuntimeError):
+    """A netlink or firewall step failed; the message names the object."""
+
+
+def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeout: float = 30):
+    """Run ``argv`` (a list, no shell) inside network namespace ``ns``."""
+    if ns is not None:
+        nw.check_netns_name(ns)
+
+    def enter() -> None:
+        if ns is not None:
+            netns.setns(ns, flags=0)
+
+    return subprocess.run(
+        list(argv),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=enter if ns is not None else None,
+        check=False,
+    )
+
+
+def _child_after_fork() -> None:
+    # pyroute2 forks helpers to enter namespaces and ends them with SIGTERM.
+    # A forked child keeps the parent's signal handlers and asyncio's wakeup
+    # fd, so that SIGTERM would reach the parent's loop as its own and stop
+    # ``stratus up``. The child (whose forking thread is now its main thread)
+    # lets the signal act as the default (ending it) instead.
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except (ValueError, OSError):
+        pass
+
+
+_FORK_HOOK: list[bool] = []
+
+
+def isolate_forked_helpers() -> None:
+    """Install the fork hook above once per process."""
+    if not _FORK_HOOK:
+        os.register_at_fork(after_in_child=_child_after_fork)
+        _FORK_HOOK.append(True)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the block with this thread (only) in network namespace ``name``."""
+    nw.check_netns_name(name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise KernelError(f"cannot enter namespace {name}: {os.strerror(err)}")
+            try:
+                yield
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:
+                    raise KernelError("cannot return to the agent's own namespace")
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
+
+
+def namespaces() -> set[str]:
+    return set(netns.listnetns())
+
+
+@dataclass
+class Changes:
+    created: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.created or self.removed)
+
+
+def _attr(msg, name: str, default=None):
+    return msg.get_attr(name, default) if hasattr(msg, "get_attr") else msg.get(name, default)
+
+
+def _vxlan_id(link) -> int:
+    info = _attr(link, "IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    return int(data.get_attr("IFLA_VXLAN_ID") or 0) if data is not None else 0
+
+
+class Host:
+    """One host's kernel (the namespace ``host_ns``, or the current one)."""
+
+    def __init__(
+        self, prefix: str, vtep: str, host_ns: str | None = None, routers: bool = False
+    ) -> None:
+        isolate_forked_helpers()
+        self.prefix = prefix
+        self.vtep = vtep
+        self.host_ns = nw.check_netns_name(host_ns) if host_ns else None
+        # Router namespaces are machine-wide names: only a host that runs
+        # routers probes and removes them.
+        self.routers = routers
+        # What the last pass applied: a shallow pass (after new events)
+        # trusts what it made itself and only touches what the plan changed;
+        # a deep pass (start, periodic) probes everything again.
+        self._done: dict[str, object] = {}
+        self._rules = ""
+        self._declared: set[str] = set()
+        self._ns: set[str] = set()
+
+    def _ipr(self, ns: str | None = None) -> IPRoute:
+        target = ns if ns is not None else self.host_ns
+        if not target:
+            return IPRoute()
+        # The socket is opened by this thread after entering the namespace
+        # (a netlink socket stays in the namespace it was made in), instead
+        # of pyroute2's forked helper per connection.
+        with in_netns(target):
+            return IPRoute()
+
+    # -- probing --------------------------------------------------------------
+
+    def links(self) -> dict[str, dict]:
+        """Our links: name -> index, kind, master index, vni, up."""
+        out: dict[str, dict] = {}
+        with self._ipr() as ipr:
+            for link in ipr.get_links():
+                name = link.get_attr("IFLA_IFNAME")
+                if not any(nw.owned(self.prefix, name, role) for role in MANAGED):
+                    continue
+                info = link.get_attr("IFLA_LINKINFO")
+                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+                out[name] = {
+                    "index": link["index"],
+                    "kind": kind,
+                    "master": link.get_attr("IFLA_MASTER") or 0,
+                    "vni": _vxlan_id(link) if kind == "vxlan" else 0,
+                    "up": bool(link["flags"] & 1),
+                }
+        return out
+
+    def fdb(self, index: int) -> set[str]:
+        with self._ipr() as ipr:
+            return {
+                e.get_attr("NDA_DST")
+                for e in ipr.fdb("dump", ifindex=index)
+                if e.get_attr("NDA_DST") and e.get_attr("NDA_LLADDR") == ZERO_MAC
+            }
+
+    def qdisc_rate(self, index: int) -> int:
+        """The tbf rate on a link in kbit/s (0: none of ours)."""
+        with self._ipr() as ipr:
+            for q in ipr.get_qdiscs(index=index):
+                if q.get_attr("TCA_KIND") == "tbf" and q["parent"] == 0xFFFFFFFF:
+                    opts = q.get_attr("TCA_OPTIONS")
+                    parms = opts.get_attr("TCA_TBF_PARMS") if opts is not None else None
+                    rate = parms["rate"] if parms is not None else 0
+                    return rate * 8 // 1000
+        return 0
+
+    def peer_ok(self, pp: PortPlan) -> bool:
+        """The instance side exists with its address (and route)."""
+        if pp.netns not in namespaces():
+            return False
+        with self._ipr(pp.netns) as ipr:
+            idx = ipr.link_lookup(ifname=pp.peer)
+            if not idx:
+                return False
+            ip, plen = pp.address.split("/")
+            addrs = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
+            }
+            if (ip, int(plen)) not in addrs:
+                return False
+            if pp.gateway:
+                routes = ipr.get_routes(family=2, dst_len=0, table=254)
+                if not any(r.get_attr("RTA_GATEWAY") == pp.gateway for r in routes):
+                    return False
+        return True
+
+    # -- changing ------------------------------------------------------------------
+
+    def reconcile(self, hp: HostPlan, deep: bool = True) -> Changes:
+        """Make the host match ``hp``; what had to change is returned."""
+        ch = Changes()
+        if deep:
+            self._done, self._rules = {}, ""
+        self._ns = namespaces()
+        actual = self.links()
+        wanted = hp.names()
+        for name, link in sorted(actual.items()):
+            stale = name not in wanted
+            if not stale and name in hp.bridges and link["kind"] != "bridge":
+                stale = True
+            vx = {b.vxlan: b for b in hp.bridges.values()}.get(name)
+            if vx is not None and (link["kind"] != "vxlan" or link["vni"] != vx.vni):
+                stale = True
+            if stale and link["kind"] in ("bridge", "vxlan", "veth"):
+                self._delete(name)
+                ch.removed.append(name)
+                actual.pop(name)
+        for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
+            self._bridge(b, actual, ch)
+        for name in sorted(hp.externals - set(actual)):
+            with self._ipr() as ipr:
+                ipr.link("add", ifname=name, kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            ch.created.append(name)
+        actual = self.links()
+        for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
+            self._port(pp, actual, hp, ch)
+        if self.routers:
+            have = {n for n in namespaces() if nw.owned(self.prefix, n, "router")}
+            for ns in sorted(have - set(hp.routers)):
+                netns.remove(ns)
+                ch.removed.append(ns)
+            for rp in sorted(hp.routers.values(), key=lambda r: r.netns):
+                self._router(rp, actual, ch)
+        if hp.firewall and hp.firewall != self._rules:
+            if self._firewall(hp.firewall, deep):
+                ch.created.append("firewall")
+            self._rules = hp.firewall
+        return ch
+
+    def _delete(self, name: str) -> None:
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=name)
+            if idx:
+                ipr.link("del", index=idx[0])
+
+    def _bridge(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
+        if self._done.get(b.bridge) == b and b.bridge in actual and b.vxlan in actual:
+            return
+        self._bridge_now(b, actual, ch)
+        self._done[b.bridge] = b
+
+    def _bridge_now(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
+        with self._ipr() as ipr:
+            if b.bridge not in actual:
+                ipr.link("add", ifname=b.bridge, kind="bridge")
+                ch.created.append(b.bridge)
+            br = ipr.link_lookup(ifname=b.bridge)[0]
+            ipr.link("set", index=br, state="up")
+            if b.vxlan not in actual:
+                ipr.link(
+                    "add",
+                    ifname=b.vxlan,
+                    kind="vxlan",
+                    vxlan_id=b.vni,
+                    vxlan_local=self.vtep,
+                    vxlan_port=nw.VXLAN_PORT,
+                    vxlan_learning=1,
+                )
+                ch.created.append(b.vxlan)
+            vx = ipr.link_lookup(ifname=b.vxlan)[0]
+            ipr.link("set", index=vx, master=br, state="up")
+        have = self.fdb(vx)
+        with self._ipr() as ipr:
+            for dst in sorted(b.remotes - have):
+                ipr.fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
+                ch.created.append(f"fdb {b.vxlan} {dst}")
+            for dst in sorted(have - b.remotes):
+                ipr.fdb("del", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
+                ch.removed.append(f"fdb {b.vxlan} {dst}")
+
+    def _port(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
+        if self._done.get(pp.ifname) == pp and pp.ifname in actual:
+            return
+        self._port_now(pp, actual, hp, ch)
+        if pp.netns in self._ns:  # wired, not waiting for its instance
+            self._done[pp.ifname] = pp
+
+    def _port_now(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
+        if pp.netns not in self._ns:
+            # The instance is not there (yet): wired once the compute agent made it.
+            if pp.ifname in actual:
+                self._delete(pp.ifname)
+                ch.removed.append(pp.ifname)
+            return
+        if pp.ifname in actual and not self.peer_ok(pp):
+            self._delete(pp.ifname)
+            ch.removed.append(pp.ifname)
+            actual.pop(pp.ifname)
+        if pp.ifname not in actual:
+            self._veth(pp)
+            ch.created.append(pp.ifname)
+        with self._ipr() as ipr:
+            idx = ipr.link_lookup(ifname=pp.ifname)[0]
+            br = ipr.link_lookup(ifname=pp.bridge)[0]
+            link = actual.get(pp.ifname)
+            if link is None or link["master"] != br or not link["up"]:
+                ipr.link("set", index=idx, master=br, state="up")
+        rate = self.qdisc_rate(idx)
+        if rate != pp.kbps:
+            with self._ipr() as ipr:
+                if rate:
+                    ipr.tc("del", "tbf", index=idx, handle="1:")
+                if pp.kbps:
+                    # A burst of at least one 10 ms slice (and an MTU), as tc advises.
+                    burst = max(pp.kbps * 1000 // 8 // 100, 16 * 1024)
+                    ipr.tc(
+                        "add",
+                        "tbf",
+                        index=idx,
+                        handle="1:",
+                        rate=f"{pp.kbps}kbit",
+                        burst=burst,
+                        latency="50ms",
+                    )
+            ch.created.append(f"qos {pp.ifname} {pp.kbps}kbit")
+
+    def _veth(self, pp: PortPlan) -> None:
+        with self._ipr() as ipr:
+            ipr.link("add", ifname=pp.ifname, kind="veth", peer={"ifname": pp.peer})
+            peer = ipr.link_lookup(ifname=pp.peer)[0]
+            ipr.link("set", index=peer, net_ns_fd=pp.netns)
+        with self._ipr(pp.netns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.link("set", index=lo[0], state="up")
+            idx = ipr.link_lookup(ifname=pp.peer)[0]
+            ipr.link("set", index=idx, address=pp.mac)
+            ip, plen = pp.address.split("/")
+            try:
+                ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST
+                    raise
+            ipr.link("set", index=idx, state="up")
+            if pp.gateway:
+                ipr.route("replace", dst="0.0.0.0/0", gateway=pp.gateway, oif=idx)
+
+    # -- routers ---------------------------------------------------------------------
+
+    def _router(self, rp: RouterPlan, actual: dict[str, dict], ch: Changes) -> None:
+        if rp.netns not in namespaces():
+            netns.create(rp.netns)
+            ch.created.append(rp.netns)
+        legs = [*rp.legs, *([rp.external] if rp.external else [])]
+        for leg in legs:
+            if leg.ifname in actual and not self._leg_ok(rp.netns, leg):
+                self._delete(leg.ifname)
+                actual.pop(leg.ifname)
+                ch.removed.append(leg.ifname)
+            if leg.ifname not in actual:
+                self._leg(rp.netns, leg)
+                ch.created.append(leg.ifname)
+        if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
+            run_in(rp.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+            ch.created.append(f"{rp.netns} ip_forward")
+        if rp.external is not None:
+            self._external_addresses(rp, ch)
+        have = run_in(rp.netns, ["iptables-save", "-t", "nat"]).stdout.splitlines()
+        if sorted(ln for ln in have if ln.startswith("-A ")) != sorted(rp.nat):
+            chains = [
+                f":{c} ACCEPT [0:0]" for c in ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING")
+            ]
+            text = "\n".join(["*nat", *chains, *rp.nat, "COMMIT", ""])
+            res = run_in(rp.netns, ["iptables-restore"], stdin=text)
+            if res.returncode != 0:
+                raise KernelError(f"iptables-restore in {rp.netns}: {res.stderr.strip()}")
+            ch.created.append(f"{rp.netns} nat")
+
+    def _leg_ok(self, ns: str, leg: LegPlan) -> bool:
+        with self._ipr(ns) as ipr:
+            idx = ipr.link_lookup(ifname=leg.inner)
+            if not idx:
+                return False
+            ip, plen = leg.address.split("/")
+            addrs = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
+            }
+            return (ip, int(plen)) in addrs
+
+    def _leg(self, ns: str, leg: LegPlan) -> None:
+        with self._ipr() as ipr:
+            ipr.link("add", ifname=leg.ifname, kind="veth", peer={"ifname": leg.inner})
+            peer = ipr.link_lookup(ifname=leg.inner)[0]
+            ipr.link("set", index=peer, net_ns_fd=ns)
+            idx = ipr.link_lookup(ifname=leg.ifname)[0]
+            br = ipr.link_lookup(ifname=leg.bridge)[0]
+            ipr.link("set", index=idx, master=br, state="up")
+        with self._ipr(ns) as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.link("set", index=lo[0], state="up")
+            idx = ipr.link_lookup(ifname=leg.inner)[0]
+            if leg.mac:
+                ipr.link("set", index=idx, address=leg.mac)
+            ip, plen = leg.address.split("/")
+            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
+            ipr.link("set", index=idx, state="up")
+
+    def _external_addresses(self, rp: RouterPlan, ch: Changes) -> None:
+        """Floating IPs as /32s on the external leg (the router answers ARP
+        for them), and the default route out through the external gateway."""
+        assert rp.external is not None
+        with self._ipr(rp.netns) as ipr:
+            idx = ipr.link_lookup(ifname=rp.external.inner)[0]
+            have = {
+                a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx) if a["prefixlen"] == 32
+            }
+            for a in sorted(set(rp.extra) - have):
+                ipr.addr("add", index=idx, address=a, prefixlen=32)
+                ch.created.append(f"{rp.netns} {a}")
+            for a in sorted(have - set(rp.extra)):
+                ipr.addr("del", index=idx, address=a, prefixlen=32)
+                ch.removed.append(f"{rp.netns} {a}")
+            if rp.gateway:
+                routes = ipr.get_routes(family=2, dst_len=0, table=254)
+                if not any(r.get_attr("RTA_GATEWAY") == rp.gateway for r in routes):
+                    ipr.route("replace", dst="0.0.0.0/0", gateway=rp.gateway, oif=idx)
+                    ch.created.append(f"{rp.netns} default via {rp.gateway}")
+
+    # -- firewall -------------------------------------------------------------------
+
+    def _hooks(self) -> list[tuple[str, str, str]]:
+        top = nw.kernel_name(self.prefix, "chain", "forward")
+        raw = nw.kernel_name(self.prefix, "chain", "raw")
+        return [("filter", "FORWARD", top), ("raw", "PREROUTING", raw)]
+
+    def _hooked(self) -> bool:
+        return all(
+            run_in(self.host_ns, ["iptables", "-t", t, "-C", hook, "-j", c]).returncode == 0
+            for t, hook, c in self._hooks()
+        )
+
+    def _firewall(self, rules: str, deep: bool = True) -> bool:
+        """Load the ruleset; a deep pass first checks whether the host's
+        already matches (and is hooked in). Our stale chains are dropped."""
+        if deep and self._firewall_matches(rules) and self._hooked():
+            self._declared = _declared(rules)
+            return False
+        ns = self.host_ns
+        if deep or not self._declared:
+            for key in (
+                "net.bridge.bridge-nf-call-iptables",
+                "net.bridge.bridge-nf-call-ip6tables",
+            ):
+                run_in(ns, ["sysctl", "-qw", f"{key}=1"])
+        text = rules if deep or not self._rules else _delta(self._rules, rules)
+        if text:
+            res = run_in(ns, ["iptables-restore", "--noflush"], stdin=text)
+            if res.returncode != 0:
+                raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
+        if deep or not self._declared:
+            for table, hook, chain in self._hooks():
+                if run_in(ns, ["iptables", "-t", table, "-C", hook, "-j", chain]).returncode:
+                    run_in(ns, ["iptables", "-t", table, "-I", hook, "-j", chain])
+        declared = _declared(rules)
+        # (the chains restored above no longer jump to a stale one)
+        stale = (self._our_chains("filter") if deep else self._declared) - declared
+        for chain in sorted(stale):
+            run_in(ns, ["iptables", "-F", chain])
+            run_in(ns, ["iptables", "-X", chain])
+        self._declared = declared
+        return True
+
+    def _our_chains(self, table: str) -> set[str]:
+        res = run_in(self.host_ns, ["iptables-save", "-t", table])
+        return {
+            ln[1:].split()[0]
+            for ln in res.stdout.splitlines()
+            if ln.startswith(":") and nw.owned(self.prefix, ln[1:].split()[0])
+        }
+
+    def _firewall_matches(self, rules: str) -> bool:
+        """Whether every chain of ours holds exactly the rules of ``rules``."""
+        want: dict[str, list[str]] = {}
+        for ln in rules.splitlines():
+            if ln.startswith(":"):
+                want.setdefault(ln[1:].split()[0], [])
+            elif ln.startswith("-A "):
+                want.setdefault(ln.split()[1], []).append(ln)
+        have: dict[str, list[str]] = {}
+        for table in ("raw", "filter"):
+            res = run_in(self.host_ns, ["iptables-save", "-t", table])
+            if res.returncode != 0:
+                return False
+            for ln in res.stdout.splitlines():
+                if ln.startswith(":") and nw.owned(self.prefix, ln[1:].split()[0]):
+                    have.setdefault(ln[1:].split()[0], [])
+                elif ln.startswith("-A ") and nw.owned(self.prefix, ln.split()[1]):
+                    have.setdefault(ln.split()[1], []).append(ln)
+        return {k: sorted(v) for k, v in want.items()} == {k: sorted(v) for k, v in have.items()}
+
+    def teardown(self) -> Changes:
+        """Remove every object of ours from this host (links, chains)."""
+        ch = self.reconcile(HostPlan())
+        wipe_firewall(self)
+        return ch
+
+
+def _chains(rules: str) -> dict[tuple[str, str], list[str]]:
+    """(table, chain) -> its rule lines, from an iptables-restore file."""
+    out: dict[tuple[str, str], list[str]] = {}
+    table = ""
+    for ln in rules.splitlines():
+        if ln.startswith("*"):
+            table = ln[1:]
+        elif ln.startswith(":"):
+            out.setdefault((table, ln[1:].split()[0]), [])
+        elif ln.startswith("-A "):
+            out.setdefault((table, ln.split()[1]), []).append(ln)
+    return out
+
+
+def _delta(old: str, new: str) -> str:
+    """A restore file with only the chains whose rules changed (declaring a
+    chain flushes it): a new port rewrites a few chains, not the host's all."""
+    before, after = _chains(old), _chains(new)
+    lines: list[str] = []
+    for table in ("raw", "filter"):
+        changed = [k for k in after if k[0] == table and after[k] != before.get(k)]
+        if not changed:
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{c} - [0:0]" for _, c in changed]
+        for k in changed:
+            lines += after[k]
+        lines.append("COMMIT")
+    return "\n".join([*lines, ""])
+
+
+def _declared(rules: str) -> set[str]:
+    return {ln[1:].split()[0] for ln in rules.splitlines() if ln.startswith(":")}
+
+
+def wipe_firewall(host: Host) -> None:
+    host._declared, host._rules = set(), ""
+    ns, prefix = host.host_ns, host.prefix
+    top = nw.kernel_name(prefix, "chain", "forward")
+    raw = nw.kernel_name(prefix, "chain", "raw")
+    run_in(ns, ["iptables", "-D", "FORWARD", "-j", top])
+    run_in(ns, ["iptables", "-t", "raw", "-D", "PREROUTING", "-j", raw])
+    for table in ("filter", "raw"):
+        for chain in sorted(host._our_chains(table)):
+            run_in(ns, ["iptables", "-t", table, "-F", chain])
+        for chain in sorted(host._our_chains(table)):
+            run_in(ns, ["iptables", "-t", table, "-X", chain])

@@ -1,0 +1,221 @@
+"""A network lab for the agent tests: simulated hosts in namespaces, tenant
+histories made by the real decisions and appended to a real store, and
+probes (ping, TCP) run inside namespaces.
+
+Every name carries a prefix unique to the run, and ``Lab.close`` removes
+every namespace, link and rule it or its agents made, even after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from typing import Any
+
+from pyroute2 import netns
+
+from stratus.agents.network.agent import NetworkAgent
+from stratus.agents.network.kernel import Host, run_in
+from stratus.agents.network.sim import SimulatedHosts, leftovers
+from stratus.events import network as nw
+from stratus.events.model import Cause, Event
+from stratus.events.resources import ServerCreate, ServerScheduled
+from stratus.events.store import EventStore
+from stratus.events.tenants import TenantCreated
+from stratus.handlers import resources as r
+from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
+
+CAUSE = Cause(actor="lab", correlation_id="lab", causation_id="lab")
+
+
+class Cloud:
+    """Tenants' worlds decided on with ``handlers.resources`` and logged."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.worlds: dict[str, World] = {}
+        self.segments = Aggregate()
+        self.pools: dict[str, Aggregate] = {}
+
+    async def append(self, events: list[Event]) -> int:
+        res = await self.store.append(events)
+        return res.seqs[-1]
+
+    async def tenant(self, name: str) -> World:
+        w = World()
+        ev = CAUSE.make(TenantCreated, name, "tenant", name, name=name)
+        fold(w, ev)
+        self.worlds[name] = w
+        await self.append([ev])
+        return w
+
+    async def do(self, tenant: str, decide: Any, cmd: Any, state: Any = None) -> list[Event]:
+        w = self.worlds[tenant]
+        events = decide(state if state is not None else w, cmd, CAUSE)
+        for e in events:
+            if e.tenant == tenant:
+                fold(w, e)
+            elif e.aggregate.kind == "segment-pool":
+                fold_aggregate(self.segments, e)
+        if events:
+            await self.append(events)
+        return events
+
+    async def network(self, tenant: str, name: str, cidr: str) -> None:
+        from stratus.events.resources import NetworkCreate, SubnetCreate
+
+        w = self.worlds[tenant]
+        await self.do(
+            tenant,
+            r.decide_network_create,
+            NetworkCreate(tenant=tenant, name=name),
+            (w, self.segments),
+        )
+        await self.do(
+            tenant,
+            r.decide_subnet_create,
+            SubnetCreate(tenant=tenant, name=f"{name}-sub", network=name, cidr=cidr),
+        )
+
+    async def server(self, tenant: str, name: str, host: str, networks: list[str]) -> str:
+        cmd = ServerCreate(
+            tenant=tenant,
+            name=name,
+            image="img",
+            vcpus=1,
+            ram_mb=64,
+            instance_type="container",
+            networks=networks,
+        )
+        plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
+        events = await self.do(tenant, r.decide_server_create, plan)
+        sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
+        ev = CAUSE.make(ServerScheduled, tenant, "server", sid, host=host)
+        fold(self.worlds[tenant], ev)
+        await self.append([ev])
+        return sid
+
+    async def external(self, name: str, cidr: str, gateway: str) -> Aggregate:
+        """An admin's external network: its subject's state is its address pool."""
+        from stratus.events.resources import NetworkCreate
+
+        pool = self.pools.setdefault(name, Aggregate())
+        cmd = NetworkCreate(name=name, external=True, cidr=cidr, gateway=gateway)
+        events = r.decide_external_network_create(pool, cmd, CAUSE)
+        for e in events:
+            fold_aggregate(pool, e)
+        await self.append(events)
+        return pool
+
+    async def on_pool(self, tenant: str, pool: str, decide: Any, cmd: Any) -> list[Event]:
+        """A decision on the tenant and an external network's pool together."""
+        w, agg = self.worlds[tenant], self.pools[pool]
+        events = decide((w, agg), cmd, CAUSE)
+        for e in events:
+            if e.tenant == tenant:
+                fold(w, e)
+            else:
+                fold_aggregate(agg, e)
+        await self.append(events)
+        return events
+
+    def port_of(self, tenant: str, server: str) -> dict[str, Any]:
+        ports = [p for p in self.worlds[tenant].of("port").values() if p["device"] == server]
+        return sorted(ports, key=lambda p: p["id"])[0]
+
+
+class Lab:
+    def __init__(self, store: EventStore, hosts: int) -> None:
+        self.prefix = "t" + secrets.token_hex(2)
+        self.sim = SimulatedHosts(self.prefix, [f"host-{i + 1}" for i in range(hosts)])
+        self.store = store
+        self.cloud = Cloud(store)
+        self.agents: dict[str, NetworkAgent] = {}
+        self.instances: list[str] = []
+
+    async def start(self) -> None:
+        # pyroute2's synchronous API runs its own event loop: off ours.
+        await asyncio.to_thread(self.sim.start)
+
+    def agent(self, host: str, store: EventStore | None = None, **kw: Any) -> NetworkAgent:
+        a = NetworkAgent(
+            store or self.store,
+            host,
+            vtep=self.sim.vtep(host),
+            prefix=self.prefix,
+            host_ns=self.sim.netns(host),
+            interval=kw.pop("interval", 3600.0),
+            **kw,
+        )
+        self.agents[host] = a
+        return a
+
+    async def start_agents(self, routers: str = "") -> None:
+        for h in self.sim.names:
+            await self.agent(h, routers=h == routers).start()
+
+    async def instance(self, server: str) -> str:
+        """The container instance's namespace, as the compute agent makes it."""
+        ns = nw.instance_netns(server)
+        self.instances.append(ns)
+        await asyncio.to_thread(netns.create, ns)
+        return ns
+
+    async def converge(self, timeout: float = 20.0) -> None:
+        seq = await self.store.last_seq()
+        await asyncio.gather(*(a.converged(seq, timeout) for a in self.agents.values()))
+
+    async def close(self) -> None:
+        try:
+            for a in self.agents.values():
+                await asyncio.wait_for(a.stop(), 20)
+        finally:
+            await asyncio.to_thread(self._remove)
+
+    def _remove(self) -> None:
+        for h in self.sim.names:
+            try:
+                Host(self.prefix, self.sim.vtep(h), self.sim.netns(h), routers=True).teardown()
+            except Exception:
+                pass  # the namespace goes below with whatever is left in it
+        have = set(netns.listnetns())
+        for ns in self.instances:
+            if ns in have:
+                netns.remove(ns)
+        self.sim.stop()
+        assert leftovers(self.prefix) == []
+        assert not set(self.instances) & set(netns.listnetns())
+
+
+def ping(ns: str, address: str, tries: int = 3) -> bool:
+    """Whether ``address`` answers from inside ``ns`` (bounded: ``tries`` pings of 1 s)."""
+    for _ in range(tries):
+        res = run_in(ns, ["ping", "-n", "-c", "1", "-W", "1", address], timeout=5)
+        if res.returncode == 0:
+            return True
+    return False
+
+
+def probe(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return run_in(ns, [sys.executable, "-m", "stratus.tests.netprobe", *args], timeout=timeout)
+
+
+def serve(ns: str, *args: str) -> subprocess.Popen:
+    """A netprobe server in ``ns``; it prints ``listening`` once bound."""
+    nw.check_netns_name(ns)
+
+    def enter() -> None:
+        netns.setns(ns, flags=0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stratus.tests.netprobe", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=enter,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line
+    return proc
