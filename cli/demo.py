@@ -74,6 +74,10 @@ async def run_demo() -> None:
             await _identity(console, client, url)
             await _inventory(console, client)
             await _compute(console, client, data)
+            if stack.network is not None:
+                await _network(console, client, stack.network)
+            else:
+                console.print("network agents need root: the private-network ping is skipped")
             status = await _wait_projected(client)
             emit(await client.query("tenants"), Format.table, ["id", "name", "status"])
             console.rule("audit trail (the event log)")
@@ -240,6 +244,111 @@ async def _compute(console: Console, admin: Client, data: Path) -> None:
     await do("server.delete", {"ref": "box"})
     await _wait_for(admin, "servers", globex, None, gone="box")
     console.print("container box deleted")
+
+
+async def _network(console: Console, admin: Client, plane: Any) -> None:
+    """Two of globex's containers on different hosts ping each other over
+    globex's own 10.0.0.0/24, the range acme's network uses too, and a
+    floating IP of one answers from outside."""
+    console.rule("private networks")
+    globex = {"tenant": "globex"}
+
+    async def do(verb: str, body: dict[str, Any]) -> Any:
+        return (await admin.command(verb, {**globex, **body})).data
+
+    await do("network.create", {"name": "lan"})
+    await do("subnet.create", {"name": "lan-v4", "network": "lan", "cidr": "10.0.0.0/24"})
+    servers = {}
+    for name, host in (("c1", "host-01"), ("c2", "host-02")):
+        await do(
+            "server.create",
+            {
+                "name": name,
+                "image": "base",
+                "vcpus": 1,
+                "ram_mb": 64,
+                "instance_type": "container",
+                "networks": ["lan"],
+                "host": host,
+            },
+        )
+    try:
+        for name in ("c1", "c2"):
+            s = await _wait_for(admin, "server", {**globex, "ref": name}, "running")
+            port = s["addresses"][0]
+            await _wait_for(admin, "port", {**globex, "ref": port["port"]}, "active")
+            servers[name] = (s["host"], port["ip"])
+            console.print(f"{name} running on {s['host']} with {port['ip']} on globex's lan")
+        acme = await admin.query("subnets", {"tenant": "acme"})
+        console.print(
+            "acme's subnet uses the same range: "
+            + ", ".join(f"{x['name']} {x['cidr']}" for x in acme)
+        )
+        target = servers["c2"][1]
+        # Bound means the port is plugged; the other host's forwarding entry
+        # may follow a moment later (its agent's next pass): bounded retries.
+        for _ in range(30):
+            out = await do(
+                "server.exec", {"ref": "c1", "command": ["ping", "-c", "2", "-W", "1", target]}
+            )
+            if out["exit_code"] == 0:
+                break
+        last = [line for line in out["stdout"].splitlines() if "packets transmitted" in line]
+        console.print(
+            f"c1 ({servers['c1'][0]}) pings c2 ({servers['c2'][0]}) at {target}: "
+            f"{last[0] if last else out['stdout'].strip()} (exit {out['exit_code']})"
+        )
+        if out["exit_code"] != 0:
+            raise StratusError(f"c1 could not reach c2: {out['stdout']}{out['stderr']}")
+        await do("router.create", {"name": "edge", "external_network": "public"})
+        await do("router.add-subnet", {"router": "edge", "subnet": "lan-v4"})
+        fip = await do("floating-ip.create", {})
+        await do("floating-ip.associate", {"floating_ip": fip["address"], "server": "c2"})
+        await do("security-group.rule-add", {"security_group": "default", "protocol": "icmp"})
+        answered = await asyncio.to_thread(_ping_from_outside, plane, fip["address"])
+        console.print(
+            f"floating IP {fip['address']} of c2 answers a ping from outside "
+            f"(a namespace on the external network): {answered}"
+        )
+        if not answered:
+            raise StratusError(f"floating IP {fip['address']} did not answer from outside")
+    finally:
+        for name in ("c1", "c2"):
+            await do("server.delete", {"ref": name})
+        for name in ("c1", "c2"):
+            await _wait_for(admin, "servers", globex, None, gone=name)
+
+
+def _ping_from_outside(plane: Any, address: str, tries: int = 20) -> bool:
+    """Plug a namespace (the internet, for the demo) into the router host's
+    external bridge and ping ``address`` from there; remove it afterwards."""
+    from pyroute2 import IPRoute, netns
+
+    from stratus.agents.network.kernel import run_in
+    from stratus.events import network as nw
+
+    outside = nw.check_netns_name(nw.kernel_name(plane.prefix, "instance", "outside"))
+    leg = nw.kernel_name(plane.prefix, "uplink", "outside")
+    bridge = nw.kernel_name(plane.prefix, "ext", "public")
+    host_ns = plane.sim.netns(plane.sim.names[0])
+    netns.create(outside)
+    try:
+        with IPRoute(netns=host_ns) as ipr:
+            ipr.link("add", ifname=leg, kind="veth", peer={"ifname": "eth0", "net_ns_fd": outside})
+            idx = ipr.link_lookup(ifname=leg)[0]
+            ipr.link("set", index=idx, master=ipr.link_lookup(ifname=bridge)[0], state="up")
+        with IPRoute(netns=outside) as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=idx, address="203.0.113.1", prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+        # The agents wire the router and the NAT on their next pass: bounded wait.
+        for _ in range(tries):
+            ping = ["ping", "-n", "-c", "1", "-W", "1", address]
+            if run_in(outside, ping, timeout=5).returncode == 0:
+                return True
+        return False
+    finally:
+        netns.remove(outside)  # its veth goes with it
 
 
 async def _wait_for(

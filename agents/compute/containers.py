@@ -104,7 +104,8 @@ class Cgroups:
     def create(self, spec: InstanceSpec) -> list[Path]:
         dirs = self.dirs(spec.server)
         for d in dirs:
-            d.mkdir(exist_ok=True)
+            # The host's own group may have been removed when it last emptied.
+            d.mkdir(parents=True, exist_ok=True)
         quota = max(1000, int(spec.cpus * CPU_PERIOD_US))
         limit = spec.ram_mb << 20
         if self.v1:
