@@ -35,7 +35,7 @@ from stratus.events.scheduling import HostClaimed, HostReleased, ServerBuildFail
 from stratus.events.store import EventStore
 from stratus.handlers.scheduler.decide import Decider, NoValidHost, Placed, SchedulerConfig
 from stratus.handlers.scheduler.filters import Request
-from stratus.handlers.scheduler.service import request_of
+from stratus.handlers.scheduler.service import claim_event, request_of
 from stratus.handlers.scheduler.table import SUBJECTS, HostTable
 
 NO_HOST = "(no valid host)"
@@ -159,21 +159,7 @@ _CAUSE = Cause("replay", "replay", "replay")
 
 
 def _claim(t: HostTable, host: str, r: Request, seq: int) -> None:
-    e = _CAUSE.make(
-        HostClaimed,
-        SYSTEM,
-        "host",
-        host,
-        server=r.server,
-        server_tenant=r.tenant,
-        name=r.name,
-        image=r.image,
-        vcpus=r.vcpus,
-        ram_mb=r.ram_mb,
-        disk_gb=r.disk_gb,
-        group=r.group,
-    )
-    t.apply(seq, e)
+    t.apply(seq, claim_event(_CAUSE, host, r))
 
 
 def _release(t: HostTable, server: str, seq: int) -> None:

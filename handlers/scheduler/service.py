@@ -85,6 +85,26 @@ def request_of(e: ServerRequested, exclude: tuple[str, ...] = (), attempt: int =
     )
 
 
+def claim_event(cause: Cause, host: str, r: Request) -> HostClaimed:
+    """The claim of ``r``'s size on ``host`` (what the host's agent builds)."""
+    return cause.make(
+        HostClaimed,
+        SYSTEM,
+        "host",
+        host,
+        server=r.server,
+        server_tenant=r.tenant,
+        name=r.name,
+        image=r.image,
+        vcpus=r.vcpus,
+        ram_mb=r.ram_mb,
+        disk_gb=r.disk_gb,
+        instance_type=r.instance_type,
+        group=r.group,
+        attempt=r.attempt,
+    )
+
+
 class Job(msgspec.Struct):
     """One server to place: the work message, what it asks, what it waits on."""
 
@@ -368,24 +388,7 @@ class SchedulerService:
         if isinstance(out, Placed):
             subject = host_subject(out.host)
             conds.append(Condition(subject, expected, len(events)))
-            events.append(
-                cause.make(
-                    HostClaimed,
-                    SYSTEM,
-                    "host",
-                    out.host,
-                    server=r.server,
-                    server_tenant=r.tenant,
-                    name=r.name,
-                    image=r.image,
-                    vcpus=r.vcpus,
-                    ram_mb=r.ram_mb,
-                    disk_gb=r.disk_gb,
-                    instance_type=r.instance_type,
-                    group=r.group,
-                    attempt=r.attempt,
-                )
-            )
+            events.append(claim_event(cause, out.host, r))
             server_event: Event = cause.make(
                 ServerScheduled,
                 r.tenant,
