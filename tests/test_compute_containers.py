@@ -152,8 +152,15 @@ async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp
             await asyncio.sleep(0.1)
         assert owned(agent) == {sid: "running"}
         assert driver.init_pid(sid) not in (None, old)
-        recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
-        fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
+        # The container runs again before the pass records it: wait (bounded)
+        # for the record.
+        fixes: list = []
+        for _ in range(50):
+            recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
+            fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
+            if fixes:
+                break
+            await asyncio.sleep(0.1)
         assert [f.started for f in fixes] == [[sid]]
         assert types(await server_events(store, sid))[-1] == "server.running"
     finally:
