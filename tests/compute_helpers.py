@@ -15,9 +15,9 @@ from stratus.agents.compute.containers import ContainerDriver
 from stratus.agents.compute.domain import LibvirtDriver
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
-from stratus.events.resources import SYSTEM, ServerRequested, ServerScheduled
-from stratus.events.scheduling import HostClaimed
+from stratus.events.resources import ServerRequested, ServerScheduled
 from stratus.events.store import EventStore
+from stratus.handlers.scheduler.service import claim_event, request_of
 
 TENANT = "acme"
 
@@ -61,20 +61,8 @@ async def place(
         disk_gb=disk_gb,
         instance_type=instance_type,
     )
-    claim = c.make(
-        HostClaimed,
-        SYSTEM,
-        "host",
-        host,
-        server=sid,
-        server_tenant=tenant,
-        name=f"s-{sid[-6:]}",
-        image=image,
-        vcpus=vcpus,
-        ram_mb=ram_mb,
-        disk_gb=disk_gb,
-        instance_type=instance_type,
-    )
+    # The scheduler's own claim, so the agent is tested on what it will get.
+    claim = claim_event(c, host, request_of(requested))
     scheduled = c.make(ServerScheduled, tenant, "server", sid, host=host)
     await store.append([requested])
     await store.append([claim, scheduled])
