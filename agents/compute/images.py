@@ -188,15 +188,23 @@ def create_overlay(
     base: Path, base_fmt: str, overlay: Path, size_gb: int = 0, base_size: int = 0
 ) -> None:
     """A qcow2 overlay backed by ``base``, grown to ``size_gb`` if that is
-    larger than the base's virtual size ``base_size`` (bytes)."""
-    args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_fmt]
+    larger than the base's virtual size ``base_size`` (bytes).
+
+    A new overlay of a given base and size is the same few hundred kilobytes
+    every time (header, backing path, empty tables), so ``qemu-img`` makes
+    it once, as a template beside the base (bases are immutable: stored by
+    checksum), and each instance gets a copy: no process per instance."""
+    grow = f"{size_gb}G" if size_gb and size_gb * (1 << 30) > base_size else ""
+    template = base.with_name(f".{base.name}.{base_fmt}.{grow or 'same'}.overlay")
+    if not template.exists():
+        args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_fmt]
+        part = template.with_name(f"{template.name}.{os.getpid()}.part")
+        qemu_img(*args, str(part), *([grow] if grow else []))
+        os.replace(part, template)
     tmp = overlay.with_name(f".{overlay.name}.part")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    args.append(str(tmp))
-    if size_gb and size_gb * (1 << 30) > base_size:
-        args.append(f"{size_gb}G")
-    qemu_img(*args)
+    shutil.copyfile(template, tmp)
     os.replace(tmp, overlay)
 
 
