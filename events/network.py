@@ -15,6 +15,10 @@ other about the data plane.
 - Every kernel object name (link, namespace) comes from ``kernel_name``:
   at most 15 bytes of ``[a-z0-9-]``, derived from ids, so no tenant text
   ever reaches netlink, nftables or libvirt.
+- A VM's port is a tap device named ``vm_tap(port id)``: the compute agent
+  names it in the domain (libvirt creates it when the guest starts), and the
+  network agent puts it on the network's bridge (moving it into a simulated
+  host's namespace first). Its MAC is the port's.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ ROLES = {
     "xgw": "n",  # router side of it
     "instance": "c",  # a namespace of our own beside the hosts (a test's outside world)
     "dhcp": "d",  # a network's DHCP namespace
+    "dleg": "k",  # host side of a DHCP namespace's leg into a network's bridge
+    "dgw": "j",  # the DHCP namespace's side of it
     "host": "h",  # a simulated host's namespace
     "underlay": "u",  # the simulated underlay's namespace (and its bridge)
     "uplink": "v",  # a simulated host's leg into the underlay
@@ -104,6 +110,27 @@ def instance_netns(server_id: str) -> str:
     """The network namespace of a container instance, as the compute agent
     names it (``st-<server id>``; ids are UUIDs, unique on any machine)."""
     return check_netns_name(f"st-{server_id}")
+
+
+TAP_PREFIX = "tap"
+
+
+def vm_tap(port_id: str) -> str:
+    """The tap device of a VM's port: the same name for the compute agent
+    (in the domain XML) and the network agent (on the bridge). No deployment
+    prefix: the compute agent does not know it, and port ids are unique."""
+    digest = hashlib.sha256(port_id.encode()).hexdigest()
+    return check_kernel_name(TAP_PREFIX + digest[: IFNAME_MAX - len(TAP_PREFIX)])
+
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}(?!\n)$")
+
+
+def check_mac(mac: str) -> str:
+    """``mac`` if it is a unicast MAC in lower-case colon form, else Invalid."""
+    if not isinstance(mac, str) or not _MAC.match(mac) or int(mac[:2], 16) & 1:
+        raise Invalid(f"MAC address {mac!r} is not a unicast aa:bb:cc:dd:ee:ff")
+    return mac
 
 
 def port_binding(cause: Cause, tenant: str, port_id: str, host: str) -> PortBound:

@@ -137,6 +137,14 @@ class ImageDeleted(ResourceEvent, frozen=True, tag="image.deleted"):
 # -- servers -----------------------------------------------------------------------
 
 
+class Nic(msgspec.Struct, frozen=True):
+    """A server's network interface: its port, and the MAC the guest sees
+    (the port's, so DHCP and the security groups know it)."""
+
+    port: str
+    mac: str
+
+
 class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     begins = True
     status = "requested"
@@ -151,6 +159,8 @@ class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     security_groups: list[str] = []
     labels: dict[str, str] = {}
     requested_host: str = ""
+    # One per network, in the order of ``networks``.
+    nics: list[Nic] = []
     group: str = ""
     zone: str = ""
 

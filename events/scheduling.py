@@ -16,6 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from stratus.events.model import Event
+from stratus.events.resources import Nic
 
 # The KV bucket agents heartbeat into (key: host name) and how long a beat
 # keeps its host alive. Agents beat every HEARTBEAT_INTERVAL seconds, so a
@@ -38,6 +39,7 @@ class HostClaimed(Event, frozen=True, tag="host.claimed"):
     instance_type: str = "vm"
     group: str = ""
     attempt: int = 1
+    nics: list[Nic] = []
 
 
 class HostReleased(Event, frozen=True, tag="host.released"):

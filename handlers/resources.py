@@ -59,6 +59,7 @@ from stratus.events.resources import (
     NetworkCreate,
     NetworkCreated,
     NetworkDeleted,
+    Nic,
     PortCreate,
     PortCreated,
     PortDeleted,
@@ -377,6 +378,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
             "security_groups": new_sgs,
         }
     )
+    nics = [Nic(port=p.aggregate.id, mac=p.mac) for p in ports if isinstance(p, PortCreated)]
     server = cause.make(
         ServerRequested,
         t,
@@ -395,6 +397,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         requested_host=cmd.host or "",
         group=group,
         zone=cmd.zone or "",
+        nics=nics,
     )
     return [*sg_events, server, *ports]
 

@@ -16,7 +16,8 @@ from stratus.agents.compute.spec import InstanceSpec
 from stratus.events.compute import HostServerAction
 from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
-from stratus.events.resources import SYSTEM
+from stratus.events.network import vm_tap
+from stratus.events.resources import SYSTEM, Nic
 from stratus.events.scheduling import HostClaimed, HostReleased
 from stratus.tests.compute_helpers import cause
 
@@ -130,6 +131,17 @@ def test_domain_xml_carries_limits_and_ownership_as_elements():
     assert root.find("devices/serial/log").get("file") == "/d/c.log"
 
 
+def test_a_vm_nic_is_a_tap_named_after_its_port_with_the_port_mac():
+    port = new_id()
+    s = spec(nics=[Nic(port=port, mac="fa:16:3e:01:02:03")])
+    iface = ET.fromstring(domain_xml(s, "h1", "test")).find("devices/interface")
+    assert iface is not None and iface.get("type") == "ethernet"
+    assert iface.find("mac").get("address") == "fa:16:3e:01:02:03"
+    # The name the network agent looks for: the same function on both sides.
+    assert iface.find("target").get("dev") == vm_tap(port)
+    assert len(vm_tap(port)) <= 15 and vm_tap(port) != vm_tap(new_id())
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -142,6 +154,9 @@ def test_domain_xml_carries_limits_and_ownership_as_elements():
         {"disk": "relative/path.qcow2"},
         {"kernel": "/boot/vmlinuz\0x"},
         {"volumes": {"../v": "/x"}},
+        {"nics": [Nic(port="../p", mac="fa:16:3e:01:02:03")]},
+        {"nics": [Nic(port="p1", mac="fa:16:3e:01:02:03'/><x")]},
+        {"nics": [Nic(port="p1", mac="01:00:5e:00:00:01")]},  # multicast
     ],
 )
 def test_unsafe_values_never_reach_the_xml(bad):

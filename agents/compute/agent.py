@@ -381,6 +381,8 @@ class ComputeAgent:
                 else "",
                 console_log=str(self.consoles / f"{claim.server}.log"),
                 volumes=volumes,
+                # A container's ports are veths the network agent makes.
+                nics=list(claim.nics) if claim.instance_type == "vm" else [],
                 **(
                     msgspec.structs.asdict(self.direct_boot)
                     if self.direct_boot and claim.instance_type == "vm"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stratus.agents.compute.spec import HostError, InstanceSpec, check, domain_uuid
+from stratus.events.network import vm_tap
 
 NS = "https://stratus.dev/xmlns/compute/1"
 PREFIX = "stratus-"
@@ -101,6 +102,13 @@ def domain_xml(
         devices.append(_disk(spec.disk, "vda"))
     for target, path in zip(VOLUME_TARGETS, spec.volumes.values(), strict=False):
         devices.append(_disk(path, target))
+    for nic in spec.nics:
+        # An unmanaged-by-libvirt network: libvirt makes the tap when the
+        # guest starts and the network agent puts it on the bridge.
+        iface = ET.SubElement(devices, "interface", type="ethernet")
+        ET.SubElement(iface, "mac", address=nic.mac)
+        ET.SubElement(iface, "target", dev=vm_tap(nic.port))
+        ET.SubElement(iface, "model", type="virtio")
     serial = ET.SubElement(devices, "serial", type="pty")
     if spec.console_log:
         ET.SubElement(serial, "log", file=spec.console_log, append="on")

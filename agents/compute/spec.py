@@ -13,11 +13,14 @@ import uuid
 import msgspec
 
 from stratus.events.errors import Invalid
+from stratus.events.network import check_mac
+from stratus.events.resources import Nic
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}(?!\n)$")
 MAX_VCPUS = 256
 MAX_RAM_MB = 1 << 22  # 4 TiB
 MAX_VOLUMES = 16
+MAX_NICS = 16
 
 
 class HostError(Exception):
@@ -50,6 +53,8 @@ class InstanceSpec(msgspec.Struct, frozen=True):
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
+    # VMs: one interface per port, a tap named after the port (``vm_tap``).
+    nics: list[Nic] = []
 
     @property
     def cpus(self) -> float:
@@ -79,6 +84,12 @@ def check(spec: InstanceSpec) -> InstanceSpec:
         raise Invalid("kernel command line: at most 4096 characters, no NUL")
     if any("\0" in a for a in spec.command) or len(spec.command) > 256:
         raise Invalid("command: at most 256 arguments without NUL bytes")
+    if len(spec.nics) > MAX_NICS:
+        raise Invalid(f"nics: at most {MAX_NICS}")
+    for nic in spec.nics:
+        if not ID_RE.match(nic.port):
+            raise Invalid(f"port id {nic.port!r} is not an id")
+        check_mac(nic.mac)
     return spec
 
 

@@ -19,6 +19,7 @@ from typing import ClassVar
 import msgspec
 import numpy as np
 
+from stratus.events.resources import Nic
 from stratus.handlers.scheduler.table import HostTable
 
 Check = tuple[str, np.ndarray]
@@ -42,6 +43,8 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     # Hosts this server's build already failed on (retries go elsewhere).
     exclude: tuple[str, ...] = ()
     attempt: int = 1
+    # Carried to the claim for the agent: not a placement criterion.
+    nics: tuple[Nic, ...] = ()
 
 
 def fits(capacity: np.ndarray, used: np.ndarray, requested: float) -> np.ndarray:

@@ -82,6 +82,7 @@ def request_of(e: ServerRequested, exclude: tuple[str, ...] = (), attempt: int =
         group=e.group,
         exclude=exclude,
         attempt=attempt,
+        nics=tuple(e.nics),
     )
 
 
@@ -102,6 +103,7 @@ def claim_event(cause: Cause, host: str, r: Request) -> HostClaimed:
         instance_type=r.instance_type,
         group=r.group,
         attempt=r.attempt,
+        nics=list(r.nics),
     )
 
 
