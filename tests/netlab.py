@@ -9,22 +9,26 @@ every namespace, link and rule it or its agents made, even after a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import netns
 
 from stratus.agents.network.agent import NetworkAgent
-from stratus.agents.network.kernel import Host, run_in
+from stratus.agents.network.kernel import DHCP_DIR, Host, run_in
 from stratus.agents.network.sim import SimulatedHosts, leftovers
 from stratus.events import network as nw
 from stratus.events.model import Cause, Event
-from stratus.events.resources import ServerCreate, ServerScheduled
+from stratus.events.resources import ServerCreate, ServerRequested, ServerScheduled
 from stratus.events.store import EventStore
 from stratus.events.tenants import TenantCreated
 from stratus.handlers import resources as r
+from stratus.handlers.scheduler.service import claim_event, request_of
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
 CAUSE = Cause(actor="lab", correlation_id="lab", causation_id="lab")
@@ -79,22 +83,35 @@ class Cloud:
             SubnetCreate(tenant=tenant, name=f"{name}-sub", network=name, cidr=cidr),
         )
 
-    async def server(self, tenant: str, name: str, host: str, networks: list[str]) -> str:
+    async def server(
+        self,
+        tenant: str,
+        name: str,
+        host: str,
+        networks: list[str],
+        instance_type: str = "container",
+        claim: bool = False,
+        ram_mb: int = 64,
+    ) -> str:
+        """A server placed on ``host``; with ``claim``, claimed there as the
+        scheduler does (what a compute agent builds from)."""
         cmd = ServerCreate(
             tenant=tenant,
             name=name,
             image="img",
             vcpus=1,
-            ram_mb=64,
-            instance_type="container",
+            ram_mb=ram_mb,
+            instance_type=instance_type,
             networks=networks,
         )
         plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
         events = await self.do(tenant, r.decide_server_create, plan)
-        sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
+        requested = next(e for e in events if isinstance(e, ServerRequested))
+        sid = requested.aggregate.id
         ev = CAUSE.make(ServerScheduled, tenant, "server", sid, host=host)
         fold(self.worlds[tenant], ev)
-        await self.append([ev])
+        claims = [claim_event(CAUSE, host, request_of(requested))] if claim else []
+        await self.append([*claims, ev])
         return sid
 
     async def external(self, name: str, cidr: str, gateway: str) -> Aggregate:
@@ -127,9 +144,9 @@ class Cloud:
 
 
 class Lab:
-    def __init__(self, store: EventStore, hosts: int) -> None:
+    def __init__(self, store: EventStore, hosts: int, names: list[str] | None = None) -> None:
         self.prefix = "t" + secrets.token_hex(2)
-        self.sim = SimulatedHosts(self.prefix, [f"host-{i + 1}" for i in range(hosts)])
+        self.sim = SimulatedHosts(self.prefix, names or [f"host-{i + 1}" for i in range(hosts)])
         self.store = store
         self.cloud = Cloud(store)
         self.agents: dict[str, NetworkAgent] = {}
@@ -186,7 +203,25 @@ class Lab:
                 netns.remove(ns)
         self.sim.stop()
         assert leftovers(self.prefix) == []
+        assert not [f for f in dhcp_files() if nw.owned(self.prefix, f.stem)]
         assert not set(self.instances) & set(netns.listnetns())
+
+
+@contextlib.asynccontextmanager
+async def running_lab(
+    store: EventStore, hosts: int, names: list[str] | None = None
+) -> AsyncIterator[Lab]:
+    """A started lab, closed (everything it made removed) on the way out."""
+    lab = Lab(store, hosts, names)
+    try:
+        await lab.start()
+        yield lab
+    finally:
+        await lab.close()
+
+
+def dhcp_files() -> list[Path]:
+    return sorted(DHCP_DIR.iterdir()) if DHCP_DIR.is_dir() else []
 
 
 def ping(ns: str, address: str, tries: int = 3) -> bool:

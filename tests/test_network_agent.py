@@ -26,19 +26,15 @@ from stratus.events.resources import (
     SecurityGroupRuleRemove,
 )
 from stratus.handlers import resources as r
-from stratus.tests.netlab import Lab, ping, probe, serve
+from stratus.tests.netlab import Lab, ping, probe, running_lab, serve
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 async def lab(store):
-    lab = Lab(store, hosts=3)
-    try:
-        await lab.start()
+    async with running_lab(store, hosts=3) as lab:
         yield lab
-    finally:
-        await lab.close()
 
 
 async def two_tenants(lab: Lab) -> dict[str, tuple[str, str]]:

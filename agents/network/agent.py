@@ -162,10 +162,11 @@ class NetworkAgent:
                     seq=seq,
                     created=ch.created,
                     removed=ch.removed,
+                    wired=ch.wired,
                     drift=drift,
                     ms=round((time.perf_counter() - started) * 1000, 1),
                 )
-            if ch and drift:
+            if ch.drifted and drift:
                 self.corrections.append(ch)
                 cause = Cause(self.actor, new_id(), new_id())
                 ev = cause.make(
@@ -190,7 +191,7 @@ class NetworkAgent:
             for pp in hp.ports.values()
         ):
             return
-        wired = await asyncio.to_thread(self.kernel.links)
+        wired = await asyncio.to_thread(self.kernel.links, hp.taps())
         events = []
         for name, pp in hp.ports.items():
             port = self.topology.ports.get(pp.port)

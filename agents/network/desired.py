@@ -18,6 +18,9 @@ from stratus.events import resources as rs
 from stratus.events.model import Event
 from stratus.events.scheduling import HostClaimed, HostReleased
 
+# A tenant network's MTU: the underlay's 1500 less the VXLAN encapsulation.
+VXLAN_MTU = 1450
+
 
 @dataclass
 class Port:
@@ -175,6 +178,7 @@ class PortPlan:
     gateway: str
     kbps: int
     zone: int
+    vm: bool = False  # a VM's tap (libvirt makes it) instead of a veth
 
 
 @dataclass(frozen=True)
@@ -209,11 +213,25 @@ class RouterPlan:
     nat: tuple[str, ...]  # iptables-restore lines of the nat table
 
 
+@dataclass(frozen=True)
+class DhcpPlan:
+    """One dnsmasq serving the VM ports of some subnets, from their gateway
+    address: inside the subnet's router namespace when a router holds the
+    gateway, else in a DHCP namespace of the network's own whose legs take
+    the (otherwise unused) gateway address. The allocator never hands the
+    gateway to a port, so the server needs no address of its own."""
+
+    netns: str
+    legs: tuple[LegPlan, ...]  # empty inside a router's namespace
+    config: str  # the dnsmasq configuration (pid file and path: the host's)
+
+
 @dataclass
 class HostPlan:
     bridges: dict[str, BridgePlan] = field(default_factory=dict)
     ports: dict[str, PortPlan] = field(default_factory=dict)
     routers: dict[str, RouterPlan] = field(default_factory=dict)
+    dhcp: dict[str, DhcpPlan] = field(default_factory=dict)
     externals: set[str] = field(default_factory=set)
     firewall: str = ""
 
@@ -225,15 +243,27 @@ class HostPlan:
             out |= {leg.ifname for leg in r.legs}
             if r.external is not None:
                 out.add(r.external.ifname)
+        for d in self.dhcp.values():
+            out |= {leg.ifname for leg in d.legs}
         return out
+
+    def taps(self) -> set[str]:
+        """VM taps on this host (libvirt's devices: wired, never removed)."""
+        return {name for name, pp in self.ports.items() if pp.vm}
+
+
+def _vm_port(t: Topology, p: Port) -> bool:
+    return p.device_owner == "compute" and t.servers.get(p.device, {}).get("type") == "vm"
 
 
 def plan(t: Topology, host: str, prefix: str) -> HostPlan:
     """The kernel objects ``host`` needs: a bridge and VXLAN device per
-    network with a port here, one veth per container port, tc per QoS."""
+    network with a port here, a veth per container port or the tap of a
+    VM's port, tc per QoS; on the router host, routers and DHCP."""
     out = HostPlan()
     here: dict[str, list[Port]] = {}
     spread: dict[str, set[str]] = {}
+    dhcp: dict[str, list[Port]] = {}  # subnet -> its VM ports
     for p in t.ports.values():
         h = t.port_host(p)
         if not h or p.network not in t.networks:
@@ -241,6 +271,15 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
         spread.setdefault(p.network, set()).add(h)
         if h == host:
             here.setdefault(p.network, []).append(p)
+        if p.ip and p.subnet in t.subnets and _vm_port(t, p):
+            dhcp.setdefault(p.subnet, []).append(p)
+    if t.router_host:
+        # DHCP lives on the router host: its bridge must be there and known.
+        for subnet in dhcp:
+            net = t.subnets[subnet]["network"]
+            spread.setdefault(net, set()).add(t.router_host)
+            if host == t.router_host:
+                here.setdefault(net, [])
     firsts: dict[str, str] = {}
     for p in t.ports.values():
         if p.device and (p.device not in firsts or p.id < firsts[p.device]):
@@ -260,26 +299,28 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
         out.bridges[b.bridge] = b
         # The first port of a server (by id) carries its default route.
         for p in sorted(ports, key=lambda p: p.id):
-            server = t.servers.get(p.device, {})
-            if p.device_owner != "compute" or server.get("type", "container") != "container":
+            if p.device_owner != "compute":
                 continue
+            vm = _vm_port(t, p)
             sub = t.subnets.get(p.subnet)
             if sub is None or not p.ip:
                 continue
             netw = ipaddress.ip_network(sub["cidr"])
             first = firsts.get(p.device, p.id)
-            name = nw.kernel_name(prefix, "port", p.id)
+            name = nw.vm_tap(p.id) if vm else nw.kernel_name(prefix, "port", p.id)
             out.ports[name] = PortPlan(
                 port=p.id,
                 ifname=name,
                 bridge=b.bridge,
-                netns=nw.instance_netns(p.device),
-                peer=nw.kernel_name(prefix, "peer", p.id),
+                # A VM configures itself by DHCP: the agent only wires its tap.
+                netns="" if vm else nw.instance_netns(p.device),
+                peer="" if vm else nw.kernel_name(prefix, "peer", p.id),
                 mac=p.mac,
                 address=f"{p.ip}/{netw.prefixlen}",
-                gateway=sub["gateway"] if first == p.id else "",
+                gateway=sub["gateway"] if first == p.id and not vm else "",
                 kbps=t.qos.get(p.qos_policy, 0),
                 zone=1 + vni % 65535,
+                vm=vm,
             )
     if host == t.router_host:
         for rid, r in sorted(t.routers.items()):
@@ -288,7 +329,77 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
                 out.routers[rp.netns] = rp
                 if rp.external is not None:
                     out.externals.add(rp.external.bridge)
+        out.dhcp = _dhcp(t, dhcp, out, prefix)
     out.firewall = firewall_rules(t, out, prefix)
+    return out
+
+
+def _dhcp(
+    t: Topology, wanted: dict[str, list[Port]], hp: HostPlan, prefix: str
+) -> dict[str, DhcpPlan]:
+    """dnsmasq per namespace: a routed subnet's in its router's namespace
+    (on the leg holding the gateway), the others' in a DHCP namespace per
+    network with a leg per subnet holding the gateway."""
+    routed: dict[str, tuple[str, str]] = {}  # subnet -> (router netns, leg inside)
+    for rp in hp.routers.values():
+        r = t.routers.get(rp.router, {})
+        for subnet, port_id in r.get("interfaces", {}).items():
+            inner = nw.kernel_name(prefix, "gw", port_id)
+            if any(leg.inner == inner for leg in rp.legs):
+                routed[subnet] = (rp.netns, inner)
+    served: dict[str, list[tuple[str, str]]] = {}  # netns -> (subnet, interface)
+    legs: dict[str, list[LegPlan]] = {}
+    for subnet in sorted(wanted):
+        sub = t.subnets[subnet]
+        bridge = nw.kernel_name(prefix, "bridge", sub["network"])
+        if bridge not in hp.bridges:
+            continue
+        if subnet in routed:
+            ns, ifname = routed[subnet]
+        else:
+            ns = nw.kernel_name(prefix, "dhcp", sub["network"])
+            ifname = nw.kernel_name(prefix, "dgw", subnet)
+            plen = ipaddress.ip_network(sub["cidr"]).prefixlen
+            legs.setdefault(ns, []).append(
+                LegPlan(
+                    nw.kernel_name(prefix, "dleg", subnet),
+                    bridge,
+                    ifname,
+                    "",
+                    f"{sub['gateway']}/{plen}",
+                    zone=1 + hp.bridges[bridge].vni % 65535,
+                )
+            )
+        served.setdefault(ns, []).append((subnet, ifname))
+    out: dict[str, DhcpPlan] = {}
+    for ns, subnets in sorted(served.items()):
+        lines = [
+            "# the Stratus network agent's: rewritten on every change",
+            "port=0",  # DHCP only, no DNS
+            "bind-interfaces",
+            "except-interface=lo",
+            "no-resolv",
+            "no-hosts",
+            "leasefile-ro",
+            "dhcp-authoritative",
+        ]
+        lines += [f"interface={ifname}" for _, ifname in subnets]
+        for i, (subnet, _) in enumerate(subnets):
+            sub = t.subnets[subnet]
+            netw = ipaddress.ip_network(sub["cidr"])
+            tag = f"s{i}"
+            lines.append(f"dhcp-range=set:{tag},{netw.network_address},static,{netw.netmask},12h")
+            if subnet in routed:
+                lines.append(f"dhcp-option=tag:{tag},option:router,{sub['gateway']}")
+            else:
+                lines.append(f"dhcp-option=tag:{tag},option:router")  # no way out
+            # VXLAN's 50 bytes come off the guest's frames.
+            lines.append(f"dhcp-option-force=tag:{tag},option:mtu,{VXLAN_MTU}")
+            if sub.get("dns"):
+                lines.append(f"dhcp-option=tag:{tag},option:dns-server,{','.join(sub['dns'])}")
+            for p in sorted(wanted[subnet], key=lambda p: p.ip):
+                lines.append(f"dhcp-host={p.mac},{p.ip}")
+        out[ns] = DhcpPlan(ns, tuple(legs.get(ns, ())), "\n".join([*lines, ""]))
     return out
 
 
@@ -397,15 +508,37 @@ def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
             raw_lines.append(
                 f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}"
             )
+    for d in sorted(hp.dhcp.values(), key=lambda d: d.netns):
+        for leg in d.legs:
+            raw_lines.append(
+                f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}"
+            )
     for name, pp in sorted(hp.ports.items()):
         port = t.ports[pp.port]
         raw_lines.append(f"-A {raw} -m physdev --physdev-in {name} -j CT --zone {pp.zone}")
-        cin, cout = f"{name}-i", f"{name}-o"
+        # Chains carry the prefix (a VM tap is named without it): ours to probe.
+        base = nw.kernel_name(prefix, "port", pp.port)
+        cin, cout = f"{base}-i", f"{base}-o"
         flt += [f":{cin} - [0:0]", f":{cout} - [0:0]"]
         jumps_out.append(f"-A {top} -m physdev --physdev-in {name} --physdev-is-bridged -j {cout}")
         jumps_in.append(f"-A {top} -m physdev --physdev-out {name} --physdev-is-bridged -j {cin}")
+        if pp.vm:
+            # DHCP (Neutron's allowances): the guest's discover before it has
+            # an address and its renewals; the server's answers (from the
+            # gateway address, see DhcpPlan).
+            sub = t.subnets.get(port.subnet, {})
+            body.append(
+                f"-A {cout} -s 0.0.0.0/32 -d 255.255.255.255/32 -p udp -m udp "
+                "--sport 68 --dport 67 -j RETURN"
+            )
+            if sub.get("gateway"):
+                body.append(
+                    f"-A {cin} -s {sub['gateway']}/32 -p udp -m udp --sport 67 --dport 68 -j ACCEPT"
+                )
         # No spoofing: the instance speaks only from its own address.
         body.append(f"-A {cout} ! -s {port.ip}/32 -j DROP")
+        if pp.vm:
+            body.append(f"-A {cout} -p udp -m udp --sport 68 --dport 67 -j RETURN")
         for g in sorted(port.security_groups):
             for _, rule in sorted(t.groups.get(g, {}).items()):
                 ingress = rule["direction"] == "ingress"

@@ -12,19 +12,33 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from stratus.agents.network.desired import BridgePlan, HostPlan, LegPlan, PortPlan, RouterPlan
+from stratus.agents.network.desired import (
+    BridgePlan,
+    DhcpPlan,
+    HostPlan,
+    LegPlan,
+    PortPlan,
+    RouterPlan,
+)
 from stratus.events import network as nw
 
 ZERO_MAC = "00:00:00:00:00:00"
 # The links the agent owns on its host (a simulated host's uplink is not one).
-MANAGED = ("bridge", "vxlan", "port", "leg", "ext", "xleg")
+MANAGED = ("bridge", "vxlan", "port", "leg", "ext", "xleg", "dleg")
+# dnsmasq's configuration and pid file per namespace it serves (machine-wide,
+# as the namespaces are; names carry the deployment's prefix).
+DHCP_DIR = Path("/run/stratus-dhcp")
 
 
 class KernelError(RuntimeError):
@@ -110,8 +124,15 @@ def namespaces() -> set[str]:
 class Changes:
     created: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    # Ports wired the first time their instance appeared (a container's
+    # namespace, a VM's tap): expected work, never drift.
+    wired: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
+        return bool(self.created or self.removed or self.wired)
+
+    @property
+    def drifted(self) -> bool:
         return bool(self.created or self.removed)
 
 
@@ -145,6 +166,7 @@ class Host:
         self._rules = ""
         self._declared: set[str] = set()
         self._ns: set[str] = set()
+        self._wired: set[str] = set()  # ports this process saw wired
 
     def _ipr(self, ns: str | None = None) -> IPRoute:
         target = ns if ns is not None else self.host_ns
@@ -158,13 +180,15 @@ class Host:
 
     # -- probing --------------------------------------------------------------
 
-    def links(self) -> dict[str, dict]:
-        """Our links: name -> index, kind, master index, vni, up."""
+    def links(self, taps: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
+        """Our links (and the VM ``taps`` we wire): name -> index, kind,
+        master index, vni, up."""
         out: dict[str, dict] = {}
         with self._ipr() as ipr:
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
-                if not any(nw.owned(self.prefix, name, role) for role in MANAGED):
+                ours = any(nw.owned(self.prefix, name, role) for role in MANAGED)
+                if not ours and name not in taps:
                     continue
                 info = link.get_attr("IFLA_LINKINFO")
                 kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
@@ -224,7 +248,8 @@ class Host:
         if deep:
             self._done, self._rules = {}, ""
         self._ns = namespaces()
-        actual = self.links()
+        taps = hp.taps()
+        actual = self.links(taps)
         wanted = hp.names()
         for name, link in sorted(actual.items()):
             stale = name not in wanted
@@ -244,16 +269,20 @@ class Host:
                 ipr.link("add", ifname=name, kind="bridge")
                 ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
             ch.created.append(name)
-        actual = self.links()
+        actual = self.links(taps)
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, hp, ch)
         if self.routers:
+            # dnsmasq first: one may run inside a router namespace going away.
+            self._stale_dhcp(hp, ch)
             have = {n for n in namespaces() if nw.owned(self.prefix, n, "router")}
             for ns in sorted(have - set(hp.routers)):
                 netns.remove(ns)
                 ch.removed.append(ns)
             for rp in sorted(hp.routers.values(), key=lambda r: r.netns):
                 self._router(rp, actual, ch)
+            for dp in sorted(hp.dhcp.values(), key=lambda d: d.netns):
+                self._dhcp(dp, actual, ch)
         if hp.firewall and hp.firewall != self._rules:
             if self._firewall(hp.firewall, deep):
                 ch.created.append("firewall")
@@ -304,24 +333,30 @@ class Host:
     def _port(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
         if self._done.get(pp.ifname) == pp and pp.ifname in actual:
             return
-        self._port_now(pp, actual, hp, ch)
-        if pp.netns in self._ns:  # wired, not waiting for its instance
+        if self._port_now(pp, actual, hp, ch):  # wired, not waiting for its instance
             self._done[pp.ifname] = pp
 
-    def _port_now(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
-        if pp.netns not in self._ns:
+    def _port_now(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> bool:
+        if pp.vm:
+            if pp.ifname not in actual:
+                if not self._adopt_tap(pp.ifname):
+                    return False  # the guest is not running (yet)
+                ch.wired.append(pp.ifname)
+                actual[pp.ifname] = {"master": 0, "up": False}
+        elif pp.netns not in self._ns:
             # The instance is not there (yet): wired once the compute agent made it.
             if pp.ifname in actual:
                 self._delete(pp.ifname)
                 ch.removed.append(pp.ifname)
-            return
-        if pp.ifname in actual and not self.peer_ok(pp):
+            return False
+        elif pp.ifname in actual and not self.peer_ok(pp):
             self._delete(pp.ifname)
             ch.removed.append(pp.ifname)
             actual.pop(pp.ifname)
         if pp.ifname not in actual:
             self._veth(pp)
-            ch.created.append(pp.ifname)
+            (ch.created if pp.ifname in self._wired else ch.wired).append(pp.ifname)
+        self._wired.add(pp.ifname)
         with self._ipr() as ipr:
             idx = ipr.link_lookup(ifname=pp.ifname)[0]
             br = ipr.link_lookup(ifname=pp.bridge)[0]
@@ -346,6 +381,19 @@ class Host:
                         latency="50ms",
                     )
             ch.created.append(f"qos {pp.ifname} {pp.kbps}kbit")
+        return True
+
+    def _adopt_tap(self, name: str) -> bool:
+        """Whether the VM tap ``name`` is (now) on this host. libvirtd makes
+        it in its own namespace; a simulated host's is moved in here."""
+        if self.host_ns:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=name)
+                if idx:
+                    # (qemu keeps its file descriptor: the device only moves)
+                    ipr.link("set", index=idx[0], net_ns_fd=self.host_ns)
+        with self._ipr() as ipr:
+            return bool(ipr.link_lookup(ifname=name))
 
     def _veth(self, pp: PortPlan) -> None:
         with self._ipr() as ipr:
@@ -371,18 +419,8 @@ class Host:
     # -- routers ---------------------------------------------------------------------
 
     def _router(self, rp: RouterPlan, actual: dict[str, dict], ch: Changes) -> None:
-        if rp.netns not in namespaces():
-            netns.create(rp.netns)
-            ch.created.append(rp.netns)
         legs = [*rp.legs, *([rp.external] if rp.external else [])]
-        for leg in legs:
-            if leg.ifname in actual and not self._leg_ok(rp.netns, leg):
-                self._delete(leg.ifname)
-                actual.pop(leg.ifname)
-                ch.removed.append(leg.ifname)
-            if leg.ifname not in actual:
-                self._leg(rp.netns, leg)
-                ch.created.append(leg.ifname)
+        self._namespace(rp.netns, legs, actual, ch)
         if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
             run_in(rp.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             ch.created.append(f"{rp.netns} ip_forward")
@@ -398,6 +436,60 @@ class Host:
             if res.returncode != 0:
                 raise KernelError(f"iptables-restore in {rp.netns}: {res.stderr.strip()}")
             ch.created.append(f"{rp.netns} nat")
+
+    # -- DHCP ------------------------------------------------------------------------
+
+    def _dhcp(self, dp: DhcpPlan, actual: dict[str, dict], ch: Changes) -> None:
+        if self._done.get(dp.netns) != dp:
+            if dp.legs:  # (else a router's namespace, made above)
+                self._namespace(dp.netns, dp.legs, actual, ch)
+            self._done[dp.netns] = dp
+        conf = DHCP_DIR / f"{dp.netns}.conf"
+        pid = dnsmasq_pid(dp.netns)
+        with contextlib.suppress(FileNotFoundError):
+            if pid and conf.read_text() == dp.config:
+                return
+        if pid:
+            stop_dnsmasq(dp.netns)
+        if shutil.which("dnsmasq") is None:
+            raise KernelError("dnsmasq is not installed (Debian: dnsmasq-base): no DHCP")
+        DHCP_DIR.mkdir(mode=0o755, exist_ok=True)
+        tmp = conf.with_suffix(".tmp")
+        tmp.write_text(dp.config)
+        tmp.replace(conf)
+        pidfile = DHCP_DIR / f"{dp.netns}.pid"
+        # dnsmasq forks itself off; its first process reports a bad start.
+        res = run_in(dp.netns, ["dnsmasq", f"--conf-file={conf}", f"--pid-file={pidfile}"])
+        if res.returncode != 0:
+            raise KernelError(f"dnsmasq in {dp.netns}: {res.stderr.strip()}")
+        ch.created.append(f"{dp.netns} dhcp")
+
+    def _stale_dhcp(self, hp: HostPlan, ch: Changes) -> None:
+        running = {f.stem for f in DHCP_DIR.glob("*.pid")} if DHCP_DIR.is_dir() else set()
+        for ns in sorted(running - set(hp.dhcp)):
+            if nw.owned(self.prefix, ns):
+                stop_dnsmasq(ns)
+                ch.removed.append(f"{ns} dhcp")
+        have = {n for n in namespaces() if nw.owned(self.prefix, n, "dhcp")}
+        for ns in sorted(have - set(hp.dhcp)):
+            netns.remove(ns)
+            ch.removed.append(ns)
+
+    def _namespace(
+        self, ns: str, legs: Sequence[LegPlan], actual: dict[str, dict], ch: Changes
+    ) -> None:
+        """Namespace ``ns`` with its veth ``legs`` into the host's bridges."""
+        if ns not in namespaces():
+            netns.create(ns)
+            ch.created.append(ns)
+        for leg in legs:
+            if leg.ifname in actual and not self._leg_ok(ns, leg):
+                self._delete(leg.ifname)
+                actual.pop(leg.ifname)
+                ch.removed.append(leg.ifname)
+            if leg.ifname not in actual:
+                self._leg(ns, leg)
+                ch.created.append(leg.ifname)
 
     def _leg_ok(self, ns: str, leg: LegPlan) -> bool:
         with self._ipr(ns) as ipr:
@@ -527,6 +619,41 @@ class Host:
         ch = self.reconcile(HostPlan())
         wipe_firewall(self)
         return ch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+def dnsmasq_pid(ns: str) -> int:
+    """The pid of our dnsmasq serving namespace ``ns`` (0: none running)."""
+    nw.check_netns_name(ns)
+    try:
+        pid = int((DHCP_DIR / f"{ns}.pid").read_text().strip() or 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return 0
+    # A recycled pid is some other process: ours names its own configuration.
+    mine = f"--conf-file={DHCP_DIR / f'{ns}.conf'}".encode()
+    return pid if mine in cmdline and _alive(pid) else 0
+
+
+def stop_dnsmasq(ns: str, timeout: float = 5.0) -> None:
+    """End the dnsmasq of ``ns`` (bounded: SIGTERM, then SIGKILL) and drop its files."""
+    pid = dnsmasq_pid(ns)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for suffix in (".pid", ".conf"):
+        (DHCP_DIR / f"{ns}{suffix}").unlink(missing_ok=True)
 
 
 def _chains(rules: str) -> dict[tuple[str, str], list[str]]:
