@@ -191,7 +191,7 @@ class NetworkAgent:
             for pp in hp.ports.values()
         ):
             return
-        wired = await asyncio.to_thread(self.kernel.links, hp.taps())
+        wired = self.kernel.wired()
         events = []
         for name, pp in hp.ports.items():
             port = self.topology.ports.get(pp.port)

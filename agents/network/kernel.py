@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,23 +47,25 @@ class KernelError(RuntimeError):
 
 
 def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeout: float = 30):
-    """Run ``argv`` (a list, no shell) inside network namespace ``ns``."""
+    """Run ``argv`` (a list, no shell) inside network namespace ``ns``.
+
+    Through util-linux's nsenter rather than a setns in a pre-exec hook: a
+    hook makes Python fork the whole agent process for every command, where
+    without one it spawns the child cheaply (vfork)."""
     if ns is not None:
         nw.check_netns_name(ns)
-
-    def enter() -> None:
-        if ns is not None:
-            netns.setns(ns, flags=0)
-
+        argv = [_NSENTER or "nsenter", f"--net=/run/netns/{ns}", "--", *argv]
     return subprocess.run(
         list(argv),
         input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=enter if ns is not None else None,
         check=False,
     )
+
+
+_NSENTER = shutil.which("nsenter")
 
 
 def _child_after_fork() -> None:
@@ -140,6 +143,56 @@ def _attr(msg, name: str, default=None):
     return msg.get_attr(name, default) if hasattr(msg, "get_attr") else msg.get(name, default)
 
 
+def _link_info(link) -> dict:
+    info = link.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return {
+        "index": link["index"],
+        "kind": kind,
+        "master": link.get_attr("IFLA_MASTER") or 0,
+        "vni": _vxlan_id(link) if kind == "vxlan" else 0,
+        "up": bool(link["flags"] & 1),
+    }
+
+
+class Links:
+    """The host's links as a pass sees them: every one of ours, dumped at
+    once (a deep pass, which must find strays), or only those the pass asks
+    about, looked up one by one (a shallow pass: a dump decodes every link
+    on the host, which costs more than the pass's own work)."""
+
+    def __init__(self, host: Host, taps: set[str], dump: bool) -> None:
+        self.host, self.taps = host, taps
+        self.complete = dump
+        self.known: dict[str, dict | None] = dict(host.links(taps)) if dump else {}
+
+    def get(self, name: str) -> dict | None:
+        if name not in self.known:
+            self.known[name] = None if self.complete else self.host.link(name)
+        return self.known[name]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __setitem__(self, name: str, info: dict) -> None:
+        self.known[name] = info
+
+    def pop(self, name: str, default: object = None) -> object:
+        info = self.known.get(name)
+        self.known[name] = None
+        return info if info is not None else default
+
+    def forget(self, names: list[str]) -> None:
+        """Look these up again when asked (they were just made)."""
+        for n in names:
+            self.known.pop(n, None)
+        if self.complete:
+            self.complete = False
+
+    def items(self) -> list[tuple[str, dict]]:
+        return [(k, v) for k, v in self.known.items() if v is not None]
+
+
 def _vxlan_id(link) -> int:
     info = _attr(link, "IFLA_LINKINFO")
     data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
@@ -167,9 +220,26 @@ class Host:
         self._declared: set[str] = set()
         self._ns: set[str] = set()
         self._wired: set[str] = set()  # ports this process saw wired
+        self._sockets: dict[str | None, IPRoute] | None = None
+        self._pass_thread = 0
+        self._fdb: dict[int, set[str]] | None = None
+        self._deep = True
+        self._names: set[str] = set()  # the link names of the last plan
 
-    def _ipr(self, ns: str | None = None) -> IPRoute:
+    def _ipr(self, ns: str | None = None) -> contextlib.AbstractContextManager[IPRoute]:
+        """A netlink socket in ``ns`` (default: the host's). Within a pass,
+        one per namespace is kept for the whole pass: opening one costs
+        more than most requests made on it."""
         target = ns if ns is not None else self.host_ns
+        if self._sockets is not None and threading.get_ident() == self._pass_thread:
+            sock = self._sockets.get(target)
+            if sock is None:
+                sock = self._sockets[target] = self._open(target)
+            return contextlib.nullcontext(sock)
+        return self._open(target)
+
+    @staticmethod
+    def _open(target: str | None) -> IPRoute:
         if not target:
             return IPRoute()
         # The socket is opened by this thread after entering the namespace
@@ -178,7 +248,23 @@ class Host:
         with in_netns(target):
             return IPRoute()
 
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """The scope of one reconcile pass: its sockets and its FDB dump."""
+        self._sockets, self._pass_thread, self._fdb = {}, threading.get_ident(), None
+        try:
+            yield
+        finally:
+            sockets, self._sockets, self._fdb = self._sockets, None, None
+            for sock in sockets.values():
+                with contextlib.suppress(Exception):
+                    sock.close()
+
     # -- probing --------------------------------------------------------------
+
+    def wired(self) -> set[str]:
+        """Ports this process has seen wired (made, or found in order)."""
+        return set(self._wired)
 
     def links(self, taps: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
         """Our links (and the VM ``taps`` we wire): name -> index, kind,
@@ -188,26 +274,35 @@ class Host:
             for link in ipr.get_links():
                 name = link.get_attr("IFLA_IFNAME")
                 ours = any(nw.owned(self.prefix, name, role) for role in MANAGED)
-                if not ours and name not in taps:
-                    continue
-                info = link.get_attr("IFLA_LINKINFO")
-                kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-                out[name] = {
-                    "index": link["index"],
-                    "kind": kind,
-                    "master": link.get_attr("IFLA_MASTER") or 0,
-                    "vni": _vxlan_id(link) if kind == "vxlan" else 0,
-                    "up": bool(link["flags"] & 1),
-                }
+                if ours or name in taps:
+                    out[name] = _link_info(link)
         return out
 
-    def fdb(self, index: int) -> set[str]:
+    def link(self, name: str) -> dict | None:
+        """One link by name (a single request, not a dump), None if absent."""
         with self._ipr() as ipr:
-            return {
-                e.get_attr("NDA_DST")
-                for e in ipr.fdb("dump", ifindex=index)
-                if e.get_attr("NDA_DST") and e.get_attr("NDA_LLADDR") == ZERO_MAC
-            }
+            try:
+                found = ipr.link("get", ifname=name)
+            except NetlinkError as exc:
+                if exc.code == 19:  # ENODEV
+                    return None
+                raise
+        return _link_info(found[0]) if found else None
+
+    def fdb(self, index: int) -> set[str]:
+        """The head-end replication entries (remote VTEPs) on VXLAN device
+        ``index``. A pass dumps the host's table once, not once per device."""
+        if self._fdb is not None:
+            return set(self._fdb.get(index, ()))
+        table: dict[int, set[str]] = {}
+        with self._ipr() as ipr:
+            for e in ipr.fdb("dump"):
+                dst = e.get_attr("NDA_DST")
+                if dst and e.get_attr("NDA_LLADDR") == ZERO_MAC:
+                    table.setdefault(e["ifindex"], set()).add(dst)
+        if self._sockets is not None:
+            self._fdb = table
+        return set(table.get(index, ()))
 
     def qdisc_rate(self, index: int) -> int:
         """The tbf rate on a link in kbit/s (0: none of ours)."""
@@ -244,13 +339,23 @@ class Host:
 
     def reconcile(self, hp: HostPlan, deep: bool = True) -> Changes:
         """Make the host match ``hp``; what had to change is returned."""
+        with self._pass():
+            return self._reconcile(hp, deep)
+
+    def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
         if deep:
             self._done, self._rules = {}, ""
         self._ns = namespaces()
-        taps = hp.taps()
-        actual = self.links(taps)
+        self._deep = deep
+        actual = Links(self, hp.taps(), dump=deep)
         wanted = hp.names()
+        if not deep:
+            # What the last plan had and this one has not: the stray links a
+            # shallow pass can know of without probing the whole host.
+            for name in sorted(self._names - wanted):
+                actual.get(name)
+        self._names = wanted
         for name, link in sorted(actual.items()):
             stale = name not in wanted
             if not stale and name in hp.bridges and link["kind"] != "bridge":
@@ -262,14 +367,15 @@ class Host:
                 self._delete(name)
                 ch.removed.append(name)
                 actual.pop(name)
+        before = len(ch.created)
         for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
             self._bridge(b, actual, ch)
-        for name in sorted(hp.externals - set(actual)):
+        for name in sorted(n for n in hp.externals if n not in actual):
             with self._ipr() as ipr:
                 ipr.link("add", ifname=name, kind="bridge")
                 ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
             ch.created.append(name)
-        actual = self.links(taps)
+        actual.forget(ch.created[before:])  # new bridges: their indexes
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, hp, ch)
         if self.routers:
@@ -295,13 +401,22 @@ class Host:
             if idx:
                 ipr.link("del", index=idx[0])
 
-    def _bridge(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
-        if self._done.get(b.bridge) == b and b.bridge in actual and b.vxlan in actual:
+    def _bridge(self, b: BridgePlan, actual: Links, ch: Changes) -> None:
+        done = self._done.get(b.bridge)
+        if done == b and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
             return
-        self._bridge_now(b, actual, ch)
+        # A shallow pass trusts the FDB entries it made itself last time.
+        trusted = done.remotes if isinstance(done, BridgePlan) and b.vxlan in actual else None
+        self._bridge_now(b, actual, ch, trusted)
         self._done[b.bridge] = b
 
-    def _bridge_now(self, b: BridgePlan, actual: dict[str, dict], ch: Changes) -> None:
+    def _bridge_now(
+        self,
+        b: BridgePlan,
+        actual: Links,
+        ch: Changes,
+        trusted: frozenset[str] | None = None,
+    ) -> None:
         with self._ipr() as ipr:
             if b.bridge not in actual:
                 ipr.link("add", ifname=b.bridge, kind="bridge")
@@ -321,7 +436,7 @@ class Host:
                 ch.created.append(b.vxlan)
             vx = ipr.link_lookup(ifname=b.vxlan)[0]
             ipr.link("set", index=vx, master=br, state="up")
-        have = self.fdb(vx)
+        have = set(trusted) if trusted is not None else self.fdb(vx)
         with self._ipr() as ipr:
             for dst in sorted(b.remotes - have):
                 ipr.fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
@@ -330,13 +445,13 @@ class Host:
                 ipr.fdb("del", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
                 ch.removed.append(f"fdb {b.vxlan} {dst}")
 
-    def _port(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> None:
-        if self._done.get(pp.ifname) == pp and pp.ifname in actual:
+    def _port(self, pp: PortPlan, actual: Links, hp: HostPlan, ch: Changes) -> None:
+        if self._done.get(pp.ifname) == pp and (not self._deep or pp.ifname in actual):
             return
         if self._port_now(pp, actual, hp, ch):  # wired, not waiting for its instance
             self._done[pp.ifname] = pp
 
-    def _port_now(self, pp: PortPlan, actual: dict[str, dict], hp: HostPlan, ch: Changes) -> bool:
+    def _port_now(self, pp: PortPlan, actual: Links, hp: HostPlan, ch: Changes) -> bool:
         if pp.vm:
             if pp.ifname not in actual:
                 if not self._adopt_tap(pp.ifname):
@@ -418,7 +533,7 @@ class Host:
 
     # -- routers ---------------------------------------------------------------------
 
-    def _router(self, rp: RouterPlan, actual: dict[str, dict], ch: Changes) -> None:
+    def _router(self, rp: RouterPlan, actual: Links, ch: Changes) -> None:
         legs = [*rp.legs, *([rp.external] if rp.external else [])]
         self._namespace(rp.netns, legs, actual, ch)
         if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
@@ -439,7 +554,7 @@ class Host:
 
     # -- DHCP ------------------------------------------------------------------------
 
-    def _dhcp(self, dp: DhcpPlan, actual: dict[str, dict], ch: Changes) -> None:
+    def _dhcp(self, dp: DhcpPlan, actual: Links, ch: Changes) -> None:
         if self._done.get(dp.netns) != dp:
             if dp.legs:  # (else a router's namespace, made above)
                 self._namespace(dp.netns, dp.legs, actual, ch)
@@ -475,9 +590,7 @@ class Host:
             netns.remove(ns)
             ch.removed.append(ns)
 
-    def _namespace(
-        self, ns: str, legs: Sequence[LegPlan], actual: dict[str, dict], ch: Changes
-    ) -> None:
+    def _namespace(self, ns: str, legs: Sequence[LegPlan], actual: Links, ch: Changes) -> None:
         """Namespace ``ns`` with its veth ``legs`` into the host's bridges."""
         if ns not in namespaces():
             netns.create(ns)
