@@ -94,7 +94,12 @@ class Topology:
         elif isinstance(ev, rs.NetworkDeleted):
             self.networks.pop(rid, None)
         elif isinstance(ev, rs.SubnetCreated):
-            self.subnets[rid] = {"network": ev.network, "cidr": ev.cidr, "gateway": ev.gateway}
+            self.subnets[rid] = {
+                "network": ev.network,
+                "cidr": ev.cidr,
+                "gateway": ev.gateway,
+                "dns": list(ev.dns),
+            }
         elif isinstance(ev, rs.SubnetDeleted):
             self.subnets.pop(rid, None)
         elif isinstance(ev, rs.PortCreated):
