@@ -534,6 +534,13 @@ class Host:
     # -- routers ---------------------------------------------------------------------
 
     def _router(self, rp: RouterPlan, actual: Links, ch: Changes) -> None:
+        key = f"router {rp.netns}"
+        if not self._deep and self._done.get(key) == rp:
+            return  # (its sysctl and NAT table are probed by deep passes)
+        self._router_now(rp, actual, ch)
+        self._done[key] = rp
+
+    def _router_now(self, rp: RouterPlan, actual: Links, ch: Changes) -> None:
         legs = [*rp.legs, *([rp.external] if rp.external else [])]
         self._namespace(rp.netns, legs, actual, ch)
         if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
@@ -555,10 +562,10 @@ class Host:
     # -- DHCP ------------------------------------------------------------------------
 
     def _dhcp(self, dp: DhcpPlan, actual: Links, ch: Changes) -> None:
-        if self._done.get(dp.netns) != dp:
+        if self._done.get(f"dhcp {dp.netns}") != dp:
             if dp.legs:  # (else a router's namespace, made above)
                 self._namespace(dp.netns, dp.legs, actual, ch)
-            self._done[dp.netns] = dp
+            self._done[f"dhcp {dp.netns}"] = dp
         conf = DHCP_DIR / f"{dp.netns}.conf"
         pid = dnsmasq_pid(dp.netns)
         with contextlib.suppress(FileNotFoundError):
