@@ -360,3 +360,20 @@ def _start_and_kill(argv: list[str]) -> None:
             p.wait(5)
         if p.stdout:
             p.stdout.close()
+
+
+async def test_a_teardown_racing_a_pass_still_running_waits_for_it(lab):
+    """A stopped agent's last pass may still run in its thread (its task was
+    cancelled, not the thread): a teardown started then must wait for it,
+    not share its sockets, and still leave nothing behind."""
+    await acme_pair(lab)
+    agent = lab.agents["host-2"]
+    await agent.stop()
+    for _ in range(3):
+        passing = asyncio.create_task(asyncio.to_thread(agent.kernel.reconcile, agent.plan()))
+        await asyncio.sleep(0.005)
+        await asyncio.wait_for(asyncio.to_thread(agent.kernel.teardown), 60)
+        await asyncio.wait_for(passing, 60)
+    # whichever ran last, a final teardown leaves no link of ours
+    await asyncio.wait_for(asyncio.to_thread(agent.kernel.teardown), 60)
+    assert await asyncio.to_thread(agent.kernel.links) == {}

@@ -220,6 +220,7 @@ class Host:
         self._declared: set[str] = set()
         self._ns: set[str] = set()
         self._wired: set[str] = set()  # ports this process saw wired
+        self._mutex = threading.RLock()
         self._sockets: dict[str | None, IPRoute] | None = None
         self._pass_thread = 0
         self._fdb: dict[int, set[str]] | None = None
@@ -339,7 +340,10 @@ class Host:
 
     def reconcile(self, hp: HostPlan, deep: bool = True) -> Changes:
         """Make the host match ``hp``; what had to change is returned."""
-        with self._pass():
+        # One pass at a time: a pass whose awaiting task was cancelled (the
+        # agent stopping) runs on in its thread, and the next (a teardown)
+        # must not interleave with it.
+        with self._mutex, self._pass():
             return self._reconcile(hp, deep)
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
@@ -736,9 +740,10 @@ class Host:
 
     def teardown(self) -> Changes:
         """Remove every object of ours from this host (links, chains)."""
-        ch = self.reconcile(HostPlan())
-        wipe_firewall(self)
-        return ch
+        with self._mutex:
+            ch = self.reconcile(HostPlan())
+            wipe_firewall(self)
+            return ch
 
 
 def _alive(pid: int) -> bool:
