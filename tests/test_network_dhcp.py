@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from stratus.agents.network.kernel import dnsmasq_pid
+from stratus.agents.network.desired import DhcpPlan
+from stratus.agents.network.kernel import KernelError, dnsmasq_pid
 from stratus.events import network as nw
 from stratus.events.resources import (
     RouterCreate,
@@ -199,3 +200,25 @@ def _enslave_by_hand(agent, tap: str, network: str, lab: Lab) -> None:
         idx = ipr.link_lookup(ifname=tap)[0]
         br = ipr.link_lookup(ifname=nw.kernel_name(lab.prefix, "bridge", network))[0]
         ipr.link("set", index=idx, master=br, state="up")
+
+
+async def test_a_dhcp_server_that_cannot_start_fails_the_pass_but_not_the_firewall(lab):
+    """dnsmasq refusing its configuration is reported (a typed error naming
+    the namespace), and the security groups of the same pass still land."""
+    c = lab.cloud
+    await c.tenant("acme")
+    await c.network("acme", "net", "10.0.0.0/24")
+    await c.server("acme", "c1", "host-1", ["net"])
+    agent = lab.agent("host-1", routers=True)
+    hp = agent.plan()
+    assert hp.firewall and not hp.dhcp
+    ns = nw.kernel_name(lab.prefix, "dhcp", "broken")
+    hp.dhcp[ns] = DhcpPlan(ns, (), "bind-interfaces\ninterface=no-such-link\nport=0\n")
+    await asyncio.to_thread(netns.create, ns)
+    lab.instances.append(ns)
+    with pytest.raises(KernelError, match=f"DHCP in {ns}"):
+        await asyncio.to_thread(agent.kernel.reconcile, hp)
+    assert not dnsmasq_pid(ns)
+    rules = run_in(lab.sim.netns("host-1"), ["iptables-save", "-t", "filter"]).stdout
+    assert nw.kernel_name(lab.prefix, "chain", "forward") in rules
+    await asyncio.to_thread(agent.kernel.teardown)

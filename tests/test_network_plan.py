@@ -13,7 +13,7 @@ C = Cause(actor="t", correlation_id="c", causation_id="c")
 P = "tp"
 
 
-def world(routed: bool, instance_type: str = "vm") -> Topology:
+def world(routed: bool, instance_type: str = "vm", running: bool = True) -> Topology:
     """acme's net (10.0.0.0/24, VNI 5000) with one server on h2; agents on
     h1 (routers) and h2; with ``routed``, a router on the subnet."""
     t = Topology()
@@ -73,6 +73,8 @@ def world(routed: bool, instance_type: str = "vm") -> Topology:
         ),
         C.make(rs.ServerScheduled, "acme", "server", "s1", host="h2"),
     ]
+    if running:
+        events.append(C.make(rs.ServerRunning, "acme", "server", "s1", host="h2"))
     if routed:
         events += [
             C.make(rs.RouterCreated, "acme", "router", "r1", name="r1"),
@@ -117,6 +119,10 @@ def test_a_vm_port_is_its_tap_on_the_bridge_with_no_namespace_and_no_static_addr
     # a container's port stays a veth into its namespace
     cp = plan(world(routed=False, instance_type="container"), "h2", P)
     assert not cp.taps() and nw.kernel_name(P, "port", "p1") in cp.ports
+    # until the guest runs the tap is libvirt's to set up: not taken yet,
+    # while DHCP is ready for the guest's first request
+    assert not plan(world(routed=False, running=False), "h2", P).taps()
+    assert plan(world(routed=False, running=False), "h1", P).dhcp
 
 
 def test_an_unrouted_subnet_is_served_from_a_dhcp_namespace_holding_its_gateway():

@@ -131,6 +131,12 @@ class Topology:
         elif isinstance(ev, rs.ServerScheduled | rs.ServerBuilding | rs.ServerRunning):
             if rid in self.servers:
                 self.servers[rid]["host"] = ev.host
+                # A VM's tap is libvirt's until the guest runs: taken
+                # earlier, libvirt would lose it while still setting it up.
+                self.servers[rid]["running"] = isinstance(ev, rs.ServerRunning)
+        elif isinstance(ev, rs.ServerStopped | rs.ServerFailed):
+            if rid in self.servers:
+                self.servers[rid]["running"] = False
         elif isinstance(ev, HostClaimed):
             if ev.server in self.servers:
                 self.servers[ev.server]["host"] = rid
@@ -307,6 +313,8 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
             if p.device_owner != "compute":
                 continue
             vm = _vm_port(t, p)
+            if vm and not t.servers[p.device].get("running"):
+                continue
             sub = t.subnets.get(p.subnet)
             if sub is None or not p.ip:
                 continue

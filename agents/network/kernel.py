@@ -348,6 +348,7 @@ class Host:
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
+        failed: KernelError | None = None
         if deep:
             self._done, self._rules = {}, ""
         self._ns = namespaces()
@@ -392,11 +393,18 @@ class Host:
             for rp in sorted(hp.routers.values(), key=lambda r: r.netns):
                 self._router(rp, actual, ch)
             for dp in sorted(hp.dhcp.values(), key=lambda d: d.netns):
-                self._dhcp(dp, actual, ch)
+                try:
+                    self._dhcp(dp, actual, ch)
+                except (KernelError, OSError) as exc:
+                    # DHCP is one service among many: the security groups
+                    # below still get their update; the pass fails after.
+                    failed = failed or KernelError(f"DHCP in {dp.netns}: {exc}")
         if hp.firewall and hp.firewall != self._rules:
             if self._firewall(hp.firewall, deep):
                 ch.created.append("firewall")
             self._rules = hp.firewall
+        if failed is not None:
+            raise failed
         return ch
 
     def _delete(self, name: str) -> None:
@@ -587,11 +595,12 @@ class Host:
         # dnsmasq forks itself off; its first process reports a bad start.
         res = run_in(dp.netns, ["dnsmasq", f"--conf-file={conf}", f"--pid-file={pidfile}"])
         if res.returncode != 0:
+            stop_dnsmasq(dp.netns)  # (drops the files: the next pass tries again)
             raise KernelError(f"dnsmasq in {dp.netns}: {res.stderr.strip()}")
         ch.created.append(f"{dp.netns} dhcp")
 
     def _stale_dhcp(self, hp: HostPlan, ch: Changes) -> None:
-        running = {f.stem for f in DHCP_DIR.glob("*.pid")} if DHCP_DIR.is_dir() else set()
+        running = {f.stem for f in DHCP_DIR.iterdir()} if DHCP_DIR.is_dir() else set()
         for ns in sorted(running - set(hp.dhcp)):
             if nw.owned(self.prefix, ns):
                 stop_dnsmasq(ns)
