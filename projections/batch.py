@@ -16,7 +16,7 @@ from collections.abc import Collection
 from typing import Any
 
 import msgspec
-from sqlalchemy import DateTime, Table, and_, bindparam, delete, update
+from sqlalchemy import DateTime, Table, and_, bindparam, delete, insert, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -144,6 +144,17 @@ class _Statement:
         self.get = operator.itemgetter(*names) if len(names) > 1 else None
         self.convert = [(n, f) for n, f in zip(names, converters, strict=True) if f is not None]
 
+    def lists(self, rows: list[list[Any]]) -> list[list[Any]]:
+        """Rows given as value lists in the statement's order, converted in
+        place (an ``insert`` statement's order is the table's columns)."""
+        for name, f in self.convert:
+            i = self.names.index(name)
+            for r in rows:
+                v = r[i]
+                if v is not None:
+                    r[i] = f(v)
+        return rows
+
     def rows(self, params: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         # The batch owns these dicts (see RowBatch.add): convert in place,
         # then let itemgetter build each tuple in C.
@@ -172,6 +183,8 @@ def _compiled(dialect: Any, table: Table, kind: str, cols: frozenset[str]) -> _S
         clause: Any = delete(table).where(where)
     elif kind == "upsert":
         clause = _upsert_clause(dialect.name, table, pk)
+    elif kind == "insert":
+        clause = insert(table)
     else:
         clause = update(table).where(where).values({c: bindparam(c) for c in sorted(cols)})
     compiled = clause.compile(dialect=dialect)
@@ -181,6 +194,12 @@ def _compiled(dialect: Any, table: Table, kind: str, cols: frozenset[str]) -> _S
     converters = [_converter(types[n], dialect) for n in names]
     stmt = _COMPILED[key] = _Statement(str(compiled), names, converters)
     return stmt
+
+
+def insert_statement(dialect: Any, table: Table) -> _Statement:
+    """A plain INSERT of every column, in the table's column order (rows
+    bound with ``lists``): for a new store's append-only rows."""
+    return _compiled(dialect, table, "insert", frozenset())
 
 
 def _sqlite_datetime(value: Any) -> str:

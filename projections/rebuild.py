@@ -96,16 +96,33 @@ class Built(msgspec.Struct, frozen=True):
     seq: int
     events: int
     seconds: float
+    # The writer process's peak RSS (None: the rebuild wrote in one process).
+    helper_rss_mb: float | None = None
+
+
+# Below this many events the writer process (about a third of a second to
+# start) costs more than it saves.
+HELPER_MIN_EVENTS = 20_000
 
 
 async def build_store(
-    store: EventStore, path: Path, progress: Callable[[int, int], Any] | None = None
+    store: EventStore,
+    path: Path,
+    progress: Callable[[int, int], Any] | None = None,
+    *,
+    helper: bool | None = None,
 ) -> Built:
-    """Replay the log from 1 into a new SQLite file at ``path``."""
+    """Replay the log from 1 into a new SQLite file at ``path``.
+
+    ``helper``: write through a second process (``projections.writer``)
+    while this one reads and folds; by default when the log is long enough.
+    """
     _must_be_new(path)
     t0 = time.perf_counter()
+    if helper is None:
+        helper = await store.last_seq() >= HELPER_MIN_EVENTS
     engine = make_engine(sqlite_url(path))
-    projector = Projector(store, engine, batch=5000, bulk=True)
+    projector = Projector(store, engine, batch=5000, bulk=True, helper=helper)
     events = 0
 
     def counted(n: int, seq: int) -> None:
@@ -122,7 +139,13 @@ async def build_store(
     finally:
         projector.close()
         await engine.dispose()
-    return Built(seq=seq, events=events, seconds=time.perf_counter() - t0)
+    written = projector.helper_written
+    return Built(
+        seq=seq,
+        events=events,
+        seconds=time.perf_counter() - t0,
+        helper_rss_mb=written.rss_mb if written is not None else None,
+    )
 
 
 def _must_be_new(path: Path) -> None:

@@ -362,7 +362,12 @@ async def _child(url: str, target: str, n: int) -> dict[str, Any]:
     try:
         if "://" not in target:
             built = await build_store(store, Path(target))
-            return {"events": built.events, "seconds": built.seconds, "seq": built.seq}
+            return {
+                "events": built.events,
+                "seconds": built.seconds,
+                "seq": built.seq,
+                "helper_rss_mb": built.helper_rss_mb or 0.0,
+            }
         engine = make_engine(target)
         events = 0
 
@@ -385,7 +390,9 @@ async def _child(url: str, target: str, n: int) -> dict[str, Any]:
 def child_main(argv: list[str]) -> int:
     url, target, n = argv[0], argv[1], int(argv[2])
     out = asyncio.run(_child(url, target, n))
-    out["rss_mb"] = _peak_rss_mb()
+    # Every process of the rebuild counts: the writer's peak is added (a
+    # bound: the two peaks need not coincide).
+    out["rss_mb"] = _peak_rss_mb() + out.pop("helper_rss_mb", 0.0)
     print(json.dumps(out))
     return 0
 
