@@ -83,7 +83,8 @@ class Projector:
         swaps in). A SQLite catch-up commits every ``commit_every`` events
         instead of every batch (``_load``), the checkpoint with the rows as
         ever. ``helper``: a bulk load into a SQLite file writes through a
-        second process (``writer``), beside the replay."""
+        second process (``writer``) while this one reads and folds; its
+        commits are those of the in-process load, made a little later."""
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
@@ -322,8 +323,7 @@ class Projector:
                     await sink.write(out, commit)
                     for new in appended.values():
                         new.clear()
-                    if commit:
-                        # (A helper commits it in order, or the load fails.)
+                    if commit and sink.synchronous:
                         self.position = last
                     if progress:
                         progress(len(recs), recs[-1].seq)
@@ -489,6 +489,11 @@ def _create_index(ix: Index, dialect: Any) -> str:
 class _Writes:
     """Where a bulk load's statements go: ``_load`` does not care which."""
 
+    # Whether a commit is done when ``write`` returns. A helper commits
+    # later, in order: the position moves once it has answered at the end
+    # (after a failure, the store's own checkpoint says where it stopped).
+    synchronous = True
+
     async def write(self, statements: list[tuple[str, list[Any]]], commit: bool) -> None:
         raise NotImplementedError
 
@@ -530,6 +535,8 @@ class _LocalWrites(_Writes):
 
 class _HelperWrites(_Writes):
     """In a writer process (``writer.WriterProcess``) beside this one."""
+
+    synchronous = False
 
     def __init__(self, path: Path) -> None:
         self.proc = WriterProcess(path)

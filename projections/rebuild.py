@@ -116,6 +116,7 @@ async def build_store(
 
     ``helper``: write through a second process (``projections.writer``)
     while this one reads and folds; by default when the log is long enough.
+    A failed rebuild (a helper killed, say) leaves no file behind.
     """
     _must_be_new(path)
     t0 = time.perf_counter()
@@ -132,13 +133,17 @@ async def build_store(
             progress(n, seq)
 
     try:
-        seq = await projector.catch_up(progress=counted)
-        async with engine.connect() as conn:
-            # The whole store in the main file: the services open it next.
-            await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        projector.close()
-        await engine.dispose()
+        try:
+            seq = await projector.catch_up(progress=counted)
+            async with engine.connect() as conn:
+                # The whole store in the main file: the services open it next.
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            projector.close()
+            await engine.dispose()
+    except BaseException:
+        remove_store(path)
+        raise
     written = projector.helper_written
     return Built(
         seq=seq,

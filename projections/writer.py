@@ -9,9 +9,10 @@ executes them on its own SQLite connection, commits where the caller says,
 builds the deferred indexes at the end and checkpoints the WAL into the file.
 The replay then costs about the larger of the two halves instead of their sum.
 
-The frames are msgpack (one C call each way), length-prefixed, at most one
-in flight while the next batch is folded: the pipe is the backpressure, so
-neither side holds more than a frame or two in memory.
+The frames are msgpack (one C call each way), length-prefixed, of at most
+``FRAME_ROWS`` rows, queued to a sending thread up to ``MAX_QUEUED_BYTES``:
+the replay goes on while the writer works through a commit, and waits only
+when the writer is that far behind.
 
 Failure: a writer that dies makes the next send (or the end) raise
 ``Internal`` with its exit code and stderr; the caller removes the file. A
@@ -31,6 +32,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +41,19 @@ import msgspec
 
 from stratus.events.errors import Internal
 
-# The same settings as the in-process bulk writer (``db._bulk_setup``).
-CACHE_KIB = 64 * 1024
+# As the in-process bulk writer (``db._bulk_setup``), with half its page
+# cache: the rebuild's memory is now two processes' (and building the
+# indexes of 1M events took no longer with a quarter of it).
+CACHE_KIB = 32 * 1024
 SORT_THREADS = 2
 # A bigger pipe: a frame of 5,000 events' rows is a few hundred KiB, and the
 # default 64 KiB pipe costs a context switch per 64 KiB.
 PIPE_BYTES = 1 << 20
 EXIT_TIMEOUT_S = 600.0
+# Encoded frames waiting for the pipe, at most (the replay waits beyond).
+MAX_QUEUED_BYTES = 16 << 20
+# Parameter rows per frame, at most.
+FRAME_ROWS = 5000
 _STDERR_TAIL = 2000
 _LEN = struct.Struct("<I")
 
@@ -77,12 +86,21 @@ _enc = msgspec.msgpack.Encoder()
 
 
 class WriterProcess:
-    """The caller's side: start the writer, send it frames, wait for its end."""
+    """The caller's side: start the writer, send it frames, wait for its end.
 
-    def __init__(self, path: Path) -> None:
+    Frames are queued to one sending thread, up to ``max_queued`` bytes: a
+    frame that commits (the folded rows of ``commit_every`` events) keeps the
+    writer busy for a while, and with a single frame in flight the replay
+    stood still meanwhile, and the writer then waited for the replay.
+    """
+
+    def __init__(self, path: Path, *, max_queued: int = MAX_QUEUED_BYTES) -> None:
         self.path = Path(path)
+        self.max_queued = max_queued
         self.proc: subprocess.Popen[bytes] | None = None
-        self._sending: asyncio.Future[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._queued = 0
         self._fd = -1
 
     def start(self) -> None:
@@ -98,11 +116,25 @@ class WriterProcess:
             import fcntl
 
             fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="stratus-writer-pipe")
 
     async def write(self, statements: list[Statement], commit: bool = False) -> None:
-        """Queue one frame: encoded now (the rows may be reused when this
-        returns), sent in a thread while the caller folds the next batch."""
-        await self._send(_enc.encode(Frame(statements, commit)))
+        """Queue ``statements`` and, if ``commit``, a commit after them.
+
+        Encoded now (the caller may reuse the rows when this returns), in
+        frames of at most ``FRAME_ROWS`` rows, so that neither process
+        holds a whole commit's rows decoded at once."""
+        frame: list[tuple[str, list[Any]]] = []
+        size = 0
+        for sql, rows in statements:
+            for i in range(0, len(rows), FRAME_ROWS):
+                part = rows[i : i + FRAME_ROWS]
+                if size + len(part) > FRAME_ROWS and frame:
+                    await self._send(_enc.encode(Frame(frame)))
+                    frame, size = [], 0
+                frame.append((sql, part))
+                size += len(part)
+        await self._send(_enc.encode(Frame(frame, commit)))
 
     async def finish(self, ddl: list[str]) -> Written:
         """Commit, run ``ddl`` (the deferred indexes), and wait for the writer."""
@@ -115,6 +147,8 @@ class WriterProcess:
             out, err = await asyncio.to_thread(proc.communicate, None, EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise Internal(f"the rebuild's writer took over {EXIT_TIMEOUT_S:.0f}s") from None
+        finally:
+            self._stop_pool()
         if proc.returncode != 0:
             raise self._died(err)
         try:
@@ -123,26 +157,43 @@ class WriterProcess:
             raise Internal(f"the rebuild's writer answered {out[-200:]!r}") from None
 
     def abort(self) -> None:
-        """Stop the writer (its open transaction is lost) and reap it."""
+        """Stop the writer (what it has not committed is lost) and reap it."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            proc.communicate(timeout=10)
+        if proc is not None:
+            if proc.returncode is None:
+                proc.kill()  # a blocked send then fails with EPIPE and ends
+            with contextlib.suppress(Exception):
+                proc.communicate(timeout=10)
+        self._stop_pool()
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._queued = 0
 
     async def _send(self, blob: bytes) -> None:
-        await self._drain()
+        # Settle what was sent meanwhile, and wait while too much is queued.
+        pending = self._pending
+        while pending and (pending[0][0].done() or self._queued + len(blob) > self.max_queued):
+            fut, n = pending.popleft()
+            self._queued -= n
+            await self._settle(fut)
+        assert self._pool is not None
         loop = asyncio.get_running_loop()
-        self._sending = loop.run_in_executor(None, self._write_all, blob)
+        pending.append((loop.run_in_executor(self._pool, self._write_all, blob), len(blob)))
+        self._queued += len(blob)
 
     async def _drain(self) -> None:
-        sending, self._sending = self._sending, None
-        if sending is None:
-            return
+        while self._pending:
+            fut, n = self._pending.popleft()
+            self._queued -= n
+            await self._settle(fut)
+
+    async def _settle(self, fut: asyncio.Future[None]) -> None:
         try:
-            await sending
+            await fut
         except OSError:
             # EPIPE: the writer is gone. Its exit code and stderr say why.
             proc = self.proc
@@ -151,7 +202,7 @@ class WriterProcess:
             raise self._died(err) from None
 
     def _write_all(self, blob: bytes) -> None:
-        # Runs in a thread: os.write releases the GIL while the pipe is full.
+        # In the sending thread: os.write releases the GIL while the pipe is full.
         view = memoryview(_LEN.pack(len(blob)) + blob)
         while view:
             n = os.write(self._fd, view)
