@@ -83,15 +83,22 @@ class _Shape(msgspec.Struct, frozen=True):
     secret: frozenset[str]
     outcome: tuple[str, ...]
     failed: bool
+    name: str
+    # The result when no outcome field can say otherwise (None: look).
+    fixed: str | None
 
 
 def _shape(cls: type[Event]) -> _Shape:
     payload = cls.payload_fields()
+    outcome = tuple(f for f in OUTCOME_FIELDS if f in payload)
+    failed = cls.type_name().endswith(".failed")
     return _Shape(
         payload=payload,
         secret=frozenset(payload) & SECRET_FIELDS,
-        outcome=tuple(f for f in OUTCOME_FIELDS if f in payload),
-        failed=cls.type_name().endswith(".failed"),
+        outcome=outcome,
+        failed=failed,
+        name=cls.type_name(),
+        fixed=None if outcome else FAILED if failed else OK,
     )
 
 
@@ -126,13 +133,13 @@ def row(seq: int, event: Event) -> list[Any]:
         at,
         event.tenant,
         event.actor,
-        event.type_name(),
+        shape.name,
         agg.kind,
         agg.id,
         event.id,
         event.correlation_id,
         event.causation_id,
-        result_of(event, shape),
+        shape.fixed or result_of(event, shape),
     ]
 
 

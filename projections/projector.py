@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex
 
 from stratus.events.store import EventStore, Recorded, Until
-from stratus.projections.batch import Patch, RowBatch, Upsert, insert_statement
+from stratus.projections.batch import Patch, RowBatch, Statement, Upsert, insert_statement
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
@@ -299,26 +299,29 @@ class Projector:
             if self.helper and self._db_path is not None
             else _LocalWrites(self._sync)
         )
+        # Dates left to the writer process to format (``batch.Statement``).
+        keep = not sink.synchronous
         with _fewer_collections():
             try:
                 async for recs in batches:
                     prepared = self._fold(recs, carry, appended)
                     if prepared is None:
                         continue
-                    out: list[tuple[str, list[Any]]] = []
+                    out: list[Statement] = []
                     for t, new in appended.items():
                         if new:
-                            out.append((inserts[t].sql, inserts[t].lists(new)))
-                    out += carry.statements(dialect, LIVE_ONLY)
+                            st = inserts[t]
+                            out.append(st.statement(st.lists(new, keep), keep))
+                    out += carry.statements(dialect, LIVE_ONLY, keep_dates=keep)
                     if prepared.poisoned:
                         rows = [[q[c] for c in poison_cols] for q in prepared.poisoned]
-                        out.append((poison.sql, poison.lists(rows)))
+                        out.append(poison.statement(poison.lists(rows), False))
                         self._warn(prepared.poisoned)
                     folded += len(recs)
                     last = prepared.last
                     commit = folded >= self.commit_every
                     if commit:
-                        out += carry.statements(dialect)
+                        out += carry.statements(dialect, keep_dates=keep)
                         folded = 0
                     await sink.write(out, commit)
                     for new in appended.values():
@@ -327,7 +330,7 @@ class Projector:
                         self.position = last
                     if progress:
                         progress(len(recs), recs[-1].seq)
-                await sink.write(carry.statements(dialect), True)
+                await sink.write(carry.statements(dialect, keep_dates=keep), True)
                 deferred, self._deferred = self._deferred, []
                 if not await sink.finish([_create_index(ix, dialect) for ix in deferred]):
                     self._deferred = deferred  # built by ``finish_bulk``, here
@@ -357,16 +360,24 @@ class Projector:
         none: list = []
         floor = self._folded
         skip = self._skip
+        add = rows.add
+        decode = codec.decode
+        # (the usual case, the audit trail: one append-only view)
+        one_row = row_views[0] if len(row_views) == 1 else None
         for rec in recs:
-            if rec.seq <= floor:
+            seq = rec.seq
+            if seq <= floor:
                 continue  # redelivered after a reconnect: already applied
-            if rec.seq in skip:
+            if seq in skip:
                 continue
             try:
-                event = rec.decode(codec)
+                event = decode(rec.data)
                 cls = type(event)
-                ops = [op for f in folds.get(cls, none) for op in f(rec.seq, event)]
-                new = [(t, row(rec.seq, event)) for t, row, types in row_views if cls in types]
+                ops = [op for f in folds.get(cls, none) for op in f(seq, event)]
+                if one_row is not None:
+                    new = [(one_row[0], one_row[1](seq, event))] if cls in one_row[2] else []
+                else:
+                    new = [(t, row(seq, event)) for t, row, types in row_views if cls in types]
                 # A NUL byte in the raw data is the cheap sign (usually there
                 # is none); only then look at the text values themselves.
                 if b"\x00" in rec.data and (_has_nul(ops) or _rows_nul(new)):
@@ -383,7 +394,7 @@ class Projector:
                 )
                 continue
             for op in ops:
-                rows.add(op)
+                add(op)
             if appended is not None:
                 for t, r in new:
                     appended[t].append(r)
@@ -494,7 +505,7 @@ class _Writes:
     # (after a failure, the store's own checkpoint says where it stopped).
     synchronous = True
 
-    async def write(self, statements: list[tuple[str, list[Any]]], commit: bool) -> None:
+    async def write(self, statements: list[Statement], commit: bool) -> None:
         raise NotImplementedError
 
     async def finish(self, ddl: list[str]) -> bool:
@@ -515,8 +526,8 @@ class _LocalWrites(_Writes):
         self.cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         self.tx = self.conn.begin()
 
-    async def write(self, statements: list[tuple[str, list[Any]]], commit: bool) -> None:
-        for sql, rows in statements:
+    async def write(self, statements: list[Statement], commit: bool) -> None:
+        for sql, rows, _ in statements:
             self.cursor.executemany(sql, rows)
         if commit:
             self.tx.commit()
@@ -543,7 +554,7 @@ class _HelperWrites(_Writes):
         self.proc.start()
         self.written: Written | None = None
 
-    async def write(self, statements: list[tuple[str, list[Any]]], commit: bool) -> None:
+    async def write(self, statements: list[Statement], commit: bool) -> None:
         await self.proc.write(statements, commit)
 
     async def finish(self, ddl: list[str]) -> bool:
