@@ -867,9 +867,12 @@ class _Reader:
     ) -> None:
         if self.broken or not reply.startswith(b"$JS.ACK."):
             return
-        # $JS.ACK.[<domain>.<account hash>.]<stream>.<consumer>.<delivered>
-        # .<stream seq>.<consumer seq>.<timestamp>.<pending>
-        _, sseq, dseq, ts, pending = reply.rsplit(b".", 4)
+        t = reply.split(b".")
+        if len(t) == 9:
+            sseq, dseq, ts, pending = t[5], t[6], t[7], t[8]
+        else:
+            # with a domain and account hash (and maybe a final random token)
+            sseq, dseq, ts, pending = t[7], t[8], t[9], t[10]
         d = int(dseq)
         if d != self.expect_dseq:
             # A gap: the server dropped something for us. Restart after the

@@ -63,6 +63,15 @@ def _pk(table: Table) -> tuple[str, ...]:
     return pk
 
 
+# table -> the parameter names of its primary key in UPDATE and DELETE
+_KEY_PARAMS: dict[Table, tuple[str, ...]] = {}
+
+
+def _key_params(table: Table) -> tuple[str, ...]:
+    names = _KEY_PARAMS[table] = tuple(f"_k_{c}" for c in _pk(table))
+    return names
+
+
 class RowBatch:
     def __init__(self) -> None:
         # table -> primary key -> (op, values)
@@ -104,7 +113,7 @@ class RowBatch:
         for table, rows in self.pending.items():
             if tables is not None and table.name not in tables:
                 continue
-            pk = _pk(table)
+            params_of = _KEY_PARAMS.get(table) or _key_params(table)
             deletes: list[dict[str, Any]] = []
             upserts: list[dict[str, Any]] = []
             patches: dict[frozenset[str], list[dict[str, Any]]] = defaultdict(list)
@@ -112,7 +121,7 @@ class RowBatch:
                 if kind == _UPSERT:
                     upserts.append(values)
                     continue
-                params = {f"_k_{c}": k for c, k in zip(pk, key, strict=True)}
+                params = dict(zip(params_of, key, strict=True))
                 if kind == _DELETE:
                     deletes.append(params)
                 else:
