@@ -34,7 +34,7 @@ from stratus.projections.writer import WriterProcess, Written
 log = structlog.get_logger("stratus.projector")
 
 DEFAULT_NAME = "main"
-BULK_COMMIT_EVERY = 100_000
+BULK_COMMIT_EVERY = 50_000
 
 
 async def init_schema(engine: AsyncEngine) -> None:
@@ -373,6 +373,7 @@ class Projector:
             try:
                 event = decode(rec.data)
                 cls = type(event)
+                # A list: folds may be generators, whose errors show here.
                 ops = [op for f in folds.get(cls, none) for op in f(seq, event)]
                 if one_row is not None:
                     new = [(one_row[0], one_row[1](seq, event))] if cls in one_row[2] else []

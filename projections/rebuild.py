@@ -96,7 +96,7 @@ class Built(msgspec.Struct, frozen=True):
     seq: int
     events: int
     seconds: float
-    # The writer process's peak RSS (None: the rebuild wrote in one process).
+    # The writer process's peak RSS (None: the rebuild ran in one process).
     helper_rss_mb: float | None = None
 
 
@@ -120,8 +120,9 @@ async def build_store(
     """
     _must_be_new(path)
     t0 = time.perf_counter()
+    head = await store.last_seq()
     if helper is None:
-        helper = await store.last_seq() >= HELPER_MIN_EVENTS
+        helper = head >= HELPER_MIN_EVENTS
     engine = make_engine(sqlite_url(path))
     projector = Projector(store, engine, batch=5000, bulk=True, helper=helper)
     events = 0
@@ -134,7 +135,7 @@ async def build_store(
 
     try:
         try:
-            seq = await projector.catch_up(progress=counted)
+            seq = await projector.catch_up(until=head, progress=counted)
             async with engine.connect() as conn:
                 # The whole store in the main file: the services open it next.
                 await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")

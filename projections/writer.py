@@ -42,17 +42,19 @@ import msgspec
 
 from stratus.events.errors import Internal
 
-# As the in-process bulk writer (``db._bulk_setup``), with half its page
-# cache: the rebuild's memory is now two processes' (and building the
-# indexes of 1M events took no longer with a quarter of it).
-CACHE_KIB = 32 * 1024
+# As the in-process bulk writer (``db._bulk_setup``), with a quarter of its
+# page cache: the rebuild's memory is now two processes' (their peaks
+# summed must stay under 300 MB at 1M events), the cache also bounds what
+# CREATE INDEX sorts in memory, and building the indexes of 1M events took
+# no longer with 16 MiB than with 64.
+CACHE_KIB = 16 * 1024
 SORT_THREADS = 2
 # A bigger pipe: a frame of 5,000 events' rows is a few hundred KiB, and the
 # default 64 KiB pipe costs a context switch per 64 KiB.
 PIPE_BYTES = 1 << 20
 EXIT_TIMEOUT_S = 600.0
 # Encoded frames waiting for the pipe, at most (the replay waits beyond).
-MAX_QUEUED_BYTES = 16 << 20
+MAX_QUEUED_BYTES = 4 << 20
 # Parameter rows per frame, at most.
 FRAME_ROWS = 5000
 _STDERR_TAIL = 2000
@@ -235,7 +237,8 @@ def _read_exact(stream: Any, n: int) -> bytes | None:
     return bytes(data)
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -291,9 +294,7 @@ def run(path: str, stream: Any) -> Written | None:
         # The whole store in the main file: the services open it next.
         cur.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         t2 = time.perf_counter()
-        return Written(
-            statements, rows, t2 - t0, idle, t2 - t1, time.process_time(), _peak_rss_mb()
-        )
+        return Written(statements, rows, t2 - t0, idle, t2 - t1, time.process_time(), peak_rss_mb())
     finally:
         db.close()
 

@@ -211,3 +211,26 @@ async def test_the_shortcut_hands_over_what_the_generic_parser_does_in_order(cut
     # The eight events took the shortcut (whole ones only: a cut mid-message
     # waits for the rest), the heartbeat did not.
     assert shortcut == 8
+
+
+@pytest.mark.parametrize("helper", [False, True], ids=["one-process", "helpers"])
+async def test_a_bulk_rebuild_gives_the_rows_an_independent_fold_gives(store, tmp_path, helper):
+    # The digest tests compare the projector with itself (live and rebuilt
+    # fold alike); this compares a rebuild with rows folded without it.
+    from stratus.tests.test_projector import (
+        append_all,
+        expected_rows,
+        make_history,
+        view_rows,
+    )
+
+    events = make_history(300, seed=11)
+    await append_all(store, events)
+    path = tmp_path / "projections.rows.db"
+    built = await build_store(store, path, helper=helper)
+    assert built.seq == len(events)
+    engine = make_engine(sqlite_url(path))
+    try:
+        assert await view_rows(engine) == expected_rows(events)
+    finally:
+        await engine.dispose()
