@@ -206,12 +206,20 @@ class _FastParser(Parser):
             if end < 0:
                 await super().parse()  # (it refuses an overlong line)
                 return
-            rest = buf[end:]
-            del buf[end:]
+            # The generic parser gets that one operation as its buffer (a
+            # copy of it alone: dropping the head of a bytearray is cheap).
+            head = buf[:end]
+            del buf[:end]
+            self.buf = head
             await super().parse()
-            if self.buf is not buf or self.state != AWAITING_CONTROL_LINE:
+            if self.buf is not head:
                 return  # reset (an error, a reconnect): the rest is void
-            buf.extend(rest)
+            if head or self.state != AWAITING_CONTROL_LINE:
+                # (not expected: the operation was whole) the generic
+                # parser carries on with everything, as it would have.
+                head.extend(buf)
+                return
+            self.buf = buf
 
 
 def _cut_events(buf: bytearray, fast: dict[int, Callable[..., None]]) -> tuple[int, int]:
