@@ -6,7 +6,9 @@ Where things run (SQLite stores, the embedded ``stratus up``):
    ``stratus up``: it reads DATA_DIR for the service's NATS credentials)
    replays the log into ``DATA_DIR/projections.<stamp>.db`` with a progress
    bar. The live store and the services are not involved: the heavy part
-   costs them nothing.
+   costs them nothing. A long log is replayed on two cores: this process
+   reads and folds, a writer process (``projections.writer``) binds and
+   writes the rows, commits, and builds the indexes at the end.
 2. It then asks the running control plane to swap, on ``ctl.projections.swap``
    (a subject only the service NATS user may publish to), with the caller's
    token: only the cloud admin is obeyed.

@@ -9,7 +9,8 @@ one nats-server (``EmbeddedNats``, as the foundation benchmark):
 2. The raw baseline: a nats-py ordered consumer reads all N.
 3. ``projections rebuild`` into a fresh SQLite file (``build_store``, what
    the CLI runs) in a CHILD process, which reports its own peak RSS
-   (VmHWM): the generator's memory does not count. The same into a fresh
+   (VmHWM) plus its writer process's: the generator's memory does not
+   count. The same into a fresh
    PostgreSQL database (``LocalPostgres``). Both stores' digests must agree.
 4. Time travel: the rebuilt file becomes the live store (as after a swap),
    a live projector with snapshots every 10,000 events follows a further
@@ -260,7 +261,7 @@ async def _child_rebuild(url: str, target: str, n: int, max_s: float) -> dict[st
 
 
 def _rss_note(child: dict[str, Any]) -> str:
-    return f"peak RSS {child['rss_mb']:.0f} MB (child process)"
+    return f"peak RSS {child['rss_mb']:.0f} MB (child and its writer process)"
 
 
 async def _rebuilds(
