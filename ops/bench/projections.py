@@ -261,7 +261,8 @@ async def _child_rebuild(url: str, target: str, n: int, max_s: float) -> dict[st
 
 
 def _rss_note(child: dict[str, Any]) -> str:
-    return f"peak RSS {child['rss_mb']:.0f} MB (child and its writer process)"
+    who = "child and its writer process" if child.get("helper") else "child process"
+    return f"peak RSS {child['rss_mb']:.0f} MB ({who})"
 
 
 async def _rebuilds(
@@ -393,7 +394,9 @@ def child_main(argv: list[str]) -> int:
     out = asyncio.run(_child(url, target, n))
     # Every process of the rebuild counts: the writer's peak is added (a
     # bound: the two peaks need not coincide).
-    out["rss_mb"] = _peak_rss_mb() + out.pop("helper_rss_mb", 0.0)
+    helper = out.pop("helper_rss_mb", 0.0)
+    out["helper"] = helper > 0
+    out["rss_mb"] = _peak_rss_mb() + helper
     print(json.dumps(out))
     return 0
 
