@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
 from stratus.events.catalog import CODEC
 from stratus.events.commands import SERVICE_INBOX_PREFIX
@@ -141,6 +142,9 @@ class _Connection(NATS):
         super().__init__()
         # sid -> handler of raw messages (the event reader's fast path)
         self.direct: dict[int, Callable[[bytes, bytes, bytes, bytes | None], Awaitable[None]]] = {}
+        # sid -> plain function for a reader's stored events (``_FastParser``)
+        self.fast: dict[int, Callable[[bytes, bytes, bytes, bytes], None]] = {}
+        self._ps = _FastParser(self)
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -168,6 +172,98 @@ class _Connection(NATS):
                 continue
             out[name.decode("ascii")] = value.strip().decode("utf-8", "replace")
         return out
+
+
+class _FastParser(Parser):
+    """nats-py's protocol parser, with a shortcut for a reader's events.
+
+    Reading the log, each stored event is one HMSG with headers, and the
+    generic parser tries two regular expressions on it, keeps its fields in
+    a dict and awaits a coroutine for it: most of a replay's reading time.
+    Here the messages that are plain events for a subscription in ``fast``
+    (a reply subject, headers without a status) are cut out with one
+    ``find`` and one ``split`` each and handed to a plain function. Any other
+    operation (a heartbeat, a flow-control request, a PING, another
+    subscription's message) is given alone to the generic parser, in order;
+    an incomplete message waits for the rest of its bytes.
+    """
+
+    async def parse(self, data: bytes = b"") -> None:
+        fast = self.nc.fast
+        if not fast or self.state != AWAITING_CONTROL_LINE:
+            await super().parse(data)
+            return
+        buf = self.buf
+        buf.extend(data)
+        while buf:
+            n, pos = _cut_events(buf, fast)
+            if pos:
+                del buf[:pos]
+                self.nc.stats["in_msgs"] += n
+            end = _op_end(buf)
+            if end == 0:
+                return  # an incomplete operation: wait for more bytes
+            if end < 0:
+                await super().parse()  # (it refuses an overlong line)
+                return
+            # The generic parser gets that one operation as its buffer (a
+            # copy of it alone: dropping the head of a bytearray is cheap).
+            head = buf[:end]
+            del buf[:end]
+            self.buf = head
+            await super().parse()
+            if self.buf is not head:
+                return  # reset (an error, a reconnect): the rest is void
+            if head or self.state != AWAITING_CONTROL_LINE:
+                # (not expected: the operation was whole) the generic
+                # parser carries on with everything, as it would have.
+                head.extend(buf)
+                return
+            self.buf = buf
+
+
+def _cut_events(buf: bytearray, fast: dict[int, Callable[..., None]]) -> tuple[int, int]:
+    """Hand the whole event messages at the head of ``buf`` to their
+    handlers: (how many, the offset after the last)."""
+    pos = count = 0
+    size = len(buf)
+    find = buf.find
+    while buf.startswith(b"HMSG ", pos):
+        eol = find(b"\r\n", pos)
+        if eol < 0:
+            break
+        args = buf[pos + 5 : eol].split()
+        # subject sid reply header-size total-size
+        if len(args) != 5:
+            break
+        handler = fast.get(int(args[1]))
+        if handler is None:
+            break
+        start = eol + 2
+        head = start + int(args[3])
+        end = start + int(args[4])
+        # "NATS/1.0 100 ...": a status line, for the generic parser.
+        if end + 2 > size or buf[start + 8 : start + 10] != b"\r\n":
+            break
+        handler(args[0], args[2], bytes(buf[head:end]), bytes(buf[start:head]))
+        pos = end + 2
+        count += 1
+    return count, pos
+
+
+def _op_end(buf: bytearray) -> int:
+    """The length of the complete operation at the head of ``buf``; 0 if
+    it is incomplete, -1 if its line is too long to ever be one."""
+    eol = buf.find(b"\r\n")
+    if eol < 0:
+        return -1 if len(buf) >= MAX_CONTROL_LINE_SIZE else 0
+    if buf.startswith(b"MSG ") or buf.startswith(b"HMSG "):
+        try:
+            end = eol + 2 + int(buf[:eol].rsplit(None, 1)[-1]) + 2
+        except ValueError:
+            return eol + 2  # malformed: the generic parser says so
+        return end if end <= len(buf) else 0
+    return eol + 2
 
 
 async def _quiet(exc: Exception) -> None:
@@ -662,6 +758,7 @@ class _Reader:
         if isinstance(nc, _Connection):
             self.sub = await nc.subscribe(inbox)
             nc.direct[self.sub._id] = self._on_raw
+            nc.fast[self.sub._id] = self._on_data
         else:
             self.sub = await nc.subscribe(
                 inbox, cb=self._on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -715,6 +812,7 @@ class _Reader:
         if sub is not None:
             if isinstance(self.store.nc, _Connection):
                 self.store.nc.direct.pop(sub._id, None)
+                self.store.nc.fast.pop(sub._id, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         name, self.consumer = self.consumer, None
@@ -748,6 +846,13 @@ class _Reader:
             parsed = _Connection._parse_header_lines(headers[10:])
         await self._on_event(subject, reply, data, parsed)
 
+    def _on_data(self, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        # The shortest path (``_FastParser``): a stored event, never a status.
+        parsed = None
+        if self.headers and headers:
+            parsed = _Connection._parse_header_lines(headers[10:])
+        self._event(subject, reply, data, parsed)
+
     async def _on_status(self, status: bytes, reply: bytes) -> None:
         if status == b"100":
             self.beat = True
@@ -763,12 +868,18 @@ class _Reader:
     async def _on_event(
         self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> None:
+        self._event(subject, reply, data, headers)
+
+    def _event(
+        self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
         if self.broken or not reply.startswith(b"$JS.ACK."):
             return
         t = reply.split(b".")
         if len(t) == 9:
             sseq, dseq, ts, pending = t[5], t[6], t[7], t[8]
         else:
+            # with a domain and account hash (and maybe a final random token)
             sseq, dseq, ts, pending = t[7], t[8], t[9], t[10]
         d = int(dseq)
         if d != self.expect_dseq:

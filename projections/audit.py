@@ -83,15 +83,22 @@ class _Shape(msgspec.Struct, frozen=True):
     secret: frozenset[str]
     outcome: tuple[str, ...]
     failed: bool
+    name: str
+    # The result when no outcome field can say otherwise (None: look).
+    fixed: str | None
 
 
 def _shape(cls: type[Event]) -> _Shape:
     payload = cls.payload_fields()
+    outcome = tuple(f for f in OUTCOME_FIELDS if f in payload)
+    failed = cls.type_name().endswith(".failed")
     return _Shape(
         payload=payload,
         secret=frozenset(payload) & SECRET_FIELDS,
-        outcome=tuple(f for f in OUTCOME_FIELDS if f in payload),
-        failed=cls.type_name().endswith(".failed"),
+        outcome=outcome,
+        failed=failed,
+        name=cls.type_name(),
+        fixed=None if outcome else FAILED if failed else OK,
     )
 
 
@@ -109,31 +116,38 @@ def result_of(event: Event, shape: _Shape | None = None) -> str:
     return FAILED if shape.failed else OK
 
 
-def apply(seq: int, event: Event) -> Iterable[Op]:
+def row(seq: int, event: Event) -> list[Any]:
+    """The event's audit row: its values in the table's column order.
+
+    The view's one source: ``apply`` makes it an upsert, and a bulk load
+    (a rebuild) inserts it as it is, without a dict per event.
+    """
     shape = SHAPES.get(type(event)) or _shape(type(event))
     at = event.at
     if at.tzinfo is not UTC:
         # Stored as UTC wall time (SQLite keeps no offset).
         at = at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
     agg = event.aggregate
-    return (
-        Upsert(
-            audit,
-            {
-                "seq": seq,
-                "at": at,
-                "tenant": event.tenant,
-                "actor": event.actor,
-                "type": event.type_name(),
-                "kind": agg.kind,
-                "resource": agg.id,
-                "event_id": event.id,
-                "correlation_id": event.correlation_id,
-                "causation_id": event.causation_id,
-                "result": result_of(event, shape),
-            },
-        ),
-    )
+    return [
+        seq,
+        at,
+        event.tenant,
+        event.actor,
+        shape.name,
+        agg.kind,
+        agg.id,
+        event.id,
+        event.correlation_id,
+        event.causation_id,
+        shape.fixed or result_of(event, shape),
+    ]
+
+
+COLUMNS = tuple(c.name for c in audit.columns)
+
+
+def apply(seq: int, event: Event) -> Iterable[Op]:
+    return (Upsert(audit, dict(zip(COLUMNS, row(seq, event), strict=True))),)
 
 
 # -- reading --------------------------------------------------------------------

@@ -13,12 +13,15 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from collections.abc import Collection
+from datetime import UTC
 from typing import Any
 
 import msgspec
-from sqlalchemy import DateTime, Table, and_, bindparam, delete, update
+from sqlalchemy import DateTime, Table, and_, bindparam, delete, insert, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from stratus.projections.writer import sqlite_datetime
 
 
 class Upsert(msgspec.Struct, frozen=True):
@@ -39,6 +42,14 @@ class Delete(msgspec.Struct, frozen=True):
 
 Op = Upsert | Patch | Delete
 
+# SQL, its parameter rows, and the positions in each row of the SQLite dates
+# left as UTC datetimes (``keep_dates``): a writer process (``writer``) gets
+# those as msgpack timestamps and formats them itself (``sqlite_datetime``),
+# which took a tenth of the replay's time here. Any other date (naive, or
+# with another offset, whose wall time is what SQLite keeps) is formatted
+# at once.
+Statement = tuple[str, list[Any], tuple[int, ...]]
+
 _UPSERT, _PATCH, _DELETE = 0, 1, 2
 
 
@@ -50,6 +61,15 @@ def _pk(table: Table) -> tuple[str, ...]:
     if pk is None:
         pk = _PK_CACHE[table] = tuple(c.name for c in table.primary_key.columns)
     return pk
+
+
+# table -> the parameter names of its primary key in UPDATE and DELETE
+_KEY_PARAMS: dict[Table, tuple[str, ...]] = {}
+
+
+def _key_params(table: Table) -> tuple[str, ...]:
+    names = _KEY_PARAMS[table] = tuple(f"_k_{c}" for c in _pk(table))
+    return names
 
 
 class RowBatch:
@@ -67,7 +87,7 @@ class RowBatch:
         fresh one per op, so copying it would only cost time."""
         rows = self.pending[op.table]
         if type(op) is Upsert:
-            pk = _pk(op.table)
+            pk = _PK_CACHE.get(op.table) or _pk(op.table)
             key = (op.row[pk[0]],) if len(pk) == 1 else tuple(op.row[c] for c in pk)
             rows[key] = (_UPSERT, op.row)
         elif type(op) is Patch:
@@ -82,18 +102,18 @@ class RowBatch:
             rows[op.key] = (_DELETE, {})
 
     def statements(
-        self, dialect: Any, tables: Collection[str] | None = None
-    ) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        self, dialect: Any, tables: Collection[str] | None = None, *, keep_dates: bool = False
+    ) -> list[Statement]:
         """The SQL and parameter rows that write this batch, in a safe order.
 
         ``tables``: only the rows of the tables so named (the rest stay
-        pending); all of them by default.
+        pending); all of them by default. ``keep_dates``: see ``Statement``.
         """
-        out: list[tuple[str, list[tuple[Any, ...]]]] = []
+        out: list[Statement] = []
         for table, rows in self.pending.items():
             if tables is not None and table.name not in tables:
                 continue
-            pk = _pk(table)
+            params_of = _KEY_PARAMS.get(table) or _key_params(table)
             deletes: list[dict[str, Any]] = []
             upserts: list[dict[str, Any]] = []
             patches: dict[frozenset[str], list[dict[str, Any]]] = defaultdict(list)
@@ -101,7 +121,7 @@ class RowBatch:
                 if kind == _UPSERT:
                     upserts.append(values)
                     continue
-                params = {f"_k_{c}": k for c, k in zip(pk, key, strict=True)}
+                params = dict(zip(params_of, key, strict=True))
                 if kind == _DELETE:
                     deletes.append(params)
                 else:
@@ -109,24 +129,24 @@ class RowBatch:
                     patches[frozenset(values)].append(params)
             if deletes:
                 stmt = _compiled(dialect, table, "delete", frozenset())
-                out.append((stmt.sql, stmt.rows(deletes)))
+                out.append(stmt.statement(stmt.rows(deletes, keep_dates), keep_dates))
             if upserts:
                 stmt = _compiled(dialect, table, "upsert", frozenset())
-                out.append((stmt.sql, stmt.rows(upserts)))
+                out.append(stmt.statement(stmt.rows(upserts, keep_dates), keep_dates))
             for cols, params in patches.items():
                 stmt = _compiled(dialect, table, "patch", cols)
-                out.append((stmt.sql, stmt.rows(params)))
+                out.append(stmt.statement(stmt.rows(params, keep_dates), keep_dates))
             rows.clear()
         if tables is None:
             self.pending.clear()
         return out
 
     async def flush(self, conn: AsyncConnection) -> None:
-        for sql, rows in self.statements(conn.dialect):
+        for sql, rows, _ in self.statements(conn.dialect):
             await conn.exec_driver_sql(sql, rows)
 
     def flush_sync(self, conn: Connection, tables: Collection[str] | None = None) -> None:
-        for sql, rows in self.statements(conn.dialect, tables):
+        for sql, rows, _ in self.statements(conn.dialect, tables):
             conn.exec_driver_sql(sql, rows)
 
 
@@ -143,15 +163,45 @@ class _Statement:
         self.names = names
         self.get = operator.itemgetter(*names) if len(names) > 1 else None
         self.convert = [(n, f) for n, f in zip(names, converters, strict=True) if f is not None]
+        # SQLite's dates, by position: the ones ``keep_dates`` leaves alone.
+        self.dates = tuple(i for i, f in enumerate(converters) if f is sqlite_datetime)
+        self.convert_now = [(n, f) for n, f in self.convert if f is not sqlite_datetime]
 
-    def rows(self, params: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def statement(self, rows: list[Any], keep_dates: bool) -> Statement:
+        return (self.sql, rows, self.dates if keep_dates else ())
+
+    def lists(self, rows: list[list[Any]], keep_dates: bool = False) -> list[list[Any]]:
+        """Rows given as value lists in the statement's order, converted in
+        place (an ``insert`` statement's order is the table's columns)."""
+        for name, f in self.convert if not keep_dates else self.convert_now:
+            i = self.names.index(name)
+            for r in rows:
+                v = r[i]
+                if v is not None:
+                    r[i] = f(v)
+        if keep_dates:
+            for i in self.dates:
+                for r in rows:
+                    v = r[i]
+                    if v is not None and v.tzinfo is not UTC:
+                        r[i] = sqlite_datetime(v)
+        return rows
+
+    def rows(self, params: list[dict[str, Any]], keep_dates: bool = False) -> list[tuple[Any, ...]]:
         # The batch owns these dicts (see RowBatch.add): convert in place,
         # then let itemgetter build each tuple in C.
-        for name, f in self.convert:
+        for name, f in self.convert if not keep_dates else self.convert_now:
             for p in params:
                 v = p[name]
                 if v is not None:
                     p[name] = f(v)
+        if keep_dates:
+            for i in self.dates:
+                name = self.names[i]
+                for p in params:
+                    v = p[name]
+                    if v is not None and v.tzinfo is not UTC:
+                        p[name] = sqlite_datetime(v)
         if self.get is None:
             name = self.names[0]
             return [(p[name],) for p in params]
@@ -172,6 +222,8 @@ def _compiled(dialect: Any, table: Table, kind: str, cols: frozenset[str]) -> _S
         clause: Any = delete(table).where(where)
     elif kind == "upsert":
         clause = _upsert_clause(dialect.name, table, pk)
+    elif kind == "insert":
+        clause = insert(table)
     else:
         clause = update(table).where(where).values({c: bindparam(c) for c in sorted(cols)})
     compiled = clause.compile(dialect=dialect)
@@ -183,15 +235,15 @@ def _compiled(dialect: Any, table: Table, kind: str, cols: frozenset[str]) -> _S
     return stmt
 
 
-def _sqlite_datetime(value: Any) -> str:
-    # What SQLAlchemy's SQLite DATETIME stores ("2026-01-02 03:04:05.000006",
-    # offset ignored), by one C call instead of a Python format per value.
-    return value.isoformat(" ", "microseconds")[:26]
+def insert_statement(dialect: Any, table: Table) -> _Statement:
+    """A plain INSERT of every column, in the table's column order (rows
+    bound with ``lists``): for a new store's append-only rows."""
+    return _compiled(dialect, table, "insert", frozenset())
 
 
 def _converter(typ: Any, dialect: Any) -> Any:
     if dialect.name == "sqlite" and isinstance(typ, DateTime):
-        return _sqlite_datetime
+        return sqlite_datetime
     return typ.dialect_impl(dialect).bind_processor(dialect)
 
 

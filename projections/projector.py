@@ -17,21 +17,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
-from sqlalchemy import Index, Table, delete, func, insert, select
+from sqlalchemy import Engine, Index, Table, delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.schema import CreateIndex
 
 from stratus.events.store import EventStore, Recorded, Until
-from stratus.projections.batch import Patch, RowBatch, Upsert
+from stratus.projections.batch import Patch, RowBatch, Statement, Upsert, insert_statement
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
 from stratus.projections.views import View, all_views, dispatch
+from stratus.projections.writer import WriterProcess, Written
 
 log = structlog.get_logger("stratus.projector")
 
 DEFAULT_NAME = "main"
-BULK_COMMIT_EVERY = 100_000
+BULK_COMMIT_EVERY = 50_000
 
 
 async def init_schema(engine: AsyncEngine) -> None:
@@ -71,6 +74,7 @@ class Projector:
         batch: int = 2000,
         snapshots: Snapshots | None = None,
         bulk: bool = False,
+        helper: bool = False,
     ) -> None:
         """``bulk``: a rebuild into a new store that nothing reads until it
         is complete (``build_store``). Starting from 0, the secondary
@@ -78,11 +82,19 @@ class Projector:
         SQLite file is written without syncs (a crash leaves a file nobody
         swaps in). A SQLite catch-up commits every ``commit_every`` events
         instead of every batch (``_load``), the checkpoint with the rows as
-        ever."""
+        ever. ``helper``: a bulk load into a SQLite file writes through a
+        second process (``writer``) while this one reads and folds; its
+        commits are those of the in-process load, made a little later."""
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
         self._dispatch = dispatch(self.views)
+        # A bulk load's cheaper path for append-only views (``View.row``):
+        # their rows go straight to an INSERT, not through ``RowBatch``.
+        self._bulk_dispatch = dispatch([v for v in self.views if v.row is None])
+        self._row_views = [
+            (v.tables[0], v.row, frozenset(v.folds)) for v in self.views if v.row is not None
+        ]
         self.name = name
         self.batch = batch
         self.position = 0
@@ -90,6 +102,9 @@ class Projector:
         self._skip: frozenset[int] = frozenset()
         self._check_schema = True
         self.bulk = bulk
+        self.helper = helper
+        # What the helper reported (its peak RSS, its time), once done.
+        self.helper_written: Written | None = None
         # A bulk load's events per transaction (``_load``): bounds the rows
         # held in memory and the work a stopped load loses.
         self.commit_every = BULK_COMMIT_EVERY
@@ -271,58 +286,102 @@ class Projector:
         stopped part way rolls back to the last commit, and resumes there.
         """
         assert self._sync is not None
+        dialect = self._sync.dialect
         carry = RowBatch()
+        appended: dict[Table, list[list[Any]]] = {t: [] for t, _, _ in self._row_views}
+        inserts = {t: insert_statement(dialect, t) for t in appended}
+        poison = insert_statement(dialect, quarantine)
+        poison_cols = [c.name for c in quarantine.columns]
         folded = 0
         last = self.position
-        with _fewer_collections(), self._sync.connect() as conn:
-            tx = conn.begin()
+        sink: _Writes = (
+            _HelperWrites(self._db_path)
+            if self.helper and self._db_path is not None
+            else _LocalWrites(self._sync)
+        )
+        # Dates left to the writer process to format (``batch.Statement``).
+        keep = not sink.synchronous
+        with _fewer_collections():
             try:
                 async for recs in batches:
-                    prepared = self._fold(recs, carry)
+                    prepared = self._fold(recs, carry, appended)
                     if prepared is None:
                         continue
-                    carry.flush_sync(conn, LIVE_ONLY)
+                    out: list[Statement] = []
+                    for t, new in appended.items():
+                        if new:
+                            st = inserts[t]
+                            out.append(st.statement(st.lists(new, keep), keep))
+                    out += carry.statements(dialect, LIVE_ONLY, keep_dates=keep)
                     if prepared.poisoned:
-                        conn.execute(insert(quarantine), prepared.poisoned)
+                        rows = [[q[c] for c in poison_cols] for q in prepared.poisoned]
+                        out.append(poison.statement(poison.lists(rows), False))
                         self._warn(prepared.poisoned)
                     folded += len(recs)
                     last = prepared.last
-                    if folded >= self.commit_every:
-                        carry.flush_sync(conn)
-                        tx.commit()
-                        self.position = last
+                    commit = folded >= self.commit_every
+                    if commit:
+                        out += carry.statements(dialect, keep_dates=keep)
                         folded = 0
-                        tx = conn.begin()
+                    await sink.write(out, commit)
+                    for new in appended.values():
+                        new.clear()
+                    if commit and sink.synchronous:
+                        self.position = last
                     if progress:
                         progress(len(recs), recs[-1].seq)
-                carry.flush_sync(conn)
-                tx.commit()
+                await sink.write(carry.statements(dialect, keep_dates=keep), True)
+                deferred, self._deferred = self._deferred, []
+                if not await sink.finish([_create_index(ix, dialect) for ix in deferred]):
+                    self._deferred = deferred  # built by ``finish_bulk``, here
+                if isinstance(sink, _HelperWrites):
+                    self.helper_written = sink.written
                 self.position = last
             except BaseException:
-                tx.rollback()
+                sink.abort()
                 raise
 
-    def _fold(self, recs: list[Recorded], rows: RowBatch | None = None) -> _Prepared | None:
-        """Fold ``recs`` into ``rows`` (a new batch by default)."""
+    def _fold(
+        self,
+        recs: list[Recorded],
+        rows: RowBatch | None = None,
+        appended: dict[Table, list[list[Any]]] | None = None,
+    ) -> _Prepared | None:
+        """Fold ``recs`` into ``rows`` (a new batch by default); with
+        ``appended``, the append-only views' rows go there, per table."""
         if rows is None:
             rows = RowBatch()
         poisoned: list[dict[str, Any]] = []
         codec = self.store.codec
-        folds = self._dispatch
+        if appended is None:
+            folds, row_views = self._dispatch, []
+        else:
+            folds, row_views = self._bulk_dispatch, self._row_views
         none: list = []
         floor = self._folded
         skip = self._skip
+        add = rows.add
+        decode = codec.decode
+        # (the usual case, the audit trail: one append-only view)
+        one_row = row_views[0] if len(row_views) == 1 else None
         for rec in recs:
-            if rec.seq <= floor:
+            seq = rec.seq
+            if seq <= floor:
                 continue  # redelivered after a reconnect: already applied
-            if rec.seq in skip:
+            if seq in skip:
                 continue
             try:
-                event = rec.decode(codec)
-                ops = [op for f in folds.get(type(event), none) for op in f(rec.seq, event)]
+                event = decode(rec.data)
+                cls = type(event)
+                # A list: folds may be generators, whose errors show here.
+                ops = [op for f in folds.get(cls, none) for op in f(seq, event)]
+                if one_row is not None:
+                    new = [(one_row[0], one_row[1](seq, event))] if cls in one_row[2] else []
+                else:
+                    new = [(t, row(seq, event)) for t, row, types in row_views if cls in types]
                 # A NUL byte in the raw data is the cheap sign (usually there
                 # is none); only then look at the text values themselves.
-                if b"\x00" in rec.data and _has_nul(ops):
+                if b"\x00" in rec.data and (_has_nul(ops) or _rows_nul(new)):
                     raise ValueError(NUL_REFUSED)
             except Exception as exc:
                 poisoned.append(
@@ -336,7 +395,10 @@ class Projector:
                 )
                 continue
             for op in ops:
-                rows.add(op)
+                add(op)
+            if appended is not None:
+                for t, r in new:
+                    appended[t].append(r)
         last = recs[-1].seq
         if last <= floor:
             return None
@@ -400,6 +462,16 @@ def _name(ix: Index) -> str:
     return str(ix.name)
 
 
+def _rows_nul(rows: list[tuple[Table, list[Any]]]) -> bool:
+    # Plain loops: msgpack writes small integers as NUL bytes, so this runs
+    # for about a quarter of a rebuild's events.
+    for _, r in rows:
+        for v in r:
+            if type(v) is str and "\x00" in v:
+                return True
+    return False
+
+
 def _has_nul(ops: list[Any]) -> bool:
     """Whether a row would carry "\\x00" in text: PostgreSQL refuses such a
     row (and so the whole batch, again on every retry) while SQLite keeps it.
@@ -420,6 +492,79 @@ def _has_nul(ops: list[Any]) -> bool:
                 if type(v) is str and "\x00" in v:
                     return True
     return False
+
+
+def _create_index(ix: Index, dialect: Any) -> str:
+    return str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
+
+
+class _Writes:
+    """Where a bulk load's statements go: ``_load`` does not care which."""
+
+    # Whether a commit is done when ``write`` returns. A helper commits
+    # later, in order: the position moves once it has answered at the end
+    # (after a failure, the store's own checkpoint says where it stopped).
+    synchronous = True
+
+    async def write(self, statements: list[Statement], commit: bool) -> None:
+        raise NotImplementedError
+
+    async def finish(self, ddl: list[str]) -> bool:
+        """Commit; True if ``ddl`` (the deferred indexes) was run too."""
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+
+class _LocalWrites(_Writes):
+    """On the bulk writer's own connection, in this process."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.conn = engine.connect()
+        # The driver's own cursor: it binds value lists as they are
+        # (SQLAlchemy would want a tuple made of each).
+        self.cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        self.tx = self.conn.begin()
+
+    async def write(self, statements: list[Statement], commit: bool) -> None:
+        for sql, rows, _ in statements:
+            self.cursor.executemany(sql, rows)
+        if commit:
+            self.tx.commit()
+            self.tx = self.conn.begin()
+
+    async def finish(self, ddl: list[str]) -> bool:
+        self.tx.commit()
+        self.conn.close()
+        return False  # indexes: ``finish_bulk``, with its sorting pragmas
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.tx.rollback()
+        self.conn.close()
+
+
+class _HelperWrites(_Writes):
+    """In a writer process (``writer.WriterProcess``) beside this one."""
+
+    synchronous = False
+
+    def __init__(self, path: Path) -> None:
+        self.proc = WriterProcess(path)
+        self.proc.start()
+        self.written: Written | None = None
+
+    async def write(self, statements: list[Statement], commit: bool) -> None:
+        await self.proc.write(statements, commit)
+
+    async def finish(self, ddl: list[str]) -> bool:
+        self.written = await self.proc.finish(ddl)
+        log.info("bulk load written by a helper", **msgspec.structs.asdict(self.written))
+        return True
+
+    def abort(self) -> None:
+        self.proc.abort()
 
 
 class _Prepared:

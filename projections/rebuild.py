@@ -6,7 +6,9 @@ Where things run (SQLite stores, the embedded ``stratus up``):
    ``stratus up``: it reads DATA_DIR for the service's NATS credentials)
    replays the log into ``DATA_DIR/projections.<stamp>.db`` with a progress
    bar. The live store and the services are not involved: the heavy part
-   costs them nothing.
+   costs them nothing. A long log is replayed on two cores: this process
+   reads and folds, a writer process (``projections.writer``) binds and
+   writes the rows, commits, and builds the indexes at the end.
 2. It then asks the running control plane to swap, on ``ctl.projections.swap``
    (a subject only the service NATS user may publish to), with the caller's
    token: only the cloud admin is obeyed.
@@ -96,16 +98,35 @@ class Built(msgspec.Struct, frozen=True):
     seq: int
     events: int
     seconds: float
+    # The writer process's peak RSS (None: the rebuild ran in one process).
+    helper_rss_mb: float | None = None
+
+
+# Below this many events the writer process (about a third of a second to
+# start) costs more than it saves.
+HELPER_MIN_EVENTS = 20_000
 
 
 async def build_store(
-    store: EventStore, path: Path, progress: Callable[[int, int], Any] | None = None
+    store: EventStore,
+    path: Path,
+    progress: Callable[[int, int], Any] | None = None,
+    *,
+    helper: bool | None = None,
 ) -> Built:
-    """Replay the log from 1 into a new SQLite file at ``path``."""
+    """Replay the log from 1 into a new SQLite file at ``path``.
+
+    ``helper``: write through a second process (``projections.writer``)
+    while this one reads and folds; by default when the log is long enough.
+    A failed rebuild (a helper killed, say) leaves no file behind.
+    """
     _must_be_new(path)
     t0 = time.perf_counter()
+    head = await store.last_seq()
+    if helper is None:
+        helper = head >= HELPER_MIN_EVENTS
     engine = make_engine(sqlite_url(path))
-    projector = Projector(store, engine, batch=5000, bulk=True)
+    projector = Projector(store, engine, batch=5000, bulk=True, helper=helper)
     events = 0
 
     def counted(n: int, seq: int) -> None:
@@ -115,14 +136,24 @@ async def build_store(
             progress(n, seq)
 
     try:
-        seq = await projector.catch_up(progress=counted)
-        async with engine.connect() as conn:
-            # The whole store in the main file: the services open it next.
-            await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        projector.close()
-        await engine.dispose()
-    return Built(seq=seq, events=events, seconds=time.perf_counter() - t0)
+        try:
+            seq = await projector.catch_up(until=head, progress=counted)
+            async with engine.connect() as conn:
+                # The whole store in the main file: the services open it next.
+                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            projector.close()
+            await engine.dispose()
+    except BaseException:
+        remove_store(path)
+        raise
+    written = projector.helper_written
+    return Built(
+        seq=seq,
+        events=events,
+        seconds=time.perf_counter() - t0,
+        helper_rss_mb=written.rss_mb if written is not None else None,
+    )
 
 
 def _must_be_new(path: Path) -> None:
