@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,17 @@ async def cleanup(agent: ComputeAgent) -> None:
             driver.cgroups.prune()
         if hasattr(driver, "close"):
             driver.close()
+
+
+@contextlib.asynccontextmanager
+async def running_agent(store: EventStore, tmp: Path, **kw: Any) -> AsyncIterator[ComputeAgent]:
+    """A started agent on a host of its own, cleaned up (instances and all) after."""
+    agent = make_agent(store, unique_host(), tmp, **kw)
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await cleanup(agent)
 
 
 def owned(agent: ComputeAgent) -> dict[str, str]:

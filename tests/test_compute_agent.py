@@ -25,6 +25,7 @@ from stratus.tests.compute_helpers import (
     make_agent,
     owned,
     place,
+    running_agent,
     server_events,
     types,
     unique_host,
@@ -49,10 +50,8 @@ async def action(store, host, sid, what, **kw):
 
 
 async def test_claim_builds_a_running_domain_on_an_overlay(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         sid = await place(store, host, vcpus=2, ram_mb=128)
         evs = await wait_for(store, sid, "server.running")
         assert types(evs)[-2:] == ["server.building", "server.running"]
@@ -87,8 +86,6 @@ async def test_claim_builds_a_running_domain_on_an_overlay(store, tmp_path):
         await wait_for(store, sid, "server.deleted")
         assert owned(agent) == {}
         assert not (agent.disks / f"{sid}.qcow2").exists()
-    finally:
-        await cleanup(agent)
 
 
 async def test_libvirt_error_is_a_build_failure_with_its_reason(store, tmp_path):
@@ -118,10 +115,8 @@ async def test_libvirt_error_is_a_build_failure_with_its_reason(store, tmp_path)
 
 
 async def test_release_removes_the_instance(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         sid = await place(store, host)
         await wait_for(store, sid, "server.running")
         ev = cause().make(
@@ -133,15 +128,11 @@ async def test_release_removes_the_instance(store, tmp_path):
                 break
             await asyncio.sleep(0.05)
         assert owned(agent) == {}
-    finally:
-        await cleanup(agent)
 
 
 async def test_reconcile_recreates_the_missing_and_removes_strays(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         a = await place(store, host)
         b = await place(store, host)
         await wait_for(store, a, "server.running")
@@ -178,8 +169,6 @@ async def test_reconcile_recreates_the_missing_and_removes_strays(store, tmp_pat
             assert owned(again) == {a: "running", b: "running"}
         finally:
             await cleanup(restarted)
-    finally:
-        await cleanup(agent)
 
 
 async def test_registration_and_heartbeat(store, tmp_path):
@@ -214,10 +203,8 @@ async def wait_image(store, image_id, timeout=20.0):
 
 
 async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         src = tmp_path / "base.qcow2"
         await asyncio.to_thread(images.qemu_img, "create", "-q", "-f", "qcow2", str(src), "32M")
         stored = await asyncio.to_thread(images.store_file, src, "qcow2", agent.image_store)
@@ -272,15 +259,11 @@ async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
         )
         await agent._snapshot(redo, want, agent.instance(want.claim, want), agent.drivers["vm"])
         assert len(await store.read_all(subjects=[f"ev.{TENANT}.image.{snap_id}"])) == 1
-    finally:
-        await cleanup(agent)
 
 
 async def test_volume_attach_and_detach_reach_the_domain(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         sid = await place(store, host)
         await wait_for(store, sid, "server.running")
         vol = new_id()
@@ -307,8 +290,6 @@ async def test_volume_attach_and_detach_reach_the_domain(store, tmp_path):
             await asyncio.sleep(0.05)
         assert str(path) not in xml()
         assert path.exists()  # the volume outlives its attachment
-    finally:
-        await cleanup(agent)
 
 
 async def test_an_event_naming_no_valid_server_touches_nothing(store, tmp_path):
@@ -357,10 +338,8 @@ async def test_an_event_that_keeps_failing_is_given_up_and_reported(store, tmp_p
 
 
 async def test_a_redelivered_claim_builds_nothing_twice_and_reports_nothing_twice(store, tmp_path):
-    host = unique_host()
-    agent = make_agent(store, host, tmp_path)
-    await agent.start()
-    try:
+    async with running_agent(store, tmp_path) as agent:
+        host = agent.host
         sid = await place(store, host)
         before = await wait_for(store, sid, "server.running")
         claim = agent.desired.instances[sid].claim
@@ -370,5 +349,3 @@ async def test_a_redelivered_claim_builds_nothing_twice_and_reports_nothing_twic
         assert types(await server_events(store, sid)) == types(before)
         assert owned(agent) == {sid: "running"}
         assert disk.stat().st_mtime_ns == mtime  # the overlay was kept, not remade
-    finally:
-        await cleanup(agent)
