@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,23 @@ def _latency_result(name: str, lat: list[float], seconds: float, errors: int) ->
         p50_ms=(percentile(lat, 50) or 0) * 1000,
         p99_ms=(percentile(lat, 99) or 0) * 1000,
     )
+
+
+async def _one_at_a_time(
+    name: str, fn: Callable[[], Awaitable[float]], count: int, deadline: float
+) -> Result:
+    """``fn`` (which returns one latency) ``count`` times in a row, or until
+    ``deadline``: the idle figures, with nothing else in flight."""
+    lat, errors = [], 0
+    t0 = time.perf_counter()
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        try:
+            lat.append(await fn())
+        except Exception:
+            errors += 1
+    return _latency_result(name, lat, time.perf_counter() - t0, errors)
 
 
 async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs) -> None:
@@ -153,16 +171,7 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
         await asyncio.gather(*(create() for _ in hosts))
 
         deadline = time.monotonic() + opts.phase_seconds
-        lat, errors = [], 0
-        t0 = time.perf_counter()
-        for _ in range(opts.idle):
-            if time.monotonic() > deadline:
-                break
-            try:
-                lat.append(await create())
-            except Exception:
-                errors += 1
-        idle = _latency_result("create -> running, idle", lat, time.perf_counter() - t0, errors)
+        idle = await _one_at_a_time("create -> running, idle", create, opts.idle, deadline)
         idle.note = "target p50 <= 50 ms"
         report.results.append(idle)
         report.info["idle_p50_target_met"] = idle.p50_ms is not None and idle.p50_ms <= 50
@@ -211,17 +220,8 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
                     waiting.pop(req.aggregate.id, None)
                 return done - start
 
-            lat, errors = [], 0
-            t0 = time.perf_counter()
-            for _ in range(opts.idle):
-                if time.monotonic() > deadline:
-                    break
-                try:
-                    lat.append(await requested())
-                except Exception:
-                    errors += 1
-            full = _latency_result(
-                "requested -> scheduled -> running, idle", lat, time.perf_counter() - t0, errors
+            full = await _one_at_a_time(
+                "requested -> scheduled -> running, idle", requested, opts.idle, deadline
             )
             full.note = "through the scheduler"
             report.results.append(full)
