@@ -9,24 +9,13 @@ from typing import Annotated
 
 import typer
 
-from stratus.cli.common import EXIT_USAGE
+from stratus.cli.common import parse_labels
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
 DEFAULT_LIBVIRT_URI = "test:///default"
 
 agent_app = typer.Typer(add_completion=False)
-
-
-def parse_labels(pairs: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for p in pairs or []:
-        k, sep, v = p.partition("=")
-        if not sep or not k:
-            typer.echo(f"error: --label wants KEY=VALUE, got {p!r}", err=True)
-            raise typer.Exit(EXIT_USAGE)
-        out[k] = v
-    return out
 
 
 @agent_app.command()

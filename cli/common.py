@@ -98,3 +98,15 @@ def run(fn: Callable[[Client], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except StratusError as err:
         raise fail(err) from None
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    """``--label K=V`` options as a map; a malformed one is a usage error."""
+    out: dict[str, str] = {}
+    for p in pairs or []:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            typer.echo(f"error: --label wants KEY=VALUE, got {p!r}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        out[k] = v
+    return out

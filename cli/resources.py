@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, fail, run
+from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, fail, parse_labels, run
 from stratus.cli.output import Format, emit
 from stratus.events.errors import Invalid, NotFound, StratusError
 from stratus.events.resources import PLURALS
@@ -74,17 +74,6 @@ async def _create_and_wait(c: Any, body: dict[str, Any], timeout: float) -> dict
                 shown.update(f"server {row['name']}: {row['status']}")
             await asyncio.sleep(0.2)
     return {**row, "reason": row.get("reason") or f"still {row['status']} after {timeout:g}s"}
-
-
-def _labels(pairs: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for p in pairs or []:
-        k, sep, v = p.partition("=")
-        if not sep or not k:
-            typer.echo(f"error: --label wants KEY=VALUE, got {p!r}", err=True)
-            raise typer.Exit(EXIT_USAGE)
-        out[k] = v
-    return out
 
 
 def _reads(app: typer.Typer, kind: str) -> None:
@@ -175,7 +164,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Register a host (what its agent does at start); cloud admin."""
         body = {"name": name, "vcpus": vcpus, "ram_mb": ram_mb, "disk_gb": disk_gb}
-        do("host.register", {**body, "zone": zone, "labels": _labels(label)}, output)
+        do("host.register", {**body, "zone": zone, "labels": parse_labels(label)}, output)
 
     for verb in ("enable", "disable"):
 
@@ -284,7 +273,7 @@ def register(root: typer.Typer) -> None:
             instance_type=type_,
             networks=network or [],
             security_groups=security_group or [],
-            labels=_labels(label),
+            labels=parse_labels(label),
             host=host,
             group=group,
             zone=zone,
