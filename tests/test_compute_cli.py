@@ -32,6 +32,14 @@ def show(url: str, ref: str) -> dict:
     return json.loads(r.stdout)
 
 
+def create_server(url: str, name: str, *extra: str) -> dict:
+    """``server create`` of a 1-vCPU, 64 MB server of image ``base``; its row."""
+    args = ["--image", "base", "--vcpus", "1", "--ram-mb", "64", *extra, "-o", "json"]
+    r = cli(url, "server", "create", name, *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def wait_status(url: str, ref: str, status: str, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,40 +108,8 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
         assert image["checksum"] == images.sha256(base)
         assert (store_dir / image["checksum"]).is_file()
 
-        r = cli(
-            url,
-            "server",
-            "create",
-            "vm1",
-            "--image",
-            "base",
-            "--vcpus",
-            "1",
-            "--ram-mb",
-            "64",
-            "-o",
-            "json",
-        )
-        assert r.returncode == 0, r.stderr
-        vm = json.loads(r.stdout)
-        r = cli(
-            url,
-            "server",
-            "create",
-            "box",
-            "--image",
-            "base",
-            "--vcpus",
-            "1",
-            "--ram-mb",
-            "64",
-            "--type",
-            "container",
-            "-o",
-            "json",
-        )
-        assert r.returncode == 0, r.stderr
-        box = json.loads(r.stdout)
+        vm = create_server(url, "vm1")
+        box = create_server(url, "box", "--type", "container")
         # The scheduler places both on the only host; its agent builds them.
         running = wait_status(url, "vm1", "running")
         assert running["id"] == vm["id"] and running["host"] == HOST
