@@ -284,13 +284,18 @@ class Plant:
         await self.live.engine.dispose()
 
 
+async def caught_up_digest(store, engine, until: int) -> tuple[int, str]:
+    """A projector on ``engine`` (fresh or part-built) caught up to ``until``: its digest."""
+    projector = Projector(store, engine)
+    assert await projector.catch_up(until=until) == until
+    projector.close()
+    return await store_digest(engine)
+
+
 async def fresh_digest(store, path: Path, until: int) -> tuple[int, str]:
     engine = make_engine(sqlite_url(path))
     try:
-        projector = Projector(store, engine)
-        await projector.catch_up(until=until)
-        projector.close()
-        return await store_digest(engine)
+        return await caught_up_digest(store, engine, until)
     finally:
         await engine.dispose()
 
@@ -610,10 +615,7 @@ async def test_a_bulk_load_stopped_between_commits_resumes_exactly_once(store, t
             assert audit_rows == (bulk.position, bulk.position)
         finally:
             db.close()
-        resumed = Projector(store, engine)
-        assert await resumed.catch_up(until=last) == last
-        resumed.close()
-        got = await store_digest(engine)
+        got = await caught_up_digest(store, engine, last)
     finally:
         await engine.dispose()
     assert got == await fresh_digest(store, tmp_path / "plain.db", last)

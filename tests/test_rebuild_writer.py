@@ -15,9 +15,14 @@ import pytest
 from stratus.events.errors import Internal
 from stratus.events.store import _FastParser
 from stratus.projections.db import make_engine, sqlite_url
-from stratus.projections.projector import Projector, store_digest
+from stratus.projections.projector import Projector
 from stratus.projections.rebuild import build_store
-from stratus.tests.test_rebuild import _append_workload, _indexes, fresh_digest
+from stratus.tests.test_rebuild import (
+    _append_workload,
+    _indexes,
+    caught_up_digest,
+    fresh_digest,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,10 +127,7 @@ async def test_a_stopped_helper_load_keeps_what_it_committed_and_resumes(store, 
         assert upto % 500 == 0 and upto <= 2500
         assert (count, top or 0) == (upto, upto)
         assert not any(name.startswith("audit_") for name in _indexes(path))
-        resumed = Projector(store, engine)
-        assert await resumed.catch_up(until=last) == last
-        resumed.close()
-        got = await store_digest(engine)
+        got = await caught_up_digest(store, engine, last)
     finally:
         await engine.dispose()
     assert got == await fresh_digest(store, tmp_path / "plain.db", last)
