@@ -318,23 +318,25 @@ class Host:
 
     def peer_ok(self, pp: PortPlan) -> bool:
         """The instance side exists with its address (and route)."""
-        if pp.netns not in namespaces():
+        if pp.netns not in namespaces() or not self._addressed(pp.netns, pp.peer, pp.address):
             return False
-        with self._ipr(pp.netns) as ipr:
-            idx = ipr.link_lookup(ifname=pp.peer)
+        if pp.gateway:
+            with self._ipr(pp.netns) as ipr:
+                routes = ipr.get_routes(family=2, dst_len=0, table=254)
+                return any(r.get_attr("RTA_GATEWAY") == pp.gateway for r in routes)
+        return True
+
+    def _addressed(self, ns: str, ifname: str, address: str) -> bool:
+        """Whether link ``ifname`` in ``ns`` exists and holds ``address`` (ip/prefixlen)."""
+        with self._ipr(ns) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
             if not idx:
                 return False
-            ip, plen = pp.address.split("/")
+            ip, plen = address.split("/")
             addrs = {
                 (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
             }
-            if (ip, int(plen)) not in addrs:
-                return False
-            if pp.gateway:
-                routes = ipr.get_routes(family=2, dst_len=0, table=254)
-                if not any(r.get_attr("RTA_GATEWAY") == pp.gateway for r in routes):
-                    return False
-        return True
+            return (ip, int(plen)) in addrs
 
     # -- changing ------------------------------------------------------------------
 
@@ -616,24 +618,13 @@ class Host:
             netns.create(ns)
             ch.created.append(ns)
         for leg in legs:
-            if leg.ifname in actual and not self._leg_ok(ns, leg):
+            if leg.ifname in actual and not self._addressed(ns, leg.inner, leg.address):
                 self._delete(leg.ifname)
                 actual.pop(leg.ifname)
                 ch.removed.append(leg.ifname)
             if leg.ifname not in actual:
                 self._leg(ns, leg)
                 ch.created.append(leg.ifname)
-
-    def _leg_ok(self, ns: str, leg: LegPlan) -> bool:
-        with self._ipr(ns) as ipr:
-            idx = ipr.link_lookup(ifname=leg.inner)
-            if not idx:
-                return False
-            ip, plen = leg.address.split("/")
-            addrs = {
-                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
-            }
-            return (ip, int(plen)) in addrs
 
     def _leg(self, ns: str, leg: LegPlan) -> None:
         with self._ipr() as ipr:
