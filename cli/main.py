@@ -231,8 +231,6 @@ def serve(
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
     from stratus.cli.runtime import (
-        NATS_SERVICE_SECRET,
-        NATS_SERVICE_USER,
         default_data_dir,
         start_services,
     )
@@ -250,10 +248,7 @@ def serve(
 
         logs.configure("INFO")
         data_dir = data_dir or default_data_dir()
-        secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-        if nats_password is None and secret_file.exists():
-            nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
-        creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+        creds = _service_creds(data_dir, nats_user, nats_password)
         try:
             serve_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
         except StratusError as err:
@@ -271,10 +266,7 @@ def serve(
     sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
     logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
-    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-    if nats_password is None and secret_file.exists():
-        nats_user, nats_password = NATS_SERVICE_USER, secret_file.read_text().strip()
-    creds = {"user": nats_user, "password": nats_password} if nats_password else {}
+    creds = _service_creds(data_dir, nats_user, nats_password)
     defaults = parse_quota_defaults(quota_default)
 
     async def main() -> None:
@@ -754,6 +746,17 @@ def events_asyncapi() -> None:
     from stratus.events.catalog import CODEC
 
     sys.stdout.write(dumps(CODEC) + "\n")
+
+
+def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:
+    """NATS credentials of a service: those given, else the service user of
+    the `stratus up` in ``data_dir`` when it has one, else none."""
+    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+
+    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
+    if password is None and secret_file.exists():
+        user, password = NATS_SERVICE_USER, secret_file.read_text().strip()
+    return {"user": user, "password": password} if password else {}
 
 
 def service_access(data_dir: Path) -> tuple[str, str]:
