@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
+import types
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 
 from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
@@ -21,7 +23,7 @@ from stratus.projections.projector import (
     read_checkpoint,
     store_digest,
 )
-from stratus.projections.schema import quarantine
+from stratus.projections.schema import checkpoints, quarantine
 from stratus.projections.tenants import get_tenant, list_tenants, tenants
 
 pytestmark = pytest.mark.timeout(60)
@@ -240,6 +242,106 @@ async def test_a_projector_killed_between_events_resumes_to_the_same_digest(stor
     assert cp == rebuilt_cp == last
     assert live_digest == rebuilt_digest
     assert await view_rows(engine) == expected_rows(events)
+
+
+class Stepper:
+    """Runs a coroutine in a task and cancels it at its ``n``-th await point.
+
+    Every time the coroutine suspends (waits on a future: a database call,
+    a NATS reply, another task) counts as one await point. ``waking=False``
+    cancels the task while it waits there (``Task.cancel``). ``waking=True``
+    cancels it the moment that wait completes instead, as a ``cancel()``
+    that lands in the same loop turn as the awaited result would: the
+    result is dropped and ``CancelledError`` raised in its place (what
+    Python 3.11's ``wait_for`` then swallows).
+    """
+
+    def __init__(self, coro, n: int, *, waking: bool) -> None:
+        self.n = n
+        self.waking = waking
+        self.count = 0  # suspensions so far
+        self.parked = None  # the future waited on right now
+        self.fired = False
+        self.task = asyncio.ensure_future(self._run(coro))
+
+    def cancel_now(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    async def _run(self, coro):
+        return await self._drive(coro)
+
+    @types.coroutine
+    def _drive(self, coro):
+        value, error = None, None
+        while True:
+            try:
+                step = coro.throw(error) if error is not None else coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+            self.count += 1
+            self.parked = step
+            if self.count == self.n and not self.waking and not self.fired:
+                self.cancel_now()
+            try:
+                value, error = (yield step), None
+            except BaseException as exc:  # handed on to the coroutine, as a task would
+                value, error = None, exc
+            self.parked = None
+            if self.count == self.n and self.waking and not self.fired and error is None:
+                self.fired = True
+                value, error = None, asyncio.CancelledError()
+
+
+def sqlite_free(path) -> tuple[bool, bool]:
+    """(no writer holds the lock, no reader holds an old snapshot) — asked
+    from another connection, as another process would, without waiting."""
+    con = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+            unlocked = True
+        except sqlite3.OperationalError:
+            unlocked = False
+        busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return unlocked, busy == 0
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("waking", [False, True], ids=["while-waiting", "as-the-wait-ends"])
+async def test_a_task_cancelled_inside_a_store_transaction_leaves_the_store_free(
+    sqlite_engine, tmp_path, waking
+):
+    """The async engine (queries, digests) awaits every statement: a task
+    cancelled at any of them, from connecting to committing, must leave no
+    lock behind, even while its traceback (and the cursor in it) lives on."""
+
+    async def write(engine) -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(checkpoints.create, checkfirst=True)
+            await conn.execute(delete(checkpoints))
+            rows = [{"name": "main", "last_seq": 7}, {"name": "other", "last_seq": 3}]
+            await conn.execute(insert(checkpoints), rows)
+
+    points = None
+    n = 0
+    while points is None:
+        n += 1
+        assert n <= 200, "connecting and one small transaction should not take 200 awaits"
+        path = tmp_path / f"t-{n}.db"
+        engine = sqlite_engine(path.name)
+        step = Stepper(write(engine), n, waking=waking)
+        done, _ = await asyncio.wait([step.task], timeout=10)
+        assert done, f"a writer cancelled at await point {n} kept running"
+        if not step.fired:
+            points = step.count  # it finished before its n-th await point
+        # (step, and with it the cancelled task's traceback, is still alive)
+        assert engine.pool.checkedout() == 0, f"await point {n}: a connection is still out"
+        assert sqlite_free(path) == (True, True), f"await point {n}: the store is not free"
+        await engine.dispose()
+    assert points > 5
 
 
 # -- poison events -----------------------------------------------------------
