@@ -25,6 +25,7 @@ from stratus.projections.projector import (
 )
 from stratus.projections.schema import checkpoints, quarantine
 from stratus.projections.tenants import get_tenant, list_tenants, tenants
+from stratus.projections.views import all_views
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -308,6 +309,113 @@ def sqlite_free(path) -> tuple[bool, bool]:
         return unlocked, busy == 0
     finally:
         con.close()
+
+
+async def run_until_cancelled(projector: Projector, step_at: int, last: int, waking: bool):
+    """Run ``projector`` until its ``step_at``-th await point, or until it
+    waits idle at the end of the log: the Stepper (cancelled) and the await
+    points its start-up took."""
+    started: list[int] = []
+    start = projector.start_position
+
+    async def marked() -> int:
+        after = await start()
+        started.append(step.count)
+        return after
+
+    projector.start_position = marked  # type: ignore[method-assign]
+    step = Stepper(projector.run(), step_at, waking=waking)
+    deadline = time.monotonic() + 20
+    while not step.fired:
+        assert time.monotonic() < deadline, f"await point {step_at} never came ({step.count})"
+        idle = step.parked is not None and not step.parked.done()
+        if idle and projector.position == last:
+            step.cancel_now()  # past the last point: cancelled while it waits for more
+            break
+        await asyncio.sleep(0.002)
+    return step, (started[0] if started else None)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("waking", [False, True], ids=["while-waiting", "as-the-wait-ends"])
+async def test_a_projector_cancelled_at_each_await_point_releases_the_store_and_resumes(
+    store, sqlite_engine, tmp_path, waking
+):
+    # given a log the projector reads as several batches (one view: its
+    # start-up awaits once per statement, some 400 times)
+    views = [v for v in all_views() if v.name == "tenants"]
+    events = make_history(10, seed=9)
+    await append_all(store, events)
+    last = await store.last_seq()
+    assert last >= 12
+
+    async def built(name: str, until: int | None = None) -> tuple[int, str]:
+        engine = sqlite_engine(name)
+        fresh = Projector(store, engine, views=views, batch=3)
+        try:
+            await fresh.catch_up(until=until)
+        finally:
+            fresh.close()
+        return await store_digest(engine)
+
+    _, full = await built("full.db")
+    at: dict[int, str] = {}  # checkpoint -> digest of a fresh build up to it
+
+    async def trial(n: int) -> tuple[Stepper, int | None]:
+        path = tmp_path / f"trial-{n}.db"
+        engine = sqlite_engine(path.name)
+        projector = Projector(store, engine, views=views, batch=3)
+        # when the live projector is cancelled at its n-th await point
+        step, start_points = await run_until_cancelled(projector, n, last, waking)
+
+        # then it stops at once
+        done, _ = await asyncio.wait([step.task], timeout=10)
+        assert done, f"a projector cancelled at await point {n} of {step.count} kept running"
+        with contextlib.suppress(asyncio.CancelledError):
+            step.task.result()
+        await projector.aclose()
+
+        # and holds no connection, transaction or lock on the store (while
+        # the cancelled task, and its traceback, still exist)
+        assert engine.pool.checkedout() == 0, f"await point {n}: a connection is still out"
+        assert sqlite_free(path) == (True, True), f"await point {n}: the store is not free"
+
+        # and what it left is exactly the world as of its checkpoint (a
+        # cancel before the schema was made left an empty store)
+        await init_schema(engine)
+        cp, digest = await store_digest(engine)
+        if cp not in at:
+            at[cp] = (await built(f"until-{cp}.db", until=cp))[1]
+        assert digest == at[cp], f"await point {n}: inconsistent at checkpoint {cp}"
+
+        # and a projector started again resumes to the digest of a fresh build
+        again = Projector(store, engine, views=views, batch=3)
+        try:
+            assert await again.catch_up() == last
+        finally:
+            again.close()
+        assert (await store_digest(engine))[1] == full
+        await engine.dispose()
+        return step, start_points
+
+    # Every await point after start-up (reading and writing the batches),
+    # and a sample of the start-up's own (one per database statement).
+    step, start_points = await trial(10**6)
+    assert start_points is not None and step.count > start_points
+    sample = set(range(1, start_points - 10, 40))
+    for n in sorted(sample):
+        await trial(n)
+    n, points = start_points - 10, None
+    while points is None:
+        assert n <= start_points + 300, "a few batches should not take 300 awaits"
+        step, _ = await trial(n)
+        if not step.fired or step.count < n:
+            points = step.count
+        n += 1
+
+    # the trials covered every batch (each waits at least once for the log)
+    assert points - start_points >= last // 3, f"{points} await points, start-up {start_points}"
+    assert len(at) >= 3, f"cancels should land before, between and after batches: {sorted(at)}"
 
 
 @pytest.mark.parametrize("waking", [False, True], ids=["while-waiting", "as-the-wait-ends"])
