@@ -10,8 +10,10 @@ one nats-server (``EmbeddedNats``, as the foundation benchmark):
 3. ``projections rebuild`` into a fresh SQLite file (``build_store``, what
    the CLI runs) in a CHILD process, which reports its own peak RSS
    (VmHWM) plus its writer process's: the generator's memory does not
-   count. The same into a fresh
-   PostgreSQL database (``LocalPostgres``). Both stores' digests must agree.
+   count. The same into another SQLite file reading through nats-py's
+   public ordered consumer (``reader.OrderedReader``, the fallback when the
+   fast reader refuses the installed nats-py), and into a fresh
+   PostgreSQL database (``LocalPostgres``). All stores' digests must agree.
 4. Time travel: the rebuilt file becomes the live store (as after a swap),
    a live projector with snapshots every 10,000 events follows a further
    tail of the workload, and ``q.tenants`` with ``Stratus-At`` 1,000 events
@@ -236,14 +238,22 @@ async def _generate(store: EventStore, workload: Workload, n: int, report: Repor
 # -- rebuilds ------------------------------------------------------------------------
 
 
-def _child_cmd(url: str, target: str, n: int) -> list[str]:
-    return [sys.executable, "-m", "stratus.ops.bench.projections", "--child", url, target, str(n)]
+def _child_cmd(url: str, target: str, n: int, reader: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "stratus.ops.bench.projections", "--child"),
+        *(url, target, str(n), reader),
+    ]
 
 
-async def _child_rebuild(url: str, target: str, n: int, max_s: float) -> dict[str, Any]:
-    """Run one rebuild in a child process; its JSON line (events, seconds, RSS)."""
+async def _child_rebuild(
+    url: str, target: str, n: int, max_s: float, reader: str = "fast"
+) -> dict[str, Any]:
+    """Run one rebuild in a child process; its JSON line (events, seconds, RSS).
+
+    ``reader``: ``fast`` (what a service gets) or ``public`` (nats-py's
+    ordered consumer, the fallback for a nats-py the fast reader refuses)."""
     proc = await asyncio.create_subprocess_exec(
-        *_child_cmd(url, target, n),
+        *_child_cmd(url, target, n, reader),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -300,6 +310,31 @@ async def _rebuilds(
         lite.note = f"checkpoint {seq}, want {n}"
     report.info["sqlite_store"] = {"path": str(lite_path), "seq": seq}
     report.info["sqlite_bytes"] = lite_path.stat().st_size
+    public_path = tmp / "projections.public.db"
+    child = await _child_rebuild(url, str(public_path), n, opts.phase_seconds, "public")
+    public = compare(
+        Result(
+            f"projections rebuild of {n:,} into SQLite, public reader",
+            child["events"],
+            child["seconds"],
+            note=_rss_note(child),
+        ),
+        raw,
+        label="raw read",
+    )
+    engine = make_engine(sqlite_url(public_path))
+    try:
+        public_seq, public_digest = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    if public_seq != n or public_digest != lite_digest:
+        public.errors += 1
+        public.note = (
+            f"checkpoint {public_seq} (want {n}); digest equal: {public_digest == lite_digest}"
+        )
+    else:
+        public.note += ", digest equals the fast reader's"
+    report.results += [public, _rss_row("SQLite rebuild, public reader", child)]
     if not opts.postgres:
         return
     server = LocalPostgres()
@@ -355,12 +390,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _child(url: str, target: str, n: int) -> dict[str, Any]:
+async def _child(url: str, target: str, n: int, reader: str) -> dict[str, Any]:
     """In the child: the rebuild ``stratus projections rebuild`` runs."""
     from stratus.projections.projector import Projector
     from stratus.projections.rebuild import build_store
 
-    store = await EventStore.connect(url)
+    store = await EventStore.connect(url, fast=reader == "fast")
     try:
         if "://" not in target:
             built = await build_store(store, Path(target))
@@ -390,8 +425,8 @@ async def _child(url: str, target: str, n: int) -> dict[str, Any]:
 
 
 def child_main(argv: list[str]) -> int:
-    url, target, n = argv[0], argv[1], int(argv[2])
-    out = asyncio.run(_child(url, target, n))
+    url, target, n, reader = argv[0], argv[1], int(argv[2]), argv[3]
+    out = asyncio.run(_child(url, target, n, reader))
     # Every process of the rebuild counts: the writer's peak is added (a
     # bound: the two peaks need not coincide).
     helper = out.pop("helper_rss_mb", 0.0)
