@@ -42,7 +42,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from stratus.events.catalog import CODEC
-from stratus.events.errors import Internal, StratusError, Unavailable
+from stratus.events.errors import Internal, Invalid, StratusError, Unavailable
 from stratus.events.model import Codec, Event
 
 SUBJECTS = "ev.>"
@@ -119,6 +119,11 @@ def broker_error(exc: BaseException) -> StratusError:
     return Unavailable(f"event store error: {type(exc).__name__}: {exc}")
 
 
+def _under_log(subject: str) -> bool:
+    tokens = subject.split(".")
+    return len(tokens) > 1 and tokens[0] == "ev" and all(tokens) and ">" not in tokens[:-1]
+
+
 class LogReader(ABC):
     """One read of the log (see the module docstring for the contract).
 
@@ -143,6 +148,8 @@ class LogReader(ABC):
         follow: bool = False,
         high_water: int | None = None,
     ) -> None:
+        if not subjects or any(not _under_log(s) for s in subjects):
+            raise Invalid(f"a read takes subject filters under {SUBJECTS}, got {list(subjects)}")
         self.source = source
         self.next_seq = after + 1
         self.until_seq = until if isinstance(until, int) else None

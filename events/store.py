@@ -48,8 +48,6 @@ from stratus.events.reader import (
     broker_error,
 )
 
-__all__ = ["SUBJECTS", "EventStore", "LogReader", "Recorded", "Until", "connect_nats"]
-
 STREAM = "EVENTS"
 MAX_BATCH = 1000
 # A retried command must land inside the window to be recognised as a retry.

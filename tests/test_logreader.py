@@ -15,6 +15,8 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
+from stratus.events import fastread
+from stratus.events.errors import Invalid
 from stratus.events.fastread import FastConnection, FastReader
 from stratus.events.reader import LogReader, OrderedReader
 from stratus.events.store import STREAM, Condition, EventStore
@@ -39,6 +41,8 @@ QUICK = {"fast": QuickFast, "public": QuickPublic}
 
 
 async def _open(url: str, kind: str) -> EventStore:
+    if kind == "fast" and (reason := fastread.unsupported()):
+        pytest.fail(f"the fast reader refuses the installed nats-py: {reason}", pytrace=False)
     store = await EventStore.connect(url, fast=kind == "fast")
     # Each reader on the connection it is made for.
     assert isinstance(store.nc, FastConnection) == (kind == "fast")
@@ -189,6 +193,19 @@ async def test_several_subject_filters_and_wildcards(rstore):
     ]
     recs = await bounded(rstore.read_all(after=1, until=5, subjects=["ev.*.tenant.*"]))
     assert [r.seq for r in recs] == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "subjects", [[], ["foo.>"], ["ev"], ["ev..x"], ["ev.>.x"], ["ev.a.>", ">"]]
+)
+async def test_a_filter_outside_the_log_is_invalid_and_reads_nothing(rstore, subjects):
+    await rstore.append([created("acme")])
+    with pytest.raises(Invalid, match=r"subject filters under ev\.>"):
+        await bounded(rstore.read_all(subjects=subjects))
+    with pytest.raises(Invalid):
+        async for _ in rstore.subscribe(subjects=subjects):
+            pass
+    assert await consumers(rstore) == 0
 
 
 async def test_headers_come_back_when_asked_for(rstore):
