@@ -152,32 +152,30 @@ async def _read_back(store: EventStore) -> None:
     assert [r.seq for r in recs] == list(range(1, 31))
 
 
-async def test_an_unknown_nats_py_falls_back_to_the_public_reader_with_a_warning(
-    nats_server, monkeypatch
-):
-    monkeypatch.setattr(fastread, "WRITTEN_FOR", ("0.0.1",))
-    with pytest.warns(RuntimeWarning, match=r"fast log reader is off.*not one it was written"):
-        store = await EventStore.connect(nats_server.url)
+async def _falls_back(url: str, why: str) -> None:
+    """Connecting warns ``why``, and the store reads through the public reader."""
+    with pytest.warns(RuntimeWarning, match=f"fast log reader is off.*{why}"):
+        store = await EventStore.connect(url)
     try:
         assert type(store.nc) is NATS
         assert store.reader is OrderedReader
         await _read_back(store)
     finally:
         await store.close()
+
+
+async def test_an_unknown_nats_py_falls_back_to_the_public_reader_with_a_warning(
+    nats_server, monkeypatch
+):
+    monkeypatch.setattr(fastread, "WRITTEN_FOR", ("0.0.1",))
+    await _falls_back(nats_server.url, "not one it was written for")
 
 
 async def test_a_fast_reader_that_cannot_load_falls_back_too(nats_server, monkeypatch):
     # as if nats-py had moved the parser module: the import fails
     monkeypatch.setitem(sys.modules, "stratus.events.fastread", None)
     monkeypatch.delattr(stratus.events, "fastread")
-    with pytest.warns(RuntimeWarning, match="cannot be loaded"):
-        store = await EventStore.connect(nats_server.url)
-    try:
-        assert type(store.nc) is NATS
-        assert store.reader is OrderedReader
-        await _read_back(store)
-    finally:
-        await store.close()
+    await _falls_back(nats_server.url, "cannot be loaded")
 
 
 async def test_the_written_for_nats_py_gets_the_fast_reader_without_a_warning(nats_server):

@@ -336,35 +336,44 @@ async def test_a_consumer_deleted_mid_read_is_replaced_without_a_gap(rstore, kin
     assert await no_consumers_left(admin)
 
 
+class Follower:
+    """A task following a reader, keeping the sequences it was handed."""
+
+    def __init__(self, reader: LogReader) -> None:
+        self.reader = reader
+        self.got: list[int] = []
+        self.seen = asyncio.Condition()
+        self.task = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for batch in self.reader.batches():
+            async with self.seen:
+                self.got.extend(r.seq for r in batch)
+                self.seen.notify_all()
+
+    async def until(self, n: int, seconds: float = 20) -> None:
+        async with self.seen:
+            await asyncio.wait_for(self.seen.wait_for(lambda: len(self.got) >= n), seconds)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 async def test_a_follower_survives_a_deleted_consumer_while_idle(rstore, kind, connect_store):
     await append_singles(rstore, "old", 3)
     admin = await connect_store()
-    reader = make_reader(rstore, kind, quick=True, follow=True)
-    got: list[int] = []
-    seen = asyncio.Condition()
-
-    async def follow():
-        async for batch in reader.batches():
-            async with seen:
-                got.extend(r.seq for r in batch)
-                seen.notify_all()
-
-    async def until_count(n: int) -> None:
-        async with seen:
-            await asyncio.wait_for(seen.wait_for(lambda: len(got) >= n), 15)
-
-    task = asyncio.create_task(follow())
+    follower = Follower(make_reader(rstore, kind, quick=True, follow=True))
     try:
-        await until_count(3)
+        await follower.until(3)
         assert await delete_consumers(admin) == 1
         await append_singles(admin, "new", 3)
-        await until_count(6)
+        await follower.until(6)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert got == [1, 2, 3, 4, 5, 6]
-    assert reader.starts >= 2
+        await follower.stop()
+    assert follower.got == [1, 2, 3, 4, 5, 6]
+    assert follower.reader.starts >= 2
     assert await no_consumers_left(admin)
 
 
@@ -373,23 +382,9 @@ async def test_a_follower_survives_a_server_restart(nats_server, kind):
     try:
         await store.ensure_stream()
         await append_singles(store, "old", 5)
-        reader = make_reader(store, kind, quick=True, follow=True, after=2)
-        got: list[int] = []
-        seen = asyncio.Condition()
-
-        async def follow():
-            async for batch in reader.batches():
-                async with seen:
-                    got.extend(r.seq for r in batch)
-                    seen.notify_all()
-
-        async def until_count(n: int) -> None:
-            async with seen:
-                await asyncio.wait_for(seen.wait_for(lambda: len(got) >= n), 20)
-
-        task = asyncio.create_task(follow())
+        follower = Follower(make_reader(store, kind, quick=True, follow=True, after=2))
         try:
-            await until_count(3)
+            await follower.until(3)
             # when the broker restarts (same port and store; consumers are gone)
             port = int(nats_server.url.rsplit(":", 1)[1])
             nats_server.stop()
@@ -398,14 +393,12 @@ async def test_a_follower_survives_a_server_restart(nats_server, kind):
             await asyncio.wait_for(_until_connected(store.nc), 15)
             # and events land after it
             await append_singles(store, "new", 4)
-            await until_count(7)
+            await follower.until(7)
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await follower.stop()
         # then the follower has every event once, in order
-        assert got == [3, 4, 5, 6, 7, 8, 9]
-        assert reader.starts >= 2
+        assert follower.got == [3, 4, 5, 6, 7, 8, 9]
+        assert follower.reader.starts >= 2
     finally:
         await store.close()
 

@@ -286,54 +286,25 @@ async def _rebuilds(
     )
     report.results.append(raw)
     lite_path = tmp / "projections.rebuilt.db"
-    child = await _child_rebuild(url, str(lite_path), n, opts.phase_seconds)
-    lite = compare(
-        Result(
-            f"projections rebuild of {n:,} into SQLite",
-            child["events"],
-            child["seconds"],
-            note=_rss_note(child),
-        ),
-        raw,
-        target=0.5,
-        label="raw read",
+    lite, child, lite_digest = await _checked_rebuild(
+        url, str(lite_path), sqlite_url(lite_path), "SQLite", n, raw, None, opts, target_ratio=0.5
     )
-    report.results.append(lite)
-    report.results.append(_rss_row("SQLite rebuild", child))
-    engine = make_engine(sqlite_url(lite_path))
-    try:
-        seq, lite_digest = await store_digest(engine)
-    finally:
-        await engine.dispose()
-    if seq != n:
-        lite.errors += 1
-        lite.note = f"checkpoint {seq}, want {n}"
-    report.info["sqlite_store"] = {"path": str(lite_path), "seq": seq}
+    report.results += [lite, _rss_row("SQLite rebuild", child)]
+    report.info["sqlite_store"] = {"path": str(lite_path), "seq": n}
     report.info["sqlite_bytes"] = lite_path.stat().st_size
     public_path = tmp / "projections.public.db"
-    child = await _child_rebuild(url, str(public_path), n, opts.phase_seconds, "public")
-    public = compare(
-        Result(
-            f"projections rebuild of {n:,} into SQLite, public reader",
-            child["events"],
-            child["seconds"],
-            note=_rss_note(child),
-        ),
+    public, child, _ = await _checked_rebuild(
+        url,
+        str(public_path),
+        sqlite_url(public_path),
+        "SQLite, public reader",
+        n,
         raw,
-        label="raw read",
+        lite_digest,
+        opts,
+        reader="public",
+        same_as="the fast reader's",
     )
-    engine = make_engine(sqlite_url(public_path))
-    try:
-        public_seq, public_digest = await store_digest(engine)
-    finally:
-        await engine.dispose()
-    if public_seq != n or public_digest != lite_digest:
-        public.errors += 1
-        public.note = (
-            f"checkpoint {public_seq} (want {n}); digest equal: {public_digest == lite_digest}"
-        )
-    else:
-        public.note += ", digest equals the fast reader's"
     report.results += [public, _rss_row("SQLite rebuild, public reader", child)]
     if not opts.postgres:
         return
@@ -341,31 +312,57 @@ async def _rebuilds(
     await asyncio.to_thread(server.start)
     try:
         pg_url = await server.create_database("bench")
-        child = await _child_rebuild(url, pg_url, n, opts.phase_seconds)
-        pg = compare(
-            Result(
-                f"projections rebuild of {n:,} into PostgreSQL",
-                child["events"],
-                child["seconds"],
-                note=_rss_note(child),
-            ),
-            raw,
-            label="raw read",
+        pg, child, _ = await _checked_rebuild(
+            url, pg_url, pg_url, "PostgreSQL", n, raw, lite_digest, opts, same_as="SQLite's"
         )
-        engine = make_engine(pg_url)
-        try:
-            pg_seq, pg_digest = await store_digest(engine)
-        finally:
-            await engine.dispose()
-        if pg_seq != n or pg_digest != lite_digest:
-            pg.errors += 1
-            same = pg_digest == lite_digest
-            pg.note = f"checkpoint {pg_seq} (want {n}); digest equal to SQLite's: {same}"
-        else:
-            pg.note += ", digest equals SQLite's"
         report.results += [pg, _rss_row("PostgreSQL rebuild", child)]
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def _checked_rebuild(
+    url: str,
+    target: str,
+    engine_url: str,
+    into: str,
+    n: int,
+    raw: Result,
+    want_digest: str | None,
+    opts: Options,
+    *,
+    reader: str = "fast",
+    same_as: str = "",
+    target_ratio: float | None = None,
+) -> tuple[Result, dict[str, Any], str]:
+    """A rebuild in a child process, as a ratio of the raw read, with its
+    store's checkpoint checked (and its digest against ``want_digest``);
+    the result, the child's report and the digest."""
+    child = await _child_rebuild(url, target, n, opts.phase_seconds, reader)
+    r = compare(
+        Result(
+            f"projections rebuild of {n:,} into {into}",
+            child["events"],
+            child["seconds"],
+            note=_rss_note(child),
+        ),
+        raw,
+        target=target_ratio,
+        label="raw read",
+    )
+    engine = make_engine(engine_url)
+    try:
+        seq, digest = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    if seq != n:
+        r.errors += 1
+        r.note = f"checkpoint {seq}, want {n}"
+    elif want_digest is not None and digest != want_digest:
+        r.errors += 1
+        r.note = f"digest differs from {same_as}"
+    elif want_digest is not None:
+        r.note += f", digest equals {same_as}"
+    return r, child, digest
 
 
 def _rss_row(what: str, child: dict[str, Any]) -> Result:
