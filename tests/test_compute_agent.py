@@ -22,6 +22,7 @@ from stratus.tests.compute_helpers import (
     TENANT,
     cause,
     cleanup,
+    host_action,
     make_agent,
     owned,
     place,
@@ -36,17 +37,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 async def action(store, host, sid, what, **kw):
-    ev = cause().make(
-        HostServerAction,
-        SYSTEM,
-        "host",
-        host,
-        server=sid,
-        server_tenant=TENANT,
-        action=what,
-        **kw,
-    )
-    await store.append([ev])
+    await store.append([host_action(host, sid, what, **kw)])
 
 
 async def test_claim_builds_a_running_domain_on_an_overlay(store, tmp_path):

@@ -17,14 +17,15 @@ import time
 import pytest
 
 from stratus.agents.compute.agent import consumer_name, host_subject
-from stratus.events.compute import HostServerAction
-from stratus.events.resources import SYSTEM, ServerBuilding, ServerDeleting
+from stratus.events.model import Cause
+from stratus.events.resources import ServerBuilding, ServerDeleting
 from stratus.events.scheduling import HostClaimed, ServerBuildTimeout
 from stratus.events.store import STREAM, Condition
 from stratus.tests.compute_helpers import (
     TENANT,
     cause,
     cleanup,
+    host_action,
     make_agent,
     owned,
     place,
@@ -62,21 +63,11 @@ async def settled(store, host: str, timeout: float = 20.0) -> None:
 
 async def delete(store, host: str, sid: str) -> None:
     """``server delete`` of a placed server, as the command handler appends it."""
-    c = cause()
-    await store.append(
-        [
-            c.make(ServerDeleting, TENANT, "server", sid),
-            c.make(
-                HostServerAction,
-                SYSTEM,
-                "host",
-                host,
-                server=sid,
-                server_tenant=TENANT,
-                action="delete",
-            ),
-        ]
+    ask = host_action(host, sid, "delete")
+    deleting = Cause(ask.actor, ask.correlation_id, ask.causation_id).make(
+        ServerDeleting, TENANT, "server", sid
     )
+    await store.append([deleting, ask])
 
 
 async def stopped_agent(store, host, tmp_path):
