@@ -113,6 +113,7 @@ def make_agent(
     vm: bool = True,
     containers: bool = False,
     reconcile_interval: float = 3600,
+    spec: HostSpec | None = None,
 ) -> ComputeAgent:
     data = tmp / host
     return ComputeAgent(
@@ -120,7 +121,7 @@ def make_agent(
         host,
         data_dir=data,
         image_store=tmp / "images",
-        spec=HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
+        spec=spec or HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
         vm=LibvirtDriver("test:///default", host) if vm else None,
         containers=ContainerDriver(host, data / "containers") if containers else None,
         reconcile_interval=reconcile_interval,

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from stratus.agents.compute import images
+from stratus.agents.compute.agent import HostSpec
 from stratus.agents.compute.domain import NS, domain_name
 from stratus.events.compute import HostServerAction
 from stratus.events.heartbeat import Liveness
@@ -291,17 +292,24 @@ async def test_an_event_naming_no_valid_server_touches_nothing(store, tmp_path):
         sid = await place(store, host)
         await wait_for(store, sid, "server.running")
         seq = await store.last_seq()
-        bad = cause().make(
-            HostServerAction,
-            SYSTEM,
-            "host",
-            host,
-            server="../../../etc",
-            server_tenant=TENANT,
-            action="delete",
-        )
+        bad = host_action(host, "../../../etc", "delete")
         await agent.handle(bad)
         assert await store.last_seq() == seq
+        assert owned(agent) == {sid: "running"}
+        assert "../../../etc" not in agent.desired.instances
+        # The same from the log: skipped by the consumer and by a restart's
+        # fold, and no obstacle to the restarted agent's registration.
+        await store.append([bad])
+        first = agent
+        await first.stop()
+        agent = make_agent(
+            store, host, tmp_path, containers=True, spec=HostSpec(vcpus=8, ram_mb=4096, disk_gb=50)
+        )
+        await agent.start()
+        # (closed only now: the test driver forgets its domains with its last connection)
+        first.close()
+        evs = [r.decode() for r in await store.read_all(subjects=[f"ev.{SYSTEM}.host.{host}"])]
+        assert types(evs)[-1] == "host.updated" and evs[-1].vcpus == 8
         assert owned(agent) == {sid: "running"}
         assert "../../../etc" not in agent.desired.instances
     finally:

@@ -74,7 +74,7 @@ from stratus.events.resources import (
     ServerRunning,
     ServerStopped,
 )
-from stratus.events.scheduling import HEARTBEAT_INTERVAL, ServerBuildFailed
+from stratus.events.scheduling import HEARTBEAT_INTERVAL, HostClaimed, ServerBuildFailed
 from stratus.events.store import STREAM, Condition, EventStore
 
 log = structlog.get_logger("stratus.compute")
@@ -287,9 +287,13 @@ class ComputeAgent:
             try:
                 event = rec.decode(self.store.codec)
             except Exception:
-                continue  # a foreign writer's bytes: not ours to act on
-            if acceptable(event):
+                event = None  # a foreign writer's bytes: not ours to act on
+            if event is not None and acceptable(event):
                 fold(d, event, rec.seq)
+            else:
+                # Skipped, but read: the subject's position (what a
+                # registration is conditioned on) moves past it all the same.
+                d.seq = max(d.seq, rec.seq)
 
     async def register(self) -> None:
         """``host.registered`` the first time, ``host.updated`` on a change."""
@@ -700,7 +704,7 @@ class ComputeAgent:
 
     # -- the host ---------------------------------------------------------------------
 
-    def instance(self, claim: Any, want: Want | None = None) -> InstanceSpec:
+    def instance(self, claim: HostClaimed, want: Want | None = None) -> InstanceSpec:
         volumes = {v: str(self.volumes / f"{v}.qcow2") for v in (want.volumes if want else {})}
         return check(
             InstanceSpec(
@@ -750,7 +754,7 @@ class ComputeAgent:
                 out[server] = (it, state)
         return out
 
-    async def _image(self, claim: Any) -> ImageCreated | None:
+    async def _image(self, claim: HostClaimed) -> ImageCreated | None:
         """The image's ``image.created`` (tenant's or public), read once and kept."""
         if claim.image in self._images:
             return self._images[claim.image]
