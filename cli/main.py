@@ -573,7 +573,7 @@ def _because(row: dict) -> str:
     if row["type"] == "server.scheduled":
         head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
         return head + (f" ({removed})" if removed else "")
-    if row["type"] in ("server.failed", "server.build-failed"):
+    if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
         return str(data.get("reason", ""))
     if row["type"] == "host.claimed":
         return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
