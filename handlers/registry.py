@@ -18,7 +18,9 @@ class Handler(msgspec.Struct, frozen=True):
     guards the verb, and ``tenant_of`` the tenant whose resource the command
     touches (None for cloud-wide ones). ``prepare(command, caller, service)``,
     if given, runs first and may read other state or do slow work (hashing a
-    password) off the decision; it returns what ``decide`` gets. ``boundary``
+    password) off the decision; it returns what ``decide`` gets. A hook that
+    only reads cloud-wide objects is written against the narrow
+    ``handlers.lookup.Lookup`` and wrapped with ``with_lookup``. ``boundary``
     names the subject (or filter) whose state the decision reads and whose
     last sequence the append is conditioned on; ``decide(state, command,
     cause)`` is pure and either returns the events or raises a
