@@ -56,12 +56,11 @@ from stratus.events.model import Cause, Event
 from stratus.events.store import Condition
 from stratus.events.tenants import TenantCreate
 from stratus.handlers import tenants
+from stratus.handlers.keyring import DEFAULT_TTL_S, KeyRing
 from stratus.handlers.passwords import hash_password, verify_password
 from stratus.handlers.rbac import BUILT_IN_ROLES, TRUSTED, Caller, grantable
 from stratus.handlers.registry import Handler, Special
-from stratus.handlers.tokens import KeyRing
 
-DEFAULT_TTL_S = 8 * 3600
 # No token lives longer: a revocation whose token's expiry is unknown (an
 # admin revoking another user's token by id) is kept this long.
 MAX_TTL_S = 24 * 3600
