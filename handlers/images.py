@@ -9,24 +9,14 @@ from __future__ import annotations
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.resources import SYSTEM, ImageCreate, ImageCreated, ImageDeleted, RefCommand
-from stratus.handlers.inventory import unique, unused_name
+from stratus.handlers.inventory import carried, unique, unused_name
 from stratus.handlers.records import Image
 from stratus.handlers.world import Aggregate, World, live_tenant
 
 
 def _created(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, visibility: str) -> Event:
-    return cause.make(
-        ImageCreated,
-        tenant,
-        "image",
-        iid,
-        name=cmd.name,
-        format=cmd.format,
-        size_bytes=cmd.size_bytes,
-        checksum=cmd.checksum,
-        visibility=visibility,
-        min_disk_gb=cmd.min_disk_gb,
-    )
+    fields = carried(cmd, ImageCreated)
+    return cause.make(ImageCreated, tenant, "image", iid, visibility=visibility, **fields)
 
 
 def decide_image_create(w: World, cmd: ImageCreate, cause: Cause) -> list[Event]:

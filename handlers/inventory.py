@@ -9,14 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
+
 from stratus.events.compute import HostServerAction
 from stratus.events.errors import AlreadyExists, Conflict, NotFound
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.resources import SYSTEM, RefCommand
 from stratus.handlers import quota
-from stratus.handlers.records import R, Server
+from stratus.handlers.records import R, Server, shared_fields
 from stratus.handlers.world import Aggregate, Table, World, live_tenant
+
+
+def carried(cmd: msgspec.Struct, event: type[Event]) -> dict[str, Any]:
+    """What the command asked, as the event records it: the command's fields
+    the event has under the same names."""
+    return {f: getattr(cmd, f) for f in shared_fields(event, type(cmd))}
 
 
 def unique(table: Table[Any], name: str) -> None:

@@ -57,6 +57,11 @@ from stratus.handlers.world import Aggregate, World, live_tenant
 SEGMENT_POOL = SEGMENT_POOL_SUBJECT.rsplit(".", 1)[1]
 
 
+def segment_pool(cmd: NetworkCreate) -> str:
+    """The subject a network create also decides on: the segment pool."""
+    return SEGMENT_POOL_SUBJECT
+
+
 def _free_vni(pool: Aggregate | None) -> int:
     taken = pool.allocated if pool is not None else {}
     for vni in range(VNI_FIRST, min(VNI_LAST, VNI_FIRST + len(taken)) + 1):

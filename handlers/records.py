@@ -215,11 +215,16 @@ RECORDS: dict[str, type[Record]] = {cls.kind: cls for cls in Record.__subclasses
 # -- folding ---------------------------------------------------------------------------
 
 
+def _fields(cls: type[msgspec.Struct]) -> tuple[str, ...]:
+    return cls.payload_fields() if issubclass(cls, Event) else cls.__struct_fields__
+
+
 @cache
-def shared_fields(record: type[msgspec.Struct], event: type[Event]) -> tuple[str, ...]:
-    """The event's payload fields the record keeps."""
-    own = set(record.__struct_fields__)
-    return tuple(f for f in event.payload_fields() if f in own)
+def shared_fields(target: type[msgspec.Struct], source: type[msgspec.Struct]) -> tuple[str, ...]:
+    """The fields of ``source`` that ``target`` has too (an event's own
+    fields: its envelope is never carried)."""
+    own = set(_fields(target))
+    return tuple(f for f in _fields(source) if f in own)
 
 
 def begin(record: type[R], event: Event, **extra: Any) -> R:

@@ -21,36 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from stratus.events.model import Event
-from stratus.events.network import SEGMENT_POOL_SUBJECT
 from stratus.events.resources import (
+    COMMANDS,
     QUOTA_DEFAULTS,
-    FlavorCreate,
-    FlavorDelete,
-    FloatingIpAssociate,
-    FloatingIpCreate,
-    HostRegister,
-    HostRemove,
-    HostSetEnabled,
-    ImageCreate,
-    NetworkCreate,
-    PortCreate,
-    PortSet,
-    QosPolicyCreate,
-    QuotaSetCommand,
-    RefCommand,
-    RouterCreate,
-    RouterInterface,
-    SecurityGroupCreate,
-    SecurityGroupRuleAdd,
-    SecurityGroupRuleRemove,
-    ServerCreate,
-    ServerGroupCreate,
     ServerRebootRequested,
     ServerStartRequested,
     ServerStopRequested,
-    SubnetCreate,
-    VolumeAttach,
-    VolumeCreate,
 )
 from stratus.handlers import (
     images,
@@ -126,10 +102,12 @@ def tenant_handler(
     )
 
 
-def _on_system(verb: str, command: type, kind: str, decide: Any, **kw: Any) -> Handler:
+def _on_system(verb: str, decide: Any, **kw: Any) -> Handler:
+    """A verb decided on one cloud-wide object, ``ev._system.<kind>.<name>``."""
+    kind = verb.split(".")[0]
     return Handler(
         verb=verb,
-        command=command,
+        command=COMMANDS[verb],
         permission=verb,
         boundary=lambda c: system_subject(kind, c.name),
         initial=Aggregate,
@@ -138,11 +116,6 @@ def _on_system(verb: str, command: type, kind: str, decide: Any, **kw: Any) -> H
         view=_aggregate_view,
         **kw,
     )
-
-
-def _pool(subject: Callable[[Any], str | None]) -> dict[str, Any]:
-    """``also``: the decision takes from a cloud-wide pool on ``subject``."""
-    return {"also": subject, "also_initial": Aggregate, "also_fold": fold_aggregate}
 
 
 def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
@@ -155,98 +128,64 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
     def world() -> World:
         return World(quota_defaults)
 
-    def _in_tenant(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
-        return tenant_handler(verb, command, decide, world, **kw)
+    def _in_tenant(verb: str, decide: Any, **kw: Any) -> Handler:
+        if "also" in kw:
+            # ``also`` names the subject of a cloud-wide pool the decision
+            # takes from (a VNI, an address): its state is an aggregate.
+            kw.update(also_initial=Aggregate, also_fold=fold_aggregate)
+        return tenant_handler(verb, COMMANDS[verb], decide, world, **kw)
 
     return [
-        _on_system("host.register", HostRegister, "host", system.decide_host_register),
-        _on_system("host.enable", HostSetEnabled, "host", system.host_switch(True)),
-        _on_system("host.disable", HostSetEnabled, "host", system.host_switch(False)),
-        _on_system("host.remove", HostRemove, "host", system.decide_host_remove),
-        _on_system("flavor.create", FlavorCreate, "flavor", system.decide_flavor_create),
-        _on_system("flavor.delete", FlavorDelete, "flavor", system.decide_flavor_delete),
-        _on_system("image.create-public", ImageCreate, "image", images.decide_public_image_create),
-        _on_system(
-            "network.create-external",
-            NetworkCreate,
-            "network",
-            routers.decide_external_network_create,
-        ),
-        _in_tenant("image.create", ImageCreate, images.decide_image_create),
-        _in_tenant("image.delete", RefCommand, images.decide_image_delete),
+        _on_system("host.register", system.decide_host_register),
+        _on_system("host.enable", system.host_switch(True)),
+        _on_system("host.disable", system.host_switch(False)),
+        _on_system("host.remove", system.decide_host_remove),
+        _on_system("flavor.create", system.decide_flavor_create),
+        _on_system("flavor.delete", system.decide_flavor_delete),
+        _on_system("image.create-public", images.decide_public_image_create),
+        _on_system("network.create-external", routers.decide_external_network_create),
+        _in_tenant("image.create", images.decide_image_create),
+        _in_tenant("image.delete", images.decide_image_delete),
         _in_tenant(
             "server.create",
-            ServerCreate,
             servers.decide_server_create,
             prepare=with_lookup(servers.prepare_server),
         ),
-        _in_tenant("server.delete", RefCommand, servers.decide_server_delete),
-        _in_tenant(
-            "server.stop", RefCommand, servers.power(ServerStopRequested, {"running"}, "stop")
-        ),
-        _in_tenant(
-            "server.start", RefCommand, servers.power(ServerStartRequested, {"stopped"}, "start")
-        ),
-        _in_tenant(
-            "server.reboot", RefCommand, servers.power(ServerRebootRequested, {"running"}, "reboot")
-        ),
-        _in_tenant("server-group.create", ServerGroupCreate, servers.decide_server_group_create),
-        _in_tenant("server-group.delete", RefCommand, servers.decide_server_group_delete),
-        _in_tenant("volume.create", VolumeCreate, volumes.decide_volume_create),
-        _in_tenant("volume.delete", RefCommand, volumes.decide_volume_delete),
-        _in_tenant("volume.attach", VolumeAttach, volumes.decide_volume_attach),
-        _in_tenant("volume.detach", VolumeAttach, volumes.decide_volume_detach),
-        _in_tenant(
-            "network.create",
-            NetworkCreate,
-            networks.decide_network_create,
-            **_pool(lambda c: SEGMENT_POOL_SUBJECT),
-        ),
-        _in_tenant("network.delete", RefCommand, networks.decide_network_delete),
-        _in_tenant("subnet.create", SubnetCreate, networks.decide_subnet_create),
-        _in_tenant("subnet.delete", RefCommand, networks.decide_subnet_delete),
-        _in_tenant("port.create", PortCreate, networks.decide_port_create),
-        _in_tenant("port.delete", RefCommand, networks.decide_port_delete),
-        _in_tenant("port.set", PortSet, networks.decide_port_set),
-        _in_tenant("qos-policy.create", QosPolicyCreate, networks.decide_qos_create),
-        _in_tenant("qos-policy.delete", RefCommand, networks.decide_qos_delete),
+        _in_tenant("server.delete", servers.decide_server_delete),
+        _in_tenant("server.stop", servers.power(ServerStopRequested, {"running"}, "stop")),
+        _in_tenant("server.start", servers.power(ServerStartRequested, {"stopped"}, "start")),
+        _in_tenant("server.reboot", servers.power(ServerRebootRequested, {"running"}, "reboot")),
+        _in_tenant("server-group.create", servers.decide_server_group_create),
+        _in_tenant("server-group.delete", servers.decide_server_group_delete),
+        _in_tenant("volume.create", volumes.decide_volume_create),
+        _in_tenant("volume.delete", volumes.decide_volume_delete),
+        _in_tenant("volume.attach", volumes.decide_volume_attach),
+        _in_tenant("volume.detach", volumes.decide_volume_detach),
+        _in_tenant("network.create", networks.decide_network_create, also=networks.segment_pool),
+        _in_tenant("network.delete", networks.decide_network_delete),
+        _in_tenant("subnet.create", networks.decide_subnet_create),
+        _in_tenant("subnet.delete", networks.decide_subnet_delete),
+        _in_tenant("port.create", networks.decide_port_create),
+        _in_tenant("port.delete", networks.decide_port_delete),
+        _in_tenant("port.set", networks.decide_port_set),
+        _in_tenant("qos-policy.create", networks.decide_qos_create),
+        _in_tenant("qos-policy.delete", networks.decide_qos_delete),
         _in_tenant(
             "router.create",
-            RouterCreate,
             routers.decide_router_create,
             prepare=with_lookup(routers.prepare_router),
-            # A gateway takes an address from the external network's pool.
-            **_pool(
-                lambda p: (
-                    system_subject("network", p.cmd.external_network)
-                    if p.cmd.external_network
-                    else None
-                )
-            ),
+            also=routers.gateway_pool,
         ),
-        _in_tenant("router.delete", RefCommand, routers.decide_router_delete),
-        _in_tenant("router.add-subnet", RouterInterface, routers.decide_router_add_subnet),
-        _in_tenant("router.remove-subnet", RouterInterface, routers.decide_router_remove_subnet),
-        _in_tenant(
-            "floating-ip.create",
-            FloatingIpCreate,
-            routers.decide_fip_create,
-            # Takes an address from the external network's pool, which
-            # every tenant shares: conditioned on the pool's subject too.
-            **_pool(lambda c: system_subject("network", c.network)),
-        ),
-        _in_tenant("floating-ip.delete", RefCommand, routers.decide_fip_delete),
-        _in_tenant("floating-ip.associate", FloatingIpAssociate, routers.decide_fip_associate),
-        _in_tenant("floating-ip.disassociate", RefCommand, routers.decide_fip_disassociate),
-        _in_tenant("security-group.create", SecurityGroupCreate, security_groups.decide_sg_create),
-        _in_tenant("security-group.delete", RefCommand, security_groups.decide_sg_delete),
-        _in_tenant(
-            "security-group.rule-add", SecurityGroupRuleAdd, security_groups.decide_sg_rule_add
-        ),
-        _in_tenant(
-            "security-group.rule-remove",
-            SecurityGroupRuleRemove,
-            security_groups.decide_sg_rule_remove,
-        ),
-        _in_tenant("quota.set", QuotaSetCommand, quota.decide_quota_set),
+        _in_tenant("router.delete", routers.decide_router_delete),
+        _in_tenant("router.add-subnet", routers.decide_router_add_subnet),
+        _in_tenant("router.remove-subnet", routers.decide_router_remove_subnet),
+        _in_tenant("floating-ip.create", routers.decide_fip_create, also=routers.address_pool),
+        _in_tenant("floating-ip.delete", routers.decide_fip_delete),
+        _in_tenant("floating-ip.associate", routers.decide_fip_associate),
+        _in_tenant("floating-ip.disassociate", routers.decide_fip_disassociate),
+        _in_tenant("security-group.create", security_groups.decide_sg_create),
+        _in_tenant("security-group.delete", security_groups.decide_sg_delete),
+        _in_tenant("security-group.rule-add", security_groups.decide_sg_rule_add),
+        _in_tenant("security-group.rule-remove", security_groups.decide_sg_rule_remove),
+        _in_tenant("quota.set", quota.decide_quota_set),
     ]

@@ -42,7 +42,7 @@ from stratus.handlers.inventory import delete_unused, unique, unused_name
 from stratus.handlers.lookup import Lookup
 from stratus.handlers.networks import new_port
 from stratus.handlers.records import FloatingIp, Network, Port, Router
-from stratus.handlers.world import Aggregate, World, live_tenant
+from stratus.handlers.world import Aggregate, World, live_tenant, system_subject
 
 Pool = Aggregate[Network]
 
@@ -66,6 +66,18 @@ def decide_external_network_create(a: Pool, cmd: NetworkCreate, cause: Cause) ->
             pool_end=r.end,
         )
     ]
+
+
+def address_pool(cmd: FloatingIpCreate) -> str:
+    """The subject a floating IP create also decides on: its network's pool."""
+    return system_subject("network", cmd.network)
+
+
+def gateway_pool(plan: RouterPlan) -> str | None:
+    """A router with an external gateway takes an address from the external
+    network's pool too; one without decides on its tenant alone."""
+    name = plan.cmd.external_network
+    return system_subject("network", name) if name else None
 
 
 def _take(
@@ -223,12 +235,7 @@ def decide_fip_create(
     fid = new_id()
     taken = _take(pool.attrs, pool, t, fid, cause)
     created = cause.make(
-        FloatingIpCreated,
-        t,
-        "floating-ip",
-        fid,
-        address=taken.address,
-        network=cmd.network,
+        FloatingIpCreated, t, "floating-ip", fid, address=taken.address, network=cmd.network
     )
     return [created, taken]
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import msgspec
-
 from stratus.events.model import Cause, Event
 from stratus.events.resources import (
     SYSTEM,
@@ -27,14 +25,13 @@ from stratus.events.resources import (
     HostSetEnabled,
     HostUpdated,
 )
-from stratus.handlers.inventory import existing, unused_name
+from stratus.handlers.inventory import carried, existing, unused_name
 from stratus.handlers.records import Flavor, Host
 from stratus.handlers.world import Aggregate
 
 
 def decide_host_register(a: Aggregate[Host], cmd: HostRegister, cause: Cause) -> list[Event]:
-    spec = {k: v for k, v in msgspec.structs.asdict(cmd).items() if k != "name"}
-    spec["labels"], spec["types"] = dict(cmd.labels), list(cmd.types)
+    spec = carried(cmd, HostUpdated)  # all it says but its name
     if a.attrs is None:
         return [cause.make(HostRegistered, SYSTEM, "host", cmd.name, name=cmd.name, **spec)]
     current = a.attrs
@@ -64,18 +61,7 @@ def decide_host_remove(a: Aggregate[Host], cmd: HostRemove, cause: Cause) -> lis
 
 def decide_flavor_create(a: Aggregate[Flavor], cmd: FlavorCreate, cause: Cause) -> list[Event]:
     unused_name(a, "flavor", cmd.name)
-    return [
-        cause.make(
-            FlavorCreated,
-            SYSTEM,
-            "flavor",
-            cmd.name,
-            name=cmd.name,
-            vcpus=cmd.vcpus,
-            ram_mb=cmd.ram_mb,
-            disk_gb=cmd.disk_gb,
-        )
-    ]
+    return [cause.make(FlavorCreated, SYSTEM, "flavor", cmd.name, **carried(cmd, FlavorCreated))]
 
 
 def decide_flavor_delete(a: Aggregate[Flavor], cmd: FlavorDelete, cause: Cause) -> list[Event]:

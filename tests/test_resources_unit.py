@@ -30,10 +30,17 @@ from stratus.events.resources import (
     SYSTEM,
     AddressAllocated,
     AddressReleased,
+    FlavorCreate,
+    FlavorDelete,
     FloatingIpAssociate,
     FloatingIpAssociated,
     FloatingIpCreate,
     FloatingIpDisassociated,
+    HostRegister,
+    HostRegistered,
+    HostSetEnabled,
+    HostUpdated,
+    ImageCreate,
     NetworkCreate,
     PortCreate,
     PortCreated,
@@ -66,11 +73,13 @@ from stratus.events.resources import (
 from stratus.events.tenants import TenantCreated, TenantDeleted
 from stratus.handlers import (
     addressing,
+    images,
     networks,
     quota,
     routers,
     security_groups,
     servers,
+    system,
     volumes,
 )
 from stratus.handlers.records import (
@@ -931,3 +940,67 @@ def test_floating_ips_over_any_create_delete_sequence_stay_unique_and_in_the_poo
             <= ipaddress.ip_address("203.0.113.11")
             for a in held
         )
+
+
+# -- cloud-wide objects ---------------------------------------------------------------
+
+
+def test_a_host_registers_once_and_updates_only_on_change():
+    host = Aggregate()
+
+    def register(**kw: Any) -> list[Event]:
+        cmd = HostRegister(name="h1", vcpus=8, ram_mb=4096, disk_gb=100, **kw)
+        events = system.decide_host_register(host, cmd, CAUSE)
+        for e in events:
+            fold_aggregate(host, e)
+        return events
+
+    (made,) = register(labels={"ssd": "yes"})
+    assert isinstance(made, HostRegistered)
+    assert (made.vcpus, made.ram_mb, made.labels, made.types) == (
+        8,
+        4096,
+        {"ssd": "yes"},
+        ["vm", "container"],
+    )
+    assert (host.attrs.name, host.attrs.status, host.attrs.labels) == (
+        "h1",
+        "enabled",
+        {"ssd": "yes"},
+    )
+    assert register(labels={"ssd": "yes"}) == []  # an agent restarting with nothing changed
+    (changed,) = register(labels={"ssd": "yes"}, cpu_ratio=2.0)
+    assert isinstance(changed, HostUpdated) and changed.cpu_ratio == 2.0
+    assert host.attrs.cpu_ratio == 2.0
+    off = system.host_switch(False)
+    (disabled,) = off(host, HostSetEnabled(name="h1", reason="maintenance"), CAUSE)
+    fold_aggregate(host, disabled)
+    assert (host.attrs.status, host.attrs.reason) == ("disabled", "maintenance")
+    assert off(host, HostSetEnabled(name="h1"), CAUSE) == []
+
+
+def test_flavors_and_public_images_record_what_was_asked_and_are_never_renamed():
+    flavor = Aggregate()
+    (made,) = system.decide_flavor_create(
+        flavor, FlavorCreate(name="m1", vcpus=2, ram_mb=512, disk_gb=10), CAUSE
+    )
+    assert (made.tenant, made.aggregate.id, made.vcpus, made.ram_mb, made.disk_gb) == (
+        SYSTEM,
+        "m1",
+        2,
+        512,
+        10,
+    )
+    fold_aggregate(flavor, made)
+    fold_aggregate(flavor, system.decide_flavor_delete(flavor, FlavorDelete(name="m1"), CAUSE)[0])
+    with pytest.raises(AlreadyExists, match="names are never reused"):
+        system.decide_flavor_create(flavor, FlavorCreate(name="m1", vcpus=1, ram_mb=1), CAUSE)
+    cmd = ImageCreate(name="cirros", format="raw", size_bytes=5, min_disk_gb=3, public=True)
+    (image,) = images.decide_public_image_create(Aggregate(), cmd, CAUSE)
+    assert (image.name, image.format, image.size_bytes, image.min_disk_gb) == (
+        "cirros",
+        "raw",
+        5,
+        3,
+    )
+    assert (image.visibility, image.tenant) == ("public", SYSTEM)
