@@ -63,3 +63,29 @@ class Special(msgspec.Struct, frozen=True):
     # For a verb on a tenant's resource: the tenant whose roles authorise it
     # (the command's ``tenant``, filled with the caller's when left out).
     tenant_of: Callable[[Any], str | None] | None = None
+
+
+def on_aggregate(
+    subject: Callable[[str], str],
+    initial: Callable[[], Any],
+    fold: Callable[[Any, Event], Any],
+    view: Callable[[Any], Any],
+) -> Callable[..., Handler]:
+    """How to make the verbs decided on one aggregate of a kind (a user, a
+    tenant): ``make(verb, command, field, decide, **kw)`` decides on
+    ``subject(command.<field>)``, guarded by the permission named as the verb."""
+
+    def make(verb: str, command: type[Command], field: str, decide: Any, **kw: Any) -> Handler:
+        return Handler(
+            verb=verb,
+            command=command,
+            permission=verb,
+            boundary=lambda c: subject(getattr(c, field)),
+            initial=initial,
+            fold=fold,
+            decide=decide,
+            view=view,
+            **kw,
+        )
+
+    return make
