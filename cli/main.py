@@ -235,7 +235,7 @@ def serve(
         start_services,
     )
     from stratus.events.store import EventStore
-    from stratus.handlers.tokens import KeyRing
+    from stratus.handlers.keyring import KeyRing
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 

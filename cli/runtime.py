@@ -29,11 +29,12 @@ from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.integrations import WebhookKeys
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
-from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.tokens import Verifier
 from stratus.handlers.webhooks import WebhookService
 from stratus.handlers.webhooks import register_query as register_webhook_query
 from stratus.projections.db import make_engine, sqlite_url

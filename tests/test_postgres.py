@@ -25,8 +25,8 @@ from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated, TenantRenamed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import bootstrap_admin
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.service import CommandService
-from stratus.handlers.tokens import KeyRing
 from stratus.projections import resources
 from stratus.projections.db import make_engine
 from stratus.projections.projector import (

@@ -22,6 +22,7 @@ from stratus.cli.client import Client
 from stratus.events.errors import Conflict, QuotaExceeded
 from stratus.events.ids import new_id
 from stratus.events.store import EventStore
+from stratus.handlers import quota
 from stratus.handlers.world import World, fold
 from stratus.tests.test_cli import cli, login, wait_projected
 from stratus.tests.test_cli import up as up
@@ -110,7 +111,7 @@ async def _usage(c: Client, url: str, tenant: str) -> dict[str, int]:
         world = World()
         for rec in await store.read_all(subjects=[f"ev.{tenant}.>"]):
             fold(world, rec.decode())
-        return world.usage()
+        return quota.usage(world)
     finally:
         await store.close()
 
