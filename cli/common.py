@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import typer
 
@@ -110,3 +110,27 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
             raise typer.Exit(EXIT_USAGE)
         out[k] = v
     return out
+
+
+class Service(NamedTuple):
+    """What ``stratus serve`` runs: ``start(store, engine)`` starts it on a
+    connected event store (and the projection store) and returns what to
+    stop when a signal comes, in order; ``name`` is shown in its ready line."""
+
+    name: str
+    start: Callable[[Any, Any], Awaitable[list[Any]]]
+
+
+def own_options(app: typer.Typer, args: list[str], prog: str, **obj: Any) -> Service:
+    """Run the one command of ``app`` on ``args`` (a service's own options,
+    after its name); it leaves the ``Service`` in ``ctx.obj["service"]``.
+    Usage errors exit 2 and ``--help`` exits 0 there, as everywhere else."""
+    holder: dict[str, Any] = dict(obj)
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name=prog, obj=holder)
+    except SystemExit as done:  # standalone mode always ends so
+        if done.code == 0 and "service" in holder:
+            return holder["service"]
+        raise
+    raise AssertionError(f"{prog} did not exit")

@@ -8,9 +8,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import typer
 
@@ -20,6 +21,7 @@ from stratus.cli.common import (
     EXIT_USAGE,
     AtOpt,
     OutputOpt,
+    Service,
     fail,
     resolve_url,
     run,
@@ -91,8 +93,6 @@ def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
 
 
 # -- running it ---------------------------------------------------------------
-
-SERVICES = ("handlers", "projector", "query", "scheduler", "webhooks")
 
 SchedulerConfigOpt = Annotated[
     Path | None,
@@ -202,15 +202,155 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     emit(data, output)
 
 
+# -- serve: one service alone, from one table ----------------------------------
+
+
+class ServeOptions(NamedTuple):
+    data_dir: Path
+    quota_defaults: dict[str, int] | None
+    insecure: bool
+    config: Path | None
+    seed: int | None
+    # What followed the service's name: the agents' own options.
+    args: list[str]
+
+
+def _alone(factory: Callable[[ServeOptions], Service]) -> Callable[[ServeOptions], Service]:
+    """A service whose options are all ``serve``'s: anything more is a usage error."""
+
+    def checked(o: ServeOptions) -> Service:
+        if o.args:
+            typer.echo(f"error: unexpected arguments {' '.join(o.args)}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        return factory(o)
+
+    return checked
+
+
+def _one(name: str, make: Callable[[Any, Any], Any]) -> Service:
+    """A service that is one object with ``start`` and ``stop``, made from
+    the event store and the projection store."""
+
+    async def start(store: Any, engine: Any) -> list[Any]:
+        svc = make(store, engine)
+        await svc.start()
+        return [svc]
+
+    return Service(name, start)
+
+
+def _requests(o: ServeOptions, *, commands: bool) -> Service:
+    """The command service (``commands``) or the query service, behind the
+    identity feed that authenticates their callers (or trusting every
+    caller: ``--insecure-no-auth``)."""
+    from stratus.cli.runtime import start_services
+    from stratus.handlers.catalog import all_handlers
+    from stratus.handlers.service import CommandService
+    from stratus.handlers.tokens import KeyRing
+    from stratus.projections.query import QueryService
+
+    name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    if o.insecure:
+        if commands:
+            return _one(
+                name, lambda store, _: CommandService(store, all_handlers(quota_defaults=defaults))
+            )
+        return _one(
+            name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
+        )
+
+    async def start(store: Any, engine: Any) -> list[Any]:
+        # Logging in needs the private signing keys; verifying needs none.
+        keys = o.data_dir / "keys"
+        keyring = KeyRing.load_or_create(keys) if commands and keys.exists() else None
+        feed, cmd, query = await start_services(
+            store, engine, keyring, commands=commands, queries=not commands, quota_defaults=defaults
+        )
+        return [cmd or query, feed]
+
+    return Service(name, start)
+
+
+@_alone
+def _projector(o: ServeOptions) -> Service:
+    from stratus.projections.rebuild import LiveProjection
+
+    return _one("projector", LiveProjection)
+
+
+@_alone
+def _scheduler(o: ServeOptions) -> Service:
+    from stratus.handlers.scheduler import SchedulerService
+
+    config = scheduler_config_from(o.config, o.seed)  # a bad file stops us before connecting
+    return _one("scheduler", lambda store, _: SchedulerService(store, config))
+
+
+@_alone
+def _webhooks(o: ServeOptions) -> Service:
+    from stratus.handlers.integrations import WebhookKeys
+    from stratus.handlers.webhooks import WebhookService
+
+    # The signing secrets derive from a key beside the token keys.
+    keys = o.data_dir / "keys"
+    return _one(
+        "webhooks", lambda store, _: WebhookService(store, WebhookKeys.load_or_create(keys))
+    )
+
+
+def _compute_agent(o: ServeOptions) -> Service:
+    from stratus.cli.agents import compute_agent_service
+
+    return compute_agent_service(o.args, o.data_dir)
+
+
+def _network_agent(o: ServeOptions) -> Service:
+    from stratus.cli.network_agent import network_agent_service
+
+    return network_agent_service(o.args)
+
+
+# `stratus serve NAME`: each factory checks its options (a mistake stops it
+# before anything connects) and says how to start the service.
+SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
+    "handlers": _alone(lambda o: _requests(o, commands=True)),
+    "projector": _projector,
+    "query": _alone(lambda o: _requests(o, commands=False)),
+    "scheduler": _scheduler,
+    "webhooks": _webhooks,
+    # These take options of their own (--host, ...) after the name.
+    "compute-agent": _compute_agent,
+    "network-agent": _network_agent,
+}
+
+
+async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) -> None:
+    from stratus.events.store import EventStore
+    from stratus.projections.db import make_engine
+
+    store = await EventStore.connect(url, **creds)
+    engine = make_engine(db_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    running: list[Any] = []
+    try:
+        await store.ensure_stream()
+        running = await svc.start(store, engine)
+        print(f"stratus {svc.name} ready", flush=True)
+        await stop.wait()
+    finally:
+        for part in running:
+            await part.stop()
+        await store.close()
+        await engine.dispose()
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    service: Annotated[
-        str,
-        typer.Argument(
-            help="handlers, projector, query, scheduler, compute-agent, network-agent or webhooks"
-        ),
-    ],
+    service: Annotated[str, typer.Argument(help=", ".join(SERVICES))],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -230,109 +370,29 @@ def serve(
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
-    from stratus.cli.runtime import (
-        default_data_dir,
-        start_services,
-    )
-    from stratus.events.store import EventStore
-    from stratus.handlers.tokens import KeyRing
-    from stratus.projections.db import make_engine, sqlite_url
-    from stratus.projections.rebuild import LiveProjection, live_store_path
+    from stratus.cli.runtime import default_data_dir
+    from stratus.projections.db import sqlite_url
+    from stratus.projections.rebuild import live_store_path
 
-    if service in ("compute-agent", "network-agent"):
-        # Its own options (--host, --libvirt-uri, ...) follow the service name.
-        from stratus.cli.agents import serve_compute_agent
-        from stratus.cli.network_agent import serve_network_agent
-
-        serve_agent = serve_compute_agent if service == "compute-agent" else serve_network_agent
-
-        logs.configure("INFO")
-        data_dir = data_dir or default_data_dir()
-        creds = _service_creds(data_dir, nats_user, nats_password)
-        try:
-            serve_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
-        except StratusError as err:
-            raise fail(err) from None
-        return
-    if ctx.args:
-        typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
+    factory = SERVICES.get(service)
+    if factory is None:
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
         raise typer.Exit(EXIT_USAGE)
-    if service not in SERVICES:
-        typer.echo(
-            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, network-agent",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE)
-    sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
-    logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
-    creds = _service_creds(data_dir, nats_user, nats_password)
-    defaults = parse_quota_defaults(quota_default)
-
-    async def main() -> None:
-        store = await EventStore.connect(resolve_url(), **creds)
-        await store.ensure_stream()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        engine = make_engine(db or sqlite_url(live_store_path(data_dir)))
-        live: LiveProjection | None = None
-        running: list[Any] = []
-        if service == "projector":
-            live = LiveProjection(store, engine)
-            await live.start()
-        elif service == "scheduler":
-            from stratus.handlers.scheduler import SchedulerService
-
-            sched = SchedulerService(store, sched_config)
-            await sched.start()
-            running.append(sched)
-        elif service == "webhooks":
-            # The signing secrets derive from a key beside the token keys.
-            from stratus.handlers.integrations import WebhookKeys
-            from stratus.handlers.webhooks import WebhookService
-
-            hooks = WebhookService(store, WebhookKeys.load_or_create(data_dir / "keys"))
-            await hooks.start()
-            running.append(hooks)
-        elif insecure_no_auth:
-            from stratus.handlers.catalog import all_handlers
-            from stratus.handlers.service import CommandService
-            from stratus.projections.query import QueryService
-
-            svc: Any = (
-                CommandService(store, all_handlers(quota_defaults=defaults))
-                if service == "handlers"
-                else QueryService(store, engine, quota_defaults=defaults)
-            )
-            await svc.start()
-            running.append(svc)
-        else:
-            # Logging in needs the private signing keys; verifying needs none.
-            keys = data_dir / "keys"
-            handlers = service == "handlers"
-            keyring = KeyRing.load_or_create(keys) if handlers and keys.exists() else None
-            feed, commands, queries = await start_services(
-                store,
-                engine,
-                keyring,
-                commands=handlers,
-                queries=not handlers,
-                quota_defaults=defaults,
-            )
-            running.extend([commands or queries, feed])
-        print(f"stratus {service} ready", flush=True)
-        await stop.wait()
-        for svc in running:
-            await svc.stop()
-        if live is not None:
-            await live.stop()
-        await store.close()
-        await engine.dispose()
-
+    opts = ServeOptions(
+        data_dir=data_dir,
+        quota_defaults=parse_quota_defaults(quota_default),
+        insecure=insecure_no_auth,
+        config=config,
+        seed=seed,
+        args=ctx.args,
+    )
     try:
-        asyncio.run(main())
+        svc = factory(opts)
+        logs.configure("INFO")
+        creds = _service_creds(data_dir, nats_user, nats_password)
+        db_url = db or sqlite_url(live_store_path(data_dir))
+        asyncio.run(_serve_until_signal(svc, resolve_url(), creds, db_url))
     except StratusError as err:
         raise fail(err) from None
 
