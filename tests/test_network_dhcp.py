@@ -26,7 +26,7 @@ from stratus.events.resources import (
     ServerRunning,
 )
 from stratus.handlers import resources as r
-from stratus.tests.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
+from stratus.ops.bench.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,7 +17,8 @@ from stratus.events.store import _FastParser
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.rebuild import build_store
-from stratus.tests.test_rebuild import (
+
+from .test_rebuild import (
     _append_workload,
     _indexes,
     caught_up_digest,
@@ -219,7 +220,7 @@ async def test_the_shortcut_hands_over_what_the_generic_parser_does_in_order(cut
 async def test_a_bulk_rebuild_gives_the_rows_an_independent_fold_gives(store, tmp_path, helper):
     # The digest tests compare the projector with itself (live and rebuilt
     # fold alike); this compares a rebuild with rows folded without it.
-    from stratus.tests.test_projector import (
+    from .test_projector import (
         append_all,
         expected_rows,
         make_history,

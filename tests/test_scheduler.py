@@ -12,7 +12,7 @@ from stratus.events.model import Cause
 from stratus.events.resources import ServerDeleted, ServerFailed, ServerScheduled
 from stratus.events.scheduling import HostClaimed, HostReleased, ServerBuildFailed
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
-from stratus.tests.schedkit import (
+from stratus.ops.bench.schedkit import (
     disable_host,
     fold_claims,
     group_event,
