@@ -13,7 +13,7 @@ from stratus.events.ids import NAME_RE
 
 DEFAULT_LIBVIRT_URI = "test:///default"
 
-agent_app = typer.Typer(add_completion=False)
+agent_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @agent_app.command()

@@ -1,21 +1,20 @@
 """The ``stratus`` command (see shared/CLI.md for the contract)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: typer reads every command's
+# signature at each start, and string annotations would be evaluated anew
+# each time (twice per command), a third of the CLI's start-up.
 
 import asyncio
 import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
-from stratus.cli.client import Client
 from stratus.cli.common import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -23,22 +22,27 @@ from stratus.cli.common import (
     OutputOpt,
     Service,
     fail,
+    group,
     resolve_url,
     run,
     save_token,
+    send,
     settings,
 )
 from stratus.cli.output import Format, emit
 from stratus.events.errors import StratusError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-tenant_app = typer.Typer(no_args_is_help=True, help="Tenants (projects).")
-events_app = typer.Typer(no_args_is_help=True, help="The event log.")
-user_app = typer.Typer(no_args_is_help=True, help="Users.")
-role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
-token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
-projections_app = typer.Typer(no_args_is_help=True, help="The projection store (read models).")
-scheduler_app = typer.Typer(no_args_is_help=True, help="The scheduler's placement decisions.")
+if TYPE_CHECKING:
+    from stratus.cli.client import Client
+
+app = group("Stratus, an event-sourced cloud control plane.")
+tenant_app = group("Tenants (projects).")
+events_app = group("The event log.")
+user_app = group("Users.")
+role_app = group("Role assignments (user, tenant, role).")
+token_app = group("Tokens.")
+projections_app = group("The projection store (read models).")
+scheduler_app = group("The scheduler's placement decisions.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
 app.add_typer(user_app, name="user")
@@ -370,7 +374,7 @@ def serve(
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
-    from stratus.cli.runtime import default_data_dir
+    from stratus.cli.datadir import default_data_dir
     from stratus.projections.db import sqlite_url
     from stratus.projections.rebuild import live_store_path
 
@@ -417,8 +421,7 @@ def tenant_create(
     description: Annotated[str, typer.Option(help="free text")] = "",
     output: OutputOpt = Format.table,
 ) -> None:
-    reply = run(lambda c: c.command("tenant.create", {"name": name, "description": description}))
-    emit(reply.data, output)
+    emit(send("tenant.create", name=name, description=description).data, output)
 
 
 @tenant_app.command("list")
@@ -438,14 +441,12 @@ def tenant_show(tenant: str, output: OutputOpt = Format.table, at: AtOpt = None)
 
 @tenant_app.command("rename")
 def tenant_rename(tenant: str, name: str, output: OutputOpt = Format.table) -> None:
-    reply = run(lambda c: c.command("tenant.rename", {"tenant": tenant, "name": name}))
-    emit(reply.data, output)
+    emit(send("tenant.rename", tenant=tenant, name=name).data, output)
 
 
 @tenant_app.command("delete")
 def tenant_delete(tenant: str, output: OutputOpt = Format.table) -> None:
-    reply = run(lambda c: c.command("tenant.delete", {"tenant": tenant}))
-    emit(reply.data, output)
+    emit(send("tenant.delete", tenant=tenant).data, output)
 
 
 # -- events -------------------------------------------------------------------
@@ -464,7 +465,7 @@ def events_tail(
         typer.echo("error: --follow and --at exclude each other", err=True)
         raise typer.Exit(EXIT_USAGE)
 
-    async def main(c: Client) -> list[dict]:
+    async def main(c: "Client") -> list[dict]:
         rows: list[dict] = []
         after = max(0, from_ - 1)
         while True:
@@ -561,7 +562,7 @@ def why(
     event it caused (the scheduler's decisions and the agents' reports
     included), with the scheduler's reasons."""
 
-    async def chain(c: Client) -> list[dict]:
+    async def chain(c: "Client") -> list[dict]:
         base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
         if tenant is not None:
             base["tenant"] = tenant
@@ -642,6 +643,8 @@ def _because(row: dict) -> str:
 
 def _utc_time(option: str, text: str) -> str:
     """An ISO-8601 time as UTC; a usage error (exit 2) if it is not one."""
+    from datetime import UTC, datetime
+
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
@@ -665,10 +668,7 @@ def login(
     output: OutputOpt = Format.table,
 ) -> None:
     """Get a signed token; saved for later commands (mode 0600) unless --print."""
-    body: dict[str, Any] = {"user": user, "password": password}
-    if tenant:
-        body["tenant"] = tenant
-    reply = run(lambda c: c.command("auth.login", body))
+    reply = send("auth.login", user=user, password=password, tenant=tenant or None)
     data = dict(reply.data or {})
     if print_:
         sys.stdout.write(data["token"] + "\n")
@@ -684,8 +684,7 @@ def user_create(
     password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
     output: OutputOpt = Format.table,
 ) -> None:
-    reply = run(lambda c: c.command("user.create", {"name": name, "password": password}))
-    emit(reply.data, output)
+    emit(send("user.create", name=name, password=password).data, output)
 
 
 @user_app.command("list")
@@ -700,18 +699,17 @@ def user_set_password(
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a password (your own, or anyone's as cloud admin); old tokens become void."""
-    body = {"name": name, "password": password}
-    emit(run(lambda c: c.command("user.set-password", body)).data, output)
+    emit(send("user.set-password", name=name, password=password).data, output)
 
 
 @user_app.command("disable")
 def user_disable(name: str, output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.command("user.disable", {"name": name})).data, output)
+    emit(send("user.disable", name=name).data, output)
 
 
 @user_app.command("enable")
 def user_enable(name: str, output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.command("user.enable", {"name": name})).data, output)
+    emit(send("user.enable", name=name).data, output)
 
 
 RoleOpt = Annotated[str, typer.Option(help="admin, member, reader or a custom role")]
@@ -726,8 +724,7 @@ def role_create(
     output: OutputOpt = Format.table,
 ) -> None:
     """Define a custom role granting tenant-scoped permissions (cloud admin)."""
-    body = {"name": name, "permissions": permission}
-    emit(run(lambda c: c.command("role.create", body)).data, output)
+    emit(send("role.create", name=name, permissions=permission).data, output)
 
 
 UserOpt = Annotated[str, typer.Option()]
@@ -735,8 +732,7 @@ TenantOpt = Annotated[str, typer.Option()]
 
 
 def _grant(verb: str, user: str, tenant: str, role: str, output: Format) -> None:
-    body = {"user": user, "tenant": tenant, "role": role}
-    emit(run(lambda c: c.command(verb, body)).data, output)
+    emit(send(verb, user=user, tenant=tenant, role=role).data, output)
 
 
 @role_app.command("assign")
@@ -767,7 +763,7 @@ def role_list(
 @app.command("key-rotate")
 def key_rotate(output: OutputOpt = Format.table) -> None:
     """Add a new token signing key (cloud admin); older tokens stay valid until they expire."""
-    emit(run(lambda c: c.command("key.rotate", {})).data, output)
+    emit(send("key.rotate").data, output)
 
 
 @token_app.command("revoke")
@@ -776,8 +772,7 @@ def token_revoke(
     user: Annotated[str | None, typer.Option(help="revoke every token of this user")] = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    body = {k: v for k, v in (("token_id", token_id), ("user", user)) if v is not None}
-    reply = run(lambda c: c.command("token.revoke", body))
+    reply = send("token.revoke", token_id=token_id, user=user)
     emit({"revoked": token_id or user or "your token", "seqs": reply.seqs}, output)
 
 
@@ -811,7 +806,7 @@ def events_asyncapi() -> None:
 def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:
     """NATS credentials of a service: those given, else the service user of
     the `stratus up` in ``data_dir`` when it has one, else none."""
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
 
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
     if password is None and secret_file.exists():
@@ -822,7 +817,7 @@ def _service_creds(data_dir: Path, user: str | None, password: str | None) -> di
 def service_access(data_dir: Path) -> tuple[str, str]:
     """The NATS URL and service password of the `stratus up` in ``data_dir``:
     what reading the log directly needs (a usage error where there is none)."""
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, URL_FILE
+    from stratus.cli.datadir import NATS_SERVICE_SECRET, URL_FILE
 
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
     if not secret_file.exists():
@@ -855,8 +850,8 @@ def scheduler_replay(
 ) -> None:
     """Decide the recorded placements of --from..--to again with another
     configuration; report how many change and how the load would spread."""
-    from stratus.cli.runtime import NATS_SERVICE_USER
-    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.cli.datadir import NATS_SERVICE_USER
+    from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.handlers.scheduler.replay import replay
 
@@ -909,9 +904,10 @@ def projections_rebuild(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from stratus.cli.client import Client
     from stratus.cli.common import resolve_token
-    from stratus.cli.runtime import NATS_SERVICE_USER
-    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.cli.datadir import NATS_SERVICE_USER
+    from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.projections.rebuild import (
         SWAP_SUBJECT,
@@ -925,6 +921,8 @@ def projections_rebuild(
     path = new_store_path(data_dir)
 
     async def main() -> dict[str, Any]:
+        import time
+
         t0 = time.perf_counter()
         store = await EventStore.connect(
             url, persistent=False, user=NATS_SERVICE_USER, password=password

@@ -10,7 +10,7 @@ from stratus.cli.common import Service, own_options
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
-agent_app = typer.Typer(add_completion=False)
+agent_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @agent_app.command()

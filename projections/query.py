@@ -18,8 +18,8 @@ from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
 from stratus.events.errors import Invalid, NotFound
 from stratus.events.heartbeat import beating_hosts
 from stratus.events.ids import is_name, is_token
+from stratus.events.kinds import PLURALS
 from stratus.events.model import record
-from stratus.events.resources import PLURALS
 from stratus.events.responder import Responder
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import audit, resources, tenants, users
