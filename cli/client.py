@@ -1,9 +1,15 @@
-"""What the CLI (and any integration) uses to talk to the control plane."""
+"""What the CLI (and any integration) uses to talk to the control plane.
+
+Commands and queries only: a plain nats-py connection, without the event
+store (its JetStream reader, the event schemas), which a client never uses
+and whose import would be most of a read command's start-up.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -14,7 +20,6 @@ from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
 from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
-from stratus.events.store import connect_nats
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
@@ -45,7 +50,7 @@ class Drops:
                 fut.set_result(None)
 
     @contextlib.contextmanager
-    def watch(self) -> Any:
+    def watch(self) -> Iterator[asyncio.Future[None]]:
         """A future that is done once the connection drops (while in the block)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.add(fut)
@@ -65,7 +70,7 @@ class Client:
         *,
         drops: Drops | None = None,
     ) -> None:
-        """``drops``: the callbacks of ``nc`` feed it (``connect`` does that);
+        """``drops``: fed by the callbacks of ``nc`` (``connect`` does that);
         without it, a request watches ``nc.is_connected`` instead."""
         self.nc = nc
         self.token = token
@@ -75,13 +80,29 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
+        """One attempt, no reconnecting: a command reaches the control plane
+        or says at once that it cannot."""
+        nc = nats.NATS()
         drops = Drops()
         try:
-            nc = await connect_nats(
-                url, persistent=False, disconnected_cb=drops.dropped, closed_cb=drops.dropped
+            await asyncio.wait_for(
+                nc.connect(
+                    url,
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    # nats-py treats 0 as "no limit".
+                    max_reconnect_attempts=1,
+                    error_cb=_quiet,
+                    disconnected_cb=drops.dropped,
+                    closed_cb=drops.dropped,
+                ),
+                timeout,
             )
-        except Unavailable as exc:
-            raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = f"{exc or type(exc).__name__}"
+            raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
         return cls(nc, token, timeout, drops=drops)
 
     async def close(self) -> None:
@@ -94,7 +115,7 @@ class Client:
         """One request; the reply's body, unsealed (see ``events.sealed``)."""
         headers[H_REPLY_KEY] = self.opener.public_b64
         try:
-            msg = await self._request(subject, data, headers)
+            msg = await self._send(subject, data, headers)
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):
@@ -104,7 +125,7 @@ class Client:
         sealed = (msg.headers or {}).get(H_SEALED)
         return self.opener.open(sealed, msg.subject, msg.data) if sealed else msg.data
 
-    async def _request(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
+    async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
         """``nc.request``, failing as soon as the connection drops."""
         if not self.nc.is_connected:
             raise Unavailable(f"{subject}: the connection to the control plane is down")
@@ -127,7 +148,7 @@ class Client:
         return request.result()
 
     @contextlib.contextmanager
-    def _dropped(self) -> Any:
+    def _dropped(self) -> Iterator[asyncio.Future[None]]:
         """A future done once the connection drops."""
         if self.drops is not None:
             with self.drops.watch() as fut:
@@ -145,7 +166,7 @@ class Client:
         while self.nc.is_connected:  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)
 
-    async def _ask(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
+    async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
         if self.token:
             headers[H_AUTHORIZATION] = f"Bearer {self.token}"
         data = await self.request_raw(subject, _enc.encode(body), headers)
@@ -159,19 +180,24 @@ class Client:
             raise from_wire(reply.error)
         return reply
 
-    async def command(
-        self, verb: str, body: dict[str, Any], command_id: str | None = None
-    ) -> Reply:
-        """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
-        return await self._ask(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
+    async def command(self, verb: str, body: Any, command_id: str | None = None) -> Reply:
+        """Send ``cmd.<verb>``: its Struct (see ``cli.common.command``), or a
+        dict as any client may send; the id makes a retry of the same call
+        idempotent."""
+        return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
 
     async def control(self, subject: str, body: dict[str, Any]) -> Any:
         """A control-plane request outside ``cmd.``/``q.`` (e.g. a store swap)."""
-        return (await self._ask(subject, body, {})).data
+        return (await self._request(subject, body, {})).data
 
     async def query(
         self, view: str, body: dict[str, Any] | None = None, at: str | int | None = None
     ) -> Any:
         """Ask ``q.<view>``; ``at`` (a sequence or ISO time) asks about the past."""
         headers = {H_AT: str(at)} if at is not None else {}
-        return (await self._ask(f"q.{view}", body or {}, headers)).data
+        return (await self._request(f"q.{view}", body or {}, headers)).data
+
+
+async def _quiet(exc: Exception) -> None:
+    # nats-py reports a failed connect here too; the caller gets Unavailable.
+    return None

@@ -7,7 +7,7 @@ from typing import Any
 from stratus.handlers import compute, integrations, resources, tenants
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
-from stratus.handlers.tokens import KeyRing
+from stratus.handlers.keyring import KeyRing
 
 
 def all_handlers(
