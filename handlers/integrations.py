@@ -18,15 +18,17 @@ from urllib.parse import urlsplit
 import bcrypt
 import msgspec
 
-from stratus.events.errors import AlreadyExists, Forbidden, Invalid, NotFound
+from stratus.events.errors import AlreadyExists, Conflict, Forbidden, Invalid, NotFound
 from stratus.events.ids import new_id
 from stratus.events.integrations import (
     ALL_TENANTS,
     INTEGRATION,
     WEBHOOK,
+    IntegrationConsumerReset,
     IntegrationCreate,
     IntegrationCreated,
     IntegrationCredential,
+    IntegrationReset,
     IntegrationRevoke,
     IntegrationRevoked,
     WebhookCreate,
@@ -77,6 +79,8 @@ class IntegrationPlan(msgspec.Struct, frozen=True):
     all_tenants: bool
     id: str
     password_hash: str
+    start_seq: int
+    ack_wait_s: int
 
 
 def filter_subject(tenant: str) -> str:
@@ -94,7 +98,13 @@ async def prepare_integration(cmd: IntegrationCreate, caller: Any, _svc: Any) ->
         bcrypt.hashpw, cmd.secret.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)
     )
     return IntegrationPlan(
-        cmd.name, cmd.tenant or "", cmd.all_tenants, new_id(), digest.decode("ascii")
+        cmd.name,
+        cmd.tenant or "",
+        cmd.all_tenants,
+        new_id(),
+        digest.decode("ascii"),
+        cmd.start_seq,
+        cmd.ack_wait_s,
     )
 
 
@@ -114,6 +124,8 @@ def decide_integration_create(state: World, cmd: IntegrationPlan, cause: Cause) 
             name=cmd.name,
             filter_subject=filter_subject(scope),
             user=nats_user(cmd.id),
+            start_seq=cmd.start_seq,
+            ack_wait_s=cmd.ack_wait_s,
         ),
         cause.make(
             IntegrationCredential, owner, INTEGRATION, cmd.id, password_hash=cmd.password_hash
@@ -121,19 +133,37 @@ def decide_integration_create(state: World, cmd: IntegrationPlan, cause: Cause) 
     ]
 
 
-def decide_integration_revoke(state: World, cmd: IntegrationRevoke, cause: Cause) -> list[Event]:
+def _find_integration(state: World, ref: str) -> dict:
     items = state.of(INTEGRATION)
-    e = items.get(cmd.ref)
+    e = items.get(ref)
     if e is None:
-        named = [r for r in items.values() if r.get("name") == cmd.ref]
+        named = [r for r in items.values() if r.get("name") == ref]
         # A revoked one keeps its name; the live one (if any) is meant.
         live = [r for r in named if r.get("status") != "revoked"]
         e = (live or named or [None])[0]
     if e is None:
-        raise NotFound(f"integration {cmd.ref} not found")
+        raise NotFound(f"integration {ref} not found")
+    return e
+
+
+def decide_integration_revoke(state: World, cmd: IntegrationRevoke, cause: Cause) -> list[Event]:
+    e = _find_integration(state, cmd.ref)
     if e.get("status") == "revoked":
         return []
     return [cause.make(IntegrationRevoked, _owner(cmd), INTEGRATION, e["id"])]
+
+
+def decide_integration_reset(state: World, cmd: IntegrationReset, cause: Cause) -> list[Event]:
+    """Stratus re-makes the consumer (``natsauth``): the credential itself
+    may not create or delete one, whose body could name a push target."""
+    e = _find_integration(state, cmd.ref)
+    if e.get("status") == "revoked":
+        raise Conflict(f"integration {e['name']} is revoked")
+    return [
+        cause.make(
+            IntegrationConsumerReset, _owner(cmd), INTEGRATION, e["id"], start_seq=cmd.start_seq
+        )
+    ]
 
 
 def integration_result(_state: World, events: list[Event]) -> dict | None:
@@ -145,9 +175,13 @@ def integration_result(_state: World, events: list[Event]) -> dict | None:
                 "tenant": e.tenant,
                 "user": e.user,
                 "filter_subject": e.filter_subject,
+                "start_seq": e.start_seq,
+                "ack_wait_s": e.ack_wait_s,
             }
         if isinstance(e, IntegrationRevoked):
             return {"id": e.aggregate.id, "status": "revoked"}
+        if isinstance(e, IntegrationConsumerReset):
+            return {"id": e.aggregate.id, "status": "reset", "start_seq": e.start_seq}
     return None
 
 
@@ -287,6 +321,12 @@ def handlers(
             "integration.revoke",
             IntegrationRevoke,
             decide_integration_revoke,
+            result=integration_result,
+        ),
+        h(
+            "integration.reset",
+            IntegrationReset,
+            decide_integration_reset,
             result=integration_result,
         ),
         h(

@@ -344,6 +344,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "quota.set": lambda i: {"tenant": "ta", "limits": {"instances": 100 + i}},
     "integration.create": lambda i: {"tenant": "ta", "name": f"int-{i}", "secret": "s" * 40},
     "integration.revoke": lambda i: {"tenant": "ta", "ref": f"intr-{i}"},
+    "integration.reset": lambda i: {"tenant": "ta", "ref": f"intr-{i}", "start_seq": 1},
     "webhook.create": lambda i: {
         "tenant": "ta",
         "name": f"wh-{i}",
