@@ -107,6 +107,26 @@ SeedOpt = Annotated[
 ]
 
 
+WebhookAllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="CIDR that webhooks may reach although internal (repeatable; cloud admin); "
+        "give handlers and the webhook service the same",
+    ),
+]
+
+
+def webhook_policy_from(networks: list[str] | None) -> Any:
+    """Where webhooks may point, or a usage error naming a bad network."""
+    from stratus.handlers.targets import TargetPolicy
+
+    try:
+        return TargetPolicy(networks or ())
+    except StratusError as err:
+        typer.echo(f"error: --webhook-allow-network: {err.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
 def scheduler_config_from(path: Path | None, seed: int | None = None) -> Any:
     """The scheduler's configuration, or a usage error naming what is wrong."""
     from stratus.handlers.scheduler import load_config
@@ -144,6 +164,7 @@ def up(
         int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -151,6 +172,7 @@ def up(
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
+    webhook_policy_from(webhook_allow_network)  # a bad network is a usage error
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -167,6 +189,7 @@ def up(
             quota_defaults=defaults,
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
+            webhook_allow=webhook_allow_network,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -227,6 +250,7 @@ def serve(
     quota_default: QuotaDefaultOpt = None,
     config: SchedulerConfigOpt = None,
     seed: SeedOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
@@ -264,6 +288,7 @@ def serve(
         )
         raise typer.Exit(EXIT_USAGE)
     sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
+    policy = webhook_policy_from(webhook_allow_network)
     logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
     creds = _service_creds(data_dir, nats_user, nats_password)
@@ -293,7 +318,9 @@ def serve(
             from stratus.handlers.integrations import WebhookKeys
             from stratus.handlers.webhooks import WebhookService
 
-            hooks = WebhookService(store, WebhookKeys.load_or_create(data_dir / "keys"))
+            hooks = WebhookService(
+                store, WebhookKeys.load_or_create(data_dir / "keys"), policy=policy
+            )
             await hooks.start()
             running.append(hooks)
         elif insecure_no_auth:
@@ -302,7 +329,7 @@ def serve(
             from stratus.projections.query import QueryService
 
             svc: Any = (
-                CommandService(store, all_handlers(quota_defaults=defaults))
+                CommandService(store, all_handlers(quota_defaults=defaults, webhook_policy=policy))
                 if service == "handlers"
                 else QueryService(store, engine, quota_defaults=defaults)
             )
@@ -320,6 +347,7 @@ def serve(
                 commands=handlers,
                 queries=not handlers,
                 quota_defaults=defaults,
+                webhook_policy=policy,
             )
             running.extend([commands or queries, feed])
         print(f"stratus {service} ready", flush=True)

@@ -38,6 +38,7 @@ from stratus.events.integrations import (
 )
 from stratus.events.model import Cause, Event
 from stratus.handlers.registry import Handler
+from stratus.handlers.targets import TargetPolicy
 from stratus.handlers.world import World, fold
 
 SYSTEM = "_system"
@@ -212,9 +213,13 @@ def check_url(url: str) -> str:
     return url
 
 
-async def prepare_webhook(cmd: WebhookCreate, _caller: Any, _svc: Any) -> WebhookPlan:
-    check_url(cmd.url)
-    return WebhookPlan(cmd.name, cmd.url, list(cmd.types), cmd.tenant or "", new_id())
+def prepare_webhook(policy: TargetPolicy) -> Any:
+    async def prepare(cmd: WebhookCreate, _caller: Any, _svc: Any) -> WebhookPlan:
+        check_url(cmd.url)
+        policy.check_url(cmd.url)
+        return WebhookPlan(cmd.name, cmd.url, list(cmd.types), cmd.tenant or "", new_id())
+
+    return prepare
 
 
 def decide_webhook_create(state: World, cmd: WebhookPlan, cause: Cause) -> list[Event]:
@@ -290,10 +295,13 @@ def _tenant_of(cmd: Any) -> str | None:
 
 
 def handlers(
-    keys: WebhookKeys | None = None, quota_defaults: dict[str, int] | None = None
+    keys: WebhookKeys | None = None,
+    quota_defaults: dict[str, int] | None = None,
+    webhook_policy: TargetPolicy | None = None,
 ) -> list[Handler]:
     """The tenant boundary is shared with the inventory handlers (one cached
-    ``World`` per tenant), so it is made with the same quota defaults."""
+    ``World`` per tenant), so it is made with the same quota defaults.
+    ``webhook_policy``: where webhooks may point (default: no internal address)."""
 
     def h(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
         return Handler(
@@ -333,7 +341,7 @@ def handlers(
             "webhook.create",
             WebhookCreate,
             decide_webhook_create,
-            prepare=prepare_webhook,
+            prepare=prepare_webhook(webhook_policy or TargetPolicy()),
             result=webhook_result(keys),
         ),
         h("webhook.delete", WebhookDelete, decide_webhook_delete, result=webhook_result(keys)),

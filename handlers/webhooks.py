@@ -14,7 +14,11 @@ Attempts and outcomes are kept in the KV bucket ``WEBHOOK_DELIVERIES``
 
 aiohttp rather than raw asyncio streams: connection reuse per subscription,
 TLS for https receivers, and a total timeout that covers connect, send and
-a receiver that never answers.
+a receiver that never answers. Every connection goes through the target
+policy (``handlers.targets``): a name is resolved by a resolver that hands
+the client only allowed addresses, an address in the URL is checked before
+the POST, and redirects are not followed (a 3xx is a failed attempt), so no
+answer can send a delivery somewhere the policy would refuse.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -41,6 +46,7 @@ from stratus.events.integrations import WEBHOOK, WebhookCreated, WebhookDeleted
 from stratus.events.resources import REF_PATTERN
 from stratus.events.store import STREAM, EventStore
 from stratus.handlers.integrations import WebhookKeys
+from stratus.handlers.targets import TargetPolicy
 
 log = structlog.get_logger("stratus.webhooks")
 
@@ -113,6 +119,7 @@ class Worker:
         self.svc = svc
         self.sub = sub
         self.secret = svc.keys.secret(sub.id)
+        self.host = urlsplit(sub.url).hostname or ""
         self.task: asyncio.Task[None] | None = None
         self.delivered = 0
 
@@ -158,7 +165,8 @@ class Worker:
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=self.svc.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        connector = aiohttp.TCPConnector(resolver=self.svc.policy.connector_resolver())
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             while True:
                 psub: Any = None
                 try:
@@ -203,7 +211,10 @@ class Worker:
                 cloudevents.H_ATTEMPT: str(d.attempts),
             }
             try:
-                async with http.post(self.sub.url, data=body, headers=headers) as resp:
+                self.svc.policy.check_host(self.host)
+                async with http.post(
+                    self.sub.url, data=body, headers=headers, allow_redirects=False
+                ) as resp:
                     await resp.read()
                     d.last_status = resp.status
                     ok = 200 <= resp.status < 300
@@ -246,9 +257,12 @@ class WebhookService:
         backoff_s: float = BACKOFF_S,
         backoff_max_s: float = BACKOFF_MAX_S,
         timeout_s: float = TIMEOUT_S,
+        policy: TargetPolicy | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
+        # Where deliveries may go (default: no internal address).
+        self.policy = policy or TargetPolicy()
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s

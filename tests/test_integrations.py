@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 async def admin_cloud(tmp_path):
-    stacks = Stacks(tmp_path)
+    # Webhooks here point at a closed port on 127.0.0.1: never off the machine.
+    stacks = Stacks(tmp_path, webhook_allow=("127.0.0.1/32",))
     c = await connect(await stacks.start())
     token = (await c.login("admin", ADMIN_PASSWORD))["token"]
     for t in ("ta", "tb"):
@@ -394,6 +395,14 @@ async def test_bad_requests_change_nothing(admin_cloud):
         ),
         ("webhook.create", {"name": "w", "url": "file:///etc/passwd", "types": ["*"]}, "invalid"),
         ("webhook.create", {"name": "w", "url": "http://", "types": ["*"]}, "invalid"),
+        # internal targets (127.0.0.1/32 alone is allowed here)
+        ("webhook.create", {"name": "w", "url": "http://127.0.0.2/", "types": ["*"]}, "invalid"),
+        (
+            "webhook.create",
+            {"name": "w", "url": "http://169.254.169.254/", "types": ["*"]},
+            "invalid",
+        ),
+        ("webhook.create", {"name": "w", "url": "http://[::1]:8080/", "types": ["*"]}, "invalid"),
         ("webhook.delete", {"ref": "ghost", "tenant": "ta"}, "not_found"),
     ]
     for verb, body, want in cases:
