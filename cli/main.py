@@ -760,11 +760,23 @@ def _line(row: dict) -> str:
 
 
 @events_app.command("schema")
-def events_schema() -> None:
-    """The JSON Schema of every event type, generated from the code."""
+def events_schema(
+    form: Annotated[
+        str,
+        typer.Option(
+            help="message (a NATS message, msgpack decoded), envelope (a line of "
+            "events tail -o json) or cloudevent (a webhook's body)"
+        ),
+    ] = "message",
+) -> None:
+    """The JSON Schema of every event type in one form, generated from the code."""
     from stratus.events.catalog import CODEC
+    from stratus.events.schemas import FORMS
 
-    sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
+    if form not in FORMS:
+        typer.echo(f"error: --form must be one of {', '.join(FORMS)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    sys.stdout.write(json.dumps(CODEC.json_schema(form), indent=2) + "\n")
 
 
 @events_app.command("asyncapi")
@@ -773,7 +785,8 @@ def events_asyncapi() -> None:
     from stratus.events.asyncapi import dumps
     from stratus.events.catalog import CODEC
 
-    sys.stdout.write(dumps(CODEC) + "\n")
+    # The server this CLI talks to (--url, STRATUS_URL or stratus up's).
+    sys.stdout.write(dumps(CODEC, resolve_url()) + "\n")
 
 
 def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:

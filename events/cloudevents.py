@@ -72,23 +72,3 @@ def verify(secret: str, body: bytes, header: str, tolerance_s: int = TOLERANCE_S
         return False
     want = sign(secret, body, t).split("v1=", 1)[1]
     return hmac.compare_digest(want, parts.get("v1", ""))
-
-
-def schema(data_ref: dict[str, Any]) -> dict[str, Any]:
-    """JSON Schema of a delivered CloudEvent; ``data_ref`` is the event's schema."""
-    return {
-        "type": "object",
-        "required": ["specversion", "id", "source", "type", "time", "subject", "data"],
-        "properties": {
-            "specversion": {"const": SPEC_VERSION},
-            "id": {"type": "string", "description": "the event's id: dedupe on it"},
-            "source": {"type": "string", "format": "uri-reference"},
-            "type": {"type": "string", "description": "the Stratus event type"},
-            "time": {"type": "string", "format": "date-time"},
-            "subject": {"type": "string", "description": "the resource's id"},
-            "datacontenttype": {"const": "application/json"},
-            "stratusseq": {"type": "integer", "description": "the event's stream sequence"},
-            "stratustenant": {"type": "string"},
-            "data": data_ref,
-        },
-    }
