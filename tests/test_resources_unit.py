@@ -585,6 +585,20 @@ def test_power_verbs_need_the_right_status():
     refused(w, stop, ref(w, "a"), Conflict, "cannot stop server a while it is requested")
 
 
+def test_a_stop_is_pending_until_the_agent_reports_it():
+    """What ``server stop`` prints is the status the decision leads to."""
+    w = world()
+    s = server(w, "a")
+    s.update(status="running", host="h1")
+    stop = r._power(ServerStopRequested, {"running"}, "stop")
+    apply(w, stop(w, ref(w, "a"), CAUSE))
+    assert w.find("server", "a")["status"] == "stopping"
+    refused(w, stop, ref(w, "a"), Conflict, "cannot stop server a while it is stopping")
+    # ... and a server stopping on its host is torn down by that host.
+    kinds = [type(e).__name__ for e in r.decide_server_delete(w, ref(w, "a"), CAUSE)]
+    assert kinds == ["ServerDeleting", "HostServerAction"]
+
+
 # -- floating IPs ------------------------------------------------------------------------
 
 
