@@ -117,13 +117,15 @@ class TargetPolicy:
             if reason is not None:
                 raise Invalid(f"webhook url {url!r}: {reason}")
 
-    def check_host(self, host: str) -> None:
+    def host_refusal(self, host: str) -> str | None:
         """At delivery, for a URL whose host is an address: the HTTP client
-        resolves nothing then, so the resolver below never sees it."""
+        resolves nothing then, so the resolver below never sees it. (A
+        name's answer is ``None`` here: the resolver judges it.)"""
         for ip in _literal(host):
             reason = self.refusal(ip)
             if reason is not None:
-                raise TargetRefused(f"refused: {reason}")
+                return f"refused: {reason}"
+        return None
 
     def connector_resolver(self) -> AbstractResolver:
         return GuardedResolver(self)
