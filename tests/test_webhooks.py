@@ -267,26 +267,34 @@ class HostsResolver(AbstractResolver):
         pass
 
 
+async def policy_stack(stacks: Stacks, policy: TargetPolicy) -> tuple[Any, Any, str]:
+    """A stack whose webhooks go by ``policy`` (two attempts, short backoff),
+    an admin's client and token, and tenant ta."""
+    from stratus.cli.runtime import Stack
+
+    s = Stack(stacks.root / "data", port=0, admin_password=ADMIN_PASSWORD)
+    s.webhook_policy = policy
+    s.webhook_options = {"backoff_s": 0.05, "backoff_max_s": 0.1, "max_attempts": 2}
+    await s.start()
+    stacks.running.append(s)
+    c = await connect(s)
+    token = (await c.login("admin", ADMIN_PASSWORD))["token"]
+    await c.ok("cmd.tenant.create", {"name": "ta"}, token)
+    return s, c, token
+
+
 async def test_internal_targets_are_refused_at_create_and_at_delivery(tmp_path):
     """Issue 17: no allowed network: a loopback, link-local, private,
     multicast or metadata URL is refused when created (the CLI exits 1 with
     the reason, nothing is appended); a name that resolves inward when the
     event is delivered is refused then, and its receiver sees nothing."""
-    from stratus.cli.runtime import Stack
     from stratus.tests.test_cli import CONFIG_HOME, cli, login
 
     rx = await Receiver().start()
     names = HostsResolver({"hooks.example": "93.184.215.14"})
     stacks = Stacks(tmp_path)
     try:
-        s = Stack(tmp_path / "data", port=0, admin_password=ADMIN_PASSWORD)
-        s.webhook_policy = TargetPolicy((), resolver=names)
-        s.webhook_options = {"backoff_s": 0.05, "backoff_max_s": 0.1, "max_attempts": 2}
-        await s.start()
-        stacks.running.append(s)
-        c = await connect(s)
-        token = (await c.login("admin", ADMIN_PASSWORD))["token"]
-        await c.ok("cmd.tenant.create", {"name": "ta"}, token)
+        s, c, token = await policy_stack(stacks, TargetPolicy((), resolver=names))
         CONFIG_HOME["value"] = str(tmp_path / "config")
         await asyncio.to_thread(login, s.url, "admin", ADMIN_PASSWORD)
         before = await s.store.last_seq()
@@ -333,7 +341,6 @@ async def test_an_allowed_network_is_reached_and_redirects_are_not_followed(tmp_
     """A cloud admin allowed 127.0.0.1/32 (the tests' receivers): deliveries
     go there, by address or by a name resolving there; a 307 pointing at
     127.0.0.2, which is not allowed, is a failed attempt, never followed."""
-    from stratus.cli.runtime import Stack
 
     inside = await Receiver().start("127.0.0.2")
 
@@ -343,15 +350,8 @@ async def test_an_allowed_network_is_reached_and_redirects_are_not_followed(tmp_
     rx, redirect = await Receiver().start(), await Receiver(bounce).start()
     stacks = Stacks(tmp_path)
     try:
-        s = Stack(tmp_path / "data", port=0, admin_password=ADMIN_PASSWORD)
         names = HostsResolver({"hooks.example": "127.0.0.1"})
-        s.webhook_policy = TargetPolicy(["127.0.0.1/32"], resolver=names)
-        s.webhook_options = {"backoff_s": 0.05, "backoff_max_s": 0.1, "max_attempts": 2}
-        await s.start()
-        stacks.running.append(s)
-        c = await connect(s)
-        token = (await c.login("admin", ADMIN_PASSWORD))["token"]
-        await c.ok("cmd.tenant.create", {"name": "ta"}, token)
+        _, c, token = await policy_stack(stacks, TargetPolicy(["127.0.0.1/32"], resolver=names))
         for name, url in (
             ("direct", rx.url),
             ("named", f"http://hooks.example:{rx.port}/hook"),
