@@ -20,6 +20,12 @@ from typing import IO, Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always offered)
+    NATS_SERVICE_SECRET,
+    NATS_SERVICE_USER,
+    URL_FILE,
+    default_data_dir,
+)
 from stratus.events.broker import EmbeddedNats
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
@@ -29,12 +35,13 @@ from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.integrations import WebhookKeys
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
 from stratus.handlers.targets import TargetPolicy
-from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.tokens import Verifier
 from stratus.handlers.webhooks import WebhookService
 from stratus.handlers.webhooks import register_query as register_webhook_query
 from stratus.projections.db import make_engine, sqlite_url
@@ -43,9 +50,6 @@ from stratus.projections.rebuild import LiveProjection, SwapService, live_store_
 
 log = structlog.get_logger("stratus.up")
 
-URL_FILE = "url"
-NATS_SERVICE_USER = "stratus"
-NATS_SERVICE_SECRET = "nats-service-password"
 # Clients (the CLI, integrations) connect without credentials and get only
 # this: send commands and queries, receive replies. Appending to the log, or
 # any JetStream API call, is refused by the server itself.
@@ -136,14 +140,6 @@ async def start_services(
         register_webhook_query(q_svc, store)
         await q_svc.start()
     return feed, cmd_svc, q_svc
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("STRATUS_DATA_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "stratus"
 
 
 class DataDirBusy(RuntimeError):

@@ -7,8 +7,8 @@ from typing import Any
 from stratus.handlers import compute, integrations, resources, tenants
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.targets import TargetPolicy
-from stratus.handlers.tokens import KeyRing
 
 
 def all_handlers(

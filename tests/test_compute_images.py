@@ -20,7 +20,8 @@ from stratus.events.ids import new_id
 from stratus.events.network import vm_tap
 from stratus.events.resources import SYSTEM, Nic
 from stratus.events.scheduling import HostClaimed, HostReleased
-from stratus.tests.compute_helpers import cause
+
+from .compute_helpers import cause
 
 
 def qcow2(path: Path, size: str = "16M", backing: Path | None = None, fmt: str = "raw") -> Path:
@@ -226,7 +227,7 @@ def test_image_create_keeps_the_stored_file_from_other_users(tmp_path):
     import json
     import stat
 
-    from stratus.tests.test_cli import cli, login, running_up
+    from .test_cli import cli, login, running_up
 
     private = _raw(tmp_path / "private.img")
     os.chmod(private, 0o600)

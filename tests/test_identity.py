@@ -38,11 +38,11 @@ from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.identity import UserCreated
 from stratus.events.ids import new_id
 from stratus.events.tenants import TenantCreate
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.rbac import CLOUD_TENANT, PERMISSIONS, Rule, Scope
 from stratus.handlers.registry import Handler, Special
 from stratus.handlers.service import CommandService
 from stratus.handlers.tenants import HANDLERS as TENANT_HANDLERS
-from stratus.handlers.tokens import KeyRing
 from stratus.projections.query import Route
 
 pytestmark = pytest.mark.timeout(90)

@@ -22,8 +22,9 @@ from stratus.cli.integrations import connect_info, wait_usable
 from stratus.events.model import Cause
 from stratus.events.resources import QuotaSet
 from stratus.handlers.natsauth import GENERATION
-from stratus.tests.test_cli import cli, login
-from stratus.tests.test_identity import ADMIN_PASSWORD, Cloud, Stacks, connect, kind
+
+from .test_cli import cli, login
+from .test_identity import ADMIN_PASSWORD, Cloud, Stacks, connect, kind
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -271,7 +272,7 @@ async def test_reset_restarts_the_consumer_at_a_sequence_from_the_cli(admin_clou
     c, token = admin_cloud
     store = c.stack.store
     url = c.stack.url
-    from stratus.tests import test_cli
+    from . import test_cli
 
     test_cli.CONFIG_HOME["value"] = str(tmp_path / "config")
     await asyncio.to_thread(login, url, "admin", ADMIN_PASSWORD)

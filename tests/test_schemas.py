@@ -121,10 +121,10 @@ async def test_every_event_type_validates_in_all_three_forms_as_delivered(tmp_pa
     is read back as ``events tail -o json`` prints it, as an integration's
     consumer delivers it (decoded by the README's code with the ``msgpack``
     package), and as a webhook POSTs it to a receiver on loopback."""
-    from stratus.tests.test_cli import CONFIG_HOME, cli
-    from stratus.tests.test_identity import ADMIN_PASSWORD, Stacks, connect
-    from stratus.tests.test_integrations import Watch, bound
-    from stratus.tests.test_webhooks import Receiver
+    from .test_cli import CONFIG_HOME, cli
+    from .test_identity import ADMIN_PASSWORD, Stacks, connect
+    from .test_integrations import Watch, bound
+    from .test_webhooks import Receiver
 
     assert len(CODEC.types) > 40
     decode = readme_decode()

@@ -16,7 +16,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from stratus.events import cloudevents
 from stratus.handlers.targets import TargetPolicy
-from stratus.tests.test_identity import ADMIN_PASSWORD, Stacks, connect
+
+from .test_identity import ADMIN_PASSWORD, Stacks, connect
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -288,7 +289,7 @@ async def test_internal_targets_are_refused_at_create_and_at_delivery(tmp_path):
     multicast or metadata URL is refused when created (the CLI exits 1 with
     the reason, nothing is appended); a name that resolves inward when the
     event is delivered is refused then, and its receiver sees nothing."""
-    from stratus.tests.test_cli import CONFIG_HOME, cli, login
+    from .test_cli import CONFIG_HOME, cli, login
 
     rx = await Receiver().start()
     names = HostsResolver({"hooks.example": "93.184.215.14"})

@@ -22,11 +22,12 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import msgspec
 
-from stratus.events.errors import Invalid
+from stratus.events.errors import HostError, Invalid
 
 QEMU_IMG = "qemu-img"
 FORMATS = ("qcow2", "raw")
@@ -38,7 +39,7 @@ STORE_DIR_MODE = 0o700
 STORE_FILE_MODE = 0o600
 
 
-class ImageError(Exception):
+class ImageError(HostError):
     """qemu-img refused or failed; the message is its own reason."""
 
 
@@ -51,6 +52,13 @@ class ImageFile(msgspec.Struct, frozen=True):
     virtual_size: int
     checksum: str
     backing: str = ""
+
+
+def part(path: Path) -> Path:
+    """A temporary name beside ``path`` of this process and thread alone:
+    two builds making the same cached file at once each write their own,
+    and the atomic rename of either leaves a whole file."""
+    return path.with_name(f".{path.name.lstrip('.')}.{os.getpid()}-{threading.get_ident()}.part")
 
 
 def qemu_img(*args: str, timeout: float = 120) -> str:
@@ -136,7 +144,7 @@ def store_file(path: Path, claimed: str, store: Path) -> ImageFile:
     private_dir(store)
     dest = store / checked.checksum
     if not dest.exists():
-        tmp = store / f".{checked.checksum}.{os.getpid()}.part"
+        tmp = part(dest)
         shutil.copyfile(path, tmp)
         os.chmod(tmp, STORE_FILE_MODE)
         os.replace(tmp, dest)
@@ -160,6 +168,9 @@ class BaseCache:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[Path, int] = {}
+        # Builds run in threads: the first to need a base makes it, the
+        # others wait for it rather than copy and hash the same image again.
+        self._making = threading.Lock()
 
     def virtual_size(self, path: Path, fmt: str) -> int:
         size = self._sizes.get(path)
@@ -180,16 +191,21 @@ class BaseCache:
         if checksum and src is None:
             raise ImageError(f"image file {checksum} is not in the image store {store}")
         if src is None:
-            gb = max(1, blank_gb)
-            path = self.root / f"blank-{gb}g.qcow2"
-            if not path.exists():
-                tmp = self.root / f".{path.name}.{os.getpid()}.part"
-                qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{gb}G")
-                os.replace(tmp, path)
-            return path, "qcow2"
-        path = self.root / f"{checksum}.{fmt}"
+            path = self.root / f"blank-{max(1, blank_gb)}g.qcow2"
+        else:
+            path = self.root / f"{checksum}.{fmt}"
         if not path.exists():
-            tmp = self.root / f".{path.name}.{os.getpid()}.part"
+            with self._making:
+                if not path.exists():
+                    self._make(path, src, checksum, max(1, blank_gb))
+        return path, fmt if src is not None else "qcow2"
+
+    @staticmethod
+    def _make(path: Path, src: Path | None, checksum: str, blank_gb: int) -> None:
+        tmp = part(path)
+        if src is None:
+            qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{blank_gb}G")
+        else:
             try:
                 os.link(src, tmp)  # same filesystem: the cache costs nothing
             except OSError:
@@ -198,8 +214,7 @@ class BaseCache:
             if sha256(tmp) != checksum:
                 tmp.unlink()
                 raise ImageError(f"image file {src} does not match its checksum {checksum}")
-            os.replace(tmp, path)
-        return path, fmt
+        os.replace(tmp, path)
 
 
 def create_overlay(
@@ -216,9 +231,9 @@ def create_overlay(
     template = base.with_name(f".{base.name}.{base_fmt}.{grow or 'same'}.overlay")
     if not template.exists():
         args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_fmt]
-        part = template.with_name(f"{template.name}.{os.getpid()}.part")
-        qemu_img(*args, str(part), *([grow] if grow else []))
-        os.replace(part, template)
+        tmp = part(template)
+        qemu_img(*args, str(tmp), *([grow] if grow else []))
+        os.replace(tmp, template)
     tmp = overlay.with_name(f".{overlay.name}.part")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
