@@ -249,16 +249,25 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     caller: ``--insecure-no-auth``)."""
     from stratus.cli.runtime import start_services
     from stratus.handlers.catalog import all_handlers
+    from stratus.handlers.image_service import ImageService
     from stratus.handlers.keyring import KeyRing
     from stratus.handlers.service import CommandService
     from stratus.projections.query import QueryService
 
     name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    spool = o.data_dir / "image-spool"
     if o.insecure:
         if commands:
-            return _one(
-                name, lambda store, _: CommandService(store, all_handlers(quota_defaults=defaults))
-            )
+
+            async def start_insecure(store: Any, _engine: Any) -> list[Any]:
+                # Image bytes are written through the handlers too.
+                cmd = CommandService(store, all_handlers(quota_defaults=defaults))
+                images = ImageService(store, spool=spool)
+                await cmd.start()
+                await images.start()
+                return [images, cmd]
+
+            return Service(name, start_insecure)
         return _one(
             name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
         )
@@ -270,7 +279,11 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
         feed, cmd, query = await start_services(
             store, engine, keyring, commands=commands, queries=not commands, quota_defaults=defaults
         )
-        return [cmd or query, feed]
+        if cmd is None:
+            return [query, feed]
+        images = ImageService(store, spool=spool, authenticate=cmd.authenticate, roles=cmd.roles)
+        await images.start()
+        return [images, cmd, feed]
 
     return Service(name, start)
 
