@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import msgspec
 
 from stratus.cli.client import Client, decode_reply
 from stratus.events.commands import H_COMMAND_ID
-from stratus.events.errors import Internal, Invalid, StratusError
+from stratus.events.errors import Internal, Invalid, StratusError, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.transfer import (
+    BUSY,
     DOWNLOAD_OPEN,
     H_DONE,
     H_OFFSET,
@@ -57,12 +59,27 @@ def store_timeout(size: int) -> float:
     return 120 + size / (8 << 20)
 
 
+# A busy image service is asked again, for at most this long in all.
+BUSY_WAIT_S = 300.0
+
+
 async def _open(
     c: Client, subject: str, ref: str, tenant: str | None, public: bool, command_id: str
 ) -> Opened:
     body = msgspec.json.encode(TransferOpen(ref=ref, tenant=tenant, public=public))
-    reply = decode_reply(subject, await c.send_bytes(subject, body, {H_COMMAND_ID: command_id}))
-    return msgspec.convert(reply.data, Opened)
+    deadline = time.monotonic() + BUSY_WAIT_S
+    pause = 0.5
+    while True:
+        data = await c.send_bytes(subject, body, {H_COMMAND_ID: command_id})
+        try:
+            reply = decode_reply(subject, data)
+        except Unavailable as exc:
+            if not exc.message.startswith(BUSY) or time.monotonic() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)  # its transfers end; then there is room
+            pause = min(pause * 2, 5.0)
+            continue
+        return msgspec.convert(reply.data, Opened)
 
 
 async def _windowed(

@@ -46,6 +46,9 @@ H_DONE = "Stratus-Done"
 MAX_CHUNK = CHUNK_BYTES
 # Requests a client keeps in flight in a session.
 WINDOW = 8
+# How an ``unavailable`` refusal to open begins when the service has as many
+# transfers as it takes: a client waits and asks again.
+BUSY = "the image service is busy"
 
 
 def upload_subject(session: str) -> str:

@@ -12,23 +12,24 @@ it has checked:
 2. The client opens an upload (``cmd.image.upload.open``: its token must
    allow ``image.create`` in the image's tenant, and the image must be
    queued) and sends the file in numbered chunks, at most a window of
-   them unanswered. This replica writes them to a spool file of its own
-   (mode 0600 in a 0700 directory) and hashes them as they come.
-3. On the last request it checks the size, the SHA-256 and, with
-   ``qemu-img info``, the format (as claimed, no backing or data file),
-   then stores the file under its digest (``events.blobs``: the store
-   refuses bytes that do not hash to the name) and appends
-   ``image.activated`` on the condition that the image's subject has not
-   moved. Only then is the image active.
+   them unanswered; a chunk is answered once the store has room for it.
+3. This replica passes the chunks, as they come, to the object store's
+   ``put`` (``events.blobs``), writing them to a spool file of its own on
+   the way (mode 0600 in a 0700 directory). Once the last is read it
+   checks the size, the SHA-256 and, with ``qemu-img info`` on the spool
+   file, the format (as claimed, no backing or data file); only then does
+   ``put`` publish the object's meta, so no unchecked bytes are ever an
+   object. Then ``image.activated`` is appended on the condition that the
+   image's subject has not moved: the image is active.
 
-Refused bytes (size, checksum, format) are answered ``invalid`` and leave
-no event and nothing in the bucket: nothing reaches the bucket before the
-checks pass. A client that stops sending (killed, disconnected) leaves a
-session that no chunk reaches for ``idle_s``: the spool file is deleted
-and ``image.upload-failed`` says why on the image, which stays queued
-for another upload. A process that dies while storing may leave chunks
-without an object; ``sweep`` (at start and every few minutes) purges
-those once they are older than any live upload's pauses.
+Refused bytes (size, checksum, format) are answered ``invalid``: the chunks
+sent are purged, no event is appended. A client that stops sending
+(killed, disconnected) leaves a session nothing reaches for ``idle_s``:
+its chunks are purged, the spool file deleted, and ``image.upload-failed``
+says why on the image, which stays queued for another upload. A process
+that dies in the middle of a ``put`` may leave chunks without an object;
+``sweep`` (at start and every few minutes) purges those once they are
+older than any live upload's pauses.
 
 Downloads run the other way: the object is fetched (and verified) into a
 spool file while the client reads the chunks already there.
@@ -39,9 +40,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
+import queue
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +56,7 @@ import structlog
 from nats.aio.msg import Msg
 
 from stratus.events import imagefile
-from stratus.events.blobs import BlobStore
+from stratus.events.blobs import BlobStore, DigestMismatch
 from stratus.events.commands import H_COMMAND_ID, Reply, explain
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -69,6 +73,7 @@ from stratus.events.resources import SYSTEM, ImageActivated, ImageUploadFailed
 from stratus.events.responder import Responder
 from stratus.events.store import Condition, EventStore
 from stratus.events.transfer import (
+    BUSY,
     H_DONE,
     H_OFFSET,
     MAX_CHUNK,
@@ -90,6 +95,10 @@ log = structlog.get_logger("stratus.images")
 # A session no request reached for this long is over (its client is gone).
 IDLE_S = 30.0
 MAX_SESSIONS = 16
+# Uploads at once: each holds a thread of the event loop's default executor
+# (nats-py's put reads there) for as long as its client sends, and the
+# agents and other services of ``stratus up`` share those few threads.
+MAX_UPLOADS = 2
 # The janitor: how often, and how old chunks without an object must be.
 SWEEP_INTERVAL_S = 300.0
 SWEEP_GRACE_S = 600.0
@@ -129,6 +138,7 @@ class ImageService(Responder):
         roles: RoleBook | None = None,
         idle_s: float = IDLE_S,
         max_sessions: int = MAX_SESSIONS,
+        max_uploads: int = MAX_UPLOADS,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         sweep_grace_s: float = SWEEP_GRACE_S,
     ) -> None:
@@ -140,6 +150,7 @@ class ImageService(Responder):
         self.roles = roles
         self.idle_s = idle_s
         self.max_sessions = max_sessions
+        self.max_uploads = max_uploads
         self.sweep_interval_s = sweep_interval_s
         self.sweep_grace_s = sweep_grace_s
         self.blobs: BlobStore | None = None
@@ -205,9 +216,7 @@ class ImageService(Responder):
             causation_id=command_id if is_token(command_id) else new_id(),
         )
         if len(self.sessions) >= self.max_sessions:
-            raise Unavailable(
-                f"the image service is busy ({len(self.sessions)} transfers); retry shortly"
-            )
+            raise Unavailable(f"{BUSY}: {len(self.sessions)} transfers under way; retry shortly")
         if msg.subject.split(".")[2] == "upload":
             opened = await self._open_upload(caller, cmd, cause)
         else:
@@ -223,6 +232,10 @@ class ImageService(Responder):
         image = found.image
         if image.status != "queued":
             raise Conflict(f"image {image.name} is {image.status}: only a queued image takes bytes")
+        uploads = sum(isinstance(s, _Upload) for s in self.sessions.values())
+        if uploads >= self.max_uploads:
+            # Each holds a worker thread while the store reads its bytes.
+            raise Unavailable(f"{BUSY}: {uploads} uploads under way; retry shortly")
         if any(isinstance(s, _Upload) and s.image.id == image.id for s in self.sessions.values()):
             raise Conflict(f"image {image.name} is being uploaded already")
         free = await asyncio.to_thread(shutil.disk_usage, self.spool)
@@ -337,7 +350,7 @@ class ImageService(Responder):
             await asyncio.sleep(min(self.idle_s / 4, 5.0))
             now = time.monotonic()
             for s in list(self.sessions.values()):
-                if not s.busy and now - s.last > self.idle_s:
+                if not s.working() and now - s.last > self.idle_s:
                     await s.interrupted(now - s.last)
 
 
@@ -363,8 +376,6 @@ class _Session(Responder):
         self.cause = cause
         self.path = svc.spool / f"{self.id}.part"
         self.last = time.monotonic()
-        # While storing (a long step without requests): not idle.
-        self.busy = False
         self.closed = False
         self._waiters: list[asyncio.Future[None]] = []
         super().__init__(svc.nc, "", max_in_flight=WINDOW + 2, log=log)
@@ -442,29 +453,201 @@ class _Session(Responder):
     def _release(self) -> None:
         pass
 
-    async def abort(self, why: str) -> None:
+    def working(self) -> bool:
+        """Busy without requests (storing): not idle, however long it takes."""
+        return False
+
+    async def abort(self, why: str, record: bool = True) -> None:
         await self.close()
 
     async def interrupted(self, idle: float) -> None:
         await self.abort(f"no request for {idle:.0f}s")
 
 
-class _Upload(_Session):
-    def __init__(self, svc: ImageService, user: str, found: Located, cause: Cause) -> None:
-        super().__init__(svc, user, found, cause)
-        self.received = 0
+class _Interrupted(Exception):
+    """An upload that ends without all its bytes; ``record``: say so on the
+    image (not when the client itself ended it early)."""
+
+    def __init__(self, why: str, record: bool = True) -> None:
+        super().__init__(why)
+        self.why = why
+        self.record = record
+
+
+class _Incoming(io.RawIOBase):
+    """An upload's bytes as the object store's ``put`` reads them (in a
+    worker thread): handed over by the event loop chunk by chunk, written to
+    the spool file and hashed on the way, and checked once the last is read
+    (size, SHA-256, then ``qemu-img info`` on the spool file: format as
+    claimed, no backing or data file). A failed check or a stalled client
+    raises from the read, which makes ``put`` purge what it sent and store
+    nothing; so the bucket never shows bytes that were not checked.
+
+    ``taken`` is called (in the loop) as each chunk leaves the queue: the
+    queue holds at most a window of chunks, which is the flow control.
+    """
+
+    def __init__(
+        self,
+        image: Image,
+        fd: int,
+        path: Path,
+        idle_s: float,
+        taken: Callable[[], None],
+    ) -> None:
+        self.image = image
+        # Off when ``put`` reads: it hashes what it stores and refuses a
+        # wrong digest itself (``events.blobs``).
+        self.hashing = True
+        self.fd = fd
+        self.path = path
+        self.idle_s = idle_s
+        self.queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.loop = asyncio.get_running_loop()
+        self.taken = taken
         self.h = hashlib.sha256()
-        self.fd = -1
+        self.read = 0
+        self.left = b""
+        self.stop = threading.Event()
+        self.why: _Interrupted | None = None
+        self.checked: imagefile.ImageFile | None = None
 
-    async def begin(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.subject = upload_subject(self.id)
-        await self.start()
+    def readable(self) -> bool:
+        return True
 
-    def _release(self) -> None:
+    def abort(self, why: _Interrupted) -> None:
+        """Make the reader raise ``why`` (from any thread)."""
+        self.why = why
+        self.stop.set()
+
+    def readinto(self, b: Any) -> int:
+        if not self.left:
+            if self.read == self.image.size_bytes:
+                self._check()
+                return 0
+            self.left = self._next()
+            self.read += len(self.left)
+            # On the spool file, hashed: in this thread, off the loop.
+            view = memoryview(self.left)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            if self.hashing:
+                self.h.update(self.left)
+            self.loop.call_soon_threadsafe(self.taken)
+        n = min(len(b), len(self.left))
+        b[:n] = self.left[:n]
+        self.left = self.left[n:]
+        return n
+
+    def _next(self) -> bytes:
+        deadline = time.monotonic() + self.idle_s
+        while True:
+            if self.stop.is_set():
+                raise self.why or _Interrupted("aborted")
+            try:
+                return self.queue.get(timeout=0.25)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise _Interrupted(f"no data for {self.idle_s:.0f}s") from None
+
+    def _check(self) -> None:
+        if self.checked is not None:
+            return
+        image = self.image
+        self.close()
+        if self.hashing:
+            got = self.h.hexdigest()
+            if got != image.checksum:
+                raise DigestMismatch(f"the bytes hash to {got}, not {image.checksum}")
+        self.checked = imagefile.inspect(self.path, image.format, "", image.checksum)
+
+    def drain(self) -> None:
+        """Read (and check) everything without storing it: for bytes the
+        bucket holds already, which must still be the ones claimed."""
+        buf = bytearray(MAX_CHUNK)
+        while self.readinto(buf):
+            pass
+
+    def close(self) -> None:
+        """Close the spool file (once no read is running: ``_Upload._store``)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        super().close()
+
+
+class _Upload(_Session):
+    """Bytes in: written through to the object store as they come (the
+    store's own ``put`` reads them), then ``image.activated``."""
+
+    def __init__(self, svc: ImageService, user: str, found: Located, cause: Cause) -> None:
+        super().__init__(svc, user, found, cause)
+        self.received = 0
+        self.reader: _Incoming | None = None
+        self.stored: asyncio.Task[Image] | None = None
+        self.slots = asyncio.Semaphore(WINDOW)
+
+    async def begin(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.reader = _Incoming(self.image, fd, self.path, self.svc.idle_s, self.slots.release)
+        self.stored = asyncio.create_task(self._store(), name=f"upload-{self.id}")
+        self.subject = upload_subject(self.id)
+        await self.start()
+
+    def working(self) -> bool:
+        # Every byte is in: the store is checking and writing them.
+        return self.received == self.image.size_bytes and not self.stored_done()
+
+    def stored_done(self) -> bool:
+        return self.stored is not None and self.stored.done()
+
+    async def _store(self) -> Image:
+        """Bytes to the bucket as they come, checked; then the image is
+        active. Runs without the client once its bytes are all in."""
+        assert self.reader is not None and self.svc.blobs is not None
+        image = self.image
+        try:
+            if await self.svc.blobs.exists(image.checksum):
+                # Stored before (by another image): the bytes must still be
+                # these, and are checked, but need not be stored twice.
+                await asyncio.to_thread(self.reader.drain)
+            else:
+                self.reader.hashing = False
+                await self.svc.blobs.put(image.checksum, self.reader)
+        except DigestMismatch as exc:
+            log.info("upload refused", image=image.id, reason=exc.message)
+            raise Invalid(f"checksum mismatch: {exc.message}") from None
+        except _Interrupted as exc:
+            reason = f"upload interrupted after {self.received} of {image.size_bytes} bytes"
+            log.info("upload interrupted", image=image.id, reason=exc.why)
+            if exc.record:
+                with contextlib.suppress(StratusError):
+                    await self.svc.record(self, ImageUploadFailed, reason=f"{reason}: {exc.why}")
+            raise
+        except Invalid as exc:
+            # Refused bytes: nothing recorded, nothing kept; the client hears why.
+            log.info("upload refused", image=image.id, reason=exc.message)
+            raise
+        finally:
+            # No read is running any more (put and drain have returned).
+            self.reader.close()
+        checked = self.reader.checked
+        assert checked is not None
+        after = await self.svc.record(
+            self,
+            ImageActivated,
+            size_bytes=checked.size_bytes,
+            checksum=checked.checksum,
+            min_disk_gb=imagefile.min_disk_gb(checked.virtual_size),
+            reason="",
+        )
+        log.info(
+            "image stored",
+            image=image.id,
+            checksum=image.checksum,
+            correlation_id=self.cause.correlation_id,
+        )
+        return after
 
     async def answer(self, msg: Msg) -> Reply:
         offset, done = self.check(msg)
@@ -482,27 +665,26 @@ class _Upload(_Session):
             raise Invalid(f"offset {offset} is beyond the window (received {self.received})")
         await self._turn(offset)
         if offset < self.received:
-            # A chunk sent again (a retry): already written.
+            # A chunk sent again (a retry): already taken.
             if offset + len(data) > self.received:
                 raise Invalid(f"chunk at {offset} overlaps bytes already received")
-        else:
-            # In a thread: a write can wait on the disk's writeback for
-            # milliseconds, and the hash is CPU the loop need not spend.
-            # Chunks are written one at a time, in order (``_turn``).
-            await asyncio.to_thread(self._write, data)
-            self.received += len(data)
-            self.wake()
+            return Reply(ok=True, data={"received": self.received})
+        if self.stored_done():
+            await self._outcome()  # the store ended early: its reason
+        try:
+            # A slot frees as the store takes a chunk: at most a window waits.
+            await asyncio.wait_for(self.slots.acquire(), self.svc.idle_s)
+        except TimeoutError:
+            raise Unavailable("the object store is not taking the bytes; upload again") from None
+        assert self.reader is not None
+        self.reader.queue.put(data)
+        self.received += len(data)
+        self.wake()
         return Reply(ok=True, data={"received": self.received})
 
-    def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        self.h.update(data)
-
     async def _turn(self, offset: int) -> None:
-        """Until everything before ``offset`` is written (chunks answered out
-        of order wait here for their predecessors)."""
+        """Until everything before ``offset`` is in (requests answered out of
+        order wait here for their predecessors)."""
         try:
             await self.until(lambda: self.received >= offset, self.svc.idle_s)
         except TimeoutError:
@@ -510,56 +692,39 @@ class _Upload(_Session):
         if self.closed:
             raise Conflict("this transfer is over")
 
+    async def _outcome(self) -> Image:
+        """What the store came to, as the client should hear it."""
+        assert self.stored is not None
+        try:
+            return await asyncio.shield(self.stored)
+        except Invalid as exc:
+            raise Invalid(f"image {self.image.name}: {exc.message}") from None
+        except _Interrupted as exc:
+            raise Conflict(f"the upload was interrupted: {exc.why}") from None
+
     async def _commit(self, offset: int) -> Reply:
         await self._turn(offset)
-        image = self.image
-        self.busy = True
+        if self.received != self.image.size_bytes:
+            # Ended early by the client: it knows why; nothing is recorded.
+            await self.abort(f"ended after {self.received} bytes", record=False)
+            raise Invalid(f"got {self.received} of the image's {self.image.size_bytes} bytes")
         try:
-            if self.received != image.size_bytes:
-                raise Invalid(f"got {self.received} of the image's {image.size_bytes} bytes")
-            got = self.h.hexdigest()
-            if got != image.checksum:
-                raise Invalid(
-                    f"checksum mismatch: the bytes hash to {got}, the image expects "
-                    f"{image.checksum}"
-                )
-            self._release()
-            checked = await asyncio.to_thread(imagefile.inspect, self.path, image.format, "", got)
-            assert self.svc.blobs is not None
-            await self.svc.blobs.put_file(got, self.path)
-            after = await self.svc.record(
-                self,
-                ImageActivated,
-                size_bytes=checked.size_bytes,
-                checksum=got,
-                min_disk_gb=imagefile.min_disk_gb(checked.virtual_size),
-                reason="",
-            )
-        except Invalid as exc:
-            # Refused bytes: the client hears why; nothing is recorded or kept.
-            log.info("upload refused", image=image.id, reason=exc.message)
-            raise Invalid(f"image {image.name}: {exc.message}") from None
+            after = await self._outcome()
         finally:
-            self.busy = False
             await self.close()
-        log.info(
-            "image stored",
-            image=image.id,
-            checksum=image.checksum,
-            correlation_id=self.cause.correlation_id,
-        )
         return Reply(ok=True, data=view(after))
 
-    async def abort(self, why: str) -> None:
-        """The client is gone: say so on the image (still queued)."""
+    async def abort(self, why: str, record: bool = True) -> None:
+        """End the session; an upload still waiting for bytes is interrupted
+        (and, with ``record``, says so on the image, which stays queued)."""
         if self.closed:
             return
-        received = self.received
+        if self.reader is not None:
+            self.reader.abort(_Interrupted(why, record))
+        if self.stored is not None:
+            with contextlib.suppress(BaseException):
+                await self.stored
         await self.close()
-        reason = f"upload interrupted after {received} of {self.image.size_bytes} bytes: {why}"
-        log.info("upload interrupted", image=self.image.id, reason=reason)
-        with contextlib.suppress(StratusError):
-            await self.svc.record(self, ImageUploadFailed, reason=reason)
 
 
 class _Download(_Session):

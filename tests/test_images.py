@@ -291,7 +291,7 @@ async def test_a_killed_upload_leaves_no_active_image_and_no_chunks(cloud):
         return row.get("reason", "")
 
     why = await until(reason, 20, "the interruption to be recorded")
-    assert "interrupted" in why and "no request for" in why
+    assert "interrupted after" in why and ("no request for" in why or "no data for" in why)
     # and the next attempt completes it
     done = await user.json("image", "upload", "big", "--file", "big.raw")
     assert done["status"] == "active" and done["reason"] == ""
@@ -351,6 +351,11 @@ async def test_wrong_bytes_are_refused_and_leave_nothing(cloud):
         await c.close()
 
 
+async def _login(c: Client, user: str) -> str:
+    body = {"user": user, "password": "password-" + user}
+    return (await c.command("auth.login", body)).data["token"]
+
+
 async def test_clients_cannot_touch_the_bucket_nor_each_others_transfers(cloud):
     token = await cloud.token()
     admin = await cloud.client(token)
@@ -362,14 +367,8 @@ async def test_clients_cannot_touch_the_bucket_nor_each_others_transfers(cloud):
         for user, tenant in (("alice", "acme"), ("bob", "globex")):
             await admin.command("user.create", {"name": user, "password": "password-" + user})
             await admin.command("role.assign", {"user": user, "tenant": tenant, "role": "member"})
-        alice = await cloud.client(
-            (await admin.command("auth.login", {"user": "alice", "password": "password-alice"})).data[
-                "token"
-            ]
-        )
-        bob = await cloud.client(
-            (await admin.command("auth.login", {"user": "bob", "password": "password-bob"})).data["token"]
-        )
+        alice = await cloud.client(await _login(admin, "alice"))
+        bob = await cloud.client(await _login(admin, "bob"))
         body = {"name": "mine", "size_bytes": size, "checksum": checksum}
         mine = (await alice.command("image.create", body)).data["id"]
         # Bob cannot open an upload into, nor download, alice's image.
