@@ -31,7 +31,7 @@ from stratus.cli.runtime import Stack
 from stratus.events.blobs import BlobStore
 from stratus.events.errors import Conflict, Forbidden, Invalid, NotFound
 from stratus.events.store import EventStore
-from stratus.events.transfer import H_OFFSET, UPLOAD_OPEN
+from stratus.events.transfer import BUSY, H_OFFSET, UPLOAD_OPEN
 
 from .compute_helpers import cleanup, make_agent, place, unique_host, wait_for
 from .test_cli import ADMIN_PASSWORD, STRATUS
@@ -452,3 +452,36 @@ async def test_the_broker_keeps_clients_off_the_object_store(cloud):
 
 # The server drops what a client may not publish: its request gets no answer.
 NO_ANSWER = (nats.errors.TimeoutError, nats.errors.NoRespondersError)
+
+
+async def test_a_busy_image_service_is_asked_again(cloud):
+    # given a service that takes one upload at a time, with one under way
+    svc = cloud.stack.images
+    assert svc is not None
+    svc.max_uploads = 1
+    c = await cloud.client(await cloud.token())
+    src = qcow2(cloud.tmp / "q.qcow2", "8M")
+    checksum, size = transfer.hash_file(src)
+    try:
+        ids = []
+        for name in ("first", "second"):
+            body = {"name": name, "size_bytes": size, "checksum": checksum}
+            ids.append((await c.command("image.create", body)).data["id"])
+        held = json.loads(await c.send_bytes(UPLOAD_OPEN, json.dumps({"ref": ids[0]}).encode(), {}))
+        assert held["ok"], held
+        # when another upload starts, it is told the service is busy ...
+        refused = json.loads(
+            await c.send_bytes(UPLOAD_OPEN, json.dumps({"ref": ids[1]}).encode(), {})
+        )
+        assert refused["error"]["kind"] == "unavailable"
+        assert refused["error"]["message"].startswith(BUSY)
+        # ... and the client asks again until there is room
+        second = asyncio.create_task(transfer.upload(c, ids[1], src))
+        await asyncio.sleep(1.0)
+        assert not second.done()
+        subject = held["data"]["subject"]
+        await c.send_bytes(subject, b"", {H_OFFSET: "0", "Stratus-Done": "1"})  # ends early
+        done = await asyncio.wait_for(second, 60)
+        assert done["status"] == "active" and done["id"] == ids[1]
+    finally:
+        await c.close()
