@@ -8,7 +8,10 @@ records, so every host names the same bytes the same way. A snapshot is a
 qcow2 backed by its parent image under that relative name, so it resolves
 in any host's cache once the parent is fetched beside it. An instance's
 disk is an overlay backed by the cached base: creating one writes
-kilobytes, not a copy. The cache is the agent's alone (0700, files 0600).
+kilobytes, not a copy. The cache's files are the agent's alone (0600); its
+directory can be listed by nobody else, but traversed (0711): with
+``qemu:///system`` libvirt hands each file of a domain's backing chain to
+the qemu user, which must still reach it by its path.
 """
 
 from __future__ import annotations
@@ -103,9 +106,12 @@ def part(path: Path) -> Path:
     return path.with_name(f".{path.name.lstrip('.')}.{os.getpid()}-{threading.get_ident()}.part")
 
 
-def private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+CACHE_MODE = 0o711
+
+
+def private_dir(path: Path, mode: int = CACHE_MODE) -> Path:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    os.chmod(path, mode)
     return path
 
 
