@@ -148,14 +148,14 @@ async def cloud(tmp_path) -> AsyncIterator[Cloud]:
         await stack.stop()
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+async def until(check: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         got = await check()
         if got:
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(every)
 
 
 async def test_an_image_from_an_unrelated_client_boots_on_other_hosts_and_comes_back(cloud):
@@ -261,7 +261,7 @@ async def test_a_killed_upload_leaves_no_active_image_and_no_chunks(cloud):
     svc.idle_s = 2.0
     user = Cli(cloud.url, cloud.tmp / "client")
     await user("login", "--user", "admin", "--password", ADMIN_PASSWORD)
-    big = random_file(user.home / "big.raw", 160 << 20)
+    big = random_file(user.home / "big.raw", 96 << 20)
 
     # when the client is killed in the middle of its upload
     proc = await user.start("image", "create", "big", "--file", "big.raw", "--format", "raw")
@@ -272,7 +272,7 @@ async def test_a_killed_upload_leaves_no_active_image_and_no_chunks(cloud):
                 0 < getattr(s, "received", 0) < big.stat().st_size for s in svc.sessions.values()
             )
 
-        await until(midway, 60, "the upload to be under way")
+        await until(midway, 60, "the upload to be under way", every=0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
