@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -246,3 +247,17 @@ def test_desired_state_is_the_fold_of_the_host_subject():
     assert d.seq == len(events)
     fold(d, _act("h", a, "start"))
     assert d.instances[a].power == "running"
+
+
+def test_a_snapshot_file_is_kept_from_other_users(tmp_path):
+    """Issue 17: images are tenants' data, and no other local user may read
+    them. A snapshot an agent makes is 0600 like every cached base (see
+    ``test_overlays_cost_kilobytes_on_a_base_fetched_once_and_checked``; the
+    image service's spool is checked in ``test_images``)."""
+    import stat
+
+    private = _raw(tmp_path / "private.img")
+    os.chmod(private, 0o600)
+    disk = qcow2(tmp_path / "disk.qcow2", backing=private)
+    shot = images.snapshot(disk, tmp_path, None, "t1")
+    assert stat.S_IMODE(Path(shot.path).stat().st_mode) == 0o600
