@@ -29,9 +29,6 @@ def compute_agent(
     zone: Annotated[str, typer.Option()] = "nova",
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeat")] = None,
     types: Annotated[str, typer.Option(help="instance types: vm,container")] = "vm,container",
-    image_store: Annotated[
-        Path | None, typer.Option(help="the image store (default DATA_DIR/images)")
-    ] = None,
     reconcile_interval: Annotated[float, typer.Option(min=1)] = 60.0,
 ) -> None:
     """Run the compute agent of HOST (called by ``stratus serve compute-agent``)."""
@@ -47,7 +44,6 @@ def compute_agent(
             host,
             libvirt_uri=libvirt_uri,
             data_dir=data_dir / "hosts" / host,
-            image_store=image_store or data_dir / "images",
             vcpus=vcpus,
             ram_mb=ram_mb,
             disk_gb=disk_gb,

@@ -274,20 +274,27 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     caller: ``--insecure-no-auth``)."""
     from stratus.cli.runtime import start_services
     from stratus.handlers.catalog import all_handlers
+    from stratus.handlers.image_service import ImageService
     from stratus.handlers.keyring import KeyRing
     from stratus.handlers.service import CommandService
     from stratus.projections.query import QueryService
 
     name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    spool = o.data_dir / "image-spool"
     policy = webhook_policy_from(o.webhook_allow)  # a bad network stops us before connecting
     if o.insecure:
         if commands:
-            return _one(
-                name,
-                lambda store, _: CommandService(
-                    store, all_handlers(quota_defaults=defaults, webhook_policy=policy)
-                ),
-            )
+
+            async def start_insecure(store: Any, _engine: Any) -> list[Any]:
+                # Image bytes are written through the handlers too.
+                handlers = all_handlers(quota_defaults=defaults, webhook_policy=policy)
+                cmd = CommandService(store, handlers)
+                images = ImageService(store, spool=spool)
+                await cmd.start()
+                await images.start()
+                return [images, cmd]
+
+            return Service(name, start_insecure)
         return _one(
             name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
         )
@@ -305,7 +312,11 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
             quota_defaults=defaults,
             webhook_policy=policy,
         )
-        return [cmd or query, feed]
+        if cmd is None:
+            return [query, feed]
+        images = ImageService(store, spool=spool, authenticate=cmd.authenticate, roles=cmd.roles)
+        await images.start()
+        return [images, cmd, feed]
 
     return Service(name, start)
 

@@ -34,6 +34,7 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.image_service import ImageService
 from stratus.handlers.integrations import WebhookKeys
 from stratus.handlers.keyring import KeyRing
 from stratus.handlers.natsauth import IntegrationAuth
@@ -183,6 +184,7 @@ class Stack:
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
+        self.images: ImageService | None = None
         self.queries: QueryService | None = None
         self.live: LiveProjection | None = None
         self.swapper: SwapService | None = None
@@ -236,6 +238,13 @@ class Stack:
                 webhook_policy=self.webhook_policy,
             )
             assert self.commands is not None and self.queries is not None
+            self.images = ImageService(
+                self.store,
+                spool=self.data_dir / "image-spool",
+                authenticate=self.commands.authenticate,
+                roles=self.commands.roles,
+            )
+            await self.images.start()
             self.swapper = SwapService(
                 self.store,
                 self.live,
@@ -306,7 +315,6 @@ class Stack:
                 name,
                 libvirt_uri=self.libvirt_uri,
                 data_dir=self.data_dir / "hosts" / name,
-                image_store=self.data_dir / "images",
                 # Simulated hosts all share this machine: a fixed, modest size.
                 vcpus=16,
                 ram_mb=65536,
@@ -333,6 +341,7 @@ class Stack:
             self.integration_auth,
             *self.schedulers,
             self.swapper,
+            self.images,
             self.commands,
             self.queries,
             self.feed,

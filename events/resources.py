@@ -119,6 +119,10 @@ class FlavorDeleted(ResourceEvent, frozen=True, tag="flavor.deleted"):
 
 
 class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
+    """An image usable at once: a record without bytes (its instances get a
+    blank disk), or a snapshot whose bytes its host has already stored in
+    the object store under ``checksum`` and verified."""
+
     begins = True
     status = "active"
     name: str
@@ -128,6 +132,41 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+
+
+class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
+    """An image waiting for its bytes: what they must be (``size_bytes``
+    long, hashing to ``checksum``, of ``format``). Nothing boots it until
+    ``image.activated``."""
+
+    begins = True
+    status = "queued"
+    name: str
+    format: str = "qcow2"
+    size_bytes: int = 0
+    checksum: str = ""
+    visibility: str = "private"
+    min_disk_gb: int = 0
+
+
+class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
+    """The image service stored the uploaded bytes in the object store under
+    ``checksum`` after checking them: the size and SHA-256 the image was
+    queued with, and its format (``qemu-img info``). ``reason`` is emptied."""
+
+    status = "active"
+    size_bytes: int
+    checksum: str
+    min_disk_gb: int = 0
+    reason: str = ""
+
+
+class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
+    """An upload ended without storing anything: the bytes were refused, or
+    the client stopped sending. The image stays queued for another upload."""
+
+    status = "queued"
+    reason: str
 
 
 class ImageDeleted(ResourceEvent, frozen=True, tag="image.deleted"):
@@ -438,6 +477,9 @@ EVENTS = (
     FlavorCreated,
     FlavorDeleted,
     ImageCreated,
+    ImageQueued,
+    ImageActivated,
+    ImageUploadFailed,
     ImageDeleted,
     ServerRequested,
     ServerScheduled,

@@ -85,6 +85,8 @@ class Image(Record):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    # Why its last upload stored nothing ("" once active).
+    reason: str | UnsetType = UNSET
 
 
 class Server(Record):

@@ -54,7 +54,11 @@ class ServerPlan(msgspec.Struct, frozen=True):
 
 async def prepare_server(cmd: ServerCreate, lookup: Lookup) -> ServerPlan:
     flavor = await lookup.system(Flavor, cmd.flavor) if cmd.flavor else None
-    return ServerPlan(cmd, flavor, await lookup.system(Image, cmd.image))
+    image = await lookup.system(Image, cmd.image)
+    if image is not None and image.status != "active":
+        # Its activation may have landed a moment ago: refuse only on the log.
+        image = await lookup.system(Image, cmd.image, fresh=True)
+    return ServerPlan(cmd, flavor, image)
 
 
 def _sizes(plan: ServerPlan) -> tuple[int, int, int]:
@@ -78,6 +82,9 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     image = w.images.named(cmd.image) or w.images.get(cmd.image) or plan.image
     if image is None:
         raise NotFound(f"image {cmd.image} not found")
+    if image.status != "active":
+        # Queued: its bytes are not stored yet, so no host could fetch them.
+        raise Conflict(f"image {image.name} is {image.status}, not active: upload its file first")
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""

@@ -120,7 +120,6 @@ def make_agent(
         store,
         host,
         data_dir=data,
-        image_store=tmp / "images",
         spec=spec or HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
         vm=LibvirtDriver("test:///default", host) if vm else None,
         containers=ContainerDriver(host, data / "containers") if containers else None,

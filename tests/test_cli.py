@@ -21,7 +21,7 @@ CONFIG_HOME = {"value": "/nonexistent-stratus-config"}
 
 
 def cli(
-    url: str, *args: str, timeout: float = 30, token: str | None = None
+    url: str, *args: str, timeout: float = 30, token: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -32,7 +32,12 @@ def cli(
     if token is not None:
         env["STRATUS_TOKEN"] = token
     return subprocess.run(
-        [*STRATUS, "--url", url, *args], capture_output=True, text=True, timeout=timeout, env=env
+        [*STRATUS, "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
     )
 
 

@@ -40,6 +40,7 @@ from stratus.events.resources import (
     HostRegistered,
     HostSetEnabled,
     HostUpdated,
+    ImageActivated,
     ImageCreate,
     NetworkCreate,
     PortCreate,
@@ -98,7 +99,7 @@ from stratus.handlers.records import (
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
 CAUSE = Cause(actor="test", correlation_id="corr", causation_id="corr")
-IMAGE = Image(name="img", id="img")
+IMAGE = Image(name="img", id="img", status="active")
 
 
 # -- a miniature command service -------------------------------------------------
@@ -646,7 +647,7 @@ def test_a_volume_attaches_to_one_server_at_a_time():
 def test_server_create_takes_a_flavor_or_sizes_not_both():
     w = world()
     flavor = Flavor(name="m1", id="m1", vcpus=2, ram_mb=2048, disk_gb=20)
-    image = Image(name="img", id="img", min_disk_gb=30)
+    image = Image(name="img", id="img", min_disk_gb=30, status="active")
 
     def plan(flavor_obj: Flavor | None, **kw: Any) -> servers.ServerPlan:
         return servers.ServerPlan(
@@ -1019,3 +1020,37 @@ def test_flavors_and_public_images_record_what_was_asked_and_are_never_renamed()
         3,
     )
     assert (image.visibility, image.tenant) == ("public", SYSTEM)
+
+
+def test_an_image_with_a_checksum_is_queued_until_its_bytes_are_stored():
+    # given a tenant
+    w = world()
+    # when an image is created with the size and SHA-256 of the file to come
+    cmd = ImageCreate(tenant="acme", name="base", size_bytes=4096, checksum="ab" * 32)
+    (queued,) = do(w, images.decide_image_create, cmd)
+    # then it is queued, expecting exactly those bytes, and nothing boots it
+    assert queued.type_name() == "image.queued"
+    image = w.images.find("base")
+    assert (image.status, image.size_bytes, image.checksum) == ("queued", 4096, "ab" * 32)
+    plan = ServerCreate(tenant="acme", name="s", image="base", vcpus=1, ram_mb=64)
+    refused(
+        w, servers.decide_server_create, servers.ServerPlan(plan, None, None), Conflict, "queued"
+    )
+    # ... until the image service has stored them (image.activated)
+    fold(
+        w,
+        CAUSE.make(ImageActivated, "acme", "image", image.id, size_bytes=4096, checksum="ab" * 32),
+    )
+    assert w.images.find("base").status == "active"
+    do(w, servers.decide_server_create, servers.ServerPlan(plan, None, None))
+    # a checksum without a size cannot be checked, and is refused
+    refused(
+        w,
+        images.decide_image_create,
+        ImageCreate(tenant="acme", name="other", checksum="cd" * 32),
+        Invalid,
+        "size_bytes",
+    )
+    # without a checksum the image is a record only, active at once
+    (record,) = do(w, images.decide_image_create, ImageCreate(tenant="acme", name="cirros"))
+    assert record.type_name() == "image.created" and w.images.find("cirros").status == "active"

@@ -6,7 +6,9 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root) runs only when named. ``python -m
+(the network agent on simulated hosts, as root), ``integrations`` and
+``images`` (image upload and download against raw object-store put and
+get) run only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -25,6 +27,7 @@ from stratus.ops.bench import (
     compute,
     foundation,
     identity,
+    images,
     integrations,
     network,
     projections,
@@ -39,6 +42,7 @@ SUITES = (
     "scheduler",
     "compute",
     "integrations",
+    "images",
     "network",
 )
 
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "images":
+        # Its own `stratus up` and a 256 MiB file: run by name.
+        return images.main(argv[1:])
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])

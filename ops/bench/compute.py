@@ -101,7 +101,6 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
             store,
             h,
             data_dir=tmp / "hosts" / h,
-            image_store=tmp / "images",
             spec=HostSpec(vcpus=4096, ram_mb=1 << 22, disk_gb=1 << 20),
             vm=LibvirtDriver("test:///default", h),
             reconcile_interval=3600,

@@ -105,7 +105,7 @@ class Cloud:
             instance_type=instance_type,
             networks=networks,
         )
-        plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+        plan = servers.ServerPlan(cmd, None, Image(name="img", id="img", status="active"))
         events = await self.do(tenant, servers.decide_server_create, plan)
         requested = next(e for e in events if isinstance(e, ServerRequested))
         sid = requested.aggregate.id

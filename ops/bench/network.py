@@ -149,7 +149,7 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                 instance_type="container",
                 networks=[net],
             )
-            plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+            plan = servers.ServerPlan(cmd, None, Image(name="img", id="img", status="active"))
             events = await cloud.do(t, servers.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
             ns = nw.instance_netns(sid)
