@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, get_type_hints
 
 import msgspec
@@ -59,9 +60,20 @@ def _column_type(tp: Any) -> Any:
     return None  # lists and maps: canonical JSON text
 
 
-def _payload_fields(cls: type) -> dict[str, Any]:
+def _payload_columns(cls: type) -> dict[str, tuple[str, Any]]:
+    """An event's payload as columns: column -> (attribute path, type). A
+    payload field that is a Struct (a server's spec) gives its own fields as
+    columns, so a field added to it is a column of the view too."""
     hints = get_type_hints(cls)
-    return {f: hints[f] for f in cls.payload_fields()}
+    out: dict[str, tuple[str, Any]] = {}
+    for f in cls.payload_fields():
+        tp = hints[f]
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            inner = get_type_hints(tp)
+            out.update({g: (f"{f}.{g}", inner[g]) for g in tp.__struct_fields__})
+        else:
+            out[f] = (f, tp)
+    return out
 
 
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
@@ -84,7 +96,7 @@ def _make_table(kind: str, classes: list[type[ev.ResourceEvent]]) -> Table:
     for cls in classes:
         if cls in _RULES or cls in _INTERFACES:
             continue
-        for field, tp in _payload_fields(cls).items():
+        for field, (_, tp) in _payload_columns(cls).items():
             if field in cols:
                 continue
             sql = _column_type(tp)
@@ -157,16 +169,23 @@ FOLDS: tuple[type[Event], ...] = (
 class _Plan:
     """How one event class becomes row operations, worked out once."""
 
-    __slots__ = ("begins", "ends", "fixed", "json", "plain", "status", "table", "template")
+    __slots__ = ("begins", "deep", "ends", "fixed", "json", "plain", "status", "table", "template")
 
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
         kind = cls.type_name().split(".")[0]
         self.table = TABLES_BY_KIND[kind]
         special = cls in _RULES or cls in _INTERFACES or cls.resets
-        fields = () if special else tuple(f for f in _payload_fields(cls) if f in self.table.c)
+        columns = {} if special else _payload_columns(cls)
+        fields = tuple(f for f, (path, _) in columns.items() if f in self.table.c and path == f)
         json_cols = JSON_COLUMNS[self.table.name]
         self.plain = tuple(f for f in fields if f not in json_cols)
         self.json = tuple(f for f in fields if f in json_cols)
+        # Columns from a nested Struct's fields: (column, getter, as JSON).
+        self.deep = tuple(
+            (f, attrgetter(path), f in json_cols)
+            for f, (path, _) in columns.items()
+            if f in self.table.c and path != f
+        )
         self.status = cls.status
         self.begins, self.ends = cls.begins, cls.ends
         # What the change sets besides its own fields.
@@ -250,6 +269,8 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
             row[f] = getattr(event, f)
         for f in p.json:
             row[f] = _json(getattr(event, f))
+        for f, get, as_json in p.deep:
+            row[f] = _json(get(event)) if as_json else get(event)
         at = event.at
         row["id"] = rid
         row["tenant"] = event.tenant
@@ -263,6 +284,8 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
             values[f] = getattr(event, f)
         for f in p.json:
             values[f] = _json(getattr(event, f))
+        for f, get, as_json in p.deep:
+            values[f] = _json(get(event)) if as_json else get(event)
         if p.fixed:
             values.update(p.fixed)
         op = Patch(p.table, (rid,), values)

@@ -16,6 +16,7 @@ from stratus.agents.compute.agent import ExecReply, ExecRequest
 from stratus.agents.compute.containers import NETNS_DIR, ContainerDriver, netns_name
 from stratus.agents.compute.spec import InstanceSpec
 from stratus.events.ids import new_id
+from stratus.events.resources import ServerSpec
 from stratus.tests.compute_helpers import (
     cleanup,
     make_agent,
@@ -48,9 +49,8 @@ def driver(tmp_path):
 
 
 def spec(**kw) -> InstanceSpec:
-    return InstanceSpec(
-        server=new_id(), tenant="acme", name="c", vcpus=1, ram_mb=kw.pop("ram_mb", 64), **kw
-    )
+    asked = ServerSpec(name="c", image="", vcpus=1, ram_mb=kw.pop("ram_mb", 64))
+    return InstanceSpec(server=new_id(), tenant="acme", requested=asked, **kw)
 
 
 def test_cpu_limit_holds_a_busy_loop_to_its_share(driver):

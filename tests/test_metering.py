@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from stratus.cli.integrations import connect_info
@@ -42,23 +43,20 @@ async def seed(store, tenant: str, servers: int) -> dict[str, float]:
         size = ("small", "large")[i % 2]
         start = i * 3.0
         ran = 30.0 + 7 * i  # minutes
-        await store.append(
-            [
-                cause(start).make(
-                    r.ServerRequested,
-                    tenant,
-                    "server",
-                    sid,
-                    name=f"s{i}",
-                    image="img",
-                    flavor=size,
-                    vcpus=1 + i % 2,
-                    ram_mb=512,
-                    disk_gb=1,
-                ),
-                cause(start + 1).make(r.ServerRunning, tenant, "server", sid, host="h1"),
-            ]
+        spec = r.ServerSpec(
+            name=f"s{i}", image="img", flavor=size, vcpus=1 + i % 2, ram_mb=512, disk_gb=1
         )
+        requested = cause(start).make(r.ServerRequested, tenant, "server", sid, spec=spec)
+        running = cause(start + 1).make(r.ServerRunning, tenant, "server", sid, host="h1")
+        if i == 0:
+            # As a Stratus before ServerSpec wrote it (version 1: the spec's
+            # fields at the top level), which the log keeps as it was.
+            old = msgspec.to_builtins(requested, builtin_types=(datetime,))
+            old.update(old.pop("spec"), v=1)
+            await store.js.publish(requested.subject, msgspec.msgpack.encode(old))
+            await store.append([running])
+        else:
+            await store.append([requested, running])
         await store.append([cause(start + 1 + ran).make(r.ServerStopped, tenant, "server", sid)])
         await store.append([cause(start + 2 + ran).make(r.ServerDeleted, tenant, "server", sid)])
         want[size] = want.get(size, 0.0) + ran / 60

@@ -1,21 +1,24 @@
 """A log written before ``ServerSpec`` still folds as it did.
 
 ``tests/fixtures/server-log-v1.msgpack`` is a small log written by the code
-of the commit that added it (``server.requested`` and ``host.claimed`` at
-version 1, each field of the spec at the top level of the event): hosts,
+of the commit that added it, 39a515f, by its
+``tests/fixtures/write_server_log_v1.py`` (``git show`` it; today's code
+would write version 2). ``server.requested`` and ``host.claimed`` are at
+version 1 there, each field of the spec at the top level of the event: hosts,
 a flavor, an image, a network, a server group, servers placed, one build
 failed and placed again, one found no host, one stopped, one with a volume
 and a snapshot asked, one deleted. ``server-log-v1.json`` is what that
-code folded the log into: the projection (digest, rows, quota), the
+code folded the log into: the projection (digest, rows, quota, and the
+views' fingerprints: a store made before is not rebuilt), the
 scheduler's host table and its decisions, a what-if replay, each compute
 agent's desired state and the instances (and domain XML) it would build,
 the network agent's servers and the command handlers' world.
 
 The test publishes the stored bytes as they are, on their subjects, to a
 real nats-server and folds them with today's code: everything must come
-out the same. The summaries below read the spec through ``flat`` (an
-event's or an instance's ``spec`` nested or not), so the same functions
-wrote the expected file then and check it now.
+out the same. The summaries below read the spec through ``flat`` (nested
+as ``spec`` or ``requested``, or not at all), so the same functions wrote
+the expected file then and check it now.
 """
 
 from __future__ import annotations

@@ -524,7 +524,7 @@ class ComputeAgent:
         claim = want.claim
         server = claim.server
         spec = self.instance(claim, want)
-        driver = self._driver(claim.instance_type)
+        driver = self._driver(claim.spec.instance_type)
         running = want.power == "running"
         said = REPORTED[now.type]
         changed = False
@@ -705,28 +705,20 @@ class ComputeAgent:
     # -- the host ---------------------------------------------------------------------
 
     def instance(self, claim: HostClaimed, want: Want | None = None) -> InstanceSpec:
+        """The claim's spec as this host builds it: the spec whole, and the
+        paths and boot settings that are this host's own."""
+        vm = claim.spec.instance_type == "vm"
         volumes = {v: str(self.volumes / f"{v}.qcow2") for v in (want.volumes if want else {})}
         return check(
             InstanceSpec(
                 server=claim.server,
                 tenant=claim.server_tenant,
-                name=claim.name,
-                vcpus=claim.vcpus,
-                ram_mb=claim.ram_mb,
-                disk_gb=claim.disk_gb,
-                instance_type=claim.instance_type,
-                disk=str(self.disks / f"{claim.server}.qcow2")
-                if claim.instance_type == "vm"
-                else "",
+                # A container's ports are veths the network agent makes.
+                requested=claim.spec if vm else msgspec.structs.replace(claim.spec, nics=[]),
+                disk=str(self.disks / f"{claim.server}.qcow2") if vm else "",
                 console_log=str(self.consoles / f"{claim.server}.log"),
                 volumes=volumes,
-                # A container's ports are veths the network agent makes.
-                nics=list(claim.nics) if claim.instance_type == "vm" else [],
-                **(
-                    msgspec.structs.asdict(self.direct_boot)
-                    if self.direct_boot and claim.instance_type == "vm"
-                    else {}
-                ),
+                **(msgspec.structs.asdict(self.direct_boot) if self.direct_boot and vm else {}),
             )
         )
 
@@ -756,19 +748,20 @@ class ComputeAgent:
 
     async def _image(self, claim: HostClaimed) -> ImageCreated | None:
         """The image's ``image.created`` (tenant's or public), read once and kept."""
-        if claim.image in self._images:
-            return self._images[claim.image]
+        image = claim.spec.image
+        if image in self._images:
+            return self._images[image]
         found: ImageCreated | None = None
-        if ID_RE.match(claim.image) and ID_RE.match(claim.server_tenant):
+        if ID_RE.match(image) and ID_RE.match(claim.server_tenant):
             subjects = [
-                f"ev.{claim.server_tenant}.image.{claim.image}",
-                f"ev.{SYSTEM}.image.{claim.image}",
+                f"ev.{claim.server_tenant}.image.{image}",
+                f"ev.{SYSTEM}.image.{image}",
             ]
             for rec in await self.store.read_all(subjects=subjects):
                 ev = rec.decode(self.store.codec)
                 if isinstance(ev, ImageCreated):
                     found = ev
-        self._images[claim.image] = found
+        self._images[image] = found
         return found
 
     def _prepare_disk(self, spec: InstanceSpec, want: Want, image: ImageCreated | None) -> None:
@@ -776,12 +769,14 @@ class ComputeAgent:
         if spec.disk and not os.path.exists(spec.disk):
             checksum = image.checksum if image else ""
             fmt = image.format if image else "qcow2"
-            base, base_fmt = self.cache.base(self.image_store, checksum, fmt, blank_gb=spec.disk_gb)
+            base, base_fmt = self.cache.base(
+                self.image_store, checksum, fmt, blank_gb=spec.requested.disk_gb
+            )
             images.create_overlay(
                 base,
                 base_fmt,
                 Path(spec.disk),
-                spec.disk_gb,
+                spec.requested.disk_gb,
                 self.cache.virtual_size(base, base_fmt),
             )
         for vol, path in spec.volumes.items():
@@ -789,7 +784,7 @@ class ComputeAgent:
 
     async def _sync_volumes(self, want: Want, spec: InstanceSpec, driver: Driver) -> None:
         """Attach the volumes the log wants on the instance, detach the others."""
-        if not spec.volumes and spec.instance_type != "vm":
+        if not spec.volumes and spec.requested.instance_type != "vm":
             return
         attached = set(await asyncio.to_thread(driver.volumes, spec.server))
         for vol, path in spec.volumes.items():
@@ -841,7 +836,7 @@ class ComputeAgent:
             size_bytes=made.size_bytes,
             checksum=made.checksum,
             visibility="private",
-            parent=want.claim.image,
+            parent=want.claim.spec.image,
             min_disk_gb=-(-made.virtual_size // (1 << 30)),
         )
         # Once only: a redelivered request finds its image already recorded.
@@ -854,7 +849,7 @@ class ComputeAgent:
         try:
             req = msgspec.json.decode(msg.data, type=ExecRequest)
             want = self.desired.instances.get(req.server)
-            if want is None or want.claim.instance_type != "container":
+            if want is None or want.claim.spec.instance_type != "container":
                 raise HostError(f"no container instance {req.server} on host {self.host}")
             driver = self._driver("container")
             timeout = min(max(req.timeout, 1.0), 600.0)
