@@ -147,22 +147,20 @@ async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp
         # loop, so the agent's reconcile cannot run halfway through it.
         driver.stop(sid)
         assert owned(agent) == {sid: "stopped"}
-        for _ in range(100):
-            if owned(agent) == {sid: "running"}:
-                break
-            await asyncio.sleep(0.1)
-        assert owned(agent) == {sid: "running"}
-        assert driver.init_pid(sid) not in (None, old)
-        # The container runs again before the pass records it: wait (bounded)
-        # for the record.
+        # The pass records the restart once its start has returned, i.e. once
+        # the new PID 1 runs the command: wait (bounded) for that record. Not
+        # for the cgroup to hold a process: it does from the first instant
+        # of the start, before unshare has made PID 1.
         fixes: list = []
-        for _ in range(50):
+        for _ in range(100):
             recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
             fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
             if fixes:
                 break
             await asyncio.sleep(0.1)
         assert [f.started for f in fixes] == [[sid]]
+        assert owned(agent) == {sid: "running"}
+        assert driver.init_pid(sid) not in (None, old)
         assert types(await server_events(store, sid))[-1] == "server.running"
     finally:
         await cleanup(agent)
