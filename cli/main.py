@@ -687,7 +687,8 @@ def _because(row: dict) -> str:
     if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
         return str(data.get("reason", ""))
     if row["type"] == "host.claimed":
-        return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
+        spec = data.get("spec") or {}
+        return f"{spec.get('vcpus')} vCPU, {spec.get('ram_mb')} MB for {data.get('server')}"
     return ""
 
 

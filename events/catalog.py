@@ -24,3 +24,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
 }
 
 CODEC = Codec(EVENT_TYPES)
+# Older versions of events still on the log, read as today's.
+for _module in (resources, scheduling):
+    for (_name, _version), _upcast in _module.UPCASTERS.items():
+        CODEC.register_upcaster(_name, _version, _upcast)

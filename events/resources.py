@@ -14,7 +14,7 @@ both read it, so the lifecycle is written down once.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -184,15 +184,23 @@ class Nic(msgspec.Struct, frozen=True):
     mac: str
 
 
-class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
-    begins = True
-    status = "requested"
+class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a server is asked to be, decided once by ``server create`` and
+    carried whole from there: in ``server.requested``, in the scheduler's
+    request (its filters read it), in ``host.claimed``, and in the compute
+    agent's instance, which adds only what is local to its host. A field
+    added here reaches each of them, and the servers view as a column.
+
+    Ids, not names: ``image``, ``flavor`` (empty when sized by hand),
+    ``networks``, ``security_groups`` and ``group`` were resolved by the
+    decision; ``requested_host`` is ``--host``, where the server must go."""
+
     name: str
     image: str
-    flavor: str
+    flavor: str = ""
     vcpus: int
     ram_mb: int
-    disk_gb: int
+    disk_gb: int = 0
     instance_type: str = "vm"
     networks: list[str] = []
     security_groups: list[str] = []
@@ -202,6 +210,25 @@ class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+
+
+SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
+
+
+def nest_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """Upcaster of an event that carried the spec's fields at its top level
+    (``server.requested`` and ``host.claimed`` version 1): they move into
+    ``spec``; fields the old event lacked take the spec's defaults."""
+    raw["spec"] = {f: raw.pop(f) for f in list(raw) if f in SPEC_FIELDS}
+    return raw
+
+
+class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
+    # 2: the spec nested whole (1 had its fields at the top level).
+    version = 2
+    begins = True
+    status = "requested"
+    spec: ServerSpec
 
 
 class ServerScheduled(ResourceEvent, frozen=True, tag="server.scheduled"):
@@ -524,6 +551,9 @@ EVENTS = (
     QosPolicyDeleted,
     QuotaSet,
 )
+
+# (type, version) -> the upcaster to the next version (events.catalog registers them).
+UPCASTERS = {("server.requested", 1): nest_spec}
 
 
 # -- commands --------------------------------------------------------------------

@@ -29,6 +29,7 @@ from stratus.events.resources import (
     ServerGroupCreated,
     ServerGroupDeleted,
     ServerRequested,
+    ServerSpec,
     VolumeDetached,
 )
 from stratus.handlers import quota
@@ -116,11 +117,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
             "security_groups": new_sgs,
         },
     )
-    server = cause.make(
-        ServerRequested,
-        t,
-        "server",
-        sid,
+    spec = ServerSpec(
         name=cmd.name,
         image=image.id,
         flavor=plan.flavor.id if plan.flavor else "",
@@ -132,10 +129,11 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         security_groups=sgs,
         labels=dict(cmd.labels),
         requested_host=cmd.host or "",
+        nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
         group=group,
         zone=cmd.zone or "",
-        nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
     )
+    server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]
 
 
@@ -194,6 +192,6 @@ def decide_server_group_create(w: World, cmd: ServerGroupCreate, cause: Cause) -
 
 def decide_server_group_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     def members(g: ServerGroup) -> list[str]:
-        return [f"server {s.name}" for s in w.servers.values() if s.group == g.id]
+        return [f"server {s.name}" for s in w.servers.values() if s.spec.group == g.id]
 
     return delete_unused(w.server_groups, cmd, cause, ServerGroupDeleted, members)

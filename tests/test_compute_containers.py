@@ -16,6 +16,7 @@ from stratus.agents.compute.agent import ExecReply, ExecRequest
 from stratus.agents.compute.containers import NETNS_DIR, ContainerDriver, netns_name
 from stratus.agents.compute.spec import InstanceSpec
 from stratus.events.ids import new_id
+from stratus.events.resources import ServerSpec
 
 from .compute_helpers import (
     cleanup,
@@ -49,9 +50,8 @@ def driver(tmp_path):
 
 
 def spec(**kw) -> InstanceSpec:
-    return InstanceSpec(
-        server=new_id(), tenant="acme", name="c", vcpus=1, ram_mb=kw.pop("ram_mb", 64), **kw
-    )
+    asked = ServerSpec(name="c", image="", vcpus=1, ram_mb=kw.pop("ram_mb", 64))
+    return InstanceSpec(server=new_id(), tenant="acme", requested=asked, **kw)
 
 
 def test_cpu_limit_holds_a_busy_loop_to_its_share(driver):
@@ -147,22 +147,20 @@ async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp
         # loop, so the agent's reconcile cannot run halfway through it.
         driver.stop(sid)
         assert owned(agent) == {sid: "stopped"}
-        for _ in range(100):
-            if owned(agent) == {sid: "running"}:
-                break
-            await asyncio.sleep(0.1)
-        assert owned(agent) == {sid: "running"}
-        assert driver.init_pid(sid) not in (None, old)
-        # The container runs again before the pass records it: wait (bounded)
-        # for the record.
+        # The pass records the restart once its start has returned, i.e. once
+        # the new PID 1 runs the command: wait (bounded) for that record. Not
+        # for the cgroup to hold a process: it does from the first instant
+        # of the start, before unshare has made PID 1.
         fixes: list = []
-        for _ in range(50):
+        for _ in range(100):
             recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
             fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
             if fixes:
                 break
             await asyncio.sleep(0.1)
         assert [f.started for f in fixes] == [[sid]]
+        assert owned(agent) == {sid: "running"}
+        assert driver.init_pid(sid) not in (None, old)
         assert types(await server_events(store, sid))[-1] == "server.running"
     finally:
         await cleanup(agent)

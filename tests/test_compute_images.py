@@ -22,7 +22,7 @@ from stratus.events.compute import HostServerAction
 from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.network import vm_tap
-from stratus.events.resources import SYSTEM, Nic
+from stratus.events.resources import SPEC_FIELDS, SYSTEM, Nic, ServerSpec
 from stratus.events.scheduling import HostClaimed, HostReleased
 
 from .compute_helpers import cause
@@ -142,8 +142,11 @@ async def test_overlays_cost_kilobytes_on_a_base_fetched_once_and_checked(store,
 
 
 def spec(**kw) -> InstanceSpec:
-    fields = {"server": new_id(), "tenant": "acme", "name": "web", "vcpus": 2, "ram_mb": 512}
-    return InstanceSpec(**{**fields, **kw})
+    """An instance of a 2-vCPU, 512 MB server; ``kw`` sets its spec's fields or the host's."""
+    asked = {"name": "web", "image": "", "vcpus": 2, "ram_mb": 512}
+    asked.update({k: kw.pop(k) for k in list(kw) if k in SPEC_FIELDS})
+    fields = {"server": new_id(), "tenant": "acme", **kw}
+    return InstanceSpec(requested=ServerSpec(**asked), **fields)
 
 
 def test_domain_xml_carries_limits_and_ownership_as_elements():
@@ -204,11 +207,7 @@ def _claim(host: str, server: str) -> HostClaimed:
         host,
         server=server,
         server_tenant="acme",
-        name="s",
-        image="i",
-        vcpus=1,
-        ram_mb=64,
-        disk_gb=0,
+        spec=ServerSpec(name="s", image="i", vcpus=1, ram_mb=64),
     )
 
 

@@ -49,13 +49,9 @@ def world(routed: bool, instance_type: str = "vm", running: bool = True) -> Topo
             "acme",
             "server",
             "s1",
-            name="s1",
-            image="i",
-            flavor="",
-            vcpus=1,
-            ram_mb=64,
-            disk_gb=0,
-            instance_type=instance_type,
+            spec=rs.ServerSpec(
+                name="s1", image="i", vcpus=1, ram_mb=64, instance_type=instance_type
+            ),
         ),
         C.make(
             rs.PortCreated,

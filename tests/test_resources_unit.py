@@ -66,6 +66,7 @@ from stratus.events.resources import (
     ServerRequested,
     ServerRunning,
     ServerScheduled,
+    ServerSpec,
     ServerStopRequested,
     SubnetCreate,
     VolumeAttach,
@@ -319,7 +320,7 @@ def test_a_reply_shows_what_the_log_said_of_the_resource_and_nothing_more():
     w = world()
     s = server(w, "a")
     # a new server: its request's fields, then id, tenant and status
-    assert list(view(s)) == [*ServerRequested.payload_fields(), "id", "tenant", "status"]
+    assert list(view(s)) == [*ServerSpec.__struct_fields__, "id", "tenant", "status"]
     fold(w, CAUSE.make(ServerScheduled, "acme", "server", s.id, host="h1"))
     shown = view(s)
     assert (shown["host"], shown["status"], shown["scheduling"]) == ("h1", "scheduled", {})
@@ -665,13 +666,13 @@ def test_server_create_takes_a_flavor_or_sizes_not_both():
     made = [e for e in servers.decide_server_create(w, plan(flavor, flavor="m1"), CAUSE)]
     s = next(e for e in made if isinstance(e, ServerRequested))
     # the flavor's sizes, the disk at least the image's minimum
-    assert (s.vcpus, s.ram_mb, s.disk_gb, s.flavor) == (2, 2048, 30, "m1")
+    assert (s.spec.vcpus, s.spec.ram_mb, s.spec.disk_gb, s.spec.flavor) == (2, 2048, 30, "m1")
     s = next(
         e
         for e in servers.decide_server_create(w, plan(None, vcpus=3, ram_mb=64, disk_gb=40), CAUSE)
         if isinstance(e, ServerRequested)
     )
-    assert (s.vcpus, s.ram_mb, s.disk_gb, s.flavor) == (3, 64, 40, "")
+    assert (s.spec.vcpus, s.spec.ram_mb, s.spec.disk_gb, s.spec.flavor) == (3, 64, 40, "")
     network(w, "lan")
     cmd = plan(None, vcpus=1, ram_mb=1, networks=["lan", "lan"])
     refused(w, servers.decide_server_create, cmd, Invalid, "a network is named twice")
@@ -683,7 +684,7 @@ def test_the_default_security_group_is_made_once_and_counted():
     s = server(w, "a", networks=["lan"])
     groups = list(w.security_groups.values())
     assert [g.name for g in groups] == ["default"]
-    assert s.security_groups == [groups[0].id]
+    assert s.spec.security_groups == [groups[0].id]
     rules = sorted(groups[0].rules.values(), key=lambda x: x.direction)
     assert [(x.direction, x.remote_group) for x in rules] == [
         ("egress", ""),

@@ -525,7 +525,7 @@ class ComputeAgent:
         claim = want.claim
         server = claim.server
         spec = self.instance(claim, want)
-        driver = self._driver(claim.instance_type)
+        driver = self._driver(claim.spec.instance_type)
         running = want.power == "running"
         said = REPORTED[now.type]
         changed = False
@@ -706,28 +706,20 @@ class ComputeAgent:
     # -- the host ---------------------------------------------------------------------
 
     def instance(self, claim: HostClaimed, want: Want | None = None) -> InstanceSpec:
+        """The claim's spec as this host builds it: the spec whole, and the
+        paths and boot settings that are this host's own."""
+        vm = claim.spec.instance_type == "vm"
         volumes = {v: str(self.volumes / f"{v}.qcow2") for v in (want.volumes if want else {})}
         return check(
             InstanceSpec(
                 server=claim.server,
                 tenant=claim.server_tenant,
-                name=claim.name,
-                vcpus=claim.vcpus,
-                ram_mb=claim.ram_mb,
-                disk_gb=claim.disk_gb,
-                instance_type=claim.instance_type,
-                disk=str(self.disks / f"{claim.server}.qcow2")
-                if claim.instance_type == "vm"
-                else "",
+                # A container's ports are veths the network agent makes.
+                requested=claim.spec if vm else msgspec.structs.replace(claim.spec, nics=[]),
+                disk=str(self.disks / f"{claim.server}.qcow2") if vm else "",
                 console_log=str(self.consoles / f"{claim.server}.log"),
                 volumes=volumes,
-                # A container's ports are veths the network agent makes.
-                nics=list(claim.nics) if claim.instance_type == "vm" else [],
-                **(
-                    msgspec.structs.asdict(self.direct_boot)
-                    if self.direct_boot and claim.instance_type == "vm"
-                    else {}
-                ),
+                **(msgspec.structs.asdict(self.direct_boot) if self.direct_boot and vm else {}),
             )
         )
 
@@ -794,10 +786,10 @@ class ComputeAgent:
         object store on first use), or None when no disk is to be made."""
         if not spec.disk or await asyncio.to_thread(os.path.exists, spec.disk):
             return None
-        image = await self._image(claim.server_tenant, claim.image)
+        image = await self._image(claim.server_tenant, claim.spec.image)
         if image is None or image.layer is None:
             # A record without bytes (or none at all): a blank disk.
-            return await asyncio.to_thread(self.cache.blank, spec.disk_gb), "qcow2"
+            return await asyncio.to_thread(self.cache.blank, spec.requested.disk_gb), "qcow2"
         chain = await self._chain(claim.server_tenant, image)
         return await self.cache.fetch(chain), image.format
 
@@ -806,14 +798,18 @@ class ComputeAgent:
         if base is not None and not os.path.exists(spec.disk):
             path, fmt = base
             images.create_overlay(
-                path, fmt, Path(spec.disk), spec.disk_gb, self.cache.virtual_size(path, fmt)
+                path,
+                fmt,
+                Path(spec.disk),
+                spec.requested.disk_gb,
+                self.cache.virtual_size(path, fmt),
             )
         for vol, path_ in spec.volumes.items():
             images.create_volume(Path(path_), max(1, want.volumes.get(vol, 1)))
 
     async def _sync_volumes(self, want: Want, spec: InstanceSpec, driver: Driver) -> None:
         """Attach the volumes the log wants on the instance, detach the others."""
-        if not spec.volumes and spec.instance_type != "vm":
+        if not spec.volumes and spec.requested.instance_type != "vm":
             return
         attached = set(await asyncio.to_thread(driver.volumes, spec.server))
         for vol, path in spec.volumes.items():
@@ -844,7 +840,7 @@ class ComputeAgent:
         if await self.store.last_seq(subject):
             return  # a redelivered request: the image is recorded already
         claim = want.claim
-        parent = await self._image(claim.server_tenant, claim.image)
+        parent = await self._image(claim.server_tenant, claim.spec.image)
         chain = await self._chain(claim.server_tenant, parent) if parent else []
         if chain:
             await self.cache.fetch(chain)  # the overlay's base: normally cached already
@@ -873,7 +869,7 @@ class ComputeAgent:
             size_bytes=made.size_bytes,
             checksum=made.checksum,
             visibility="private",
-            parent=claim.image,
+            parent=claim.spec.image,
             min_disk_gb=images.min_disk_gb(made.virtual_size),
         )
         # Once only: a request redelivered meanwhile finds its image recorded.
@@ -886,7 +882,7 @@ class ComputeAgent:
         try:
             req = msgspec.json.decode(msg.data, type=ExecRequest)
             want = self.desired.instances.get(req.server)
-            if want is None or want.claim.instance_type != "container":
+            if want is None or want.claim.spec.instance_type != "container":
                 raise HostError(f"no container instance {req.server} on host {self.host}")
             driver = self._driver("container")
             timeout = min(max(req.timeout, 1.0), 600.0)

@@ -105,7 +105,7 @@ class Cgroups:
             # The host's own group may have been removed when it last emptied.
             d.mkdir(parents=True, exist_ok=True)
         quota = max(1000, int(spec.cpus * CPU_PERIOD_US))
-        limit = spec.ram_mb << 20
+        limit = spec.requested.ram_mb << 20
         if self.v1:
             cpu, mem = dirs
             (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))

@@ -127,7 +127,7 @@ class Topology:
         elif isinstance(ev, rs.PortDeleted):
             self.ports.pop(rid, None)
         elif isinstance(ev, rs.ServerRequested):
-            self.servers[rid] = {"type": ev.instance_type, "host": ""}
+            self.servers[rid] = {"type": ev.spec.instance_type, "host": ""}
         elif isinstance(ev, rs.ServerScheduled | rs.ServerBuilding | rs.ServerRunning):
             if rid in self.servers:
                 self.servers[rid]["host"] = ev.host
