@@ -35,15 +35,22 @@ def compute_agent(
         Path | None, typer.Option(help="the image store (default DATA_DIR/images)")
     ] = None,
     reconcile_interval: Annotated[float, typer.Option(min=1)] = 60.0,
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="prefix of the host's container cgroups (default: the data dir's)"),
+    ] = None,
 ) -> None:
     """Run the compute agent of HOST (called by ``stratus serve compute-agent``)."""
     opts = ctx.obj
     if not NAME_RE.match(host):
         raise Invalid(f"--host {host!r}: names are [a-z0-9][a-z0-9-]{{0,62}}")
     from stratus.agents.compute.agent import build_agent
+    from stratus.cli.runtime import deployment_prefix
     from stratus.events.store import EventStore
 
     data_dir: Path = opts["data_dir"]
+    # As `stratus up` on the same data dir names its own hosts' groups.
+    prefix = deployment_prefix(data_dir) if deployment is None else deployment
 
     async def main() -> None:
         store = await EventStore.connect(opts["url"], **opts["creds"])
@@ -61,6 +68,7 @@ def compute_agent(
             labels=parse_labels(label),
             types=[t.strip() for t in types.split(",") if t.strip()],
             reconcile_interval=reconcile_interval,
+            deployment=prefix,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
