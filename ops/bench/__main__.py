@@ -6,7 +6,9 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root) runs only when named. ``python -m
+(the network agent on simulated hosts, as root) and ``chaos`` (SIGKILL of
+each part of a deployment under load, then the log checked; as root) run
+only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -22,6 +24,7 @@ import sys
 import time
 
 from stratus.ops.bench import (
+    chaos,
     compute,
     foundation,
     identity,
@@ -40,6 +43,7 @@ SUITES = (
     "compute",
     "integrations",
     "network",
+    "chaos",
 )
 
 
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "chaos":
+        # Root only, kills what it starts: run by name, not with the others.
+        return chaos.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
