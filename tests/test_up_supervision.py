@@ -335,14 +335,19 @@ def test_two_stacks_on_one_machine_leave_each_others_containers_alone(tmp_path):
                     up.stop()
             # Instances outlive their agents: whatever a failed run left.
             for up in (a, b):
-                left = ContainerDriver(
+                driver = ContainerDriver(
                     "host-01",
                     up.data_dir / "hosts" / "host-01" / "containers",
                     deployment=deployment_prefix(up.data_dir),
                 )
-                for server in left.list_owned():
-                    left.remove(server)
-                left.cgroups.prune()
+                for server in driver.list_owned():
+                    driver.remove(server)
+                driver.cgroups.prune()
+            prefixes = (deployment_prefix(a.data_dir), deployment_prefix(b.data_dir))
+            left = [n.name for n in Path("/run/netns").iterdir() if n.name.startswith(prefixes)]
+            for name in left:  # removed, so that a failure here leaves nothing either
+                subprocess.run(["ip", "netns", "delete", name], check=False)
+    assert left == [], "namespaces left behind by a clean stop"
 
 
 def wait_running(url: str, ref: str, token: str, timeout: float = 60) -> None:
