@@ -17,7 +17,8 @@ from stratus.cli.client import Client
 from stratus.events.broker import EmbeddedNats, StoreInUse, nats_server_binary, pid_running
 from stratus.events.errors import StratusError
 from stratus.events.ids import new_id
-from stratus.tests.test_cli import ADMIN_PASSWORD, cli, login, running_up, wait_projected
+
+from .test_cli import ADMIN_PASSWORD, cli, login, running_up, wait_projected
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -280,7 +281,7 @@ def test_two_stacks_on_one_machine_leave_each_others_containers_alone(tmp_path):
     its `host-01`: one killed and started again reconciles its host on
     start, and the other's container runs on untouched."""
     from stratus.agents.compute.containers import ContainerDriver
-    from stratus.cli.runtime import deployment_prefix
+    from stratus.cli.datadir import deployment_prefix
 
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     with running_up(a_dir, "--hosts", "1") as a, running_up(b_dir, "--hosts", "1") as b:

@@ -192,7 +192,7 @@ class Deployment:
     """``stratus up`` and its ``serve`` neighbours on one data dir."""
 
     def __init__(self, data_dir: Path, seed: int) -> None:
-        from stratus.cli.runtime import deployment_prefix
+        from stratus.cli.datadir import deployment_prefix
         from stratus.projections.db import sqlite_url
 
         self.data_dir = data_dir
