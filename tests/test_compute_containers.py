@@ -14,7 +14,8 @@ import pytest
 
 from stratus.agents.compute.agent import ExecReply, ExecRequest
 from stratus.agents.compute.containers import NETNS_DIR, ContainerDriver, netns_name
-from stratus.agents.compute.spec import HostError, InstanceSpec
+from stratus.agents.compute.spec import InstanceSpec
+from stratus.events.errors import HostError
 from stratus.events.ids import new_id
 
 from .compute_helpers import (
