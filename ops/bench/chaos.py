@@ -779,7 +779,7 @@ async def one_run(
         await digest_checks(dep, token, res)
         store = await _store(dep)
         try:
-            from stratus.tests.schedkit import fold_claims, overcommitted
+            from stratus.ops.bench.schedkit import fold_claims, overcommitted
 
             report, _holds = await fold_claims(store)
         finally:
