@@ -173,6 +173,7 @@ def up(
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
     from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
+    from stratus.events.broker import BrokerError
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
@@ -205,10 +206,16 @@ def up(
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
-            await stop.wait()
+            # Until a signal, or until the broker cannot be kept running.
+            waits = [asyncio.create_task(e.wait()) for e in (stop, stack.failed)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
         finally:
             print("stratus stopping", flush=True)
             await stack.stop()
+        if stack.failed.is_set():
+            raise BrokerError(f"giving up: {stack.failure}")
 
     try:
         asyncio.run(main())

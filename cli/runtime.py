@@ -2,6 +2,14 @@
 
 ``stratus up`` and ``stratus demo`` run this; tests and benchmarks use it
 too, so they exercise exactly what an operator runs.
+
+The stack supervises its broker: a nats-server that dies is started again
+on the same port and store (at once, then with back-off), while the
+services' connections reconnect by themselves; after ``MAX_RESTARTS``
+failures in a row it gives up and says why (``failed``). The broker dies
+with the process that started it (see ``events.broker``), and a broker left
+running on this data dir by an older process is stopped before a new one
+starts, so two never share the JetStream store.
 """
 
 from __future__ import annotations
@@ -9,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,8 +33,9 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     NATS_SERVICE_USER,
     URL_FILE,
     default_data_dir,
+    deployment_prefix,
 )
-from stratus.events.broker import EmbeddedNats
+from stratus.events.broker import EmbeddedNats, StoreInUse, stop_pid
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
@@ -147,6 +156,14 @@ class DataDirBusy(RuntimeError):
     pass
 
 
+# Broker supervision: restarts in a row before giving up, the back-off
+# before each (the first at once), and how long a broker must have run for
+# its death to start a new count.
+MAX_RESTARTS = 5
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)
+STABLE_AFTER_S = 60.0
+
+
 class Stack:
     def __init__(
         self,
@@ -190,6 +207,13 @@ class Stack:
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
+        self.prefix = deployment_prefix(self.data_dir)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Set when the broker could not be kept running; ``failure`` says why.
+        self.failed = asyncio.Event()
+        self.failure = ""
+        self.broker_restarts = 0
         self.integration_auth: IntegrationAuth | None = None
         self.webhooks: WebhookService | None = None
         # WebhookService keyword arguments (retries, backoff, timeout).
@@ -215,7 +239,9 @@ class Stack:
                 log_file=str(self.data_dir / "nats.log"),
                 extra_config=nats_auth_config(service_password),
             )
-            url = await asyncio.to_thread(self.broker.start)
+            await self._stop_leftover_broker()
+            url = await self.broker.start_async()
+            self._supervisor = asyncio.create_task(self._supervise_broker())
             self.store = await EventStore.connect(
                 url, user=NATS_SERVICE_USER, password=service_password
             )
@@ -277,6 +303,60 @@ class Stack:
             await self.stop()
             raise
 
+    async def _stop_leftover_broker(self) -> None:
+        """A nats-server still running on this data dir (its ``up`` was
+        killed before it could stop it) is stopped: this process holds the
+        data dir's lock, so no live ``up`` owns it."""
+        assert self.broker is not None
+        for pid in self.broker.holders():
+            log.warning("stopping a leftover nats-server of this data dir", pid=pid)
+            print(f"stratus: stopping a leftover nats-server (pid {pid}) of {self.data_dir}")
+            if not await asyncio.to_thread(stop_pid, pid):
+                raise StoreInUse(
+                    f"a leftover nats-server (pid {pid}) of {self.data_dir} survived SIGKILL: "
+                    f"make sure it is gone (kill -9 {pid}) and run stratus up again",
+                    [pid],
+                )
+
+    async def _supervise_broker(self) -> None:
+        """Start the broker again whenever it dies; give up after
+        ``MAX_RESTARTS`` failures in a row (``failed`` is then set)."""
+        broker = self.broker
+        assert broker is not None
+        failures = 0
+        started = time.monotonic()
+        while True:
+            code = await broker.wait_exit()
+            if self._stopping:
+                return
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                failures = 0
+            log.error("nats-server exited; restarting it", code=code, log=broker.log_file)
+            last = f"it exited with {code}"
+            while True:
+                if failures >= MAX_RESTARTS:
+                    self.failure = (
+                        f"nats-server failed {MAX_RESTARTS} times in a row (last: {last}); "
+                        f"see {broker.log_file}"
+                    )
+                    log.error("giving up on the broker", reason=self.failure)
+                    self.failed.set()
+                    return
+                await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+                failures += 1
+                if self._stopping:
+                    return
+                try:
+                    await broker.restart_async()
+                except Exception as exc:  # the port taken, the store locked...
+                    last = str(exc)
+                    log.error("nats-server restart failed", attempt=failures, error=last)
+                    continue
+                self.broker_restarts += 1
+                started = time.monotonic()
+                log.warning("nats-server restarted", pid=broker.pid, attempt=failures)
+                break
+
     def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
         client_password = secrets.token_urlsafe(16)
 
@@ -298,8 +378,7 @@ class Stack:
         assert self.store is not None
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
-        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
-        self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
+        self.network = SimulatedPlane(self.store, self.hosts, prefix=self.prefix)
         await self.network.start()
 
     async def _start_agents(self) -> None:
@@ -315,6 +394,9 @@ class Stack:
                 name,
                 libvirt_uri=self.libvirt_uri,
                 data_dir=self.data_dir / "hosts" / name,
+                # Container cgroups carry the prefix: another stack's agent
+                # of a host with the same name never sees them.
+                deployment=self.prefix,
                 # Simulated hosts all share this machine: a fixed, modest size.
                 vcpus=16,
                 ram_mb=65536,
@@ -324,6 +406,12 @@ class Stack:
             await agent.start()
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
         if self.network is not None:

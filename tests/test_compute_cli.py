@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from stratus.agents.compute import images
 from stratus.agents.compute.containers import ContainerDriver
+from stratus.cli.datadir import deployment_prefix
 
 from .test_cli import STRATUS, Up, cli, login
 
@@ -154,7 +156,9 @@ def test_up_with_a_host_runs_servers_from_uploaded_images(tmp_path):
     finally:
         up.stop()
         # Whatever a failed run left on the host (instances outlive agents).
-        leftover = ContainerDriver(HOST, data / "hosts" / HOST / "containers")
+        leftover = ContainerDriver(
+            HOST, data / "hosts" / HOST / "containers", deployment=deployment_prefix(data)
+        )
         for server in leftover.list_owned():
             leftover.remove(server)
         leftover.cgroups.prune()
@@ -224,4 +228,7 @@ def test_demo_boots_servers_a_snapshot_and_a_container():
     assert "exec said 'pid " in out and "container box deleted" in out
     assert "demo finished" in out
     # The container went with its server, and nothing of it is left behind.
-    assert not Path("/sys/fs/cgroup/cpu/stratus/host-01").exists()
+    data = re.search(r"\(data dir (\S+)\)", out)
+    assert data is not None
+    group = f"{deployment_prefix(Path(data.group(1)))}.host-01"
+    assert not Path("/sys/fs/cgroup/cpu/stratus", group).exists()

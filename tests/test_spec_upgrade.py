@@ -175,7 +175,6 @@ async def agent_state(store: Any, tmp: Path, host: str) -> dict[str, Any]:
         store,
         host,
         data_dir=tmp / host,
-        image_store=tmp / "images",
         spec=HostSpec(vcpus=8, ram_mb=16384, disk_gb=100),
         direct_boot=DirectBoot(kernel="/boot/vmlinuz", initrd="/boot/initrd.img"),
     )

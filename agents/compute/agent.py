@@ -909,9 +909,11 @@ def build_agent(
     labels: dict[str, str] | None = None,
     types: Sequence[str] = ("vm", "container"),
     reconcile_interval: float = 60.0,
+    deployment: str = "",
 ) -> ComputeAgent:
     """An agent with the drivers ``types`` asks for; capacity not given is
-    what libvirt reports for the node (and the data directory's disk)."""
+    what libvirt reports for the node (and the data directory's disk).
+    ``deployment`` prefixes the host's container cgroups (see ``containers``)."""
     from stratus.agents.compute.domain import LibvirtDriver
 
     unknown = set(types) - {"vm", "container"}
@@ -921,7 +923,7 @@ def build_agent(
     containers = None
     if "container" in types:
         try:
-            containers = ContainerDriver(host, Path(data_dir) / "containers")
+            containers = ContainerDriver(host, Path(data_dir) / "containers", deployment=deployment)
         except (HostError, OSError) as exc:
             if vm is None:
                 raise HostError(f"container instances need cgroups here: {exc}") from None

@@ -6,9 +6,10 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root), ``integrations`` and
+(the network agent on simulated hosts, as root), ``integrations``,
 ``images`` (image upload and download against raw object-store put and
-get) run only when named. ``python -m
+get) and ``chaos`` (SIGKILL of each part of a deployment under load, then
+the log checked; as root) run only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -24,6 +25,7 @@ import sys
 import time
 
 from stratus.ops.bench import (
+    chaos,
     compute,
     foundation,
     identity,
@@ -44,6 +46,7 @@ SUITES = (
     "integrations",
     "images",
     "network",
+    "chaos",
 )
 
 
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "chaos":
+        # Root only, kills what it starts: run by name, not with the others.
+        return chaos.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)
