@@ -500,32 +500,14 @@ def why(
     """The causal chain from each command that touched RESOURCE_ID to every
     event it caused (the scheduler's decisions and the agents' reports
     included), with the scheduler's reasons."""
+    from stratus.cli.history import because, causal_chain, causal_depths
 
-    async def chain(c: Client) -> list[dict]:
-        base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
-        if tenant is not None:
-            base["tenant"] = tenant
-        touched = await c.query("audit", base, at=at)
-        if not touched:
-            raise NotFound(f"no events about {resource_id} (or not visible to you)")
-        seen: dict[int, dict] = {}
-        for cid in dict.fromkeys(r["correlation_id"] for r in touched):
-            params = {**base, "command": cid}
-            del params["resource"]
-            if tenant is None:
-                params.pop("tenant", None)
-            for r in await c.query("audit", params, at=at):
-                seen[r["seq"]] = r
-        return [seen[k] for k in sorted(seen)]
-
-    from stratus.events.errors import NotFound
-
-    rows = run(chain)
-    depth = _causal_depths(rows)
+    rows = run(lambda c: causal_chain(c, resource_id, tenant=tenant, at=at))
+    depth = causal_depths(rows)
     if output is not Format.table:
         for r in rows:
             r["depth"] = depth[r["id"]]
-            r["why"] = _because(r)
+            r["why"] = because(r)
         emit(rows, output)
         return
     emit(
@@ -536,48 +518,13 @@ def why(
                 "actor": r["actor"],
                 "event": "  " * depth[r["id"]] + r["type"],
                 "resource": _flat(r)["resource"],
-                "why": _because(r) or r["result"],
+                "why": because(r) or r["result"],
             }
             for r in rows
         ],
         output,
         ["seq", "time", "actor", "event", "resource", "why"],
     )
-
-
-def _causal_depths(rows: list[dict]) -> dict[str, int]:
-    """How far each event is from its command: 0 for what the command
-    appended, one more for each event caused by another in the chain."""
-    by_id = {r["id"]: r for r in rows}
-    depth: dict[str, int] = {}
-
-    def of(r: dict, hops: int = 0) -> int:
-        if r["id"] in depth:
-            return depth[r["id"]]
-        parent = by_id.get(r["causation_id"])
-        d = 0 if parent is None or hops > 64 else of(parent, hops + 1) + 1
-        depth[r["id"]] = d
-        return d
-
-    for r in rows:
-        of(r)
-    return depth
-
-
-def _because(row: dict) -> str:
-    """The reason an event carries, in a line: where the scheduler placed a
-    server and what it ruled out, or why something failed."""
-    data = row.get("data") or {}
-    sched = data.get("scheduling") or {}
-    removed = ", ".join(f"{n} {why}" for why, n in (sched.get("removed") or {}).items())
-    if row["type"] == "server.scheduled":
-        head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
-        return head + (f" ({removed})" if removed else "")
-    if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
-        return str(data.get("reason", ""))
-    if row["type"] == "host.claimed":
-        return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
-    return ""
 
 
 def _utc_time(option: str, text: str) -> str:
