@@ -144,6 +144,12 @@ def up(
         int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
+    console_port: Annotated[
+        int,
+        typer.Option(
+            min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
+        ),
+    ] = 0,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -167,6 +173,7 @@ def up(
             quota_defaults=defaults,
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
+            console_port=None if console_port < 0 else console_port,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -176,6 +183,8 @@ def up(
         if stack.admin_password and not admin_password:
             # Shown once: it is stored nowhere but as a hash on the log.
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
+        if stack.console_url:
+            print(f"console: {stack.console_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             await stop.wait()
@@ -208,7 +217,8 @@ def serve(
     service: Annotated[
         str,
         typer.Argument(
-            help="handlers, projector, query, scheduler, compute-agent, network-agent or webhooks"
+            help="handlers, projector, query, scheduler, compute-agent, network-agent, "
+            "webhooks or console"
         ),
     ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
@@ -254,12 +264,23 @@ def serve(
         except StratusError as err:
             raise fail(err) from None
         return
+    if service == "console":
+        # Its own options (--listen) follow; it needs no credentials.
+        from stratus.console.server import serve_console
+
+        logs.configure("INFO")
+        try:
+            serve_console(ctx.args, url=resolve_url())
+        except StratusError as err:
+            raise fail(err) from None
+        return
     if ctx.args:
         typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
         raise typer.Exit(EXIT_USAGE)
     if service not in SERVICES:
         typer.echo(
-            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, network-agent",
+            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, "
+            "network-agent, console",
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
