@@ -1,7 +1,14 @@
-"""What the CLI (and any integration) uses to talk to the control plane."""
+"""What the CLI (and any integration) uses to talk to the control plane.
+
+Commands and queries only: a plain nats-py connection, without the event
+store (its JetStream reader, the event schemas), which a client never uses
+and whose import would be most of a read command's start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -12,7 +19,6 @@ from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
 from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
-from stratus.events.store import connect_nats
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
@@ -27,10 +33,26 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
+        """One attempt, no reconnecting: a command reaches the control plane
+        or says at once that it cannot."""
+        nc = nats.NATS()
         try:
-            nc = await connect_nats(url, persistent=False)
-        except Unavailable as exc:
-            raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
+            await asyncio.wait_for(
+                nc.connect(
+                    url,
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    # nats-py treats 0 as "no limit".
+                    max_reconnect_attempts=1,
+                    error_cb=_quiet,
+                ),
+                timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = f"{exc or type(exc).__name__}"
+            raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
         return cls(nc, token, timeout)
 
     async def close(self) -> None:
@@ -67,10 +89,10 @@ class Client:
             raise from_wire(reply.error)
         return reply
 
-    async def command(
-        self, verb: str, body: dict[str, Any], command_id: str | None = None
-    ) -> Reply:
-        """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
+    async def command(self, verb: str, body: Any, command_id: str | None = None) -> Reply:
+        """Send ``cmd.<verb>``: its Struct (see ``cli.common.command``), or a
+        dict as any client may send; the id makes a retry of the same call
+        idempotent."""
         return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
 
     async def control(self, subject: str, body: dict[str, Any]) -> Any:
@@ -83,3 +105,8 @@ class Client:
         """Ask ``q.<view>``; ``at`` (a sequence or ISO time) asks about the past."""
         headers = {H_AT: str(at)} if at is not None else {}
         return (await self._request(f"q.{view}", body or {}, headers)).data
+
+
+async def _quiet(exc: Exception) -> None:
+    # nats-py reports a failed connect here too; the caller gets Unavailable.
+    return None

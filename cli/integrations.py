@@ -1,28 +1,25 @@
 """``stratus integration ...`` and ``stratus webhook ...``."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: typer reads every command's
+# signature at each start, and string annotations would be evaluated anew
+# each time (twice per command), a third of the CLI's start-up.
 
 import secrets
 from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, resolve_url, run
+from stratus.cli.common import EXIT_USAGE, AtOpt, OutputOpt, group, resolve_url, run, send
 from stratus.cli.output import Format, emit
-from stratus.events.store import STREAM
-from stratus.handlers.natsauth import inbox_prefix
 
 TenantOpt = Annotated[
     str | None, typer.Option(help="tenant (default: your token's; cloud admin: any)")
 ]
 
-integration_app = typer.Typer(
-    no_args_is_help=True,
-    help="NATS credentials that may only consume one tenant's events (or, cloud admin, all).",
+integration_app = group(
+    "NATS credentials that may only consume one tenant's events (or, cloud admin, all)."
 )
-webhook_app = typer.Typer(
-    no_args_is_help=True, help="Signed CloudEvents POSTed to a URL for matching events."
-)
+webhook_app = group("Signed CloudEvents POSTed to a URL for matching events.")
 
 INTEGRATION_COLUMNS = ["id", "name", "status", "filter_subject", "user", "tenant"]
 WEBHOOK_COLUMNS = ["id", "name", "status", "url", "types", "tenant"]
@@ -39,6 +36,9 @@ def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
 def connect_info(url: str, created: dict[str, Any], password: str) -> dict[str, Any]:
     """What a nats-py client needs: ``nats.connect(url, **connect)``, then a pull
     consumer named ``durable`` on ``stream`` with ``filter_subject``."""
+    from stratus.events.store import STREAM
+    from stratus.handlers.natsauth import inbox_prefix
+
     return {
         **created,
         "url": url,
@@ -68,8 +68,9 @@ def integration_create(
         typer.echo("error: --all-tenants and --tenant exclude each other", err=True)
         raise typer.Exit(EXIT_USAGE)
     password = secrets.token_urlsafe(32)
-    body = _body(tenant, name=name, secret=password, all_tenants=all_tenants or None)
-    created = run(lambda c: c.command("integration.create", body)).data
+    created = send(
+        "integration.create", tenant=tenant, name=name, secret=password, all_tenants=all_tenants
+    ).data
     info = connect_info(resolve_url(), created, password)
     if output is Format.table:
         typer.echo("the password is shown once; keep it (as -o json) now", err=True)
@@ -92,8 +93,8 @@ def integration_revoke(
     output: OutputOpt = Format.table,
 ) -> None:
     """Revoke: the server disconnects the credential within seconds."""
-    body = _body(tenant, ref=ref, all_tenants=all_tenants or None)
-    emit(run(lambda c: c.command("integration.revoke", body)).data, output)
+    reply = send("integration.revoke", tenant=tenant, ref=ref, all_tenants=all_tenants)
+    emit(reply.data, output)
 
 
 @webhook_app.command("create")
@@ -106,8 +107,8 @@ def webhook_create(
 ) -> None:
     """Subscribe a URL; the signing secret is shown once."""
     patterns = [t.strip() for t in types.split(",") if t.strip()]
-    body = _body(tenant, name=name or f"hook-{secrets.token_hex(4)}", url=url, types=patterns)
-    data = run(lambda c: c.command("webhook.create", body)).data
+    name = name or f"hook-{secrets.token_hex(4)}"
+    data = send("webhook.create", tenant=tenant, name=name, url=url, types=patterns).data
     if output is Format.table:
         typer.echo("the secret is shown once; receivers verify Stratus-Signature with it", err=True)
     emit(data, output)
@@ -124,7 +125,7 @@ def webhook_delete(
     tenant: TenantOpt = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    emit(run(lambda c: c.command("webhook.delete", _body(tenant, ref=ref))).data, output)
+    emit(send("webhook.delete", tenant=tenant, ref=ref).data, output)
 
 
 @webhook_app.command("deliveries")

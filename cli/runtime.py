@@ -20,6 +20,12 @@ from typing import IO, Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always offered)
+    NATS_SERVICE_SECRET,
+    NATS_SERVICE_USER,
+    URL_FILE,
+    default_data_dir,
+)
 from stratus.events.broker import EmbeddedNats
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
@@ -43,9 +49,6 @@ from stratus.projections.rebuild import LiveProjection, SwapService, live_store_
 
 log = structlog.get_logger("stratus.up")
 
-URL_FILE = "url"
-NATS_SERVICE_USER = "stratus"
-NATS_SERVICE_SECRET = "nats-service-password"
 # Clients (the CLI, integrations) connect without credentials and get only
 # this: send commands and queries, receive replies. Appending to the log, or
 # any JetStream API call, is refused by the server itself.
@@ -135,14 +138,6 @@ async def start_services(
         register_webhook_query(q_svc, store)
         await q_svc.start()
     return feed, cmd_svc, q_svc
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("STRATUS_DATA_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "stratus"
 
 
 class DataDirBusy(RuntimeError):

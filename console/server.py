@@ -74,7 +74,7 @@ class ConsoleServer:
             self._nc = None
 
 
-console_app = typer.Typer(add_completion=False)
+console_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @console_app.command()
@@ -85,7 +85,10 @@ def console(
     ] = DEFAULT_LISTEN,
 ) -> None:
     """Serve the web console (called by ``stratus serve console``)."""
-    host, port = parse_listen(listen)
+    try:
+        host, port = parse_listen(listen)
+    except Invalid as err:
+        raise typer.BadParameter(err.message, param_hint="--listen") from None
     url: str = ctx.obj["url"]
 
     async def main() -> None:

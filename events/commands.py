@@ -41,8 +41,15 @@ def reply_allowed(reply: str | None) -> bool:
 MAX_COMMAND_BYTES = 64 * 1024
 
 
-class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every command. Unknown fields are typos and are refused."""
+class Command(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Base of every command. Unknown fields are typos and are refused.
+
+    Encoded (by a client), a command carries only the fields that differ
+    from their defaults: what its sender chose, nothing a service of an
+    older version would refuse as unknown only because it was defaulted.
+    """
 
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):

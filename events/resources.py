@@ -709,28 +709,6 @@ COMMANDS: dict[str, type[Command]] = {
 }
 
 
-# Every kind of the inventory and the name its list query (``q.<plural>``)
-# and its table (with ``_``) go by.
-PLURALS: dict[str, str] = {
-    "host": "hosts",
-    "flavor": "flavors",
-    "image": "images",
-    "server": "servers",
-    "server-group": "server-groups",
-    "volume": "volumes",
-    "network": "networks",
-    "subnet": "subnets",
-    "port": "ports",
-    "router": "routers",
-    "floating-ip": "floating-ips",
-    "security-group": "security-groups",
-    "qos-policy": "qos-policies",
-    # Defined in events/integrations.py; listed here so they get views too.
-    "integration": "integrations",
-    "webhook": "webhooks",
-}
-
-
 class Quota(msgspec.Struct, frozen=True):
     """One limited resource: its built-in default (-1: unlimited), and how
     its usage is counted from the tenant's resources (rows of ``kind``, or

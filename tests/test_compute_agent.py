@@ -19,7 +19,8 @@ from stratus.events.heartbeat import Liveness
 from stratus.events.ids import new_id
 from stratus.events.resources import SYSTEM, ImageCreated
 from stratus.events.scheduling import HostReleased
-from stratus.tests.compute_helpers import (
+
+from .compute_helpers import (
     TENANT,
     cause,
     cleanup,

@@ -15,7 +15,8 @@ import pytest
 
 from stratus.agents.compute import images
 from stratus.agents.compute.containers import ContainerDriver
-from stratus.tests.test_cli import STRATUS, Up, cli, login
+
+from .test_cli import STRATUS, Up, cli, login
 
 pytestmark = pytest.mark.timeout(180)
 

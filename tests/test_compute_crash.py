@@ -21,7 +21,8 @@ from stratus.events.model import Cause
 from stratus.events.resources import ServerBuilding, ServerDeleting
 from stratus.events.scheduling import HostClaimed, ServerBuildTimeout
 from stratus.events.store import STREAM, Condition
-from stratus.tests.compute_helpers import (
+
+from .compute_helpers import (
     TENANT,
     cause,
     cleanup,

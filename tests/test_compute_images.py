@@ -19,7 +19,8 @@ from stratus.events.ids import new_id
 from stratus.events.network import vm_tap
 from stratus.events.resources import SYSTEM, Nic
 from stratus.events.scheduling import HostClaimed, HostReleased
-from stratus.tests.compute_helpers import cause
+
+from .compute_helpers import cause
 
 
 def qcow2(path: Path, size: str = "16M", backing: Path | None = None, fmt: str = "raw") -> Path:

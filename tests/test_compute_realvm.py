@@ -22,7 +22,8 @@ import pytest
 from stratus.agents.compute.agent import ComputeAgent, DirectBoot, HostSpec
 from stratus.agents.compute.domain import LibvirtDriver
 from stratus.events import network as nw
-from stratus.tests.compute_helpers import cleanup, place, unique_host, wait_for
+
+from .compute_helpers import cleanup, place, unique_host, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -253,7 +254,7 @@ async def test_a_real_vm_gets_its_address_by_dhcp_and_pings_its_router(libvirtd,
     dnsmasq (on the router host, across VXLAN) answering the real guest."""
     from stratus.events.resources import RouterCreate, RouterInterface
     from stratus.handlers import routers
-    from stratus.tests.netlab import running_lab
+    from stratus.ops.bench.netlab import running_lab
 
     kernel = sorted(glob.glob("/boot/vmlinuz-*"))[-1]
     mods = modules_for(kernel, ["virtio_pci", "virtio_net"])

@@ -30,7 +30,7 @@ from yarl import URL
 
 from stratus.cli.client import Client
 from stratus.events.errors import Unauthenticated
-from stratus.tests.test_cli import ADMIN_PASSWORD, Up
+from .test_cli import ADMIN_PASSWORD, Up
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -13,7 +13,8 @@ import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from stratus.handlers.natsauth import inbox_prefix
-from stratus.tests.test_identity import ADMIN_PASSWORD, Cloud, Stacks, connect, kind
+
+from .test_identity import ADMIN_PASSWORD, Cloud, Stacks, connect, kind
 
 pytestmark = pytest.mark.timeout(120)
 

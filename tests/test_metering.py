@@ -17,7 +17,8 @@ from stratus.cli.integrations import connect_info
 from stratus.events import resources as r
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
-from stratus.tests.test_identity import ADMIN_PASSWORD, Stacks, connect
+
+from .test_identity import ADMIN_PASSWORD, Stacks, connect
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -26,7 +26,7 @@ from stratus.events.resources import (
     SecurityGroupRuleRemove,
 )
 from stratus.handlers import networks, routers, security_groups
-from stratus.tests.netlab import Lab, ping, probe, running_lab, serve
+from stratus.ops.bench.netlab import Lab, ping, probe, running_lab, serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -296,7 +296,7 @@ def netns_create(name: str) -> None:
 def test_stratus_up_with_hosts_builds_simulated_hosts_and_removes_them_on_stop(tmp_path):
     import hashlib
 
-    from stratus.tests.test_cli import Up
+    from .test_cli import Up
 
     data = tmp_path / "data"
     u = Up(data, "--hosts", "2")

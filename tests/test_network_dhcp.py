@@ -27,7 +27,7 @@ from stratus.events.resources import (
 )
 from stratus.handlers import routers
 from stratus.handlers.records import Port
-from stratus.tests.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
+from stratus.ops.bench.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -40,8 +40,9 @@ from stratus.projections.query import QueryService
 from stratus.projections.schema import quarantine
 from stratus.projections.tenants import list_tenants, tenants
 from stratus.projections.users import role_assignments, users
-from stratus.tests import test_cli
-from stratus.tests.test_cli import Up, cli, login, wait_projected
+
+from . import test_cli
+from .test_cli import Up, cli, login, wait_projected
 
 pytestmark = pytest.mark.timeout(120)
 

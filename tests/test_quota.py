@@ -24,8 +24,9 @@ from stratus.events.ids import new_id
 from stratus.events.store import EventStore
 from stratus.handlers import quota
 from stratus.handlers.world import World, fold
-from stratus.tests.test_cli import cli, login, wait_projected
-from stratus.tests.test_cli import up as up
+
+from .test_cli import cli, login, wait_projected
+from .test_cli import up as up
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,7 +211,7 @@ async def test_lowering_a_quota_below_usage_blocks_only_new_allocations(three_ha
 def up_unscheduled(tmp_path):
     """``stratus up`` without a scheduler: the servers stay ``requested``, so
     what is checked here is the quota alone (scheduling has its own tests)."""
-    from stratus.tests.test_cli import running_up
+    from .test_cli import running_up
 
     with running_up(tmp_path, "--scheduler-replicas", "0") as u:
         yield u
@@ -300,7 +301,7 @@ def test_twelve_racing_cli_creates_under_a_quota_of_three_and_the_past_is_querya
 
 
 def test_configured_quota_defaults_apply_to_tenants_no_quota_set_touched(tmp_path):
-    from stratus.tests.test_cli import CONFIG_HOME, Up
+    from .test_cli import CONFIG_HOME, Up
 
     CONFIG_HOME["value"] = str(tmp_path / "config")
     u = Up(tmp_path / "data", "--quota-default", "instances=1", "--quota-default", "vcpus=-1")

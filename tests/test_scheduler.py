@@ -20,7 +20,7 @@ from stratus.events.scheduling import (
 from stratus.events.store import STREAM
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.scheduler.service import DURABLE, WORK_SUBJECT
-from stratus.tests.schedkit import (
+from stratus.ops.bench.schedkit import (
     disable_host,
     fold_claims,
     group_event,

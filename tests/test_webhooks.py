@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from stratus.events import cloudevents
-from stratus.tests.test_identity import ADMIN_PASSWORD, Stacks, connect
+
+from .test_identity import ADMIN_PASSWORD, Stacks, connect
 
 pytestmark = pytest.mark.timeout(120)
 

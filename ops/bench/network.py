@@ -85,7 +85,7 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
     from stratus.events.resources import ServerScheduled
     from stratus.events.store import EventStore
     from stratus.handlers.world import fold
-    from stratus.tests.netlab import CAUSE, Cloud
+    from stratus.ops.bench.netlab import CAUSE, Cloud
 
     prefix = "b" + secrets.token_hex(2)
     hosts = [f"host-{i + 1}" for i in range(opts.hosts)]

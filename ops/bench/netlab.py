@@ -1,6 +1,6 @@
-"""A network lab for the agent tests: simulated hosts in namespaces, tenant
-histories made by the real decisions and appended to a real store, and
-probes (ping, TCP) run inside namespaces.
+"""A network lab for the network agent's tests and benchmark: simulated
+hosts in namespaces, tenant histories made by the real decisions and
+appended to a real store, and probes (ping, TCP) run inside namespaces.
 
 Every name carries a prefix unique to the run, and ``Lab.close`` removes
 every namespace, link and rule it or its agents made, even after a failure.
@@ -235,7 +235,7 @@ def ping(ns: str, address: str, tries: int = 3) -> bool:
 
 
 def probe(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return run_in(ns, [sys.executable, "-m", "stratus.tests.netprobe", *args], timeout=timeout)
+    return run_in(ns, [sys.executable, "-m", "stratus.ops.bench.netprobe", *args], timeout=timeout)
 
 
 def serve(ns: str, *args: str) -> subprocess.Popen:
@@ -246,7 +246,7 @@ def serve(ns: str, *args: str) -> subprocess.Popen:
         netns.setns(ns, flags=0)
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stratus.tests.netprobe", *args],
+        [sys.executable, "-m", "stratus.ops.bench.netprobe", *args],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=enter,
