@@ -53,7 +53,9 @@ async def causal_chain(
 
 def causal_depths(rows: list[dict]) -> dict[str, int]:
     """How far each event is from its command: 0 for what the command
-    appended, one more for each event caused by another in the chain."""
+    appended, one more for each event caused by another in the chain (an
+    event whose cause the caller may not see, a claim on a cloud host, say,
+    counts as one step away)."""
     by_id = {r["id"]: r for r in rows}
     depth: dict[str, int] = {}
 
@@ -61,7 +63,10 @@ def causal_depths(rows: list[dict]) -> dict[str, int]:
         if r["id"] in depth:
             return depth[r["id"]]
         parent = by_id.get(r["causation_id"])
-        d = 0 if parent is None or hops > 64 else of(parent, hops + 1) + 1
+        if parent is None or hops > 64:
+            d = 0 if r["causation_id"] == r["correlation_id"] else 1
+        else:
+            d = of(parent, hops + 1) + 1
         depth[r["id"]] = d
         return d
 

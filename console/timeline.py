@@ -39,6 +39,15 @@ class Entry:
     top: list[tuple[str, float]] = field(default_factory=list)
 
 
+def _cause(row: dict[str, Any], parent: dict[str, Any] | None) -> str:
+    if parent is not None:
+        return f"{parent['type']} (#{parent['seq']})"
+    cause = row.get("causation_id", "")
+    if not cause or cause == row.get("correlation_id"):
+        return ""  # the command itself
+    return f"event …{cause[-12:]}, outside what you may read"
+
+
 def entries(rows: list[dict[str, Any]], resource_id: str) -> list[Entry]:
     by_id = {r["id"]: r for r in rows}
     depth = causal_depths(rows)
@@ -58,7 +67,7 @@ def entries(rows: list[dict[str, Any]], resource_id: str) -> list[Entry]:
             kind=agg.get("kind", "?"),
             resource=agg.get("id", "?"),
             depth=depth.get(r["id"], 0),
-            caused_by=f"{parent['type']} (#{parent['seq']})" if parent else "",
+            caused_by=_cause(r, parent),
             command=r.get("correlation_id", ""),
             result=r.get("result", ""),
             reason=because(r),

@@ -30,6 +30,7 @@ from yarl import URL
 
 from stratus.cli.client import Client
 from stratus.events.errors import Unauthenticated
+
 from .test_cli import ADMIN_PASSWORD, Up
 
 CHROMIUM = "/usr/bin/chromium"
@@ -107,6 +108,23 @@ async def _populate(url: str) -> tuple[dict[str, str], str, str]:
         )
         await c.command(
             "router.add-subnet", {"router": "edge", "subnet": "lan-v4", "tenant": "acme"}
+        )
+        # A server already running in acme, with a floating IP.
+        await c.command(
+            "server.create",
+            {
+                "name": "db-1",
+                "image": "cirros",
+                "vcpus": 2,
+                "ram_mb": 1024,
+                "networks": ["lan"],
+                "tenant": "acme",
+            },
+        )
+        fip = await c.command("floating-ip.create", {"network": "public", "tenant": "acme"})
+        await c.command(
+            "floating-ip.associate",
+            {"floating_ip": fip.data["address"], "server": "db-1", "tenant": "acme"},
         )
         for user, password in PASSWORDS.items():
             await c.command("user.create", {"name": user, "password": password})

@@ -151,6 +151,8 @@ def test_timeline_carries_the_schedulers_reasons_and_the_failures():
             data={"host": "h2", "reason": "no disk", "attempt": 1},
         ),
         _row(14, "server.running", id_="e5", cause="e2", data={"host": "h4"}),
+        # Caused by an event the caller may not read (a claim on a host).
+        _row(15, "server.stopped", id_="e6", cause="hidden-claim-0123"),
     ]
     out = timeline.entries(rows, "s1")
     by = {e.type: e for e in out}
@@ -164,7 +166,10 @@ def test_timeline_carries_the_schedulers_reasons_and_the_failures():
     assert failed.css == "failed" and failed.reason == "no disk" and failed.depth == 2
     assert by["server.running"].css == "ok"
     assert not by["host.claimed"].own and by["server.requested"].own
-    assert by["server.requested"].caused_by == ""
+    assert by["server.requested"].caused_by == "" and by["server.requested"].depth == 0
+    hidden = by["server.stopped"]
+    assert hidden.caused_by == "event …n-claim-0123, outside what you may read"
+    assert hidden.depth == 1
 
 
 def test_touched_servers_are_the_tenants_own():
