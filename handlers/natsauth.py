@@ -28,6 +28,7 @@ from stratus.events.integrations import (
     IntegrationRevoked,
 )
 from stratus.events.store import STREAM, EventStore
+from stratus.events.tasks import cancel
 
 log = structlog.get_logger("stratus.natsauth")
 
@@ -144,7 +145,5 @@ class IntegrationAuth:
 
     async def stop(self) -> None:
         if self._task is not None:
-            from stratus.handlers.webhooks import cancel
-
             await cancel(self._task)
             self._task = None

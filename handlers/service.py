@@ -38,7 +38,7 @@ from stratus.events.responder import Responder, encode_reply
 from stratus.events.store import Condition, EventStore, subject_matches
 from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, RoleBook, Scope, authorize, rule
 from stratus.handlers.registry import Handler, Special
-from stratus.handlers.state import StateCache
+from stratus.handlers.state import StateCache, Tracked
 
 QUEUE_GROUP = "handlers"
 # Enough for dozens of commands racing on one tenant or one pool.
@@ -200,9 +200,6 @@ class CommandService(Responder):
             await refresh()
             refreshed = True
         for attempt in range(self.max_attempts):
-            done = tracked.ledger.get(cause.correlation_id)
-            if done is not None:
-                return self._ok(handler, tracked.state, done, duplicate=True)
             state = tracked.state if other is None else (tracked.state, other.state)
             try:
                 events = handler.decide(state, cmd, cause)
@@ -213,10 +210,18 @@ class CommandService(Responder):
                     await refresh()
                     refreshed = True
                     continue
+                # A retry of a command that landed is refused by the state
+                # it made itself (already_exists, not_found, quota): answer
+                # it as the original was answered.
+                done = await self._applied(handler, tracked, cause)
+                if done is not None:
+                    return done
                 log.info("command refused", kind=err.kind, reason=err.message, **bind)
                 raise
             if not events:
-                return self._ok(handler, tracked.state, [])
+                # (or a retry that finds its own events there: nothing to do)
+                done = await self._applied(handler, tracked, cause)
+                return done or self._ok(handler, tracked.state, [])
             conditions = (
                 [Condition(boundary, tracked.seq)]
                 if other is None
@@ -233,8 +238,10 @@ class CommandService(Responder):
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
                 continue
             if result.duplicate:
+                # A retry, decided again and stopped by the broker.
                 await refresh()
-                return self._ok(handler, tracked.state, result.seqs, duplicate=True)
+                done = await self._applied(handler, tracked, cause)
+                return done or self._ok(handler, tracked.state, result.seqs, duplicate=True)
             for seq, event in zip(result.seqs, events, strict=True):
                 # Only what matches the boundary moves its position.
                 if subject_matches(boundary, event.subject):
@@ -245,6 +252,21 @@ class CommandService(Responder):
         raise Conflict(
             f"{handler.verb}: the state kept changing over {self.max_attempts} attempts; retry"
         )
+
+    async def _applied(self, handler: Handler, tracked: Tracked[Any], cause: Cause) -> Reply | None:
+        """The original answer to this command if it was applied already:
+        its events, all of them, as the log has them (None: it was not).
+
+        The broker remembers the command ids it stored for its duplicate
+        window, across restarts (``EventStore.find_append``), so a retry is
+        recognised whatever came between; nothing else needs to remember
+        (``tracked`` is fresh when this is asked: it has the events).
+        """
+        recs = await self.store.find_append(cause.correlation_id)
+        if not recs:
+            return None
+        events = [r.decode(self.store.codec) for r in recs]
+        return self._ok(handler, tracked.state, [r.seq for r in recs], True, events)
 
     @staticmethod
     def _ok(

@@ -40,6 +40,7 @@ from stratus.events.errors import NotFound
 from stratus.events.integrations import WEBHOOK, WebhookCreated, WebhookDeleted
 from stratus.events.resources import REF_PATTERN
 from stratus.events.store import STREAM, EventStore
+from stratus.events.tasks import cancel
 from stratus.handlers.integrations import WebhookKeys
 
 log = structlog.get_logger("stratus.webhooks")
@@ -67,23 +68,6 @@ def matches(patterns: list[str], event_type: str) -> bool:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Seconds before retry ``attempt`` + 1: base, 2·base, 4·base, ... up to cap."""
     return min(cap, base * 2 ** (attempt - 1))
-
-
-async def cancel(task: asyncio.Task[Any], tries: int = 20) -> None:
-    """Cancel ``task`` and wait for it, cancelling again if it swallowed one.
-
-    Python 3.11's ``asyncio.wait_for`` can lose a cancellation that races
-    with the awaited future completing (the store's reader waits that way),
-    which would leave a plain ``await task`` hanging at shutdown.
-    """
-    for _ in range(tries):
-        task.cancel()
-        done, _pending = await asyncio.wait([task], timeout=0.25)
-        if done:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                task.result()
-            return
-    log.warning("task did not stop", task=task.get_name())
 
 
 class Subscription(msgspec.Struct):

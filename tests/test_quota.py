@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,6 +25,7 @@ from stratus.handlers.world import World, fold
 
 from .test_cli import cli, login, wait_projected
 from .test_cli import up as up
+from .test_idempotency import serve_handlers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,38 +35,8 @@ STRATUS = [sys.executable, "-m", "stratus.cli.main"]
 @pytest.fixture
 def three_handlers(nats_server, tmp_path):
     """Three `stratus serve handlers` processes sharing the queue group."""
-    procs = []
-    env = {**os.environ, "STRATUS_DATA_DIR": str(tmp_path / "nodata")}
-    try:
-        for _ in range(3):
-            p = subprocess.Popen(
-                [*STRATUS, "--url", nats_server.url, "serve", "handlers", "--insecure-no-auth"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
-            procs.append(p)
-        for p in procs:
-            deadline = time.monotonic() + 30
-            assert p.stdout is not None
-            line = ""
-            while "ready" not in line:
-                assert time.monotonic() < deadline, "handler did not start"
-                line = p.stdout.readline()
-                assert line, f"handler exited with {p.poll()}"
+    with serve_handlers(nats_server.url, 3, str(tmp_path / "nodata")):
         yield nats_server.url
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            if p.stdout:
-                p.stdout.close()
 
 
 async def _race(url: str, verb: str, bodies: list[dict]) -> tuple[list[dict], list[str]]:
