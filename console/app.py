@@ -20,7 +20,7 @@ import jinja2
 import structlog
 from aiohttp import web
 
-from stratus.cli.client import Client
+from stratus.cli.client import Client, Drops
 from stratus.console import session
 from stratus.events.errors import (
     Forbidden,
@@ -61,9 +61,12 @@ CONSOLE: web.AppKey[Console] = web.AppKey("console")
 class Console:
     """What the handlers share: the NATS connection and the templates."""
 
-    def __init__(self, nc: Any, *, timeout: float = 10.0) -> None:
+    def __init__(self, nc: Any, *, timeout: float = 10.0, drops: Drops | None = None) -> None:
         self.nc = nc
         self.timeout = timeout
+        # Fed by the connection's callbacks: requests in flight fail at once
+        # when it drops, rather than each polling it.
+        self.drops = drops
         self.templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -80,7 +83,7 @@ class Console:
 
     def client(self, token: str | None, timeout: float | None = None) -> Client:
         """A client speaking for one browser: its token on every request."""
-        return Client(self.nc, token, timeout or self.timeout)
+        return Client(self.nc, token, timeout or self.timeout, drops=self.drops)
 
     def render(self, template: str, status: int = 200, **values: Any) -> web.Response:
         text = self.templates.get_template(template).render(**values)
@@ -204,12 +207,13 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 # -- the application ------------------------------------------------------------------------
 
 
-def make_app(nc: Any, *, timeout: float = 10.0) -> web.Application:
-    """The console over an open NATS connection (the anonymous client user)."""
+def make_app(nc: Any, *, timeout: float = 10.0, drops: Drops | None = None) -> web.Application:
+    """The console over an open NATS connection (the anonymous client user);
+    ``drops`` is fed by that connection's disconnect callbacks."""
     from stratus.console import live, pages
 
     app = web.Application(middlewares=[security_headers, errors, guard])
-    console = Console(nc, timeout=timeout)
+    console = Console(nc, timeout=timeout, drops=drops)
     app[CONSOLE] = console
     r = app.router
     r.add_get("/", pages.index)

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from aiohttp import web
 
+from stratus.cli.client import Drops
 from stratus.console.app import make_app
 from stratus.events.errors import Invalid
 from stratus.events.store import connect_nats
@@ -45,9 +46,12 @@ class ConsoleServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
-        self._nc = await connect_nats(self.nats_url)
+        drops = Drops()
+        self._nc = await connect_nats(
+            self.nats_url, disconnected_cb=drops.dropped, closed_cb=drops.dropped
+        )
         try:
-            app = make_app(self._nc)
+            app = make_app(self._nc, drops=drops)
             # Live pages are ended by the app's shutdown hook; nothing else
             # runs long.
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
