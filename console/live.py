@@ -30,6 +30,7 @@ BATCH = 200
 # How long an update waits for the projection to hold the events it is
 # about, before the rows are read from it.
 CATCH_UP_S = 3.0
+CATCH_UP_POLL_S = 0.01
 
 
 def _start(request: web.Request) -> int:
@@ -69,7 +70,8 @@ async def _caught_up(c: Client, seq: int) -> None:
         status = await c.query("status", {"digest": False})
         if status["projector_seq"] >= seq:
             return
-        await asyncio.sleep(0.05)
+        # The projector is usually a few milliseconds behind the log.
+        await asyncio.sleep(CATCH_UP_POLL_S)
 
 
 async def server_updates(c: Client, tenant: str, events: list[dict[str, Any]]) -> list[dict]:

@@ -35,6 +35,10 @@ MAX_PAGE = 1000
 # poll); below the clients' request timeout.
 MAX_WAIT_MS = 20_000
 LONG_POLL_TICK_S = 0.5
+# After a wake-up, how long (and how often) a long poll reads again for the
+# event that woke it.
+STORE_GRACE_S = 1.0
+STORE_POLL_S = 0.005
 # How long an audit query waits for the projector to reach the end of the log.
 CATCH_UP_WAIT_S = 2.0
 
@@ -369,6 +373,7 @@ class QueryService(Responder):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + p.wait_ms / 1000
         arrivals = None
+        woke = -1.0
         try:
             while True:
                 out = await self._events_after(subject, p.after, None, p.limit)
@@ -380,8 +385,14 @@ class QueryService(Responder):
                     # between the read and the subscription is not missed.
                     arrivals = await self.store.nc.subscribe(subject, pending_msgs_limit=16)
                     continue
+                if loop.time() - woke < STORE_GRACE_S:
+                    # Subscribers can see a message before the stream has
+                    # stored it: it is there a moment later.
+                    await asyncio.sleep(STORE_POLL_S)
+                    continue
                 if not await self._arrival(arrivals, deadline):
                     return []
+                woke = loop.time()
         finally:
             if arrivals is not None:
                 with contextlib.suppress(Exception):
