@@ -67,7 +67,7 @@ async def _caught_up(c: Client, seq: int) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CATCH_UP_S
     while loop.time() < deadline:
-        status = await c.query("status", {"digest": False})
+        status = await c.query("status", {"digest": False, "parts": False})
         if status["projector_seq"] >= seq:
             return
         # The projector is usually a few milliseconds behind the log.

@@ -254,7 +254,8 @@ async def _servers_page(
     if v.at is None:
         # Live updates follow the log from what the projection held before
         # the table was read (an event in between is sent again: harmless).
-        since = (await v.q("status", {"digest": False}, scoped=False))["projector_seq"]
+        log_at = await v.q("status", {"digest": False, "parts": False}, scoped=False)
+        since = log_at["projector_seq"]
     servers, ports, fips, images, flavors, networks = await asyncio.gather(
         v.q("servers"),
         v.q("ports"),

@@ -55,6 +55,9 @@ class TenantQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StatusQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: bool = True
+    # False: the log's and the projector's positions only, without the
+    # hosts and services (what a live page asks many times a second).
+    parts: bool = True
 
 
 class UsersQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -512,7 +515,7 @@ class QueryService(Responder):
             out["projection_digest"] = found
         if pt.seq is not None:
             out["at"] = pt.seq
-        else:
+        elif p.parts:
             out.update(await self._live_parts(pt))
             out.update(self.endpoints)
         return out

@@ -15,6 +15,7 @@ from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated
+from stratus.projections.projector import init_schema
 from stratus.projections.query import MAX_WAIT_MS, QueryService
 
 pytestmark = pytest.mark.timeout(60)
@@ -32,7 +33,9 @@ def _poll(svc: QueryService, **body):
 
 @pytest.fixture
 async def service(store, sqlite_engine):
-    svc = QueryService(store, sqlite_engine())
+    engine = sqlite_engine()
+    await init_schema(engine)
+    svc = QueryService(store, engine)
     yield svc
     await svc.stop()
 
@@ -80,3 +83,14 @@ async def test_stopping_the_service_ends_its_long_polls(service, store):
 async def test_waits_are_bounded(service):
     with pytest.raises(Invalid):
         await _poll(service, tenant="acme", wait_ms=MAX_WAIT_MS + 1)
+
+
+async def test_a_live_pages_status_is_the_positions_alone(service, store):
+    """What a live page polls while the projector catches up: no hosts, no
+    services (each would cost a JetStream request)."""
+    await _append(store, "acme")
+    full = await service.handle("status", b'{"digest": false}', {})
+    lean = await service.handle("status", b'{"digest": false, "parts": false}', {})
+    assert "hosts" in full and "services" in full
+    assert set(lean) == {"last_seq", "projector_seq", "projector_lag", "quarantined"}
+    assert lean["last_seq"] == full["last_seq"] >= 1

@@ -182,7 +182,7 @@ async def _bench(opts: Options, report: Report, url: str, console: str, data: Pa
         # -- pages: the servers page next to its queries -------------------------------
         async def queries() -> None:
             await alice.query("whoami")
-            await alice.query("status", {"digest": False})
+            await alice.query("status", {"digest": False, "parts": False})
             await asyncio.gather(
                 *(
                     alice.query(v, {"tenant": "acme"})
