@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -31,13 +29,21 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import nats
 
-from stratus.ops.bench.common import Load, Report, compare, positive, print_table, result
+from stratus.ops.bench.common import (
+    Load,
+    Report,
+    compare,
+    finish,
+    machine_facts,
+    positive,
+    result,
+    stop_process,
+)
 
 PASSWORD = "bench-admin-password"
 
@@ -227,15 +233,7 @@ async def _bench(opts: Options, report: Report, url: str, console: str, data: Pa
 
 
 def run(opts: Options) -> Report:
-    report = Report("console", opts)
-    report.info.update(
-        {
-            "cpus": os.cpu_count(),
-            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "python": platform.python_version(),
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-    )
+    report = Report("console", opts, info=machine_facts())
     tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-console-"))
     proc = None
     try:
@@ -246,12 +244,7 @@ def run(opts: Options) -> Report:
         report.failures.append(f"{type(exc).__name__}: {exc}")
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)  # type: ignore[arg-type]
             if proc.stdout:
                 proc.stdout.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -272,18 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     report = run(opts)
     report.info["wall_seconds"] = round(time.perf_counter() - start, 1)
-    if a.json:
-        print(json.dumps(report.to_json(), indent=2))
-    else:
-        caption = (
-            f"{report.info.get('cpus')} CPUs, load {report.info.get('loadavg')}, Python "
-            f"{report.info.get('python')}; stratus up as a child process, one client "
-            f"process; latency from just before each command; wall {report.info['wall_seconds']} s"
-        )
-        print_table("Stratus console benchmark", report.results, caption)
-    for f in report.failures:
-        print(f"FAILED: {f}", file=sys.stderr)
-    return 1 if report.failures else 0
+    caption = (
+        f"{report.info.get('cpus')} CPUs, load {report.info.get('loadavg')}, Python "
+        f"{report.info.get('python')}; stratus up as a child process, one client "
+        f"process; latency from just before each command; wall {report.info['wall_seconds']} s"
+    )
+    return finish(report, a.json, "Stratus console benchmark", caption)
 
 
 if __name__ == "__main__":
