@@ -111,6 +111,26 @@ SeedOpt = Annotated[
 ]
 
 
+WebhookAllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="CIDR that webhooks may reach although internal (repeatable; cloud admin); "
+        "give handlers and the webhook service the same",
+    ),
+]
+
+
+def webhook_policy_from(networks: list[str] | None) -> Any:
+    """Where webhooks may point, or a usage error naming a bad network."""
+    from stratus.handlers.targets import TargetPolicy
+
+    try:
+        return TargetPolicy(networks or ())
+    except StratusError as err:
+        typer.echo(f"error: --webhook-allow-network: {err.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
 def scheduler_config_from(path: Path | None, seed: int | None = None) -> Any:
     """The scheduler's configuration, or a usage error naming what is wrong."""
     from stratus.handlers.scheduler import load_config
@@ -148,6 +168,7 @@ def up(
         int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
     console_port: Annotated[
         int,
         typer.Option(
@@ -161,6 +182,7 @@ def up(
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
+    webhook_policy_from(webhook_allow_network)  # a bad network is a usage error
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -177,6 +199,7 @@ def up(
             quota_defaults=defaults,
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
+            webhook_allow=webhook_allow_network,
             console_port=None if console_port < 0 else console_port,
         )
         stop = asyncio.Event()
@@ -226,6 +249,8 @@ class ServeOptions(NamedTuple):
     seed: int | None
     # What followed the service's name: the agents' own options.
     args: list[str]
+    # Networks webhooks may reach although internal (handlers and webhooks).
+    webhook_allow: list[str]
 
 
 def _alone(factory: Callable[[ServeOptions], Service]) -> Callable[[ServeOptions], Service]:
@@ -263,10 +288,14 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     from stratus.projections.query import QueryService
 
     name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    policy = webhook_policy_from(o.webhook_allow)  # a bad network stops us before connecting
     if o.insecure:
         if commands:
             return _one(
-                name, lambda store, _: CommandService(store, all_handlers(quota_defaults=defaults))
+                name,
+                lambda store, _: CommandService(
+                    store, all_handlers(quota_defaults=defaults, webhook_policy=policy)
+                ),
             )
         return _one(
             name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
@@ -277,7 +306,13 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
         keys = o.data_dir / "keys"
         keyring = KeyRing.load_or_create(keys) if commands and keys.exists() else None
         feed, cmd, query = await start_services(
-            store, engine, keyring, commands=commands, queries=not commands, quota_defaults=defaults
+            store,
+            engine,
+            keyring,
+            commands=commands,
+            queries=not commands,
+            quota_defaults=defaults,
+            webhook_policy=policy,
         )
         return [cmd or query, feed]
 
@@ -306,8 +341,10 @@ def _webhooks(o: ServeOptions) -> Service:
 
     # The signing secrets derive from a key beside the token keys.
     keys = o.data_dir / "keys"
+    policy = webhook_policy_from(o.webhook_allow)
     return _one(
-        "webhooks", lambda store, _: WebhookService(store, WebhookKeys.load_or_create(keys))
+        "webhooks",
+        lambda store, _: WebhookService(store, WebhookKeys.load_or_create(keys), policy=policy),
     )
 
 
@@ -380,6 +417,7 @@ def serve(
     quota_default: QuotaDefaultOpt = None,
     config: SchedulerConfigOpt = None,
     seed: SeedOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
@@ -410,6 +448,7 @@ def serve(
         config=config,
         seed=seed,
         args=ctx.args,
+        webhook_allow=webhook_allow_network or [],
     )
     try:
         svc = factory(opts)
@@ -754,11 +793,23 @@ def _line(row: dict) -> str:
 
 
 @events_app.command("schema")
-def events_schema() -> None:
-    """The JSON Schema of every event type, generated from the code."""
+def events_schema(
+    form: Annotated[
+        str,
+        typer.Option(
+            help="message (a NATS message, msgpack decoded), envelope (a line of "
+            "events tail -o json) or cloudevent (a webhook's body)"
+        ),
+    ] = "message",
+) -> None:
+    """The JSON Schema of every event type in one form, generated from the code."""
     from stratus.events.catalog import CODEC
+    from stratus.events.schemas import FORMS
 
-    sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
+    if form not in FORMS:
+        typer.echo(f"error: --form must be one of {', '.join(FORMS)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    sys.stdout.write(json.dumps(CODEC.json_schema(form), indent=2) + "\n")
 
 
 @events_app.command("asyncapi")
@@ -767,7 +818,8 @@ def events_asyncapi() -> None:
     from stratus.events.asyncapi import dumps
     from stratus.events.catalog import CODEC
 
-    sys.stdout.write(dumps(CODEC) + "\n")
+    # The server this CLI talks to (--url, STRATUS_URL or stratus up's).
+    sys.stdout.write(dumps(CODEC, resolve_url()) + "\n")
 
 
 def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:

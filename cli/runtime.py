@@ -40,6 +40,7 @@ from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
+from stratus.handlers.targets import TargetPolicy
 from stratus.handlers.tokens import Verifier
 from stratus.handlers.webhooks import WebhookService
 from stratus.handlers.webhooks import register_query as register_webhook_query
@@ -111,6 +112,7 @@ async def start_services(
     queries: bool = True,
     token_ttl_s: int = DEFAULT_TTL_S,
     quota_defaults: dict[str, int] | None = None,
+    webhook_policy: TargetPolicy | None = None,
 ) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
     """The identity feed first (keys, revocations), then the services asked for."""
     verifier = Verifier()
@@ -122,7 +124,7 @@ async def start_services(
     if commands:
         cmd_svc = CommandService(
             store,
-            all_handlers(keyring, token_ttl_s, quota_defaults),
+            all_handlers(keyring, token_ttl_s, quota_defaults, webhook_policy),
             authenticate=authenticate,
             roles=book,
         )
@@ -158,6 +160,7 @@ class Stack:
         quota_defaults: dict[str, int] | None = None,
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
+        webhook_allow: list[str] | None = None,
         console_port: int | None = None,
     ) -> None:
         # The web console on 127.0.0.1 (0: any free port; None: none).
@@ -165,6 +168,9 @@ class Stack:
         self.console: Any = None
         self.console_url: str | None = None
         self.token_ttl_s = token_ttl_s
+        # Where webhooks may point: the command handlers check it when one is
+        # created, the delivery service at every POST.
+        self.webhook_policy = TargetPolicy(webhook_allow or ())
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
@@ -232,6 +238,7 @@ class Stack:
                 keyring,
                 token_ttl_s=self.token_ttl_s,
                 quota_defaults=self.quota_defaults,
+                webhook_policy=self.webhook_policy,
             )
             assert self.commands is not None and self.queries is not None
             self.swapper = SwapService(
@@ -248,7 +255,10 @@ class Stack:
                 await sched.start()
                 self.schedulers.append(sched)
             self.webhooks = WebhookService(
-                self.store, WebhookKeys.load_or_create(keyring.path), **self.webhook_options
+                self.store,
+                WebhookKeys.load_or_create(keyring.path),
+                policy=self.webhook_policy,
+                **self.webhook_options,
             )
             await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)

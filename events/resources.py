@@ -183,11 +183,13 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
-    pass
+    # Until the host's agent reports server.stopped.
+    status = "stopping"
 
 
 class ServerStartRequested(ResourceEvent, frozen=True, tag="server.start-requested"):
-    pass
+    # Until the host's agent reports server.running.
+    status = "starting"
 
 
 class ServerRebootRequested(ResourceEvent, frozen=True, tag="server.reboot-requested"):

@@ -133,7 +133,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
 
 
 # Servers already placed on a host need its agent to tear them down.
-_PLACED = {"scheduled", "building", "running", "stopped", "deleting"}
+_PLACED = {"scheduled", "building", "running", "stopping", "stopped", "starting", "deleting"}
 
 
 def decide_server_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:

@@ -127,6 +127,17 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
         r = cli(url, "server", "exec", "vm1", "--", "true")
         assert r.returncode == 1 and "container" in r.stderr
 
+        # Issue 17: stop and start print the status they lead to, pending
+        # until the host's agent has done it (they printed the old one).
+        for verb, pending, settled in (
+            ("stop", "stopping", "stopped"),
+            ("start", "starting", "running"),
+        ):
+            r = cli(url, "server", verb, "vm1", "-o", "json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["status"] == pending
+            wait_status(url, "vm1", settled)
+
         for name in ("vm1", "box"):
             assert cli(url, "server", "delete", name).returncode == 0
         deadline = time.monotonic() + 30

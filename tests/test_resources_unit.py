@@ -63,6 +63,7 @@ from stratus.events.resources import (
     ServerCreate,
     ServerGroupCreate,
     ServerRequested,
+    ServerRunning,
     ServerScheduled,
     ServerStopRequested,
     SubnetCreate,
@@ -705,6 +706,20 @@ def test_power_verbs_need_the_right_status():
     server(w, "a")
     stop = servers.power(ServerStopRequested, {"running"}, "stop")
     refused(w, stop, ref(w, "a"), Conflict, "cannot stop server a while it is requested")
+
+
+def test_a_stop_is_pending_until_the_agent_reports_it():
+    """What ``server stop`` prints is the status the decision leads to."""
+    w = world()
+    s = server(w, "a")
+    apply(w, [CAUSE.make(ServerRunning, w.tenant, "server", s.id, host="h1")])
+    stop = servers.power(ServerStopRequested, {"running"}, "stop")
+    do(w, stop, ref(w, "a"))
+    assert w.servers.find("a").status == "stopping"
+    refused(w, stop, ref(w, "a"), Conflict, "cannot stop server a while it is stopping")
+    # ... and a server stopping on its host is torn down by that host.
+    made = servers.decide_server_delete(w, ref(w, "a"), CAUSE)
+    assert [e.type_name() for e in made] == ["server.deleting", "host.server-action"]
 
 
 # -- floating IPs ------------------------------------------------------------------------

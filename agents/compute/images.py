@@ -6,6 +6,11 @@ The image store is a directory of files named by their SHA-256 (what
 without carrying a path, and two uploads of one file share it. Each host
 keeps its own cache of the bases it uses; an instance's disk is an overlay
 backed by the cached base, so creating one writes kilobytes, not a copy.
+
+Images are tenants' data, and ``image create --file`` may run as root on
+any file root can read: the store directory is 0700 and its files 0600
+(read-only bases are immutable by name, not by mode), so only the service's
+user reads them (libvirt relabels what a guest uses).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ FORMATS = ("qcow2", "raw")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}(?!\n)$")
 # qemu-img on an untrusted file: bound its time and memory use.
 INFO_TIMEOUT_S = 30
+# Tenants' images: the service's user alone reads them.
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
 
 
 class ImageError(HostError):
@@ -123,16 +131,25 @@ def inspect(path: Path, claimed: str, store: Path) -> ImageFile:
     )
 
 
+def private_dir(store: Path) -> None:
+    """The store directory, made or narrowed to the service's user alone
+    (one made by an earlier version was 0755)."""
+    store.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(store, STORE_DIR_MODE)
+
+
 def store_file(path: Path, claimed: str, store: Path) -> ImageFile:
     """Inspect ``path`` and put it in the image store under its checksum."""
     checked = inspect(path, claimed, store)
-    store.mkdir(parents=True, exist_ok=True)
+    private_dir(store)
     dest = store / checked.checksum
     if not dest.exists():
         tmp = part(dest)
         shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o444)
+        os.chmod(tmp, STORE_FILE_MODE)
         os.replace(tmp, dest)
+    else:
+        os.chmod(dest, STORE_FILE_MODE)  # stored world-readable by an earlier version
     return msgspec.structs.replace(checked, path=str(dest))
 
 
@@ -193,6 +210,7 @@ class BaseCache:
                 os.link(src, tmp)  # same filesystem: the cache costs nothing
             except OSError:
                 shutil.copyfile(src, tmp)
+                os.chmod(tmp, STORE_FILE_MODE)
             if sha256(tmp) != checksum:
                 tmp.unlink()
                 raise ImageError(f"image file {src} does not match its checksum {checksum}")
@@ -239,7 +257,7 @@ def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag:
     has one: the copy of the overlay keeps only what the instance changed
     and is re-pointed at the store's file. Without one it is flattened.
     """
-    store.mkdir(parents=True, exist_ok=True)
+    private_dir(store)
     tmp = store / f".snapshot-{tag}.part"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -253,7 +271,7 @@ def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag:
     assert isinstance(probed, dict)
     checksum = sha256(tmp)
     dest = store / checksum
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, STORE_FILE_MODE)
     if dest.exists():
         tmp.unlink()
     else:
