@@ -412,7 +412,9 @@ async def audit(request: web.Request) -> web.Response:
     times = {k: query.get(k, "").strip()[:40] for k in ("since", "until")}
     body: dict[str, Any] = {k: val for k, val in filters.items() if val}
     body.update({k: t for k, val in times.items() if (t := _utc(val, k))})
-    body["limit"] = AUDIT_PAGE
+    size = query.get("limit", "")
+    page_size = min(max(int(size), 5), 200) if size.isdigit() else AUDIT_PAGE
+    body["limit"] = page_size
     upto = v.at
     before = query.get("before", "")
     after = query.get("after", "")
@@ -428,7 +430,7 @@ async def audit(request: web.Request) -> web.Response:
     rows.reverse()  # newest first
     older = newer = None
     if rows:
-        full = len(rows) == AUDIT_PAGE
+        full = len(rows) == page_size
         # Older rows exist below a full page, and below any page reached by
         # paging forward; newer ones above a page reached by paging back,
         # and above a full page reached forward.
@@ -442,7 +444,7 @@ async def audit(request: web.Request) -> web.Response:
         rows=rows,
         filters=filters,
         times=times,
-        params={**filters, **times},
+        params={**filters, **times, "limit": size if size.isdigit() else ""},
         older=older,
         newer=newer,
     )
