@@ -169,6 +169,12 @@ def up(
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
     webhook_allow_network: WebhookAllowOpt = None,
+    console_port: Annotated[
+        int,
+        typer.Option(
+            min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
+        ),
+    ] = 0,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -195,6 +201,7 @@ def up(
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
             webhook_allow=webhook_allow_network,
+            console_port=None if console_port < 0 else console_port,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -204,6 +211,8 @@ def up(
         if stack.admin_password and not admin_password:
             # Shown once: it is stored nowhere but as a hash on the log.
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
+        if stack.console_url:
+            print(f"console: {stack.console_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             # Until a signal, or until the broker cannot be kept running.
@@ -409,7 +418,7 @@ async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help=", ".join(SERVICES))],
+    service: Annotated[str, typer.Argument(help=", ".join([*SERVICES, "console"]))],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -434,9 +443,20 @@ def serve(
     from stratus.projections.db import sqlite_url
     from stratus.projections.rebuild import live_store_path
 
+    if service == "console":
+        # A client of the control plane rather than a service: it connects
+        # with no credentials (each request carries its browser's token).
+        from stratus.console.server import serve_console
+
+        logs.configure("INFO")
+        try:
+            serve_console(ctx.args, url=resolve_url())
+        except StratusError as err:
+            raise fail(err) from None
+        return
     factory = SERVICES.get(service)
     if factory is None:
-        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}, console", err=True)
         raise typer.Exit(EXIT_USAGE)
     data_dir = data_dir or default_data_dir()
     opts = ServeOptions(
@@ -618,32 +638,14 @@ def why(
     """The causal chain from each command that touched RESOURCE_ID to every
     event it caused (the scheduler's decisions and the agents' reports
     included), with the scheduler's reasons."""
+    from stratus.cli.history import because, causal_chain, causal_depths
 
-    async def chain(c: "Client") -> list[dict]:
-        base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
-        if tenant is not None:
-            base["tenant"] = tenant
-        touched = await c.query("audit", base, at=at)
-        if not touched:
-            raise NotFound(f"no events about {resource_id} (or not visible to you)")
-        seen: dict[int, dict] = {}
-        for cid in dict.fromkeys(r["correlation_id"] for r in touched):
-            params = {**base, "command": cid}
-            del params["resource"]
-            if tenant is None:
-                params.pop("tenant", None)
-            for r in await c.query("audit", params, at=at):
-                seen[r["seq"]] = r
-        return [seen[k] for k in sorted(seen)]
-
-    from stratus.events.errors import NotFound
-
-    rows = run(chain)
-    depth = _causal_depths(rows)
+    rows = run(lambda c: causal_chain(c, resource_id, tenant=tenant, at=at))
+    depth = causal_depths(rows)
     if output is not Format.table:
         for r in rows:
             r["depth"] = depth[r["id"]]
-            r["why"] = _because(r)
+            r["why"] = because(r)
         emit(rows, output)
         return
     emit(
@@ -654,49 +656,13 @@ def why(
                 "actor": r["actor"],
                 "event": "  " * depth[r["id"]] + r["type"],
                 "resource": _flat(r)["resource"],
-                "why": _because(r) or r["result"],
+                "why": because(r) or r["result"],
             }
             for r in rows
         ],
         output,
         ["seq", "time", "actor", "event", "resource", "why"],
     )
-
-
-def _causal_depths(rows: list[dict]) -> dict[str, int]:
-    """How far each event is from its command: 0 for what the command
-    appended, one more for each event caused by another in the chain."""
-    by_id = {r["id"]: r for r in rows}
-    depth: dict[str, int] = {}
-
-    def of(r: dict, hops: int = 0) -> int:
-        if r["id"] in depth:
-            return depth[r["id"]]
-        parent = by_id.get(r["causation_id"])
-        d = 0 if parent is None or hops > 64 else of(parent, hops + 1) + 1
-        depth[r["id"]] = d
-        return d
-
-    for r in rows:
-        of(r)
-    return depth
-
-
-def _because(row: dict) -> str:
-    """The reason an event carries, in a line: where the scheduler placed a
-    server and what it ruled out, or why something failed."""
-    data = row.get("data") or {}
-    sched = data.get("scheduling") or {}
-    removed = ", ".join(f"{n} {why}" for why, n in (sched.get("removed") or {}).items())
-    if row["type"] == "server.scheduled":
-        head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
-        return head + (f" ({removed})" if removed else "")
-    if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
-        return str(data.get("reason", ""))
-    if row["type"] == "host.claimed":
-        spec = data.get("spec") or {}
-        return f"{spec.get('vcpus')} vCPU, {spec.get('ram_mb')} MB for {data.get('server')}"
-    return ""
 
 
 def _utc_time(option: str, text: str) -> str:

@@ -179,7 +179,12 @@ class Stack:
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
         webhook_allow: list[str] | None = None,
+        console_port: int | None = None,
     ) -> None:
+        # The web console on 127.0.0.1 (0: any free port; None: none).
+        self.console_port = console_port
+        self.console: Any = None
+        self.console_url: str | None = None
         self.token_ttl_s = token_ttl_s
         # Where webhooks may point: the command handlers check it when one is
         # created, the delivery service at every POST.
@@ -297,6 +302,8 @@ class Stack:
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
+            if self.console_port is not None:
+                await self._start_console(url)
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
@@ -366,6 +373,16 @@ class Stack:
 
         return apply
 
+    async def _start_console(self, url: str) -> None:
+        """The web console: a client of this stack like any browser's CLI
+        (it connects as the anonymous client user, with no credentials)."""
+        from stratus.console.server import ConsoleServer
+
+        assert self.queries is not None
+        self.console = ConsoleServer(url, "127.0.0.1", self.console_port or 0)
+        self.console_url = await self.console.start()
+        self.queries.endpoints["console_url"] = self.console_url
+
     async def _start_network(self) -> None:
         """Simulated hosts in namespaces and their network agents, when allowed."""
         from stratus.agents.network.service import SimulatedPlane, network_capable
@@ -414,6 +431,10 @@ class Stack:
             self._supervisor = None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.console is not None:
+            with contextlib.suppress(Exception):
+                await self.console.stop()
+            self.console = None
         if self.network is not None:
             # The hosts' namespaces go too: a restart rebuilds them from the log.
             with contextlib.suppress(Exception):

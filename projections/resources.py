@@ -369,16 +369,7 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
         q = select(fips.c.address).where(fips.c.server == row["id"])
         row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
     elif kind == "host":
-        # What the scheduler's claims hold there: the servers placed on it
-        # (a claim is released exactly when its server leaves the view or
-        # the scheduler gives up on it, which clears its host).
-        sv = TABLES_BY_KIND["server"]
-        q = select(
-            func.count(), func.sum(sv.c.vcpus), func.sum(sv.c.ram_mb), func.sum(sv.c.disk_gb)
-        ).where(sv.c.host == row["id"])
-        n, cpu, ram, disk = (await conn.execute(q)).one()
-        row["servers"] = n
-        row["used_vcpus"], row["used_ram_mb"], row["used_disk_gb"] = cpu or 0, ram or 0, disk or 0
+        add_host_use(row, (await host_use(conn, row["id"])).get(row["id"]))
     elif kind == "security-group":
         r = security_group_rules
         q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)
@@ -393,6 +384,33 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
             {"subnet": x.subnet, "port": x.port, "ip": x.ip} for x in (await conn.execute(q)).all()
         ]
     return row
+
+
+async def host_use(
+    conn: AsyncConnection, host: str | None = None
+) -> dict[str, tuple[int, int, int, int]]:
+    """What the scheduler's claims hold on each host (or one): servers,
+    vCPUs, RAM and disk of the servers placed there (a claim is released
+    exactly when its server leaves the view or the scheduler gives up on it,
+    which clears its host)."""
+    sv = TABLES_BY_KIND["server"]
+    q = select(
+        sv.c.host,
+        func.count(),
+        func.sum(sv.c.vcpus),
+        func.sum(sv.c.ram_mb),
+        func.sum(sv.c.disk_gb),
+    ).group_by(sv.c.host)
+    q = q.where(sv.c.host == host) if host is not None else q.where(sv.c.host != "")
+    return {
+        r[0]: (r[1], r[2] or 0, r[3] or 0, r[4] or 0) for r in (await conn.execute(q)).all() if r[0]
+    }
+
+
+def add_host_use(row: dict[str, Any], use: tuple[int, int, int, int] | None) -> None:
+    n, cpu, ram, disk = use or (0, 0, 0, 0)
+    row["servers"] = n
+    row["used_vcpus"], row["used_ram_mb"], row["used_disk_gb"] = cpu, ram, disk
 
 
 async def quota_usage(

@@ -8,8 +8,9 @@ server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 overlays against copies); with no SUITE all run, in that order. ``network``
 (the network agent on simulated hosts, as root), ``integrations``,
 ``images`` (image upload and download against raw object-store put and
-get) and ``chaos`` (SIGKILL of each part of a deployment under load, then
-the log checked; as root) run only when named. ``python -m
+get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
+each part of a deployment under load, then the log checked; as root) run
+only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -27,6 +28,7 @@ import time
 from stratus.ops.bench import (
     chaos,
     compute,
+    console,
     foundation,
     identity,
     images,
@@ -46,6 +48,7 @@ SUITES = (
     "integrations",
     "images",
     "network",
+    "console",
     "chaos",
 )
 
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "images":
         # Its own `stratus up` and a 256 MiB file: run by name.
         return images.main(argv[1:])
+    if suite == "console":
+        # Not part of the default run: its own stack and table.
+        return console.main(argv[1:])
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
