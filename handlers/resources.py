@@ -106,6 +106,7 @@ from stratus.events.resources import (
     quota_report,
 )
 from stratus.handlers.registry import Handler
+from stratus.handlers.routed import attachable, routed_networks
 from stratus.handlers.world import (
     Aggregate,
     World,
@@ -325,6 +326,8 @@ class ServerPlan(msgspec.Struct, frozen=True):
     cmd: ServerCreate
     flavor: dict[str, Any] | None
     image: dict[str, Any] | None
+    # Cloud-wide routed networks the command names (handlers.routed).
+    routed: dict[str, dict[str, Any]] = {}
 
     @property
     def tenant(self) -> str | None:
@@ -350,7 +353,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         vcpus, ram, disk = cmd.vcpus, cmd.ram_mb, cmd.disk_gb or 0
     disk = max(disk, image.get("min_disk_gb", 0))
     group = w.find("server-group", cmd.group, "server group")["id"] if cmd.group else ""
-    networks = [w.find("network", n) for n in cmd.networks]
+    networks = [attachable(w, plan.routed, n, cmd.instance_type) for n in cmd.networks]
     if len({n["id"] for n in networks}) != len(networks):
         raise Invalid("a network is named twice")
     sgs, sg_events, new_sgs = _security_groups(w, cmd.security_groups, cause, t)
@@ -1184,7 +1187,7 @@ async def _system_attrs(service: Any, kind: str, name: str) -> dict[str, Any] | 
 async def prepare_server(cmd: ServerCreate, caller: Any, service: Any) -> ServerPlan:
     flavor = await _system_attrs(service, "flavor", cmd.flavor) if cmd.flavor else None
     image = await _system_attrs(service, "image", cmd.image)
-    return ServerPlan(cmd, flavor, image)
+    return ServerPlan(cmd, flavor, image, await routed_networks(cmd.networks, service))
 
 
 async def prepare_router(cmd: RouterCreate, caller: Any, service: Any) -> RouterPlan:
