@@ -26,8 +26,15 @@ def network_agent(
     ] = None,
     prefix: Annotated[str, typer.Option(help="the deployment's kernel name prefix")] = "st",
     interval: Annotated[float, typer.Option(min=1, help="seconds between deep passes")] = 10.0,
+    bgp_hold: Annotated[
+        int, typer.Option(min=3, max=65535, help="routed networks: BGP hold time (seconds)")
+    ] = 9,
+    bgp_mesh_max: Annotated[
+        int, typer.Option(min=2, help="routed networks: hosts in a full mesh; beyond, reflectors")
+    ] = 50,
 ) -> None:
     """Run the network agent of HOST (called by ``stratus serve network-agent``)."""
+    from stratus.agents.network.bird import BgpConfig
     from stratus.agents.network.service import network_capable, serve_agent
     from stratus.events.store import EventStore
 
@@ -46,7 +53,16 @@ def network_agent(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         agent = await serve_agent(
-            store, host, vtep, routers=routers, host_ns=netns, prefix=prefix, interval=interval
+            store,
+            host,
+            vtep,
+            routers=routers,
+            host_ns=netns,
+            prefix=prefix,
+            interval=interval,
+            # BIRD's files, per host: several agents may share a data dir.
+            state_dir=Path(opts["data_dir"]) / "network" / host,
+            bgp=BgpConfig(hold=bgp_hold, mesh_max=bgp_mesh_max),
         )
         print(f"stratus network-agent {host} ready", flush=True)
         try:

@@ -284,7 +284,9 @@ class Stack:
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
         digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
-        self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
+        self.network = SimulatedPlane(
+            self.store, self.hosts, prefix="s" + digest[:3], state_dir=self.data_dir / "network"
+        )
         await self.network.start()
 
     async def _start_agents(self) -> None:

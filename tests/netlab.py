@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -155,6 +157,8 @@ class Lab:
         self.cloud = Cloud(store)
         self.agents: dict[str, NetworkAgent] = {}
         self.instances: list[str] = []
+        # The agents' files (BIRD's): a short path, for BIRD's control socket.
+        self.state = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
 
     async def start(self) -> None:
         # pyroute2's synchronous API runs its own event loop: off ours.
@@ -168,6 +172,7 @@ class Lab:
             prefix=self.prefix,
             host_ns=self.sim.netns(host),
             interval=kw.pop("interval", 3600.0),
+            state_dir=self.state / host,
             **kw,
         )
         self.agents[host] = a
@@ -185,8 +190,19 @@ class Lab:
         return ns
 
     async def converge(self, timeout: float = 20.0) -> None:
+        """Until every agent matches the log and none appended more meanwhile
+        (a routed port's address comes from its host's agent)."""
+        deadline = time.monotonic() + timeout
         seq = await self.store.last_seq()
-        await asyncio.gather(*(a.converged(seq, timeout) for a in self.agents.values()))
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            await asyncio.gather(*(a.converged(seq, left) for a in self.agents.values()))
+            now = await self.store.last_seq()
+            if now == seq:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the log kept moving: {seq} -> {now}")
+            seq = now
 
     async def close(self) -> None:
         try:
@@ -198,7 +214,13 @@ class Lab:
     def _remove(self) -> None:
         for h in self.sim.names:
             try:
-                Host(self.prefix, self.sim.vtep(h), self.sim.netns(h), routers=True).teardown()
+                Host(
+                    self.prefix,
+                    self.sim.vtep(h),
+                    self.sim.netns(h),
+                    routers=True,
+                    state_dir=self.state / h,
+                ).teardown()
             except Exception:
                 pass  # the namespace goes below with whatever is left in it
         have = set(netns.listnetns())
@@ -206,6 +228,10 @@ class Lab:
             if ns in have:
                 netns.remove(ns)
         self.sim.stop()
+        # BIRD is gone with its files (a teardown stops it and removes them)
+        left = [str(f) for f in self.state.rglob("*") if f.is_file()]
+        shutil.rmtree(self.state, ignore_errors=True)
+        assert left == [], left
         assert leftovers(self.prefix) == []
         assert not [f for f in dhcp_files() if nw.owned(self.prefix, f.stem)]
         assert not set(self.instances) & set(netns.listnetns())

@@ -1,27 +1,33 @@
-"""The network agent benchmark (issue 7), as root on one machine.
+"""The network agent benchmark (issues 7 and 21), as root on one machine.
 
 ``python -m stratus.ops.bench network [--ports N] [--hosts H] [--networks M]
-[--wave W] [--json]``. In one run, on one nats-server:
+[--wave W] [--modes vxlan,routed] [--json]``. In one run, on one
+nats-server, for each mode in turn (each with hosts and agents of its own):
 
 1. H simulated hosts (namespaces on an underlay bridge), a network agent
-   for each in this process, and M networks over M/10 tenants that all use
-   the same prefixes (10.0.k.0/24 in every tenant). Each network first gets
-   an "anchor" container on one host (not timed).
+   for each in this process, and M/10 tenants. In ``vxlan`` mode M networks
+   that all use the same prefixes (10.0.k.0/24 in every tenant); in
+   ``routed`` mode one routed network (10.244.0.0/16, /26 blocks, BIRD on
+   every host) shared by the tenants. M "anchor" containers are placed
+   first, on hosts in turn (not timed).
 2. Binding to traffic, incremental: the other N - M ports, in waves of W.
    Per port, its server and port are decided and logged and its instance
-   namespace made (as the compute agent would), then the binding event
-   (``server.scheduled`` to a host) is appended; the clock runs from that
-   append until a ping from the new instance to its network's anchor (on
-   another host, through VXLAN) is answered. p50/p99 of that.
+   namespace made (as the compute agent would); then the wave's binding
+   events (``server.scheduled`` to a host) are appended as one burst, and
+   the clock runs from each port's append until an ICMP echo from the new
+   instance to its anchor (on another host: across VXLAN, or routed by the
+   routes BGP learned) is answered; probes go every 10 ms from a raw socket
+   in the instance's namespace. p50/p99 of that; the rate is ports per
+   second of wave time (first binding of a wave to its last answer); the
+   binding-to-wired split is read from the agents.
 3. Each agent's reconcile passes during phase 2 (shallow, after new
    events) against one deep, full pass per host over the finished state
-   (probing every link, FDB entry, qdisc, peer and rule): the same run's
-   incremental vs full reconcile.
+   (probing every link, FDB entry, qdisc, peer, route, set and rule).
 4. Restart to converged: every agent stopped and a fresh one started (a new
    fold of the whole log, then a deep pass): seconds until all hosts match
    the log, and how many changes they made (0 expected: nothing changed).
 
-Everything is removed at the end (namespaces, links, rules).
+Everything is removed at the end (namespaces, links, rules, sets, BIRD).
 """
 
 from __future__ import annotations
@@ -31,12 +37,18 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from stratus.ops.bench.common import Load, Report, percentile, positive, print_table, result
 from stratus.ops.bench.common import Result as Row
+
+MODES = ("vxlan", "routed")
 
 
 @dataclass
@@ -45,37 +57,68 @@ class Options:
     hosts: int = 10
     networks: int = 50
     wave: int = 50
+    modes: tuple[str, ...] = MODES
     timeout: float = 30.0  # per port, binding to traffic
 
 
-async def _bench(url: str, opts: Options, report: Report) -> None:
+@dataclass
+class Placed:
+    ns: str
+    port: str
+    ip: str
+    host: str
+    binding: list
+
+
+async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from pyroute2 import netns
 
     from stratus.agents.network.agent import NetworkAgent
+    from stratus.agents.network.bird import BgpConfig
     from stratus.agents.network.kernel import Host
     from stratus.agents.network.sim import SimulatedHosts, leftovers
     from stratus.events import network as nw
-    from stratus.events.resources import ServerScheduled
+    from stratus.events.network import RoutedNetworkCreate
+    from stratus.events.resources import ServerCreate, ServerScheduled
     from stratus.events.store import EventStore
+    from stratus.handlers import resources as r
+    from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
     from stratus.tests.netlab import CAUSE, Cloud, Echo
 
     prefix = "b" + secrets.token_hex(2)
     hosts = [f"host-{i + 1}" for i in range(opts.hosts)]
     sim = SimulatedHosts(prefix, hosts)
+    state = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     store = await EventStore.connect(url)
     await store.ensure_stream()
     agents: list[NetworkAgent] = []
     made: list[str] = []
+    bgp = BgpConfig(hold=3)
 
     def new_agent(h: str, st: EventStore) -> NetworkAgent:
         return NetworkAgent(
-            st, h, vtep=sim.vtep(h), prefix=prefix, host_ns=sim.netns(h), interval=3600
+            st,
+            h,
+            vtep=sim.vtep(h),
+            prefix=prefix,
+            host_ns=sim.netns(h),
+            interval=3600,
+            state_dir=state / h,
+            bgp=bgp,
         )
 
-    async def converged(timeout: float = 120) -> None:
+    async def settled(timeout: float = 120) -> None:
+        """Every agent matches the log, and none appended more meanwhile."""
+        deadline = time.monotonic() + timeout
         seq = await store.last_seq()
-        await asyncio.gather(*(a.converged(seq, timeout) for a in agents))
+        while True:
+            left = max(1.0, deadline - time.monotonic())
+            await asyncio.gather(*(a.converged(seq, left) for a in agents))
+            now = await store.last_seq()
+            if now == seq:
+                return
+            seq = now
 
     try:
         await asyncio.to_thread(sim.start)
@@ -85,7 +128,13 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             agents.append(a)
         cloud = Cloud(store)
         tenants = [f"bench-{i}" for i in range(max(1, opts.networks // 10))]
-        nets: list[tuple[str, str, int]] = []  # tenant, network, index
+        slots: list[tuple[str, str, int]] = []  # tenant, network, index
+        routed: dict[str, dict[str, Any]] = {}
+        if mode == "routed":
+            cmd = RoutedNetworkCreate(name="pods", cidr="10.244.0.0/16", block_prefix=26)
+            (ev,) = decide_routed_network_create(SystemNetworks(), cmd, CAUSE)
+            await cloud.append([ev])
+            routed["pods"] = {"id": "pods", "name": "pods", "mode": nw.ROUTED}
         for t in tenants:
             await cloud.tenant(t)
             await cloud.do(
@@ -102,16 +151,16 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             )
         for k in range(opts.networks):
             t = tenants[k % len(tenants)]
-            name = f"n{k // len(tenants)}"
-            await cloud.network(t, name, f"10.0.{k // len(tenants)}.0/24")
-            nets.append((t, name, k))
+            if mode == "routed":
+                slots.append((t, "pods", k))
+            else:
+                name = f"n{k // len(tenants)}"
+                await cloud.network(t, name, f"10.0.{k // len(tenants)}.0/24")
+                slots.append((t, name, k))
 
-        async def place(t: str, net: str, i: int, host: str) -> tuple[str, str, list]:
+        async def place(t: str, net: str, i: int, host: str) -> Placed:
             """Server and port decided and logged, instance namespace made;
-            returns (namespace, ip, binding events not yet appended)."""
-            from stratus.events.resources import ServerCreate
-            from stratus.handlers import resources as r
-
+            the binding event not appended yet."""
             cmd = ServerCreate(
                 tenant=t,
                 name=f"s{i}",
@@ -121,7 +170,7 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                 instance_type="container",
                 networks=[net],
             )
-            plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
+            plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0}, routed)
             events = await cloud.do(t, r.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
             ns = nw.instance_netns(sid)
@@ -129,35 +178,41 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             await asyncio.to_thread(netns.create, ns)
             ev = CAUSE.make(ServerScheduled, t, "server", sid, host=host)
             fold(cloud.worlds[t], ev)
-            return ns, cloud.port_of(t, sid)["ip"], [ev]
+            port = cloud.port_of(t, sid)
+            return Placed(ns, port["id"], port["ip"], host, [ev])
 
-        anchors: dict[int, tuple[str, str]] = {}
-        pending = []
-        for t, net, k in nets:
-            ns, ip, evs = await place(t, net, 10**6 + k, hosts[k % len(hosts)])
-            anchors[k] = (ns, ip)
-            pending += evs
-        for ev in pending:
-            await store.append([ev])
-        await converged()
+        anchors: dict[int, Placed] = {}
+        for t, net, k in slots:
+            anchors[k] = await place(t, net, 10**6 + k, hosts[k % len(hosts)])
+        for a in anchors.values():
+            await store.append(a.binding)
+        await settled()
+        if mode == "routed":
+            # an anchor's address is its host's to give: read it off the agents
+            for a in anchors.values():
+                a.ip = agents[0].topology.ports[a.port].ip
+            # and BGP has spread every host's blocks (BIRD's first sessions
+            # take a few seconds to come up: not what is measured)
+            await _routes_spread(agents, 60)
         for a in agents:
             a.timings.clear()
 
         # -- phase 2: binding to traffic, incremental -----------------------------
-        load = Load()
+        load, wired = Load(), Load()
         busy = 0.0  # seconds from each wave's first binding to its last answer
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
+        by_host = {a.host: a for a in agents}
         for w0 in range(0, measured, opts.wave):
             wave = []
             for i in range(w0, min(measured, w0 + opts.wave)):
-                t, net, k = nets[i % len(nets)]
-                # another host than the anchor's: traffic crosses VXLAN
-                host = hosts[(k + 1 + i // len(nets)) % len(hosts)]
-                if len(hosts) > 1 and host == hosts[k % len(hosts)]:
+                t, net, k = slots[i % len(slots)]
+                # another host than the anchor's: traffic crosses the underlay
+                host = hosts[(k + 1 + i // len(slots)) % len(hosts)]
+                if len(hosts) > 1 and host == anchors[k].host:
                     host = hosts[(k + 1) % len(hosts)]
-                ns, ip, evs = await place(t, net, i, host)
-                wave.append((ns, anchors[k][1], evs, await Echo.open(ns)))
+                p = await place(t, net, i, host)
+                wave.append((p, anchors[k].ip, await Echo.open(p.ns)))
             first = time.monotonic()
             try:
                 # Each port's binding is appended and then probed from the
@@ -165,8 +220,8 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                 # pipelined, so its bindings land as a burst.
                 ends = await asyncio.gather(
                     *(
-                        _bind_and_probe(store, evs, e, tg, opts.timeout, load)
-                        for _, tg, evs, e in wave
+                        _bind_and_probe(store, p, e, tg, opts.timeout, load, wired, by_host)
+                        for p, tg, e in wave
                     )
                 )
             finally:
@@ -174,14 +229,23 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                     e.close()
             busy += max(ends) - first
         load.seconds = busy
-        row = result(
-            f"binding to traffic ({measured} ports, waves of {opts.wave})",
-            load,
-            note="p50/p99: binding stored -> first echo answered; "
-            "rate: ports per second from each wave's first binding to its last answer",
+        report.results.append(
+            result(
+                f"{mode}: binding to traffic ({measured} ports, waves of {opts.wave})",
+                load,
+                note="p50/p99: binding stored -> first echo answered; rate: ports per "
+                "second of wave time",
+            )
         )
-        report.results.append(row)
-        report.info["end_to_end_ports_per_s"] = round(
+        wired.seconds = busy
+        report.results.append(
+            result(
+                f"{mode}: binding to wired (the agent's part)",
+                wired,
+                note="binding stored -> the host's pass made the port",
+            )
+        )
+        report.info[f"{mode}_end_to_end_ports_per_s"] = round(
             load.done / (time.perf_counter() - started), 1
         )
         shallow = [s for a in agents for deep, s in a.timings if not deep]
@@ -193,9 +257,14 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             ch = await a.reconcile(correction=True)
             deep_t.append(time.perf_counter() - t0)
             if ch:
-                report.failures.append(f"{a.host}: a deep pass changed {ch}")
-        report.results.append(_row("incremental reconcile pass (per batch of events)", shallow))
-        report.results.append(_row("full reconcile pass (per host, deep)", deep_t))
+                report.failures.append(f"{mode} {a.host}: a deep pass changed {ch}")
+        per_host = measured // len(hosts) + opts.networks // len(hosts)
+        report.results.append(
+            _row(f"{mode}: incremental reconcile pass (per batch of events)", shallow)
+        )
+        report.results.append(
+            _row(f"{mode}: full reconcile pass (per host, deep, ~{per_host} ports)", deep_t)
+        )
 
         # -- phase 4: restart to converged ------------------------------------------
         for a in agents:
@@ -203,27 +272,28 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
         fresh_store = await EventStore.connect(url)
         t0 = time.perf_counter()
         fresh = [new_agent(h, fresh_store) for h in hosts]
+        agents = fresh
         await asyncio.gather(*(a.start() for a in fresh))
         restart = time.perf_counter() - t0
         changes = sum(len(a.last_changes.created) + len(a.last_changes.removed) for a in fresh)
-        agents = fresh
         report.results.append(
             Row(
-                f"restart to converged ({len(hosts)} agents)",
+                f"{mode}: restart to converged ({len(hosts)} agents)",
                 len(hosts),
                 restart,
                 note=f"{changes} changes made (nothing changed: 0 expected)",
             )
         )
         if changes:
-            report.failures.append(f"restart with nothing changed made {changes} changes")
+            changed = {a.host: a.last_changes for a in fresh if a.last_changes}
+            report.failures.append(f"{mode}: restart with nothing changed made {changed}")
         report.info.update(
             ports=opts.ports,
             hosts=opts.hosts,
             networks=opts.networks,
             tenants=len(tenants),
-            log_events=await store.last_seq(),
         )
+        report.info[f"{mode}_log_events"] = await store.last_seq()
         for a in agents:
             await a.stop()
         await fresh_store.close()
@@ -232,7 +302,8 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             await a.stop()
         for h in hosts:
             try:
-                await asyncio.to_thread(Host(prefix, sim.vtep(h), sim.netns(h)).teardown)
+                host = Host(prefix, sim.vtep(h), sim.netns(h), state_dir=state / h)
+                await asyncio.to_thread(host.teardown)
             except Exception as exc:  # the namespaces go below anyway
                 report.failures.append(f"teardown {h}: {exc}")
         have = set(netns.listnetns())
@@ -243,17 +314,42 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
         left = leftovers(prefix)
         if left:
             report.failures.append(f"left behind: {left}")
+        files = await asyncio.to_thread(_files, state)
+        if files:
+            report.failures.append(f"files left behind: {files[:5]}")
+        shutil.rmtree(state, ignore_errors=True)
         await store.close()
 
 
+async def _routes_spread(agents: list, timeout: float) -> None:
+    """Until every host routes to every other host's blocks (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        blocks = agents[0].topology.blocks
+        missing = 0
+        for a in agents:
+            routes = await asyncio.to_thread(a.kernel.bird_routes)
+            missing += sum(1 for b, (_, h) in blocks.items() if h != a.host and b not in routes)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{missing} block routes still missing after {timeout} s")
+        await asyncio.sleep(0.2)
+
+
 async def _bind_and_probe(
-    store, events: list, probe, target: str, timeout: float, load: Load
+    store, p: Placed, probe, target: str, timeout: float, load: Load, wired: Load, agents: dict
 ) -> float:
     """Append a port's binding, then probe until ``target`` answers through
-    it: the answer's time (or the time it gave up), latency into ``load``."""
-    await store.append(events)
+    it: the answer's time (or the time it gave up), latency into ``load``
+    and the agent's part (binding to wired) into ``wired``."""
+    await store.append(p.binding)
     t0 = time.monotonic()
     ok = await probe.first_reply(target, t0 + timeout)
+    made = agents[p.host].kernel.wired_at.get(p.port)
+    if made is not None:
+        wired.done += 1
+        wired.latencies.append(max(0.0, made - t0))
     if ok is None:
         load.errors += 1
         load.first_error = load.first_error or f"no answer from {target}"
@@ -261,6 +357,10 @@ async def _bind_and_probe(
     load.done += 1
     load.latencies.append(ok - t0)
     return ok
+
+
+def _files(d: Path) -> list[str]:
+    return [str(f) for f in d.rglob("*") if f.is_file()]
 
 
 def _quota(w, limits, cause):
@@ -284,9 +384,17 @@ def run(opts: Options) -> Report:
     report = Report("network", opts)
 
     async def body(url, tmp, procs) -> None:
-        await _bench(url, opts, report)
+        for mode in opts.modes:
+            await _bench(url, opts, report, mode)
 
     return with_broker(report, body)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}")
+    return modes
 
 
 def main(argv: list[str]) -> int:
@@ -300,16 +408,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hosts", type=positive, default=d.hosts)
     p.add_argument("--networks", type=positive, default=d.networks)
     p.add_argument("--wave", type=positive, default=d.wave)
+    p.add_argument("--modes", type=_modes, default=d.modes, help="vxlan,routed (both)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("the network benchmark needs root (namespaces, links, rules)", file=sys.stderr)
         return 1
-    opts = Options(ports=a.ports, hosts=a.hosts, networks=a.networks, wave=a.wave)
+    if a.hosts < 2:
+        print("the network benchmark needs 2 hosts at least", file=sys.stderr)
+        return 1
+    opts = Options(ports=a.ports, hosts=a.hosts, networks=a.networks, wave=a.wave, modes=a.modes)
     from stratus.cli import logs
 
     # The agents' logs on stderr, warnings only: stdout is the table or JSON.
-    logs.configure("WARNING")
+    logs.configure(os.environ.get("STRATUS_BENCH_LOG", "WARNING"))
     t0 = time.perf_counter()
     report = run(opts)
     report.info["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -321,9 +433,9 @@ def main(argv: list[str]) -> int:
             "Stratus network agent benchmark",
             report.results,
             f"{i.get('ports')} ports, {i.get('hosts')} simulated hosts, "
-            f"{i.get('networks')} networks in {i.get('tenants')} tenants sharing "
-            f"10.0.k.0/24; {i.get('log_events')} events; {i.get('cpus')} CPUs; "
-            f"wall {i.get('wall_seconds')} s",
+            f"{i.get('networks')} anchors in {i.get('tenants')} tenants (vxlan: a network "
+            f"each, sharing 10.0.k.0/24; routed: one network); {i.get('cpus')} CPUs, "
+            f"load {i.get('loadavg')}; wall {i.get('wall_seconds')} s",
         )
         for f in report.failures:
             print(f"FAILED: {f}", file=sys.stderr)
