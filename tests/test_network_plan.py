@@ -407,19 +407,6 @@ def _random_history(seed: int, steps: int):
     return out
 
 
-def _same(a, b) -> bool:
-    return (
-        a.bridges == b.bridges
-        and a.ports == b.ports
-        and a.routers == b.routers
-        and a.dhcp == b.dhcp
-        and a.externals == b.externals
-        and a.chains == b.chains
-        and a.ipsets == b.ipsets
-        and a.bgp == b.bgp
-    )
-
-
 def test_the_incremental_plan_is_the_full_plan_after_every_event_of_random_histories():
     import random
 
@@ -441,6 +428,6 @@ def test_the_incremental_plan_is_the_full_plan_after_every_event_of_random_histo
                 got = planner.update(t)
                 incremental += planner.full_plans == before
                 want = plan(t, host, P)
-                assert _same(got, want), (seed, host, i, type(events[i - 1]).__name__)
+                assert got.same(want), (seed, host, i, type(events[i - 1]).__name__)
     # most batches took the incremental path (else this tests little)
     assert incremental > 1000, incremental

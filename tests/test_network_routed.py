@@ -59,12 +59,12 @@ async def container(lab: Lab, tenant: str, name: str, host: str) -> tuple[str, s
     return sid, ns
 
 
-async def start(lab: Lab, host: str, **kw) -> None:
-    await lab.agent(host, bgp=BgpConfig(hold=HOLD), bgp_poll=0.2, **kw).start()
+async def start(lab: Lab, host: str, bgp: BgpConfig | None = None, **kw) -> None:
+    await lab.agent(host, bgp=bgp or BgpConfig(hold=HOLD), bgp_poll=0.2, **kw).start()
 
 
-async def routed_cloud(lab: Lab) -> dict[str, tuple[str, str, str]]:
-    """pods (10.244.0.0/16) with acme's c1, c2, c3 on host-1, -2, -3; every
+async def routed_cloud(lab: Lab, bgp: BgpConfig | None = None) -> dict[str, tuple[str, str, str]]:
+    """pods (10.244.0.0/16) with acme's c1, c2, ... on host-1, -2, ...; every
     agent running and every host routing to every other's block. Returns
     name -> (server id, namespace, address)."""
     c = lab.cloud
@@ -77,7 +77,7 @@ async def routed_cloud(lab: Lab) -> dict[str, tuple[str, str, str]]:
     for i, host in enumerate(lab.sim.names, 1):
         placed[f"c{i}"] = await container(lab, "acme", f"c{i}", host)
     for h in lab.sim.names:
-        await start(lab, h)
+        await start(lab, h, bgp)
     await lab.converge()
     await routes_spread(lab, timeout=30)
     out = {}
@@ -215,6 +215,11 @@ async def test_a_host_that_dies_is_withdrawn_within_the_hold_time_and_comes_back
     (b2,) = blocks_of(lab, "host-2")
     seq = await lab.store.last_seq()
 
+    async def seen_up() -> bool:  # (what an agent never saw up, it cannot see go)
+        return all(lab.agents[h].bgp_sessions.get("host-3") for h in ("host-1", "host-2"))
+
+    await until(seen_up, 5)
+
     # host-3 dies: its agent with it, its BIRD killed outright
     dead = lab.agents["host-3"]
     await dead.stop()
@@ -338,3 +343,17 @@ def _birds_of(lab: Lab) -> list[int]:
             except OSError:
                 pass
     return found
+
+
+async def test_beyond_the_mesh_size_routes_go_through_a_route_reflector(store):
+    """Four hosts, a mesh of at most two: host-1 reflects, the others peer
+    with it alone, and still reach each other directly (the next hop is the
+    block's own host, not the reflector)."""
+    async with running_lab(store, hosts=4) as lab:
+        c = await routed_cloud(lab, BgpConfig(hold=HOLD, mesh_max=2, reflectors=1))
+        sessions = await asyncio.to_thread(lab.agents["host-3"].kernel.sessions)
+        assert sessions == {"host-1": True}
+        (b2,) = blocks_of(lab, "host-2")
+        assert (await learned(lab, "host-3"))[b2] == lab.sim.vtep("host-2")
+        assert await echo(c["c3"][1], c["c2"][2])
+        assert await echo(c["c4"][1], c["c2"][2])

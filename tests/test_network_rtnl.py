@@ -91,6 +91,7 @@ def test_links_addresses_routes_and_fdb_made_here_read_by_pyroute2_and_back(two_
             default = [r for r in bipr.get_routes(family=2, table=254) if r["dst_len"] == 0]
             assert default and default[0].get_attr("RTA_GATEWAY") == "169.254.1.1"
         assert (peer.index, "10.244.0.5", 32) in inner.addrs(peer.index)
+        assert inner.neighbours(peer.index) == {"169.254.1.1": ("ee:ee:ee:ee:ee:ee", 0x80)}
         assert any(r.dst == "0.0.0.0/0" and r.gateway == "169.254.1.1" for r in inner.routes())
         inner.close()
         # made by pyroute2, read here: a qdisc's rate too

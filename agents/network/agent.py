@@ -407,6 +407,11 @@ class NetworkAgent:
             log.info(ev.type_name(), host=self.host, peer=ev.peer)  # type: ignore[attr-defined]
             await self.store.append([ev])
 
+    @property
+    def bgp_sessions(self) -> dict[str, bool]:
+        """The BGP sessions as this agent last saw them (peer host -> established)."""
+        return dict(self._sessions)
+
     def _peer_event(self, cause: Cause, cls: type, peer: str, **kw: Any) -> Any:
         return cause.make(cls, SYSTEM, "network-agent", self.host, host=self.host, peer=peer, **kw)
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import shutil
-import signal
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stratus.agents.network.daemons import pid_of, terminate
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
@@ -92,7 +91,7 @@ def bgp_plan(host: str, vteps: dict[str, str], blocks: list[str], cfg: BgpConfig
     return BgpPlan(
         host,
         vteps[host],
-        tuple(sorted(blocks, key=ipaddress.ip_network)),
+        tuple(sorted((_prefix(b) for b in blocks), key=ipaddress.IPv4Network)),
         tuple(peers),
         cfg.asn,
         cfg.hold,
@@ -210,14 +209,8 @@ class Bird:
             raise Invalid(f"BIRD's control socket path {self.socket} is too long for a socket")
 
     def pid(self) -> int:
-        """The pid of our BIRD (0: none running)."""
-        try:
-            pid = int(self.pidfile.read_text().strip() or 0)
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return 0
-        # A recycled pid is some other process: ours names its own socket.
-        return pid if str(self.socket).encode() in cmdline and _alive(pid) else 0
+        """The pid of our BIRD (0: none running): ours names its own socket."""
+        return pid_of(self.pidfile, str(self.socket))
 
     def running_config(self) -> str:
         with contextlib.suppress(FileNotFoundError):
@@ -286,14 +279,7 @@ class Bird:
 
     def stop(self, timeout: float = 5.0) -> None:
         """End BIRD (bounded: SIGTERM, then SIGKILL) and remove its files."""
-        pid = self.pid()
-        if pid:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        terminate(self.pid(), timeout)
         for f in (self.conf, self.socket, self.pidfile, self.log, self.conf.with_suffix(".tmp")):
             f.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -322,11 +308,3 @@ def _reply(f) -> list[tuple[str, str]]:
 
 def _text(reply: list[tuple[str, str]]) -> str:
     return "; ".join(t for _, t in reply if t)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -475,6 +475,19 @@ class HostPlan:
     def firewall(self) -> str:
         return render_chains(self.chains)
 
+    def same(self, other: HostPlan) -> bool:
+        """Whether ``other`` asks the host for exactly the same."""
+        return (
+            self.ports == other.ports
+            and self.bridges == other.bridges
+            and self.chains == other.chains
+            and self.ipsets == other.ipsets
+            and self.bgp == other.bgp
+            and self.routers == other.routers
+            and self.dhcp == other.dhcp
+            and self.externals == other.externals
+        )
+
     def names(self) -> set[str]:
         out = set(self.ports) | set(self.externals)
         for b in self.bridges.values():
@@ -677,13 +690,7 @@ class Planner:
             else:
                 new.bridges[bname] = b
         _update_chains(t, new, hp, touched, changed_ports, local, prefix)
-        if (
-            new.ports == hp.ports
-            and new.bridges == hp.bridges
-            and new.chains == hp.chains
-            and new.ipsets == hp.ipsets
-            and new.bgp == hp.bgp
-        ):
+        if new.same(hp):
             return hp  # (the same object: the caller need not look at the host)
         self.hp = new
         return new

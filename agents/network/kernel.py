@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 from pyroute2 import IPRoute, netns
 
 from stratus.agents.network.bird import BgpPlan, Bird, BirdError, render
+from stratus.agents.network.daemons import pid_of, terminate
 from stratus.agents.network.desired import (
     BridgePlan,
     Chain,
@@ -173,6 +175,19 @@ def _info(link: Link) -> dict:
     }
 
 
+class _Clock:
+    """Seconds each step of a pass took (what the benchmark reports)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
+
+
 class Links:
     """The host's links as a pass sees them: every one of ours, dumped at
     once (a deep pass, which must find strays), or only those the pass asks
@@ -251,6 +266,7 @@ class Host:
         self._qdiscs: dict[int, tuple[str, int]] | None = None
         self._deep = True
         self._names: set[str] = set()  # the link names of the last plan
+        self.last_pass: dict[str, float] = {}  # seconds per step of the last pass
 
     def _nl(self, ns: str | None = None) -> Rtnl:
         """A netlink socket in ``ns`` (default: the host's). The host's is
@@ -353,24 +369,27 @@ class Host:
         return os.path.exists(f"/run/netns/{nw.check_netns_name(ns)}")
 
     def peer_ok(self, pp: PortPlan) -> bool:
-        """The instance side exists with its address (and routes)."""
+        """The instance side exists, up, with its address and routes: two
+        dumps in the instance's namespace (three for a routed port). A link
+        that is down has no routes through it, so they tell that too."""
         if not self._has_ns(pp.netns):
             return False
         nl = self._nl(pp.netns)
-        peer = nl.link(pp.peer)
-        if peer is None or not peer.up:
-            return False
         ip, plen = pp.address.split("/")
-        if (peer.index, ip, int(plen)) not in set(nl.addrs(peer.index)):
+        want = (pp.peer, ip, int(plen))
+        found = [i for i, *rest in nl.labelled_addrs() if tuple(rest) == want]
+        if not found:
             return False
+        (idx,) = found
+        routes = {(r.dst, r.gateway) for r in nl.routes() if r.oif == idx}
         if pp.routed:
-            neigh = nl.neighbours(peer.index).get(nw.ROUTED_GATEWAY)
+            neigh = nl.neighbours(idx).get(nw.ROUTED_GATEWAY)
             if neigh is None or neigh[0] != nw.ROUTED_HOST_MAC:
                 return False
-        if pp.gateway:
-            routes = nl.routes()
-            return any(r.dst == "0.0.0.0/0" and r.gateway == pp.gateway for r in routes)
-        return True
+            up = (f"{nw.ROUTED_GATEWAY}/32", "") in routes
+        else:
+            up = (str(ipaddress.ip_interface(pp.address).network), "") in routes
+        return up and (not pp.gateway or ("0.0.0.0/0", pp.gateway) in routes)
 
     def _addressed(self, ns: str, ifname: str, address: str) -> bool:
         """Whether link ``ifname`` in ``ns`` exists and holds ``address`` (ip/prefixlen)."""
@@ -397,10 +416,12 @@ class Host:
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
         failed: KernelError | None = None
+        clock = _Clock()
         if deep:
             self._done, self._chains, self._sets = {}, None, None
         self._ns = namespaces() if deep else None
         self._deep = deep
+        self._unplugged: list[PortPlan] = []
         actual = Links(self, hp.taps(), dump=deep)
         wanted = hp.names()
         if not deep:
@@ -409,6 +430,7 @@ class Host:
             for name in sorted(self._names - wanted):
                 actual.get(name)
         self._names = wanted
+        clock.lap("links")
         vxlans = {b.vxlan: b for b in hp.bridges.values()}
         for name, link in sorted(actual.items()):
             stale = name not in wanted
@@ -433,6 +455,7 @@ class Host:
             nl.set(nl.index(name), up=True)
             ch.created.append(name)
         actual.forget(ch.created[before:])  # new bridges: their indexes
+        clock.lap("bridges")
         if hp.bgp is not None and (deep or "forwarding" not in self._done):
             # A routed network's host routes between its veths and the underlay.
             if sysctl(self.host_ns, "net.ipv4.ip_forward") != "1":
@@ -442,6 +465,7 @@ class Host:
         routes = self._routes() if deep and any(p.routed for p in hp.ports.values()) else None
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, ch, routes)
+        clock.lap("ports")
         if self.routers:
             # dnsmasq first: one may run inside a router namespace going away.
             self._stale_dhcp(hp, ch)
@@ -458,12 +482,18 @@ class Host:
                     # DHCP is one service among many: the security groups
                     # below still get their update; the pass fails after.
                     failed = failed or KernelError(f"DHCP in {dp.netns}: {exc}")
+        clock.lap("routers")
         # Member sets before the rules that match them; stale ones after.
         stale = self._sync_sets(hp.ipsets, ch) if hp.ipsets != self._sets else set()
+        clock.lap("ipsets")
         if hp.chains and hp.chains != self._chains:
             if self._firewall(hp.chains, deep):
                 ch.created.append("firewall")
             self._chains = dict(hp.chains)
+        clock.lap("firewall")
+        for pp in self._unplugged:
+            self._plug(pp, actual)
+        clock.lap("plug")
         for name in sorted(stale):
             try:
                 self._ipsets().destroy(name)
@@ -474,6 +504,8 @@ class Host:
             self._bgp(hp.bgp, ch)
         except (BirdError, OSError) as exc:
             failed = failed or KernelError(f"BIRD: {exc}")
+        clock.lap("bgp")
+        self.last_pass = clock.laps
         if failed is not None:
             raise failed
         return ch
@@ -487,7 +519,8 @@ class Host:
 
     def _bridge(self, b: BridgePlan, actual: Links, ch: Changes) -> None:
         done = self._done.get(b.bridge)
-        if done == b and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
+        same = done is b or done == b
+        if same and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
             return
         vx = self._done.get(f"index {b.vxlan}")
         if not self._deep and isinstance(done, BridgePlan) and done.vni == b.vni and vx:
@@ -507,16 +540,19 @@ class Host:
         trusted: frozenset[str] | None = None,
     ) -> None:
         nl = self._nl()
-        if b.bridge not in actual:
+        brl, vxl = actual.get(b.bridge), actual.get(b.vxlan)
+        if brl is None:
             nl.add_bridge(b.bridge)
             ch.created.append(b.bridge)
-        br = nl.index(b.bridge)
-        nl.set(br, up=True)
-        if b.vxlan not in actual:
+        br = brl["index"] if brl is not None else nl.index(b.bridge)
+        if brl is None or not brl["up"]:
+            nl.set(br, up=True)
+        if vxl is None:
             nl.add_vxlan(b.vxlan, b.vni, self.vtep, nw.VXLAN_PORT)
             ch.created.append(b.vxlan)
-        vx = nl.index(b.vxlan)
-        nl.set(vx, master=br, up=True)
+        vx = vxl["index"] if vxl is not None else nl.index(b.vxlan)
+        if vxl is None or vxl["master"] != br or not vxl["up"]:
+            nl.set(vx, master=br, up=True)
         self._done[f"index {b.vxlan}"] = vx
         have = set(trusted) if trusted is not None else self.fdb(vx)
         self._fdb_now(b, vx, frozenset(have), ch)
@@ -537,11 +573,14 @@ class Host:
     def _port(
         self, pp: PortPlan, actual: Links, ch: Changes, routes: set[tuple[str, int]] | None
     ) -> None:
-        if self._done.get(pp.ifname) == pp and (not self._deep or pp.ifname in actual):
+        done = self._done.get(pp.ifname)
+        # (the planner keeps an unchanged port's plan as the same object)
+        if (done is pp or done == pp) and (not self._deep or pp.ifname in actual):
             if not pp.routed or routes is None:
                 return
         if self._port_now(pp, actual, ch, routes):  # wired, not waiting for its instance
-            self._done[pp.ifname] = pp
+            if pp not in self._unplugged:
+                self._done[pp.ifname] = pp  # (a new one once it is plugged in)
 
     def _port_now(
         self, pp: PortPlan, actual: Links, ch: Changes, routes: set[tuple[str, int]] | None
@@ -567,10 +606,6 @@ class Host:
             actual.pop(pp.ifname)
         if pp.ifname not in actual:
             self._veth(pp, actual)
-            self.wired_at[pp.port] = time.monotonic()
-            if len(self.wired_at) > 20_000:
-                for k in list(self.wired_at)[:10_000]:
-                    del self.wired_at[k]
             (ch.created if pp.ifname in self._wired else ch.wired).append(pp.ifname)
             fresh = True
         self._wired.add(pp.ifname)
@@ -578,7 +613,9 @@ class Host:
         if link is None:
             raise KernelError(f"{pp.ifname} vanished while it was wired")
         idx = link["index"]
-        if pp.routed:
+        if fresh:
+            self._unplugged.append(pp)  # (plugged in once its rules are loaded)
+        elif pp.routed:
             if not link["up"]:
                 nl.set(idx, up=True)
             if not fresh and (routes is None or (pp.address, idx) not in routes):
@@ -630,9 +667,8 @@ class Host:
 
     def _veth(self, pp: PortPlan, actual: Links) -> None:
         """The port's veth: the peer made straight inside the instance's
-        namespace. The host's side is plugged in (bridged, or routed to)
-        before the instance's side comes up: a first ARP request lost on an
-        unplugged link is retried only a second later."""
+        namespace (with the port's MAC), the host's side left down, neither
+        addressed: ``_plug`` finishes it once the port's rules are loaded."""
         nl = self._nl()
         with netns_fd(pp.netns) as fd:
             nl.add_veth(
@@ -643,14 +679,21 @@ class Host:
                 peer_mac=pp.mac,
             )
         idx = nl.index(pp.ifname)
+        actual[pp.ifname] = {"index": idx, "kind": "veth", "master": 0, "vni": 0, "up": False}
+
+    def _plug(self, pp: PortPlan, actual: Links) -> None:
+        """Plug a new veth in: the host's side first (bridged, or routed to),
+        then the instance's side up, addressed and routed. Before this the
+        instance cannot send: no traffic passes unfiltered, and no first
+        ARP request is lost on an unplugged link (it would be retried only
+        a second later)."""
+        nl = self._nl()
+        idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
         if pp.routed:
             nl.set(idx, up=True)
             nl.replace_route(pp.address, oif=idx)
         else:
             nl.set(idx, master=self._bridge_index(pp.bridge, actual), up=True)
-        actual[pp.ifname] = {"index": idx, "kind": "veth", "master": 0, "vni": 0, "up": True}
-        if not pp.routed:
-            actual.forget([pp.ifname])  # (its master: looked up again if asked)
         inner = self._nl(pp.netns)
         lo = inner.link("lo")
         if lo is not None and not lo.up:
@@ -670,6 +713,11 @@ class Host:
                 raise
         if pp.gateway:
             inner.replace_route("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+        self._done[pp.ifname] = pp
+        self.wired_at[pp.port] = time.monotonic()
+        if len(self.wired_at) > 20_000:
+            for k in list(self.wired_at)[:10_000]:
+                del self.wired_at[k]
 
     # -- routers ---------------------------------------------------------------------
 
@@ -797,6 +845,8 @@ class Host:
             have = dict(self._sets)
         for name, members in sorted(wanted.items()):
             cur = have.get(name)
+            if cur is members:
+                continue  # (unchanged since the last pass: the same object)
             if cur is None:
                 ips.create(name)
                 cur = frozenset()
@@ -943,41 +993,22 @@ class Host:
             self._sets = None
             if self.bird is not None:
                 self.bird.stop()
+                with contextlib.suppress(OSError):  # (the agent's own directory, if empty)
+                    self.bird.dir.parent.rmdir()
             self.close()
             return ch
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
 
 
 def dnsmasq_pid(ns: str) -> int:
     """The pid of our dnsmasq serving namespace ``ns`` (0: none running)."""
     nw.check_netns_name(ns)
-    try:
-        pid = int((DHCP_DIR / f"{ns}.pid").read_text().strip() or 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return 0
     # A recycled pid is some other process: ours names its own configuration.
-    mine = f"--conf-file={DHCP_DIR / f'{ns}.conf'}".encode()
-    return pid if mine in cmdline and _alive(pid) else 0
+    return pid_of(DHCP_DIR / f"{ns}.pid", f"--conf-file={DHCP_DIR / f'{ns}.conf'}")
 
 
 def stop_dnsmasq(ns: str, timeout: float = 5.0) -> None:
     """End the dnsmasq of ``ns`` (bounded: SIGTERM, then SIGKILL) and drop its files."""
-    pid = dnsmasq_pid(ns)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    terminate(dnsmasq_pid(ns), timeout)
     for suffix in (".pid", ".conf"):
         (DHCP_DIR / f"{ns}{suffix}").unlink(missing_ok=True)
 

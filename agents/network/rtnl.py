@@ -22,6 +22,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 # message types
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -34,6 +35,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 F_REQUEST, F_MULTI, F_ACK = 0x1, 0x2, 0x4
 F_DUMP, F_REPLACE, F_EXCL, F_CREATE, F_APPEND = 0x300, 0x100, 0x200, 0x400, 0x800
 NLA_F_NESTED = 0x8000
+SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 # link attributes
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER = 1, 3, 5, 10
 IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_LINK_NETNSID = 18, 28, 37
@@ -42,7 +44,7 @@ VETH_INFO_PEER = 1
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 # address, route, neighbour attributes
-IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_ADDRESS, IFA_LOCAL, IFA_LABEL = 1, 2, 3
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 NDA_DST, NDA_LLADDR = 1, 2
 RT_TABLE_MAIN = 254
@@ -60,6 +62,8 @@ _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NDMSG = struct.Struct("=BxxxiHBB")
 _TCMSG = struct.Struct("=BxxxiIII")
+_U32 = struct.Struct("=I")
+_I32 = struct.Struct("=i")
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_TBF_PARMS, TCA_TBF_RATE64 = 1, 4
 TC_H_ROOT = 0xFFFFFFFF
@@ -92,21 +96,21 @@ class Route:
     scope: int
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
+def nla(kind: int, payload: bytes) -> bytes:
     size = 4 + len(payload)
     return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
 
 
 def _nested(kind: int, *attrs: bytes) -> bytes:
-    return _attr(kind | NLA_F_NESTED, b"".join(attrs))
+    return nla(kind | NLA_F_NESTED, b"".join(attrs))
 
 
 def _str(kind: int, value: str) -> bytes:
-    return _attr(kind, value.encode() + b"\0")
+    return nla(kind, value.encode() + b"\0")
 
 
 def _u32(kind: int, value: int) -> bytes:
-    return _attr(kind, struct.pack("=I", value))
+    return nla(kind, struct.pack("=I", value))
 
 
 def _mac(value: str) -> bytes:
@@ -117,13 +121,34 @@ def _ip4(value: str) -> bytes:
     return ipaddress.IPv4Address(value).packed
 
 
-def _attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+def nlas(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
     while offset + 4 <= len(data):
         size, kind = struct.unpack_from("=HH", data, offset)
         if size < 4:
             return
         yield kind & 0x3FFF, data[offset + 4 : offset + size]
         offset += (size + 3) & ~3
+
+
+_NLA = struct.Struct("=HH")
+
+
+def nla_map(data: bytes | memoryview, offset: int = 0) -> dict[int, memoryview]:
+    """A message's attributes by type (the first of each), as views: a dump
+    decodes thousands of them, and only a few are read."""
+    out: dict[int, memoryview] = {}
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    end = len(view)
+    unpack = _NLA.unpack_from
+    while offset + 4 <= end:
+        size, kind = unpack(view, offset)
+        if size < 4:
+            break
+        kind &= 0x3FFF
+        if kind not in out:
+            out[kind] = view[offset + 4 : offset + size]
+        offset += (size + 3) & ~3
+    return out
 
 
 def _cstr(b: bytes) -> str:
@@ -134,13 +159,21 @@ def _fmt_mac(b: bytes) -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-class Rtnl:
-    """One rtnetlink socket (in the namespace it was opened in)."""
+class Netlink:
+    """One netlink socket of ``protocol``, in the namespace it was opened in:
+    a request, then its answers up to the acknowledgement or the dump's end."""
+
+    protocol = socket.NETLINK_ROUTE
+    error = RtnlError
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.protocol)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if self.protocol == socket.NETLINK_ROUTE:
+                # The kernel then filters dumps by what the request names (a
+                # link's addresses, routes, neighbours; a table), not us.
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             self.sock.bind((0, 0))
             # (the kernel answers at once; a missing answer is a bug, not a wait)
             self.sock.settimeout(10)
@@ -150,7 +183,7 @@ class Rtnl:
         self.seq = 0
 
     @classmethod
-    def open(cls, ns: str | None) -> Rtnl:
+    def open(cls, ns: str | None) -> Self:
         """A socket in namespace ``ns`` (None: this thread's own)."""
         if not ns:
             return cls()
@@ -162,13 +195,11 @@ class Rtnl:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Rtnl:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- the exchange ------------------------------------------------------------------
 
     def _send(self, kind: int, flags: int, body: bytes) -> int:
         self.seq = (self.seq + 1) & 0xFFFFFFFF
@@ -194,7 +225,8 @@ class Rtnl:
                 if kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", payload)[0]
                     if code:
-                        raise RtnlError(code, os.strerror(code))
+                        text = os.strerror(code) if code < 4096 else f"error {code}"
+                        raise self.error(code, text)
                     return
                 yield kind, payload
 
@@ -206,31 +238,30 @@ class Rtnl:
     def dump(self, kind: int, body: bytes) -> list[bytes]:
         return [p for _, p in self._replies(self._send(kind, F_DUMP, body))]
 
+
+class Rtnl(Netlink):
+    """One rtnetlink socket (in the namespace it was opened in)."""
+
     # -- links -------------------------------------------------------------------------
 
     @staticmethod
     def _link(payload: bytes) -> Link:
         _, _, index, flags, _ = _IFINFO.unpack_from(payload)
-        name, kind, master, vni, mac, nsid, peer = "", "", 0, 0, "", -1, 0
-        for t, v in _attrs(payload, _IFINFO.size):
-            if t == IFLA_IFNAME:
-                name = _cstr(v)
-            elif t == IFLA_MASTER:
-                master = struct.unpack("=I", v[:4])[0]
-            elif t == IFLA_ADDRESS:
-                mac = _fmt_mac(v)
-            elif t == IFLA_LINK_NETNSID:
-                nsid = struct.unpack("=i", v[:4])[0]
-            elif t == IFLA_LINK:
-                peer = struct.unpack("=I", v[:4])[0]
-            elif t == IFLA_LINKINFO:
-                for it, iv in _attrs(v):
-                    if it == IFLA_INFO_KIND:
-                        kind = _cstr(iv)
-                    elif it == IFLA_INFO_DATA and kind == "vxlan":
-                        for dt, dv in _attrs(iv):
-                            if dt == IFLA_VXLAN_ID:
-                                vni = struct.unpack("=I", dv[:4])[0]
+        a = nla_map(payload, _IFINFO.size)
+        name = _cstr(bytes(a[IFLA_IFNAME])) if IFLA_IFNAME in a else ""
+        master = _U32.unpack_from(a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0
+        mac = _fmt_mac(bytes(a[IFLA_ADDRESS])) if IFLA_ADDRESS in a else ""
+        nsid = _I32.unpack_from(a[IFLA_LINK_NETNSID])[0] if IFLA_LINK_NETNSID in a else -1
+        peer = _U32.unpack_from(a[IFLA_LINK])[0] if IFLA_LINK in a else 0
+        kind, vni = "", 0
+        if IFLA_LINKINFO in a:
+            info = nla_map(a[IFLA_LINKINFO])
+            if IFLA_INFO_KIND in info:
+                kind = _cstr(bytes(info[IFLA_INFO_KIND]))
+            if kind == "vxlan" and IFLA_INFO_DATA in info:
+                data = nla_map(info[IFLA_INFO_DATA])
+                if IFLA_VXLAN_ID in data:
+                    vni = _U32.unpack_from(data[IFLA_VXLAN_ID])[0]
         return Link(index, name, kind, master, bool(flags & IFF_UP), vni, mac, nsid, peer)
 
     def links(self) -> list[Link]:
@@ -269,9 +300,9 @@ class Rtnl:
     def add_vxlan(self, name: str, vni: int, local: str, port: int, learning: bool = True) -> None:
         data = (
             _u32(IFLA_VXLAN_ID, vni)
-            + _attr(IFLA_VXLAN_LOCAL, _ip4(local))
-            + _attr(IFLA_VXLAN_PORT, struct.pack("!H", port))
-            + _attr(IFLA_VXLAN_LEARNING, bytes([1 if learning else 0]))
+            + nla(IFLA_VXLAN_LOCAL, _ip4(local))
+            + nla(IFLA_VXLAN_PORT, struct.pack("!H", port))
+            + nla(IFLA_VXLAN_LEARNING, bytes([1 if learning else 0]))
         )
         self.add(name, "vxlan", data)
 
@@ -289,9 +320,9 @@ class Rtnl:
         if peer_netns_fd is not None:
             peer_attrs += _u32(IFLA_NET_NS_FD, peer_netns_fd)
         if peer_mac:
-            peer_attrs += _attr(IFLA_ADDRESS, _mac(peer_mac))
-        data = _attr(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
-        extra = [_attr(IFLA_ADDRESS, _mac(mac))] if mac else []
+            peer_attrs += nla(IFLA_ADDRESS, _mac(peer_mac))
+        data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
+        extra = [nla(IFLA_ADDRESS, _mac(mac))] if mac else []
         self.add(name, "veth", data, *extra)
 
     def set(
@@ -311,7 +342,7 @@ class Rtnl:
         if master is not None:
             attrs += _u32(IFLA_MASTER, master)
         if mac:
-            attrs += _attr(IFLA_ADDRESS, _mac(mac))
+            attrs += nla(IFLA_ADDRESS, _mac(mac))
         if netns_fd is not None:
             attrs += _u32(IFLA_NET_NS_FD, netns_fd)
         if name:
@@ -324,53 +355,53 @@ class Rtnl:
     # -- addresses ---------------------------------------------------------------------
 
     def addrs(self, index: int = 0) -> list[tuple[int, str, int]]:
-        """IPv4 addresses: (link index, address, prefix length)."""
+        """IPv4 addresses (of link ``index``, or all): (link index, address, prefix length)."""
+        return [(i, ip, plen) for i, _, ip, plen in self.labelled_addrs(index)]
+
+    def labelled_addrs(self, index: int = 0) -> list[tuple[int, str, str, int]]:
+        """IPv4 addresses with their link's name: (index, name, address, prefix length)."""
         out = []
-        for p in self.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)):
+        for p in self.dump(RTM_GETADDR, _IFADDR.pack(socket.AF_INET, 0, 0, 0, index)):
             family, plen, _, _, idx = _IFADDR.unpack_from(p)
             if family != socket.AF_INET or (index and idx != index):
                 continue
-            local = addr = None
-            for t, v in _attrs(p, _IFADDR.size):
-                if t == IFA_LOCAL:
-                    local = v
-                elif t == IFA_ADDRESS:
-                    addr = v
-            raw = local or addr
+            a = nla_map(p, _IFADDR.size)
+            raw = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if raw is not None:
-                out.append((idx, socket.inet_ntoa(raw[:4]), plen))
+                label = _cstr(bytes(a[IFA_LABEL])) if IFA_LABEL in a else ""
+                out.append((idx, label, socket.inet_ntoa(bytes(raw[:4])), plen))
         return out
 
     def add_addr(self, index: int, address: str, prefixlen: int) -> None:
         raw = _ip4(address)
         body = _IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index)
-        body += _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
+        body += nla(IFA_LOCAL, raw) + nla(IFA_ADDRESS, raw)
         self.do(RTM_NEWADDR, F_CREATE | F_EXCL, body)
 
     def del_addr(self, index: int, address: str, prefixlen: int) -> None:
         raw = _ip4(address)
         body = _IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index)
-        body += _attr(IFA_LOCAL, raw) + _attr(IFA_ADDRESS, raw)
+        body += nla(IFA_LOCAL, raw) + nla(IFA_ADDRESS, raw)
         self.do(RTM_DELADDR, 0, body)
 
     # -- routes ------------------------------------------------------------------------
 
     def routes(self, table: int = RT_TABLE_MAIN) -> list[Route]:
+        """IPv4 routes of ``table`` (the kernel filters the dump)."""
         out = []
-        for p in self.dump(RTM_GETROUTE, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)):
+        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, table if table < 256 else 0, 0, 0, 0, 0)
+        if table >= 256:
+            body += _u32(RTA_TABLE, table)
+        for p in self.dump(RTM_GETROUTE, body):
             family, dst_len, _, _, tbl, proto, scope, _, _ = _RTMSG.unpack_from(p)
             if family != socket.AF_INET:
                 continue
-            dst, gw, oif = "0.0.0.0", "", 0
-            for t, v in _attrs(p, _RTMSG.size):
-                if t == RTA_DST:
-                    dst = socket.inet_ntoa(v[:4])
-                elif t == RTA_GATEWAY:
-                    gw = socket.inet_ntoa(v[:4])
-                elif t == RTA_OIF:
-                    oif = struct.unpack("=I", v[:4])[0]
-                elif t == RTA_TABLE:
-                    tbl = struct.unpack("=I", v[:4])[0]
+            a = nla_map(p, _RTMSG.size)
+            dst = socket.inet_ntoa(bytes(a[RTA_DST][:4])) if RTA_DST in a else "0.0.0.0"
+            gw = socket.inet_ntoa(bytes(a[RTA_GATEWAY][:4])) if RTA_GATEWAY in a else ""
+            oif = _U32.unpack_from(a[RTA_OIF])[0] if RTA_OIF in a else 0
+            if RTA_TABLE in a:
+                tbl = _U32.unpack_from(a[RTA_TABLE])[0]
             if tbl == table:
                 out.append(Route(f"{dst}/{dst_len}", gw, oif, tbl, proto, scope))
         return out
@@ -393,9 +424,9 @@ class Rtnl:
             RTNH_F_ONLINK if onlink else 0,
         )
         if net.prefixlen:
-            body += _attr(RTA_DST, net.network_address.packed)
+            body += nla(RTA_DST, net.network_address.packed)
         if gateway:
-            body += _attr(RTA_GATEWAY, _ip4(gateway))
+            body += nla(RTA_GATEWAY, _ip4(gateway))
         if oif:
             body += _u32(RTA_OIF, oif)
         self.do(RTM_NEWROUTE, F_CREATE | F_REPLACE, body)
@@ -404,7 +435,7 @@ class Rtnl:
         net = ipaddress.IPv4Network(dst)
         body = _RTMSG.pack(socket.AF_INET, net.prefixlen, 0, 0, RT_TABLE_MAIN, 0, 0, 0, 0)
         if net.prefixlen:
-            body += _attr(RTA_DST, net.network_address.packed)
+            body += nla(RTA_DST, net.network_address.packed)
         if oif:
             body += _u32(RTA_OIF, oif)
         self.do(RTM_DELROUTE, 0, body)
@@ -419,11 +450,11 @@ class Rtnl:
             if parent != TC_H_ROOT:
                 continue
             kind, rate = "", 0
-            for t, v in _attrs(p, _TCMSG.size):
+            for t, v in nlas(p, _TCMSG.size):
                 if t == TCA_KIND:
                     kind = _cstr(v)
                 elif t == TCA_OPTIONS and kind == "tbf":
-                    for ot, ov in _attrs(v):
+                    for ot, ov in nlas(v):
                         if ot == TCA_TBF_PARMS and len(ov) >= 12 and not rate:
                             rate = struct.unpack_from("=I", ov, 8)[0]
                         elif ot == TCA_TBF_RATE64:
@@ -436,22 +467,21 @@ class Rtnl:
     def neighbours(self, index: int) -> dict[str, tuple[str, int]]:
         """IPv4 neighbours on link ``index``: address -> (MAC, NUD state)."""
         out = {}
+        # (a strict dump filters by an NDA_IFINDEX attribute, not the header's
+        # index, which yields nothing: a namespace has few neighbours anyway)
         for p in self.dump(RTM_GETNEIGH, _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
             family, idx, state, _, _ = _NDMSG.unpack_from(p)
             if family != socket.AF_INET or idx != index:
                 continue
-            dst, mac = "", ""
-            for t, v in _attrs(p, _NDMSG.size):
-                if t == NDA_DST:
-                    dst = socket.inet_ntoa(v[:4])
-                elif t == NDA_LLADDR:
-                    mac = _fmt_mac(v)
-            out[dst] = (mac, state)
+            a = nla_map(p, _NDMSG.size)
+            if NDA_DST in a:
+                mac = _fmt_mac(bytes(a[NDA_LLADDR])) if NDA_LLADDR in a else ""
+                out[socket.inet_ntoa(bytes(a[NDA_DST][:4]))] = (mac, state)
         return out
 
     def permanent_neighbour(self, index: int, address: str, mac: str) -> None:
         body = _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
-        body += _attr(NDA_DST, _ip4(address)) + _attr(NDA_LLADDR, _mac(mac))
+        body += nla(NDA_DST, _ip4(address)) + nla(NDA_LLADDR, _mac(mac))
         self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
 
     def fdb(self) -> dict[int, set[str]]:
@@ -462,7 +492,7 @@ class Rtnl:
             if family != AF_BRIDGE:
                 continue
             dst = mac = None
-            for t, v in _attrs(p, _NDMSG.size):
+            for t, v in nlas(p, _NDMSG.size):
                 if t == NDA_DST and len(v) == 4:
                     dst = socket.inet_ntoa(v)
                 elif t == NDA_LLADDR:
@@ -473,7 +503,7 @@ class Rtnl:
 
     def _fdb(self, kind: int, flags: int, index: int, dst: str) -> None:
         body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-        body += _attr(NDA_LLADDR, b"\0" * 6) + _attr(NDA_DST, _ip4(dst))
+        body += nla(NDA_LLADDR, b"\0" * 6) + nla(NDA_DST, _ip4(dst))
         self.do(kind, flags, body)
 
     def fdb_append(self, index: int, dst: str) -> None:
