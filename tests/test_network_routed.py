@@ -357,3 +357,86 @@ async def test_beyond_the_mesh_size_routes_go_through_a_route_reflector(store):
         assert (await learned(lab, "host-3"))[b2] == lab.sim.vtep("host-2")
         assert await echo(c["c3"][1], c["c2"][2])
         assert await echo(c["c4"][1], c["c2"][2])
+
+
+def test_the_readme_routed_example_on_stratus_up_with_three_hosts(tmp_path):
+    """``stratus up --hosts 3`` (as root): a routed network made with the
+    CLI, containers on two hosts that reach each other by the addresses
+    ``server show`` gives, BIRD on every host; stopped, no BIRD, no file,
+    no namespace of its own is left. (Reached from the containers'
+    namespaces rather than through ``server exec``: the container's process
+    is the compute agent's business, its namespace the network's.)"""
+    import hashlib
+    import json
+
+    from stratus.agents.network.sim import leftovers
+    from stratus.tests.test_cli import cli, login, running_up
+
+    with running_up(tmp_path, "--hosts", "3") as up:
+        url = up.start(timeout=90)
+        data = tmp_path / "data"
+        prefix = "s" + hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:3]
+        login(url)
+        for args in (
+            ("tenant", "create", "acme"),
+            ("image", "create", "box", "--tenant", "acme"),
+            ("network", "create", "pods", "--mode", "routed", "--cidr", "10.244.0.0/16"),
+        ):
+            r = cli(url, *args)
+            assert r.returncode == 0, (args, r.stderr)
+        made = {}
+        for name, host in (("a", "host-01"), ("b", "host-02")):
+            r = cli(
+                url, "server", "create", name, "--image", "box", "--type", "container",
+                "--vcpus", "1", "--ram-mb", "64", "--network", "pods", "--host", host,
+                "--tenant", "acme", "--wait", "-o", "json", timeout=90,
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            made[name] = json.loads(r.stdout)
+        a, b = made["a"], made["b"]
+        assert a["addresses"][0]["network"] == "pods"
+        ip_a, ip_b = a["addresses"][0]["ip"], b["addresses"][0]["ip"]
+        assert (ip_a, ip_b) == ("10.244.0.1", "10.244.0.64")  # host-01's and host-02's blocks
+        # refused with a usage error: routed needs a prefix
+        r = cli(url, "network", "create", "nope", "--mode", "routed")
+        assert r.returncode == 2
+        ns_a, ns_b = nw.instance_netns(a["id"]), nw.instance_netns(b["id"])
+        assert asyncio.run(_reach(ns_a, ip_b)) and asyncio.run(_reach(ns_b, ip_a))
+        table = run_in(nw.kernel_name(prefix, "host", "host-03"), ["ip", "route"]).stdout
+        assert "10.244.0.0/26 via 198.18.0.1" in table and "proto bird" in table, table
+        birds = _birds_naming(data)
+        assert len(birds) == 3, birds
+        # the containers go before the stack does (instances outlive their agents)
+        for name in ("a", "b"):
+            assert cli(url, "server", "delete", name, "--tenant", "acme").returncode == 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = cli(url, "server", "list", "--tenant", "acme", "-o", "json")
+            if r.returncode == 0 and not json.loads(r.stdout):
+                break
+            time.sleep(0.5)
+        rc, _ = up.stop(timeout=60)
+        assert rc == 0
+        assert _birds_naming(data) == []
+        assert not (data / "network").exists()
+        assert leftovers(prefix) == []
+        assert not {ns_a, ns_b} & set(os.listdir("/run/netns"))
+
+
+async def _reach(ns: str, address: str) -> bool:
+    return await echo(ns, address, seconds=10)
+
+
+def _birds_naming(path) -> list[int]:
+    """BIRD processes whose command line names a file under ``path``."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"bird") and any(str(path).encode() in a for a in argv):
+                found.append(int(d))
+    return found

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import shutil
 import socket
 import time
@@ -28,8 +29,6 @@ from stratus.agents.network.daemons import pid_of, terminate
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
-# sun_path is 108 bytes with its NUL.
-SOCKET_PATH_MAX = 107
 RTPROT_BIRD = 12
 
 
@@ -205,12 +204,10 @@ class Bird:
         self.socket = self.dir / "bird.ctl"
         self.pidfile = self.dir / "bird.pid"
         self.log = self.dir / "bird.log"
-        if len(str(self.socket).encode()) > SOCKET_PATH_MAX:
-            raise Invalid(f"BIRD's control socket path {self.socket} is too long for a socket")
 
     def pid(self) -> int:
-        """The pid of our BIRD (0: none running): ours names its own socket."""
-        return pid_of(self.pidfile, str(self.socket))
+        """The pid of our BIRD (0: none running): ours names its own configuration."""
+        return pid_of(self.pidfile, str(self.conf))
 
     def running_config(self) -> str:
         with contextlib.suppress(FileNotFoundError):
@@ -218,14 +215,16 @@ class Bird:
         return ""
 
     def start(self, config: str, run_in_ns) -> None:
-        """Write ``config`` and start BIRD through ``run_in_ns(argv)`` (in
-        the host's namespace). BIRD checks its configuration and forks off;
-        its first process reports a bad start."""
+        """Write ``config`` and start BIRD through ``run_in_ns(argv, cwd)``
+        (in the host's namespace). BIRD checks its configuration and forks
+        off; its first process reports a bad start. Its control socket is
+        named relative to its directory (a socket's path has 107 bytes at
+        most, a data directory's may be longer)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._write(config)
-        conf, sock, pid = str(self.conf), str(self.socket), str(self.pidfile)
-        argv = [bird_binary(), "-c", conf, "-s", sock, "-P", pid]
-        res = run_in_ns(argv)
+        conf, pid = str(self.conf), str(self.pidfile)
+        argv = [bird_binary(), "-c", conf, "-s", self.socket.name, "-P", pid]
+        res = run_in_ns(argv, self.dir)
         if res.returncode != 0:
             self.stop()
             raise BirdError(f"bird did not start: {res.stderr.strip()}")
@@ -255,7 +254,13 @@ class Bird:
         """One command over the control socket: its reply as (code, text) lines."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(str(self.socket))
+            # (through a descriptor of the directory: a short path, however
+            # long the directory's own)
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                s.connect(f"/proc/self/fd/{fd}/{self.socket.name}")
+            finally:
+                os.close(fd)
             f = s.makefile("rwb")
             _reply(f)  # the greeting
             f.write(line.encode() + b"\n")

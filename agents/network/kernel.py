@@ -57,7 +57,13 @@ class KernelError(RuntimeError):
     """A netlink or firewall step failed; the message names the object."""
 
 
-def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeout: float = 30):
+def run_in(
+    ns: str | None,
+    argv: Sequence[str],
+    stdin: str | None = None,
+    timeout: float = 30,
+    cwd: Path | None = None,
+):
     """Run ``argv`` (a list, no shell) inside network namespace ``ns``.
 
     Through util-linux's nsenter rather than a setns in a pre-exec hook: a
@@ -73,6 +79,7 @@ def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeou
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -878,7 +885,7 @@ class Host:
             return
         config = render(bp, bird.log)
         if not bird.pid():
-            bird.start(config, lambda argv: run_in(self.host_ns, argv))
+            bird.start(config, lambda argv, cwd: run_in(self.host_ns, argv, cwd=cwd))
             ch.created.append("bird")
         elif bird.running_config() != config:
             bird.reconfigure(config)

@@ -6,6 +6,7 @@ root: each host a namespace on an underlay bridge, agents inside them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 from pathlib import Path
@@ -80,6 +81,9 @@ class SimulatedPlane:
             for a in self.agents:
                 await a.teardown()
             await asyncio.to_thread(self.sim.stop)
+            if self.state_dir is not None:
+                with contextlib.suppress(OSError):  # (empty once the agents' files are gone)
+                    self.state_dir.rmdir()
 
 
 async def serve_agent(
