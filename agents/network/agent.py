@@ -183,11 +183,19 @@ class NetworkAgent:
                 log.exception("reconcile failed", host=self.host)
 
     async def _periodic(self) -> None:
+        """A deep pass every ``interval`` seconds; in between, twice a second,
+        a shallow one while a port waits for its instance (the compute agent
+        makes the namespace, a VM's guest its tap, without an event of ours)."""
+        deep_at = time.monotonic() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(min(0.5, self.interval))
             try:
-                await self._addresses(None)
-                await self.reconcile(correction=True)
+                if time.monotonic() >= deep_at:
+                    deep_at = time.monotonic() + self.interval
+                    await self._addresses(None)
+                    await self.reconcile(correction=True)
+                elif self.kernel.waiting and not self._lock.locked():
+                    await self.reconcile(correction=False)
             except Exception:
                 log.exception("periodic reconcile failed", host=self.host)
 
@@ -209,7 +217,7 @@ class NetworkAgent:
             else:
                 hp = self.planner.update(self.topology, touched)
             started = time.perf_counter()
-            if correction or hp is not self._last_plan:
+            if correction or hp is not self._last_plan or self.kernel.waiting:
                 ch = await self._in_thread(self.kernel.reconcile, hp, correction)
             else:
                 ch = Changes()  # nothing here changed: nothing to do

@@ -692,6 +692,11 @@ class Planner:
         _update_chains(t, new, hp, touched, changed_ports, local, prefix)
         if new.same(hp):
             return hp  # (the same object: the caller need not look at the host)
+        # What did not change stays the same object: the kernel's pass skips
+        # what it has applied already by identity.
+        for name in ("bridges", "ports", "chains", "ipsets"):
+            if getattr(new, name) == getattr(hp, name):
+                setattr(new, name, getattr(hp, name))
         self.hp = new
         return new
 

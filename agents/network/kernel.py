@@ -274,6 +274,10 @@ class Host:
         self._deep = True
         self._names: set[str] = set()  # the link names of the last plan
         self.last_pass: dict[str, float] = {}  # seconds per step of the last pass
+        # Ports waiting for their instance (its namespace, a VM's tap): the
+        # agent passes again for them on its next events, or soon.
+        self.waiting: set[str] = set()
+        self._applied: HostPlan | None = None  # the plan the last full pass applied
 
     def _nl(self, ns: str | None = None) -> Rtnl:
         """A netlink socket in ``ns`` (default: the host's). The host's is
@@ -429,6 +433,26 @@ class Host:
         self._ns = namespaces() if deep else None
         self._deep = deep
         self._unplugged: list[PortPlan] = []
+        last = self._applied
+        self._applied = None  # (until this pass ends well)
+        links_same = (
+            not deep
+            and last is not None
+            and hp.ports is last.ports
+            and hp.bridges is last.bridges
+            and hp.externals is last.externals
+        )
+        if links_same:
+            # Nothing of the links changed (a new member somewhere, say):
+            # only the ports still waiting for their instance are looked at.
+            actual = Links(self, set(), dump=False)
+            for name in sorted(self.waiting):
+                pp = hp.ports.get(name)
+                if pp is not None:
+                    self._port(pp, actual, ch, None)
+            clock.lap("ports")
+            self._after_links(hp, deep, ch, clock, last, actual, failed)
+            return ch
         actual = Links(self, hp.taps(), dump=deep)
         wanted = hp.names()
         if not deep:
@@ -470,10 +494,28 @@ class Host:
                 ch.created.append("ip_forward")
             self._done["forwarding"] = True
         routes = self._routes() if deep and any(p.routed for p in hp.ports.values()) else None
+        self.waiting = set()
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, ch, routes)
         clock.lap("ports")
-        if self.routers:
+        self._after_links(hp, deep, ch, clock, last, actual, failed)
+        return ch
+
+    def _after_links(
+        self,
+        hp: HostPlan,
+        deep: bool,
+        ch: Changes,
+        clock: _Clock,
+        last: HostPlan | None,
+        actual: Links,
+        failed: KernelError | None,
+    ) -> None:
+        """Routers and DHCP, member sets, rules, plugging new ports in, BIRD."""
+        routers_same = (
+            not deep and last is not None and (hp.routers is last.routers and hp.dhcp is last.dhcp)
+        )
+        if self.routers and not routers_same:
             # dnsmasq first: one may run inside a router namespace going away.
             self._stale_dhcp(hp, ch)
             have = {n for n in namespaces() if nw.owned(self.prefix, n, "router")}
@@ -515,7 +557,7 @@ class Host:
         self.last_pass = clock.laps
         if failed is not None:
             raise failed
-        return ch
+        self._applied = hp
 
     def _delete(self, name: str) -> None:
         nl = self._nl()
@@ -597,6 +639,7 @@ class Host:
         if pp.vm:
             if pp.ifname not in actual:
                 if not self._adopt_tap(pp.ifname):
+                    self.waiting.add(pp.ifname)
                     return False  # the guest is not running (yet)
                 ch.wired.append(pp.ifname)
                 actual.forget([pp.ifname])
@@ -606,11 +649,13 @@ class Host:
                 self._delete(pp.ifname)
                 ch.removed.append(pp.ifname)
                 actual.pop(pp.ifname)
+            self.waiting.add(pp.ifname)
             return False
         elif pp.ifname in actual and not self.peer_ok(pp):
             self._delete(pp.ifname)
             ch.removed.append(pp.ifname)
             actual.pop(pp.ifname)
+        self.waiting.discard(pp.ifname)
         if pp.ifname not in actual:
             self._veth(pp, actual)
             (ch.created if pp.ifname in self._wired else ch.wired).append(pp.ifname)
