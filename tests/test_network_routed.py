@@ -367,7 +367,6 @@ def test_the_readme_routed_example_on_stratus_up_with_three_hosts(tmp_path):
     namespaces rather than through ``server exec``: the container's process
     is the compute agent's business, its namespace the network's.)"""
     import hashlib
-    import json
 
     from stratus.agents.network.sim import leftovers
     from stratus.tests.test_cli import cli, login, running_up
@@ -384,15 +383,14 @@ def test_the_readme_routed_example_on_stratus_up_with_three_hosts(tmp_path):
         ):
             r = cli(url, *args)
             assert r.returncode == 0, (args, r.stderr)
-        made = {}
         for name, host in (("a", "host-01"), ("b", "host-02")):
             r = cli(
                 url, "server", "create", name, "--image", "box", "--type", "container",
                 "--vcpus", "1", "--ram-mb", "64", "--network", "pods", "--host", host,
-                "--tenant", "acme", "--wait", "-o", "json", timeout=90,
+                "--tenant", "acme",
             )  # fmt: skip
             assert r.returncode == 0, r.stderr
-            made[name] = json.loads(r.stdout)
+        made = _until_servers(url, lambda rows: all(r["status"] == "running" for r in rows))
         a, b = made["a"], made["b"]
         assert a["addresses"][0]["network"] == "pods"
         ip_a, ip_b = a["addresses"][0]["ip"], b["addresses"][0]["ip"]
@@ -409,18 +407,33 @@ def test_the_readme_routed_example_on_stratus_up_with_three_hosts(tmp_path):
         # the containers go before the stack does (instances outlive their agents)
         for name in ("a", "b"):
             assert cli(url, "server", "delete", name, "--tenant", "acme").returncode == 0
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            r = cli(url, "server", "list", "--tenant", "acme", "-o", "json")
-            if r.returncode == 0 and not json.loads(r.stdout):
-                break
-            time.sleep(0.5)
+        _until_servers(url, lambda rows: not rows)
         rc, _ = up.stop(timeout=60)
         assert rc == 0
         assert _birds_naming(data) == []
         assert not (data / "network").exists()
         assert leftovers(prefix) == []
         assert not {ns_a, ns_b} & set(os.listdir("/run/netns"))
+
+
+def _until_servers(url: str, done, timeout: float = 90) -> dict:
+    """acme's servers by name (with their addresses) once ``done(rows)`` holds."""
+    import json
+
+    from stratus.tests.test_cli import cli
+
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cli(url, "server", "list", "--tenant", "acme", "-o", "json")
+        rows = json.loads(r.stdout) if r.returncode == 0 else None
+        if rows is not None and done(rows):
+            out = {}
+            for row in rows:
+                shown = cli(url, "server", "show", row["id"], "--tenant", "acme", "-o", "json")
+                out[row["name"]] = json.loads(shown.stdout)
+            return out
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.3)
 
 
 async def _reach(ns: str, address: str) -> bool:
