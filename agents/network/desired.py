@@ -857,6 +857,14 @@ def _top(prefix: str) -> str:
     return nw.kernel_name(prefix, "chain", "forward")
 
 
+def _outs(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "outs")
+
+
+def _ins(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "ins")
+
+
 def _raw(prefix: str) -> str:
     return nw.kernel_name(prefix, "chain", "raw")
 
@@ -925,19 +933,42 @@ def port_chains(
     return {("filter", cin): tuple(lin), ("filter", cout): tuple(lout)}, sets
 
 
-def _top_lines(hp: HostPlan, prefix: str) -> tuple[str, ...]:
-    top = _top(prefix)
-    lines = [f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    outs, ins = [], []
+def _top_chains(hp: HostPlan, prefix: str) -> dict[Chain, tuple[str, ...]]:
+    """The FORWARD hook's chain: replies, then every port's egress chain
+    (``outs``), then every port's ingress chain (``ins``): a port's egress
+    is checked before another's ingress can accept. Within ``outs`` and
+    ``ins`` order does not matter, so a new port is two appended rules
+    there, not the chains written again (see ``UNORDERED``)."""
+    top, outs, ins = _top(prefix), _outs(prefix), _ins(prefix)
+    lo, li = [], []
     for name, pp in sorted(hp.ports.items()):
         base = nw.kernel_name(prefix, "port", pp.port)
         if pp.routed:
-            outs.append(f"-A {top} -i {name} -j {base}-o")
-            ins.append(f"-A {top} -o {name} -j {base}-i")
+            lo.append(f"-A {outs} -i {name} -j {base}-o")
+            li.append(f"-A {ins} -o {name} -j {base}-i")
         else:
-            outs.append(f"-A {top} -m physdev --physdev-in {name} --physdev-is-bridged -j {base}-o")
-            ins.append(f"-A {top} -m physdev --physdev-out {name} --physdev-is-bridged -j {base}-i")
-    return tuple(lines + outs + ins)
+            lo.append(f"-A {outs} -m physdev --physdev-in {name} --physdev-is-bridged -j {base}-o")
+            li.append(f"-A {ins} -m physdev --physdev-out {name} --physdev-is-bridged -j {base}-i")
+    return {
+        ("filter", top): (
+            f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A {top} -j {outs}",
+            f"-A {top} -j {ins}",
+        ),
+        ("filter", outs): tuple(lo),
+        ("filter", ins): tuple(li),
+    }
+
+
+def unordered(prefix: str) -> set[Chain]:
+    """Chains whose rules exclude each other (one per port or network): a
+    change to them may be appended and deleted rule by rule."""
+    return {
+        ("filter", _outs(prefix)),
+        ("filter", _ins(prefix)),
+        ("raw", _raw(prefix)),
+        ("filter", _nodes(prefix)),
+    }
 
 
 def _raw_lines(hp: HostPlan, prefix: str) -> tuple[str, ...]:
@@ -974,7 +1005,7 @@ def firewall_chains(
     egress too (the default group allows all egress). Also the member sets
     the rules match."""
     out: dict[Chain, tuple[str, ...]] = {("raw", _raw(prefix)): _raw_lines(hp, prefix)}
-    out[("filter", _top(prefix))] = _top_lines(hp, prefix)
+    out.update(_top_chains(hp, prefix))
     groups: set[str] = set()
     for pp in hp.ports.values():
         chains, g = port_chains(t, pp, prefix)
@@ -1032,7 +1063,7 @@ def _update_chains(
     if changed_ports or new.bridges != old.bridges:
         chains[("raw", _raw(prefix))] = _raw_lines(new, prefix)
     if changed_ports:
-        chains[("filter", _top(prefix))] = _top_lines(new, prefix)
+        chains.update(_top_chains(new, prefix))
     if changed_ports or touched.everything or touched.bgp:
         nodes = _node_lines(t, new, prefix)
         if nodes is None:

@@ -41,6 +41,7 @@ from stratus.agents.network.desired import (
     PortPlan,
     RouterPlan,
     render_chains,
+    unordered,
 )
 from stratus.agents.network.ipset import IpSetError, IpSets
 from stratus.agents.network.rtnl import Link, Rtnl, RtnlError, netns_fd
@@ -1014,7 +1015,23 @@ class Host:
             missing = []
         if not (changed or stale or missing):
             return False
+        # A chain whose rules are independent of their order, and that the
+        # host has, gets its added rules appended and its removed ones
+        # deleted, instead of being written again (it grows with the ports).
+        edits: list[Chain] = []
+        if not deep:
+            loose = unordered(self.prefix)
+            edits = [k for k in changed if k in loose and k in self._chains]  # type: ignore[operator]
+            changed = [k for k in changed if k not in edits]
         text = render_chains(chains, changed)
+        for table in ("raw", "filter"):
+            lines = []
+            for k in (k for k in edits if k[0] == table):
+                old, new = set(self._chains[k]), set(chains[k])  # type: ignore[index]
+                lines += ["-D" + ln[2:] for ln in sorted(old - new)]
+                lines += sorted(new - old)
+            if lines:
+                text += "\n".join([f"*{table}", *lines, "COMMIT", ""])
         extra = []
         for table in ("raw", "filter"):
             lines = [f"-F {c}" for t, c in sorted(stale) if t == table]

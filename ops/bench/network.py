@@ -38,6 +38,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,9 @@ class Options:
     networks: int = 50
     wave: int = 50
     modes: tuple[str, ...] = MODES
+    # "thread": every agent in this process (issue 7's harness); "process":
+    # each host's agent its own `stratus serve network-agent`, as deployed.
+    agents: str = "thread"
     timeout: float = 30.0  # per port, binding to traffic
 
 
@@ -68,6 +72,49 @@ class Placed:
     ip: str
     host: str
     binding: list
+
+
+class AgentProcesses:
+    """Each host's agent as its own ``stratus serve network-agent``."""
+
+    def __init__(self, url: str, sim, prefix: str, state: Path) -> None:
+        self.url, self.sim, self.prefix, self.state = url, sim, prefix, state
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def _argv(self, host: str) -> list[str]:
+        return [
+            sys.executable, "-m", "stratus.cli.main", "--url", self.url, "serve",
+            "--data-dir", str(self.state), "network-agent", "--host", host,
+            "--vtep", self.sim.vtep(host), "--netns", self.sim.netns(host),
+            "--prefix", self.prefix, "--interval", "3600", "--bgp-hold", "3",
+        ]  # fmt: skip
+
+    def start(self, hosts: list[str], timeout: float = 120) -> None:
+        """Start them all, then wait until each says it is ready (bounded)."""
+        for h in hosts:
+            self.procs[h] = subprocess.Popen(
+                self._argv(h), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        deadline = time.monotonic() + timeout
+        for h in hosts:
+            out = self.procs[h].stdout
+            assert out is not None
+            line = ""
+            while "ready" not in line:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the agent of {h} did not start")
+                line = out.readline()
+                if not line and self.procs[h].poll() is not None:
+                    raise RuntimeError(f"the agent of {h} exited")
+
+    def stop(self) -> None:
+        from stratus.ops.bench.common import stop_process
+
+        for p in self.procs.values():
+            stop_process(p)  # type: ignore[arg-type]
+            if p.stdout:
+                p.stdout.close()
+        self.procs = {}
 
 
 async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
@@ -110,11 +157,14 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             bgp=bgp,
         )
 
+    procs = AgentProcesses(url, sim, prefix, state / "data")
+    threads = opts.agents == "thread"
+
     async def settled(timeout: float = 120) -> None:
         """Every agent matches the log, and none appended more meanwhile."""
         deadline = time.monotonic() + timeout
         seq = await store.last_seq()
-        while True:
+        while threads:
             left = max(1.0, deadline - time.monotonic())
             await asyncio.gather(*(a.converged(seq, left) for a in agents))
             now = await store.last_seq()
@@ -124,10 +174,13 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
 
     try:
         await asyncio.to_thread(sim.start)
-        for h in hosts:
-            a = new_agent(h, store)
-            await a.start()
-            agents.append(a)
+        if threads:
+            for h in hosts:
+                a = new_agent(h, store)
+                await a.start()
+                agents.append(a)
+        else:
+            await asyncio.to_thread(procs.start, hosts)
         cloud = Cloud(store)
         tenants = [f"{mode}-{i}" for i in range(max(1, opts.networks // 10))]
         slots: list[tuple[str, str, int]] = []  # tenant, network, index
@@ -189,13 +242,14 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         for a in anchors.values():
             await store.append(a.binding)
         await settled()
+        # every anchor wired (its address in its namespace: an anchor of a
+        # routed network has the one its host gave it)
+        await _anchors_wired(list(anchors.values()), 120)
         if mode == "routed":
-            # an anchor's address is its host's to give: read it off the agents
-            for a in anchors.values():
-                a.ip = agents[0].topology.ports[a.port].ip
             # and BGP has spread every host's blocks (BIRD's first sessions
             # take a few seconds to come up: not what is measured)
-            await _routes_spread(agents, 60)
+            kernels = {h: Host(prefix, sim.vtep(h), sim.netns(h)) for h in hosts}
+            await _routes_spread(store, kernels, 60)
         for a in agents:
             a.timings.clear()
 
@@ -204,7 +258,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         busy = 0.0  # seconds from each wave's first binding to its last answer
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
-        by_host = {a.host: a for a in agents}
+        by_host = {a.host: a.kernel for a in agents}
         for w0 in range(0, measured, opts.wave):
             wave = []
             for i in range(w0, min(measured, w0 + opts.wave)):
@@ -240,16 +294,20 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             )
         )
         wired.seconds = busy
-        report.results.append(
-            result(
-                f"{mode}: binding to wired (the agent's part)",
-                wired,
-                note="binding stored -> the host's pass made the port",
+        if threads:
+            report.results.append(
+                result(
+                    f"{mode}: binding to wired (the agent's part)",
+                    wired,
+                    note="binding stored -> the host's pass made the port",
+                )
             )
-        )
         report.info[f"{mode}_end_to_end_ports_per_s"] = round(
             load.done / (time.perf_counter() - started), 1
         )
+        if not threads:
+            await _restart_processes(report, mode, store, procs, hosts)
+            return
         shallow = [s for a in agents for deep, s in a.timings if not deep]
 
         # -- phase 3: one deep pass per host over the finished state ---------------
@@ -308,9 +366,12 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     finally:
         for a in agents:
             await a.stop()
+        await asyncio.to_thread(procs.stop)
         for h in hosts:
+            # (an agent process keeps its files where `serve network-agent` does)
+            files_of = state / h if threads else state / "data" / "network" / h
             try:
-                host = Host(prefix, sim.vtep(h), sim.netns(h), state_dir=state / h)
+                host = Host(prefix, sim.vtep(h), sim.netns(h), state_dir=files_of)
                 await asyncio.to_thread(host.teardown)
             except Exception as exc:  # the namespaces go below anyway
                 report.failures.append(f"teardown {h}: {exc}")
@@ -329,20 +390,76 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         await store.close()
 
 
-async def _routes_spread(agents: list, timeout: float) -> None:
+async def _anchors_wired(anchors: list, timeout: float) -> None:
+    """Until every anchor's namespace holds an address (bounded); a routed
+    anchor's address is read from there."""
+    from stratus.agents.network.rtnl import Rtnl
+
+    def addresses(ns: str) -> list[str]:
+        with Rtnl.open(ns) as nl:
+            return [ip for _, name, ip, _ in nl.labelled_addrs() if name != "lo"]
+
+    deadline = time.monotonic() + timeout
+    for a in anchors:
+        while not (found := await asyncio.to_thread(addresses, a.ns)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"anchor {a.ns} not wired in {timeout} s")
+            await asyncio.sleep(0.1)
+        a.ip = found[0]
+
+
+async def _routes_spread(store, kernels: dict, timeout: float) -> None:
     """Until every host routes to every other host's blocks (bounded)."""
+    from stratus.events import network as nw
+
+    blocks: dict[str, str] = {}
+    for rec in await store.read_all(subjects=["ev._system.network.>"]):
+        ev = rec.decode()
+        if isinstance(ev, nw.BlockClaimed):
+            blocks[ev.block] = ev.host
+        elif isinstance(ev, nw.BlockReleased):
+            blocks.pop(ev.block, None)
     deadline = time.monotonic() + timeout
     while True:
-        blocks = agents[0].topology.blocks
         missing = 0
-        for a in agents:
-            routes = await asyncio.to_thread(a.kernel.bird_routes)
-            missing += sum(1 for b, (_, h) in blocks.items() if h != a.host and b not in routes)
+        for h, kernel in kernels.items():
+            routes = await asyncio.to_thread(kernel.bird_routes)
+            missing += sum(1 for b, owner in blocks.items() if owner != h and b not in routes)
         if not missing:
+            for kernel in kernels.values():
+                kernel.close()
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{missing} block routes still missing after {timeout} s")
         await asyncio.sleep(0.2)
+
+
+async def _restart_processes(report: Report, mode: str, store, procs, hosts: list[str]) -> None:
+    """Restart to converged with agent processes: every one stopped, all
+    started again; seconds until each says it is ready (a fold of the log
+    and a deep pass behind it), and the corrections they recorded."""
+    from stratus.events import network as nw
+
+    procs.stop()
+    seq = await store.last_seq()
+    t0 = time.perf_counter()
+    await asyncio.to_thread(procs.start, hosts)
+    took = time.perf_counter() - t0
+    fixes = [
+        e
+        for e in (rec.decode() for rec in await store.read_all(after=seq))
+        if isinstance(e, nw.NetworkAgentCorrected)
+    ]
+    report.results.append(
+        Row(
+            f"{mode}: restart to converged ({len(hosts)} agent processes)",
+            len(hosts),
+            took,
+            note=f"{len(fixes)} corrections recorded (nothing changed: 0 expected)",
+        )
+    )
+    if fixes:
+        report.failures.append(f"{mode}: restart with nothing changed corrected {fixes[:3]}")
 
 
 async def _bind_and_probe(
@@ -354,7 +471,8 @@ async def _bind_and_probe(
     await store.append(p.binding)
     t0 = time.monotonic()
     ok = await probe.first_reply(target, t0 + timeout)
-    made = agents[p.host].kernel.wired_at.get(p.port)
+    kernel = agents.get(p.host)
+    made = kernel.wired_at.get(p.port) if kernel is not None else None
     if made is not None:
         wired.done += 1
         wired.latencies.append(max(0.0, made - t0))
@@ -417,6 +535,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--networks", type=positive, default=d.networks)
     p.add_argument("--wave", type=positive, default=d.wave)
     p.add_argument("--modes", type=_modes, default=d.modes, help="vxlan,routed (both)")
+    p.add_argument(
+        "--agents",
+        choices=("thread", "process"),
+        default=d.agents,
+        help="all agents in this process, or one `serve network-agent` process per host",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -425,7 +549,14 @@ def main(argv: list[str]) -> int:
     if a.hosts < 2:
         print("the network benchmark needs 2 hosts at least", file=sys.stderr)
         return 1
-    opts = Options(ports=a.ports, hosts=a.hosts, networks=a.networks, wave=a.wave, modes=a.modes)
+    opts = Options(
+        ports=a.ports,
+        hosts=a.hosts,
+        networks=a.networks,
+        wave=a.wave,
+        modes=a.modes,
+        agents=a.agents,
+    )
     from stratus.cli import logs
 
     # The agents' logs on stderr, warnings only: stdout is the table or JSON.
