@@ -183,11 +183,13 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
-    pass
+    # Until the host's agent reports server.stopped.
+    status = "stopping"
 
 
 class ServerStartRequested(ResourceEvent, frozen=True, tag="server.start-requested"):
-    pass
+    # Until the host's agent reports server.running.
+    status = "starting"
 
 
 class ServerRebootRequested(ResourceEvent, frozen=True, tag="server.reboot-requested"):
@@ -720,28 +722,6 @@ COMMANDS: dict[str, type[Command]] = {
     "qos-policy.create": QosPolicyCreate,
     "qos-policy.delete": RefCommand,
     "quota.set": QuotaSetCommand,
-}
-
-
-# Every kind of the inventory and the name its list query (``q.<plural>``)
-# and its table (with ``_``) go by.
-PLURALS: dict[str, str] = {
-    "host": "hosts",
-    "flavor": "flavors",
-    "image": "images",
-    "server": "servers",
-    "server-group": "server-groups",
-    "volume": "volumes",
-    "network": "networks",
-    "subnet": "subnets",
-    "port": "ports",
-    "router": "routers",
-    "floating-ip": "floating-ips",
-    "security-group": "security-groups",
-    "qos-policy": "qos-policies",
-    # Defined in events/integrations.py; listed here so they get views too.
-    "integration": "integrations",
-    "webhook": "webhooks",
 }
 
 

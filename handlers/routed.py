@@ -22,6 +22,8 @@ from stratus.events.errors import AlreadyExists, Invalid, NotFound
 from stratus.events.model import Cause, Event
 from stratus.events.network import ROUTED, RoutedNetworkCreate
 from stratus.events.resources import SYSTEM, NetworkCreated
+from stratus.handlers.lookup import Lookup
+from stratus.handlers.records import Network
 from stratus.handlers.registry import Handler
 from stratus.handlers.world import World, payload
 
@@ -107,34 +109,23 @@ def _created(s: SystemNetworks, events: list[Event]) -> Any:
 # -- a tenant's server on a routed network ------------------------------------------
 
 
-async def routed_networks(refs: list[str], service: Any) -> dict[str, dict[str, Any]]:
+async def routed_networks(refs: list[str], lookup: Lookup) -> dict[str, Network]:
     """The routed networks among ``refs`` (by name), read from their own
     subjects: what a server create may attach to besides the tenant's own."""
-    from stratus.events.ids import is_name
-    from stratus.handlers.world import Aggregate, fold_aggregate
-
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Network] = {}
     for ref in refs:
-        if not is_name(ref):
-            continue
-        subject = f"ev.{SYSTEM}.network.{ref}"
-        tracked = service.cache.get(subject, Aggregate)
-        if tracked.seq == 0:
-            await service.cache.refresh(subject, tracked, fold_aggregate)
-        attrs = tracked.state.attrs
-        if attrs is not None and attrs.get("mode") == ROUTED:
-            out[ref] = dict(attrs)
+        net = await lookup.system(Network, ref)
+        if net is not None and net.mode == ROUTED:
+            out[ref] = net
     return out
 
 
-def attachable(
-    w: World, routed: dict[str, dict[str, Any]], ref: str, instance_type: str
-) -> dict[str, Any]:
+def attachable(w: World, routed: dict[str, Network], ref: str, instance_type: str) -> Network:
     """The network a server names: the tenant's own, else a routed network
     (``routed``, found by ``routed_networks``), which carries container
     instances only."""
     try:
-        return w.find("network", ref)
+        return w.networks.find(ref)
     except NotFound:
         net = routed.get(ref)
         if net is None:

@@ -19,15 +19,16 @@ from stratus.agents.network.kernel import in_netns, run_in
 from stratus.events import network as nw
 from stratus.events.network import RoutedNetworkCreate
 from stratus.events.resources import PortAddressAssigned, ServerCreate, ServerScheduled
-from stratus.handlers import resources as r
+from stratus.handlers import servers
+from stratus.handlers.records import Image, Network
 from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
 from stratus.handlers.world import fold
-from stratus.tests.netlab import CAUSE, Lab, echo, running_lab
+from stratus.ops.bench.netlab import CAUSE, Lab, echo, running_lab
 
 pytestmark = pytest.mark.timeout(240)
 
 HOLD = 3  # seconds: BGP's hold time here (short, for the test)
-PODS = {"id": "pods", "name": "pods", "mode": nw.ROUTED}
+PODS = Network(name="pods", id="pods", mode=nw.ROUTED, cidr="10.244.0.0/16")
 
 
 @pytest.fixture
@@ -49,8 +50,8 @@ async def container(lab: Lab, tenant: str, name: str, host: str) -> tuple[str, s
         instance_type="container",
         networks=["pods"],
     )
-    plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0}, {"pods": PODS})
-    events = await c.do(tenant, r.decide_server_create, plan)
+    plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"), {"pods": PODS})
+    events = await c.do(tenant, servers.decide_server_create, plan)
     sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
     ns = await lab.instance(sid)
     ev = CAUSE.make(ServerScheduled, tenant, "server", sid, host=host)
@@ -369,7 +370,8 @@ def test_the_readme_routed_example_on_stratus_up_with_three_hosts(tmp_path):
     import hashlib
 
     from stratus.agents.network.sim import leftovers
-    from stratus.tests.test_cli import cli, login, running_up
+
+    from .test_cli import cli, login, running_up
 
     with running_up(tmp_path, "--hosts", "3") as up:
         url = up.start(timeout=90)
@@ -420,7 +422,7 @@ def _until_servers(url: str, done, timeout: float = 90) -> dict:
     """acme's servers by name (with their addresses) once ``done(rows)`` holds."""
     import json
 
-    from stratus.tests.test_cli import cli
+    from .test_cli import cli
 
     deadline = time.monotonic() + timeout
     while True:

@@ -1,6 +1,6 @@
 """A rebuild's writer process: a failure of either side leaves nothing behind,
-a stopped load keeps exactly what it committed, and the reader's protocol
-shortcut hands over every message the generic parser would, in order."""
+and a stopped load keeps exactly what it committed. (The reader's protocol
+shortcut is tested in test_fastread.py.)"""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from stratus.events.errors import Internal
-from stratus.events.store import _FastParser
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.rebuild import build_store
-from stratus.tests.test_rebuild import (
+
+from .test_rebuild import (
     _append_workload,
     _indexes,
     caught_up_digest,
@@ -133,93 +133,11 @@ async def test_a_stopped_helper_load_keeps_what_it_committed_and_resumes(store, 
     assert got == await fresh_digest(store, tmp_path / "plain.db", last)
 
 
-# -- the reader's protocol shortcut ------------------------------------------------
-
-
-class _Recorder:
-    """What a connection gets from its parser, in order."""
-
-    def __init__(self, fast_sid: int | None) -> None:
-        self.seen: list[tuple] = []
-        self.stats = {"in_msgs": 0}
-        self.fast = {fast_sid: self._fast} if fast_sid is not None else {}
-
-    def _fast(self, subject, reply, data, headers) -> None:
-        self.seen.append(("msg", 7, bytes(subject), bytes(reply), data, headers))
-
-    async def _process_msg(self, sid, subject, reply, data, headers) -> None:
-        self.seen.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
-
-    async def _process_ping(self) -> None:
-        self.seen.append(("ping",))
-
-    async def _process_pong(self) -> None:
-        self.seen.append(("pong",))
-
-    async def _process_info(self, info) -> None:
-        self.seen.append(("info", info))
-
-    async def _process_err(self, err) -> None:
-        self.seen.append(("err", err))
-
-
-def _hmsg(subject: bytes, sid: int, reply: bytes, headers: bytes, data: bytes) -> bytes:
-    head = b"HMSG %s %d %s %d %d\r\n" % (
-        subject,
-        sid,
-        reply,
-        len(headers),
-        len(headers) + len(data),
-    )
-    return head + headers + data + b"\r\n"
-
-
-def _wire() -> bytes:
-    ack = b"$JS.ACK.EVENTS.c1.1.%d.%d.1700000000000000000.%d"
-    plain = b"NATS/1.0\r\nNats-Msg-Id: m%d\r\n\r\n"
-    out = [b'INFO {"server_id": "x"}\r\n']
-    for i in range(1, 9):
-        # NUL and CRLF bytes inside payloads must not confuse the cut.
-        data = b"\x00event\r\nHMSG %d\r\n" % i
-        out.append(_hmsg(b"ev.t.tenant.t%d" % i, 7, ack % (i, i, 9 - i), plain % i, data))
-        if i == 3:
-            heartbeat = b"NATS/1.0 100 Idle Heartbeat\r\n\r\n"
-            out.append(_hmsg(b"_INBOX.x", 7, b"$JS.FC.EVENTS.c1.1", heartbeat, b""))
-            out.append(b"PING\r\n")
-        if i == 5:
-            out.append(b"MSG _INBOX.other 9 5\r\nhello\r\n")
-            out.append(_hmsg(b"other", 9, b"r.1", plain % 0, b"not fast"))
-            out.append(b"+OK\r\n")
-    return b"".join(out)
-
-
-async def _parse(wire: bytes, fast_sid: int | None, cut: int) -> tuple[list[tuple], int]:
-    nc = _Recorder(fast_sid)
-    parser = _FastParser(nc)
-    for i in range(0, len(wire), cut):
-        await parser.parse(wire[i : i + cut])
-    assert parser.buf == bytearray()
-    return nc.seen, nc.stats["in_msgs"]
-
-
-@pytest.mark.parametrize("cut", [1, 2, 3, 7, 13, 64, 100, 4096])
-async def test_the_shortcut_hands_over_what_the_generic_parser_does_in_order(cut):
-    wire = _wire()
-    generic, shortcut = await _parse(wire, None, len(wire))
-    assert shortcut == 0
-    assert len([m for m in generic if m[0] == "msg" and m[1] == 7]) == 9
-    seen, shortcut = await _parse(wire, 7, cut)
-    assert seen == generic
-    # The eight events took the shortcut (whole ones only: a cut mid-message
-    # waits for the rest), the heartbeat did not.
-    assert shortcut == 8
-
-
 @pytest.mark.parametrize("helper", [False, True], ids=["one-process", "helpers"])
 async def test_a_bulk_rebuild_gives_the_rows_an_independent_fold_gives(store, tmp_path, helper):
     # The digest tests compare the projector with itself (live and rebuilt
     # fold alike); this compares a rebuild with rows folded without it.
-    from stratus.tests.test_projector import (
+    from .test_projector import (
         append_all,
         expected_rows,
         make_history,

@@ -1,16 +1,16 @@
-"""The event store against a real nats-server: conditional appends, batches, dedup, reads."""
+"""The event store against a real nats-server: conditional appends, batches, dedup.
+
+Reads are the log-reader contract, tests/test_logreader.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from stratus.events.errors import ConcurrencyConflict, Invalid
 from stratus.events.model import Cause
-from stratus.events.store import MAX_BATCH, Condition
+from stratus.events.store import MAX_BATCH, AppendRequest, Condition
 from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
 
 # A broken store must fail a test, not hang the run.
@@ -316,136 +316,50 @@ async def test_a_new_command_id_is_not_a_duplicate(store):
     assert second.duplicate is False
 
 
-# -- reads -------------------------------------------------------------------
+async def test_a_retry_of_a_batch_as_one_event_gets_every_original_sequence(store):
+    # given a batch of three appended with a command id
+    first = await bounded(store.append([created("a"), created("b"), created("c")], msg_id="b-1"))
+
+    # when the retry decides differently: one event (on another subject)
+    again = await bounded(store.append([created("z")], msg_id="b-1"))
+
+    # then the answer is the original append, all of it
+    assert again.seqs == first.seqs == [1, 2, 3]
+    assert again.duplicate is True
+    assert await store.last_seq() == 3
 
 
-async def test_read_returns_everything_in_order_in_bounded_batches(store):
-    events = [created(f"t{i}") for i in range(25)]
-    for i in range(0, 25, 5):
-        await store.append(events[i : i + 5])
-
-    batches = [b async for b in store.read(batch=7)]
-
-    assert all(1 <= len(b) <= 7 for b in batches)
-    recs = [r for b in batches for r in b]
-    assert [r.seq for r in recs] == list(range(1, 26))
-    assert [r.decode().id for r in recs] == [e.id for e in events]
-    assert [r.subject for r in recs] == [e.subject for e in events]
-
-
-async def test_read_after_and_until_a_sequence_stop_at_the_right_place(store):
-    for i in range(30):
-        await store.append([created(f"t{i}")])
-
-    assert [r.seq for r in await store.read_all(until=12)] == list(range(1, 13))
-    assert [r.seq for r in await store.read_all(after=12, until=20)] == list(range(13, 21))
-    assert [r.seq for r in await store.read_all(after=25)] == [26, 27, 28, 29, 30]
-    assert [r.seq for r in await store.read_all(after=5, until=1000)] == list(range(6, 31))
-    assert await store.read_all(after=30) == []
-    assert await store.read_all(after=12, until=12) == []
-    # with small batches too: the cut falls inside a batch
-    assert [r.seq for r in await store.read_all(until=12, batch=5)] == list(range(1, 13))
-
-
-async def test_read_until_a_time_stops_at_the_right_place(store):
-    # given events before and after a moment in time
-    early = [created(f"early-{i}") for i in range(6)]
-    late = [created(f"late-{i}") for i in range(6)]
-    for e in early:
-        await store.append([e])
-    await asyncio.sleep(0.05)
-    cut = datetime.now(UTC)
-    await asyncio.sleep(0.05)
-    for e in late:
-        await store.append([e])
-
-    # when reading until that moment
-    recs = await store.read_all(until=cut)
-    # then exactly the events stored before it come back
-    assert [r.decode().id for r in recs] == [e.id for e in early]
-    assert all(r.time <= cut for r in recs)
-
-    # and the extremes: before everything, after everything, or from a later position
-    assert await store.read_all(until=cut - timedelta(hours=1)) == []
-    assert len(await store.read_all(until=datetime.now(UTC) + timedelta(hours=1))) == 12
-    assert [r.seq for r in await store.read_all(after=3, until=cut, batch=2)] == [4, 5, 6]
-
-
-async def test_a_filtered_read_ends_when_its_subject_ends(store):
-    # given a subject whose last event is far from the stream's end
-    await store.append([created("acme"), renamed("acme", "a2")])
-    for i in range(20):
-        await store.append([created(f"t{i}")])
-
-    # when reading only that subject (many times, the reply race included)
-    for _ in range(20):
-        recs = await asyncio.wait_for(
-            store.read_all(subjects=["ev.acme.tenant.acme"], headers=True), 10
+async def test_find_append_answers_from_the_broker_whatever_came_between(store):
+    # given a lone event, then requests grouped into one atomic batch (with
+    # ids on the members that start each request), then much else
+    lone = await bounded(store.append([created("lone")], msg_id="lone"))
+    await store.append([created("x0")])
+    group = await bounded(
+        store.append_group(
+            [
+                AppendRequest([created("g1"), created("g2")], None, "grp-a"),
+                AppendRequest([created("g3")], None, "grp-b"),
+                AppendRequest([created("g4"), created("g5"), created("g6")], None, "grp-c"),
+            ],
+            one_by_one=False,
         )
-        # then the read ends, with just its events
-        assert [r.seq for r in recs] == [1, 2]
-    assert await asyncio.wait_for(store.read_all(subjects=["ev.nobody.>"]), 10) == []
+    )
+    for i in range(50):
+        await store.append([created(f"later-{i}")], msg_id=f"later-{i}")
+    last = await store.last_seq()
 
+    # when each id is looked up, then its own events come back, with headers
+    found = {
+        mid: await bounded(store.find_append(mid)) for mid in ("lone", "grp-a", "grp-b", "grp-c")
+    }
+    assert [r.seq for r in found["lone"]] == lone.seqs == [1]
+    assert [[r.seq for r in found[m]] for m in ("grp-a", "grp-b", "grp-c")] == [
+        r.seqs for r in group
+    ]
+    assert [r.seqs for r in group] == [[3, 4], [5], [6, 7, 8]]
+    assert [r.decode().aggregate.id for r in found["grp-c"]] == ["g4", "g5", "g6"]
+    assert found["grp-a"][0].headers["Nats-Msg-Id"] == "grp-a"
 
-async def test_read_with_several_subject_filters(store):
-    await store.append([created("a"), created("b"), created("c"), created("a", agg="x")])
-    recs = await store.read_all(subjects=["ev.a.>", "ev.c.>"])
-    assert [r.seq for r in recs] == [1, 3, 4]
-
-
-async def test_subscribe_delivers_the_backlog_then_events_appended_after_it_started(store):
-    # given two events already stored
-    await store.append([created("old-1")])
-    await store.append([created("old-2")])
-    got: list[int] = []
-    backlog_seen = asyncio.Event()
-    live_seen = asyncio.Event()
-
-    async def follow():
-        async with contextlib.aclosing(store.subscribe(after=1, batch=3)) as sub:
-            async for batch in sub:
-                got.extend(r.seq for r in batch)
-                if 2 in got:
-                    backlog_seen.set()
-                if len(got) >= 6:
-                    live_seen.set()
-                    return
-
-    task = asyncio.create_task(follow())
-    try:
-        # when the subscriber has caught up and new events are appended
-        await asyncio.wait_for(backlog_seen.wait(), 10)
-        fresh = [created(f"new-{i}") for i in range(5)]
-        await store.append(fresh[:2])
-        for e in fresh[2:]:
-            await store.append([e])
-        # then it receives them, in order, without a gap or a repeat
-        await asyncio.wait_for(live_seen.wait(), 10)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert got == [2, 3, 4, 5, 6, 7]
-
-
-async def test_subscribe_on_an_empty_stream_waits_for_the_first_event(store):
-    first = asyncio.get_running_loop().create_future()
-
-    async def follow():
-        async with contextlib.aclosing(store.subscribe()) as sub:
-            async for batch in sub:
-                first.set_result(batch)
-                return
-
-    task = asyncio.create_task(follow())
-    try:
-        await asyncio.sleep(0.2)
-        assert not first.done()
-        e = created("acme")
-        await store.append([e])
-        batch = await asyncio.wait_for(first, 10)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    assert [(r.seq, r.decode().id) for r in batch] == [(1, e.id)]
+    # and an id never used is not found, and no lookup stored anything
+    assert await bounded(store.find_append("never-used")) == []
+    assert await store.last_seq() == last

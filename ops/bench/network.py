@@ -44,7 +44,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from stratus.ops.bench.common import Load, Report, percentile, positive, print_table, result
 from stratus.ops.bench.common import Result as Row
@@ -128,10 +127,11 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from stratus.events.network import RoutedNetworkCreate
     from stratus.events.resources import ServerCreate, ServerScheduled
     from stratus.events.store import EventStore
-    from stratus.handlers import resources as r
+    from stratus.handlers import servers
+    from stratus.handlers.records import Image, Network
     from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
-    from stratus.tests.netlab import CAUSE, Cloud, Echo
+    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo
 
     prefix = "b" + secrets.token_hex(2)
     # Hosts and tenants of this mode's own: the log holds the other mode's
@@ -184,12 +184,12 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         cloud = Cloud(store)
         tenants = [f"{mode}-{i}" for i in range(max(1, opts.networks // 10))]
         slots: list[tuple[str, str, int]] = []  # tenant, network, index
-        routed: dict[str, dict[str, Any]] = {}
+        routed: dict[str, Network] = {}
         if mode == "routed":
             cmd = RoutedNetworkCreate(name="pods", cidr="10.244.0.0/16", block_prefix=26)
             (ev,) = decide_routed_network_create(SystemNetworks(), cmd, CAUSE)
             await cloud.append([ev])
-            routed["pods"] = {"id": "pods", "name": "pods", "mode": nw.ROUTED}
+            routed["pods"] = Network(name="pods", id="pods", mode=nw.ROUTED, cidr=cmd.cidr)
         for t in tenants:
             await cloud.tenant(t)
             await cloud.do(
@@ -225,8 +225,8 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 instance_type="container",
                 networks=[net],
             )
-            plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0}, routed)
-            events = await cloud.do(t, r.decide_server_create, plan)
+            plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"), routed)
+            events = await cloud.do(t, servers.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
             ns = nw.instance_netns(sid)
             made.append(ns)
@@ -234,7 +234,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             ev = CAUSE.make(ServerScheduled, t, "server", sid, host=host)
             fold(cloud.worlds[t], ev)
             port = cloud.port_of(t, sid)
-            return Placed(ns, port["id"], port["ip"], host, [ev])
+            return Placed(ns, port.id, port.ip, host, [ev])
 
         anchors: dict[int, Placed] = {}
         for t, net, k in slots:

@@ -10,8 +10,10 @@ one nats-server (``EmbeddedNats``, as the foundation benchmark):
 3. ``projections rebuild`` into a fresh SQLite file (``build_store``, what
    the CLI runs) in a CHILD process, which reports its own peak RSS
    (VmHWM) plus its writer process's: the generator's memory does not
-   count. The same into a fresh
-   PostgreSQL database (``LocalPostgres``). Both stores' digests must agree.
+   count. The same into another SQLite file reading through nats-py's
+   public ordered consumer (``reader.OrderedReader``, the fallback when the
+   fast reader refuses the installed nats-py), and into a fresh
+   PostgreSQL database (``LocalPostgres``). All stores' digests must agree.
 4. Time travel: the rebuilt file becomes the live store (as after a swap),
    a live projector with snapshots every 10,000 events follows a further
    tail of the workload, and ``q.tenants`` with ``Stratus-At`` 1,000 events
@@ -236,14 +238,22 @@ async def _generate(store: EventStore, workload: Workload, n: int, report: Repor
 # -- rebuilds ------------------------------------------------------------------------
 
 
-def _child_cmd(url: str, target: str, n: int) -> list[str]:
-    return [sys.executable, "-m", "stratus.ops.bench.projections", "--child", url, target, str(n)]
+def _child_cmd(url: str, target: str, n: int, reader: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "stratus.ops.bench.projections", "--child"),
+        *(url, target, str(n), reader),
+    ]
 
 
-async def _child_rebuild(url: str, target: str, n: int, max_s: float) -> dict[str, Any]:
-    """Run one rebuild in a child process; its JSON line (events, seconds, RSS)."""
+async def _child_rebuild(
+    url: str, target: str, n: int, max_s: float, reader: str = "fast"
+) -> dict[str, Any]:
+    """Run one rebuild in a child process; its JSON line (events, seconds, RSS).
+
+    ``reader``: ``fast`` (what a service gets) or ``public`` (nats-py's
+    ordered consumer, the fallback for a nats-py the fast reader refuses)."""
     proc = await asyncio.create_subprocess_exec(
-        *_child_cmd(url, target, n),
+        *_child_cmd(url, target, n, reader),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -276,61 +286,83 @@ async def _rebuilds(
     )
     report.results.append(raw)
     lite_path = tmp / "projections.rebuilt.db"
-    child = await _child_rebuild(url, str(lite_path), n, opts.phase_seconds)
-    lite = compare(
-        Result(
-            f"projections rebuild of {n:,} into SQLite",
-            child["events"],
-            child["seconds"],
-            note=_rss_note(child),
-        ),
-        raw,
-        target=0.5,
-        label="raw read",
+    lite, child, lite_digest = await _checked_rebuild(
+        url, str(lite_path), sqlite_url(lite_path), "SQLite", n, raw, None, opts, target_ratio=0.5
     )
-    report.results.append(lite)
-    report.results.append(_rss_row("SQLite rebuild", child))
-    engine = make_engine(sqlite_url(lite_path))
-    try:
-        seq, lite_digest = await store_digest(engine)
-    finally:
-        await engine.dispose()
-    if seq != n:
-        lite.errors += 1
-        lite.note = f"checkpoint {seq}, want {n}"
-    report.info["sqlite_store"] = {"path": str(lite_path), "seq": seq}
+    report.results += [lite, _rss_row("SQLite rebuild", child)]
+    report.info["sqlite_store"] = {"path": str(lite_path), "seq": n}
     report.info["sqlite_bytes"] = lite_path.stat().st_size
+    public_path = tmp / "projections.public.db"
+    public, child, _ = await _checked_rebuild(
+        url,
+        str(public_path),
+        sqlite_url(public_path),
+        "SQLite, public reader",
+        n,
+        raw,
+        lite_digest,
+        opts,
+        reader="public",
+        same_as="the fast reader's",
+    )
+    report.results += [public, _rss_row("SQLite rebuild, public reader", child)]
     if not opts.postgres:
         return
     server = LocalPostgres()
     await asyncio.to_thread(server.start)
     try:
         pg_url = await server.create_database("bench")
-        child = await _child_rebuild(url, pg_url, n, opts.phase_seconds)
-        pg = compare(
-            Result(
-                f"projections rebuild of {n:,} into PostgreSQL",
-                child["events"],
-                child["seconds"],
-                note=_rss_note(child),
-            ),
-            raw,
-            label="raw read",
+        pg, child, _ = await _checked_rebuild(
+            url, pg_url, pg_url, "PostgreSQL", n, raw, lite_digest, opts, same_as="SQLite's"
         )
-        engine = make_engine(pg_url)
-        try:
-            pg_seq, pg_digest = await store_digest(engine)
-        finally:
-            await engine.dispose()
-        if pg_seq != n or pg_digest != lite_digest:
-            pg.errors += 1
-            same = pg_digest == lite_digest
-            pg.note = f"checkpoint {pg_seq} (want {n}); digest equal to SQLite's: {same}"
-        else:
-            pg.note += ", digest equals SQLite's"
         report.results += [pg, _rss_row("PostgreSQL rebuild", child)]
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def _checked_rebuild(
+    url: str,
+    target: str,
+    engine_url: str,
+    into: str,
+    n: int,
+    raw: Result,
+    want_digest: str | None,
+    opts: Options,
+    *,
+    reader: str = "fast",
+    same_as: str = "",
+    target_ratio: float | None = None,
+) -> tuple[Result, dict[str, Any], str]:
+    """A rebuild in a child process, as a ratio of the raw read, with its
+    store's checkpoint checked (and its digest against ``want_digest``);
+    the result, the child's report and the digest."""
+    child = await _child_rebuild(url, target, n, opts.phase_seconds, reader)
+    r = compare(
+        Result(
+            f"projections rebuild of {n:,} into {into}",
+            child["events"],
+            child["seconds"],
+            note=_rss_note(child),
+        ),
+        raw,
+        target=target_ratio,
+        label="raw read",
+    )
+    engine = make_engine(engine_url)
+    try:
+        seq, digest = await store_digest(engine)
+    finally:
+        await engine.dispose()
+    if seq != n:
+        r.errors += 1
+        r.note = f"checkpoint {seq}, want {n}"
+    elif want_digest is not None and digest != want_digest:
+        r.errors += 1
+        r.note = f"digest differs from {same_as}"
+    elif want_digest is not None:
+        r.note += f", digest equals {same_as}"
+    return r, child, digest
 
 
 def _rss_row(what: str, child: dict[str, Any]) -> Result:
@@ -355,12 +387,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _child(url: str, target: str, n: int) -> dict[str, Any]:
+async def _child(url: str, target: str, n: int, reader: str) -> dict[str, Any]:
     """In the child: the rebuild ``stratus projections rebuild`` runs."""
     from stratus.projections.projector import Projector
     from stratus.projections.rebuild import build_store
 
-    store = await EventStore.connect(url)
+    store = await EventStore.connect(url, fast=reader == "fast")
     try:
         if "://" not in target:
             built = await build_store(store, Path(target))
@@ -390,8 +422,8 @@ async def _child(url: str, target: str, n: int) -> dict[str, Any]:
 
 
 def child_main(argv: list[str]) -> int:
-    url, target, n = argv[0], argv[1], int(argv[2])
-    out = asyncio.run(_child(url, target, n))
+    url, target, n, reader = argv[0], argv[1], int(argv[2]), argv[3]
+    out = asyncio.run(_child(url, target, n, reader))
     # Every process of the rebuild counts: the writer's peak is added (a
     # bound: the two peaks need not coincide).
     helper = out.pop("helper_rss_mb", 0.0)
