@@ -375,7 +375,7 @@ def _compute_agent(o: ServeOptions) -> Service:
 def _network_agent(o: ServeOptions) -> Service:
     from stratus.cli.network_agent import network_agent_service
 
-    return network_agent_service(o.args)
+    return network_agent_service(o.args, o.data_dir)
 
 
 # `stratus serve NAME`: each factory checks its options (a mistake stops it

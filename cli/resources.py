@@ -41,7 +41,7 @@ KINDS: dict[str, tuple[list[str], str]] = {
     ),
     "server-group": (["id", "name", "policy", "tenant"], "Server groups."),
     "volume": (["id", "name", "status", "size_gb", "server", "tenant"], "Volumes."),
-    "network": (["id", "name", "status", "external", "cidr", "tenant"], "Networks."),
+    "network": (["id", "name", "status", "mode", "external", "cidr", "tenant"], "Networks."),
     "subnet": (["id", "name", "network", "cidr", "gateway", "tenant"], "Subnets."),
     "port": (["id", "name", "network", "ip", "mac", "device", "status", "tenant"], "Ports."),
     "router": (["id", "name", "status", "external_network", "tenant"], "Routers."),
@@ -468,14 +468,30 @@ def register(root: typer.Typer) -> None:
     def network_create(
         name: str,
         external: Annotated[bool, typer.Option("--external", help="cloud admin")] = False,
-        cidr: Annotated[str | None, typer.Option(help="external: floating IP range")] = None,
+        mode: Annotated[
+            str, typer.Option(help="vxlan (a tenant's overlay) or routed (cloud admin: BGP)")
+        ] = "vxlan",
+        cidr: Annotated[
+            str | None, typer.Option(help="external: floating IP range; routed: its prefix")
+        ] = None,
+        block_prefix: Annotated[
+            int | None, typer.Option(help="routed: length of the blocks hosts claim (26)")
+        ] = None,
         gateway: Annotated[str | None, typer.Option()] = None,
         pool_start: Annotated[str | None, typer.Option()] = None,
         pool_end: Annotated[str | None, typer.Option()] = None,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        if external:
+        if mode not in ("vxlan", "routed"):
+            typer.echo(f"error: --mode must be vxlan or routed, not {mode!r}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        if mode == "routed":
+            if external or not cidr:
+                typer.echo("error: --mode routed needs --cidr and no --external", err=True)
+                raise typer.Exit(EXIT_USAGE)
+            do("network.create-routed", output, name=name, cidr=cidr, block_prefix=block_prefix)
+        elif external:
             do(
                 "network.create-external",
                 output,

@@ -395,7 +395,9 @@ class Stack:
         assert self.store is not None
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
-        self.network = SimulatedPlane(self.store, self.hosts, prefix=self.prefix)
+        self.network = SimulatedPlane(
+            self.store, self.hosts, prefix=self.prefix, state_dir=self.data_dir / "network"
+        )
         await self.network.start()
 
     async def _start_agents(self) -> None:

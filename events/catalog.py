@@ -21,6 +21,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     **resources.COMMANDS,
     **compute.COMMANDS,
     **integrations.COMMANDS,
+    **network.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

@@ -337,6 +337,10 @@ class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
     pool_end: str = ""
     # A tenant network's VXLAN segment (from the segment pool); 0 before VNIs.
     vni: int = 0
+    # "routed": a cloud-wide network for containers, routed by BGP with no
+    # overlay (events/network.py); its hosts take blocks of this prefix length.
+    mode: str = ""
+    block_prefix: int = 0
 
 
 class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):
@@ -377,6 +381,15 @@ class PortCreated(ResourceEvent, frozen=True, tag="port.created"):
 class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
     status = "active"
     host: str
+
+
+class PortAddressAssigned(ResourceEvent, frozen=True, tag="port.address-assigned"):
+    """A routed network's port bound to ``host`` with an address from one of
+    that host's blocks (the binding and the address in one event)."""
+
+    status = "active"
+    host: str
+    ip: str
 
 
 class PortUpdated(ResourceEvent, frozen=True, tag="port.updated"):
@@ -531,6 +544,7 @@ EVENTS = (
     SubnetDeleted,
     PortCreated,
     PortBound,
+    PortAddressAssigned,
     PortUpdated,
     PortDeleted,
     RouterCreated,

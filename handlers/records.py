@@ -136,6 +136,9 @@ class Network(Record):
     pool_start: str = ""
     pool_end: str = ""
     vni: int = 0
+    # A cloud-wide routed network (handlers.routed), and its blocks' length.
+    mode: str = ""
+    block_prefix: int = 0
 
 
 class Subnet(Record):

@@ -36,7 +36,8 @@ from stratus.handlers import quota
 from stratus.handlers.inventory import create, delete_unused, host_action, unique
 from stratus.handlers.lookup import Lookup
 from stratus.handlers.networks import new_port
-from stratus.handlers.records import Flavor, Image, ServerGroup
+from stratus.handlers.records import Flavor, Image, Network, ServerGroup
+from stratus.handlers.routed import attachable, routed_networks
 from stratus.handlers.security_groups import resolve_groups
 from stratus.handlers.world import World, live_tenant
 
@@ -47,6 +48,8 @@ class ServerPlan(msgspec.Struct, frozen=True):
     cmd: ServerCreate
     flavor: Flavor | None
     image: Image | None
+    # Cloud-wide routed networks the command names (handlers.routed).
+    routed: dict[str, Network] = {}
 
     @property
     def tenant(self) -> str | None:
@@ -59,7 +62,7 @@ async def prepare_server(cmd: ServerCreate, lookup: Lookup) -> ServerPlan:
     if image is not None and image.status != "active":
         # Its activation may have landed a moment ago: refuse only on the log.
         image = await lookup.system(Image, cmd.image, fresh=True)
-    return ServerPlan(cmd, flavor, image)
+    return ServerPlan(cmd, flavor, image, await routed_networks(cmd.networks, lookup))
 
 
 def _sizes(plan: ServerPlan) -> tuple[int, int, int]:
@@ -89,7 +92,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""
-    networks = [w.networks.find(n) for n in cmd.networks]
+    networks = [attachable(w, plan.routed, n, cmd.instance_type) for n in cmd.networks]
     if len({n.id for n in networks}) != len(networks):
         raise Invalid("a network is named twice")
     sgs, sg_events, new_sgs = resolve_groups(w, cmd.security_groups, cause, t)
