@@ -19,11 +19,19 @@ _enc = msgspec.json.Encoder()
 
 
 class Client:
-    def __init__(self, nc: nats.NATS, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: nats.NATS,
+        token: str | None = None,
+        timeout: float = 10.0,
+        opener: Opener | None = None,
+    ) -> None:
         self.nc = nc
         self.token = token
         self.timeout = timeout
-        self.opener = Opener()
+        # A long-lived caller (the OpenStack API: a Client per request) shares
+        # one key, so the services' per-peer key cache works for it.
+        self.opener = opener or Opener()
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:

@@ -144,6 +144,13 @@ def up(
         int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
+    openstack_port: Annotated[
+        int | None,
+        typer.Option(
+            help="the OpenStack API's port on 127.0.0.1 (default 5000; with --port 0 any "
+            "free port; -1: no API)"
+        ),
+    ] = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -167,6 +174,7 @@ def up(
             quota_defaults=defaults,
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
+            openstack_port=_openstack_port(openstack_port, port),
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -176,6 +184,8 @@ def up(
         if stack.admin_password and not admin_password:
             # Shown once: it is stored nowhere but as a hash on the log.
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
+        if stack.openstack_api is not None:
+            print(f"openstack api: {stack.openstack_api.auth_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             await stop.wait()
@@ -195,10 +205,27 @@ def up(
         raise typer.Exit(EXIT_REFUSED) from None
 
 
+def _openstack_port(asked: int | None, nats_port: int) -> int | None:
+    """The API's port for `up`: as asked (-1: none), else 5000, or any free
+    one when the broker's port is chosen freely too (tests, parallel stacks)."""
+    if asked is not None:
+        if asked < -1 or asked > 65535:
+            typer.echo("error: --openstack-port wants 0-65535, or -1 for none", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        return None if asked == -1 else asked
+    return 0 if nats_port == 0 else 5000
+
+
 @app.command()
 def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     """Exit 0 when the control plane answers; show the log and projector state."""
+    from stratus.cli.runtime import OPENSTACK_API_FILE, default_data_dir
+
     data = run(lambda c: c.query("status", at=at))
+    api_file = default_data_dir() / OPENSTACK_API_FILE
+    if at is None and api_file.exists():
+        # The API `stratus up` runs on this machine (more replicas may run elsewhere).
+        data["openstack_api"] = {"auth_url": api_file.read_text().strip()}
     emit(data, output)
 
 
@@ -208,7 +235,8 @@ def serve(
     service: Annotated[
         str,
         typer.Argument(
-            help="handlers, projector, query, scheduler, compute-agent, network-agent or webhooks"
+            help="handlers, projector, query, scheduler, compute-agent, network-agent, "
+            "webhooks or openstack-api"
         ),
     ],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
@@ -239,6 +267,18 @@ def serve(
     from stratus.projections.db import make_engine, sqlite_url
     from stratus.projections.rebuild import LiveProjection, live_store_path
 
+    if service == "openstack-api":
+        # A client of the control plane like the CLI: no service credentials.
+        from stratus.cli.openstack_api import serve_openstack_api
+
+        logs.configure("INFO")
+        try:
+            serve_openstack_api(
+                ctx.args, url=resolve_url(), data_dir=data_dir or default_data_dir()
+            )
+        except StratusError as err:
+            raise fail(err) from None
+        return
     if service in ("compute-agent", "network-agent"):
         # Its own options (--host, --libvirt-uri, ...) follow the service name.
         from stratus.cli.agents import serve_compute_agent
@@ -259,7 +299,8 @@ def serve(
         raise typer.Exit(EXIT_USAGE)
     if service not in SERVICES:
         typer.echo(
-            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, network-agent",
+            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, "
+            "network-agent, openstack-api",
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
@@ -481,11 +522,12 @@ def audit(
                 "action": r["type"],
                 "resource": _flat(r)["resource"],
                 "command": r["correlation_id"],
+                "via": r.get("via", ""),
                 "result": r["result"],
             }
             for r in rows
         ]
-        emit(rows, output, ["time", "actor", "action", "resource", "command", "result"])
+        emit(rows, output, ["time", "actor", "action", "resource", "command", "via", "result"])
     else:
         emit(rows, output)
 

@@ -43,6 +43,8 @@ from stratus.projections.rebuild import LiveProjection, SwapService, live_store_
 log = structlog.get_logger("stratus.up")
 
 URL_FILE = "url"
+# The auth URL of the OpenStack API that `stratus up` runs (for `status`).
+OPENSTACK_API_FILE = "openstack-api"
 NATS_SERVICE_USER = "stratus"
 NATS_SERVICE_SECRET = "nats-service-password"
 # Clients (the CLI, integrations) connect without credentials and get only
@@ -162,8 +164,12 @@ class Stack:
         quota_defaults: dict[str, int] | None = None,
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
+        openstack_port: int | None = None,
     ) -> None:
         self.token_ttl_s = token_ttl_s
+        # None: no OpenStack API; 0: on any free port.
+        self.openstack_port = openstack_port
+        self.openstack_api: Any = None
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
@@ -253,6 +259,8 @@ class Stack:
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
+            if self.openstack_port is not None:
+                await self._start_openstack_api(url)
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
@@ -261,6 +269,16 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_openstack_api(self, url: str) -> None:
+        """The OpenStack API, a client of the broker like the CLI (no secrets)."""
+        from stratus.api.app import ApiServer
+
+        self.openstack_api = ApiServer(
+            url, f"127.0.0.1:{self.openstack_port}", self.data_dir / "images"
+        )
+        auth_url = await self.openstack_api.start()
+        (self.data_dir / OPENSTACK_API_FILE).write_text(auth_url + "\n")
 
     def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
         client_password = secrets.token_urlsafe(16)
@@ -310,8 +328,13 @@ class Stack:
             await agent.start()
 
     async def stop(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.data_dir / URL_FILE).unlink()
+        for name in (URL_FILE, OPENSTACK_API_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (self.data_dir / name).unlink()
+        if self.openstack_api is not None:
+            with contextlib.suppress(Exception):
+                await self.openstack_api.stop()
+            self.openstack_api = None
         if self.network is not None:
             # The hosts' namespaces go too: a restart rebuilds them from the log.
             with contextlib.suppress(Exception):

@@ -25,6 +25,12 @@ from stratus.events.model import Event
 SYSTEM = "_system"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
+# A tenant resource's name. It is shown and matched by refs, never part of a
+# subject or a kernel name (those use ids), so it may carry what OpenStack
+# tools put in names (upper case, '.', '_') and may be empty (Neutron's
+# unnamed subnets and ports); a cloud-wide object's name is its id: ``Name``.
+RESOURCE_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?(?!\n)$"
+ResourceName = Annotated[str, msgspec.Meta(pattern=RESOURCE_NAME_PATTERN, max_length=63)]
 # A reference to a resource: its id or its name (or a floating IP's address).
 # Refs are resolved against the state, never put into a subject as given.
 REF_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
@@ -127,6 +133,20 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     checksum: str = ""
     visibility: str = "private"
     parent: str = ""
+    min_disk_gb: int = 0
+    # Free-form key/value properties (Glance's extra properties).
+    properties: dict[str, str] = {}
+
+
+class ImageUploaded(ResourceEvent, frozen=True, tag="image.uploaded"):
+    """The bytes of an image recorded without them (Glance's queued image),
+    checked and stored as ``image create --file`` stores them."""
+
+    status = "active"
+    format: str
+    size_bytes: int
+    checksum: str
+    md5: str = ""
     min_disk_gb: int = 0
 
 
@@ -436,6 +456,7 @@ EVENTS = (
     FlavorCreated,
     FlavorDeleted,
     ImageCreated,
+    ImageUploaded,
     ImageDeleted,
     ServerRequested,
     ServerScheduled,
@@ -526,17 +547,37 @@ class FlavorDelete(Command, frozen=True):
     name: Name
 
 
+PropertyKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,255}(?!\n)$")]
+Properties = Annotated[
+    dict[PropertyKey, Annotated[str, msgspec.Meta(max_length=255)]], msgspec.Meta(max_length=64)
+]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")]
+
+
 class ImageCreate(TenantScoped, frozen=True):
-    name: Name
+    # A public image's name is its id (``Name``); the decision checks it.
+    name: ResourceName
     format: Literal["qcow2", "raw"] = "qcow2"
     size_bytes: Count = 0
-    checksum: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")] = ""
+    checksum: Sha256 = ""
     public: bool = False
+    min_disk_gb: Count = 0
+    properties: Properties = {}
+
+
+class ImageUpload(TenantScoped, frozen=True):
+    """Attach the stored bytes to an image recorded without them."""
+
+    ref: Ref
+    size_bytes: Count
+    checksum: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
+    format: Literal["qcow2", "raw"] = "qcow2"
+    md5: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?(?!\n)$")] = ""
     min_disk_gb: Count = 0
 
 
 class ServerCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     image: Ref
     flavor: Ref | None = None
     vcpus: Positive | None = None
@@ -552,12 +593,12 @@ class ServerCreate(TenantScoped, frozen=True):
 
 
 class ServerGroupCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     policy: Literal["affinity", "anti-affinity"]
 
 
 class VolumeCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     size_gb: Positive
 
 
@@ -567,7 +608,7 @@ class VolumeAttach(TenantScoped, frozen=True):
 
 
 class NetworkCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     external: bool = False
     cidr: Addr | None = None
     gateway: Addr | None = None
@@ -576,7 +617,7 @@ class NetworkCreate(TenantScoped, frozen=True):
 
 
 class SubnetCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     network: Ref
     cidr: Addr
     gateway: Addr | None = None
@@ -586,7 +627,7 @@ class SubnetCreate(TenantScoped, frozen=True):
 
 
 class PortCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     network: Ref
     subnet: Ref | None = None
     ip: Addr | None = None
@@ -605,7 +646,7 @@ class PortSet(TenantScoped, frozen=True):
 
 
 class RouterCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     external_network: Name | None = None
 
 
@@ -625,8 +666,10 @@ class FloatingIpAssociate(TenantScoped, frozen=True):
 
 
 class SecurityGroupCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     description: Text = ""
+    # With Neutron's two default rules: all egress, IPv4 and IPv6.
+    default_egress: bool = False
 
 
 class SecurityGroupRuleAdd(TenantScoped, frozen=True):
@@ -645,7 +688,7 @@ class SecurityGroupRuleRemove(TenantScoped, frozen=True):
 
 
 class QosPolicyCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     max_kbps: Positive
     burst_kb: Count = 0
 
@@ -672,6 +715,7 @@ COMMANDS: dict[str, type[Command]] = {
     "image.create": ImageCreate,
     "image.create-public": ImageCreate,
     "image.delete": RefCommand,
+    "image.upload": ImageUpload,
     "server.create": ServerCreate,
     "server.delete": RefCommand,
     "server.stop": RefCommand,

@@ -84,7 +84,7 @@ PERMISSIONS: dict[str, Rule] = {
     **{
         f"{kind}.{verb}": Rule(Scope.TENANT, WRITE)
         for kind, verbs in {
-            "image": ("create", "delete"),
+            "image": ("create", "delete", "upload"),
             "server": ("create", "delete", "stop", "start", "reboot", "exec", "snapshot"),
             "server-group": ("create", "delete"),
             "volume": ("create", "delete", "attach", "detach"),

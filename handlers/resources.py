@@ -127,7 +127,8 @@ def _live_tenant(w: World, tenant: str) -> None:
 
 
 def _unique(w: World, kind: str, name: str) -> None:
-    if w.named(kind, name) is not None:
+    # An empty name (an unnamed Neutron subnet or port) is nobody's to hold.
+    if name and w.named(kind, name) is not None:
         raise AlreadyExists(f"a {kind} named {name} already exists in tenant {w.tenant}")
 
 
@@ -948,7 +949,7 @@ def decide_fip_disassociate(w: World, cmd: RefCommand, cause: Cause) -> list[Eve
 
 def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[Event]:
     quota = {"security_groups": 1}
-    return _create(
+    made = _create(
         w,
         cmd,
         cause,
@@ -957,6 +958,25 @@ def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[E
         quota,
         description=cmd.description,
     )
+    if not cmd.default_egress:
+        return made
+    sid = made[0].aggregate.id
+    return [
+        *made,
+        *(
+            cause.make(
+                SecurityGroupRuleAdded,
+                cmd.tenant or "",
+                "security-group",
+                sid,
+                rule=new_id(),
+                direction="egress",
+                protocol="any",
+                remote_cidr=cidr,
+            )
+            for cidr in ("", "::/0")
+        ),
+    ]
 
 
 def decide_sg_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
@@ -1055,6 +1075,7 @@ def _image_event(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, vis: str
         checksum=cmd.checksum,
         visibility=vis,
         min_disk_gb=cmd.min_disk_gb,
+        properties=dict(cmd.properties),
     )
 
 
@@ -1142,12 +1163,20 @@ def decide_flavor_delete(a: Aggregate, cmd: FlavorDelete, cause: Cause) -> list[
     return [cause.make(FlavorDeleted, SYSTEM, "flavor", cmd.name)]
 
 
+def _system_name(name: str, what: str) -> None:
+    # A cloud-wide object's name is its id and part of its subject.
+    if not is_name(name):
+        raise Invalid(f"{what} name {name!r}: 1-63 lowercase letters, digits and '-'")
+
+
 def decide_public_image_create(a: Aggregate, cmd: ImageCreate, cause: Cause) -> list[Event]:
+    _system_name(cmd.name, "a public image")
     _unused_name(a, "public image", cmd.name)
     return [_image_event(cmd, cause, SYSTEM, cmd.name, "public")]
 
 
 def decide_external_network_create(a: Aggregate, cmd: NetworkCreate, cause: Cause) -> list[Event]:
+    _system_name(cmd.name, "an external network")
     _unused_name(a, "external network", cmd.name)
     if not cmd.cidr:
         raise Invalid("an external network needs --cidr (its floating IPs come from it)")

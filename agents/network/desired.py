@@ -554,6 +554,8 @@ def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
             body.append(f"-A {cout} -p udp -m udp --sport 68 --dport 67 -j RETURN")
         for g in sorted(port.security_groups):
             for _, rule in sorted(t.groups.get(g, {}).items()):
+                if ":" in rule["remote_cidr"]:
+                    continue  # an IPv6 rule: this ruleset is iptables' (IPv4) alone
                 ingress = rule["direction"] == "ingress"
                 chain, verdict = (cin, "ACCEPT") if ingress else (cout, "RETURN")
                 target = verdict

@@ -1,0 +1,97 @@
+"""The OpenStack API service: Keystone, Nova, Neutron and Glance on one port.
+
+Layout (devstack's): identity at ``/`` and ``/v3``, compute at
+``/compute/v2.1``, network at ``/network/v2.0``, image at ``/image/v2``;
+the catalog in every token lists them. The service is stateless: run as
+many as you like behind a load balancer (``--public-url`` names what the
+catalog shows).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from stratus.api import compute, identity, image, network
+from stratus.api.control import ControlPlane
+from stratus.api.http import FACES, MAX_BODY_BYTES, PLANE, PUBLIC_URL, faults
+
+log = structlog.get_logger("stratus.api")
+
+# Identity last: it answers at the root, so it is the fallback face.
+FACES_IN_ORDER = [compute.FACE, network.FACE, image.FACE, identity.FACE]
+
+
+def build_app(plane: ControlPlane, image_store: Path, public_url: str = "") -> web.Application:
+    app = web.Application(middlewares=[faults], client_max_size=MAX_BODY_BYTES)
+    app[PLANE] = plane
+    app[PUBLIC_URL] = public_url.rstrip("/")
+    app[FACES] = FACES_IN_ORDER
+    app[image.IMAGE_STORE] = image_store
+    for module in (identity, compute, network, image):
+        app.add_routes(module.routes())
+    return app
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--listen wants HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+class ApiServer:
+    """The API on one listening socket (port 0: any free port)."""
+
+    def __init__(
+        self,
+        url: str,
+        listen: str,
+        image_store: Path,
+        public_url: str = "",
+    ) -> None:
+        self.nats_url = url
+        self.host, self.port = parse_listen(listen)
+        self.image_store = image_store
+        self.public_url = public_url
+        self.plane: ControlPlane | None = None
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return self.public_url.rstrip("/") or f"http://{host}:{self.port}"
+
+    @property
+    def auth_url(self) -> str:
+        return f"{self.base_url}/v3"
+
+    async def start(self) -> str:
+        self.plane = await ControlPlane.connect(self.nats_url)
+        app = build_app(self.plane, self.image_store, self.public_url)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            await self.stop()
+            raise
+        self.port = sock.getsockname()[1]
+        await web.SockSite(self.runner, sock).start()
+        log.info("openstack api ready", auth_url=self.auth_url)
+        return self.auth_url
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.plane is not None:
+            await self.plane.close()
+            self.plane = None

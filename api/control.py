@@ -1,0 +1,96 @@
+"""How the OpenStack API reaches the control plane: as a client, like the CLI.
+
+The API keeps no state of its own. Each HTTP request becomes the same
+``cmd.<verb>`` and ``q.<view>`` requests the CLI sends, with the caller's
+own token (``X-Auth-Token`` is a Stratus token), so the services verify it,
+check RBAC and scope every answer to its tenant exactly as for the CLI.
+Commands carry ids that name this channel (``openstack-api-<uuid>``), which
+the audit trail shows as ``via``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jwt
+import msgspec
+import nats
+
+from stratus.cli.client import Client
+from stratus.events.commands import command_id_via
+from stratus.events.errors import Unauthenticated, Unavailable
+from stratus.events.sealed import Opener
+from stratus.events.store import connect_nats
+
+VIA = "openstack-api"
+
+
+class Claims(msgspec.Struct, frozen=True):
+    """What a token says about its holder, read without verifying it: for
+    shaping answers only. Every decision is the services', which verify."""
+
+    token_id: str
+    user: str
+    tenant: str
+    roles: tuple[str, ...]
+    issued_at: int
+    expires_at: int
+
+
+def claims_of(token: str) -> Claims:
+    try:
+        raw = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+        return Claims(
+            token_id=str(raw["jti"]),
+            user=str(raw["sub"]),
+            tenant=str(raw["tenant"]),
+            roles=tuple(str(r) for r in raw.get("roles", ())),
+            issued_at=int(raw["iat"]),
+            expires_at=int(raw["exp"]),
+        )
+    except (jwt.PyJWTError, KeyError, TypeError, ValueError):
+        raise Unauthenticated("the token is not a Stratus token") from None
+
+
+class Session:
+    """One request's access to the control plane, as the token's holder."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @property
+    def token(self) -> str | None:
+        return self.client.token
+
+    async def command(self, verb: str, body: dict[str, Any]) -> Any:
+        reply = await self.client.command(verb, body, command_id_via(VIA))
+        return reply.data
+
+    async def query(self, view: str, body: dict[str, Any] | None = None) -> Any:
+        return await self.client.query(view, body)
+
+
+class ControlPlane:
+    """One NATS connection and one reply key for every request of the process."""
+
+    def __init__(self, nc: nats.NATS, timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.timeout = timeout
+        self.opener = Opener()
+
+    @classmethod
+    async def connect(cls, url: str, timeout: float = 10.0) -> ControlPlane:
+        try:
+            nc = await connect_nats(url, persistent=True)
+        except Unavailable as exc:
+            raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
+        return cls(nc, timeout)
+
+    def session(self, token: str | None) -> Session:
+        return Session(Client(self.nc, token, self.timeout, opener=self.opener))
+
+    async def close(self) -> None:
+        try:
+            await self.nc.drain()
+        except Exception:
+            await self.nc.close()
