@@ -6,7 +6,8 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root) runs only when named. ``python -m
+(the network agent on simulated hosts, as root) and ``openstack`` (the
+OpenStack API against the native path, and Tempest) run only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -27,6 +28,7 @@ from stratus.ops.bench import (
     identity,
     integrations,
     network,
+    openstack,
     projections,
     scheduler,
 )
@@ -40,6 +42,7 @@ SUITES = (
     "compute",
     "integrations",
     "network",
+    "openstack",
 )
 
 
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "openstack":
+        # Heavy (Tempest in its own venv): run by name only.
+        return openstack.main(argv[1:])
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
