@@ -17,7 +17,7 @@ from aiohttp import web
 
 from stratus.api import compute, identity, image, network
 from stratus.api.control import ControlPlane
-from stratus.api.http import FACES, MAX_BODY_BYTES, PLANE, PUBLIC_URL, faults
+from stratus.api.http import FACES, MAX_BODY_BYTES, PLANE, PUBLIC_URL, faults, request_ids
 
 log = structlog.get_logger("stratus.api")
 
@@ -26,7 +26,7 @@ FACES_IN_ORDER = [compute.FACE, network.FACE, image.FACE, identity.FACE]
 
 
 def build_app(plane: ControlPlane, image_store: Path, public_url: str = "") -> web.Application:
-    app = web.Application(middlewares=[faults], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[request_ids, faults], client_max_size=MAX_BODY_BYTES)
     app[PLANE] = plane
     app[PUBLIC_URL] = public_url.rstrip("/")
     app[FACES] = FACES_IN_ORDER

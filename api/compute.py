@@ -275,7 +275,7 @@ def server_view(r: dict[str, Any], base: str, rel: Related) -> dict[str, Any]:
         "status": status,
         "tenant_id": r["tenant"],
         "user_id": "",
-        "metadata": r.get("labels") or {},
+        "metadata": r.get("metadata") or {},
         "hostId": _host_id(r["tenant"], r.get("host")),
         "image": {
             "id": r["image"],
@@ -289,8 +289,8 @@ def server_view(r: dict[str, Any], base: str, rel: Related) -> dict[str, Any]:
         "created": r["created_at"],
         "updated": r["updated_at"],
         "addresses": addresses(r["id"], rel),
-        "accessIPv4": "",
-        "accessIPv6": "",
+        "accessIPv4": r.get("access_ipv4") or "",
+        "accessIPv6": r.get("access_ipv6") or "",
         "links": _links(base, "servers", r["id"]),
         "OS-DCF:diskConfig": "MANUAL",
         "key_name": None,
@@ -385,7 +385,10 @@ class _Server(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flavorRef: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] = ""
     networks: list[_NetworkRef] | Literal["auto", "none"] | None = None
     security_groups: Annotated[list[_GroupRef], msgspec.Meta(max_length=16)] = []
-    metadata: Annotated[dict[Text255, Text255], msgspec.Meta(max_length=64)] = {}
+    metadata: Annotated[
+        dict[Annotated[str, msgspec.Meta(min_length=1, max_length=255)], Text255],
+        msgspec.Meta(max_length=128),
+    ] = {}
     availability_zone: Text255 | None = None
     adminPass: Text255 | None = None
     accessIPv4: Text255 | None = None
@@ -451,13 +454,12 @@ async def create_server(request: web.Request) -> web.Response:
             raise Invalid("min_count/max_count: one server a request")
     if not sv.flavorRef:
         raise Invalid("flavorRef is required")
-    for key, value in sv.metadata.items():
-        if not re.match(r"^[A-Za-z0-9_.-]{1,63}$", key) or not re.match(
-            r"^[A-Za-z0-9_.-]{1,63}$", value
-        ):
-            raise Invalid(
-                f"metadata {key!r}: keys and values are 1-63 letters, digits, '_', '.', '-'"
-            )
+    # What Stratus cannot give a guest is refused, not dropped. (adminPass
+    # is accepted as Nova's libvirt driver does: answered, not injected.)
+    if sv.key_name:
+        raise Invalid(f"invalid key_name {sv.key_name!r}: Stratus has no key pairs")
+    if sv.user_data or sv.personality or sv.config_drive not in (None, False, "", "false"):
+        raise Invalid("user_data, personality and config_drive are not supported by Stratus")
     s = session(request)
     cmd: dict[str, Any] = {
         "name": sv.name,
@@ -465,11 +467,14 @@ async def create_server(request: web.Request) -> web.Response:
         "flavor": _ref(sv.flavorRef),
         "networks": await _networks(s, me.tenant, sv.networks),
         "security_groups": [g.name for g in sv.security_groups],
-        "labels": dict(sv.metadata),
+        "metadata": dict(sv.metadata),
         "tenant": me.tenant,
     }
     if sv.availability_zone:
         cmd["zone"] = sv.availability_zone
+    for key, value in (("access_ipv4", sv.accessIPv4), ("access_ipv6", sv.accessIPv6)):
+        if value:
+            cmd[key] = value
     data = await s.command("server.create", cmd)
     base = origin(request)
     links = _links(base, "servers", data["id"])

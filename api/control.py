@@ -10,6 +10,8 @@ the audit trail shows as ``via``.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import jwt
@@ -52,19 +54,40 @@ def claims_of(token: str) -> Claims:
         raise Unauthenticated("the token is not a Stratus token") from None
 
 
+# How long a write waits for the projector to apply its events, so the
+# caller's next read (Tempest's, the SDK's) sees what it just did.
+SETTLE_S = 5.0
+
+
 class Session:
     """One request's access to the control plane, as the token's holder."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, request_id: str | None = None) -> None:
         self.client = client
+        # The request's id names its first command (X-OpenStack-Request-Id
+        # req-<uuid> is the audit trail's openstack-api-<uuid>).
+        self._first_id = f"{VIA}-{request_id}" if request_id else None
 
     @property
     def token(self) -> str | None:
         return self.client.token
 
-    async def command(self, verb: str, body: dict[str, Any]) -> Any:
-        reply = await self.client.command(verb, body, command_id_via(VIA))
+    async def command(self, verb: str, body: dict[str, Any], *, settle: bool = True) -> Any:
+        """Send a command; with ``settle`` (the default), answer once the
+        views show its events: reads after a write see the write."""
+        cid, self._first_id = self._first_id or command_id_via(VIA), None
+        reply = await self.client.command(verb, body, cid)
+        if settle and reply.seqs:
+            await self.settled(max(reply.seqs))
         return reply.data
+
+    async def settled(self, seq: int) -> None:
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            status = await self.client.query("status", {"digest": False})
+            if status["projector_seq"] >= seq or time.monotonic() >= deadline:
+                return  # a stalled projector: answer, the write is on the log
+            await asyncio.sleep(0.005)
 
     async def query(self, view: str, body: dict[str, Any] | None = None) -> Any:
         return await self.client.query(view, body)
@@ -86,8 +109,8 @@ class ControlPlane:
             raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
         return cls(nc, timeout)
 
-    def session(self, token: str | None) -> Session:
-        return Session(Client(self.nc, token, self.timeout, opener=self.opener))
+    def session(self, token: str | None, request_id: str | None = None) -> Session:
+        return Session(Client(self.nc, token, self.timeout, opener=self.opener), request_id)
 
     async def close(self) -> None:
         try:

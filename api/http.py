@@ -25,6 +25,7 @@ from stratus.events.errors import (
     StratusError,
     Unauthenticated,
 )
+from stratus.events.ids import new_id
 
 log = structlog.get_logger("stratus.api")
 
@@ -129,10 +130,10 @@ def auth_token(request: web.Request) -> str:
     return token
 
 
-def session(request: web.Request) -> Session:
+def session(request: web.Request, token: str | None = None) -> Session:
     """The caller's access to the control plane (401 without a token)."""
     plane: ControlPlane = request.app[PLANE]
-    return plane.session(auth_token(request))
+    return plane.session(token or auth_token(request), request.get(REQUEST_ID))
 
 
 def caller(request: web.Request) -> Claims:
@@ -187,6 +188,22 @@ def face_of(request: web.Request) -> Face:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+REQUEST_ID = "stratus.request_id"
+
+
+@web.middleware
+async def request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer names its request (``X-OpenStack-Request-Id``); the
+    request's first command carries the same uuid, so the audit trail finds it."""
+    rid = new_id()
+    request[REQUEST_ID] = rid
+    response = await handler(request)
+    response.headers["X-OpenStack-Request-Id"] = f"req-{rid}"
+    if face_of(request).name == "compute":
+        response.headers["X-Compute-Request-Id"] = f"req-{rid}"
+    return response
 
 
 @web.middleware

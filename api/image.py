@@ -175,8 +175,9 @@ async def create_image(request: web.Request) -> web.Response:
         "properties": props,
         "tenant": me.tenant,
     }
-    made = await session(request).command("image.create", cmd)
-    view = image_view(made)
+    s = session(request)
+    made = await s.command("image.create", cmd)
+    view = image_view(await _image(s, me.tenant, made["id"]))
     return json_response(view, 201, {"Location": f"{origin(request)}{API}/images/{made['id']}"})
 
 

@@ -322,8 +322,11 @@ async def create_network(request: web.Request) -> web.Response:
     if not body.admin_state_up:
         raise _unsupported("admin_state_up false")
     tenant = _tenant_of(request, body.project_id or body.tenant_id)
-    made = await session(request).command("network.create", {"name": body.name, "tenant": tenant})
-    return one(request, "network", network_view(made, []), 201)
+    s = session(request)
+    made = await s.command("network.create", {"name": body.name, "tenant": tenant})
+    # Shown as the views have it (a read after the write sees the same).
+    shown = await _network(request, s, tenant, made["id"])
+    return one(request, "network", network_view(shown, []), 201)
 
 
 def _same(current: dict[str, Any], changes: dict[str, Any], what: str) -> None:
@@ -471,7 +474,7 @@ async def create_subnet(request: web.Request) -> web.Response:
     s = session(request)
     await _network(request, s, tenant, b.network_id)  # by id only, as Neutron
     made = await s.command("subnet.create", cmd)
-    return one(request, "subnet", subnet_view(made), 201)
+    return one(request, "subnet", subnet_view(await _subnet(s, tenant, made["id"])), 201)
 
 
 async def update_subnet(request: web.Request) -> web.Response:
@@ -591,7 +594,7 @@ async def create_port(request: web.Request) -> web.Response:
     s = session(request)
     await _network(request, s, tenant, b.network_id)
     made = await s.command("port.create", cmd)
-    return one(request, "port", port_view(made), 201)
+    return one(request, "port", port_view(await _port(s, tenant, made["id"])), 201)
 
 
 async def update_port(request: web.Request) -> web.Response:
@@ -655,7 +658,7 @@ def router_view(r: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Gateway(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    network_id: Id
+    network_id: Id | None = None
     enable_snat: bool = True
     external_fixed_ips: list[dict[str, Any]] = []
 
@@ -710,12 +713,13 @@ async def create_router(request: web.Request) -> web.Response:
         raise _unsupported("distributed, HA or administratively down routers")
     tenant = _tenant_of(request, b.project_id or b.tenant_id)
     cmd: dict[str, Any] = {"name": b.name, "tenant": tenant}
-    if b.external_gateway_info is not None:
+    if b.external_gateway_info is not None and b.external_gateway_info.network_id:
         if b.external_gateway_info.external_fixed_ips or not b.external_gateway_info.enable_snat:
             raise _unsupported("choosing the gateway's address or disabling SNAT")
         cmd["external_network"] = b.external_gateway_info.network_id
-    made = await session(request).command("router.create", cmd)
-    return one(request, "router", router_view(made), 201)
+    s = session(request)
+    made = await s.command("router.create", cmd)
+    return one(request, "router", router_view(await _router(s, tenant, made["id"])), 201)
 
 
 async def update_router(request: web.Request) -> web.Response:
@@ -1099,13 +1103,13 @@ async def create_rule(request: web.Request) -> web.Response:
         cmd["remote_cidr"] = cidr
     if b.remote_group_id:
         cmd["remote_group"] = b.remote_group_id
-    made = await s.command("security-group.rule-add", cmd)
-    new = [
-        r for r in made.get("rules", []) if r["rule"] not in {x["rule"] for x in g.get("rules", [])}
-    ]
+    await s.command("security-group.rule-add", cmd)
+    after = await _group(s, me.tenant, g["id"])
+    old = {x["rule"] for x in g.get("rules", [])}
+    new = [r for r in after.get("rules", []) if r["rule"] not in old]
     if not new:
         raise Conflict("the rule was not recorded")
-    return one(request, "security_group_rule", rule_view(made, new[0]), 201)
+    return one(request, "security_group_rule", rule_view(after, new[0]), 201)
 
 
 async def delete_rule(request: web.Request) -> web.Response:

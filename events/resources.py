@@ -183,6 +183,12 @@ class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+    # Free key/value pairs about the server (Nova's metadata); unlike
+    # ``labels`` the scheduler does not read them.
+    metadata: dict[str, str] = {}
+    # Addresses its users reach it at, as they say (Nova's accessIPv4/v6).
+    access_ipv4: str = ""
+    access_ipv6: str = ""
 
 
 class ServerScheduled(ResourceEvent, frozen=True, tag="server.scheduled"):
@@ -576,6 +582,12 @@ class ImageUpload(TenantScoped, frozen=True):
     min_disk_gb: Count = 0
 
 
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=255)], Text],
+    msgspec.Meta(max_length=128),
+]
+
+
 class ServerCreate(TenantScoped, frozen=True):
     name: ResourceName
     image: Ref
@@ -590,6 +602,9 @@ class ServerCreate(TenantScoped, frozen=True):
     host: Name | None = None
     group: Ref | None = None
     zone: Name | None = None
+    metadata: Metadata = {}
+    access_ipv4: Addr | None = None
+    access_ipv6: Addr | None = None
 
 
 class ServerGroupCreate(TenantScoped, frozen=True):

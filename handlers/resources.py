@@ -399,8 +399,20 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         group=group,
         zone=cmd.zone or "",
         nics=nics,
+        metadata=dict(cmd.metadata),
+        access_ipv4=_access_ip(cmd.access_ipv4, 4),
+        access_ipv6=_access_ip(cmd.access_ipv6, 6),
     )
     return [*sg_events, server, *ports]
+
+
+def _access_ip(value: str | None, version: int) -> str:
+    if not value:
+        return ""
+    a = _address(value, f"access IPv{version}")
+    if a.version != version:
+        raise Invalid(f"access IPv{version} {value} is not an IPv{version} address")
+    return str(a)
 
 
 # Servers already placed on a host need its agent to tear them down.
