@@ -213,6 +213,35 @@ async def delete_image(request: web.Request) -> web.Response:
     return no_content()
 
 
+class _PatchOp(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    op: str
+    path: str
+    value: Any = None
+
+
+PATCH_TYPE = "application/openstack-images-v2.1-json-patch"
+
+
+async def update_image(request: web.Request) -> web.Response:
+    """Glance's JSON patch; Stratus renames an image, nothing else."""
+    if request.content_type != PATCH_TYPE:
+        raise HttpError(415, f"send {PATCH_TYPE}")
+    iid = path_id(request, what="image")
+    ops = await decode(request, list[_PatchOp])
+    name: str | None = None
+    for op in ops:
+        if op.op in ("replace", "add") and op.path == "/name" and isinstance(op.value, str):
+            name = op.value
+        else:
+            raise HttpError(403, f"changing {op.path} ({op.op}) is not supported by Stratus")
+    me = caller(request)
+    s = session(request)
+    await _image(s, me.tenant, iid)
+    if name is not None:
+        await s.command("image.rename", {"ref": iid, "name": name, "tenant": me.tenant})
+    return json_response(image_view(await _image(s, me.tenant, iid)))
+
+
 class Stored(msgspec.Struct, frozen=True):
     size_bytes: int
     checksum: str
@@ -300,6 +329,7 @@ def routes() -> list[web.RouteDef]:
         web.post(f"{API}/images", create_image),
         web.get(f"{API}/images/{{id}}", show_image),
         web.delete(f"{API}/images/{{id}}", delete_image),
+        web.patch(f"{API}/images/{{id}}", update_image),
         web.put(f"{API}/images/{{id}}/file", upload),
         web.get(f"{API}/images/{{id}}/file", download),
     ]

@@ -329,6 +329,22 @@ async def create_network(request: web.Request) -> web.Response:
     return one(request, "network", network_view(shown, []), 201)
 
 
+def _renaming(
+    view: dict[str, Any], changes: dict[str, Any], tenant: str, described: bool = False
+) -> dict[str, Any]:
+    """The rename command the update's ``name`` (and a security group's
+    ``description``) asks for, taken out of ``changes``; empty if none."""
+    cmd: dict[str, Any] = {}
+    for key in ("name", "description") if described else ("name",):
+        if key in changes:
+            value = changes.pop(key)
+            if not isinstance(value, str):
+                raise Invalid(f"{key} must be a string")
+            if value != view[key]:
+                cmd[key] = value
+    return {"ref": view["id"], "tenant": tenant, **cmd} if cmd else {}
+
+
 def _same(current: dict[str, Any], changes: dict[str, Any], what: str) -> None:
     """Updates Stratus cannot make are refused unless they change nothing."""
     for key, value in changes.items():
@@ -345,7 +361,11 @@ async def update_network(request: web.Request) -> web.Response:
         _network(request, s, me.tenant, nid), s.query("subnets", {"tenant": me.tenant})
     )
     view = network_view(n, subnets)
-    _same(view, changes, "network")
+    rename = _renaming(view, changes, me.tenant)
+    _same(view, changes, "network")  # all refused before anything is sent
+    if rename:
+        await s.command("network.rename", rename)
+        view = network_view(await _network(request, s, me.tenant, nid), subnets)
     return one(request, "network", view)
 
 
@@ -481,8 +501,13 @@ async def update_subnet(request: web.Request) -> web.Response:
     sid = path_id(request, what="subnet")
     changes = (await decode(request, SubnetUpdate)).subnet
     me = caller(request)
-    view = subnet_view(await _subnet(session(request), me.tenant, sid))
+    s = session(request)
+    view = subnet_view(await _subnet(s, me.tenant, sid))
+    rename = _renaming(view, changes, me.tenant)
     _same(view, changes, "subnet")
+    if rename:
+        await s.command("subnet.rename", rename)
+        view = subnet_view(await _subnet(s, me.tenant, sid))
     return one(request, "subnet", view)
 
 
@@ -726,13 +751,18 @@ async def update_router(request: web.Request) -> web.Response:
     rid = path_id(request, what="router")
     changes = (await decode(request, RouterUpdate)).router
     me = caller(request)
-    view = router_view(await _router(session(request), me.tenant, rid))
+    s = session(request)
+    view = router_view(await _router(s, me.tenant, rid))
     if "external_gateway_info" in changes:
         asked = changes.pop("external_gateway_info") or None
         have = view["external_gateway_info"]
         if (asked or {}).get("network_id") != (have or {}).get("network_id"):
             raise _unsupported("setting or clearing a router's gateway after creating it")
+    rename = _renaming(view, changes, me.tenant)
     _same(view, changes, "router")
+    if rename:
+        await s.command("router.rename", rename)
+        view = router_view(await _router(s, me.tenant, rid))
     return one(request, "router", view)
 
 
@@ -1031,8 +1061,13 @@ async def update_group(request: web.Request) -> web.Response:
     gid = path_id(request, what="security group")
     changes = (await decode(request, GroupUpdate)).security_group
     me = caller(request)
-    view = group_view(await _group(session(request), me.tenant, gid))
+    s = session(request)
+    view = group_view(await _group(s, me.tenant, gid))
+    rename = _renaming(view, changes, me.tenant, described=True)
     _same(view, changes, "security group")
+    if rename:
+        await s.command("security-group.rename", rename)
+        view = group_view(await _group(s, me.tenant, gid))
     return one(request, "security_group", view)
 
 

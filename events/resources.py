@@ -447,6 +447,44 @@ class QosPolicyDeleted(ResourceEvent, frozen=True, tag="qos-policy.deleted"):
     ends = True
 
 
+# -- renames (what OpenStack's update calls change) ----------------------------------
+
+
+class Renamed(ResourceEvent, frozen=True):
+    """A tenant resource's new name (and, for a security group, description)."""
+
+    name: str
+
+
+class NetworkRenamed(Renamed, frozen=True, tag="network.renamed"):
+    pass
+
+
+class SubnetRenamed(Renamed, frozen=True, tag="subnet.renamed"):
+    pass
+
+
+class RouterRenamed(Renamed, frozen=True, tag="router.renamed"):
+    pass
+
+
+class ImageRenamed(Renamed, frozen=True, tag="image.renamed"):
+    pass
+
+
+class SecurityGroupRenamed(Renamed, frozen=True, tag="security-group.renamed"):
+    description: str = ""
+
+
+RENAMED: dict[str, type[Renamed]] = {
+    "network": NetworkRenamed,
+    "subnet": SubnetRenamed,
+    "router": RouterRenamed,
+    "image": ImageRenamed,
+    "security-group": SecurityGroupRenamed,
+}
+
+
 class QuotaSet(Event, frozen=True, tag="quota.set"):
     """The tenant's limits after the change (every resource, -1 unlimited)."""
 
@@ -505,6 +543,11 @@ EVENTS = (
     SecurityGroupDeleted,
     QosPolicyCreated,
     QosPolicyDeleted,
+    NetworkRenamed,
+    SubnetRenamed,
+    RouterRenamed,
+    ImageRenamed,
+    SecurityGroupRenamed,
     QuotaSet,
 )
 
@@ -720,6 +763,14 @@ class RefCommand(TenantScoped, frozen=True):
     ref: Ref
 
 
+class Rename(TenantScoped, frozen=True):
+    """A new name (None: keep), and a security group's new description."""
+
+    ref: Ref
+    name: ResourceName | None = None
+    description: Text | None = None
+
+
 COMMANDS: dict[str, type[Command]] = {
     "host.register": HostRegister,
     "host.enable": HostSetEnabled,
@@ -765,6 +816,10 @@ COMMANDS: dict[str, type[Command]] = {
     "qos-policy.create": QosPolicyCreate,
     "qos-policy.delete": RefCommand,
     "quota.set": QuotaSetCommand,
+    **{
+        f"{kind}.rename": Rename
+        for kind in ("network", "subnet", "router", "image", "security-group")
+    },
 }
 
 

@@ -1,0 +1,187 @@
+"""The decisions the OpenStack API added, without NATS: OpenStack-style
+names, a queued image's upload, renames, Neutron's default egress rules,
+server metadata and access IPs, and the command-id channel marker.
+
+Given a tenant's history, when a command is decided, then these events or
+this refusal."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from stratus.events.commands import command_id_via, explain, via_of
+from stratus.events.errors import AlreadyExists, Conflict, Invalid
+from stratus.events.model import Cause, Event
+from stratus.events.resources import (
+    ImageCreate,
+    ImageUpload,
+    ImageUploaded,
+    NetworkCreate,
+    Rename,
+    SecurityGroupCreate,
+    SecurityGroupRenamed,
+    SecurityGroupRuleAdded,
+    ServerCreate,
+    SubnetCreate,
+)
+from stratus.events.tenants import TenantCreated
+from stratus.handlers import resources as r
+from stratus.handlers.image_upload import decide_image_upload
+from stratus.handlers.renames import decide_rename
+from stratus.handlers.world import Aggregate, World, fold
+
+CAUSE = Cause(actor="alice", correlation_id="openstack-api-x", causation_id="x")
+SHA = "a" * 64
+
+
+def world() -> World:
+    w = World()
+    fold(w, CAUSE.make(TenantCreated, "acme", "tenant", "acme", name="acme"))
+    return w
+
+
+def apply(w: World, events: list[Event]) -> list[Event]:
+    for e in events:
+        fold(w, e)
+    return events
+
+
+def test_openstack_names_are_tenant_resource_names() -> None:
+    w = world()
+    name = "tempest-NetworksTest-network-1234567.v2_x"
+    (net,) = apply(w, r._create(w, NetworkCreate(name=name, tenant="acme"), CAUSE, *_net()))
+    assert w.find("network", name)["id"] == net.aggregate.id
+    # Unnamed subnets (Neutron's) do not hold a name: two of them are fine.
+    nid = net.aggregate.id
+    for cidr in ("10.0.0.0/24", "10.0.1.0/24"):
+        apply(
+            w,
+            r.decide_subnet_create(
+                w, SubnetCreate(name="", network=nid, cidr=cidr, tenant="acme"), CAUSE
+            ),
+        )
+    assert [s["name"] for s in w.of("subnet").values()] == ["", ""]
+    # What could break a reference or a display stays out.
+    for bad in ("a b", "-x", "x\n", "é", "x" * 64, "a/b"):
+        with pytest.raises(msgspec.ValidationError) as exc:
+            msgspec.convert({"name": bad}, NetworkCreate)
+        assert "name" in explain(exc.value)
+
+
+def _net() -> tuple:
+    from stratus.events.resources import NetworkCreated
+
+    return (NetworkCreated, "network", {"networks": 1})
+
+
+def test_cloud_wide_names_stay_ids() -> None:
+    for decide, cmd in (
+        (r.decide_public_image_create, ImageCreate(name="Public.Img")),
+        (
+            r.decide_external_network_create,
+            NetworkCreate(name="Ext.Net", external=True, cidr="203.0.113.0/24"),
+        ),
+    ):
+        with pytest.raises(Invalid, match="lowercase"):
+            decide(Aggregate(), cmd, CAUSE)
+
+
+def test_a_queued_image_gets_its_bytes_once() -> None:
+    w = world()
+    (img,) = apply(
+        w,
+        r.decide_image_create(
+            w,
+            ImageCreate(
+                name="img",
+                format="raw",
+                tenant="acme",
+                properties={"owner_specified.openstack.object": "images/img"},
+            ),
+            CAUSE,
+        ),
+    )
+    assert w.find("image", "img")["properties"] == {
+        "owner_specified.openstack.object": "images/img"
+    }
+    up = ImageUpload(
+        ref=img.aggregate.id,
+        format="raw",
+        size_bytes=1024,
+        checksum=SHA,
+        md5="b" * 32,
+        min_disk_gb=1,
+        tenant="acme",
+    )
+    (done,) = apply(w, decide_image_upload(w, up, CAUSE))
+    assert isinstance(done, ImageUploaded) and done.status == "active"
+    shown = w.find("image", "img")
+    assert (shown["checksum"], shown["md5"], shown["size_bytes"]) == (SHA, "b" * 32, 1024)
+    # The same bytes again (a retry) change nothing; other bytes are refused.
+    assert decide_image_upload(w, up, CAUSE) == []
+    with pytest.raises(Conflict, match="has its data already"):
+        decide_image_upload(w, msgspec.structs.replace(up, checksum="c" * 64), CAUSE)
+
+
+def test_renames_keep_names_unique_and_change_nothing_else() -> None:
+    w = world()
+    for name in ("web", "db"):
+        apply(w, r.decide_sg_create(w, SecurityGroupCreate(name=name, tenant="acme"), CAUSE))
+    web = w.find("security-group", "web")["id"]
+    decide = decide_rename("security-group")
+    (ev,) = apply(
+        w, decide(w, Rename(ref=web, name="Web-2", description="new", tenant="acme"), CAUSE)
+    )
+    assert isinstance(ev, SecurityGroupRenamed)
+    assert (w.of("security-group")[web]["name"], w.of("security-group")[web]["description"]) == (
+        "Web-2",
+        "new",
+    )
+    assert decide(w, Rename(ref=web, name="Web-2", tenant="acme"), CAUSE) == []
+    with pytest.raises(AlreadyExists):
+        decide(w, Rename(ref=web, name="db", tenant="acme"), CAUSE)
+    with pytest.raises(Invalid, match="no description"):
+        decide_rename("network")(w, Rename(ref=web, description="d", tenant="acme"), CAUSE)
+
+
+def test_neutron_default_egress_rules_come_in_the_same_batch() -> None:
+    w = world()
+    events = r.decide_sg_create(
+        w, SecurityGroupCreate(name="g", default_egress=True, tenant="acme"), CAUSE
+    )
+    rules = [e for e in events if isinstance(e, SecurityGroupRuleAdded)]
+    assert [(x.direction, x.protocol, x.remote_cidr) for x in rules] == [
+        ("egress", "any", ""),
+        ("egress", "any", "::/0"),
+    ]
+    assert (
+        r.decide_sg_create(world(), SecurityGroupCreate(name="g", tenant="acme"), CAUSE)[1:] == []
+    )
+
+
+def test_server_metadata_and_access_ips_are_recorded_not_scheduled() -> None:
+    w = world()
+    apply(w, r.decide_image_create(w, ImageCreate(name="img", tenant="acme"), CAUSE))
+    cmd = ServerCreate(
+        name="Srv.1", image="img", vcpus=1, ram_mb=64, tenant="acme",
+        metadata={"hello": "world"}, access_ipv4="1.1.1.1",
+        access_ipv6="0000:0000:0000:0000:0000:babe:220.12.22.2",
+    )  # fmt: skip
+    events = r.decide_server_create(w, r.ServerPlan(cmd, None, None), CAUSE)
+    server = next(e for e in events if e.type_name() == "server.requested")
+    assert server.metadata == {"hello": "world"} and server.labels == {}
+    assert (server.access_ipv4, server.access_ipv6) == ("1.1.1.1", "::babe:dc0c:1602")
+    with pytest.raises(Invalid, match="not an IPv4"):
+        r.decide_server_create(
+            w, r.ServerPlan(msgspec.structs.replace(cmd, access_ipv4="::1"), None, None), CAUSE
+        )
+
+
+def test_command_ids_name_their_channel() -> None:
+    cid = command_id_via("openstack-api")
+    assert via_of(cid) == "openstack-api" and len(cid) <= 64
+    assert via_of("01a24333-c5fa-7000-ace0-cc304cb64643") == ""
+    assert via_of("openstack-api-not-a-uuid") == ""
+    with pytest.raises(ValueError):
+        command_id_via("Not A Channel")
