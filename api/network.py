@@ -401,7 +401,7 @@ def subnet_view(s: dict[str, Any]) -> dict[str, Any]:
         "allocation_pools": [{"start": s["pool_start"], "end": s["pool_end"]}],
         "dns_nameservers": s.get("dns") or [],
         "host_routes": [],
-        "enable_dhcp": True,
+        "enable_dhcp": s.get("dhcp", True),
         "ipv6_ra_mode": None,
         "ipv6_address_mode": None,
         "subnetpool_id": None,
@@ -475,8 +475,6 @@ async def create_subnet(request: web.Request) -> web.Response:
         raise _unsupported("more than one allocation pool")
     if b.host_routes:
         raise _unsupported("host routes")
-    if not b.enable_dhcp:
-        raise _unsupported("a subnet without DHCP")
     if b.ip_version not in (4, 6):
         raise Invalid(f"ip_version {b.ip_version}: 4 or 6")
     tenant = _tenant_of(request, b.project_id or b.tenant_id)
@@ -485,6 +483,7 @@ async def create_subnet(request: web.Request) -> web.Response:
         "network": b.network_id,
         "cidr": b.cidr,
         "dns": list(b.dns_nameservers),
+        "dhcp": b.enable_dhcp,
         "tenant": tenant,
     }
     if b.gateway_ip:
@@ -669,8 +668,8 @@ def router_view(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": r["id"],
         "name": r["name"],
-        "status": "ACTIVE",
-        "admin_state_up": True,
+        "status": "ACTIVE" if r.get("admin_up", True) else "DOWN",
+        "admin_state_up": r.get("admin_up", True),
         "external_gateway_info": gateway,
         "routes": [],
         "distributed": False,
@@ -734,10 +733,10 @@ async def show_router(request: web.Request) -> web.Response:
 
 async def create_router(request: web.Request) -> web.Response:
     b = (await decode(request, RouterBody)).router
-    if b.distributed or b.ha or not b.admin_state_up:
-        raise _unsupported("distributed, HA or administratively down routers")
+    if b.distributed or b.ha:
+        raise _unsupported("distributed or HA routers")
     tenant = _tenant_of(request, b.project_id or b.tenant_id)
-    cmd: dict[str, Any] = {"name": b.name, "tenant": tenant}
+    cmd: dict[str, Any] = {"name": b.name, "admin_up": b.admin_state_up, "tenant": tenant}
     if b.external_gateway_info is not None and b.external_gateway_info.network_id:
         if b.external_gateway_info.external_fixed_ips or not b.external_gateway_info.enable_snat:
             raise _unsupported("choosing the gateway's address or disabling SNAT")
@@ -758,10 +757,16 @@ async def update_router(request: web.Request) -> web.Response:
         have = view["external_gateway_info"]
         if (asked or {}).get("network_id") != (have or {}).get("network_id"):
             raise _unsupported("setting or clearing a router's gateway after creating it")
+    admin_up = changes.pop("admin_state_up", view["admin_state_up"])
+    if not isinstance(admin_up, bool):
+        raise Invalid("admin_state_up must be true or false")
     rename = _renaming(view, changes, me.tenant)
     _same(view, changes, "router")
     if rename:
         await s.command("router.rename", rename)
+    if admin_up != view["admin_state_up"]:
+        await s.command("router.set", {"ref": rid, "admin_up": admin_up, "tenant": me.tenant})
+    if rename or admin_up != view["admin_state_up"]:
         view = router_view(await _router(s, me.tenant, rid))
     return one(request, "router", view)
 

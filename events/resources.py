@@ -312,6 +312,8 @@ class SubnetCreated(ResourceEvent, frozen=True, tag="subnet.created"):
     pool_end: str
     dns: list[str] = []
     ip_version: int = 4
+    # Whether the subnet's VM ports get their addresses by DHCP.
+    dhcp: bool = True
 
 
 class SubnetDeleted(ResourceEvent, frozen=True, tag="subnet.deleted"):
@@ -355,6 +357,12 @@ class RouterCreated(ResourceEvent, frozen=True, tag="router.created"):
     external_network: str = ""
     # The router's own address on the external network (its SNAT source).
     external_ip: str = ""
+    # Administratively down: it routes nothing until set up again.
+    admin_up: bool = True
+
+
+class RouterAdminStateSet(ResourceEvent, frozen=True, tag="router.admin-state-set"):
+    admin_up: bool
 
 
 class RouterInterfaceAdded(ResourceEvent, frozen=True, tag="router.interface-added"):
@@ -530,6 +538,7 @@ EVENTS = (
     RouterCreated,
     RouterInterfaceAdded,
     RouterInterfaceRemoved,
+    RouterAdminStateSet,
     RouterDeleted,
     FloatingIpCreated,
     FloatingIpAssociated,
@@ -682,6 +691,7 @@ class SubnetCreate(TenantScoped, frozen=True):
     pool_start: Addr | None = None
     pool_end: Addr | None = None
     dns: Annotated[list[Addr], msgspec.Meta(max_length=4)] = []
+    dhcp: bool = True
 
 
 class PortCreate(TenantScoped, frozen=True):
@@ -706,6 +716,14 @@ class PortSet(TenantScoped, frozen=True):
 class RouterCreate(TenantScoped, frozen=True):
     name: ResourceName
     external_network: Name | None = None
+    admin_up: bool = True
+
+
+class RouterSet(TenantScoped, frozen=True):
+    """A router's administrative state (up: it routes)."""
+
+    ref: Ref
+    admin_up: bool
 
 
 class RouterInterface(TenantScoped, frozen=True):
@@ -805,6 +823,7 @@ COMMANDS: dict[str, type[Command]] = {
     "router.delete": RefCommand,
     "router.add-subnet": RouterInterface,
     "router.remove-subnet": RouterInterface,
+    "router.set": RouterSet,
     "floating-ip.create": FloatingIpCreate,
     "floating-ip.delete": RefCommand,
     "floating-ip.associate": FloatingIpAssociate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratus.handlers import compute, image_upload, integrations, renames, resources, tenants
+from stratus.handlers import compute, image_upload, integrations, resources, tenants, updates
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.tokens import KeyRing
@@ -20,7 +20,7 @@ def all_handlers(
         *identity_handlers(keyring, token_ttl_s),
         *resources.handlers(quota_defaults),
         *image_upload.handlers(quota_defaults),
-        *renames.handlers(quota_defaults),
+        *updates.handlers(quota_defaults),
         *compute.handlers(quota_defaults),
         *integrations.handlers(
             integrations.WebhookKeys.load_or_create(keyring.path) if keyring else None,

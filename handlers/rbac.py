@@ -91,7 +91,7 @@ PERMISSIONS: dict[str, Rule] = {
             "network": ("create", "delete", "rename"),
             "subnet": ("create", "delete", "rename"),
             "port": ("create", "delete", "set"),
-            "router": ("create", "delete", "add-subnet", "remove-subnet", "rename"),
+            "router": ("create", "delete", "add-subnet", "remove-subnet", "rename", "set"),
             "floating-ip": ("create", "delete", "associate", "disassociate"),
             "security-group": ("create", "delete", "rule-add", "rule-remove", "rename"),
             "qos-policy": ("create", "delete"),

@@ -653,6 +653,7 @@ def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Even
             pool_end=r.end,
             dns=list(cmd.dns),
             ip_version=mine.version,
+            dhcp=cmd.dhcp,
         )
     ]
 
@@ -779,6 +780,7 @@ def decide_router_create(
         name=cmd.name,
         external_network=cmd.external_network or "",
         external_ip=address,
+        admin_up=cmd.admin_up,
     )
     return [router, *out]
 

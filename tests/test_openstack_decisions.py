@@ -28,7 +28,7 @@ from stratus.events.resources import (
 from stratus.events.tenants import TenantCreated
 from stratus.handlers import resources as r
 from stratus.handlers.image_upload import decide_image_upload
-from stratus.handlers.renames import decide_rename
+from stratus.handlers.updates import decide_rename, decide_router_set
 from stratus.handlers.world import Aggregate, World, fold
 
 CAUSE = Cause(actor="alice", correlation_id="openstack-api-x", causation_id="x")
@@ -185,3 +185,18 @@ def test_command_ids_name_their_channel() -> None:
     assert via_of("openstack-api-not-a-uuid") == ""
     with pytest.raises(ValueError):
         command_id_via("Not A Channel")
+
+
+def test_a_router_goes_down_and_up_once_each() -> None:
+    w = world()
+    from stratus.events.resources import RouterCreate, RouterSet
+
+    plan = r.RouterPlan(RouterCreate(name="edge", admin_up=False, tenant="acme"), None)
+    (router,) = apply(w, r.decide_router_create(w, plan, CAUSE))
+    assert router.admin_up is False
+    rid = router.aggregate.id
+    assert decide_router_set(w, RouterSet(ref=rid, admin_up=False, tenant="acme"), CAUSE) == []
+    (up,) = apply(
+        w, decide_router_set(w, RouterSet(ref="edge", admin_up=True, tenant="acme"), CAUSE)
+    )
+    assert up.admin_up is True and w.of("router")[rid]["admin_up"] is True

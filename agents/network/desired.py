@@ -72,7 +72,11 @@ class Topology:
                 "external_network": ev.external_network,
                 "external_ip": ev.external_ip,
                 "interfaces": {},
+                "up": ev.admin_up,
             }
+        elif isinstance(ev, rs.RouterAdminStateSet):
+            if rid in self.routers:
+                self.routers[rid]["up"] = ev.admin_up
         elif isinstance(ev, rs.RouterInterfaceAdded):
             if rid in self.routers:
                 self.routers[rid]["interfaces"][ev.subnet] = ev.port
@@ -99,6 +103,7 @@ class Topology:
                 "cidr": ev.cidr,
                 "gateway": ev.gateway,
                 "dns": list(ev.dns),
+                "dhcp": ev.dhcp,
             }
         elif isinstance(ev, rs.SubnetDeleted):
             self.subnets.pop(rid, None)
@@ -282,7 +287,7 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
         spread.setdefault(p.network, set()).add(h)
         if h == host:
             here.setdefault(p.network, []).append(p)
-        if p.ip and p.subnet in t.subnets and _vm_port(t, p):
+        if p.ip and p.subnet in t.subnets and _vm_port(t, p) and t.subnets[p.subnet]["dhcp"]:
             dhcp.setdefault(p.subnet, []).append(p)
     if t.router_host:
         # DHCP lives on the router host: its bridge must be there and known.
@@ -337,6 +342,8 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
             )
     if host == t.router_host:
         for rid, r in sorted(t.routers.items()):
+            if not r["up"]:
+                continue  # administratively down: no namespace, nothing routed
             rp = _router(t, rid, r, out, prefix)
             if rp is not None:
                 out.routers[rp.netns] = rp

@@ -1,8 +1,8 @@
-"""``<kind>.rename``: a tenant resource's new name (what OpenStack's update
-calls change), for networks, subnets, routers, images and security groups
-(with its description).
+"""What OpenStack's update calls change: ``<kind>.rename`` (a new name for
+a network, subnet, router, image or security group, with the group's
+description) and ``router.set`` (a router's administrative state).
 
-Decided on the tenant's world like every tenant verb: the new name must be
+Decided on the tenant's world like every tenant verb: a new name must be
 free among the tenant's resources of that kind when the append lands.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from stratus.events.errors import AlreadyExists, Invalid
 from stratus.events.model import Cause, Event
-from stratus.events.resources import RENAMED, Rename
+from stratus.events.resources import RENAMED, Rename, RouterAdminStateSet, RouterSet
 from stratus.handlers.registry import Handler
 from stratus.handlers.world import World, fold, tenant_boundary
 
@@ -39,6 +39,15 @@ def decide_rename(kind: str) -> Any:
     return decide
 
 
+def decide_router_set(w: World, cmd: RouterSet, cause: Cause) -> list[Event]:
+    r = w.find("router", cmd.ref)
+    if r.get("admin_up", True) == cmd.admin_up:
+        return []
+    return [
+        cause.make(RouterAdminStateSet, cmd.tenant or "", "router", r["id"], admin_up=cmd.admin_up)
+    ]
+
+
 def _renamed(kind: str) -> Any:
     def result(w: World, events: list[Event]) -> dict[str, Any] | None:
         return dict(w.of(kind).get(events[0].aggregate.id, {})) if events else None
@@ -46,18 +55,25 @@ def _renamed(kind: str) -> Any:
     return result
 
 
+def _on_tenant(verb: str, command: type, decide: Any, kind: str, defaults: Any) -> Handler:
+    return Handler(
+        verb=verb,
+        command=command,
+        permission=verb,
+        boundary=lambda c: tenant_boundary(c.tenant),
+        initial=lambda: World(defaults),
+        fold=fold,
+        decide=decide,
+        tenant_of=lambda c: c.tenant,
+        result=_renamed(kind),
+    )
+
+
 def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
     return [
-        Handler(
-            verb=f"{kind}.rename",
-            command=Rename,
-            permission=f"{kind}.rename",
-            boundary=lambda c: tenant_boundary(c.tenant),
-            initial=lambda: World(quota_defaults),
-            fold=fold,
-            decide=decide_rename(kind),
-            tenant_of=lambda c: c.tenant,
-            result=_renamed(kind),
-        )
-        for kind in RENAMED
+        *(
+            _on_tenant(f"{kind}.rename", Rename, decide_rename(kind), kind, quota_defaults)
+            for kind in RENAMED
+        ),
+        _on_tenant("router.set", RouterSet, decide_router_set, "router", quota_defaults),
     ]
