@@ -282,6 +282,18 @@ class NetworkUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     network: dict[str, Any]
 
 
+def _holds(have: list[dict[str, Any]], asked: Any) -> bool:
+    """Whether the addresses a port has satisfy a ``fixed_ips`` request."""
+    if not isinstance(asked, list) or len(asked) != len(have):
+        return False
+    return all(
+        isinstance(a, dict)
+        and a.get("subnet_id", h["subnet_id"]) == h["subnet_id"]
+        and a.get("ip_address", h["ip_address"]) == h["ip_address"]
+        for a, h in zip(asked, have, strict=True)
+    )
+
+
 def _unsupported(what: str) -> Invalid:
     return Invalid(f"{what} is not supported by Stratus")
 
@@ -524,7 +536,22 @@ async def delete_subnet(request: web.Request) -> web.Response:
 OWNERS = {"compute": "compute:nova", "router_interface": "network:router_interface"}
 
 
-def port_view(p: dict[str, Any]) -> dict[str, Any]:
+async def _up_devices(s: Any, tenant: str) -> set[str]:
+    """Devices whose ports are bound: routers, and servers that run.
+
+    The network agents do not report ports bound, so a port's Neutron status
+    comes from its device: a router's interface is ACTIVE while the router
+    exists (as Neutron's, whatever the router's admin state: status is the
+    port's binding), a server's port while the server runs."""
+    routers, servers = await asyncio.gather(
+        s.query("routers", {"tenant": tenant}), s.query("servers", {"tenant": tenant})
+    )
+    up = {r["id"] for r in routers}
+    return up | {v["id"] for v in servers if v["status"] == "running"}
+
+
+def port_view(p: dict[str, Any], up: set[str]) -> dict[str, Any]:
+    active = p.get("status") == "active" or (p.get("device") or "") in up
     return {
         "id": p["id"],
         "name": p["name"],
@@ -533,7 +560,7 @@ def port_view(p: dict[str, Any]) -> dict[str, Any]:
         "fixed_ips": [{"subnet_id": p["subnet"], "ip_address": p["ip"]}] if p.get("ip") else [],
         "device_id": p.get("device") or "",
         "device_owner": OWNERS.get(p.get("device_owner") or "", p.get("device_owner") or ""),
-        "status": "ACTIVE" if p.get("status") == "active" else "DOWN",
+        "status": "ACTIVE" if active else "DOWN",
         "admin_state_up": True,
         "security_groups": p.get("security_groups") or [],
         "allowed_address_pairs": [],
@@ -579,8 +606,11 @@ class PortUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 async def list_ports(request: web.Request) -> web.Response:
     me = caller(request)
-    rows = await session(request).query("ports", {"tenant": me.tenant})
-    return listing(request, "ports", [port_view(p) for p in rows])
+    s = session(request)
+    rows, up = await asyncio.gather(
+        s.query("ports", {"tenant": me.tenant}), _up_devices(s, me.tenant)
+    )
+    return listing(request, "ports", [port_view(p, up) for p in rows])
 
 
 async def _port(s: Any, tenant: str, pid: str) -> dict[str, Any]:
@@ -590,10 +620,16 @@ async def _port(s: Any, tenant: str, pid: str) -> dict[str, Any]:
     return found
 
 
+async def _port_shown(s: Any, tenant: str, pid: str) -> dict[str, Any]:
+    p, up = await asyncio.gather(_port(s, tenant, pid), _up_devices(s, tenant))
+    return port_view(p, up)
+
+
 async def show_port(request: web.Request) -> web.Response:
     pid = path_id(request, what="port")
     me = caller(request)
-    return one(request, "port", port_view(await _port(session(request), me.tenant, pid)))
+    s = session(request)
+    return one(request, "port", await _port_shown(s, me.tenant, pid))
 
 
 async def create_port(request: web.Request) -> web.Response:
@@ -618,7 +654,7 @@ async def create_port(request: web.Request) -> web.Response:
     s = session(request)
     await _network(request, s, tenant, b.network_id)
     made = await s.command("port.create", cmd)
-    return one(request, "port", port_view(await _port(s, tenant, made["id"])), 201)
+    return one(request, "port", await _port_shown(s, tenant, made["id"]), 201)
 
 
 async def update_port(request: web.Request) -> web.Response:
@@ -626,7 +662,7 @@ async def update_port(request: web.Request) -> web.Response:
     changes = dict((await decode(request, PortUpdate)).port)
     me = caller(request)
     s = session(request)
-    current = port_view(await _port(s, me.tenant, pid))
+    current = await _port_shown(s, me.tenant, pid)
     cmd: dict[str, Any] = {"ref": pid, "tenant": me.tenant}
     if "security_groups" in changes:
         groups = changes.pop("security_groups")
@@ -635,10 +671,12 @@ async def update_port(request: web.Request) -> web.Response:
         cmd["security_groups"] = groups
     if "qos_policy_id" in changes:
         cmd["qos_policy"] = changes.pop("qos_policy_id") or ""
+    if "fixed_ips" in changes and _holds(current["fixed_ips"], changes["fixed_ips"]):
+        changes.pop("fixed_ips")  # what it asks for is what the port has
     _same(current, changes, "port")
     if len(cmd) > 2:
         await s.command("port.set", cmd)
-    return one(request, "port", port_view(await _port(s, me.tenant, pid)))
+    return one(request, "port", await _port_shown(s, me.tenant, pid))
 
 
 async def delete_port(request: web.Request) -> web.Response:

@@ -504,7 +504,7 @@ def _delete_unused(
     r = w.find(kind, cmd.ref, label)
     using = sorted(users(r))
     if using:
-        raise Conflict(f"{label or kind} {r['name']} is in use by {', '.join(using)}")
+        raise Conflict(f"{label or kind} {r['name'] or r['id']} is in use by {', '.join(using)}")
     return [cause.make(cls, cmd.tenant or "", kind, r["id"])]
 
 

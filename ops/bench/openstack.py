@@ -390,6 +390,7 @@ config_drive = False
 personality = False
 
 [network]
+build_timeout = 60
 public_network_id = public
 floating_network_name = public
 project_networks_reachable = False
