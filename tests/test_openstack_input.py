@@ -377,3 +377,13 @@ async def test_unreachable_control_plane_is_503(tmp_path) -> None:
     finally:
         await api.stop()
         broker.stop()
+
+
+async def test_server_name_filters_are_bounded_regular_expressions(env: Env) -> None:
+    # A catastrophic pattern would hang the API's event loop: refused.
+    for bad in ("(a%2B)%2B%24", "a.*.*.*", "*x", "%5B"):
+        status, body, text = await env.call("GET", f"/compute/v2.1/servers?name={bad}")
+        assert status == 400, (bad, text)
+        nova_fault(body, "badRequest", 400)
+    status, body, _ = await env.call("GET", "/compute/v2.1/servers?name=%5Eweb-.%2A")
+    assert status == 200 and body == {"servers": []}
