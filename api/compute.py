@@ -24,6 +24,7 @@ from stratus.api.http import (
     HttpError,
     caller,
     decode,
+    fetch,
     json_response,
     no_content,
     origin,
@@ -32,7 +33,7 @@ from stratus.api.http import (
     query_int,
     session,
 )
-from stratus.events.errors import Forbidden, Invalid, NotFound
+from stratus.events.errors import Forbidden, Invalid
 from stratus.events.resources import QUOTA_DEFAULTS
 
 PREFIX = "/compute"
@@ -369,11 +370,7 @@ async def show_server(request: web.Request) -> web.Response:
     sid = path_id(request, what="server")
     me = caller(request)
     s = session(request)
-    row, rel = await asyncio.gather(
-        s.query("server", {"ref": sid, "tenant": me.tenant}), related(s, me.tenant)
-    )
-    if row["id"] != sid:
-        raise NotFound(f"server {sid} not found")  # Nova finds servers by id only
+    row, rel = await asyncio.gather(fetch(s, "server", me.tenant, sid), related(s, me.tenant))
     return respond({"server": server_view(row, origin(request), rel)})
 
 

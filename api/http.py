@@ -136,6 +136,33 @@ def session(request: web.Request, token: str | None = None) -> Session:
     return plane.session(token or auth_token(request), request.get(REQUEST_ID))
 
 
+# What a kind is called in messages.
+LABELS = {"floating-ip": "floating IP", "security-group": "security group"}
+
+
+async def fetch(s: Session, kind: str, tenant: str, rid: str) -> dict[str, Any]:
+    """A resource of ``tenant`` by its id alone (OpenStack finds by id, where
+    Stratus' queries take names too), else NotFound."""
+    found = await s.query(kind, {"ref": rid, "tenant": tenant})
+    if found["id"] != rid:
+        raise NotFound(f"{LABELS.get(kind, kind)} {rid} could not be found")
+    return found
+
+
+def deleter(kind: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``DELETE .../{id}``: the tenant's resource by id, through ``<kind>.delete``."""
+
+    async def delete(request: web.Request) -> web.Response:
+        rid = path_id(request, what=LABELS.get(kind, kind))
+        me = caller(request)
+        s = session(request)
+        await fetch(s, kind, me.tenant, rid)
+        await s.command(f"{kind}.delete", {"ref": rid, "tenant": me.tenant})
+        return no_content()
+
+    return delete
+
+
 def caller(request: web.Request) -> Claims:
     return claims_of(auth_token(request))
 

@@ -29,6 +29,8 @@ from stratus.api.http import (
     HttpError,
     caller,
     decode,
+    deleter,
+    fetch,
     json_response,
     no_content,
     origin,
@@ -131,13 +133,6 @@ def image_view(i: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _image(s: Any, tenant: str, iid: str) -> dict[str, Any]:
-    found = await s.query("image", {"ref": iid, "tenant": tenant})
-    if found["id"] != iid:
-        raise NotFound(f"no image found with ID {iid}")
-    return found
-
-
 async def create_image(request: web.Request) -> web.Response:
     body = await decode(request, dict[str, Any])
     for key in body:
@@ -177,7 +172,7 @@ async def create_image(request: web.Request) -> web.Response:
     }
     s = session(request)
     made = await s.command("image.create", cmd)
-    view = image_view(await _image(s, me.tenant, made["id"]))
+    view = image_view(await fetch(s, "image", me.tenant, made["id"]))
     return json_response(view, 201, {"Location": f"{origin(request)}{API}/images/{made['id']}"})
 
 
@@ -201,16 +196,7 @@ async def list_images(request: web.Request) -> web.Response:
 async def show_image(request: web.Request) -> web.Response:
     iid = path_id(request, what="image")
     me = caller(request)
-    return json_response(image_view(await _image(session(request), me.tenant, iid)))
-
-
-async def delete_image(request: web.Request) -> web.Response:
-    iid = path_id(request, what="image")
-    me = caller(request)
-    s = session(request)
-    await _image(s, me.tenant, iid)
-    await s.command("image.delete", {"ref": iid, "tenant": me.tenant})
-    return no_content()
+    return json_response(image_view(await fetch(session(request), "image", me.tenant, iid)))
 
 
 class _PatchOp(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -236,10 +222,10 @@ async def update_image(request: web.Request) -> web.Response:
             raise HttpError(403, f"changing {op.path} ({op.op}) is not supported by Stratus")
     me = caller(request)
     s = session(request)
-    await _image(s, me.tenant, iid)
+    await fetch(s, "image", me.tenant, iid)
     if name is not None:
         await s.command("image.rename", {"ref": iid, "name": name, "tenant": me.tenant})
-    return json_response(image_view(await _image(s, me.tenant, iid)))
+    return json_response(image_view(await fetch(s, "image", me.tenant, iid)))
 
 
 class Stored(msgspec.Struct, frozen=True):
@@ -291,7 +277,7 @@ async def upload(request: web.Request) -> web.Response:
     iid = path_id(request, what="image")
     me = caller(request)
     s = session(request)
-    image = await _image(s, me.tenant, iid)
+    image = await fetch(s, "image", me.tenant, iid)
     if image.get("checksum"):
         raise Conflict(f"image {iid} has its data already (its status is not queued)")
     if image["tenant"] != me.tenant:
@@ -309,7 +295,7 @@ async def download(request: web.Request) -> web.StreamResponse:
 
     iid = path_id(request, what="image")
     me = caller(request)
-    image = await _image(session(request), me.tenant, iid)
+    image = await fetch(session(request), "image", me.tenant, iid)
     if not image.get("checksum"):
         return no_content()
     path = images.stored(request.app[IMAGE_STORE], image["checksum"])
@@ -328,7 +314,7 @@ def routes() -> list[web.RouteDef]:
         web.get(f"{API}/images", list_images),
         web.post(f"{API}/images", create_image),
         web.get(f"{API}/images/{{id}}", show_image),
-        web.delete(f"{API}/images/{{id}}", delete_image),
+        web.delete(f"{API}/images/{{id}}", deleter("image")),
         web.patch(f"{API}/images/{{id}}", update_image),
         web.put(f"{API}/images/{{id}}/file", upload),
         web.get(f"{API}/images/{{id}}/file", download),

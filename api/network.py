@@ -21,6 +21,8 @@ from stratus.api.http import (
     Face,
     caller,
     decode,
+    deleter,
+    fetch,
     json_response,
     no_content,
     origin,
@@ -304,19 +306,12 @@ async def list_networks(request: web.Request) -> web.Response:
     return listing(request, "networks", [network_view(n, w.subnets) for n in w.networks])
 
 
-async def _network(request: web.Request, s: Any, tenant: str, nid: str) -> dict[str, Any]:
-    found = await s.query("network", {"ref": nid, "tenant": tenant})
-    if found["id"] != nid:
-        raise NotFound(f"network {nid} could not be found")
-    return found
-
-
 async def show_network(request: web.Request) -> web.Response:
     nid = path_id(request, what="network")
     me = caller(request)
     s = session(request)
     n, subnets = await asyncio.gather(
-        _network(request, s, me.tenant, nid), s.query("subnets", {"tenant": me.tenant})
+        fetch(s, "network", me.tenant, nid), s.query("subnets", {"tenant": me.tenant})
     )
     return one(request, "network", network_view(n, subnets))
 
@@ -337,7 +332,7 @@ async def create_network(request: web.Request) -> web.Response:
     s = session(request)
     made = await s.command("network.create", {"name": body.name, "tenant": tenant})
     # Shown as the views have it (a read after the write sees the same).
-    shown = await _network(request, s, tenant, made["id"])
+    shown = await fetch(s, "network", tenant, made["id"])
     return one(request, "network", network_view(shown, []), 201)
 
 
@@ -370,14 +365,14 @@ async def update_network(request: web.Request) -> web.Response:
     me = caller(request)
     s = session(request)
     n, subnets = await asyncio.gather(
-        _network(request, s, me.tenant, nid), s.query("subnets", {"tenant": me.tenant})
+        fetch(s, "network", me.tenant, nid), s.query("subnets", {"tenant": me.tenant})
     )
     view = network_view(n, subnets)
     rename = _renaming(view, changes, me.tenant)
     _same(view, changes, "network")  # all refused before anything is sent
     if rename:
         await s.command("network.rename", rename)
-        view = network_view(await _network(request, s, me.tenant, nid), subnets)
+        view = network_view(await fetch(s, "network", me.tenant, nid), subnets)
     return one(request, "network", view)
 
 
@@ -385,7 +380,7 @@ async def delete_network(request: web.Request) -> web.Response:
     nid = path_id(request, what="network")
     me = caller(request)
     s = session(request)
-    n = await _network(request, s, me.tenant, nid)
+    n = await fetch(s, "network", me.tenant, nid)
     w = await _world(s, me.tenant)
     users = [p for p in w.ports if p["network"] == nid]
     if users:
@@ -464,17 +459,12 @@ async def list_subnets(request: web.Request) -> web.Response:
     return listing(request, "subnets", [subnet_view(x) for x in rows])
 
 
-async def _subnet(s: Any, tenant: str, sid: str) -> dict[str, Any]:
-    found = await s.query("subnet", {"ref": sid, "tenant": tenant})
-    if found["id"] != sid:
-        raise NotFound(f"subnet {sid} could not be found")
-    return found
-
-
 async def show_subnet(request: web.Request) -> web.Response:
     sid = path_id(request, what="subnet")
     me = caller(request)
-    return one(request, "subnet", subnet_view(await _subnet(session(request), me.tenant, sid)))
+    return one(
+        request, "subnet", subnet_view(await fetch(session(request), "subnet", me.tenant, sid))
+    )
 
 
 async def create_subnet(request: web.Request) -> web.Response:
@@ -503,9 +493,9 @@ async def create_subnet(request: web.Request) -> web.Response:
     if b.allocation_pools:
         cmd["pool_start"], cmd["pool_end"] = b.allocation_pools[0].start, b.allocation_pools[0].end
     s = session(request)
-    await _network(request, s, tenant, b.network_id)  # by id only, as Neutron
+    await fetch(s, "network", tenant, b.network_id)  # by id only, as Neutron
     made = await s.command("subnet.create", cmd)
-    return one(request, "subnet", subnet_view(await _subnet(s, tenant, made["id"])), 201)
+    return one(request, "subnet", subnet_view(await fetch(s, "subnet", tenant, made["id"])), 201)
 
 
 async def update_subnet(request: web.Request) -> web.Response:
@@ -513,22 +503,13 @@ async def update_subnet(request: web.Request) -> web.Response:
     changes = (await decode(request, SubnetUpdate)).subnet
     me = caller(request)
     s = session(request)
-    view = subnet_view(await _subnet(s, me.tenant, sid))
+    view = subnet_view(await fetch(s, "subnet", me.tenant, sid))
     rename = _renaming(view, changes, me.tenant)
     _same(view, changes, "subnet")
     if rename:
         await s.command("subnet.rename", rename)
-        view = subnet_view(await _subnet(s, me.tenant, sid))
+        view = subnet_view(await fetch(s, "subnet", me.tenant, sid))
     return one(request, "subnet", view)
-
-
-async def delete_subnet(request: web.Request) -> web.Response:
-    sid = path_id(request, what="subnet")
-    me = caller(request)
-    s = session(request)
-    await _subnet(s, me.tenant, sid)
-    await s.command("subnet.delete", {"ref": sid, "tenant": me.tenant})
-    return no_content()
 
 
 # -- ports --------------------------------------------------------------------------
@@ -613,15 +594,8 @@ async def list_ports(request: web.Request) -> web.Response:
     return listing(request, "ports", [port_view(p, up) for p in rows])
 
 
-async def _port(s: Any, tenant: str, pid: str) -> dict[str, Any]:
-    found = await s.query("port", {"ref": pid, "tenant": tenant})
-    if found["id"] != pid:
-        raise NotFound(f"port {pid} could not be found")
-    return found
-
-
 async def _port_shown(s: Any, tenant: str, pid: str) -> dict[str, Any]:
-    p, up = await asyncio.gather(_port(s, tenant, pid), _up_devices(s, tenant))
+    p, up = await asyncio.gather(fetch(s, "port", tenant, pid), _up_devices(s, tenant))
     return port_view(p, up)
 
 
@@ -652,7 +626,7 @@ async def create_port(request: web.Request) -> web.Response:
     if b.qos_policy_id:
         cmd["qos_policy"] = b.qos_policy_id
     s = session(request)
-    await _network(request, s, tenant, b.network_id)
+    await fetch(s, "network", tenant, b.network_id)
     made = await s.command("port.create", cmd)
     return one(request, "port", await _port_shown(s, tenant, made["id"]), 201)
 
@@ -677,15 +651,6 @@ async def update_port(request: web.Request) -> web.Response:
     if len(cmd) > 2:
         await s.command("port.set", cmd)
     return one(request, "port", await _port_shown(s, me.tenant, pid))
-
-
-async def delete_port(request: web.Request) -> web.Response:
-    pid = path_id(request, what="port")
-    me = caller(request)
-    s = session(request)
-    await _port(s, me.tenant, pid)
-    await s.command("port.delete", {"ref": pid, "tenant": me.tenant})
-    return no_content()
 
 
 # -- routers ------------------------------------------------------------------------
@@ -756,17 +721,12 @@ async def list_routers(request: web.Request) -> web.Response:
     return listing(request, "routers", [router_view(r) for r in rows])
 
 
-async def _router(s: Any, tenant: str, rid: str) -> dict[str, Any]:
-    found = await s.query("router", {"ref": rid, "tenant": tenant})
-    if found["id"] != rid:
-        raise NotFound(f"router {rid} could not be found")
-    return found
-
-
 async def show_router(request: web.Request) -> web.Response:
     rid = path_id(request, what="router")
     me = caller(request)
-    return one(request, "router", router_view(await _router(session(request), me.tenant, rid)))
+    return one(
+        request, "router", router_view(await fetch(session(request), "router", me.tenant, rid))
+    )
 
 
 async def create_router(request: web.Request) -> web.Response:
@@ -781,7 +741,7 @@ async def create_router(request: web.Request) -> web.Response:
         cmd["external_network"] = b.external_gateway_info.network_id
     s = session(request)
     made = await s.command("router.create", cmd)
-    return one(request, "router", router_view(await _router(s, tenant, made["id"])), 201)
+    return one(request, "router", router_view(await fetch(s, "router", tenant, made["id"])), 201)
 
 
 async def update_router(request: web.Request) -> web.Response:
@@ -789,7 +749,7 @@ async def update_router(request: web.Request) -> web.Response:
     changes = (await decode(request, RouterUpdate)).router
     me = caller(request)
     s = session(request)
-    view = router_view(await _router(s, me.tenant, rid))
+    view = router_view(await fetch(s, "router", me.tenant, rid))
     if "external_gateway_info" in changes:
         asked = changes.pop("external_gateway_info") or None
         have = view["external_gateway_info"]
@@ -805,17 +765,8 @@ async def update_router(request: web.Request) -> web.Response:
     if admin_up != view["admin_state_up"]:
         await s.command("router.set", {"ref": rid, "admin_up": admin_up, "tenant": me.tenant})
     if rename or admin_up != view["admin_state_up"]:
-        view = router_view(await _router(s, me.tenant, rid))
+        view = router_view(await fetch(s, "router", me.tenant, rid))
     return one(request, "router", view)
-
-
-async def delete_router(request: web.Request) -> web.Response:
-    rid = path_id(request, what="router")
-    me = caller(request)
-    s = session(request)
-    await _router(s, me.tenant, rid)
-    await s.command("router.delete", {"ref": rid, "tenant": me.tenant})
-    return no_content()
 
 
 async def router_interface(request: web.Request) -> web.Response:
@@ -824,18 +775,18 @@ async def router_interface(request: web.Request) -> web.Response:
     b = await decode(request, InterfaceBody)
     me = caller(request)
     s = session(request)
-    router = await _router(s, me.tenant, rid)
+    router = await fetch(s, "router", me.tenant, rid)
     subnet_id = b.subnet_id
     if b.port_id is not None:
         if adding or subnet_id:
             raise _unsupported("attaching an existing port to a router (give subnet_id)")
-        port = await _port(s, me.tenant, b.port_id)
+        port = await fetch(s, "port", me.tenant, b.port_id)
         if port.get("device") != rid:
             raise NotFound(f"router {rid} has no interface with port {b.port_id}")
         subnet_id = port["subnet"]
     if not subnet_id:
         raise Invalid("give subnet_id")
-    subnet = await _subnet(s, me.tenant, subnet_id)
+    subnet = await fetch(s, "subnet", me.tenant, subnet_id)
     verb = "router.add-subnet" if adding else "router.remove-subnet"
     await s.command(verb, {"router": rid, "subnet": subnet_id, "tenant": me.tenant})
     shown = await s.query("router", {"ref": rid, "tenant": me.tenant})
@@ -920,17 +871,12 @@ async def list_fips(request: web.Request) -> web.Response:
     return listing(request, "floatingips", [fip_view(f, ports) for f in fips])
 
 
-async def _fip(s: Any, tenant: str, fid: str) -> dict[str, Any]:
-    found = await s.query("floating-ip", {"ref": fid, "tenant": tenant})
-    if found["id"] != fid:
-        raise NotFound(f"floating IP {fid} could not be found")
-    return found
-
-
 async def _fip_answer(
     request: web.Request, s: Any, tenant: str, fid: str, status: int = 200
 ) -> web.Response:
-    f, ports = await asyncio.gather(_fip(s, tenant, fid), s.query("ports", {"tenant": tenant}))
+    f, ports = await asyncio.gather(
+        fetch(s, "floating-ip", tenant, fid), s.query("ports", {"tenant": tenant})
+    )
     return one(request, "floatingip", fip_view(f, ports), status)
 
 
@@ -949,7 +895,7 @@ async def create_fip(request: web.Request) -> web.Response:
     tenant = _tenant_of(request, b.project_id or b.tenant_id)
     s = session(request)
     if b.port_id:
-        port = await _port(s, tenant, b.port_id)  # before anything is appended
+        port = await fetch(s, "port", tenant, b.port_id)  # before anything is appended
         if b.fixed_ip_address and b.fixed_ip_address != port.get("ip"):
             raise Invalid(f"port {b.port_id} has no fixed IP {b.fixed_ip_address}")
     made = await s.command(
@@ -966,7 +912,7 @@ async def update_fip(request: web.Request) -> web.Response:
     b = (await decode(request, FloatingIpUpdate)).floatingip
     me = caller(request)
     s = session(request)
-    f = await _fip(s, me.tenant, fid)
+    f = await fetch(s, "floating-ip", me.tenant, fid)
     if b.port_id is None:
         if f.get("port"):
             await s.command("floating-ip.disassociate", {"ref": fid, "tenant": me.tenant})
@@ -976,15 +922,6 @@ async def update_fip(request: web.Request) -> web.Response:
         cmd = {"floating_ip": fid, "port": b.port_id, "tenant": me.tenant}
         await s.command("floating-ip.associate", cmd)
     return await _fip_answer(request, s, me.tenant, fid)
-
-
-async def delete_fip(request: web.Request) -> web.Response:
-    fid = path_id(request, what="floating IP")
-    me = caller(request)
-    s = session(request)
-    await _fip(s, me.tenant, fid)
-    await s.command("floating-ip.delete", {"ref": fid, "tenant": me.tenant})
-    return no_content()
 
 
 # -- security groups ------------------------------------------------------------------
@@ -1066,13 +1003,6 @@ async def _groups(s: Any, tenant: str) -> list[dict[str, Any]]:
     )
 
 
-async def _group(s: Any, tenant: str, gid: str) -> dict[str, Any]:
-    found = await s.query("security-group", {"ref": gid, "tenant": tenant})
-    if found["id"] != gid:
-        raise NotFound(f"security group {gid} does not exist")
-    return found
-
-
 async def list_groups(request: web.Request) -> web.Response:
     me = caller(request)
     groups = await _groups(session(request), me.tenant)
@@ -1083,7 +1013,9 @@ async def show_group(request: web.Request) -> web.Response:
     gid = path_id(request, what="security group")
     me = caller(request)
     return one(
-        request, "security_group", group_view(await _group(session(request), me.tenant, gid))
+        request,
+        "security_group",
+        group_view(await fetch(session(request), "security-group", me.tenant, gid)),
     )
 
 
@@ -1097,7 +1029,12 @@ async def create_group(request: web.Request) -> web.Response:
     s = session(request)
     cmd = {"name": b.name, "description": b.description, "default_egress": True, "tenant": tenant}
     made = await s.command("security-group.create", cmd)
-    return one(request, "security_group", group_view(await _group(s, tenant, made["id"])), 201)
+    return one(
+        request,
+        "security_group",
+        group_view(await fetch(s, "security-group", tenant, made["id"])),
+        201,
+    )
 
 
 async def update_group(request: web.Request) -> web.Response:
@@ -1105,22 +1042,13 @@ async def update_group(request: web.Request) -> web.Response:
     changes = (await decode(request, GroupUpdate)).security_group
     me = caller(request)
     s = session(request)
-    view = group_view(await _group(s, me.tenant, gid))
+    view = group_view(await fetch(s, "security-group", me.tenant, gid))
     rename = _renaming(view, changes, me.tenant, described=True)
     _same(view, changes, "security group")
     if rename:
         await s.command("security-group.rename", rename)
-        view = group_view(await _group(s, me.tenant, gid))
+        view = group_view(await fetch(s, "security-group", me.tenant, gid))
     return one(request, "security_group", view)
-
-
-async def delete_group(request: web.Request) -> web.Response:
-    gid = path_id(request, what="security group")
-    me = caller(request)
-    s = session(request)
-    await _group(s, me.tenant, gid)
-    await s.command("security-group.delete", {"ref": gid, "tenant": me.tenant})
-    return no_content()
 
 
 async def list_rules(request: web.Request) -> web.Response:
@@ -1168,7 +1096,7 @@ async def create_rule(request: web.Request) -> web.Response:
         cidr = "::/0"  # how Stratus tells an any-IPv6 rule from an IPv4 one
     me = caller(request)
     s = session(request)
-    g = await _group(s, me.tenant, b.security_group_id)
+    g = await fetch(s, "security-group", me.tenant, b.security_group_id)
     cmd: dict[str, Any] = {
         "security_group": g["id"],
         "direction": b.direction,
@@ -1182,7 +1110,7 @@ async def create_rule(request: web.Request) -> web.Response:
     if b.remote_group_id:
         cmd["remote_group"] = b.remote_group_id
     await s.command("security-group.rule-add", cmd)
-    after = await _group(s, me.tenant, g["id"])
+    after = await fetch(s, "security-group", me.tenant, g["id"])
     old = {x["rule"] for x in g.get("rules", [])}
     new = [r for r in after.get("rules", []) if r["rule"] not in old]
     if not new:
@@ -1282,11 +1210,17 @@ def routes() -> list[web.RouteDef]:
     ]
     crud = {
         "networks": (list_networks, create_network, show_network, update_network, delete_network),
-        "subnets": (list_subnets, create_subnet, show_subnet, update_subnet, delete_subnet),
-        "ports": (list_ports, create_port, show_port, update_port, delete_port),
-        "routers": (list_routers, create_router, show_router, update_router, delete_router),
-        "floatingips": (list_fips, create_fip, show_fip, update_fip, delete_fip),
-        "security-groups": (list_groups, create_group, show_group, update_group, delete_group),
+        "subnets": (list_subnets, create_subnet, show_subnet, update_subnet, deleter("subnet")),
+        "ports": (list_ports, create_port, show_port, update_port, deleter("port")),
+        "routers": (list_routers, create_router, show_router, update_router, deleter("router")),
+        "floatingips": (list_fips, create_fip, show_fip, update_fip, deleter("floating-ip")),
+        "security-groups": (
+            list_groups,
+            create_group,
+            show_group,
+            update_group,
+            deleter("security-group"),
+        ),
         "security-group-rules": (list_rules, create_rule, show_rule, None, delete_rule),
     }
     for coll, (lst, create, show, update, delete) in crud.items():
