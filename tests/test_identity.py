@@ -282,6 +282,19 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "network.create-external": lambda i: {"name": f"ext-{i}", "cidr": "198.51.100.0/24"},
     "image.create": lambda i: {"tenant": "ta", "name": f"img-{i}"},
     "image.delete": lambda i: {"tenant": "ta", "ref": f"imgd-{i}"},
+    "image.upload": lambda i: {
+        "tenant": "ta",
+        "ref": f"img-{i}",
+        "size_bytes": 1,
+        "checksum": "a" * 64,
+    },
+    # Renames to the name a resource has (nothing appended, still allowed or not).
+    "image.rename": lambda i: {"tenant": "ta", "ref": "base", "name": "base"},
+    "network.rename": lambda i: {"tenant": "ta", "ref": "lan", "name": "lan"},
+    "subnet.rename": lambda i: {"tenant": "ta", "ref": "lan-v4", "name": "lan-v4"},
+    "router.rename": lambda i: {"tenant": "ta", "ref": f"ra-{i}"},
+    "router.set": lambda i: {"tenant": "ta", "ref": f"ra-{i}", "admin_up": True},
+    "security-group.rename": lambda i: {"tenant": "ta", "ref": "web"},
     "server.create": lambda i: {
         "tenant": "ta",
         "name": f"new-{i}",
