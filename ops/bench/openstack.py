@@ -66,11 +66,12 @@ TEMPEST_CLASSES = (
     "tempest.api.image.v2.test_images.BasicOperationsImagesTest",
     "tempest.api.compute.servers.test_create_server.ServersTestJSON",
 )
-# Tempest's accounts (pre-provisioned, no dynamic credentials): member
-# accounts for primary/alt, readers for project_reader, one cloud admin.
+# Tempest's accounts (pre-provisioned, no dynamic credentials): a member
+# (primary, alt) and a reader (project_reader, taken from the primary's own
+# project) in each of four projects, and the cloud admin.
 ACCOUNTS = (
     *((f"tempest-m{i}", f"tempest-p{i}", "member") for i in range(1, 5)),
-    *((f"tempest-r{i}", f"tempest-p{i}", "reader") for i in range(1, 3)),
+    *((f"tempest-r{i}", f"tempest-p{i}", "reader") for i in range(1, 5)),
 )
 
 
