@@ -205,13 +205,16 @@ class _PatchOp(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     value: Any = None
 
 
-PATCH_TYPE = "application/openstack-images-v2.1-json-patch"
+PATCH_TYPES = (
+    "application/openstack-images-v2.1-json-patch",
+    "application/openstack-images-v2.0-json-patch",
+)
 
 
 async def update_image(request: web.Request) -> web.Response:
     """Glance's JSON patch; Stratus renames an image, nothing else."""
-    if request.content_type != PATCH_TYPE:
-        raise HttpError(415, f"send {PATCH_TYPE}")
+    if request.content_type not in PATCH_TYPES:
+        raise HttpError(415, f"send {PATCH_TYPES[0]}")
     iid = path_id(request, what="image")
     ops = await decode(request, list[_PatchOp])
     name: str | None = None

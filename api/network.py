@@ -1005,7 +1005,12 @@ async def _groups(s: Any, tenant: str) -> list[dict[str, Any]]:
 
 async def list_groups(request: web.Request) -> web.Response:
     me = caller(request)
-    groups = await _groups(session(request), me.tenant)
+    s = session(request)
+    groups = await _groups(s, me.tenant)
+    if not any(g["name"] == "default" for g in groups) and {"admin", "member"} & set(me.roles):
+        # Neutron makes a project's default group when it is first listed.
+        await s.command("security-group.ensure-default", {"tenant": me.tenant})
+        groups = await _groups(s, me.tenant)
     return listing(request, "security_groups", [group_view(g) for g in groups])
 
 

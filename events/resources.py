@@ -824,6 +824,7 @@ COMMANDS: dict[str, type[Command]] = {
     "router.add-subnet": RouterInterface,
     "router.remove-subnet": RouterInterface,
     "router.set": RouterSet,
+    "security-group.ensure-default": TenantScoped,
     "floating-ip.create": FloatingIpCreate,
     "floating-ip.delete": RefCommand,
     "floating-ip.associate": FloatingIpAssociate,

@@ -93,7 +93,14 @@ PERMISSIONS: dict[str, Rule] = {
             "port": ("create", "delete", "set"),
             "router": ("create", "delete", "add-subnet", "remove-subnet", "rename", "set"),
             "floating-ip": ("create", "delete", "associate", "disassociate"),
-            "security-group": ("create", "delete", "rule-add", "rule-remove", "rename"),
+            "security-group": (
+                "create",
+                "delete",
+                "rule-add",
+                "rule-remove",
+                "rename",
+                "ensure-default",
+            ),
             "qos-policy": ("create", "delete"),
         }.items()
         for verb in verbs

@@ -197,7 +197,7 @@ def _first_free(start: str, end: str, taken: set[str], what: str) -> str:
 # -- tenant world decisions ------------------------------------------------------------
 
 
-def _default_sg(w: World, cause: Cause, tenant: str) -> tuple[str, list[Event]]:
+def default_security_group(w: World, cause: Cause, tenant: str) -> tuple[str, list[Event]]:
     """The tenant's ``default`` security group, made on first use (as Neutron
     does): all egress, ingress only from members of the same group."""
     sg = w.named("security-group", "default")
@@ -243,7 +243,7 @@ def _security_groups(
     groups those events add (for the quota)."""
     if refs:
         return [w.find("security-group", r, "security group")["id"] for r in refs], [], 0
-    sid, made = _default_sg(w, cause, tenant)
+    sid, made = default_security_group(w, cause, tenant)
     return [sid], made, 1 if made else 0
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 from stratus.events.errors import AlreadyExists, Invalid
 from stratus.events.model import Cause, Event
-from stratus.events.resources import RENAMED, Rename, RouterAdminStateSet, RouterSet
+from stratus.events.resources import (
+    RENAMED,
+    Rename,
+    RouterAdminStateSet,
+    RouterSet,
+    TenantScoped,
+)
+from stratus.handlers import resources
 from stratus.handlers.registry import Handler
 from stratus.handlers.world import World, fold, tenant_boundary
 
@@ -48,6 +55,16 @@ def decide_router_set(w: World, cmd: RouterSet, cause: Cause) -> list[Event]:
     ]
 
 
+def decide_ensure_default(w: World, cmd: TenantScoped, cause: Cause) -> list[Event]:
+    """The tenant's ``default`` security group, made now if it has none yet
+    (Neutron makes it when a project first lists its groups)."""
+    if w.named("security-group", "default") is not None:
+        return []
+    _, made = resources.default_security_group(w, cause, cmd.tenant or "")
+    w.check_quota({"security_groups": 1})
+    return made
+
+
 def _renamed(kind: str) -> Any:
     def result(w: World, events: list[Event]) -> dict[str, Any] | None:
         return dict(w.of(kind).get(events[0].aggregate.id, {})) if events else None
@@ -76,4 +93,11 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
             for kind in RENAMED
         ),
         _on_tenant("router.set", RouterSet, decide_router_set, "router", quota_defaults),
+        _on_tenant(
+            "security-group.ensure-default",
+            TenantScoped,
+            decide_ensure_default,
+            "security-group",
+            quota_defaults,
+        ),
     ]

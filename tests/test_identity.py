@@ -294,6 +294,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "subnet.rename": lambda i: {"tenant": "ta", "ref": "lan-v4", "name": "lan-v4"},
     "router.rename": lambda i: {"tenant": "ta", "ref": f"ra-{i}"},
     "router.set": lambda i: {"tenant": "ta", "ref": f"ra-{i}", "admin_up": True},
+    "security-group.ensure-default": lambda i: {"tenant": "ta"},
     "security-group.rename": lambda i: {"tenant": "ta", "ref": "web"},
     "server.create": lambda i: {
         "tenant": "ta",

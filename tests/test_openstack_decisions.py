@@ -200,3 +200,15 @@ def test_a_router_goes_down_and_up_once_each() -> None:
         w, decide_router_set(w, RouterSet(ref="edge", admin_up=True, tenant="acme"), CAUSE)
     )
     assert up.admin_up is True and w.of("router")[rid]["admin_up"] is True
+
+
+def test_the_default_group_is_made_once_with_stratus_rules() -> None:
+    from stratus.events.resources import TenantScoped
+    from stratus.handlers.updates import decide_ensure_default
+
+    w = world()
+    made = apply(w, decide_ensure_default(w, TenantScoped(tenant="acme"), CAUSE))
+    group = w.find("security-group", "default")
+    rules = sorted((x["direction"], x["remote_group"]) for x in group["rules"].values())
+    assert rules == [("egress", ""), ("ingress", group["id"])]  # as on first use by a server
+    assert len(made) == 3 and decide_ensure_default(w, TenantScoped(tenant="acme"), CAUSE) == []
