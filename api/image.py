@@ -205,6 +205,18 @@ class _PatchOp(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     value: Any = None
 
 
+def _patch_op(raw: dict[str, Any]) -> _PatchOp:
+    """One operation, in RFC 6902's form or the v2.0 media type's
+    (``{"replace": "/name", "value": ...}``)."""
+    for op in ("add", "replace", "remove"):
+        if op in raw and "op" not in raw:
+            raw = {"op": op, "path": raw[op], **{k: v for k, v in raw.items() if k != op}}
+    try:
+        return msgspec.convert(raw, _PatchOp)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"invalid patch: {exc}") from None
+
+
 PATCH_TYPES = (
     "application/openstack-images-v2.1-json-patch",
     "application/openstack-images-v2.0-json-patch",
@@ -216,9 +228,8 @@ async def update_image(request: web.Request) -> web.Response:
     if request.content_type not in PATCH_TYPES:
         raise HttpError(415, f"send {PATCH_TYPES[0]}")
     iid = path_id(request, what="image")
-    ops = await decode(request, list[_PatchOp])
     name: str | None = None
-    for op in ops:
+    for op in map(_patch_op, await decode(request, list[dict[str, Any]])):
         if op.op in ("replace", "add") and op.path == "/name" and isinstance(op.value, str):
             name = op.value
         else:
