@@ -32,6 +32,7 @@ from stratus.api.http import (
     session,
 )
 from stratus.events.errors import Conflict, Forbidden, Invalid, NotFound
+from stratus.events.resources import PLURALS
 
 PREFIX = "/network"
 API = f"{PREFIX}/v2.0"
@@ -198,6 +199,28 @@ def listing(request: web.Request, collection: str, items: list[dict[str, Any]]) 
         url = request.url.with_query(params)
         body[f"{collection}_links"] = [{"rel": "next", "href": f"{origin(request)}{url.path_qs}"}]
     return json_response(body)
+
+
+def lister(kind: str, collection: str, view: Any) -> Any:
+    """``GET /<collection>``: the tenant's rows of ``kind`` as ``view`` shows them."""
+
+    async def list_(request: web.Request) -> web.Response:
+        me = caller(request)
+        rows = await session(request).query(PLURALS[kind], {"tenant": me.tenant})
+        return listing(request, collection, [view(r) for r in rows])
+
+    return list_
+
+
+def shower(kind: str, key: str, view: Any) -> Any:
+    """``GET /<collection>/{id}``: one of the tenant's ``kind`` by id."""
+
+    async def show(request: web.Request) -> web.Response:
+        rid = path_id(request, what=kind)
+        me = caller(request)
+        return one(request, key, view(await fetch(session(request), kind, me.tenant, rid)))
+
+    return show
 
 
 def one(request: web.Request, key: str, item: dict[str, Any], status: int = 200) -> web.Response:
@@ -453,20 +476,6 @@ class SubnetUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subnet: dict[str, Any]
 
 
-async def list_subnets(request: web.Request) -> web.Response:
-    me = caller(request)
-    rows = await session(request).query("subnets", {"tenant": me.tenant})
-    return listing(request, "subnets", [subnet_view(x) for x in rows])
-
-
-async def show_subnet(request: web.Request) -> web.Response:
-    sid = path_id(request, what="subnet")
-    me = caller(request)
-    return one(
-        request, "subnet", subnet_view(await fetch(session(request), "subnet", me.tenant, sid))
-    )
-
-
 async def create_subnet(request: web.Request) -> web.Response:
     b = (await decode(request, SubnetBody)).subnet
     if not b.cidr:
@@ -713,20 +722,6 @@ class RouterUpdate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class InterfaceBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     subnet_id: Id | None = None
     port_id: Id | None = None
-
-
-async def list_routers(request: web.Request) -> web.Response:
-    me = caller(request)
-    rows = await session(request).query("routers", {"tenant": me.tenant})
-    return listing(request, "routers", [router_view(r) for r in rows])
-
-
-async def show_router(request: web.Request) -> web.Response:
-    rid = path_id(request, what="router")
-    me = caller(request)
-    return one(
-        request, "router", router_view(await fetch(session(request), "router", me.tenant, rid))
-    )
 
 
 async def create_router(request: web.Request) -> web.Response:
@@ -1215,9 +1210,21 @@ def routes() -> list[web.RouteDef]:
     ]
     crud = {
         "networks": (list_networks, create_network, show_network, update_network, delete_network),
-        "subnets": (list_subnets, create_subnet, show_subnet, update_subnet, deleter("subnet")),
+        "subnets": (
+            lister("subnet", "subnets", subnet_view),
+            create_subnet,
+            shower("subnet", "subnet", subnet_view),
+            update_subnet,
+            deleter("subnet"),
+        ),
         "ports": (list_ports, create_port, show_port, update_port, deleter("port")),
-        "routers": (list_routers, create_router, show_router, update_router, deleter("router")),
+        "routers": (
+            lister("router", "routers", router_view),
+            create_router,
+            shower("router", "router", router_view),
+            update_router,
+            deleter("router"),
+        ),
         "floatingips": (list_fips, create_fip, show_fip, update_fip, deleter("floating-ip")),
         "security-groups": (
             list_groups,
