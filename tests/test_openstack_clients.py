@@ -167,6 +167,14 @@ def test_openstack_command_flow(cloud: Cloud) -> None:
     assert done.stderr == "", done.stderr
     token, flavors, img, images, net, subnet, router, group, rule, created, shown, fip = docs
     assert token["project_id"] == "acme" and token["user_id"] == "alice"
+    # `stratus status` names the API `up` runs, by its auth URL.
+    env = {**os.environ, "STRATUS_DATA_DIR": str(cloud.tmp / "data")}
+    env["XDG_CONFIG_HOME"] = CONFIG_HOME["value"]
+    status = subprocess.run(
+        [sys.executable, "-m", "stratus.cli.main", "status", "-o", "json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert json.loads(status.stdout)["openstack_api"] == {"auth_url": cloud.auth_url}
     assert {"m1-tiny", "huge"} <= {f["Name"] for f in flavors}
     assert img["status"] == "active" and img["disk_format"] == "qcow2"
     assert img["size"] == image.stat().st_size
