@@ -43,18 +43,33 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def bind(listen: str) -> socket.socket:
+    """A socket bound to ``listen`` (HOST:PORT; port 0: any free one)."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ApiServer:
-    """The API on one listening socket (port 0: any free port)."""
+    """The API on one bound socket (see ``bind``)."""
 
     def __init__(
         self,
         url: str,
-        listen: str,
+        sock: socket.socket,
         image_store: Path,
         public_url: str = "",
     ) -> None:
         self.nats_url = url
-        self.host, self.port = parse_listen(listen)
+        self.sock = sock
+        self.host, self.port = sock.getsockname()[:2]
         self.image_store = image_store
         self.public_url = public_url
         self.plane: ControlPlane | None = None
@@ -70,21 +85,15 @@ class ApiServer:
         return f"{self.base_url}/v3"
 
     async def start(self) -> str:
-        self.plane = await ControlPlane.connect(self.nats_url)
-        app = build_app(self.plane, self.image_store, self.public_url)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
+            self.plane = await ControlPlane.connect(self.nats_url)
+            app = build_app(self.plane, self.image_store, self.public_url)
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+            await web.SockSite(self.runner, self.sock).start()
+        except BaseException:
             await self.stop()
             raise
-        self.port = sock.getsockname()[1]
-        await web.SockSite(self.runner, sock).start()
         log.info("openstack api ready", auth_url=self.auth_url)
         return self.auth_url
 
@@ -95,3 +104,4 @@ class ApiServer:
         if self.plane is not None:
             await self.plane.close()
             self.plane = None
+        self.sock.close()

@@ -255,7 +255,7 @@ async def store_upload(content: Any, fmt: str, store: Path) -> Stored:
     changes this function alone."""
     from stratus.agents.compute import images
 
-    await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(images.private_dir, store)
     md5 = hashlib.md5(usedforsecurity=False)
     fd, tmp = tempfile.mkstemp(dir=store, prefix=".upload-", suffix=".part")
     try:

@@ -32,7 +32,7 @@ from stratus.api.http import (
     session,
 )
 from stratus.events.errors import Conflict, Forbidden, Invalid, NotFound
-from stratus.events.resources import PLURALS
+from stratus.events.kinds import PLURALS
 
 PREFIX = "/network"
 API = f"{PREFIX}/v2.0"

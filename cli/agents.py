@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import parse_labels
+from stratus.cli.common import Service, own_options, parse_labels
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
 DEFAULT_LIBVIRT_URI = "test:///default"
 
-agent_app = typer.Typer(add_completion=False)
+agent_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @agent_app.command()
@@ -37,17 +35,13 @@ def compute_agent(
     reconcile_interval: Annotated[float, typer.Option(min=1)] = 60.0,
 ) -> None:
     """Run the compute agent of HOST (called by ``stratus serve compute-agent``)."""
-    opts = ctx.obj
     if not NAME_RE.match(host):
         raise Invalid(f"--host {host!r}: names are [a-z0-9][a-z0-9-]{{0,62}}")
-    from stratus.agents.compute.agent import build_agent
-    from stratus.events.store import EventStore
+    data_dir: Path = ctx.obj["data_dir"]
 
-    data_dir: Path = opts["data_dir"]
+    async def start(store: Any, _engine: Any) -> list[Any]:
+        from stratus.agents.compute.agent import build_agent
 
-    async def main() -> None:
-        store = await EventStore.connect(opts["url"], **opts["creds"])
-        await store.ensure_stream()
         agent = build_agent(
             store,
             host,
@@ -62,27 +56,23 @@ def compute_agent(
             types=[t.strip() for t in types.split(",") if t.strip()],
             reconcile_interval=reconcile_interval,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await agent.start()
-        print(f"stratus compute-agent {host} ready", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await agent.stop()
-            agent.close()
-            await store.close()
+        return [_Stopping(agent)]
 
-    asyncio.run(main())
+    ctx.obj["service"] = Service(f"compute-agent {host}", start)
 
 
-def serve_compute_agent(args: list[str], *, url: str, creds: dict, data_dir: Path) -> None:
-    """Parse the agent's own options from ``args`` and run it until a signal."""
-    command = typer.main.get_command(agent_app)
-    command.main(
-        args=args,
-        prog_name="stratus serve compute-agent",
-        obj={"url": url, "creds": creds, "data_dir": data_dir},
-    )
+class _Stopping:
+    """The agent as ``serve`` stops it: stop, then release the hypervisor."""
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent
+
+    async def stop(self) -> None:
+        await self.agent.stop()
+        self.agent.close()
+
+
+def compute_agent_service(args: list[str], data_dir: Path) -> Service:
+    """The compute agent, from its own options in ``args``."""
+    return own_options(agent_app, args, "stratus serve compute-agent", data_dir=data_dir)

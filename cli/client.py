@@ -1,7 +1,15 @@
-"""What the CLI (and any integration) uses to talk to the control plane."""
+"""What the CLI (and any integration) uses to talk to the control plane.
+
+Commands and queries only: a plain nats-py connection, without the event
+store (its JetStream reader, the event schemas), which a client never uses
+and whose import would be most of a read command's start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -12,10 +20,45 @@ from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
 from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
-from stratus.events.store import connect_nats
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
+
+
+# How often a request on a connection made elsewhere (whose disconnect
+# callbacks are not ours) checks that the connection is still up.
+POLL_S = 0.05
+
+
+class Drops:
+    """The requests in flight on one connection, woken when it drops.
+
+    A reply cannot come over a connection that is gone (and one sent while
+    a connection reconnects is lost): a request in flight then fails at
+    once as ``unavailable`` instead of waiting out its timeout. Its command
+    may or may not have landed; the caller can send it again with the same
+    command id (see the README's "Retries").
+    """
+
+    def __init__(self) -> None:
+        self._waiting: set[asyncio.Future[None]] = set()
+
+    async def dropped(self) -> None:
+        """nats-py's ``disconnected_cb`` and ``closed_cb``."""
+        for fut in self._waiting:
+            if not fut.done():
+                fut.set_result(None)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[asyncio.Future[None]]:
+        """A future that is done once the connection drops (while in the block)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.add(fut)
+        try:
+            yield fut
+        finally:
+            self._waiting.discard(fut)
+            fut.cancel()
 
 
 class Client:
@@ -24,22 +67,47 @@ class Client:
         nc: nats.NATS,
         token: str | None = None,
         timeout: float = 10.0,
+        *,
+        drops: Drops | None = None,
         opener: Opener | None = None,
     ) -> None:
+        """``drops``: fed by the callbacks of ``nc`` (``connect`` does that);
+        without it, a request watches ``nc.is_connected`` instead.
+        ``opener``: a long-lived caller (the OpenStack API: a Client per
+        request) shares one key, so the services' per-peer key cache works
+        for it."""
         self.nc = nc
         self.token = token
         self.timeout = timeout
-        # A long-lived caller (the OpenStack API: a Client per request) shares
-        # one key, so the services' per-peer key cache works for it.
         self.opener = opener or Opener()
+        self.drops = drops
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
+        """One attempt, no reconnecting: a command reaches the control plane
+        or says at once that it cannot."""
+        nc = nats.NATS()
+        drops = Drops()
         try:
-            nc = await connect_nats(url, persistent=False)
-        except Unavailable as exc:
-            raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
-        return cls(nc, token, timeout)
+            await asyncio.wait_for(
+                nc.connect(
+                    url,
+                    connect_timeout=2,
+                    allow_reconnect=False,
+                    # nats-py treats 0 as "no limit".
+                    max_reconnect_attempts=1,
+                    error_cb=_quiet,
+                    disconnected_cb=drops.dropped,
+                    closed_cb=drops.dropped,
+                ),
+                timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = f"{exc or type(exc).__name__}"
+            raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
+        return cls(nc, token, timeout, drops=drops)
 
     async def close(self) -> None:
         try:
@@ -51,7 +119,7 @@ class Client:
         """One request; the reply's body, unsealed (see ``events.sealed``)."""
         headers[H_REPLY_KEY] = self.opener.public_b64
         try:
-            msg = await self.nc.request(subject, data, timeout=self.timeout, headers=headers)
+            msg = await self._send(subject, data, headers)
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):
@@ -60,6 +128,47 @@ class Client:
             raise Unavailable(f"{subject}: {exc}") from None
         sealed = (msg.headers or {}).get(H_SEALED)
         return self.opener.open(sealed, msg.subject, msg.data) if sealed else msg.data
+
+    async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
+        """``nc.request``, failing as soon as the connection drops."""
+        if not self.nc.is_connected:
+            raise Unavailable(f"{subject}: the connection to the control plane is down")
+        request = asyncio.ensure_future(
+            self.nc.request(subject, data, timeout=self.timeout, headers=headers)
+        )
+        with self._dropped() as dropped:
+            try:
+                await asyncio.wait([request, dropped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not request.done():
+                    request.cancel()
+                    with contextlib.suppress(BaseException):
+                        await request
+        if request.cancelled():
+            raise Unavailable(
+                f"{subject}: the connection to the control plane dropped; the outcome is"
+                " unknown (a command sent again with the same id is applied at most once)"
+            )
+        return request.result()
+
+    @contextlib.contextmanager
+    def _dropped(self) -> Iterator[asyncio.Future[None]]:
+        """A future done once the connection drops."""
+        if self.drops is not None:
+            with self.drops.watch() as fut:
+                yield fut
+            return
+        poll = asyncio.ensure_future(self._until_down())
+        try:
+            yield poll
+        finally:
+            poll.cancel()
+
+    async def _until_down(self) -> None:
+        # nats-py takes its disconnect callbacks only when connecting: a
+        # connection made elsewhere can only be watched.
+        while self.nc.is_connected:  # noqa: ASYNC110
+            await asyncio.sleep(POLL_S)
 
     async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
         if self.token:
@@ -75,10 +184,10 @@ class Client:
             raise from_wire(reply.error)
         return reply
 
-    async def command(
-        self, verb: str, body: dict[str, Any], command_id: str | None = None
-    ) -> Reply:
-        """Send ``cmd.<verb>``; the id makes a retry of the same call idempotent."""
+    async def command(self, verb: str, body: Any, command_id: str | None = None) -> Reply:
+        """Send ``cmd.<verb>``: its Struct (see ``cli.common.command``), or a
+        dict as any client may send; the id makes a retry of the same call
+        idempotent."""
         return await self._request(f"cmd.{verb}", body, {H_COMMAND_ID: command_id or new_id()})
 
     async def control(self, subject: str, body: dict[str, Any]) -> Any:
@@ -91,3 +200,8 @@ class Client:
         """Ask ``q.<view>``; ``at`` (a sequence or ISO time) asks about the past."""
         headers = {H_AT: str(at)} if at is not None else {}
         return (await self._request(f"q.{view}", body or {}, headers)).data
+
+
+async def _quiet(exc: Exception) -> None:
+    # nats-py reports a failed connect here too; the caller gets Unavailable.
+    return None

@@ -1,42 +1,48 @@
 """The ``stratus`` command (see shared/CLI.md for the contract)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: typer reads every command's
+# signature at each start, and string annotations would be evaluated anew
+# each time (twice per command), a third of the CLI's start-up.
 
 import asyncio
 import json
 import os
 import signal
 import sys
-import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 
-from stratus.cli.client import Client
 from stratus.cli.common import (
     EXIT_REFUSED,
     EXIT_USAGE,
     AtOpt,
     OutputOpt,
+    Service,
     fail,
+    group,
     resolve_url,
     run,
     save_token,
+    send,
     settings,
 )
 from stratus.cli.output import Format, emit
 from stratus.events.errors import StratusError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-tenant_app = typer.Typer(no_args_is_help=True, help="Tenants (projects).")
-events_app = typer.Typer(no_args_is_help=True, help="The event log.")
-user_app = typer.Typer(no_args_is_help=True, help="Users.")
-role_app = typer.Typer(no_args_is_help=True, help="Role assignments (user, tenant, role).")
-token_app = typer.Typer(no_args_is_help=True, help="Tokens.")
-projections_app = typer.Typer(no_args_is_help=True, help="The projection store (read models).")
-scheduler_app = typer.Typer(no_args_is_help=True, help="The scheduler's placement decisions.")
+if TYPE_CHECKING:
+    from stratus.cli.client import Client
+
+app = group("Stratus, an event-sourced cloud control plane.")
+tenant_app = group("Tenants (projects).")
+events_app = group("The event log.")
+user_app = group("Users.")
+role_app = group("Role assignments (user, tenant, role).")
+token_app = group("Tokens.")
+projections_app = group("The projection store (read models).")
+scheduler_app = group("The scheduler's placement decisions.")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(events_app, name="events")
 app.add_typer(user_app, name="user")
@@ -92,8 +98,6 @@ def parse_quota_defaults(pairs: list[str] | None) -> dict[str, int] | None:
 
 # -- running it ---------------------------------------------------------------
 
-SERVICES = ("handlers", "projector", "query", "scheduler", "webhooks")
-
 SchedulerConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -105,6 +109,26 @@ SchedulerConfigOpt = Annotated[
 SeedOpt = Annotated[
     int | None, typer.Option(help="scheduler: seed of the top-k pick (reproducible runs)")
 ]
+
+
+WebhookAllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="CIDR that webhooks may reach although internal (repeatable; cloud admin); "
+        "give handlers and the webhook service the same",
+    ),
+]
+
+
+def webhook_policy_from(networks: list[str] | None) -> Any:
+    """Where webhooks may point, or a usage error naming a bad network."""
+    from stratus.handlers.targets import TargetPolicy
+
+    try:
+        return TargetPolicy(networks or ())
+    except StratusError as err:
+        typer.echo(f"error: --webhook-allow-network: {err.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def scheduler_config_from(path: Path | None, seed: int | None = None) -> Any:
@@ -144,6 +168,7 @@ def up(
         int, typer.Option(min=0, max=16, help="scheduler replicas sharing the placements")
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
     openstack_port: Annotated[
         int | None,
         typer.Option(
@@ -158,6 +183,8 @@ def up(
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
+    webhook_policy_from(webhook_allow_network)  # a bad network is a usage error
+    api_port = _openstack_port(openstack_port, port)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -174,7 +201,8 @@ def up(
             quota_defaults=defaults,
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
-            openstack_port=_openstack_port(openstack_port, port),
+            webhook_allow=webhook_allow_network,
+            openstack_port=api_port,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -219,7 +247,7 @@ def _openstack_port(asked: int | None, nats_port: int) -> int | None:
 @app.command()
 def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     """Exit 0 when the control plane answers; show the log and projector state."""
-    from stratus.cli.runtime import OPENSTACK_API_FILE, default_data_dir
+    from stratus.cli.datadir import OPENSTACK_API_FILE, default_data_dir
 
     data = run(lambda c: c.query("status", at=at))
     api_file = default_data_dir() / OPENSTACK_API_FILE
@@ -229,16 +257,182 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     emit(data, output)
 
 
+# -- serve: one service alone, from one table ----------------------------------
+
+
+class ServeOptions(NamedTuple):
+    data_dir: Path
+    quota_defaults: dict[str, int] | None
+    insecure: bool
+    config: Path | None
+    seed: int | None
+    # What followed the service's name: the agents' own options.
+    args: list[str]
+    # Networks webhooks may reach although internal (handlers and webhooks).
+    webhook_allow: list[str]
+
+
+def _alone(factory: Callable[[ServeOptions], Service]) -> Callable[[ServeOptions], Service]:
+    """A service whose options are all ``serve``'s: anything more is a usage error."""
+
+    def checked(o: ServeOptions) -> Service:
+        if o.args:
+            typer.echo(f"error: unexpected arguments {' '.join(o.args)}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        return factory(o)
+
+    return checked
+
+
+def _one(name: str, make: Callable[[Any, Any], Any]) -> Service:
+    """A service that is one object with ``start`` and ``stop``, made from
+    the event store and the projection store."""
+
+    async def start(store: Any, engine: Any) -> list[Any]:
+        svc = make(store, engine)
+        await svc.start()
+        return [svc]
+
+    return Service(name, start)
+
+
+def _requests(o: ServeOptions, *, commands: bool) -> Service:
+    """The command service (``commands``) or the query service, behind the
+    identity feed that authenticates their callers (or trusting every
+    caller: ``--insecure-no-auth``)."""
+    from stratus.cli.runtime import start_services
+    from stratus.handlers.catalog import all_handlers
+    from stratus.handlers.keyring import KeyRing
+    from stratus.handlers.service import CommandService
+    from stratus.projections.query import QueryService
+
+    name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    policy = webhook_policy_from(o.webhook_allow)  # a bad network stops us before connecting
+    if o.insecure:
+        if commands:
+            return _one(
+                name,
+                lambda store, _: CommandService(
+                    store, all_handlers(quota_defaults=defaults, webhook_policy=policy)
+                ),
+            )
+        return _one(
+            name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
+        )
+
+    async def start(store: Any, engine: Any) -> list[Any]:
+        # Logging in needs the private signing keys; verifying needs none.
+        keys = o.data_dir / "keys"
+        keyring = KeyRing.load_or_create(keys) if commands and keys.exists() else None
+        feed, cmd, query = await start_services(
+            store,
+            engine,
+            keyring,
+            commands=commands,
+            queries=not commands,
+            quota_defaults=defaults,
+            webhook_policy=policy,
+        )
+        return [cmd or query, feed]
+
+    return Service(name, start)
+
+
+@_alone
+def _projector(o: ServeOptions) -> Service:
+    from stratus.projections.rebuild import LiveProjection
+
+    return _one("projector", LiveProjection)
+
+
+@_alone
+def _scheduler(o: ServeOptions) -> Service:
+    from stratus.handlers.scheduler import SchedulerService
+
+    config = scheduler_config_from(o.config, o.seed)  # a bad file stops us before connecting
+    return _one("scheduler", lambda store, _: SchedulerService(store, config))
+
+
+@_alone
+def _webhooks(o: ServeOptions) -> Service:
+    from stratus.handlers.integrations import WebhookKeys
+    from stratus.handlers.webhooks import WebhookService
+
+    # The signing secrets derive from a key beside the token keys.
+    keys = o.data_dir / "keys"
+    policy = webhook_policy_from(o.webhook_allow)
+    return _one(
+        "webhooks",
+        lambda store, _: WebhookService(store, WebhookKeys.load_or_create(keys), policy=policy),
+    )
+
+
+def _compute_agent(o: ServeOptions) -> Service:
+    from stratus.cli.agents import compute_agent_service
+
+    return compute_agent_service(o.args, o.data_dir)
+
+
+def _network_agent(o: ServeOptions) -> Service:
+    from stratus.cli.network_agent import network_agent_service
+
+    return network_agent_service(o.args)
+
+
+def _openstack_api(o: ServeOptions) -> Service:
+    from stratus.cli.openstack_api import openstack_api_service
+
+    return openstack_api_service(o.args, resolve_url(), o.data_dir)
+
+
+# `stratus serve NAME`: each factory checks its options (a mistake stops it
+# before anything connects) and says how to start the service.
+SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
+    "handlers": _alone(lambda o: _requests(o, commands=True)),
+    "projector": _projector,
+    "query": _alone(lambda o: _requests(o, commands=False)),
+    "scheduler": _scheduler,
+    "webhooks": _webhooks,
+    # These take options of their own (--host, ...) after the name.
+    "compute-agent": _compute_agent,
+    "network-agent": _network_agent,
+    "openstack-api": _openstack_api,
+}
+
+
+async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) -> None:
+    from stratus.events.store import EventStore
+    from stratus.projections.db import make_engine
+
+    store = engine = None
+    if not svc.client:
+        store = await EventStore.connect(url, **creds)
+        engine = make_engine(db_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    running: list[Any] = []
+    try:
+        if store is not None:
+            await store.ensure_stream()
+        running = await svc.start(store, engine)
+        where = f": {svc.url}" if svc.url else ""
+        print(f"stratus {svc.name} ready{where}", flush=True)
+        await stop.wait()
+    finally:
+        for part in running:
+            await part.stop()
+        if store is not None:
+            await store.close()
+        if engine is not None:
+            await engine.dispose()
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    service: Annotated[
-        str,
-        typer.Argument(
-            help="handlers, projector, query, scheduler, compute-agent, network-agent, "
-            "webhooks or openstack-api"
-        ),
-    ],
+    service: Annotated[str, typer.Argument(help=", ".join(SERVICES))],
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="where the signing keys and NATS secrets are")
@@ -255,125 +449,35 @@ def serve(
     quota_default: QuotaDefaultOpt = None,
     config: SchedulerConfigOpt = None,
     seed: SeedOpt = None,
+    webhook_allow_network: WebhookAllowOpt = None,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
-    from stratus.cli.runtime import (
-        default_data_dir,
-        start_services,
-    )
-    from stratus.events.store import EventStore
-    from stratus.handlers.tokens import KeyRing
-    from stratus.projections.db import make_engine, sqlite_url
-    from stratus.projections.rebuild import LiveProjection, live_store_path
+    from stratus.cli.datadir import default_data_dir
+    from stratus.projections.db import sqlite_url
+    from stratus.projections.rebuild import live_store_path
 
-    if service == "openstack-api":
-        # A client of the control plane like the CLI: no service credentials.
-        from stratus.cli.openstack_api import serve_openstack_api
-
-        logs.configure("INFO")
-        try:
-            serve_openstack_api(
-                ctx.args, url=resolve_url(), data_dir=data_dir or default_data_dir()
-            )
-        except StratusError as err:
-            raise fail(err) from None
-        return
-    if service in ("compute-agent", "network-agent"):
-        # Its own options (--host, --libvirt-uri, ...) follow the service name.
-        from stratus.cli.agents import serve_compute_agent
-        from stratus.cli.network_agent import serve_network_agent
-
-        serve_agent = serve_compute_agent if service == "compute-agent" else serve_network_agent
-
-        logs.configure("INFO")
-        data_dir = data_dir or default_data_dir()
-        creds = _service_creds(data_dir, nats_user, nats_password)
-        try:
-            serve_agent(ctx.args, url=resolve_url(), creds=creds, data_dir=data_dir)
-        except StratusError as err:
-            raise fail(err) from None
-        return
-    if ctx.args:
-        typer.echo(f"error: unexpected arguments {' '.join(ctx.args)}", err=True)
+    factory = SERVICES.get(service)
+    if factory is None:
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
         raise typer.Exit(EXIT_USAGE)
-    if service not in SERVICES:
-        typer.echo(
-            f"error: SERVICE must be one of {', '.join(SERVICES)}, compute-agent, "
-            "network-agent, openstack-api",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE)
-    sched_config = scheduler_config_from(config, seed) if service == "scheduler" else None
-    logs.configure("INFO")
     data_dir = data_dir or default_data_dir()
-    creds = _service_creds(data_dir, nats_user, nats_password)
-    defaults = parse_quota_defaults(quota_default)
-
-    async def main() -> None:
-        store = await EventStore.connect(resolve_url(), **creds)
-        await store.ensure_stream()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        engine = make_engine(db or sqlite_url(live_store_path(data_dir)))
-        live: LiveProjection | None = None
-        running: list[Any] = []
-        if service == "projector":
-            live = LiveProjection(store, engine)
-            await live.start()
-        elif service == "scheduler":
-            from stratus.handlers.scheduler import SchedulerService
-
-            sched = SchedulerService(store, sched_config)
-            await sched.start()
-            running.append(sched)
-        elif service == "webhooks":
-            # The signing secrets derive from a key beside the token keys.
-            from stratus.handlers.integrations import WebhookKeys
-            from stratus.handlers.webhooks import WebhookService
-
-            hooks = WebhookService(store, WebhookKeys.load_or_create(data_dir / "keys"))
-            await hooks.start()
-            running.append(hooks)
-        elif insecure_no_auth:
-            from stratus.handlers.catalog import all_handlers
-            from stratus.handlers.service import CommandService
-            from stratus.projections.query import QueryService
-
-            svc: Any = (
-                CommandService(store, all_handlers(quota_defaults=defaults))
-                if service == "handlers"
-                else QueryService(store, engine, quota_defaults=defaults)
-            )
-            await svc.start()
-            running.append(svc)
-        else:
-            # Logging in needs the private signing keys; verifying needs none.
-            keys = data_dir / "keys"
-            handlers = service == "handlers"
-            keyring = KeyRing.load_or_create(keys) if handlers and keys.exists() else None
-            feed, commands, queries = await start_services(
-                store,
-                engine,
-                keyring,
-                commands=handlers,
-                queries=not handlers,
-                quota_defaults=defaults,
-            )
-            running.extend([commands or queries, feed])
-        print(f"stratus {service} ready", flush=True)
-        await stop.wait()
-        for svc in running:
-            await svc.stop()
-        if live is not None:
-            await live.stop()
-        await store.close()
-        await engine.dispose()
-
+    opts = ServeOptions(
+        data_dir=data_dir,
+        quota_defaults=parse_quota_defaults(quota_default),
+        insecure=insecure_no_auth,
+        config=config,
+        seed=seed,
+        args=ctx.args,
+        webhook_allow=webhook_allow_network or [],
+    )
     try:
-        asyncio.run(main())
+        svc = factory(opts)
+        logs.configure("INFO")
+        # A client service holds no service credentials (nor reads them).
+        creds = {} if svc.client else _service_creds(data_dir, nats_user, nats_password)
+        db_url = db or sqlite_url(live_store_path(data_dir))
+        asyncio.run(_serve_until_signal(svc, resolve_url(), creds, db_url))
     except StratusError as err:
         raise fail(err) from None
 
@@ -398,8 +502,7 @@ def tenant_create(
     description: Annotated[str, typer.Option(help="free text")] = "",
     output: OutputOpt = Format.table,
 ) -> None:
-    reply = run(lambda c: c.command("tenant.create", {"name": name, "description": description}))
-    emit(reply.data, output)
+    emit(send("tenant.create", name=name, description=description).data, output)
 
 
 @tenant_app.command("list")
@@ -419,14 +522,12 @@ def tenant_show(tenant: str, output: OutputOpt = Format.table, at: AtOpt = None)
 
 @tenant_app.command("rename")
 def tenant_rename(tenant: str, name: str, output: OutputOpt = Format.table) -> None:
-    reply = run(lambda c: c.command("tenant.rename", {"tenant": tenant, "name": name}))
-    emit(reply.data, output)
+    emit(send("tenant.rename", tenant=tenant, name=name).data, output)
 
 
 @tenant_app.command("delete")
 def tenant_delete(tenant: str, output: OutputOpt = Format.table) -> None:
-    reply = run(lambda c: c.command("tenant.delete", {"tenant": tenant}))
-    emit(reply.data, output)
+    emit(send("tenant.delete", tenant=tenant).data, output)
 
 
 # -- events -------------------------------------------------------------------
@@ -445,7 +546,7 @@ def events_tail(
         typer.echo("error: --follow and --at exclude each other", err=True)
         raise typer.Exit(EXIT_USAGE)
 
-    async def main(c: Client) -> list[dict]:
+    async def main(c: "Client") -> list[dict]:
         rows: list[dict] = []
         after = max(0, from_ - 1)
         while True:
@@ -543,7 +644,7 @@ def why(
     event it caused (the scheduler's decisions and the agents' reports
     included), with the scheduler's reasons."""
 
-    async def chain(c: Client) -> list[dict]:
+    async def chain(c: "Client") -> list[dict]:
         base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
         if tenant is not None:
             base["tenant"] = tenant
@@ -615,7 +716,7 @@ def _because(row: dict) -> str:
     if row["type"] == "server.scheduled":
         head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
         return head + (f" ({removed})" if removed else "")
-    if row["type"] in ("server.failed", "server.build-failed"):
+    if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
         return str(data.get("reason", ""))
     if row["type"] == "host.claimed":
         return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
@@ -624,6 +725,8 @@ def _because(row: dict) -> str:
 
 def _utc_time(option: str, text: str) -> str:
     """An ISO-8601 time as UTC; a usage error (exit 2) if it is not one."""
+    from datetime import UTC, datetime
+
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
@@ -647,10 +750,7 @@ def login(
     output: OutputOpt = Format.table,
 ) -> None:
     """Get a signed token; saved for later commands (mode 0600) unless --print."""
-    body: dict[str, Any] = {"user": user, "password": password}
-    if tenant:
-        body["tenant"] = tenant
-    reply = run(lambda c: c.command("auth.login", body))
+    reply = send("auth.login", user=user, password=password, tenant=tenant or None)
     data = dict(reply.data or {})
     if print_:
         sys.stdout.write(data["token"] + "\n")
@@ -666,8 +766,7 @@ def user_create(
     password: Annotated[str, typer.Option(prompt=True, hide_input=True)],
     output: OutputOpt = Format.table,
 ) -> None:
-    reply = run(lambda c: c.command("user.create", {"name": name, "password": password}))
-    emit(reply.data, output)
+    emit(send("user.create", name=name, password=password).data, output)
 
 
 @user_app.command("list")
@@ -682,18 +781,17 @@ def user_set_password(
     output: OutputOpt = Format.table,
 ) -> None:
     """Change a password (your own, or anyone's as cloud admin); old tokens become void."""
-    body = {"name": name, "password": password}
-    emit(run(lambda c: c.command("user.set-password", body)).data, output)
+    emit(send("user.set-password", name=name, password=password).data, output)
 
 
 @user_app.command("disable")
 def user_disable(name: str, output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.command("user.disable", {"name": name})).data, output)
+    emit(send("user.disable", name=name).data, output)
 
 
 @user_app.command("enable")
 def user_enable(name: str, output: OutputOpt = Format.table) -> None:
-    emit(run(lambda c: c.command("user.enable", {"name": name})).data, output)
+    emit(send("user.enable", name=name).data, output)
 
 
 RoleOpt = Annotated[str, typer.Option(help="admin, member, reader or a custom role")]
@@ -708,8 +806,7 @@ def role_create(
     output: OutputOpt = Format.table,
 ) -> None:
     """Define a custom role granting tenant-scoped permissions (cloud admin)."""
-    body = {"name": name, "permissions": permission}
-    emit(run(lambda c: c.command("role.create", body)).data, output)
+    emit(send("role.create", name=name, permissions=permission).data, output)
 
 
 UserOpt = Annotated[str, typer.Option()]
@@ -717,8 +814,7 @@ TenantOpt = Annotated[str, typer.Option()]
 
 
 def _grant(verb: str, user: str, tenant: str, role: str, output: Format) -> None:
-    body = {"user": user, "tenant": tenant, "role": role}
-    emit(run(lambda c: c.command(verb, body)).data, output)
+    emit(send(verb, user=user, tenant=tenant, role=role).data, output)
 
 
 @role_app.command("assign")
@@ -749,7 +845,7 @@ def role_list(
 @app.command("key-rotate")
 def key_rotate(output: OutputOpt = Format.table) -> None:
     """Add a new token signing key (cloud admin); older tokens stay valid until they expire."""
-    emit(run(lambda c: c.command("key.rotate", {})).data, output)
+    emit(send("key.rotate").data, output)
 
 
 @token_app.command("revoke")
@@ -758,8 +854,7 @@ def token_revoke(
     user: Annotated[str | None, typer.Option(help="revoke every token of this user")] = None,
     output: OutputOpt = Format.table,
 ) -> None:
-    body = {k: v for k, v in (("token_id", token_id), ("user", user)) if v is not None}
-    reply = run(lambda c: c.command("token.revoke", body))
+    reply = send("token.revoke", token_id=token_id, user=user)
     emit({"revoked": token_id or user or "your token", "seqs": reply.seqs}, output)
 
 
@@ -774,11 +869,23 @@ def _line(row: dict) -> str:
 
 
 @events_app.command("schema")
-def events_schema() -> None:
-    """The JSON Schema of every event type, generated from the code."""
+def events_schema(
+    form: Annotated[
+        str,
+        typer.Option(
+            help="message (a NATS message, msgpack decoded), envelope (a line of "
+            "events tail -o json) or cloudevent (a webhook's body)"
+        ),
+    ] = "message",
+) -> None:
+    """The JSON Schema of every event type in one form, generated from the code."""
     from stratus.events.catalog import CODEC
+    from stratus.events.schemas import FORMS
 
-    sys.stdout.write(json.dumps(CODEC.json_schema(), indent=2) + "\n")
+    if form not in FORMS:
+        typer.echo(f"error: --form must be one of {', '.join(FORMS)}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    sys.stdout.write(json.dumps(CODEC.json_schema(form), indent=2) + "\n")
 
 
 @events_app.command("asyncapi")
@@ -787,13 +894,14 @@ def events_asyncapi() -> None:
     from stratus.events.asyncapi import dumps
     from stratus.events.catalog import CODEC
 
-    sys.stdout.write(dumps(CODEC) + "\n")
+    # The server this CLI talks to (--url, STRATUS_URL or stratus up's).
+    sys.stdout.write(dumps(CODEC, resolve_url()) + "\n")
 
 
 def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:
     """NATS credentials of a service: those given, else the service user of
     the `stratus up` in ``data_dir`` when it has one, else none."""
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
 
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
     if password is None and secret_file.exists():
@@ -804,7 +912,7 @@ def _service_creds(data_dir: Path, user: str | None, password: str | None) -> di
 def service_access(data_dir: Path) -> tuple[str, str]:
     """The NATS URL and service password of the `stratus up` in ``data_dir``:
     what reading the log directly needs (a usage error where there is none)."""
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, URL_FILE
+    from stratus.cli.datadir import NATS_SERVICE_SECRET, URL_FILE
 
     secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
     if not secret_file.exists():
@@ -837,8 +945,8 @@ def scheduler_replay(
 ) -> None:
     """Decide the recorded placements of --from..--to again with another
     configuration; report how many change and how the load would spread."""
-    from stratus.cli.runtime import NATS_SERVICE_USER
-    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.cli.datadir import NATS_SERVICE_USER
+    from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.handlers.scheduler.replay import replay
 
@@ -891,9 +999,10 @@ def projections_rebuild(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from stratus.cli.client import Client
     from stratus.cli.common import resolve_token
-    from stratus.cli.runtime import NATS_SERVICE_USER
-    from stratus.cli.runtime import default_data_dir as default_dir
+    from stratus.cli.datadir import NATS_SERVICE_USER
+    from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.projections.rebuild import (
         SWAP_SUBJECT,
@@ -907,6 +1016,8 @@ def projections_rebuild(
     path = new_store_path(data_dir)
 
     async def main() -> dict[str, Any]:
+        import time
+
         t0 = time.perf_counter()
         store = await EventStore.connect(
             url, persistent=False, user=NATS_SERVICE_USER, password=password

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from stratus.cli.common import Service, own_options
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
-agent_app = typer.Typer(add_completion=False)
+agent_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @agent_app.command()
@@ -29,40 +27,22 @@ def network_agent(
 ) -> None:
     """Run the network agent of HOST (called by ``stratus serve network-agent``)."""
     from stratus.agents.network.service import network_capable, serve_agent
-    from stratus.events.store import EventStore
 
-    opts = ctx.obj
     if not NAME_RE.match(host):
         raise Invalid(f"--host {host!r}: names are [a-z0-9][a-z0-9-]{{0,62}}")
     why = network_capable()
     if why is not None:
         raise Invalid(why)
 
-    async def main() -> None:
-        store = await EventStore.connect(opts["url"], **opts["creds"])
-        await store.ensure_stream()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    async def start(store: Any, _engine: Any) -> list[Any]:
         agent = await serve_agent(
             store, host, vtep, routers=routers, host_ns=netns, prefix=prefix, interval=interval
         )
-        print(f"stratus network-agent {host} ready", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await agent.stop()
-            await store.close()
+        return [agent]
 
-    asyncio.run(main())
+    ctx.obj["service"] = Service(f"network-agent {host}", start)
 
 
-def serve_network_agent(args: list[str], *, url: str, creds: dict, data_dir: Path) -> None:
-    """Parse the agent's own options from ``args`` and run it until a signal."""
-    command = typer.main.get_command(agent_app)
-    command.main(
-        args=args,
-        prog_name="stratus serve network-agent",
-        obj={"url": url, "creds": creds, "data_dir": data_dir},
-    )
+def network_agent_service(args: list[str]) -> Service:
+    """The network agent, from its own options in ``args``."""
+    return own_options(agent_app, args, "stratus serve network-agent")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-api_app = typer.Typer(add_completion=False)
+from stratus.cli.common import Service, own_options
 
 DEFAULT_LISTEN = "127.0.0.1:5000"
+
+api_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 
 @api_app.command()
@@ -29,36 +29,23 @@ def openstack_api(
 ) -> None:
     """Serve Keystone v3, Nova v2.1, Neutron v2.0 and Glance v2 (called by
     ``stratus serve openstack-api``); it holds no credentials of its own."""
-    from stratus.api.app import ApiServer, parse_listen
+    from stratus.api.app import ApiServer, bind
 
-    opts = ctx.obj
     try:
-        parse_listen(listen)
-    except ValueError as exc:
+        # Bound now: a taken port stops it before anything connects.
+        sock = bind(listen)
+    except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--listen") from None
-    data_dir: Path = opts["data_dir"]
+    url, data_dir = ctx.obj["url"], ctx.obj["data_dir"]
+    server = ApiServer(url, sock, image_store or data_dir / "images", public_url)
 
-    async def main() -> None:
-        server = ApiServer(opts["url"], listen, image_store or data_dir / "images", public_url)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        auth_url = await server.start()
-        print(f"stratus openstack-api ready: {auth_url}", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
+    async def start(_store: Any, _engine: Any) -> list[Any]:
+        await server.start()
+        return [server]
 
-    asyncio.run(main())
+    ctx.obj["service"] = Service("openstack-api", start, client=True, url=server.auth_url)
 
 
-def serve_openstack_api(args: list[str], *, url: str, data_dir: Path) -> None:
-    """Parse the API's own options from ``args`` and run it until a signal."""
-    command = typer.main.get_command(api_app)
-    command.main(
-        args=args,
-        prog_name="stratus serve openstack-api",
-        obj={"url": url, "data_dir": data_dir},
-    )
+def openstack_api_service(args: list[str], url: str, data_dir: Path) -> Service:
+    """The OpenStack API, from its own options in ``args``."""
+    return own_options(api_app, args, "stratus serve openstack-api", url=url, data_dir=data_dir)

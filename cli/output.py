@@ -8,10 +8,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
-from rich.console import Console
-from rich.table import Table
-
 
 class Format(enum.StrEnum):
     table = "table"
@@ -20,11 +16,17 @@ class Format(enum.StrEnum):
 
 
 def emit(data: Any, fmt: Format, columns: Sequence[str] | None = None, title: str | None = None):
+    # yaml and rich are imported only by the format that needs them.
     if fmt is Format.json:
         sys.stdout.write(json.dumps(data, default=str) + "\n")
     elif fmt is Format.yaml:
+        import yaml
+
         sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     else:
+        from rich.console import Console
+        from rich.table import Table
+
         # Piped output is not cut to 80 columns.
         console = Console(width=None if sys.stdout.isatty() else 160)
         if isinstance(data, list):

@@ -1,8 +1,9 @@
 """Resource verbs, in the OpenStack client's shape: ``stratus server create ...``."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: typer reads every command's
+# signature at each start, and string annotations would be evaluated anew
+# each time (twice per command), a third of the CLI's start-up.
 
-import asyncio
 import contextlib
 import sys
 import time
@@ -11,10 +12,19 @@ from typing import Annotated, Any
 
 import typer
 
-from stratus.cli.common import EXIT_REFUSED, EXIT_USAGE, AtOpt, OutputOpt, fail, parse_labels, run
+from stratus.cli.common import (
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    AtOpt,
+    OutputOpt,
+    command,
+    fail,
+    group,
+    parse_labels,
+    run,
+    send,
+)
 from stratus.cli.output import Format, emit
-from stratus.events.errors import Invalid, NotFound, StratusError
-from stratus.events.resources import PLURALS
 
 TenantOpt = Annotated[
     str | None, typer.Option(help="tenant to act in (default: your token's; cloud admin: any)")
@@ -42,27 +52,34 @@ KINDS: dict[str, tuple[list[str], str]] = {
 
 
 def _body(tenant: str | None, **fields: Any) -> dict[str, Any]:
+    """A query's parameters: those given (not None)."""
     body = {k: v for k, v in fields.items() if v is not None}
     if tenant is not None:
         body["tenant"] = tenant
     return body
 
 
-def do(verb: str, body: dict[str, Any], output: Format) -> None:
-    emit(run(lambda c: c.command(verb, body)).data, output)
+def do(verb: str, output: Format, **fields: Any) -> None:
+    """Send command ``verb`` made of ``fields`` (checked first, see
+    ``common.command``) and show what it answers."""
+    emit(send(verb, **fields).data, output)
 
 
 # Where a new server's lifecycle stops moving on its own.
 SETTLED = ("running", "error", "stopped")
 
 
-async def _create_and_wait(c: Any, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def _create_and_wait(c: Any, cmd: Any, timeout: float) -> dict[str, Any]:
     """Create the server, then follow its status (on stderr) until it settles."""
+    import asyncio
+
     from rich.console import Console
     from rich.status import Status
 
-    created = (await c.command("server.create", body)).data
-    ask = {"ref": created["id"], "tenant": body.get("tenant")}
+    from stratus.events.errors import NotFound
+
+    created = (await c.command("server.create", cmd)).data
+    ask = {"ref": created["id"], "tenant": cmd.tenant}
     deadline = time.monotonic() + timeout
     row = created
     with Status(f"server {created['name']}: requested", console=Console(stderr=True)) as shown:
@@ -87,6 +104,8 @@ def _reads(app: typer.Typer, kind: str) -> None:
         at: AtOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
+        from stratus.events.kinds import PLURALS
+
         body = {} if cloud else _body(tenant, name=name)
         emit(run(lambda c: c.query(PLURALS[kind], body, at=at)), output, columns)
 
@@ -108,27 +127,38 @@ def _delete(app: typer.Typer, kind: str, verb: str = "delete") -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do(f"{kind}.{verb}", _body(tenant, ref=ref), output)
+        do(f"{kind}.{verb}", output, tenant=tenant, ref=ref)
 
 
 def _linking(app: typer.Typer, kind: str, verbs: tuple[str, str], first: str, second: str) -> None:
     """A pair of verbs joining two resources and parting them again."""
     for verb in verbs:
+        app.command(verb)(_link(f"{kind}.{verb}", first, second))
 
-        def link(
-            a: str,
-            b: str,
-            tenant: TenantOpt = None,
-            output: OutputOpt = Format.table,
-            _verb: str = verb,
-        ) -> None:
-            do(f"{kind}.{_verb}", _body(tenant, **{first: a, second: b}), output)
 
-        # Annotations are strings here (``from __future__``): the argument
-        # names shown in help are given as objects instead.
-        link.__annotations__["a"] = Annotated[str, typer.Argument(metavar=first.upper())]
-        link.__annotations__["b"] = Annotated[str, typer.Argument(metavar=second.upper())]
-        app.command(verb)(link)
+def _link(verb: str, first: str, second: str) -> Any:
+    # A function per verb: a loop variable as a default argument would
+    # become an option of the command.
+    def link(
+        a: Annotated[str, typer.Argument(metavar=first.upper())],
+        b: Annotated[str, typer.Argument(metavar=second.upper())],
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do(verb, output, tenant=tenant, **{first: a, second: b})
+
+    return link
+
+
+def _switch(verb: str) -> Any:
+    def switch(
+        name: str,
+        reason: Annotated[str, typer.Option()] = "",
+        output: OutputOpt = Format.table,
+    ) -> None:
+        do(verb, output, name=name, reason=reason)
+
+    return switch
 
 
 def _emit_quota(data: dict[str, Any], output: Format) -> None:
@@ -139,7 +169,7 @@ def _emit_quota(data: dict[str, Any], output: Format) -> None:
 
 
 def register(root: typer.Typer) -> None:
-    apps = {k: typer.Typer(no_args_is_help=True, help=h) for k, (_, h) in KINDS.items()}
+    apps = {k: group(h) for k, (_, h) in KINDS.items()}
     for kind, sub in apps.items():
         root.add_typer(sub, name=kind)
         _reads(sub, kind)
@@ -163,28 +193,27 @@ def register(root: typer.Typer) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         """Register a host (what its agent does at start); cloud admin."""
-        body = {"name": name, "vcpus": vcpus, "ram_mb": ram_mb, "disk_gb": disk_gb}
-        do("host.register", {**body, "zone": zone, "labels": parse_labels(label)}, output)
+        do(
+            "host.register",
+            output,
+            name=name,
+            vcpus=vcpus,
+            ram_mb=ram_mb,
+            disk_gb=disk_gb,
+            zone=zone,
+            labels=parse_labels(label),
+        )
 
     for verb in ("enable", "disable"):
-
-        def switch(
-            name: str,
-            reason: Annotated[str, typer.Option()] = "",
-            output: OutputOpt = Format.table,
-            _verb: str = verb,
-        ) -> None:
-            do(f"host.{_verb}", {"name": name, "reason": reason}, output)
-
-        apps["host"].command(verb)(switch)
+        apps["host"].command(verb)(_switch(f"host.{verb}"))
 
     @apps["host"].command("remove")
     def host_remove(name: str, output: OutputOpt = Format.table) -> None:
-        do("host.remove", {"name": name}, output)
+        do("host.remove", output, name=name)
 
     @apps["flavor"].command("delete")
     def flavor_delete(name: str, output: OutputOpt = Format.table) -> None:
-        do("flavor.delete", {"name": name}, output)
+        do("flavor.delete", output, name=name)
 
     @apps["flavor"].command("create")
     def flavor_create(
@@ -194,11 +223,7 @@ def register(root: typer.Typer) -> None:
         disk_gb: Annotated[int, typer.Option()] = 0,
         output: OutputOpt = Format.table,
     ) -> None:
-        do(
-            "flavor.create",
-            {"name": name, "vcpus": vcpus, "ram_mb": ram_mb, "disk_gb": disk_gb},
-            output,
-        )
+        do("flavor.create", output, name=name, vcpus=vcpus, ram_mb=ram_mb, disk_gb=disk_gb)
 
     @apps["image"].command("create")
     def image_create(
@@ -219,10 +244,14 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Store an image file (checked with qemu-img) and record it; without
         --file, only the record (its instances get a blank disk)."""
-        body: dict[str, Any] = {"name": name, "format": format_, "size_bytes": size_bytes}
+        verb = "image.create-public" if public else "image.create"
+        fields: dict[str, Any] = {"name": name, "format": format_, "size_bytes": size_bytes}
+        # Checked before the file is: a bad name stores nothing.
+        command(verb, **fields, tenant=None if public else tenant)
         if file is not None:
             from stratus.agents.compute import images
-            from stratus.cli.runtime import default_data_dir
+            from stratus.cli.datadir import default_data_dir
+            from stratus.events.errors import Invalid, StratusError
 
             store = image_store or default_data_dir() / "images"
             try:
@@ -231,13 +260,10 @@ def register(root: typer.Typer) -> None:
                 raise fail(err) from None
             except images.ImageError as exc:
                 raise fail(Invalid(str(exc))) from None
-            body["size_bytes"] = stored.size_bytes
-            body["checksum"] = stored.checksum
-            body["min_disk_gb"] = -(-stored.virtual_size // (1 << 30))
-        if public:
-            do("image.create-public", body, output)
-        else:
-            do("image.create", _body(tenant, **body), output)
+            fields["size_bytes"] = stored.size_bytes
+            fields["checksum"] = stored.checksum
+            fields["min_disk_gb"] = -(-stored.virtual_size // (1 << 30))
+        do(verb, output, **fields, tenant=None if public else tenant)
 
     @apps["server"].command("create")
     def server_create(
@@ -262,8 +288,9 @@ def register(root: typer.Typer) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         """Request a server; it is `requested` until the scheduler places it."""
-        body = _body(
-            tenant,
+        cmd = command(
+            "server.create",
+            tenant=tenant,
             name=name,
             image=image,
             flavor=flavor,
@@ -279,9 +306,9 @@ def register(root: typer.Typer) -> None:
             zone=zone,
         )
         if not wait:
-            do("server.create", body, output)
+            emit(run(lambda c: c.command("server.create", cmd)).data, output)
             return
-        row = run(lambda c: _create_and_wait(c, body, wait_timeout))
+        row = run(lambda c: _create_and_wait(c, cmd, wait_timeout))
         emit(row, output)
         if row["status"] != "running":
             typer.echo(
@@ -293,7 +320,9 @@ def register(root: typer.Typer) -> None:
     @apps["server"].command("exec")
     def server_exec(
         server: str,
-        command: Annotated[list[str], typer.Argument(help="the command, after --")],
+        argv: Annotated[
+            list[str], typer.Argument(metavar="COMMAND...", help="the command, after --")
+        ],
         timeout: Annotated[float, typer.Option(min=1, max=600)] = 60.0,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
@@ -301,8 +330,7 @@ def register(root: typer.Typer) -> None:
         """Run a command inside a container instance; exits with its exit code.
 
         Put ``--`` before the command so its options are not taken as ours."""
-        body = _body(tenant, ref=server, command=command, timeout=timeout)
-        data = run(lambda c: c.command("server.exec", body)).data
+        data = send("server.exec", tenant=tenant, ref=server, command=argv, timeout=timeout).data
         if output is not Format.table:
             emit(data, output)
         else:
@@ -319,7 +347,7 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         """Make image NAME from the server's disk (layered on its image);
         the image appears once its host has stored it."""
-        do("server.snapshot", _body(tenant, ref=server, name=name), output)
+        do("server.snapshot", output, tenant=tenant, ref=server, name=name)
 
     @apps["server-group"].command("create")
     def server_group_create(
@@ -328,7 +356,7 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do("server-group.create", _body(tenant, name=name, policy=policy), output)
+        do("server-group.create", output, tenant=tenant, name=name, policy=policy)
 
     @apps["volume"].command("create")
     def volume_create(
@@ -337,7 +365,7 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do("volume.create", _body(tenant, name=name, size_gb=size_gb), output)
+        do("volume.create", output, tenant=tenant, name=name, size_gb=size_gb)
 
     _linking(apps["volume"], "volume", ("attach", "detach"), "server", "volume")
 
@@ -353,8 +381,9 @@ def register(root: typer.Typer) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         if external:
-            body = _body(
-                None,
+            do(
+                "network.create-external",
+                output,
                 name=name,
                 external=True,
                 cidr=cidr,
@@ -362,9 +391,8 @@ def register(root: typer.Typer) -> None:
                 pool_start=pool_start,
                 pool_end=pool_end,
             )
-            do("network.create-external", body, output)
         else:
-            do("network.create", _body(tenant, name=name), output)
+            do("network.create", output, tenant=tenant, name=name)
 
     @apps["subnet"].command("create")
     def subnet_create(
@@ -378,8 +406,10 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        body = _body(
-            tenant,
+        do(
+            "subnet.create",
+            output,
+            tenant=tenant,
             name=name,
             network=network,
             cidr=cidr,
@@ -388,7 +418,6 @@ def register(root: typer.Typer) -> None:
             pool_end=pool_end,
             dns=dns or [],
         )
-        do("subnet.create", body, output)
 
     @apps["port"].command("create")
     def port_create(
@@ -401,8 +430,10 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        body = _body(
-            tenant,
+        do(
+            "port.create",
+            output,
+            tenant=tenant,
             name=name,
             network=network,
             subnet=subnet,
@@ -410,7 +441,6 @@ def register(root: typer.Typer) -> None:
             security_groups=security_group or [],
             qos_policy=qos_policy,
         )
-        do("port.create", body, output)
 
     @apps["port"].command("set")
     def port_set(
@@ -421,8 +451,14 @@ def register(root: typer.Typer) -> None:
         output: OutputOpt = Format.table,
     ) -> None:
         """Change a port's security groups or QoS policy."""
-        body = _body(tenant, ref=port, security_groups=security_group, qos_policy=qos_policy)
-        do("port.set", body, output)
+        do(
+            "port.set",
+            output,
+            tenant=tenant,
+            ref=port,
+            security_groups=security_group,
+            qos_policy=qos_policy,
+        )
 
     @apps["router"].command("create")
     def router_create(
@@ -433,7 +469,7 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do("router.create", _body(tenant, name=name, external_network=external), output)
+        do("router.create", output, tenant=tenant, name=name, external_network=external)
 
     _linking(apps["router"], "router", ("add-subnet", "remove-subnet"), "router", "subnet")
 
@@ -443,7 +479,7 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do("floating-ip.create", _body(tenant, network=network), output)
+        do("floating-ip.create", output, tenant=tenant, network=network)
 
     @apps["floating-ip"].command("associate")
     def fip_associate(
@@ -453,8 +489,14 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        body = _body(tenant, floating_ip=floating_ip, server=server, port=port)
-        do("floating-ip.associate", body, output)
+        do(
+            "floating-ip.associate",
+            output,
+            tenant=tenant,
+            floating_ip=floating_ip,
+            server=server,
+            port=port,
+        )
 
     sg = apps["security-group"]
 
@@ -465,9 +507,9 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        do("security-group.create", _body(tenant, name=name, description=description), output)
+        do("security-group.create", output, tenant=tenant, name=name, description=description)
 
-    rule_app = typer.Typer(no_args_is_help=True, help="Security group rules.")
+    rule_app = group("Security group rules.")
     sg.add_typer(rule_app, name="rule")
 
     @rule_app.command("add")
@@ -489,8 +531,10 @@ def register(root: typer.Typer) -> None:
             except ValueError:
                 typer.echo(f"error: --port wants N or N:M, got {port!r}", err=True)
                 raise typer.Exit(EXIT_USAGE) from None
-        body = _body(
-            tenant,
+        do(
+            "security-group.rule-add",
+            output,
+            tenant=tenant,
             security_group=security_group,
             protocol=protocol,
             port_min=lo,
@@ -499,7 +543,6 @@ def register(root: typer.Typer) -> None:
             remote_group=remote_group,
             direction=direction,
         )
-        do("security-group.rule-add", body, output)
 
     @rule_app.command("remove")
     def rule_remove(
@@ -507,8 +550,10 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         do(
             "security-group.rule-remove",
-            _body(tenant, security_group=security_group, rule=rule),
             output,
+            tenant=tenant,
+            security_group=security_group,
+            rule=rule,
         )
 
     @apps["qos-policy"].command("create")
@@ -521,11 +566,14 @@ def register(root: typer.Typer) -> None:
     ) -> None:
         do(
             "qos-policy.create",
-            _body(tenant, name=name, max_kbps=max_kbps, burst_kb=burst_kb),
             output,
+            tenant=tenant,
+            name=name,
+            max_kbps=max_kbps,
+            burst_kb=burst_kb,
         )
 
-    quota = typer.Typer(no_args_is_help=True, help="Quotas: limits and usage per tenant.")
+    quota = group("Quotas: limits and usage per tenant.")
     root.add_typer(quota, name="quota")
 
     @quota.command("show")
@@ -571,5 +619,4 @@ def register(root: typer.Typer) -> None:
             }.items()
             if v is not None
         }
-        data = run(lambda c: c.command("quota.set", {"tenant": tenant, "limits": limits})).data
-        _emit_quota(data, output)
+        _emit_quota(send("quota.set", tenant=tenant, limits=limits).data, output)

@@ -20,6 +20,13 @@ from typing import IO, Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always offered)
+    NATS_SERVICE_SECRET,
+    NATS_SERVICE_USER,
+    OPENSTACK_API_FILE,
+    URL_FILE,
+    default_data_dir,
+)
 from stratus.events.broker import EmbeddedNats
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
@@ -29,11 +36,13 @@ from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.integrations import WebhookKeys
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
-from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.targets import TargetPolicy
+from stratus.handlers.tokens import Verifier
 from stratus.handlers.webhooks import WebhookService
 from stratus.handlers.webhooks import register_query as register_webhook_query
 from stratus.projections.db import make_engine, sqlite_url
@@ -42,11 +51,6 @@ from stratus.projections.rebuild import LiveProjection, SwapService, live_store_
 
 log = structlog.get_logger("stratus.up")
 
-URL_FILE = "url"
-# The auth URL of the OpenStack API that `stratus up` runs (for `status`).
-OPENSTACK_API_FILE = "openstack-api"
-NATS_SERVICE_USER = "stratus"
-NATS_SERVICE_SECRET = "nats-service-password"
 # Clients (the CLI, integrations) connect without credentials and get only
 # this: send commands and queries, receive replies. Appending to the log, or
 # any JetStream API call, is refused by the server itself.
@@ -109,6 +113,7 @@ async def start_services(
     queries: bool = True,
     token_ttl_s: int = DEFAULT_TTL_S,
     quota_defaults: dict[str, int] | None = None,
+    webhook_policy: TargetPolicy | None = None,
 ) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
     """The identity feed first (keys, revocations), then the services asked for."""
     verifier = Verifier()
@@ -120,7 +125,7 @@ async def start_services(
     if commands:
         cmd_svc = CommandService(
             store,
-            all_handlers(keyring, token_ttl_s, quota_defaults),
+            all_handlers(keyring, token_ttl_s, quota_defaults, webhook_policy),
             authenticate=authenticate,
             roles=book,
         )
@@ -136,14 +141,6 @@ async def start_services(
         register_webhook_query(q_svc, store)
         await q_svc.start()
     return feed, cmd_svc, q_svc
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("STRATUS_DATA_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "stratus"
 
 
 class DataDirBusy(RuntimeError):
@@ -164,9 +161,13 @@ class Stack:
         quota_defaults: dict[str, int] | None = None,
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
+        webhook_allow: list[str] | None = None,
         openstack_port: int | None = None,
     ) -> None:
         self.token_ttl_s = token_ttl_s
+        # Where webhooks may point: the command handlers check it when one is
+        # created, the delivery service at every POST.
+        self.webhook_policy = TargetPolicy(webhook_allow or ())
         # None: no OpenStack API; 0: on any free port.
         self.openstack_port = openstack_port
         self.openstack_api: Any = None
@@ -237,6 +238,7 @@ class Stack:
                 keyring,
                 token_ttl_s=self.token_ttl_s,
                 quota_defaults=self.quota_defaults,
+                webhook_policy=self.webhook_policy,
             )
             assert self.commands is not None and self.queries is not None
             self.swapper = SwapService(
@@ -253,7 +255,10 @@ class Stack:
                 await sched.start()
                 self.schedulers.append(sched)
             self.webhooks = WebhookService(
-                self.store, WebhookKeys.load_or_create(keyring.path), **self.webhook_options
+                self.store,
+                WebhookKeys.load_or_create(keyring.path),
+                policy=self.webhook_policy,
+                **self.webhook_options,
             )
             await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
@@ -272,11 +277,10 @@ class Stack:
 
     async def _start_openstack_api(self, url: str) -> None:
         """The OpenStack API, a client of the broker like the CLI (no secrets)."""
-        from stratus.api.app import ApiServer
+        from stratus.api.app import ApiServer, bind
 
-        self.openstack_api = ApiServer(
-            url, f"127.0.0.1:{self.openstack_port}", self.data_dir / "images"
-        )
+        sock = bind(f"127.0.0.1:{self.openstack_port}")
+        self.openstack_api = ApiServer(url, sock, self.data_dir / "images")
         auth_url = await self.openstack_api.start()
         (self.data_dir / OPENSTACK_API_FILE).write_text(auth_url + "\n")
 

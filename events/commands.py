@@ -13,7 +13,7 @@ import re
 import msgspec
 
 from stratus.events.errors import ErrorBody
-from stratus.events.ids import NAME_RE, TOKEN_RE, new_id
+from stratus.events.ids import DISPLAY_NAME_RE, NAME_RE, RESOURCE_NAME_RE, TOKEN_RE, new_id
 
 # Headers of a command request.
 H_COMMAND_ID = "Stratus-Command-Id"
@@ -64,8 +64,15 @@ def via_of(command_id: str) -> str:
 MAX_COMMAND_BYTES = 64 * 1024
 
 
-class Command(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Base of every command. Unknown fields are typos and are refused."""
+class Command(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Base of every command. Unknown fields are typos and are refused.
+
+    Encoded (by a client), a command carries only the fields that differ
+    from their defaults: what its sender chose, nothing a service of an
+    older version would refuse as unknown only because it was defaulted.
+    """
 
 
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -82,9 +89,10 @@ _PATTERN_HELP = {
     NAME_RE.pattern: "a name: 1-63 lowercase letters, digits and '-', not starting with '-'",
     TOKEN_RE.pattern: "an id: 1-64 letters, digits, '_' and '-'",
     r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$": "a name, an id or an address (1-64 characters)",
-    r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?(?!\n)$": (
+    RESOURCE_NAME_RE.pattern: (
         "a name: up to 63 letters, digits, '_', '.' and '-', not starting with one of '_.-'"
     ),
+    DISPLAY_NAME_RE.pattern: "free text: 1-128 characters, not only spaces, no control characters",
 }
 
 

@@ -70,6 +70,16 @@ class Internal(StratusError):
     kind = "internal"
 
 
+class HostError(StratusError):
+    """A host could not do what it was asked (libvirt, qemu-img, the kernel
+    refused or failed); ``message`` is the host's own words.
+
+    Agents report it on the log (``server.build-failed``, ``server.failed``)
+    rather than answering a caller with it."""
+
+    kind = "host_error"
+
+
 class ConcurrencyConflict(StratusError):
     """A conditional append was refused: the expected position had moved.
 

@@ -19,7 +19,7 @@ from typing import Annotated, ClassVar, Literal
 import msgspec
 
 from stratus.events.commands import Command
-from stratus.events.ids import NAME_RE
+from stratus.events.ids import NAME_RE, RESOURCE_NAME_RE
 from stratus.events.model import Event
 
 SYSTEM = "_system"
@@ -29,8 +29,7 @@ Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
 # subject or a kernel name (those use ids), so it may carry what OpenStack
 # tools put in names (upper case, '.', '_') and may be empty (Neutron's
 # unnamed subnets and ports); a cloud-wide object's name is its id: ``Name``.
-RESOURCE_NAME_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?(?!\n)$"
-ResourceName = Annotated[str, msgspec.Meta(pattern=RESOURCE_NAME_PATTERN, max_length=63)]
+ResourceName = Annotated[str, msgspec.Meta(pattern=RESOURCE_NAME_RE.pattern, max_length=63)]
 # A reference to a resource: its id or its name (or a floating IP's address).
 # Refs are resolved against the state, never put into a subject as given.
 REF_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
@@ -209,11 +208,13 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
-    pass
+    # Until the host's agent reports server.stopped.
+    status = "stopping"
 
 
 class ServerStartRequested(ResourceEvent, frozen=True, tag="server.start-requested"):
-    pass
+    # Until the host's agent reports server.running.
+    status = "starting"
 
 
 class ServerRebootRequested(ResourceEvent, frozen=True, tag="server.reboot-requested"):
@@ -613,7 +614,6 @@ Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")]
 
 
 class ImageCreate(TenantScoped, frozen=True):
-    # A public image's name is its id (``Name``); the decision checks it.
     name: ResourceName
     format: Literal["qcow2", "raw"] = "qcow2"
     size_bytes: Count = 0
@@ -621,6 +621,12 @@ class ImageCreate(TenantScoped, frozen=True):
     public: bool = False
     min_disk_gb: Count = 0
     properties: Properties = {}
+
+
+class PublicImageCreate(ImageCreate, frozen=True):
+    """A public image: cloud-wide, so its name is its id (``Name``)."""
+
+    name: Name
 
 
 class ImageUpload(TenantScoped, frozen=True):
@@ -681,6 +687,12 @@ class NetworkCreate(TenantScoped, frozen=True):
     gateway: Addr | None = None
     pool_start: Addr | None = None
     pool_end: Addr | None = None
+
+
+class ExternalNetworkCreate(NetworkCreate, frozen=True):
+    """An external network: cloud-wide, so its name is its id (``Name``)."""
+
+    name: Name
 
 
 class SubnetCreate(TenantScoped, frozen=True):
@@ -797,7 +809,7 @@ COMMANDS: dict[str, type[Command]] = {
     "flavor.create": FlavorCreate,
     "flavor.delete": FlavorDelete,
     "image.create": ImageCreate,
-    "image.create-public": ImageCreate,
+    "image.create-public": PublicImageCreate,
     "image.delete": RefCommand,
     "image.upload": ImageUpload,
     "server.create": ServerCreate,
@@ -812,7 +824,7 @@ COMMANDS: dict[str, type[Command]] = {
     "volume.attach": VolumeAttach,
     "volume.detach": VolumeAttach,
     "network.create": NetworkCreate,
-    "network.create-external": NetworkCreate,
+    "network.create-external": ExternalNetworkCreate,
     "network.delete": RefCommand,
     "subnet.create": SubnetCreate,
     "subnet.delete": RefCommand,
@@ -836,32 +848,7 @@ COMMANDS: dict[str, type[Command]] = {
     "qos-policy.create": QosPolicyCreate,
     "qos-policy.delete": RefCommand,
     "quota.set": QuotaSetCommand,
-    **{
-        f"{kind}.rename": Rename
-        for kind in ("network", "subnet", "router", "image", "security-group")
-    },
-}
-
-
-# Every kind of the inventory and the name its list query (``q.<plural>``)
-# and its table (with ``_``) go by.
-PLURALS: dict[str, str] = {
-    "host": "hosts",
-    "flavor": "flavors",
-    "image": "images",
-    "server": "servers",
-    "server-group": "server-groups",
-    "volume": "volumes",
-    "network": "networks",
-    "subnet": "subnets",
-    "port": "ports",
-    "router": "routers",
-    "floating-ip": "floating-ips",
-    "security-group": "security-groups",
-    "qos-policy": "qos-policies",
-    # Defined in events/integrations.py; listed here so they get views too.
-    "integration": "integrations",
-    "webhook": "webhooks",
+    **{f"{kind}.rename": Rename for kind in RENAMED},
 }
 
 

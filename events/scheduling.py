@@ -59,6 +59,14 @@ class ServerBuildFailed(Event, frozen=True, tag="server.build-failed"):
     attempt: int = 1
 
 
+class ServerBuildTimeout(ServerBuildFailed, frozen=True, tag="server.build-timeout"):
+    """The scheduler's timer: the server stayed ``scheduled`` or ``building``
+    on ``host`` while that host was not beating, for longer than the
+    configured build timeout. Appended on the condition that nothing came on
+    the server's subject since, so it and the agent's own report exclude each
+    other; the scheduler then tries another host, as after a build failure."""
+
+
 class HostHeartbeat(msgspec.Struct, frozen=True):
     """One beat in the KV bucket (not an event: it never reaches the log)."""
 
@@ -70,4 +78,4 @@ class HostHeartbeat(msgspec.Struct, frozen=True):
     instances: int = 0
 
 
-EVENTS = (HostClaimed, HostReleased, ServerBuildFailed)
+EVENTS = (HostClaimed, HostReleased, ServerBuildFailed, ServerBuildTimeout)

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from nats.aio.msg import Msg
 
 from stratus.events.commands import Reply, reply_allowed
@@ -47,16 +46,14 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _raw(public: X25519PublicKey) -> bytes:
-    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
 class _Party:
     """One side's X25519 key and the AEAD keys derived with each peer."""
 
     def __init__(self) -> None:
         self._key = X25519PrivateKey.generate()
-        self.public = _raw(self._key.public_key())
+        # (public_bytes_raw: no need to load the serialization module, which
+        # every CLI command would pay for at start.)
+        self.public = self._key.public_key().public_bytes_raw()
         self.public_b64 = _b64(self.public)
         self._aeads: OrderedDict[bytes, ChaCha20Poly1305] = OrderedDict()
 

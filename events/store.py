@@ -19,7 +19,7 @@ import re
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -54,6 +54,7 @@ MAX_BATCH = 1000
 DUPLICATE_WINDOW_S = 15 * 60
 
 ERR_WRONG_LAST_SEQUENCE = 10071
+ERR_WRONG_LAST_MSG_ID = 10070
 ERR_BATCH_DUPLICATE_MSG_ID = 10201
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
 
@@ -63,6 +64,12 @@ H_EXPECT_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 H_BATCH_ID = "Nats-Batch-Id"
 H_BATCH_SEQ = "Nats-Batch-Sequence"
 H_BATCH_COMMIT = "Nats-Batch-Commit"
+H_EXPECT_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
+# What a lookup expects the stream's last message id to be: nothing that
+# appends carries (ids are tokens), so the lookup never stores anything.
+_NO_MSG_ID = "stratus lookup: never a message id"
+# Where a lookup is sent when the caller names no subject of its own.
+LOOKUP_SUBJECT = "ev._system.lookup.command"
 
 
 class Condition(msgspec.Struct, frozen=True):
@@ -314,22 +321,13 @@ class EventStore:
                 isinstance(exc, nats.js.errors.APIError)
                 and exc.err_code == ERR_BATCH_DUPLICATE_MSG_ID
             )
-        if msg_id and dup_batch:
-            first = await self._find_msg_id(payloads[0][0], msg_id)
+        if msg_id and (dup_batch or isinstance(err, ConcurrencyConflict)):
+            # A batch whose id the broker knows is refused whole; a stale
+            # condition is checked before the id, so a retry of an append
+            # that landed is refused as stale. Either may be a retry.
+            first = await self.find_append(msg_id, payloads[0][0])
             if first:
-                # An atomic batch is stored contiguously.
-                return AppendResult(list(range(first, first + len(events))), True)
-        if isinstance(err, ConcurrencyConflict) and msg_id:
-            # The server checks expectations before deduplication, so a retry
-            # of an append that landed is refused as stale. If the first
-            # subject's last message carries this id, the retry is a duplicate.
-            first = await self._last_with_msg_id(payloads[0][0], msg_id)
-            if not first:
-                # The aggregate may have moved on since: look further back,
-                # as far as the server would still deduplicate.
-                first = await self._find_msg_id(payloads[0][0], msg_id, recent=True)
-            if first:
-                return AppendResult(list(range(first, first + len(events))), True)
+                return AppendResult([r.seq for r in first], True)
         raise err
 
     async def append_group(
@@ -400,7 +398,10 @@ class EventStore:
         if msg_id:
             headers[H_MSG_ID] = msg_id
         ack = await self.js.publish(subject, data, headers=headers or None)
-        return AppendResult([ack.seq], bool(ack.duplicate))
+        if ack.duplicate:
+            # The original append may have been a batch: all of its seqs.
+            return AppendResult([r.seq for r in await self._append_at(ack.seq)], True)
+        return AppendResult([ack.seq])
 
     async def _publish_batch(
         self,
@@ -428,34 +429,56 @@ class EventStore:
         ack = await self.js.publish(subject, data, headers=headers)
         return list(range(ack.seq - n + 1, ack.seq + 1))
 
-    async def _last_with_msg_id(self, subject: str, msg_id: str) -> int:
-        try:
-            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
-        except (TimeoutError, nats.errors.Error):
-            return 0
-        if msg.headers and msg.headers.get(H_MSG_ID) == msg_id:
-            return msg.seq or 0
-        return 0
+    async def find_append(self, msg_id: str, subject: str = LOOKUP_SUBJECT) -> list[Recorded]:
+        """The events of the append that carried ``msg_id`` (a command id),
+        with their headers, or [] if the broker does not know it.
 
-    async def _find_msg_id(self, subject: str, msg_id: str, recent: bool = False) -> int:
-        """The sequence of the message on ``subject`` that carried ``msg_id``.
-
-        ``recent``: only within the duplicate window (older ids are forgotten
-        by the server too, so a match there would not be a retry it knows).
+        The broker's own memory answers, the one that deduplicates: every
+        id stored within the duplicate window (``DUPLICATE_WINDOW_S``),
+        across restarts of the broker and of every client, and nothing
+        older. It is asked with a publish that can never be stored (it
+        expects the stream's last message to carry an id no append uses):
+        a known id is answered as a duplicate with the sequence of the
+        message that carried it, an unknown one is refused. ``subject`` is
+        where that publish goes (the caller must be allowed to publish
+        there; nothing lands).
         """
-        after = 0
-        if recent:
-            since = datetime.now(UTC) - timedelta(seconds=DUPLICATE_WINDOW_S)
-            first = await self.first_seq_after(since)
-            if first == 0:
-                return 0
-            after = first - 1
-        found = 0
-        async for batch in self.read(after=after, subjects=[subject], headers=True):
-            for rec in batch:
-                if rec.headers and rec.headers.get(H_MSG_ID) == msg_id:
-                    found = rec.seq
-        return found
+        headers = {H_MSG_ID: msg_id, H_EXPECT_LAST_MSG_ID: _NO_MSG_ID}
+        try:
+            ack = await self.js.publish(subject, b"", headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == ERR_WRONG_LAST_MSG_ID:
+                return []
+            raise _translate(exc) from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _translate(exc) from None
+        if not ack.duplicate:
+            raise Internal(f"a lookup of command {msg_id} was stored at {ack.seq}")
+        return await self._append_at(ack.seq)
+
+    async def _append_at(self, first: int) -> list[Recorded]:
+        """The events of the append whose first message is at ``first``.
+
+        One event, or the members of one atomic batch (stored contiguously)
+        from ``first`` up to the next member that starts another request's
+        append (it carries its own id: ``append_group``) or the batch's end.
+        """
+        out: list[Recorded] = []
+        batch = None
+        for seq in range(first, first + MAX_BATCH):
+            try:
+                msg = await self.js.get_msg(self.stream, seq, direct=True)
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _translate(exc) from None
+            h = msg.headers or {}
+            if seq == first:
+                batch = h.get(H_BATCH_ID)
+            elif h.get(H_BATCH_ID) != batch or H_MSG_ID in h:
+                break
+            out.append(Recorded(seq, msg.subject or "", 0, msg.data or b"", h))
+            if batch is None or h.get(H_BATCH_COMMIT):
+                break
+        return out
 
     # -- read -----------------------------------------------------------------
 

@@ -22,8 +22,10 @@ from stratus.events.compute import HostServerAction, ServerExec, ServerSnapshot
 from stratus.events.errors import Conflict, Internal, Invalid, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
+from stratus.handlers.inventory import host_action, unique
+from stratus.handlers.records import Server
 from stratus.handlers.registry import Special
-from stratus.handlers.resources import _host_action, _tenant_handler, _unique
+from stratus.handlers.resources import tenant_handler
 from stratus.handlers.world import World, fold
 
 EXEC_SUBJECT = "agent.{host}.exec"
@@ -31,7 +33,7 @@ EXEC_SUBJECT = "agent.{host}.exec"
 EXEC_SLACK_S = 5.0
 
 
-async def _server(service: Any, tenant: str, ref: str) -> dict[str, Any]:
+async def _server(service: Any, tenant: str, ref: str) -> Server:
     """The server as its tenant's server events say (not the shared cache:
     its entries belong to the deciding handlers and their quota settings)."""
     w = World()
@@ -39,47 +41,47 @@ async def _server(service: Any, tenant: str, ref: str) -> dict[str, Any]:
     async for batch in service.store.read(subjects=[f"ev.{tenant}.server.*"]):
         for rec in batch:
             fold(w, rec.decode(service.store.codec))
-    return w.find("server", ref)
+    return w.servers.find(ref)
 
 
 async def run_exec(service: Any, cmd: ServerExec, cause: Cause) -> Reply:
     s = await _server(service, cmd.tenant or "", cmd.ref)
-    if s.get("instance_type") != "container":
-        raise Invalid(f"server {s['name']} is a {s.get('instance_type')}; exec needs a container")
-    if s["status"] != "running" or not s.get("host"):
-        raise Conflict(f"server {s['name']} is {s['status']}; exec needs it running")
+    if s.instance_type != "container":
+        raise Invalid(f"server {s.name} is a {s.instance_type}; exec needs a container")
+    if s.status != "running" or not s.host:
+        raise Conflict(f"server {s.name} is {s.status}; exec needs it running")
     body = msgspec.json.encode(
-        {"server": s["id"], "command": list(cmd.command), "timeout": cmd.timeout}
+        {"server": s.id, "command": list(cmd.command), "timeout": cmd.timeout}
     )
     try:
         msg = await service.store.nc.request(
-            EXEC_SUBJECT.format(host=s["host"]), body, timeout=cmd.timeout + EXEC_SLACK_S
+            EXEC_SUBJECT.format(host=s.host), body, timeout=cmd.timeout + EXEC_SLACK_S
         )
     except nats.errors.NoRespondersError:
-        raise Unavailable(f"the compute agent of host {s['host']} is not running") from None
+        raise Unavailable(f"the compute agent of host {s.host} is not running") from None
     except (TimeoutError, nats.errors.TimeoutError):
-        raise Unavailable(f"the compute agent of host {s['host']} did not answer") from None
+        raise Unavailable(f"the compute agent of host {s.host} did not answer") from None
     reply = msgspec.json.decode(msg.data)
     if not reply.get("ok"):
-        raise Conflict(f"host {s['host']}: {reply.get('error') or 'exec refused'}")
+        raise Conflict(f"host {s.host}: {reply.get('error') or 'exec refused'}")
     result = reply.get("result")
     if not isinstance(result, dict):
         raise Internal("the compute agent answered without a result")
-    return Reply(ok=True, data={"server": s["id"], **result})
+    return Reply(ok=True, data={"server": s.id, **result})
 
 
 def decide_server_snapshot(w: World, cmd: ServerSnapshot, cause: Cause) -> list[Event]:
     """Ask the server's host for an image of its disk; the agent appends
     ``image.created`` (layered on the server's image) once it is stored."""
     t = cmd.tenant or ""
-    s = w.find("server", cmd.ref)
-    if s.get("instance_type") != "vm":
-        raise Invalid(f"server {s['name']} is a {s.get('instance_type')}; snapshots are of VMs")
-    if s["status"] not in ("running", "stopped") or not s.get("host"):
-        raise Conflict(f"server {s['name']} is {s['status']}; snapshots need it built")
-    _unique(w, "image", cmd.name)
+    s = w.servers.find(cmd.ref)
+    if s.instance_type != "vm":
+        raise Invalid(f"server {s.name} is a {s.instance_type}; snapshots are of VMs")
+    if s.status not in ("running", "stopped") or not s.host:
+        raise Conflict(f"server {s.name} is {s.status}; snapshots need it built")
+    unique(w.images, cmd.name)
     return [
-        _host_action(s, t, cause, "snapshot", image=new_id(), image_name=cmd.name),
+        host_action(s, t, cause, "snapshot", image=new_id(), image_name=cmd.name),
     ]
 
 
@@ -96,7 +98,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Any]:
 
     return [
         Special("server.exec", ServerExec, "server.exec", run_exec, tenant_of=lambda c: c.tenant),
-        _tenant_handler(
+        tenant_handler(
             "server.snapshot",
             ServerSnapshot,
             decide_server_snapshot,

@@ -56,12 +56,11 @@ from stratus.events.model import Cause, Event
 from stratus.events.store import Condition
 from stratus.events.tenants import TenantCreate
 from stratus.handlers import tenants
+from stratus.handlers.keyring import DEFAULT_TTL_S, KeyRing
 from stratus.handlers.passwords import hash_password, verify_password
 from stratus.handlers.rbac import BUILT_IN_ROLES, TRUSTED, Caller, grantable
-from stratus.handlers.registry import Handler, Special
-from stratus.handlers.tokens import KeyRing
+from stratus.handlers.registry import Handler, Special, on_aggregate
 
-DEFAULT_TTL_S = 8 * 3600
 # No token lives longer: a revocation whose token's expiry is unknown (an
 # admin revoking another user's token by id) is kept this long.
 MAX_TTL_S = 24 * 3600
@@ -430,20 +429,9 @@ def signing_key_event(kid: str, public_key: bytes, cause: Cause) -> Event:
     return cause.make(SigningKeyAdded, SYSTEM, KEY, kid, kid=kid, public_key=public_key)
 
 
-def _on_user(verb: str, command: type, field: str, decide: Any, **extra: Any) -> Handler:
-    """A verb deciding on one user's aggregate (named by ``command.<field>``);
-    its permission is the verb itself."""
-    return Handler(
-        verb=verb,
-        command=command,
-        permission=verb,
-        boundary=lambda c: user_subject(getattr(c, field)),
-        initial=UserState,
-        fold=fold_user,
-        decide=decide,
-        view=user_view,
-        **extra,
-    )
+# A verb deciding on one user's aggregate (named by ``command.<field>``);
+# its permission is the verb itself.
+_on_user = on_aggregate(user_subject, UserState, fold_user, user_view)
 
 
 def handlers(keyring: KeyRing | None = None, ttl_s: int = DEFAULT_TTL_S) -> list[Any]:

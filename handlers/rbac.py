@@ -77,6 +77,7 @@ PERMISSIONS: dict[str, Rule] = {
     # Integrations hand out a reader of the whole tenant's log: admins only.
     "integration.create": Rule(Scope.TENANT, MANAGE),
     "integration.revoke": Rule(Scope.TENANT, MANAGE),
+    "integration.reset": Rule(Scope.TENANT, MANAGE),
     "integration.read": Rule(Scope.TENANT, MANAGE),
     "webhook.create": Rule(Scope.TENANT, MANAGE),
     "webhook.delete": Rule(Scope.TENANT, MANAGE),

@@ -18,7 +18,9 @@ class Handler(msgspec.Struct, frozen=True):
     guards the verb, and ``tenant_of`` the tenant whose resource the command
     touches (None for cloud-wide ones). ``prepare(command, caller, service)``,
     if given, runs first and may read other state or do slow work (hashing a
-    password) off the decision; it returns what ``decide`` gets. ``boundary``
+    password) off the decision; it returns what ``decide`` gets. A hook that
+    only reads cloud-wide objects is written against the narrow
+    ``handlers.lookup.Lookup`` and wrapped with ``with_lookup``. ``boundary``
     names the subject (or filter) whose state the decision reads and whose
     last sequence the append is conditioned on; ``decide(state, command,
     cause)`` is pure and either returns the events or raises a
@@ -61,3 +63,29 @@ class Special(msgspec.Struct, frozen=True):
     # For a verb on a tenant's resource: the tenant whose roles authorise it
     # (the command's ``tenant``, filled with the caller's when left out).
     tenant_of: Callable[[Any], str | None] | None = None
+
+
+def on_aggregate(
+    subject: Callable[[str], str],
+    initial: Callable[[], Any],
+    fold: Callable[[Any, Event], Any],
+    view: Callable[[Any], Any],
+) -> Callable[..., Handler]:
+    """How to make the verbs decided on one aggregate of a kind (a user, a
+    tenant): ``make(verb, command, field, decide, **kw)`` decides on
+    ``subject(command.<field>)``, guarded by the permission named as the verb."""
+
+    def make(verb: str, command: type[Command], field: str, decide: Any, **kw: Any) -> Handler:
+        return Handler(
+            verb=verb,
+            command=command,
+            permission=verb,
+            boundary=lambda c: subject(getattr(c, field)),
+            initial=initial,
+            fold=fold,
+            decide=decide,
+            view=view,
+            **kw,
+        )
+
+    return make

@@ -8,7 +8,6 @@ from the conditional append (see ``handlers.state``), not from locks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -35,11 +34,11 @@ from stratus.events.errors import (
 from stratus.events.group import GroupCommit
 from stratus.events.ids import is_token, new_id
 from stratus.events.model import Cause
-from stratus.events.sealed import Sealer, respond
+from stratus.events.responder import Responder, encode_reply
 from stratus.events.store import Condition, EventStore, subject_matches
 from stratus.handlers.rbac import ANONYMOUS, TRUSTED, Caller, RoleBook, Scope, authorize, rule
 from stratus.handlers.registry import Handler, Special
-from stratus.handlers.state import StateCache
+from stratus.handlers.state import StateCache, Tracked
 
 QUEUE_GROUP = "handlers"
 # Enough for dozens of commands racing on one tenant or one pool.
@@ -48,21 +47,12 @@ MAX_IN_FLIGHT = 512
 OWN_REMEMBERED = 4096
 
 log = structlog.get_logger("stratus.handlers")
-_reply_encoder = msgspec.json.Encoder()
-
-
-def encode_reply(reply: Reply) -> bytes:
-    return _reply_encoder.encode(reply)
-
-
-def error_reply(err: StratusError) -> bytes:
-    return encode_reply(Reply(ok=False, error=err.to_wire()))
 
 
 Authenticate = Callable[[dict[str, str]], Caller]
 
 
-class CommandService:
+class CommandService(Responder):
     """Serves ``cmd.>``.
 
     ``authenticate`` turns request headers into a ``Caller`` (verifying the
@@ -70,6 +60,9 @@ class CommandService:
     trusted as the cloud administrator, which is for tests and benchmarks of
     the write path only: ``stratus up`` and ``stratus serve`` always pass one.
     """
+
+    internal_message = "internal error; see the handler log"
+    failed = "command failed"
 
     def __init__(
         self,
@@ -82,6 +75,7 @@ class CommandService:
         max_attempts: int = MAX_ATTEMPTS,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
+        super().__init__(store.nc, "cmd.>", queue=queue, max_in_flight=max_in_flight, log=log)
         self.store = store
         self.handlers: dict[str, Handler | Special] = {}
         for h in handlers:
@@ -94,21 +88,16 @@ class CommandService:
         self.roles = roles
         self.cache = StateCache(store)
         self.appender = GroupCommit(store)
-        self.queue = queue
         self.max_attempts = max_attempts
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sub: Any = None
-        self._feed: Any = None
         # Commands this service appended lately: their events, seen again
         # on the stream, are not news to its cache.
         self._own: OrderedDict[str, None] = OrderedDict()
         self.conflicts = 0
-        self.sealer = Sealer()
 
     async def start(self) -> None:
-        self._feed = await self.store.nc.subscribe("ev.>", cb=self._on_event)
-        self._sub = await self.store.nc.subscribe("cmd.>", queue=self.queue, cb=self._on_msg)
+        # Stopped with the requests' subscription (``Responder.stop``).
+        self._subs.append(await self.nc.subscribe("ev.>", cb=self._on_event))
+        await super().start()
 
     async def _on_event(self, msg: Msg) -> None:
         try:
@@ -123,37 +112,8 @@ class CommandService:
         if len(self._own) > OWN_REMEMBERED:
             self._own.popitem(last=False)
 
-    async def stop(self) -> None:
-        """Stop taking requests, then let the ones in flight finish."""
-        for sub in (self._sub, self._feed):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        self._sub = self._feed = None
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-
-    async def _on_msg(self, msg: Msg) -> None:
-        # nats-py runs one callback at a time per subscription: hand each
-        # request to its own task so slow appends do not queue the rest.
-        await self._slots.acquire()
-        task = asyncio.create_task(self._serve(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-
-    async def _serve(self, msg: Msg) -> None:
-        try:
-            body = await self.handle(msg.subject, msg.data, msg.headers or {})
-        except StratusError as err:
-            body = error_reply(err)
-        except Exception:
-            log.exception("command failed", subject=msg.subject)
-            body = error_reply(Internal("internal error; see the handler log"))
-        await respond(self.store.nc, msg, body, self.sealer)
+    async def answer(self, msg: Msg) -> bytes:
+        return await self.handle(msg.subject, msg.data, msg.headers or {})
 
     async def handle(self, subject: str, data: bytes, headers: dict[str, str]) -> bytes:
         verb = subject[4:] if subject.startswith("cmd.") else subject
@@ -240,9 +200,6 @@ class CommandService:
             await refresh()
             refreshed = True
         for attempt in range(self.max_attempts):
-            done = tracked.ledger.get(cause.correlation_id)
-            if done is not None:
-                return self._ok(handler, tracked.state, done, duplicate=True)
             state = tracked.state if other is None else (tracked.state, other.state)
             try:
                 events = handler.decide(state, cmd, cause)
@@ -253,10 +210,18 @@ class CommandService:
                     await refresh()
                     refreshed = True
                     continue
+                # A retry of a command that landed is refused by the state
+                # it made itself (already_exists, not_found, quota): answer
+                # it as the original was answered.
+                done = await self._applied(handler, tracked, cause)
+                if done is not None:
+                    return done
                 log.info("command refused", kind=err.kind, reason=err.message, **bind)
                 raise
             if not events:
-                return self._ok(handler, tracked.state, [])
+                # (or a retry that finds its own events there: nothing to do)
+                done = await self._applied(handler, tracked, cause)
+                return done or self._ok(handler, tracked.state, [])
             conditions = (
                 [Condition(boundary, tracked.seq)]
                 if other is None
@@ -273,8 +238,10 @@ class CommandService:
                     await asyncio.sleep(random.uniform(0, min(0.05, 0.002 * 2**attempt)))
                 continue
             if result.duplicate:
+                # A retry, decided again and stopped by the broker.
                 await refresh()
-                return self._ok(handler, tracked.state, result.seqs, duplicate=True)
+                done = await self._applied(handler, tracked, cause)
+                return done or self._ok(handler, tracked.state, result.seqs, duplicate=True)
             for seq, event in zip(result.seqs, events, strict=True):
                 # Only what matches the boundary moves its position.
                 if subject_matches(boundary, event.subject):
@@ -285,6 +252,21 @@ class CommandService:
         raise Conflict(
             f"{handler.verb}: the state kept changing over {self.max_attempts} attempts; retry"
         )
+
+    async def _applied(self, handler: Handler, tracked: Tracked[Any], cause: Cause) -> Reply | None:
+        """The original answer to this command if it was applied already:
+        its events, all of them, as the log has them (None: it was not).
+
+        The broker remembers the command ids it stored for its duplicate
+        window, across restarts (``EventStore.find_append``), so a retry is
+        recognised whatever came between; nothing else needs to remember
+        (``tracked`` is fresh when this is asked: it has the events).
+        """
+        recs = await self.store.find_append(cause.correlation_id)
+        if not recs:
+            return None
+        events = [r.decode(self.store.codec) for r in recs]
+        return self._ok(handler, tracked.state, [r.seq for r in recs], True, events)
 
     @staticmethod
     def _ok(

@@ -23,13 +23,17 @@ S = TypeVar("S")
 
 Fold = Callable[[S, Event], S]
 
-# Commands remembered per boundary, so a retried command whose first try
-# already landed is answered with the original sequence numbers.
-LEDGER_SIZE = 256
-
 
 class Tracked(Generic[S]):
-    __slots__ = ("ledger", "seq", "stale", "state")
+    """A boundary's state as of its last event ``seq``.
+
+    It does not remember which commands landed: a retried command is
+    recognised by the broker, which keeps every command id for its
+    duplicate window (``EventStore.find_append``), whatever came between
+    and across restarts.
+    """
+
+    __slots__ = ("seq", "stale", "state")
 
     def __init__(self, state: S) -> None:
         self.state = state
@@ -37,18 +41,10 @@ class Tracked(Generic[S]):
         # Set when the stream shows another writer's event on this boundary:
         # the next decision reads it first instead of losing an append.
         self.stale = False
-        self.ledger: OrderedDict[str, list[int]] = OrderedDict()
 
     def apply(self, seq: int, event: Event, fold: Fold[S]) -> None:
         self.state = fold(self.state, event)
         self.seq = seq
-        seqs = self.ledger.get(event.correlation_id)
-        if seqs is None:
-            self.ledger[event.correlation_id] = [seq]
-            if len(self.ledger) > LEDGER_SIZE:
-                self.ledger.popitem(last=False)
-        else:
-            seqs.append(seq)
 
 
 class StateCache:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
 
 from stratus.events.errors import AlreadyExists, NotFound
@@ -17,7 +15,7 @@ from stratus.events.tenants import (
     TenantRename,
     TenantRenamed,
 )
-from stratus.handlers.registry import Handler
+from stratus.handlers.registry import on_aggregate
 
 
 class TenantState(msgspec.Struct, frozen=True):
@@ -94,18 +92,8 @@ def decide_delete(state: TenantState, cmd: TenantDelete, cause: Cause) -> list[E
     return [cause.make(TenantDeleted, t.id, KIND, t.id)]
 
 
-def _on_tenant(verb: str, command: type, field: str, decide: Any) -> Handler:
-    """A verb deciding on one tenant's aggregate; its permission is the verb."""
-    return Handler(
-        verb=verb,
-        command=command,
-        permission=verb,
-        boundary=lambda c: subject(getattr(c, field)),
-        initial=TenantState,
-        fold=fold,
-        decide=decide,
-        view=view,
-    )
+# A verb deciding on one tenant's aggregate; its permission is the verb.
+_on_tenant = on_aggregate(subject, TenantState, fold, view)
 
 
 HANDLERS = [

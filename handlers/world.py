@@ -1,23 +1,25 @@
-"""A tenant's world: every resource it owns, its quota and its usage, folded
-from ``ev.<tenant>.>`` alone.
+"""A tenant's world: every resource it owns, typed, and its quota limits,
+folded from ``ev.<tenant>.>`` alone; and the state of one cloud-wide
+aggregate, folded from its own subject.
 
 Quota is a tenant-wide invariant, so decisions about a tenant's resources
 are made on this state as of the last event matching ``ev.<tenant>.>`` and
 appended on the condition that nothing else matched since. Usage is never a
-counter of its own: it is counted from the resources, so it cannot drift
-from them.
+counter of its own: ``handlers.quota`` counts it from the resources, so it
+cannot drift from them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, ValuesView
+from typing import Any, Generic
 
-from stratus.events.errors import NotFound, QuotaExceeded
+from stratus.events.errors import NotFound
 from stratus.events.model import Event
 from stratus.events.network import SegmentAllocated, SegmentReleased
 from stratus.events.resources import (
     QUOTA_DEFAULTS,
-    QUOTAS,
+    SYSTEM,
     AddressAllocated,
     AddressReleased,
     QuotaSet,
@@ -28,6 +30,24 @@ from stratus.events.resources import (
     SecurityGroupRuleRemoved,
 )
 from stratus.events.tenants import TenantCreated, TenantDeleted
+from stratus.handlers.records import (
+    RECORDS,
+    FloatingIp,
+    Image,
+    Network,
+    Port,
+    QosPolicy,
+    R,
+    Router,
+    Rule,
+    SecurityGroup,
+    Server,
+    ServerGroup,
+    Subnet,
+    Volume,
+    begin,
+    update,
+)
 
 
 def payload(event: Event) -> dict[str, Any]:
@@ -39,11 +59,76 @@ def tenant_boundary(tenant: str) -> str:
     return f"ev.{tenant}.>"
 
 
+def system_subject(kind: str, name: str) -> str:
+    """The subject of a cloud-wide object (a host, a flavor, a public image,
+    an external network), named by the name it was created with."""
+    return f"ev.{SYSTEM}.{kind}.{name}"
+
+
+class Table(Generic[R]):
+    """A tenant's live resources of one kind, by id; names are unique among them."""
+
+    __slots__ = ("by_id", "record", "world")
+
+    def __init__(self, world: World, record: type[R]) -> None:
+        self.world = world
+        self.record = record
+        self.by_id: dict[str, R] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_id)
+
+    def values(self) -> ValuesView[R]:
+        return self.by_id.values()
+
+    def get(self, rid: str) -> R | None:
+        return self.by_id.get(rid)
+
+    def named(self, name: str) -> R | None:
+        for r in self.by_id.values():
+            if getattr(r, "name", None) == name:
+                return r
+        return None
+
+    def find(self, ref: str) -> R:
+        """A live resource by id, else by its name, else NotFound."""
+        found = self.by_id.get(ref) or self.named(ref)
+        if found is None:
+            raise NotFound(f"{self.record.label()} {ref} not found in tenant {self.world.tenant}")
+        return found
+
+
 class World:
     """Mutable on purpose: folding a tenant with thousands of resources must
-    not copy them per event. Decisions only read it."""
+    not copy them per event. Decisions only read it.
 
-    __slots__ = ("defaults", "deleted", "exists", "limits", "res", "tenant")
+    Kinds without a record type here (integrations and webhooks, decided in
+    ``handlers.integrations``) are kept as plain dicts: ``of`` and ``find``.
+    """
+
+    __slots__ = (
+        "defaults",
+        "deleted",
+        "exists",
+        "floating_ips",
+        "images",
+        "limits",
+        "networks",
+        "ports",
+        "qos_policies",
+        "routers",
+        "security_groups",
+        "server_groups",
+        "servers",
+        "subnets",
+        "tables",
+        "tenant",
+        "untyped",
+        "volumes",
+    )
 
     def __init__(self, defaults: dict[str, int] | None = None) -> None:
         # Limits of a tenant no ``quota set`` has touched: the configured
@@ -53,59 +138,70 @@ class World:
         self.exists = False
         self.deleted = False
         self.limits: dict[str, int] = {}
-        # kind -> id -> attributes (name, status, payload fields)
-        self.res: dict[str, dict[str, dict[str, Any]]] = {}
+        self.images = Table(self, Image)
+        self.servers = Table(self, Server)
+        self.server_groups = Table(self, ServerGroup)
+        self.volumes = Table(self, Volume)
+        self.networks = Table(self, Network)
+        self.subnets = Table(self, Subnet)
+        self.ports = Table(self, Port)
+        self.routers = Table(self, Router)
+        self.floating_ips = Table(self, FloatingIp)
+        self.security_groups = Table(self, SecurityGroup)
+        self.qos_policies = Table(self, QosPolicy)
+        self.tables: dict[str, Table[Any]] = {
+            t.record.kind: t
+            for t in (
+                self.images,
+                self.servers,
+                self.server_groups,
+                self.volumes,
+                self.networks,
+                self.subnets,
+                self.ports,
+                self.routers,
+                self.floating_ips,
+                self.security_groups,
+                self.qos_policies,
+            )
+        }
+        # kind -> id -> attributes, for the kinds without a table.
+        self.untyped: dict[str, dict[str, dict[str, Any]]] = {}
+
+    @property
+    def live(self) -> bool:
+        return self.exists and not self.deleted
 
     def of(self, kind: str) -> dict[str, dict[str, Any]]:
-        return self.res.get(kind) or {}
+        """The live resources of a kind without a table, by id."""
+        if kind in self.tables:
+            raise KeyError(f"{kind} is typed: read world.tables[{kind!r}]")
+        return self.untyped.get(kind) or {}
 
     def find(self, kind: str, ref: str, label: str | None = None) -> dict[str, Any]:
-        """A live resource by id, else by its (unique) name, else NotFound."""
+        """A live resource of a kind without a table by id, else by name, else NotFound."""
         items = self.of(kind)
         found = items.get(ref)
         if found is None:
-            for r in items.values():
-                if r.get("name") == ref:
-                    found = r
-                    break
+            found = next((r for r in items.values() if r.get("name") == ref), None)
         if found is None:
             raise NotFound(f"{label or kind} {ref} not found in tenant {self.tenant}")
         return found
 
-    def named(self, kind: str, name: str) -> dict[str, Any] | None:
-        for r in self.of(kind).values():
-            if r.get("name") == name:
-                return r
-        return None
 
-    def limit(self, resource: str) -> int:
-        return self.limits.get(resource, self.defaults.get(resource, -1))
-
-    def usage(self) -> dict[str, int]:
-        return {
-            r: len(self.of(q.kind))
-            if q.column is None
-            else sum(x[q.column] for x in self.of(q.kind).values())
-            for r, q in QUOTAS.items()
-        }
-
-    def check_quota(self, wanted: dict[str, int]) -> None:
-        """Refuse if any of ``wanted`` (resource -> how many more) would exceed its limit."""
-        if not any(n > 0 for n in wanted.values()):
-            return
-        used = self.usage()
-        for resource, more in wanted.items():
-            limit = self.limit(resource)
-            if more > 0 and limit >= 0 and used[resource] + more > limit:
-                raise QuotaExceeded(
-                    f"{resource} {used[resource]} of {limit} in use "
-                    f"(asked for {more} more) in tenant {self.tenant}"
-                )
+def live_tenant(w: World, tenant: str) -> None:
+    """Refuse to decide in a tenant that does not exist (or no longer does)."""
+    if not w.live:
+        raise NotFound(f"tenant {tenant} not found")
 
 
 def fold(world: World, event: Event) -> World:
     if isinstance(event, ResourceEvent):
-        _fold_resource(world, event)
+        table = world.tables.get(event.aggregate.kind)
+        if table is not None:
+            _fold_record(table, event)
+        else:
+            _fold_untyped(world, event)
     elif isinstance(event, QuotaSet):
         world.limits = dict(event.limits)
     elif isinstance(event, TenantCreated):
@@ -115,33 +211,52 @@ def fold(world: World, event: Event) -> World:
     return world
 
 
-def _fold_resource(world: World, event: ResourceEvent) -> None:
+def _fold_record(table: Table[Any], event: ResourceEvent) -> None:
+    rid = event.aggregate.id
+    if event.ends:
+        table.by_id.pop(rid, None)
+        return
+    if event.begins:
+        r = table.by_id[rid] = begin(table.record, event, tenant=event.tenant)
+    else:
+        r = table.by_id.get(rid)
+        if r is None:
+            return  # about a resource this tenant never had: nothing to fold
+        # (A map is UNSET until its first entry: ``or {}`` makes it.)
+        if isinstance(event, SecurityGroupRuleAdded):
+            r.rules = r.rules or {}
+            r.rules[event.rule] = Rule(**payload(event))
+        elif isinstance(event, SecurityGroupRuleRemoved):
+            r.rules = r.rules or {}
+            r.rules.pop(event.rule, None)
+        elif isinstance(event, RouterInterfaceAdded):
+            r.interfaces = r.interfaces or {}
+            r.interfaces[event.subnet] = event.port
+        elif isinstance(event, RouterInterfaceRemoved):
+            r.interfaces = r.interfaces or {}
+            r.interfaces.pop(event.subnet, None)
+        elif event.resets:
+            for f in event.resets:
+                setattr(r, f, "")
+        else:
+            update(r, event)
+    if event.status is not None:
+        r.status = event.status
+
+
+def _fold_untyped(world: World, event: ResourceEvent) -> None:
     kind, rid = event.aggregate.kind, event.aggregate.id
-    items = world.res.setdefault(kind, {})
+    items = world.untyped.setdefault(kind, {})
     if event.ends:
         items.pop(rid, None)
         return
     if event.begins:
-        r = payload(event)
-        r["id"] = rid
-        r["tenant"] = event.tenant
-        items[rid] = r
+        r = items[rid] = {**payload(event), "id": rid, "tenant": event.tenant}
     else:
         r = items.get(rid)
         if r is None:
-            return  # about a resource this tenant never had: nothing to fold
-        if isinstance(event, SecurityGroupRuleAdded):
-            r.setdefault("rules", {})[event.rule] = payload(event)
-        elif isinstance(event, SecurityGroupRuleRemoved):
-            r.setdefault("rules", {}).pop(event.rule, None)
-        elif isinstance(event, RouterInterfaceAdded):
-            r.setdefault("interfaces", {})[event.subnet] = event.port
-        elif isinstance(event, RouterInterfaceRemoved):
-            r.setdefault("interfaces", {}).pop(event.subnet, None)
-        elif event.resets:
-            r.update(dict.fromkeys(event.resets, ""))
-        else:
-            r.update(payload(event))
+            return
+        r.update(dict.fromkeys(event.resets, "") if event.resets else payload(event))
     if event.status is not None:
         r["status"] = event.status
 
@@ -149,14 +264,15 @@ def _fold_resource(world: World, event: ResourceEvent) -> None:
 # -- one cloud-wide aggregate (a host, a flavor, a public image, a pool) -------
 
 
-class Aggregate:
-    """The state of one ``_system`` aggregate: its attributes while it exists,
-    and, for an external network, which pool addresses are held by whom."""
+class Aggregate(Generic[R]):
+    """The state of one ``_system`` aggregate: its record while it exists,
+    and, for an external network or the segment pool, which addresses (or
+    VNIs) are held by whom."""
 
     __slots__ = ("allocated", "attrs", "ended")
 
     def __init__(self) -> None:
-        self.attrs: dict[str, Any] | None = None
+        self.attrs: R | None = None
         self.ended = False
         self.allocated: dict[str, tuple[str, str]] = {}
 
@@ -165,7 +281,7 @@ class Aggregate:
         return self.attrs is not None
 
 
-def fold_aggregate(state: Aggregate, event: Event) -> Aggregate:
+def fold_aggregate(state: Aggregate[Any], event: Event) -> Aggregate[Any]:
     if isinstance(event, AddressAllocated):
         state.allocated[event.address] = (event.holder_tenant, event.holder)
     elif isinstance(event, AddressReleased):
@@ -174,14 +290,13 @@ def fold_aggregate(state: Aggregate, event: Event) -> Aggregate:
         state.allocated[str(event.vni)] = (event.holder_tenant, event.holder)
     elif isinstance(event, SegmentReleased):
         state.allocated.pop(str(event.vni), None)
-    elif isinstance(event, ResourceEvent):
+    elif isinstance(event, ResourceEvent) and event.aggregate.kind in RECORDS:
         if event.ends:
             state.attrs, state.ended = None, True
         elif event.begins:
-            state.attrs = payload(event)
-            state.attrs["id"] = event.aggregate.id
+            state.attrs = begin(RECORDS[event.aggregate.kind], event)
         elif state.attrs is not None:
-            state.attrs.update(payload(event))
+            update(state.attrs, event)
         if state.attrs is not None and event.status is not None:
-            state.attrs["status"] = event.status
+            state.attrs.status = event.status
     return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +63,66 @@ def _bulk_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA synchronous=OFF")
-        cur.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
-        # Worker threads for sorting (CREATE INDEX after the load).
-        cur.execute(f"PRAGMA threads={BULK_SORT_THREADS}")
-        cur.close()
+        _run_pragmas(
+            dbapi_conn,
+            "PRAGMA synchronous=OFF",
+            f"PRAGMA cache_size=-{BULK_CACHE_KIB}",
+            # Worker threads for sorting (CREATE INDEX after the load).
+            f"PRAGMA threads={BULK_SORT_THREADS}",
+        )
 
 
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        # WAL: readers never block the projector's writer. NORMAL sync is
-        # safe against a process crash; the store is rebuildable anyway.
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=10000")
-        cur.close()
-        # Let SQLAlchemy, not the driver, decide when transactions begin,
-        # so a read transaction sees one snapshot (SQLAlchemy's recipe).
-        dbapi_conn.isolation_level = None
+        _run_pragmas(
+            dbapi_conn,
+            # WAL: readers never block the projector's writer. NORMAL sync is
+            # safe against a process crash; the store is rebuildable anyway.
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA busy_timeout=10000",
+            # Let SQLAlchemy, not the driver, decide when transactions begin,
+            # so a read transaction sees one snapshot (SQLAlchemy's recipe).
+            autocommit=True,
+        )
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
+
+    @event.listens_for(engine, "invalidate")
+    def _roll_back(dbapi_conn: Any, _record: Any, _exc: BaseException | None) -> None:
+        # A task cancelled while a statement ran (aiosqlite awaits each one)
+        # gets its connection invalidated: closed without a rollback, and
+        # without closing that statement's cursor, which the traceback
+        # still holds. SQLite closes a connection only once its statements
+        # are gone, so the transaction, and the write lock, outlived the
+        # task until the garbage collector freed the cursor. Rolled back
+        # here, the store is free as soon as the task has stopped.
+        with contextlib.suppress(Exception):
+            dbapi_conn.rollback()
+
+
+def _run_pragmas(dbapi_conn: Any, *pragmas: str, autocommit: bool = False) -> None:
+    """A new connection's settings, or the connection closed.
+
+    With aiosqlite each statement is awaited, so a task cancelled while
+    connecting stops here. The pool then drops the connection without
+    closing it, and its cursor (held by the traceback) kept the statement
+    open: after a cancelled first connect, ``PRAGMA journal_mode=WAL`` held
+    the new store's lock, and the next projector waited its busy timeout.
+    So the cursor is always closed and, if setting up fails, the connection.
+    """
+    try:
+        cur = dbapi_conn.cursor()
+        try:
+            for pragma in pragmas:
+                cur.execute(pragma)
+        finally:
+            cur.close()
+        if autocommit:
+            dbapi_conn.isolation_level = None
+    except BaseException:
+        dbapi_conn.close()
+        raise

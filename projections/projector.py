@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.schema import CreateIndex
 
 from stratus.events.store import EventStore, Recorded, Until
+from stratus.events.tasks import cancel, shielded
 from stratus.projections.batch import Patch, RowBatch, Statement, Upsert, insert_statement
 from stratus.projections.db import sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
@@ -219,7 +220,8 @@ class Projector:
         """Follow the log forever (until cancelled)."""
         after = await self.start_position()
         log.info("projector started", after=after)
-        await self._consume(self.store.subscribe(after=after, batch=self.batch))
+        async with _reading(self.store.subscribe(after=after, batch=self.batch)) as batches:
+            await self._consume(batches)
 
     async def catch_up(
         self,
@@ -228,11 +230,11 @@ class Projector:
     ) -> int:
         """Apply everything up to ``until`` (default: the end as of now)."""
         after = await self.start_position()
-        batches = self.store.read(after=after, until=until, batch=self.batch)
-        if self.bulk and self._sync is not None:
-            await self._load(batches, progress)
-        else:
-            await self._consume(batches, progress)
+        async with _reading(self.store.read(after=after, until=until, batch=self.batch)) as batches:
+            if self.bulk and self._sync is not None:
+                await self._load(batches, progress)
+            else:
+                await self._consume(batches, progress)
         if self._deferred:
             await self.finish_bulk()
         return self.position
@@ -251,7 +253,9 @@ class Projector:
     ) -> None:
         # Fold the next batch while the previous one is being written: the
         # write runs in the database driver's thread, the fold in ours.
-        # Writes stay strictly in order, one transaction each.
+        # Writes stay strictly in order, one transaction each. The write is
+        # awaited through a shield, like the log (``_reading``), so that a
+        # cancellation always reaches this task.
         writing: asyncio.Task[None] | None = None
         try:
             async for recs in batches:
@@ -259,17 +263,16 @@ class Projector:
                 if prepared is None:
                     continue
                 if writing is not None:
-                    await writing
+                    await asyncio.shield(writing)
                 writing = asyncio.create_task(self._write(prepared))
                 if progress:
                     progress(len(recs), recs[-1].seq)
             if writing is not None:
-                await writing
+                await asyncio.shield(writing)
         finally:
             if writing is not None and not writing.done():
-                writing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writing
+                # Mid-transaction: the rollback happens in the write itself.
+                await cancel(writing)
 
     async def _load(
         self,
@@ -431,6 +434,21 @@ class Projector:
     def _warn(poisoned: list[dict[str, Any]]) -> None:
         for q in poisoned:
             log.warning("event quarantined", seq=q["seq"], subject=q["subject"], error=q["error"])
+
+
+def _reading(
+    batches: AsyncIterator[list[Recorded]],
+) -> contextlib.aclosing[AsyncIterator[list[Recorded]]]:
+    """The log's batches, for a projector that must stop when cancelled.
+
+    Each batch is read in a task of its own (``events.tasks.shielded``):
+    the reader waits on NATS requests, and on Python 3.11 such a wait can
+    swallow a cancellation, which left a cancelled projector following the
+    log (and a test waiting for it to stop timed out). The projector's own
+    task waits only on that task, so a cancellation always stops it, and
+    the reader is then cancelled until it has stopped and closed.
+    """
+    return contextlib.aclosing(shielded(batches))
 
 
 # Allocations between young-generation collections during a bulk load.

@@ -15,12 +15,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
-from stratus.events.errors import Internal, Invalid, NotFound, StratusError
+from stratus.events.errors import Invalid, NotFound
 from stratus.events.heartbeat import beating_hosts
 from stratus.events.ids import is_name, is_token
+from stratus.events.kinds import PLURALS
 from stratus.events.model import record
-from stratus.events.resources import PLURALS
-from stratus.events.sealed import Sealer, respond
+from stratus.events.responder import Responder
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import audit, resources, tenants, users
 from stratus.projections.db import sqlite_path
@@ -34,7 +34,6 @@ MAX_PAGE = 1000
 CATCH_UP_WAIT_S = 2.0
 
 log = structlog.get_logger("stratus.query")
-_enc = msgspec.json.Encoder()
 
 
 class TenantsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -143,12 +142,14 @@ def _asked(params: Any) -> str | None:
     return params.tenant
 
 
-class QueryService:
+class QueryService(Responder):
     """Serves ``q.>``: every answer is scoped to the caller's tenant.
 
     Without ``authenticate`` every caller is trusted as the cloud admin (tests
     and benchmarks); ``stratus up`` and ``stratus serve`` always pass one.
     """
+
+    failed = "query failed"
 
     def __init__(
         self,
@@ -164,6 +165,7 @@ class QueryService:
     ) -> None:
         from stratus.events.resources import QUOTA_DEFAULTS
 
+        super().__init__(store.nc, "q.>", queue=queue, log=log)
         self.quota_defaults = {**QUOTA_DEFAULTS, **(quota_defaults or {})}
         self.store = store
         self.engine = engine
@@ -172,10 +174,6 @@ class QueryService:
         self.authenticate = authenticate
         self.authorize = authorize
         self.projector_name = projector_name
-        self.queue = queue
-        self._sub: Any = None
-        self.sealer = Sealer()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._digest_cache: tuple[int, str] | None = None
         self.routes: dict[str, Route] = {
             "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
@@ -196,16 +194,8 @@ class QueryService:
     def permissions(self) -> dict[str, str]:
         return {view: r.permission for view, r in self.routes.items()}
 
-    async def start(self) -> None:
-        self._sub = await self.store.nc.subscribe("q.>", queue=self.queue, cb=self._on_msg)
-
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
+        await super().stop()
         await self.timetravel.close()
 
     def set_engine(self, engine: AsyncEngine) -> None:
@@ -218,21 +208,8 @@ class QueryService:
         self.timetravel.snapshots = _snapshots_of(engine)
         self._digest_cache = None
 
-    async def _on_msg(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._serve(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, msg: Msg) -> None:
-        try:
-            data = await self.handle(msg.subject[2:], msg.data, msg.headers or {})
-            body = _enc.encode(Reply(ok=True, data=data))
-        except StratusError as err:
-            body = _enc.encode(Reply(ok=False, error=err.to_wire()))
-        except Exception:
-            log.exception("query failed", subject=msg.subject)
-            body = _enc.encode(Reply(ok=False, error=Internal("internal error").to_wire()))
-        await respond(self.store.nc, msg, body, self.sealer)
+    async def answer(self, msg: Msg) -> Reply:
+        return Reply(ok=True, data=await self.handle(msg.subject[2:], msg.data, msg.headers or {}))
 
     async def handle(self, view: str, data: bytes, headers: dict[str, str] | None = None) -> Any:
         route = self.routes.get(view)

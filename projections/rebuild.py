@@ -48,8 +48,8 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.commands import MAX_COMMAND_BYTES, Reply
-from stratus.events.errors import Forbidden, Internal, Invalid, StratusError
-from stratus.events.sealed import Sealer, respond
+from stratus.events.errors import Forbidden, Invalid
+from stratus.events.responder import Responder
 from stratus.events.store import EventStore
 from stratus.projections.db import make_engine, sqlite_path, sqlite_url
 from stratus.projections.projector import Projector, read_checkpoint, store_digest
@@ -61,8 +61,6 @@ SWAP_SUBJECT = "ctl.projections.swap"
 DEFAULT_STORE = "projections.db"
 LIVE_POINTER = "projections.current"
 _STORE_NAME = re.compile(r"^projections(\.[0-9]{8}T[0-9]{12}Z)?\.db$")
-
-_enc = msgspec.json.Encoder()
 
 
 def live_store_path(data_dir: Path) -> Path:
@@ -221,8 +219,11 @@ class SwapRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     store: str | None = None
 
 
-class SwapService:
+class SwapService(Responder):
     """Serves ``ctl.projections.swap`` for the embedded control plane."""
+
+    internal_message = "swap failed; see the log of stratus up"
+    failed = "swap failed"
 
     def __init__(
         self,
@@ -233,43 +234,18 @@ class SwapService:
         *,
         authenticate: Callable[[dict[str, str]], Any] | None = None,
     ) -> None:
+        # One swap at a time (``_lock``); a swap in flight may take a while
+        # to catch up, and ``stop`` lets it.
+        super().__init__(store.nc, SWAP_SUBJECT, drain_s=30, log=log)
         self.store = store
         self.live = live
         self.queries = queries
         self.data_dir = Path(data_dir)
         self.authenticate = authenticate
-        self.sealer = Sealer()
         self._lock = asyncio.Lock()
-        self._sub: Any = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self._sub = await self.store.nc.subscribe(SWAP_SUBJECT, cb=self._on_msg)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=30)
-
-    async def _on_msg(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._serve(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, msg: Msg) -> None:
-        try:
-            data = await self.handle(msg.data, msg.headers or {})
-            body = _enc.encode(Reply(ok=True, data=data))
-        except StratusError as err:
-            body = _enc.encode(Reply(ok=False, error=err.to_wire()))
-        except Exception:
-            log.exception("swap failed")
-            err = Internal("swap failed; see the log of stratus up")
-            body = _enc.encode(Reply(ok=False, error=err.to_wire()))
-        await respond(self.store.nc, msg, body, self.sealer)
+    async def answer(self, msg: Msg) -> Reply:
+        return Reply(ok=True, data=await self.handle(msg.data, msg.headers or {}))
 
     async def handle(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         if self.authenticate is not None:

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stratus.events import integrations as integ
 from stratus.events import resources as ev
+from stratus.events.kinds import PLURALS
 from stratus.events.model import Event
 from stratus.projections.batch import Delete, Op, Patch, Upsert
 from stratus.projections.schema import metadata
@@ -92,7 +93,7 @@ def _make_table(kind: str, classes: list[type[ev.ResourceEvent]]) -> Table:
                 json_cols.add(field)
                 sql = Text
             cols[field] = sql
-    name = ev.PLURALS[kind].replace("-", "_")
+    name = PLURALS[kind].replace("-", "_")
     JSON_COLUMNS[name] = json_cols
     table = Table(
         name,

@@ -14,9 +14,10 @@ from typing import Any
 from stratus.agents.compute.agent import ComputeAgent, HostSpec
 from stratus.agents.compute.containers import ContainerDriver
 from stratus.agents.compute.domain import LibvirtDriver
+from stratus.events.compute import HostServerAction
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
-from stratus.events.resources import ServerRequested, ServerScheduled
+from stratus.events.resources import SYSTEM, ServerRequested, ServerScheduled
 from stratus.events.store import EventStore
 from stratus.handlers.scheduler.service import claim_event, request_of
 
@@ -32,6 +33,20 @@ def unique_host() -> str:
 def cause() -> Cause:
     cid = new_id()
     return Cause(actor="scheduler", correlation_id=cid, causation_id=cid)
+
+
+def host_action(host: str, sid: str, what: str, **kw: Any) -> HostServerAction:
+    """A verb on a placed server as its host's agent receives it."""
+    return cause().make(
+        HostServerAction,
+        SYSTEM,
+        "host",
+        host,
+        server=sid,
+        server_tenant=TENANT,
+        action=what,
+        **kw,
+    )
 
 
 async def place(
@@ -98,6 +113,7 @@ def make_agent(
     vm: bool = True,
     containers: bool = False,
     reconcile_interval: float = 3600,
+    spec: HostSpec | None = None,
 ) -> ComputeAgent:
     data = tmp / host
     return ComputeAgent(
@@ -105,7 +121,7 @@ def make_agent(
         host,
         data_dir=data,
         image_store=tmp / "images",
-        spec=HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
+        spec=spec or HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
         vm=LibvirtDriver("test:///default", host) if vm else None,
         containers=ContainerDriver(host, data / "containers") if containers else None,
         reconcile_interval=reconcile_interval,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from stratus.tests.test_cli import CONFIG_HOME, STRATUS, Up, cli, login, wait_projected
+from .test_cli import CONFIG_HOME, STRATUS, Up, cli, login, wait_projected
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -242,7 +242,27 @@ def test_events_schema_lists_every_event_type():
     schema = json.loads(r.stdout)
     assert {"TenantCreated", "TenantRenamed", "TenantDeleted"} <= schema["$defs"].keys()
     created = schema["$defs"]["TenantCreated"]
-    assert created["properties"]["type"]["enum"] == ["tenant.created"]
+    assert created["properties"]["type"] == {"const": "tenant.created"}
     assert {"id", "tenant", "aggregate", "actor", "at", "correlation_id"} <= set(
         created["required"]
     )
+
+
+def test_a_tenant_is_renamed_to_free_text_and_control_characters_are_refused(up):
+    """Issue 17: the README says ``rename`` changes the display name, and
+    ``tenant rename acme "Acme Corp"`` was refused by the id's pattern."""
+    url = up.start()
+    login(url)
+    assert cli(url, "tenant", "create", "acme").returncode == 0
+    before = wait_projected(url)["last_seq"]
+    for bad in ("Acme\x1b[2JCorp", "two\nlines", "   ", "x" * 129):
+        r = cli(url, "tenant", "rename", "acme", bad)
+        assert r.returncode == 1 and r.stderr.startswith("error: invalid: "), (bad, r.stderr)
+    assert wait_projected(url)["last_seq"] == before, "a refused rename was appended"
+    for name in ("Acme Corp", "Ünïcode & Söhne — Zürich"):
+        r = cli(url, "tenant", "rename", "acme", name, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["name"] == name
+    wait_projected(url)
+    shown = json.loads(cli(url, "tenant", "show", "acme", "-o", "json").stdout)
+    assert (shown["id"], shown["name"]) == ("acme", "Ünïcode & Söhne — Zürich")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from stratus.tests.test_cli import cli, login, up, wait_projected  # noqa: F401 (fixture)
+from .test_cli import cli, login, up, wait_projected  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(180)
 

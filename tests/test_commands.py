@@ -57,6 +57,9 @@ async def client(connect_store):
 # -- refusals ----------------------------------------------------------------
 
 BAD_NAMES = ["", "-acme", "Acme", "ac_me", "ac.me", "ac me", "a" * 64, "acme\n", "äcme", "ac*", ">"]
+# A display name is free text ("Acme Corp"), but not empty, blank, too long
+# or holding control characters.
+BAD_DISPLAY_NAMES = ["", "   ", "acme\n", "a\x1b[2Jb", "tab\there", "x" * 129, "line\u2028break"]
 
 INVALID_CASES = [
     # (verb, body, headers, what the message must name)
@@ -83,7 +86,7 @@ INVALID_CASES = [
     ("tenant", body(tenant="acme"), {}, "unknown command"),
     *(("tenant.create", body(name=n), {}, "$.name") for n in BAD_NAMES),
     *(("tenant.rename", body(tenant=n, name="fine"), {}, "$.tenant") for n in BAD_NAMES),
-    *(("tenant.rename", body(tenant="acme", name=n), {}, "$.name") for n in BAD_NAMES),
+    *(("tenant.rename", body(tenant="acme", name=n), {}, "$.name") for n in BAD_DISPLAY_NAMES),
     *(("tenant.delete", body(tenant=n), {}, "$.tenant") for n in BAD_NAMES),
     *(
         ("tenant.create", body(name="fresh"), {H_COMMAND_ID: bad}, H_COMMAND_ID)
@@ -132,7 +135,7 @@ NATS_INVALID_CASES = [
         None,
         "limit",
     ),
-    ("tenant.rename", body(tenant="acme", name="a.b"), None, "$.name"),
+    ("tenant.rename", body(tenant="acme", name="a\x07b"), None, "$.name"),
     ("tenant.delete", body(), None, "tenant"),
     ("tenant.create", body(name="fresh"), "bad.id", H_COMMAND_ID),
     ("tenant.create", body(name="fresh"), "y" * 65, H_COMMAND_ID),

@@ -15,7 +15,8 @@ import pytest
 
 from stratus.agents.compute import images
 from stratus.agents.compute.containers import ContainerDriver
-from stratus.tests.test_cli import STRATUS, Up, cli, login
+
+from .test_cli import STRATUS, Up, cli, login
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -125,6 +126,17 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
         assert r.stdout.startswith("hello from ")
         r = cli(url, "server", "exec", "vm1", "--", "true")
         assert r.returncode == 1 and "container" in r.stderr
+
+        # Issue 17: stop and start print the status they lead to, pending
+        # until the host's agent has done it (they printed the old one).
+        for verb, pending, settled in (
+            ("stop", "stopping", "stopped"),
+            ("start", "starting", "running"),
+        ):
+            r = cli(url, "server", verb, "vm1", "-o", "json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["status"] == pending
+            wait_status(url, "vm1", settled)
 
         for name in ("vm1", "box"):
             assert cli(url, "server", "delete", name).returncode == 0

@@ -16,7 +16,8 @@ from stratus.agents.compute.agent import ExecReply, ExecRequest
 from stratus.agents.compute.containers import NETNS_DIR, ContainerDriver, netns_name
 from stratus.agents.compute.spec import InstanceSpec
 from stratus.events.ids import new_id
-from stratus.tests.compute_helpers import (
+
+from .compute_helpers import (
     cleanup,
     make_agent,
     owned,
@@ -117,7 +118,7 @@ async def test_agent_runs_a_container_from_a_claim_and_serves_exec(store, tmp_pa
         refused = msgspec.json.decode(msg.data, type=ExecReply)
         assert not refused.ok and "no container instance" in refused.error
         # Stop kills its processes; start runs the command again.
-        from stratus.tests.test_compute_agent import action
+        from .test_compute_agent import action
 
         await action(store, host, sid, "stop")
         await wait_for(store, sid, "server.stopped")

@@ -4,6 +4,7 @@ host's desired state folded from its events)."""
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from stratus.events.ids import new_id
 from stratus.events.network import vm_tap
 from stratus.events.resources import SYSTEM, Nic
 from stratus.events.scheduling import HostClaimed, HostReleased
-from stratus.tests.compute_helpers import cause
+
+from .compute_helpers import cause
 
 
 def qcow2(path: Path, size: str = "16M", backing: Path | None = None, fmt: str = "raw") -> Path:
@@ -215,3 +217,46 @@ def test_desired_state_is_the_fold_of_the_host_subject():
     assert d.seq == len(events)
     fold(d, _act("h", a, "start"))
     assert d.instances[a].power == "running"
+
+
+def test_image_create_keeps_the_stored_file_from_other_users(tmp_path):
+    """Issue 17: ``image create --file`` run as root stored any file root can
+    read as 0444 in a 0755 directory, so any local user could read every
+    tenant's private image. Through the CLI, as a user runs it: the store is
+    0700 and its files 0600, also a store an earlier version left open."""
+    import json
+    import stat
+
+    from .test_cli import cli, login, running_up
+
+    private = _raw(tmp_path / "private.img")
+    os.chmod(private, 0o600)
+    store = tmp_path / "images"
+    store.mkdir()
+    os.chmod(store, 0o755)  # as an earlier version made it
+    old = qcow2(tmp_path / "old.qcow2")
+    stale = store / images.sha256(old)
+    stale.write_bytes(old.read_bytes())
+    os.chmod(stale, 0o444)
+    with running_up(tmp_path) as up:
+        url = up.start()
+        login(url)
+        assert cli(url, "tenant", "create", "acme").returncode == 0
+        for name, path, fmt in (("private", private, "raw"), ("old", old, "qcow2")):
+            r = cli(url, "image", "create", name, "--file", str(path), "--format", fmt,
+                    "--image-store", str(store), "--tenant", "acme", "-o", "json")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["checksum"] == images.sha256(path)
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    files = sorted(p for p in store.iterdir() if not p.name.startswith("."))
+    assert [p.name for p in files] == sorted([images.sha256(private), images.sha256(old)])
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    # A snapshot stored by the agent is kept the same way.
+    shot = images.snapshot(
+        qcow2(tmp_path / "disk.qcow2", backing=store / images.sha256(private)),
+        store,
+        None,
+        "raw",
+        "t1",
+    )
+    assert stat.S_IMODE(Path(shot.path).stat().st_mode) == 0o600

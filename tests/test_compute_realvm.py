@@ -22,7 +22,8 @@ import pytest
 from stratus.agents.compute.agent import ComputeAgent, DirectBoot, HostSpec
 from stratus.agents.compute.domain import LibvirtDriver
 from stratus.events import network as nw
-from stratus.tests.compute_helpers import cleanup, place, unique_host, wait_for
+
+from .compute_helpers import cleanup, place, unique_host, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -252,8 +253,8 @@ async def test_a_real_vm_gets_its_address_by_dhcp_and_pings_its_router(libvirtd,
     a simulated host, libvirt's tap wired by that host's network agent, and
     dnsmasq (on the router host, across VXLAN) answering the real guest."""
     from stratus.events.resources import RouterCreate, RouterInterface
-    from stratus.handlers import resources as r
-    from stratus.tests.netlab import running_lab
+    from stratus.handlers import routers
+    from stratus.ops.bench.netlab import running_lab
 
     kernel = sorted(glob.glob("/boot/vmlinuz-*"))[-1]
     mods = modules_for(kernel, ["virtio_pci", "virtio_net"])
@@ -274,11 +275,11 @@ async def test_a_real_vm_gets_its_address_by_dhcp_and_pings_its_router(libvirtd,
             await c.network("acme", "net", "10.0.0.0/24")
             await c.do(
                 "acme",
-                r.decide_router_create,
-                r.RouterPlan(RouterCreate(tenant="acme", name="e"), None),
+                routers.decide_router_create,
+                routers.RouterPlan(RouterCreate(tenant="acme", name="e"), None),
             )
             iface = RouterInterface(tenant="acme", router="e", subnet="net-sub")
-            await c.do("acme", r.decide_router_add_subnet, iface)
+            await c.do("acme", routers.decide_router_add_subnet, iface)
             agent = real_agent(store, vm_host, shared_dir, kernel, initrd, "console=ttyS0")
             await agent.start()
             t0 = time.monotonic()
@@ -290,10 +291,10 @@ async def test_a_real_vm_gets_its_address_by_dhcp_and_pings_its_router(libvirtd,
             ends = ["stratus-ping-", "stratus-no-lease"]
             text = await console_until(agent.consoles / f"{sid}.log", ends, 180)
             print(f"real VM (TCG): DHCP and ping done {time.monotonic() - t0:.1f}s after its claim")
-            assert f"stratus-lease ip={port['ip']} router=10.0.0.1 mtu=1450" in text, text[-3000:]
+            assert f"stratus-lease ip={port.ip} router=10.0.0.1 mtu=1450" in text, text[-3000:]
             assert "stratus-ping-ok" in text, text[-3000:]
             dom = agent.drivers["vm"].conn.lookupByName(f"stratus-{sid}")
-            assert f"<target dev='{nw.vm_tap(port['id'])}'" in dom.XMLDesc(0)
+            assert f"<target dev='{nw.vm_tap(port.id)}'" in dom.XMLDesc(0)
         finally:
             if agent is not None:
                 await cleanup(agent)

@@ -16,7 +16,8 @@ from stratus.events import fastread
 from stratus.events.fastread import FastConnection, FastParser, FastReader
 from stratus.events.reader import OrderedReader
 from stratus.events.store import EventStore
-from stratus.tests.test_store import bounded, created
+
+from .test_store import bounded, created
 
 pytestmark = pytest.mark.timeout(60)
 

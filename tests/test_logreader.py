@@ -20,7 +20,8 @@ from stratus.events.errors import Invalid
 from stratus.events.fastread import FastConnection, FastReader
 from stratus.events.reader import LogReader, OrderedReader
 from stratus.events.store import STREAM, Condition, EventStore
-from stratus.tests.test_store import bounded, created, renamed
+
+from .test_store import bounded, created, renamed
 
 pytestmark = pytest.mark.timeout(90)
 

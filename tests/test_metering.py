@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from stratus.cli.integrations import connect_info
+from stratus.cli.integrations import connect_info, wait_usable
 from stratus.events import resources as r
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
-from stratus.tests.test_identity import ADMIN_PASSWORD, Stacks, connect
+
+from .test_identity import ADMIN_PASSWORD, Stacks, connect
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -100,10 +101,13 @@ async def test_killed_and_restarted_metering_counts_the_same_as_an_uninterrupted
         creds = {}
         for name in ("whole", "killed", "crashed"):
             password = secrets.token_urlsafe(32)
-            body = {"tenant": "acme", "name": name, "secret": password}
+            # A short ack wait: what a killed run held comes again soon.
+            body = {"tenant": "acme", "name": name, "secret": password, "ack_wait_s": 2}
             created = await c.ok("cmd.integration.create", body, token)
+            info = connect_info(stack.url, created, password)
+            assert await wait_usable(info) is not None
             creds[name] = tmp_path / f"{name}.json"
-            creds[name].write_text(json.dumps(connect_info(stack.url, created, password)))
+            creds[name].write_text(json.dumps(info))
         await c.client.close()
 
         whole = await asyncio.to_thread(meter, creds["whole"], tmp_path / "whole.db")

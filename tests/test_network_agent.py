@@ -25,8 +25,8 @@ from stratus.events.resources import (
     SecurityGroupRuleAdd,
     SecurityGroupRuleRemove,
 )
-from stratus.handlers import resources as r
-from stratus.tests.netlab import Lab, ping, probe, running_lab, serve
+from stratus.handlers import networks, routers, security_groups
+from stratus.ops.bench.netlab import Lab, ping, probe, running_lab, serve
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,7 +51,7 @@ async def two_tenants(lab: Lab) -> dict[str, tuple[str, str]]:
         await c.network(tenant, "net", "10.0.0.0/24")
         for name, host in servers:
             sid = await c.server(tenant, name, host, ["net"])
-            out[name] = (await lab.instance(sid), c.port_of(tenant, sid)["ip"])
+            out[name] = (await lab.instance(sid), c.port_of(tenant, sid).ip)
     return out
 
 
@@ -71,7 +71,7 @@ async def test_two_tenants_on_one_cidr_reach_their_own_instances_only(lab, store
     # 10.0.0.4 exists only in umbra, and b3 shares host-1 with a1
     assert not ping(s["a1"][0], s["b3"][1], tries=2)
     # each network has its own VNI, and host-2 carries both
-    vnis = {n["vni"] for w in lab.cloud.worlds.values() for n in w.of("network").values()}
+    vnis = {n.vni for w in lab.cloud.worlds.values() for n in w.networks.values()}
     assert len(vnis) == 2 and min(vnis) >= nw.VNI_FIRST
     links = await asyncio.to_thread(Host(lab.prefix, "", lab.sim.netns("host-2")).links)
     assert sorted(v["vni"] for v in links.values() if v["kind"] == "vxlan") == sorted(vnis)
@@ -94,8 +94,8 @@ async def acme_pair(lab: Lab, **server_kw) -> dict[str, tuple[str, str]]:
     out = {}
     for name, host in (("c1", "host-1"), ("srv", "host-2")):
         sid = await c.server("acme", name, host, ["net"])
-        out[name] = (await lab.instance(sid), c.port_of("acme", sid)["ip"])
-        out[name + "-port"] = c.port_of("acme", sid)["id"]
+        out[name] = (await lab.instance(sid), c.port_of("acme", sid).ip)
+        out[name + "-port"] = c.port_of("acme", sid).id
     await lab.start_agents()
     await lab.converge()
     return out
@@ -104,7 +104,9 @@ async def acme_pair(lab: Lab, **server_kw) -> dict[str, tuple[str, str]]:
 async def test_a_security_group_rule_opens_a_tcp_port_and_removing_it_closes_it(lab):
     c = lab.cloud
     s = await acme_pair(lab)
-    await c.do("acme", r.decide_sg_create, SecurityGroupCreate(tenant="acme", name="web"))
+    await c.do(
+        "acme", security_groups.decide_sg_create, SecurityGroupCreate(tenant="acme", name="web")
+    )
     listener = serve(s["srv"][0], "listen", "8080", "60")
     try:
         # srv in the default group: c1, a member, may connect
@@ -112,20 +114,20 @@ async def test_a_security_group_rule_opens_a_tcp_port_and_removing_it_closes_it(
         # srv in "web" alone, which has no rule yet: nothing gets in
         await c.do(
             "acme",
-            r.decide_port_set,
+            networks.decide_port_set,
             PortSet(tenant="acme", ref=s["srv-port"], security_groups=["web"]),
         )
         await lab.converge()
         assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 1
         assert not ping(s["c1"][0], s["srv"][1], tries=1)
         add = SecurityGroupRuleAdd(tenant="acme", security_group="web", port_min=8080)
-        (ev,) = await c.do("acme", r.decide_sg_rule_add, add)
+        (ev,) = await c.do("acme", security_groups.decide_sg_rule_add, add)
         await lab.converge()
         assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 0
         # the rule names one port: others stay closed, ICMP too
         assert probe(s["c1"][0], "connect", s["srv"][1], "8081").returncode == 1
         rm = SecurityGroupRuleRemove(tenant="acme", security_group="web", rule=ev.rule)
-        await c.do("acme", r.decide_sg_rule_remove, rm)
+        await c.do("acme", security_groups.decide_sg_rule_remove, rm)
         await lab.converge()
         assert probe(s["c1"][0], "connect", s["srv"][1], "8080").returncode == 1
     finally:
@@ -137,10 +139,14 @@ async def test_a_qos_limit_of_8_mbit_holds_within_20_percent(lab):
     c = lab.cloud
     s = await acme_pair(lab)
     await c.do(
-        "acme", r.decide_qos_create, QosPolicyCreate(tenant="acme", name="slow", max_kbps=8000)
+        "acme",
+        networks.decide_qos_create,
+        QosPolicyCreate(tenant="acme", name="slow", max_kbps=8000),
     )
     await c.do(
-        "acme", r.decide_port_set, PortSet(tenant="acme", ref=s["srv-port"], qos_policy="slow")
+        "acme",
+        networks.decide_port_set,
+        PortSet(tenant="acme", ref=s["srv-port"], qos_policy="slow"),
     )
     await lab.converge()
     listener = serve(s["srv"][0], "listen", "9000", "60")
@@ -233,25 +239,27 @@ async def test_a_floating_ip_answers_from_outside_and_the_instance_reaches_out_t
     (router, _) = await c.on_pool(
         "acme",
         "public",
-        r.decide_router_create,
-        r.RouterPlan(
+        routers.decide_router_create,
+        routers.RouterPlan(
             RouterCreate(tenant="acme", name="edge", external_network="public"),
             c.pools["public"].attrs,
         ),
     )
     await c.do(
         "acme",
-        r.decide_router_add_subnet,
+        routers.decide_router_add_subnet,
         RouterInterface(tenant="acme", router="edge", subnet="net-sub"),
     )
-    fip, _ = await c.on_pool("acme", "public", r.decide_fip_create, FloatingIpCreate(tenant="acme"))
+    fip, _ = await c.on_pool(
+        "acme", "public", routers.decide_fip_create, FloatingIpCreate(tenant="acme")
+    )
     await c.do(
         "acme",
-        r.decide_fip_associate,
+        routers.decide_fip_associate,
         FloatingIpAssociate(tenant="acme", floating_ip=fip.address, server="c1"),
     )
     icmp = SecurityGroupRuleAdd(tenant="acme", security_group="default", protocol="icmp")
-    await c.do("acme", r.decide_sg_rule_add, icmp)
+    await c.do("acme", security_groups.decide_sg_rule_add, icmp)
     await lab.start_agents(routers="host-1")
     await lab.converge()
     assert router.external_ip == "203.0.113.2" and fip.address == "203.0.113.3"
@@ -268,7 +276,7 @@ async def test_a_floating_ip_answers_from_outside_and_the_instance_reaches_out_t
     # only a translated source gets an answer
     assert ping(inst, "203.0.113.1")
     # disassociated, the floating IP stops answering
-    await c.do("acme", r.decide_fip_disassociate, RefCommand(tenant="acme", ref=fip.address))
+    await c.do("acme", routers.decide_fip_disassociate, RefCommand(tenant="acme", ref=fip.address))
     await lab.converge()
     assert not ping(outside, fip.address, tries=1)
     assert ping(inst, "203.0.113.1")  # still out, through the router's own address
@@ -288,7 +296,7 @@ def netns_create(name: str) -> None:
 def test_stratus_up_with_hosts_builds_simulated_hosts_and_removes_them_on_stop(tmp_path):
     import hashlib
 
-    from stratus.tests.test_cli import Up
+    from .test_cli import Up
 
     data = tmp_path / "data"
     u = Up(data, "--hosts", "2")

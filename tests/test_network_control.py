@@ -13,8 +13,8 @@ import pytest
 from stratus.events import network as nw
 from stratus.events.errors import Invalid, StratusError
 from stratus.handlers.catalog import all_handlers
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.service import CommandService
-from stratus.handlers.tokens import KeyRing
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ from stratus.events.resources import (
     ServerDeleted,
     ServerRunning,
 )
-from stratus.handlers import resources as r
-from stratus.tests.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
+from stratus.handlers import routers
+from stratus.handlers.records import Port
+from stratus.ops.bench.netlab import CAUSE, Lab, dhcp_files, ping, run_in, running_lab
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,14 +96,14 @@ def dhcp(guest: str, workdir: Path, tries: int = 8) -> dict[str, str] | None:
     return dict(kv.split("=", 1) for kv in lease.read_text().split())
 
 
-async def vm(lab: Lab, tenant: str, name: str, host: str, net: str) -> tuple[str, dict]:
+async def vm(lab: Lab, tenant: str, name: str, host: str, net: str) -> tuple[str, Port]:
     """A VM server placed on ``host``; its guest is plugged and running."""
     c = lab.cloud
     sid = await c.server(tenant, name, host, [net], instance_type="vm")
     port = c.port_of(tenant, sid)
     guest = nw.kernel_name(lab.prefix, "instance", sid)
     lab.instances.append(guest)
-    await asyncio.to_thread(plug_guest, nw.vm_tap(port["id"]), port["mac"], guest)
+    await asyncio.to_thread(plug_guest, nw.vm_tap(port.id), port.mac, guest)
     # the compute agent says so once libvirt started the guest: the agent
     # of its host wires the tap on that event, not on its next periodic pass
     await c.append([CAUSE.make(ServerRunning, tenant, "server", sid, host=host)])
@@ -116,31 +117,31 @@ async def test_a_routed_vm_port_gets_its_address_by_dhcp_and_pings_its_router(la
     await lab.start_agents(routers="host-1")
     await c.do(
         "acme",
-        r.decide_router_create,
-        r.RouterPlan(RouterCreate(tenant="acme", name="edge"), None),
+        routers.decide_router_create,
+        routers.RouterPlan(RouterCreate(tenant="acme", name="edge"), None),
     )
     await c.do(
         "acme",
-        r.decide_router_add_subnet,
+        routers.decide_router_add_subnet,
         RouterInterface(tenant="acme", router="edge", subnet="net-sub"),
     )
     # the guest is on host-2; the router and DHCP on host-1, across VXLAN
     guest, port = await vm(lab, "acme", "v1", "host-2", "net")
     await lab.converge()
     host2 = lab.agents["host-2"]
-    tap = nw.vm_tap(port["id"])
+    tap = nw.vm_tap(port.id)
     links = await asyncio.to_thread(host2.kernel.links, {tap})
-    bridge = links[nw.kernel_name(lab.prefix, "bridge", port["network"])]
+    bridge = links[nw.kernel_name(lab.prefix, "bridge", port.network)]
     assert links[tap]["master"] == bridge["index"] and links[tap]["up"]
     assert not await asyncio.to_thread(_here, tap)  # moved off libvirt's namespace
     lease = await asyncio.to_thread(dhcp, guest, tmp_path)
     assert lease is not None, "no DHCP answer"
-    assert lease["ip"] == port["ip"] == "10.0.0.2"
+    assert lease["ip"] == port.ip == "10.0.0.2"
     assert lease["router"] == "10.0.0.1" and lease["mtu"] == "1450"
     assert ping(guest, "10.0.0.1")
     # the agent recorded binding the port to host-2; wiring a guest that
     # appeared is its work, not drift it put right
-    rows = await lab.store.read_all(subjects=[f"ev.acme.port.{port['id']}"])
+    rows = await lab.store.read_all(subjects=[f"ev.acme.port.{port.id}"])
     assert any(e.type_name() == "port.bound" and e.host == "host-2" for e in decoded(rows))
     agents = decoded(await lab.store.read_all(subjects=["ev._system.network-agent.>"]))
     fixes = [e for e in agents if e.type_name() == "network-agent.corrected"]
@@ -160,12 +161,12 @@ async def test_an_unrouted_network_serves_dhcp_from_its_own_namespace_to_its_por
     await lab.start_agents(routers="host-1")
     guest, port = await vm(lab, "acme", "v1", "host-2", "lan")
     await lab.converge()
-    ns = nw.kernel_name(lab.prefix, "dhcp", port["network"])
+    ns = nw.kernel_name(lab.prefix, "dhcp", port.network)
     assert ns in netns.listnetns()
     pid = dnsmasq_pid(ns)
     assert pid
     lease = await asyncio.to_thread(dhcp, guest, tmp_path)
-    assert lease is not None and lease["ip"] == port["ip"]
+    assert lease is not None and lease["ip"] == port.ip
     assert lease["router"] == ""  # nothing routes this network anywhere
     # a guest whose MAC is no port's gets nothing (static leases only)
     stranger = nw.kernel_name(lab.prefix, "instance", "stranger")
@@ -173,7 +174,7 @@ async def test_an_unrouted_network_serves_dhcp_from_its_own_namespace_to_its_por
     fake_port = "stranger-port"
     await asyncio.to_thread(plug_guest, nw.vm_tap(fake_port), "fa:16:3e:aa:bb:cc", stranger)
     host2 = lab.agents["host-2"]
-    await asyncio.to_thread(_enslave_by_hand, host2, nw.vm_tap(fake_port), port["network"], lab)
+    await asyncio.to_thread(_enslave_by_hand, host2, nw.vm_tap(fake_port), port.network, lab)
     (tmp_path / "s").mkdir()
     assert await asyncio.to_thread(dhcp, stranger, tmp_path / "s", 3) is None
     # a restarted router host changes nothing: dnsmasq keeps running as it was
@@ -184,7 +185,7 @@ async def test_an_unrouted_network_serves_dhcp_from_its_own_namespace_to_its_por
     assert not again.last_changes, again.last_changes
     assert dnsmasq_pid(ns) == pid
     # its server gone, the network needs no DHCP: dnsmasq and namespace go
-    await c.append([CAUSE.make(ServerDeleted, "acme", "server", port["device"])])
+    await c.append([CAUSE.make(ServerDeleted, "acme", "server", port.device)])
     await lab.converge()
     assert not dnsmasq_pid(ns)
     assert ns not in netns.listnetns()

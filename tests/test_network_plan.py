@@ -208,3 +208,66 @@ def test_an_administratively_down_router_has_no_namespace_and_dhcp_moves_out():
     assert dp.netns == nw.kernel_name(P, "dhcp", "net")  # served from a DHCP namespace
     t.apply(100, C.make(rs.RouterAdminStateSet, "acme", "router", "r1", admin_up=True))
     assert nw.kernel_name(P, "router", "r1") in plan(t, "h1", P).routers
+
+
+def _tenant_behind_router(tenant: str, n: int, fip: str, fixed: str) -> list:
+    """``tenant``'s 10.0.0.0/24 (the same range for every tenant), a router
+    on it with a gateway on ``public``, and a server port whose floating IP
+    is ``fip``."""
+    net, sub, router = f"net{n}", f"sub{n}", f"r{n}"
+    port = {"network": net, "subnet": sub}
+    return [
+        C.make(rs.NetworkCreated, tenant, "network", net, name=net, vni=5000 + n),
+        C.make(
+            rs.SubnetCreated, tenant, "subnet", sub, name=sub, cidr="10.0.0.0/24",
+            gateway="10.0.0.1", pool_start="10.0.0.2", pool_end="10.0.0.254", network=net,
+        ),
+        C.make(
+            rs.RouterCreated, tenant, "router", router, name=router,
+            external_network="public", external_ip=f"203.0.113.{10 + n}",
+        ),
+        C.make(
+            rs.PortCreated, tenant, "port", f"rp{n}", name="rp", mac=f"fa:16:3e:00:01:0{n}",
+            ip="10.0.0.1", device=router, device_owner="router_interface", **port,
+        ),
+        C.make(
+            rs.RouterInterfaceAdded, tenant, "router", router, subnet=sub, port=f"rp{n}",
+            ip="10.0.0.1",
+        ),
+        C.make(
+            rs.PortCreated, tenant, "port", f"p{n}", name="p", mac=f"fa:16:3e:00:02:0{n}",
+            ip=fixed, device=f"s{n}", device_owner="compute", **port,
+        ),
+        C.make(rs.FloatingIpCreated, tenant, "floating-ip", f"f{n}", address=fip, network="public"),
+        C.make(
+            rs.FloatingIpAssociated, tenant, "floating-ip", f"f{n}", port=f"p{n}",
+            server=f"s{n}", fixed_ip=fixed,
+        ),
+    ]  # fmt: skip
+
+
+def test_a_floating_ip_is_held_by_its_own_tenants_router_only_when_cidrs_overlap():
+    # acme's and globex's servers both sit at 10.0.0.x behind routers on the
+    # same external network (as in `stratus demo`).
+    t = Topology()
+    events = [
+        C.make(
+            nw.NetworkAgentRegistered, "_system", "network-agent", "h1", host="h1",
+            vtep="192.0.2.1", routers=True,
+        ),
+        C.make(
+            rs.NetworkCreated, "_system", "network", "public", name="public", external=True,
+            cidr="203.0.113.0/24", gateway="203.0.113.1",
+        ),
+        *_tenant_behind_router("acme", 1, "203.0.113.3", "10.0.0.2"),
+        *_tenant_behind_router("globex", 2, "203.0.113.5", "10.0.0.3"),
+    ]  # fmt: skip
+    for seq, ev in enumerate(events, 1):
+        t.apply(seq, ev)
+    routers = {rp.router: rp for rp in plan(t, "h1", P).routers.values()}
+    acme, globex = routers["r1"], routers["r2"]
+    assert acme.extra == ("203.0.113.3",) and globex.extra == ("203.0.113.5",)
+    assert "-A PREROUTING -d 203.0.113.3/32 -j DNAT --to-destination 10.0.0.2" in acme.nat
+    assert not [line for line in acme.nat if "203.0.113.5" in line]
+    assert "-A PREROUTING -d 203.0.113.5/32 -j DNAT --to-destination 10.0.0.3" in globex.nat
+    assert not [line for line in globex.nat if "203.0.113.3" in line]

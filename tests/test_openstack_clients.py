@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from stratus.tests.test_cli import CONFIG_HOME, Up, cli, login
+from .test_cli import CONFIG_HOME, Up, cli, login
 
 OPENSTACK = str(Path(sys.executable).with_name("openstack"))
 PASSWORD = "alice-secret"

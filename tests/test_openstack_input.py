@@ -19,7 +19,7 @@ import yarl
 
 from stratus.cli.client import Client
 from stratus.cli.runtime import Stack
-from stratus.handlers.tokens import KeyRing
+from stratus.handlers.keyring import KeyRing
 
 PASSWORD = "admin-pass-for-tests"
 USER_PASSWORD = "user-secret"
@@ -350,12 +350,12 @@ async def test_tokens_validate_revoke_and_discovery(env: Env) -> None:
 
 
 async def test_unreachable_control_plane_is_503(tmp_path) -> None:
-    from stratus.api.app import ApiServer
+    from stratus.api.app import ApiServer, bind
     from stratus.events.broker import EmbeddedNats
 
     broker = EmbeddedNats(tmp_path / "nats", log_file=str(tmp_path / "nats.log"))
     url = broker.start()
-    api = ApiServer(url, "127.0.0.1:0", tmp_path / "images")
+    api = ApiServer(url, bind("127.0.0.1:0"), tmp_path / "images")
     await api.start()
     try:
         async with aiohttp.ClientSession() as http:

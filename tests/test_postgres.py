@@ -25,8 +25,8 @@ from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated, TenantRenamed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import bootstrap_admin
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.service import CommandService
-from stratus.handlers.tokens import KeyRing
 from stratus.projections import resources
 from stratus.projections.db import make_engine
 from stratus.projections.projector import (
@@ -40,8 +40,9 @@ from stratus.projections.query import QueryService
 from stratus.projections.schema import quarantine
 from stratus.projections.tenants import list_tenants, tenants
 from stratus.projections.users import role_assignments, users
-from stratus.tests import test_cli
-from stratus.tests.test_cli import Up, cli, login, wait_projected
+
+from . import test_cli
+from .test_cli import Up, cli, login, wait_projected
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
+import types
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, insert, select
 
 from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
@@ -21,8 +23,9 @@ from stratus.projections.projector import (
     read_checkpoint,
     store_digest,
 )
-from stratus.projections.schema import quarantine
+from stratus.projections.schema import checkpoints, quarantine
 from stratus.projections.tenants import get_tenant, list_tenants, tenants
+from stratus.projections.views import all_views
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -240,6 +243,213 @@ async def test_a_projector_killed_between_events_resumes_to_the_same_digest(stor
     assert cp == rebuilt_cp == last
     assert live_digest == rebuilt_digest
     assert await view_rows(engine) == expected_rows(events)
+
+
+class Stepper:
+    """Runs a coroutine in a task and cancels it at its ``n``-th await point.
+
+    Every time the coroutine suspends (waits on a future: a database call,
+    a NATS reply, another task) counts as one await point. ``waking=False``
+    cancels the task while it waits there (``Task.cancel``). ``waking=True``
+    cancels it the moment that wait completes instead, as a ``cancel()``
+    that lands in the same loop turn as the awaited result would: the
+    result is dropped and ``CancelledError`` raised in its place (what
+    Python 3.11's ``wait_for`` then swallows).
+    """
+
+    def __init__(self, coro, n: int, *, waking: bool) -> None:
+        self.n = n
+        self.waking = waking
+        self.count = 0  # suspensions so far
+        self.parked = None  # the future waited on right now
+        self.fired = False
+        self.task = asyncio.ensure_future(self._run(coro))
+
+    def cancel_now(self) -> None:
+        self.fired = True
+        self.task.cancel()
+
+    async def _run(self, coro):
+        return await self._drive(coro)
+
+    @types.coroutine
+    def _drive(self, coro):
+        value, error = None, None
+        while True:
+            try:
+                step = coro.throw(error) if error is not None else coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+            self.count += 1
+            self.parked = step
+            if self.count == self.n and not self.waking and not self.fired:
+                self.cancel_now()
+            try:
+                value, error = (yield step), None
+            except BaseException as exc:  # handed on to the coroutine, as a task would
+                value, error = None, exc
+            self.parked = None
+            if self.count == self.n and self.waking and not self.fired and error is None:
+                self.fired = True
+                value, error = None, asyncio.CancelledError()
+
+
+def sqlite_free(path) -> tuple[bool, bool]:
+    """(no writer holds the lock, no reader holds an old snapshot) — asked
+    from another connection, as another process would, without waiting."""
+    con = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+            unlocked = True
+        except sqlite3.OperationalError:
+            unlocked = False
+        busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return unlocked, busy == 0
+    finally:
+        con.close()
+
+
+async def run_until_cancelled(projector: Projector, step_at: int, last: int, waking: bool):
+    """Run ``projector`` until its ``step_at``-th await point, or until it
+    waits idle at the end of the log: the Stepper (cancelled) and the await
+    points its start-up took."""
+    started: list[int] = []
+    start = projector.start_position
+
+    async def marked() -> int:
+        after = await start()
+        started.append(step.count)
+        return after
+
+    projector.start_position = marked  # type: ignore[method-assign]
+    step = Stepper(projector.run(), step_at, waking=waking)
+    deadline = time.monotonic() + 20
+    while not step.fired:
+        assert time.monotonic() < deadline, f"await point {step_at} never came ({step.count})"
+        idle = step.parked is not None and not step.parked.done()
+        if idle and projector.position == last:
+            step.cancel_now()  # past the last point: cancelled while it waits for more
+            break
+        await asyncio.sleep(0.002)
+    return step, (started[0] if started else None)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("waking", [False, True], ids=["while-waiting", "as-the-wait-ends"])
+async def test_a_projector_cancelled_at_each_await_point_releases_the_store_and_resumes(
+    store, sqlite_engine, tmp_path, waking
+):
+    # given a log the projector reads as several batches (one view: its
+    # start-up awaits once per statement, some 400 times)
+    views = [v for v in all_views() if v.name == "tenants"]
+    events = make_history(10, seed=9)
+    await append_all(store, events)
+    last = await store.last_seq()
+    assert last >= 12
+
+    async def built(name: str, until: int | None = None) -> tuple[int, str]:
+        engine = sqlite_engine(name)
+        fresh = Projector(store, engine, views=views, batch=3)
+        try:
+            await fresh.catch_up(until=until)
+        finally:
+            fresh.close()
+        return await store_digest(engine)
+
+    _, full = await built("full.db")
+    at: dict[int, str] = {}  # checkpoint -> digest of a fresh build up to it
+
+    async def trial(n: int) -> tuple[Stepper, int | None]:
+        path = tmp_path / f"trial-{n}.db"
+        engine = sqlite_engine(path.name)
+        projector = Projector(store, engine, views=views, batch=3)
+        # when the live projector is cancelled at its n-th await point
+        step, start_points = await run_until_cancelled(projector, n, last, waking)
+
+        # then it stops at once
+        done, _ = await asyncio.wait([step.task], timeout=10)
+        assert done, f"a projector cancelled at await point {n} of {step.count} kept running"
+        with contextlib.suppress(asyncio.CancelledError):
+            step.task.result()
+        await projector.aclose()
+
+        # and holds no connection, transaction or lock on the store (while
+        # the cancelled task, and its traceback, still exist)
+        assert engine.pool.checkedout() == 0, f"await point {n}: a connection is still out"
+        assert sqlite_free(path) == (True, True), f"await point {n}: the store is not free"
+
+        # and what it left is exactly the world as of its checkpoint (a
+        # cancel before the schema was made left an empty store)
+        await init_schema(engine)
+        cp, digest = await store_digest(engine)
+        if cp not in at:
+            at[cp] = (await built(f"until-{cp}.db", until=cp))[1]
+        assert digest == at[cp], f"await point {n}: inconsistent at checkpoint {cp}"
+
+        # and a projector started again resumes to the digest of a fresh build
+        again = Projector(store, engine, views=views, batch=3)
+        try:
+            assert await again.catch_up() == last
+        finally:
+            again.close()
+        assert (await store_digest(engine))[1] == full
+        await engine.dispose()
+        return step, start_points
+
+    # Every await point after start-up (reading and writing the batches),
+    # and a sample of the start-up's own (one per database statement).
+    step, start_points = await trial(10**6)
+    assert start_points is not None and step.count > start_points
+    sample = set(range(1, start_points - 10, 40))
+    for n in sorted(sample):
+        await trial(n)
+    n, points = start_points - 10, None
+    while points is None:
+        assert n <= start_points + 300, "a few batches should not take 300 awaits"
+        step, _ = await trial(n)
+        if not step.fired or step.count < n:
+            points = step.count
+        n += 1
+
+    # the trials covered every batch (each waits at least once for the log)
+    assert points - start_points >= last // 3, f"{points} await points, start-up {start_points}"
+    assert len(at) >= 3, f"cancels should land before, between and after batches: {sorted(at)}"
+
+
+@pytest.mark.parametrize("waking", [False, True], ids=["while-waiting", "as-the-wait-ends"])
+async def test_a_task_cancelled_inside_a_store_transaction_leaves_the_store_free(
+    sqlite_engine, tmp_path, waking
+):
+    """The async engine (queries, digests) awaits every statement: a task
+    cancelled at any of them, from connecting to committing, must leave no
+    lock behind, even while its traceback (and the cursor in it) lives on."""
+
+    async def write(engine) -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(checkpoints.create, checkfirst=True)
+            await conn.execute(delete(checkpoints))
+            rows = [{"name": "main", "last_seq": 7}, {"name": "other", "last_seq": 3}]
+            await conn.execute(insert(checkpoints), rows)
+
+    points = None
+    n = 0
+    while points is None:
+        n += 1
+        assert n <= 200, "connecting and one small transaction should not take 200 awaits"
+        path = tmp_path / f"t-{n}.db"
+        engine = sqlite_engine(path.name)
+        step = Stepper(write(engine), n, waking=waking)
+        done, _ = await asyncio.wait([step.task], timeout=10)
+        assert done, f"a writer cancelled at await point {n} kept running"
+        if not step.fired:
+            points = step.count  # it finished before its n-th await point
+        # (step, and with it the cancelled task's traceback, is still alive)
+        assert engine.pool.checkedout() == 0, f"await point {n}: a connection is still out"
+        assert sqlite_free(path) == (True, True), f"await point {n}: the store is not free"
+        await engine.dispose()
+    assert points > 5
 
 
 # -- poison events -----------------------------------------------------------

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,9 +20,12 @@ from stratus.cli.client import Client
 from stratus.events.errors import Conflict, QuotaExceeded
 from stratus.events.ids import new_id
 from stratus.events.store import EventStore
+from stratus.handlers import quota
 from stratus.handlers.world import World, fold
-from stratus.tests.test_cli import cli, login, wait_projected
-from stratus.tests.test_cli import up as up
+
+from .test_cli import cli, login, wait_projected
+from .test_cli import up as up
+from .test_idempotency import serve_handlers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,38 +35,8 @@ STRATUS = [sys.executable, "-m", "stratus.cli.main"]
 @pytest.fixture
 def three_handlers(nats_server, tmp_path):
     """Three `stratus serve handlers` processes sharing the queue group."""
-    procs = []
-    env = {**os.environ, "STRATUS_DATA_DIR": str(tmp_path / "nodata")}
-    try:
-        for _ in range(3):
-            p = subprocess.Popen(
-                [*STRATUS, "--url", nats_server.url, "serve", "handlers", "--insecure-no-auth"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env=env,
-            )
-            procs.append(p)
-        for p in procs:
-            deadline = time.monotonic() + 30
-            assert p.stdout is not None
-            line = ""
-            while "ready" not in line:
-                assert time.monotonic() < deadline, "handler did not start"
-                line = p.stdout.readline()
-                assert line, f"handler exited with {p.poll()}"
+    with serve_handlers(nats_server.url, 3, str(tmp_path / "nodata")):
         yield nats_server.url
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            if p.stdout:
-                p.stdout.close()
 
 
 async def _race(url: str, verb: str, bodies: list[dict]) -> tuple[list[dict], list[str]]:
@@ -110,7 +81,7 @@ async def _usage(c: Client, url: str, tenant: str) -> dict[str, int]:
         world = World()
         for rec in await store.read_all(subjects=[f"ev.{tenant}.>"]):
             fold(world, rec.decode())
-        return world.usage()
+        return quota.usage(world)
     finally:
         await store.close()
 
@@ -209,7 +180,7 @@ async def test_lowering_a_quota_below_usage_blocks_only_new_allocations(three_ha
 def up_unscheduled(tmp_path):
     """``stratus up`` without a scheduler: the servers stay ``requested``, so
     what is checked here is the quota alone (scheduling has its own tests)."""
-    from stratus.tests.test_cli import running_up
+    from .test_cli import running_up
 
     with running_up(tmp_path, "--scheduler-replicas", "0") as u:
         yield u
@@ -299,7 +270,7 @@ def test_twelve_racing_cli_creates_under_a_quota_of_three_and_the_past_is_querya
 
 
 def test_configured_quota_defaults_apply_to_tenants_no_quota_set_touched(tmp_path):
-    from stratus.tests.test_cli import CONFIG_HOME, Up
+    from .test_cli import CONFIG_HOME, Up
 
     CONFIG_HOME["value"] = str(tmp_path / "config")
     u = Up(tmp_path / "data", "--quota-default", "instances=1", "--quota-default", "vcpus=-1")

@@ -33,7 +33,8 @@ from stratus.projections.rebuild import (
 )
 from stratus.projections.resources import TABLES_BY_KIND
 from stratus.projections.views import all_views
-from stratus.tests.test_projector import append_all, make_history, wait_for_checkpoint
+
+from .test_projector import append_all, make_history, wait_for_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 

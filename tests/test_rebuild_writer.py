@@ -16,7 +16,8 @@ from stratus.events.errors import Internal
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.rebuild import build_store
-from stratus.tests.test_rebuild import (
+
+from .test_rebuild import (
     _append_workload,
     _indexes,
     caught_up_digest,
@@ -136,7 +137,7 @@ async def test_a_stopped_helper_load_keeps_what_it_committed_and_resumes(store, 
 async def test_a_bulk_rebuild_gives_the_rows_an_independent_fold_gives(store, tmp_path, helper):
     # The digest tests compare the projector with itself (live and rebuilt
     # fold alike); this compares a rebuild with rows folded without it.
-    from stratus.tests.test_projector import (
+    from .test_projector import (
         append_all,
         expected_rows,
         make_history,

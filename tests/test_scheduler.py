@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 
 import pytest
 
 from stratus.events.model import Cause
 from stratus.events.resources import ServerDeleted, ServerFailed, ServerScheduled
-from stratus.events.scheduling import HostClaimed, HostReleased, ServerBuildFailed
+from stratus.events.scheduling import (
+    HostClaimed,
+    HostReleased,
+    ServerBuildFailed,
+    ServerBuildTimeout,
+)
+from stratus.events.store import STREAM
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
-from stratus.tests.schedkit import (
+from stratus.handlers.scheduler.service import DURABLE, WORK_SUBJECT
+from stratus.ops.bench.schedkit import (
     disable_host,
     fold_claims,
     group_event,
@@ -198,6 +206,80 @@ async def test_deleting_a_server_releases_its_claim(store, scheduler):
     c = server_request(vcpus=2)
     await store.append([c])
     assert isinstance(await outcome(store, "acme", c.aggregate.id), ServerScheduled)
+
+
+async def test_a_restarted_scheduler_places_what_a_killed_replica_held_at_once(store, scheduler):
+    await register_hosts(store, [host_event("h1")])
+    gone = SchedulerService(store, SchedulerConfig(seed=1))
+    await gone.start()
+    await gone.stop()
+    req = server_request()
+    sid = req.aggregate.id
+    await store.append([req])
+    # The work consumer delivers the request to a replica that dies before
+    # acknowledging it: the broker would redeliver it after ack_wait (30 s).
+    psub = await store.js.pull_subscribe(WORK_SUBJECT, durable=DURABLE, stream=STREAM)
+    [held] = await psub.fetch(1, timeout=5)
+    t0 = time.monotonic()
+    await scheduler()
+    placed = await outcome(store, "acme", sid, timeout=5)
+    assert isinstance(placed, ServerScheduled) and placed.host == "h1"
+    assert time.monotonic() - t0 < 5
+    # Its redelivery, when it comes, places nothing twice.
+    await held.nak()
+    for _ in range(200):
+        info = await store.js.consumer_info(STREAM, DURABLE)
+        if info.num_ack_pending == 0 and info.num_pending == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert info.num_ack_pending == 0
+    claims = [
+        e
+        for r in await store.read_all(subjects=["ev._system.host.h1"])
+        if isinstance(e := r.decode(), HostClaimed)
+    ]
+    assert [c.server for c in claims] == [sid]
+
+
+async def test_a_server_left_on_a_host_that_stopped_beating_is_timed_out_and_placed_again(
+    store, scheduler
+):
+    await register_hosts(store, [host_event("fading")], ttl=3)
+    await scheduler(SchedulerConfig(seed=1, build_timeout_s=1.0))
+    req = server_request()
+    sid = req.aggregate.id
+    await store.append([req])
+    first = await outcome(store, "acme", sid)
+    assert isinstance(first, ServerScheduled) and first.host == "fading"
+    mark = await store.last_seq()
+    await register_hosts(store, [host_event("steady")])
+    # No agent builds it; the host's beat expires (3 s), and a second after
+    # the scheduler saw it dead the claim times out and is placed again.
+    second = await outcome(store, "acme", sid, timeout=20, after=mark)
+    assert isinstance(second, ServerScheduled) and second.host == "steady"
+    evs = [r.decode() for r in await store.read_all(subjects=[f"ev.acme.server.{sid}"])]
+    timeouts = [e for e in evs if isinstance(e, ServerBuildTimeout)]
+    assert len(timeouts) == 1 and timeouts[0].host == "fading"
+    assert "stopped beating" in timeouts[0].reason
+    # (dead first, so the liveness filter is the one that counts it)
+    assert second.scheduling["removed"] == {"not alive (no heartbeat)": 1}
+    assert second.scheduling["attempt"] == 2
+    _, holds = await fold_claims(store)
+    assert holds.get("fading", []) == [] and holds["steady"] == [sid]
+
+
+async def test_a_building_server_on_a_live_host_is_never_timed_out(store, scheduler):
+    await register_hosts(store, [host_event("busy")])
+    svc = await scheduler(SchedulerConfig(seed=1, build_timeout_s=0.5))
+    req = server_request()
+    await store.append([req])
+    assert isinstance(await outcome(store, "acme", req.aggregate.id), ServerScheduled)
+    await asyncio.sleep(1.5)  # three timeouts' worth, the host beating all along
+    assert await svc.check_builds() == 0
+    evs = [
+        r.decode() for r in await store.read_all(subjects=[f"ev.acme.server.{req.aggregate.id}"])
+    ]
+    assert not any(isinstance(e, ServerBuildTimeout) for e in evs)
 
 
 async def test_two_replicas_never_double_book(store, connect_store, scheduler):

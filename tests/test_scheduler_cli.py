@@ -11,8 +11,9 @@ import time
 from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
 from stratus.events.heartbeat import beat
 from stratus.events.store import EventStore
-from stratus.tests.test_cli import cli, login, wait_projected
-from stratus.tests.test_cli import up as up
+
+from .test_cli import cli, login, wait_projected
+from .test_cli import up as up
 
 
 def _beat(url: str, data_dir, hosts: list[str]) -> None:

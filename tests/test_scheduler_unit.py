@@ -33,7 +33,7 @@ from stratus.handlers.scheduler.weighers import (
     normalise,
     weigh,
 )
-from stratus.tests.schedkit import CAUSE, group_event, host_event
+from stratus.ops.bench.schedkit import CAUSE, group_event, host_event
 
 
 def table(*hosts, alive: bool = True) -> HostTable:

@@ -10,7 +10,7 @@ import pytest
 
 from stratus.events.errors import ConcurrencyConflict, Invalid
 from stratus.events.model import Cause
-from stratus.events.store import MAX_BATCH, Condition
+from stratus.events.store import MAX_BATCH, AppendRequest, Condition
 from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
 
 # A broken store must fail a test, not hang the run.
@@ -314,3 +314,52 @@ async def test_a_new_command_id_is_not_a_duplicate(store):
     second = await bounded(store.append([created("globex")], msg_id="cmd-2"))
     assert second.seqs == [2]
     assert second.duplicate is False
+
+
+async def test_a_retry_of_a_batch_as_one_event_gets_every_original_sequence(store):
+    # given a batch of three appended with a command id
+    first = await bounded(store.append([created("a"), created("b"), created("c")], msg_id="b-1"))
+
+    # when the retry decides differently: one event (on another subject)
+    again = await bounded(store.append([created("z")], msg_id="b-1"))
+
+    # then the answer is the original append, all of it
+    assert again.seqs == first.seqs == [1, 2, 3]
+    assert again.duplicate is True
+    assert await store.last_seq() == 3
+
+
+async def test_find_append_answers_from_the_broker_whatever_came_between(store):
+    # given a lone event, then requests grouped into one atomic batch (with
+    # ids on the members that start each request), then much else
+    lone = await bounded(store.append([created("lone")], msg_id="lone"))
+    await store.append([created("x0")])
+    group = await bounded(
+        store.append_group(
+            [
+                AppendRequest([created("g1"), created("g2")], None, "grp-a"),
+                AppendRequest([created("g3")], None, "grp-b"),
+                AppendRequest([created("g4"), created("g5"), created("g6")], None, "grp-c"),
+            ],
+            one_by_one=False,
+        )
+    )
+    for i in range(50):
+        await store.append([created(f"later-{i}")], msg_id=f"later-{i}")
+    last = await store.last_seq()
+
+    # when each id is looked up, then its own events come back, with headers
+    found = {
+        mid: await bounded(store.find_append(mid)) for mid in ("lone", "grp-a", "grp-b", "grp-c")
+    }
+    assert [r.seq for r in found["lone"]] == lone.seqs == [1]
+    assert [[r.seq for r in found[m]] for m in ("grp-a", "grp-b", "grp-c")] == [
+        r.seqs for r in group
+    ]
+    assert [r.seqs for r in group] == [[3, 4], [5], [6, 7, 8]]
+    assert [r.decode().aggregate.id for r in found["grp-c"]] == ["g4", "g5", "g6"]
+    assert found["grp-a"][0].headers["Nats-Msg-Id"] == "grp-a"
+
+    # and an id never used is not found, and no lookup stored anything
+    assert await bounded(store.find_append("never-used")) == []
+    assert await store.last_seq() == last

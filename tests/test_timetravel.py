@@ -20,7 +20,8 @@ from stratus.projections.projector import Projector, init_schema, store_digest
 from stratus.projections.query import QueryService
 from stratus.projections.snapshots import Snapshots
 from stratus.projections.timetravel import TimeTravel
-from stratus.tests.test_projector import CAUSE, append_all, make_history, stop, wait_for_checkpoint
+
+from .test_projector import CAUSE, append_all, make_history, stop, wait_for_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 

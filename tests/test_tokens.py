@@ -18,13 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratus.events.errors import Invalid, Unauthenticated
-from stratus.handlers.tokens import (
-    MAX_TOKEN_CHARS,
-    KeyRing,
-    Principal,
-    Verifier,
-    key_id,
-)
+from stratus.handlers.keyring import KeyRing, key_id
+from stratus.handlers.tokens import MAX_TOKEN_CHARS, Principal, Verifier
 
 NOW = 1_700_000_000
 TTL = 3600

@@ -1,16 +1,31 @@
 """The compute agent of one host: events on ``ev._system.host.<name>`` in,
 instances on the host and their result events out.
 
+It has the network agent's shape: the log folded into the host's desired
+state (``desired.fold``), the host probed through its drivers, and one
+``converge()`` that applies the difference and reports it, for every event
+and for the periodic pass alike.
+
 - Registers the host (``host.registered``, or ``host.updated`` when its
   capacity or labels changed; nothing when a restart changed nothing).
 - Heartbeats into the KV bucket (``events.heartbeat``), never the log.
-- Consumes the host's subject with a durable consumer and acknowledges an
-  event only once the host change is done and its result event appended;
-  a redelivered event finds the instance it made (names derive from the
-  server id) and its report deduplicated by message id.
-- Reconciles on start and every ``reconcile_interval``: desired (the fold
-  of the subject up to what was acknowledged) against actual (libvirt
-  domains and containers carrying this host's Stratus marks, overlay files).
+- On start, folds the host's whole subject in log order and converges every
+  instance it names, so work claimed before a crash is finished (or
+  reported as found) at once, not when the broker redelivers it.
+- Consumes the host's subject with a durable consumer whose only job is to
+  fold new events and converge the servers they touch; an event is
+  acknowledged once that is done. A redelivered event (older than what was
+  folded) changes nothing in the desired state: a claim redelivered after
+  its server was deleted builds nothing.
+- Every report on a server's subject (``server.building``, ``running``,
+  ``stopped``, ``build-failed``, ``failed``, ``deleted``) is appended on
+  the condition that the subject has not moved since the agent read the
+  state its work was for, so no report can contradict the server's later
+  history (a ``server.running`` after ``server.deleting``, say).
+- Converges every ``reconcile_interval`` too: instances the log wants and
+  the host lacks are rebuilt, Stratus-owned ones it no longer wants are
+  removed, and what had to change although the log did not ask for it is
+  recorded as drift (``host.reconciled``).
 - Serves ``agent.<host>.exec`` (container exec) to the command handlers,
   which authenticate and authorise the caller before forwarding.
 """
@@ -20,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +48,18 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from stratus.agents.compute import images
-from stratus.agents.compute.containers import ContainerDriver, ExecResult
+from stratus.agents.compute.containers import ContainerDriver
 from stratus.agents.compute.desired import Desired, Want, fold
-from stratus.agents.compute.spec import ID_RE, HostError, InstanceSpec, check
+from stratus.agents.compute.driver import Driver, ExecResult, PowerState
+from stratus.agents.compute.spec import ID_RE, InstanceSpec, check
 from stratus.events.compute import HostReconciled, HostServerAction
-from stratus.events.errors import ConcurrencyConflict, Invalid, StratusError
+from stratus.events.errors import (
+    ConcurrencyConflict,
+    HostError,
+    Invalid,
+    StratusError,
+    Unavailable,
+)
 from stratus.events.heartbeat import beat
 from stratus.events.ids import NAME_RE, new_id
 from stratus.events.model import Cause, Event
@@ -51,12 +74,7 @@ from stratus.events.resources import (
     ServerRunning,
     ServerStopped,
 )
-from stratus.events.scheduling import (
-    HEARTBEAT_INTERVAL,
-    HostClaimed,
-    HostReleased,
-    ServerBuildFailed,
-)
+from stratus.events.scheduling import HEARTBEAT_INTERVAL, HostClaimed, ServerBuildFailed
 from stratus.events.store import STREAM, Condition, EventStore
 
 log = structlog.get_logger("stratus.compute")
@@ -66,9 +84,29 @@ FETCH_BATCH = 64
 # reported, but an error of the agent's own) is tried this often, then given up.
 MAX_DELIVERIES = 5
 RETRY_DELAY_S = 5.0
-# Server events after which the log no longer wants an instance built.
-TERMINAL = {"server.build-failed", "server.failed", "server.deleting", "server.deleted"}
+# A server's subject moving while the agent works on it (a verb, a report of
+# the scheduler's) makes it look again; this often at most per pass.
+MAX_LOOKS = 4
+# Servers one periodic pass works on at once.
+PASS_CONCURRENCY = 8
 EXEC_SUBJECT = "agent.{host}.exec"
+
+# What the last event on a server's subject says its instance is doing, as
+# far as the log knows. A server whose last event is not here (failed, its
+# build failed or timed out, deleting, deleted, or a type this code does not
+# know) is out of this host's hands: the scheduler or the tenant moves next.
+REPORTED: dict[str, str] = {
+    "": "building",  # nothing on its subject (a claim from a test or a foreign writer)
+    "server.scheduled": "building",
+    "server.building": "building",
+    "server.running": "running",
+    "server.reboot-requested": "running",
+    "server.stop-requested": "running",
+    "server.stopped": "stopped",
+    "server.start-requested": "stopped",
+}
+# The server has not been built anywhere yet: its first build says so.
+NOT_STARTED = ("", "server.scheduled")
 
 
 class HostSpec(msgspec.Struct, frozen=True):
@@ -103,12 +141,48 @@ class ExecReply(msgspec.Struct, frozen=True):
     error: str = ""
 
 
+@dataclass
+class ServerLog:
+    """The last event on a server's subject, as the agent last read or wrote it."""
+
+    seq: int
+    type: str
+    host: str = ""
+
+
+@dataclass
+class Drift:
+    """What a pass changed on the host although the log did not ask for it."""
+
+    recreated: list[str] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.recreated or self.started or self.stopped or self.removed)
+
+
 def host_subject(host: str) -> str:
     return f"ev.{SYSTEM}.host.{host}"
 
 
 def consumer_name(host: str) -> str:
     return f"compute-{host}"
+
+
+def server_subject(tenant: str, server: str) -> str:
+    return f"ev.{tenant}.server.{server}"
+
+
+def acceptable(ev: Event) -> bool:
+    """Whether the server an event names (if any) may reach paths, cgroups,
+    libvirt and subjects: only ids do."""
+    server = getattr(ev, "server", None)
+    if server is None:
+        return True
+    tenant = getattr(ev, "server_tenant", "")
+    return bool(ID_RE.match(server)) and bool(ID_RE.match(tenant))
 
 
 class ComputeAgent:
@@ -120,8 +194,8 @@ class ComputeAgent:
         data_dir: Path,
         image_store: Path,
         spec: HostSpec,
-        vm: Any | None = None,
-        containers: ContainerDriver | None = None,
+        vm: Driver | None = None,
+        containers: Driver | None = None,
         reconcile_interval: float = 60.0,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         direct_boot: DirectBoot | None = None,
@@ -139,7 +213,7 @@ class ComputeAgent:
         for d in (self.disks, self.volumes, self.consoles):
             d.mkdir(parents=True, exist_ok=True)
         self.cache = images.BaseCache(self.data_dir / "base")
-        self.drivers: dict[str, Any] = {}
+        self.drivers: dict[str, Driver] = {}
         if vm is not None:
             self.drivers["vm"] = vm
         if containers is not None:
@@ -152,6 +226,8 @@ class ComputeAgent:
         self.desired = Desired()
         self.actor = f"compute-agent:{host}"
         self._images: dict[str, ImageCreated | None] = {}
+        # One pass at a time per server (events and the periodic pass share them).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: Any = None
         self._exec_sub: Any = None
@@ -162,14 +238,17 @@ class ComputeAgent:
 
     async def start(self) -> None:
         await self.register()
+        # The consumer first: whatever lands after the fold below is delivered.
         await self._open_consumer()
-        await self.reconcile()
+        self.desired = await self.read_host(done=await self._acked_floor())
+        await self.converge()
         await self._beat_once()
         self._exec_sub = await self.store.nc.subscribe(
             EXEC_SUBJECT.format(host=self.host), cb=self._on_exec
         )
         self._tasks = [
             asyncio.create_task(self._consume(), name=f"compute-{self.host}"),
+            asyncio.create_task(self._periodic(), name=f"converge-{self.host}"),
             asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.host}"),
         ]
         log.info("compute agent started", host=self.host, drivers=sorted(self.drivers))
@@ -189,28 +268,32 @@ class ComputeAgent:
         self._exec_sub = self._psub = None
 
     def close(self) -> None:
-        """Release the hypervisor connection (after ``stop``)."""
-        vm = self.drivers.get("vm")
-        if vm is not None:
-            vm.close()
-        containers = self.drivers.get("container")
-        if containers is not None and not containers.list_owned():
-            # Nothing left running here: leave no empty cgroup directories.
-            containers.cgroups.prune()
+        """Release what the drivers hold (after ``stop``)."""
+        for driver in self.drivers.values():
+            driver.close()
 
     # -- registration and heartbeat ----------------------------------------------
 
-    async def read_host(self, until: int | None = None) -> Desired:
-        """The fold of the host's subject (up to sequence ``until``)."""
-        d = Desired()
+    async def read_host(self, until: int | None = None, done: int = 0) -> Desired:
+        """The fold of the host's subject (up to sequence ``until``); events
+        up to ``done`` were handled before and owe nothing."""
+        d = Desired(done=done)
         async for batch in self.store.read(until=until, subjects=[self.subject]):
-            for rec in batch:
-                try:
-                    event = rec.decode(self.store.codec)
-                except Exception:
-                    continue  # a foreign writer's bytes: not ours to act on
-                fold(d, event, rec.seq)
+            self._fold(d, batch)
         return d
+
+    def _fold(self, d: Desired, batch: Iterable[Any]) -> None:
+        for rec in batch:
+            try:
+                event = rec.decode(self.store.codec)
+            except Exception:
+                event = None  # a foreign writer's bytes: not ours to act on
+            if event is not None and acceptable(event):
+                fold(d, event, rec.seq)
+            else:
+                # Skipped, but read: the subject's position (what a
+                # registration is conditioned on) moves past it all the same.
+                d.seq = max(d.seq, rec.seq)
 
     async def register(self) -> None:
         """``host.registered`` the first time, ``host.updated`` on a change."""
@@ -245,7 +328,7 @@ class ComputeAgent:
             except Exception as exc:  # the next beat may get through
                 log.warning("heartbeat failed", host=self.host, error=str(exc))
 
-    # -- the durable consumer ----------------------------------------------------
+    # -- the durable consumer: new events into the desired state -------------------
 
     async def _open_consumer(self) -> None:
         name = consumer_name(self.host)
@@ -255,6 +338,8 @@ class ComputeAgent:
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=self.subject,
             # A build may take a while (a real base image copied to the cache).
+            # Nothing waits for a redelivery: a restarted agent folds the
+            # subject itself, so an unacknowledged event only wakes it again.
             ack_wait=300,
             max_ack_pending=1000,
         )
@@ -267,14 +352,7 @@ class ComputeAgent:
         return info.ack_floor.stream_seq if info.ack_floor else 0
 
     async def _consume(self) -> None:
-        next_reconcile = time.monotonic() + self.reconcile_interval
         while not self._stopping.is_set():
-            if time.monotonic() >= next_reconcile:
-                try:
-                    await self.reconcile()
-                except Exception:
-                    log.exception("reconcile failed", host=self.host)
-                next_reconcile = time.monotonic() + self.reconcile_interval
             try:
                 msgs = await self._psub.fetch(FETCH_BATCH, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -285,40 +363,73 @@ class ComputeAgent:
                 continue
             await self._handle_batch(msgs)
 
+    async def _periodic(self) -> None:
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.reconcile_interval)
+            try:
+                await self.converge()
+            except Exception:
+                log.exception("periodic converge failed", host=self.host)
+
+    async def _catch_up(self) -> None:
+        """Fold what the log holds after the desired state, in log order."""
+        async for batch in self.store.read(after=self.desired.seq, subjects=[self.subject]):
+            self._fold(self.desired, batch)
+
     async def _handle_batch(self, msgs: Sequence[Any]) -> None:
-        # Events of one server stay in order; different servers build at
-        # the same time (their overlays and domains are independent).
-        lanes: dict[str, list[tuple[Any, Event | None]]] = {}
+        touched: dict[str, list[tuple[Any, Event]]] = {}
         for m in msgs:
             try:
-                ev: Event | None = self.store.codec.decode(m.data)
+                ev: Event = self.store.codec.decode(m.data)
             except Exception:
-                ev = None
-            key = getattr(ev, "server", "") or "_host"
-            lanes.setdefault(key, []).append((m, ev))
-        await asyncio.gather(*(self._lane(items) for items in lanes.values()))
-
-    async def _lane(self, items: list[tuple[Any, Event | None]]) -> None:
-        for i, (m, ev) in enumerate(items):
-            if ev is None:
                 await m.term()  # not an event this code can read: never redeliver
                 continue
-            try:
-                await self.handle(ev, m.metadata.sequence.stream)
-            except Exception as exc:
-                log.exception("event failed", host=self.host, type=ev.type_name())
-                if m.metadata.num_delivered >= MAX_DELIVERIES:
+            seq = m.metadata.sequence.stream
+            if not acceptable(ev):
+                # Names reach cgroup paths and libvirt: never one that is not an id.
+                log.warning("event names no valid server; ignored", type=ev.type_name(), seq=seq)
+                await m.ack()
+                continue
+            if seq > self.desired.seq and m.metadata.num_delivered > 1:
+                # First delivered to a process that died before folding it:
+                # later events may have been delivered since, so take the
+                # log's order rather than this delivery's.
+                await self._catch_up()
+            fold(self.desired, ev, seq)
+            server = getattr(ev, "server", "")
+            if server:
+                touched.setdefault(server, []).append((m, ev))
+            else:
+                await m.ack()
+                self.handled += 1
+        if not touched:
+            return
+        failed = await self.converge(touched)
+        for server, items in touched.items():
+            exc = failed.get(server)
+            for m, ev in items:
+                if exc is None:
+                    await m.ack()
+                    self.handled += 1
+                elif m.metadata.num_delivered >= MAX_DELIVERIES:
                     await self._give_up(ev, exc)
                     await m.term()
-                    continue
-                # Redelivered later, by then perhaps doable (the broker back,
-                # the disk freed); the server's later events wait for it, so
-                # they are never applied out of order.
-                for later, _ in items[i:]:
-                    await later.nak(delay=self.retry_delay)
-                return
-            await m.ack()
-            self.handled += 1
+                else:
+                    # Tried again later, by then perhaps doable (the broker
+                    # back, the disk freed); the periodic pass tries too.
+                    await m.nak(delay=self.retry_delay)
+
+    async def handle(self, ev: Event, seq: int = 0) -> None:
+        """Fold one event (``seq`` 0: not from the log) and converge its server."""
+        if not acceptable(ev):
+            log.warning("event names no valid server; ignored", type=ev.type_name(), seq=seq)
+            return
+        fold(self.desired, ev, seq)
+        server = getattr(ev, "server", "")
+        if server:
+            failed = await self.converge([server])
+            if server in failed:
+                raise failed[server]
 
     async def _give_up(self, ev: Event, exc: Exception) -> None:
         """After MAX_DELIVERIES attempts: say so on the server, stop retrying."""
@@ -327,43 +438,271 @@ class ComputeAgent:
         if not server or not tenant:
             return
         with contextlib.suppress(Exception):
+            now = await self._server_log(tenant, server)
+            reason = f"agent error after {MAX_DELIVERIES} attempts: {exc}"[:500]
             await self._report(
-                self._cause(ev),
-                ServerFailed,
-                tenant,
-                server,
-                "gave-up",
-                host=self.host,
-                reason=f"agent error after {MAX_DELIVERIES} attempts: {exc}"[:500],
+                ev, now, tenant, server, ServerFailed, "gave-up", host=self.host, reason=reason
             )
 
-    # -- events -----------------------------------------------------------------
+    # -- converge: the one apply path -------------------------------------------------
 
-    def _cause(self, ev: Event) -> Cause:
-        return Cause(actor=self.actor, correlation_id=ev.correlation_id, causation_id=ev.id)
+    async def converge(self, servers: Iterable[str] | None = None) -> dict[str, Exception]:
+        """Make the host match the desired state, for ``servers`` or (None)
+        for everything the log wants here and everything of ours on the host.
+
+        Reports each server's outcome on its subject, records drift as
+        ``host.reconciled``, and returns the servers that failed with an
+        error of the agent's own (a host's refusal is reported, not raised).
+        """
+        deep = servers is None
+        if servers is None:
+            owned = await self.actual()
+            targets = set(self.desired.instances) | set(self.desired.gone) | set(owned)
+        else:
+            targets = set(servers)
+        drift = Drift()
+        failed: dict[str, Exception] = {}
+        slots = asyncio.Semaphore(PASS_CONCURRENCY if deep else len(targets) or 1)
+
+        async def one(server: str) -> None:
+            async with slots:
+                try:
+                    await self._converge_one(server, drift)
+                except Exception as exc:
+                    log.exception("converge failed", host=self.host, server=server)
+                    failed[server] = exc
+
+        await asyncio.gather(*(one(s) for s in sorted(targets)))
+        if deep:
+            await self._prune_disks()
+        if drift:
+            await self._record_drift(drift)
+        return failed
+
+    async def reconcile(self) -> dict[str, Exception]:
+        """The periodic pass, on demand: ``converge()`` over everything."""
+        return await self.converge()
+
+    def _lock(self, server: str) -> asyncio.Lock:
+        lock = self._locks.get(server)
+        if lock is None:
+            lock = self._locks[server] = asyncio.Lock()
+        return lock
+
+    async def _converge_one(self, server: str, drift: Drift) -> None:
+        async with self._lock(server):
+            for _ in range(MAX_LOOKS):
+                try:
+                    await self._apply(server, drift)
+                    return
+                except ConcurrencyConflict:
+                    continue  # the server's subject moved while we worked: look again
+            log.warning("server kept moving; left to the next pass", host=self.host, server=server)
+
+    async def _apply(self, server: str, drift: Drift) -> None:
+        want = self.desired.instances.get(server)
+        have, disk = await asyncio.to_thread(self._probe, server)
+        if want is None:
+            await self._clear(server, have is not None or disk, drift)
+            return
+        claim = want.claim
+        now = await self._server_log(claim.server_tenant, server)
+        if now.type not in REPORTED or (now.host and now.host != self.host):
+            # Out of this host's hands (see REPORTED): the scheduler releases
+            # the claim or the tenant's delete comes; nothing to do meanwhile.
+            want.actions.clear()
+            return
+        try:
+            await self._realise(want, have, disk, now, drift)
+        except (Invalid, HostError) as exc:
+            await self._refused(want, now, exc)
+
+    async def _realise(
+        self, want: Want, have: PowerState | None, disk: bool, now: ServerLog, drift: Drift
+    ) -> None:
+        """Bring one wanted instance to its desired state and report it."""
+        claim = want.claim
+        server = claim.server
+        spec = self.instance(claim, want)
+        driver = self._driver(claim.instance_type)
+        running = want.power == "running"
+        said = REPORTED[now.type]
+        changed = False
+        disk_lost = have is not None and bool(spec.disk) and not disk
+        if have is None or disk_lost:
+            if now.type in NOT_STARTED and have is None:
+                await self._report(
+                    want.cause,
+                    now,
+                    claim.server_tenant,
+                    server,
+                    ServerBuilding,
+                    "building",
+                    host=self.host,
+                )
+            elif said != "building":
+                drift.recreated.append(server)  # it was built once: the host lost it
+            image = await self._image(claim)
+            await asyncio.to_thread(self._prepare_disk, spec, want, image)
+            await asyncio.to_thread(driver.ensure, spec, running)
+            changed = running
+        else:
+            if running and have != "running":
+                await asyncio.to_thread(driver.start, spec)
+                if said == "running":
+                    drift.started.append(server)
+                changed = True
+            elif not running and have == "running":
+                await asyncio.to_thread(driver.stop, server)
+                if said == "stopped":
+                    drift.stopped.append(server)
+            await self._sync_volumes(want, spec, driver)
+        while want.actions:
+            action = want.actions[0]
+            if action.action == "reboot":
+                await asyncio.to_thread(driver.reboot, spec)
+                changed = True
+            elif action.action == "snapshot":
+                await self._snapshot(action, want, spec, driver)
+            want.actions.pop(0)
+        if running and (changed or said != "running"):
+            await self._report(
+                want.cause,
+                now,
+                claim.server_tenant,
+                server,
+                ServerRunning,
+                "running",
+                host=self.host,
+                disk=spec.disk,
+            )
+            log.info("server running", host=self.host, server=server)
+        elif not running and said != "stopped":
+            await self._report(
+                want.cause, now, claim.server_tenant, server, ServerStopped, "stopped"
+            )
+
+    async def _refused(self, want: Want, now: ServerLog, exc: StratusError) -> None:
+        """The host could not do it (or the log asked for something no host
+        may be given): a build that fails is ``server.build-failed`` (the
+        scheduler tries elsewhere), anything else ``server.failed``."""
+        claim = want.claim
+        server = claim.server
+        want.actions.clear()
+        log.warning("host refused", host=self.host, server=server, reason=exc.message)
+        if REPORTED[now.type] == "building":
+            with contextlib.suppress(Exception):
+                await self._remove(server)
+            await self._report(
+                want.cause,
+                now,
+                claim.server_tenant,
+                server,
+                ServerBuildFailed,
+                "failed",
+                host=self.host,
+                reason=exc.message,
+                attempt=claim.attempt,
+            )
+        else:
+            await self._report(
+                want.cause,
+                now,
+                claim.server_tenant,
+                server,
+                ServerFailed,
+                "failed",
+                host=self.host,
+                reason=exc.message,
+            )
+
+    async def _clear(self, server: str, present: bool, drift: Drift) -> None:
+        """Nothing of ``server`` may stay; a deletion is confirmed on its subject."""
+        gone = self.desired.gone.get(server)
+        if present:
+            await self._remove(server)
+            if gone is None:
+                drift.removed.append(server)  # no event asked: a stray
+        if gone is None:
+            return
+        if gone.delete is not None:
+            now = await self._server_log(gone.tenant, server)
+            if now.type != "server.deleted":
+                await self._report(gone.delete, now, gone.tenant, server, ServerDeleted, "deleted")
+        if self.desired.gone.get(server) is gone:
+            del self.desired.gone[server]
+
+    async def _record_drift(self, drift: Drift) -> None:
+        cause = Cause(actor=self.actor, correlation_id=new_id(), causation_id="reconcile")
+        report = cause.make(
+            HostReconciled,
+            SYSTEM,
+            "host",
+            self.host,
+            recreated=sorted(drift.recreated),
+            started=sorted(drift.started),
+            stopped=sorted(drift.stopped),
+            removed=sorted(drift.removed),
+        )
+        await self.store.append([report])
+        log.info("reconciled", host=self.host, **{k: len(v) for k, v in vars(drift).items()})
+
+    async def _prune_disks(self) -> None:
+        """Overlay files no wanted instance uses (its removal was interrupted)."""
+        for p in await asyncio.to_thread(lambda: list(self.disks.glob("*.qcow2"))):
+            server = p.stem
+            if server in self.desired.instances:
+                continue
+            async with self._lock(server):
+                if server not in self.desired.instances:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
+    # -- reading and writing a server's subject ---------------------------------------
+
+    async def _server_log(self, tenant: str, server: str) -> ServerLog:
+        """The last event on the server's subject, read fresh from the log."""
+        try:
+            msg = await self.store.js.get_last_msg(
+                STREAM, server_subject(tenant, server), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return ServerLog(0, "")
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise Unavailable(f"cannot read server {server}: {type(exc).__name__}") from None
+        try:
+            ev = self.store.codec.decode(msg.data)
+        except Exception:
+            return ServerLog(msg.seq or 0, "?")  # a newer writer's event: hands off
+        return ServerLog(msg.seq or 0, ev.type_name(), getattr(ev, "host", "") or "")
 
     async def _report(
-        self, cause: Cause, cls: type[Event], tenant: str, server: str, key: str, **fields: Any
+        self,
+        cause_event: Event,
+        now: ServerLog,
+        tenant: str,
+        server: str,
+        cls: type[Event],
+        key: str,
+        **fields: Any,
     ) -> None:
-        """Append the result event; ``key`` makes a redelivery's report a duplicate."""
+        """Append a result event on the condition that the server's subject
+        still ends at ``now`` (the state the work was for), and move ``now``
+        to it. The message id makes a retried append of the same report a
+        duplicate; a moved subject raises ``ConcurrencyConflict``."""
+        cause = Cause(
+            actor=self.actor,
+            correlation_id=cause_event.correlation_id,
+            causation_id=cause_event.id,
+        )
         ev = cause.make(cls, tenant, "server", server, **fields)
-        await self.store.append([ev], msg_id=f"{cause.causation_id}.{key}")
+        done = await self.store.append(
+            [ev], Condition(ev.subject, now.seq), msg_id=f"{cause_event.id}.{key}.{now.seq}"
+        )
+        now.seq, now.type = done.seqs[0], cls.type_name()
+        now.host = fields.get("host", now.host)
 
-    async def handle(self, ev: Event, seq: int = 0) -> None:
-        server = getattr(ev, "server", None)
-        if server is not None and not ID_RE.match(server):
-            # Names reach cgroup paths and libvirt: never one that is not an id.
-            log.warning("event names no valid server; ignored", type=ev.type_name(), seq=seq)
-            return
-        fold(self.desired, ev, seq)
-        if isinstance(ev, HostClaimed):
-            await self._build(ev)
-        elif isinstance(ev, HostReleased):
-            # The scheduler took the claim back (a failed build, a deletion):
-            # whatever is left of the instance goes.
-            await self._remove(ev.server)
-        elif isinstance(ev, HostServerAction):
-            await self._act(ev)
+    # -- the host ---------------------------------------------------------------------
 
     def instance(self, claim: HostClaimed, want: Want | None = None) -> InstanceSpec:
         volumes = {v: str(self.volumes / f"{v}.qcow2") for v in (want.volumes if want else {})}
@@ -391,11 +730,29 @@ class ComputeAgent:
             )
         )
 
-    def _driver(self, instance_type: str) -> Any:
+    def _driver(self, instance_type: str) -> Driver:
         d = self.drivers.get(instance_type)
         if d is None:
             raise HostError(f"host {self.host} does not run {instance_type} instances")
         return d
+
+    def _probe(self, server: str) -> tuple[PowerState | None, bool]:
+        """What the host has of ``server``: its instance's state (None: no
+        instance) and whether its overlay disk exists (blocking: in a thread)."""
+        disk = (self.disks / f"{server}.qcow2").exists()
+        for driver in self.drivers.values():
+            state = driver.state(server)
+            if state is not None:
+                return state, disk
+        return None, disk
+
+    async def actual(self) -> dict[str, tuple[str, PowerState]]:
+        """server id -> (instance type, running|stopped) of what this host runs."""
+        out: dict[str, tuple[str, PowerState]] = {}
+        for it, driver in self.drivers.items():
+            for server, state in (await asyncio.to_thread(driver.list_owned)).items():
+                out[server] = (it, state)
+        return out
 
     async def _image(self, claim: HostClaimed) -> ImageCreated | None:
         """The image's ``image.created`` (tenant's or public), read once and kept."""
@@ -414,112 +771,46 @@ class ComputeAgent:
         self._images[claim.image] = found
         return found
 
-    def _prepare_disk(self, spec: InstanceSpec, image: ImageCreated | None) -> None:
-        if not spec.disk or os.path.exists(spec.disk):
-            return
-        checksum = image.checksum if image else ""
-        fmt = image.format if image else "qcow2"
-        base, base_fmt = self.cache.base(self.image_store, checksum, fmt, blank_gb=spec.disk_gb)
-        images.create_overlay(
-            base, base_fmt, Path(spec.disk), spec.disk_gb, self.cache.virtual_size(base, base_fmt)
-        )
+    def _prepare_disk(self, spec: InstanceSpec, want: Want, image: ImageCreated | None) -> None:
+        """The overlay disk and the volumes a new domain is defined with."""
+        if spec.disk and not os.path.exists(spec.disk):
+            checksum = image.checksum if image else ""
+            fmt = image.format if image else "qcow2"
+            base, base_fmt = self.cache.base(self.image_store, checksum, fmt, blank_gb=spec.disk_gb)
+            images.create_overlay(
+                base,
+                base_fmt,
+                Path(spec.disk),
+                spec.disk_gb,
+                self.cache.virtual_size(base, base_fmt),
+            )
         for vol, path in spec.volumes.items():
-            del vol
-            images.create_volume(Path(path), 1)
+            images.create_volume(Path(path), max(1, want.volumes.get(vol, 1)))
 
-    async def _build(self, claim: HostClaimed, report_building: bool = True) -> bool:
-        cause = self._cause(claim)
-        t, s = claim.server_tenant, claim.server
-        bind = {"host": self.host, "server": s, "correlation_id": claim.correlation_id}
-        try:
-            spec = self.instance(claim, self.desired.instances.get(s))
-        except Invalid as exc:
-            await self._report(
-                cause,
-                ServerBuildFailed,
-                t,
-                s,
-                "failed",
-                host=self.host,
-                reason=exc.message,
-                attempt=claim.attempt,
-            )
-            return False
-        if report_building:
-            await self._report(cause, ServerBuilding, t, s, "building", host=self.host)
-        try:
-            driver = self._driver(claim.instance_type)
-            image = await self._image(claim)
-            await asyncio.to_thread(self._prepare_disk, spec, image)
-            await asyncio.to_thread(driver.ensure, spec, True)
-        except (HostError, images.ImageError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc)
-            log.warning("build failed", reason=reason, **bind)
-            with contextlib.suppress(Exception):
-                await self._remove(s, claim.instance_type)
-            await self._report(
-                cause,
-                ServerBuildFailed,
-                t,
-                s,
-                "failed",
-                host=self.host,
-                reason=reason,
-                attempt=claim.attempt,
-            )
-            return False
-        await self._report(cause, ServerRunning, t, s, "running", host=self.host, disk=spec.disk)
-        log.info("server running", **bind)
-        return True
+    async def _sync_volumes(self, want: Want, spec: InstanceSpec, driver: Driver) -> None:
+        """Attach the volumes the log wants on the instance, detach the others."""
+        if not spec.volumes and spec.instance_type != "vm":
+            return
+        attached = set(await asyncio.to_thread(driver.volumes, spec.server))
+        for vol, path in spec.volumes.items():
+            if path not in attached:
+                size = max(1, want.volumes.get(vol, 1))
+                await asyncio.to_thread(images.create_volume, Path(path), size)
+                await asyncio.to_thread(driver.attach, spec, vol, path)
+        for path in attached - set(spec.volumes.values()):
+            # Only our volumes: a disk an operator added is left alone.
+            if Path(path).parent == self.volumes:
+                await asyncio.to_thread(driver.detach, spec, path)
 
-    async def _remove(self, server: str, instance_type: str | None = None) -> None:
-        types = [instance_type] if instance_type else list(self.drivers)
-        for it in types:
-            await asyncio.to_thread(self._driver(it).remove, server)
+    async def _remove(self, server: str) -> None:
+        for driver in self.drivers.values():
+            await asyncio.to_thread(driver.remove, server)
         for p in (self.disks / f"{server}.qcow2", self.consoles / f"{server}.log"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    async def _act(self, ev: HostServerAction) -> None:
-        cause = self._cause(ev)
-        t, s = ev.server_tenant, ev.server
-        if ev.action == "delete":
-            await self._remove(s)
-            await self._report(cause, ServerDeleted, t, s, "deleted")
-            return
-        want = self.desired.instances.get(s)
-        if want is None:
-            log.warning("action for a server not on this host", action=ev.action, server=s)
-            return
-        spec = self.instance(want.claim, want)
-        try:
-            driver = self._driver(spec.instance_type)
-            if ev.action == "stop":
-                await asyncio.to_thread(driver.stop, s)
-                await self._report(cause, ServerStopped, t, s, "stopped")
-            elif ev.action in ("start", "reboot"):
-                await asyncio.to_thread(self._prepare_disk, spec, await self._image(want.claim))
-                fn = driver.start if ev.action == "start" else driver.reboot
-                await asyncio.to_thread(fn, spec)
-                await self._report(
-                    cause, ServerRunning, t, s, "running", host=self.host, disk=spec.disk
-                )
-            elif ev.action == "attach-volume":
-                path = Path(spec.volumes[ev.volume])
-                await asyncio.to_thread(images.create_volume, path, max(1, ev.size_gb))
-                await asyncio.to_thread(driver.attach, spec, ev.volume, str(path))
-            elif ev.action == "snapshot":
-                await self._snapshot(ev, want, spec, driver)
-            elif ev.action == "detach-volume":
-                await asyncio.to_thread(
-                    driver.detach, spec, str(self.volumes / f"{ev.volume}.qcow2")
-                )
-        except (HostError, images.ImageError) as exc:
-            reason = getattr(exc, "reason", None) or str(exc)
-            await self._report(cause, ServerFailed, t, s, "failed", host=self.host, reason=reason)
-
     async def _snapshot(
-        self, ev: HostServerAction, want: Want, spec: InstanceSpec, vm: Any
+        self, ev: HostServerAction, want: Want, spec: InstanceSpec, driver: Driver
     ) -> None:
         """Store the server's disk as image ``ev.image`` and record it."""
         if not ID_RE.match(ev.image) or not spec.disk:
@@ -528,7 +819,7 @@ class ComputeAgent:
         parent_file = images.stored(self.image_store, parent.checksum) if parent else None
 
         def make() -> images.ImageFile:
-            with vm.paused(ev.server):
+            with driver.paused(ev.server):
                 return images.snapshot(
                     Path(spec.disk),
                     self.image_store,
@@ -538,7 +829,9 @@ class ComputeAgent:
                 )
 
         made = await asyncio.to_thread(make)
-        created = self._cause(ev).make(
+        created = Cause(
+            actor=self.actor, correlation_id=ev.correlation_id, causation_id=ev.id
+        ).make(
             ImageCreated,
             ev.server_tenant,
             "image",
@@ -555,100 +848,6 @@ class ComputeAgent:
         with contextlib.suppress(ConcurrencyConflict):
             await self.store.append([created], Condition(created.subject, 0))
 
-    # -- reconcile --------------------------------------------------------------
-
-    async def actual(self) -> dict[str, tuple[str, str]]:
-        """server id -> (instance type, running|stopped) of what this host runs."""
-        out: dict[str, tuple[str, str]] = {}
-        for it, driver in self.drivers.items():
-            for server, state in (await asyncio.to_thread(driver.list_owned)).items():
-                out[server] = (it, state)
-        return out
-
-    async def _server_done(self, claim: HostClaimed) -> bool:
-        """Whether the server's own log says it is past building (failed, gone)."""
-        subject = f"ev.{claim.server_tenant}.server.{claim.server}"
-        try:
-            msg = await self.store.js.get_last_msg(STREAM, subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return True
-        try:
-            ev = self.store.codec.decode(msg.data)
-        except Exception:
-            return False
-        return ev.type_name() in TERMINAL
-
-    async def reconcile(self) -> HostReconciled | None:
-        """Make the host match the log as far as this agent has acknowledged it.
-
-        Later events are the consumer's: an instance they want is no stray
-        (``full``), and is built by the consumer with its usual reports.
-        """
-        floor = await self._acked_floor()
-        upto = await self.read_host(until=floor) if floor else Desired()
-        full = await self.read_host()
-        self.desired = full
-        actual = await self.actual()
-        fixed: dict[str, list[str]] = {"recreated": [], "started": [], "stopped": [], "removed": []}
-        cause = Cause(actor=self.actor, correlation_id=new_id(), causation_id="reconcile")
-        for server, (it, _state) in actual.items():
-            if server not in full.instances:
-                await self._remove(server, it)
-                fixed["removed"].append(server)
-        for server, want in upto.instances.items():
-            have = actual.get(server)
-            if have is None and await self._server_done(want.claim):
-                continue
-            spec = self.instance(want.claim, want)
-            running = want.power == "running"
-            if (
-                have is not None
-                and (have[1] == "running") == running
-                and (not spec.disk or await asyncio.to_thread(os.path.exists, spec.disk))
-            ):
-                continue
-            try:
-                driver = self._driver(spec.instance_type)
-                if have is not None and not running:
-                    await asyncio.to_thread(driver.stop, server)
-                    fixed["stopped"].append(server)
-                    continue
-                await asyncio.to_thread(self._prepare_disk, spec, await self._image(want.claim))
-                await asyncio.to_thread(driver.ensure, spec, running)
-            except (HostError, images.ImageError) as exc:
-                reason = getattr(exc, "reason", None) or str(exc)
-                ev = cause.make(
-                    ServerFailed,
-                    want.claim.server_tenant,
-                    "server",
-                    server,
-                    reason=reason,
-                    host=self.host,
-                )
-                await self.store.append([ev])
-                continue
-            fixed["recreated" if have is None else "started"].append(server)
-            if running:
-                ev = cause.make(
-                    ServerRunning,
-                    want.claim.server_tenant,
-                    "server",
-                    server,
-                    host=self.host,
-                    disk=spec.disk,
-                )
-                await self.store.append([ev])
-        for p in self.disks.glob("*.qcow2"):
-            if p.stem not in full.instances:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-        if not any(fixed.values()):
-            return None
-        report = cause.make(HostReconciled, SYSTEM, "host", self.host, **fixed)
-        await self.store.append([report])
-        log.info("reconciled", host=self.host, **{k: len(v) for k, v in fixed.items()})
-        return report
-
     # -- exec -------------------------------------------------------------------
 
     async def _on_exec(self, msg: Any) -> None:
@@ -664,7 +863,7 @@ class ComputeAgent:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             body = ExecReply(ok=False, error=f"bad exec request: {exc}")
         except HostError as exc:
-            body = ExecReply(ok=False, error=exc.reason)
+            body = ExecReply(ok=False, error=exc.message)
         if msg.reply:
             await msg.respond(msgspec.json.encode(body))
 

@@ -17,11 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
-
-from stratus.agents.compute.spec import HostError, InstanceSpec, check
+from stratus.agents.compute.driver import ExecResult, PowerState
+from stratus.agents.compute.spec import InstanceSpec, check
+from stratus.events.errors import HostError
 from stratus.events.ids import NAME_RE
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -31,12 +32,6 @@ CPU_PERIOD_US = 100_000
 STOP_TIMEOUT_S = 5.0
 EXEC_TIMEOUT_S = 60.0
 EXEC_OUTPUT_MAX = 1 << 20
-
-
-class ExecResult(msgspec.Struct, frozen=True):
-    exit_code: int
-    stdout: str
-    stderr: str
 
 
 def netns_name(server: str) -> str:
@@ -99,7 +94,10 @@ class Cgroups:
         return [b / server for b in self.bases]
 
     def servers(self) -> set[str]:
-        return {p.name for p in self.bases[0].iterdir() if p.is_dir()}
+        try:
+            return {p.name for p in self.bases[0].iterdir() if p.is_dir()}
+        except FileNotFoundError:
+            return set()  # pruned when it last emptied: nothing of ours here
 
     def create(self, spec: InstanceSpec) -> list[Path]:
         dirs = self.dirs(spec.server)
@@ -168,9 +166,15 @@ class ContainerDriver:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def list_owned(self) -> dict[str, str]:
+    def list_owned(self) -> dict[str, PowerState]:
         self._reap()
         return {s: "running" if self.cgroups.pids(s) else "stopped" for s in self.cgroups.servers()}
+
+    def state(self, server: str) -> PowerState | None:
+        self._reap()
+        if not self.cgroups.dirs(server)[0].is_dir():
+            return None
+        return "running" if self.cgroups.pids(server) else "stopped"
 
     def _reap(self) -> None:
         for server, proc in list(self._procs.items()):
@@ -307,8 +311,21 @@ class ContainerDriver:
             done.stderr[:EXEC_OUTPUT_MAX].decode(errors="replace"),
         )
 
+    def volumes(self, server: str) -> list[str]:
+        return []
+
     def attach(self, spec: InstanceSpec, volume: str, path: str) -> None:
         raise HostError("volumes attach to VM instances only")
 
     def detach(self, spec: InstanceSpec, path: str) -> None:
         return None
+
+    @contextlib.contextmanager
+    def paused(self, server: str) -> Iterator[None]:
+        raise HostError("container instances have no disk to snapshot")
+        yield  # (a generator, for contextmanager)
+
+    def close(self) -> None:
+        if not self.list_owned():
+            # Nothing left running here: leave no empty cgroup directories.
+            self.cgroups.prune()

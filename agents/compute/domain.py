@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stratus.agents.compute.spec import HostError, InstanceSpec, check, domain_uuid
+from stratus.agents.compute.driver import ExecResult, PowerState
+from stratus.agents.compute.spec import InstanceSpec, check, domain_uuid
+from stratus.events.errors import HostError
 from stratus.events.network import vm_tap
 
 NS = "https://stratus.dev/xmlns/compute/1"
@@ -190,9 +192,9 @@ class LibvirtDriver:
             return None
         return dom
 
-    def list_owned(self) -> dict[str, str]:
+    def list_owned(self) -> dict[str, PowerState]:
         """server id -> ``running`` or ``stopped`` for this host's domains."""
-        out: dict[str, str] = {}
+        out: dict[str, PowerState] = {}
         for dom in self._call(self.conn.listAllDomains, 0):
             if not dom.name().startswith(PREFIX):
                 continue
@@ -204,6 +206,12 @@ class LibvirtDriver:
             if owner and owner.get("host") == self.host and owner.get("server"):
                 out[owner["server"]] = "running" if active else "stopped"
         return out
+
+    def state(self, server: str) -> PowerState | None:
+        dom = self._lookup(server)
+        if dom is None:
+            return None
+        return "running" if self._call(dom.isActive) else "stopped"
 
     def ensure(self, spec: InstanceSpec, running: bool = True) -> None:
         """Defined (and running if ``running``), whatever state it was in."""
@@ -252,16 +260,41 @@ class LibvirtDriver:
             if active:
                 self._call(dom.resume)
 
+    def volumes(self, server: str) -> list[str]:
+        """The files of the disks defined beside the root disk (``vda``)."""
+        dom = self._lookup(server)
+        if dom is None:
+            return []
+        desc = ET.fromstring(self._call(dom.XMLDesc, self.libvirt.VIR_DOMAIN_XML_INACTIVE))
+        out = []
+        for disk in desc.findall("devices/disk"):
+            src, target = disk.find("source"), disk.find("target")
+            if (
+                src is not None
+                and src.get("file")
+                and (target is None or target.get("dev") != "vda")
+            ):
+                out.append(src.get("file", ""))
+        return out
+
+    def exec(self, server: str, command: list[str], timeout: float) -> ExecResult:
+        raise HostError("exec runs in container instances only, not in VMs")
+
     def attach(self, spec: InstanceSpec, volume: str, path: str) -> None:
         """Attach ``path`` as the next virtio disk, live and in the definition."""
         dom = self._lookup(spec.server)
         if dom is None:
             raise HostError(f"server {spec.server} has no domain on {self.host}")
-        inactive = self.libvirt.VIR_DOMAIN_XML_INACTIVE
-        if f"'{path}'" in self._call(dom.XMLDesc, inactive):
-            return  # a redelivered attach
-        used = len([v for v in spec.volumes if v != volume])
-        disk = _disk(path, VOLUME_TARGETS[used])
+        desc = ET.fromstring(self._call(dom.XMLDesc, self.libvirt.VIR_DOMAIN_XML_INACTIVE))
+        disks = desc.findall("devices/disk")
+        sources = {src.get("file") for d in disks if (src := d.find("source")) is not None}
+        if path in sources:
+            return  # attached already
+        used = {t.get("dev") for d in disks if (t := d.find("target")) is not None}
+        free = [t for t in VOLUME_TARGETS if t not in used]
+        if not free:
+            raise HostError(f"server {spec.server} has no free disk slot for volume {volume}")
+        disk = _disk(path, free[0])
         self._change_disk(dom, ET.tostring(disk, encoding="unicode"), attach=True)
 
     def detach(self, spec: InstanceSpec, path: str) -> None:

@@ -6,6 +6,11 @@ The image store is a directory of files named by their SHA-256 (what
 without carrying a path, and two uploads of one file share it. Each host
 keeps its own cache of the bases it uses; an instance's disk is an overlay
 backed by the cached base, so creating one writes kilobytes, not a copy.
+
+Images are tenants' data, and ``image create --file`` may run as root on
+any file root can read: the store directory is 0700 and its files 0600
+(read-only bases are immutable by name, not by mode), so only the service's
+user reads them (libvirt relabels what a guest uses).
 """
 
 from __future__ import annotations
@@ -17,20 +22,24 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import msgspec
 
-from stratus.events.errors import Invalid
+from stratus.events.errors import HostError, Invalid
 
 QEMU_IMG = "qemu-img"
 FORMATS = ("qcow2", "raw")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}(?!\n)$")
 # qemu-img on an untrusted file: bound its time and memory use.
 INFO_TIMEOUT_S = 30
+# Tenants' images: the service's user alone reads them.
+STORE_DIR_MODE = 0o700
+STORE_FILE_MODE = 0o600
 
 
-class ImageError(Exception):
+class ImageError(HostError):
     """qemu-img refused or failed; the message is its own reason."""
 
 
@@ -43,6 +52,13 @@ class ImageFile(msgspec.Struct, frozen=True):
     virtual_size: int
     checksum: str
     backing: str = ""
+
+
+def part(path: Path) -> Path:
+    """A temporary name beside ``path`` of this process and thread alone:
+    two builds making the same cached file at once each write their own,
+    and the atomic rename of either leaves a whole file."""
+    return path.with_name(f".{path.name.lstrip('.')}.{os.getpid()}-{threading.get_ident()}.part")
 
 
 def qemu_img(*args: str, timeout: float = 120) -> str:
@@ -115,16 +131,25 @@ def inspect(path: Path, claimed: str, store: Path) -> ImageFile:
     )
 
 
+def private_dir(store: Path) -> None:
+    """The store directory, made or narrowed to the service's user alone
+    (one made by an earlier version was 0755)."""
+    store.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(store, STORE_DIR_MODE)
+
+
 def store_file(path: Path, claimed: str, store: Path) -> ImageFile:
     """Inspect ``path`` and put it in the image store under its checksum."""
     checked = inspect(path, claimed, store)
-    store.mkdir(parents=True, exist_ok=True)
+    private_dir(store)
     dest = store / checked.checksum
     if not dest.exists():
-        tmp = store / f".{checked.checksum}.{os.getpid()}.part"
+        tmp = part(dest)
         shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o444)
+        os.chmod(tmp, STORE_FILE_MODE)
         os.replace(tmp, dest)
+    else:
+        os.chmod(dest, STORE_FILE_MODE)  # stored world-readable by an earlier version
     return msgspec.structs.replace(checked, path=str(dest))
 
 
@@ -143,6 +168,9 @@ class BaseCache:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._sizes: dict[Path, int] = {}
+        # Builds run in threads: the first to need a base makes it, the
+        # others wait for it rather than copy and hash the same image again.
+        self._making = threading.Lock()
 
     def virtual_size(self, path: Path, fmt: str) -> int:
         size = self._sizes.get(path)
@@ -163,25 +191,30 @@ class BaseCache:
         if checksum and src is None:
             raise ImageError(f"image file {checksum} is not in the image store {store}")
         if src is None:
-            gb = max(1, blank_gb)
-            path = self.root / f"blank-{gb}g.qcow2"
-            if not path.exists():
-                tmp = self.root / f".{path.name}.{os.getpid()}.part"
-                qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{gb}G")
-                os.replace(tmp, path)
-            return path, "qcow2"
-        path = self.root / f"{checksum}.{fmt}"
+            path = self.root / f"blank-{max(1, blank_gb)}g.qcow2"
+        else:
+            path = self.root / f"{checksum}.{fmt}"
         if not path.exists():
-            tmp = self.root / f".{path.name}.{os.getpid()}.part"
+            with self._making:
+                if not path.exists():
+                    self._make(path, src, checksum, max(1, blank_gb))
+        return path, fmt if src is not None else "qcow2"
+
+    @staticmethod
+    def _make(path: Path, src: Path | None, checksum: str, blank_gb: int) -> None:
+        tmp = part(path)
+        if src is None:
+            qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{blank_gb}G")
+        else:
             try:
                 os.link(src, tmp)  # same filesystem: the cache costs nothing
             except OSError:
                 shutil.copyfile(src, tmp)
+                os.chmod(tmp, STORE_FILE_MODE)
             if sha256(tmp) != checksum:
                 tmp.unlink()
                 raise ImageError(f"image file {src} does not match its checksum {checksum}")
-            os.replace(tmp, path)
-        return path, fmt
+        os.replace(tmp, path)
 
 
 def create_overlay(
@@ -198,9 +231,9 @@ def create_overlay(
     template = base.with_name(f".{base.name}.{base_fmt}.{grow or 'same'}.overlay")
     if not template.exists():
         args = ["create", "-q", "-f", "qcow2", "-b", str(base), "-F", base_fmt]
-        part = template.with_name(f"{template.name}.{os.getpid()}.part")
-        qemu_img(*args, str(part), *([grow] if grow else []))
-        os.replace(part, template)
+        tmp = part(template)
+        qemu_img(*args, str(tmp), *([grow] if grow else []))
+        os.replace(tmp, template)
     tmp = overlay.with_name(f".{overlay.name}.part")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -224,7 +257,7 @@ def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag:
     has one: the copy of the overlay keeps only what the instance changed
     and is re-pointed at the store's file. Without one it is flattened.
     """
-    store.mkdir(parents=True, exist_ok=True)
+    private_dir(store)
     tmp = store / f".snapshot-{tag}.part"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -238,7 +271,7 @@ def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag:
     assert isinstance(probed, dict)
     checksum = sha256(tmp)
     dest = store / checksum
-    os.chmod(tmp, 0o444)
+    os.chmod(tmp, STORE_FILE_MODE)
     if dest.exists():
         tmp.unlink()
     else:

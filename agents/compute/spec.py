@@ -23,14 +23,6 @@ MAX_VOLUMES = 16
 MAX_NICS = 16
 
 
-class HostError(Exception):
-    """The host could not do it; ``reason`` is the hypervisor's own words."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 class InstanceSpec(msgspec.Struct, frozen=True):
     server: str
     tenant: str

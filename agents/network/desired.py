@@ -460,12 +460,17 @@ def _router(
             f"{r['external_ip']}/{plen}",
         )
         gateway = ext["gateway"]
-        mine = [ipaddress.ip_network(c) for c in snat_sources]
+        # A floating IP is this router's when its port is on one of the
+        # router's networks. Not when its fixed address falls in one of the
+        # router's CIDRs: tenants' CIDRs overlap, and two routers holding
+        # one address answer ARP for it in turn (and DNAT it into the wrong
+        # tenant's network).
+        mine = {t.ports[p].network for p in r["interfaces"].values() if p in t.ports}
         for _, f in sorted(t.fips.items()):
-            fixed = f.get("fixed_ip")
-            if f["network"] != r["external_network"] or not fixed:
+            fixed, port = f.get("fixed_ip"), t.ports.get(f.get("port") or "")
+            if f["network"] != r["external_network"] or not fixed or port is None:
                 continue
-            if not any(ipaddress.ip_address(fixed) in n for n in mine):
+            if port.network not in mine:
                 continue
             extra.append(f["address"])
             nat.append(f"-A PREROUTING -d {f['address']}/32 -j DNAT --to-destination {fixed}")

@@ -34,6 +34,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host_subset_size: int = 8
     # Placement attempts per server, the first included (Nova: 3).
     max_attempts: int = 3
+    # Seconds a server may stay scheduled or building on a host that stopped
+    # beating (seen so by this scheduler for as long) before it is recorded
+    # as ``server.build-timeout`` and placed elsewhere; 0 never.
+    build_timeout_s: float = 60.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -45,6 +49,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise Invalid(f"unknown weigher {unknown[0]} (known: {', '.join(WEIGHERS)})")
         if self.host_subset_size < 1 or self.max_attempts < 1:
             raise Invalid("host_subset_size and max_attempts must be at least 1")
+        if self.build_timeout_s < 0:
+            raise Invalid("build_timeout_s must be 0 (never) or more")
 
 
 def load_config(path: str | Path | None, **overrides: object) -> SchedulerConfig:

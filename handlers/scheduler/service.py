@@ -33,12 +33,18 @@ from stratus.events.heartbeat import Liveness
 from stratus.events.model import Cause, Event, UnknownEvent
 from stratus.events.resources import (
     SYSTEM,
+    ServerBuilding,
     ServerDeleted,
     ServerFailed,
     ServerRequested,
     ServerScheduled,
 )
-from stratus.events.scheduling import HostClaimed, HostReleased, ServerBuildFailed
+from stratus.events.scheduling import (
+    HostClaimed,
+    HostReleased,
+    ServerBuildFailed,
+    ServerBuildTimeout,
+)
 from stratus.events.store import AppendRequest, AppendResult, Condition, EventStore
 from stratus.handlers.scheduler.decide import (
     Busy,
@@ -154,6 +160,10 @@ class SchedulerService:
         self._sub: Any = None
         self._folded = asyncio.Event()
         self._closing = False
+        # The build timer: since when each host row has been seen dead, and
+        # the claim (by sequence) of each server its host got to.
+        self._dead_since: dict[int, float] = {}
+        self._built: dict[str, int] = {}
         # Counters for ``status`` and the benchmark.
         self.placed = self.failed = self.conflicts = self.rounds = 0
 
@@ -179,7 +189,10 @@ class SchedulerService:
                 max_ack_pending=20_000,
             ),
         )
+        await self._resume()
         self._tasks.append(asyncio.create_task(self._work()))
+        if self.liveness is not None and self.config.build_timeout_s > 0:
+            self._tasks.append(asyncio.create_task(self._timer()))
         log.info("scheduler started", hosts=len(self.table), folded=self.table.last_applied)
 
     async def stop(self) -> None:
@@ -243,19 +256,24 @@ class SchedulerService:
                 log.exception("scheduler round failed")
 
     async def handle(self, msgs: list[Any]) -> None:
+        """One fetched batch of work messages."""
+        await self._handle([(m.metadata.sequence.stream, m.data, m) for m in msgs])
+
+    async def _handle(self, items: list[tuple[int, bytes, Any]]) -> None:
+        """Work events (sequence, bytes, and the message to settle, or None
+        for one read from the log rather than delivered)."""
         jobs: list[Job] = []
-        for m in msgs:
-            seq = m.metadata.sequence.stream
+        for seq, data, m in items:
             try:
-                event = CODEC.decode(m.data)
+                event = CODEC.decode(data)
             except UnknownEvent:
                 log.warning("work event not understood; skipped", seq=seq)
-                await m.ack()
+                await _ack(m)
                 continue
             job: Job | None = None
             if isinstance(event, ServerRequested):
                 if event.aggregate.id in self.table.claims:
-                    await m.ack()  # placed long ago (a consumer starting over the log)
+                    await _ack(m)  # placed long ago (a consumer starting over the log)
                     continue
                 job = Job(m, request_of(event), _cause(event), seq)
             elif isinstance(event, ServerBuildFailed):
@@ -263,11 +281,28 @@ class SchedulerService:
             elif isinstance(event, ServerDeleted):
                 await self._release_deleted(event)
             if job is None:
-                await m.ack()
+                await _ack(m)
             else:
                 jobs.append(job)
         if jobs:
             await self.place(jobs)
+
+    async def _resume(self) -> None:
+        """Work a replica fetched and never acknowledged (it was killed, say)
+        is redelivered only after the consumer's ack_wait. A starting
+        replica reads that span of the log itself and decides it now: a
+        decision that another replica already made is refused by its
+        condition on the server's subject, so nothing is placed twice."""
+        info = await self.store.js.consumer_info(self.store.stream, self.durable)
+        if not info.num_ack_pending:
+            return
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        last = info.delivered.stream_seq if info.delivered else 0
+        if last <= floor:
+            return
+        recs = await self.store.read_all(floor, last, subjects=[WORK_SUBJECT])
+        log.info("resuming unacknowledged work", events=len(recs), after=floor, upto=last)
+        await self._handle([(r.seq, r.data, None) for r in recs])
 
     async def place(self, jobs: list[Job]) -> None:
         pending = jobs
@@ -278,8 +313,9 @@ class SchedulerService:
             pending = await self._round(pending)
         for job in pending:
             # Still contended after every round: let the consumer bring it back.
-            with contextlib.suppress(Exception):
-                await job.msg.nak(delay=1)
+            if job.msg is not None:
+                with contextlib.suppress(Exception):
+                    await job.msg.nak(delay=1)
 
     async def _round(self, jobs: list[Job]) -> list[Job]:
         t = self.table
@@ -309,7 +345,7 @@ class SchedulerService:
                     self.placed += 1
                 else:
                     self.failed += 1
-                await job.msg.ack()
+                await _ack(job.msg)
                 continue
             if s.row >= 0:
                 t.hold[s.row] = 0
@@ -321,7 +357,7 @@ class SchedulerService:
                 subject = f"ev.{job.request.tenant}.server.{job.request.server}"
                 if await self.store.last_seq(subject) != job.server_seq:
                     # The server moved on (deleted, or placed by another replica).
-                    await job.msg.ack()
+                    await _ack(job.msg)
                 else:
                     later.append(job)
             else:
@@ -416,6 +452,69 @@ class SchedulerService:
         # whether it was a duplicate.
         return AppendRequest(events, conds)
 
+    # -- the build timer ---------------------------------------------------------
+
+    async def _timer(self) -> None:
+        period = min(5.0, max(0.2, self.config.build_timeout_s / 4))
+        while not self._closing:
+            await asyncio.sleep(period)
+            try:
+                await self.check_builds()
+            except Exception:
+                log.exception("build timer failed")
+
+    async def check_builds(self, now: float | None = None) -> int:
+        """``server.build-timeout`` for each server still scheduled or building
+        on a host that has not beaten for ``build_timeout_s`` (as this
+        replica saw it), that long after its last event. A live host's agent
+        finishes or reports its own claims; a dead one's are placed elsewhere
+        by the retry that follows. Returns how many timed out."""
+        now = time.time() if now is None else now
+        limit = self.config.build_timeout_s
+        t = self.table
+        alive = t.col("alive_until") > now
+        for row in range(len(t)):
+            if alive[row]:
+                self._dead_since.pop(row, None)
+            else:
+                self._dead_since.setdefault(row, now)
+        timed_out = 0
+        for server, claim in list(t.claims.items()):
+            since = self._dead_since.get(claim.host)
+            if since is None or now - since < limit or self._built.get(server) == claim.seq:
+                continue
+            host = t.names[claim.host]
+            subject = f"ev.{claim.tenant}.server.{server}"
+            try:
+                msg = await self.store.js.get_last_msg(self.store.stream, subject, direct=True)
+                last = CODEC.decode(msg.data)
+            except (nats.errors.Error, TimeoutError, UnknownEvent) as exc:
+                log.warning("build timer cannot read server", server=server, error=str(exc))
+                continue
+            waiting = isinstance(last, ServerScheduled | ServerBuilding)
+            if not waiting or last.host != host:
+                self._built[server] = claim.seq  # the host got to it: no timer
+                continue
+            if now - last.at.timestamp() < limit:
+                continue
+            cause = Cause(actor=ACTOR, correlation_id=last.correlation_id, causation_id=last.id)
+            event = cause.make(
+                ServerBuildTimeout,
+                claim.tenant,
+                "server",
+                server,
+                host=host,
+                reason=f"host {host} stopped beating and built nothing for {limit:g}s",
+                attempt=claim.attempt,
+            )
+            try:
+                await self.store.append([event], Condition(subject, msg.seq or 0))
+            except ConcurrencyConflict:
+                continue  # the agent (or another replica) moved first
+            timed_out += 1
+            log.warning("build timed out", server=server, host=host)
+        return timed_out
+
     # -- retries and releases --------------------------------------------------
 
     async def _history(self, tenant: str, server: str) -> list[Event]:
@@ -482,3 +581,9 @@ class SchedulerService:
 
 def _cause(event: Event) -> Cause:
     return Cause(actor=ACTOR, correlation_id=event.correlation_id, causation_id=event.id)
+
+
+async def _ack(msg: Any) -> None:
+    """Settle a delivered work message (None: the event was read from the log)."""
+    if msg is not None:
+        await msg.ack()

@@ -38,6 +38,8 @@ class Claim(msgspec.Struct, frozen=True):
     disk_gb: int
     group: str
     seq: int
+    tenant: str = ""
+    attempt: int = 1
 
 
 _FLOAT = ("vcpus", "ram_mb", "disk_gb", "cpu_ratio", "ram_ratio", "disk_ratio")
@@ -168,7 +170,9 @@ class HostTable:
     def _claim(self, i: int, e: HostClaimed, seq: int) -> None:
         if e.server in self.claims:
             self._release(e.server)
-        self.claims[e.server] = Claim(i, e.vcpus, e.ram_mb, e.disk_gb, e.group, seq)
+        self.claims[e.server] = Claim(
+            i, e.vcpus, e.ram_mb, e.disk_gb, e.group, seq, e.server_tenant, e.attempt
+        )
         self.used_vcpus[i] += e.vcpus
         self.used_ram[i] += e.ram_mb
         self.used_disk[i] += e.disk_gb

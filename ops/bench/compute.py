@@ -202,7 +202,7 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
         # The whole path: a stored request placed by the real scheduler
         # (in this process), then built by the host's agent.
         from stratus.handlers.scheduler import SchedulerService
-        from stratus.tests.schedkit import server_request
+        from stratus.ops.bench.schedkit import server_request
 
         sched = SchedulerService(store)
         await sched.start()

@@ -40,7 +40,7 @@ from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.store import MAX_BATCH, SUBJECTS, Condition, EventStore
 from stratus.events.tenants import KIND, TenantCreated, TenantRenamed
-from stratus.handlers.tokens import KeyRing
+from stratus.handlers.keyring import KeyRing
 from stratus.ops.bench.common import (
     Load,
     Report,

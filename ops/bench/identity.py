@@ -43,8 +43,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from stratus.handlers import passwords
+from stratus.handlers.keyring import KeyRing
 from stratus.handlers.passwords import hash_password, verify_password
-from stratus.handlers.tokens import KeyRing, Verifier
+from stratus.handlers.tokens import Verifier
 from stratus.ops.bench.common import Load, Report, Result, compare, positive, print_table, result
 
 TARGET_PER_S = 20_000

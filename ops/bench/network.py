@@ -85,7 +85,7 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
     from stratus.events.resources import ServerScheduled
     from stratus.events.store import EventStore
     from stratus.handlers.world import fold
-    from stratus.tests.netlab import CAUSE, Cloud
+    from stratus.ops.bench.netlab import CAUSE, Cloud
 
     prefix = "b" + secrets.token_hex(2)
     hosts = [f"host-{i + 1}" for i in range(opts.hosts)]
@@ -137,7 +137,8 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             """Server and port decided and logged, instance namespace made;
             returns (namespace, ip, binding events not yet appended)."""
             from stratus.events.resources import ServerCreate
-            from stratus.handlers import resources as r
+            from stratus.handlers import servers
+            from stratus.handlers.records import Image
 
             cmd = ServerCreate(
                 tenant=t,
@@ -148,15 +149,15 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                 instance_type="container",
                 networks=[net],
             )
-            plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
-            events = await cloud.do(t, r.decide_server_create, plan)
+            plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+            events = await cloud.do(t, servers.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
             ns = nw.instance_netns(sid)
             made.append(ns)
             await asyncio.to_thread(netns.create, ns)
             ev = CAUSE.make(ServerScheduled, t, "server", sid, host=host)
             fold(cloud.worlds[t], ev)
-            return ns, cloud.port_of(t, sid)["ip"], [ev]
+            return ns, cloud.port_of(t, sid).ip, [ev]
 
         anchors: dict[int, tuple[str, str]] = {}
         pending = []

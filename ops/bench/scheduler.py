@@ -59,7 +59,7 @@ class Options:
 
 
 def _requests(n: int, seed: int) -> list:
-    from stratus.tests.schedkit import server_request
+    from stratus.ops.bench.schedkit import server_request
 
     rng = random.Random(seed)
     sizes = [(1, 512), (1, 1024), (2, 2048), (2, 4096), (4, 8192), (8, 16384)]
@@ -71,7 +71,7 @@ def _requests(n: int, seed: int) -> list:
 
 
 def _hosts(n: int, seed: int) -> list:
-    from stratus.tests.schedkit import host_event
+    from stratus.ops.bench.schedkit import host_event
 
     rng = random.Random(seed)
     return [
@@ -107,7 +107,7 @@ def decide_cost(hosts: list, requests: list, count: int) -> tuple[float, float]:
 
 async def _one(url: str, tmp: Path, procs: Procs, n_hosts: int, replicas: int, opts: Options):
     from stratus.events.resources import ServerFailed, ServerScheduled
-    from stratus.tests.schedkit import fold_claims, overcommitted, register_hosts
+    from stratus.ops.bench.schedkit import fold_claims, overcommitted, register_hosts
 
     store = await EventStore.connect(url)
     try:

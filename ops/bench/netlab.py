@@ -1,6 +1,6 @@
-"""A network lab for the agent tests: simulated hosts in namespaces, tenant
-histories made by the real decisions and appended to a real store, and
-probes (ping, TCP) run inside namespaces.
+"""A network lab for the network agent's tests and benchmark: simulated
+hosts in namespaces, tenant histories made by the real decisions and
+appended to a real store, and probes (ping, TCP) run inside namespaces.
 
 Every name carries a prefix unique to the run, and ``Lab.close`` removes
 every namespace, link and rule it or its agents made, even after a failure.
@@ -27,7 +27,8 @@ from stratus.events.model import Cause, Event
 from stratus.events.resources import ServerCreate, ServerRequested, ServerScheduled
 from stratus.events.store import EventStore
 from stratus.events.tenants import TenantCreated
-from stratus.handlers import resources as r
+from stratus.handlers import networks, routers, servers
+from stratus.handlers.records import Image, Port
 from stratus.handlers.scheduler.service import claim_event, request_of
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
@@ -35,7 +36,7 @@ CAUSE = Cause(actor="lab", correlation_id="lab", causation_id="lab")
 
 
 class Cloud:
-    """Tenants' worlds decided on with ``handlers.resources`` and logged."""
+    """Tenants' worlds decided on with the inventory's decisions and logged."""
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
@@ -73,13 +74,13 @@ class Cloud:
         w = self.worlds[tenant]
         await self.do(
             tenant,
-            r.decide_network_create,
+            networks.decide_network_create,
             NetworkCreate(tenant=tenant, name=name),
             (w, self.segments),
         )
         await self.do(
             tenant,
-            r.decide_subnet_create,
+            networks.decide_subnet_create,
             SubnetCreate(tenant=tenant, name=f"{name}-sub", network=name, cidr=cidr),
         )
 
@@ -104,8 +105,8 @@ class Cloud:
             instance_type=instance_type,
             networks=networks,
         )
-        plan = r.ServerPlan(cmd, None, {"id": "img", "min_disk_gb": 0})
-        events = await self.do(tenant, r.decide_server_create, plan)
+        plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+        events = await self.do(tenant, servers.decide_server_create, plan)
         requested = next(e for e in events if isinstance(e, ServerRequested))
         sid = requested.aggregate.id
         ev = CAUSE.make(ServerScheduled, tenant, "server", sid, host=host)
@@ -120,7 +121,7 @@ class Cloud:
 
         pool = self.pools.setdefault(name, Aggregate())
         cmd = NetworkCreate(name=name, external=True, cidr=cidr, gateway=gateway)
-        events = r.decide_external_network_create(pool, cmd, CAUSE)
+        events = routers.decide_external_network_create(pool, cmd, CAUSE)
         for e in events:
             fold_aggregate(pool, e)
         await self.append(events)
@@ -138,9 +139,9 @@ class Cloud:
         await self.append(events)
         return events
 
-    def port_of(self, tenant: str, server: str) -> dict[str, Any]:
-        ports = [p for p in self.worlds[tenant].of("port").values() if p["device"] == server]
-        return sorted(ports, key=lambda p: p["id"])[0]
+    def port_of(self, tenant: str, server: str) -> Port:
+        ports = [p for p in self.worlds[tenant].ports.values() if p.device == server]
+        return sorted(ports, key=lambda p: p.id)[0]
 
 
 class Lab:
@@ -234,7 +235,7 @@ def ping(ns: str, address: str, tries: int = 3) -> bool:
 
 
 def probe(ns: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return run_in(ns, [sys.executable, "-m", "stratus.tests.netprobe", *args], timeout=timeout)
+    return run_in(ns, [sys.executable, "-m", "stratus.ops.bench.netprobe", *args], timeout=timeout)
 
 
 def serve(ns: str, *args: str) -> subprocess.Popen:
@@ -245,7 +246,7 @@ def serve(ns: str, *args: str) -> subprocess.Popen:
         netns.setns(ns, flags=0)
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stratus.tests.netprobe", *args],
+        [sys.executable, "-m", "stratus.ops.bench.netprobe", *args],
         stdout=subprocess.PIPE,
         text=True,
         preexec_fn=enter,

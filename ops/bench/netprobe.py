@@ -1,4 +1,4 @@
-"""TCP probes run inside a namespace by the network tests.
+"""TCP probes run inside a namespace by the network tests (``netlab``).
 
 ``listen PORT SECONDS``: accept connections for SECONDS, read each to its
 end; ``connect HOST PORT``: exit 0 if a connection is made within 2 s;
