@@ -25,12 +25,12 @@ log = structlog.get_logger("stratus.api")
 FACES_IN_ORDER = [compute.FACE, network.FACE, image.FACE, identity.FACE]
 
 
-def build_app(plane: ControlPlane, image_store: Path, public_url: str = "") -> web.Application:
+def build_app(plane: ControlPlane, spool: Path, public_url: str = "") -> web.Application:
     app = web.Application(middlewares=[request_ids, faults], client_max_size=MAX_BODY_BYTES)
     app[PLANE] = plane
     app[PUBLIC_URL] = public_url.rstrip("/")
     app[FACES] = FACES_IN_ORDER
-    app[image.IMAGE_STORE] = image_store
+    app[image.SPOOL] = spool
     for module in (identity, compute, network, image):
         app.add_routes(module.routes())
     return app
@@ -64,13 +64,13 @@ class ApiServer:
         self,
         url: str,
         sock: socket.socket,
-        image_store: Path,
+        spool: Path,
         public_url: str = "",
     ) -> None:
         self.nats_url = url
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
-        self.image_store = image_store
+        self.spool = spool
         self.public_url = public_url
         self.plane: ControlPlane | None = None
         self.runner: web.AppRunner | None = None
@@ -87,7 +87,7 @@ class ApiServer:
     async def start(self) -> str:
         try:
             self.plane = await ControlPlane.connect(self.nats_url)
-            app = build_app(self.plane, self.image_store, self.public_url)
+            app = build_app(self.plane, self.spool, self.public_url)
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()
             await web.SockSite(self.runner, self.sock).start()

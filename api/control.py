@@ -135,6 +135,12 @@ class Session:
     async def query(self, view: str, body: dict[str, Any] | None = None) -> Any:
         return await self.client.query(view, body)
 
+    async def settle(self) -> None:
+        """Wait until the views show everything on the log now (a write made
+        by a service on the caller's behalf, whose sequence it never saw)."""
+        status = await self.client.query("status", {"digest": False, "parts": False})
+        await self.settler.wait(self.client, int(status["last_seq"]))
+
 
 class ControlPlane:
     """One NATS connection and one reply key for every request of the process."""

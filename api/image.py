@@ -1,13 +1,15 @@
 """Glance v2: create (queued), upload, list with paging, show, download, delete.
 
 An image is recorded without bytes first (``image.create``: Glance's
-``queued``), then its file is checked and stored exactly as ``stratus image
-create --file`` stores it (``agents.compute.images.store_file``: qemu-img
-checks the format, the bytes go into the image store under their SHA-256)
-and attached to the record (``image.upload``: ``active``). ``checksum`` is
-the MD5 Glance clients verify, ``os_hash_algo``/``os_hash_value`` the
-SHA-256 the store keys on. Extra properties (the SDK's
-``owner_specified.openstack.*``) are kept on the log with the image.
+``queued``). Its file is spooled here as it arrives (size, SHA-256, MD5),
+announced on the image (``image.uploading``) and sent to the image service
+exactly as ``stratus image create --file`` sends it (``store_upload``): the
+service checks it (size, SHA-256, qemu-img: format as claimed), stores it
+in the object store and appends ``image.activated``. ``checksum`` is the
+MD5 Glance clients verify, ``os_hash_algo``/``os_hash_value`` the SHA-256
+the object store keys on. Downloads come from the image service too. Extra
+properties (the SDK's ``owner_specified.openstack.*``) are kept on the log
+with the image.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
+from stratus.api.control import Session
 from stratus.api.http import (
     TITLES,
     Face,
@@ -39,7 +44,8 @@ from stratus.api.http import (
     query_int,
     session,
 )
-from stratus.events.errors import Conflict, Invalid, NotFound
+from stratus.events import imagefile
+from stratus.events.errors import Conflict, Invalid
 
 PREFIX = "/image"
 API = f"{PREFIX}/v2"
@@ -57,7 +63,8 @@ def fault(status: int, message: str, _kind: str) -> web.Response:
 
 FACE = Face("image", PREFIX, fault, quota_status=413)
 
-IMAGE_STORE = web.AppKey("image_store", Path)
+# Where uploads and downloads wait on their way (a private directory each).
+SPOOL = web.AppKey("spool", Path)
 
 # Glance's own attributes; any other string-valued key is an extra property.
 _READ_ONLY = {
@@ -104,7 +111,9 @@ async def versions(request: web.Request) -> web.Response:
 
 def image_view(i: dict[str, Any]) -> dict[str, Any]:
     iid = i["id"]
-    uploaded = bool(i.get("checksum"))
+    # Glance's ``active``: with bytes. A record without any is ``queued``
+    # in Glance's terms, as is one waiting for its upload.
+    uploaded = i.get("status") == "active" and bool(i.get("checksum"))
     out: dict[str, Any] = {
         **(i.get("properties") or {}),
         "id": iid,
@@ -115,7 +124,7 @@ def image_view(i: dict[str, Any]) -> dict[str, Any]:
         "os_hidden": False,
         "checksum": i.get("md5") or None if uploaded else None,
         "os_hash_algo": "sha256" if uploaded else None,
-        "os_hash_value": i.get("checksum") or None,
+        "os_hash_value": i.get("checksum") or None if uploaded else None,
         "size": i.get("size_bytes") if uploaded else None,
         "virtual_size": None,
         "min_disk": i.get("min_disk_gb") or 0,
@@ -242,49 +251,59 @@ async def update_image(request: web.Request) -> web.Response:
     return json_response(image_view(await fetch(s, "image", me.tenant, iid)))
 
 
-class Stored(msgspec.Struct, frozen=True):
+class Spooled(msgspec.Struct, frozen=True):
+    """A file received whole: where it waits, and what it is."""
+
+    path: Path
     size_bytes: int
     checksum: str
     md5: str
-    min_disk_gb: int
 
 
-async def store_upload(content: Any, fmt: str, store: Path) -> Stored:
-    """Receive an image file and store it as ``stratus image create --file``
-    does. The one place image bytes are written: a move to an object store
-    changes this function alone."""
-    from stratus.agents.compute import images
+@contextlib.asynccontextmanager
+async def spooled_dir(root: Path) -> AsyncIterator[Path]:
+    """A private directory of its own under ``root``, gone afterwards."""
 
-    await asyncio.to_thread(images.private_dir, store)
-    md5 = hashlib.md5(usedforsecurity=False)
-    fd, tmp = tempfile.mkstemp(dir=store, prefix=".upload-", suffix=".part")
+    def make() -> Path:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=root, prefix="transfer-"))  # 0700
+
+    where = await asyncio.to_thread(make)
     try:
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                chunk = await content.read(CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_IMAGE_BYTES:
-                    raise HttpError(413, f"the image is larger than {MAX_IMAGE_BYTES} bytes")
-                md5.update(chunk)
-                await asyncio.to_thread(out.write, chunk)
-        if size == 0:
-            raise Invalid("the image file is empty")
-        try:
-            checked = await asyncio.to_thread(images.store_file, Path(tmp), fmt, store)
-        except images.ImageError as exc:
-            raise Invalid(str(exc)) from None
+        yield where
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return Stored(
-        size_bytes=checked.size_bytes,
-        checksum=checked.checksum,
-        md5=md5.hexdigest(),
-        min_disk_gb=-(-checked.virtual_size // (1 << 30)),
-    )
+        await asyncio.to_thread(shutil.rmtree, where, True)
+
+
+async def spool(content: Any, where: Path) -> Spooled:
+    """The request body into ``where/image`` (0600), hashed on the way."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    path = where / "image"
+    size = 0
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        while True:
+            chunk = await content.read(CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_IMAGE_BYTES:
+                raise HttpError(413, f"the image is larger than {MAX_IMAGE_BYTES} bytes")
+            sha.update(chunk)
+            md5.update(chunk)
+            await asyncio.to_thread(out.write, chunk)
+    if size == 0:
+        raise Invalid("the image file is empty")
+    return Spooled(path, size, sha.hexdigest(), md5.hexdigest())
+
+
+async def store_upload(s: Session, image: dict[str, Any], file: Spooled) -> dict[str, Any]:
+    """Give queued ``image`` the bytes of ``file`` as ``stratus image create
+    --file`` does: the image service checks and stores them (the one place
+    the API hands image bytes on). The image, active."""
+    from stratus.cli.transfer import upload
+
+    tenant = image["tenant"]
+    return await upload(s.client, image["id"], file.path, tenant=tenant, checksum=file.checksum)
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -292,33 +311,47 @@ async def upload(request: web.Request) -> web.Response:
     me = caller(request)
     s = session(request)
     image = await fetch(s, "image", me.tenant, iid)
-    if image.get("checksum"):
+    if image["status"] == "active" and image.get("checksum"):
         raise Conflict(f"image {iid} has its data already (its status is not queued)")
     if image["tenant"] != me.tenant:
         raise HttpError(403, "you may upload only your own project's images")
-    stored = await store_upload(
-        request.content, image.get("format") or "raw", request.app[IMAGE_STORE]
-    )
-    cmd = {"ref": iid, "format": image.get("format") or "raw", "tenant": me.tenant}
-    await s.command("image.upload", {**cmd, **msgspec.structs.asdict(stored)})
+    fmt = image.get("format") or "raw"
+    async with spooled_dir(request.app[SPOOL]) as where:
+        file = await spool(request.content, where)
+        # Checked here first, so a file the image service would refuse is
+        # refused before anything is appended (the service checks again).
+        await asyncio.to_thread(imagefile.inspect, file.path, fmt, checksum=file.checksum)
+        announce = {"ref": iid, "format": fmt, "tenant": me.tenant}
+        announce |= {"size_bytes": file.size_bytes, "checksum": file.checksum, "md5": file.md5}
+        await s.command("image.upload", announce, settle=False)
+        await store_upload(s, image, file)
+    await s.settle()  # the image service's image.activated, in the views
     return no_content()
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    from stratus.agents.compute import images
+    from stratus.cli.transfer import download as fetch_file
 
     iid = path_id(request, what="image")
     me = caller(request)
-    image = await fetch(session(request), "image", me.tenant, iid)
-    if not image.get("checksum"):
+    s = session(request)
+    image = await fetch(s, "image", me.tenant, iid)
+    if image["status"] != "active" or not image.get("checksum"):
         return no_content()
-    path = images.stored(request.app[IMAGE_STORE], image["checksum"])
-    if path is None:
-        raise NotFound(f"image {iid} has no data in this API's image store")
     headers = {"Content-Type": "application/octet-stream"}
     if image.get("md5"):
         headers["Content-MD5"] = image["md5"]
-    return web.FileResponse(path, headers=headers)
+    async with spooled_dir(request.app[SPOOL]) as where:
+        # Whole and verified (SHA-256) before the first byte goes out.
+        opened, path = await fetch_file(s.client, iid, where / "image", tenant=me.tenant)
+        response = web.StreamResponse(headers=headers)
+        response.content_length = opened.size
+        await response.prepare(request)
+        with open(path, "rb") as f:  # noqa: ASYNC230 (chunks read in a thread below)
+            while chunk := await asyncio.to_thread(f.read, CHUNK):
+                await response.write(chunk)
+        await response.write_eof()
+    return response
 
 
 def routes() -> list[web.RouteDef]:

@@ -10,6 +10,8 @@ import typer
 from stratus.cli.common import Service, own_options
 
 DEFAULT_LISTEN = "127.0.0.1:5000"
+# Under the data dir: image files on their way through the API.
+SPOOL_DIR = "openstack-api-spool"
 
 api_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
@@ -23,8 +25,12 @@ def openstack_api(
     public_url: Annotated[
         str, typer.Option(help="the URL clients reach it at, for the catalog (default: as asked)")
     ] = "",
-    image_store: Annotated[
-        Path | None, typer.Option(help="where uploaded images go (default DATA_DIR/images)")
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where image files wait on their way to or from the image service "
+            "(default DATA_DIR/openstack-api-spool)"
+        ),
     ] = None,
 ) -> None:
     """Serve Keystone v3, Nova v2.1, Neutron v2.0 and Glance v2 (called by
@@ -37,7 +43,7 @@ def openstack_api(
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--listen") from None
     url, data_dir = ctx.obj["url"], ctx.obj["data_dir"]
-    server = ApiServer(url, sock, image_store or data_dir / "images", public_url)
+    server = ApiServer(url, sock, spool_dir or data_dir / SPOOL_DIR, public_url)
 
     async def start(_store: Any, _engine: Any) -> list[Any]:
         await server.start()

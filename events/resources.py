@@ -14,7 +14,7 @@ both read it, so the lifecycle is written down once.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -124,6 +124,10 @@ class FlavorDeleted(ResourceEvent, frozen=True, tag="flavor.deleted"):
 
 
 class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
+    """An image usable at once: a record without bytes (its instances get a
+    blank disk), or a snapshot whose bytes its host has already stored in
+    the object store under ``checksum`` and verified."""
+
     begins = True
     status = "active"
     name: str
@@ -137,16 +141,53 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     properties: dict[str, str] = {}
 
 
-class ImageUploaded(ResourceEvent, frozen=True, tag="image.uploaded"):
-    """The bytes of an image recorded without them (Glance's queued image),
-    checked and stored as ``image create --file`` stores them."""
+class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
+    """An image waiting for its bytes: what they must be (``size_bytes``
+    long, hashing to ``checksum``, of ``format``). Nothing boots it until
+    ``image.activated``."""
 
-    status = "active"
+    begins = True
+    status = "queued"
+    name: str
+    format: str = "qcow2"
+    size_bytes: int = 0
+    checksum: str = ""
+    visibility: str = "private"
+    min_disk_gb: int = 0
+
+
+class ImageUploading(ResourceEvent, frozen=True, tag="image.uploading"):
+    """Bytes announced for an image that has none yet (Glance's two-step
+    create: a record, then its file): what they are, as the OpenStack API
+    received them. The image is queued for them, as ``image.queued`` queues
+    one, until the image service has stored exactly these
+    (``image.activated``). ``md5`` is the checksum Glance clients verify."""
+
+    status = "queued"
     format: str
     size_bytes: int
     checksum: str
     md5: str = ""
+
+
+class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
+    """The image service stored the uploaded bytes in the object store under
+    ``checksum`` after checking them: the size and SHA-256 the image was
+    queued with, and its format (``qemu-img info``). ``reason`` is emptied."""
+
+    status = "active"
+    size_bytes: int
+    checksum: str
     min_disk_gb: int = 0
+    reason: str = ""
+
+
+class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
+    """An upload ended without storing anything: the bytes were refused, or
+    the client stopped sending. The image stays queued for another upload."""
+
+    status = "queued"
+    reason: str
 
 
 class ImageDeleted(ResourceEvent, frozen=True, tag="image.deleted"):
@@ -164,15 +205,23 @@ class Nic(msgspec.Struct, frozen=True):
     mac: str
 
 
-class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
-    begins = True
-    status = "requested"
+class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a server is asked to be, decided once by ``server create`` and
+    carried whole from there: in ``server.requested``, in the scheduler's
+    request (its filters read it), in ``host.claimed``, and in the compute
+    agent's instance, which adds only what is local to its host. A field
+    added here reaches each of them, and the servers view as a column.
+
+    Ids, not names: ``image``, ``flavor`` (empty when sized by hand),
+    ``networks``, ``security_groups`` and ``group`` were resolved by the
+    decision; ``requested_host`` is ``--host``, where the server must go."""
+
     name: str
     image: str
-    flavor: str
+    flavor: str = ""
     vcpus: int
     ram_mb: int
-    disk_gb: int
+    disk_gb: int = 0
     instance_type: str = "vm"
     networks: list[str] = []
     security_groups: list[str] = []
@@ -188,6 +237,25 @@ class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     # Addresses its users reach it at, as they say (Nova's accessIPv4/v6).
     access_ipv4: str = ""
     access_ipv6: str = ""
+
+
+SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
+
+
+def nest_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """Upcaster of an event that carried the spec's fields at its top level
+    (``server.requested`` and ``host.claimed`` version 1): they move into
+    ``spec``; fields the old event lacked take the spec's defaults."""
+    raw["spec"] = {f: raw.pop(f) for f in list(raw) if f in SPEC_FIELDS}
+    return raw
+
+
+class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
+    # 2: the spec nested whole (1 had its fields at the top level).
+    version = 2
+    begins = True
+    status = "requested"
+    spec: ServerSpec
 
 
 class ServerScheduled(ResourceEvent, frozen=True, tag="server.scheduled"):
@@ -296,6 +364,10 @@ class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
     pool_end: str = ""
     # A tenant network's VXLAN segment (from the segment pool); 0 before VNIs.
     vni: int = 0
+    # "routed": a cloud-wide network for containers, routed by BGP with no
+    # overlay (events/network.py); its hosts take blocks of this prefix length.
+    mode: str = ""
+    block_prefix: int = 0
 
 
 class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):
@@ -338,6 +410,15 @@ class PortCreated(ResourceEvent, frozen=True, tag="port.created"):
 class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
     status = "active"
     host: str
+
+
+class PortAddressAssigned(ResourceEvent, frozen=True, tag="port.address-assigned"):
+    """A routed network's port bound to ``host`` with an address from one of
+    that host's blocks (the binding and the address in one event)."""
+
+    status = "active"
+    host: str
+    ip: str
 
 
 class PortUpdated(ResourceEvent, frozen=True, tag="port.updated"):
@@ -509,7 +590,10 @@ EVENTS = (
     FlavorCreated,
     FlavorDeleted,
     ImageCreated,
-    ImageUploaded,
+    ImageQueued,
+    ImageUploading,
+    ImageActivated,
+    ImageUploadFailed,
     ImageDeleted,
     ServerRequested,
     ServerScheduled,
@@ -534,6 +618,7 @@ EVENTS = (
     SubnetDeleted,
     PortCreated,
     PortBound,
+    PortAddressAssigned,
     PortUpdated,
     PortDeleted,
     RouterCreated,
@@ -560,6 +645,9 @@ EVENTS = (
     SecurityGroupRenamed,
     QuotaSet,
 )
+
+# (type, version) -> the upcaster to the next version (events.catalog registers them).
+UPCASTERS = {("server.requested", 1): nest_spec}
 
 
 # -- commands --------------------------------------------------------------------
@@ -630,14 +718,13 @@ class PublicImageCreate(ImageCreate, frozen=True):
 
 
 class ImageUpload(TenantScoped, frozen=True):
-    """Attach the stored bytes to an image recorded without them."""
+    """Queue an image without bytes for these (see ``image.uploading``)."""
 
     ref: Ref
-    size_bytes: Count
+    size_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
     checksum: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
     format: Literal["qcow2", "raw"] = "qcow2"
     md5: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?(?!\n)$")] = ""
-    min_disk_gb: Count = 0
 
 
 Metadata = Annotated[

@@ -7,12 +7,14 @@ import json
 import re
 import uuid
 
+import nats.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stratus.events.commands import H_COMMAND_ID, MAX_COMMAND_BYTES
 from stratus.events.errors import AlreadyExists, Invalid, NotFound, StratusError
+from stratus.events.ids import DISPLAY_NAME_RE
 from stratus.events.tenants import TenantCreated, TenantDeleted, TenantRenamed
 from stratus.handlers.service import CommandService
 from stratus.handlers.tenants import HANDLERS
@@ -158,6 +160,15 @@ async def test_malformed_commands_over_nats_get_typed_invalid_replies(store, ser
         assert names in reply["error"]["message"], reply
         assert "seqs" not in reply
         assert await store.last_seq() == before
+
+
+async def test_subjects_of_four_tokens_are_not_the_command_services(service, client):
+    # Verbs are <kind>.<verb>; the image service's sessions
+    # (cmd.image.upload.<session>) must reach it alone, never this service.
+    with pytest.raises(nats.errors.NoRespondersError):
+        await client.request("cmd.image.upload.0123abcd", b"chunk", timeout=5)
+    reply = await request(client, "tenant.create", body(name="acme"))
+    assert reply["ok"] is True
 
 
 # -- decisions ---------------------------------------------------------------
@@ -470,7 +481,9 @@ def decode_command(verb: str, payload: bytes) -> dict | None:
     if not required <= obj.keys() <= required | optional:
         return None
     for key in required:
-        if not _valid_field(obj[key]):
+        # A tenant's new name is a display name (free text), its id a name.
+        pattern = DISPLAY_NAME_RE if (verb, key) == ("tenant.rename", "name") else NAME
+        if not _valid_field(obj[key], pattern=pattern):
             return None
     if "description" in obj and not _valid_field(obj["description"], max_len=255):
         return None

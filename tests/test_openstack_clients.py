@@ -37,7 +37,9 @@ class Cloud:
     def start(self) -> None:
         url = self.up.start(timeout=60)
         self.url = url
-        self.auth_url = (self.tmp / "data" / "openstack-api").read_text().strip()
+        # `up` prints the API's auth URL before it says ready.
+        (said,) = [x for x in self.up.lines if x.startswith("openstack api: ")]
+        self.auth_url = said.removeprefix("openstack api: ").strip()
         login(url)
         for args in (
             ("tenant", "create", "acme"),
@@ -174,7 +176,7 @@ def test_openstack_command_flow(cloud: Cloud) -> None:
         [sys.executable, "-m", "stratus.cli.main", "status", "-o", "json"],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
-    assert json.loads(status.stdout)["openstack_api"] == {"auth_url": cloud.auth_url}
+    assert json.loads(status.stdout)["openstack_auth_url"] == cloud.auth_url
     assert {"m1-tiny", "huge"} <= {f["Name"] for f in flavors}
     assert img["status"] == "active" and img["disk_format"] == "qcow2"
     assert img["size"] == image.stat().st_size
@@ -243,11 +245,13 @@ def test_openstacksdk_flow(cloud: Cloud) -> None:
     before = cloud.status()["last_seq"]
     assert conn.current_project_id == "other"
     assert {f.name for f in conn.compute.flavors()} >= {"m1-tiny"}
-    image = conn.create_image(
-        "sdk-img", filename=str(qcow2(cloud.tmp / "sdk.qcow2")), disk_format="qcow2", wait=True
-    )
+    file = qcow2(cloud.tmp / "sdk.qcow2")
+    image = conn.create_image("sdk-img", filename=str(file), disk_format="qcow2", wait=True)
     assert image.status == "active"
     got = conn.image.get_image(image.id)
+    # The bytes come back from the image service as they went in (the SDK
+    # checks them against the MD5 it was given, too).
+    assert conn.image.download_image(got).content == file.read_bytes()
     # Extra properties the SDK sends are kept.
     assert got.properties["owner_specified.openstack.object"] == "images/sdk-img"
     net = conn.network.create_network(name="sdk-net")

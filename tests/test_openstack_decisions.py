@@ -15,9 +15,10 @@ from stratus.events.errors import AlreadyExists, Conflict, Invalid
 from stratus.events.model import Cause, Event
 from stratus.events.resources import (
     ExternalNetworkCreate,
+    ImageActivated,
     ImageCreate,
     ImageUpload,
-    ImageUploaded,
+    ImageUploading,
     NetworkCreate,
     PublicImageCreate,
     Rename,
@@ -91,7 +92,7 @@ def test_cloud_wide_names_stay_ids() -> None:
         msgspec.convert({**body, "name": "ext-1"}, cls)  # an id-like name is fine
 
 
-def test_a_queued_image_gets_its_bytes_once() -> None:
+def test_an_image_without_bytes_is_queued_for_the_announced_ones() -> None:
     w = world()
     (img,) = apply(
         w,
@@ -108,23 +109,28 @@ def test_a_queued_image_gets_its_bytes_once() -> None:
     )
     assert w.images.find("img").properties == {"owner_specified.openstack.object": "images/img"}
     up = ImageUpload(
-        ref=img.aggregate.id,
-        format="raw",
-        size_bytes=1024,
-        checksum=SHA,
-        md5="b" * 32,
-        min_disk_gb=1,
+        ref=img.aggregate.id, format="raw", size_bytes=1024, checksum=SHA, md5="b" * 32,
         tenant="acme",
-    )
+    )  # fmt: skip
     (done,) = apply(w, decide_image_upload(w, up, CAUSE))
-    assert isinstance(done, ImageUploaded) and done.status == "active"
+    assert isinstance(done, ImageUploading)
     shown = w.images.find("img")
-    assert (shown.checksum, shown.md5, shown.size_bytes) == (SHA, "b" * 32, 1024)
-    assert view(shown)["status"] == "active"
-    # The same bytes again (a retry) change nothing; other bytes are refused.
+    # queued for exactly these bytes: the image service takes no others
+    assert (shown.status, shown.checksum, shown.md5, shown.size_bytes) == (
+        "queued", SHA, "b" * 32, 1024
+    )  # fmt: skip
+    # The same bytes again (a retry) change nothing; other bytes replace
+    # the announcement while the image waits for its bytes...
+    assert decide_image_upload(w, up, CAUSE) == []
+    other = msgspec.structs.replace(up, checksum="c" * 64)
+    assert len(decide_image_upload(w, other, CAUSE)) == 1
+    # ...and are refused once the image service has stored these.
+    fold(w, CAUSE.make(ImageActivated, "acme", "image", img.aggregate.id, size_bytes=1024,
+                       checksum=SHA))  # fmt: skip
+    assert view(w.images.find("img"))["status"] == "active"
     assert decide_image_upload(w, up, CAUSE) == []
     with pytest.raises(Conflict, match="has its data already"):
-        decide_image_upload(w, msgspec.structs.replace(up, checksum="c" * 64), CAUSE)
+        decide_image_upload(w, other, CAUSE)
 
 
 def test_renames_keep_names_unique_and_change_nothing_else() -> None:
@@ -175,8 +181,9 @@ def test_server_metadata_and_access_ips_are_recorded_not_scheduled() -> None:
     )  # fmt: skip
     events = servers.decide_server_create(w, servers.ServerPlan(cmd, None, None), CAUSE)
     server = next(e for e in events if e.type_name() == "server.requested")
-    assert server.metadata == {"hello": "world"} and server.labels == {}
-    assert (server.access_ipv4, server.access_ipv6) == ("1.1.1.1", "::babe:dc0c:1602")
+    spec = server.spec  # carried whole to the scheduler, the host and the views
+    assert spec.metadata == {"hello": "world"} and spec.labels == {}
+    assert (spec.access_ipv4, spec.access_ipv6) == ("1.1.1.1", "::babe:dc0c:1602")
     with pytest.raises(Invalid, match="not an IPv4"):
         servers.decide_server_create(
             w,
