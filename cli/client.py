@@ -69,13 +69,17 @@ class Client:
         timeout: float = 10.0,
         *,
         drops: Drops | None = None,
+        opener: Opener | None = None,
     ) -> None:
         """``drops``: fed by the callbacks of ``nc`` (``connect`` does that);
-        without it, a request watches ``nc.is_connected`` instead."""
+        without it, a request watches ``nc.is_connected`` instead.
+        ``opener``: a long-lived caller (the OpenStack API: a Client per
+        request) shares one key, so the services' per-peer key cache works
+        for it."""
         self.nc = nc
         self.token = token
         self.timeout = timeout
-        self.opener = Opener()
+        self.opener = opener or Opener()
         self.drops = drops
 
     @classmethod

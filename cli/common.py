@@ -193,10 +193,17 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
 class Service(NamedTuple):
     """What ``stratus serve`` runs: ``start(store, engine)`` starts it on a
     connected event store (and the projection store) and returns what to
-    stop when a signal comes, in order; ``name`` is shown in its ready line."""
+    stop when a signal comes, in order; ``name`` is shown in its ready line,
+    with ``url`` (where it answers) if it has one.
+
+    A ``client`` service (the OpenStack API) reaches the control plane as
+    the CLI does, with its callers' tokens: it is started with neither store
+    and gets no service credentials."""
 
     name: str
     start: Callable[[Any, Any], Awaitable[list[Any]]]
+    client: bool = False
+    url: str = ""
 
 
 def own_options(app: typer.Typer, args: list[str], prog: str, **obj: Any) -> Service:

@@ -175,6 +175,13 @@ def up(
             min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
         ),
     ] = 0,
+    openstack_port: Annotated[
+        int | None,
+        typer.Option(
+            help="the OpenStack API's port on 127.0.0.1 (default 5000; with --port 0 any "
+            "free port; -1: no API)"
+        ),
+    ] = None,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
@@ -184,6 +191,7 @@ def up(
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
     webhook_policy_from(webhook_allow_network)  # a bad network is a usage error
+    api_port = _openstack_port(openstack_port, port)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -201,6 +209,7 @@ def up(
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
             webhook_allow=webhook_allow_network,
+            openstack_port=api_port,
             console_port=None if console_port < 0 else console_port,
         )
         stop = asyncio.Event()
@@ -213,6 +222,8 @@ def up(
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
         if stack.console_url:
             print(f"console: {stack.console_url}", flush=True)
+        if stack.openstack_api is not None:
+            print(f"openstack api: {stack.openstack_api.auth_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             # Until a signal, or until the broker cannot be kept running.
@@ -236,6 +247,17 @@ def up(
     except Exception as exc:  # the broker would not start, say
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
+
+
+def _openstack_port(asked: int | None, nats_port: int) -> int | None:
+    """The API's port for `up`: as asked (-1: none), else 5000, or any free
+    one when the broker's port is chosen freely too (tests, parallel stacks)."""
+    if asked is not None:
+        if asked < -1 or asked > 65535:
+            typer.echo("error: --openstack-port wants 0-65535, or -1 for none", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        return None if asked == -1 else asked
+    return 0 if nats_port == 0 else 5000
 
 
 @app.command()
@@ -378,6 +400,12 @@ def _network_agent(o: ServeOptions) -> Service:
     return network_agent_service(o.args, o.data_dir)
 
 
+def _openstack_api(o: ServeOptions) -> Service:
+    from stratus.cli.openstack_api import openstack_api_service
+
+    return openstack_api_service(o.args, resolve_url(), o.data_dir)
+
+
 # `stratus serve NAME`: each factory checks its options (a mistake stops it
 # before anything connects) and says how to start the service.
 SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
@@ -389,6 +417,7 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     # These take options of their own (--host, ...) after the name.
     "compute-agent": _compute_agent,
     "network-agent": _network_agent,
+    "openstack-api": _openstack_api,
 }
 
 
@@ -396,23 +425,29 @@ async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) 
     from stratus.events.store import EventStore
     from stratus.projections.db import make_engine
 
-    store = await EventStore.connect(url, **creds)
-    engine = make_engine(db_url)
+    store = engine = None
+    if not svc.client:
+        store = await EventStore.connect(url, **creds)
+        engine = make_engine(db_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     running: list[Any] = []
     try:
-        await store.ensure_stream()
+        if store is not None:
+            await store.ensure_stream()
         running = await svc.start(store, engine)
-        print(f"stratus {svc.name} ready", flush=True)
+        where = f": {svc.url}" if svc.url else ""
+        print(f"stratus {svc.name} ready{where}", flush=True)
         await stop.wait()
     finally:
         for part in running:
             await part.stop()
-        await store.close()
-        await engine.dispose()
+        if store is not None:
+            await store.close()
+        if engine is not None:
+            await engine.dispose()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -471,7 +506,8 @@ def serve(
     try:
         svc = factory(opts)
         logs.configure("INFO")
-        creds = _service_creds(data_dir, nats_user, nats_password)
+        # A client service holds no service credentials (nor reads them).
+        creds = {} if svc.client else _service_creds(data_dir, nats_user, nats_password)
         db_url = db or sqlite_url(live_store_path(data_dir))
         asyncio.run(_serve_until_signal(svc, resolve_url(), creds, db_url))
     except StratusError as err:
@@ -619,11 +655,12 @@ def audit(
                 "action": r["type"],
                 "resource": _flat(r)["resource"],
                 "command": r["correlation_id"],
+                "via": r.get("via", ""),
                 "result": r["result"],
             }
             for r in rows
         ]
-        emit(rows, output, ["time", "actor", "action", "resource", "command", "result"])
+        emit(rows, output, ["time", "actor", "action", "resource", "command", "via", "result"])
     else:
         emit(rows, output)
 

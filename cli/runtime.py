@@ -180,6 +180,7 @@ class Stack:
         scheduler_config: SchedulerConfig | None = None,
         webhook_allow: list[str] | None = None,
         console_port: int | None = None,
+        openstack_port: int | None = None,
     ) -> None:
         # The web console on 127.0.0.1 (0: any free port; None: none).
         self.console_port = console_port
@@ -189,6 +190,9 @@ class Stack:
         # Where webhooks may point: the command handlers check it when one is
         # created, the delivery service at every POST.
         self.webhook_policy = TargetPolicy(webhook_allow or ())
+        # None: no OpenStack API; 0: on any free port.
+        self.openstack_port = openstack_port
+        self.openstack_api: Any = None
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
@@ -299,6 +303,8 @@ class Stack:
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
             self.url = url
+            if self.openstack_port is not None:
+                await self._start_openstack_api(url)
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
@@ -309,6 +315,17 @@ class Stack:
         except BaseException:
             await self.stop()
             raise
+
+    async def _start_openstack_api(self, url: str) -> None:
+        """The OpenStack API, a client of the broker like the CLI (no secrets)."""
+        from stratus.api.app import ApiServer, bind
+
+        sock = bind(f"127.0.0.1:{self.openstack_port}")
+        from stratus.cli.openstack_api import SPOOL_DIR
+
+        self.openstack_api = ApiServer(url, sock, self.data_dir / SPOOL_DIR)
+        auth_url = await self.openstack_api.start()
+        self.queries.endpoints["openstack_auth_url"] = auth_url
 
     async def _stop_leftover_broker(self) -> None:
         """A nats-server still running on this data dir (its ``up`` was
@@ -433,6 +450,10 @@ class Stack:
             self._supervisor = None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.openstack_api is not None:
+            with contextlib.suppress(Exception):
+                await self.openstack_api.stop()
+            self.openstack_api = None
         if self.console is not None:
             with contextlib.suppress(Exception):
                 await self.console.stop()

@@ -89,6 +89,9 @@ class Image(Record):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    properties: dict[str, str] = {}
+    # Glance's MD5 of the bytes (``image.uploading``: the two-step create).
+    md5: str | UnsetType = UNSET
     # Why its last upload stored nothing ("" once active).
     reason: str | UnsetType = UNSET
 
@@ -151,6 +154,7 @@ class Subnet(Record):
     pool_end: str
     dns: list[str] = []
     ip_version: int = 4
+    dhcp: bool = True
 
 
 class Port(Record):
@@ -173,6 +177,7 @@ class Router(Record):
     name: str
     external_network: str = ""
     external_ip: str = ""
+    admin_up: bool = True
     # subnet id -> the id of the router's port on it
     interfaces: dict[str, str] | UnsetType = UNSET
 

@@ -33,6 +33,7 @@ from stratus.events.resources import (
     VolumeDetached,
 )
 from stratus.handlers import quota
+from stratus.handlers.addressing import parse_address
 from stratus.handlers.inventory import create, delete_unused, host_action, unique
 from stratus.handlers.lookup import Lookup
 from stratus.handlers.networks import new_port
@@ -135,9 +136,22 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
         group=group,
         zone=cmd.zone or "",
+        metadata=dict(cmd.metadata),
+        access_ipv4=_access_ip(cmd.access_ipv4, 4),
+        access_ipv6=_access_ip(cmd.access_ipv6, 6),
     )
     server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]
+
+
+def _access_ip(value: str | None, version: int) -> str:
+    """An access address as the user gave it, checked to be of its version."""
+    if not value:
+        return ""
+    a = parse_address(value, f"access IPv{version}")
+    if a.version != version:
+        raise Invalid(f"access IPv{version} {value} is not an IPv{version} address")
+    return str(a)
 
 
 # Servers already placed on a host need its agent to tear them down.

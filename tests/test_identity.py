@@ -288,6 +288,20 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "network.create-routed": lambda i: {"name": f"rt-{i}", "cidr": f"10.{100 + i}.0.0/16"},
     "image.create": lambda i: {"tenant": "ta", "name": f"img-{i}"},
     "image.delete": lambda i: {"tenant": "ta", "ref": f"imgd-{i}"},
+    "image.upload": lambda i: {
+        "tenant": "ta",
+        "ref": f"img-{i}",
+        "size_bytes": 1,
+        "checksum": "a" * 64,
+    },
+    # Renames to the name a resource has (nothing appended, still allowed or not).
+    "image.rename": lambda i: {"tenant": "ta", "ref": "base", "name": "base"},
+    "network.rename": lambda i: {"tenant": "ta", "ref": "lan", "name": "lan"},
+    "subnet.rename": lambda i: {"tenant": "ta", "ref": "lan-v4", "name": "lan-v4"},
+    "router.rename": lambda i: {"tenant": "ta", "ref": f"ra-{i}"},
+    "router.set": lambda i: {"tenant": "ta", "ref": f"ra-{i}", "admin_up": True},
+    "security-group.ensure-default": lambda i: {"tenant": "ta"},
+    "security-group.rename": lambda i: {"tenant": "ta", "ref": "web"},
     "server.create": lambda i: {
         "tenant": "ta",
         "name": f"new-{i}",

@@ -7,7 +7,8 @@ server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
 (the network agent on simulated hosts, as root), ``integrations``,
-``images`` (image upload and download against raw object-store put and
+``openstack`` (the OpenStack API against the native path, and
+Tempest), ``images`` (image upload and download against raw object-store put and
 get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
 each part of a deployment under load, then the log checked; as root) run
 only when named. ``python -m
@@ -34,6 +35,7 @@ from stratus.ops.bench import (
     images,
     integrations,
     network,
+    openstack,
     projections,
     scheduler,
 )
@@ -50,6 +52,7 @@ SUITES = (
     "network",
     "console",
     "chaos",
+    "openstack",
 )
 
 
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "openstack":
+        # Heavy (Tempest in its own venv): run by name only.
+        return openstack.main(argv[1:])
     if suite == "images":
         # Its own `stratus up` and a 256 MiB file: run by name.
         return images.main(argv[1:])
