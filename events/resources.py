@@ -21,6 +21,7 @@ import msgspec
 from stratus.events.commands import Command
 from stratus.events.ids import NAME_RE
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 
 SYSTEM = "_system"
 
@@ -132,6 +133,9 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    # An OCI image (format ``oci``): its layers and process; ``checksum``
+    # is its config's digest. A snapshot of a container adds one layer.
+    oci: OciConfig | None = None
 
 
 class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
@@ -159,6 +163,9 @@ class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
     checksum: str
     min_disk_gb: int = 0
     reason: str = ""
+    # An OCI archive's image (format ``oci``): its layers, each stored by
+    # digest, and its process; ``checksum`` is then the config's digest.
+    oci: OciConfig | None = None
 
 
 class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
@@ -616,7 +623,7 @@ class FlavorDelete(Command, frozen=True):
 
 class ImageCreate(TenantScoped, frozen=True):
     name: Name
-    format: Literal["qcow2", "raw"] = "qcow2"
+    format: Literal["qcow2", "raw", "oci"] = "qcow2"
     size_bytes: Count = 0
     checksum: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")] = ""
     public: bool = False
