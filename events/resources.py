@@ -217,6 +217,9 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+    # A container's process (``--command``), in place of its image's
+    # entrypoint and cmd; empty: the image's own.
+    command: list[str] = []
 
 
 SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
@@ -253,6 +256,8 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
     status = "running"
     host: str
     disk: str = ""
+    # A container's OCI runtime and its version (``runc 1.1.5``).
+    runtime: str = ""
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
@@ -644,6 +649,10 @@ class ServerCreate(TenantScoped, frozen=True):
     host: Name | None = None
     group: Ref | None = None
     zone: Name | None = None
+    command: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00]*$")]],
+        msgspec.Meta(max_length=256),
+    ] = []
 
 
 class ServerGroupCreate(TenantScoped, frozen=True):

@@ -89,6 +89,10 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     if image.status != "active":
         # Queued: its bytes are not stored yet, so no host could fetch them.
         raise Conflict(f"image {image.name} is {image.status}, not active: upload its file first")
+    if image.format == "oci" and cmd.instance_type != "container":
+        raise Invalid(f"image {image.name} is an OCI image: it runs as --type container only")
+    if cmd.command and cmd.instance_type != "container":
+        raise Invalid("--command is for container servers (a VM boots its image)")
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""
@@ -135,6 +139,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
         group=group,
         zone=cmd.zone or "",
+        command=list(cmd.command),
     )
     server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]

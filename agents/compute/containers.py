@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stratus.agents.compute.driver import ExecResult, PowerState
+from stratus.agents.compute.layers import commit
 from stratus.agents.compute.runtime import STATE_ROOT, RuncContainers
 from stratus.agents.compute.spec import InstanceSpec, check
 from stratus.events.errors import HostError
@@ -393,11 +394,13 @@ class ContainerDriver:
             if frozen:
                 self.oci.runc.call("resume", server)
 
-    def upper(self, server: str) -> Path:
-        """The directory an OCI container's writes land in."""
+    def commit(self, server: str, out: Path) -> tuple[str, int]:
+        """An OCI container's writes (its upper directory) as a layer tar at
+        ``out``, taken while it is frozen; the layer's digest and size."""
         if not self.oci.owns(server):
             raise HostError(f"{server} is not a container of an OCI image")
-        return self.oci.upper(server)
+        with self.paused(server):
+            return commit(self.oci.upper(server), out)
 
     def close(self) -> None:
         if not self.list_owned():

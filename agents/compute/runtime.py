@@ -29,7 +29,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from stratus.agents.compute.driver import ExecResult, PowerState
+from stratus.agents.compute.driver import ExecResult
 from stratus.agents.compute.spec import SAFE_PATH_RE, InstanceSpec, check
 from stratus.events.errors import HostError
 

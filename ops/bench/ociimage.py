@@ -14,7 +14,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "ls", "cat", "echo", "hostname", "ps", "ping", "sleep", "id", "touch",
     "mount", "dd", "head", "grep", "sed", "rm", "mkdir", "true", "false", "env",
-    "ip", "awk", "wc", "yes", "stat", "readlink",
+    "ip", "awk", "wc", "yes", "stat", "readlink", "tr", "mknod",
 )  # fmt: skip
 DIRS = ("bin", "dev", "etc", "proc", "sys", "tmp", "root", "var", "run")
 
@@ -31,7 +31,9 @@ def tar_of(entries: list[tarfile.TarInfo], data: dict[str, bytes] | None = None)
     return buf.getvalue()
 
 
-def entry(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = "") -> tarfile.TarInfo:
+def entry(
+    name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = ""
+) -> tarfile.TarInfo:
     e = tarfile.TarInfo(name)
     e.type, e.mode, e.linkname = kind, mode, link
     return e
