@@ -233,12 +233,13 @@ class ContainerDriver:
     def ensure(self, spec: InstanceSpec, running: bool = True) -> None:
         check(spec)
         ns = netns_name(spec.server)
+        # An OCI container's bundle config first: a bad spec makes nothing.
+        config = self.oci.config(spec, NETNS_DIR / ns) if spec.layers else None
         if not (NETNS_DIR / ns).exists():
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        if spec.layers:
-            log = self.log_dir / f"{spec.server}.log"
-            self.oci.ensure(spec, running, NETNS_DIR / ns, log)
+        if config is not None:
+            self.oci.ensure(spec, config, running, self.log_dir / f"{spec.server}.log")
             return
         dirs = self.cgroups.create(spec)
         if not running or self.cgroups.pids(spec.server):

@@ -13,9 +13,14 @@ The container gets its own pid, ipc, uts (hostname: the server's name) and
 mount namespaces and joins the network namespace the network agent wires
 (``/run/netns/st-<server>``); the cgroup limits are the server's vCPUs and
 RAM; the capabilities are runc's default set (``runc spec``: AUDIT_WRITE,
-KILL, NET_BIND_SERVICE), with no new privileges. ``ping`` works without a
-raw socket: ``net.ipv4.ping_group_range`` in the container's network
-namespace allows ICMP datagram sockets to the container's own group only.
+KILL, NET_BIND_SERVICE) plus NET_RAW, with no new privileges.
+
+Why NET_RAW and not ``net.ipv4.ping_group_range``: the sysctl (ICMP
+datagram sockets for a group) would be the narrower grant, but busybox's
+``ping`` (1.35, Debian 12) only ever opens a raw socket and gives up on
+EPERM; it never tries a datagram socket. A raw socket reaches only the
+container's own network namespace (its veth, behind the host's security
+group rules), so the grant stays inside what the container already owns.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ CPU_PERIOD_US = 100_000
 RUNC_TIMEOUT_S = 30.0
 EXEC_OUTPUT_MAX = 1 << 20
 # runc's default capability set (``runc spec``), the narrowest that runs
-# ordinary programs; docker's adds chown, setuid, net_raw and others.
-CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+# ordinary programs (docker's adds chown, setuid and others), plus NET_RAW
+# for ping (see above).
+CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_NET_RAW"]
 MASKED = [
     "/proc/acpi",
     "/proc/asound",
@@ -91,9 +97,7 @@ def parse_user(user: str) -> tuple[int, int]:
     return uid, int(m.group(2)) if m.group(2) is not None else uid
 
 
-def bundle_config(
-    spec: InstanceSpec, *, cgroup: str, netns: str, log_uid: int = 0
-) -> dict[str, Any]:
+def bundle_config(spec: InstanceSpec, *, cgroup: str, netns: str) -> dict[str, Any]:
     """The runtime spec (``config.json``) of ``spec``'s container, as data."""
     if not HOSTNAME_RE.match(spec.requested.name):
         raise HostError(f"server name {spec.requested.name!r} is not a hostname")
@@ -176,8 +180,6 @@ def bundle_config(
                 {"type": "mount"},
                 {"type": "network", "path": netns},
             ],
-            # ICMP echo over datagram sockets, for the container's group only.
-            "sysctl": {"net.ipv4.ping_group_range": f"{gid} {gid}"},
             "maskedPaths": MASKED,
             "readonlyPaths": READONLY,
         },
@@ -334,15 +336,22 @@ class RuncContainers:
         st = self.runc.state(server)
         return st is not None and st.get("status") == "running"
 
-    def ensure(self, spec: InstanceSpec, running: bool, netns: Path, log: Path) -> None:
+    def config(self, spec: InstanceSpec, netns: Path) -> dict[str, Any]:
+        """The bundle's ``config.json`` of ``spec``, every value checked
+        (before anything of the container is made)."""
         check(spec)
+        for p in spec.layers:
+            if not Path(p).is_dir():
+                raise HostError(f"layer directory {p} is missing")
+        return bundle_config(
+            spec, cgroup=f"{self.cgroup_parent}/{spec.server}", netns=safe_path(netns)
+        )
+
+    def ensure(self, spec: InstanceSpec, config: dict[str, Any], running: bool, log: Path) -> None:
         b = self.bundle(spec.server)
         upper, work, rootfs = b / "upper", b / "work", b / "rootfs"
         for d in (b, upper, work, rootfs):
             d.mkdir(mode=0o700 if d == b else 0o755, exist_ok=True)
-        config = bundle_config(
-            spec, cgroup=f"{self.cgroup_parent}/{spec.server}", netns=safe_path(netns)
-        )
         tmp = b / "config.json.part"
         tmp.write_text(json.dumps(config, indent=1))
         os.replace(tmp, b / "config.json")
