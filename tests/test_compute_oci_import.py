@@ -181,7 +181,7 @@ def test_wrong_digests_are_refused(tmp_path):
         return m, data
 
     _rewrite(tmp_path / "bb.tar", tmp_path / "swapped.tar", swap)
-    with pytest.raises(Invalid, match="wrong digest|diff_id"):
+    with pytest.raises(Invalid, match="wrong digest"):
         read(tmp_path / "swapped.tar", tmp_path)
 
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
