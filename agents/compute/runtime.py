@@ -190,9 +190,10 @@ class Runc:
     """runc under one state root (blocking calls; errors as ``HostError``)."""
 
     def __init__(self, root: Path, binary: str = RUNC) -> None:
+        # Made by the first ``run`` (and removed by ``close`` once empty):
+        # a host that never runs an OCI container leaves nothing here.
         self.root = Path(safe_path(root))
         self.binary = binary
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _args(self, *args: str) -> list[str]:
         return [self.binary, "--root", str(self.root), *args]
@@ -212,6 +213,7 @@ class Runc:
         """``runc run -d``: created and started; returns once PID 1 runs.
         The container's output goes to ``log`` (never a pipe of ours: the
         container would hold it open)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(log, "ab") as out:
             try:
                 done = subprocess.run(
@@ -312,7 +314,6 @@ class RuncContainers:
 
     def __init__(self, bundles: Path, state_root: Path, cgroup_parent: str) -> None:
         self.bundles = Path(safe_path(bundles))
-        self.bundles.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runc = Runc(state_root)
         self.cgroup_parent = cgroup_parent
         self._version = ""
@@ -330,7 +331,9 @@ class RuncContainers:
         return self.bundle(server).is_dir()
 
     def servers(self) -> list[str]:
-        return [p.name for p in self.bundles.iterdir() if p.is_dir()]
+        with contextlib.suppress(FileNotFoundError):
+            return [p.name for p in self.bundles.iterdir() if p.is_dir()]
+        return []
 
     def running(self, server: str) -> bool:
         st = self.runc.state(server)
@@ -350,6 +353,7 @@ class RuncContainers:
     def ensure(self, spec: InstanceSpec, config: dict[str, Any], running: bool, log: Path) -> None:
         b = self.bundle(spec.server)
         upper, work, rootfs = b / "upper", b / "work", b / "rootfs"
+        self.bundles.mkdir(mode=0o700, parents=True, exist_ok=True)
         for d in (b, upper, work, rootfs):
             d.mkdir(mode=0o700 if d == b else 0o755, exist_ok=True)
         tmp = b / "config.json.part"
@@ -393,6 +397,7 @@ class RuncContainers:
         return self.bundle(server) / "upper"
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if not any(self.runc.root.iterdir()):
-                self.runc.root.rmdir()
+        """Remove runc's state root and the bundles directory once empty."""
+        for d in (self.runc.root, self.bundles):
+            with contextlib.suppress(OSError):
+                d.rmdir()
