@@ -7,12 +7,10 @@ and hostile archives refused with nothing stored."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,32 +21,15 @@ from stratus.events.blobs import BlobStore
 from stratus.events.errors import Invalid
 from stratus.ops.bench.ociimage import busybox_image, busybox_layer, entry, tar_of
 
-from .compute_helpers import cleanup, make_agent, unique_host
+from .compute_helpers import make_agent, unique_host
 from .test_cli import ADMIN_PASSWORD
 from .test_images import Cli, Cloud, until
+from .test_images import cloud as cloud  # the stack fixture, shared
 
 pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.skipif(os.geteuid() != 0, reason="containers need root (namespaces, mounts)"),
 ]
-
-
-@pytest.fixture
-async def cloud(tmp_path) -> AsyncIterator[Cloud]:
-    from stratus.cli.runtime import Stack
-
-    stack = Stack(tmp_path / "services", port=0, admin_password=ADMIN_PASSWORD)
-    await stack.start()
-    c = Cloud(stack, tmp_path)
-    try:
-        yield c
-    finally:
-        for agent in c.agents:
-            with contextlib.suppress(Exception):
-                await cleanup(agent)
-        for s in c.stores:
-            await s.close()
-        await stack.stop()
 
 
 async def container_host(cloud: Cloud):
