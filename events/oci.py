@@ -112,6 +112,7 @@ class LayerCheck:
 
     def __init__(self) -> None:
         self.names: set[str] = set()
+        self.files: set[str] = set()
         self.symlinks: set[str] = set()
 
     def check(self, m: tarfile.TarInfo) -> str:
@@ -126,10 +127,17 @@ class LayerCheck:
                 raise Invalid(f"{name!r} lies beneath the layer's symlink {str(p)!r}")
         if name in self.symlinks:
             raise Invalid(f"{name!r} replaces a symlink of the same layer")
+        base = PurePosixPath(name).name
+        if base.startswith(WHITEOUT) and base != OPAQUE:
+            hidden = base[len(WHITEOUT) :]
+            if hidden in ("", ".", "..") or not m.isreg():
+                raise Invalid(f"whiteout {name!r} names nothing it could hide")
         if m.islnk():
             target = clean_name(m.linkname)
-            if target not in self.names or target in self.symlinks:
+            if target not in self.files:
                 raise Invalid(f"hard link {name!r} points outside the layer: {m.linkname!r}")
+        if m.isreg() or m.islnk():
+            self.files.add(name)
         if m.issym():
             if "\0" in m.linkname:
                 raise Invalid(f"NUL byte in symlink {name!r}")

@@ -113,6 +113,10 @@ def hostile(kind: str) -> list[tarfile.TarInfo]:
         return [entry("shadow", tarfile.LNKTYPE, link="/etc/shadow")]
     if kind == "hardlink-unknown":
         return [entry("shadow", tarfile.LNKTYPE, link="etc/shadow")]
+    if kind == "whiteout-dotdot":
+        return [entry("etc", tarfile.DIRTYPE, 0o755), entry("etc/.wh..."), entry(".wh...")]
+    if kind == "hardlink-to-dir":
+        return [entry("d", tarfile.DIRTYPE, 0o755), entry("h", tarfile.LNKTYPE, link="d")]
     if kind == "replaces-symlink":
         return [entry("x", tarfile.SYMTYPE, link="/etc/passwd"), entry(d["name"])]
     raise AssertionError(kind)
@@ -130,6 +134,8 @@ def hostile(kind: str) -> list[tarfile.TarInfo]:
         ("hardlink-outside", "absolute path"),
         ("hardlink-unknown", "outside the layer"),
         ("replaces-symlink", "replaces a symlink"),
+        ("whiteout-dotdot", "names nothing it could hide"),
+        ("hardlink-to-dir", "outside the layer"),
     ],
 )
 def test_a_hostile_layer_is_refused_with_its_reason(tmp_path, kind, why):
