@@ -205,3 +205,66 @@ def test_bad_specs_are_refused_before_anything_is_made(driver, image):
         with pytest.raises(Exception, match=why):
             driver.ensure(msgspec.structs.replace(bad, **wrong))
         assert driver.list_owned() == {}
+
+
+async def test_the_agent_restarts_a_container_killed_by_hand_and_records_the_drift(store, tmp_path):
+    """Reconcile of OCI containers: the image from the object store, the
+    container killed behind the agent's back, the periodic pass runs it
+    again (its writes kept: the same upper) and says so in the log."""
+    import asyncio
+
+    from stratus.events.blobs import BlobStore
+    from stratus.events.model import Cause
+    from stratus.events.resources import ImageCreated
+
+    from .compute_helpers import TENANT, cleanup, make_agent, place, wait_for
+
+    busybox_image(tmp_path / "bb.tar")
+    (tmp_path / "w").mkdir()
+    archive = oci.read_archive(tmp_path / "bb.tar", tmp_path / "w")
+    blobs = await BlobStore.open(store.js)
+    for digest, path in archive.paths():
+        await blobs.put_file(digest, path)
+    image = new_id()
+    cause = Cause(actor="test", correlation_id=image, causation_id=image)
+    await store.append(
+        [
+            cause.make(
+                ImageCreated,
+                TENANT,
+                "image",
+                image,
+                name="bb",
+                format="oci",
+                checksum=archive.digest,
+                oci=archive.config,
+            )
+        ]
+    )
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path, vm=False, containers=True, reconcile_interval=1)
+    await agent.start()
+    try:
+        sid = await place(store, host, instance_type="container", image=image)
+        evs = await wait_for(store, sid, "server.running")
+        assert evs[-1].runtime.startswith("runc ")
+        driver = agent.drivers["container"]
+        sh(driver, sid, "echo kept > /root/f")
+        driver.oci.runc.call("kill", sid, "KILL")
+        for _ in range(50):
+            if driver.state(sid) == "stopped":
+                break
+            await asyncio.sleep(0.05)
+        fixes: list = []
+        for _ in range(100):
+            recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
+            fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
+            if fixes:
+                break
+            await asyncio.sleep(0.1)
+        assert [f.started for f in fixes] == [[sid]]
+        assert driver.state(sid) == "running"
+        assert sh(driver, sid, "cat /root/f") == "kept\n"
+    finally:
+        await cleanup(agent)
+    assert driver.list_owned() == {}
