@@ -854,7 +854,7 @@ class ComputeAgent:
             )
         )
         # (A property that asks runc once: in a thread.)
-        version = await asyncio.to_thread(lambda: str(getattr(driver, "runtime_version", "")))
+        version = await asyncio.to_thread(lambda: driver.runtime_version)
         return spec, version
 
     async def _remove(self, server: str) -> None:
@@ -920,12 +920,11 @@ class ComputeAgent:
         digest with the new image's config, then ``image.created``."""
         claim = want.claim
         parent = await self._image(claim.server_tenant, claim.spec.image)
-        commit = getattr(driver, "commit", None)
-        if parent is None or parent.oci is None or commit is None:
+        if parent is None or parent.oci is None:
             raise HostError(f"server {ev.server} is not a container of an OCI image")
         out = images.part(self.layers.root / f"snapshot-{ev.image}.tar")
         try:
-            digest, size = await asyncio.to_thread(commit, ev.server, out)
+            digest, size = await asyncio.to_thread(driver.commit, ev.server, out)
             base = parent.oci
             config = oci.OciConfig(
                 layers=[*base.layers, digest],
