@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("the containers benchmark needs root (namespaces, mounts, cgroups)")
+    from stratus.cli.logs import configure
+
+    # The agent's log on stderr, warnings only: stdout is the table or JSON.
+    configure("WARNING")
     opts = Options(args.containers, args.copies, args.phase_seconds)
     report = run(opts)
     info = report.info
