@@ -161,6 +161,17 @@ def _switch(verb: str) -> Any:
     return switch
 
 
+def _split(line: str | None) -> list[str]:
+    import shlex
+
+    from stratus.events.errors import Invalid
+
+    try:
+        return shlex.split(line) if line else []
+    except ValueError as exc:
+        raise fail(Invalid(f"--command: {exc}")) from None
+
+
 def _hashed(file: Path) -> tuple[str, int]:
     """The file's SHA-256 and size (with a progress bar on a terminal)."""
     from stratus.cli.transfer import Bar, hash_file
@@ -375,6 +386,14 @@ def register(root: typer.Typer) -> None:
         host: Annotated[str | None, typer.Option()] = None,
         group: Annotated[str | None, typer.Option()] = None,
         zone: Annotated[str | None, typer.Option()] = None,
+        command_: Annotated[
+            str | None,
+            typer.Option(
+                "--command",
+                help="a container's process, split as a shell would (none is run), "
+                "in place of its image's entrypoint and cmd",
+            ),
+        ] = None,
         wait: Annotated[
             bool, typer.Option("--wait", help="until it runs or fails (exit 1 if it fails)")
         ] = False,
@@ -399,6 +418,7 @@ def register(root: typer.Typer) -> None:
             host=host,
             group=group,
             zone=zone,
+            command=_split(command_),
         )
         if not wait:
             emit(run(lambda c: c.command("server.create", cmd)).data, output)

@@ -21,6 +21,7 @@ import msgspec
 from stratus.events.commands import Command
 from stratus.events.ids import NAME_RE, RESOURCE_NAME_RE
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 
 SYSTEM = "_system"
 
@@ -139,6 +140,9 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     min_disk_gb: int = 0
     # Free-form key/value properties (Glance's extra properties).
     properties: dict[str, str] = {}
+    # An OCI image (format ``oci``): its layers and process; ``checksum``
+    # is its config's digest. A snapshot of a container adds one layer.
+    oci: OciConfig | None = None
 
 
 class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
@@ -180,6 +184,9 @@ class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
     checksum: str
     min_disk_gb: int = 0
     reason: str = ""
+    # An OCI archive's image (format ``oci``): its layers, each stored by
+    # digest, and its process; ``checksum`` is then the config's digest.
+    oci: OciConfig | None = None
 
 
 class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
@@ -237,6 +244,9 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     # Addresses its users reach it at, as they say (Nova's accessIPv4/v6).
     access_ipv4: str = ""
     access_ipv6: str = ""
+    # A container's process (``--command``), in place of its image's
+    # entrypoint and cmd; empty: the image's own.
+    command: list[str] = []
 
 
 SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
@@ -273,6 +283,8 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
     status = "running"
     host: str
     disk: str = ""
+    # A container's OCI runtime and its version (``runc 1.1.5``).
+    runtime: str = ""
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
@@ -703,7 +715,7 @@ Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")]
 
 class ImageCreate(TenantScoped, frozen=True):
     name: ResourceName
-    format: Literal["qcow2", "raw"] = "qcow2"
+    format: Literal["qcow2", "raw", "oci"] = "qcow2"
     size_bytes: Count = 0
     checksum: Sha256 = ""
     public: bool = False
@@ -750,6 +762,10 @@ class ServerCreate(TenantScoped, frozen=True):
     metadata: Metadata = {}
     access_ipv4: Addr | None = None
     access_ipv6: Addr | None = None
+    command: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00]*$")]],
+        msgspec.Meta(max_length=256),
+    ] = []
 
 
 class ServerGroupCreate(TenantScoped, frozen=True):

@@ -37,6 +37,8 @@ from stratus.handlers.world import Aggregate, World, live_tenant
 
 
 def _created(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, visibility: str) -> Event:
+    if cmd.format == "oci" and not cmd.checksum:
+        raise Invalid("an oci image needs its archive (--file): it has no blank form")
     if cmd.checksum:
         if cmd.size_bytes <= 0:
             raise Invalid("an image with a checksum needs its size_bytes (the file's length)")

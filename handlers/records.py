@@ -21,6 +21,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 from stratus.events.resources import SPEC_FIELDS, ServerSpec
 
 DEFAULT_TYPES = ("vm", "container")
@@ -94,6 +95,8 @@ class Image(Record):
     md5: str | UnsetType = UNSET
     # Why its last upload stored nothing ("" once active).
     reason: str | UnsetType = UNSET
+    # An OCI image's layers and process (None: a disk image).
+    oci: OciConfig | None = None
 
 
 class Server(Record):
@@ -107,6 +110,8 @@ class Server(Record):
     scheduling: dict | UnsetType = UNSET
     disk: str | UnsetType = UNSET
     reason: str | UnsetType = UNSET
+    # A container's OCI runtime (``runc 1.1.5+ds1``).
+    runtime: str | UnsetType = UNSET
 
     @property
     def name(self) -> str:

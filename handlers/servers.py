@@ -90,6 +90,10 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     if image.status != "active":
         # Queued: its bytes are not stored yet, so no host could fetch them.
         raise Conflict(f"image {image.name} is {image.status}, not active: upload its file first")
+    if image.format == "oci" and cmd.instance_type != "container":
+        raise Invalid(f"image {image.name} is an OCI image: it runs as --type container only")
+    if cmd.command and cmd.instance_type != "container":
+        raise Invalid("--command is for container servers (a VM boots its image)")
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""
@@ -139,6 +143,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         metadata=dict(cmd.metadata),
         access_ipv4=_access_ip(cmd.access_ipv4, 4),
         access_ipv6=_access_ip(cmd.access_ipv6, 6),
+        command=list(cmd.command),
     )
     server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]

@@ -10,7 +10,9 @@ overlays against copies); with no SUITE all run, in that order. ``network``
 ``openstack`` (the OpenStack API against the native path, and
 Tempest), ``images`` (image upload and download against raw object-store put and
 get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
-each part of a deployment under load, then the log checked; as root) run
+each part of a deployment under load, then the log checked; as root) and
+``containers`` (OCI containers under runc: create -> running against
+``runc run`` alone, disk of N containers against N copies; as root) run
 only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
@@ -30,6 +32,7 @@ from stratus.ops.bench import (
     chaos,
     compute,
     console,
+    containers,
     foundation,
     identity,
     images,
@@ -53,6 +56,7 @@ SUITES = (
     "console",
     "chaos",
     "openstack",
+    "containers",
 )
 
 
@@ -126,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "containers":
+        # Root only (runc, overlay mounts): run by name.
+        return containers.main(argv[1:])
     if suite == "chaos":
         # Root only, kills what it starts: run by name, not with the others.
         return chaos.main(argv[1:])
