@@ -166,15 +166,19 @@ class Decider:
         for lo, hi in self._windows(n, want + want // 4, start):
             w = t.window(lo, hi)
             remaining = w.col("exists").copy()
-            examined += int(np.count_nonzero(remaining))
+            left = int(np.count_nonzero(remaining))
+            examined += left
             for f in self.filters:
                 if not f.applies(r):
                     continue
                 for reason, mask in f.checks(w, r):
-                    gone = int(np.count_nonzero(remaining & ~mask))
-                    if gone:
-                        removed[reason] = removed.get(reason, 0) + gone
-                        remaining &= mask
+                    # What a check removes is what it leaves fewer (two
+                    # numpy calls a check: they dominate a small window).
+                    np.logical_and(remaining, mask, out=remaining)
+                    now = int(np.count_nonzero(remaining))
+                    if now < left:
+                        removed[reason] = removed.get(reason, 0) + left - now
+                        left = now
             rows = lo + np.flatnonzero(remaining)
             passed += len(rows)
             if use_holds and len(rows):
