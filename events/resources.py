@@ -210,6 +210,9 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+    # A framework's task (events.frameworks): placed by accepting an offer,
+    # never by the scheduler; its framework's id.
+    framework: str = ""
 
 
 SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)

@@ -97,6 +97,10 @@ PERMISSIONS: dict[str, Rule] = {
             "floating-ip": ("create", "delete", "associate", "disassociate"),
             "security-group": ("create", "delete", "rule-add", "rule-remove"),
             "qos-policy": ("create", "delete"),
+            # Two-level scheduling: a framework and its answers to offers.
+            "framework": ("register",),
+            "offer": ("accept", "decline"),
+            "task": ("update", "running"),
         }.items()
         for verb in verbs
     },
@@ -115,6 +119,8 @@ PERMISSIONS: dict[str, Rule] = {
             "floating-ip",
             "security-group",
             "qos-policy",
+            "framework",
+            "offer",
         )
     },
 }

@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from stratus.events import frameworks as fw
 from stratus.events import integrations as integ
 from stratus.events import resources as ev
 from stratus.events.kinds import PLURALS
@@ -77,11 +78,17 @@ def _payload_columns(cls: type) -> dict[str, tuple[str, Any]]:
     return out
 
 
+def kind_of(cls: type[ev.ResourceEvent]) -> str:
+    """The view an event's row is in: its type's prefix, unless it says
+    otherwise (``task.finished`` is about a server)."""
+    return getattr(cls, "view_kind", None) or cls.type_name().split(".")[0]
+
+
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
     out: dict[str, list[type[ev.ResourceEvent]]] = {}
-    for cls in (*ev.EVENTS, *integ.EVENTS):
+    for cls in (*ev.EVENTS, *integ.EVENTS, *fw.EVENTS):
         if isinstance(cls, type) and issubclass(cls, ev.ResourceEvent):
-            out.setdefault(cls.type_name().split(".")[0], []).append(cls)
+            out.setdefault(kind_of(cls), []).append(cls)
     return out
 
 
@@ -173,8 +180,7 @@ class _Plan:
     __slots__ = ("begins", "deep", "ends", "fixed", "json", "plain", "status", "table", "template")
 
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
-        kind = cls.type_name().split(".")[0]
-        self.table = TABLES_BY_KIND[kind]
+        self.table = TABLES_BY_KIND[kind_of(cls)]
         special = cls in _RULES or cls in _INTERFACES or cls.resets
         columns = {} if special else _payload_columns(cls)
         fields = tuple(f for f, (held, _) in columns.items() if f in self.table.c and not held)

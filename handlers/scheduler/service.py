@@ -252,7 +252,8 @@ class SchedulerService:
                 continue
             job: Job | None = None
             if isinstance(event, ServerRequested):
-                if event.aggregate.id in self.table.claims:
+                if event.spec.framework or event.aggregate.id in self.table.claims:
+                    # (A framework's task is placed by accepting an offer.)
                     await _ack(m)  # placed long ago (a consumer starting over the log)
                     continue
                 job = Job(m, request_of(event), _cause(event), seq)
@@ -510,6 +511,14 @@ class SchedulerService:
         if requested is None or any(isinstance(e, ServerDeleted) for e in history):
             return None
         failures = [e for e in history if isinstance(e, ServerBuildFailed)]
+        if requested.spec.framework:
+            # A framework's task is not placed again by the scheduler: its
+            # claim is given back and the framework sees it failed.
+            await self._caught_up()
+            release = failed.host if self.table.host_of(failed.aggregate.id) == failed.host else ""
+            job = Job(msg, request_of(requested), _cause(failed), seq, release=release)
+            job.give_up = f"task build failed on {failed.host}: {failed.reason}"
+            return job
         exclude = tuple(dict.fromkeys(e.host for e in failures))
         await self._caught_up()
         release = failed.host if self.table.host_of(failed.aggregate.id) == failed.host else ""
