@@ -392,6 +392,45 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
     return row
 
 
+async def add_framework_use(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Each framework's allocation (what its live tasks hold), task count and
+    dominant share (DRF: the largest of its shares of the enabled hosts'
+    vCPUs, RAM and disk, after allocation ratios, divided by its weight)."""
+    from stratus.handlers.allocator.drf import Res, dominant_share
+
+    if not rows:
+        return
+    hosts = TABLES_BY_KIND["host"]
+    q = select(
+        func.sum(hosts.c.vcpus * hosts.c.cpu_ratio),
+        func.sum(hosts.c.ram_mb * hosts.c.ram_ratio),
+        func.sum(hosts.c.disk_gb * hosts.c.disk_ratio),
+    ).where(hosts.c.status == "enabled")
+    cap = (await conn.execute(q)).one()
+    total = Res(*(float(x or 0) for x in cap))
+    sv = TABLES_BY_KIND["server"]
+    q = (
+        select(
+            sv.c.framework,
+            func.count(),
+            func.sum(sv.c.vcpus),
+            func.sum(sv.c.ram_mb),
+            func.sum(sv.c.disk_gb),
+        )
+        .where(sv.c.framework.in_([r["id"] for r in rows]))
+        .where(sv.c.host.is_not(None))
+        .where(sv.c.host != "")
+        .group_by(sv.c.framework)
+    )
+    use = {r[0]: r[1:] for r in (await conn.execute(q)).all()}
+    for row in rows:
+        n, v, m, d = use.get(row["id"], (0, 0, 0, 0))
+        held = Res(float(v or 0), float(m or 0), float(d or 0))
+        row["tasks"] = int(n)
+        row["allocation"] = {"vcpus": int(v or 0), "ram_mb": int(m or 0), "disk_gb": int(d or 0)}
+        row["dominant_share"] = round(dominant_share(held, total, row.get("weight") or 1.0), 4)
+
+
 async def host_use(
     conn: AsyncConnection, host: str | None = None
 ) -> dict[str, tuple[int, int, int, int]]:

@@ -1,0 +1,196 @@
+"""Two-level scheduling end to end: the control plane in this process (a
+real nats-server, the command, query and projection services, the
+scheduler and the allocator), simulated hosts registered by their events
+and beating, frameworks driven through the Python library as a tenant's
+user would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stratus.cli.client import Client
+from stratus.cli.framework_lib import Framework, TaskSpec
+from stratus.cli.runtime import Stack
+from stratus.events.errors import Conflict, Invalid
+from stratus.events.resources import SYSTEM, ServerSpec
+from stratus.events.scheduling import HostClaimed
+from stratus.ops.bench.schedkit import (
+    CAUSE,
+    fold_claims,
+    host_event,
+    overcommitted,
+    register_hosts,
+    server_request,
+    wait_outcomes,
+)
+
+from .test_cli import ADMIN_PASSWORD
+
+pytestmark = pytest.mark.timeout(120)
+GB = 1024
+
+
+@pytest.fixture
+async def stack(tmp_path) -> AsyncIterator[Stack]:
+    s = Stack(tmp_path / "services", port=0, admin_password=ADMIN_PASSWORD)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def client(stack: Stack) -> Client:
+    c = await Client.connect(stack.url)
+    token = (await c.command("auth.login", {"user": "admin", "password": ADMIN_PASSWORD})).data[
+        "token"
+    ]
+    await c.close()
+    return await Client.connect(stack.url, token)
+
+
+async def settle(fws: list[Framework], quiet: float = 2.0, limit: float = 60.0) -> None:
+    """Answer offers until nothing new is launched for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    last_change = time.monotonic()
+    while time.monotonic() - last_change < quiet:
+        assert time.monotonic() < deadline, "frameworks never settled"
+        launched = 0
+        for fw in fws:
+            launched += len(await fw.step())
+        if launched:
+            last_change = time.monotonic()
+        await asyncio.sleep(0.05)
+
+
+async def test_the_drf_paper_example_allocates_three_and_two(stack):
+    # given one host of 9 vCPUs and 18 GB at allocation ratio 1.0
+    await register_hosts(
+        stack.store,
+        [host_event("drf-h1", vcpus=9, ram_mb=18 * GB, cpu_ratio=1.0, ram_ratio=1.0)],
+    )
+    c = await client(stack)
+    try:
+        # and framework A with tasks of <1 vCPU, 4 GB>, B with <3 vCPUs, 1 GB>,
+        # each wanting as many as it can get
+        a, b = Framework(c, "fw-a"), Framework(c, "fw-b")
+        reg = await a.register()
+        await b.register()
+        assert reg["subjects"]["offers"] == "ev.admin.offer.*"
+        a.submit(*[TaskSpec(f"a-{i}", vcpus=1, ram_mb=4 * GB) for i in range(8)])
+        b.submit(*[TaskSpec(f"b-{i}", vcpus=3, ram_mb=1 * GB) for i in range(8)])
+
+        # when they answer offers until nothing more is launched
+        await settle([a, b])
+
+        # then DRF gave A 3 tasks and B 2, dominant shares 2/3 each
+        assert (len(a.launched), len(b.launched)) == (3, 2)
+        assert {t.host for t in a.launched + b.launched} == {"drf-h1"}
+        shares = stack.allocator.shares()
+        assert shares[a.id] == pytest.approx(2 / 3)
+        assert shares[b.id] == pytest.approx(2 / 3)
+        # as `framework list` shows them
+        rows = {r["name"]: r for r in await c.query("frameworks")}
+        assert rows["fw-a"]["tasks"] == 3 and rows["fw-b"]["tasks"] == 2
+        assert rows["fw-a"]["dominant_share"] == pytest.approx(2 / 3, abs=1e-3)
+        assert rows["fw-b"]["allocation"] == {"vcpus": 6, "ram_mb": 2 * GB, "disk_gb": 0}
+        # and the host's claims never exceeded it
+        report, holds = await fold_claims(stack.store)
+        assert overcommitted(report) == []
+        assert len(holds["drf-h1"]) == 5
+    finally:
+        await c.close()
+
+
+async def test_a_finished_task_frees_its_resources_and_brings_a_new_offer(stack):
+    await register_hosts(stack.store, [host_event("fin-h1", vcpus=2, ram_mb=2 * GB, cpu_ratio=1.0)])
+    c = await client(stack)
+    try:
+        fw = Framework(c, "batch", tasks_per_offer=2)
+        await fw.register()
+        fw.submit(*[TaskSpec(f"t-{i}", vcpus=1, ram_mb=GB) for i in range(3)])
+        await settle([fw], quiet=1.0)
+        assert len(fw.launched) == 2 and len(fw.pending) == 1  # the host is full
+        first = fw.launched[0]
+        await fw.update(first, "running")
+        await fw.update(first, "finished")
+        # the freed vCPU is offered again and the third task runs
+        await fw.run_until_placed(timeout=20)
+        assert [t.name for t in fw.launched] == ["t-0", "t-1", "t-2"]
+        servers = {s["name"]: s for s in await c.query("servers")}
+        assert "t-0" not in servers  # finished: gone from the view
+        assert servers["t-2"]["host"] == "fin-h1" and servers["t-2"]["framework"] == fw.id
+    finally:
+        await c.close()
+
+
+async def test_accepting_a_stale_or_rescinded_offer_is_a_conflict_and_appends_nothing(stack):
+    await register_hosts(stack.store, [host_event("st-h1", vcpus=4, ram_mb=8 * GB)])
+    c = await client(stack)
+    try:
+        fw = Framework(c, "picky")
+        await fw.register()
+        offer = await _first_offer(fw)
+        # a server claims part of the host after the offer was made
+        spec = ServerSpec(name="other", image="i", vcpus=1, ram_mb=GB)
+        claim = CAUSE.make(
+            HostClaimed, SYSTEM, "host", "st-h1", server="x-1", server_tenant="admin", spec=spec
+        )
+        await stack.store.append([claim])
+        before = await stack.store.last_seq()
+        with pytest.raises(Conflict, match="stale"):
+            await fw.accept(offer, [TaskSpec("late", vcpus=1, ram_mb=GB)])
+        # too big for an offer: invalid, nothing appended
+        newer = await _first_offer(fw, other_than={offer["id"]})
+        with pytest.raises(Invalid, match=r"offer .* holds"):
+            await fw.accept(newer, [TaskSpec("huge", vcpus=64, ram_mb=GB)])
+        # a declined offer cannot be accepted afterwards
+        await fw.decline(newer, refuse_seconds=30)
+        with pytest.raises(Conflict, match="not open"):
+            await fw.accept(newer, [TaskSpec("after", vcpus=1, ram_mb=GB)])
+        recs = await stack.store.read_all(before)
+        kinds = [r.decode().type_name() for r in recs]
+        assert "server.requested" not in kinds and "host.claimed" not in kinds
+    finally:
+        await c.close()
+
+
+async def test_scheduler_servers_and_framework_tasks_share_one_capacity_truth(stack):
+    # a host of 4 vCPUs (ratio 1.0) half taken by a framework's tasks
+    await register_hosts(stack.store, [host_event("mix-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
+    c = await client(stack)
+    try:
+        fw = Framework(c, "half", tasks_per_offer=2)
+        await fw.register()
+        fw.submit(TaskSpec("m-0", vcpus=1, ram_mb=GB), TaskSpec("m-1", vcpus=1, ram_mb=GB))
+        await fw.run_until_placed(timeout=20)
+        assert len(fw.launched) == 2
+        # the scheduler then places 2 one-vCPU servers and refuses a third
+        reqs = [server_request(tenant="admin", vcpus=1, ram_mb=512) for _ in range(3)]
+        for r in reqs:
+            await stack.store.append([r])
+            await wait_outcomes(stack.store, {r.aggregate.id}, timeout=20)
+        out = await wait_outcomes(stack.store, {r.aggregate.id for r in reqs}, timeout=20)
+        placed = [e for e in out.values() if e.type_name() == "server.scheduled"]
+        assert len(placed) == 2
+        failed = [e for e in out.values() if e.type_name() == "server.failed"]
+        assert len(failed) == 1 and "insufficient vCPU" in failed[0].reason
+        report, _ = await fold_claims(stack.store)
+        assert overcommitted(report) == []
+        assert report["mix-h1"]["peak_vcpus"] == 4
+    finally:
+        await c.close()
+
+
+async def _first_offer(fw: Framework, other_than: set[str] = frozenset(), timeout: float = 15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for o in await fw.offers():
+            if o["id"] not in other_than:
+                return o
+        await asyncio.sleep(0.05)
+    raise AssertionError("no offer came")
