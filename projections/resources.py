@@ -376,6 +376,8 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
         row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
     elif kind == "host":
         add_host_use(row, (await host_use(conn, row["id"])).get(row["id"]))
+    elif kind == "framework":
+        await add_framework_use(conn, [row])
     elif kind == "security-group":
         r = security_group_rules
         q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)

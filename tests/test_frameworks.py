@@ -194,3 +194,64 @@ async def _first_offer(fw: Framework, other_than: set[str] = frozenset(), timeou
                 return o
         await asyncio.sleep(0.05)
     raise AssertionError("no offer came")
+
+
+async def test_cli_register_accept_list_and_another_tenant_refused(stack, tmp_path):
+    from .test_images import Cli
+
+    await register_hosts(stack.store, [host_event("cli-h1", vcpus=8, ram_mb=16 * GB)])
+    user = Cli(stack.url, tmp_path / "client")
+    await user("login", "--user", "admin", "--password", ADMIN_PASSWORD)
+    fw = await user.json("framework", "register", "cli-fw", "--weight", "2")
+    assert fw["name"] == "cli-fw" and fw["weight"] == 2.0
+    assert fw["subjects"]["offers"] == "ev.admin.offer.*"
+
+    deadline = time.monotonic() + 15
+    offers: list = []
+    while not offers:
+        assert time.monotonic() < deadline, "no offer came"
+        offers = [o for o in await user.json("offer", "list") if o["framework"] == fw["id"]]
+        await asyncio.sleep(0.1)
+    offer = offers[0]
+    assert offer["host"] == "cli-h1" and offer["vcpus"] == 32  # 8 x ratio 4.0
+    got = await user.json(
+        "offer", "accept", offer["id"],
+        "--task", "c-0", "--vcpus", "2", "--ram-mb", "1024",
+        "--task", "c-1", "--vcpus", "2", "--ram-mb", "1024",
+    )  # fmt: skip
+    assert [t["name"] for t in got["tasks"]] == ["c-0", "c-1"]
+
+    # the same offer again: it was consumed
+    rc, _, err = await user(
+        "offer", "accept", offer["id"], "--host", "cli-h1",
+        "--task", "c-2", "--vcpus", "1", "--ram-mb", "512", ok=False,
+    )  # fmt: skip
+    assert rc == 1 and "conflict" in err
+
+    rows = await user.json("framework", "list")
+    row = next(r for r in rows if r["id"] == fw["id"])
+    # 4 of 32 vCPUs, 2 of 16 GB: dominant 1/8, weight 2 -> 1/16
+    assert row["tasks"] == 2 and row["allocation"]["vcpus"] == 4
+    assert row["dominant_share"] == pytest.approx(0.0625, abs=1e-4)
+
+    # a user of another tenant can neither see nor answer this tenant's offers
+    await user("tenant", "create", "other")
+    await user("user", "create", "mallory", "--password", "pw-mallory-123")
+    await user("role", "assign", "--user", "mallory", "--tenant", "other", "--role", "admin")
+    mallory = Cli(stack.url, tmp_path / "mallory")
+    await mallory("login", "--user", "mallory", "--password", "pw-mallory-123", "--tenant", "other")
+    assert [o for o in await mallory.json("offer", "list") if o["framework"] == fw["id"]] == []
+    deadline = time.monotonic() + 15
+    fresh: list = []
+    while not fresh:
+        assert time.monotonic() < deadline, "no new offer came"
+        fresh = [o for o in await user.json("offer", "list") if o["framework"] == fw["id"]]
+        await asyncio.sleep(0.1)
+    before = await stack.store.last_seq()
+    rc, _, err = await mallory(
+        "offer", "accept", fresh[0]["id"], "--host", "cli-h1", "--tenant", "admin",
+        "--task", "steal", "--vcpus", "1", "--ram-mb", "512", ok=False,
+    )  # fmt: skip
+    assert rc == 1 and "not_found" in err
+    recs = await stack.store.read_all(before)
+    assert not any(r.decode().type_name() == "host.claimed" for r in recs)
