@@ -19,7 +19,8 @@ brings new offers.
 with tasks of <1 vCPU, 4 GB>, B with <3 vCPUs, 1 GB>, both wanting as many
 as they can get; DRF gives A 3 tasks and B 2, dominant shares 2/3 each.
 ``--weight-b W`` weighs B; ``--split`` puts the same 9 vCPUs and 18 GB on
-three hosts of 3 vCPUs and 6 GB.
+three hosts of 3 vCPUs and 6 GB (A gets 2 tasks, B 1: after one task of
+each round, no host has room for the other's shape; see the README).
 """
 
 from __future__ import annotations
@@ -102,11 +103,17 @@ async def batch(c: Client, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def drf_example(c: Client, stack: Stack, a: argparse.Namespace) -> dict[str, Any]:
+async def drf_example(
+    c: Client, stack: Stack, hosts: list[Any], a: argparse.Namespace
+) -> dict[str, Any]:
+    # Both frameworks exist before any host does: registered after the hosts,
+    # the first would be offered every host before the second could be.
     fa = Framework(c, "fw-a")
     fb = Framework(c, "fw-b", weight=a.weight_b)
     await fa.register()
     await fb.register()
+    assert stack.store is not None
+    await register_hosts(stack.store, hosts, ttl=a.timeout + 60)
     fa.submit(*[TaskSpec(f"a-{i}", vcpus=1, ram_mb=4 * GB) for i in range(20)])
     fb.submit(*[TaskSpec(f"b-{i}", vcpus=3, ram_mb=1 * GB) for i in range(20)])
     await _settle([fa, fb], quiet=2.0, limit=a.timeout)
@@ -143,11 +150,11 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                 host_event(f"h{run}-{i}", vcpus=v, ram_mb=m, cpu_ratio=1.0, ram_ratio=1.0)
                 for i, (v, m) in enumerate(shapes)
             ]
-            await register_hosts(stack.store, hosts, ttl=a.timeout + 60)
             c = await _client(stack, password)
             try:
                 if a.drf_example:
-                    return await drf_example(c, stack, a)
+                    return await drf_example(c, stack, hosts, a)
+                await register_hosts(stack.store, hosts, ttl=a.timeout + 60)
                 return await batch(c, a)
             finally:
                 await c.close()
