@@ -27,6 +27,7 @@ from stratus.handlers.scheduler.filters import (
 )
 from stratus.handlers.scheduler.weighers import (
     BalancedAllocation,
+    Candidates,
     LeastRequested,
     balanced_score,
     least_requested_score,
@@ -245,7 +246,7 @@ def test_balanced_allocation_prefers_even_use():
     )
     claim(t, "cpu-heavy", "x", 3, 0)
     claim(t, "even", "y", 1, 1024)
-    scores = BalancedAllocation().scores(t, req(vcpus=1, ram_mb=1024), np.arange(2))
+    scores = BalancedAllocation().scores(Candidates(t, req(vcpus=1, ram_mb=1024), np.arange(2)))
     # cpu-heavy: 4/4 CPU vs 1024/4096 RAM -> 1 - 0.75/2; even: 2/4 vs 2048/4096 -> 1
     assert scores.tolist() == pytest.approx([0.625, 1.0])
 
