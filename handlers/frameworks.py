@@ -48,7 +48,8 @@ from stratus.events.resources import (
 from stratus.events.scheduling import HostClaimed, HostReleased
 from stratus.handlers import quota
 from stratus.handlers.registry import Handler
-from stratus.handlers.world import World, fold, live_tenant, system_subject, tenant_boundary
+from stratus.handlers.resources import tenant_handler
+from stratus.handlers.world import World, live_tenant, system_subject
 
 # How much of a resource an offer must hold to be worth making (Mesos'
 # min_allocatable_resources): less than one vCPU or 32 MB is never offered.
@@ -320,6 +321,10 @@ def _task_result(w: World, events: list[Event]) -> Any:
     return None
 
 
+def _declined(w: World, events: list[Event]) -> Any:
+    return {"offer": events[0].aggregate.id, "status": "declined"} if events else None
+
+
 def _host_of(cmd: Any) -> str:
     return system_subject("host", cmd.host)
 
@@ -328,32 +333,17 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
     def world() -> World:
         return World(quota_defaults)
 
-    def on_tenant(verb: str, command: type, decide: Any, result: Any, **kw: Any) -> Handler:
-        return Handler(
-            verb=verb,
-            command=command,
-            permission=verb,
-            boundary=lambda c: tenant_boundary(c.tenant),
-            initial=world,
-            fold=fold,
-            decide=decide,
-            tenant_of=lambda c: c.tenant,
-            result=result,
-            **kw,
-        )
-
-    on_host = {"also_initial": HostState, "also_fold": fold_host}
+    on_host = {"also": _host_of, "also_initial": HostState, "also_fold": fold_host}
     return [
-        on_tenant("framework.register", FrameworkRegister, decide_register, _registered),
-        on_tenant("offer.accept", OfferAccept, decide_accept, _accepted, also=_host_of, **on_host),
-        on_tenant(
-            "offer.decline",
-            OfferDecline,
-            decide_decline,
-            lambda w, ev: {"offer": ev[0].aggregate.id, "status": "declined"} if ev else None,
+        tenant_handler(
+            "framework.register", FrameworkRegister, decide_register, world, result=_registered
         ),
-        on_tenant(
-            "task.update", TaskUpdate, decide_task_update, _task_result, also=_host_of, **on_host
+        tenant_handler(
+            "offer.accept", OfferAccept, decide_accept, world, result=_accepted, **on_host
         ),
-        on_tenant("task.running", TaskRef, decide_task_running, _task_result),
+        tenant_handler("offer.decline", OfferDecline, decide_decline, world, result=_declined),
+        tenant_handler(
+            "task.update", TaskUpdate, decide_task_update, world, result=_task_result, **on_host
+        ),
+        tenant_handler("task.running", TaskRef, decide_task_running, world, result=_task_result),
     ]

@@ -4,7 +4,6 @@ host twice at once, offers expire, declines are honoured."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -20,6 +19,8 @@ from stratus.events.scheduling import HostClaimed
 from stratus.handlers.allocator import AllocatorConfig, AllocatorService
 from stratus.ops.bench.schedkit import CAUSE, host_event, register_hosts
 
+from .test_images import until
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -27,16 +28,6 @@ async def framework(store, tenant: str, name: str, weight: float = 1.0) -> str:
     e = CAUSE.make(FrameworkRegistered, tenant, "framework", f"fw-{name}", name=name, weight=weight)
     await store.append([e])
     return e.aggregate.id
-
-
-async def until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def host_events(store) -> dict[str, list]:

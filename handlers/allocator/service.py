@@ -48,6 +48,7 @@ from stratus.events.scheduling import HostClaimed, HostReleased
 from stratus.events.store import Condition, EventStore
 from stratus.handlers.allocator.drf import Framework, Res, dominant_share, plan_offers
 from stratus.handlers.frameworks import MIN_RAM_MB, MIN_VCPUS
+from stratus.handlers.scheduler.service import fold_log, follow_log
 from stratus.handlers.scheduler.table import HostTable
 
 log = structlog.get_logger("stratus.allocator")
@@ -98,11 +99,8 @@ class AllocatorService:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        end = await self.store.last_seq()
-        async for batch in self.store.read(0, end, subjects=SUBJECTS):
-            for rec in batch:
-                self._fold(rec.seq, rec)
-        self._tasks.append(asyncio.create_task(self._follow(end)))
+        end = await fold_log(self.store, SUBJECTS, self._fold)
+        self._tasks.append(asyncio.create_task(follow_log(self.store, end, SUBJECTS, self._fold)))
         if self.use_liveness:
             self.liveness = Liveness(self.store.js, on_change=self._alive)
             await self.liveness.start()
@@ -166,11 +164,6 @@ class AllocatorService:
             self.host_offer.pop(e.aggregate.id, None)
         if wake:
             self._wake.set()
-
-    async def _follow(self, after: int) -> None:
-        async for batch in self.store.subscribe(after, subjects=SUBJECTS):
-            for rec in batch:
-                self._fold(rec.seq, rec)
 
     async def _loop(self) -> None:
         while not self._closing:
