@@ -255,3 +255,26 @@ async def test_cli_register_accept_list_and_another_tenant_refused(stack, tmp_pa
     assert rc == 1 and "not_found" in err
     recs = await stack.store.read_all(before)
     assert not any(r.decode().type_name() == "host.claimed" for r in recs)
+
+
+async def test_quota_applies_to_tasks(stack):
+    from stratus.events.errors import QuotaExceeded
+
+    await register_hosts(stack.store, [host_event("q-h1", vcpus=8, ram_mb=16 * GB)])
+    c = await client(stack)
+    try:
+        await c.command("quota.set", {"tenant": "admin", "limits": {"instances": 1}})
+        fw = Framework(c, "greedy")
+        await fw.register()
+        offer = await _first_offer(fw)
+        before = await stack.store.last_seq()
+        two = [TaskSpec("q-0", vcpus=1, ram_mb=GB), TaskSpec("q-1", vcpus=1, ram_mb=GB)]
+        with pytest.raises(QuotaExceeded, match="instances"):
+            await fw.accept(offer, two)
+        recs = await stack.store.read_all(before)
+        assert not any(r.decode().type_name() == "host.claimed" for r in recs)
+        # one task is within quota, from the same offer
+        got = await fw.accept(offer, two[:1])
+        assert [t.name for t in got] == ["q-0"]
+    finally:
+        await c.close()
