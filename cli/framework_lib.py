@@ -53,6 +53,7 @@ class Framework:
         weight: float = 1.0,
         tasks_per_offer: int = 1,
         refuse_seconds: float = 1.0,
+        failover_timeout_s: float = 60.0,
     ) -> None:
         self.client = client
         self.name = name
@@ -60,6 +61,8 @@ class Framework:
         self.weight = weight
         self.tasks_per_offer = tasks_per_offer
         self.refuse_seconds = refuse_seconds
+        self.failover_timeout_s = failover_timeout_s
+        self._beaten = 0.0
         self.id = ""
         self.subjects: dict[str, str] = {}
         self.pending: deque[TaskSpec] = deque()
@@ -68,13 +71,28 @@ class Framework:
         self.declined = 0
         self.stale = 0
 
-    async def register(self) -> dict[str, Any]:
-        reply = await self.client.command(
-            "framework.register", {"name": self.name, "role": self.role, "weight": self.weight}
-        )
+    async def register(self, framework_id: str | None = None) -> dict[str, Any]:
+        """Register; with ``framework_id``, come back as that framework after
+        a failover (within its timeout its tasks are still its own)."""
+        body: dict[str, Any] = {
+            "name": self.name,
+            "role": self.role,
+            "weight": self.weight,
+            "failover_timeout_s": self.failover_timeout_s,
+        }
+        if framework_id:
+            body["id"] = framework_id
+        reply = await self.client.command("framework.register", body)
         data = reply.data or {}
         self.id, self.subjects = data["id"], data.get("subjects", {})
+        self._beaten = time.monotonic()
         return data
+
+    async def beat(self) -> None:
+        """Alive for another failover timeout; ``step`` beats on its own
+        every third of it."""
+        await self.client.command("framework.beat", {"framework": self.id})
+        self._beaten = time.monotonic()
 
     def submit(self, *tasks: TaskSpec) -> None:
         self.pending.extend(tasks)
@@ -146,6 +164,8 @@ class Framework:
     async def step(self) -> list[Launched]:
         """Answer every open offer not answered yet; what was launched."""
         out: list[Launched] = []
+        if time.monotonic() - self._beaten > self.failover_timeout_s / 3:
+            await self.beat()
         for offer in await self.offers():
             if offer["id"] in self.answered:
                 continue

@@ -28,11 +28,36 @@ def register(framework_app: typer.Typer, offer_app: typer.Typer) -> None:
         weight: Annotated[
             float, typer.Option(help="DRF weight: its dominant share counts 1/weight")
         ] = 1.0,
+        failover_timeout: Annotated[
+            float,
+            typer.Option(help="seconds without a beat before its tasks are killed"),
+        ] = 60.0,
+        id_: Annotated[
+            str | None, typer.Option("--id", help="re-register this framework (failover)")
+        ] = None,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
         """Register a framework: prints its id and the subjects it uses."""
-        do("framework.register", output, name=name, role=role, weight=weight, tenant=tenant)
+        do(
+            "framework.register",
+            output,
+            name=name,
+            role=role,
+            weight=weight,
+            failover_timeout_s=failover_timeout,
+            id=id_,
+            tenant=tenant,
+        )
+
+    @framework_app.command("beat")
+    def framework_beat(
+        framework: Annotated[str, typer.Argument(help="the framework's id")],
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Say the framework is alive (for its failover timeout)."""
+        do("framework.beat", output, framework=framework, tenant=tenant)
 
     @framework_app.command("task-update")
     def task_update(

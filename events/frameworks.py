@@ -29,6 +29,10 @@ import msgspec
 from stratus.events.model import Event
 from stratus.events.resources import Name, Positive, Ref, ResourceEvent, TenantScoped, Text
 
+# Frameworks beat here (``framework.beat``, through the command service),
+# as hosts beat into theirs: liveness is not history.
+FRAMEWORK_BEATS = "stratus-framework-beats"
+
 Weight = Annotated[float, msgspec.Meta(gt=0, le=1000)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 Role = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9*][a-z0-9_-]{0,62}$")]
@@ -43,6 +47,24 @@ class FrameworkRegistered(ResourceEvent, frozen=True, tag="framework.registered"
     name: str
     role: str = "*"
     weight: float = 1.0
+    # A framework that stops beating this long is removed: its tasks are
+    # killed and their resources freed. Re-registering (``--id``) sooner
+    # keeps them.
+    failover_timeout_s: float = 60.0
+
+
+class FrameworkReregistered(ResourceEvent, frozen=True, tag="framework.reregistered"):
+    """The framework came back within its failover timeout: its tasks stay its."""
+
+    status = "active"
+
+
+class FrameworkRemoved(ResourceEvent, frozen=True, tag="framework.removed"):
+    """Gone past its failover timeout (the allocator decides): its tasks are
+    failed and their claims released in the same batch."""
+
+    ends = True
+    reason: str = ""
 
 
 # -- offers -------------------------------------------------------------------------
@@ -126,6 +148,15 @@ class FrameworkRegister(TenantScoped, frozen=True):
     name: Name
     role: Role = "*"
     weight: Weight = 1.0
+    failover_timeout_s: Annotated[float, msgspec.Meta(ge=1, le=86400)] = 60.0
+    # Re-registering after a failover: the framework's id (its tasks stay).
+    id: Ref | None = None
+
+
+class FrameworkBeat(TenantScoped, frozen=True):
+    """The framework is alive (for its failover timeout from now)."""
+
+    framework: Ref
 
 
 class TaskLaunch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -164,6 +195,8 @@ class TaskRef(TenantScoped, frozen=True):
 
 EVENTS = (
     FrameworkRegistered,
+    FrameworkReregistered,
+    FrameworkRemoved,
     OfferMade,
     OfferRescinded,
     OfferDeclined,
@@ -176,6 +209,7 @@ EVENTS = (
 )
 COMMANDS = {
     "framework.register": FrameworkRegister,
+    "framework.beat": FrameworkBeat,
     "offer.accept": OfferAccept,
     "offer.decline": OfferDecline,
     "task.update": TaskUpdate,

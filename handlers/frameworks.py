@@ -16,10 +16,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from stratus.events.commands import Reply
 from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.frameworks import (
+    FRAMEWORK_BEATS,
+    FrameworkBeat,
     FrameworkRegister,
     FrameworkRegistered,
+    FrameworkReregistered,
     HostOffered,
     HostOfferEnded,
     OfferAccept,
@@ -32,6 +36,7 @@ from stratus.events.frameworks import (
     TaskRunning,
     TaskUpdate,
 )
+from stratus.events.heartbeat import beat
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.resources import (
@@ -47,9 +52,9 @@ from stratus.events.resources import (
 )
 from stratus.events.scheduling import HostClaimed, HostReleased
 from stratus.handlers import quota
-from stratus.handlers.registry import Handler
+from stratus.handlers.registry import Handler, Special
 from stratus.handlers.resources import tenant_handler
-from stratus.handlers.world import World, live_tenant, system_subject
+from stratus.handlers.world import World, fold, live_tenant, system_subject
 
 # How much of a resource an offer must hold to be worth making (Mesos'
 # min_allocatable_resources): less than one vCPU or 32 MB is never offered.
@@ -119,6 +124,17 @@ def fold_host(h: HostState, e: Event) -> HostState:
 def decide_register(w: World, cmd: FrameworkRegister, cause: Cause) -> list[Event]:
     t = cmd.tenant or ""
     live_tenant(w, t)
+    if cmd.id is not None:
+        # Failover: the same framework back, its tasks still its own.
+        fw = w.of("framework").get(cmd.id)
+        if fw is None:
+            raise NotFound(
+                f"framework {cmd.id} not found in tenant {t} (past its failover "
+                "timeout it was removed and its tasks killed)"
+            )
+        if fw.get("name") != cmd.name:
+            raise Invalid(f"framework {cmd.id} is named {fw.get('name')}, not {cmd.name}")
+        return [cause.make(FrameworkReregistered, t, "framework", cmd.id)]
     if any(f.get("name") == cmd.name for f in w.of("framework").values()):
         raise AlreadyExists(f"a framework named {cmd.name} already exists in tenant {t}")
     return [
@@ -130,22 +146,39 @@ def decide_register(w: World, cmd: FrameworkRegister, cause: Cause) -> list[Even
             name=cmd.name,
             role=cmd.role,
             weight=cmd.weight,
+            failover_timeout_s=cmd.failover_timeout_s,
         )
     ]
 
 
 def _registered(w: World, events: list[Event]) -> Any:
     for e in events:
-        if isinstance(e, FrameworkRegistered):
+        if isinstance(e, (FrameworkRegistered, FrameworkReregistered)):
+            fw = w.of("framework").get(e.aggregate.id, {})
+            keep = ("name", "role", "weight", "failover_timeout_s", "status")
             return {
                 "id": e.aggregate.id,
-                "name": e.name,
-                "role": e.role,
-                "weight": e.weight,
-                "status": "active",
+                **{k: fw.get(k) for k in keep},
                 "subjects": subjects(e.tenant, e.aggregate.id),
             }
     return None
+
+
+async def run_beat(service: Any, cmd: FrameworkBeat, cause: Cause) -> Reply:
+    """The framework is alive: a beat in ``FRAMEWORK_BEATS`` for its failover
+    timeout (nothing on the log: liveness is not history)."""
+    t = cmd.tenant or ""
+    w = World()
+    w.tenant = t
+    async for batch in service.store.read(subjects=[f"ev.{t}.framework.*"]):
+        for rec in batch:
+            fold(w, rec.decode(service.store.codec))
+    fw = w.of("framework").get(cmd.framework)
+    if fw is None:
+        raise NotFound(f"framework {cmd.framework} not found in tenant {t}")
+    ttl = float(fw.get("failover_timeout_s") or 60.0)
+    await beat(service.store.js, cmd.framework, ttl=ttl, name=FRAMEWORK_BEATS)
+    return Reply(ok=True, data={"id": cmd.framework, "alive_for_s": ttl})
 
 
 # -- offer accept / decline --------------------------------------------------------
@@ -325,6 +358,10 @@ def _declined(w: World, events: list[Event]) -> Any:
     return {"offer": events[0].aggregate.id, "status": "declined"} if events else None
 
 
+def _tenant(cmd: Any) -> str | None:
+    return cmd.tenant
+
+
 def _host_of(cmd: Any) -> str:
     return system_subject("host", cmd.host)
 
@@ -335,6 +372,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
 
     on_host = {"also": _host_of, "also_initial": HostState, "also_fold": fold_host}
     return [
+        Special("framework.beat", FrameworkBeat, "framework.beat", run_beat, tenant_of=_tenant),
         tenant_handler(
             "framework.register", FrameworkRegister, decide_register, world, result=_registered
         ),

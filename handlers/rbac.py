@@ -98,7 +98,7 @@ PERMISSIONS: dict[str, Rule] = {
             "security-group": ("create", "delete", "rule-add", "rule-remove"),
             "qos-policy": ("create", "delete"),
             # Two-level scheduling: a framework and its answers to offers.
-            "framework": ("register",),
+            "framework": ("register", "beat"),
             "offer": ("accept", "decline"),
             "task": ("update", "running"),
         }.items()

@@ -15,7 +15,7 @@ import pytest
 from stratus.cli.client import Client
 from stratus.cli.framework_lib import Framework, TaskSpec
 from stratus.cli.runtime import Stack
-from stratus.events.errors import Conflict, Invalid
+from stratus.events.errors import Conflict, Invalid, NotFound
 from stratus.events.resources import SYSTEM, ServerSpec
 from stratus.events.scheduling import HostClaimed
 from stratus.ops.bench.schedkit import (
@@ -29,6 +29,7 @@ from stratus.ops.bench.schedkit import (
 )
 
 from .test_cli import ADMIN_PASSWORD
+from .test_images import until
 
 pytestmark = pytest.mark.timeout(120)
 GB = 1024
@@ -276,5 +277,43 @@ async def test_quota_applies_to_tasks(stack):
         # one task is within quota, from the same offer
         got = await fw.accept(offer, two[:1])
         assert [t.name for t in got] == ["q-0"]
+    finally:
+        await c.close()
+
+
+async def test_failover_within_the_timeout_keeps_tasks_past_it_kills_them(stack):
+    await register_hosts(stack.store, [host_event("fo-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
+    c = await client(stack)
+    try:
+        # a framework with a 2 s failover timeout runs a task
+        fw = Framework(c, "flaky", failover_timeout_s=2.0)
+        await fw.register()
+        fw.submit(TaskSpec("fo-0", vcpus=1, ram_mb=GB))
+        await fw.run_until_placed(timeout=15)
+        assert len(fw.launched) == 1
+        # it goes quiet for 1 s, then comes back with its id: the task is its
+        await asyncio.sleep(1.0)
+        back = Framework(c, "flaky", failover_timeout_s=2.0)
+        again = await back.register(fw.id)
+        assert again["id"] == fw.id and again["status"] == "active"
+        await asyncio.sleep(1.5)  # past the first deadline, within the renewed one
+        servers = {s["name"]: s for s in await c.query("servers")}
+        assert servers["fo-0"]["framework"] == fw.id
+
+        # then it goes quiet for good: removed, its task failed, its claim released
+        async def removed():
+            recs = await stack.store.read_all(subjects=[f"ev.admin.framework.{fw.id}"])
+            return [r.decode() for r in recs if r.decode().type_name() == "framework.removed"]
+
+        gone = await until(removed, 15, "the framework removed")
+        assert "failover timeout" in gone[0].reason
+        task = fw.launched[0]
+        recs = await stack.store.read_all(subjects=[f"ev.admin.server.{task.id}"])
+        assert recs[-1].decode().type_name() == "task.failed"
+        _, holds = await fold_claims(stack.store)
+        assert holds.get("fo-h1", []) == []
+        # and it cannot come back any more
+        with pytest.raises(NotFound, match="failover"):
+            await Framework(c, "flaky").register(fw.id)
     finally:
         await c.close()

@@ -27,13 +27,17 @@ import structlog
 
 from stratus.events.errors import ConcurrencyConflict, StratusError
 from stratus.events.frameworks import (
+    FRAMEWORK_BEATS,
     FrameworkRegistered,
+    FrameworkRemoved,
+    FrameworkReregistered,
     HostOffered,
     HostOfferEnded,
     OfferAccepted,
     OfferDeclined,
     OfferMade,
     OfferRescinded,
+    TaskFailed,
 )
 from stratus.events.heartbeat import Liveness
 from stratus.events.ids import new_id
@@ -80,6 +84,13 @@ class AllocatorService:
         self.use_liveness = liveness
         self.table = HostTable()
         self.liveness: Liveness | None = None
+        # framework id -> its failover timeout, and until when it is alive
+        # (its registration counts as a beat; then its beats, if any, and
+        # the subject's last sequence a removal is conditioned on.
+        self.failover: dict[str, float] = {}
+        self.fw_until: dict[str, float] = {}
+        self.fw_seq: dict[str, int] = {}
+        self.fw_liveness: Liveness | None = None
         # framework id -> (tenant, weight); offer id -> the open offer;
         # host -> its live offer; task (server) -> (framework, resources).
         self.frameworks: dict[str, tuple[str, float]] = {}
@@ -89,12 +100,14 @@ class AllocatorService:
         # conditioned on nothing having come on the offer since).
         self.offer_seq: dict[str, int] = {}
         self.tasks: dict[str, tuple[str, Res]] = {}
+        # task (server) -> (tenant, host), to fail and release it on removal.
+        self.task_at: dict[str, tuple[str, str]] = {}
         # (framework, host) -> until when the framework refuses the host.
         self.refused: dict[tuple[str, str], float] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        self.made = self.rescinded = self.conflicts = 0
+        self.made = self.rescinded = self.conflicts = self.removed = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -104,6 +117,8 @@ class AllocatorService:
         if self.use_liveness:
             self.liveness = Liveness(self.store.js, on_change=self._alive)
             await self.liveness.start()
+        self.fw_liveness = Liveness(self.store.js, on_change=self._fw_beat, name=FRAMEWORK_BEATS)
+        await self.fw_liveness.start()
         self._tasks.append(asyncio.create_task(self._loop()))
         log.info("allocator started", hosts=len(self.table), frameworks=len(self.frameworks))
 
@@ -113,8 +128,13 @@ class AllocatorService:
             t.cancel()
         await asyncio.wait(self._tasks, timeout=5)
         self._tasks.clear()
-        if self.liveness is not None:
-            await self.liveness.stop()
+        for lv in (self.liveness, self.fw_liveness):
+            if lv is not None:
+                await lv.stop()
+
+    def _fw_beat(self, framework: str, until: float) -> None:
+        if until > 0:  # (an expiry marker: the last beat's deadline stands)
+            self.fw_until[framework] = max(self.fw_until.get(framework, 0.0), until)
 
     def _alive(self, host: str, until: float) -> None:
         self.table.set_alive(host, until)
@@ -136,7 +156,22 @@ class AllocatorService:
         self.table.apply(seq, e)
         wake = True
         if isinstance(e, FrameworkRegistered):
-            self.frameworks[e.aggregate.id] = (e.tenant, e.weight)
+            fid = e.aggregate.id
+            self.frameworks[fid] = (e.tenant, e.weight)
+            self.failover[fid] = e.failover_timeout_s
+            self.fw_until[fid] = max(
+                self.fw_until.get(fid, 0.0), e.at.timestamp() + e.failover_timeout_s
+            )
+            self.fw_seq[fid] = seq
+        elif isinstance(e, FrameworkReregistered):
+            fid = e.aggregate.id
+            back = e.at.timestamp() + self.failover.get(fid, 60.0)
+            self.fw_until[fid] = max(self.fw_until.get(fid, 0.0), back)
+            self.fw_seq[fid] = seq
+        elif isinstance(e, FrameworkRemoved):
+            fid = e.aggregate.id
+            for d in (self.frameworks, self.failover, self.fw_until, self.fw_seq):
+                d.pop(fid, None)
         elif isinstance(e, OfferMade):
             self.offers[e.aggregate.id] = OpenOffer(e.tenant, e.framework, e.host, e.expires_at)
             self.offer_seq[e.aggregate.id] = seq
@@ -158,8 +193,10 @@ class AllocatorService:
             if e.spec.framework:
                 s = e.spec
                 self.tasks[e.server] = (s.framework, Res(s.vcpus, s.ram_mb, s.disk_gb))
+                self.task_at[e.server] = (e.server_tenant, e.aggregate.id)
         elif isinstance(e, HostReleased):
             self.tasks.pop(e.server, None)
+            self.task_at.pop(e.server, None)
         elif isinstance(e, (HostUpdated, HostDisabled, HostRemoved)):
             self.host_offer.pop(e.aggregate.id, None)
         if wake:
@@ -217,6 +254,7 @@ class AllocatorService:
         many offers were made."""
         now = time.time() if now is None else now
         await self._rescind_expired(now)
+        await self._remove_gone(now)
         if not self.frameworks:
             return 0
         t = self.table
@@ -239,7 +277,12 @@ class AllocatorService:
         refused: dict[str, set[str]] = {}
         for fid, host in self.refused:
             refused.setdefault(fid, set()).add(host)
-        fws = [Framework(fid, w) for fid, (_t, w) in self.frameworks.items()]
+        # Only frameworks that are alive (beating, or just registered).
+        fws = [
+            Framework(fid, w)
+            for fid, (_t, w) in self.frameworks.items()
+            if self.fw_until.get(fid, 0.0) > now
+        ]
         plan = plan_offers(free, fws, self.held(), self.total(rows), refused)
         results = await asyncio.gather(
             *(self._offer(o.host, o.framework, o.resources, now) for o in plan)
@@ -313,6 +356,53 @@ class AllocatorService:
             if self.host_offer.get(o.host) == oid:
                 del self.host_offer[o.host]
             self.rescinded += 1
+
+    async def _remove_gone(self, now: float) -> None:
+        """Frameworks silent past their failover timeout: ``framework.removed``,
+        each of its tasks ``task.failed`` with its claim released, its open
+        offers rescinded, in one atomic batch on the condition that nothing
+        came on the framework's subject since (a re-registration wins)."""
+        for fid, until in list(self.fw_until.items()):
+            if until > now or fid not in self.frameworks:
+                continue
+            tenant, _w = self.frameworks[fid]
+            cause = Cause(actor=ACTOR, correlation_id=new_id(), causation_id=fid)
+            why = f"no beat for its failover timeout ({self.failover.get(fid, 0):g} s)"
+            events: list[Event] = [
+                cause.make(FrameworkRemoved, tenant, "framework", fid, reason=why)
+            ]
+            for server, (f, _res) in self.tasks.items():
+                if f != fid or server not in self.task_at:
+                    continue
+                t_tenant, host = self.task_at[server]
+                events.append(cause.make(TaskFailed, t_tenant, "server", server, reason=why))
+                events.append(
+                    cause.make(
+                        HostReleased,
+                        SYSTEM,
+                        "host",
+                        host,
+                        server=server,
+                        server_tenant=t_tenant,
+                        reason="framework removed",
+                    )
+                )
+            for oid, o in self.offers.items():
+                if o.framework == fid:
+                    events.append(cause.make(OfferRescinded, o.tenant, "offer", oid, reason=why))
+                    events.append(
+                        cause.make(HostOfferEnded, SYSTEM, "host", o.host, offer=oid, framework=fid)
+                    )
+            cond = Condition(f"ev.{tenant}.framework.{fid}", self.fw_seq.get(fid, 0), 0)
+            try:
+                await self.store.append(events[:1000], cond)
+            except ConcurrencyConflict:
+                continue  # re-registered (or removed by a replica) meanwhile
+            except StratusError as err:
+                log.warning("framework removal not appended", framework=fid, error=str(err))
+                continue
+            self.removed += 1
+            log.info("framework removed", framework=fid, tasks=(len(events) - 1) // 2)
 
     def stats(self) -> dict[str, int]:
         return {
