@@ -337,8 +337,17 @@ class AllocatorService:
             cause = Cause(actor=ACTOR, correlation_id=oid, causation_id=oid)
             events: list[Event] = [
                 cause.make(OfferRescinded, o.tenant, "offer", oid, reason="expired"),
+                # Unanswered, it counts as declined for as long as it was open:
+                # the host goes to another framework, and an idle one is not
+                # offered the same host again (two events) every timeout.
                 cause.make(
-                    HostOfferEnded, SYSTEM, "host", o.host, offer=oid, framework=o.framework
+                    HostOfferEnded,
+                    SYSTEM,
+                    "host",
+                    o.host,
+                    offer=oid,
+                    framework=o.framework,
+                    refuse_seconds=self.config.offer_timeout_s,
                 ),
             ]
             # On the offer's own subject: nothing (an acceptance, a decline)
