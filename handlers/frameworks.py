@@ -363,7 +363,13 @@ def _tenant(cmd: Any) -> str | None:
 
 
 def _host_of(cmd: Any) -> str:
-    return system_subject("host", cmd.host)
+    """The host's subject as a filter of its own, ``ev.*.host.<name>``: it
+    matches exactly ``ev._system.host.<name>`` (only the cloud has hosts), but
+    the command service caches one state per boundary string, and the host
+    verbs cache the host's record (``Aggregate``) under the plain subject;
+    this fold (claims and the live offer) must not share that entry."""
+    subject = system_subject("host", cmd.host)
+    return subject.replace(f"ev.{SYSTEM}.", "ev.*.", 1)
 
 
 def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:

@@ -16,6 +16,7 @@ from stratus.cli.client import Client
 from stratus.cli.framework_lib import Framework, TaskSpec
 from stratus.cli.runtime import Stack
 from stratus.events.errors import Conflict, Invalid, NotFound
+from stratus.events.heartbeat import beat
 from stratus.events.resources import SYSTEM, ServerSpec
 from stratus.events.scheduling import HostClaimed
 from stratus.ops.bench.schedkit import (
@@ -130,9 +131,14 @@ async def test_a_finished_task_frees_its_resources_and_brings_a_new_offer(stack)
 
 
 async def test_accepting_a_stale_or_rescinded_offer_is_a_conflict_and_appends_nothing(stack):
-    await register_hosts(stack.store, [host_event("st-h1", vcpus=4, ram_mb=8 * GB)])
     c = await client(stack)
     try:
+        # registered through the command service, as agents do: the host's
+        # record is then cached there under its subject, beside this fold
+        await c.command(
+            "host.register", {"name": "st-h1", "vcpus": 4, "ram_mb": 8 * GB, "disk_gb": 10}
+        )
+        await beat(stack.store.js, "st-h1", ttl=120)
         fw = Framework(c, "picky")
         await fw.register()
         offer = await _first_offer(fw)
