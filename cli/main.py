@@ -375,6 +375,13 @@ def _scheduler(o: ServeOptions) -> Service:
 
 
 @_alone
+def _allocator(o: ServeOptions) -> Service:
+    from stratus.handlers.allocator import AllocatorService
+
+    return _one("allocator", lambda store, _: AllocatorService(store))
+
+
+@_alone
 def _webhooks(o: ServeOptions) -> Service:
     from stratus.handlers.integrations import WebhookKeys
     from stratus.handlers.webhooks import WebhookService
@@ -413,6 +420,7 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     "projector": _projector,
     "query": _alone(lambda o: _requests(o, commands=False)),
     "scheduler": _scheduler,
+    "allocator": _allocator,
     "webhooks": _webhooks,
     # These take options of their own (--host, ...) after the name.
     "compute-agent": _compute_agent,

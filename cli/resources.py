@@ -48,6 +48,15 @@ KINDS: dict[str, tuple[list[str], str]] = {
     "floating-ip": (["id", "address", "status", "fixed_ip", "server", "tenant"], "Floating IPs."),
     "security-group": (["id", "name", "description", "tenant"], "Security groups."),
     "qos-policy": (["id", "name", "max_kbps", "burst_kb", "tenant"], "QoS policies."),
+    # Two-level scheduling (cli.frameworks adds their verbs).
+    "framework": (
+        ["id", "name", "role", "weight", "tasks", "allocation", "dominant_share", "tenant"],
+        "Frameworks (two-level scheduling: they receive offers).",
+    ),
+    "offer": (
+        ["id", "framework", "host", "vcpus", "ram_mb", "disk_gb", "expires_at"],
+        "Open resource offers to the tenant's frameworks.",
+    ),
 }
 
 
@@ -226,8 +235,11 @@ def register(root: typer.Typer) -> None:
         root.add_typer(sub, name=kind)
         _reads(sub, kind)
     for kind in KINDS:
-        if kind not in ("host", "flavor", "image", "network"):
+        if kind not in ("host", "flavor", "image", "network", "framework", "offer"):
             _delete(apps[kind], kind)
+    from stratus.cli import frameworks
+
+    frameworks.register(apps["framework"], apps["offer"])
     for verb in ("stop", "start", "reboot"):
         _delete(apps["server"], "server", verb)
     _delete(apps["image"], "image")

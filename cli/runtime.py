@@ -196,6 +196,8 @@ class Stack:
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
+        # The allocator of two-level scheduling (offers to frameworks).
+        self.allocator: Any = None
         self.quota_defaults = quota_defaults
         self.data_dir = Path(data_dir)
         # None: generate one on first start (returned by start(), printed once).
@@ -293,6 +295,10 @@ class Stack:
                 sched = SchedulerService(self.store, self.scheduler_config)
                 await sched.start()
                 self.schedulers.append(sched)
+            from stratus.handlers.allocator import AllocatorService
+
+            self.allocator = AllocatorService(self.store)
+            await self.allocator.start()
             self.webhooks = WebhookService(
                 self.store,
                 WebhookKeys.load_or_create(keyring.path),
@@ -472,6 +478,7 @@ class Stack:
             self.webhooks,
             self.integration_auth,
             *self.schedulers,
+            self.allocator,
             self.swapper,
             self.images,
             self.commands,

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from stratus.events import compute, identity, integrations, network, resources, scheduling, tenants
+from stratus.events import (
+    compute,
+    frameworks,
+    identity,
+    integrations,
+    network,
+    resources,
+    scheduling,
+    tenants,
+)
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
@@ -14,6 +23,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *compute.EVENTS,
     *integrations.EVENTS,
     *network.EVENTS,
+    *frameworks.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
@@ -22,6 +32,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     **compute.COMMANDS,
     **integrations.COMMANDS,
     **network.COMMANDS,
+    **frameworks.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

@@ -247,6 +247,9 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     # A container's process (``--command``), in place of its image's
     # entrypoint and cmd; empty: the image's own.
     command: list[str] = []
+    # A framework's task (events.frameworks): placed by accepting an offer,
+    # never by the scheduler; its framework's id.
+    framework: str = ""
 
 
 SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)

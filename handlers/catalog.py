@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratus.handlers import compute, integrations, resources, routed, tenants
+from stratus.handlers import compute, frameworks, integrations, resources, routed, tenants
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.keyring import KeyRing
@@ -23,6 +23,7 @@ def all_handlers(
         *resources.handlers(quota_defaults),
         *routed.handlers(),
         *compute.handlers(quota_defaults),
+        *frameworks.handlers(quota_defaults),
         *integrations.handlers(
             integrations.WebhookKeys.load_or_create(keyring.path) if keyring else None,
             quota_defaults,

@@ -104,6 +104,10 @@ PERMISSIONS: dict[str, Rule] = {
                 "ensure-default",
             ),
             "qos-policy": ("create", "delete"),
+            # Two-level scheduling: a framework and its answers to offers.
+            "framework": ("register", "beat"),
+            "offer": ("accept", "decline"),
+            "task": ("update", "running"),
         }.items()
         for verb in verbs
     },
@@ -122,6 +126,8 @@ PERMISSIONS: dict[str, Rule] = {
             "floating-ip",
             "security-group",
             "qos-policy",
+            "framework",
+            "offer",
         )
     },
 }

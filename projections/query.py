@@ -314,6 +314,8 @@ class QueryService(Responder):
                     use = await resources.host_use(conn)
                     for row in rows:
                         resources.add_host_use(row, use.get(row["id"]))
+                elif kind == "framework":
+                    await resources.add_framework_use(conn, rows)
             if kind == "host":
                 await self._add_alive(rows, pt)
             return rows
