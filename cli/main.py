@@ -175,11 +175,25 @@ def up(
             min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
         ),
     ] = 0,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=7,
+            help="nats-server nodes on loopback forming one JetStream cluster (odd: 1, 3, 5)",
+        ),
+    ] = 1,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
-    from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
+    from stratus.cli.runtime import DataDirBusy, Stack, check_cluster_size, default_data_dir
     from stratus.events.broker import BrokerError
+
+    try:
+        check_cluster_size(cluster)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
@@ -202,6 +216,7 @@ def up(
             scheduler_config=sched_config,
             webhook_allow=webhook_allow_network,
             console_port=None if console_port < 0 else console_port,
+            cluster=cluster,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from stratus.events.catalog import CODEC
+from stratus.events.cluster import CLUSTER_REPLICAS, placement_refused, server_list
 from stratus.events.commands import SERVICE_INBOX_PREFIX
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -127,7 +128,7 @@ def _new_connection(fast: bool) -> NATS:
 
 
 async def connect_nats(
-    url: str,
+    url: str | Sequence[str],
     *,
     persistent: bool = True,
     timeout: float = 10.0,
@@ -136,10 +137,13 @@ async def connect_nats(
 ) -> NATS:
     """Connect to NATS, failing with ``Unavailable`` within ``timeout``.
 
-    A persistent connection (services) reconnects forever once up; a
-    one-shot one (the CLI) gives up at the first failure. ``fast=False``
+    ``url`` names one server or several (``nats://a:4222,nats://b:4222``):
+    the connection takes the whole list, and a persistent one (services)
+    reconnects across it forever once up; a one-shot one (the CLI) tries
+    each server and gives up when none answers. ``fast=False``
     asks for nats-py's own client even where the fast reader would work.
     """
+    servers = server_list(url)
     nc = _new_connection(fast)
     opts: dict[str, Any] = {
         "connect_timeout": 2,
@@ -151,11 +155,13 @@ async def connect_nats(
     }
     opts.update(options)
     try:
-        await asyncio.wait_for(nc.connect(url, **opts), timeout)
+        await asyncio.wait_for(nc.connect(servers, **opts), timeout)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+        raise Unavailable(
+            f"cannot reach NATS at {','.join(servers)}: {exc or type(exc).__name__}"
+        ) from None
     return nc
 
 
@@ -182,7 +188,7 @@ class EventStore:
 
     @classmethod
     async def connect(
-        cls, url: str, *, persistent: bool = True, fast: bool = True, **options: Any
+        cls, url: str | Sequence[str], *, persistent: bool = True, fast: bool = True, **options: Any
     ) -> EventStore:
         # A service's inboxes (acks, event deliveries) live outside the
         # namespace clients may subscribe to.
@@ -195,9 +201,10 @@ class EventStore:
 
     # -- stream ---------------------------------------------------------------
 
-    def stream_config(self) -> StreamConfig:
+    def stream_config(self, replicas: int = 1) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
+            num_replicas=replicas,
             subjects=[SUBJECTS],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -213,18 +220,44 @@ class EventStore:
             deny_purge=True,
         )
 
-    async def ensure_stream(self) -> None:
-        """Create the stream, or bring an existing one to our settings."""
-        cfg = self.stream_config()
+    async def ensure_stream(self, replicas: int | None = None) -> int:
+        """Create the stream, or bring an existing one to our settings; the
+        replica count it has.
+
+        A new stream gets ``replicas``, else as many as the cluster allows
+        (``events.cluster``: R3 on three or more nodes, R1 on one); an
+        existing one keeps its count unless ``replicas`` names another, so a
+        service started with no opinion never shrinks a replicated log.
+        """
         try:
             try:
-                await self.js.stream_info(self.stream)
+                info = await self.js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
-                await self.js.add_stream(cfg)
-                return
-            await self.js.update_stream(cfg)
+                return await self._create_stream(replicas)
+            have = replicas or info.config.num_replicas or 1
+            await self.js.update_stream(self.stream_config(have))
+            return have
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None
+
+    async def _create_stream(self, replicas: int | None) -> int:
+        want = replicas or CLUSTER_REPLICAS
+        try:
+            await self.js.add_stream(self.stream_config(want))
+            return want
+        except nats.js.errors.APIError as exc:
+            why = placement_refused(exc)
+            if replicas is None and why == "single":
+                # One node, not a cluster: one copy is all there can be.
+                await self.js.add_stream(self.stream_config(1))
+                return 1
+            if why == "peers":
+                raise Unavailable(
+                    f"cannot place {want} replicas of stream {self.stream}: fewer JetStream "
+                    f"nodes are up ({exc.description}); start every node of the cluster, "
+                    "or create the stream with 1 replica on a cluster of fewer than 3"
+                ) from None
+            raise
 
     async def last_seq(self, subject: str | None = None) -> int:
         """The stream's last sequence, or the last one matching ``subject``."""
