@@ -36,7 +36,7 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     deployment_prefix,
 )
 from stratus.events.broker import BrokerError, EmbeddedNats, StoreInUse, cluster_nodes, stop_pid
-from stratus.events.cluster import replicas_for, wait_whole
+from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
 from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
@@ -150,6 +150,57 @@ async def ensure_log(
         ]
         await wait_whole(store.js, streams, max(1.0, deadline - time.monotonic()))
     return have
+
+
+async def init_cloud(
+    url: str,
+    data_dir: Path,
+    *,
+    admin_password: str | None = None,
+    replicas: int | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``stratus init`` on an existing JetStream cluster, idempotently: the
+    stream and every bucket (waiting until each has a leader and current
+    replicas), the public signing keys on the log, and the first admin.
+    The service password and signing keys are those of ``data_dir``."""
+    password = secret(data_dir, NATS_SERVICE_SECRET)
+    store = await EventStore.connect(
+        url, persistent=False, user=NATS_SERVICE_USER, password=password
+    )
+    services: list[Any] = []
+    # The command handlers need no projection store (only queries read one).
+    engine = make_engine("sqlite+aiosqlite://")
+    try:
+        have = await ensure_log(store, replicas, wait=True, timeout=timeout)
+        keyring = KeyRing.load_or_create(data_dir / "keys")
+        await publish_signing_keys(store, keyring)
+        feed, commands, _ = await start_services(store, engine, keyring, queries=False)
+        services = [commands, feed]
+        assert commands is not None
+        created = await bootstrap_admin(commands, admin_password)
+        state = await stream_cluster(store.js, store.stream)
+    finally:
+        for svc in services:
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        await store.close()
+        await engine.dispose()
+    return {
+        "replicas": have,
+        "stream_leader": state["leader"],
+        "cluster": state["name"],
+        "admin_created": created is not None,
+        "admin_password": created if created and not admin_password else None,
+        "signing_keys": sorted(keyring.public_keys()),
+    }
+
+
+def auth_block(data_dir: Path) -> str:
+    """The authorization block every node's configuration must hold for
+    this cloud's services (the service user, with ``data_dir``'s password,
+    and the anonymous client user)."""
+    return nats_auth_config(secret(data_dir, NATS_SERVICE_SECRET))
 
 
 async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:

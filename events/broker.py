@@ -389,6 +389,38 @@ class EmbeddedNats:
         self.stop()
 
 
+# What an operator's node configuration includes for Stratus's users (the
+# authorization block ``stratus init --auth-file`` writes), beside it.
+AUTH_INCLUDE = "stratus-auth.conf"
+
+
+def node_configs(
+    clients: list[tuple[str, str]],
+    routes: list[tuple[str, str]],
+    *,
+    store_dir: str,
+    name: str = "stratus",
+    include: str = AUTH_INCLUDE,
+) -> list[str]:
+    """The configuration of each node of an operator's cluster: node ``i``
+    (from 1) listens for clients on ``clients[i-1]`` and for routes on
+    ``routes[i-1]`` (host, port: either may be a placeholder), keeps its
+    store in ``store_dir/node-i`` and includes the authorization block
+    from ``include`` (a path relative to the config file)."""
+    route_urls = tuple(f"nats://{h}:{p}" for h, p in routes)
+    out = []
+    for i, ((ch, cp), (rh, rp)) in enumerate(zip(clients, routes, strict=True), start=1):
+        text = render_config(
+            listen=f"{ch}:{cp}",
+            server_name=f"{name}-{i}",
+            store_dir=f"{store_dir}/node-{i}/jetstream",
+            cluster=ClusterConfig(name, f"{rh}:{rp}", route_urls),
+            extra=f"include {_q(include)}",
+        )
+        out.append(text)
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (the kernel's pick: never a fixed one)."""
     with socket.socket() as s:
