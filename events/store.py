@@ -185,6 +185,13 @@ class EventStore:
         # The fast reader's connection names its reader; any other reads
         # through nats-py's public ordered consumer.
         self.reader: type[LogReader] = reader or getattr(nc, "log_reader", OrderedReader)
+        # Whether reads that must see the latest append may use direct get.
+        # On a replicated stream every replica answers a direct get, a
+        # follower with what it has applied so far: a handler could then
+        # miss the event an append just acknowledged (a tenant created a
+        # moment ago "not found"). Only a stream known to have one copy
+        # (``ensure_stream`` learns it) reads directly; others ask the leader.
+        self.direct_reads = False
 
     @classmethod
     async def connect(
@@ -236,6 +243,7 @@ class EventStore:
                 return await self._create_stream(replicas)
             have = replicas or info.config.num_replicas or 1
             await self.js.update_stream(self.stream_config(have))
+            self.direct_reads = have == 1
             return have
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None
@@ -244,12 +252,14 @@ class EventStore:
         want = replicas or CLUSTER_REPLICAS
         try:
             await self.js.add_stream(self.stream_config(want))
+            self.direct_reads = want == 1
             return want
         except nats.js.errors.APIError as exc:
             why = placement_refused(exc)
             if replicas is None and why == "single":
                 # One node, not a cluster: one copy is all there can be.
                 await self.js.add_stream(self.stream_config(1))
+                self.direct_reads = True
                 return 1
             if why == "peers":
                 raise Unavailable(
@@ -265,7 +275,7 @@ class EventStore:
             if subject is None or subject == SUBJECTS:
                 info = await self.js.stream_info(self.stream)
                 return info.state.last_seq
-            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+            msg = await self.js.get_last_msg(self.stream, subject, direct=self.direct_reads)
             return msg.seq or 0
         except nats.js.errors.NotFoundError:
             return 0
@@ -500,7 +510,7 @@ class EventStore:
         batch = None
         for seq in range(first, first + MAX_BATCH):
             try:
-                msg = await self.js.get_msg(self.stream, seq, direct=True)
+                msg = await self.js.get_msg(self.stream, seq, direct=self.direct_reads)
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _translate(exc) from None
             h = msg.headers or {}
