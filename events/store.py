@@ -69,6 +69,9 @@ H_EXPECT_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 # What a lookup expects the stream's last message id to be: nothing that
 # appends carries (ids are tokens), so the lookup never stores anything.
 _NO_MSG_ID = "stratus lookup: never a message id"
+# ... and on a replicated stream, what it expects the subject's last
+# sequence to be: beyond any stream's.
+_NO_SEQ = str(2**62)
 # Where a lookup is sent when the caller names no subject of its own.
 LOOKUP_SUBJECT = "ev._system.lookup.command"
 
@@ -185,13 +188,15 @@ class EventStore:
         # The fast reader's connection names its reader; any other reads
         # through nats-py's public ordered consumer.
         self.reader: type[LogReader] = reader or getattr(nc, "log_reader", OrderedReader)
-        # Whether reads that must see the latest append may use direct get.
-        # On a replicated stream every replica answers a direct get, a
-        # follower with what it has applied so far: a handler could then
-        # miss the event an append just acknowledged (a tenant created a
-        # moment ago "not found"). Only a stream known to have one copy
-        # (``ensure_stream`` learns it) reads directly; others ask the leader.
-        self.direct_reads = False
+        # The stream's replica count (None: not learnt yet; ``ensure_stream``
+        # or the first read that depends on it learns it). On a replicated
+        # stream every replica answers a direct get, a follower with what it
+        # has applied so far: a handler could then miss the event an append
+        # just acknowledged (a tenant created a moment ago "not found"), so
+        # reads that must be fresh ask the leader there. And the broker
+        # checks a publish's expectations in another order (see
+        # ``find_append``).
+        self.replicas: int | None = None
 
     @classmethod
     async def connect(
@@ -243,7 +248,7 @@ class EventStore:
                 return await self._create_stream(replicas)
             have = replicas or info.config.num_replicas or 1
             await self.js.update_stream(self.stream_config(have))
-            self.direct_reads = have == 1
+            self.replicas = have
             return have
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None
@@ -252,14 +257,14 @@ class EventStore:
         want = replicas or CLUSTER_REPLICAS
         try:
             await self.js.add_stream(self.stream_config(want))
-            self.direct_reads = want == 1
+            self.replicas = want
             return want
         except nats.js.errors.APIError as exc:
             why = placement_refused(exc)
             if replicas is None and why == "single":
                 # One node, not a cluster: one copy is all there can be.
                 await self.js.add_stream(self.stream_config(1))
-                self.direct_reads = True
+                self.replicas = 1
                 return 1
             if why == "peers":
                 raise Unavailable(
@@ -275,7 +280,8 @@ class EventStore:
             if subject is None or subject == SUBJECTS:
                 info = await self.js.stream_info(self.stream)
                 return info.state.last_seq
-            msg = await self.js.get_last_msg(self.stream, subject, direct=self.direct_reads)
+            direct = await self._single()
+            msg = await self.js.get_last_msg(self.stream, subject, direct=direct)
             return msg.seq or 0
         except nats.js.errors.NotFoundError:
             return 0
@@ -472,6 +478,18 @@ class EventStore:
         ack = await self.js.publish(subject, data, headers=headers)
         return list(range(ack.seq - n + 1, ack.seq + 1))
 
+    async def _single(self) -> bool:
+        """Whether the stream keeps one copy (learnt once per connection)."""
+        if self.replicas is None:
+            try:
+                info = await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                return True  # nothing to read yet; learnt again next time
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _translate(exc) from None
+            self.replicas = info.config.num_replicas or 1
+        return self.replicas == 1
+
     async def find_append(self, msg_id: str, subject: str = LOOKUP_SUBJECT) -> list[Recorded]:
         """The events of the append that carried ``msg_id`` (a command id),
         with their headers, or [] if the broker does not know it.
@@ -486,11 +504,21 @@ class EventStore:
         where that publish goes (the caller must be allowed to publish
         there; nothing lands).
         """
-        headers = {H_MSG_ID: msg_id, H_EXPECT_LAST_MSG_ID: _NO_MSG_ID}
         try:
+            if await self._single():
+                headers = {H_MSG_ID: msg_id, H_EXPECT_LAST_MSG_ID: _NO_MSG_ID}
+            else:
+                # A replicated stream's leader checks the id first and a
+                # subject's last sequence before proposing, but leaves the
+                # last message id to every replica at apply time, where a
+                # mismatch is a critical write error that stalls the stream
+                # (seen with nats-server 2.15). So there: expect a last
+                # sequence no subject ever has. (A single server checks the
+                # expectations before the id: there the last id it is.)
+                headers = {H_MSG_ID: msg_id, H_EXPECT_SEQ: _NO_SEQ}
             ack = await self.js.publish(subject, b"", headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code == ERR_WRONG_LAST_MSG_ID:
+            if exc.err_code in (ERR_WRONG_LAST_MSG_ID, ERR_WRONG_LAST_SEQUENCE):
                 return []
             raise _translate(exc) from None
         except (TimeoutError, nats.errors.Error) as exc:
@@ -508,9 +536,10 @@ class EventStore:
         """
         out: list[Recorded] = []
         batch = None
+        direct = await self._single()
         for seq in range(first, first + MAX_BATCH):
             try:
-                msg = await self.js.get_msg(self.stream, seq, direct=self.direct_reads)
+                msg = await self.js.get_msg(self.stream, seq, direct=direct)
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _translate(exc) from None
             h = msg.headers or {}

@@ -68,6 +68,43 @@ def test_an_even_cluster_is_refused_with_its_reason(tmp_path, n):
     assert not (tmp_path / "d" / "nats-1").exists()  # nothing was started
 
 
+async def test_a_command_id_lookup_on_a_replicated_stream_stores_nothing_and_breaks_nothing(
+    tmp_path,
+):
+    """``find_append`` asks the broker's dedup memory with a publish that
+    must never be stored. On an R3 stream an expectation only the replicas
+    check (the last message id) is a critical write error on each of them
+    that stalls the stream: the lookup must not use it there."""
+    from stratus.cli.runtime import ensure_log
+    from stratus.events.broker import cluster_nodes
+
+    from .test_store import created
+
+    nodes = cluster_nodes(tmp_path, 3, name="t")
+    try:
+        for n in nodes:
+            n.spawn()
+        urls = await asyncio.gather(*(asyncio.to_thread(n.wait_ready) for n in nodes))
+        store = await EventStore.connect(",".join(urls))
+        try:
+            assert await ensure_log(store, wait=True, timeout=30) == 3
+            cid = new_id()
+            appended = await store.append([created("acme")], msg_id=cid)
+            found = await store.find_append(cid)
+            assert [r.seq for r in found] == appended.seqs
+            assert await store.find_append(new_id()) == []
+            # Nothing stored by the lookups, and the stream still takes appends.
+            assert await store.last_seq() == appended.seqs[-1]
+            more = await asyncio.wait_for(store.append([created("beta")], msg_id=new_id()), 10)
+            assert more.seqs == [appended.seqs[-1] + 1]
+            assert whole(await stream_cluster(store.js))
+        finally:
+            await store.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 def node_pid(data_dir: Path, node: str) -> int:
     """The pid of cluster node ``node`` (``<prefix>-<i>``, in ``nats-<i>``)."""
     i = node.rsplit("-", 1)[1]
