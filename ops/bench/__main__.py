@@ -9,8 +9,9 @@ overlays against copies); with no SUITE all run, in that order. ``network``
 (the network agent on simulated hosts, as root), ``integrations``,
 ``images`` (image upload and download against raw object-store put and
 get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
-each part of a deployment under load, then the log checked; as root) run
-only when named. ``python -m
+each part of a deployment under load, then the log checked; as root) and
+``cluster`` (a 3-node cluster with replicated services, each part killed in
+turn; as root) run only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -50,6 +51,7 @@ SUITES = (
     "network",
     "console",
     "chaos",
+    "cluster",
 )
 
 
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "cluster":
+        # Root only: a 3-node cluster and replicated services, killed in turn.
+        from stratus.ops.bench import cluster
+
+        return cluster.main(argv[1:])
     if suite == "chaos":
         # Root only, kills what it starts: run by name, not with the others.
         return chaos.main(argv[1:])
