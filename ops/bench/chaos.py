@@ -796,12 +796,7 @@ async def one_run(
         res.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         if clients is not None:
-            sent = clients.sent
-            res.commands = len(sent)
-            res.acked = sum(s.outcome == "acked" for s in sent)
-            res.refused = sum(s.outcome == "refused" for s in sent)
-            res.unresolved = sum(s.outcome == "unknown" for s in sent)
-            res.retried = sum(s.attempts > 1 for s in sent)
+            tally(clients.sent, res)
         if not shared:
             problems = teardown(dep)
             if problems:
@@ -812,6 +807,15 @@ async def one_run(
         if not shared:
             keep(dep, opts, res)
     return res
+
+
+def tally(sent: list[Sent], into: Any) -> None:
+    """The commands sent, by outcome, into ``into``'s counters."""
+    into.commands = len(sent)
+    into.acked = sum(s.outcome == "acked" for s in sent)
+    into.refused = sum(s.outcome == "refused" for s in sent)
+    into.unresolved = sum(s.outcome == "unknown" for s in sent)
+    into.retried = sum(s.attempts > 1 for s in sent)
 
 
 def teardown(dep: Deployment) -> list[str]:

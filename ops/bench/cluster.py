@@ -74,6 +74,7 @@ from stratus.ops.bench.chaos import (
     command_checks,
     host_checks,
     remove_instances,
+    tally,
 )
 from stratus.ops.bench.common import positive, stop_process
 
@@ -100,6 +101,8 @@ class Fault:
     at_s: float = 0.0
     restarted_after_s: float = 0.0
     max_unavailable_s: float | None = None
+    # For the leader: seconds from the kill until another node leads the stream.
+    new_leader_s: float | None = None
     error: str = ""
 
 
@@ -109,6 +112,7 @@ class Outcome:
     acked: int = 0
     refused: int = 0
     unresolved: int = 0
+    retried: int = 0
     lost: int = 0
     duplicated: int = 0
     digest_equal: bool = False
@@ -240,7 +244,17 @@ class ClusterDeployment:
 
         return max(("scheduler-1", "scheduler-2"), key=lambda n: cpu(self.procs[n]))
 
-    async def fault(self, kind: str, restart_after: float) -> str:
+    async def new_leader(self, old: str, since: float, limit: float = 60.0) -> float | None:
+        """Seconds from ``since`` until a node other than ``old`` leads."""
+        while time.monotonic() - since < limit:
+            with contextlib.suppress(Exception):
+                leader = await asyncio.wait_for(self.leader(), 0.5)
+                if leader and leader != old:
+                    return round(time.monotonic() - since, 2)
+            await asyncio.sleep(0.1)
+        return None
+
+    async def fault(self, kind: str, restart_after: float, f: Fault) -> str:
         """Kill one part with SIGKILL, start it again ``restart_after``
         seconds later; what was killed."""
         if kind == "leader":
@@ -249,8 +263,11 @@ class ClusterDeployment:
             if node is None:
                 raise RuntimeError(f"the stream has no leader to kill ({leader!r})")
             node.kill()
+            killed = time.monotonic()
+            elected = asyncio.create_task(self.new_leader(leader, killed))
             await asyncio.sleep(restart_after)
             await node.restart_async()
+            f.new_leader_s = await elected
             return leader
         name = {
             "handlers": "handlers-1",
@@ -342,8 +359,8 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         work = Workload(tenants, 10**9, random.Random(opts.seed), "c")
         clients = Clients(dep, token, work, opts.clients)  # type: ignore[arg-type]
         began = time.monotonic()
-        end = began + WARMUP_S + len(FAULTS) * opts.window_s
-        phase = asyncio.create_task(clients.run(end))
+        # Until the last fault's window has passed (then no new commands).
+        phase = asyncio.create_task(clients.run(began + 3600))
         await asyncio.sleep(WARMUP_S)
         kills: list[float] = []
         last_restart = time.monotonic()
@@ -355,12 +372,13 @@ async def run_async(opts: Options, root: Path) -> Outcome:
             f.at_s = round(at - began, 2)
             _say(f"killing {kind}")
             try:
-                f.target = await dep.fault(kind, opts.restart_after_s)
+                f.target = await dep.fault(kind, opts.restart_after_s, f)
             except Exception as exc:
                 f.error = f"{type(exc).__name__}: {exc}"[:300]
             last_restart = time.monotonic()
             f.restarted_after_s = round(last_restart - at, 2)
             await asyncio.sleep(max(0.0, at + opts.window_s - time.monotonic()))
+        work.total = work.issued  # the commands in flight are the last
         await phase
         acks = [s.answered for s in clients.sent if s.outcome == "acked"]
         out.baseline_gap_s = unavailable(acks, began + 1.0, began + WARMUP_S)
@@ -392,11 +410,7 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         out.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         if clients is not None:
-            sent = clients.sent
-            out.commands = len(sent)
-            out.acked = sum(s.outcome == "acked" for s in sent)
-            out.refused = sum(s.outcome == "refused" for s in sent)
-            out.unresolved = sum(s.outcome == "unknown" for s in sent)
+            tally(clients.sent, out)
         problems = await asyncio.to_thread(dep.stop)
         if problems:
             out.details["stop"] = problems
@@ -455,6 +469,7 @@ def report(out: Outcome, opts: Options) -> dict[str, Any]:
         "refused": out.refused,
         "commands": out.commands,
         "unresolved": out.unresolved,
+        "retried": out.retried,
         "lost": out.lost,
         "duplicated": out.duplicated,
         "max_unavailable_s": {f.kind: f.max_unavailable_s for f in out.faults},
