@@ -16,6 +16,7 @@ import msgspec
 import nats
 import nats.errors
 
+from stratus.events.cluster import server_list
 from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
 from stratus.events.ids import new_id
@@ -86,12 +87,14 @@ class Client:
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
         """One attempt, no reconnecting: a command reaches the control plane
         or says at once that it cannot."""
+        # Several servers (a cluster): each is tried before giving up.
+        servers = server_list(url)
         nc = nats.NATS()
         drops = Drops()
         try:
             await asyncio.wait_for(
                 nc.connect(
-                    url,
+                    servers,
                     connect_timeout=2,
                     allow_reconnect=False,
                     # nats-py treats 0 as "no limit".

@@ -182,11 +182,25 @@ def up(
             "free port; -1: no API)"
         ),
     ] = None,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=7,
+            help="nats-server nodes on loopback forming one JetStream cluster (odd: 1, 3, 5)",
+        ),
+    ] = 1,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
-    from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
+    from stratus.cli.runtime import DataDirBusy, Stack, check_cluster_size, default_data_dir
     from stratus.events.broker import BrokerError
+
+    try:
+        check_cluster_size(cluster)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
@@ -211,6 +225,7 @@ def up(
             webhook_allow=webhook_allow_network,
             openstack_port=api_port,
             console_port=None if console_port < 0 else console_port,
+            cluster=cluster,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -265,6 +280,81 @@ def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     """Exit 0 when the control plane answers; show the log and projector state."""
     data = run(lambda c: c.query("status", at=at))
     emit(data, output)
+
+
+@app.command()
+def init(
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="STRATUS_URL", help="the cluster's nodes: nats://a:4222,nats://b:4222"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the service password and signing keys are kept")
+    ] = None,
+    admin_password: Annotated[
+        str | None,
+        typer.Option(envvar="STRATUS_ADMIN_PASSWORD", help="password of the first admin"),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, max=5, help="copies of the log (default: 3 on >= 3 nodes, else 1)"),
+    ] = None,
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(help="write the nodes' authorization block here (0600), for `include`"),
+    ] = None,
+    config_only: Annotated[
+        bool, typer.Option("--config-only", help="print the node configuration; touch no server")
+    ] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Prepare an existing JetStream cluster: stream, buckets, first admin,
+    signing key (idempotent); print what each node's configuration holds."""
+
+    from stratus.cli.datadir import default_data_dir
+    from stratus.cli.runtime import auth_block, init_cloud
+    from stratus.events.broker import AUTH_INCLUDE, node_configs
+    from stratus.events.cluster import server_list
+
+    data_dir = data_dir or default_data_dir()
+    try:
+        servers = server_list(url or resolve_url())
+    except StratusError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    block = auth_block(data_dir)
+    if auth_file is not None:
+        fd = os.open(auth_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(block)
+    from urllib.parse import urlsplit
+
+    parsed = [urlsplit(u) for u in servers]
+    configs = node_configs(
+        [(u.hostname or "", str(u.port or 4222)) for u in parsed],
+        [(u.hostname or "", "6222") for u in parsed],
+        store_dir="/var/lib/stratus/nats",
+        include=str(auth_file.name) if auth_file else AUTH_INCLUDE,
+    )
+    # The node configuration on stderr: stdout stays the result (-o json).
+    err = sys.stderr
+    for i, text in enumerate(configs, start=1):
+        err.write(f"# --- node {i} ({servers[i - 1]}): nats-server.conf ---\n{text}")
+    err.write(f"# --- {auth_file or AUTH_INCLUDE} (beside each node's config, mode 0600) ---\n")
+    err.write(block if auth_file is None else f"# written to {auth_file}\n")
+    if config_only:
+        return
+    try:
+        result = asyncio.run(
+            init_cloud(
+                ",".join(servers), data_dir, admin_password=admin_password, replicas=replicas
+            )
+        )
+    except StratusError as err_:
+        raise fail(err_) from None
+    if result["admin_password"]:
+        print(f"first admin: user admin, password: {result['admin_password']}", file=sys.stderr)
+    emit({k: v for k, v in result.items() if k != "admin_password"}, output)
 
 
 # -- serve: one service alone, from one table ----------------------------------

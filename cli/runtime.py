@@ -35,8 +35,9 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     default_data_dir,
     deployment_prefix,
 )
-from stratus.events.broker import EmbeddedNats, StoreInUse, stop_pid
-from stratus.events.errors import ConcurrencyConflict
+from stratus.events.broker import BrokerError, EmbeddedNats, StoreInUse, cluster_nodes, stop_pid
+from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
+from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
@@ -102,6 +103,104 @@ def nats_auth_config(
         f"authorization {{ users: {json.dumps(users)} }}\n"
         f"no_auth_user: {json.dumps(NATS_CLIENT_USER)}\n"
     )
+
+
+def check_cluster_size(nodes: int) -> None:
+    """1 (one node) or an odd number of nodes: an even one adds a node
+    that must agree without letting one more fail (4 nodes survive one
+    loss, as 3 do), so it is refused."""
+    if nodes < 1 or nodes % 2 == 0:
+        raise ValueError(
+            f"--cluster {nodes}: a cluster needs an odd number of nodes (1, 3, 5): "
+            f"{nodes} nodes tolerate no more failures than {nodes - 1}, since a majority "
+            "must stay up (no quorum gain)"
+        )
+
+
+async def ensure_log(
+    store: EventStore, replicas: int | None = None, *, wait: bool = False, timeout: float = 60.0
+) -> int:
+    """The stream and every bucket, created (or kept) with the log's replica
+    count; with ``wait``, until each has a leader and every replica is
+    current. Idempotent: ``up``, ``init`` and a restart all call it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # A cluster that is just forming has no JetStream leader yet: its
+        # API calls time out until one is elected.
+        try:
+            have = await store.ensure_stream(replicas)
+            break
+        except Unavailable:
+            if not wait or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+    from stratus.events import heartbeat
+    from stratus.events.blobs import BlobStore
+    from stratus.handlers import webhooks
+
+    await heartbeat.bucket(store.js)
+    blobs = await BlobStore.open(store.js, like_stream=store.stream)
+    await webhooks.deliveries_bucket(store)
+    if wait:
+        streams = [
+            store.stream,
+            f"KV_{heartbeat.HEARTBEATS}",
+            blobs.stream,
+            f"KV_{webhooks.BUCKET}",
+        ]
+        await wait_whole(store.js, streams, max(1.0, deadline - time.monotonic()))
+    return have
+
+
+async def init_cloud(
+    url: str,
+    data_dir: Path,
+    *,
+    admin_password: str | None = None,
+    replicas: int | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``stratus init`` on an existing JetStream cluster, idempotently: the
+    stream and every bucket (waiting until each has a leader and current
+    replicas), the public signing keys on the log, and the first admin.
+    The service password and signing keys are those of ``data_dir``."""
+    password = secret(data_dir, NATS_SERVICE_SECRET)
+    store = await EventStore.connect(
+        url, persistent=False, user=NATS_SERVICE_USER, password=password
+    )
+    services: list[Any] = []
+    # The command handlers need no projection store (only queries read one).
+    engine = make_engine("sqlite+aiosqlite://")
+    try:
+        have = await ensure_log(store, replicas, wait=True, timeout=timeout)
+        keyring = KeyRing.load_or_create(data_dir / "keys")
+        await publish_signing_keys(store, keyring)
+        feed, commands, _ = await start_services(store, engine, keyring, queries=False)
+        services = [commands, feed]
+        assert commands is not None
+        created = await bootstrap_admin(commands, admin_password)
+        state = await stream_cluster(store.js, store.stream)
+    finally:
+        for svc in services:
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        await store.close()
+        await engine.dispose()
+    return {
+        "replicas": have,
+        "stream_leader": state["leader"],
+        "cluster": state["name"],
+        "admin_created": created is not None,
+        "admin_password": created if created and not admin_password else None,
+        "signing_keys": sorted(keyring.public_keys()),
+    }
+
+
+def auth_block(data_dir: Path) -> str:
+    """The authorization block every node's configuration must hold for
+    this cloud's services (the service user, with ``data_dir``'s password,
+    and the anonymous client user)."""
+    return nats_auth_config(secret(data_dir, NATS_SERVICE_SECRET))
 
 
 async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
@@ -181,7 +280,12 @@ class Stack:
         webhook_allow: list[str] | None = None,
         console_port: int | None = None,
         openstack_port: int | None = None,
+        cluster: int = 1,
     ) -> None:
+        # Brokers: 1 is the single node; an odd N > 1 is N nodes on
+        # loopback forming one JetStream cluster (the log and buckets R3).
+        check_cluster_size(cluster)
+        self.cluster = cluster
         # The web console on 127.0.0.1 (0: any free port; None: none).
         self.console_port = console_port
         self.console: Any = None
@@ -209,7 +313,7 @@ class Stack:
         self.libvirt_uri = libvirt_uri
         self.agents: list[Any] = []
         self.network: Any = None  # simulated hosts and their network agents
-        self.broker: EmbeddedNats | None = None
+        self.brokers: list[EmbeddedNats] = []
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
         self.images: ImageService | None = None
@@ -219,7 +323,7 @@ class Stack:
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
         self.prefix = deployment_prefix(self.data_dir)
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         # Set when the broker could not be kept running; ``failure`` says why.
         self.failed = asyncio.Event()
@@ -244,19 +348,19 @@ class Stack:
         self._lock()
         try:
             service_password = secret(self.data_dir, NATS_SERVICE_SECRET)
-            self.broker = EmbeddedNats(
-                self.data_dir / "nats",
-                port=-1 if self.port == 0 else self.port,
-                log_file=str(self.data_dir / "nats.log"),
-                extra_config=nats_auth_config(service_password),
-            )
+            self.brokers = self._make_brokers(nats_auth_config(service_password))
             await self._stop_leftover_broker()
-            url = await self.broker.start_async()
-            self._supervisor = asyncio.create_task(self._supervise_broker())
+            for b in self.brokers:
+                b.spawn()
+            urls = await asyncio.gather(*(asyncio.to_thread(b.wait_ready) for b in self.brokers))
+            url = ",".join(urls)
+            self._supervisors = [
+                asyncio.create_task(self._supervise_broker(b)) for b in self.brokers
+            ]
             self.store = await EventStore.connect(
                 url, user=NATS_SERVICE_USER, password=service_password
             )
-            await self.store.ensure_stream()
+            await ensure_log(self.store, replicas_for(self.cluster), wait=self.cluster > 1)
             self.integration_auth = IntegrationAuth(
                 self.store, self._integration_users(service_password)
             )
@@ -275,6 +379,8 @@ class Stack:
                 webhook_policy=self.webhook_policy,
             )
             assert self.commands is not None and self.queries is not None
+            if self.cluster > 1:
+                self.queries.cluster_nodes = self.node_states
             self.images = ImageService(
                 self.store,
                 spool=self.data_dir / "image-spool",
@@ -333,12 +439,60 @@ class Stack:
         auth_url = await self.openstack_api.start()
         self.queries.endpoints["openstack_auth_url"] = auth_url
 
+    def node_states(self) -> list[dict[str, Any]]:
+        """Each broker node: its name, client URL and whether it runs."""
+        return [{"name": b.server_name, "url": b.url, "alive": b.running()} for b in self.brokers]
+
+    @property
+    def broker(self) -> EmbeddedNats | None:
+        """The (first) broker."""
+        return self.brokers[0] if self.brokers else None
+
+    def _make_brokers(self, auth: str) -> list[EmbeddedNats]:
+        """One broker in ``DIR/nats``, or the cluster's nodes in
+        ``DIR/nats-1``... A data dir keeps the form its log was made in:
+        a single node's store cannot become a cluster's, nor the reverse."""
+        single, first = self.data_dir / "nats" / "jetstream", self.data_dir / "nats-1"
+        if self.cluster == 1:
+            if first.exists() and not single.exists():
+                raise BrokerError(
+                    f"{self.data_dir} holds the log of a cluster: start it with --cluster "
+                    f"{len(list(self.data_dir.glob('nats-*[0-9]')))}, or use another data dir"
+                )
+            return [
+                EmbeddedNats(
+                    self.data_dir / "nats",
+                    port=-1 if self.port == 0 else self.port,
+                    log_file=str(self.data_dir / "nats.log"),
+                    extra_config=auth,
+                )
+            ]
+        if single.exists():
+            raise BrokerError(
+                f"{self.data_dir} holds the log of a single node: start it without --cluster, "
+                "or use another data dir for the cluster"
+            )
+        have = len(list(self.data_dir.glob("nats-*[0-9]")))
+        if have and have != self.cluster:
+            raise BrokerError(
+                f"{self.data_dir} holds the log of a {have}-node cluster: start it with "
+                f"--cluster {have}, or use another data dir"
+            )
+        return cluster_nodes(
+            self.data_dir,
+            self.cluster,
+            name=self.prefix,
+            port=self.port,
+            extra_config=auth,
+            log_dir=self.data_dir,
+        )
+
     async def _stop_leftover_broker(self) -> None:
         """A nats-server still running on this data dir (its ``up`` was
         killed before it could stop it) is stopped: this process holds the
         data dir's lock, so no live ``up`` owns it."""
-        assert self.broker is not None
-        for pid in self.broker.holders():
+        pids = [pid for b in self.brokers for pid in b.holders()]
+        for pid in pids:
             log.warning("stopping a leftover nats-server of this data dir", pid=pid)
             print(f"stratus: stopping a leftover nats-server (pid {pid}) of {self.data_dir}")
             if not await asyncio.to_thread(stop_pid, pid):
@@ -348,11 +502,9 @@ class Stack:
                     [pid],
                 )
 
-    async def _supervise_broker(self) -> None:
-        """Start the broker again whenever it dies; give up after
+    async def _supervise_broker(self, broker: EmbeddedNats) -> None:
+        """Start ``broker`` again whenever it dies; give up after
         ``MAX_RESTARTS`` failures in a row (``failed`` is then set)."""
-        broker = self.broker
-        assert broker is not None
         failures = 0
         started = time.monotonic()
         while True:
@@ -391,8 +543,10 @@ class Stack:
         client_password = secrets.token_urlsafe(16)
 
         def apply(users: list[dict]) -> None:
-            assert self.broker is not None
-            self.broker.reload(nats_auth_config(service_password, users, client_password))
+            # Every node: a user is valid wherever a client connects.
+            for b in self.brokers:
+                with contextlib.suppress(BrokerError):  # a dead node: its restart reads it
+                    b.reload(nats_auth_config(service_password, users, client_password))
 
         return apply
 
@@ -449,11 +603,11 @@ class Stack:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for sup in self._supervisors:
+            sup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._supervisor
-            self._supervisor = None
+                await sup
+        self._supervisors = []
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
         if self.openstack_api is not None:
@@ -494,8 +648,7 @@ class Stack:
             await self.store.close()
         if self.live is not None:
             await self.live.engine.dispose()
-        if self.broker is not None:
-            await asyncio.to_thread(self.broker.stop)
+        await asyncio.gather(*(asyncio.to_thread(b.stop) for b in self.brokers))
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

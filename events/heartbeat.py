@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from stratus.events.cluster import log_replicas
 from stratus.events.ids import NAME_RE
 from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
 
@@ -34,12 +35,15 @@ async def bucket(js: JetStreamContext, name: str = HEARTBEATS) -> KeyValue:
         return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
+    replicas = await log_replicas(js)
     with contextlib.suppress(nats.js.errors.BadRequestError):
         # Another process may create it at the same moment with the same config.
         await js.create_key_value(
             bucket=name,
             history=1,
             storage=StorageType.MEMORY,
+            # As many copies as the log: a beat survives the loss of a node.
+            replicas=replicas,
             # Delete markers for expired beats, so watchers learn of a death.
             limit_marker_ttl=1.0,
         )

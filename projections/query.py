@@ -15,8 +15,9 @@ from nats.aio.msg import Msg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from stratus.events.cluster import stream_cluster
 from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
-from stratus.events.errors import Invalid, NotFound
+from stratus.events.errors import Invalid, NotFound, StratusError
 from stratus.events.heartbeat import beating_hosts
 from stratus.events.ids import is_name, is_token
 from stratus.events.kinds import PLURALS
@@ -199,6 +200,10 @@ class QueryService(Responder):
         self._digest_cache: tuple[int, str] | None = None
         # Where the HTTP faces started beside this service answer (``status``).
         self.endpoints: dict[str, str] = {}
+        # The broker nodes this service was started beside (``stratus up
+        # --cluster``: name, url, alive); without it ``status`` names the
+        # nodes holding the log's replicas.
+        self.cluster_nodes: Callable[[], list[dict[str, Any]]] | None = None
         self.routes: dict[str, Route] = {
             "whoami": Route(WhoamiQuery, self.q_whoami, "tenant.list"),
             "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
@@ -554,7 +559,31 @@ class QueryService(Responder):
                 "waiting_replicas": info.num_waiting,
                 "backlog": (info.num_pending or 0) + (info.num_ack_pending or 0),
             }
-        return {"hosts": hosts, "services": services}
+        out: dict[str, Any] = {"hosts": hosts, "services": services}
+        with contextlib.suppress(StratusError):  # the stream's leader is being elected
+            state = await stream_cluster(self.store.js, self.store.stream)
+            if state["name"] is not None:  # a cluster, not one node
+                out["cluster"] = self._cluster_part(state)
+        return out
+
+    def _cluster_part(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The cluster's nodes, which one leads the log, and each replica's
+        lag (in messages) behind the leader."""
+        if self.cluster_nodes is not None:
+            nodes = self.cluster_nodes()
+        else:
+            nodes = [
+                {"name": r["name"], "url": None, "alive": not r["offline"]}
+                for r in state["replicas"]
+            ]
+        return {
+            "name": state["name"],
+            "nodes": nodes,
+            "stream": self.store.stream,
+            "stream_leader": state["leader"],
+            "replicas_configured": state["replicas_configured"],
+            "replicas": state["replicas"],
+        }
 
 
 def _snapshots_of(engine: AsyncEngine) -> Snapshots | None:
