@@ -959,6 +959,7 @@ def projections_rebuild(
             "store": swapped["store"],
             "caught_up": swapped["caught_up"],
             "paused_seconds": swapped["paused_seconds"],
+            "old_store_removed": swapped["old_store_removed"],
         }
 
     try:

@@ -26,7 +26,7 @@ from sqlalchemy.schema import CreateIndex
 from stratus.events.store import EventStore, Recorded, Until
 from stratus.events.tasks import cancel, shielded
 from stratus.projections.batch import Patch, RowBatch, Statement, Upsert, insert_statement
-from stratus.projections.db import sync_writer
+from stratus.projections.db import sqlite_path, sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
 from stratus.projections.views import View, all_views, dispatch
@@ -114,9 +114,8 @@ class Projector:
         self._sync = sync_writer(engine, bulk=bulk)
         # Checkpoint snapshots are copies of a SQLite file (time travel's
         # starting points); other backends do without.
-        db = engine.url.database if engine.dialect.name == "sqlite" else None
-        self.snapshots = snapshots if db else None
-        self._db_path = Path(db) if db else None
+        self._db_path = sqlite_path(engine)
+        self.snapshots = snapshots if self._db_path is not None else None
 
     def close(self) -> None:
         if self._sync is not None:

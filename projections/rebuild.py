@@ -17,7 +17,8 @@ Where things run (SQLite stores, the embedded ``stratus up``):
    the projector at it (one assignment in the event loop: a query reads one
    store or the other, never a half-built one), records the new file in
    ``DATA_DIR/projections.current`` (so a restart opens it), and removes the
-   old file with its snapshots. Queries are answered throughout, from the
+   old file with its snapshots once the last query that began on it is
+   done (``db.SharedEngine``). Queries are answered throughout, from the
    old store until the switch.
 
 PostgreSQL stores are not swapped yet: the request is refused with a message
@@ -58,6 +59,8 @@ from stratus.projections.snapshots import DEFAULT_EVERY, Snapshots, snapshot_dir
 log = structlog.get_logger("stratus.rebuild")
 
 SWAP_SUBJECT = "ctl.projections.swap"
+# Queries are short: a swap waits this long for those still on the old store.
+OLD_STORE_WAIT_S = 5.0
 DEFAULT_STORE = "projections.db"
 LIVE_POINTER = "projections.current"
 _STORE_NAME = re.compile(r"^projections(\.[0-9]{8}T[0-9]{12}Z)?\.db$")
@@ -237,6 +240,9 @@ class SwapService(Responder):
         # One swap at a time (``_lock``); a swap in flight may take a while
         # to catch up, and ``stop`` lets it.
         super().__init__(store.nc, SWAP_SUBJECT, drain_s=30, log=log)
+        # How long a swap waits for the queries still reading the old store
+        # before it answers; the store is removed when they end either way.
+        self.old_store_wait_s = OLD_STORE_WAIT_S
         self.store = store
         self.live = live
         self.queries = queries
@@ -275,7 +281,7 @@ class SwapService(Responder):
             raise Invalid(f"no store {name} in {self.data_dir}")
         async with self._lock:
             t0 = time.perf_counter()
-            engine = make_engine(sqlite_url(path))
+            engine = make_engine(sqlite_url(path), create=False)
             try:
                 async with engine.connect() as conn:
                     built_at = await read_checkpoint(conn)
@@ -294,15 +300,15 @@ class SwapService(Responder):
                 await self.live.resume()
                 await engine.dispose()
                 raise
-            old_engine = self.live.engine
-            self.queries.set_engine(engine)
+            old = self.queries.set_engine(engine)
             await self.live.resume(engine)
             set_live_store(self.data_dir, path)
             paused = time.perf_counter() - t0
-            # Queries that began on the old store finish on it (their
-            # connections stay open); unlinking does not disturb them.
-            await old_engine.dispose()
-            remove_store(old_path)
+            # Queries that began on the old store finish on it: it is
+            # disposed and its file removed after the last of them.
+            removed = await old.retire(lambda: remove_store(old_path), self.old_store_wait_s)
+            if not removed:
+                log.info("old store is removed when its last query ends", store=old_path.name)
             seq, found = await store_digest(engine)
             log.info("projection store swapped", store=name, built_at=built_at, reached=reached)
             return {
@@ -312,4 +318,5 @@ class SwapService(Responder):
                 "seq": seq,
                 "digest": found,
                 "paused_seconds": round(paused, 3),
+                "old_store_removed": removed,
             }
