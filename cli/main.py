@@ -275,11 +275,10 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     return Service(name, start)
 
 
-@_alone
 def _projector(o: ServeOptions) -> Service:
-    from stratus.projections.rebuild import LiveProjection
+    from stratus.cli.projector import projector_service
 
-    return _one("projector", LiveProjection)
+    return projector_service(o.args)
 
 
 @_alone
@@ -318,7 +317,7 @@ def _network_agent(o: ServeOptions) -> Service:
 # before anything connects) and says how to start the service.
 SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     "handlers": _alone(lambda o: _requests(o, commands=True)),
-    "projector": _projector,
+    "projector": _projector,  # (options of its own: --lease-ttl)
     "query": _alone(lambda o: _requests(o, commands=False)),
     "scheduler": _scheduler,
     "webhooks": _webhooks,

@@ -24,6 +24,7 @@ from stratus.events.responder import Responder
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import audit, resources, tenants, users
 from stratus.projections.db import SharedEngine, sqlite_path
+from stratus.projections.leased import lease_row
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
 from stratus.projections.snapshots import Snapshots
 from stratus.projections.timetravel import PastStore, TimeTravel
@@ -426,6 +427,8 @@ class QueryService(Responder):
         async with pt.engine.connect() as conn, conn.begin():
             applied = await read_checkpoint(conn, self.projector_name)
             poisoned = await quarantine_count(conn)
+            # Which projector process writes a shared store (PostgreSQL).
+            lease = await lease_row(conn, self.projector_name) if pt.seq is None else None
             found: str | None = None
             if p.digest and pt.seq is not None:
                 # A past store, with the audit rows of the live one up to then.
@@ -447,6 +450,8 @@ class QueryService(Responder):
         }
         if found is not None:
             out["projection_digest"] = found
+        if lease is not None:
+            out["projector_lease"] = lease
         if pt.seq is not None:
             out["at"] = pt.seq
         else:
