@@ -2,6 +2,14 @@
 
 ``stratus up`` and ``stratus demo`` run this; tests and benchmarks use it
 too, so they exercise exactly what an operator runs.
+
+The stack supervises its broker: a nats-server that dies is started again
+on the same port and store (at once, then with back-off), while the
+services' connections reconnect by themselves; after ``MAX_RESTARTS``
+failures in a row it gives up and says why (``failed``). The broker dies
+with the process that started it (see ``events.broker``), and a broker left
+running on this data dir by an older process is stopped before a new one
+starts, so two never share the JetStream store.
 """
 
 from __future__ import annotations
@@ -9,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,8 +33,9 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     NATS_SERVICE_USER,
     URL_FILE,
     default_data_dir,
+    deployment_prefix,
 )
-from stratus.events.broker import EmbeddedNats
+from stratus.events.broker import EmbeddedNats, StoreInUse, stop_pid
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
@@ -34,12 +43,14 @@ from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.image_service import ImageService
 from stratus.handlers.integrations import WebhookKeys
 from stratus.handlers.keyring import KeyRing
 from stratus.handlers.natsauth import IntegrationAuth
 from stratus.handlers.rbac import RoleBook
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
+from stratus.handlers.targets import TargetPolicy
 from stratus.handlers.tokens import Verifier
 from stratus.handlers.webhooks import WebhookService
 from stratus.handlers.webhooks import register_query as register_webhook_query
@@ -111,6 +122,7 @@ async def start_services(
     queries: bool = True,
     token_ttl_s: int = DEFAULT_TTL_S,
     quota_defaults: dict[str, int] | None = None,
+    webhook_policy: TargetPolicy | None = None,
 ) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
     """The identity feed first (keys, revocations), then the services asked for."""
     verifier = Verifier()
@@ -122,7 +134,7 @@ async def start_services(
     if commands:
         cmd_svc = CommandService(
             store,
-            all_handlers(keyring, token_ttl_s, quota_defaults),
+            all_handlers(keyring, token_ttl_s, quota_defaults, webhook_policy),
             authenticate=authenticate,
             roles=book,
         )
@@ -144,6 +156,14 @@ class DataDirBusy(RuntimeError):
     pass
 
 
+# Broker supervision: restarts in a row before giving up, the back-off
+# before each (the first at once), and how long a broker must have run for
+# its death to start a new count.
+MAX_RESTARTS = 5
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)
+STABLE_AFTER_S = 60.0
+
+
 class Stack:
     def __init__(
         self,
@@ -158,8 +178,17 @@ class Stack:
         quota_defaults: dict[str, int] | None = None,
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
+        webhook_allow: list[str] | None = None,
+        console_port: int | None = None,
     ) -> None:
+        # The web console on 127.0.0.1 (0: any free port; None: none).
+        self.console_port = console_port
+        self.console: Any = None
+        self.console_url: str | None = None
         self.token_ttl_s = token_ttl_s
+        # Where webhooks may point: the command handlers check it when one is
+        # created, the delivery service at every POST.
+        self.webhook_policy = TargetPolicy(webhook_allow or ())
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
@@ -177,11 +206,19 @@ class Stack:
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
+        self.images: ImageService | None = None
         self.queries: QueryService | None = None
         self.live: LiveProjection | None = None
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
+        self.prefix = deployment_prefix(self.data_dir)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Set when the broker could not be kept running; ``failure`` says why.
+        self.failed = asyncio.Event()
+        self.failure = ""
+        self.broker_restarts = 0
         self.integration_auth: IntegrationAuth | None = None
         self.webhooks: WebhookService | None = None
         # WebhookService keyword arguments (retries, backoff, timeout).
@@ -207,7 +244,9 @@ class Stack:
                 log_file=str(self.data_dir / "nats.log"),
                 extra_config=nats_auth_config(service_password),
             )
-            url = await asyncio.to_thread(self.broker.start)
+            await self._stop_leftover_broker()
+            url = await self.broker.start_async()
+            self._supervisor = asyncio.create_task(self._supervise_broker())
             self.store = await EventStore.connect(
                 url, user=NATS_SERVICE_USER, password=service_password
             )
@@ -227,8 +266,16 @@ class Stack:
                 keyring,
                 token_ttl_s=self.token_ttl_s,
                 quota_defaults=self.quota_defaults,
+                webhook_policy=self.webhook_policy,
             )
             assert self.commands is not None and self.queries is not None
+            self.images = ImageService(
+                self.store,
+                spool=self.data_dir / "image-spool",
+                authenticate=self.commands.authenticate,
+                roles=self.commands.roles,
+            )
+            await self.images.start()
             self.swapper = SwapService(
                 self.store,
                 self.live,
@@ -243,7 +290,10 @@ class Stack:
                 await sched.start()
                 self.schedulers.append(sched)
             self.webhooks = WebhookService(
-                self.store, WebhookKeys.load_or_create(keyring.path), **self.webhook_options
+                self.store,
+                WebhookKeys.load_or_create(keyring.path),
+                policy=self.webhook_policy,
+                **self.webhook_options,
             )
             await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
@@ -252,11 +302,67 @@ class Stack:
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
+            if self.console_port is not None:
+                await self._start_console(url)
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
             await self.stop()
             raise
+
+    async def _stop_leftover_broker(self) -> None:
+        """A nats-server still running on this data dir (its ``up`` was
+        killed before it could stop it) is stopped: this process holds the
+        data dir's lock, so no live ``up`` owns it."""
+        assert self.broker is not None
+        for pid in self.broker.holders():
+            log.warning("stopping a leftover nats-server of this data dir", pid=pid)
+            print(f"stratus: stopping a leftover nats-server (pid {pid}) of {self.data_dir}")
+            if not await asyncio.to_thread(stop_pid, pid):
+                raise StoreInUse(
+                    f"a leftover nats-server (pid {pid}) of {self.data_dir} survived SIGKILL: "
+                    f"make sure it is gone (kill -9 {pid}) and run stratus up again",
+                    [pid],
+                )
+
+    async def _supervise_broker(self) -> None:
+        """Start the broker again whenever it dies; give up after
+        ``MAX_RESTARTS`` failures in a row (``failed`` is then set)."""
+        broker = self.broker
+        assert broker is not None
+        failures = 0
+        started = time.monotonic()
+        while True:
+            code = await broker.wait_exit()
+            if self._stopping:
+                return
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                failures = 0
+            log.error("nats-server exited; restarting it", code=code, log=broker.log_file)
+            last = f"it exited with {code}"
+            while True:
+                if failures >= MAX_RESTARTS:
+                    self.failure = (
+                        f"nats-server failed {MAX_RESTARTS} times in a row (last: {last}); "
+                        f"see {broker.log_file}"
+                    )
+                    log.error("giving up on the broker", reason=self.failure)
+                    self.failed.set()
+                    return
+                await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+                failures += 1
+                if self._stopping:
+                    return
+                try:
+                    await broker.restart_async()
+                except Exception as exc:  # the port taken, the store locked...
+                    last = str(exc)
+                    log.error("nats-server restart failed", attempt=failures, error=last)
+                    continue
+                self.broker_restarts += 1
+                started = time.monotonic()
+                log.warning("nats-server restarted", pid=broker.pid, attempt=failures)
+                break
 
     def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
         client_password = secrets.token_urlsafe(16)
@@ -266,6 +372,16 @@ class Stack:
             self.broker.reload(nats_auth_config(service_password, users, client_password))
 
         return apply
+
+    async def _start_console(self, url: str) -> None:
+        """The web console: a client of this stack like any browser's CLI
+        (it connects as the anonymous client user, with no credentials)."""
+        from stratus.console.server import ConsoleServer
+
+        assert self.queries is not None
+        self.console = ConsoleServer(url, "127.0.0.1", self.console_port or 0)
+        self.console_url = await self.console.start()
+        self.queries.endpoints["console_url"] = self.console_url
 
     async def _start_network(self) -> None:
         """Simulated hosts in namespaces and their network agents, when allowed."""
@@ -279,8 +395,9 @@ class Stack:
         assert self.store is not None
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
-        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
-        self.network = SimulatedPlane(self.store, self.hosts, prefix="s" + digest[:3])
+        self.network = SimulatedPlane(
+            self.store, self.hosts, prefix=self.prefix, state_dir=self.data_dir / "network"
+        )
         await self.network.start()
 
     async def _start_agents(self) -> None:
@@ -296,7 +413,9 @@ class Stack:
                 name,
                 libvirt_uri=self.libvirt_uri,
                 data_dir=self.data_dir / "hosts" / name,
-                image_store=self.data_dir / "images",
+                # Container cgroups carry the prefix: another stack's agent
+                # of a host with the same name never sees them.
+                deployment=self.prefix,
                 # Simulated hosts all share this machine: a fixed, modest size.
                 vcpus=16,
                 ram_mb=65536,
@@ -306,8 +425,18 @@ class Stack:
             await agent.start()
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.console is not None:
+            with contextlib.suppress(Exception):
+                await self.console.stop()
+            self.console = None
         if self.network is not None:
             # The hosts' namespaces go too: a restart rebuilds them from the log.
             with contextlib.suppress(Exception):
@@ -323,6 +452,7 @@ class Stack:
             self.integration_auth,
             *self.schedulers,
             self.swapper,
+            self.images,
             self.commands,
             self.queries,
             self.feed,

@@ -1,16 +1,20 @@
 """The AsyncAPI 3.0 document of Stratus' events, generated from the Structs.
 
 Two channels: the event stream on NATS (``ev.<tenant>.<kind>.<id>``, msgpack)
-and webhook deliveries (CloudEvents JSON over HTTP POST). Every message's
-payload is the same JSON Schema ``stratus events schema`` prints.
+and webhook deliveries (CloudEvents JSON over HTTP POST). Each message's
+payload is the schema ``stratus events schema --form message`` (resp.
+``--form cloudevent``) prints for its type. The official parser
+(``@asyncapi/parser``, ``ops/asyncapi``) accepts it; AsyncAPI wants
+``discriminator`` as the property's name, not OpenAPI's object.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
-from stratus.events import cloudevents
+from stratus.events import cloudevents, schemas
 from stratus.events.model import Codec
 
 VERSION = "3.0.0"
@@ -32,9 +36,30 @@ def _rebase(node: Any) -> Any:
     return node
 
 
-def document(codec: Codec, title: str = "Stratus events", version: str = "1") -> dict[str, Any]:
-    js = codec.json_schema()
-    schemas: dict[str, Any] = _rebase(js["$defs"])
+def servers(url: str) -> dict[str, Any]:
+    """One AsyncAPI server per NATS URL (``--url`` may list several)."""
+    out: dict[str, Any] = {}
+    for i, u in enumerate(x.strip() for x in url.split(",") if x.strip()):
+        parts = urlsplit(u if "://" in u else f"nats://{u}")
+        host = parts.hostname or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        out["stratus" if i == 0 else f"stratus-{i + 1}"] = {
+            "host": f"{host}:{parts.port or 4222}",
+            "protocol": "nats",
+            "description": "the NATS server of the Stratus control plane",
+        }
+    return out
+
+
+def document(
+    codec: Codec,
+    url: str = "nats://127.0.0.1:4222",
+    title: str = "Stratus events",
+    version: str = "1",
+) -> dict[str, Any]:
+    defs, message_refs, cloudevent_refs = schemas.components(codec)
+    components: dict[str, Any] = _rebase(defs)
     messages: dict[str, Any] = {}
     kinds: set[str] = set()
     for type_name, cls in sorted(codec.types.items()):
@@ -46,8 +71,8 @@ def document(codec: Codec, title: str = "Stratus events", version: str = "1") ->
             "contentType": "application/msgpack",
             "payload": {"$ref": f"#/components/schemas/{cls.__name__}"},
         }
-    schemas["StratusEvent"] = _rebase({"oneOf": js["oneOf"], "discriminator": js["discriminator"]})
-    schemas["CloudEvent"] = cloudevents.schema({"$ref": "#/components/schemas/StratusEvent"})
+    components["StratusEvent"] = {"oneOf": _rebase(message_refs), "discriminator": "type"}
+    components["CloudEvent"] = {"oneOf": _rebase(cloudevent_refs), "discriminator": "type"}
     messages["cloudevent"] = {
         "name": "cloudevent",
         "title": "A Stratus event as a CloudEvent 1.0 (structured mode)",
@@ -79,13 +104,7 @@ def document(codec: Codec, title: str = "Stratus events", version: str = "1") ->
             ),
         },
         "defaultContentType": "application/msgpack",
-        "servers": {
-            "local": {
-                "host": "127.0.0.1:4222",
-                "protocol": "nats",
-                "description": "the nats-server `stratus up` starts",
-            }
-        },
+        "servers": servers(url),
         "channels": {
             "events": {
                 "address": "ev.{tenant}.{kind}.{id}",
@@ -118,9 +137,9 @@ def document(codec: Codec, title: str = "Stratus events", version: str = "1") ->
                 "messages": [{"$ref": "#/channels/webhook/messages/cloudevent"}],
             },
         },
-        "components": {"schemas": schemas, "messages": messages},
+        "components": {"schemas": components, "messages": messages},
     }
 
 
-def dumps(codec: Codec) -> str:
-    return json.dumps(document(codec), indent=2)
+def dumps(codec: Codec, url: str = "nats://127.0.0.1:4222") -> str:
+    return json.dumps(document(codec, url), indent=2)

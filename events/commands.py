@@ -11,7 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from stratus.events.errors import ErrorBody
-from stratus.events.ids import NAME_RE, TOKEN_RE
+from stratus.events.ids import DISPLAY_NAME_RE, NAME_RE, TOKEN_RE
 
 # Headers of a command request.
 H_COMMAND_ID = "Stratus-Command-Id"
@@ -66,6 +66,7 @@ _PATTERN_HELP = {
     NAME_RE.pattern: "a name: 1-63 lowercase letters, digits and '-', not starting with '-'",
     TOKEN_RE.pattern: "an id: 1-64 letters, digits, '_' and '-'",
     r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$": "a name, an id or an address (1-64 characters)",
+    DISPLAY_NAME_RE.pattern: "free text: 1-128 characters, not only spaces, no control characters",
 }
 
 

@@ -17,6 +17,10 @@ _counter = 0
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}(?!\n)$")
 # Ids that reach a subject token: no dots, wildcards or white space.
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(?!\n)$")
+# Display names are free text: any printable character, not only white
+# space, no control characters (C0, DEL, C1, line and paragraph separators:
+# they would rewrite a terminal or split a log line).
+DISPLAY_NAME_RE = re.compile(r"^(?=.*\S)[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,128}(?!\n)$")
 
 
 def uuid7() -> uuid.UUID:

@@ -170,17 +170,12 @@ class Codec:
         except msgspec.ValidationError as exc:
             raise UnknownEvent(f"{name} v{v}: {exc}") from None
 
-    def json_schema(self) -> dict[str, Any]:
-        """JSON Schema (2020-12) of every event type, generated from the Structs."""
-        union = tuple(self.types.values())
-        (refs, components) = msgspec.json.schema_components(union, ref_template="#/$defs/{name}")
-        return {
-            "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "title": "Stratus events",
-            "oneOf": list(refs),  # a tuple is not a JSON array to a validator
-            "discriminator": {"propertyName": "type"},
-            "$defs": components,
-        }
+    def json_schema(self, form: str = "message") -> dict[str, Any]:
+        """JSON Schema (2020-12) of every event type in one of the forms
+        integrators meet (``events.schemas``: message, envelope, cloudevent)."""
+        from stratus.events import schemas  # it builds on this module
+
+        return schemas.document(self, form)
 
 
 def _union(types: tuple[type[Event], ...]) -> Any:

@@ -2,7 +2,8 @@
 
 A tenant's id is the name it was created with: immutable, a valid subject
 token, and never reused after deletion, so ``ev.<tenant>.>`` names one
-tenant's history forever. ``name`` is a label the tenant may change.
+tenant's history forever. ``name`` is a label the tenant may change: free
+text (``DISPLAY_NAME_RE``), "Acme Corp" as well as "acme".
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from typing import Annotated
 import msgspec
 
 from stratus.events.commands import Command
-from stratus.events.ids import NAME_RE
+from stratus.events.ids import DISPLAY_NAME_RE, NAME_RE
 from stratus.events.model import Event
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
 Description = Annotated[str, msgspec.Meta(max_length=255)]
+DisplayName = Annotated[str, msgspec.Meta(pattern=DISPLAY_NAME_RE.pattern, max_length=128)]
 
 KIND = "tenant"
 
@@ -42,7 +44,7 @@ class TenantCreate(Command, frozen=True):
 
 class TenantRename(Command, frozen=True):
     tenant: Name
-    name: Name
+    name: DisplayName
 
 
 class TenantDelete(Command, frozen=True):

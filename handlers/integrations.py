@@ -18,15 +18,17 @@ from urllib.parse import urlsplit
 import bcrypt
 import msgspec
 
-from stratus.events.errors import AlreadyExists, Forbidden, Invalid, NotFound
+from stratus.events.errors import AlreadyExists, Conflict, Forbidden, Invalid, NotFound
 from stratus.events.ids import new_id
 from stratus.events.integrations import (
     ALL_TENANTS,
     INTEGRATION,
     WEBHOOK,
+    IntegrationConsumerReset,
     IntegrationCreate,
     IntegrationCreated,
     IntegrationCredential,
+    IntegrationReset,
     IntegrationRevoke,
     IntegrationRevoked,
     WebhookCreate,
@@ -36,6 +38,7 @@ from stratus.events.integrations import (
 )
 from stratus.events.model import Cause, Event
 from stratus.handlers.registry import Handler
+from stratus.handlers.targets import TargetPolicy
 from stratus.handlers.world import World, fold
 
 SYSTEM = "_system"
@@ -77,6 +80,8 @@ class IntegrationPlan(msgspec.Struct, frozen=True):
     all_tenants: bool
     id: str
     password_hash: str
+    start_seq: int
+    ack_wait_s: int
 
 
 def filter_subject(tenant: str) -> str:
@@ -94,7 +99,13 @@ async def prepare_integration(cmd: IntegrationCreate, caller: Any, _svc: Any) ->
         bcrypt.hashpw, cmd.secret.encode(), bcrypt.gensalt(BCRYPT_ROUNDS)
     )
     return IntegrationPlan(
-        cmd.name, cmd.tenant or "", cmd.all_tenants, new_id(), digest.decode("ascii")
+        cmd.name,
+        cmd.tenant or "",
+        cmd.all_tenants,
+        new_id(),
+        digest.decode("ascii"),
+        cmd.start_seq,
+        cmd.ack_wait_s,
     )
 
 
@@ -114,6 +125,8 @@ def decide_integration_create(state: World, cmd: IntegrationPlan, cause: Cause) 
             name=cmd.name,
             filter_subject=filter_subject(scope),
             user=nats_user(cmd.id),
+            start_seq=cmd.start_seq,
+            ack_wait_s=cmd.ack_wait_s,
         ),
         cause.make(
             IntegrationCredential, owner, INTEGRATION, cmd.id, password_hash=cmd.password_hash
@@ -121,19 +134,37 @@ def decide_integration_create(state: World, cmd: IntegrationPlan, cause: Cause) 
     ]
 
 
-def decide_integration_revoke(state: World, cmd: IntegrationRevoke, cause: Cause) -> list[Event]:
+def _find_integration(state: World, ref: str) -> dict:
     items = state.of(INTEGRATION)
-    e = items.get(cmd.ref)
+    e = items.get(ref)
     if e is None:
-        named = [r for r in items.values() if r.get("name") == cmd.ref]
+        named = [r for r in items.values() if r.get("name") == ref]
         # A revoked one keeps its name; the live one (if any) is meant.
         live = [r for r in named if r.get("status") != "revoked"]
         e = (live or named or [None])[0]
     if e is None:
-        raise NotFound(f"integration {cmd.ref} not found")
+        raise NotFound(f"integration {ref} not found")
+    return e
+
+
+def decide_integration_revoke(state: World, cmd: IntegrationRevoke, cause: Cause) -> list[Event]:
+    e = _find_integration(state, cmd.ref)
     if e.get("status") == "revoked":
         return []
     return [cause.make(IntegrationRevoked, _owner(cmd), INTEGRATION, e["id"])]
+
+
+def decide_integration_reset(state: World, cmd: IntegrationReset, cause: Cause) -> list[Event]:
+    """Stratus re-makes the consumer (``natsauth``): the credential itself
+    may not create or delete one, whose body could name a push target."""
+    e = _find_integration(state, cmd.ref)
+    if e.get("status") == "revoked":
+        raise Conflict(f"integration {e['name']} is revoked")
+    return [
+        cause.make(
+            IntegrationConsumerReset, _owner(cmd), INTEGRATION, e["id"], start_seq=cmd.start_seq
+        )
+    ]
 
 
 def integration_result(_state: World, events: list[Event]) -> dict | None:
@@ -145,9 +176,13 @@ def integration_result(_state: World, events: list[Event]) -> dict | None:
                 "tenant": e.tenant,
                 "user": e.user,
                 "filter_subject": e.filter_subject,
+                "start_seq": e.start_seq,
+                "ack_wait_s": e.ack_wait_s,
             }
         if isinstance(e, IntegrationRevoked):
             return {"id": e.aggregate.id, "status": "revoked"}
+        if isinstance(e, IntegrationConsumerReset):
+            return {"id": e.aggregate.id, "status": "reset", "start_seq": e.start_seq}
     return None
 
 
@@ -178,9 +213,13 @@ def check_url(url: str) -> str:
     return url
 
 
-async def prepare_webhook(cmd: WebhookCreate, _caller: Any, _svc: Any) -> WebhookPlan:
-    check_url(cmd.url)
-    return WebhookPlan(cmd.name, cmd.url, list(cmd.types), cmd.tenant or "", new_id())
+def prepare_webhook(policy: TargetPolicy) -> Any:
+    async def prepare(cmd: WebhookCreate, _caller: Any, _svc: Any) -> WebhookPlan:
+        check_url(cmd.url)
+        policy.check_url(cmd.url)
+        return WebhookPlan(cmd.name, cmd.url, list(cmd.types), cmd.tenant or "", new_id())
+
+    return prepare
 
 
 def decide_webhook_create(state: World, cmd: WebhookPlan, cause: Cause) -> list[Event]:
@@ -256,10 +295,13 @@ def _tenant_of(cmd: Any) -> str | None:
 
 
 def handlers(
-    keys: WebhookKeys | None = None, quota_defaults: dict[str, int] | None = None
+    keys: WebhookKeys | None = None,
+    quota_defaults: dict[str, int] | None = None,
+    webhook_policy: TargetPolicy | None = None,
 ) -> list[Handler]:
     """The tenant boundary is shared with the inventory handlers (one cached
-    ``World`` per tenant), so it is made with the same quota defaults."""
+    ``World`` per tenant), so it is made with the same quota defaults.
+    ``webhook_policy``: where webhooks may point (default: no internal address)."""
 
     def h(verb: str, command: type, decide: Any, **kw: Any) -> Handler:
         return Handler(
@@ -290,10 +332,16 @@ def handlers(
             result=integration_result,
         ),
         h(
+            "integration.reset",
+            IntegrationReset,
+            decide_integration_reset,
+            result=integration_result,
+        ),
+        h(
             "webhook.create",
             WebhookCreate,
             decide_webhook_create,
-            prepare=prepare_webhook,
+            prepare=prepare_webhook(webhook_policy or TargetPolicy()),
             result=webhook_result(keys),
         ),
         h("webhook.delete", WebhookDelete, decide_webhook_delete, result=webhook_result(keys)),

@@ -72,11 +72,13 @@ PERMISSIONS: dict[str, Rule] = {
     "flavor.list": Rule(Scope.SELF),
     "image.create-public": Rule(Scope.CLOUD),
     "network.create-external": Rule(Scope.CLOUD),
+    "network.create-routed": Rule(Scope.CLOUD),
     "quota.set": Rule(Scope.CLOUD),
     "quota.show": Rule(Scope.TENANT, READ),
     # Integrations hand out a reader of the whole tenant's log: admins only.
     "integration.create": Rule(Scope.TENANT, MANAGE),
     "integration.revoke": Rule(Scope.TENANT, MANAGE),
+    "integration.reset": Rule(Scope.TENANT, MANAGE),
     "integration.read": Rule(Scope.TENANT, MANAGE),
     "webhook.create": Rule(Scope.TENANT, MANAGE),
     "webhook.delete": Rule(Scope.TENANT, MANAGE),

@@ -21,7 +21,7 @@ CONFIG_HOME = {"value": "/nonexistent-stratus-config"}
 
 
 def cli(
-    url: str, *args: str, timeout: float = 30, token: str | None = None
+    url: str, *args: str, timeout: float = 30, token: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -32,7 +32,12 @@ def cli(
     if token is not None:
         env["STRATUS_TOKEN"] = token
     return subprocess.run(
-        [*STRATUS, "--url", url, *args], capture_output=True, text=True, timeout=timeout, env=env
+        [*STRATUS, "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
     )
 
 
@@ -49,8 +54,13 @@ class Up:
         self.extra = extra  # more `stratus up` options, e.g. --db
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        # Where its stderr goes (appended), for tests that read what it said.
+        self.stderr_file: Path | None = None
+        self.lines: list[str] = []  # what it printed before "ready"
 
     def start(self, timeout: float = 30) -> str:
+        err = open(self.stderr_file, "ab") if self.stderr_file else subprocess.DEVNULL
+        self.lines = []
         self.proc = subprocess.Popen(
             [
                 *STRATUS,
@@ -64,15 +74,18 @@ class Up:
                 *self.extra,
             ],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=err,
             text=True,
         )
+        if self.stderr_file:
+            err.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise AssertionError(f"stratus up exited with {self.proc.wait(5)}")
+            self.lines.append(line)
             if "ready" in line:
                 self.url = (self.data_dir / "url").read_text().strip()
                 return self.url
@@ -242,7 +255,27 @@ def test_events_schema_lists_every_event_type():
     schema = json.loads(r.stdout)
     assert {"TenantCreated", "TenantRenamed", "TenantDeleted"} <= schema["$defs"].keys()
     created = schema["$defs"]["TenantCreated"]
-    assert created["properties"]["type"]["enum"] == ["tenant.created"]
+    assert created["properties"]["type"] == {"const": "tenant.created"}
     assert {"id", "tenant", "aggregate", "actor", "at", "correlation_id"} <= set(
         created["required"]
     )
+
+
+def test_a_tenant_is_renamed_to_free_text_and_control_characters_are_refused(up):
+    """Issue 17: the README says ``rename`` changes the display name, and
+    ``tenant rename acme "Acme Corp"`` was refused by the id's pattern."""
+    url = up.start()
+    login(url)
+    assert cli(url, "tenant", "create", "acme").returncode == 0
+    before = wait_projected(url)["last_seq"]
+    for bad in ("Acme\x1b[2JCorp", "two\nlines", "   ", "x" * 129):
+        r = cli(url, "tenant", "rename", "acme", bad)
+        assert r.returncode == 1 and r.stderr.startswith("error: invalid: "), (bad, r.stderr)
+    assert wait_projected(url)["last_seq"] == before, "a refused rename was appended"
+    for name in ("Acme Corp", "Ünïcode & Söhne — Zürich"):
+        r = cli(url, "tenant", "rename", "acme", name, "-o", "json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["name"] == name
+    wait_projected(url)
+    shown = json.loads(cli(url, "tenant", "show", "acme", "-o", "json").stdout)
+    assert (shown["id"], shown["name"]) == ("acme", "Ünïcode & Söhne — Zürich")

@@ -7,6 +7,7 @@ import json
 import re
 import uuid
 
+import nats.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,6 +58,9 @@ async def client(connect_store):
 # -- refusals ----------------------------------------------------------------
 
 BAD_NAMES = ["", "-acme", "Acme", "ac_me", "ac.me", "ac me", "a" * 64, "acme\n", "äcme", "ac*", ">"]
+# A display name is free text ("Acme Corp"), but not empty, blank, too long
+# or holding control characters.
+BAD_DISPLAY_NAMES = ["", "   ", "acme\n", "a\x1b[2Jb", "tab\there", "x" * 129, "line\u2028break"]
 
 INVALID_CASES = [
     # (verb, body, headers, what the message must name)
@@ -83,7 +87,7 @@ INVALID_CASES = [
     ("tenant", body(tenant="acme"), {}, "unknown command"),
     *(("tenant.create", body(name=n), {}, "$.name") for n in BAD_NAMES),
     *(("tenant.rename", body(tenant=n, name="fine"), {}, "$.tenant") for n in BAD_NAMES),
-    *(("tenant.rename", body(tenant="acme", name=n), {}, "$.name") for n in BAD_NAMES),
+    *(("tenant.rename", body(tenant="acme", name=n), {}, "$.name") for n in BAD_DISPLAY_NAMES),
     *(("tenant.delete", body(tenant=n), {}, "$.tenant") for n in BAD_NAMES),
     *(
         ("tenant.create", body(name="fresh"), {H_COMMAND_ID: bad}, H_COMMAND_ID)
@@ -132,7 +136,7 @@ NATS_INVALID_CASES = [
         None,
         "limit",
     ),
-    ("tenant.rename", body(tenant="acme", name="a.b"), None, "$.name"),
+    ("tenant.rename", body(tenant="acme", name="a\x07b"), None, "$.name"),
     ("tenant.delete", body(), None, "tenant"),
     ("tenant.create", body(name="fresh"), "bad.id", H_COMMAND_ID),
     ("tenant.create", body(name="fresh"), "y" * 65, H_COMMAND_ID),
@@ -155,6 +159,15 @@ async def test_malformed_commands_over_nats_get_typed_invalid_replies(store, ser
         assert names in reply["error"]["message"], reply
         assert "seqs" not in reply
         assert await store.last_seq() == before
+
+
+async def test_subjects_of_four_tokens_are_not_the_command_services(service, client):
+    # Verbs are <kind>.<verb>; the image service's sessions
+    # (cmd.image.upload.<session>) must reach it alone, never this service.
+    with pytest.raises(nats.errors.NoRespondersError):
+        await client.request("cmd.image.upload.0123abcd", b"chunk", timeout=5)
+    reply = await request(client, "tenant.create", body(name="acme"))
+    assert reply["ok"] is True
 
 
 # -- decisions ---------------------------------------------------------------

@@ -65,8 +65,9 @@ AFTER_RBAC = {"cmd.server.exec"}
 class Stacks:
     """Start ``Stack``s on data dirs under tmp_path; whatever still runs is stopped."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, webhook_allow: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.webhook_allow = list(webhook_allow)
         self.running: list[Stack] = []
 
     async def start(self, data_dir: Path | None = None) -> Stack:
@@ -77,6 +78,7 @@ class Stacks:
             port=0,
             admin_password=ADMIN_PASSWORD,
             scheduler_replicas=0,
+            webhook_allow=self.webhook_allow,
         )
         await s.start()
         self.running.append(s)
@@ -95,7 +97,9 @@ class Stacks:
 
 @pytest.fixture
 async def stacks(tmp_path):
-    s = Stacks(tmp_path)
+    # The matrix subscribes webhooks to a closed port on loopback, which
+    # only an allowed network may be.
+    s = Stacks(tmp_path, webhook_allow=("127.0.0.0/8",))
     yield s
     await s.close()
 
@@ -344,6 +348,7 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "quota.set": lambda i: {"tenant": "ta", "limits": {"instances": 100 + i}},
     "integration.create": lambda i: {"tenant": "ta", "name": f"int-{i}", "secret": "s" * 40},
     "integration.revoke": lambda i: {"tenant": "ta", "ref": f"intr-{i}"},
+    "integration.reset": lambda i: {"tenant": "ta", "ref": f"intr-{i}", "start_seq": 1},
     "webhook.create": lambda i: {
         "tenant": "ta",
         "name": f"wh-{i}",
@@ -428,6 +433,7 @@ ON_SELF = {"user.set-password"}
 RUN_LAST = ("tenant.delete", "user.set-password")
 
 QUERY_SAMPLES: dict[str, dict] = {
+    "whoami": {},
     "tenants": {},
     "tenant": {"tenant": "ta"},
     "status": {"digest": False},

@@ -6,14 +6,15 @@ An example integration. It needs only nats-py and msgspec, and the JSON that
     stratus integration create billing --tenant acme -o json > billing.json
     python ops/examples/metering.py --creds billing.json --state metering.db
 
-It consumes the tenant's server lifecycle events through its durable
-consumer, so a restart resumes where the last run stopped (if the last run
-died holding unacknowledged events, the consumer is made again from the
-saved position rather than waiting out the ack timeout). Counting nothing
-twice needs one more thing, because an event can be applied and then
-redelivered (killed after saving, before acknowledging): the state file keeps
-the last applied stream sequence in the same SQLite transaction as the
-totals, and anything at or below it is acknowledged without being counted.
+It consumes the tenant's events through the durable consumer Stratus made
+for the integration, so a restart resumes where the last run stopped; if
+the last run died holding unacknowledged events, the consumer sends them
+again once its ack wait (``integration create --ack-wait``) has passed, and
+this waits for them. Counting nothing twice needs one more thing, because an
+event can be applied and then redelivered (killed after saving, before
+acknowledging): the state file keeps the last applied stream sequence in
+the same SQLite transaction as the totals, and anything at or below it is
+acknowledged without being counted.
 
 A server is billed from ``server.running`` until ``server.stopped``,
 ``server.failed``, ``server.deleting`` or ``server.deleted``; a server still
@@ -35,8 +36,6 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
-import nats.js.errors
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 ENDS = {"server.stopped", "server.failed", "server.deleting", "server.deleted"}
 
@@ -49,9 +48,15 @@ create table if not exists servers (
 """
 
 
-def size_of(e: dict[str, Any]) -> str:
+def spec_of(e: dict[str, Any]) -> dict[str, Any]:
+    """A ``server.requested``'s spec: nested since version 2, the event's own
+    fields before (the log keeps old events as they were written)."""
+    return e.get("spec") or e
+
+
+def size_of(spec: dict[str, Any]) -> str:
     """The flavor's name, else its shape (servers may be sized ad hoc)."""
-    return e.get("flavor") or f"{e.get('vcpus')}vcpu-{e.get('ram_mb')}MB"
+    return spec.get("flavor") or f"{spec.get('vcpus')}vcpu-{spec.get('ram_mb')}MB"
 
 
 def _iso(t: Any) -> str:
@@ -96,9 +101,10 @@ class Meter:
     def _fold(self, e: dict[str, Any]) -> None:
         t, sid, at = e.get("type", ""), e["aggregate"]["id"], e["at"]
         if t == "server.requested":
+            spec = spec_of(e)
             self.db.execute(
                 "insert or ignore into servers (id, name, size) values (?, ?, ?)",
-                (sid, e.get("name", ""), size_of(e)),
+                (sid, spec.get("name", ""), size_of(spec)),
             )
         elif t == "server.running":
             self.db.execute(
@@ -152,44 +158,24 @@ async def run(args: argparse.Namespace, creds: dict[str, Any]) -> dict[str, Any]
     nc = await nats.connect(args.url or creds["url"], **creds["connect"])
     try:
         js = nc.jetstream()
-        # Only server events are metered; a narrower filter inside the
-        # tenant's is allowed. A first run starts at the log's beginning.
-        tenant_filter = creds["filter_subject"].removesuffix(">") + "server.>"
-        durable, stream = creds["durable"], creds["stream"]
-        start = meter.last_seq() + 1
-        try:
-            info = await js.consumer_info(stream, durable)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is not None and info.num_ack_pending:
-            # The last run died holding events: they would come back only
-            # after the ack wait. Rebuild the cursor at our saved position.
-            await js.delete_consumer(stream, durable)
-            info = None
-        if info is None:
-            await js.add_consumer(
-                stream,
-                ConsumerConfig(
-                    name=durable,
-                    durable_name=durable,
-                    filter_subject=tenant_filter,
-                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                    opt_start_seq=start,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=30,
-                    max_ack_pending=1000,
-                ),
-            )
-        sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+        stream, durable = creds["stream"], creds["durable"]
+        # The consumer Stratus made delivers into this credential's inbox.
+        consumer = await js.consumer_info(stream, durable)
+        sub = await js.subscribe_bind(stream, consumer.config, durable, manual_ack=True)
         batches = 0
         idle = 0.0
         while args.idle_exit is None or idle < args.idle_exit:
             try:
-                msgs = await sub.fetch(args.batch, timeout=0.5)
-            except (nats.errors.TimeoutError, TimeoutError):
-                idle += 0.5
+                msgs = [await sub.next_msg(timeout=0.5)]
+            except nats.errors.TimeoutError:
+                # Idle only when nothing is owed: events a dead run held
+                # come again once their ack wait has passed.
+                info = await js.consumer_info(stream, durable)
+                idle = 0.0 if info.num_ack_pending or info.num_pending else idle + 0.5
                 continue
             idle = 0.0
+            while len(msgs) < args.batch and sub.pending_msgs:
+                msgs.append(await sub.next_msg(timeout=1))
             batch = [(m.metadata.sequence.stream, msgspec.msgpack.decode(m.data)) for m in msgs]
             meter.apply(batch)
             batches += 1
