@@ -11,8 +11,8 @@ the other. A holder renews well within the TTL; a renewal refused means
 someone else holds it now.
 
 The bucket is made on first use with as many replicas as the event stream
-has (R1 on a single node, R3 beside an R3 stream): a lease is worth as much
-as the log it guards.
+has (R1 on a single node, R3 beside an R3 stream), and raised to them if the
+stream gained replicas since: a lease is worth as much as the log it guards.
 
 The lease alone cannot stop a holder that was paused past its TTL from
 doing one more write before it notices: whatever the lease guards must also
@@ -102,12 +102,13 @@ async def stream_replicas(js: JetStreamContext, stream: str = STREAM) -> int:
 
 async def lease_bucket(js: JetStreamContext, stream: str = STREAM) -> StreamInfo:
     """The bucket's stream, made if missing (by whichever process comes
-    first; the same config twice is one bucket)."""
+    first; the same config twice is one bucket), with the replicas of the
+    event stream (raised to them if the stream gained replicas since)."""
     name = f"KV_{LEASES}"
+    replicas = await stream_replicas(js, stream)
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
-        replicas = await stream_replicas(js, stream)
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.create_key_value(
                 bucket=LEASES,
@@ -120,6 +121,9 @@ async def lease_bucket(js: JetStreamContext, stream: str = STREAM) -> StreamInfo
                 limit_marker_ttl=MARKER_TTL_S,
             )
         info = await js.stream_info(name)
+    if (info.config.num_replicas or 1) < replicas:
+        info.config.num_replicas = replicas
+        info = await js.update_stream(info.config)
     return info
 
 

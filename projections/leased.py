@@ -49,6 +49,9 @@ RETRY_S = 1.0
 # How long a takeover waits for a previous holder's write before ending it.
 TAKEOVER_WAIT_S = 1.0
 LOCK_NOT_AVAILABLE = "55P03"
+# A setting of each fenced write transaction: the epoch of the lease it
+# writes under (``current_setting('stratus.lease_epoch', true)``).
+WRITER_EPOCH = "stratus.lease_epoch"
 
 
 def lease_key(name: str) -> str:
@@ -166,9 +169,12 @@ class LeaseFence:
         if conn.dialect.name == "postgresql":
             # A holder paused mid-transaction must not keep the row locked
             # past its lease: the server ends such a transaction itself.
+            # And the transaction says which lease it writes under (for
+            # triggers and audits: ``WRITER_EPOCH``, read by the tests).
             await conn.execute(
                 select(
-                    func.set_config("idle_in_transaction_session_timeout", str(self.idle_ms), True)
+                    func.set_config("idle_in_transaction_session_timeout", str(self.idle_ms), True),
+                    func.set_config(WRITER_EPOCH, str(self.held.epoch), True),
                 )
             )
         mine = (

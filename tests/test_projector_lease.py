@@ -30,27 +30,18 @@ from stratus.events.errors import Invalid
 from stratus.events.lease import LEASES, Lease, LeaseLost
 from stratus.events.model import Cause
 from stratus.events.tenants import TenantCreated, TenantRenamed
-from stratus.projections.db import make_engine
-from stratus.projections.leased import LeaseFence, lease_row, take_over
+from stratus.projections.leased import WRITER_EPOCH, LeaseFence, lease_row, take_over
 from stratus.projections.projector import Projector, init_schema, read_checkpoint, store_digest
 from stratus.projections.query import QueryService
 from stratus.projections.schema import checkpoints
 
+from .test_postgres import engine_at
 from .test_projector import append_all, make_history
 
 pytestmark = pytest.mark.timeout(180)
 
 STRATUS = [sys.executable, "-m", "stratus.cli.main"]
 CAUSE = Cause(actor="test", correlation_id="corr", causation_id="corr")
-
-
-@contextlib.asynccontextmanager
-async def engine_at(url: str) -> AsyncIterator[AsyncEngine]:
-    engine = make_engine(url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def rebuilt_digest(store, sqlite_engine, until: int) -> tuple[int, str]:
@@ -236,18 +227,22 @@ async def test_a_holder_paused_inside_a_write_is_ended_by_the_server(store, pg_u
 
 # -- projector processes ---------------------------------------------------------
 
-# The trigger that records every committed checkpoint write, with the lease
-# (read under the fence's lock, in the writer's own transaction) it was made under.
+# The trigger that records every committed checkpoint write: the lease the
+# store named then (read under the fence's lock, in the writer's own
+# transaction) and the lease the writer itself believed it held (the
+# transaction's WRITER_EPOCH setting, set by its fence): the two differ for a
+# stale holder's write that got through.
 WRITE_LOG = [
     """CREATE TABLE write_log (
-        id bigserial PRIMARY KEY, epoch bigint, holder text,
+        id bigserial PRIMARY KEY, epoch bigint, holder text, writer_epoch bigint,
         old_seq bigint NOT NULL, new_seq bigint NOT NULL,
         at timestamptz NOT NULL DEFAULT clock_timestamp())""",
-    """CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+    f"""CREATE FUNCTION log_write() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-      INSERT INTO write_log (epoch, holder, old_seq, new_seq) VALUES (
+      INSERT INTO write_log (epoch, holder, writer_epoch, old_seq, new_seq) VALUES (
         (SELECT epoch FROM projector_leases WHERE name = NEW.name),
         (SELECT holder FROM projector_leases WHERE name = NEW.name),
+        CAST(NULLIF(current_setting('{WRITER_EPOCH}', true), '') AS bigint),
         CASE WHEN TG_OP = 'UPDATE' THEN OLD.last_seq ELSE 0 END,
         NEW.last_seq);
       RETURN NEW;
@@ -265,9 +260,14 @@ async def install_write_log(pg: AsyncEngine) -> None:
 
 
 async def write_log(pg: AsyncEngine) -> list[tuple[int | None, str | None, int, int]]:
+    """(epoch, holder, old_seq, new_seq) of each write, in commit order; every
+    write was made by the holder of the lease the store named."""
     async with pg.connect() as conn:
-        q = text("SELECT epoch, holder, old_seq, new_seq FROM write_log ORDER BY id")
-        return [tuple(r) for r in (await conn.execute(q)).all()]
+        q = text("SELECT epoch, holder, writer_epoch, old_seq, new_seq FROM write_log ORDER BY id")
+        rows = (await conn.execute(q)).all()
+    for epoch, _, writer, old, new in rows:
+        assert writer == epoch, f"{old}..{new} written under lease {writer} while {epoch} held"
+    return [(epoch, holder, old, new) for epoch, holder, _, old, new in rows]
 
 
 def check_write_log(log: list[tuple]) -> list[tuple[int, str]]:
@@ -403,6 +403,37 @@ async def checkpoint_of(pg: AsyncEngine) -> int:
         return await read_checkpoint(conn)
 
 
+async def two_on_one_database(
+    projectors: Projectors, store, pg: AsyncEngine, seed: int | None = None
+) -> None:
+    """The write log installed, a history (if ``seed``) on the log, and two
+    projector processes ("m1", "m2") started on one database."""
+    await install_write_log(pg)
+    if seed is not None:
+        await append_all(store, make_history(40, seed=seed))
+    for name in ("m1", "m2"):
+        projectors.start(name)
+    for name in ("m1", "m2"):
+        await projectors.ready(name)
+
+
+async def writing(pg: AsyncEngine) -> dict:
+    """The first holder's lease row, once it has written past the history."""
+    first, _ = await wait_for(lambda: holder_now(pg), 20)
+    await wait_for(lambda: _past(pg, 60), 20)
+    return first
+
+
+def taken_from(pg: AsyncEngine, first: dict):
+    """A predicate: the lease row once another holder than ``first`` has it."""
+
+    async def taken() -> dict | None:
+        row = await holder_now(pg)
+        return row if row and row["holder"] != first["holder"] else None
+
+    return taken
+
+
 # Takeover bound after the holder dies, in seconds: the TTL (the server
 # expires the key at most a TTL after the last renewal, which came before
 # the death), up to 1 s for the server's expiry (TTLs are whole seconds on
@@ -416,16 +447,10 @@ async def test_the_standby_projector_takes_over_after_a_kill_9_exactly_once(
     projectors, store, pg_url, sqlite_engine
 ):
     async with engine_at(pg_url) as pg:
-        await install_write_log(pg)
-        await append_all(store, make_history(40, seed=51))
         # given two projector processes on one database, events streaming in
-        for name in ("m1", "m2"):
-            projectors.start(name)
-        for name in ("m1", "m2"):
-            await projectors.ready(name)
+        await two_on_one_database(projectors, store, pg, seed=51)
         with Stream(store) as stream:
-            first, _ = await wait_for(lambda: holder_now(pg), 20)
-            await wait_for(lambda: _past(pg, 60), 20)
+            first = await writing(pg)
             # only the holder writes meanwhile
             assert {h for _, h, _, _ in await write_log(pg)} == {first["holder"]}
 
@@ -435,11 +460,7 @@ async def test_the_standby_projector_takes_over_after_a_kill_9_exactly_once(
             at_kill = await checkpoint_of(pg)
 
             # then the other takes the lease and goes on writing, within the bound
-            async def taken() -> dict | None:
-                row = await holder_now(pg)
-                return row if row and row["holder"] != first["holder"] else None
-
-            second, _ = await wait_for(taken, 30)
+            second, _ = await wait_for(taken_from(pg, first), 30)
             took_lease = time.monotonic() - killed_at
             await wait_for(lambda: _past(pg, at_kill), 30)
             writing_again = time.monotonic() - killed_at
@@ -467,26 +488,15 @@ async def test_a_holder_paused_past_its_lease_writes_nothing_when_it_wakes(
     projectors, store, pg_url, sqlite_engine
 ):
     async with engine_at(pg_url) as pg:
-        await install_write_log(pg)
-        await append_all(store, make_history(40, seed=52))
-        for name in ("m1", "m2"):
-            projectors.start(name)
-        for name in ("m1", "m2"):
-            await projectors.ready(name)
+        await two_on_one_database(projectors, store, pg, seed=52)
         with Stream(store) as stream:
-            first, _ = await wait_for(lambda: holder_now(pg), 20)
-            await wait_for(lambda: _past(pg, 60), 20)
+            first = await writing(pg)
             old = projectors.procs[first["holder"]]
             # given the holder paused (SIGSTOP) while events keep coming
             old.send_signal(signal.SIGSTOP)
             paused_at = time.monotonic()
-
-            async def taken() -> dict | None:
-                row = await holder_now(pg)
-                return row if row and row["holder"] != first["holder"] else None
-
             # when the other takes over and writes
-            second, _ = await wait_for(taken, 30)
+            second, _ = await wait_for(taken_from(pg, first), 30)
             took = time.monotonic() - paused_at
             at_takeover = await checkpoint_of(pg)
             await wait_for(lambda: _past(pg, at_takeover), 30)
@@ -516,23 +526,14 @@ async def _logged(projectors: Projectors, name: str, words: str) -> bool:
 
 async def test_a_stopped_holder_hands_the_lease_over_at_once(projectors, store, pg_url):
     async with engine_at(pg_url) as pg:
-        await init_schema(pg)
-        for name in ("m1", "m2"):
-            projectors.start(name)
-        for name in ("m1", "m2"):
-            await projectors.ready(name)
+        await two_on_one_database(projectors, store, pg)
         first, _ = await wait_for(lambda: holder_now(pg), 20)
         # when the holder stops cleanly (SIGTERM), it gives the lease up
         stopped = projectors.procs[first["holder"]]
         stopped.terminate()
         t0 = time.monotonic()
         assert stopped.wait(15) == 0
-
-        async def taken() -> dict | None:
-            row = await holder_now(pg)
-            return row if row and row["holder"] != first["holder"] else None
-
-        await wait_for(taken, 30)
+        await wait_for(taken_from(pg, first), 30)
         # well before its TTL could have run out
         assert time.monotonic() - t0 < projectors.ttl, "the lease was released, not expired"
 
