@@ -46,34 +46,58 @@ BULK_SORT_THREADS = 2
 def make_engine(url: str | URL, *, create: bool = True, **kw: Any) -> AsyncEngine:
     """An engine on the store at ``url``.
 
-    A SQLite file is created here, now, if ``create`` (else it must exist:
-    ``Invalid``), and every connection the engine makes later opens it with
-    ``mode=rw``: a store removed underneath (a swapped-out one) is then an
-    error, never a new empty file (``sqlitefile``).
+    A missing SQLite file must exist already (``Invalid``) unless
+    ``create``; then it is made just before the engine's first connection,
+    and only then (not here: a service that never opens its store, the
+    handlers say, needs no data dir). Every connection opens the file with
+    ``mode=rw``, so a store removed underneath later (a swapped-out one) is
+    an error, never a new empty file (``sqlitefile``).
     """
-    url = _existing_file(make_url(url), create)
+    url, missing = _existing_file(make_url(url), create)
     engine = create_async_engine(url, **kw)
     if engine.dialect.name == "sqlite":
         _sqlite_setup(engine.sync_engine)
+        if missing is not None:
+            _create_before_first_connect(engine.sync_engine, missing)
     return engine
 
 
-def _existing_file(url: URL, create: bool) -> URL:
-    """A SQLite URL naming a plain file as the ``mode=rw`` URI of that file."""
+def _existing_file(url: URL, create: bool) -> tuple[URL, Path | None]:
+    """A SQLite URL naming a plain file as the ``mode=rw`` URI of that file,
+    and the file if it is missing (to be made by the first connection)."""
     db = url.database
     if not url.drivername.startswith("sqlite") or not db or db == ":memory:":
-        return url
+        return url, None
     if url.query.get("uri") == "true":
-        return url  # the caller's own URI: its mode is theirs
+        return url, None  # the caller's own URI: its mode is theirs
     path = Path(db)
+    missing = None
     if not path.exists():
         if not create:
             raise Invalid(f"no projection store at {path}")
-        # An empty file is an empty database; its schema comes from the projector.
-        sqlite3.connect(path).close()
+        missing = path
     query = {**url.query, "mode": "rw", "uri": "true"}
     # ``file_uri`` ends in ``?mode=rw``; SQLAlchemy appends the query itself.
-    return url.set(database=file_uri(path).partition("?")[0], query=query)
+    return url.set(database=file_uri(path).partition("?")[0], query=query), missing
+
+
+def _create_before_first_connect(engine: Engine, path: Path) -> None:
+    """Make the empty file once, before the first connection; never again
+    (a later connection to a removed store must fail, see ``make_engine``)."""
+    pending = [True]
+
+    @event.listens_for(engine, "do_connect")
+    def _create(*_: Any) -> None:
+        if not pending:
+            return
+        if not path.exists():
+            # An empty file is an empty database; its schema comes from the
+            # projector. (A directory still missing: this connection fails
+            # as SQLite says, and the next one tries again.)
+            with contextlib.suppress(sqlite3.OperationalError):
+                sqlite3.connect(path).close()
+        if path.exists():
+            pending.clear()
 
 
 def sync_writer(engine: AsyncEngine, *, bulk: bool = False) -> Engine | None:

@@ -512,6 +512,27 @@ async def test_an_engine_never_makes_a_store_that_is_not_there(tmp_path):
     assert odd.is_file() and sorted(p.name for p in odd.parent.iterdir()) == ["projections.db"]
 
 
+async def test_an_engine_makes_its_store_at_its_first_connection_not_before(tmp_path):
+    # given an engine on a store whose directory is not there yet (a
+    # service that never opens its store, the handlers say, runs so)
+    path = tmp_path / "later" / "projections.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        # nothing is made until it connects
+        assert not path.parent.exists()
+        with pytest.raises(OperationalError, match="unable to open database file"):
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        assert not path.parent.exists()
+        # once the directory is there, the first connection makes the file
+        path.parent.mkdir()
+        await init_schema(engine)
+        assert path.is_file()
+        assert await store_digest(engine) == (0, await fresh_empty_digest(tmp_path))
+    finally:
+        await engine.dispose()
+
+
 async def fresh_empty_digest(tmp_path: Path) -> str:
     engine = make_engine(sqlite_url(tmp_path / "empty.db"))
     try:
