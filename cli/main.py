@@ -449,11 +449,10 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     return Service(name, start)
 
 
-@_alone
 def _projector(o: ServeOptions) -> Service:
-    from stratus.projections.rebuild import LiveProjection
+    from stratus.cli.projector import projector_service
 
-    return _one("projector", LiveProjection)
+    return projector_service(o.args)
 
 
 @_alone
@@ -507,7 +506,7 @@ def _openstack_api(o: ServeOptions) -> Service:
 # before anything connects) and says how to start the service.
 SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     "handlers": _alone(lambda o: _requests(o, commands=True)),
-    "projector": _projector,
+    "projector": _projector,  # (options of its own: --lease-ttl)
     "query": _alone(lambda o: _requests(o, commands=False)),
     "scheduler": _scheduler,
     "allocator": _allocator,
@@ -1131,6 +1130,7 @@ def projections_rebuild(
             "store": swapped["store"],
             "caught_up": swapped["caught_up"],
             "paused_seconds": swapped["paused_seconds"],
+            "old_store_removed": swapped["old_store_removed"],
         }
 
     try:
