@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamInfo
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
+from stratus.events.cluster import log_replicas
 from stratus.events.errors import Invalid, StratusError, Unavailable
 from stratus.events.store import STREAM
 
@@ -91,21 +92,12 @@ def default_holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-async def stream_replicas(js: JetStreamContext, stream: str = STREAM) -> int:
-    """How many replicas the event stream has: the lease bucket gets as many."""
-    try:
-        info = await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        return 1
-    return max(1, info.config.num_replicas or 1)
-
-
 async def lease_bucket(js: JetStreamContext, stream: str = STREAM) -> StreamInfo:
     """The bucket's stream, made if missing (by whichever process comes
     first; the same config twice is one bucket), with the replicas of the
     event stream (raised to them if the stream gained replicas since)."""
     name = f"KV_{LEASES}"
-    replicas = await stream_replicas(js, stream)
+    replicas = max(1, await log_replicas(js, stream))
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:
