@@ -123,6 +123,12 @@ def running_up(tmp_path: Path, *extra: str) -> Iterator[Up]:
     try:
         yield u
     finally:
+        if u.proc is not None and u.proc.poll() is None:
+            # A test that failed half-way: stop it as an operator would, so
+            # it tears down what lives outside its process tree (BIRD and
+            # dnsmasq daemons, namespaces); kill it only if that hangs.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                u.stop(timeout=30)
         u.kill()
         # A killed `up` cannot stop its broker: do it here so nothing leaks.
         # The broker, or every node of a cluster (`--cluster N`: nats-1...).
