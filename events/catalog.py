@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from stratus.events import compute, identity, integrations, network, resources, scheduling, tenants
+from stratus.events import (
+    compute,
+    credentials,
+    identity,
+    integrations,
+    network,
+    resources,
+    scheduling,
+    tenants,
+)
 from stratus.events.commands import Command
 from stratus.events.model import Codec, Event
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     *tenants.EVENTS,
     *identity.EVENTS,
+    *credentials.EVENTS,
     *resources.EVENTS,
     *scheduling.EVENTS,
     *compute.EVENTS,
@@ -18,6 +28,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,
+    **credentials.COMMANDS,
     **resources.COMMANDS,
     **compute.COMMANDS,
     **integrations.COMMANDS,

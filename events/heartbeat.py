@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from stratus.events.errors import Unavailable
 from stratus.events.ids import NAME_RE
 from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
 
@@ -57,9 +58,11 @@ async def beat(
     try:
         await js.publish(subject, data, msg_ttl=ttl)
     except nats.js.errors.NoStreamResponseError:
-        # The first beat of a fresh cloud: make the bucket, then beat.
-        await bucket(js)
-        await js.publish(subject, data, msg_ttl=ttl)
+        # An agent may write its own key, not make the bucket: whoever makes
+        # the stream makes it (``EventStore.ensure_stream``).
+        raise Unavailable(
+            f"no heartbeat bucket {HEARTBEATS} yet: the handlers make it with the stream"
+        ) from None
 
 
 async def beating_hosts(js: JetStreamContext) -> set[str]:

@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from stratus.events import heartbeat
 from stratus.events.catalog import CODEC
 from stratus.events.commands import SERVICE_INBOX_PREFIX
 from stratus.events.errors import (
@@ -39,9 +40,12 @@ from stratus.events.errors import (
     Unavailable,
 )
 from stratus.events.model import Codec, Event
+from stratus.events.natscreds import ServiceCreds
 from stratus.events.reader import (
     SUBJECTS,
+    ConsumerNames,
     LogReader,
+    NamedReader,
     OrderedReader,
     Recorded,
     Until,
@@ -170,24 +174,44 @@ class EventStore:
         stream: str = STREAM,
         timeout: float = 5.0,
         reader: type[LogReader] | None = None,
+        consumer_names: Sequence[str] | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=timeout)
         self.codec = codec
         self.stream = stream
         self.timeout = timeout
+        # Reads through consumers of these names only (a host agent's
+        # credential may use no others); None: any name.
+        self.consumer_names = ConsumerNames(consumer_names) if consumer_names else None
         # The fast reader's connection names its reader; any other reads
-        # through nats-py's public ordered consumer.
+        # through nats-py's public ordered consumer, or, where the consumers
+        # must have given names, through the public named reader.
         self.reader: type[LogReader] = reader or getattr(nc, "log_reader", OrderedReader)
+        if self.consumer_names is not None and self.reader is OrderedReader:
+            self.reader = NamedReader
 
     @classmethod
     async def connect(
-        cls, url: str, *, persistent: bool = True, fast: bool = True, **options: Any
+        cls,
+        url: str,
+        *,
+        persistent: bool = True,
+        fast: bool = True,
+        creds: ServiceCreds | None = None,
+        **options: Any,
     ) -> EventStore:
+        """A store on a new connection; with ``creds``, as that service (the
+        auth callout admits it by its token, ``events.natscreds``)."""
+        names = None
+        if creds is not None:
+            options = {**creds.connect_options(), **options}
+            names = creds.reader_names()
         # A service's inboxes (acks, event deliveries) live outside the
         # namespace clients may subscribe to.
         options.setdefault("inbox_prefix", SERVICE_INBOX_PREFIX)
-        return cls(await connect_nats(url, persistent=persistent, fast=fast, **options))
+        nc = await connect_nats(url, persistent=persistent, fast=fast, **options)
+        return cls(nc, consumer_names=names)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -214,15 +238,18 @@ class EventStore:
         )
 
     async def ensure_stream(self) -> None:
-        """Create the stream, or bring an existing one to our settings."""
+        """Create the stream, or bring an existing one to our settings; and
+        the heartbeat bucket beside it (agents beat into it, and may not
+        make it themselves)."""
         cfg = self.stream_config()
         try:
             try:
                 await self.js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
                 await self.js.add_stream(cfg)
-                return
-            await self.js.update_stream(cfg)
+            else:
+                await self.js.update_stream(cfg)
+            await heartbeat.bucket(self.js)
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None
 
