@@ -21,8 +21,10 @@ import structlog
 from stratus.agents.network.desired import HostPlan, Topology, plan
 from stratus.agents.network.kernel import Changes, Host
 from stratus.events import network as nw
+from stratus.events.errors import StratusError, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, UnknownEvent
+from stratus.events.reports import Reporter
 from stratus.events.resources import SYSTEM
 from stratus.events.store import EventStore, Recorded
 
@@ -43,6 +45,8 @@ class NetworkAgent:
     ) -> None:
         self.store = store
         self.host = host
+        # ``port.bound`` is on the port's subject: through the relay of this host.
+        self.reports = Reporter(store.nc, host, codec=store.codec)
         self.vtep = vtep
         self.prefix = prefix
         self.kernel = Host(prefix, vtep, host_ns, routers)
@@ -204,7 +208,15 @@ class NetworkAgent:
             events.append(nw.port_binding(cause, port.tenant, port.id, self.host))
             self._reported.add(pp.port)
         for ev in events:
-            await self.store.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
+            try:
+                await self.reports.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
+            except Unavailable as exc:
+                self._reported.discard(ev.aggregate.id)  # the next pass tries again
+                log.warning("port binding not reported", port=ev.aggregate.id, error=exc.message)
+            except StratusError as exc:
+                # Refused (the relay does not see the port's server here):
+                # asking again would change nothing.
+                log.warning("port binding refused", port=ev.aggregate.id, error=exc.message)
 
     async def converged(self, seq: int, timeout: float = 10.0) -> None:
         """Wait until the host matches the log up to ``seq`` (tests, benchmarks)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from stratus.agents.network.agent import NetworkAgent
@@ -37,9 +38,19 @@ def host_names(n: int) -> list[str]:
 class SimulatedPlane:
     """Simulated hosts and their network agents (the first hosts routers)."""
 
-    def __init__(self, store: EventStore, hosts: int, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        hosts: int,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        store_for: Callable[[str], Awaitable[EventStore]] | None = None,
+    ) -> None:
+        """``store_for(host)``: each host agent's own connection (with its
+        host's credentials), else all use ``store``."""
         self.sim = SimulatedHosts(prefix, host_names(hosts))
         self.store = store
+        self.store_for = store_for
         self.prefix = prefix
         self.agents: list[NetworkAgent] = []
 
@@ -47,7 +58,7 @@ class SimulatedPlane:
         await asyncio.to_thread(self.sim.start)
         for i, h in enumerate(self.sim.names):
             agent = NetworkAgent(
-                self.store,
+                await self.store_for(h) if self.store_for else self.store,
                 h,
                 vtep=self.sim.vtep(h),
                 prefix=self.prefix,
