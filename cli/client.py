@@ -8,7 +8,9 @@ and whose import would be most of a read command's start-up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +19,9 @@ import nats
 import nats.errors
 
 from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
-from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
+from stratus.events.errors import Internal, StratusError, Unauthenticated, Unavailable, from_wire
 from stratus.events.ids import new_id
-from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
+from stratus.events.natscreds import connect_options
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
@@ -75,13 +77,17 @@ class Client:
         self.nc = nc
         self.token = token
         self.timeout = timeout
-        self.opener = Opener()
         self.drops = drops
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
         """One attempt, no reconnecting: a command reaches the control plane
-        or says at once that it cannot."""
+        or says at once that it cannot.
+
+        The broker admits the connection by ``token`` (its auth callout
+        verifies it: a revoked or expired token does not connect), with an
+        inbox only this connection may read (``events.natscreds``). Without
+        a token it may only log in."""
         nc = nats.NATS()
         drops = Drops()
         try:
@@ -95,12 +101,15 @@ class Client:
                     error_cb=_quiet,
                     disconnected_cb=drops.dropped,
                     closed_cb=drops.dropped,
+                    **connect_options(token),
                 ),
                 timeout,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
+            if refused_at_connect(exc):
+                raise token_refused(token) from None
             why = f"{exc or type(exc).__name__}"
             raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
         return cls(nc, token, timeout, drops=drops)
@@ -112,8 +121,7 @@ class Client:
             await self.nc.close()
 
     async def request_raw(self, subject: str, data: bytes, headers: dict[str, str]) -> bytes:
-        """One request; the reply's body, unsealed (see ``events.sealed``)."""
-        headers[H_REPLY_KEY] = self.opener.public_b64
+        """One request; the reply's body."""
         try:
             msg = await self._send(subject, data, headers)
         except nats.errors.NoRespondersError:
@@ -122,8 +130,7 @@ class Client:
             raise Unavailable(f"{subject}: no answer within {self.timeout}s") from None
         except nats.errors.Error as exc:
             raise Unavailable(f"{subject}: {exc}") from None
-        sealed = (msg.headers or {}).get(H_SEALED)
-        return self.opener.open(sealed, msg.subject, msg.data) if sealed else msg.data
+        return msg.data
 
     async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
         """``nc.request``, failing as soon as the connection drops."""
@@ -196,6 +203,38 @@ class Client:
         """Ask ``q.<view>``; ``at`` (a sequence or ISO time) asks about the past."""
         headers = {H_AT: str(at)} if at is not None else {}
         return (await self._request(f"q.{view}", body or {}, headers)).data
+
+
+def refused_at_connect(exc: BaseException) -> bool:
+    """Whether the broker turned the connection down (its auth callout did)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
+
+
+def token_refused(token: str | None) -> Unauthenticated:
+    """Why the broker refused a connection, as far as the client can tell:
+    the broker says only that it was not authorized."""
+    if not token:
+        return Unauthenticated("the control plane refused the connection")
+    expires = _expiry(token)
+    if expires is not None and expires < time.time():
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+        return Unauthenticated(f"token expired at {when}; sign in again (stratus login)")
+    return Unauthenticated(
+        "the control plane refused the token (revoked, expired, or not issued by this "
+        "cloud); sign in again (stratus login)"
+    )
+
+
+def _expiry(token: str) -> int | None:
+    """The ``exp`` a token claims (unverified: only to explain a refusal)."""
+    try:
+        payload = token.split(".")[1]
+        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return int(claims["exp"])
+    except Exception:
+        return None
 
 
 async def _quiet(exc: Exception) -> None:

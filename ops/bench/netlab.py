@@ -29,6 +29,7 @@ from stratus.events.store import EventStore
 from stratus.events.tenants import TenantCreated
 from stratus.handlers import networks, routers, servers
 from stratus.handlers.records import Image, Port
+from stratus.handlers.reports import ReportRelay
 from stratus.handlers.scheduler.service import claim_event, request_of
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
@@ -152,8 +153,12 @@ class Lab:
         self.cloud = Cloud(store)
         self.agents: dict[str, NetworkAgent] = {}
         self.instances: list[str] = []
+        self.relay: ReportRelay | None = None
 
     async def start(self) -> None:
+        # The agents' port.bound reports go through the handlers' relay.
+        self.relay = ReportRelay(self.store)
+        await self.relay.start()
         # pyroute2's synchronous API runs its own event loop: off ours.
         await asyncio.to_thread(self.sim.start)
 
@@ -189,6 +194,8 @@ class Lab:
         try:
             for a in self.agents.values():
                 await asyncio.wait_for(a.stop(), 20)
+            if self.relay is not None:
+                await self.relay.stop()
         finally:
             await asyncio.to_thread(self._remove)
 

@@ -116,7 +116,7 @@ async def _one(url: str, tmp: Path, procs: Procs, n_hosts: int, replicas: int, o
         await register_hosts(store, hosts, ttl=opts.timeout_s + 600)
         await start_service_processes(
             url,
-            ["serve", "scheduler", "--seed", str(opts.seed)],
+            ["serve", "scheduler", "--insecure-no-auth", "--seed", str(opts.seed)],
             replicas,
             tmp,
             procs,
