@@ -164,6 +164,16 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
     agent = None
     try:
         login(url)
+        # the agent's own credentials, issued where the cloud was initialised,
+        # and a data dir of its own
+        creds = tmp_path / "edge-7.creds"
+        r = cli(
+            url,
+            *("credentials", "issue", "--service", "compute-agent", "--host", "edge-7"),
+            *("--data-dir", str(data), "--file", str(creds)),
+        )
+        assert r.returncode == 0, r.stderr
+        assert oct(creds.stat().st_mode & 0o777) == "0o600"
         agent = subprocess.Popen(
             [
                 *STRATUS,
@@ -171,8 +181,10 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
                 url,
                 "serve",
                 "compute-agent",
+                "--creds",
+                str(creds),
                 "--data-dir",
-                str(data),
+                str(tmp_path / "edge-7"),
                 "--host",
                 "edge-7",
                 "--types",
@@ -197,7 +209,11 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
         r = subprocess.run(
-            [*STRATUS, "--url", url, "serve", "compute-agent", "--host", "Bad Name"],
+            [
+                *STRATUS,
+                *("--url", url, "serve", "compute-agent"),
+                *("--creds", str(creds), "--host", "Bad Name"),
+            ],
             capture_output=True,
             text=True,
             timeout=30,
