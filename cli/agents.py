@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from stratus.cli.common import Service, own_options, parse_labels
+from stratus.cli.datadir import deployment_prefix
 from stratus.events.errors import Invalid
 from stratus.events.ids import NAME_RE
 
@@ -29,15 +30,18 @@ def compute_agent(
     zone: Annotated[str, typer.Option()] = "nova",
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeat")] = None,
     types: Annotated[str, typer.Option(help="instance types: vm,container")] = "vm,container",
-    image_store: Annotated[
-        Path | None, typer.Option(help="the image store (default DATA_DIR/images)")
-    ] = None,
     reconcile_interval: Annotated[float, typer.Option(min=1)] = 60.0,
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="prefix of the host's container cgroups (default: the data dir's)"),
+    ] = None,
 ) -> None:
     """Run the compute agent of HOST (called by ``stratus serve compute-agent``)."""
     if not NAME_RE.match(host):
         raise Invalid(f"--host {host!r}: names are [a-z0-9][a-z0-9-]{{0,62}}")
     data_dir: Path = ctx.obj["data_dir"]
+    # As `stratus up` on the same data dir names its own hosts' groups.
+    prefix = deployment_prefix(data_dir) if deployment is None else deployment
 
     async def start(store: Any, _engine: Any) -> list[Any]:
         from stratus.agents.compute.agent import build_agent
@@ -47,7 +51,6 @@ def compute_agent(
             host,
             libvirt_uri=libvirt_uri,
             data_dir=data_dir / "hosts" / host,
-            image_store=image_store or data_dir / "images",
             vcpus=vcpus,
             ram_mb=ram_mb,
             disk_gb=disk_gb,
@@ -55,6 +58,7 @@ def compute_agent(
             labels=parse_labels(label),
             types=[t.strip() for t in types.split(",") if t.strip()],
             reconcile_interval=reconcile_interval,
+            deployment=prefix,
         )
         await agent.start()
         return [_Stopping(agent)]

@@ -120,24 +120,29 @@ class Client:
         except Exception:
             await self.nc.close()
 
-    async def request_raw(self, subject: str, data: bytes, headers: dict[str, str]) -> bytes:
+    async def request_raw(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float | None = None
+    ) -> bytes:
         """One request; the reply's body."""
+        wait = timeout or self.timeout
         try:
-            msg = await self._send(subject, data, headers)
+            msg = await self._send(subject, data, headers, wait)
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):
-            raise Unavailable(f"{subject}: no answer within {self.timeout}s") from None
+            raise Unavailable(f"{subject}: no answer within {wait:g}s") from None
         except nats.errors.Error as exc:
             raise Unavailable(f"{subject}: {exc}") from None
         return msg.data
 
-    async def _send(self, subject: str, data: bytes, headers: dict[str, str]) -> Any:
+    async def _send(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float
+    ) -> Any:
         """``nc.request``, failing as soon as the connection drops."""
         if not self.nc.is_connected:
             raise Unavailable(f"{subject}: the connection to the control plane is down")
         request = asyncio.ensure_future(
-            self.nc.request(subject, data, timeout=self.timeout, headers=headers)
+            self.nc.request(subject, data, timeout=timeout, headers=headers)
         )
         with self._dropped() as dropped:
             try:
@@ -174,18 +179,16 @@ class Client:
             await asyncio.sleep(POLL_S)
 
     async def _request(self, subject: str, body: Any, headers: dict[str, str]) -> Reply:
+        return decode_reply(subject, await self.send_bytes(subject, _enc.encode(body), headers))
+
+    async def send_bytes(
+        self, subject: str, data: bytes, headers: dict[str, str], timeout: float | None = None
+    ) -> bytes:
+        """A request with this client's token; the reply's body (for bodies
+        that are not JSON, such as image chunks)."""
         if self.token:
             headers[H_AUTHORIZATION] = f"Bearer {self.token}"
-        data = await self.request_raw(subject, _enc.encode(body), headers)
-        try:
-            reply = _reply.decode(data)
-        except msgspec.DecodeError:
-            raise Internal(f"{subject}: unreadable reply") from None
-        if not reply.ok:
-            if reply.error is None:
-                raise StratusError("refused without a reason")
-            raise from_wire(reply.error)
-        return reply
+        return await self.request_raw(subject, data, headers, timeout)
 
     async def command(self, verb: str, body: Any, command_id: str | None = None) -> Reply:
         """Send ``cmd.<verb>``: its Struct (see ``cli.common.command``), or a
@@ -235,6 +238,19 @@ def _expiry(token: str) -> int | None:
         return int(claims["exp"])
     except Exception:
         return None
+
+
+def decode_reply(subject: str, data: bytes) -> Reply:
+    """A service's ``Reply``, or the typed error it refused with."""
+    try:
+        reply = _reply.decode(data)
+    except msgspec.DecodeError:
+        raise Internal(f"{subject}: unreadable reply") from None
+    if not reply.ok:
+        if reply.error is None:
+            raise StratusError("refused without a reason")
+        raise from_wire(reply.error)
+    return reply
 
 
 async def _quiet(exc: Exception) -> None:

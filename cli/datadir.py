@@ -6,6 +6,7 @@ read command finds its URL without loading the control plane.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,3 +23,11 @@ def default_data_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "stratus"
+
+
+def deployment_prefix(data_dir: Path) -> str:
+    """The prefix of every host-level name (namespaces, links, cgroups) a
+    stack makes, derived from its data dir: two stacks on one machine never
+    touch each other's. Short, since it must fit in 15-byte link names."""
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()
+    return "s" + digest[:3]

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from stratus.cli import logs
+from stratus.cli import logs, transfer
 from stratus.cli.client import Client
 from stratus.cli.output import Format, emit
 from stratus.cli.runtime import Stack
@@ -213,12 +213,14 @@ async def _compute(console: Console, admin: Client, data: Path) -> None:
 
     src = data / "base.qcow2"
     await asyncio.to_thread(images.qemu_img, "create", "-q", "-f", "qcow2", str(src), "64M")
-    stored = await asyncio.to_thread(images.store_file, src, "qcow2", data / "images")
-    await do(
-        "image.create",
-        {"name": "base", "size_bytes": stored.size_bytes, "checksum": stored.checksum},
+    checksum, size = await asyncio.to_thread(transfer.hash_file, src)
+    queued = await do("image.create", {"name": "base", "size_bytes": size, "checksum": checksum})
+    console.print(f"image [bold]base[/] {queued['status']}: {size:,} bytes, {checksum[:16]}…")
+    await transfer.upload(admin, "base", src, tenant="globex")
+    console.print(
+        "uploaded over NATS: the image service checked size, SHA-256 and format "
+        "(qemu-img) and stored it in the object store; image base active"
     )
-    console.print(f"image [bold]base[/] stored as {stored.checksum[:16]}… (qemu-img checked)")
     await do("server.create", {"name": "vm-1", "image": "base", "vcpus": 1, "ram_mb": 128})
     vm1 = await running("vm-1")
     chain = await asyncio.to_thread(images.info, Path(vm1["disk"]), None, True)
@@ -228,8 +230,16 @@ async def _compute(console: Console, admin: Client, data: Path) -> None:
     )
     await do("server.snapshot", {"ref": "vm-1", "name": "vm-1-snap"})
     snap = await _wait_for(admin, "image", {**globex, "ref": "vm-1-snap"}, "active")
-    console.print(f"snapshot vm-1-snap recorded, parent image {snap['parent']}")
-    await do("server.create", {"name": "vm-2", "image": "vm-1-snap", "vcpus": 1, "ram_mb": 128})
+    console.print(
+        f"snapshot vm-1-snap stored by {vm1['host']} in the object store, parent image "
+        f"{snap['parent']}"
+    )
+    # On the other host: it fetches the snapshot and its parent from the store.
+    other = "host-02" if vm1["host"] == "host-01" else "host-01"
+    await do(
+        "server.create",
+        {"name": "vm-2", "image": "vm-1-snap", "vcpus": 1, "ram_mb": 128, "host": other},
+    )
     vm2 = await running("vm-2")
     chain = await asyncio.to_thread(images.info, Path(vm2["disk"]), None, True)
     console.print(f"vm-2 booted from the snapshot on {vm2['host']}: {len(chain)} layers")

@@ -170,10 +170,17 @@ def up(
     ] = 1,
     scheduler_config: SchedulerConfigOpt = None,
     webhook_allow_network: WebhookAllowOpt = None,
+    console_port: Annotated[
+        int,
+        typer.Option(
+            min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
+        ),
+    ] = 0,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
     from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
+    from stratus.events.broker import BrokerError
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
@@ -195,6 +202,7 @@ def up(
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
             webhook_allow=webhook_allow_network,
+            console_port=None if console_port < 0 else console_port,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -204,12 +212,20 @@ def up(
         if stack.admin_password and not admin_password:
             # Shown once: it is stored nowhere but as a hash on the log.
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
+        if stack.console_url:
+            print(f"console: {stack.console_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
-            await stop.wait()
+            # Until a signal, or until the broker cannot be kept running.
+            waits = [asyncio.create_task(e.wait()) for e in (stop, stack.failed)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
         finally:
             print("stratus stopping", flush=True)
             await stack.stop()
+        if stack.failed.is_set():
+            raise BrokerError(f"giving up: {stack.failure}")
 
     try:
         asyncio.run(main())
@@ -288,20 +304,27 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     from stratus.cli.runtime import start_services
     from stratus.handlers.catalog import all_handlers
     from stratus.handlers.identity import bootstrap_admin
+    from stratus.handlers.image_service import ImageService
     from stratus.handlers.keyring import KeyRing
     from stratus.handlers.service import CommandService
     from stratus.projections.query import QueryService
 
     name, defaults = ("handlers" if commands else "query"), o.quota_defaults
+    spool = o.data_dir / "image-spool"
     policy = webhook_policy_from(o.webhook_allow)  # a bad network stops us before connecting
     if o.insecure:
         if commands:
-            return _one(
-                name,
-                lambda store, _: CommandService(
-                    store, all_handlers(quota_defaults=defaults, webhook_policy=policy)
-                ),
-            )
+
+            async def start_insecure(store: Any, _engine: Any) -> list[Any]:
+                # Image bytes are written through the handlers too.
+                handlers = all_handlers(quota_defaults=defaults, webhook_policy=policy)
+                cmd = CommandService(store, handlers)
+                images = ImageService(store, spool=spool)
+                await cmd.start()
+                await images.start()
+                return [images, cmd]
+
+            return Service(name, start_insecure)
         return _one(
             name, lambda store, engine: QueryService(store, engine, quota_defaults=defaults)
         )
@@ -323,7 +346,13 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
         )
         if services.commands is not None and o.admin_password:
             await bootstrap_admin(services.commands, o.admin_password)
-        return services.parts
+        cmd = services.commands
+        if cmd is None:
+            return services.parts
+        # Image bytes are written through the handlers too.
+        images = ImageService(store, spool=spool, authenticate=cmd.authenticate, roles=cmd.roles)
+        await images.start()
+        return [images, *services.parts]
 
     return Service(name, start)
 
@@ -385,7 +414,7 @@ def _compute_agent(o: ServeOptions) -> Service:
 def _network_agent(o: ServeOptions) -> Service:
     from stratus.cli.network_agent import network_agent_service
 
-    return network_agent_service(o.args)
+    return network_agent_service(o.args, o.data_dir)
 
 
 # `stratus serve NAME`: each factory checks its options (a mistake stops it
@@ -482,7 +511,7 @@ async def _serve_until_signal(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help=", ".join(SERVICES))],
+    service: Annotated[str, typer.Argument(help=", ".join([*SERVICES, "console"]))],
     creds: Annotated[
         Path | None,
         typer.Option(
@@ -522,9 +551,37 @@ def serve(
     from stratus.projections.db import sqlite_url
     from stratus.projections.rebuild import live_store_path
 
+    if service == "console":
+        # A client of the control plane rather than a service: each request
+        # carries its browser's token; its own credential (kind console) only
+        # lets it send requests and read its inbox.
+        from stratus.console.server import serve_console
+
+        if creds is None and not insecure_no_auth:
+            typer.echo(
+                "error: give --creds FILE (stratus credentials issue --service console)", err=True
+            )
+            raise typer.Exit(EXIT_USAGE)
+        console_creds = load_for_serve(creds) if creds is not None else None
+        if console_creds is not None and console_creds.kind != "console":
+            typer.echo(
+                f"error: {creds} holds {console_creds.label} credentials, not console ones",
+                err=True,
+            )
+            raise typer.Exit(EXIT_USAGE)
+        logs.configure("INFO")
+        try:
+            serve_console(
+                ctx.args,
+                url=resolve_url(),
+                connect=console_creds.connect_options() if console_creds else None,
+            )
+        except StratusError as err:
+            raise fail(err) from None
+        return
     factory = SERVICES.get(service)
     if factory is None:
-        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}", err=True)
+        typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}, console", err=True)
         raise typer.Exit(EXIT_USAGE)
     if creds is None and not insecure_no_auth:
         typer.echo(
@@ -720,32 +777,14 @@ def why(
     """The causal chain from each command that touched RESOURCE_ID to every
     event it caused (the scheduler's decisions and the agents' reports
     included), with the scheduler's reasons."""
+    from stratus.cli.history import because, causal_chain, causal_depths
 
-    async def chain(c: "Client") -> list[dict]:
-        base: dict[str, Any] = {"resource": resource_id, "limit": 1000}
-        if tenant is not None:
-            base["tenant"] = tenant
-        touched = await c.query("audit", base, at=at)
-        if not touched:
-            raise NotFound(f"no events about {resource_id} (or not visible to you)")
-        seen: dict[int, dict] = {}
-        for cid in dict.fromkeys(r["correlation_id"] for r in touched):
-            params = {**base, "command": cid}
-            del params["resource"]
-            if tenant is None:
-                params.pop("tenant", None)
-            for r in await c.query("audit", params, at=at):
-                seen[r["seq"]] = r
-        return [seen[k] for k in sorted(seen)]
-
-    from stratus.events.errors import NotFound
-
-    rows = run(chain)
-    depth = _causal_depths(rows)
+    rows = run(lambda c: causal_chain(c, resource_id, tenant=tenant, at=at))
+    depth = causal_depths(rows)
     if output is not Format.table:
         for r in rows:
             r["depth"] = depth[r["id"]]
-            r["why"] = _because(r)
+            r["why"] = because(r)
         emit(rows, output)
         return
     emit(
@@ -756,48 +795,13 @@ def why(
                 "actor": r["actor"],
                 "event": "  " * depth[r["id"]] + r["type"],
                 "resource": _flat(r)["resource"],
-                "why": _because(r) or r["result"],
+                "why": because(r) or r["result"],
             }
             for r in rows
         ],
         output,
         ["seq", "time", "actor", "event", "resource", "why"],
     )
-
-
-def _causal_depths(rows: list[dict]) -> dict[str, int]:
-    """How far each event is from its command: 0 for what the command
-    appended, one more for each event caused by another in the chain."""
-    by_id = {r["id"]: r for r in rows}
-    depth: dict[str, int] = {}
-
-    def of(r: dict, hops: int = 0) -> int:
-        if r["id"] in depth:
-            return depth[r["id"]]
-        parent = by_id.get(r["causation_id"])
-        d = 0 if parent is None or hops > 64 else of(parent, hops + 1) + 1
-        depth[r["id"]] = d
-        return d
-
-    for r in rows:
-        of(r)
-    return depth
-
-
-def _because(row: dict) -> str:
-    """The reason an event carries, in a line: where the scheduler placed a
-    server and what it ruled out, or why something failed."""
-    data = row.get("data") or {}
-    sched = data.get("scheduling") or {}
-    removed = ", ".join(f"{n} {why}" for why, n in (sched.get("removed") or {}).items())
-    if row["type"] == "server.scheduled":
-        head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
-        return head + (f" ({removed})" if removed else "")
-    if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
-        return str(data.get("reason", ""))
-    if row["type"] == "host.claimed":
-        return f"{data.get('vcpus')} vCPU, {data.get('ram_mb')} MB for {data.get('server')}"
-    return ""
 
 
 def _utc_time(option: str, text: str) -> str:

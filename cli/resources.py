@@ -41,7 +41,7 @@ KINDS: dict[str, tuple[list[str], str]] = {
     ),
     "server-group": (["id", "name", "policy", "tenant"], "Server groups."),
     "volume": (["id", "name", "status", "size_gb", "server", "tenant"], "Volumes."),
-    "network": (["id", "name", "status", "external", "cidr", "tenant"], "Networks."),
+    "network": (["id", "name", "status", "mode", "external", "cidr", "tenant"], "Networks."),
     "subnet": (["id", "name", "network", "cidr", "gateway", "tenant"], "Subnets."),
     "port": (["id", "name", "network", "ip", "mac", "device", "status", "tenant"], "Ports."),
     "router": (["id", "name", "status", "external_network", "tenant"], "Routers."),
@@ -161,6 +161,47 @@ def _switch(verb: str) -> Any:
     return switch
 
 
+def _hashed(file: Path) -> tuple[str, int]:
+    """The file's SHA-256 and size (with a progress bar on a terminal)."""
+    from stratus.cli.transfer import Bar, hash_file
+    from stratus.events.errors import Invalid
+
+    if not file.is_file():
+        raise fail(Invalid(f"{file} is not a file"))
+    with Bar(f"checksumming {file.name}", file.stat().st_size) as bar:
+        return hash_file(file, bar.advance)
+
+
+async def _create_and_upload(
+    c: Any, verb: str, cmd: Any, file: Path, checksum: str, public: bool
+) -> dict[str, Any]:
+    """Record the image (queued), then send its bytes. If the image service
+    refuses them (``invalid``), the record goes too, so a refused upload
+    leaves nothing; if the upload breaks off, the image stays queued."""
+    from stratus.cli.transfer import Bar, upload
+    from stratus.events.errors import Invalid, StratusError
+
+    created = (await c.command(verb, cmd)).data
+    ref = created["id"]
+    owner = None if public else cmd.tenant
+    try:
+        with Bar(f"uploading {file.name}", cmd.size_bytes) as bar:
+            return await upload(
+                c, ref, file, tenant=owner, public=public, progress=bar.advance, checksum=checksum
+            )
+    except Invalid:
+        if not public:
+            with contextlib.suppress(StratusError):
+                await c.command("image.delete", {"ref": ref, "tenant": owner})
+        raise
+    except StratusError as err:
+        hint = f"{'--public ' if public else ''}{cmd.name} --file {file}"
+        raise type(err)(
+            f"{err.message}; image {cmd.name} stays queued: `stratus image upload {hint}` "
+            "sends it again"
+        ) from None
+
+
 def _emit_quota(data: dict[str, Any], output: Format) -> None:
     if output is Format.table:
         emit(data["quota"], output, ["resource", "limit", "in_use"], title=data["tenant"])
@@ -229,12 +270,9 @@ def register(root: typer.Typer) -> None:
     def image_create(
         name: str,
         format_: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
-        size_bytes: Annotated[int, typer.Option()] = 0,
         file: Annotated[
-            Path | None, typer.Option(help="the image file, checked and put in the store")
-        ] = None,
-        image_store: Annotated[
-            Path | None, typer.Option(help="the image store (default: DATA_DIR/images)")
+            Path | None,
+            typer.Option(help="the image file: sent to the image service, checked, stored"),
         ] = None,
         public: Annotated[
             bool, typer.Option("--public", help="for every tenant (cloud admin)")
@@ -242,28 +280,85 @@ def register(root: typer.Typer) -> None:
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        """Store an image file (checked with qemu-img) and record it; without
-        --file, only the record (its instances get a blank disk)."""
+        """Create an image. With --file its bytes are uploaded over --url (no
+        shared disk) and it becomes active once the image service has checked
+        their size, SHA-256 and format and stored them; without, it is a
+        record only (its instances get a blank disk)."""
         verb = "image.create-public" if public else "image.create"
-        fields: dict[str, Any] = {"name": name, "format": format_, "size_bytes": size_bytes}
-        # Checked before the file is: a bad name stores nothing.
-        command(verb, **fields, tenant=None if public else tenant)
-        if file is not None:
-            from stratus.agents.compute import images
-            from stratus.cli.datadir import default_data_dir
-            from stratus.events.errors import Invalid, StratusError
+        owner = None if public else tenant
+        # Checked before the file is read: a bad name reads nothing.
+        command(verb, name=name, format=format_, tenant=owner)
+        if file is None:
+            do(verb, output, name=name, format=format_, tenant=owner)
+            return
+        checksum, size = _hashed(file)
+        cmd = command(
+            verb, name=name, format=format_, size_bytes=size, checksum=checksum, tenant=owner
+        )
+        emit(run(lambda c: _create_and_upload(c, verb, cmd, file, checksum, public)), output)
 
-            store = image_store or default_data_dir() / "images"
-            try:
-                stored = images.store_file(file, format_, store)
-            except StratusError as err:
-                raise fail(err) from None
-            except images.ImageError as exc:
-                raise fail(Invalid(str(exc))) from None
-            fields["size_bytes"] = stored.size_bytes
-            fields["checksum"] = stored.checksum
-            fields["min_disk_gb"] = -(-stored.virtual_size // (1 << 30))
-        do(verb, output, **fields, tenant=None if public else tenant)
+    @apps["image"].command("upload")
+    def image_upload(
+        ref: Annotated[str, typer.Argument(help="id or name of a queued image")],
+        file: Annotated[Path, typer.Option(help="the image file")],
+        public: Annotated[bool, typer.Option("--public", help="a public image")] = False,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Upload the bytes of a queued image again (after an interrupted
+        upload); the file must be the one the image was created for."""
+        from stratus.cli.transfer import Bar, upload
+
+        checksum, size = _hashed(file)
+
+        async def go(c: Any) -> Any:
+            with Bar(f"uploading {file.name}", size) as bar:
+                return await upload(
+                    c,
+                    ref,
+                    file,
+                    tenant=tenant,
+                    public=public,
+                    progress=bar.advance,
+                    checksum=checksum,
+                )
+
+        emit(run(go), output)
+
+    @apps["image"].command("download")
+    def image_download(
+        ref: Annotated[str, typer.Argument(help="id or name (or a public image's name)")],
+        file: Annotated[
+            Path | None, typer.Option(help="where to write it (default: NAME.FORMAT here)")
+        ] = None,
+        public: Annotated[bool, typer.Option("--public", help="a public image")] = False,
+        tenant: TenantOpt = None,
+        output: OutputOpt = Format.table,
+    ) -> None:
+        """Write an image's bytes to a file, checked against its SHA-256."""
+        from stratus.cli.transfer import Bar, download
+
+        async def go(c: Any) -> dict[str, Any]:
+            with Bar(f"downloading {ref}") as bar:
+                opened, path = await download(
+                    c,
+                    ref,
+                    file,
+                    tenant=tenant,
+                    public=public,
+                    progress=bar.advance,
+                    on_open=lambda o: bar.sized(o.size),
+                )
+            return {
+                "id": opened.image["id"],
+                "name": opened.image["name"],
+                "file": str(path),
+                "size_bytes": opened.size,
+                "checksum": opened.checksum,
+                "format": opened.format,
+            }
+
+        emit(run(go), output)
 
     @apps["server"].command("create")
     def server_create(
@@ -373,14 +468,30 @@ def register(root: typer.Typer) -> None:
     def network_create(
         name: str,
         external: Annotated[bool, typer.Option("--external", help="cloud admin")] = False,
-        cidr: Annotated[str | None, typer.Option(help="external: floating IP range")] = None,
+        mode: Annotated[
+            str, typer.Option(help="vxlan (a tenant's overlay) or routed (cloud admin: BGP)")
+        ] = "vxlan",
+        cidr: Annotated[
+            str | None, typer.Option(help="external: floating IP range; routed: its prefix")
+        ] = None,
+        block_prefix: Annotated[
+            int | None, typer.Option(help="routed: length of the blocks hosts claim (26)")
+        ] = None,
         gateway: Annotated[str | None, typer.Option()] = None,
         pool_start: Annotated[str | None, typer.Option()] = None,
         pool_end: Annotated[str | None, typer.Option()] = None,
         tenant: TenantOpt = None,
         output: OutputOpt = Format.table,
     ) -> None:
-        if external:
+        if mode not in ("vxlan", "routed"):
+            typer.echo(f"error: --mode must be vxlan or routed, not {mode!r}", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        if mode == "routed":
+            if external or not cidr:
+                typer.echo("error: --mode routed needs --cidr and no --external", err=True)
+                raise typer.Exit(EXIT_USAGE)
+            do("network.create-routed", output, name=name, cidr=cidr, block_prefix=block_prefix)
+        elif external:
             do(
                 "network.create-external",
                 output,

@@ -10,6 +10,14 @@ auth callout, which runs here and admits everything else. Each service in
 this process connects as a separate service would, with a credential of its
 own kind (signed here with the key ring, held in memory only), so the
 permissions tested here are the ones a multi-machine deployment gets.
+
+The stack supervises its broker: a nats-server that dies is started again
+on the same port and store (at once, then with back-off), while the
+services' connections reconnect by themselves; after ``MAX_RESTARTS``
+failures in a row it gives up and says why (``failed``). The broker dies
+with the process that started it (see ``events.broker``), and a broker left
+running on this data dir by an older process is stopped before a new one
+starts, so two never share the JetStream store.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
+import time
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -28,8 +36,9 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     BROKER_DIR,
     URL_FILE,
     default_data_dir,
+    deployment_prefix,
 )
-from stratus.events.broker import EmbeddedNats
+from stratus.events.broker import EmbeddedNats, StoreInUse, stop_pid
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
@@ -39,6 +48,7 @@ from stratus.handlers.callout import AuthCallout
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.credentials import mint
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
+from stratus.handlers.image_service import ImageService
 from stratus.handlers.integrations import WebhookKeys
 from stratus.handlers.keyring import SERVICE_TTL_S, KeyRing
 from stratus.handlers.natsauth import BrokerKeys, broker_auth_config
@@ -133,6 +143,14 @@ class DataDirBusy(RuntimeError):
     pass
 
 
+# Broker supervision: restarts in a row before giving up, the back-off
+# before each (the first at once), and how long a broker must have run for
+# its death to start a new count.
+MAX_RESTARTS = 5
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)
+STABLE_AFTER_S = 60.0
+
+
 class Stack:
     def __init__(
         self,
@@ -148,7 +166,12 @@ class Stack:
         scheduler_replicas: int = 1,
         scheduler_config: SchedulerConfig | None = None,
         webhook_allow: list[str] | None = None,
+        console_port: int | None = None,
     ) -> None:
+        # The web console on 127.0.0.1 (0: any free port; None: none).
+        self.console_port = console_port
+        self.console: Any = None
+        self.console_url: str | None = None
         self.token_ttl_s = token_ttl_s
         # Where webhooks may point: the command handlers check it when one is
         # created, the delivery service at every POST.
@@ -170,6 +193,7 @@ class Stack:
         self.broker: EmbeddedNats | None = None
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
+        self.images: ImageService | None = None
         self.queries: QueryService | None = None
         self.live: LiveProjection | None = None
         self.swapper: SwapService | None = None
@@ -181,6 +205,13 @@ class Stack:
         # Every connection of the services (each with its own credential).
         self.stores: list[EventStore] = []
         self._service_parts: list[Any] = []
+        self.prefix = deployment_prefix(self.data_dir)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Set when the broker could not be kept running; ``failure`` says why.
+        self.failed = asyncio.Event()
+        self.failure = ""
+        self.broker_restarts = 0
         self.webhooks: WebhookService | None = None
         # WebhookService keyword arguments (retries, backoff, timeout).
         self.webhook_options: dict[str, Any] = {}
@@ -206,7 +237,9 @@ class Stack:
                 log_file=str(self.data_dir / "nats.log"),
                 extra_config=broker_config(keys),
             )
-            url = self.url = await asyncio.to_thread(self.broker.start)
+            await self._stop_leftover_broker()
+            url = self.url = await self.broker.start_async()
+            self._supervisor = asyncio.create_task(self._supervise_broker())
             # The callout first: it admits every other connection, services'
             # too, by the key ring's public keys until the log has them.
             self.callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
@@ -237,6 +270,13 @@ class Stack:
             self.queries = queries.queries
             self._service_parts = [*services.parts, *queries.parts]
             assert self.commands is not None and self.queries is not None
+            self.images = ImageService(
+                self.store,
+                spool=self.data_dir / "image-spool",
+                authenticate=self.commands.authenticate,
+                roles=self.commands.roles,
+            )
+            await self.images.start()
             self.swapper = SwapService(
                 reader,
                 self.live,
@@ -262,6 +302,8 @@ class Stack:
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
+            if self.console_port is not None:
+                await self._start_console(url)
             log.info("stratus ready", url=url, data_dir=str(self.data_dir))
             return url
         except BaseException:
@@ -277,6 +319,74 @@ class Stack:
         self.stores.append(store)
         return store
 
+    async def _stop_leftover_broker(self) -> None:
+        """A nats-server still running on this data dir (its ``up`` was
+        killed before it could stop it) is stopped: this process holds the
+        data dir's lock, so no live ``up`` owns it."""
+        assert self.broker is not None
+        for pid in self.broker.holders():
+            log.warning("stopping a leftover nats-server of this data dir", pid=pid)
+            print(f"stratus: stopping a leftover nats-server (pid {pid}) of {self.data_dir}")
+            if not await asyncio.to_thread(stop_pid, pid):
+                raise StoreInUse(
+                    f"a leftover nats-server (pid {pid}) of {self.data_dir} survived SIGKILL: "
+                    f"make sure it is gone (kill -9 {pid}) and run stratus up again",
+                    [pid],
+                )
+
+    async def _supervise_broker(self) -> None:
+        """Start the broker again whenever it dies; give up after
+        ``MAX_RESTARTS`` failures in a row (``failed`` is then set)."""
+        broker = self.broker
+        assert broker is not None
+        failures = 0
+        started = time.monotonic()
+        while True:
+            code = await broker.wait_exit()
+            if self._stopping:
+                return
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                failures = 0
+            log.error("nats-server exited; restarting it", code=code, log=broker.log_file)
+            last = f"it exited with {code}"
+            while True:
+                if failures >= MAX_RESTARTS:
+                    self.failure = (
+                        f"nats-server failed {MAX_RESTARTS} times in a row (last: {last}); "
+                        f"see {broker.log_file}"
+                    )
+                    log.error("giving up on the broker", reason=self.failure)
+                    self.failed.set()
+                    return
+                await asyncio.sleep(RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)])
+                failures += 1
+                if self._stopping:
+                    return
+                try:
+                    await broker.restart_async()
+                except Exception as exc:  # the port taken, the store locked...
+                    last = str(exc)
+                    log.error("nats-server restart failed", attempt=failures, error=last)
+                    continue
+                self.broker_restarts += 1
+                started = time.monotonic()
+                log.warning("nats-server restarted", pid=broker.pid, attempt=failures)
+                break
+
+    async def _start_console(self, url: str) -> None:
+        """The web console: a client of this stack like any browser's CLI
+        (with a console credential: requests and its own inbox only)."""
+        from stratus.console.server import ConsoleServer
+
+        assert self.queries is not None
+        assert self.keyring is not None
+        creds, _ = mint(self.keyring, "console", "", SERVICE_TTL_S)
+        self.console = ConsoleServer(
+            url, "127.0.0.1", self.console_port or 0, creds.connect_options()
+        )
+        self.console_url = await self.console.start()
+        self.queries.endpoints["console_url"] = self.console_url
+
     async def _start_network(self) -> None:
         """Simulated hosts in namespaces and their network agents, when allowed."""
         from stratus.agents.network.service import SimulatedPlane, network_capable
@@ -289,11 +399,11 @@ class Stack:
         assert self.store is not None
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
-        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
         self.network = SimulatedPlane(
             self.store,
             self.hosts,
-            prefix="s" + digest[:3],
+            prefix=self.prefix,
+            state_dir=self.data_dir / "network",
             store_for=lambda host: self.connect("network-agent", host),
         )
         await self.network.start()
@@ -311,7 +421,9 @@ class Stack:
                 name,
                 libvirt_uri=self.libvirt_uri,
                 data_dir=self.data_dir / "hosts" / name,
-                image_store=self.data_dir / "images",
+                # Container cgroups carry the prefix: another stack's agent
+                # of a host with the same name never sees them.
+                deployment=self.prefix,
                 # Simulated hosts all share this machine: a fixed, modest size.
                 vcpus=16,
                 ram_mb=65536,
@@ -321,8 +433,18 @@ class Stack:
             await agent.start()
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.console is not None:
+            with contextlib.suppress(Exception):
+                await self.console.stop()
+            self.console = None
         if self.network is not None:
             # The hosts' namespaces go too: a restart rebuilds them from the log.
             with contextlib.suppress(Exception):
@@ -337,6 +459,7 @@ class Stack:
             self.webhooks,
             *self.schedulers,
             self.swapper,
+            self.images,
             *self._service_parts,
         ):
             if svc is not None:

@@ -4,11 +4,20 @@ Used by ``stratus up``, the tests and the benchmarks, so all three run the
 same broker with the same settings: JetStream on file storage with
 ``sync_interval: always``, so an acknowledged event is on disk (the default
 two-minute fsync lost acknowledged writes in Jepsen's NATS 2.12.1 analysis).
+
+Two brokers never share a store: the child holds an exclusive ``flock`` on
+``DIR/store.lock`` for as long as it lives (the locked descriptor is
+inherited by it and the parent's copy closed), so the lock is exactly as
+old as the broker, whoever its parent was, and dies with it. The child also
+dies with its parent (``PR_SET_PDEATHSIG`` set by util-linux ``setpriv``
+before it execs nats-server), so a killed owner leaves no broker behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -20,9 +29,21 @@ import sysconfig
 import time
 from pathlib import Path
 
+STORE_LOCK = "store.lock"
+CONF = "nats-server.conf"
+
 
 class BrokerError(RuntimeError):
     pass
+
+
+class StoreInUse(BrokerError):
+    """Another nats-server runs on this JetStream store (``pids``: those
+    found; empty when the lock's holder could not be named)."""
+
+    def __init__(self, message: str, pids: list[int]) -> None:
+        super().__init__(message)
+        self.pids = pids
 
 
 def nats_server_binary() -> str:
@@ -57,6 +78,7 @@ class EmbeddedNats:
         sync_always: bool = True,
         extra_config: str = "",
         log_file: str | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
@@ -64,8 +86,23 @@ class EmbeddedNats:
         self.sync_always = sync_always
         self.extra_config = extra_config
         self.log_file = log_file
+        # The kernel signals the child when the *thread* that started it
+        # ends: start it from a thread that lives as long as the broker
+        # should (the main thread, or the event loop's).
+        self.die_with_parent = die_with_parent
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
+
+    @property
+    def conf_path(self) -> Path:
+        return self.data_dir / CONF
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def config_text(self) -> str:
         js = self.data_dir / "jetstream"
@@ -87,29 +124,133 @@ class EmbeddedNats:
         return "\n".join(lines) + "\n"
 
     def start(self, timeout: float = 15.0) -> str:
+        """Start the broker and wait until it accepts connections; its URL."""
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    async def start_async(self, timeout: float = 15.0) -> str:
+        """``start`` from the event loop: the child is made by the loop's
+        thread (so it dies with this process, not with a worker thread) and
+        its readiness awaited without blocking the loop."""
+        self.spawn()
+        return await asyncio.to_thread(self.wait_ready, timeout)
+
+    async def restart_async(self, timeout: float = 15.0) -> str:
+        """Start again on the port the last run had (clients reconnect to
+        the URL they know)."""
+        if self.url is not None:
+            self.port = int(self.url.rsplit(":", 1)[1])
+        return await self.start_async(timeout)
+
+    def holders(self) -> list[int]:
+        """The nats-servers running on this store now: the holder of its
+        lock and any whose ports file is here (one started without the lock)."""
+        pids = {pid for pid in self._ported_pids() if _runs_config(pid, self.conf_path)}
+        lock = self.data_dir / STORE_LOCK
+        if lock.exists():
+            fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _read_pid(fd)
+                    if holder and _runs_config(holder, self.conf_path):
+                        pids.add(holder)
+            finally:
+                os.close(fd)
+        return sorted(pids)
+
+    def spawn(self) -> None:
+        """Start the child, holding the store's lock; ``wait_ready`` follows."""
+        if self.running():
+            raise BrokerError(f"nats-server already runs on {self.data_dir} (pid {self.pid})")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        conf = self.data_dir / "nats-server.conf"
-        conf.write_text(self.config_text())
-        for old in self.data_dir.glob("nats-server_*.ports"):
-            old.unlink(missing_ok=True)
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)],
-            stdout=out,
-            stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            # Own process group: a Ctrl-C in the terminal reaches `stratus up`,
-            # which then stops the broker in order, after the services.
-            start_new_session=True,
-        )
-        if self.log_file:
-            out.close()  # type: ignore[union-attr]
+        conf = self.conf_path
+        lock_fd = self._lock_store()
+        try:
+            # A server started before the lock existed holds none: its
+            # ports file still names it.
+            others = [p for p in self._ported_pids() if _runs_config(p, conf)]
+            if others:
+                raise StoreInUse(
+                    f"nats-server (pid {', '.join(map(str, others))}) runs on the "
+                    f"JetStream store in {self.data_dir}",
+                    others,
+                )
+            conf.write_text(self.config_text())
+            for old in self.data_dir.glob("nats-server_*.ports"):
+                old.unlink(missing_ok=True)
+            argv = [nats_server_binary(), "-c", str(conf)]
+            setpriv = shutil.which("setpriv") if self.die_with_parent else None
+            if setpriv:
+                # TERM: a clean shutdown of the store (acknowledged writes
+                # are on disk either way, with sync_interval: always).
+                argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+            out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+            try:
+                self.proc = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
+                    # The locked descriptor: the child holds the lock from now on.
+                    pass_fds=(lock_fd,),
+                    # Own process group: a Ctrl-C in the terminal reaches
+                    # `stratus up`, which then stops the broker in order,
+                    # after the services.
+                    start_new_session=True,
+                )
+            finally:
+                if self.log_file:
+                    out.close()  # type: ignore[union-attr]
+            # Who holds it, for ``holders`` (setpriv execs: the same pid).
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{self.proc.pid}\n".encode(), 0)
+        finally:
+            os.close(lock_fd)
+
+    def _lock_store(self) -> int:
+        fd = os.open(self.data_dir / STORE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            lock = self.data_dir / STORE_LOCK
+            if holder is not None and _runs_config(holder, self.conf_path):
+                raise StoreInUse(
+                    f"nats-server (pid {holder}) runs on the JetStream store in "
+                    f"{self.data_dir}: two must never share a store",
+                    [holder],
+                ) from None
+            raise StoreInUse(
+                f"the JetStream store in {self.data_dir} is locked by another process "
+                f"(`fuser -v {lock}` names it): stop it, then start again",
+                [],
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _ported_pids(self) -> list[int]:
+        out = []
+        for f in self.data_dir.glob("nats-server_*.ports"):
+            with contextlib.suppress(ValueError):
+                out.append(int(f.stem.rsplit("_", 1)[1]))
+        return out
+
+    def wait_ready(self, timeout: float = 15.0) -> str:
+        proc = self.proc
+        if proc is None:
+            raise BrokerError("nats-server was not started")
+        conf = self.conf_path
         deadline = time.monotonic() + timeout
-        ports = self.data_dir / f"nats-server_{self.proc.pid}.ports"
+        ports = self.data_dir / f"nats-server_{proc.pid}.ports"
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise BrokerError(
-                    f"nats-server exited with {self.proc.returncode}; see {self.log_file or conf}"
+                    f"nats-server exited with {proc.returncode}; see {self.log_file or conf}"
                 )
             if ports.exists():
                 try:
@@ -125,15 +266,38 @@ class EmbeddedNats:
         self.stop()
         raise BrokerError(f"nats-server did not become ready within {timeout}s")
 
+    async def wait_exit(self) -> int:
+        """Until the current child exits (at once, through a pidfd); its code."""
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except ProcessLookupError:
+                fd = -1
+            if fd >= 0:
+                loop = asyncio.get_running_loop()
+                done = loop.create_future()
+                loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+                try:
+                    await done
+                finally:
+                    loop.remove_reader(fd)
+                    os.close(fd)
+        return await asyncio.to_thread(proc.wait)
+
     def reload(self, extra_config: str | None = None) -> None:
         """Rewrite the config (with new ``extra_config``) and make the server
         reload it. nats-server re-checks every open connection against the
         new users, so a removed user is disconnected at once."""
         if extra_config is not None:
             self.extra_config = extra_config
-        if self.proc is None or self.proc.poll() is not None:
+        conf = self.conf_path
+        if not self.running():
+            # Written anyway: a restart starts from the current users.
+            conf.write_text(self.config_text())
             raise BrokerError("nats-server is not running")
-        conf = self.data_dir / "nats-server.conf"
         tmp = conf.with_suffix(".tmp")
         tmp.write_text(self.config_text())
         os.replace(tmp, conf)
@@ -164,6 +328,48 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or "x")
+    return None
+
+
+def _runs_config(pid: int, conf: Path) -> bool:
+    """Whether ``pid`` is a live nats-server started with ``-c conf``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # gone (a zombie has an empty command line)
+    names = [a.decode(errors="replace") for a in argv]
+    for i, a in enumerate(names[:-1]):
+        if a == "-c" and names[i + 1] == str(conf):
+            return any(Path(n).name == "nats-server" for n in names[:i])
+    return False
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """Stop a process that is not our child (SIGTERM, then SIGKILL after
+    ``timeout``); whether it is gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not pid_running(pid):
+                return True
+            time.sleep(0.05)
+    return not pid_running(pid)
+
+
+def pid_running(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper no longer runs)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _reachable(url: str) -> bool:

@@ -32,6 +32,11 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     **resources.COMMANDS,
     **compute.COMMANDS,
     **integrations.COMMANDS,
+    **network.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)
+# Older versions of events still on the log, read as today's.
+for _module in (resources, scheduling):
+    for (_name, _version), _upcast in _module.UPCASTERS.items():
+        CODEC.register_upcaster(_name, _version, _upcast)

@@ -19,16 +19,30 @@ other about the data plane.
   names it in the domain (libvirt creates it when the guest starts), and the
   network agent puts it on the network's bridge (moving it into a simulated
   host's namespace first). Its MAC is the port's.
+- A routed network (Calico's model) is cloud-wide, on
+  ``ev._system.network.<name>``: no bridge, no overlay, no NAT. Its address
+  blocks are claimed by hosts on demand (``ipam.block-claimed`` on the
+  network's subject, conditioned on it: a block has one host), and each
+  block's addresses are handed out by its host alone, on the block's own
+  subject (``block_subject``), together with ``port.address-assigned`` on
+  the port. A host gives back a block it no longer uses. Each host's BIRD
+  announces its blocks over iBGP; what a host's agent sees of its BGP
+  sessions going down and coming back is recorded on its own subject.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
+from typing import Annotated
 
+import msgspec
+
+from stratus.events.commands import Command
 from stratus.events.errors import Invalid
 from stratus.events.model import Cause, Event
-from stratus.events.resources import SYSTEM, PortBound
+from stratus.events.resources import SYSTEM, Addr, Name, PortBound
 
 SEGMENT_POOL = "vxlan"
 SEGMENT_POOL_SUBJECT = f"ev.{SYSTEM}.segment-pool.{SEGMENT_POOL}"
@@ -37,6 +51,16 @@ SEGMENT_POOL_SUBJECT = f"ev.{SYSTEM}.segment-pool.{SEGMENT_POOL}"
 VNI_FIRST = 4096
 VNI_LAST = (1 << 24) - 1
 VXLAN_PORT = 4789
+
+ROUTED = "routed"
+# The cloud's private AS: every host's BIRD speaks iBGP in it (Calico's default).
+BGP_ASN = 64512
+BLOCK_PREFIX = 26
+# A routed port's next hop inside its instance: a link-local address on the
+# host's side of the veth, whose MAC is fixed (Calico's convention), so the
+# instance gets a permanent neighbour entry and needs no ARP proxy.
+ROUTED_GATEWAY = "169.254.1.1"
+ROUTED_HOST_MAC = "ee:ee:ee:ee:ee:ee"
 
 # Linux's IFNAMSIZ is 16 with the terminating NUL.
 IFNAME_MAX = 15
@@ -133,6 +157,13 @@ def check_mac(mac: str) -> str:
     return mac
 
 
+def block_subject(network: str, block: str) -> str:
+    """The subject of one block's address allocations (its host's alone)."""
+    net = ipaddress.ip_network(block)
+    ident = f"{network}-{str(net.network_address).replace('.', '-')}-{net.prefixlen}"
+    return f"ev.{SYSTEM}.ipblock.{ident}"
+
+
 def port_binding(cause: Cause, tenant: str, port_id: str, host: str) -> PortBound:
     """The event binding a port to ``host``: append it on the port's subject."""
     return cause.make(PortBound, tenant, "port", port_id, host=host)
@@ -168,4 +199,77 @@ class NetworkAgentCorrected(Event, frozen=True, tag="network-agent.corrected"):
     removed: list[str] = []
 
 
-EVENTS = (SegmentAllocated, SegmentReleased, NetworkAgentRegistered, NetworkAgentCorrected)
+class BlockClaimed(Event, frozen=True, tag="ipam.block-claimed"):
+    """On a routed network's subject: ``block`` is now ``host``'s (Calico's
+    block affinity): only that host hands out its addresses, and its BIRD
+    announces it."""
+
+    block: str
+    host: str
+
+
+class BlockReleased(Event, frozen=True, tag="ipam.block-released"):
+    """``host`` gave ``block`` back: none of its addresses was in use."""
+
+    block: str
+    host: str
+
+
+class Holder(msgspec.Struct, frozen=True):
+    """Who holds an address of a block: a port of a tenant."""
+
+    tenant: str
+    port: str
+
+
+class BlockAddresses(Event, frozen=True, tag="ipam.addresses"):
+    """On a block's subject, by its host's agent alone: addresses handed out
+    and given back (address -> holder), in one event conditioned on the
+    block's last one, so no address is ever handed out twice. Each port
+    learns its address from ``port.address-assigned`` on its own subject."""
+
+    network: str
+    block: str
+    allocated: dict[str, Holder] = {}
+    released: dict[str, Holder] = {}
+
+
+class PeerLost(Event, frozen=True, tag="network-agent.peer-lost"):
+    """``host``'s BGP session to ``peer`` went down; the routes it had learned
+    from it (``withdrawn``: the peer's blocks) are gone from its table."""
+
+    host: str
+    peer: str
+    withdrawn: list[str] = []
+
+
+class PeerRestored(Event, frozen=True, tag="network-agent.peer-restored"):
+    """``host``'s BGP session to ``peer`` is established again; ``learned``:
+    the peer's blocks it routes to now."""
+
+    host: str
+    peer: str
+    learned: list[str] = []
+
+
+class RoutedNetworkCreate(Command, frozen=True):
+    """A cloud admin's routed network (``network create NAME --mode routed``)."""
+
+    name: Name
+    cidr: Addr
+    block_prefix: Annotated[int, msgspec.Meta(ge=20, le=30)] = BLOCK_PREFIX
+
+
+COMMANDS: dict[str, type[Command]] = {"network.create-routed": RoutedNetworkCreate}
+
+EVENTS = (
+    SegmentAllocated,
+    SegmentReleased,
+    NetworkAgentRegistered,
+    NetworkAgentCorrected,
+    BlockClaimed,
+    BlockReleased,
+    BlockAddresses,
+    PeerLost,
+    PeerRestored,
+)

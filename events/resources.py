@@ -14,7 +14,7 @@ both read it, so the lifecycle is written down once.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -119,6 +119,10 @@ class FlavorDeleted(ResourceEvent, frozen=True, tag="flavor.deleted"):
 
 
 class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
+    """An image usable at once: a record without bytes (its instances get a
+    blank disk), or a snapshot whose bytes its host has already stored in
+    the object store under ``checksum`` and verified."""
+
     begins = True
     status = "active"
     name: str
@@ -128,6 +132,41 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+
+
+class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
+    """An image waiting for its bytes: what they must be (``size_bytes``
+    long, hashing to ``checksum``, of ``format``). Nothing boots it until
+    ``image.activated``."""
+
+    begins = True
+    status = "queued"
+    name: str
+    format: str = "qcow2"
+    size_bytes: int = 0
+    checksum: str = ""
+    visibility: str = "private"
+    min_disk_gb: int = 0
+
+
+class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
+    """The image service stored the uploaded bytes in the object store under
+    ``checksum`` after checking them: the size and SHA-256 the image was
+    queued with, and its format (``qemu-img info``). ``reason`` is emptied."""
+
+    status = "active"
+    size_bytes: int
+    checksum: str
+    min_disk_gb: int = 0
+    reason: str = ""
+
+
+class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
+    """An upload ended without storing anything: the bytes were refused, or
+    the client stopped sending. The image stays queued for another upload."""
+
+    status = "queued"
+    reason: str
 
 
 class ImageDeleted(ResourceEvent, frozen=True, tag="image.deleted"):
@@ -145,15 +184,23 @@ class Nic(msgspec.Struct, frozen=True):
     mac: str
 
 
-class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
-    begins = True
-    status = "requested"
+class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a server is asked to be, decided once by ``server create`` and
+    carried whole from there: in ``server.requested``, in the scheduler's
+    request (its filters read it), in ``host.claimed``, and in the compute
+    agent's instance, which adds only what is local to its host. A field
+    added here reaches each of them, and the servers view as a column.
+
+    Ids, not names: ``image``, ``flavor`` (empty when sized by hand),
+    ``networks``, ``security_groups`` and ``group`` were resolved by the
+    decision; ``requested_host`` is ``--host``, where the server must go."""
+
     name: str
     image: str
-    flavor: str
+    flavor: str = ""
     vcpus: int
     ram_mb: int
-    disk_gb: int
+    disk_gb: int = 0
     instance_type: str = "vm"
     networks: list[str] = []
     security_groups: list[str] = []
@@ -163,6 +210,25 @@ class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+
+
+SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
+
+
+def nest_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """Upcaster of an event that carried the spec's fields at its top level
+    (``server.requested`` and ``host.claimed`` version 1): they move into
+    ``spec``; fields the old event lacked take the spec's defaults."""
+    raw["spec"] = {f: raw.pop(f) for f in list(raw) if f in SPEC_FIELDS}
+    return raw
+
+
+class ServerRequested(ResourceEvent, frozen=True, tag="server.requested"):
+    # 2: the spec nested whole (1 had its fields at the top level).
+    version = 2
+    begins = True
+    status = "requested"
+    spec: ServerSpec
 
 
 class ServerScheduled(ResourceEvent, frozen=True, tag="server.scheduled"):
@@ -271,6 +337,10 @@ class NetworkCreated(ResourceEvent, frozen=True, tag="network.created"):
     pool_end: str = ""
     # A tenant network's VXLAN segment (from the segment pool); 0 before VNIs.
     vni: int = 0
+    # "routed": a cloud-wide network for containers, routed by BGP with no
+    # overlay (events/network.py); its hosts take blocks of this prefix length.
+    mode: str = ""
+    block_prefix: int = 0
 
 
 class NetworkDeleted(ResourceEvent, frozen=True, tag="network.deleted"):
@@ -311,6 +381,15 @@ class PortCreated(ResourceEvent, frozen=True, tag="port.created"):
 class PortBound(ResourceEvent, frozen=True, tag="port.bound"):
     status = "active"
     host: str
+
+
+class PortAddressAssigned(ResourceEvent, frozen=True, tag="port.address-assigned"):
+    """A routed network's port bound to ``host`` with an address from one of
+    that host's blocks (the binding and the address in one event)."""
+
+    status = "active"
+    host: str
+    ip: str
 
 
 class PortUpdated(ResourceEvent, frozen=True, tag="port.updated"):
@@ -438,6 +517,9 @@ EVENTS = (
     FlavorCreated,
     FlavorDeleted,
     ImageCreated,
+    ImageQueued,
+    ImageActivated,
+    ImageUploadFailed,
     ImageDeleted,
     ServerRequested,
     ServerScheduled,
@@ -462,6 +544,7 @@ EVENTS = (
     SubnetDeleted,
     PortCreated,
     PortBound,
+    PortAddressAssigned,
     PortUpdated,
     PortDeleted,
     RouterCreated,
@@ -482,6 +565,9 @@ EVENTS = (
     QosPolicyDeleted,
     QuotaSet,
 )
+
+# (type, version) -> the upcaster to the next version (events.catalog registers them).
+UPCASTERS = {("server.requested", 1): nest_spec}
 
 
 # -- commands --------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from stratus.events.model import Event
-from stratus.events.resources import Nic
+from stratus.events.resources import ServerSpec, nest_spec
 
 # The KV bucket agents heartbeat into (key: host name) and how long a beat
 # keeps its host alive. Agents beat every HEARTBEAT_INTERVAL seconds, so a
@@ -27,19 +27,15 @@ HEARTBEAT_INTERVAL = 5.0
 
 
 class HostClaimed(Event, frozen=True, tag="host.claimed"):
-    """Capacity on the host reserved for one server (what its agent builds)."""
+    """Capacity on the host reserved for one server: its whole spec, as
+    requested, is what the host's agent builds."""
 
+    # 2: the spec nested whole (1 had some of its fields at the top level).
+    version = 2
     server: str
     server_tenant: str
-    name: str
-    image: str
-    vcpus: int
-    ram_mb: int
-    disk_gb: int
-    instance_type: str = "vm"
-    group: str = ""
+    spec: ServerSpec
     attempt: int = 1
-    nics: list[Nic] = []
 
 
 class HostReleased(Event, frozen=True, tag="host.released"):
@@ -79,3 +75,4 @@ class HostHeartbeat(msgspec.Struct, frozen=True):
 
 
 EVENTS = (HostClaimed, HostReleased, ServerBuildFailed, ServerBuildTimeout)
+UPCASTERS = {("host.claimed", 1): nest_spec}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratus.handlers import compute, credentials, integrations, resources, tenants
+from stratus.handlers import compute, credentials, integrations, resources, routed, tenants
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.keyring import KeyRing
@@ -27,6 +27,7 @@ def all_handlers(
         *identity_handlers(keyring, token_ttl_s),
         *credentials.handlers(keyring),
         *resources.handlers(quota_defaults),
+        *routed.handlers(),
         *compute.handlers(quota_defaults),
         *integrations.handlers(
             webhook_keys,

@@ -46,8 +46,8 @@ async def _server(service: Any, tenant: str, ref: str) -> Server:
 
 async def run_exec(service: Any, cmd: ServerExec, cause: Cause) -> Reply:
     s = await _server(service, cmd.tenant or "", cmd.ref)
-    if s.instance_type != "container":
-        raise Invalid(f"server {s.name} is a {s.instance_type}; exec needs a container")
+    if s.spec.instance_type != "container":
+        raise Invalid(f"server {s.name} is a {s.spec.instance_type}; exec needs a container")
     if s.status != "running" or not s.host:
         raise Conflict(f"server {s.name} is {s.status}; exec needs it running")
     body = msgspec.json.encode(
@@ -75,8 +75,8 @@ def decide_server_snapshot(w: World, cmd: ServerSnapshot, cause: Cause) -> list[
     ``image.created`` (layered on the server's image) once it is stored."""
     t = cmd.tenant or ""
     s = w.servers.find(cmd.ref)
-    if s.instance_type != "vm":
-        raise Invalid(f"server {s.name} is a {s.instance_type}; snapshots are of VMs")
+    if s.spec.instance_type != "vm":
+        raise Invalid(f"server {s.name} is a {s.spec.instance_type}; snapshots are of VMs")
     if s.status not in ("running", "stopped") or not s.host:
         raise Conflict(f"server {s.name} is {s.status}; snapshots need it built")
     unique(w.images, cmd.name)

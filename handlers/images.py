@@ -1,22 +1,41 @@
 """Images: a tenant's private images (decided on its world, see
 ``handlers.world``) and public ones (cloud-wide, decided on their own
-subject, named for good). The image's bytes are stored elsewhere (the
-object store); these decisions record what the image is.
+subject, named for good).
+
+These decisions record what an image is. Its bytes travel separately, to
+the image service (``handlers.image_service``), which stores them in the
+object store: an image created with a ``checksum`` is ``queued`` until
+that service has stored bytes of exactly that size and SHA-256 and
+appended ``image.activated``. One created without is a record only,
+active at once (its instances get a blank disk).
 """
 
 from __future__ import annotations
 
+from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
-from stratus.events.resources import SYSTEM, ImageCreate, ImageCreated, ImageDeleted, RefCommand
+from stratus.events.resources import (
+    SYSTEM,
+    ImageCreate,
+    ImageCreated,
+    ImageDeleted,
+    ImageQueued,
+    RefCommand,
+)
 from stratus.handlers.inventory import carried, unique, unused_name
 from stratus.handlers.records import Image
 from stratus.handlers.world import Aggregate, World, live_tenant
 
 
 def _created(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, visibility: str) -> Event:
-    fields = carried(cmd, ImageCreated)
-    return cause.make(ImageCreated, tenant, "image", iid, visibility=visibility, **fields)
+    if cmd.checksum:
+        if cmd.size_bytes <= 0:
+            raise Invalid("an image with a checksum needs its size_bytes (the file's length)")
+        cls: type[Event] = ImageQueued
+    else:
+        cls = ImageCreated
+    return cause.make(cls, tenant, "image", iid, visibility=visibility, **carried(cmd, cls))
 
 
 def decide_image_create(w: World, cmd: ImageCreate, cause: Cause) -> list[Event]:

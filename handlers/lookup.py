@@ -23,8 +23,9 @@ P = TypeVar("P")
 
 
 class Lookup(Protocol):
-    async def system(self, record: type[R], name: str) -> R | None:
-        """The live cloud-wide ``record.kind`` named ``name``, or None."""
+    async def system(self, record: type[R], name: str, fresh: bool = False) -> R | None:
+        """The live cloud-wide ``record.kind`` named ``name``, or None;
+        ``fresh``: as the log has it now, not as last cached."""
         ...
 
 
@@ -35,12 +36,12 @@ class CachedLookup:
     def __init__(self, cache: StateCache) -> None:
         self._cache = cache
 
-    async def system(self, record: type[R], name: str) -> R | None:
+    async def system(self, record: type[R], name: str, fresh: bool = False) -> R | None:
         if not is_name(name):
             return None  # not a name a subject can hold, so no such object
         subject = system_subject(record.kind, name)
         tracked = self._cache.get(subject, Aggregate)
-        if tracked.seq == 0:
+        if tracked.seq == 0 or fresh:
             await self._cache.refresh(subject, tracked, fold_aggregate)
         found = tracked.state.attrs
         return found if isinstance(found, record) else None

@@ -45,6 +45,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from stratus.events import natscreds
+from stratus.events.blobs import BUCKET as IMAGE_BUCKET
 from stratus.events.errors import Invalid
 from stratus.events.integrations import (
     ACK_WAIT_S,
@@ -216,6 +217,31 @@ def _kv_read(bucket: str) -> list[str]:
     ]
 
 
+def _objects(bucket: str, *, write: bool) -> list[str]:
+    """An object store bucket: reading its objects (info, chunks through
+    ordered consumers), and with ``write`` putting, deleting and purging
+    them and making the bucket."""
+    stream = f"OBJ_{bucket}"
+    out = [
+        # nats-py finds a subscription's stream by its subject
+        "$JS.API.STREAM.NAMES",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        *_consumers(stream),
+    ]
+    if write:
+        out += [
+            f"$O.{bucket}.>",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.STREAM.PURGE.{stream}",
+            f"$JS.API.STREAM.MSG.DELETE.{stream}",
+        ]
+    return out
+
+
 def _kv_make(bucket: str) -> list[str]:
     return [f"$JS.API.STREAM.CREATE.KV_{bucket}"]
 
@@ -252,6 +278,8 @@ def service_permissions(kind: str, host: str, nkey: str) -> Permissions:
             f"$JS.API.STREAM.INFO.KV_{HEARTBEATS}",
             *_kv_make(HEARTBEATS),
             EXEC_SUBJECT.format(host="*"),
+            # the image service (run with the handlers) writes image files
+            *_objects(IMAGE_BUCKET, write=True),
         ]
         sub += ["cmd.>", REPORT_SUBJECT.format(host="*"), "ev.>"]
         responds = True
@@ -303,6 +331,13 @@ def _agent_permissions(kind: str, host: str, inbox: str) -> tuple[list[str], lis
     sub = [inbox]
     if kind == "compute-agent":
         pub += [
+            # images are fetched from the bucket into the host's cache, and a
+            # snapshot's bytes put there before its image.created is reported.
+            # Objects are named by their SHA-256 and every read checks it, so
+            # an agent can spoil an object (readers refuse it) but not forge
+            # one; it cannot purge the bucket or remove it.
+            *_objects(IMAGE_BUCKET, write=False),
+            f"$O.{IMAGE_BUCKET}.>",
             f"ev.{system}.host.{host}",
             *_named_consumer(natscreds.durable_name(kind, host), pull=True),
             f"$KV.{HEARTBEATS}.{host}",
@@ -311,6 +346,12 @@ def _agent_permissions(kind: str, host: str, inbox: str) -> tuple[list[str], lis
         sub.append(EXEC_SUBJECT.format(host=host))
         return pub, sub, True  # it answers container exec
     pub.append(f"ev.{system}.network-agent.{host}")
+    # Routed networks: the agent claims and returns address blocks (on the
+    # network's subject) and records a block's allocations (on the block's),
+    # each on the condition that the subject did not move. The subjects do
+    # not carry the host, so any agent could write any network's blocks:
+    # the widest grant an agent has (a relay for them is the way to close it).
+    pub += [f"ev.{system}.network.*", f"ev.{system}.ipblock.*"]
     return pub, sub, False
 
 

@@ -27,7 +27,7 @@ def usage(w: World) -> dict[str, int]:
     return {
         r: len(w.tables[q.kind])
         if q.column is None
-        else sum(getattr(x, q.column) for x in w.tables[q.kind].values())
+        else sum(x.column(q.column) for x in w.tables[q.kind].values())
         for r, q in QUOTAS.items()
     }
 

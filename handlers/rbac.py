@@ -75,6 +75,7 @@ PERMISSIONS: dict[str, Rule] = {
     "flavor.list": Rule(Scope.SELF),
     "image.create-public": Rule(Scope.CLOUD),
     "network.create-external": Rule(Scope.CLOUD),
+    "network.create-routed": Rule(Scope.CLOUD),
     "quota.set": Rule(Scope.CLOUD),
     "quota.show": Rule(Scope.TENANT, READ),
     # Integrations hand out a reader of the whole tenant's log: admins only.

@@ -21,7 +21,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from stratus.events.model import Event
-from stratus.events.resources import Nic
+from stratus.events.resources import SPEC_FIELDS, ServerSpec
 
 DEFAULT_TYPES = ("vm", "container")
 
@@ -40,6 +40,10 @@ class Record(msgspec.Struct, kw_only=True):
     def label(cls) -> str:
         """The kind as a person reads it in a message ("security group")."""
         return cls.kind.replace("-", " ")
+
+    def column(self, name: str) -> Any:
+        """What the resource's row in its view holds in column ``name``."""
+        return getattr(self, name)
 
 
 R = TypeVar("R", bound=Record)
@@ -85,29 +89,28 @@ class Image(Record):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    # Why its last upload stored nothing ("" once active).
+    reason: str | UnsetType = UNSET
 
 
 class Server(Record):
+    """Its spec whole, as requested; shown flat (``view``), as its row in
+    the servers view shows it."""
+
     kind = "server"
-    name: str
-    image: str
-    flavor: str
-    vcpus: int
-    ram_mb: int
-    disk_gb: int
-    instance_type: str = "vm"
-    networks: list[str] = []
-    security_groups: list[str] = []
-    labels: dict[str, str] = {}
-    requested_host: str = ""
-    nics: list[Nic] = []
-    group: str = ""
-    zone: str = ""
+    spec: ServerSpec
     # From the scheduler and the compute agent.
     host: str | UnsetType = UNSET
     scheduling: dict | UnsetType = UNSET
     disk: str | UnsetType = UNSET
     reason: str | UnsetType = UNSET
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def column(self, name: str) -> Any:
+        return getattr(self.spec, name) if name in SPEC_FIELDS else getattr(self, name)
 
 
 class ServerGroup(Record):
@@ -133,6 +136,9 @@ class Network(Record):
     pool_start: str = ""
     pool_end: str = ""
     vni: int = 0
+    # A cloud-wide routed network (handlers.routed), and its blocks' length.
+    mode: str = ""
+    block_prefix: int = 0
 
 
 class Subnet(Record):
@@ -240,9 +246,12 @@ def update(r: Record, event: Event) -> None:
 
 
 def view(r: Record) -> dict[str, Any]:
-    """A record as callers see it: plain data, nested maps as lists in a
-    stable order, fields no event has set left out."""
+    """A record as callers see it: plain data, a server's spec flat, nested
+    maps as lists in a stable order, fields no event has set left out."""
     out: dict[str, Any] = msgspec.to_builtins(r)
+    spec = out.pop("spec", None)
+    if spec is not None:
+        out = {**spec, **out}  # a server's spec first, flat, as in its row
     if "rules" in out:
         out["rules"] = [out["rules"][k] for k in sorted(out["rules"])]
     if "interfaces" in out:

@@ -37,6 +37,7 @@ from stratus.events.reports import REPLY, REPORT_SUBJECT, REQUEST, ReportReply, 
 from stratus.events.resources import (
     SYSTEM,
     ImageCreated,
+    PortAddressAssigned,
     PortBound,
     PortCreated,
     ServerBuilding,
@@ -121,7 +122,8 @@ class ReportRelay(Responder):
             if not req.server:
                 raise Forbidden(f"{what}: name the server the snapshot is of")
             await self._placed(event.tenant, req.server, host, what)
-        elif isinstance(event, PortBound):
+        elif isinstance(event, (PortBound, PortAddressAssigned)):
+            # (a routed port's address is handed out by its host's agent)
             self._actor(event, f"network-agent:{host}")
             if event.host != host:
                 raise Forbidden(f"{what}: binds it to {event.host}, not to {host}")
@@ -153,7 +155,9 @@ class ReportRelay(Responder):
                 f"{what}: server {server} is placed on {placed or 'no host'}, not on {host}"
             )
 
-    async def _port_here(self, event: PortBound, host: str, what: str) -> None:
+    async def _port_here(
+        self, event: PortBound | PortAddressAssigned, host: str, what: str
+    ) -> None:
         port = None
         for ev in await self._history(event.subject):
             if isinstance(ev, PortCreated):

@@ -29,13 +29,15 @@ from stratus.events.resources import (
     ServerGroupCreated,
     ServerGroupDeleted,
     ServerRequested,
+    ServerSpec,
     VolumeDetached,
 )
 from stratus.handlers import quota
 from stratus.handlers.inventory import create, delete_unused, host_action, unique
 from stratus.handlers.lookup import Lookup
 from stratus.handlers.networks import new_port
-from stratus.handlers.records import Flavor, Image, ServerGroup
+from stratus.handlers.records import Flavor, Image, Network, ServerGroup
+from stratus.handlers.routed import attachable, routed_networks
 from stratus.handlers.security_groups import resolve_groups
 from stratus.handlers.world import World, live_tenant
 
@@ -46,6 +48,8 @@ class ServerPlan(msgspec.Struct, frozen=True):
     cmd: ServerCreate
     flavor: Flavor | None
     image: Image | None
+    # Cloud-wide routed networks the command names (handlers.routed).
+    routed: dict[str, Network] = {}
 
     @property
     def tenant(self) -> str | None:
@@ -54,7 +58,11 @@ class ServerPlan(msgspec.Struct, frozen=True):
 
 async def prepare_server(cmd: ServerCreate, lookup: Lookup) -> ServerPlan:
     flavor = await lookup.system(Flavor, cmd.flavor) if cmd.flavor else None
-    return ServerPlan(cmd, flavor, await lookup.system(Image, cmd.image))
+    image = await lookup.system(Image, cmd.image)
+    if image is not None and image.status != "active":
+        # Its activation may have landed a moment ago: refuse only on the log.
+        image = await lookup.system(Image, cmd.image, fresh=True)
+    return ServerPlan(cmd, flavor, image, await routed_networks(cmd.networks, lookup))
 
 
 def _sizes(plan: ServerPlan) -> tuple[int, int, int]:
@@ -78,10 +86,13 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     image = w.images.named(cmd.image) or w.images.get(cmd.image) or plan.image
     if image is None:
         raise NotFound(f"image {cmd.image} not found")
+    if image.status != "active":
+        # Queued: its bytes are not stored yet, so no host could fetch them.
+        raise Conflict(f"image {image.name} is {image.status}, not active: upload its file first")
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""
-    networks = [w.networks.find(n) for n in cmd.networks]
+    networks = [attachable(w, plan.routed, n, cmd.instance_type) for n in cmd.networks]
     if len({n.id for n in networks}) != len(networks):
         raise Invalid("a network is named twice")
     sgs, sg_events, new_sgs = resolve_groups(w, cmd.security_groups, cause, t)
@@ -109,11 +120,7 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
             "security_groups": new_sgs,
         },
     )
-    server = cause.make(
-        ServerRequested,
-        t,
-        "server",
-        sid,
+    spec = ServerSpec(
         name=cmd.name,
         image=image.id,
         flavor=plan.flavor.id if plan.flavor else "",
@@ -125,10 +132,11 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         security_groups=sgs,
         labels=dict(cmd.labels),
         requested_host=cmd.host or "",
+        nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
         group=group,
         zone=cmd.zone or "",
-        nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
     )
+    server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]
 
 
@@ -187,6 +195,6 @@ def decide_server_group_create(w: World, cmd: ServerGroupCreate, cause: Cause) -
 
 def decide_server_group_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:
     def members(g: ServerGroup) -> list[str]:
-        return [f"server {s.name}" for s in w.servers.values() if s.group == g.id]
+        return [f"server {s.name}" for s in w.servers.values() if s.spec.group == g.id]
 
     return delete_unused(w.server_groups, cmd, cause, ServerGroupDeleted, members)

@@ -53,7 +53,7 @@ Authenticate = Callable[[dict[str, str]], Caller]
 
 
 class CommandService(Responder):
-    """Serves ``cmd.>``.
+    """Serves ``cmd.<kind>.<verb>``.
 
     ``authenticate`` turns request headers into a ``Caller`` (verifying the
     bearer token) or raises ``Unauthenticated``; without it every request is
@@ -75,7 +75,9 @@ class CommandService(Responder):
         max_attempts: int = MAX_ATTEMPTS,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
-        super().__init__(store.nc, "cmd.>", queue=queue, max_in_flight=max_in_flight, log=log)
+        # Verbs are ``<kind>.<verb>``: subjects of four tokens and more
+        # (``cmd.image.upload.<session>``) are the image service's.
+        super().__init__(store.nc, "cmd.*.*", queue=queue, max_in_flight=max_in_flight, log=log)
         self.store = store
         self.handlers: dict[str, Handler | Special] = {}
         for h in handlers:

@@ -41,7 +41,7 @@ def decide_volume_attach(w: World, cmd: VolumeAttach, cause: Cause) -> list[Even
         raise Conflict(f"volume {v.name} is attached to another server")
     if s.status in ("deleting", "error"):
         raise Conflict(f"server {s.name} is {s.status}")
-    if s.instance_type == "container":
+    if s.spec.instance_type == "container":
         raise Invalid(f"server {s.name} is a container; volumes attach to VMs")
     t = cmd.tenant or ""
     out = [cause.make(VolumeAttached, t, "volume", v.id, server=s.id)]

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from sqlalchemy import select
@@ -30,6 +31,14 @@ from stratus.projections.timetravel import PastStore, TimeTravel
 
 QUEUE_GROUP = "queries"
 MAX_PAGE = 1000
+# The longest an events query may wait for a new event (a live page's long
+# poll); below the clients' request timeout.
+MAX_WAIT_MS = 20_000
+LONG_POLL_TICK_S = 0.5
+# After a wake-up, how long (and how often) a long poll reads again for the
+# event that woke it.
+STORE_GRACE_S = 1.0
+STORE_POLL_S = 0.005
 # How long an audit query waits for the projector to reach the end of the log.
 CATCH_UP_WAIT_S = 2.0
 
@@ -46,6 +55,9 @@ class TenantQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class StatusQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     digest: bool = True
+    # False: the log's and the projector's positions only, without the
+    # hosts and services (what a live page asks many times a second).
+    parts: bool = True
 
 
 class UsersQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -61,6 +73,15 @@ class EventsQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     after: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)] = 500
     tenant: str | None = None
+    # A long poll: when nothing is stored after ``after`` yet, wait up to this
+    # long for the first new event instead of answering an empty page. Each
+    # poll is authorised like any query, so a live page follows exactly what
+    # its caller's token may read, and a revoked token stops it.
+    wait_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_WAIT_MS)] = 0
+
+
+class WhoamiQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
 
 
 class AuditQuery(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -174,8 +195,12 @@ class QueryService(Responder):
         self.authenticate = authenticate
         self.authorize = authorize
         self.projector_name = projector_name
+        self._stopping = False
         self._digest_cache: tuple[int, str] | None = None
+        # Where the HTTP faces started beside this service answer (``status``).
+        self.endpoints: dict[str, str] = {}
         self.routes: dict[str, Route] = {
+            "whoami": Route(WhoamiQuery, self.q_whoami, "tenant.list"),
             "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
             "tenant": Route(TenantQuery, self.q_tenant, "tenant.show", _asked),
             "status": Route(StatusQuery, self.q_status, "status.read"),
@@ -195,6 +220,8 @@ class QueryService(Responder):
         return {view: r.permission for view, r in self.routes.items()}
 
     async def stop(self) -> None:
+        # Long polls end at their next tick rather than run out their wait.
+        self._stopping = True
         await super().stop()
         await self.timetravel.close()
 
@@ -282,7 +309,14 @@ class QueryService(Responder):
         async def run(caller: CallerLike, p: ListQuery, pt: Point) -> list[dict]:
             tenants_ = self._visible(caller, kind, perm, p.tenant)
             async with pt.engine.connect() as conn:
-                return await resources.list_rows(conn, kind, tenants_, p.name)
+                rows = await resources.list_rows(conn, kind, tenants_, p.name)
+                if kind == "host":
+                    use = await resources.host_use(conn)
+                    for row in rows:
+                        resources.add_host_use(row, use.get(row["id"]))
+            if kind == "host":
+                await self._add_alive(rows, pt)
+            return rows
 
         return run
 
@@ -293,7 +327,10 @@ class QueryService(Responder):
                 row = await resources.find_row(conn, kind, p.ref, tenants_)
                 if row is None:
                     raise NotFound(f"{kind} {p.ref} not found")
-                return await resources.details(conn, kind, row)
+                row = await resources.details(conn, kind, row)
+            if kind == "host":
+                await self._add_alive([row], pt)
+            return row
 
         return run
 
@@ -333,15 +370,80 @@ class QueryService(Responder):
         tenant = self._own_tenant(caller, "events.read", p.tenant)
         if tenant is not None and not (is_name(tenant) or tenant == "_system"):
             raise Invalid(f"tenant {tenant!r} is not a tenant id")
-        subjects = [f"ev.{tenant}.>"] if tenant else ["ev.>"]
+        subject = f"ev.{tenant}.>" if tenant else "ev.>"
+        if not p.wait_ms or pt.seq is not None:
+            return await self._events_after(subject, p.after, pt.seq, p.limit)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + p.wait_ms / 1000
+        arrivals = None
+        woke = -1.0
+        try:
+            while True:
+                out = await self._events_after(subject, p.after, None, p.limit)
+                left = deadline - loop.time()
+                if out or left <= 0:
+                    return out
+                if arrivals is None:
+                    # Listen first, then read once more: an event stored
+                    # between the read and the subscription is not missed.
+                    arrivals = await self.store.nc.subscribe(subject, pending_msgs_limit=16)
+                    continue
+                if loop.time() - woke < STORE_GRACE_S:
+                    # Subscribers can see a message before the stream has
+                    # stored it: it is there a moment later.
+                    await asyncio.sleep(STORE_POLL_S)
+                    continue
+                if not await self._arrival(arrivals, deadline):
+                    return []
+                woke = loop.time()
+        finally:
+            if arrivals is not None:
+                with contextlib.suppress(Exception):
+                    await arrivals.unsubscribe()
+
+    async def _arrival(self, sub: Any, deadline: float) -> bool:
+        """True once a message reaches ``sub`` before ``deadline``; False at
+        the deadline or when the service stops (checked every tick, so
+        stop() never waits for a long poll to run out)."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await sub.next_msg(timeout=min(left, LONG_POLL_TICK_S))
+                return True
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+        return False
+
+    async def _events_after(
+        self, subject: str, after: int, until: int | None, limit: int
+    ) -> list[dict]:
         out: list[dict] = []
         async for batch in self.store.read(
-            after=p.after, until=pt.seq, subjects=subjects, batch=p.limit
+            after=after, until=until, subjects=[subject], batch=limit
         ):
-            out.extend(_record(r, self.store) for r in batch[: p.limit - len(out)])
-            if len(out) >= p.limit:
+            out.extend(_record(r, self.store) for r in batch[: limit - len(out)])
+            if len(out) >= limit:
                 break
         return out
+
+    async def q_whoami(self, caller: CallerLike, _p: WhoamiQuery, pt: Point) -> dict:
+        """The caller's token as the services see it, and the tenants the
+        caller holds a role in (where logging in again would take them)."""
+        async with pt.engine.connect() as conn:
+            assigned = await users.list_roles(conn, caller.user)
+        tenants_: dict[str, list[str]] = {}
+        for r in assigned:
+            tenants_.setdefault(r["tenant"], []).append(r["role"])
+        return {
+            "user": caller.user,
+            "tenant": caller.tenant,
+            "roles": list(getattr(caller, "roles", ())),
+            "cloud_admin": caller.is_cloud_admin,
+            "tenants": [{"tenant": t, "roles": rs} for t, rs in sorted(tenants_.items())],
+        }
 
     async def q_audit(self, caller: CallerLike, p: AuditQuery, pt: Point) -> list[dict]:
         """Who did what, from the audit view (newest last)."""
@@ -413,9 +515,23 @@ class QueryService(Responder):
             out["projection_digest"] = found
         if pt.seq is not None:
             out["at"] = pt.seq
-        else:
+        elif p.parts:
             out.update(await self._live_parts(pt))
+            out.update(self.endpoints)
         return out
+
+    async def _add_alive(self, hosts: list[dict], pt: Point) -> None:
+        """Whether each host beats now: a fact of the present, so a past
+        answer (``--at``) says None rather than today's value."""
+        alive = None if pt.seq is not None else await self._beating()
+        for h in hosts:
+            h["alive"] = None if alive is None else h["id"] in alive
+
+    async def _beating(self) -> set[str]:
+        try:
+            return await beating_hosts(self.store.js)
+        except Exception:  # no bucket yet (no agent ever beat), or no JetStream access
+            return set()
 
     async def _live_parts(self, pt: Point) -> dict[str, Any]:
         """Hosts (registered, enabled, beating now) and the scheduler's
@@ -423,10 +539,7 @@ class QueryService(Responder):
         t = resources.TABLES_BY_KIND["host"]
         async with pt.engine.connect() as conn:
             rows = (await conn.execute(select(t.c.id, t.c.status))).all()
-        try:
-            alive = sorted(await beating_hosts(self.store.js))
-        except Exception:  # no bucket yet (no agent ever beat), or no JetStream access
-            alive = []
+        alive = await self._beating()
         hosts = {
             "registered": len(rows),
             "enabled": sum(1 for r in rows if r.status == "enabled"),

@@ -60,9 +60,21 @@ def _column_type(tp: Any) -> Any:
     return None  # lists and maps: canonical JSON text
 
 
-def _payload_fields(cls: type) -> dict[str, Any]:
+def _payload_columns(cls: type) -> dict[str, tuple[str, Any]]:
+    """An event's payload as columns: column -> (the payload field holding
+    it, "" for the event itself; its type). A payload field that is a
+    Struct (a server's spec) gives its own fields as columns, so a field
+    added to it is a column of the view too."""
     hints = get_type_hints(cls)
-    return {f: hints[f] for f in cls.payload_fields()}
+    out: dict[str, tuple[str, Any]] = {}
+    for f in cls.payload_fields():
+        tp = hints[f]
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            inner = get_type_hints(tp)
+            out.update({g: (f, inner[g]) for g in tp.__struct_fields__})
+        else:
+            out[f] = ("", tp)
+    return out
 
 
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
@@ -85,7 +97,7 @@ def _make_table(kind: str, classes: list[type[ev.ResourceEvent]]) -> Table:
     for cls in classes:
         if cls in _RULES or cls in _INTERFACES:
             continue
-        for field, tp in _payload_fields(cls).items():
+        for field, (_, tp) in _payload_columns(cls).items():
             if field in cols:
                 continue
             sql = _column_type(tp)
@@ -158,16 +170,31 @@ FOLDS: tuple[type[Event], ...] = (
 class _Plan:
     """How one event class becomes row operations, worked out once."""
 
-    __slots__ = ("begins", "ends", "fixed", "json", "plain", "status", "table", "template")
+    __slots__ = ("begins", "deep", "ends", "fixed", "json", "plain", "status", "table", "template")
 
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
         kind = cls.type_name().split(".")[0]
         self.table = TABLES_BY_KIND[kind]
         special = cls in _RULES or cls in _INTERFACES or cls.resets
-        fields = () if special else tuple(f for f in _payload_fields(cls) if f in self.table.c)
+        columns = {} if special else _payload_columns(cls)
+        fields = tuple(f for f, (held, _) in columns.items() if f in self.table.c and not held)
         json_cols = JSON_COLUMNS[self.table.name]
         self.plain = tuple(f for f in fields if f not in json_cols)
         self.json = tuple(f for f in fields if f in json_cols)
+        # Columns from a nested Struct's fields (a server's spec), per field
+        # holding it: (that field, plain columns, JSON columns).
+        nested: dict[str, list[str]] = {}
+        for f, (held, _) in columns.items():
+            if f in self.table.c and held:
+                nested.setdefault(held, []).append(f)
+        self.deep = tuple(
+            (
+                outer,
+                tuple(f for f in inner if f not in json_cols),
+                tuple(f for f in inner if f in json_cols),
+            )
+            for outer, inner in nested.items()
+        )
         self.status = cls.status
         self.begins, self.ends = cls.begins, cls.ends
         # What the change sets besides its own fields.
@@ -230,6 +257,16 @@ def _side(seq: int, event: Any, cls: type) -> Op:
 _SIDE = frozenset((*_RULES, *_INTERFACES))
 
 
+def _nested(values: dict[str, Any], event: Any, deep: tuple) -> None:
+    """The columns a nested Struct of ``event`` gives (see ``_Plan.deep``)."""
+    for outer, plain, js in deep:
+        inner = getattr(event, outer)
+        for f in plain:
+            values[f] = getattr(inner, f)
+        for f in js:
+            values[f] = _json(getattr(inner, f))
+
+
 def apply(seq: int, event: Event) -> Iterable[Op]:
     # Called once per inventory event on a rebuild of the whole log: one
     # plan lookup and plain loops, no per-field helper calls.
@@ -251,6 +288,8 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
             row[f] = getattr(event, f)
         for f in p.json:
             row[f] = _json(getattr(event, f))
+        if p.deep:
+            _nested(row, event, p.deep)
         at = event.at
         row["id"] = rid
         row["tenant"] = event.tenant
@@ -264,6 +303,8 @@ def apply(seq: int, event: Event) -> Iterable[Op]:
             values[f] = getattr(event, f)
         for f in p.json:
             values[f] = _json(getattr(event, f))
+        if p.deep:
+            _nested(values, event, p.deep)
         if p.fixed:
             values.update(p.fixed)
         op = Patch(p.table, (rid,), values)
@@ -328,16 +369,7 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
         q = select(fips.c.address).where(fips.c.server == row["id"])
         row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
     elif kind == "host":
-        # What the scheduler's claims hold there: the servers placed on it
-        # (a claim is released exactly when its server leaves the view or
-        # the scheduler gives up on it, which clears its host).
-        sv = TABLES_BY_KIND["server"]
-        q = select(
-            func.count(), func.sum(sv.c.vcpus), func.sum(sv.c.ram_mb), func.sum(sv.c.disk_gb)
-        ).where(sv.c.host == row["id"])
-        n, cpu, ram, disk = (await conn.execute(q)).one()
-        row["servers"] = n
-        row["used_vcpus"], row["used_ram_mb"], row["used_disk_gb"] = cpu or 0, ram or 0, disk or 0
+        add_host_use(row, (await host_use(conn, row["id"])).get(row["id"]))
     elif kind == "security-group":
         r = security_group_rules
         q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)
@@ -352,6 +384,33 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
             {"subnet": x.subnet, "port": x.port, "ip": x.ip} for x in (await conn.execute(q)).all()
         ]
     return row
+
+
+async def host_use(
+    conn: AsyncConnection, host: str | None = None
+) -> dict[str, tuple[int, int, int, int]]:
+    """What the scheduler's claims hold on each host (or one): servers,
+    vCPUs, RAM and disk of the servers placed there (a claim is released
+    exactly when its server leaves the view or the scheduler gives up on it,
+    which clears its host)."""
+    sv = TABLES_BY_KIND["server"]
+    q = select(
+        sv.c.host,
+        func.count(),
+        func.sum(sv.c.vcpus),
+        func.sum(sv.c.ram_mb),
+        func.sum(sv.c.disk_gb),
+    ).group_by(sv.c.host)
+    q = q.where(sv.c.host == host) if host is not None else q.where(sv.c.host != "")
+    return {
+        r[0]: (r[1], r[2] or 0, r[3] or 0, r[4] or 0) for r in (await conn.execute(q)).all() if r[0]
+    }
+
+
+def add_host_use(row: dict[str, Any], use: tuple[int, int, int, int] | None) -> None:
+    n, cpu, ram, disk = use or (0, 0, 0, 0)
+    row["servers"] = n
+    row["used_vcpus"], row["used_ram_mb"], row["used_disk_gb"] = cpu, ram, disk
 
 
 async def quota_usage(

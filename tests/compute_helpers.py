@@ -17,7 +17,7 @@ from stratus.agents.compute.domain import LibvirtDriver
 from stratus.events.compute import HostServerAction
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
-from stratus.events.resources import SYSTEM, ServerRequested, ServerScheduled
+from stratus.events.resources import SYSTEM, ServerRequested, ServerScheduled, ServerSpec
 from stratus.events.store import EventStore
 from stratus.handlers.scheduler.service import claim_event, request_of
 
@@ -69,13 +69,14 @@ async def place(
         tenant,
         "server",
         sid,
-        name=f"s-{sid[-6:]}",
-        image=image,
-        flavor="",
-        vcpus=vcpus,
-        ram_mb=ram_mb,
-        disk_gb=disk_gb,
-        instance_type=instance_type,
+        spec=ServerSpec(
+            name=f"s-{sid[-6:]}",
+            image=image,
+            vcpus=vcpus,
+            ram_mb=ram_mb,
+            disk_gb=disk_gb,
+            instance_type=instance_type,
+        ),
     )
     # The scheduler's own claim, so the agent is tested on what it will get.
     claim = claim_event(c, host, request_of(requested))
@@ -120,7 +121,6 @@ def make_agent(
         store,
         host,
         data_dir=data,
-        image_store=tmp / "images",
         spec=spec or HostSpec(vcpus=16, ram_mb=32768, disk_gb=500),
         vm=LibvirtDriver("test:///default", host) if vm else None,
         containers=ContainerDriver(host, data / "containers") if containers else None,

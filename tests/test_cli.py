@@ -21,7 +21,7 @@ CONFIG_HOME = {"value": "/nonexistent-stratus-config"}
 
 
 def cli(
-    url: str, *args: str, timeout: float = 30, token: str | None = None
+    url: str, *args: str, timeout: float = 30, token: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -32,7 +32,12 @@ def cli(
     if token is not None:
         env["STRATUS_TOKEN"] = token
     return subprocess.run(
-        [*STRATUS, "--url", url, *args], capture_output=True, text=True, timeout=timeout, env=env
+        [*STRATUS, "--url", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
     )
 
 
@@ -49,8 +54,13 @@ class Up:
         self.extra = extra  # more `stratus up` options, e.g. --db
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        # Where its stderr goes (appended), for tests that read what it said.
+        self.stderr_file: Path | None = None
+        self.lines: list[str] = []  # what it printed before "ready"
 
     def start(self, timeout: float = 30) -> str:
+        err = open(self.stderr_file, "ab") if self.stderr_file else subprocess.DEVNULL
+        self.lines = []
         self.proc = subprocess.Popen(
             [
                 *STRATUS,
@@ -64,15 +74,18 @@ class Up:
                 *self.extra,
             ],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=err,
             text=True,
         )
+        if self.stderr_file:
+            err.close()  # type: ignore[union-attr]
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 raise AssertionError(f"stratus up exited with {self.proc.wait(5)}")
+            self.lines.append(line)
             if "ready" in line:
                 self.url = (self.data_dir / "url").read_text().strip()
                 return self.url

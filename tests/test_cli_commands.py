@@ -111,15 +111,14 @@ async def test_a_bad_value_is_refused_before_anything_is_sent(store, nats_server
     assert r.stderr.strip() == f"error: invalid: {refused.value.message}"
 
 
-def test_a_file_is_not_stored_for_a_bad_image_name(tmp_path):
-    store = tmp_path / "images"
-    disk = tmp_path / "disk.raw"
-    disk.write_bytes(b"\0" * 4096)
-    argv = ["image", "create", "Bad Name", "--file", str(disk), "--format", "raw"]
-    r = cli("nats://127.0.0.1:1", *argv, "--image-store", str(store))
+def test_a_file_is_not_read_for_a_bad_image_name(tmp_path):
+    # The file does not exist: had the CLI looked at it first, it would say so.
+    argv = ["image", "create", "Bad Name", "--file", str(tmp_path / "none.raw"), "--format", "raw"]
+    r = cli("nats://127.0.0.1:1", *argv)
     # Refused as invalid (1), not as unreachable (3): it never got that far.
     assert r.returncode == 1 and r.stderr.startswith("error: invalid: image.create: "), r.stderr
-    assert not store.exists()
+    r = cli("nats://127.0.0.1:1", "image", "create", "good", "--file", str(tmp_path / "none.raw"))
+    assert r.returncode == 1 and "none.raw is not a file" in r.stderr, r.stderr
 
 
 def test_usage_errors_still_exit_2_before_the_struct_is_built():

@@ -7,6 +7,7 @@ import json
 import re
 import uuid
 
+import nats.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -158,6 +159,15 @@ async def test_malformed_commands_over_nats_get_typed_invalid_replies(store, ser
         assert names in reply["error"]["message"], reply
         assert "seqs" not in reply
         assert await store.last_seq() == before
+
+
+async def test_subjects_of_four_tokens_are_not_the_command_services(service, client):
+    # Verbs are <kind>.<verb>; the image service's sessions
+    # (cmd.image.upload.<session>) must reach it alone, never this service.
+    with pytest.raises(nats.errors.NoRespondersError):
+        await client.request("cmd.image.upload.0123abcd", b"chunk", timeout=5)
+    reply = await request(client, "tenant.create", body(name="acme"))
+    assert reply["ok"] is True
 
 
 # -- decisions ---------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from stratus.agents.compute import images
 from stratus.agents.compute.agent import HostSpec
 from stratus.agents.compute.domain import NS, domain_name
+from stratus.events.blobs import BlobStore
 from stratus.events.compute import HostServerAction
 from stratus.events.heartbeat import Liveness
 from stratus.events.ids import new_id
@@ -195,27 +196,32 @@ async def wait_image(store, image_id, timeout=20.0):
     raise AssertionError(f"image {image_id} never recorded")
 
 
+async def stored_image(store, path: Path, name: str = "base") -> tuple[str, str]:
+    """``path`` put in the object store and recorded as an active image: (id, checksum)."""
+    checksum = await asyncio.to_thread(images.sha256, path)
+    blobs = await BlobStore.open(store.js)
+    stored = await blobs.put_file(checksum, path)
+    image_id = new_id()
+    created = cause().make(
+        ImageCreated,
+        TENANT,
+        "image",
+        image_id,
+        name=name,
+        format="qcow2",
+        size_bytes=stored.size,
+        checksum=checksum,
+    )
+    await store.append([created])
+    return image_id, checksum
+
+
 async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
     async with running_agent(store, tmp_path) as agent:
         host = agent.host
         src = tmp_path / "base.qcow2"
         await asyncio.to_thread(images.qemu_img, "create", "-q", "-f", "qcow2", str(src), "32M")
-        stored = await asyncio.to_thread(images.store_file, src, "qcow2", agent.image_store)
-        parent_id = new_id()
-        await store.append(
-            [
-                cause().make(
-                    ImageCreated,
-                    TENANT,
-                    "image",
-                    parent_id,
-                    name="base",
-                    format="qcow2",
-                    size_bytes=stored.size_bytes,
-                    checksum=stored.checksum,
-                )
-            ]
-        )
+        parent_id, parent_sum = await stored_image(store, src)
         first = await place(store, host, image=parent_id)
         await wait_for(store, first, "server.running")
 
@@ -223,10 +229,17 @@ async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
         await action(store, host, first, "snapshot", image=snap_id, image_name="snap")
         snap = await wait_image(store, snap_id)
         assert snap.name == "snap" and snap.parent == parent_id and snap.format == "qcow2"
-        snap_file = agent.image_store / snap.checksum
+        # Recorded only once stored: the object store has exactly its bytes.
+        blobs = await BlobStore.open(store.js)
+        assert (await blobs.exists(snap.checksum)).size == snap.size_bytes
+        snap_file = agent.cache.root / f"{snap.checksum}.qcow2"
         chain = images.info(snap_file, chain=True)
-        # The snapshot keeps only its own changes, backed by the parent's file.
-        assert [Path(c["filename"]).name for c in chain] == [snap.checksum, stored.checksum]
+        # The snapshot keeps only its own changes, backed by the parent's file
+        # under its cache name (the same on every host).
+        assert [Path(c["filename"]).name for c in chain] == [
+            f"{snap.checksum}.qcow2",
+            f"{parent_sum}.qcow2",
+        ]
         assert images.sha256(snap_file) == snap.checksum
         assert owned(agent)[first] == "running"  # paused for the copy, then resumed
 
@@ -235,7 +248,7 @@ async def test_snapshot_layers_on_its_image_and_boots(store, tmp_path):
         chain = images.info(Path(evs[-1].disk), chain=True)
         assert len(chain) == 3
         assert images.sha256(Path(chain[1]["filename"])) == snap.checksum
-        assert images.sha256(Path(chain[2]["filename"])) == stored.checksum
+        assert images.sha256(Path(chain[2]["filename"])) == parent_sum
 
         # A redelivered snapshot request records nothing twice.
         want = agent.desired.instances[first]

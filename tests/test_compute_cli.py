@@ -1,11 +1,13 @@
 """`stratus up --hosts 1` with its scheduler and compute agent, driven
-through the CLI: image files checked and stored, a VM on an overlay of that
-image, a container answering `server exec`, malformed images refused with
-nothing appended."""
+through the CLI: image files uploaded over NATS, checked and stored in the
+object store, a VM on an overlay of that image, a container answering
+`server exec`, malformed images refused with nothing left."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from stratus.agents.compute import images
 from stratus.agents.compute.containers import ContainerDriver
+from stratus.cli.datadir import deployment_prefix
 
 from .test_cli import STRATUS, Up, cli, login
 
@@ -57,57 +60,60 @@ def last_seq(url: str) -> int:
     return json.loads(r.stdout)["last_seq"]
 
 
-def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
+def bucket(data: Path, url: str) -> tuple[list[str], dict[str, int]]:
+    """The image bucket as the services see it: objects, and chunk subjects."""
+    from stratus.cli.creds import local_creds
+    from stratus.events.blobs import BlobStore
+    from stratus.events.store import EventStore
+
+    # the handlers' own rights on the bucket (a credential signed in ``data``)
+    creds = local_creds(data, "handlers")
+
+    async def look() -> tuple[list[str], dict[str, int]]:
+        store = await EventStore.connect(url, creds=creds)
+        try:
+            blobs = await BlobStore.open(store.js)
+            return [b.digest for b in await blobs.stored()], await blobs.chunk_subjects()
+        finally:
+            await store.close()
+
+    return asyncio.run(look())
+
+
+def test_up_with_a_host_runs_servers_from_uploaded_images(tmp_path):
     data = tmp_path / "d"
     up = Up(data, "--hosts", "1")
     url = up.start(timeout=60)
-    store_dir = data / "images"
+    # The client shares nothing with the services but the URL: its own
+    # working directory, and a data dir that does not exist.
+    client = tmp_path / "client"
+    client.mkdir()
     try:
         login(url)
         r = cli(url, "host", "list", "-o", "json")
         assert r.returncode == 0 and [h["id"] for h in json.loads(r.stdout)] == [HOST]
 
-        # Malformed images are refused, and nothing is appended.
-        raw = tmp_path / "raw.img"
+        # Malformed images are refused and leave nothing: no image, no bytes.
+        raw = client / "raw.img"
         raw.write_bytes(b"\0" * 65536)
-        evil = tmp_path / "evil.qcow2"
+        evil = client / "evil.qcow2"
         qemu_img("create", "-f", "qcow2", "-b", str(raw), "-F", "raw", str(evil))
-        before = last_seq(url)
-        for path, fmt, why in ((raw, "qcow2", "is a raw image"), (evil, "qcow2", "outside")):
-            r = cli(
-                url,
-                "image",
-                "create",
-                "bad",
-                "--file",
-                str(path),
-                "--format",
-                fmt,
-                "--image-store",
-                str(store_dir),
-            )
+        for path, fmt, why in ((raw, "qcow2", "is a raw image"), (evil, "qcow2", "backing file")):
+            r = cli(url, "image", "create", "bad", "--file", path.name, "--format", fmt, cwd=client)
             assert r.returncode == 1 and "invalid" in r.stderr and why in r.stderr, r.stderr
-        assert last_seq(url) == before
-        assert not list(store_dir.glob("*")) if store_dir.exists() else True
+        assert json.loads(cli(url, "image", "list", "-o", "json").stdout) == []
+        assert bucket(data, url) == ([], {})
 
-        base = tmp_path / "base.qcow2"
+        base = client / "base.qcow2"
         qemu_img("create", "-f", "qcow2", str(base), "64M")
-        r = cli(
-            url,
-            "image",
-            "create",
-            "base",
-            "--file",
-            str(base),
-            "--image-store",
-            str(store_dir),
-            "-o",
-            "json",
-        )
+        r = cli(url, "image", "create", "base", "--file", "base.qcow2", "-o", "json", cwd=client)
         assert r.returncode == 0, r.stderr
         image = json.loads(r.stdout)
-        assert image["checksum"] == images.sha256(base)
-        assert (store_dir / image["checksum"]).is_file()
+        assert image["status"] == "active" and image["checksum"] == images.sha256(base)
+        assert image["size_bytes"] == base.stat().st_size and image["min_disk_gb"] == 1
+        objects, chunks = bucket(data, url)
+        assert objects == [image["checksum"]] and len(chunks) == 1
+        assert not (data / "images").exists()  # no image store on a disk
 
         vm = create_server(url, "vm1")
         box = create_server(url, "box", "--type", "container")
@@ -151,7 +157,9 @@ def test_up_with_a_host_runs_servers_from_stored_images(tmp_path):
     finally:
         up.stop()
         # Whatever a failed run left on the host (instances outlive agents).
-        leftover = ContainerDriver(HOST, data / "hosts" / HOST / "containers")
+        leftover = ContainerDriver(
+            HOST, data / "hosts" / HOST / "containers", deployment=deployment_prefix(data)
+        )
         for server in leftover.list_owned():
             leftover.remove(server)
         leftover.cgroups.prune()
@@ -237,4 +245,7 @@ def test_demo_boots_servers_a_snapshot_and_a_container():
     assert "exec said 'pid " in out and "container box deleted" in out
     assert "demo finished" in out
     # The container went with its server, and nothing of it is left behind.
-    assert not Path("/sys/fs/cgroup/cpu/stratus/host-01").exists()
+    data = re.search(r"\(data dir (\S+)\)", out)
+    assert data is not None
+    group = f"{deployment_prefix(Path(data.group(1)))}.host-01"
+    assert not Path("/sys/fs/cgroup/cpu/stratus", group).exists()

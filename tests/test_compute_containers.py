@@ -15,7 +15,9 @@ import pytest
 from stratus.agents.compute.agent import ExecReply, ExecRequest
 from stratus.agents.compute.containers import NETNS_DIR, ContainerDriver, netns_name
 from stratus.agents.compute.spec import InstanceSpec
+from stratus.events.errors import HostError
 from stratus.events.ids import new_id
+from stratus.events.resources import ServerSpec
 
 from .compute_helpers import (
     cleanup,
@@ -49,9 +51,8 @@ def driver(tmp_path):
 
 
 def spec(**kw) -> InstanceSpec:
-    return InstanceSpec(
-        server=new_id(), tenant="acme", name="c", vcpus=1, ram_mb=kw.pop("ram_mb", 64), **kw
-    )
+    asked = ServerSpec(name="c", image="", vcpus=1, ram_mb=kw.pop("ram_mb", 64))
+    return InstanceSpec(server=new_id(), tenant="acme", requested=asked, **kw)
 
 
 def test_cpu_limit_holds_a_busy_loop_to_its_share(driver):
@@ -95,6 +96,37 @@ def test_pid_one_own_network_namespace_and_clean_removal(driver):
     assert driver.list_owned() == {}
     assert not (NETNS_DIR / netns_name(s.server)).exists()
     assert not any(d.exists() for d in driver.cgroups.dirs(s.server))
+
+
+def test_same_host_name_in_two_deployments_sees_only_its_own_instances(tmp_path):
+    """Two stacks on one machine both have a host of this name: each
+    driver lists (so reconciles) only its own deployment's containers."""
+    host = unique_host()
+    mine = ContainerDriver(host, tmp_path / "a", deployment="sa01")
+    theirs = ContainerDriver(host, tmp_path / "b", deployment="sb02")
+    plain = ContainerDriver(host, tmp_path / "c")
+    drivers = (mine, theirs, plain)
+    try:
+        a, b = spec(), spec()
+        mine.ensure(a)
+        theirs.ensure(b)
+        assert mine.list_owned() == {a.server: "running"}
+        assert theirs.list_owned() == {b.server: "running"}
+        assert plain.list_owned() == {}
+        assert mine.cgroups.bases[0].name == f"sa01.{host}"
+        assert plain.cgroups.bases[0].name == host
+        # What a reconcile of the first does with instances it does not want.
+        for server in mine.list_owned():
+            mine.remove(server)
+        assert theirs.list_owned() == {b.server: "running"}
+        assert theirs.exec(b.server, ["true"]).exit_code == 0
+        with pytest.raises(HostError):
+            ContainerDriver(host, tmp_path / "d", deployment="Not/Valid")
+    finally:
+        for d in drivers:
+            for server in list(d.list_owned()):
+                d.remove(server)
+            d.cgroups.prune()
 
 
 async def test_agent_runs_a_container_from_a_claim_and_serves_exec(store, tmp_path):
@@ -147,22 +179,20 @@ async def test_periodic_reconcile_restarts_a_container_killed_by_hand(store, tmp
         # loop, so the agent's reconcile cannot run halfway through it.
         driver.stop(sid)
         assert owned(agent) == {sid: "stopped"}
-        for _ in range(100):
-            if owned(agent) == {sid: "running"}:
-                break
-            await asyncio.sleep(0.1)
-        assert owned(agent) == {sid: "running"}
-        assert driver.init_pid(sid) not in (None, old)
-        # The container runs again before the pass records it: wait (bounded)
-        # for the record.
+        # The pass records the restart once its start has returned, i.e. once
+        # the new PID 1 runs the command: wait (bounded) for that record. Not
+        # for the cgroup to hold a process: it does from the first instant
+        # of the start, before unshare has made PID 1.
         fixes: list = []
-        for _ in range(50):
+        for _ in range(100):
             recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
             fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
             if fixes:
                 break
             await asyncio.sleep(0.1)
         assert [f.started for f in fixes] == [[sid]]
+        assert owned(agent) == {sid: "running"}
+        assert driver.init_pid(sid) not in (None, old)
         assert types(await server_events(store, sid))[-1] == "server.running"
     finally:
         await cleanup(agent)

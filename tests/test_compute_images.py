@@ -1,9 +1,12 @@
-"""Image files through real qemu-img: what is refused and why, overlays that
-cost kilobytes, and the pure parts (domain XML from checked values, the
+"""Image files through real qemu-img: what is refused and why, a host's
+cache filled from the object store, overlays that cost kilobytes, and the
+pure parts (domain XML from checked values, the
 host's desired state folded from its events)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -14,11 +17,12 @@ from stratus.agents.compute import images
 from stratus.agents.compute.desired import Desired, fold
 from stratus.agents.compute.domain import NS, domain_xml
 from stratus.agents.compute.spec import InstanceSpec
+from stratus.events.blobs import BlobStore
 from stratus.events.compute import HostServerAction
 from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.network import vm_tap
-from stratus.events.resources import SYSTEM, Nic
+from stratus.events.resources import SPEC_FIELDS, SYSTEM, Nic, ServerSpec
 from stratus.events.scheduling import HostClaimed, HostReleased
 
 from .compute_helpers import cause
@@ -32,23 +36,12 @@ def qcow2(path: Path, size: str = "16M", backing: Path | None = None, fmt: str =
     return path
 
 
-@pytest.fixture
-def store_dir(tmp_path):
-    d = tmp_path / "store"
-    d.mkdir()
-    return d
-
-
-def test_a_good_qcow2_is_stored_under_its_checksum(tmp_path, store_dir):
+def test_a_good_qcow2_passes_with_its_size_and_checksum(tmp_path):
     src = qcow2(tmp_path / "a.qcow2")
-    got = images.store_file(src, "qcow2", store_dir)
+    got = images.inspect(src, "qcow2")
     assert got.format == "qcow2" and got.virtual_size == 16 << 20
-    assert got.checksum == images.sha256(src)
-    assert Path(got.path) == store_dir / got.checksum
-    assert images.sha256(Path(got.path)) == got.checksum
-    # Storing the same file again is the same entry, not a second one.
-    assert images.store_file(src, "qcow2", store_dir) == got
-    assert [p.name for p in store_dir.iterdir()] == [got.checksum]
+    assert got.checksum == images.sha256(src) and got.size_bytes == src.stat().st_size
+    assert images.min_disk_gb(got.virtual_size) == 1
 
 
 @pytest.mark.parametrize(
@@ -57,19 +50,17 @@ def test_a_good_qcow2_is_stored_under_its_checksum(tmp_path, store_dir):
         (lambda d: _raw(d / "r.img"), "qcow2", "is a raw image, not qcow2"),
         (lambda d: qcow2(d / "q.qcow2"), "raw", "is a qcow2 image, not raw"),
         (lambda d: _truncated(d / "t.qcow2"), "qcow2", "not a readable image"),
-        (lambda d: qcow2(d / "b.qcow2", backing=_raw(d / "secret")), "qcow2", "outside"),
+        (lambda d: qcow2(d / "b.qcow2", backing=_raw(d / "secret")), "qcow2", "backing file"),
+        (lambda d: _data_file(d), "qcow2", "data in another file"),
         (lambda d: d / "missing.qcow2", "qcow2", "is not a file"),
         (lambda d: qcow2(d / "x.qcow2"), "vmdk", "must be qcow2 or raw"),
     ],
 )
-def test_malformed_images_are_refused_and_nothing_is_stored(
-    tmp_path, store_dir, make, claimed, reason
-):
+def test_malformed_images_are_refused(tmp_path, make, claimed, reason):
     path = make(tmp_path)
     with pytest.raises(Invalid) as err:
-        images.store_file(path, claimed, store_dir)
+        images.inspect(path, claimed)
     assert reason in err.value.message
-    assert list(store_dir.iterdir()) == []
 
 
 def _raw(path: Path) -> Path:
@@ -83,37 +74,79 @@ def _truncated(path: Path) -> Path:
     return path
 
 
-def test_a_backing_file_inside_the_store_is_accepted(tmp_path, store_dir):
-    base = images.store_file(qcow2(tmp_path / "base.qcow2"), "qcow2", store_dir)
-    layered = qcow2(tmp_path / "l.qcow2", backing=Path(base.path), fmt="qcow2")
-    got = images.store_file(layered, "qcow2", store_dir)
-    assert got.backing == base.path
+def _data_file(d: Path) -> Path:
+    """A qcow2 whose guest data lives in another file of the host."""
+    images.qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"data_file={d / 'host-file'}",
+        str(d / "e.qcow2"),
+        "1M",
+    )
+    return d / "e.qcow2"
 
 
-def test_overlays_cost_kilobytes_and_chain_to_the_cached_base(tmp_path, store_dir):
+def test_a_layer_must_name_exactly_the_backing_file_it_is_recorded_with(tmp_path):
+    base = qcow2(tmp_path / "base.qcow2")
+    layer = images.Layer(images.sha256(base), "qcow2")
+    base.rename(tmp_path / layer.name)  # as a host's cache holds it
+    snap = tmp_path / "s.qcow2"
+    images.qemu_img("create", "-q", "-f", "qcow2", "-b", layer.name, "-F", "qcow2", str(snap))
+    assert images.inspect(snap, "qcow2", backing=layer.name).backing == layer.name
+    with pytest.raises(Invalid, match="backed by"):
+        images.inspect(snap, "qcow2", backing="0" * 64 + ".qcow2")
+    with pytest.raises(Invalid, match="backing file"):
+        images.inspect(snap, "qcow2")
+
+
+async def test_overlays_cost_kilobytes_on_a_base_fetched_once_and_checked(store, tmp_path):
+    blobs = await BlobStore.open(store.js)
+
+    async def opener() -> BlobStore:
+        return blobs
+
     big = qcow2(tmp_path / "big.qcow2", size="8G")
-    stored = images.store_file(big, "qcow2", store_dir)
-    cache = images.BaseCache(tmp_path / "cache")
-    base, fmt = cache.base(store_dir, stored.checksum, "qcow2")
+    layer = images.Layer(images.sha256(big), "qcow2")
+    await blobs.put(layer.checksum, io.BytesIO(big.read_bytes()))
+    cache = images.BaseCache(tmp_path / "cache", opener)
+    # Two builds at once: one fetch.
+    first, second = await asyncio.gather(cache.fetch([layer]), cache.fetch([layer]))
+    assert first == second == cache.path(layer) and cache.fetched == 1
+    assert images.sha256(first) == layer.checksum
+    assert oct(first.stat().st_mode & 0o777) == "0o600"
+    # Nobody else lists the cache or reads its files (qemu may traverse it).
+    assert oct(cache.root.stat().st_mode & 0o777) == "0o711"
     over = tmp_path / "o.qcow2"
-    images.create_overlay(base, fmt, over, size_gb=10, base_size=cache.virtual_size(base, fmt))
+    images.create_overlay(
+        first, "qcow2", over, size_gb=10, base_size=cache.virtual_size(first, "qcow2")
+    )
     chain = images.info(over, chain=True)
-    assert [c["filename"] for c in chain] == [str(over), str(base)]
+    assert [c["filename"] for c in chain] == [str(over), str(first)]
     assert chain[0]["virtual-size"] == 10 << 30  # grown to the flavor's disk
     assert over.stat().st_size < 1 << 20
-    # An image whose file is missing fails the build (no blank disk instead),
-    # and a store file that no longer matches its checksum is never used.
-    with pytest.raises(images.ImageError, match="not in the image store"):
-        cache.base(store_dir, "0" * 64, "qcow2")
-    (store_dir / ("1" * 64)).write_bytes(b"tampered")
-    with pytest.raises(images.ImageError, match="does not match its checksum"):
-        cache.base(store_dir, "1" * 64, "qcow2")
-    assert not (cache.root / f"{'1' * 64}.qcow2").exists()
+    # An image whose bytes are not in the store fails the build (no blank
+    # disk instead), and bytes that are not of the recorded format never
+    # reach the cache.
+    with pytest.raises(images.ImageError, match="no object"):
+        await cache.fetch([images.Layer("0" * 64, "qcow2")])
+    raw = _raw(tmp_path / "r.img")
+    wrong = images.Layer(images.sha256(raw), "qcow2")
+    await blobs.put(wrong.checksum, io.BytesIO(raw.read_bytes()))
+    with pytest.raises(images.ImageError, match="raw image, not qcow2"):
+        await cache.fetch([wrong])
+    assert not cache.path(wrong).exists()
+    assert not [p for p in cache.root.iterdir() if p.name.endswith(".part")]
 
 
 def spec(**kw) -> InstanceSpec:
-    fields = {"server": new_id(), "tenant": "acme", "name": "web", "vcpus": 2, "ram_mb": 512}
-    return InstanceSpec(**{**fields, **kw})
+    """An instance of a 2-vCPU, 512 MB server; ``kw`` sets its spec's fields or the host's."""
+    asked = {"name": "web", "image": "", "vcpus": 2, "ram_mb": 512}
+    asked.update({k: kw.pop(k) for k in list(kw) if k in SPEC_FIELDS})
+    fields = {"server": new_id(), "tenant": "acme", **kw}
+    return InstanceSpec(requested=ServerSpec(**asked), **fields)
 
 
 def test_domain_xml_carries_limits_and_ownership_as_elements():
@@ -174,11 +207,7 @@ def _claim(host: str, server: str) -> HostClaimed:
         host,
         server=server,
         server_tenant="acme",
-        name="s",
-        image="i",
-        vcpus=1,
-        ram_mb=64,
-        disk_gb=0,
+        spec=ServerSpec(name="s", image="i", vcpus=1, ram_mb=64),
     )
 
 
@@ -219,44 +248,15 @@ def test_desired_state_is_the_fold_of_the_host_subject():
     assert d.instances[a].power == "running"
 
 
-def test_image_create_keeps_the_stored_file_from_other_users(tmp_path):
-    """Issue 17: ``image create --file`` run as root stored any file root can
-    read as 0444 in a 0755 directory, so any local user could read every
-    tenant's private image. Through the CLI, as a user runs it: the store is
-    0700 and its files 0600, also a store an earlier version left open."""
-    import json
+def test_a_snapshot_file_is_kept_from_other_users(tmp_path):
+    """Issue 17: images are tenants' data, and no other local user may read
+    them. A snapshot an agent makes is 0600 like every cached base (see
+    ``test_overlays_cost_kilobytes_on_a_base_fetched_once_and_checked``; the
+    image service's spool is checked in ``test_images``)."""
     import stat
-
-    from .test_cli import cli, login, running_up
 
     private = _raw(tmp_path / "private.img")
     os.chmod(private, 0o600)
-    store = tmp_path / "images"
-    store.mkdir()
-    os.chmod(store, 0o755)  # as an earlier version made it
-    old = qcow2(tmp_path / "old.qcow2")
-    stale = store / images.sha256(old)
-    stale.write_bytes(old.read_bytes())
-    os.chmod(stale, 0o444)
-    with running_up(tmp_path) as up:
-        url = up.start()
-        login(url)
-        assert cli(url, "tenant", "create", "acme").returncode == 0
-        for name, path, fmt in (("private", private, "raw"), ("old", old, "qcow2")):
-            r = cli(url, "image", "create", name, "--file", str(path), "--format", fmt,
-                    "--image-store", str(store), "--tenant", "acme", "-o", "json")  # fmt: skip
-            assert r.returncode == 0, r.stderr
-            assert json.loads(r.stdout)["checksum"] == images.sha256(path)
-    assert stat.S_IMODE(store.stat().st_mode) == 0o700
-    files = sorted(p for p in store.iterdir() if not p.name.startswith("."))
-    assert [p.name for p in files] == sorted([images.sha256(private), images.sha256(old)])
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
-    # A snapshot stored by the agent is kept the same way.
-    shot = images.snapshot(
-        qcow2(tmp_path / "disk.qcow2", backing=store / images.sha256(private)),
-        store,
-        None,
-        "raw",
-        "t1",
-    )
+    disk = qcow2(tmp_path / "disk.qcow2", backing=private)
+    shot = images.snapshot(disk, tmp_path, None, "t1")
     assert stat.S_IMODE(Path(shot.path).stat().st_mode) == 0o600

@@ -172,7 +172,6 @@ def real_agent(
         store,
         host,
         data_dir=data,
-        image_store=shared_dir / "images",
         spec=HostSpec(vcpus=2, ram_mb=2048, disk_gb=10),
         vm=LibvirtDriver("qemu:///system", host),
         direct_boot=DirectBoot(kernel=kernel, initrd=str(initrd), cmdline=cmdline),

@@ -510,6 +510,7 @@ ON_SELF = {"user.set-password"}
 RUN_LAST = ("tenant.delete", "user.set-password")
 
 QUERY_SAMPLES: dict[str, dict] = {
+    "whoami": {},
     "tenants": {},
     "tenant": {"tenant": "ta"},
     "status": {"digest": False},

@@ -385,3 +385,35 @@ async def test_a_teardown_racing_a_pass_still_running_waits_for_it(lab):
     # whichever ran last, a final teardown leaves no link of ours
     await asyncio.wait_for(asyncio.to_thread(agent.kernel.teardown), 60)
     assert await asyncio.to_thread(agent.kernel.links) == {}
+
+
+async def test_a_port_whose_instance_appears_later_is_wired_without_another_event(lab):
+    """The compute agent makes a container's namespace on its own time: the
+    port waits for it, and is wired within about a second of it appearing,
+    though nothing more is appended to the log."""
+    import time
+
+    from pyroute2 import netns as pyroute_netns
+
+    from stratus.ops.bench.netlab import echo
+
+    s = await acme_pair(lab)
+    c = lab.cloud
+    sid = await c.server("acme", "late", "host-3", ["net"])
+    await lab.converge()
+    name = nw.kernel_name(lab.prefix, "port", c.port_of("acme", sid).id)
+    agent = lab.agents["host-3"]
+    assert name in agent.kernel.waiting
+    seq = await lab.store.last_seq()
+    ns = nw.instance_netns(sid)
+    lab.instances.append(ns)
+    t0 = time.monotonic()
+    await asyncio.to_thread(pyroute_netns.create, ns)
+    ip = c.port_of("acme", sid).ip
+    assert await echo(ns, s["srv"][1], seconds=5)
+    assert time.monotonic() - t0 < 3
+    assert name not in agent.kernel.waiting
+    # (its port.bound is the only thing appended meanwhile)
+    later = [rec.decode().type_name() for rec in await lab.store.read_all(after=seq)]
+    assert set(later) <= {"port.bound"}, later
+    assert ip

@@ -14,6 +14,7 @@ from stratus.events import network as nw
 from stratus.events.errors import Invalid, StratusError
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.keyring import KeyRing
+from stratus.handlers.rbac import CLOUD_ADMIN_ROLE, CLOUD_TENANT, Caller
 from stratus.handlers.service import CommandService
 
 
@@ -164,3 +165,94 @@ async def test_port_set_changes_groups_and_qos_and_refuses_unknown_ones(svc, sto
     assert reply["error"]["kind"] == "conflict"
     await ok(svc, "port.set", tenant="acme", ref="p", qos_policy="")
     await ok(svc, "qos-policy.delete", tenant="acme", ref="slow")
+
+
+# -- routed networks -------------------------------------------------------------------
+
+ADMIN = Caller(user="admin", tenant=CLOUD_TENANT, roles=(CLOUD_ADMIN_ROLE,))
+MEMBER = Caller(user="alice", tenant="acme", roles=("member",))
+
+
+@pytest.fixture
+async def authed(store, tmp_path):
+    """The command service with callers named by a ``who`` header (as tokens would)."""
+    callers = {"admin": ADMIN, "alice": MEMBER}
+    s = CommandService(
+        store,
+        all_handlers(KeyRing.load_or_create(tmp_path / "keys")),
+        authenticate=lambda h: callers[h["who"]],
+    )
+    await s.start()
+    yield s
+    await s.stop()
+
+
+async def as_(svc: CommandService, who: str, verb: str, **body) -> dict:
+    try:
+        raw = await asyncio.wait_for(
+            svc.handle(f"cmd.{verb}", json.dumps(body).encode(), {"who": who}), 10
+        )
+    except StratusError as err:
+        return {"ok": False, "error": {"kind": err.kind, "message": err.message}}
+    return json.loads(raw)
+
+
+async def test_a_routed_network_is_the_cloud_admins_and_bad_input_appends_nothing(authed, store):
+    assert (await as_(authed, "admin", "tenant.create", name="acme"))["ok"]
+    before = await store.last_seq()
+    # a tenant's member cannot make one (the broker-facing command service says so)
+    refused = await as_(authed, "alice", "network.create-routed", name="p", cidr="10.244.0.0/16")
+    assert refused["error"]["kind"] == "forbidden"
+    assert await store.last_seq() == before
+    made = await as_(authed, "admin", "network.create-routed", name="pods", cidr="10.244.0.0/16")
+    assert made["ok"], made
+    assert made["data"]["mode"] == nw.ROUTED and made["data"]["block_prefix"] == nw.BLOCK_PREFIX
+    before = await store.last_seq()
+    for body, kind, words in [
+        ({"name": "q", "cidr": "10.244.0.1/16"}, "invalid", "host bits"),
+        ({"name": "q", "cidr": "0.0.0.0/4"}, "invalid", "too large"),
+        ({"name": "q", "cidr": "10.245.0.0/24", "block_prefix": 20}, "invalid", "wider"),
+        ({"name": "q", "cidr": "10.244.128.0/17"}, "invalid", "overlaps network pods"),
+        ({"name": "q", "cidr": "fd00::/64"}, "invalid", "IPv4"),
+        ({"name": "q", "cidr": "10.246.0.0/16", "block_prefix": 31}, "invalid", ""),
+        ({"name": "pods", "cidr": "10.247.0.0/16"}, "already_exists", "never reused"),
+        ({"name": "Bad Name", "cidr": "10.247.0.0/16"}, "invalid", "name"),
+    ]:
+        reply = await as_(authed, "admin", "network.create-routed", **body)
+        assert not reply["ok"] and reply["error"]["kind"] == kind, (body, reply)
+        assert words in reply["error"]["message"], (body, reply)
+    assert await store.last_seq() == before
+    # a tenant's container attaches to it by name; its port has no address
+    # until a host hands one out of its block
+    await as_(authed, "admin", "image.create-public", name="img")
+    box = await as_(
+        authed,
+        "alice",
+        "server.create",
+        name="box",
+        image="img",
+        vcpus=1,
+        ram_mb=64,
+        instance_type="container",
+        networks=["pods"],
+    )
+    assert box["ok"], box
+    ports = [
+        rec.decode()
+        for rec in await store.read_all(subjects=["ev.acme.port.>"])
+        if rec.decode().type_name() == "port.created"
+    ]
+    assert [(p.network, p.ip, p.subnet) for p in ports] == [("pods", "", "")]
+    # a VM cannot (no DHCP, no overlay there); an unknown network is not found
+    before = await store.last_seq()
+    vm = await as_(
+        authed, "alice", "server.create", name="vm", image="img", vcpus=1, ram_mb=64,
+        networks=["pods"],
+    )  # fmt: skip
+    assert vm["error"]["kind"] == "invalid" and "container instances only" in vm["error"]["message"]
+    nowhere = await as_(
+        authed, "alice", "server.create", name="c2", image="img", vcpus=1, ram_mb=64,
+        instance_type="container", networks=["nope"],
+    )  # fmt: skip
+    assert nowhere["error"]["kind"] == "not_found"
+    assert await store.last_seq() == before

@@ -8,6 +8,7 @@ from stratus.agents.network.desired import VXLAN_MTU, Topology, plan
 from stratus.events import network as nw
 from stratus.events import resources as rs
 from stratus.events.model import Cause
+from stratus.events.scheduling import HostReleased
 
 C = Cause(actor="t", correlation_id="c", causation_id="c")
 P = "tp"
@@ -49,13 +50,9 @@ def world(routed: bool, instance_type: str = "vm", running: bool = True) -> Topo
             "acme",
             "server",
             "s1",
-            name="s1",
-            image="i",
-            flavor="",
-            vcpus=1,
-            ram_mb=64,
-            disk_gb=0,
-            instance_type=instance_type,
+            spec=rs.ServerSpec(
+                name="s1", image="i", vcpus=1, ram_mb=64, instance_type=instance_type
+            ),
         ),
         C.make(
             rs.PortCreated,
@@ -187,6 +184,249 @@ def test_tap_names_are_kernel_safe_and_macs_are_checked():
     for bad in ("FA:16:3E:00:00:01", "01:00:5e:00:00:01", "fa:16:3e:00:00", "fa:16:3e:00:00:01\n"):
         with pytest.raises(Invalid):
             nw.check_mac(bad)
+
+
+# -- the incremental planner against the full plan -----------------------------------
+
+
+def _random_history(seed: int, steps: int):
+    """Events of a small random cloud: three hosts (h1 runs routers), two
+    tenants' VXLAN networks and a routed network, security groups whose
+    rules name each other, container and VM servers placed, moved, bound,
+    re-grouped, rate-limited and deleted, routed ports given addresses from
+    the hosts' blocks, a router with an interface."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    hosts = ["h1", "h2", "h3"]
+    agents = []
+    for i, h in enumerate(hosts):
+        agents.append(
+            C.make(
+                nw.NetworkAgentRegistered,
+                "_system",
+                "network-agent",
+                h,
+                host=h,
+                vtep=f"192.0.2.{i + 1}",
+                routers=h == "h1",
+            )
+        )
+    out.append(
+        C.make(
+            rs.NetworkCreated,
+            "_system",
+            "network",
+            "pods",
+            name="pods",
+            cidr="10.244.0.0/16",
+            mode=nw.ROUTED,
+            block_prefix=26,
+        )
+    )
+    nets, groups, servers, ports = [], [], {}, {}
+    used_ips: set[str] = set()
+    blocks: dict[str, str] = {}
+    for t in ("acme", "umbra"):
+        for k in range(2):
+            net, sub = f"{t}-n{k}", f"{t}-s{k}"
+            out.append(C.make(rs.NetworkCreated, t, "network", net, name=net, vni=5000 + len(nets)))
+            out.append(
+                C.make(
+                    rs.SubnetCreated,
+                    t,
+                    "subnet",
+                    sub,
+                    name=sub,
+                    network=net,
+                    cidr=f"10.{k}.0.0/24",
+                    gateway=f"10.{k}.0.1",
+                    pool_start=f"10.{k}.0.2",
+                    pool_end=f"10.{k}.0.254",
+                )
+            )
+            nets.append((t, net, sub, k))
+        for g in ("default", "web"):
+            gid = f"{t}-{g}"
+            out.append(C.make(rs.SecurityGroupCreated, t, "security-group", gid, name=g))
+            groups.append((t, gid))
+    out.append(C.make(rs.QosPolicyCreated, "acme", "qos-policy", "slow", name="slow", max_kbps=800))
+    n = 0
+    for _ in range(steps):
+        op = rnd.random()
+        if op < 0.25 or not servers:
+            n += 1
+            t, net, sub, k = rnd.choice(nets)
+            routed = rnd.random() < 0.3
+            vm = not routed and rnd.random() < 0.2
+            sid, pid = f"s{n}", f"p{n}"
+            out.append(
+                C.make(
+                    rs.ServerRequested,
+                    t,
+                    "server",
+                    sid,
+                    name=sid,
+                    image="i",
+                    flavor="",
+                    vcpus=1,
+                    ram_mb=64,
+                    disk_gb=0,
+                    instance_type="vm" if vm else "container",
+                )
+            )
+            sgs = rnd.sample([g for tt, g in groups if tt == t], rnd.randint(1, 2))
+            ip = "" if routed else f"10.{k}.0.{n % 250 + 2}"
+            out.append(
+                C.make(
+                    rs.PortCreated,
+                    t,
+                    "port",
+                    pid,
+                    name=pid,
+                    network="pods" if routed else net,
+                    subnet="" if routed else sub,
+                    mac=f"fa:16:3e:00:{n // 256:02x}:{n % 256:02x}",
+                    ip=ip,
+                    device=sid,
+                    device_owner="compute",
+                    security_groups=sgs,
+                )
+            )
+            servers[sid] = (t, routed)
+            ports[pid] = (t, sid, routed)
+        elif op < 0.45:
+            sid = rnd.choice(list(servers))
+            t, routed = servers[sid]
+            host = rnd.choice(hosts)
+            out.append(C.make(rs.ServerScheduled, t, "server", sid, host=host))
+            if rnd.random() < 0.5:
+                out.append(C.make(rs.ServerRunning, t, "server", sid, host=host))
+            pid = "p" + sid[1:]
+            if routed and pid in ports:
+                block = next((b for b, h in blocks.items() if h == host), None)
+                if block is None:
+                    block = f"10.244.{len(blocks)}.0/26"
+                    blocks[block] = host
+                    out.append(
+                        C.make(
+                            nw.BlockClaimed, "_system", "network", "pods", block=block, host=host
+                        )
+                    )
+                base = block.split("/")[0].rsplit(".", 1)[0]
+                ip = next(f"{base}.{i}" for i in range(1, 63) if f"{base}.{i}" not in used_ips)
+                used_ips.add(ip)
+                out.append(C.make(rs.PortAddressAssigned, t, "port", pid, host=host, ip=ip))
+            elif pid in ports and rnd.random() < 0.5:
+                out.append(C.make(rs.PortBound, t, "port", pid, host=host))
+        elif op < 0.55 and ports:
+            pid = rnd.choice(list(ports))
+            t = ports[pid][0]
+            sgs = rnd.sample([g for tt, g in groups if tt == t], rnd.randint(0, 2))
+            qos = rnd.choice(["", "slow"]) if t == "acme" else ""
+            out.append(C.make(rs.PortUpdated, t, "port", pid, security_groups=sgs, qos_policy=qos))
+        elif op < 0.7:
+            t, gid = rnd.choice(groups)
+            other = rnd.choice([g for tt, g in groups if tt == t])
+            out.append(
+                C.make(
+                    rs.SecurityGroupRuleAdded,
+                    t,
+                    "security-group",
+                    gid,
+                    rule=f"r{len(out)}",
+                    direction=rnd.choice(["ingress", "egress"]),
+                    protocol=rnd.choice(["any", "tcp", "icmp"]),
+                    port_min=rnd.choice([0, 80]),
+                    remote_group=rnd.choice(["", other]),
+                )
+            )
+        elif op < 0.8 and servers:
+            sid = rnd.choice(list(servers))
+            t, _ = servers.pop(sid)
+            out.append(C.make(rs.ServerDeleted, t, "server", sid))
+            if rnd.random() < 0.7:
+                pid = "p" + sid[1:]
+                ports.pop(pid, None)
+                out.append(C.make(rs.PortDeleted, t, "port", pid))
+        elif op < 0.85 and servers:
+            sid = rnd.choice(list(servers))
+            t, _ = servers[sid]
+            out.append(C.make(HostReleased, "_system", "host", "h2", server=sid, server_tenant=t))
+        elif op < 0.9:
+            t, net, sub, k = rnd.choice(nets)
+            out.append(C.make(rs.RouterCreated, t, "router", f"r-{t}", name="r"))
+            out.append(
+                C.make(
+                    rs.PortCreated,
+                    t,
+                    "port",
+                    f"rp-{sub}",
+                    name="rp",
+                    network=net,
+                    subnet=sub,
+                    mac="fa:16:3e:ff:00:01",
+                    ip=f"10.{k}.0.1",
+                    device=f"r-{t}",
+                    device_owner="router_interface",
+                )
+            )
+            out.append(
+                C.make(
+                    rs.RouterInterfaceAdded,
+                    t,
+                    "router",
+                    f"r-{t}",
+                    subnet=sub,
+                    port=f"rp-{sub}",
+                    ip=f"10.{k}.0.1",
+                )
+            )
+        else:
+            t, gid = rnd.choice(groups)
+            rules = [e.rule for e in out if isinstance(e, rs.SecurityGroupRuleAdded)]
+            if rules:
+                out.append(
+                    C.make(
+                        rs.SecurityGroupRuleRemoved,
+                        t,
+                        "security-group",
+                        gid,
+                        rule=rnd.choice(rules),
+                    )
+                )
+    # agents (the router host too) register at random points: before and
+    # after the ports that need them
+    for ev in agents:
+        out.insert(rnd.randint(0, len(out)), ev)
+    return out
+
+
+def test_the_incremental_plan_is_the_full_plan_after_every_event_of_random_histories():
+    import random
+
+    from stratus.agents.network.desired import Planner
+
+    incremental = 0
+    for seed in range(12):
+        events = _random_history(seed, 120)
+        for host in ("h1", "h2", "h3"):
+            t, planner = Topology(), Planner(host, P)
+            rnd = random.Random(seed)
+            i = 0
+            while i < len(events):
+                # batches of 1-5 events, as the agent folds them
+                for ev in events[i : i + rnd.randint(1, 5)]:
+                    i += 1
+                    t.apply(i, ev)
+                before = planner.full_plans
+                got = planner.update(t)
+                incremental += planner.full_plans == before
+                want = plan(t, host, P)
+                assert got.same(want), (seed, host, i, type(events[i - 1]).__name__)
+    # most batches took the incremental path (else this tests little)
+    assert incremental > 1000, incremental
 
 
 def _tenant_behind_router(tenant: str, n: int, fip: str, fixed: str) -> list:

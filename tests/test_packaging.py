@@ -77,6 +77,9 @@ def test_the_wheel_installs_and_runs_the_demo(tmp_path):
         assert f"{pkg}/__init__.py" in names, pkg
     assert not [n for n in names if n.startswith("stratus/tests")]
     assert "stratus/ops/scheduler.toml" in names
+    # The console's pages and assets: it fetches nothing at run time.
+    for asset in ("templates/base.html", "static/console.js", "static/console.css"):
+        assert f"stratus/console/{asset}" in names, asset
 
     venv = _fresh_venv(tmp_path)
     python = venv / "bin" / "python"

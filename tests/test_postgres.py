@@ -21,7 +21,9 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.cli.runtime import publish_signing_keys
+from stratus.events.ids import new_id
 from stratus.events.model import Cause
+from stratus.events.resources import SYSTEM, ImageActivated
 from stratus.events.tenants import TenantCreated, TenantRenamed
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.identity import bootstrap_admin
@@ -124,6 +126,12 @@ async def inventory(svc: CommandService) -> None:
     await command(svc, "flavor.delete", name="m2")
     await command(svc, "image.create-public", name="cirros", size_bytes=12716032,
                   checksum="ab" * 32, min_disk_gb=1)  # fmt: skip
+    # Its bytes as the image service records them once stored.
+    stored = Cause(actor="admin", correlation_id=new_id(), causation_id=new_id()).make(
+        ImageActivated, SYSTEM, "image", "cirros", size_bytes=12716032, checksum="ab" * 32,
+        min_disk_gb=1, reason="",
+    )  # fmt: skip
+    await svc.store.append([stored])
     await command(svc, "image.create", **t, name="private-img", format="raw")
     await command(svc, "image.create", **t, name="gone-img")
     await command(svc, "image.delete", **t, ref="gone-img")

@@ -40,6 +40,7 @@ from stratus.events.resources import (
     HostRegistered,
     HostSetEnabled,
     HostUpdated,
+    ImageActivated,
     ImageCreate,
     NetworkCreate,
     PortCreate,
@@ -65,6 +66,7 @@ from stratus.events.resources import (
     ServerRequested,
     ServerRunning,
     ServerScheduled,
+    ServerSpec,
     ServerStopRequested,
     SubnetCreate,
     VolumeAttach,
@@ -98,7 +100,7 @@ from stratus.handlers.records import (
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
 CAUSE = Cause(actor="test", correlation_id="corr", causation_id="corr")
-IMAGE = Image(name="img", id="img")
+IMAGE = Image(name="img", id="img", status="active")
 
 
 # -- a miniature command service -------------------------------------------------
@@ -318,7 +320,7 @@ def test_a_reply_shows_what_the_log_said_of_the_resource_and_nothing_more():
     w = world()
     s = server(w, "a")
     # a new server: its request's fields, then id, tenant and status
-    assert list(view(s)) == [*ServerRequested.payload_fields(), "id", "tenant", "status"]
+    assert list(view(s)) == [*ServerSpec.__struct_fields__, "id", "tenant", "status"]
     fold(w, CAUSE.make(ServerScheduled, "acme", "server", s.id, host="h1"))
     shown = view(s)
     assert (shown["host"], shown["status"], shown["scheduling"]) == ("h1", "scheduled", {})
@@ -646,7 +648,7 @@ def test_a_volume_attaches_to_one_server_at_a_time():
 def test_server_create_takes_a_flavor_or_sizes_not_both():
     w = world()
     flavor = Flavor(name="m1", id="m1", vcpus=2, ram_mb=2048, disk_gb=20)
-    image = Image(name="img", id="img", min_disk_gb=30)
+    image = Image(name="img", id="img", min_disk_gb=30, status="active")
 
     def plan(flavor_obj: Flavor | None, **kw: Any) -> servers.ServerPlan:
         return servers.ServerPlan(
@@ -664,13 +666,13 @@ def test_server_create_takes_a_flavor_or_sizes_not_both():
     made = [e for e in servers.decide_server_create(w, plan(flavor, flavor="m1"), CAUSE)]
     s = next(e for e in made if isinstance(e, ServerRequested))
     # the flavor's sizes, the disk at least the image's minimum
-    assert (s.vcpus, s.ram_mb, s.disk_gb, s.flavor) == (2, 2048, 30, "m1")
+    assert (s.spec.vcpus, s.spec.ram_mb, s.spec.disk_gb, s.spec.flavor) == (2, 2048, 30, "m1")
     s = next(
         e
         for e in servers.decide_server_create(w, plan(None, vcpus=3, ram_mb=64, disk_gb=40), CAUSE)
         if isinstance(e, ServerRequested)
     )
-    assert (s.vcpus, s.ram_mb, s.disk_gb, s.flavor) == (3, 64, 40, "")
+    assert (s.spec.vcpus, s.spec.ram_mb, s.spec.disk_gb, s.spec.flavor) == (3, 64, 40, "")
     network(w, "lan")
     cmd = plan(None, vcpus=1, ram_mb=1, networks=["lan", "lan"])
     refused(w, servers.decide_server_create, cmd, Invalid, "a network is named twice")
@@ -682,7 +684,7 @@ def test_the_default_security_group_is_made_once_and_counted():
     s = server(w, "a", networks=["lan"])
     groups = list(w.security_groups.values())
     assert [g.name for g in groups] == ["default"]
-    assert s.security_groups == [groups[0].id]
+    assert s.spec.security_groups == [groups[0].id]
     rules = sorted(groups[0].rules.values(), key=lambda x: x.direction)
     assert [(x.direction, x.remote_group) for x in rules] == [
         ("egress", ""),
@@ -1019,3 +1021,37 @@ def test_flavors_and_public_images_record_what_was_asked_and_are_never_renamed()
         3,
     )
     assert (image.visibility, image.tenant) == ("public", SYSTEM)
+
+
+def test_an_image_with_a_checksum_is_queued_until_its_bytes_are_stored():
+    # given a tenant
+    w = world()
+    # when an image is created with the size and SHA-256 of the file to come
+    cmd = ImageCreate(tenant="acme", name="base", size_bytes=4096, checksum="ab" * 32)
+    (queued,) = do(w, images.decide_image_create, cmd)
+    # then it is queued, expecting exactly those bytes, and nothing boots it
+    assert queued.type_name() == "image.queued"
+    image = w.images.find("base")
+    assert (image.status, image.size_bytes, image.checksum) == ("queued", 4096, "ab" * 32)
+    plan = ServerCreate(tenant="acme", name="s", image="base", vcpus=1, ram_mb=64)
+    refused(
+        w, servers.decide_server_create, servers.ServerPlan(plan, None, None), Conflict, "queued"
+    )
+    # ... until the image service has stored them (image.activated)
+    fold(
+        w,
+        CAUSE.make(ImageActivated, "acme", "image", image.id, size_bytes=4096, checksum="ab" * 32),
+    )
+    assert w.images.find("base").status == "active"
+    do(w, servers.decide_server_create, servers.ServerPlan(plan, None, None))
+    # a checksum without a size cannot be checked, and is refused
+    refused(
+        w,
+        images.decide_image_create,
+        ImageCreate(tenant="acme", name="other", checksum="cd" * 32),
+        Invalid,
+        "size_bytes",
+    )
+    # without a checksum the image is a record only, active at once
+    (record,) = do(w, images.decide_image_create, ImageCreate(tenant="acme", name="cirros"))
+    assert record.type_name() == "image.created" and w.images.find("cirros").status == "active"

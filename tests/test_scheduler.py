@@ -66,7 +66,8 @@ async def test_places_on_a_host_that_fits_and_says_why(store, scheduler):
     claims = [r.decode() for r in await store.read_all(subjects=["ev._system.host.big"])]
     claim = claims[-1]
     assert isinstance(claim, HostClaimed)
-    assert (claim.server, claim.vcpus, claim.ram_mb) == (req.aggregate.id, 4, 4096)
+    assert (claim.server, claim.spec.vcpus, claim.spec.ram_mb) == (req.aggregate.id, 4, 4096)
+    assert claim.spec == req.spec  # the request's spec, whole
     assert claim.correlation_id == req.correlation_id
 
 

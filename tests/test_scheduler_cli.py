@@ -102,6 +102,7 @@ def test_cli_server_is_placed_with_reasons_and_impossible_one_says_why(up):
     assert chain["server.scheduled"]["depth"] == 1  # caused by the request
     assert chain["server.scheduled"]["why"] == "on large: 1/2 hosts passed (1 insufficient vCPU)"
     assert chain["host.claimed"]["aggregate"] == {"kind": "host", "id": "large"}
+    assert chain["host.claimed"]["why"] == f"12 vCPU, 2048 MB for {web['id']}"
     r = cli(url, "why", web["id"])  # the table a person reads
     assert "  server.scheduled" in r.stdout and "insufficient vCPU" in r.stdout
     r = cli(url, "why", "01a00000-0000-7000-8000-000000000000")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stratus.events.errors import Invalid
-from stratus.events.resources import SYSTEM, HostDisabled
+from stratus.events.resources import SYSTEM, HostDisabled, ServerSpec
 from stratus.events.scheduling import HostClaimed, HostReleased
 from stratus.handlers.scheduler import Decider, HostTable, Request, SchedulerConfig, load_config
 from stratus.handlers.scheduler.decide import Busy, NoValidHost, Placed
@@ -53,20 +53,17 @@ def claim(t: HostTable, host: str, server: str, vcpus: int, ram_mb: int, group: 
         host,
         server=server,
         server_tenant="acme",
-        name=server,
-        image="i",
-        vcpus=vcpus,
-        ram_mb=ram_mb,
-        disk_gb=0,
-        group=group,
+        spec=ServerSpec(name=server, image="i", vcpus=vcpus, ram_mb=ram_mb, group=group),
     )
     t.apply(t.last_applied + 1, e)
 
 
-def req(**kw) -> Request:
+def req(exclude: tuple[str, ...] = (), **kw) -> Request:
+    """A request for a 1-vCPU, 512 MB server; ``kw`` sets its spec's fields."""
     kw.setdefault("vcpus", 1)
     kw.setdefault("ram_mb", 512)
-    return Request(server="s", tenant="acme", **kw)
+    spec = ServerSpec(name="s", image="i", **kw)
+    return Request(server="s", tenant="acme", spec=spec, exclude=exclude)
 
 
 def masks(f, t, r) -> dict[str, list[bool]]:
@@ -158,8 +155,8 @@ def test_releasing_gives_capacity_back():
             {"no container support": [True, True, False]},
         ),
         (InstanceType(), req(instance_type="vm"), {"no vm support": [True, True, True]}),
-        (HostName(), req(host="c"), {"not host c": [False, False, True]}),
-        (HostName(), req(host="nope"), {"not host nope": [False, False, False]}),
+        (HostName(), req(requested_host="c"), {"not host c": [False, False, True]}),
+        (HostName(), req(requested_host="nope"), {"not host nope": [False, False, False]}),
         (AvailabilityZone(), req(zone="z2"), {"not in zone z2": [False, True, True]}),
         (AvailabilityZone(), req(zone="z9"), {"not in zone z9": [False, False, False]}),
         (

@@ -259,7 +259,7 @@ def test_a_wrong_payload_type_fails_and_the_schema_matches_the_decoder() -> None
     e = sample(CODEC.types["server.requested"])
     doc = three_forms(e)["message"]
     for field, wrong in (("vcpus", "four"), ("name", 5), ("nics", {"not": "a list"})):
-        bad = {**doc, field: wrong}
+        bad = {**doc, "spec": {**doc["spec"], field: wrong}}  # the server's spec, nested
         assert errors("message", bad), field
         with pytest.raises(msgspec.ValidationError):
             msgspec.json.decode(json.dumps(bad), type=type(e))

@@ -55,6 +55,7 @@ from stratus.agents.compute.containers import ContainerDriver
 from stratus.agents.compute.desired import Desired, Want, fold
 from stratus.agents.compute.driver import Driver, ExecResult, PowerState
 from stratus.agents.compute.spec import ID_RE, InstanceSpec, check
+from stratus.events.blobs import BlobStore
 from stratus.events.compute import HostReconciled, HostServerAction
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -197,7 +198,6 @@ class ComputeAgent:
         host: str,
         *,
         data_dir: Path,
-        image_store: Path,
         spec: HostSpec,
         vm: Driver | None = None,
         containers: Driver | None = None,
@@ -213,13 +213,13 @@ class ComputeAgent:
         self.reports = Reporter(store.nc, host, codec=store.codec)
         self.spec = spec
         self.data_dir = Path(data_dir)
-        self.image_store = Path(image_store)
         self.disks = self.data_dir / "disks"
         self.volumes = self.data_dir / "volumes"
         self.consoles = self.data_dir / "console"
         for d in (self.disks, self.volumes, self.consoles):
             d.mkdir(parents=True, exist_ok=True)
-        self.cache = images.BaseCache(self.data_dir / "base")
+        self._blob_store: BlobStore | None = None
+        self.cache = images.BaseCache(self.data_dir / "base", self.blobs)
         self.drivers: dict[str, Driver] = {}
         if vm is not None:
             self.drivers["vm"] = vm
@@ -232,7 +232,8 @@ class ComputeAgent:
         self.subject = host_subject(host)
         self.desired = Desired()
         self.actor = f"compute-agent:{host}"
-        self._images: dict[str, ImageCreated | None] = {}
+        # Active images, read once (their bytes never change).
+        self._images: dict[str, images.ImageRecord] = {}
         # One pass at a time per server (events and the periodic pass share them).
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: list[asyncio.Task[None]] = []
@@ -531,7 +532,7 @@ class ComputeAgent:
         claim = want.claim
         server = claim.server
         spec = self.instance(claim, want)
-        driver = self._driver(claim.instance_type)
+        driver = self._driver(claim.spec.instance_type)
         running = want.power == "running"
         said = REPORTED[now.type]
         changed = False
@@ -549,8 +550,8 @@ class ComputeAgent:
                 )
             elif said != "building":
                 drift.recreated.append(server)  # it was built once: the host lost it
-            image = await self._image(claim)
-            await asyncio.to_thread(self._prepare_disk, spec, want, image)
+            base = await self._base(spec, claim)
+            await asyncio.to_thread(self._prepare_disk, spec, want, base)
             await asyncio.to_thread(driver.ensure, spec, running)
             changed = running
         else:
@@ -712,28 +713,20 @@ class ComputeAgent:
     # -- the host ---------------------------------------------------------------------
 
     def instance(self, claim: HostClaimed, want: Want | None = None) -> InstanceSpec:
+        """The claim's spec as this host builds it: the spec whole, and the
+        paths and boot settings that are this host's own."""
+        vm = claim.spec.instance_type == "vm"
         volumes = {v: str(self.volumes / f"{v}.qcow2") for v in (want.volumes if want else {})}
         return check(
             InstanceSpec(
                 server=claim.server,
                 tenant=claim.server_tenant,
-                name=claim.name,
-                vcpus=claim.vcpus,
-                ram_mb=claim.ram_mb,
-                disk_gb=claim.disk_gb,
-                instance_type=claim.instance_type,
-                disk=str(self.disks / f"{claim.server}.qcow2")
-                if claim.instance_type == "vm"
-                else "",
+                # A container's ports are veths the network agent makes.
+                requested=claim.spec if vm else msgspec.structs.replace(claim.spec, nics=[]),
+                disk=str(self.disks / f"{claim.server}.qcow2") if vm else "",
                 console_log=str(self.consoles / f"{claim.server}.log"),
                 volumes=volumes,
-                # A container's ports are veths the network agent makes.
-                nics=list(claim.nics) if claim.instance_type == "vm" else [],
-                **(
-                    msgspec.structs.asdict(self.direct_boot)
-                    if self.direct_boot and claim.instance_type == "vm"
-                    else {}
-                ),
+                **(msgspec.structs.asdict(self.direct_boot) if self.direct_boot and vm else {}),
             )
         )
 
@@ -761,42 +754,69 @@ class ComputeAgent:
                 out[server] = (it, state)
         return out
 
-    async def _image(self, claim: HostClaimed) -> ImageCreated | None:
-        """The image's ``image.created`` (tenant's or public), read once and kept."""
-        if claim.image in self._images:
-            return self._images[claim.image]
-        found: ImageCreated | None = None
-        if ID_RE.match(claim.image) and ID_RE.match(claim.server_tenant):
-            subjects = [
-                f"ev.{claim.server_tenant}.image.{claim.image}",
-                f"ev.{SYSTEM}.image.{claim.image}",
-            ]
-            for rec in await self.store.read_all(subjects=subjects):
-                ev = rec.decode(self.store.codec)
-                if isinstance(ev, ImageCreated):
-                    found = ev
-        self._images[claim.image] = found
+    async def blobs(self) -> BlobStore:
+        """The object store's image bucket, opened on first use."""
+        if self._blob_store is None:
+            self._blob_store = await BlobStore.open(self.store.js)
+        return self._blob_store
+
+    async def _image(self, tenant: str, image_id: str) -> images.ImageRecord | None:
+        """Image ``image_id`` (the tenant's or a public one) as the log has it
+        now; an active one is kept (its bytes never change)."""
+        if image_id in self._images:
+            return self._images[image_id]
+        if not (ID_RE.match(image_id) and ID_RE.match(tenant)):
+            return None
+        subjects = [f"ev.{tenant}.image.{image_id}", f"ev.{SYSTEM}.image.{image_id}"]
+        recs = await self.store.read_all(subjects=subjects)
+        found = images.fold_image(image_id, [r.decode(self.store.codec) for r in recs])
+        if found is not None and found.status == "active":
+            self._images[image_id] = found
         return found
 
-    def _prepare_disk(self, spec: InstanceSpec, want: Want, image: ImageCreated | None) -> None:
+    async def _chain(self, tenant: str, image: images.ImageRecord) -> list[images.Layer]:
+        """The image's layer, then its parent's (a snapshot is backed by it),
+        as far as layers have bytes."""
+        chain: list[images.Layer] = []
+        r: images.ImageRecord | None = image
+        while r is not None and r.layer is not None:
+            if r.status != "active":
+                raise HostError(f"image {r.name or r.id} is {r.status or 'gone'}, not active")
+            if len(chain) >= images.MAX_CHAIN:
+                raise HostError(f"image {image.name} has more than {images.MAX_CHAIN} layers")
+            chain.append(r.layer)
+            r = await self._image(tenant, r.parent) if r.parent else None
+        return chain
+
+    async def _base(self, spec: InstanceSpec, claim: HostClaimed) -> tuple[Path, str] | None:
+        """The cached base a new overlay disk is made on (fetched from the
+        object store on first use), or None when no disk is to be made."""
+        if not spec.disk or await asyncio.to_thread(os.path.exists, spec.disk):
+            return None
+        image = await self._image(claim.server_tenant, claim.spec.image)
+        if image is None or image.layer is None:
+            # A record without bytes (or none at all): a blank disk.
+            return await asyncio.to_thread(self.cache.blank, spec.requested.disk_gb), "qcow2"
+        chain = await self._chain(claim.server_tenant, image)
+        return await self.cache.fetch(chain), image.format
+
+    def _prepare_disk(self, spec: InstanceSpec, want: Want, base: tuple[Path, str] | None) -> None:
         """The overlay disk and the volumes a new domain is defined with."""
-        if spec.disk and not os.path.exists(spec.disk):
-            checksum = image.checksum if image else ""
-            fmt = image.format if image else "qcow2"
-            base, base_fmt = self.cache.base(self.image_store, checksum, fmt, blank_gb=spec.disk_gb)
+        if base is not None and not os.path.exists(spec.disk):
+            path, fmt = base
             images.create_overlay(
-                base,
-                base_fmt,
+                path,
+                fmt,
                 Path(spec.disk),
-                spec.disk_gb,
-                self.cache.virtual_size(base, base_fmt),
+                spec.requested.disk_gb,
+                self.cache.virtual_size(path, fmt),
             )
-        for vol, path in spec.volumes.items():
-            images.create_volume(Path(path), max(1, want.volumes.get(vol, 1)))
+        for vol, path_ in spec.volumes.items():
+            images.create_volume(Path(path_), max(1, want.volumes.get(vol, 1)))
 
     async def _sync_volumes(self, want: Want, spec: InstanceSpec, driver: Driver) -> None:
         """Attach the volumes the log wants on the instance, detach the others."""
-        if not spec.volumes and spec.instance_type != "vm":
+        if not spec.volumes and spec.requested.instance_type != "vm":
             return
         attached = set(await asyncio.to_thread(driver.volumes, spec.server))
         for vol, path in spec.volumes.items():
@@ -819,23 +839,31 @@ class ComputeAgent:
     async def _snapshot(
         self, ev: HostServerAction, want: Want, spec: InstanceSpec, driver: Driver
     ) -> None:
-        """Store the server's disk as image ``ev.image`` and record it."""
+        """Store the server's disk in the object store as image ``ev.image``,
+        then record it: ``image.created`` only names bytes already stored."""
         if not ID_RE.match(ev.image) or not spec.disk:
             raise HostError(f"cannot snapshot server {ev.server} as image {ev.image!r}")
-        parent = await self._image(want.claim)
-        parent_file = images.stored(self.image_store, parent.checksum) if parent else None
+        subject = f"ev.{ev.server_tenant}.image.{ev.image}"
+        if await self.store.last_seq(subject):
+            return  # a redelivered request: the image is recorded already
+        claim = want.claim
+        parent = await self._image(claim.server_tenant, claim.spec.image)
+        chain = await self._chain(claim.server_tenant, parent) if parent else []
+        if chain:
+            await self.cache.fetch(chain)  # the overlay's base: normally cached already
 
         def make() -> images.ImageFile:
             with driver.paused(ev.server):
                 return images.snapshot(
-                    Path(spec.disk),
-                    self.image_store,
-                    parent_file,
-                    parent.format if parent else "qcow2",
-                    ev.image,
+                    Path(spec.disk), self.cache.root, chain[0] if chain else None, ev.image
                 )
 
         made = await asyncio.to_thread(make)
+        try:
+            await (await self.blobs()).put_file(made.checksum, Path(made.path))
+        finally:
+            layer = images.Layer(made.checksum, made.format)
+            await asyncio.to_thread(self.cache.keep, Path(made.path), layer)
         created = Cause(
             actor=self.actor, correlation_id=ev.correlation_id, causation_id=ev.id
         ).make(
@@ -848,10 +876,10 @@ class ComputeAgent:
             size_bytes=made.size_bytes,
             checksum=made.checksum,
             visibility="private",
-            parent=want.claim.image,
-            min_disk_gb=-(-made.virtual_size // (1 << 30)),
+            parent=claim.spec.image,
+            min_disk_gb=images.min_disk_gb(made.virtual_size),
         )
-        # Once only: a redelivered request finds its image already recorded.
+        # Once only: a request redelivered meanwhile finds its image recorded.
         with contextlib.suppress(ConcurrencyConflict):
             await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
 
@@ -861,7 +889,7 @@ class ComputeAgent:
         try:
             req = msgspec.json.decode(msg.data, type=ExecRequest)
             want = self.desired.instances.get(req.server)
-            if want is None or want.claim.instance_type != "container":
+            if want is None or want.claim.spec.instance_type != "container":
                 raise HostError(f"no container instance {req.server} on host {self.host}")
             driver = self._driver("container")
             timeout = min(max(req.timeout, 1.0), 600.0)
@@ -881,7 +909,6 @@ def build_agent(
     *,
     libvirt_uri: str,
     data_dir: Path,
-    image_store: Path,
     vcpus: int | None = None,
     ram_mb: int | None = None,
     disk_gb: int | None = None,
@@ -889,9 +916,11 @@ def build_agent(
     labels: dict[str, str] | None = None,
     types: Sequence[str] = ("vm", "container"),
     reconcile_interval: float = 60.0,
+    deployment: str = "",
 ) -> ComputeAgent:
     """An agent with the drivers ``types`` asks for; capacity not given is
-    what libvirt reports for the node (and the data directory's disk)."""
+    what libvirt reports for the node (and the data directory's disk).
+    ``deployment`` prefixes the host's container cgroups (see ``containers``)."""
     from stratus.agents.compute.domain import LibvirtDriver
 
     unknown = set(types) - {"vm", "container"}
@@ -901,7 +930,7 @@ def build_agent(
     containers = None
     if "container" in types:
         try:
-            containers = ContainerDriver(host, Path(data_dir) / "containers")
+            containers = ContainerDriver(host, Path(data_dir) / "containers", deployment=deployment)
         except (HostError, OSError) as exc:
             if vm is None:
                 raise HostError(f"container instances need cgroups here: {exc}") from None
@@ -925,7 +954,6 @@ def build_agent(
         store,
         host,
         data_dir=data_dir,
-        image_store=image_store,
         spec=spec,
         vm=vm,
         containers=containers,

@@ -4,7 +4,10 @@ namespace.
 
 Names derive from the server id (``st-<id>`` namespaces, cgroups under
 ``stratus/<host>/<id>``), so a redelivered event finds what it already made,
-and reconcile lists this host's instances from the cgroup tree alone.
+and reconcile lists this host's instances from the cgroup tree alone. With a
+deployment prefix (``stratus up`` derives one from its data dir) the host's
+group is ``stratus/<prefix>.<host>``: two stacks on one machine with hosts
+of the same name never list, or remove, each other's instances.
 cgroup v1 (``cpu`` and ``memory`` hierarchies) is used where it is mounted,
 else the unified v2 hierarchy (``cpu.max``, ``memory.max``).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +28,8 @@ from stratus.agents.compute.driver import ExecResult, PowerState
 from stratus.agents.compute.spec import InstanceSpec, check
 from stratus.events.errors import HostError
 from stratus.events.ids import NAME_RE
+
+DEPLOYMENT_RE = re.compile(r"^[a-z0-9]{0,16}$")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")
@@ -64,17 +70,21 @@ def _exec_done(pid: int) -> bool:
 class Cgroups:
     """The cgroup directories of one host's instances, v1 or v2."""
 
-    def __init__(self, host: str, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, host: str, root: Path = CGROUP_ROOT, deployment: str = "") -> None:
         if not NAME_RE.match(host):
             raise HostError(f"host name {host!r} is not a valid name")
+        if not DEPLOYMENT_RE.match(deployment):
+            raise HostError(f"deployment prefix {deployment!r} is not [a-z0-9]{{0,16}}")
+        # "." is in no host name: "<prefix>.<host>" is never another host's group.
+        group = f"{deployment}.{host}" if deployment else host
         self.v1 = (root / "cpu" / "cpu.cfs_quota_us").exists() and (
             root / "memory" / "memory.limit_in_bytes"
         ).exists()
         if self.v1:
-            self.bases = [root / "cpu" / "stratus" / host, root / "memory" / "stratus" / host]
+            self.bases = [root / "cpu" / "stratus" / group, root / "memory" / "stratus" / group]
         else:
-            self.bases = [root / "stratus" / host]
-            self._enable_v2(root, host)
+            self.bases = [root / "stratus" / group]
+            self._enable_v2(root, group)
         for b in self.bases:
             b.mkdir(parents=True, exist_ok=True)
 
@@ -105,7 +115,7 @@ class Cgroups:
             # The host's own group may have been removed when it last emptied.
             d.mkdir(parents=True, exist_ok=True)
         quota = max(1000, int(spec.cpus * CPU_PERIOD_US))
-        limit = spec.ram_mb << 20
+        limit = spec.requested.ram_mb << 20
         if self.v1:
             cpu, mem = dirs
             (cpu / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
@@ -159,9 +169,11 @@ class Cgroups:
 class ContainerDriver:
     """Container instances of one host (blocking: the agent runs it in a thread)."""
 
-    def __init__(self, host: str, log_dir: Path, cgroup_root: Path = CGROUP_ROOT) -> None:
+    def __init__(
+        self, host: str, log_dir: Path, cgroup_root: Path = CGROUP_ROOT, deployment: str = ""
+    ) -> None:
         self.host = host
-        self.cgroups = Cgroups(host, cgroup_root)
+        self.cgroups = Cgroups(host, cgroup_root, deployment)
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -63,12 +63,13 @@ def domain_xml(
     Without ``hard_limit`` the memory cap is a soft limit (reclaimed first
     under pressure) instead of a hard one."""
     check(spec)
+    want = spec.requested
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = domain_name(spec.server)
     uid = domain_uuid(spec.server)
     if uid:
         ET.SubElement(dom, "uuid").text = uid
-    ET.SubElement(dom, "title").text = spec.name
+    ET.SubElement(dom, "title").text = want.name
     meta = ET.SubElement(dom, "metadata")
     ET.SubElement(
         meta,
@@ -76,19 +77,19 @@ def domain_xml(
         server=spec.server,
         tenant=spec.tenant,
         host=host,
-        name=spec.name,
+        name=want.name,
     )
-    ET.SubElement(dom, "memory", unit="KiB").text = str(spec.ram_mb * 1024)
-    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
+    ET.SubElement(dom, "memory", unit="KiB").text = str(want.ram_mb * 1024)
+    ET.SubElement(dom, "vcpu").text = str(want.vcpus)
     # CPU and memory limits are the cgroups libvirt puts the domain in.
     tune = ET.SubElement(dom, "cputune")
-    ET.SubElement(tune, "shares").text = str(SHARES_PER_VCPU * spec.vcpus)
+    ET.SubElement(tune, "shares").text = str(SHARES_PER_VCPU * want.vcpus)
     ET.SubElement(tune, "period").text = str(CPU_PERIOD_US)
-    ET.SubElement(tune, "quota").text = str(CPU_PERIOD_US * spec.vcpus)
+    ET.SubElement(tune, "quota").text = str(CPU_PERIOD_US * want.vcpus)
     mem = ET.SubElement(dom, "memtune")
     overhead = TCG_OVERHEAD_KIB if domain_type == "qemu" else MEM_OVERHEAD_KIB
     limit = "hard_limit" if hard_limit else "soft_limit"
-    ET.SubElement(mem, limit, unit="KiB").text = str(spec.ram_mb * 1024 + overhead)
+    ET.SubElement(mem, limit, unit="KiB").text = str(want.ram_mb * 1024 + overhead)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
     if spec.kernel:
@@ -104,7 +105,7 @@ def domain_xml(
         devices.append(_disk(spec.disk, "vda"))
     for target, path in zip(VOLUME_TARGETS, spec.volumes.values(), strict=False):
         devices.append(_disk(path, target))
-    for nic in spec.nics:
+    for nic in want.nics:
         # An unmanaged-by-libvirt network: libvirt makes the tap when the
         # guest starts and the network agent puts it on the bridge.
         iface = ET.SubElement(devices, "interface", type="ethernet")

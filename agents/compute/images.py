@@ -1,57 +1,102 @@
-"""Image files: checked with ``qemu-img info``, stored by content, used as
-read-only bases under per-instance qcow2 overlays.
+"""A host's images: fetched from the object store into a local cache on
+first use, checked, and used as read-only bases under per-instance qcow2
+overlays; and the snapshots the host makes of its instances' disks.
 
-The image store is a directory of files named by their SHA-256 (what
-``image.created`` records as ``checksum``), so an event names its file
-without carrying a path, and two uploads of one file share it. Each host
-keeps its own cache of the bases it uses; an instance's disk is an overlay
-backed by the cached base, so creating one writes kilobytes, not a copy.
-
-Images are tenants' data, and ``image create --file`` may run as root on
-any file root can read: the store directory is 0700 and its files 0600
-(read-only bases are immutable by name, not by mode), so only the service's
-user reads them (libvirt relabels what a guest uses).
+The cache is a directory of files named by their SHA-256 and format
+(``<checksum>.<format>``), the name ``image.created``/``image.activated``
+records, so every host names the same bytes the same way. A snapshot is a
+qcow2 backed by its parent image under that relative name, so it resolves
+in any host's cache once the parent is fetched beside it. An instance's
+disk is an overlay backed by the cached base: creating one writes
+kilobytes, not a copy. The cache's files are the agent's alone (0600); its
+directory can be listed by nobody else, but traversed (0711): with
+``qemu:///system`` libvirt hands each file of a domain's backing chain to
+the qemu user, which must still reach it by its path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hashlib
-import json
 import os
-import re
 import shutil
-import subprocess
 import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import msgspec
 
-from stratus.events.errors import HostError, Invalid
+from stratus.events.blobs import BlobStore
+from stratus.events.errors import Invalid, NotFound
+from stratus.events.imagefile import (  # noqa: F401 (the agent's names for them)
+    FORMATS,
+    SHA256_RE,
+    ImageError,
+    ImageFile,
+    info,
+    inspect,
+    min_disk_gb,
+    qemu_img,
+    sha256,
+)
+from stratus.events.model import Event
+from stratus.events.resources import (
+    ImageActivated,
+    ImageCreated,
+    ImageDeleted,
+    ImageQueued,
+)
 
-QEMU_IMG = "qemu-img"
-FORMATS = ("qcow2", "raw")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}(?!\n)$")
-# qemu-img on an untrusted file: bound its time and memory use.
-INFO_TIMEOUT_S = 30
-# Tenants' images: the service's user alone reads them.
-STORE_DIR_MODE = 0o700
-STORE_FILE_MODE = 0o600
+# Snapshots of snapshots: a chain longer than this is refused.
+MAX_CHAIN = 16
 
 
-class ImageError(HostError):
-    """qemu-img refused or failed; the message is its own reason."""
+class Layer(msgspec.Struct, frozen=True):
+    """One image of a backing chain: the bytes (by digest) and their format."""
 
-
-class ImageFile(msgspec.Struct, frozen=True):
-    """What ``image create`` records about a stored file."""
-
-    path: str
-    format: str
-    size_bytes: int
-    virtual_size: int
     checksum: str
-    backing: str = ""
+    format: str
+
+    @property
+    def name(self) -> str:
+        """Its file name in every host's cache (and a snapshot's backing name)."""
+        return f"{self.checksum}.{self.format}"
+
+
+class ImageRecord(msgspec.Struct):
+    """What an agent needs of an image, folded from its events."""
+
+    id: str
+    name: str = ""
+    status: str = ""
+    format: str = "qcow2"
+    checksum: str = ""
+    parent: str = ""
+
+    @property
+    def layer(self) -> Layer | None:
+        return Layer(self.checksum, self.format) if self.checksum else None
+
+
+def fold_image(image_id: str, events: Iterable[Event]) -> ImageRecord | None:
+    """The image's record after ``events`` (of its subject), or None."""
+    r: ImageRecord | None = None
+    for ev in events:
+        if isinstance(ev, ImageCreated | ImageQueued):
+            r = ImageRecord(
+                id=image_id,
+                name=ev.name,
+                status=ev.status or "",
+                format=ev.format,
+                checksum=ev.checksum,
+                parent=getattr(ev, "parent", ""),
+            )
+        elif isinstance(ev, ImageActivated) and r is not None:
+            r.status, r.checksum = "active", ev.checksum
+        elif isinstance(ev, ImageDeleted):
+            r = None
+    return r
 
 
 def part(path: Path) -> Path:
@@ -61,116 +106,33 @@ def part(path: Path) -> Path:
     return path.with_name(f".{path.name.lstrip('.')}.{os.getpid()}-{threading.get_ident()}.part")
 
 
-def qemu_img(*args: str, timeout: float = 120) -> str:
-    try:
-        done = subprocess.run(
-            [QEMU_IMG, *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except FileNotFoundError:
-        raise ImageError("qemu-img is not installed (Debian package qemu-utils)") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(f"qemu-img {args[0]} took longer than {timeout}s") from None
-    if done.returncode != 0:
-        raise ImageError(done.stderr.strip() or f"qemu-img {args[0]} exited {done.returncode}")
-    return done.stdout
+CACHE_MODE = 0o711
 
 
-def info(path: Path, fmt: str | None = None, chain: bool = False) -> dict | list:
-    """``qemu-img info --output=json``; with ``chain``, one entry per layer."""
-    args = ["info", "--output=json", "-U"]
-    if fmt:
-        args += ["-f", fmt]
-    if chain:
-        args.append("--backing-chain")
-    return json.loads(qemu_img(*args, "--", str(path), timeout=INFO_TIMEOUT_S))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def inspect(path: Path, claimed: str, store: Path) -> ImageFile:
-    """Check that ``path`` is an image of format ``claimed``, or raise ``Invalid``.
-
-    qemu-img probes the format itself (never told ``claimed``), so a raw
-    file called qcow2 and a qcow2 called raw are both caught. A qcow2 whose
-    backing file lies outside the image store is refused: booting it would
-    read a file of the host nobody stored as an image.
-    """
-    if claimed not in FORMATS:
-        raise Invalid(f"image format must be qcow2 or raw, not {claimed!r}")
-    if not path.is_file():
-        raise Invalid(f"{path} is not a file")
-    try:
-        probed = info(path)
-    except ImageError as exc:
-        raise Invalid(f"{path} is not a readable image: {exc}") from None
-    assert isinstance(probed, dict)
-    fmt = probed.get("format")
-    if fmt != claimed:
-        raise Invalid(f"{path} is a {fmt} image, not {claimed}")
-    vsize = probed.get("virtual-size")
-    if not isinstance(vsize, int) or vsize <= 0:
-        raise Invalid(f"{path}: qemu-img reports no virtual size")
-    backing = probed.get("full-backing-filename") or probed.get("backing-filename") or ""
-    if backing:
-        resolved = (path.parent / backing).resolve()
-        if not resolved.is_relative_to(store.resolve()):
-            raise Invalid(f"{path} is backed by {backing}, outside the image store {store}")
-    return ImageFile(
-        path=str(path),
-        format=fmt,
-        size_bytes=path.stat().st_size,
-        virtual_size=vsize,
-        checksum=sha256(path),
-        backing=backing,
-    )
-
-
-def private_dir(store: Path) -> None:
-    """The store directory, made or narrowed to the service's user alone
-    (one made by an earlier version was 0755)."""
-    store.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(store, STORE_DIR_MODE)
-
-
-def store_file(path: Path, claimed: str, store: Path) -> ImageFile:
-    """Inspect ``path`` and put it in the image store under its checksum."""
-    checked = inspect(path, claimed, store)
-    private_dir(store)
-    dest = store / checked.checksum
-    if not dest.exists():
-        tmp = part(dest)
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, STORE_FILE_MODE)
-        os.replace(tmp, dest)
-    else:
-        os.chmod(dest, STORE_FILE_MODE)  # stored world-readable by an earlier version
-    return msgspec.structs.replace(checked, path=str(dest))
-
-
-def stored(store: Path, checksum: str) -> Path | None:
-    """The store's file for ``checksum``, if it holds one."""
-    if not SHA256_RE.match(checksum):
-        return None
-    p = store / checksum
-    return p if p.is_file() else None
+def private_dir(path: Path, mode: int = CACHE_MODE) -> Path:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    os.chmod(path, mode)
+    return path
 
 
 class BaseCache:
     """One host's read-only copies of the images its instances are built on."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, blobs: Callable[[], Awaitable[BlobStore]]) -> None:
+        self.root = private_dir(root)
+        self._blobs = blobs
         self._sizes: dict[Path, int] = {}
-        # Builds run in threads: the first to need a base makes it, the
-        # others wait for it rather than copy and hash the same image again.
-        self._making = threading.Lock()
+        # Builds of one image at once: the first fetches it, the others wait
+        # for it rather than fetch and check the same bytes again.
+        self._fetching: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._blank = threading.Lock()
+        # Objects fetched from the store since start (the rest came from the cache).
+        self.fetched = 0
+
+    def path(self, layer: Layer) -> Path:
+        return self.root / layer.name
 
     def virtual_size(self, path: Path, fmt: str) -> int:
         size = self._sizes.get(path)
@@ -180,41 +142,65 @@ class BaseCache:
             size = self._sizes[path] = int(probed["virtual-size"])
         return size
 
-    def base(self, store: Path, checksum: str, fmt: str, blank_gb: int = 1) -> tuple[Path, str]:
-        """The cached base (path, format) for an image, fetched on first use.
+    def blank(self, gb: int) -> Path:
+        """A blank qcow2 base of ``gb`` GiB, for images without bytes (the
+        instance still gets a real overlay disk, it just boots nothing)."""
+        path = self.root / f"blank-{max(1, gb)}g.qcow2"
+        with self._blank:
+            if not path.exists():
+                tmp = part(path)
+                qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{max(1, gb)}G")
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, path)
+        return path
 
-        An image recorded without a file (no checksum, or not in the store)
-        gets a blank qcow2 base of ``blank_gb``: the instance still has a
-        real overlay disk, it just boots nothing (the test driver's case).
-        """
-        src = stored(store, checksum) if checksum else None
-        if checksum and src is None:
-            raise ImageError(f"image file {checksum} is not in the image store {store}")
-        if src is None:
-            path = self.root / f"blank-{max(1, blank_gb)}g.qcow2"
-        else:
-            path = self.root / f"{checksum}.{fmt}"
-        if not path.exists():
-            with self._making:
-                if not path.exists():
-                    self._make(path, src, checksum, max(1, blank_gb))
-        return path, fmt if src is not None else "qcow2"
+    async def fetch(self, chain: list[Layer]) -> Path:
+        """The cached file of ``chain[0]``, whose backing file is ``chain[1]``
+        and so on: each layer fetched on first use, its digest checked, and
+        ``qemu-img`` asked that it is of its format and backed by exactly the
+        next layer's cache name (the last by nothing)."""
+        if not chain or len(chain) > MAX_CHAIN:
+            raise ImageError(f"an image chain of {len(chain)} layers is not allowed")
+        for i in reversed(range(len(chain))):
+            backing = chain[i + 1].name if i + 1 < len(chain) else ""
+            await self._one(chain[i], backing)
+        return self.path(chain[0])
 
-    @staticmethod
-    def _make(path: Path, src: Path | None, checksum: str, blank_gb: int) -> None:
-        tmp = part(path)
-        if src is None:
-            qemu_img("create", "-q", "-f", "qcow2", str(tmp), f"{blank_gb}G")
-        else:
+    async def _one(self, layer: Layer, backing: str) -> None:
+        path = self.path(layer)
+        if path.exists():
+            return
+        lock = self._fetching.get(layer.checksum)
+        if lock is None:
+            lock = self._fetching[layer.checksum] = asyncio.Lock()
+        async with lock:
+            if path.exists():
+                return
+            tmp = part(path)
+            blobs = await self._blobs()
             try:
-                os.link(src, tmp)  # same filesystem: the cache costs nothing
-            except OSError:
-                shutil.copyfile(src, tmp)
-                os.chmod(tmp, STORE_FILE_MODE)
-            if sha256(tmp) != checksum:
-                tmp.unlink()
-                raise ImageError(f"image file {src} does not match its checksum {checksum}")
-        os.replace(tmp, path)
+                await blobs.get_file(layer.checksum, tmp)
+                await asyncio.to_thread(inspect, tmp, layer.format, backing, layer.checksum)
+            except (Invalid, NotFound) as exc:
+                # Bytes missing, corrupt or not what the image says: the
+                # build fails with the reason. (``Unavailable``, the broker
+                # gone for a moment, is raised as is: the agent retries.)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise ImageError(f"image {layer.checksum[:12]}: {exc.message}") from None
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+            os.replace(tmp, path)
+            self.fetched += 1
+
+    def keep(self, made: Path, layer: Layer) -> Path:
+        """Move a file this host made (a snapshot) into the cache as ``layer``."""
+        path = self.path(layer)
+        os.chmod(made, 0o600)
+        os.replace(made, path)
+        return path
 
 
 def create_overlay(
@@ -250,37 +236,30 @@ def create_volume(path: Path, size_gb: int) -> None:
     os.replace(tmp, path)
 
 
-def snapshot(disk: Path, store: Path, parent: Path | None, parent_fmt: str, tag: str) -> ImageFile:
-    """A new image in the store from an instance's ``disk``.
+def snapshot(disk: Path, workdir: Path, parent: Layer | None, tag: str) -> ImageFile:
+    """A new image file in ``workdir`` (the cache, where ``parent`` is) from
+    an instance's ``disk``, checked as any fetched image is.
 
-    Layered on ``parent`` (the server's image, already in the store) when it
-    has one: the copy of the overlay keeps only what the instance changed
-    and is re-pointed at the store's file. Without one it is flattened.
+    Layered on ``parent`` (the server's image) when it has one: a copy of
+    the overlay keeps only what the instance changed and is re-pointed at
+    the parent's cache name, relative, so the same file works on every host
+    that fetches the parent beside it. Without one it is flattened.
     """
-    private_dir(store)
-    tmp = store / f".snapshot-{tag}.part"
+    if not tag.replace("-", "").isalnum():
+        raise Invalid(f"not a snapshot tag: {tag!r}")
+    tmp = workdir / f".snapshot-{tag}.part"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    if parent is not None:
-        shutil.copyfile(disk, tmp)
-        # -u: the cached base and the store file are the same bytes.
-        qemu_img("rebase", "-u", "-b", str(parent), "-F", parent_fmt, str(tmp))
-    else:
-        qemu_img("convert", "-O", "qcow2", str(disk), str(tmp))
-    probed = info(tmp, "qcow2")
-    assert isinstance(probed, dict)
-    checksum = sha256(tmp)
-    dest = store / checksum
-    os.chmod(tmp, STORE_FILE_MODE)
-    if dest.exists():
-        tmp.unlink()
-    else:
-        os.replace(tmp, dest)
-    return ImageFile(
-        path=str(dest),
-        format="qcow2",
-        size_bytes=dest.stat().st_size,
-        virtual_size=int(probed["virtual-size"]),
-        checksum=checksum,
-        backing=str(parent or ""),
-    )
+    try:
+        if parent is not None:
+            shutil.copyfile(disk, tmp)
+            # -u: the overlay's base is this very file, under another path.
+            qemu_img("rebase", "-u", "-b", parent.name, "-F", parent.format, str(tmp))
+        else:
+            qemu_img("convert", "-O", "qcow2", str(disk), str(tmp))
+        os.chmod(tmp, 0o600)
+        return inspect(tmp, "qcow2", parent.name if parent else "")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

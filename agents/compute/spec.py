@@ -1,8 +1,10 @@
 """One instance as the agent wants it: validated values only.
 
 Everything that reaches libvirt XML, a cgroup path, a namespace name or a
-command line goes through ``InstanceSpec``; its fields are checked here once,
-so the drivers never see a value straight from an event.
+command line goes through ``InstanceSpec``: the server's spec as the log
+gave it (``requested``, the ``ServerSpec`` of its claim) and what the agent
+adds on its own host. Its fields are checked here once, so the drivers
+never see a value straight from an event.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import msgspec
 
 from stratus.events.errors import Invalid
 from stratus.events.network import check_mac
-from stratus.events.resources import Nic
+from stratus.events.resources import ServerSpec
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}(?!\n)$")
 MAX_VCPUS = 256
@@ -23,16 +25,12 @@ MAX_VOLUMES = 16
 MAX_NICS = 16
 
 
-class InstanceSpec(msgspec.Struct, frozen=True):
+class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     server: str
     tenant: str
-    name: str
-    vcpus: int
-    ram_mb: int
-    disk_gb: int = 0
-    instance_type: str = "vm"
-    # Filled by the agent: the overlay disk, the serial log, attached volumes
-    # (volume id -> qcow2 path, in attach order).
+    requested: ServerSpec
+    # Host-local, filled by the agent: the overlay disk, the serial log,
+    # attached volumes (volume id -> qcow2 path, in attach order).
     disk: str = ""
     console_log: str = ""
     volumes: dict[str, str] = {}
@@ -45,26 +43,25 @@ class InstanceSpec(msgspec.Struct, frozen=True):
     kernel: str = ""
     initrd: str = ""
     cmdline: str = ""
-    # VMs: one interface per port, a tap named after the port (``vm_tap``).
-    nics: list[Nic] = []
 
     @property
     def cpus(self) -> float:
-        return self.cpu or float(self.vcpus)
+        return self.cpu or float(self.requested.vcpus)
 
 
 def check(spec: InstanceSpec) -> InstanceSpec:
     """``spec`` if every field is safe to hand to a driver, else ``Invalid``."""
+    want = spec.requested
     if not ID_RE.match(spec.server):
         raise Invalid(f"server id {spec.server!r} is not an id")
     if not ID_RE.match(spec.tenant) and spec.tenant != "_system":
         raise Invalid(f"tenant {spec.tenant!r} is not a tenant name")
-    if not 1 <= spec.vcpus <= MAX_VCPUS:
-        raise Invalid(f"vcpus {spec.vcpus} outside 1..{MAX_VCPUS}")
-    if not 1 <= spec.ram_mb <= MAX_RAM_MB:
-        raise Invalid(f"ram_mb {spec.ram_mb} outside 1..{MAX_RAM_MB}")
-    if spec.instance_type not in ("vm", "container"):
-        raise Invalid(f"instance type {spec.instance_type!r} is neither vm nor container")
+    if not 1 <= want.vcpus <= MAX_VCPUS:
+        raise Invalid(f"vcpus {want.vcpus} outside 1..{MAX_VCPUS}")
+    if not 1 <= want.ram_mb <= MAX_RAM_MB:
+        raise Invalid(f"ram_mb {want.ram_mb} outside 1..{MAX_RAM_MB}")
+    if want.instance_type not in ("vm", "container"):
+        raise Invalid(f"instance type {want.instance_type!r} is neither vm nor container")
     if not 0 <= spec.cpu <= MAX_VCPUS:
         raise Invalid(f"cpu {spec.cpu} outside 0..{MAX_VCPUS}")
     if len(spec.volumes) > MAX_VOLUMES or not all(ID_RE.match(v) for v in spec.volumes):
@@ -76,9 +73,9 @@ def check(spec: InstanceSpec) -> InstanceSpec:
         raise Invalid("kernel command line: at most 4096 characters, no NUL")
     if any("\0" in a for a in spec.command) or len(spec.command) > 256:
         raise Invalid("command: at most 256 arguments without NUL bytes")
-    if len(spec.nics) > MAX_NICS:
+    if len(want.nics) > MAX_NICS:
         raise Invalid(f"nics: at most {MAX_NICS}")
-    for nic in spec.nics:
+    for nic in want.nics:
         if not ID_RE.match(nic.port):
             raise Invalid(f"port id {nic.port!r} is not an id")
         check_mac(nic.mac)

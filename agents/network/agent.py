@@ -1,27 +1,39 @@
 """The network agent of one host: events in, kernel objects out.
 
 It folds the whole log into a ``Topology`` (catching up first, then
-following), plans what its host needs, and reconciles the kernel against
-that plan: after every batch of new events, and every ``interval`` seconds
-to catch drift. Drift found when the log had not moved is recorded as
-``network-agent.corrected``; a port it wired for a server on its host is
-reported with ``port.bound``. Reconciling the same plan twice changes
-nothing, so redelivered events and restarts are harmless.
+following), keeps its host's plan current from what each batch of events
+touched (``desired.Planner``), and reconciles the kernel against it: after
+every batch, only what changed; at start and every ``interval`` seconds a
+deep pass over everything, to catch drift. Drift found when the log had not
+moved is recorded as ``network-agent.corrected``; a port it wired for a
+server on its host is reported with ``port.bound``. Reconciling the same
+plan twice changes nothing, so redelivered events and restarts are harmless.
+
+For routed networks it also hands out its host's addresses (``ipam``),
+runs BIRD (through the kernel's plan), and watches its BGP sessions: a
+session that drops, and its return, are recorded as
+``network-agent.peer-lost`` / ``peer-restored`` with the blocks whose
+routes went and came back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from stratus.agents.network.desired import HostPlan, Topology, plan
+from stratus.agents.network import ipam
+from stratus.agents.network.bird import BgpConfig
+from stratus.agents.network.desired import HostPlan, Planner, Topology, Touched
 from stratus.agents.network.kernel import Changes, Host
 from stratus.events import network as nw
-from stratus.events.errors import StratusError, Unavailable
+from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, UnknownEvent
 from stratus.events.reports import Reporter
@@ -42,6 +54,9 @@ class NetworkAgent:
         host_ns: str | None = None,
         interval: float = 10.0,
         routers: bool = False,
+        state_dir: Path | None = None,
+        bgp: BgpConfig | None = None,
+        bgp_poll: float = 1.0,
     ) -> None:
         self.store = store
         self.host = host
@@ -49,10 +64,12 @@ class NetworkAgent:
         self.reports = Reporter(store.nc, host, codec=store.codec)
         self.vtep = vtep
         self.prefix = prefix
-        self.kernel = Host(prefix, vtep, host_ns, routers)
+        self.kernel = Host(prefix, vtep, host_ns, routers, state_dir)
         self.routers = routers
         self.interval = interval
+        self.bgp_poll = bgp_poll
         self.topology = Topology()
+        self.planner = Planner(host, prefix, bgp)
         self.converged_seq = -1  # the topology seq the host last matched
         self.reconciles = 0
         self.last_changes = Changes()
@@ -62,6 +79,17 @@ class NetworkAgent:
         self._reported: set[str] = set()
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._ipam_todo: set[str] = set()
+        self._ipam_all = True
+        self._ipam_lock = asyncio.Lock()
+        self._sessions: dict[str, bool] = {}
+        self._lost: dict[str, int] = {}  # peers recorded lost -> polls since back up
+        # The host's passes run one at a time in a thread of its own: on
+        # asyncio's shared pool (a few threads for every agent of the
+        # process) a host's pass would wait behind other hosts' passes.
+        self._thread: ThreadPoolExecutor | None = None
+        self._reports: set[asyncio.Task[None]] = set()  # appends in the background
+        self._retry: list[ipam.Append] = []  # address reports that failed
         self.actor = f"network-agent:{host}"
 
     # -- life cycle ----------------------------------------------------------------
@@ -85,14 +113,17 @@ class NetworkAgent:
                 routers=self.routers,
             )
             await self.store.append([ev])
+        await self._addresses(None)
         await self.reconcile(correction=True)
         self._tasks = [
             asyncio.create_task(self._follow(), name=f"{self.actor} follow"),
             asyncio.create_task(self._periodic(), name=f"{self.actor} periodic"),
+            asyncio.create_task(self._watch_bgp(), name=f"{self.actor} bgp"),
         ]
         log.info("network agent started", host=self.host, seq=self.topology.seq)
 
     async def stop(self) -> None:
+        """Stop following the log; the host keeps what it has (links, BIRD)."""
         for t in self._tasks:
             # Cancelled again until it ends: Python 3.11's wait_for (in the
             # store's follower) can swallow a cancellation that races with
@@ -106,11 +137,31 @@ class NetworkAgent:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     t.result()
         self._tasks = []
+        if self._reports:
+            await asyncio.wait(self._reports, timeout=10)
+        # (waits for a pass still running in its thread)
+        await self._in_thread(self.kernel.close)
+        self._end_thread()
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"net-{self.host}")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, functools.partial(fn, *args)
+        )
+
+    def _end_thread(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
     async def teardown(self) -> Changes:
         """Remove everything of ours from the host (decommissioning it)."""
         async with self._lock:
-            return await asyncio.to_thread(self.kernel.teardown)
+            try:
+                return await self._in_thread(self.kernel.teardown)
+            finally:
+                self._end_thread()
 
     def _fold(self, batch: list[Recorded]) -> None:
         for rec in batch:
@@ -124,31 +175,55 @@ class NetworkAgent:
         async for batch in self.store.subscribe(after=self.topology.seq):
             self._fold(batch)
             try:
-                await self.reconcile(correction=False)
+                # (its own events are folded at once: the pass below wires them)
+                await self._addresses(set(self.topology.touched.ports))
+            except Exception:  # the store: the next batch (or deep pass) retries
+                log.exception("addresses failed", host=self.host)
+                self._ipam_all = True
+            try:
+                await self.reconcile(correction=False, touched=self.topology.take())
             except Exception:  # a kernel failure: the periodic pass retries
                 log.exception("reconcile failed", host=self.host)
 
     async def _periodic(self) -> None:
+        """A deep pass every ``interval`` seconds; in between, twice a second,
+        a shallow one while a port waits for its instance (the compute agent
+        makes the namespace, a VM's guest its tap, without an event of ours)."""
+        deep_at = time.monotonic() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(min(0.5, self.interval))
             try:
-                await self.reconcile(correction=True)
+                if time.monotonic() >= deep_at:
+                    deep_at = time.monotonic() + self.interval
+                    await self._addresses(None)
+                    await self.reconcile(correction=True)
+                elif self.kernel.waiting and not self._lock.locked():
+                    await self.reconcile(correction=False)
             except Exception:
                 log.exception("periodic reconcile failed", host=self.host)
 
     # -- the work ----------------------------------------------------------------------
 
     def plan(self) -> HostPlan:
-        return plan(self.topology, self.host, self.prefix)
+        """The host's plan from scratch (what a deep pass applies)."""
+        return self.planner.full(self.topology)
 
-    async def reconcile(self, correction: bool) -> Changes:
-        """Make the host match the log as folded so far; with ``correction``,
-        changes made while the log stood still are recorded as drift."""
+    async def reconcile(self, correction: bool, touched: Touched | None = None) -> Changes:
+        """Make the host match the log as folded so far: a deep pass (every
+        object probed, the plan made from scratch) with ``correction``, whose
+        changes made while the log stood still are recorded as drift; else
+        only what the events since the last pass changed."""
         async with self._lock:
             seq = self.topology.seq
-            hp = self.plan()
+            if correction:
+                hp = self.planner.full(self.topology)
+            else:
+                hp = self.planner.update(self.topology, touched)
             started = time.perf_counter()
-            ch = await asyncio.to_thread(self.kernel.reconcile, hp, correction)
+            if correction or hp is not self._last_plan or self.kernel.waiting:
+                ch = await self._in_thread(self.kernel.reconcile, hp, correction)
+            else:
+                ch = Changes()  # nothing here changed: nothing to do
             self.reconciles += 1
             self.last_changes = ch
             # (deep pass?, seconds): what the benchmark compares
@@ -156,7 +231,7 @@ class NetworkAgent:
             del self.timings[:-10_000]
             # Drift: what had to change although the plan had not (the log
             # moved on by events that do not concern this host, or not at all).
-            drift = correction or hp == self._last_plan
+            drift = correction or hp is self._last_plan
             self._last_plan = hp
             self.converged_seq = seq
             if ch:
@@ -164,9 +239,9 @@ class NetworkAgent:
                     "reconciled",
                     host=self.host,
                     seq=seq,
-                    created=ch.created,
-                    removed=ch.removed,
-                    wired=ch.wired,
+                    created=ch.created[:50],
+                    removed=ch.removed[:50],
+                    wired=ch.wired[:50],
                     drift=drift,
                     ms=round((time.perf_counter() - started) * 1000, 1),
                 )
@@ -183,40 +258,174 @@ class NetworkAgent:
                     removed=ch.removed[:200],
                 )
                 await self.store.append([ev])
-            await self._report_bound(hp, ch)
+            if ch.wired or correction:
+                self._report_bound(hp)
             return ch
 
-    async def _report_bound(self, hp: HostPlan, ch: Changes) -> None:
-        """``port.bound`` for each port wired here that the log does not bind here yet."""
-        if not any(
-            (p := self.topology.ports.get(pp.port)) is not None
-            and p.host != self.host
-            and pp.port not in self._reported
-            for pp in hp.ports.values()
-        ):
-            return
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _append_reports(self, reports: list[ipam.Append]) -> None:
+        """Append ``port.address-assigned`` reports; failed ones go again
+        with the next addresses handed out (their ids make repeats duplicates)."""
+        reports = self._retry + reports
+        self._retry = []
+        results = await asyncio.gather(
+            # (on the ports' subjects: through this host's relay)
+            *(self.reports.append(a.events, msg_id=a.msg_id) for a in reports),
+            return_exceptions=True,
+        )
+        for a, res in zip(reports, results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("address report not appended", host=self.host, error=str(res))
+                self._retry.append(a)
+
+    def _report_bound(self, hp: HostPlan) -> None:
+        """``port.bound`` for each port wired here that the log does not bind
+        here yet (a routed port's binding came with its address). Appended
+        in the background, all at once: the next pass need not wait for the
+        broker's acknowledgements (a retry is a duplicate by its id)."""
         wired = self.kernel.wired()
         events = []
         for name, pp in hp.ports.items():
-            port = self.topology.ports.get(pp.port)
-            if port is None or port.host == self.host or pp.port in self._reported:
+            if pp.routed or pp.port in self._reported or name not in wired:
                 continue
-            if name not in wired:
+            port = self.topology.ports.get(pp.port)
+            if port is None or port.host == self.host:
                 continue
             corr, cause_id = port.cause
             cause = Cause(self.actor, corr or new_id(), cause_id or new_id())
             events.append(nw.port_binding(cause, port.tenant, port.id, self.host))
             self._reported.add(pp.port)
-        for ev in events:
+        if events:
+            self._spawn(self._append_each(events))
+
+    async def _append_each(self, events: list) -> None:
+        results = await asyncio.gather(
+            *(
+                self.reports.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
+                for ev in events
+            ),
+            return_exceptions=True,
+        )
+        for ev, res in zip(events, results, strict=True):
+            if isinstance(res, BaseException):
+                # (reported again by the next deep pass)
+                self._reported.discard(ev.aggregate.id)
+                log.warning("port.bound not appended", port=ev.aggregate.id, error=str(res))
+
+    async def _addresses(self, ports: set[str] | None) -> None:
+        """Hand out this host's addresses of routed networks to ports placed
+        here (``ports``: those touched; None: all), claiming and returning
+        blocks as needed (``ipam``). Every decision is appended on the
+        condition that its subject did not move; refused, it is worked out
+        again once the events that beat it are folded (they follow on the
+        stream)."""
+        if ports is None:
+            self._ipam_all = True
+        else:
+            self._ipam_todo |= ports
+        t = self.topology
+        if not t.routed:
+            self._ipam_todo.clear()
+            return
+        if self._ipam_lock.locked():
+            return  # (the call holding it takes the ports too)
+        async with self._ipam_lock:
+            todo = None if self._ipam_all else self._ipam_todo
+            self._ipam_todo, self._ipam_all = set(), False
+            w = ipam.work(t, self.host, todo)
+            if w.exhausted:
+                log.warning("no address block left", host=self.host, networks=w.exhausted)
+            if not w:
+                if self._retry:
+                    self._spawn(self._append_reports([]))
+                return
+            for step in ipam.steps(t, self.host, w, self.actor):
+                results = await asyncio.gather(
+                    *(self.store.append(a.events, a.conditions, msg_id=a.msg_id) for a in step),
+                    return_exceptions=True,
+                )
+                failed = False
+                for a, res in zip(step, results, strict=True):
+                    if isinstance(res, BaseException):
+                        if not isinstance(res, ConcurrencyConflict):
+                            log.warning("addresses not appended", host=self.host, error=str(res))
+                        failed = True
+                        continue
+                    # Stored: folded now, so the next decision starts from
+                    # them and the ports are wired without waiting for the
+                    # events to come round (they fold to the same state again).
+                    for seq, ev in zip(res.seqs, a.events, strict=True):
+                        t.apply(seq, ev, own=True)
+                if failed:
+                    # (another host claimed first, or the store failed: all again)
+                    self._ipam_all = True
+                    return
+            # The addresses are decided and stored: each port's own record of
+            # it follows in the background (its host wires it meanwhile, as
+            # a VXLAN port is wired before its port.bound is appended).
+            self._spawn(self._append_reports(ipam.assignments(w, self.host, self.actor)))
+            log.info(
+                "addresses",
+                host=self.host,
+                assigned=len(w.assigns),
+                released=len(w.releases),
+                claimed=[b for _, b in w.claims],
+                returned=[b for _, b in w.returns],
+            )
+
+    # -- BGP sessions ------------------------------------------------------------------
+
+    async def _watch_bgp(self) -> None:
+        while True:
+            await asyncio.sleep(self.bgp_poll)
             try:
-                await self.reports.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
-            except Unavailable as exc:
-                self._reported.discard(ev.aggregate.id)  # the next pass tries again
-                log.warning("port binding not reported", port=ev.aggregate.id, error=exc.message)
-            except StratusError as exc:
-                # Refused (the relay does not see the port's server here):
-                # asking again would change nothing.
-                log.warning("port binding refused", port=ev.aggregate.id, error=exc.message)
+                await self._observe_bgp()
+            except Exception:
+                log.exception("watching BGP failed", host=self.host)
+
+    async def _observe_bgp(self) -> None:
+        """Record sessions that went down (with the routes that went) and
+        came back (with the routes that came back)."""
+        sessions = await self._in_thread(self.kernel.sessions)
+        if sessions is None:
+            return  # no BIRD here (no routed network, or it is being restarted)
+        before, self._sessions = self._sessions, sessions
+        changed = {p for p, up in sessions.items() if before.get(p) != up} | set(self._lost)
+        if not changed:
+            return
+        routes = await self._in_thread(self.kernel.bird_routes)
+        t = self.topology
+        events = []
+        cause = Cause(self.actor, new_id(), new_id())
+        for peer in sorted(changed):
+            theirs = sorted(b for b, (_, h) in t.blocks.items() if h == peer)
+            up = sessions.get(peer, False)
+            if not up and before.get(peer) and peer not in self._lost:
+                self._lost[peer] = 0
+                gone = [b for b in theirs if b not in routes]
+                events.append(self._peer_event(cause, nw.PeerLost, peer, withdrawn=gone))
+            elif up and peer in self._lost:
+                learned = [b for b in theirs if b in routes]
+                self._lost[peer] += 1
+                # (routes follow the session by a moment: wait a few polls for them)
+                if len(learned) == len(theirs) or self._lost[peer] > 5:
+                    del self._lost[peer]
+                    events.append(self._peer_event(cause, nw.PeerRestored, peer, learned=learned))
+        for ev in events:
+            log.info(ev.type_name(), host=self.host, peer=ev.peer)  # type: ignore[attr-defined]
+            await self.store.append([ev])
+
+    @property
+    def bgp_sessions(self) -> dict[str, bool]:
+        """The BGP sessions as this agent last saw them (peer host -> established)."""
+        return dict(self._sessions)
+
+    def _peer_event(self, cause: Cause, cls: type, peer: str, **kw: Any) -> Any:
+        return cause.make(cls, SYSTEM, "network-agent", self.host, host=self.host, peer=peer, **kw)
 
     async def converged(self, seq: int, timeout: float = 10.0) -> None:
         """Wait until the host matches the log up to ``seq`` (tests, benchmarks)."""

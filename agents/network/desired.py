@@ -1,18 +1,29 @@
 """What a host's data plane should be, folded from events alone.
 
 ``Topology`` is the cloud's networking as the log says it is (every
-tenant's networks, ports, security groups, QoS policies, routers and the
-agents' VTEPs); ``plan(topology, host, prefix)`` is the part one host must
-realise, as kernel object names and their settings. Both are pure, so a
-restart, a redelivered event or a replay gives the same plan.
+tenant's networks, ports, security groups, QoS policies, routers, routed
+networks and their blocks, and the agents' addresses); ``plan(topology,
+host, prefix)`` is the part one host must realise, as kernel object names
+and their settings. Both are pure, so a restart, a redelivered event or a
+replay gives the same plan.
+
+``Planner`` keeps one host's plan current event by event: the topology
+records what each event touched (ports, networks, security groups), and
+only the plan entries those can change are worked out again — a new port
+on another host costs this host a dictionary lookup, not a plan of the
+cloud. Anything rarer (routers, subnets, QoS, agents coming and going)
+plans the host again from scratch. ``tests/test_network_plan.py`` holds the
+two to the same answer over random histories.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stratus.agents.network.bird import BgpConfig, BgpPlan, bgp_plan
 from stratus.events import network as nw
 from stratus.events import resources as rs
 from stratus.events.model import Event
@@ -34,9 +45,34 @@ class Port:
     device_owner: str
     security_groups: list[str]
     qos_policy: str
-    host: str = ""  # from port.bound
+    host: str = ""  # from port.bound (or port.address-assigned)
     bound_at: int = 0
     cause: tuple[str, str] = ("", "")  # correlation and causation of port.created
+    vm: bool = False  # a VM's port (its server was a VM when the port was made)
+
+
+@dataclass
+class RoutedNet:
+    cidr: str
+    block_prefix: int
+    seq: int = 0  # the last event on the network's subject (claims are conditioned on it)
+
+
+@dataclass
+class Touched:
+    """What events folded since the last ``take`` changed, as plan inputs."""
+
+    ports: set[str] = field(default_factory=set)
+    networks: set[str] = field(default_factory=set)  # hosts joined or left
+    rules: set[str] = field(default_factory=set)  # security groups' rules
+    members: set[str] = field(default_factory=set)  # security groups' member addresses
+    bgp: bool = False  # routed networks, blocks and their hosts
+    everything: bool = False  # something plans the host again from scratch
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.ports or self.networks or self.rules or self.members or self.bgp or self.everything
+        )
 
 
 @dataclass
@@ -53,46 +89,86 @@ class Topology:
     routers: dict[str, dict[str, Any]] = field(default_factory=dict)
     externals: dict[str, dict[str, Any]] = field(default_factory=dict)
     fips: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Routed networks, their blocks (block -> (network, host)), and each
+    # block subject's last sequence and allocations (address -> (tenant, port)).
+    routed: dict[str, RoutedNet] = field(default_factory=dict)
+    blocks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    block_seq: dict[str, int] = field(default_factory=dict)
+    block_subjects: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (net, block)
+    allocations: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
     seq: int = 0
+    # -- indices, kept by ``apply`` ---------------------------------------------------
+    by_device: dict[str, set[str]] = field(default_factory=dict)  # server -> its ports
+    members: dict[str, dict[str, str]] = field(default_factory=dict)  # group -> port -> ip
+    member_of: dict[str, set[str]] = field(default_factory=dict)  # port -> its groups above
+    placed: dict[str, str] = field(default_factory=dict)  # port -> host (port_host)
+    spread: dict[str, dict[str, int]] = field(default_factory=dict)  # network -> host -> ports
+    held: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # port -> (subject, ip)
+    touched: Touched = field(default_factory=Touched)
 
     @property
     def router_host(self) -> str:
         return min(self.router_hosts) if self.router_hosts else ""
 
-    def apply(self, seq: int, ev: Event) -> None:
-        """Fold one event; events this agent has no use for are ignored."""
-        self.seq = max(self.seq, seq)
+    def take(self) -> Touched:
+        """What changed since the last call."""
+        out, self.touched = self.touched, Touched()
+        return out
+
+    def apply(self, seq: int, ev: Event, own: bool = False) -> None:
+        """Fold one event; events this agent has no use for are ignored.
+        ``own``: an event this agent just appended, folded ahead of the
+        stream (it comes again in order, and folds to the same state), so
+        ``seq`` is not where the fold has reached."""
+        if not own:
+            self.seq = max(self.seq, seq)
         kind, rid = ev.aggregate.kind, ev.aggregate.id
-        if isinstance(ev, rs.NetworkCreated) and not ev.external:
+        touched = self.touched
+        if ev.tenant == rs.SYSTEM and kind == "network" and rid in self.routed:
+            self.routed[rid].seq = max(self.routed[rid].seq, seq)
+        if isinstance(ev, rs.NetworkCreated) and ev.mode == nw.ROUTED:
+            self.routed[rid] = RoutedNet(ev.cidr, ev.block_prefix, seq)
+            touched.bgp = touched.everything = True
+        elif isinstance(ev, rs.NetworkCreated) and not ev.external:
             self.networks[rid] = {"vni": ev.vni, "tenant": ev.tenant}
+            touched.everything = True
         elif isinstance(ev, rs.NetworkCreated):
             self.externals[rid] = {"cidr": ev.cidr, "gateway": ev.gateway}
+            touched.everything = True
         elif isinstance(ev, rs.RouterCreated):
             self.routers[rid] = {
                 "external_network": ev.external_network,
                 "external_ip": ev.external_ip,
                 "interfaces": {},
             }
+            touched.everything = True
         elif isinstance(ev, rs.RouterInterfaceAdded):
             if rid in self.routers:
                 self.routers[rid]["interfaces"][ev.subnet] = ev.port
+            touched.everything = True
         elif isinstance(ev, rs.RouterInterfaceRemoved):
             if rid in self.routers:
                 self.routers[rid]["interfaces"].pop(ev.subnet, None)
+            touched.everything = True
         elif isinstance(ev, rs.RouterDeleted):
             self.routers.pop(rid, None)
+            touched.everything = True
         elif isinstance(ev, rs.FloatingIpCreated):
             self.fips[rid] = {"address": ev.address, "network": ev.network, "fixed_ip": ""}
         elif isinstance(ev, rs.FloatingIpAssociated):
             if rid in self.fips:
                 self.fips[rid].update(port=ev.port, fixed_ip=ev.fixed_ip)
+            touched.everything = True
         elif isinstance(ev, rs.FloatingIpDisassociated):
             if rid in self.fips:
                 self.fips[rid].update(port="", fixed_ip="")
+            touched.everything = True
         elif isinstance(ev, rs.FloatingIpDeleted):
             self.fips.pop(rid, None)
+            touched.everything = True
         elif isinstance(ev, rs.NetworkDeleted):
             self.networks.pop(rid, None)
+            touched.everything = True
         elif isinstance(ev, rs.SubnetCreated):
             self.subnets[rid] = {
                 "network": ev.network,
@@ -100,8 +176,10 @@ class Topology:
                 "gateway": ev.gateway,
                 "dns": list(ev.dns),
             }
+            touched.everything = True
         elif isinstance(ev, rs.SubnetDeleted):
             self.subnets.pop(rid, None)
+            touched.everything = True
         elif isinstance(ev, rs.PortCreated):
             self.ports[rid] = Port(
                 rid,
@@ -115,56 +193,184 @@ class Topology:
                 list(ev.security_groups),
                 ev.qos_policy,
                 cause=(ev.correlation_id, ev.id),
+                vm=self.servers.get(ev.device, {}).get("type") == "vm",
             )
-        elif isinstance(ev, rs.PortBound):
+            if ev.device:
+                self.by_device.setdefault(ev.device, set()).add(rid)
+            self._port_changed(rid)
+        elif isinstance(ev, rs.PortBound | rs.PortAddressAssigned):
             p = self.ports.get(rid)
             if p is not None:
                 p.host, p.bound_at = ev.host, seq
+                if isinstance(ev, rs.PortAddressAssigned):
+                    p.ip = ev.ip
+                self._port_changed(rid)
         elif isinstance(ev, rs.PortUpdated):
             p = self.ports.get(rid)
             if p is not None:
+                if p.qos_policy != ev.qos_policy:
+                    touched.ports.add(rid)
                 p.security_groups, p.qos_policy = list(ev.security_groups), ev.qos_policy
+                self._port_changed(rid)
         elif isinstance(ev, rs.PortDeleted):
-            self.ports.pop(rid, None)
+            p = self.ports.pop(rid, None)
+            if p is not None and p.device in self.by_device:
+                self.by_device[p.device].discard(rid)
+                if not self.by_device[p.device]:
+                    del self.by_device[p.device]
+            self._port_changed(rid, p)
         elif isinstance(ev, rs.ServerRequested):
-            self.servers[rid] = {"type": ev.instance_type, "host": ""}
+            self.servers[rid] = {"type": ev.spec.instance_type, "host": ""}
+            self._server_changed(rid)
         elif isinstance(ev, rs.ServerScheduled | rs.ServerBuilding | rs.ServerRunning):
             if rid in self.servers:
                 self.servers[rid]["host"] = ev.host
                 # A VM's tap is libvirt's until the guest runs: taken
                 # earlier, libvirt would lose it while still setting it up.
                 self.servers[rid]["running"] = isinstance(ev, rs.ServerRunning)
+                self._server_changed(rid)
         elif isinstance(ev, rs.ServerStopped | rs.ServerFailed):
             if rid in self.servers:
                 self.servers[rid]["running"] = False
+                self._server_changed(rid)
         elif isinstance(ev, HostClaimed):
             if ev.server in self.servers:
                 self.servers[ev.server]["host"] = rid
+                self._server_changed(ev.server)
         elif isinstance(ev, HostReleased):
             s = self.servers.get(ev.server)
             if s is not None and s["host"] == rid:
                 s["host"] = ""
+                self._server_changed(ev.server)
         elif isinstance(ev, rs.ServerDeleted):
             self.servers.pop(rid, None)
+            self._server_changed(rid)
         elif isinstance(ev, rs.SecurityGroupCreated):
             self.groups[rid] = {}
+            touched.rules.add(rid)
         elif isinstance(ev, rs.SecurityGroupRuleAdded):
             rule = {f: getattr(ev, f) for f in ev.payload_fields()}
             self.groups.setdefault(rid, {})[ev.rule] = rule
+            touched.rules.add(rid)
         elif isinstance(ev, rs.SecurityGroupRuleRemoved):
             self.groups.get(rid, {}).pop(ev.rule, None)
+            touched.rules.add(rid)
         elif isinstance(ev, rs.SecurityGroupDeleted):
             self.groups.pop(rid, None)
+            touched.rules.add(rid)
         elif isinstance(ev, rs.QosPolicyCreated):
             self.qos[rid] = ev.max_kbps
+            touched.everything = True
         elif isinstance(ev, rs.QosPolicyDeleted):
             self.qos.pop(rid, None)
+            touched.everything = True
         elif isinstance(ev, nw.NetworkAgentRegistered) and kind == "network-agent":
             self.vteps[ev.host] = ev.vtep
             if ev.routers:
                 self.router_hosts.add(ev.host)
             else:
                 self.router_hosts.discard(ev.host)
+            touched.bgp = touched.everything = True
+            self._replace_all()
+        elif isinstance(ev, nw.BlockClaimed) and rid in self.routed:
+            self.blocks[ev.block] = (rid, ev.host)
+            self.block_subjects[nw.block_subject(rid, ev.block)] = (rid, ev.block)
+            touched.bgp = True
+        elif isinstance(ev, nw.BlockReleased):
+            if self.blocks.get(ev.block, ("", ""))[1] == ev.host:
+                del self.blocks[ev.block]
+            touched.bgp = True
+        elif isinstance(ev, nw.BlockAddresses):
+            subject = ev.subject
+            self.block_seq[subject] = max(self.block_seq.get(subject, 0), seq)
+            self.block_subjects.setdefault(subject, (ev.network, ev.block))
+            held = self.allocations.setdefault(subject, {})
+            host = self.blocks.get(ev.block, ("", ""))[1]
+            for ip, h in ev.released.items():
+                if held.get(ip, ("", ""))[1] == h.port:
+                    del held[ip]
+                mine = self.held.get(h.port)
+                if mine is not None:
+                    mine.discard((subject, ip))
+                    if not mine:
+                        del self.held[h.port]
+                p = self.ports.get(h.port)
+                if p is not None and p.ip == ip:
+                    p.ip = ""
+                    self._port_changed(h.port)
+                touched.ports.add(h.port)
+            for ip, h in ev.allocated.items():
+                held[ip] = (h.tenant, h.port)
+                self.held.setdefault(h.port, set()).add((subject, ip))
+                # The block's allocation is what a port's address is; the
+                # port's own port.address-assigned follows and says the same.
+                p = self.ports.get(h.port)
+                if p is not None and host and (p.ip, p.host) != (ip, host):
+                    p.ip, p.host = ip, host
+                    self._port_changed(h.port)
+                touched.ports.add(h.port)
+
+    # -- index upkeep -----------------------------------------------------------------
+
+    def _server_changed(self, server: str) -> None:
+        for pid in self.by_device.get(server, ()):
+            self._port_changed(pid)
+
+    def _replace_all(self) -> None:
+        for pid in list(self.ports):
+            self._port_changed(pid)
+
+    def _port_changed(self, pid: str, gone: Port | None = None) -> None:
+        """Re-index port ``pid`` (``gone``: as it was before it was deleted)."""
+        p = self.ports.get(pid)
+        self.touched.ports.add(pid)
+        was_port = p or gone
+        if was_port is not None and (was_port.vm or was_port.device_owner != "compute"):
+            # A VM's port (DHCP) or a router's: the rarer paths plan from scratch.
+            self.touched.everything = True
+        # Where it lives, as far as the bridges' spread is concerned.
+        was = self.placed.get(pid, "")
+        now = self.port_host(p) if p is not None and p.network in self.networks else ""
+        net = was_port.network if was_port is not None else ""
+        if was != now:
+            counts = self.spread.setdefault(net, {})
+            if was:
+                counts[was] -= 1
+                if not counts[was]:
+                    del counts[was]
+                    self.touched.networks.add(net)
+            if now:
+                counts[now] = counts.get(now, 0) + 1
+                if counts[now] == 1:
+                    self.touched.networks.add(net)
+            if not counts:
+                self.spread.pop(net, None)
+            if now:
+                self.placed[pid] = now
+            else:
+                self.placed.pop(pid, None)
+        # Its groups' member addresses.
+        groups = set(p.security_groups) if p is not None and p.ip else set()
+        for g in self.member_of.get(pid, set()) - groups:
+            members = self.members[g]
+            del members[pid]
+            self.touched.members.add(g)
+            if not members:
+                del self.members[g]
+        for g in groups:
+            m = self.members.setdefault(g, {})
+            if m.get(pid) != p.ip:  # type: ignore[union-attr]
+                m[pid] = p.ip  # type: ignore[union-attr]
+                self.touched.members.add(g)
+        if groups:
+            self.member_of[pid] = groups
+        else:
+            self.member_of.pop(pid, None)
+        if p is not None and p.device:
+            # The first port of a server carries its default route.
+            self.touched.ports.update(self.by_device.get(p.device, ()))
+
+    # -- questions --------------------------------------------------------------------
 
     def port_host(self, p: Port) -> str:
         """Where a port lives: its binding, else the host its server is placed on."""
@@ -176,12 +382,23 @@ class Topology:
             return self.router_host
         return ""
 
+    def routed_here(self, p: Port, host: str) -> bool:
+        """A routed network's port whose server is placed on ``host``."""
+        return (
+            p.network in self.routed
+            and p.device_owner == "compute"
+            and self.servers.get(p.device, {}).get("host", "") == host
+        )
+
+    def members_of(self, group: str) -> list[str]:
+        return sorted(set(self.members.get(group, {}).values()))
+
 
 @dataclass(frozen=True)
 class PortPlan:
     port: str
     ifname: str  # host side, on the bridge
-    bridge: str
+    bridge: str  # "" for a routed port
     netns: str  # the instance's namespace ("" for a VM's tap)
     peer: str  # the name inside it
     mac: str
@@ -190,6 +407,7 @@ class PortPlan:
     kbps: int
     zone: int
     vm: bool = False  # a VM's tap (libvirt makes it) instead of a veth
+    routed: bool = False  # on a routed network: a /32 route to it, no bridge
 
 
 @dataclass(frozen=True)
@@ -237,6 +455,9 @@ class DhcpPlan:
     config: str  # the dnsmasq configuration (pid file and path: the host's)
 
 
+Chain = tuple[str, str]  # (table, chain)
+
+
 @dataclass
 class HostPlan:
     bridges: dict[str, BridgePlan] = field(default_factory=dict)
@@ -244,7 +465,28 @@ class HostPlan:
     routers: dict[str, RouterPlan] = field(default_factory=dict)
     dhcp: dict[str, DhcpPlan] = field(default_factory=dict)
     externals: set[str] = field(default_factory=set)
-    firewall: str = ""
+    # The security groups: (table, chain) -> its rules, as iptables-restore lines.
+    chains: dict[Chain, tuple[str, ...]] = field(default_factory=dict)
+    # Remote groups' members: ipset name -> addresses (rules match the set).
+    ipsets: dict[str, frozenset[str]] = field(default_factory=dict)
+    bgp: BgpPlan | None = None
+
+    @property
+    def firewall(self) -> str:
+        return render_chains(self.chains)
+
+    def same(self, other: HostPlan) -> bool:
+        """Whether ``other`` asks the host for exactly the same."""
+        return (
+            self.ports == other.ports
+            and self.bridges == other.bridges
+            and self.chains == other.chains
+            and self.ipsets == other.ipsets
+            and self.bgp == other.bgp
+            and self.routers == other.routers
+            and self.dhcp == other.dhcp
+            and self.externals == other.externals
+        )
 
     def names(self) -> set[str]:
         out = set(self.ports) | set(self.externals)
@@ -267,74 +509,113 @@ def _vm_port(t: Topology, p: Port) -> bool:
     return p.device_owner == "compute" and t.servers.get(p.device, {}).get("type") == "vm"
 
 
-def plan(t: Topology, host: str, prefix: str) -> HostPlan:
+def _first_port(t: Topology, p: Port) -> bool:
+    """Whether ``p`` is its server's first port (by id): it carries the default route."""
+    return p.id == min(t.by_device.get(p.device, {p.id}) | {p.id})
+
+
+def port_plan(t: Topology, p: Port, host: str, prefix: str) -> PortPlan | None:
+    """What ``host`` wires for port ``p`` (None: nothing, or not yet)."""
+    if p.device_owner != "compute":
+        return None
+    if p.network in t.routed:
+        if not (t.routed_here(p, host) and p.host == host and p.ip):
+            return None  # the address comes from this host's block first
+        return PortPlan(
+            port=p.id,
+            ifname=nw.kernel_name(prefix, "port", p.id),
+            bridge="",
+            netns=nw.instance_netns(p.device),
+            peer=nw.kernel_name(prefix, "peer", p.id),
+            mac=p.mac,
+            address=f"{p.ip}/32",
+            gateway=nw.ROUTED_GATEWAY if _first_port(t, p) else "",
+            kbps=t.qos.get(p.qos_policy, 0),
+            zone=0,
+            routed=True,
+        )
+    net = t.networks.get(p.network)
+    if net is None or not net["vni"] or t.port_host(p) != host:
+        return None
+    vm = _vm_port(t, p)
+    if vm and not t.servers[p.device].get("running"):
+        return None
+    sub = t.subnets.get(p.subnet)
+    if sub is None or not p.ip:
+        return None
+    plen = ipaddress.ip_network(sub["cidr"]).prefixlen
+    return PortPlan(
+        port=p.id,
+        ifname=nw.vm_tap(p.id) if vm else nw.kernel_name(prefix, "port", p.id),
+        bridge=nw.kernel_name(prefix, "bridge", p.network),
+        # A VM configures itself by DHCP: the agent only wires its tap.
+        netns="" if vm else nw.instance_netns(p.device),
+        peer="" if vm else nw.kernel_name(prefix, "peer", p.id),
+        mac=p.mac,
+        address=f"{p.ip}/{plen}",
+        gateway=sub["gateway"] if _first_port(t, p) and not vm else "",
+        kbps=t.qos.get(p.qos_policy, 0),
+        zone=1 + net["vni"] % 65535,
+        vm=vm,
+    )
+
+
+def _dhcp_networks(t: Topology) -> dict[str, list[Port]]:
+    """Subnets with VM ports (DHCP serves them from the router host) -> those ports."""
+    out: dict[str, list[Port]] = {}
+    for p in t.ports.values():
+        if p.ip and p.subnet in t.subnets and p.network in t.networks and _vm_port(t, p):
+            if t.port_host(p):
+                out.setdefault(p.subnet, []).append(p)
+    return out
+
+
+def bridge_plan(
+    t: Topology, network: str, host: str, prefix: str, dhcp_nets: frozenset[str]
+) -> BridgePlan | None:
+    """The network's bridge on ``host``: while a port of it lives there (or
+    it is the router host and serves the network's DHCP)."""
+    net = t.networks.get(network)
+    if net is None or not net["vni"]:
+        return None  # (a network from before segments: nothing to carry it)
+    spread = set(t.spread.get(network, {}))
+    if t.router_host and network in dhcp_nets:
+        spread.add(t.router_host)  # DHCP lives on the router host
+    if host not in spread:
+        return None
+    return BridgePlan(
+        network,
+        nw.kernel_name(prefix, "bridge", network),
+        nw.kernel_name(prefix, "vxlan", network),
+        net["vni"],
+        frozenset(t.vteps[h] for h in spread if h != host and h in t.vteps),
+    )
+
+
+def host_bgp(t: Topology, host: str, cfg: BgpConfig) -> BgpPlan | None:
+    """This host's BIRD while a routed network exists (and the host has an address)."""
+    if not t.routed or host not in t.vteps:
+        return None
+    mine = [b for b, (_, h) in t.blocks.items() if h == host]
+    return bgp_plan(host, t.vteps, mine, cfg)
+
+
+def plan(t: Topology, host: str, prefix: str, bgp: BgpConfig | None = None) -> HostPlan:
     """The kernel objects ``host`` needs: a bridge and VXLAN device per
     network with a port here, a veth per container port or the tap of a
-    VM's port, tc per QoS; on the router host, routers and DHCP."""
+    VM's port, tc per QoS; for a routed network, a veth and a /32 route per
+    port and BIRD; on the router host, routers and DHCP."""
     out = HostPlan()
-    here: dict[str, list[Port]] = {}
-    spread: dict[str, set[str]] = {}
-    dhcp: dict[str, list[Port]] = {}  # subnet -> its VM ports
+    dhcp = _dhcp_networks(t)
+    dhcp_nets = frozenset(t.subnets[s]["network"] for s in dhcp)
+    for net in sorted(t.networks):
+        b = bridge_plan(t, net, host, prefix, dhcp_nets)
+        if b is not None:
+            out.bridges[b.bridge] = b
     for p in t.ports.values():
-        h = t.port_host(p)
-        if not h or p.network not in t.networks:
-            continue
-        spread.setdefault(p.network, set()).add(h)
-        if h == host:
-            here.setdefault(p.network, []).append(p)
-        if p.ip and p.subnet in t.subnets and _vm_port(t, p):
-            dhcp.setdefault(p.subnet, []).append(p)
-    if t.router_host:
-        # DHCP lives on the router host: its bridge must be there and known.
-        for subnet in dhcp:
-            net = t.subnets[subnet]["network"]
-            spread.setdefault(net, set()).add(t.router_host)
-            if host == t.router_host:
-                here.setdefault(net, [])
-    firsts: dict[str, str] = {}
-    for p in t.ports.values():
-        if p.device and (p.device not in firsts or p.id < firsts[p.device]):
-            firsts[p.device] = p.id
-    for net, ports in sorted(here.items()):
-        vni = t.networks[net]["vni"]
-        if not vni:
-            continue  # a network from before segments: nothing to carry it
-        remotes = frozenset(t.vteps[h] for h in spread.get(net, ()) if h != host and h in t.vteps)
-        b = BridgePlan(
-            net,
-            nw.kernel_name(prefix, "bridge", net),
-            nw.kernel_name(prefix, "vxlan", net),
-            vni,
-            remotes,
-        )
-        out.bridges[b.bridge] = b
-        # The first port of a server (by id) carries its default route.
-        for p in sorted(ports, key=lambda p: p.id):
-            if p.device_owner != "compute":
-                continue
-            vm = _vm_port(t, p)
-            if vm and not t.servers[p.device].get("running"):
-                continue
-            sub = t.subnets.get(p.subnet)
-            if sub is None or not p.ip:
-                continue
-            netw = ipaddress.ip_network(sub["cidr"])
-            first = firsts.get(p.device, p.id)
-            name = nw.vm_tap(p.id) if vm else nw.kernel_name(prefix, "port", p.id)
-            out.ports[name] = PortPlan(
-                port=p.id,
-                ifname=name,
-                bridge=b.bridge,
-                # A VM configures itself by DHCP: the agent only wires its tap.
-                netns="" if vm else nw.instance_netns(p.device),
-                peer="" if vm else nw.kernel_name(prefix, "peer", p.id),
-                mac=p.mac,
-                address=f"{p.ip}/{netw.prefixlen}",
-                gateway=sub["gateway"] if first == p.id and not vm else "",
-                kbps=t.qos.get(p.qos_policy, 0),
-                zone=1 + vni % 65535,
-                vm=vm,
-            )
+        pp = port_plan(t, p, host, prefix)
+        if pp is not None:
+            out.ports[pp.ifname] = pp
     if host == t.router_host:
         for rid, r in sorted(t.routers.items()):
             rp = _router(t, rid, r, out, prefix)
@@ -343,8 +624,81 @@ def plan(t: Topology, host: str, prefix: str) -> HostPlan:
                 if rp.external is not None:
                     out.externals.add(rp.external.bridge)
         out.dhcp = _dhcp(t, dhcp, out, prefix)
-    out.firewall = firewall_rules(t, out, prefix)
+    out.bgp = host_bgp(t, host, bgp or BgpConfig())
+    out.chains, out.ipsets = firewall_chains(t, out, prefix)
     return out
+
+
+class Planner:
+    """One host's plan, kept current from what each batch of events touched."""
+
+    def __init__(self, host: str, prefix: str, bgp: BgpConfig | None = None) -> None:
+        self.host, self.prefix, self.bgp = host, prefix, bgp or BgpConfig()
+        self.hp: HostPlan | None = None
+        self._dhcp_nets: frozenset[str] = frozenset()
+        self.full_plans = 0
+
+    def full(self, t: Topology) -> HostPlan:
+        t.take()
+        self.hp = plan(t, self.host, self.prefix, self.bgp)
+        self._dhcp_nets = frozenset(t.subnets[s]["network"] for s in _dhcp_networks(t))
+        self.full_plans += 1
+        return self.hp
+
+    def update(self, t: Topology, touched: Touched | None = None) -> HostPlan:
+        """The plan after the events folded since the last call (``touched``:
+        what they changed, if the caller took it already); a new object
+        when anything in it changed, so the caller can compare."""
+        if touched is None:
+            touched = t.take()
+        if self.hp is None or touched.everything:
+            t.touched = touched  # (full() takes it again)
+            return self.full(t)
+        if not touched:
+            return self.hp
+        hp, host, prefix = self.hp, self.host, self.prefix
+        new = HostPlan(
+            dict(hp.bridges),
+            dict(hp.ports),
+            hp.routers,
+            hp.dhcp,
+            hp.externals,
+            dict(hp.chains),
+            dict(hp.ipsets),
+        )
+        new.bgp = host_bgp(t, host, self.bgp) if touched.bgp else hp.bgp
+        changed_ports: set[str] = set()
+        local: set[str] = set()  # touched ports wired here (their groups may have changed)
+        for pid in touched.ports:
+            p = t.ports.get(pid)
+            pp = port_plan(t, p, host, prefix) if p is not None else None
+            name = pp.ifname if pp is not None else _name_of(hp, pid, prefix)
+            old = new.ports.get(name)
+            if pp != old:
+                if pp is None:
+                    del new.ports[name]
+                else:
+                    new.ports[name] = pp
+                changed_ports.add(name)
+            elif pp is not None:
+                local.add(name)
+        for net in touched.networks:
+            bname = nw.kernel_name(prefix, "bridge", net)
+            b = bridge_plan(t, net, host, prefix, self._dhcp_nets)
+            if b is None:
+                new.bridges.pop(bname, None)
+            else:
+                new.bridges[bname] = b
+        _update_chains(t, new, hp, touched, changed_ports, local, prefix)
+        if new.same(hp):
+            return hp  # (the same object: the caller need not look at the host)
+        # What did not change stays the same object: the kernel's pass skips
+        # what it has applied already by identity.
+        for name in ("bridges", "ports", "chains", "ipsets"):
+            if getattr(new, name) == getattr(hp, name):
+                setattr(new, name, getattr(hp, name))
+        self.hp = new
+        return new
 
 
 def _dhcp(
@@ -485,8 +839,7 @@ def _router(
     )
 
 
-def _members(t: Topology, group: str) -> list[str]:
-    return sorted({p.ip for p in t.ports.values() if group in p.security_groups and p.ip})
+# -- security groups ---------------------------------------------------------------------
 
 
 def _match(rule: dict[str, Any]) -> list[str]:
@@ -505,83 +858,249 @@ def _match(rule: dict[str, Any]) -> list[str]:
     return out
 
 
-def firewall_rules(t: Topology, hp: HostPlan, prefix: str) -> str:
-    """The host's security groups as an ``iptables-restore --noflush`` file:
-    conntrack zones per network in ``raw``, a chain per port direction in
-    ``filter``. Ingress is denied unless a rule allows it; egress too (the
-    default group allows all egress)."""
-    top = nw.kernel_name(prefix, "chain", "forward")
-    raw = nw.kernel_name(prefix, "chain", "raw")
-    raw_lines = [f":{raw} - [0:0]"]
-    flt = [f":{top} - [0:0]"]
-    body: list[str] = [f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"]
-    jumps_out: list[str] = []
-    jumps_in: list[str] = []
-    member_chains: dict[tuple[str, bool], str] = {}
+def _top(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "forward")
+
+
+def _outs(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "outs")
+
+
+def _ins(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "ins")
+
+
+def _raw(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "raw")
+
+
+def _nodes(prefix: str) -> str:
+    return nw.kernel_name(prefix, "chain", "nodes")
+
+
+def member_set(prefix: str, group: str) -> str:
+    """The ipset of a security group's member addresses."""
+    return nw.kernel_name(prefix, "chain", f"{group}/in")
+
+
+def port_chains(
+    t: Topology, pp: PortPlan, prefix: str
+) -> tuple[dict[Chain, tuple[str, ...]], set[str]]:
+    """The port's two chains, and the groups whose member sets they match."""
+    port = t.ports[pp.port]
+    # Chains carry the prefix (a VM tap is named without it): ours to probe.
+    base = nw.kernel_name(prefix, "port", pp.port)
+    cin, cout = f"{base}-i", f"{base}-o"
+    lin: list[str] = []
+    lout: list[str] = []
+    sets: set[str] = set()
+    if pp.routed:
+        # Kubernetes' network model: every node reaches every pod (its
+        # health checks, node -> pod traffic), without NAT.
+        lin.append(f"-A {cin} -j {_nodes(prefix)}")
+    if pp.vm:
+        # DHCP (Neutron's allowances): the guest's discover before it has
+        # an address and its renewals; the server's answers (from the
+        # gateway address, see DhcpPlan).
+        sub = t.subnets.get(port.subnet, {})
+        lout.append(
+            f"-A {cout} -s 0.0.0.0/32 -d 255.255.255.255/32 -p udp -m udp "
+            "--sport 68 --dport 67 -j RETURN"
+        )
+        if sub.get("gateway"):
+            lin.append(
+                f"-A {cin} -s {sub['gateway']}/32 -p udp -m udp --sport 67 --dport 68 -j ACCEPT"
+            )
+    # No spoofing: the instance speaks only from its own address.
+    lout.append(f"-A {cout} ! -s {port.ip}/32 -j DROP")
+    if pp.vm:
+        lout.append(f"-A {cout} -p udp -m udp --sport 68 --dport 67 -j RETURN")
+    for g in sorted(port.security_groups):
+        for _, rule in sorted(t.groups.get(g, {}).items()):
+            ingress = rule["direction"] == "ingress"
+            lines, chain, verdict = (lin, cin, "ACCEPT") if ingress else (lout, cout, "RETURN")
+            match = _match(rule)
+            if rule["remote_group"]:
+                # Members are one set per group, matched by every rule that
+                # names it: a new member is one set entry, no chain changes.
+                sets.add(rule["remote_group"])
+                side = "src" if ingress else "dst"
+                match += [
+                    "-m",
+                    "set",
+                    "--match-set",
+                    member_set(prefix, rule["remote_group"]),
+                    side,
+                ]
+            lines.append(" ".join([f"-A {chain}", *match, "-j", verdict]))
+    lin.append(f"-A {cin} -j DROP")
+    lout.append(f"-A {cout} -j DROP")
+    return {("filter", cin): tuple(lin), ("filter", cout): tuple(lout)}, sets
+
+
+def _top_chains(hp: HostPlan, prefix: str) -> dict[Chain, tuple[str, ...]]:
+    """The FORWARD hook's chain: replies, then every port's egress chain
+    (``outs``), then every port's ingress chain (``ins``): a port's egress
+    is checked before another's ingress can accept. Within ``outs`` and
+    ``ins`` order does not matter, so a new port is two appended rules
+    there, not the chains written again (see ``UNORDERED``)."""
+    top, outs, ins = _top(prefix), _outs(prefix), _ins(prefix)
+    lo, li = [], []
+    for name, pp in sorted(hp.ports.items()):
+        base = nw.kernel_name(prefix, "port", pp.port)
+        if pp.routed:
+            lo.append(f"-A {outs} -i {name} -j {base}-o")
+            li.append(f"-A {ins} -o {name} -j {base}-i")
+        else:
+            lo.append(f"-A {outs} -m physdev --physdev-in {name} --physdev-is-bridged -j {base}-o")
+            li.append(f"-A {ins} -m physdev --physdev-out {name} --physdev-is-bridged -j {base}-i")
+    return {
+        ("filter", top): (
+            f"-A {top} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            f"-A {top} -j {outs}",
+            f"-A {top} -j {ins}",
+        ),
+        ("filter", outs): tuple(lo),
+        ("filter", ins): tuple(li),
+    }
+
+
+def unordered(prefix: str) -> set[Chain]:
+    """Chains whose rules exclude each other (one per port or network): a
+    change to them may be appended and deleted rule by rule."""
+    return {
+        ("filter", _outs(prefix)),
+        ("filter", _ins(prefix)),
+        ("raw", _raw(prefix)),
+        ("filter", _nodes(prefix)),
+    }
+
+
+def _raw_lines(hp: HostPlan, prefix: str) -> tuple[str, ...]:
+    raw = _raw(prefix)
+    lines = []
     for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
         zone = 1 + b.vni % 65535
-        raw_lines.append(f"-A {raw} -m physdev --physdev-in {b.vxlan} -j CT --zone {zone}")
+        lines.append(f"-A {raw} -m physdev --physdev-in {b.vxlan} -j CT --zone {zone}")
     for r in sorted(hp.routers.values(), key=lambda r: r.netns):
         for leg in r.legs:
-            raw_lines.append(
-                f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}"
-            )
+            lines.append(f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}")
     for d in sorted(hp.dhcp.values(), key=lambda d: d.netns):
         for leg in d.legs:
-            raw_lines.append(
-                f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}"
-            )
+            lines.append(f"-A {raw} -m physdev --physdev-in {leg.ifname} -j CT --zone {leg.zone}")
     for name, pp in sorted(hp.ports.items()):
-        port = t.ports[pp.port]
-        raw_lines.append(f"-A {raw} -m physdev --physdev-in {name} -j CT --zone {pp.zone}")
-        # Chains carry the prefix (a VM tap is named without it): ours to probe.
-        base = nw.kernel_name(prefix, "port", pp.port)
-        cin, cout = f"{base}-i", f"{base}-o"
-        flt += [f":{cin} - [0:0]", f":{cout} - [0:0]"]
-        jumps_out.append(f"-A {top} -m physdev --physdev-in {name} --physdev-is-bridged -j {cout}")
-        jumps_in.append(f"-A {top} -m physdev --physdev-out {name} --physdev-is-bridged -j {cin}")
-        if pp.vm:
-            # DHCP (Neutron's allowances): the guest's discover before it has
-            # an address and its renewals; the server's answers (from the
-            # gateway address, see DhcpPlan).
-            sub = t.subnets.get(port.subnet, {})
-            body.append(
-                f"-A {cout} -s 0.0.0.0/32 -d 255.255.255.255/32 -p udp -m udp "
-                "--sport 68 --dport 67 -j RETURN"
-            )
-            if sub.get("gateway"):
-                body.append(
-                    f"-A {cin} -s {sub['gateway']}/32 -p udp -m udp --sport 67 --dport 68 -j ACCEPT"
-                )
-        # No spoofing: the instance speaks only from its own address.
-        body.append(f"-A {cout} ! -s {port.ip}/32 -j DROP")
-        if pp.vm:
-            body.append(f"-A {cout} -p udp -m udp --sport 68 --dport 67 -j RETURN")
-        for g in sorted(port.security_groups):
-            for _, rule in sorted(t.groups.get(g, {}).items()):
-                ingress = rule["direction"] == "ingress"
-                chain, verdict = (cin, "ACCEPT") if ingress else (cout, "RETURN")
-                target = verdict
-                if rule["remote_group"] and not ingress:
-                    # (a RETURN from a called chain would come back here, so
-                    # egress to a group's members is spelled out inline)
-                    for ip in _members(t, rule["remote_group"]):
-                        m = ["-d", f"{ip}/32", *_match(rule)]
-                        body.append(" ".join([f"-A {chain}", *m, "-j", verdict]))
-                    continue
-                if rule["remote_group"]:
-                    # Members are listed once per group, not once per rule and
-                    # port: a new member rewrites one chain, not every port's.
-                    target = member_chains.setdefault(
-                        (rule["remote_group"], ingress),
-                        nw.kernel_name(prefix, "chain", f"{rule['remote_group']}/in"),
-                    )
-                body.append(" ".join([f"-A {chain}", *_match(rule), "-j", target]))
-        body += [f"-A {cin} -j DROP", f"-A {cout} -j DROP"]
-    for (group, _), chain in sorted(member_chains.items()):
-        flt.append(f":{chain} - [0:0]")
-        for ip in _members(t, group):
-            body.append(f"-A {chain} -s {ip}/32 -j ACCEPT")
-    return "\n".join(
-        ["*raw", *raw_lines, "COMMIT", "*filter", *flt, *body, *jumps_out, *jumps_in, "COMMIT", ""]
-    )
+        if not pp.routed:  # (routed addresses are unique: the default zone)
+            lines.append(f"-A {raw} -m physdev --physdev-in {name} -j CT --zone {pp.zone}")
+    return tuple(lines)
+
+
+def _node_lines(t: Topology, hp: HostPlan, prefix: str) -> tuple[str, ...] | None:
+    if not any(pp.routed for pp in hp.ports.values()):
+        return None
+    chain = _nodes(prefix)
+    return tuple(f"-A {chain} -s {a}/32 -j ACCEPT" for _, a in sorted(t.vteps.items()))
+
+
+def firewall_chains(
+    t: Topology, hp: HostPlan, prefix: str
+) -> tuple[dict[Chain, tuple[str, ...]], dict[str, frozenset[str]]]:
+    """The host's security groups as chains for ``iptables-restore
+    --noflush``: conntrack zones per network in ``raw``, a chain per port
+    direction in ``filter``. Ingress is denied unless a rule allows it;
+    egress too (the default group allows all egress). Also the member sets
+    the rules match."""
+    out: dict[Chain, tuple[str, ...]] = {("raw", _raw(prefix)): _raw_lines(hp, prefix)}
+    out.update(_top_chains(hp, prefix))
+    groups: set[str] = set()
+    for pp in hp.ports.values():
+        chains, g = port_chains(t, pp, prefix)
+        out.update(chains)
+        groups |= g
+    nodes = _node_lines(t, hp, prefix)
+    if nodes is not None:
+        out[("filter", _nodes(prefix))] = nodes
+    return out, {member_set(prefix, g): frozenset(t.members_of(g)) for g in groups}
+
+
+def _update_chains(
+    t: Topology,
+    new: HostPlan,
+    old: HostPlan,
+    touched: Touched,
+    changed_ports: set[str],
+    local: set[str],
+    prefix: str,
+) -> None:
+    """Work out again what the changes can reach: the chains of changed
+    ports and of ports in a group whose rules changed, the member sets of
+    groups whose members changed, the top and raw chains when ports or
+    bridges came or went."""
+    redo = changed_ports | local
+    if touched.rules:
+        for name, pp in new.ports.items():
+            if set(t.ports[pp.port].security_groups) & touched.rules:
+                redo.add(name)
+    chains = new.chains
+    for name in redo:
+        pp = old.ports.get(name)
+        if pp is not None:
+            base = nw.kernel_name(prefix, "port", pp.port)
+            chains.pop(("filter", f"{base}-i"), None)
+            chains.pop(("filter", f"{base}-o"), None)
+        pp = new.ports.get(name)
+        if pp is not None:
+            chains.update(port_chains(t, pp, prefix)[0])
+    if redo:
+        # Which groups' sets the ports match (their rules or ports changed).
+        wanted: set[str] = set()
+        for pp in new.ports.values():
+            wanted |= _remote_groups(t, t.ports[pp.port].security_groups)
+        names = {member_set(prefix, g): g for g in wanted}
+        for name in set(new.ipsets) - set(names):
+            del new.ipsets[name]
+        for name, g in names.items():
+            if name not in new.ipsets:
+                new.ipsets[name] = frozenset(t.members_of(g))
+    for g in touched.members:
+        name = member_set(prefix, g)
+        if name in new.ipsets:
+            new.ipsets[name] = frozenset(t.members_of(g))
+    if changed_ports or new.bridges != old.bridges:
+        chains[("raw", _raw(prefix))] = _raw_lines(new, prefix)
+    if changed_ports:
+        chains.update(_top_chains(new, prefix))
+    if changed_ports or touched.everything or touched.bgp:
+        nodes = _node_lines(t, new, prefix)
+        if nodes is None:
+            chains.pop(("filter", _nodes(prefix)), None)
+        else:
+            chains[("filter", _nodes(prefix))] = nodes
+
+
+def _name_of(hp: HostPlan, pid: str, prefix: str) -> str:
+    """The link name port ``pid`` had in ``hp`` (a veth's, or a VM's tap)."""
+    name = nw.kernel_name(prefix, "port", pid)
+    return name if name in hp.ports else nw.vm_tap(pid)
+
+
+def _remote_groups(t: Topology, groups: Iterable[str]) -> set[str]:
+    return {
+        r["remote_group"] for g in groups for r in t.groups.get(g, {}).values() if r["remote_group"]
+    }
+
+
+def render_chains(chains: dict[Chain, tuple[str, ...]], only: Iterable[Chain] | None = None) -> str:
+    """An ``iptables-restore --noflush`` file declaring (so flushing) and
+    filling ``only`` those chains (default: all)."""
+    keys = sorted(chains if only is None else only)
+    lines: list[str] = []
+    for table in ("raw", "filter"):
+        mine = [k for k in keys if k[0] == table]
+        if not mine:
+            continue
+        lines.append(f"*{table}")
+        lines += [f":{c} - [0:0]" for _, c in mine]
+        for k in mine:
+            lines += chains[k]
+        lines.append("COMMIT")
+    return "\n".join([*lines, ""])

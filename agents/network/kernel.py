@@ -1,17 +1,24 @@
 """The host side: probe what exists and make it match a ``HostPlan``.
 
-pyroute2 for links, addresses, routes, FDB and qdiscs; ``iptables-restore``
-with a generated file (an argument list, never a shell string) for the
-security groups. Only objects carrying the deployment's prefix are read or
-removed, so whatever else runs on the host is left alone. Every function
-here blocks: the agent calls them in a worker thread.
+Links, addresses, routes, neighbours and FDB entries through ``rtnl`` (a
+raw rtnetlink socket: the host's kept for the agent's life, an instance's
+for one pass), qdiscs through pyroute2, sysctls through ``/proc`` from a
+thread inside the namespace, the security groups with ``iptables-restore``
+(one process per pass, only the chains that changed), BIRD through its
+control socket. No shell: argument lists only. Only objects carrying the
+deployment's prefix are read or removed, so whatever else runs on the host
+is left alone. Every function here blocks: the agent calls them in a worker
+thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,19 +29,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
-from pyroute2.netlink.exceptions import NetlinkError
 
+from stratus.agents.network.bird import BgpPlan, Bird, BirdError, render
+from stratus.agents.network.daemons import pid_of, terminate
 from stratus.agents.network.desired import (
     BridgePlan,
+    Chain,
     DhcpPlan,
     HostPlan,
     LegPlan,
     PortPlan,
     RouterPlan,
+    render_chains,
+    unordered,
 )
+from stratus.agents.network.ipset import IpSetError, IpSets
+from stratus.agents.network.rtnl import Link, Rtnl, RtnlError, netns_fd
 from stratus.events import network as nw
 
-ZERO_MAC = "00:00:00:00:00:00"
 # The links the agent owns on its host (a simulated host's uplink is not one).
 MANAGED = ("bridge", "vxlan", "port", "leg", "ext", "xleg", "dleg")
 # dnsmasq's configuration and pid file per namespace it serves (machine-wide,
@@ -46,7 +58,13 @@ class KernelError(RuntimeError):
     """A netlink or firewall step failed; the message names the object."""
 
 
-def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeout: float = 30):
+def run_in(
+    ns: str | None,
+    argv: Sequence[str],
+    stdin: str | None = None,
+    timeout: float = 30,
+    cwd: Path | None = None,
+):
     """Run ``argv`` (a list, no shell) inside network namespace ``ns``.
 
     Through util-linux's nsenter rather than a setns in a pre-exec hook: a
@@ -62,6 +80,7 @@ def run_in(ns: str | None, argv: Sequence[str], stdin: str | None = None, timeou
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )
 
 
@@ -74,8 +93,6 @@ def _child_after_fork() -> None:
     # fd, so that SIGTERM would reach the parent's loop as its own and stop
     # ``stratus up``. The child (whose forking thread is now its main thread)
     # lets the signal act as the default (ending it) instead.
-    import signal
-
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -94,29 +111,46 @@ def isolate_forked_helpers() -> None:
 
 
 _CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """Run the block with this thread (only) in network namespace ``name``."""
     nw.check_netns_name(name)
-    libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         target = os.open(f"/run/netns/{name}", os.O_RDONLY)
         try:
-            if libc.setns(target, _CLONE_NEWNET) != 0:
+            if _LIBC.setns(target, _CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise KernelError(f"cannot enter namespace {name}: {os.strerror(err)}")
             try:
                 yield
             finally:
-                if libc.setns(own, _CLONE_NEWNET) != 0:
+                if _LIBC.setns(own, _CLONE_NEWNET) != 0:
                     raise KernelError("cannot return to the agent's own namespace")
         finally:
             os.close(target)
     finally:
         os.close(own)
+
+
+_SYSCTL = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_-]+)+(?!\n)$")
+
+
+def sysctl(ns: str | None, key: str, value: str | None = None) -> str:
+    """Read (and with ``value``, first write) ``key`` in namespace ``ns``,
+    through ``/proc/sys`` from this thread inside it: no process."""
+    if not _SYSCTL.match(key):
+        raise KernelError(f"not a sysctl key: {key!r}")
+    path = "/proc/sys/" + key.replace(".", "/")
+    with in_netns(ns) if ns else contextlib.nullcontext():
+        if value is not None:
+            with open(path, "w") as f:
+                f.write(value)
+        with open(path) as f:
+            return f.read().strip()
 
 
 def namespaces() -> set[str]:
@@ -139,20 +173,27 @@ class Changes:
         return bool(self.created or self.removed)
 
 
-def _attr(msg, name: str, default=None):
-    return msg.get_attr(name, default) if hasattr(msg, "get_attr") else msg.get(name, default)
-
-
-def _link_info(link) -> dict:
-    info = link.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+def _info(link: Link) -> dict:
     return {
-        "index": link["index"],
-        "kind": kind,
-        "master": link.get_attr("IFLA_MASTER") or 0,
-        "vni": _vxlan_id(link) if kind == "vxlan" else 0,
-        "up": bool(link["flags"] & 1),
+        "index": link.index,
+        "kind": link.kind or None,
+        "master": link.master,
+        "vni": link.vni,
+        "up": link.up,
     }
+
+
+class _Clock:
+    """Seconds each step of a pass took (what the benchmark reports)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
 
 
 class Links:
@@ -193,17 +234,17 @@ class Links:
         return [(k, v) for k, v in self.known.items() if v is not None]
 
 
-def _vxlan_id(link) -> int:
-    info = _attr(link, "IFLA_LINKINFO")
-    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
-    return int(data.get_attr("IFLA_VXLAN_ID") or 0) if data is not None else 0
-
-
 class Host:
-    """One host's kernel (the namespace ``host_ns``, or the current one)."""
+    """One host's kernel (the namespace ``host_ns``, or the current one).
+    ``state_dir`` holds BIRD's files (routed networks need it)."""
 
     def __init__(
-        self, prefix: str, vtep: str, host_ns: str | None = None, routers: bool = False
+        self,
+        prefix: str,
+        vtep: str,
+        host_ns: str | None = None,
+        routers: bool = False,
+        state_dir: Path | None = None,
     ) -> None:
         isolate_forked_helpers()
         self.prefix = prefix
@@ -212,54 +253,90 @@ class Host:
         # Router namespaces are machine-wide names: only a host that runs
         # routers probes and removes them.
         self.routers = routers
+        self.bird = Bird(Path(state_dir) / "bird") if state_dir is not None else None
         # What the last pass applied: a shallow pass (after new events)
         # trusts what it made itself and only touches what the plan changed;
         # a deep pass (start, periodic) probes everything again.
         self._done: dict[str, object] = {}
-        self._rules = ""
-        self._declared: set[str] = set()
-        self._ns: set[str] = set()
+        self._chains: dict[Chain, tuple[str, ...]] | None = None
+        self._ns: set[str] | None = None  # a deep pass lists the namespaces once
         self._wired: set[str] = set()  # ports this process saw wired
+        # When each port's veth was made (monotonic), by port id: what the
+        # benchmark splits its latency by (the last 10,000).
+        self.wired_at: dict[str, float] = {}
         self._mutex = threading.RLock()
-        self._sockets: dict[str | None, IPRoute] | None = None
+        self._host_nl: Rtnl | None = None  # the host's socket, kept for the agent's life
+        self._host_sets: IpSets | None = None  # and its netfilter one, for the ipsets
+        self._sets: dict[str, frozenset[str]] | None = None  # the member sets last applied
+        self._sockets: dict[str | None, Rtnl] | None = None
         self._pass_thread = 0
         self._fdb: dict[int, set[str]] | None = None
+        self._qdiscs: dict[int, tuple[str, int]] | None = None
         self._deep = True
         self._names: set[str] = set()  # the link names of the last plan
+        self.last_pass: dict[str, float] = {}  # seconds per step of the last pass
+        # Ports waiting for their instance (its namespace, a VM's tap): the
+        # agent passes again for them on its next events, or soon.
+        self.waiting: set[str] = set()
+        self._applied: HostPlan | None = None  # the plan the last full pass applied
 
-    def _ipr(self, ns: str | None = None) -> contextlib.AbstractContextManager[IPRoute]:
-        """A netlink socket in ``ns`` (default: the host's). Within a pass,
-        one per namespace is kept for the whole pass: opening one costs
-        more than most requests made on it."""
+    def _nl(self, ns: str | None = None) -> Rtnl:
+        """A netlink socket in ``ns`` (default: the host's). The host's is
+        kept open; others are kept for the pass (opening one costs more
+        than most requests made on it)."""
         target = ns if ns is not None else self.host_ns
+        if target == self.host_ns:
+            if self._host_nl is None:
+                self._host_nl = Rtnl.open(target)
+            return self._host_nl
         if self._sockets is not None and threading.get_ident() == self._pass_thread:
             sock = self._sockets.get(target)
             if sock is None:
-                sock = self._sockets[target] = self._open(target)
-            return contextlib.nullcontext(sock)
-        return self._open(target)
+                sock = self._sockets[target] = Rtnl.open(target)
+            return sock
+        raise KernelError("a namespace's socket outside a pass")  # (a bug)
 
-    @staticmethod
-    def _open(target: str | None) -> IPRoute:
+    @contextlib.contextmanager
+    def _ipr(self, ns: str | None = None) -> Iterator[IPRoute]:
+        """pyroute2 in ``ns`` (default: the host's), for qdiscs."""
+        target = ns if ns is not None else self.host_ns
         if not target:
-            return IPRoute()
-        # The socket is opened by this thread after entering the namespace
-        # (a netlink socket stays in the namespace it was made in), instead
-        # of pyroute2's forked helper per connection.
-        with in_netns(target):
-            return IPRoute()
+            ipr = IPRoute()
+        else:
+            # Opened by this thread inside the namespace (a netlink socket
+            # stays where it was made), not by pyroute2's forked helper.
+            with in_netns(target):
+                ipr = IPRoute()
+        try:
+            yield ipr
+        finally:
+            ipr.close()
 
     @contextlib.contextmanager
     def _pass(self) -> Iterator[None]:
-        """The scope of one reconcile pass: its sockets and its FDB dump."""
-        self._sockets, self._pass_thread, self._fdb = {}, threading.get_ident(), None
+        """The scope of one reconcile pass: its sockets and its dumps."""
+        self._sockets, self._pass_thread = {}, threading.get_ident()
+        self._fdb = self._qdiscs = None
         try:
             yield
         finally:
-            sockets, self._sockets, self._fdb = self._sockets, None, None
+            sockets, self._sockets, self._fdb, self._qdiscs = self._sockets, None, None, None
             for sock in sockets.values():
                 with contextlib.suppress(Exception):
                     sock.close()
+
+    def _ipsets(self) -> IpSets:
+        if self._host_sets is None:
+            self._host_sets = IpSets.open(self.host_ns)
+        return self._host_sets
+
+    def close(self) -> None:
+        """Close the host's sockets (the agent is done with this host)."""
+        with self._mutex:
+            for sock in (self._host_nl, self._host_sets):
+                if sock is not None:
+                    sock.close()
+            self._host_nl = self._host_sets = None
 
     # -- probing --------------------------------------------------------------
 
@@ -270,73 +347,70 @@ class Host:
     def links(self, taps: set[str] | frozenset[str] = frozenset()) -> dict[str, dict]:
         """Our links (and the VM ``taps`` we wire): name -> index, kind,
         master index, vni, up."""
-        out: dict[str, dict] = {}
-        with self._ipr() as ipr:
-            for link in ipr.get_links():
-                name = link.get_attr("IFLA_IFNAME")
-                ours = any(nw.owned(self.prefix, name, role) for role in MANAGED)
-                if ours or name in taps:
-                    out[name] = _link_info(link)
-        return out
+        with self._mutex:
+            out: dict[str, dict] = {}
+            for link in self._nl().links():
+                ours = any(nw.owned(self.prefix, link.name, role) for role in MANAGED)
+                if ours or link.name in taps:
+                    out[link.name] = _info(link)
+            return out
 
     def link(self, name: str) -> dict | None:
         """One link by name (a single request, not a dump), None if absent."""
-        with self._ipr() as ipr:
-            try:
-                found = ipr.link("get", ifname=name)
-            except NetlinkError as exc:
-                if exc.code == 19:  # ENODEV
-                    return None
-                raise
-        return _link_info(found[0]) if found else None
+        found = self._nl().link(name)
+        return _info(found) if found is not None else None
 
     def fdb(self, index: int) -> set[str]:
         """The head-end replication entries (remote VTEPs) on VXLAN device
         ``index``. A pass dumps the host's table once, not once per device."""
-        if self._fdb is not None:
-            return set(self._fdb.get(index, ()))
-        table: dict[int, set[str]] = {}
-        with self._ipr() as ipr:
-            for e in ipr.fdb("dump"):
-                dst = e.get_attr("NDA_DST")
-                if dst and e.get_attr("NDA_LLADDR") == ZERO_MAC:
-                    table.setdefault(e["ifindex"], set()).add(dst)
-        if self._sockets is not None:
-            self._fdb = table
-        return set(table.get(index, ()))
+        if self._fdb is None:
+            self._fdb = self._nl().fdb()
+        return set(self._fdb.get(index, ()))
 
     def qdisc_rate(self, index: int) -> int:
-        """The tbf rate on a link in kbit/s (0: none of ours)."""
-        with self._ipr() as ipr:
-            for q in ipr.get_qdiscs(index=index):
-                if q.get_attr("TCA_KIND") == "tbf" and q["parent"] == 0xFFFFFFFF:
-                    opts = q.get_attr("TCA_OPTIONS")
-                    parms = opts.get_attr("TCA_TBF_PARMS") if opts is not None else None
-                    rate = parms["rate"] if parms is not None else 0
-                    return rate * 8 // 1000
-        return 0
+        """The tbf rate on a link in kbit/s (0: none of ours). A pass dumps
+        the host's qdiscs once."""
+        if self._qdiscs is None:
+            self._qdiscs = self._nl().root_qdiscs()
+        kind, rate = self._qdiscs.get(index, ("", 0))
+        return rate * 8 // 1000 if kind == "tbf" else 0
+
+    def _has_ns(self, ns: str) -> bool:
+        if self._ns is not None:
+            return ns in self._ns
+        return os.path.exists(f"/run/netns/{nw.check_netns_name(ns)}")
 
     def peer_ok(self, pp: PortPlan) -> bool:
-        """The instance side exists with its address (and route)."""
-        if pp.netns not in namespaces() or not self._addressed(pp.netns, pp.peer, pp.address):
+        """The instance side exists, up, with its address and routes: two
+        dumps in the instance's namespace (three for a routed port). A link
+        that is down has no routes through it, so they tell that too."""
+        if not self._has_ns(pp.netns):
             return False
-        if pp.gateway:
-            with self._ipr(pp.netns) as ipr:
-                routes = ipr.get_routes(family=2, dst_len=0, table=254)
-                return any(r.get_attr("RTA_GATEWAY") == pp.gateway for r in routes)
-        return True
+        nl = self._nl(pp.netns)
+        ip, plen = pp.address.split("/")
+        want = (pp.peer, ip, int(plen))
+        found = [i for i, *rest in nl.labelled_addrs() if tuple(rest) == want]
+        if not found:
+            return False
+        (idx,) = found
+        routes = {(r.dst, r.gateway) for r in nl.routes() if r.oif == idx}
+        if pp.routed:
+            neigh = nl.neighbours(idx).get(nw.ROUTED_GATEWAY)
+            if neigh is None or neigh[0] != nw.ROUTED_HOST_MAC:
+                return False
+            up = (f"{nw.ROUTED_GATEWAY}/32", "") in routes
+        else:
+            up = (str(ipaddress.ip_interface(pp.address).network), "") in routes
+        return up and (not pp.gateway or ("0.0.0.0/0", pp.gateway) in routes)
 
     def _addressed(self, ns: str, ifname: str, address: str) -> bool:
         """Whether link ``ifname`` in ``ns`` exists and holds ``address`` (ip/prefixlen)."""
-        with self._ipr(ns) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
-                return False
-            ip, plen = address.split("/")
-            addrs = {
-                (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx[0])
-            }
-            return (ip, int(plen)) in addrs
+        nl = self._nl(ns)
+        link = nl.link(ifname)
+        if link is None:
+            return False
+        ip, plen = address.split("/")
+        return (link.index, ip, int(plen)) in set(nl.addrs(link.index))
 
     # -- changing ------------------------------------------------------------------
 
@@ -346,15 +420,40 @@ class Host:
         # agent stopping) runs on in its thread, and the next (a teardown)
         # must not interleave with it.
         with self._mutex, self._pass():
-            return self._reconcile(hp, deep)
+            try:
+                return self._reconcile(hp, deep)
+            except RtnlError as exc:
+                raise KernelError(f"netlink: {exc}") from None
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
         failed: KernelError | None = None
+        clock = _Clock()
         if deep:
-            self._done, self._rules = {}, ""
-        self._ns = namespaces()
+            self._done, self._chains, self._sets = {}, None, None
+        self._ns = namespaces() if deep else None
         self._deep = deep
+        self._unplugged: list[PortPlan] = []
+        last = self._applied
+        self._applied = None  # (until this pass ends well)
+        links_same = (
+            not deep
+            and last is not None
+            and hp.ports is last.ports
+            and hp.bridges is last.bridges
+            and hp.externals is last.externals
+        )
+        if links_same:
+            # Nothing of the links changed (a new member somewhere, say):
+            # only the ports still waiting for their instance are looked at.
+            actual = Links(self, set(), dump=False)
+            for name in sorted(self.waiting):
+                pp = hp.ports.get(name)
+                if pp is not None:
+                    self._port(pp, actual, ch, None)
+            clock.lap("ports")
+            self._after_links(hp, deep, ch, clock, last, actual, failed)
+            return ch
         actual = Links(self, hp.taps(), dump=deep)
         wanted = hp.names()
         if not deep:
@@ -363,13 +462,18 @@ class Host:
             for name in sorted(self._names - wanted):
                 actual.get(name)
         self._names = wanted
+        clock.lap("links")
+        vxlans = {b.vxlan: b for b in hp.bridges.values()}
         for name, link in sorted(actual.items()):
             stale = name not in wanted
             if not stale and name in hp.bridges and link["kind"] != "bridge":
                 stale = True
-            vx = {b.vxlan: b for b in hp.bridges.values()}.get(name)
+            vx = vxlans.get(name)
             if vx is not None and (link["kind"] != "vxlan" or link["vni"] != vx.vni):
                 stale = True
+            pp = hp.ports.get(name)
+            if pp is not None and pp.routed and link["master"]:
+                stale = True  # a routed port is on no bridge
             if stale and link["kind"] in ("bridge", "vxlan", "veth"):
                 self._delete(name)
                 ch.removed.append(name)
@@ -378,14 +482,41 @@ class Host:
         for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
             self._bridge(b, actual, ch)
         for name in sorted(n for n in hp.externals if n not in actual):
-            with self._ipr() as ipr:
-                ipr.link("add", ifname=name, kind="bridge")
-                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+            nl = self._nl()
+            nl.add_bridge(name)
+            nl.set(nl.index(name), up=True)
             ch.created.append(name)
         actual.forget(ch.created[before:])  # new bridges: their indexes
+        clock.lap("bridges")
+        if hp.bgp is not None and (deep or "forwarding" not in self._done):
+            # A routed network's host routes between its veths and the underlay.
+            if sysctl(self.host_ns, "net.ipv4.ip_forward") != "1":
+                sysctl(self.host_ns, "net.ipv4.ip_forward", "1")
+                ch.created.append("ip_forward")
+            self._done["forwarding"] = True
+        routes = self._routes() if deep and any(p.routed for p in hp.ports.values()) else None
+        self.waiting = set()
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
-            self._port(pp, actual, hp, ch)
-        if self.routers:
+            self._port(pp, actual, ch, routes)
+        clock.lap("ports")
+        self._after_links(hp, deep, ch, clock, last, actual, failed)
+        return ch
+
+    def _after_links(
+        self,
+        hp: HostPlan,
+        deep: bool,
+        ch: Changes,
+        clock: _Clock,
+        last: HostPlan | None,
+        actual: Links,
+        failed: KernelError | None,
+    ) -> None:
+        """Routers and DHCP, member sets, rules, plugging new ports in, BIRD."""
+        routers_same = (
+            not deep and last is not None and (hp.routers is last.routers and hp.dhcp is last.dhcp)
+        )
+        if self.routers and not routers_same:
             # dnsmasq first: one may run inside a router namespace going away.
             self._stale_dhcp(hp, ch)
             have = {n for n in namespaces() if nw.owned(self.prefix, n, "router")}
@@ -401,27 +532,54 @@ class Host:
                     # DHCP is one service among many: the security groups
                     # below still get their update; the pass fails after.
                     failed = failed or KernelError(f"DHCP in {dp.netns}: {exc}")
-        if hp.firewall and hp.firewall != self._rules:
-            if self._firewall(hp.firewall, deep):
+        clock.lap("routers")
+        # Member sets before the rules that match them; stale ones after.
+        stale = self._sync_sets(hp.ipsets, ch) if hp.ipsets != self._sets else set()
+        clock.lap("ipsets")
+        if hp.chains and hp.chains != self._chains:
+            if self._firewall(hp.chains, deep):
                 ch.created.append("firewall")
-            self._rules = hp.firewall
+            self._chains = dict(hp.chains)
+        clock.lap("firewall")
+        for pp in self._unplugged:
+            self._plug(pp, actual)
+        clock.lap("plug")
+        for name in sorted(stale):
+            try:
+                self._ipsets().destroy(name)
+                ch.removed.append(f"ipset {name}")
+            except IpSetError:
+                pass  # still matched by a rule (a teardown wipes those first)
+        try:
+            self._bgp(hp.bgp, ch)
+        except (BirdError, OSError) as exc:
+            failed = failed or KernelError(f"BIRD: {exc}")
+        clock.lap("bgp")
+        self.last_pass = clock.laps
         if failed is not None:
             raise failed
-        return ch
+        self._applied = hp
 
     def _delete(self, name: str) -> None:
-        with self._ipr() as ipr:
-            idx = ipr.link_lookup(ifname=name)
-            if idx:
-                ipr.link("del", index=idx[0])
+        nl = self._nl()
+        link = nl.link(name)
+        if link is not None:
+            with contextlib.suppress(RtnlError):  # (gone with its peer meanwhile)
+                nl.delete(link.index)
 
     def _bridge(self, b: BridgePlan, actual: Links, ch: Changes) -> None:
         done = self._done.get(b.bridge)
-        if done == b and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
+        same = done is b or done == b
+        if same and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
             return
-        # A shallow pass trusts the FDB entries it made itself last time.
-        trusted = done.remotes if isinstance(done, BridgePlan) and b.vxlan in actual else None
-        self._bridge_now(b, actual, ch, trusted)
+        vx = self._done.get(f"index {b.vxlan}")
+        if not self._deep and isinstance(done, BridgePlan) and done.vni == b.vni and vx:
+            # Only its remotes changed: a shallow pass trusts the FDB entries
+            # it made itself last time, and the devices it made.
+            self._fdb_now(b, int(vx), done.remotes, ch)  # type: ignore[arg-type]
+        else:
+            trusted = done.remotes if isinstance(done, BridgePlan) and b.vxlan in actual else None
+            self._bridge_now(b, actual, ch, trusted)
         self._done[b.bridge] = b
 
     def _bridge_now(
@@ -431,68 +589,98 @@ class Host:
         ch: Changes,
         trusted: frozenset[str] | None = None,
     ) -> None:
-        with self._ipr() as ipr:
-            if b.bridge not in actual:
-                ipr.link("add", ifname=b.bridge, kind="bridge")
-                ch.created.append(b.bridge)
-            br = ipr.link_lookup(ifname=b.bridge)[0]
-            ipr.link("set", index=br, state="up")
-            if b.vxlan not in actual:
-                ipr.link(
-                    "add",
-                    ifname=b.vxlan,
-                    kind="vxlan",
-                    vxlan_id=b.vni,
-                    vxlan_local=self.vtep,
-                    vxlan_port=nw.VXLAN_PORT,
-                    vxlan_learning=1,
-                )
-                ch.created.append(b.vxlan)
-            vx = ipr.link_lookup(ifname=b.vxlan)[0]
-            ipr.link("set", index=vx, master=br, state="up")
+        nl = self._nl()
+        brl, vxl = actual.get(b.bridge), actual.get(b.vxlan)
+        if brl is None:
+            nl.add_bridge(b.bridge)
+            ch.created.append(b.bridge)
+        br = brl["index"] if brl is not None else nl.index(b.bridge)
+        if brl is None or not brl["up"]:
+            nl.set(br, up=True)
+        if vxl is None:
+            nl.add_vxlan(b.vxlan, b.vni, self.vtep, nw.VXLAN_PORT)
+            ch.created.append(b.vxlan)
+        vx = vxl["index"] if vxl is not None else nl.index(b.vxlan)
+        if vxl is None or vxl["master"] != br or not vxl["up"]:
+            nl.set(vx, master=br, up=True)
+        self._done[f"index {b.vxlan}"] = vx
         have = set(trusted) if trusted is not None else self.fdb(vx)
-        with self._ipr() as ipr:
-            for dst in sorted(b.remotes - have):
-                ipr.fdb("append", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
-                ch.created.append(f"fdb {b.vxlan} {dst}")
-            for dst in sorted(have - b.remotes):
-                ipr.fdb("del", ifindex=vx, lladdr=ZERO_MAC, dst=dst)
-                ch.removed.append(f"fdb {b.vxlan} {dst}")
+        self._fdb_now(b, vx, frozenset(have), ch)
 
-    def _port(self, pp: PortPlan, actual: Links, hp: HostPlan, ch: Changes) -> None:
-        if self._done.get(pp.ifname) == pp and (not self._deep or pp.ifname in actual):
-            return
-        if self._port_now(pp, actual, hp, ch):  # wired, not waiting for its instance
-            self._done[pp.ifname] = pp
+    def _fdb_now(self, b: BridgePlan, vx: int, have: frozenset[str], ch: Changes) -> None:
+        nl = self._nl()
+        for dst in sorted(b.remotes - have):
+            nl.fdb_append(vx, dst)
+            ch.created.append(f"fdb {b.vxlan} {dst}")
+        for dst in sorted(have - b.remotes):
+            nl.fdb_delete(vx, dst)
+            ch.removed.append(f"fdb {b.vxlan} {dst}")
 
-    def _port_now(self, pp: PortPlan, actual: Links, hp: HostPlan, ch: Changes) -> bool:
+    def _routes(self) -> set[tuple[str, int]]:
+        """The host's routes straight out of a link: (destination, link index)."""
+        return {(r.dst, r.oif) for r in self._nl().routes() if not r.gateway}
+
+    def _port(
+        self, pp: PortPlan, actual: Links, ch: Changes, routes: set[tuple[str, int]] | None
+    ) -> None:
+        done = self._done.get(pp.ifname)
+        # (the planner keeps an unchanged port's plan as the same object)
+        if (done is pp or done == pp) and (not self._deep or pp.ifname in actual):
+            if not pp.routed or routes is None:
+                return
+        if self._port_now(pp, actual, ch, routes):  # wired, not waiting for its instance
+            if pp not in self._unplugged:
+                self._done[pp.ifname] = pp  # (a new one once it is plugged in)
+
+    def _port_now(
+        self, pp: PortPlan, actual: Links, ch: Changes, routes: set[tuple[str, int]] | None
+    ) -> bool:
+        nl = self._nl()
+        fresh = False
         if pp.vm:
             if pp.ifname not in actual:
                 if not self._adopt_tap(pp.ifname):
+                    self.waiting.add(pp.ifname)
                     return False  # the guest is not running (yet)
                 ch.wired.append(pp.ifname)
-                actual[pp.ifname] = {"master": 0, "up": False}
-        elif pp.netns not in self._ns:
+                actual.forget([pp.ifname])
+        elif not self._has_ns(pp.netns):
             # The instance is not there (yet): wired once the compute agent made it.
             if pp.ifname in actual:
                 self._delete(pp.ifname)
                 ch.removed.append(pp.ifname)
+                actual.pop(pp.ifname)
+            self.waiting.add(pp.ifname)
             return False
         elif pp.ifname in actual and not self.peer_ok(pp):
             self._delete(pp.ifname)
             ch.removed.append(pp.ifname)
             actual.pop(pp.ifname)
+        self.waiting.discard(pp.ifname)
         if pp.ifname not in actual:
-            self._veth(pp)
+            self._veth(pp, actual)
             (ch.created if pp.ifname in self._wired else ch.wired).append(pp.ifname)
+            fresh = True
         self._wired.add(pp.ifname)
-        with self._ipr() as ipr:
-            idx = ipr.link_lookup(ifname=pp.ifname)[0]
-            br = ipr.link_lookup(ifname=pp.bridge)[0]
-            link = actual.get(pp.ifname)
-            if link is None or link["master"] != br or not link["up"]:
-                ipr.link("set", index=idx, master=br, state="up")
-        rate = self.qdisc_rate(idx)
+        link = actual.get(pp.ifname)
+        if link is None:
+            raise KernelError(f"{pp.ifname} vanished while it was wired")
+        idx = link["index"]
+        if fresh:
+            self._unplugged.append(pp)  # (plugged in once its rules are loaded)
+        elif pp.routed:
+            if not link["up"]:
+                nl.set(idx, up=True)
+            if not fresh and (routes is None or (pp.address, idx) not in routes):
+                nl.replace_route(pp.address, oif=idx)
+                if routes is not None:
+                    ch.created.append(f"route {pp.address}")
+        else:
+            br_index = self._bridge_index(pp.bridge, actual)
+            if link["master"] != br_index or not link["up"]:
+                nl.set(idx, master=br_index, up=True)
+        # A veth made just now has no qdisc: only a rate asks for one.
+        rate = 0 if fresh and not pp.vm else self.qdisc_rate(idx)
         if rate != pp.kbps:
             with self._ipr() as ipr:
                 if rate:
@@ -509,6 +697,8 @@ class Host:
                         burst=burst,
                         latency="50ms",
                     )
+            if self._qdiscs is not None:
+                self._qdiscs[idx] = ("tbf", pp.kbps * 1000 // 8) if pp.kbps else ("", 0)
             ch.created.append(f"qos {pp.ifname} {pp.kbps}kbit")
         return True
 
@@ -516,34 +706,71 @@ class Host:
         """Whether the VM tap ``name`` is (now) on this host. libvirtd makes
         it in its own namespace; a simulated host's is moved in here."""
         if self.host_ns:
-            with IPRoute() as ipr:
-                idx = ipr.link_lookup(ifname=name)
-                if idx:
+            with Rtnl() as own:  # (this thread's namespace: the agent's, libvirt's)
+                tap = own.link(name)
+                if tap is not None:
                     # (qemu keeps its file descriptor: the device only moves)
-                    ipr.link("set", index=idx[0], net_ns_fd=self.host_ns)
-        with self._ipr() as ipr:
-            return bool(ipr.link_lookup(ifname=name))
+                    with netns_fd(self.host_ns) as fd:
+                        own.set(tap.index, netns_fd=fd)
+        return self._nl().link(name) is not None
 
-    def _veth(self, pp: PortPlan) -> None:
-        with self._ipr() as ipr:
-            ipr.link("add", ifname=pp.ifname, kind="veth", peer={"ifname": pp.peer})
-            peer = ipr.link_lookup(ifname=pp.peer)[0]
-            ipr.link("set", index=peer, net_ns_fd=pp.netns)
-        with self._ipr(pp.netns) as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            if lo:
-                ipr.link("set", index=lo[0], state="up")
-            idx = ipr.link_lookup(ifname=pp.peer)[0]
-            ipr.link("set", index=idx, address=pp.mac)
-            ip, plen = pp.address.split("/")
-            try:
-                ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
-            except NetlinkError as exc:
-                if exc.code != 17:  # EEXIST
-                    raise
-            ipr.link("set", index=idx, state="up")
-            if pp.gateway:
-                ipr.route("replace", dst="0.0.0.0/0", gateway=pp.gateway, oif=idx)
+    def _bridge_index(self, bridge: str, actual: Links) -> int:
+        br = actual.get(bridge)
+        return br["index"] if br is not None else self._nl().index(bridge)
+
+    def _veth(self, pp: PortPlan, actual: Links) -> None:
+        """The port's veth: the peer made straight inside the instance's
+        namespace (with the port's MAC), the host's side left down, neither
+        addressed: ``_plug`` finishes it once the port's rules are loaded."""
+        nl = self._nl()
+        with netns_fd(pp.netns) as fd:
+            nl.add_veth(
+                pp.ifname,
+                pp.peer,
+                fd,
+                mac=nw.ROUTED_HOST_MAC if pp.routed else "",
+                peer_mac=pp.mac,
+            )
+        idx = nl.index(pp.ifname)
+        actual[pp.ifname] = {"index": idx, "kind": "veth", "master": 0, "vni": 0, "up": False}
+
+    def _plug(self, pp: PortPlan, actual: Links) -> None:
+        """Plug a new veth in: the host's side first (bridged, or routed to),
+        then the instance's side up, addressed and routed. Before this the
+        instance cannot send: no traffic passes unfiltered, and no first
+        ARP request is lost on an unplugged link (it would be retried only
+        a second later)."""
+        nl = self._nl()
+        idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
+        if pp.routed:
+            nl.set(idx, up=True)
+            nl.replace_route(pp.address, oif=idx)
+        else:
+            nl.set(idx, master=self._bridge_index(pp.bridge, actual), up=True)
+        inner = self._nl(pp.netns)
+        lo = inner.link("lo")
+        if lo is not None and not lo.up:
+            inner.set(lo.index, up=True)
+        pidx = inner.index(pp.peer)
+        inner.set(pidx, up=True)
+        if pp.routed:
+            # The host's side answers for the link-local next hop (Calico's
+            # 169.254.1.1): a permanent neighbour entry, so no ARP proxy.
+            inner.permanent_neighbour(pidx, nw.ROUTED_GATEWAY, nw.ROUTED_HOST_MAC)
+            inner.replace_route(f"{nw.ROUTED_GATEWAY}/32", oif=pidx)
+        ip, plen = pp.address.split("/")
+        try:
+            inner.add_addr(pidx, ip, int(plen))
+        except RtnlError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        if pp.gateway:
+            inner.replace_route("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+        self._done[pp.ifname] = pp
+        self.wired_at[pp.port] = time.monotonic()
+        if len(self.wired_at) > 20_000:
+            for k in list(self.wired_at)[:10_000]:
+                del self.wired_at[k]
 
     # -- routers ---------------------------------------------------------------------
 
@@ -557,8 +784,8 @@ class Host:
     def _router_now(self, rp: RouterPlan, actual: Links, ch: Changes) -> None:
         legs = [*rp.legs, *([rp.external] if rp.external else [])]
         self._namespace(rp.netns, legs, actual, ch)
-        if run_in(rp.netns, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() != "1":
-            run_in(rp.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if sysctl(rp.netns, "net.ipv4.ip_forward") != "1":
+            sysctl(rp.netns, "net.ipv4.ip_forward", "1")
             ch.created.append(f"{rp.netns} ip_forward")
         if rp.external is not None:
             self._external_addresses(rp, ch)
@@ -627,44 +854,106 @@ class Host:
                 ch.created.append(leg.ifname)
 
     def _leg(self, ns: str, leg: LegPlan) -> None:
-        with self._ipr() as ipr:
-            ipr.link("add", ifname=leg.ifname, kind="veth", peer={"ifname": leg.inner})
-            peer = ipr.link_lookup(ifname=leg.inner)[0]
-            ipr.link("set", index=peer, net_ns_fd=ns)
-            idx = ipr.link_lookup(ifname=leg.ifname)[0]
-            br = ipr.link_lookup(ifname=leg.bridge)[0]
-            ipr.link("set", index=idx, master=br, state="up")
-        with self._ipr(ns) as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            if lo:
-                ipr.link("set", index=lo[0], state="up")
-            idx = ipr.link_lookup(ifname=leg.inner)[0]
-            if leg.mac:
-                ipr.link("set", index=idx, address=leg.mac)
-            ip, plen = leg.address.split("/")
-            ipr.addr("add", index=idx, address=ip, prefixlen=int(plen))
-            ipr.link("set", index=idx, state="up")
+        nl = self._nl()
+        with netns_fd(ns) as fd:
+            nl.add_veth(leg.ifname, leg.inner, fd, peer_mac=leg.mac)
+        nl.set(nl.index(leg.ifname), master=nl.index(leg.bridge), up=True)
+        inner = self._nl(ns)
+        lo = inner.link("lo")
+        if lo is not None and not lo.up:
+            inner.set(lo.index, up=True)
+        idx = inner.index(leg.inner)
+        ip, plen = leg.address.split("/")
+        inner.add_addr(idx, ip, int(plen))
+        inner.set(idx, up=True)
 
     def _external_addresses(self, rp: RouterPlan, ch: Changes) -> None:
         """Floating IPs as /32s on the external leg (the router answers ARP
         for them), and the default route out through the external gateway."""
         assert rp.external is not None
-        with self._ipr(rp.netns) as ipr:
-            idx = ipr.link_lookup(ifname=rp.external.inner)[0]
-            have = {
-                a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx) if a["prefixlen"] == 32
-            }
-            for a in sorted(set(rp.extra) - have):
-                ipr.addr("add", index=idx, address=a, prefixlen=32)
-                ch.created.append(f"{rp.netns} {a}")
-            for a in sorted(have - set(rp.extra)):
-                ipr.addr("del", index=idx, address=a, prefixlen=32)
-                ch.removed.append(f"{rp.netns} {a}")
-            if rp.gateway:
-                routes = ipr.get_routes(family=2, dst_len=0, table=254)
-                if not any(r.get_attr("RTA_GATEWAY") == rp.gateway for r in routes):
-                    ipr.route("replace", dst="0.0.0.0/0", gateway=rp.gateway, oif=idx)
-                    ch.created.append(f"{rp.netns} default via {rp.gateway}")
+        nl = self._nl(rp.netns)
+        idx = nl.index(rp.external.inner)
+        have = {a for i, a, plen in nl.addrs(idx) if plen == 32}
+        for a in sorted(set(rp.extra) - have):
+            nl.add_addr(idx, a, 32)
+            ch.created.append(f"{rp.netns} {a}")
+        for a in sorted(have - set(rp.extra)):
+            nl.del_addr(idx, a, 32)
+            ch.removed.append(f"{rp.netns} {a}")
+        if rp.gateway:
+            if not any(r.dst == "0.0.0.0/0" and r.gateway == rp.gateway for r in nl.routes()):
+                nl.replace_route("0.0.0.0/0", gateway=rp.gateway, oif=idx)
+                ch.created.append(f"{rp.netns} default via {rp.gateway}")
+
+    # -- member sets -------------------------------------------------------------------
+
+    def _sync_sets(self, wanted: dict[str, frozenset[str]], ch: Changes) -> set[str]:
+        """Make our ipsets hold ``wanted`` (a deep pass lists them; a shallow
+        one trusts what it applied last); return the stale ones."""
+        ips = self._ipsets()
+        probed = self._sets is None
+        if probed:
+            have = {n: frozenset(m) for n, m in ips.listing().items() if nw.owned(self.prefix, n)}
+        else:
+            have = dict(self._sets)
+        for name, members in sorted(wanted.items()):
+            cur = have.get(name)
+            if cur is members:
+                continue  # (unchanged since the last pass: the same object)
+            if cur is None:
+                ips.create(name)
+                cur = frozenset()
+            add, drop = members - cur, cur - members
+            for ip in sorted(add):
+                ips.add(name, ip)
+            for ip in sorted(drop):
+                ips.delete(name, ip)
+            if probed and (add or drop or name not in have):
+                # (found wrong by probing: drift; after events it is the plan's work)
+                ch.created.append(f"ipset {name}")
+        self._sets = dict(wanted)
+        return set(have) - set(wanted)
+
+    # -- BGP -------------------------------------------------------------------------
+
+    def _bgp(self, bp: BgpPlan | None, ch: Changes) -> None:
+        """BIRD running with ``bp``'s configuration (or not at all)."""
+        bird = self.bird
+        if bp is None:
+            if bird is not None and (bird.pid() or bird.conf.exists()):
+                bird.stop()
+                ch.removed.append("bird")
+            self._done.pop("bgp", None)
+            return
+        if bird is None:
+            raise BirdError("routed networks need the agent's data directory (BIRD's files)")
+        if not self._deep and self._done.get("bgp") == bp:
+            return
+        config = render(bp, bird.log)
+        if not bird.pid():
+            bird.start(config, lambda argv, cwd: run_in(self.host_ns, argv, cwd=cwd))
+            ch.created.append("bird")
+        elif bird.running_config() != config:
+            bird.reconfigure(config)
+            if self._done.get("bgp") is None:
+                ch.created.append("bird config")  # (not what this agent left)
+        self._done["bgp"] = bp
+
+    def sessions(self) -> dict[str, bool] | None:
+        """BIRD's BGP sessions (peer host -> established); None if it is not running."""
+        if self.bird is None or not self.bird.pid():
+            return None
+        try:
+            return self.bird.sessions()
+        except (OSError, BirdError):
+            return None
+
+    def bird_routes(self) -> dict[str, str]:
+        """Routes BIRD installed in the host's table: prefix -> next hop."""
+        from stratus.agents.network.bird import RTPROT_BIRD
+
+        with self._mutex:
+            return {r.dst: r.gateway for r in self._nl().routes() if r.protocol == RTPROT_BIRD}
 
     # -- firewall -------------------------------------------------------------------
 
@@ -673,158 +962,141 @@ class Host:
         raw = nw.kernel_name(self.prefix, "chain", "raw")
         return [("filter", "FORWARD", top), ("raw", "PREROUTING", raw)]
 
-    def _hooked(self) -> bool:
-        return all(
-            run_in(self.host_ns, ["iptables", "-t", t, "-C", hook, "-j", c]).returncode == 0
-            for t, hook, c in self._hooks()
-        )
+    def _saved(self) -> tuple[dict[Chain, list[str]], set[Chain]] | None:
+        """Our chains as the host has them, and the hooks into them that are
+        in place (one ``iptables-save``); None if it failed."""
+        res = run_in(self.host_ns, ["iptables-save"])
+        if res.returncode != 0:
+            return None
+        have: dict[Chain, list[str]] = {}
+        hooked: set[Chain] = set()
+        hooks = {(t, hook, c) for t, hook, c in self._hooks()}
+        table = ""
+        for ln in res.stdout.splitlines():
+            if ln.startswith("*"):
+                table = ln[1:]
+            elif ln.startswith(":"):
+                name = ln[1:].split()[0]
+                if nw.owned(self.prefix, name):
+                    have.setdefault((table, name), [])
+            elif ln.startswith("-A "):
+                parts = ln.split()
+                if nw.owned(self.prefix, parts[1]):
+                    have.setdefault((table, parts[1]), []).append(ln)
+                elif len(parts) == 4 and parts[2] == "-j" and (table, parts[1], parts[3]) in hooks:
+                    hooked.add((table, parts[3]))
+        return have, hooked
 
-    def _firewall(self, rules: str, deep: bool = True) -> bool:
-        """Load the ruleset; a deep pass first checks whether the host's
-        already matches (and is hooked in). Our stale chains are dropped."""
-        if deep and self._firewall_matches(rules) and self._hooked():
-            self._declared = _declared(rules)
+    def _firewall(self, chains: dict[Chain, tuple[str, ...]], deep: bool = True) -> bool:
+        """Load the chains that differ from what the host has (a deep pass
+        reads it; a shallow one trusts what the last pass loaded), drop our
+        stale ones and hook ours in: one ``iptables-restore`` at most."""
+        if deep or self._chains is None:
+            saved = self._saved()
+            if saved is None:
+                have: dict[Chain, list[str]] = {}
+                hooked: set[Chain] = set()
+            else:
+                have, hooked = saved
+            changed = [
+                k for k, v in chains.items() if k not in have or sorted(v) != sorted(have[k])
+            ]
+            stale = set(have) - set(chains)
+            missing = [(t, h, c) for t, h, c in self._hooks() if (t, c) not in hooked]
+            if deep:
+                for key in ("net.bridge.bridge-nf-call-iptables",):
+                    with contextlib.suppress(OSError):
+                        if sysctl(self.host_ns, key) != "1":
+                            sysctl(self.host_ns, key, "1")
+        else:
+            before = self._chains
+            changed = [k for k, v in chains.items() if v != before.get(k)]
+            stale = set(before) - set(chains)
+            missing = []
+        if not (changed or stale or missing):
             return False
-        ns = self.host_ns
-        if deep or not self._declared:
-            for key in (
-                "net.bridge.bridge-nf-call-iptables",
-                "net.bridge.bridge-nf-call-ip6tables",
-            ):
-                run_in(ns, ["sysctl", "-qw", f"{key}=1"])
-        text = rules if deep or not self._rules else _delta(self._rules, rules)
-        if text:
-            res = run_in(ns, ["iptables-restore", "--noflush"], stdin=text)
-            if res.returncode != 0:
-                raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
-        if deep or not self._declared:
-            for table, hook, chain in self._hooks():
-                if run_in(ns, ["iptables", "-t", table, "-C", hook, "-j", chain]).returncode:
-                    run_in(ns, ["iptables", "-t", table, "-I", hook, "-j", chain])
-        declared = _declared(rules)
-        # (the chains restored above no longer jump to a stale one)
-        stale = (self._our_chains("filter") if deep else self._declared) - declared
-        for chain in sorted(stale):
-            run_in(ns, ["iptables", "-F", chain])
-            run_in(ns, ["iptables", "-X", chain])
-        self._declared = declared
+        # A chain whose rules are independent of their order, and that the
+        # host has, gets its added rules appended and its removed ones
+        # deleted, instead of being written again (it grows with the ports).
+        edits: list[Chain] = []
+        if not deep:
+            loose = unordered(self.prefix)
+            edits = [k for k in changed if k in loose and k in self._chains]  # type: ignore[operator]
+            changed = [k for k in changed if k not in edits]
+        text = render_chains(chains, changed)
+        for table in ("raw", "filter"):
+            lines = []
+            for k in (k for k in edits if k[0] == table):
+                old, new = set(self._chains[k]), set(chains[k])  # type: ignore[index]
+                lines += ["-D" + ln[2:] for ln in sorted(old - new)]
+                lines += sorted(new - old)
+            if lines:
+                text += "\n".join([f"*{table}", *lines, "COMMIT", ""])
+        extra = []
+        for table in ("raw", "filter"):
+            lines = [f"-F {c}" for t, c in sorted(stale) if t == table]
+            lines += [f"-X {c}" for t, c in sorted(stale) if t == table]
+            lines += [f"-I {h} 1 -j {c}" for t, h, c in missing if t == table]
+            if lines:
+                extra += [f"*{table}", *lines, "COMMIT"]
+        text += "\n".join([*extra, ""]) if extra else ""
+        res = run_in(self.host_ns, ["iptables-restore", "--noflush"], stdin=text)
+        if res.returncode != 0:
+            self._chains = None  # (probe again next time)
+            raise KernelError(f"iptables-restore failed: {res.stderr.strip()}")
         return True
 
     def _our_chains(self, table: str) -> set[str]:
-        res = run_in(self.host_ns, ["iptables-save", "-t", table])
-        return {
-            ln[1:].split()[0]
-            for ln in res.stdout.splitlines()
-            if ln.startswith(":") and nw.owned(self.prefix, ln[1:].split()[0])
-        }
-
-    def _firewall_matches(self, rules: str) -> bool:
-        """Whether every chain of ours holds exactly the rules of ``rules``."""
-        want: dict[str, list[str]] = {}
-        for ln in rules.splitlines():
-            if ln.startswith(":"):
-                want.setdefault(ln[1:].split()[0], [])
-            elif ln.startswith("-A "):
-                want.setdefault(ln.split()[1], []).append(ln)
-        have: dict[str, list[str]] = {}
-        for table in ("raw", "filter"):
-            res = run_in(self.host_ns, ["iptables-save", "-t", table])
-            if res.returncode != 0:
-                return False
-            for ln in res.stdout.splitlines():
-                if ln.startswith(":") and nw.owned(self.prefix, ln[1:].split()[0]):
-                    have.setdefault(ln[1:].split()[0], [])
-                elif ln.startswith("-A ") and nw.owned(self.prefix, ln.split()[1]):
-                    have.setdefault(ln.split()[1], []).append(ln)
-        return {k: sorted(v) for k, v in want.items()} == {k: sorted(v) for k, v in have.items()}
+        saved = self._saved()
+        return {c for t, c in saved[0] if t == table} if saved is not None else set()
 
     def teardown(self) -> Changes:
-        """Remove every object of ours from this host (links, chains)."""
+        """Remove every object of ours from this host (links, chains, BIRD)."""
         with self._mutex:
             ch = self.reconcile(HostPlan())
             wipe_firewall(self)
+            ips = self._ipsets()
+            for name in sorted(ips.listing()):
+                if nw.owned(self.prefix, name):
+                    ips.destroy(name)  # (no rule matches them now)
+            self._sets = None
+            if self.bird is not None:
+                self.bird.stop()
+                with contextlib.suppress(OSError):  # (the agent's own directory, if empty)
+                    self.bird.dir.parent.rmdir()
+            self.close()
             return ch
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
 
 
 def dnsmasq_pid(ns: str) -> int:
     """The pid of our dnsmasq serving namespace ``ns`` (0: none running)."""
     nw.check_netns_name(ns)
-    try:
-        pid = int((DHCP_DIR / f"{ns}.pid").read_text().strip() or 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return 0
     # A recycled pid is some other process: ours names its own configuration.
-    mine = f"--conf-file={DHCP_DIR / f'{ns}.conf'}".encode()
-    return pid if mine in cmdline and _alive(pid) else 0
+    return pid_of(DHCP_DIR / f"{ns}.pid", f"--conf-file={DHCP_DIR / f'{ns}.conf'}")
 
 
 def stop_dnsmasq(ns: str, timeout: float = 5.0) -> None:
     """End the dnsmasq of ``ns`` (bounded: SIGTERM, then SIGKILL) and drop its files."""
-    pid = dnsmasq_pid(ns)
-    if pid:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    terminate(dnsmasq_pid(ns), timeout)
     for suffix in (".pid", ".conf"):
         (DHCP_DIR / f"{ns}{suffix}").unlink(missing_ok=True)
 
 
-def _chains(rules: str) -> dict[tuple[str, str], list[str]]:
-    """(table, chain) -> its rule lines, from an iptables-restore file."""
-    out: dict[tuple[str, str], list[str]] = {}
-    table = ""
-    for ln in rules.splitlines():
-        if ln.startswith("*"):
-            table = ln[1:]
-        elif ln.startswith(":"):
-            out.setdefault((table, ln[1:].split()[0]), [])
-        elif ln.startswith("-A "):
-            out.setdefault((table, ln.split()[1]), []).append(ln)
-    return out
-
-
-def _delta(old: str, new: str) -> str:
-    """A restore file with only the chains whose rules changed (declaring a
-    chain flushes it): a new port rewrites a few chains, not the host's all."""
-    before, after = _chains(old), _chains(new)
+def wipe_firewall(host: Host) -> None:
+    """Unhook and remove every chain of ours (one ``iptables-restore``)."""
+    host._chains = None
+    saved = host._saved()
+    if saved is None:
+        return
+    have, hooked = saved
     lines: list[str] = []
     for table in ("raw", "filter"):
-        changed = [k for k in after if k[0] == table and after[k] != before.get(k)]
-        if not changed:
-            continue
-        lines.append(f"*{table}")
-        lines += [f":{c} - [0:0]" for _, c in changed]
-        for k in changed:
-            lines += after[k]
-        lines.append("COMMIT")
-    return "\n".join([*lines, ""])
-
-
-def _declared(rules: str) -> set[str]:
-    return {ln[1:].split()[0] for ln in rules.splitlines() if ln.startswith(":")}
-
-
-def wipe_firewall(host: Host) -> None:
-    host._declared, host._rules = set(), ""
-    ns, prefix = host.host_ns, host.prefix
-    top = nw.kernel_name(prefix, "chain", "forward")
-    raw = nw.kernel_name(prefix, "chain", "raw")
-    run_in(ns, ["iptables", "-D", "FORWARD", "-j", top])
-    run_in(ns, ["iptables", "-t", "raw", "-D", "PREROUTING", "-j", raw])
-    for table in ("filter", "raw"):
-        for chain in sorted(host._our_chains(table)):
-            run_in(ns, ["iptables", "-t", table, "-F", chain])
-        for chain in sorted(host._our_chains(table)):
-            run_in(ns, ["iptables", "-t", table, "-X", chain])
+        mine = sorted(c for t, c in have if t == table)
+        hooks = [f"-D {h} -j {c}" for t, h, c in host._hooks() if t == table and (t, c) in hooked]
+        if mine or hooks:
+            lines += [f"*{table}", *hooks, *(f"-F {c}" for c in mine)]
+            lines += [*(f"-X {c}" for c in mine), "COMMIT"]
+    if lines:
+        res = run_in(host.host_ns, ["iptables-restore", "--noflush"], stdin="\n".join([*lines, ""]))
+        if res.returncode != 0:
+            raise KernelError(f"iptables-restore (wiping ours) failed: {res.stderr.strip()}")

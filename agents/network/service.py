@@ -6,12 +6,14 @@ root: each host a namespace on an underlay bridge, agents inside them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from stratus.agents.network.agent import NetworkAgent
+from stratus.agents.network.bird import BgpConfig
 from stratus.agents.network.sim import SimulatedHosts
 from stratus.events import network as nw
 from stratus.events.errors import Invalid
@@ -36,13 +38,17 @@ def host_names(n: int) -> list[str]:
 
 
 class SimulatedPlane:
-    """Simulated hosts and their network agents (the first hosts routers)."""
+    """Simulated hosts and their network agents (the first hosts routers).
+    Each agent keeps its files (BIRD's, once a routed network exists) under
+    ``state_dir/<host>``; a teardown removes them."""
 
     def __init__(
         self,
         store: EventStore,
         hosts: int,
         prefix: str = DEFAULT_PREFIX,
+        state_dir: Path | None = None,
+        bgp: BgpConfig | None = None,
         *,
         store_for: Callable[[str], Awaitable[EventStore]] | None = None,
     ) -> None:
@@ -52,6 +58,8 @@ class SimulatedPlane:
         self.store = store
         self.store_for = store_for
         self.prefix = prefix
+        self.state_dir = state_dir
+        self.bgp = bgp
         self.agents: list[NetworkAgent] = []
 
     async def start(self) -> None:
@@ -64,6 +72,8 @@ class SimulatedPlane:
                 prefix=self.prefix,
                 host_ns=self.sim.netns(h),
                 routers=i == 0,
+                state_dir=self.state_dir / h if self.state_dir is not None else None,
+                bgp=self.bgp,
             )
             await agent.start()
             self.agents.append(agent)
@@ -77,6 +87,9 @@ class SimulatedPlane:
             for a in self.agents:
                 await a.teardown()
             await asyncio.to_thread(self.sim.stop)
+            if self.state_dir is not None:
+                with contextlib.suppress(OSError):  # (empty once the agents' files are gone)
+                    self.state_dir.rmdir()
 
 
 async def serve_agent(
@@ -88,8 +101,11 @@ async def serve_agent(
     host_ns: str | None = None,
     routers: bool = False,
     interval: float = 10.0,
+    state_dir: Path | None = None,
+    bgp: BgpConfig | None = None,
 ) -> NetworkAgent:
-    """Start the agent of one (real) host."""
+    """Start the agent of one (real) host; ``state_dir`` holds its files
+    (BIRD's configuration, control socket, pid file and log)."""
     if host_ns:
         nw.check_netns_name(host_ns)
     nw.kernel_name(prefix, "bridge", host)  # a bad prefix is refused here, not mid-way
@@ -105,6 +121,8 @@ async def serve_agent(
         host_ns=host_ns,
         routers=routers,
         interval=interval,
+        state_dir=state_dir,
+        bgp=bgp,
     )
     await agent.start()
     return agent

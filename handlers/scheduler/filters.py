@@ -19,32 +19,23 @@ from typing import ClassVar
 import msgspec
 import numpy as np
 
-from stratus.events.resources import Nic
+from stratus.events.resources import ServerSpec
 from stratus.handlers.scheduler.table import HostTable
 
 Check = tuple[str, np.ndarray]
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):
-    """What one placement asks for (from ``server.requested``)."""
+    """One placement: the server's spec as ``server.requested`` carries it
+    (what the filters and weighers read, and what the claim carries on to
+    the host), and where this attempt stands."""
 
     server: str
     tenant: str
-    name: str = ""
-    image: str = ""
-    vcpus: int
-    ram_mb: int
-    disk_gb: int = 0
-    instance_type: str = "vm"
-    labels: dict[str, str] = {}
-    host: str = ""
-    zone: str = ""
-    group: str = ""
+    spec: ServerSpec
     # Hosts this server's build already failed on (retries go elsewhere).
     exclude: tuple[str, ...] = ()
     attempt: int = 1
-    # Carried to the claim for the agent: not a placement criterion.
-    nics: tuple[Nic, ...] = ()
 
 
 def fits(capacity: np.ndarray, used: np.ndarray, requested: float) -> np.ndarray:
@@ -89,7 +80,7 @@ class InstanceType(Filter):
     name = "InstanceType"
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        col = "container" if r.instance_type == "container" else "vm"
+        col = "container" if r.spec.instance_type == "container" else "vm"
         yield f"no {col} support", t.col(col)
 
 
@@ -99,10 +90,10 @@ class ResourceFit(Filter):
     name = "ResourceFit"
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        yield "insufficient vCPU", fits(t.col("cap_vcpus"), t.col("used_vcpus"), r.vcpus)
-        yield "insufficient RAM", fits(t.col("cap_ram"), t.col("used_ram"), r.ram_mb)
-        if r.disk_gb:
-            yield "insufficient disk", fits(t.col("cap_disk"), t.col("used_disk"), r.disk_gb)
+        yield "insufficient vCPU", fits(t.col("cap_vcpus"), t.col("used_vcpus"), r.spec.vcpus)
+        yield "insufficient RAM", fits(t.col("cap_ram"), t.col("used_ram"), r.spec.ram_mb)
+        if r.spec.disk_gb:
+            yield "insufficient disk", fits(t.col("cap_disk"), t.col("used_disk"), r.spec.disk_gb)
 
 
 class Labels(Filter):
@@ -111,10 +102,10 @@ class Labels(Filter):
     name = "Labels"
 
     def applies(self, r: Request) -> bool:
-        return bool(r.labels)
+        return bool(r.spec.labels)
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        for k, v in sorted(r.labels.items()):
+        for k, v in sorted(r.spec.labels.items()):
             yield f"label {k}={v} not matched", t.label_mask(k, v)
 
 
@@ -124,25 +115,27 @@ class HostName(Filter):
     name = "HostName"
 
     def applies(self, r: Request) -> bool:
-        return bool(r.host)
+        return bool(r.spec.requested_host)
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+        host = r.spec.requested_host
         m = np.zeros(len(t), np.bool_)
-        i = t.index.get(r.host)
+        i = t.index.get(host)
         if i is not None:
             m[i] = True
-        yield f"not host {r.host}", m
+        yield f"not host {host}", m
 
 
 class AvailabilityZone(Filter):
     name = "AvailabilityZone"
 
     def applies(self, r: Request) -> bool:
-        return bool(r.zone)
+        return bool(r.spec.zone)
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        code = t.zones.get(r.zone, -1)
-        yield f"not in zone {r.zone}", t.col("zone") == code
+        zone = r.spec.zone
+        code = t.zones.get(zone, -1)
+        yield f"not in zone {zone}", t.col("zone") == code
 
 
 class ServerGroupAffinity(Filter):
@@ -151,12 +144,13 @@ class ServerGroupAffinity(Filter):
     name = "ServerGroupAffinity"
 
     def applies(self, r: Request) -> bool:
-        return bool(r.group)
+        return bool(r.spec.group)
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        if t.policies.get(r.group) != "affinity" or not t.group_hosts.get(r.group):
+        group = r.spec.group
+        if t.policies.get(group) != "affinity" or not t.group_hosts.get(group):
             return
-        yield "affinity: not the group's host", t.group_mask(r.group)
+        yield "affinity: not the group's host", t.group_mask(group)
 
 
 class ServerGroupAntiAffinity(Filter):
@@ -165,12 +159,13 @@ class ServerGroupAntiAffinity(Filter):
     name = "ServerGroupAntiAffinity"
 
     def applies(self, r: Request) -> bool:
-        return bool(r.group)
+        return bool(r.spec.group)
 
     def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
-        if t.policies.get(r.group) != "anti-affinity" or not t.group_hosts.get(r.group):
+        group = r.spec.group
+        if t.policies.get(group) != "anti-affinity" or not t.group_hosts.get(group):
             return
-        yield "anti-affinity: group member there", ~t.group_mask(r.group)
+        yield "anti-affinity: group member there", ~t.group_mask(group)
 
 
 class Retry(Filter):

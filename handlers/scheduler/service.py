@@ -73,27 +73,14 @@ def host_subject(host: str) -> str:
 
 
 def request_of(e: ServerRequested, exclude: tuple[str, ...] = (), attempt: int = 1) -> Request:
+    """The placement ``e`` asks for (``exclude``: hosts its build failed on)."""
     return Request(
-        server=e.aggregate.id,
-        tenant=e.tenant,
-        name=e.name,
-        image=e.image,
-        vcpus=e.vcpus,
-        ram_mb=e.ram_mb,
-        disk_gb=e.disk_gb,
-        instance_type=e.instance_type,
-        labels=dict(e.labels),
-        host=e.requested_host,
-        zone=e.zone,
-        group=e.group,
-        exclude=exclude,
-        attempt=attempt,
-        nics=tuple(e.nics),
+        server=e.aggregate.id, tenant=e.tenant, spec=e.spec, exclude=exclude, attempt=attempt
     )
 
 
 def claim_event(cause: Cause, host: str, r: Request) -> HostClaimed:
-    """The claim of ``r``'s size on ``host`` (what the host's agent builds)."""
+    """The claim of ``r`` on ``host``: its spec, whole, for the host's agent."""
     return cause.make(
         HostClaimed,
         SYSTEM,
@@ -101,15 +88,8 @@ def claim_event(cause: Cause, host: str, r: Request) -> HostClaimed:
         host,
         server=r.server,
         server_tenant=r.tenant,
-        name=r.name,
-        image=r.image,
-        vcpus=r.vcpus,
-        ram_mb=r.ram_mb,
-        disk_gb=r.disk_gb,
-        instance_type=r.instance_type,
-        group=r.group,
+        spec=r.spec,
         attempt=r.attempt,
-        nics=list(r.nics),
     )
 
 

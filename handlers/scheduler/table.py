@@ -170,14 +170,15 @@ class HostTable:
     def _claim(self, i: int, e: HostClaimed, seq: int) -> None:
         if e.server in self.claims:
             self._release(e.server)
+        s = e.spec
         self.claims[e.server] = Claim(
-            i, e.vcpus, e.ram_mb, e.disk_gb, e.group, seq, e.server_tenant, e.attempt
+            i, s.vcpus, s.ram_mb, s.disk_gb, s.group, seq, e.server_tenant, e.attempt
         )
-        self.used_vcpus[i] += e.vcpus
-        self.used_ram[i] += e.ram_mb
-        self.used_disk[i] += e.disk_gb
-        if e.group:
-            g = self.group_hosts.setdefault(e.group, {})
+        self.used_vcpus[i] += s.vcpus
+        self.used_ram[i] += s.ram_mb
+        self.used_disk[i] += s.disk_gb
+        if s.group:
+            g = self.group_hosts.setdefault(s.group, {})
             g[i] = g.get(i, 0) + 1
 
     def _release(self, server: str) -> None:

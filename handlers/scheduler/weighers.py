@@ -47,8 +47,8 @@ class LeastRequested(Weigher):
     name = "LeastRequested"
 
     def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
-        cpu = least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.vcpus)
-        ram = least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.ram_mb)
+        cpu = least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.spec.vcpus)
+        ram = least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.spec.ram_mb)
         return (cpu + ram) / 2.0
 
 
@@ -56,8 +56,8 @@ class BalancedAllocation(Weigher):
     name = "BalancedAllocation"
 
     def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
-        cpu = 1.0 - least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.vcpus)
-        ram = 1.0 - least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.ram_mb)
+        cpu = 1.0 - least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.spec.vcpus)
+        ram = 1.0 - least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.spec.ram_mb)
         return balanced_score(cpu, ram)
 
 

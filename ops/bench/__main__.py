@@ -6,7 +6,11 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
 overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root) runs only when named. ``python -m
+(the network agent on simulated hosts, as root), ``integrations``,
+``images`` (image upload and download against raw object-store put and
+get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
+each part of a deployment under load, then the log checked; as root) run
+only when named. ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -22,9 +26,12 @@ import sys
 import time
 
 from stratus.ops.bench import (
+    chaos,
     compute,
+    console,
     foundation,
     identity,
+    images,
     integrations,
     network,
     projections,
@@ -39,7 +46,10 @@ SUITES = (
     "scheduler",
     "compute",
     "integrations",
+    "images",
     "network",
+    "console",
+    "chaos",
 )
 
 
@@ -101,9 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "images":
+        # Its own `stratus up` and a 256 MiB file: run by name.
+        return images.main(argv[1:])
+    if suite == "console":
+        # Not part of the default run: its own stack and table.
+        return console.main(argv[1:])
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "chaos":
+        # Root only, kills what it starts: run by name, not with the others.
+        return chaos.main(argv[1:])
     if suite is not None:
         argv = argv[1:]
     args = parse_args(argv)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import platform
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -231,10 +233,7 @@ def with_broker(
             {
                 "nats_url": url,
                 "sync_interval": "always" if srv.sync_always else "default",
-                "cpus": os.cpu_count(),
-                "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-                "python": platform.python_version(),
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                **machine_facts(),
                 **info,
             }
         )
@@ -245,6 +244,28 @@ def with_broker(
         srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def finish(report: Report, as_json: bool, title: str, caption: str) -> int:
+    """Print a report (a table, or one JSON object) and what failed; the
+    exit status: 1 when anything failed."""
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_table(title, report.results, caption)
+    for f in report.failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def machine_facts() -> dict[str, Any]:
+    """What a report says about the machine it ran on, and when."""
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def stop_process(p: subprocess.Popen[bytes]) -> None:

@@ -88,7 +88,7 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
     from stratus.agents.compute.domain import LibvirtDriver
     from stratus.events.ids import new_id
     from stratus.events.model import Cause
-    from stratus.events.resources import ServerScheduled
+    from stratus.events.resources import ServerScheduled, ServerSpec
     from stratus.events.store import EventStore
     from stratus.handlers.scheduler import Request
     from stratus.handlers.scheduler.service import claim_event
@@ -101,7 +101,6 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
             store,
             h,
             data_dir=tmp / "hosts" / h,
-            image_store=tmp / "images",
             spec=HostSpec(vcpus=4096, ram_mb=1 << 22, disk_gb=1 << 20),
             vm=LibvirtDriver("test:///default", h),
             reconcile_interval=3600,
@@ -153,7 +152,9 @@ async def _body(opts: Options, report: Report, url: str, tmp: Path, procs: Procs
                 c,
                 host,
                 Request(
-                    server=sid, tenant="bench", name=f"s{counter}", image="none", vcpus=1, ram_mb=64
+                    server=sid,
+                    tenant="bench",
+                    spec=ServerSpec(name=f"s{counter}", image="none", vcpus=1, ram_mb=64),
                 ),
             )
             sched = c.make(ServerScheduled, "bench", "server", sid, host=host)

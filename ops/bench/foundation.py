@@ -482,7 +482,8 @@ async def start_service_processes(
 
 
 def _spawn(argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
+    # Appended: a restarted process (the chaos run) keeps its predecessor's log.
+    with open(log_path, "ab") as log:
         return subprocess.Popen(
             argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log
         )

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 from pyroute2 import netns
 
 from stratus.agents.network.agent import NetworkAgent
-from stratus.agents.network.kernel import DHCP_DIR, Host, run_in
+from stratus.agents.network.kernel import DHCP_DIR, Host, in_netns, run_in
 from stratus.agents.network.sim import SimulatedHosts, leftovers
 from stratus.events import network as nw
 from stratus.events.model import Cause, Event
@@ -106,7 +112,7 @@ class Cloud:
             instance_type=instance_type,
             networks=networks,
         )
-        plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+        plan = servers.ServerPlan(cmd, None, Image(name="img", id="img", status="active"))
         events = await self.do(tenant, servers.decide_server_create, plan)
         requested = next(e for e in events if isinstance(e, ServerRequested))
         sid = requested.aggregate.id
@@ -154,6 +160,8 @@ class Lab:
         self.agents: dict[str, NetworkAgent] = {}
         self.instances: list[str] = []
         self.relay: ReportRelay | None = None
+        # The agents' files (BIRD's): a short path, for BIRD's control socket.
+        self.state = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
 
     async def start(self) -> None:
         # The agents' port.bound reports go through the handlers' relay.
@@ -170,6 +178,7 @@ class Lab:
             prefix=self.prefix,
             host_ns=self.sim.netns(host),
             interval=kw.pop("interval", 3600.0),
+            state_dir=self.state / host,
             **kw,
         )
         self.agents[host] = a
@@ -187,8 +196,19 @@ class Lab:
         return ns
 
     async def converge(self, timeout: float = 20.0) -> None:
+        """Until every agent matches the log and none appended more meanwhile
+        (a routed port's address comes from its host's agent)."""
+        deadline = time.monotonic() + timeout
         seq = await self.store.last_seq()
-        await asyncio.gather(*(a.converged(seq, timeout) for a in self.agents.values()))
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            await asyncio.gather(*(a.converged(seq, left) for a in self.agents.values()))
+            now = await self.store.last_seq()
+            if now == seq:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the log kept moving: {seq} -> {now}")
+            seq = now
 
     async def close(self) -> None:
         try:
@@ -202,7 +222,13 @@ class Lab:
     def _remove(self) -> None:
         for h in self.sim.names:
             try:
-                Host(self.prefix, self.sim.vtep(h), self.sim.netns(h), routers=True).teardown()
+                Host(
+                    self.prefix,
+                    self.sim.vtep(h),
+                    self.sim.netns(h),
+                    routers=True,
+                    state_dir=self.state / h,
+                ).teardown()
             except Exception:
                 pass  # the namespace goes below with whatever is left in it
         have = set(netns.listnetns())
@@ -210,6 +236,10 @@ class Lab:
             if ns in have:
                 netns.remove(ns)
         self.sim.stop()
+        # BIRD is gone with its files (a teardown stops it and removes them)
+        left = [str(f) for f in self.state.rglob("*") if f.is_file()]
+        shutil.rmtree(self.state, ignore_errors=True)
+        assert left == [], left
         assert leftovers(self.prefix) == []
         assert not [f for f in dhcp_files() if nw.owned(self.prefix, f.stem)]
         assert not set(self.instances) & set(netns.listnetns())
@@ -262,3 +292,85 @@ def serve(ns: str, *args: str) -> subprocess.Popen:
     line = proc.stdout.readline()
     assert "listening" in line, line
     return proc
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class Echo:
+    """ICMP echo from inside a namespace on a raw socket opened there: one
+    request every ``interval`` until the first reply, without a process per
+    try (``ping -W 1`` waits a whole second after a lost request, and
+    forking a large process costs more than the wiring being timed).
+
+    Make it with ``await Echo.open(ns)`` (the socket is opened by a worker
+    thread that enters the namespace: a socket stays in the namespace it
+    was made in); ``close()`` it after."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.ident = int.from_bytes(os.urandom(2), "big")
+        self.seq = 0
+
+    @classmethod
+    async def open(cls, ns: str) -> Echo:
+        def make() -> socket.socket:
+            with in_netns(ns):
+                s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            s.setblocking(False)
+            return s
+
+        return cls(await asyncio.to_thread(make))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _request(self) -> bytes:
+        self.seq = (self.seq + 1) & 0xFFFF
+        head = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq)
+        body = b"stratus-echo"
+        csum = _checksum(head + body)
+        return struct.pack("!BBHHH", 8, 0, csum, self.ident, self.seq) + body
+
+    def _is_reply(self, packet: bytes, address: bytes) -> bool:
+        ihl = (packet[0] & 0x0F) * 4
+        if len(packet) < ihl + 8 or packet[12:16] != address:
+            return False
+        kind, _, _, ident, _ = struct.unpack("!BBHHH", packet[ihl : ihl + 8])
+        return kind == 0 and ident == self.ident
+
+    async def first_reply(
+        self, address: str, deadline: float, interval: float = 0.01
+    ) -> float | None:
+        """``time.monotonic()`` when ``address`` first answered, None if not by ``deadline``."""
+        loop = asyncio.get_running_loop()
+        want = socket.inet_aton(address)
+        while time.monotonic() < deadline:
+            try:
+                self.sock.sendto(self._request(), (address, 0))
+            except OSError:
+                pass  # no address or route yet: the port is not wired
+            until = min(deadline, time.monotonic() + interval)
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    packet = await asyncio.wait_for(loop.sock_recv(self.sock, 2048), left)
+                except TimeoutError:
+                    break
+                if self._is_reply(packet, want):
+                    return time.monotonic()
+        return None
+
+
+async def echo(ns: str, address: str, seconds: float = 3.0) -> bool:
+    """Whether ``address`` answers from inside ``ns`` within ``seconds``."""
+    e = await Echo.open(ns)
+    try:
+        return await e.first_reply(address, time.monotonic() + seconds) is not None
+    finally:
+        e.close()

@@ -1,27 +1,33 @@
-"""The network agent benchmark (issue 7), as root on one machine.
+"""The network agent benchmark (issues 7 and 21), as root on one machine.
 
 ``python -m stratus.ops.bench network [--ports N] [--hosts H] [--networks M]
-[--wave W] [--json]``. In one run, on one nats-server:
+[--wave W] [--modes vxlan,routed] [--json]``. In one run, on one
+nats-server, for each mode in turn (each with hosts and agents of its own):
 
 1. H simulated hosts (namespaces on an underlay bridge), a network agent
-   for each in this process, and M networks over M/10 tenants that all use
-   the same prefixes (10.0.k.0/24 in every tenant). Each network first gets
-   an "anchor" container on one host (not timed).
+   for each in this process, and M/10 tenants. In ``vxlan`` mode M networks
+   that all use the same prefixes (10.0.k.0/24 in every tenant); in
+   ``routed`` mode one routed network (10.244.0.0/16, /26 blocks, BIRD on
+   every host) shared by the tenants. M "anchor" containers are placed
+   first, on hosts in turn (not timed).
 2. Binding to traffic, incremental: the other N - M ports, in waves of W.
    Per port, its server and port are decided and logged and its instance
-   namespace made (as the compute agent would), then the binding event
-   (``server.scheduled`` to a host) is appended; the clock runs from that
-   append until a ping from the new instance to its network's anchor (on
-   another host, through VXLAN) is answered. p50/p99 of that.
+   namespace made (as the compute agent would); then the wave's binding
+   events (``server.scheduled`` to a host) are appended as one burst, and
+   the clock runs from each port's append until an ICMP echo from the new
+   instance to its anchor (on another host: across VXLAN, or routed by the
+   routes BGP learned) is answered; probes go every 10 ms from a raw socket
+   in the instance's namespace. p50/p99 of that; the rate is ports per
+   second of wave time (first binding of a wave to its last answer); the
+   binding-to-wired split is read from the agents.
 3. Each agent's reconcile passes during phase 2 (shallow, after new
    events) against one deep, full pass per host over the finished state
-   (probing every link, FDB entry, qdisc, peer and rule): the same run's
-   incremental vs full reconcile.
+   (probing every link, FDB entry, qdisc, peer, route, set and rule).
 4. Restart to converged: every agent stopped and a fresh one started (a new
    fold of the whole log, then a deep pass): seconds until all hosts match
    the log, and how many changes they made (0 expected: nothing changed).
 
-Everything is removed at the end (namespaces, links, rules).
+Everything is removed at the end (namespaces, links, rules, sets, BIRD).
 """
 
 from __future__ import annotations
@@ -31,12 +37,18 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from stratus.ops.bench.common import Load, Report, percentile, positive, print_table, result
 from stratus.ops.bench.common import Result as Row
+
+MODES = ("vxlan", "routed")
 
 
 @dataclass
@@ -45,74 +57,139 @@ class Options:
     hosts: int = 10
     networks: int = 50
     wave: int = 50
+    modes: tuple[str, ...] = MODES
+    # "thread": every agent in this process (issue 7's harness); "process":
+    # each host's agent its own `stratus serve network-agent`, as deployed.
+    agents: str = "thread"
     timeout: float = 30.0  # per port, binding to traffic
 
 
-async def _ping(ns: str, address: str, deadline: float) -> float | None:
-    """Seconds (monotonic) when ``address`` first answered from ``ns``, None if never."""
-    from pyroute2 import netns
-
-    def enter() -> None:
-        netns.setns(ns, flags=0)
-
-    while time.monotonic() < deadline:
-        proc = await asyncio.create_subprocess_exec(
-            "ping",
-            "-n",
-            "-q",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            address,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            preexec_fn=enter,
-        )
-        if await proc.wait() == 0:
-            return time.monotonic()
-        await asyncio.sleep(0.02)
-    return None
+@dataclass
+class Placed:
+    ns: str
+    port: str
+    ip: str
+    host: str
+    binding: list
 
 
-async def _bench(url: str, opts: Options, report: Report) -> None:
+class AgentProcesses:
+    """Each host's agent as its own ``stratus serve network-agent``."""
+
+    def __init__(self, url: str, sim, prefix: str, state: Path) -> None:
+        self.url, self.sim, self.prefix, self.state = url, sim, prefix, state
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def _argv(self, host: str) -> list[str]:
+        return [
+            sys.executable, "-m", "stratus.cli.main", "--url", self.url, "serve",
+            "--data-dir", str(self.state), "network-agent", "--host", host,
+            "--vtep", self.sim.vtep(host), "--netns", self.sim.netns(host),
+            "--prefix", self.prefix, "--interval", "3600", "--bgp-hold", "3",
+        ]  # fmt: skip
+
+    def start(self, hosts: list[str], timeout: float = 120) -> None:
+        """Start them all, then wait until each says it is ready (bounded)."""
+        for h in hosts:
+            self.procs[h] = subprocess.Popen(
+                self._argv(h), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+        deadline = time.monotonic() + timeout
+        for h in hosts:
+            out = self.procs[h].stdout
+            assert out is not None
+            line = ""
+            while "ready" not in line:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the agent of {h} did not start")
+                line = out.readline()
+                if not line and self.procs[h].poll() is not None:
+                    raise RuntimeError(f"the agent of {h} exited")
+
+    def stop(self) -> None:
+        from stratus.ops.bench.common import stop_process
+
+        for p in self.procs.values():
+            stop_process(p)  # type: ignore[arg-type]
+            if p.stdout:
+                p.stdout.close()
+        self.procs = {}
+
+
+async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from pyroute2 import netns
 
     from stratus.agents.network.agent import NetworkAgent
+    from stratus.agents.network.bird import BgpConfig
     from stratus.agents.network.kernel import Host
     from stratus.agents.network.sim import SimulatedHosts, leftovers
     from stratus.events import network as nw
-    from stratus.events.resources import ServerScheduled
+    from stratus.events.network import RoutedNetworkCreate
+    from stratus.events.resources import ServerCreate, ServerScheduled
     from stratus.events.store import EventStore
+    from stratus.handlers import servers
+    from stratus.handlers.records import Image, Network
+    from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
-    from stratus.ops.bench.netlab import CAUSE, Cloud
+    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo
 
     prefix = "b" + secrets.token_hex(2)
-    hosts = [f"host-{i + 1}" for i in range(opts.hosts)]
+    # Hosts and tenants of this mode's own: the log holds the other mode's
+    # servers too, which must not land on these hosts.
+    hosts = [f"{mode[0]}host-{i + 1}" for i in range(opts.hosts)]
     sim = SimulatedHosts(prefix, hosts)
+    state = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     store = await EventStore.connect(url)
     await store.ensure_stream()
     agents: list[NetworkAgent] = []
     made: list[str] = []
+    bgp = BgpConfig(hold=3)
 
     def new_agent(h: str, st: EventStore) -> NetworkAgent:
         return NetworkAgent(
-            st, h, vtep=sim.vtep(h), prefix=prefix, host_ns=sim.netns(h), interval=3600
+            st,
+            h,
+            vtep=sim.vtep(h),
+            prefix=prefix,
+            host_ns=sim.netns(h),
+            interval=3600,
+            state_dir=state / h,
+            bgp=bgp,
         )
 
-    async def converged(timeout: float = 120) -> None:
+    procs = AgentProcesses(url, sim, prefix, state / "data")
+    threads = opts.agents == "thread"
+
+    async def settled(timeout: float = 120) -> None:
+        """Every agent matches the log, and none appended more meanwhile."""
+        deadline = time.monotonic() + timeout
         seq = await store.last_seq()
-        await asyncio.gather(*(a.converged(seq, timeout) for a in agents))
+        while threads:
+            left = max(1.0, deadline - time.monotonic())
+            await asyncio.gather(*(a.converged(seq, left) for a in agents))
+            now = await store.last_seq()
+            if now == seq:
+                return
+            seq = now
 
     try:
         await asyncio.to_thread(sim.start)
-        for h in hosts:
-            a = new_agent(h, store)
-            await a.start()
-            agents.append(a)
+        if threads:
+            for h in hosts:
+                a = new_agent(h, store)
+                await a.start()
+                agents.append(a)
+        else:
+            await asyncio.to_thread(procs.start, hosts)
         cloud = Cloud(store)
-        tenants = [f"bench-{i}" for i in range(max(1, opts.networks // 10))]
-        nets: list[tuple[str, str, int]] = []  # tenant, network, index
+        tenants = [f"{mode}-{i}" for i in range(max(1, opts.networks // 10))]
+        slots: list[tuple[str, str, int]] = []  # tenant, network, index
+        routed: dict[str, Network] = {}
+        if mode == "routed":
+            cmd = RoutedNetworkCreate(name="pods", cidr="10.244.0.0/16", block_prefix=26)
+            (ev,) = decide_routed_network_create(SystemNetworks(), cmd, CAUSE)
+            await cloud.append([ev])
+            routed["pods"] = Network(name="pods", id="pods", mode=nw.ROUTED, cidr=cmd.cidr)
         for t in tenants:
             await cloud.tenant(t)
             await cloud.do(
@@ -129,17 +206,16 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             )
         for k in range(opts.networks):
             t = tenants[k % len(tenants)]
-            name = f"n{k // len(tenants)}"
-            await cloud.network(t, name, f"10.0.{k // len(tenants)}.0/24")
-            nets.append((t, name, k))
+            if mode == "routed":
+                slots.append((t, "pods", k))
+            else:
+                name = f"n{k // len(tenants)}"
+                await cloud.network(t, name, f"10.0.{k // len(tenants)}.0/24")
+                slots.append((t, name, k))
 
-        async def place(t: str, net: str, i: int, host: str) -> tuple[str, str, list]:
+        async def place(t: str, net: str, i: int, host: str) -> Placed:
             """Server and port decided and logged, instance namespace made;
-            returns (namespace, ip, binding events not yet appended)."""
-            from stratus.events.resources import ServerCreate
-            from stratus.handlers import servers
-            from stratus.handlers.records import Image
-
+            the binding event not appended yet."""
             cmd = ServerCreate(
                 tenant=t,
                 name=f"s{i}",
@@ -149,7 +225,9 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
                 instance_type="container",
                 networks=[net],
             )
-            plan = servers.ServerPlan(cmd, None, Image(name="img", id="img"))
+            plan = servers.ServerPlan(
+                cmd, None, Image(name="img", id="img", status="active"), routed
+            )
             events = await cloud.do(t, servers.decide_server_create, plan)
             sid = next(e.aggregate.id for e in events if e.aggregate.kind == "server")
             ns = nw.instance_netns(sid)
@@ -157,73 +235,104 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
             await asyncio.to_thread(netns.create, ns)
             ev = CAUSE.make(ServerScheduled, t, "server", sid, host=host)
             fold(cloud.worlds[t], ev)
-            return ns, cloud.port_of(t, sid).ip, [ev]
+            port = cloud.port_of(t, sid)
+            return Placed(ns, port.id, port.ip, host, [ev])
 
-        anchors: dict[int, tuple[str, str]] = {}
-        pending = []
-        for t, net, k in nets:
-            ns, ip, evs = await place(t, net, 10**6 + k, hosts[k % len(hosts)])
-            anchors[k] = (ns, ip)
-            pending += evs
-        for ev in pending:
-            await store.append([ev])
-        await converged()
+        anchors: dict[int, Placed] = {}
+        for t, net, k in slots:
+            anchors[k] = await place(t, net, 10**6 + k, hosts[k % len(hosts)])
+        for a in anchors.values():
+            await store.append(a.binding)
+        await settled()
+        # every anchor wired (its address in its namespace: an anchor of a
+        # routed network has the one its host gave it)
+        await _anchors_wired(list(anchors.values()), 120)
+        if mode == "routed":
+            # and BGP has spread every host's blocks (BIRD's first sessions
+            # take a few seconds to come up: not what is measured)
+            kernels = {h: Host(prefix, sim.vtep(h), sim.netns(h)) for h in hosts}
+            await _routes_spread(store, kernels, 60)
         for a in agents:
             a.timings.clear()
 
         # -- phase 2: binding to traffic, incremental -----------------------------
-        load = Load()
+        load, wired = Load(), Load()
+        busy = 0.0  # seconds from each wave's first binding to its last answer
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
+        by_host = {a.host: a.kernel for a in agents}
         for w0 in range(0, measured, opts.wave):
             wave = []
             for i in range(w0, min(measured, w0 + opts.wave)):
-                t, net, k = nets[i % len(nets)]
-                # another host than the anchor's: traffic crosses VXLAN
-                host = hosts[(k + 1 + i // len(nets)) % len(hosts)]
-                if len(hosts) > 1 and host == hosts[k % len(hosts)]:
+                t, net, k = slots[i % len(slots)]
+                # another host than the anchor's: traffic crosses the underlay
+                host = hosts[(k + 1 + i // len(slots)) % len(hosts)]
+                if len(hosts) > 1 and host == anchors[k].host:
                     host = hosts[(k + 1) % len(hosts)]
-                ns, ip, evs = await place(t, net, i, host)
-                wave.append((ns, anchors[k][1], evs))
-            t0s = []
-            for _, _, evs in wave:
-                await store.append(evs)
-                t0s.append(time.monotonic())
-
-            async def one(ns: str, target: str, t0: float, sem: asyncio.Semaphore) -> None:
-                async with sem:
-                    ok = await _ping(ns, target, t0 + opts.timeout)
-                if ok is None:
-                    load.errors += 1
-                    load.first_error = load.first_error or f"{ns} never reached {target}"
-                else:
-                    load.done += 1
-                    load.latencies.append(ok - t0)
-
-            sem = asyncio.Semaphore(16)
-            await asyncio.gather(
-                *(one(ns, tg, t0, sem) for (ns, tg, _), t0 in zip(wave, t0s, strict=True))
-            )
-        load.seconds = time.perf_counter() - started
+                p = await place(t, net, i, host)
+                wave.append((p, anchors[k].ip, await Echo.open(p.ns)))
+            first = time.monotonic()
+            try:
+                # Each port's binding is appended and then probed from the
+                # moment it was stored; gathered, the wave's appends are
+                # pipelined, so its bindings land as a burst.
+                ends = await asyncio.gather(
+                    *(
+                        _bind_and_probe(store, p, e, tg, opts.timeout, load, wired, by_host)
+                        for p, tg, e in wave
+                    )
+                )
+            finally:
+                for *_, e in wave:
+                    e.close()
+            busy += max(ends) - first
+        load.seconds = busy
         report.results.append(
             result(
-                f"binding to traffic ({measured} ports, waves of {opts.wave})",
+                f"{mode}: binding to traffic ({measured} ports, waves of {opts.wave})",
                 load,
-                note="p50/p99: event appended -> first ping answered",
+                note="p50/p99: binding stored -> first echo answered; rate: ports per "
+                "second of wave time",
             )
         )
+        wired.seconds = busy
+        if threads:
+            report.results.append(
+                result(
+                    f"{mode}: binding to wired (the agent's part)",
+                    wired,
+                    note="binding stored -> the host's pass made the port",
+                )
+            )
+        report.info[f"{mode}_end_to_end_ports_per_s"] = round(
+            load.done / (time.perf_counter() - started), 1
+        )
+        if not threads:
+            await _restart_processes(report, mode, store, procs, hosts)
+            return
         shallow = [s for a in agents for deep, s in a.timings if not deep]
 
         # -- phase 3: one deep pass per host over the finished state ---------------
         deep_t = []
+        steps: dict[str, list[float]] = {}
         for a in agents:
             t0 = time.perf_counter()
             ch = await a.reconcile(correction=True)
             deep_t.append(time.perf_counter() - t0)
+            for k, v in a.kernel.last_pass.items():
+                steps.setdefault(k, []).append(v)
             if ch:
-                report.failures.append(f"{a.host}: a deep pass changed {ch}")
-        report.results.append(_row("incremental reconcile pass (per batch of events)", shallow))
-        report.results.append(_row("full reconcile pass (per host, deep)", deep_t))
+                report.failures.append(f"{mode} {a.host}: a deep pass changed {ch}")
+        report.info[f"{mode}_deep_pass_steps_ms_p50"] = {
+            k: round((percentile(v, 50) or 0) * 1000, 1) for k, v in steps.items()
+        }
+        per_host = measured // len(hosts) + opts.networks // len(hosts)
+        report.results.append(
+            _row(f"{mode}: incremental reconcile pass (per batch of events)", shallow)
+        )
+        report.results.append(
+            _row(f"{mode}: full reconcile pass (per host, deep, ~{per_host} ports)", deep_t)
+        )
 
         # -- phase 4: restart to converged ------------------------------------------
         for a in agents:
@@ -231,36 +340,41 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
         fresh_store = await EventStore.connect(url)
         t0 = time.perf_counter()
         fresh = [new_agent(h, fresh_store) for h in hosts]
+        agents = fresh
         await asyncio.gather(*(a.start() for a in fresh))
         restart = time.perf_counter() - t0
         changes = sum(len(a.last_changes.created) + len(a.last_changes.removed) for a in fresh)
-        agents = fresh
         report.results.append(
             Row(
-                f"restart to converged ({len(hosts)} agents)",
+                f"{mode}: restart to converged ({len(hosts)} agents)",
                 len(hosts),
                 restart,
                 note=f"{changes} changes made (nothing changed: 0 expected)",
             )
         )
         if changes:
-            report.failures.append(f"restart with nothing changed made {changes} changes")
+            changed = {a.host: a.last_changes for a in fresh if a.last_changes}
+            report.failures.append(f"{mode}: restart with nothing changed made {changed}")
         report.info.update(
             ports=opts.ports,
             hosts=opts.hosts,
             networks=opts.networks,
             tenants=len(tenants),
-            log_events=await store.last_seq(),
         )
+        report.info[f"{mode}_log_events"] = await store.last_seq()
         for a in agents:
             await a.stop()
         await fresh_store.close()
     finally:
         for a in agents:
             await a.stop()
+        await asyncio.to_thread(procs.stop)
         for h in hosts:
+            # (an agent process keeps its files where `serve network-agent` does)
+            files_of = state / h if threads else state / "data" / "network" / h
             try:
-                await asyncio.to_thread(Host(prefix, sim.vtep(h), sim.netns(h)).teardown)
+                host = Host(prefix, sim.vtep(h), sim.netns(h), state_dir=files_of)
+                await asyncio.to_thread(host.teardown)
             except Exception as exc:  # the namespaces go below anyway
                 report.failures.append(f"teardown {h}: {exc}")
         have = set(netns.listnetns())
@@ -271,7 +385,110 @@ async def _bench(url: str, opts: Options, report: Report) -> None:
         left = leftovers(prefix)
         if left:
             report.failures.append(f"left behind: {left}")
+        files = await asyncio.to_thread(_files, state)
+        if files:
+            report.failures.append(f"files left behind: {files[:5]}")
+        shutil.rmtree(state, ignore_errors=True)
         await store.close()
+
+
+async def _anchors_wired(anchors: list, timeout: float) -> None:
+    """Until every anchor's namespace holds an address (bounded); a routed
+    anchor's address is read from there."""
+    from stratus.agents.network.rtnl import Rtnl
+
+    def addresses(ns: str) -> list[str]:
+        with Rtnl.open(ns) as nl:
+            return [ip for _, name, ip, _ in nl.labelled_addrs() if name != "lo"]
+
+    deadline = time.monotonic() + timeout
+    for a in anchors:
+        while not (found := await asyncio.to_thread(addresses, a.ns)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"anchor {a.ns} not wired in {timeout} s")
+            await asyncio.sleep(0.1)
+        a.ip = found[0]
+
+
+async def _routes_spread(store, kernels: dict, timeout: float) -> None:
+    """Until every host routes to every other host's blocks (bounded)."""
+    from stratus.events import network as nw
+
+    blocks: dict[str, str] = {}
+    for rec in await store.read_all(subjects=["ev._system.network.>"]):
+        ev = rec.decode()
+        if isinstance(ev, nw.BlockClaimed):
+            blocks[ev.block] = ev.host
+        elif isinstance(ev, nw.BlockReleased):
+            blocks.pop(ev.block, None)
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = 0
+        for h, kernel in kernels.items():
+            routes = await asyncio.to_thread(kernel.bird_routes)
+            missing += sum(1 for b, owner in blocks.items() if owner != h and b not in routes)
+        if not missing:
+            for kernel in kernels.values():
+                kernel.close()
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{missing} block routes still missing after {timeout} s")
+        await asyncio.sleep(0.2)
+
+
+async def _restart_processes(report: Report, mode: str, store, procs, hosts: list[str]) -> None:
+    """Restart to converged with agent processes: every one stopped, all
+    started again; seconds until each says it is ready (a fold of the log
+    and a deep pass behind it), and the corrections they recorded."""
+    from stratus.events import network as nw
+
+    procs.stop()
+    seq = await store.last_seq()
+    t0 = time.perf_counter()
+    await asyncio.to_thread(procs.start, hosts)
+    took = time.perf_counter() - t0
+    fixes = [
+        e
+        for e in (rec.decode() for rec in await store.read_all(after=seq))
+        if isinstance(e, nw.NetworkAgentCorrected)
+    ]
+    report.results.append(
+        Row(
+            f"{mode}: restart to converged ({len(hosts)} agent processes)",
+            len(hosts),
+            took,
+            note=f"{len(fixes)} corrections recorded (nothing changed: 0 expected)",
+        )
+    )
+    if fixes:
+        report.failures.append(f"{mode}: restart with nothing changed corrected {fixes[:3]}")
+
+
+async def _bind_and_probe(
+    store, p: Placed, probe, target: str, timeout: float, load: Load, wired: Load, agents: dict
+) -> float:
+    """Append a port's binding, then probe until ``target`` answers through
+    it: the answer's time (or the time it gave up), latency into ``load``
+    and the agent's part (binding to wired) into ``wired``."""
+    await store.append(p.binding)
+    t0 = time.monotonic()
+    ok = await probe.first_reply(target, t0 + timeout)
+    kernel = agents.get(p.host)
+    made = kernel.wired_at.get(p.port) if kernel is not None else None
+    if made is not None:
+        wired.done += 1
+        wired.latencies.append(max(0.0, made - t0))
+    if ok is None:
+        load.errors += 1
+        load.first_error = load.first_error or f"no answer from {target}"
+        return time.monotonic()
+    load.done += 1
+    load.latencies.append(ok - t0)
+    return ok
+
+
+def _files(d: Path) -> list[str]:
+    return [str(f) for f in d.rglob("*") if f.is_file()]
 
 
 def _quota(w, limits, cause):
@@ -295,9 +512,17 @@ def run(opts: Options) -> Report:
     report = Report("network", opts)
 
     async def body(url, tmp, procs) -> None:
-        await _bench(url, opts, report)
+        for mode in opts.modes:
+            await _bench(url, opts, report, mode)
 
     return with_broker(report, body)
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}")
+    return modes
 
 
 def main(argv: list[str]) -> int:
@@ -311,12 +536,33 @@ def main(argv: list[str]) -> int:
     p.add_argument("--hosts", type=positive, default=d.hosts)
     p.add_argument("--networks", type=positive, default=d.networks)
     p.add_argument("--wave", type=positive, default=d.wave)
+    p.add_argument("--modes", type=_modes, default=d.modes, help="vxlan,routed (both)")
+    p.add_argument(
+        "--agents",
+        choices=("thread", "process"),
+        default=d.agents,
+        help="all agents in this process, or one `serve network-agent` process per host",
+    )
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("the network benchmark needs root (namespaces, links, rules)", file=sys.stderr)
         return 1
-    opts = Options(ports=a.ports, hosts=a.hosts, networks=a.networks, wave=a.wave)
+    if a.hosts < 2:
+        print("the network benchmark needs 2 hosts at least", file=sys.stderr)
+        return 1
+    opts = Options(
+        ports=a.ports,
+        hosts=a.hosts,
+        networks=a.networks,
+        wave=a.wave,
+        modes=a.modes,
+        agents=a.agents,
+    )
+    from stratus.cli import logs
+
+    # The agents' logs on stderr, warnings only: stdout is the table or JSON.
+    logs.configure(os.environ.get("STRATUS_BENCH_LOG", "WARNING"))
     t0 = time.perf_counter()
     report = run(opts)
     report.info["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -328,9 +574,9 @@ def main(argv: list[str]) -> int:
             "Stratus network agent benchmark",
             report.results,
             f"{i.get('ports')} ports, {i.get('hosts')} simulated hosts, "
-            f"{i.get('networks')} networks in {i.get('tenants')} tenants sharing "
-            f"10.0.k.0/24; {i.get('log_events')} events; {i.get('cpus')} CPUs; "
-            f"wall {i.get('wall_seconds')} s",
+            f"{i.get('networks')} anchors in {i.get('tenants')} tenants (vxlan: a network "
+            f"each, sharing 10.0.k.0/24; routed: one network); {i.get('cpus')} CPUs, "
+            f"load {i.get('loadavg')}; wall {i.get('wall_seconds')} s",
         )
         for f in report.failures:
             print(f"FAILED: {f}", file=sys.stderr)

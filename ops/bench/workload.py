@@ -50,6 +50,7 @@ from stratus.events.resources import (
     ServerRequested,
     ServerRunning,
     ServerScheduled,
+    ServerSpec,
     ServerStartRequested,
     ServerStopped,
     ServerStopRequested,
@@ -384,11 +385,7 @@ class Workload:
         sgs = list(t.sgs)[:1]
         port = self._port(t, c, sid, sgs)
         image = self.rng.choice(t.images) if t.images else "debian-12"
-        ev = c.make(
-            ServerRequested,
-            t.id,
-            "server",
-            sid,
+        spec = ServerSpec(
             name=f"vm{t.made}",
             image=image,
             flavor=flavor,
@@ -399,6 +396,7 @@ class Workload:
             security_groups=sgs,
             labels={"app": self.rng.choice(("web", "db", "cache", "batch"))},
         )
+        ev = c.make(ServerRequested, t.id, "server", sid, spec=spec)
         t.servers[sid] = ["requested", "", port.aggregate.id if port else ""]
         return [ev, port] if port else [ev]
 

@@ -48,9 +48,15 @@ create table if not exists servers (
 """
 
 
-def size_of(e: dict[str, Any]) -> str:
+def spec_of(e: dict[str, Any]) -> dict[str, Any]:
+    """A ``server.requested``'s spec: nested since version 2, the event's own
+    fields before (the log keeps old events as they were written)."""
+    return e.get("spec") or e
+
+
+def size_of(spec: dict[str, Any]) -> str:
     """The flavor's name, else its shape (servers may be sized ad hoc)."""
-    return e.get("flavor") or f"{e.get('vcpus')}vcpu-{e.get('ram_mb')}MB"
+    return spec.get("flavor") or f"{spec.get('vcpus')}vcpu-{spec.get('ram_mb')}MB"
 
 
 def _iso(t: Any) -> str:
@@ -95,9 +101,10 @@ class Meter:
     def _fold(self, e: dict[str, Any]) -> None:
         t, sid, at = e.get("type", ""), e["aggregate"]["id"], e["at"]
         if t == "server.requested":
+            spec = spec_of(e)
             self.db.execute(
                 "insert or ignore into servers (id, name, size) values (?, ?, ?)",
-                (sid, e.get("name", ""), size_of(e)),
+                (sid, spec.get("name", ""), size_of(spec)),
             )
         elif t == "server.running":
             self.db.execute(

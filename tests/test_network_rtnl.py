@@ -1,0 +1,145 @@
+"""The agent's own netlink clients against pyroute2 (the library they stand
+in for on the hot path): what ``rtnl`` makes, pyroute2 reads back, and what
+pyroute2 makes, ``rtnl`` reads; ``ipset``'s sets as iptables matches them.
+All in namespaces of the test's own, removed at the end."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from pyroute2 import IPRoute, netns
+
+from stratus.agents.network.ipset import IpSets
+from stratus.agents.network.kernel import in_netns, run_in, sysctl
+from stratus.agents.network.rtnl import Rtnl, RtnlError, netns_fd
+
+
+@pytest.fixture
+def two_ns():
+    tag = "r" + secrets.token_hex(3)
+    a, b = f"{tag}-a", f"{tag}-b"
+    netns.create(a)
+    netns.create(b)
+    try:
+        yield a, b
+    finally:
+        netns.remove(a)
+        netns.remove(b)
+
+
+def _ipr(ns: str) -> IPRoute:
+    with in_netns(ns):
+        return IPRoute()
+
+
+def test_links_addresses_routes_and_fdb_made_here_read_by_pyroute2_and_back(two_ns):
+    a, b = two_ns
+    nl = Rtnl.open(a)
+    ipr = _ipr(a)
+    try:
+        nl.add_bridge("br0")
+        nl.add_vxlan("vx0", 4242, "198.18.0.1", 4789)
+        with netns_fd(b) as fd:
+            nl.add_veth("v0", "eth0", fd, mac="ee:ee:ee:ee:ee:ee", peer_mac="fa:16:3e:00:00:01")
+        br, vx, v0 = nl.index("br0"), nl.index("vx0"), nl.index("v0")
+        nl.set(vx, master=br, up=True)
+        nl.set(v0, up=True)
+        nl.fdb_append(vx, "198.18.0.2")
+        nl.fdb_append(vx, "198.18.0.3")
+        nl.replace_route("10.244.0.5/32", oif=v0)
+        # pyroute2 sees what we made
+        links = {ln.get_attr("IFLA_IFNAME"): ln for ln in ipr.get_links()}
+        assert links["vx0"].get_attr("IFLA_MASTER") == br
+        info = links["vx0"].get_attr("IFLA_LINKINFO")
+        assert info.get_attr("IFLA_INFO_KIND") == "vxlan"
+        assert info.get_attr("IFLA_INFO_DATA").get_attr("IFLA_VXLAN_ID") == 4242
+        assert links["v0"].get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
+        fdb = {
+            e.get_attr("NDA_DST")
+            for e in ipr.fdb("dump")
+            if e["ifindex"] == vx and e.get_attr("NDA_LLADDR") == "00:00:00:00:00:00"
+        }
+        assert fdb == {"198.18.0.2", "198.18.0.3"}
+        routes = ipr.get_routes(family=2, table=254)
+        assert any(
+            r.get_attr("RTA_DST") == "10.244.0.5" and r.get_attr("RTA_OIF") == v0 for r in routes
+        )
+        # and we read what we made as pyroute2 does
+        ours = {ln.name: ln for ln in nl.links()}
+        assert ours["vx0"].kind == "vxlan" and ours["vx0"].vni == 4242
+        assert ours["vx0"].master == br and ours["vx0"].up
+        assert ours["v0"].kind == "veth" and ours["v0"].netnsid >= 0  # its peer is elsewhere
+        assert nl.fdb()[vx] == fdb
+        nl.fdb_delete(vx, "198.18.0.3")
+        assert nl.fdb()[vx] == {"198.18.0.2"}
+        # the peer was made straight inside the other namespace, with its MAC
+        inner = Rtnl.open(b)
+        peer = inner.link("eth0")
+        assert peer is not None and peer.mac == "fa:16:3e:00:00:01"
+        inner.set(peer.index, up=True)
+        inner.permanent_neighbour(peer.index, "169.254.1.1", "ee:ee:ee:ee:ee:ee")
+        inner.replace_route("169.254.1.1/32", oif=peer.index)
+        inner.add_addr(peer.index, "10.244.0.5", 32)
+        inner.replace_route("0.0.0.0/0", gateway="169.254.1.1", oif=peer.index, onlink=True)
+        with _ipr(b) as bipr:
+            addrs = {(x.get_attr("IFA_ADDRESS"), x["prefixlen"]) for x in bipr.get_addr()}
+            assert ("10.244.0.5", 32) in addrs
+            neigh = [n for n in bipr.get_neighbours() if n.get_attr("NDA_DST") == "169.254.1.1"]
+            assert neigh and neigh[0].get_attr("NDA_LLADDR") == "ee:ee:ee:ee:ee:ee"
+            assert neigh[0]["state"] == 0x80  # permanent
+            default = [r for r in bipr.get_routes(family=2, table=254) if r["dst_len"] == 0]
+            assert default and default[0].get_attr("RTA_GATEWAY") == "169.254.1.1"
+        assert (peer.index, "10.244.0.5", 32) in inner.addrs(peer.index)
+        assert inner.neighbours(peer.index) == {"169.254.1.1": ("ee:ee:ee:ee:ee:ee", 0x80)}
+        assert any(r.dst == "0.0.0.0/0" and r.gateway == "169.254.1.1" for r in inner.routes())
+        inner.close()
+        # made by pyroute2, read here: a qdisc's rate too
+        ipr.link("add", ifname="d0", kind="bridge")
+        d0 = ipr.link_lookup(ifname="d0")[0]
+        ipr.tc("add", "tbf", index=d0, handle="1:", rate="8000kbit", burst=16384, latency="50ms")
+        assert nl.link("d0").kind == "bridge"
+        kind, rate = nl.root_qdiscs()[d0]
+        assert kind == "tbf" and rate * 8 // 1000 == 8000
+        # refusals are errors with their errno; a missing link is None
+        with pytest.raises(RtnlError) as err:
+            nl.add_bridge("br0")
+        assert err.value.errno == 17
+        assert nl.link("nope") is None
+        nl.delete(v0)
+        assert nl.link("v0") is None
+    finally:
+        nl.close()
+        ipr.close()
+
+
+def test_an_ipset_made_here_is_what_iptables_matches(two_ns):
+    a, _ = two_ns
+    sets = IpSets.open(a)
+    try:
+        sets.create("grp")
+        sets.create("grp")  # (there already: fine)
+        sets.add("grp", "10.0.0.2")
+        sets.add("grp", "10.0.0.3")
+        sets.add("grp", "10.0.0.3")  # (a member already: fine)
+        assert sets.listing("grp") == {"grp": {"10.0.0.2", "10.0.0.3"}}
+        sets.delete("grp", "10.0.0.2")
+        sets.delete("grp", "10.0.0.9")  # (not a member: fine)
+        assert sets.listing() == {"grp": {"10.0.0.3"}}
+        rules = "*filter\n:chk - [0:0]\n-A chk -m set --match-set grp src -j ACCEPT\nCOMMIT\n"
+        assert run_in(a, ["iptables-restore", "--noflush"], stdin=rules).returncode == 0
+        saved = run_in(a, ["iptables-save", "-t", "filter"]).stdout
+        assert "-A chk -m set --match-set grp src -j ACCEPT" in saved
+        # matched by a rule, the set cannot go; unhooked, it can
+        with pytest.raises(OSError):
+            sets.destroy("grp")
+        run_in(a, ["iptables-restore", "--noflush"], stdin="*filter\n-F chk\n-X chk\nCOMMIT\n")
+        sets.destroy("grp")
+        assert sets.listing() == {}
+        # sysctls through /proc, from inside the namespace only
+        assert sysctl(a, "net.ipv4.ip_forward", "1") == "1"
+        assert sysctl(None, "net.ipv4.ip_forward") in ("0", "1")
+        with pytest.raises(Exception, match="sysctl key"):
+            sysctl(a, "net/ipv4/../../x")
+    finally:
+        sets.close()
