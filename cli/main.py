@@ -443,7 +443,8 @@ class BrokerRefusal:
         self.line = ""
         self.refused = asyncio.Event()
 
-    async def __call__(self, exc: Exception) -> None:
+    async def on_error(self, exc: Exception) -> None:
+        """nats-py's ``error_cb`` (which must be a coroutine function)."""
         import nats.errors
 
         text = str(exc).removeprefix("nats: ").strip("'")
@@ -470,7 +471,7 @@ async def _serve_until_signal(
     refusal = BrokerRefusal(creds.label if creds is not None else "no")
     store = None
     if not svc.own_connection:
-        store = await EventStore.connect(url, creds=creds, error_cb=refusal)
+        store = await EventStore.connect(url, creds=creds, error_cb=refusal.on_error)
     engine = make_engine(db_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

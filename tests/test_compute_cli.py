@@ -249,3 +249,43 @@ def test_demo_boots_servers_a_snapshot_and_a_container():
     assert data is not None
     group = f"{deployment_prefix(Path(data.group(1)))}.host-01"
     assert not Path("/sys/fs/cgroup/cpu/stratus", group).exists()
+
+
+def test_serve_with_credentials_of_another_host_or_kind_stops_in_one_line(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data)
+    url = up.start(timeout=60)
+    try:
+        login(url)
+        creds = tmp_path / "edge-7.creds"
+        r = cli(
+            url,
+            *("credentials", "issue", "--service", "compute-agent", "--host", "edge-7"),
+            *("--data-dir", str(data), "--file", str(creds)),
+        )
+        assert r.returncode == 0, r.stderr
+        before = last_seq(url)
+        runs = {
+            # edge-7's credentials for host edge-8: its first append is refused
+            "another host": ["compute-agent", "--host", "edge-8", "--types", "vm"],
+            # a compute agent's credentials for the scheduler
+            "another kind": ["scheduler"],
+        }
+        for what, args in runs.items():
+            r = subprocess.run(
+                [
+                    *(*STRATUS, "--url", url, "serve", args[0], "--creds", str(creds)),
+                    *("--data-dir", str(tmp_path / what.replace(" ", "-")), *args[1:]),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 1, (what, r.stderr[-2000:])
+            errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1, (what, r.stderr[-2000:])
+            assert errors[0].startswith("error: forbidden: the broker refused"), errors
+            assert "compute-agent for host edge-7 credentials" in errors[0], errors
+        assert last_seq(url) == before, "a refused service appended something"
+    finally:
+        up.stop()
