@@ -195,6 +195,8 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
                 str(tmp_path / "edge-7"),
                 "--host",
                 "edge-7",
+                "--libvirt-uri",
+                "test:///default",
                 "--types",
                 "vm",
                 "--vcpus",
@@ -214,6 +216,18 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
         host = json.loads(r.stdout)
         assert host["vcpus"] == 8 and host["labels"] == {"rack": "r1"}
         assert host["types"] == ["vm"]
+        # a server created through the CLI is placed on edge-7 and built by
+        # this agent, which has nothing but its credentials file: the image
+        # from the bucket, its reports through the handlers' relay
+        client = tmp_path / "client"
+        client.mkdir()
+        qemu_img("create", "-f", "qcow2", str(client / "base.qcow2"), "64M")
+        r = cli(url, "image", "create", "base", "--file", "base.qcow2", cwd=client)
+        assert r.returncode == 0, r.stderr
+        create_server(url, "vm-edge")
+        running = wait_status(url, "vm-edge", "running", timeout=60)
+        assert running["host"] == "edge-7"
+        assert Path(running["disk"]).is_relative_to(tmp_path / "edge-7")
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
         r = subprocess.run(
