@@ -78,6 +78,11 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.drops = drops
+        # Made by ``connect``: where, and with which token. The broker admits
+        # a connection by its token, so a token set later (after logging in)
+        # takes a connection of its own (``_as_token``).
+        self._url: str | None = None
+        self._connected_as = token
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
@@ -87,32 +92,21 @@ class Client:
         The broker admits the connection by ``token`` (its auth callout
         verifies it: a revoked or expired token does not connect), with an
         inbox only this connection may read (``events.natscreds``). Without
-        a token it may only log in."""
-        nc = nats.NATS()
-        drops = Drops()
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    url,
-                    connect_timeout=2,
-                    allow_reconnect=False,
-                    # nats-py treats 0 as "no limit".
-                    max_reconnect_attempts=1,
-                    error_cb=_quiet,
-                    disconnected_cb=drops.dropped,
-                    closed_cb=drops.dropped,
-                    **connect_options(token),
-                ),
-                timeout,
-            )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            if refused_at_connect(exc):
-                raise token_refused(token) from None
-            why = f"{exc or type(exc).__name__}"
-            raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
-        return cls(nc, token, timeout, drops=drops)
+        a token it may only log in; set ``token`` later and the next request
+        connects again with it."""
+        nc, drops = await _open(url, token, timeout)
+        client = cls(nc, token, timeout, drops=drops)
+        client._url = url
+        return client
+
+    async def _as_token(self) -> None:
+        """Connect again if ``token`` changed since this client connected."""
+        if self._url is None or self.token == self._connected_as:
+            return
+        nc, drops = await _open(self._url, self.token, self.timeout)
+        old, self.nc, self.drops, self._connected_as = self.nc, nc, drops, self.token
+        with contextlib.suppress(Exception):
+            await old.close()
 
     async def close(self) -> None:
         try:
@@ -186,6 +180,7 @@ class Client:
     ) -> bytes:
         """A request with this client's token; the reply's body (for bodies
         that are not JSON, such as image chunks)."""
+        await self._as_token()
         if self.token:
             headers[H_AUTHORIZATION] = f"Bearer {self.token}"
         return await self.request_raw(subject, data, headers, timeout)
@@ -251,6 +246,35 @@ def decode_reply(subject: str, data: bytes) -> Reply:
             raise StratusError("refused without a reason")
         raise from_wire(reply.error)
     return reply
+
+
+async def _open(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
+    """One connection attempt as ``Client.connect`` makes it."""
+    nc = nats.NATS()
+    drops = Drops()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                url,
+                connect_timeout=2,
+                allow_reconnect=False,
+                # nats-py treats 0 as "no limit".
+                max_reconnect_attempts=1,
+                error_cb=_quiet,
+                disconnected_cb=drops.dropped,
+                closed_cb=drops.dropped,
+                **connect_options(token),
+            ),
+            timeout,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        if refused_at_connect(exc):
+            raise token_refused(token) from None
+        why = f"{exc or type(exc).__name__}"
+        raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
+    return nc, drops
 
 
 async def _quiet(exc: Exception) -> None:
