@@ -11,7 +11,13 @@ import pytest
 
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
-from stratus.events.resources import QUOTA_DEFAULTS, QuotaSet, ServerDeleted, ServerRequested
+from stratus.events.resources import (
+    QUOTA_DEFAULTS,
+    QuotaSet,
+    ServerDeleted,
+    ServerRequested,
+    ServerSpec,
+)
 from stratus.ops.bench.chaos import COUNTED, KINDS, LogFold, RunResult, Sent, command_checks
 
 
@@ -21,12 +27,7 @@ def request(cause: Cause, tenant: str, sid: str, vcpus: int = 1):
         tenant,
         "server",
         sid,
-        name=sid,
-        image="base",
-        flavor="",
-        vcpus=vcpus,
-        ram_mb=64,
-        disk_gb=0,
+        spec=ServerSpec(name=sid, image="base", vcpus=vcpus, ram_mb=64, disk_gb=0),
     )
 
 

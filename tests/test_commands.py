@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import unicodedata
 import uuid
 
 import nats.errors
@@ -459,11 +460,24 @@ def _valid_field(value, *, pattern=NAME, max_len: int | None = None) -> bool:
     return pattern.fullmatch(value) is not None
 
 
+def _display_name(value) -> bool:
+    """The README's display name: free text, 1-128 characters, not only
+    spaces, no control characters (nor line or paragraph separators)."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= 128
+        and not value.isspace()
+        and not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)
+    )
+
+
 SPEC = {
     "tenant.create": ({"name"}, {"description"}),
     "tenant.rename": ({"tenant", "name"}, set()),
     "tenant.delete": ({"tenant"}, set()),
 }
+# Fields holding a display name rather than an id.
+DISPLAY_FIELDS = {("tenant.rename", "name")}
 
 
 def decode_command(verb: str, payload: bytes) -> dict | None:
@@ -480,7 +494,8 @@ def decode_command(verb: str, payload: bytes) -> dict | None:
     if not required <= obj.keys() <= required | optional:
         return None
     for key in required:
-        if not _valid_field(obj[key]):
+        ok = _display_name if (verb, key) in DISPLAY_FIELDS else _valid_field
+        if not ok(obj[key]):
             return None
     if "description" in obj and not _valid_field(obj["description"], max_len=255):
         return None

@@ -358,6 +358,8 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "flavor.delete": lambda i: {"name": f"fd-{i}"},
     "image.create-public": lambda i: {"name": f"pub-{i}"},
     "network.create-external": lambda i: {"name": f"ext-{i}", "cidr": "198.51.100.0/24"},
+    # Routed networks never overlap: each sample its own /16.
+    "network.create-routed": lambda i: {"name": f"rt-{i}", "cidr": f"10.{100 + i}.0.0/16"},
     "image.create": lambda i: {"tenant": "ta", "name": f"img-{i}"},
     "image.delete": lambda i: {"tenant": "ta", "ref": f"imgd-{i}"},
     "server.create": lambda i: {

@@ -267,13 +267,13 @@ def _random_history(seed: int, steps: int):
                     t,
                     "server",
                     sid,
-                    name=sid,
-                    image="i",
-                    flavor="",
-                    vcpus=1,
-                    ram_mb=64,
-                    disk_gb=0,
-                    instance_type="vm" if vm else "container",
+                    spec=rs.ServerSpec(
+                        name=sid,
+                        image="i",
+                        vcpus=1,
+                        ram_mb=64,
+                        instance_type="vm" if vm else "container",
+                    ),
                 )
             )
             sgs = rnd.sample([g for tt, g in groups if tt == t], rnd.randint(1, 2))

@@ -525,8 +525,12 @@ class LogFold:
             if e.ends:
                 live.pop(e.aggregate.id, None)
             else:
+                # A server's sizes are in its spec (server.requested carries it whole).
+                sized = getattr(e, "spec", e)
                 live[e.aggregate.id] = {
-                    f: getattr(e, f) for f in ("vcpus", "ram_mb", "size_gb") if hasattr(e, f)
+                    f: getattr(sized, f)
+                    for f in ("vcpus", "ram_mb", "size_gb")
+                    if hasattr(sized, f)
                 }
                 self._check_quota(seq, e.tenant, kind)
 
