@@ -248,8 +248,28 @@ def decode_reply(subject: str, data: bytes) -> Reply:
     return reply
 
 
+# A refused connect is tried again for this long: while the broker restarts
+# its auth callout may not be back yet, and the server then refuses every
+# connection alike (a revoked token is told so this much later).
+REFUSED_RETRY_S = 2.0
+REFUSED_EVERY_S = 0.2
+
+
 async def _open(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
-    """One connection attempt as ``Client.connect`` makes it."""
+    """A connection as ``Client.connect`` makes it: refused ones are tried
+    again for ``REFUSED_RETRY_S`` unless the token has expired."""
+    deadline = time.monotonic() + REFUSED_RETRY_S
+    while True:
+        try:
+            return await _open_once(url, token, timeout)
+        except Unauthenticated:
+            expires = _expiry(token) if token else None
+            if time.monotonic() >= deadline or (expires is not None and expires < time.time()):
+                raise
+            await asyncio.sleep(REFUSED_EVERY_S)
+
+
+async def _open_once(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
     nc = nats.NATS()
     drops = Drops()
     try:

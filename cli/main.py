@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
@@ -434,14 +435,23 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
 
 class BrokerRefusal:
     """Watches a service's connection for the broker's refusals: a
-    permissions violation (its credentials are of another kind or host) or
-    an authorization one (revoked, expired, not this cloud's). The first
-    stops the service, said in one line."""
+    permissions violation (its credentials are of another kind or host)
+    stops the service at once, said in one line; authorization ones
+    (revoked, expired, not this cloud's) once reconnecting has been refused
+    for ``AUTH_GRACE_S`` without a break: while the broker restarts, its
+    auth callout may not be back yet, and a refusal then means nothing."""
+
+    AUTH_GRACE_S = 30.0
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.line = ""
         self.refused = asyncio.Event()
+        self._refused_since: float | None = None
+
+    async def on_reconnect(self) -> None:
+        """nats-py's ``reconnected_cb``: admitted again."""
+        self._refused_since = None
 
     async def on_error(self, exc: Exception) -> None:
         """nats-py's ``error_cb`` (which must be a coroutine function)."""
@@ -453,7 +463,13 @@ class BrokerRefusal:
         elif isinstance(exc, nats.errors.AuthorizationError) or (
             "authorization violation" in text.lower()
         ):
-            self._refuse("the broker no longer admits them (revoked, expired, or another cloud's)")
+            now = time.monotonic()
+            if self._refused_since is None:
+                self._refused_since = now
+            elif now - self._refused_since >= self.AUTH_GRACE_S:
+                self._refuse(
+                    "the broker no longer admits them (revoked, expired, or another cloud's)"
+                )
 
     def _refuse(self, why: str) -> None:
         if not self.refused.is_set():
@@ -471,7 +487,9 @@ async def _serve_until_signal(
     refusal = BrokerRefusal(creds.label if creds is not None else "no")
     store = None
     if not svc.own_connection:
-        store = await EventStore.connect(url, creds=creds, error_cb=refusal.on_error)
+        store = await EventStore.connect(
+            url, creds=creds, error_cb=refusal.on_error, reconnected_cb=refusal.on_reconnect
+        )
     engine = make_engine(db_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
