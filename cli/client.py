@@ -248,25 +248,36 @@ def decode_reply(subject: str, data: bytes) -> Reply:
     return reply
 
 
-# A refused connect is tried again for this long: while the broker restarts
-# its auth callout may not be back yet, and the server then refuses every
-# connection alike (a revoked token is told so this much later).
+# A refused connect of a token this process was admitted with before is
+# tried again for this long: while the broker restarts its auth callout may
+# not be back yet, and the server then refuses every connection alike. A
+# token never admitted here (the CLI's one connection, a revoked token
+# presented anew) is refused at once.
 REFUSED_RETRY_S = 2.0
 REFUSED_EVERY_S = 0.2
+_admitted: set[str] = set()
+_ADMITTED_MAX = 4096
 
 
 async def _open(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
-    """A connection as ``Client.connect`` makes it: refused ones are tried
-    again for ``REFUSED_RETRY_S`` unless the token has expired."""
+    """A connection as ``Client.connect`` makes it."""
     deadline = time.monotonic() + REFUSED_RETRY_S
     while True:
         try:
-            return await _open_once(url, token, timeout)
+            opened = await _open_once(url, token, timeout)
         except Unauthenticated:
+            if token not in _admitted or time.monotonic() >= deadline:
+                raise
             expires = _expiry(token) if token else None
-            if time.monotonic() >= deadline or (expires is not None and expires < time.time()):
+            if expires is not None and expires < time.time():
                 raise
             await asyncio.sleep(REFUSED_EVERY_S)
+            continue
+        if token:
+            if len(_admitted) >= _ADMITTED_MAX:
+                _admitted.clear()
+            _admitted.add(token)
+        return opened
 
 
 async def _open_once(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
