@@ -22,7 +22,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 demo: setup
 	$(VENV)/bin/stratus demo

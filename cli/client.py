@@ -18,6 +18,7 @@ import msgspec
 import nats
 import nats.errors
 
+from stratus.events.cluster import server_list
 from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
 from stratus.events.errors import Internal, StratusError, Unauthenticated, Unavailable, from_wire
 from stratus.events.ids import new_id
@@ -286,7 +287,8 @@ async def _open_once(url: str, token: str | None, timeout: float) -> tuple[nats.
     try:
         await asyncio.wait_for(
             nc.connect(
-                url,
+                # Several servers (a cluster): each is tried before giving up.
+                server_list(url),
                 connect_timeout=2,
                 allow_reconnect=False,
                 # nats-py treats 0 as "no limit".

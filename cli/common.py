@@ -198,12 +198,19 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
 class Service(NamedTuple):
     """What ``stratus serve`` runs: ``start(store, engine)`` starts it on a
     connected event store (and the projection store) and returns what to
-    stop when a signal comes, in order; ``name`` is shown in its ready line."""
+    stop when a signal comes, in order; ``name`` is shown in its ready line,
+    with ``url`` (where it answers) if it has one.
+
+    An ``own_connection`` service connects by itself with its credentials
+    (the auth callout as a broker user; the OpenStack API forwarding its
+    callers' tokens): it is started with neither store."""
 
     name: str
     start: Callable[[Any, Any], Awaitable[list[Any]]]
-    # It makes its own connections (the auth callout): no store is given.
+    # It makes its own connections (the auth callout, the gateways): it is
+    # started with neither store.
     own_connection: bool = False
+    url: str = ""
 
 
 def own_options(app: typer.Typer, args: list[str], prog: str, **obj: Any) -> Service:

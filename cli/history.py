@@ -83,6 +83,11 @@ def because(row: dict) -> str:
     removed = ", ".join(f"{n} {why}" for why, n in (sched.get("removed") or {}).items())
     if row["type"] == "server.scheduled":
         head = f"on {data.get('host')}: {sched.get('passed')}/{sched.get('hosts')} hosts passed"
+        if "examined" in sched:  # a sample: the counts are of the hosts examined
+            head = (
+                f"on {data.get('host')}: {sched.get('passed')}/{sched['examined']} hosts "
+                f"examined passed (sampled from {sched.get('hosts')})"
+            )
         return head + (f" ({removed})" if removed else "")
     if row["type"] in ("server.failed", "server.build-failed", "server.build-timeout"):
         return str(data.get("reason", ""))

@@ -71,12 +71,17 @@ async def wait_usable(info: dict[str, Any], timeout: float = USABLE_WITHIN_S) ->
     import nats.errors
     import nats.js.errors
 
+    from stratus.events.cluster import server_list
+
     deadline = time.monotonic() + timeout
     for attempt in range(10_000):
         nc = None
         try:
             nc = await nats.connect(
-                info["url"], **info["connect"], allow_reconnect=False, connect_timeout=2
+                server_list(info["url"]),
+                **info["connect"],
+                allow_reconnect=False,
+                connect_timeout=2,
             )
             js = nc.jetstream(timeout=2)
             return await js.consumer_info(info["stream"], info["durable"])

@@ -177,15 +177,37 @@ def up(
             min=-1, max=65535, help="web console port on 127.0.0.1 (0: any free, -1: none)"
         ),
     ] = 0,
+    openstack_port: Annotated[
+        int | None,
+        typer.Option(
+            help="the OpenStack API's port on 127.0.0.1 (default 5000; with --port 0 any "
+            "free port; -1: no API)"
+        ),
+    ] = None,
+    cluster: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=7,
+            help="nats-server nodes on loopback forming one JetStream cluster (odd: 1, 3, 5)",
+        ),
+    ] = 1,
 ) -> None:
     """Start nats-server, the projection store and every service; Ctrl-C stops."""
     from stratus.cli import logs
-    from stratus.cli.runtime import DataDirBusy, Stack, default_data_dir
+    from stratus.cli.runtime import DataDirBusy, Stack, check_cluster_size, default_data_dir
     from stratus.events.broker import BrokerError
+
+    try:
+        check_cluster_size(cluster)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
     defaults = parse_quota_defaults(quota_default)
     sched_config = scheduler_config_from(scheduler_config)
     webhook_policy_from(webhook_allow_network)  # a bad network is a usage error
+    api_port = _openstack_port(openstack_port, port)
     data_dir = data_dir or default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure("INFO", json_file=data_dir / "stratus.log")
@@ -203,7 +225,9 @@ def up(
             scheduler_replicas=scheduler_replicas,
             scheduler_config=sched_config,
             webhook_allow=webhook_allow_network,
+            openstack_port=api_port,
             console_port=None if console_port < 0 else console_port,
+            cluster=cluster,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -215,6 +239,8 @@ def up(
             print(f"bootstrap user admin, password: {stack.admin_password}", flush=True)
         if stack.console_url:
             print(f"console: {stack.console_url}", flush=True)
+        if stack.openstack_api is not None:
+            print(f"openstack api: {stack.openstack_api.auth_url}", flush=True)
         print(f"stratus ready: {url} (data dir {data_dir})", flush=True)
         try:
             # Until a signal, or until the broker cannot be kept running.
@@ -240,11 +266,97 @@ def up(
         raise typer.Exit(EXIT_REFUSED) from None
 
 
+def _openstack_port(asked: int | None, nats_port: int) -> int | None:
+    """The API's port for `up`: as asked (-1: none), else 5000, or any free
+    one when the broker's port is chosen freely too (tests, parallel stacks)."""
+    if asked is not None:
+        if asked < -1 or asked > 65535:
+            typer.echo("error: --openstack-port wants 0-65535, or -1 for none", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        return None if asked == -1 else asked
+    return 0 if nats_port == 0 else 5000
+
+
 @app.command()
 def status(output: OutputOpt = Format.table, at: AtOpt = None) -> None:
     """Exit 0 when the control plane answers; show the log and projector state."""
     data = run(lambda c: c.query("status", at=at))
     emit(data, output)
+
+
+@app.command()
+def init(
+    url: Annotated[
+        str | None,
+        typer.Option(envvar="STRATUS_URL", help="the cluster's nodes: nats://a:4222,nats://b:4222"),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where the service password and signing keys are kept")
+    ] = None,
+    admin_password: Annotated[
+        str | None,
+        typer.Option(envvar="STRATUS_ADMIN_PASSWORD", help="password of the first admin"),
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(min=1, max=5, help="copies of the log (default: 3 on >= 3 nodes, else 1)"),
+    ] = None,
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(help="write the nodes' authorization block here (0600), for `include`"),
+    ] = None,
+    config_only: Annotated[
+        bool, typer.Option("--config-only", help="print the node configuration; touch no server")
+    ] = False,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Prepare an existing JetStream cluster: stream, buckets, first admin,
+    signing key (idempotent); print what each node's configuration holds."""
+
+    from stratus.cli.datadir import default_data_dir
+    from stratus.cli.runtime import auth_block, init_cloud
+    from stratus.events.broker import AUTH_INCLUDE, node_configs
+    from stratus.events.cluster import server_list
+
+    data_dir = data_dir or default_data_dir()
+    try:
+        servers = server_list(url or resolve_url())
+    except StratusError as err:
+        typer.echo(f"error: {err.message}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    block = auth_block(data_dir)
+    if auth_file is not None:
+        fd = os.open(auth_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(block)
+    from urllib.parse import urlsplit
+
+    parsed = [urlsplit(u) for u in servers]
+    configs = node_configs(
+        [(u.hostname or "", str(u.port or 4222)) for u in parsed],
+        [(u.hostname or "", "6222") for u in parsed],
+        store_dir="/var/lib/stratus/nats",
+        include=str(auth_file.name) if auth_file else AUTH_INCLUDE,
+    )
+    # The node configuration on stderr: stdout stays the result (-o json).
+    err = sys.stderr
+    for i, text in enumerate(configs, start=1):
+        err.write(f"# --- node {i} ({servers[i - 1]}): nats-server.conf ---\n{text}")
+    err.write(f"# --- {auth_file or AUTH_INCLUDE} (beside each node's config, mode 0600) ---\n")
+    err.write(block if auth_file is None else f"# written to {auth_file}\n")
+    if config_only:
+        return
+    try:
+        result = asyncio.run(
+            init_cloud(
+                ",".join(servers), data_dir, admin_password=admin_password, replicas=replicas
+            )
+        )
+    except StratusError as err_:
+        raise fail(err_) from None
+    if result["admin_password"]:
+        print(f"first admin: user admin, password: {result['admin_password']}", file=sys.stderr)
+    emit({k: v for k, v in result.items() if k != "admin_password"}, output)
 
 
 # -- serve: one service alone, from one table ----------------------------------
@@ -358,11 +470,10 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
     return Service(name, start)
 
 
-@_alone
 def _projector(o: ServeOptions) -> Service:
-    from stratus.projections.rebuild import LiveProjection
+    from stratus.cli.projector import projector_service
 
-    return _one("projector", LiveProjection)
+    return projector_service(o.args)
 
 
 @_alone
@@ -371,6 +482,13 @@ def _scheduler(o: ServeOptions) -> Service:
 
     config = scheduler_config_from(o.config, o.seed)  # a bad file stops us before connecting
     return _one("scheduler", lambda store, _: SchedulerService(store, config))
+
+
+@_alone
+def _allocator(o: ServeOptions) -> Service:
+    from stratus.handlers.allocator import AllocatorService
+
+    return _one("allocator", lambda store, _: AllocatorService(store))
 
 
 @_alone
@@ -418,18 +536,33 @@ def _network_agent(o: ServeOptions) -> Service:
     return network_agent_service(o.args, o.data_dir)
 
 
+def _openstack_api(o: ServeOptions) -> Service:
+    from stratus.cli.openstack_api import openstack_api_service
+
+    # A gateway: each request carries its caller's token; its own credential
+    # (kind openstack-api) only lets it send requests and read its inbox.
+    c = o.creds
+    if c is not None and c.kind != "openstack-api":
+        typer.echo(f"error: --creds holds {c.label} credentials, not openstack-api ones", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    connect = c.connect_options() if c is not None else None
+    return openstack_api_service(o.args, o.url, o.data_dir, connect)
+
+
 # `stratus serve NAME`: each factory checks its options (a mistake stops it
 # before anything connects) and says how to start the service.
 SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     "handlers": _alone(lambda o: _requests(o, commands=True)),
-    "projector": _projector,
+    "projector": _projector,  # (options of its own: --lease-ttl)
     "query": _alone(lambda o: _requests(o, commands=False)),
     "scheduler": _scheduler,
+    "allocator": _allocator,
     "webhooks": _webhooks,
     "auth-callout": _auth_callout,
     # These take options of their own (--host, ...) after the name.
     "compute-agent": _compute_agent,
     "network-agent": _network_agent,
+    "openstack-api": _openstack_api,
 }
 
 
@@ -490,7 +623,7 @@ async def _serve_until_signal(
         store = await EventStore.connect(
             url, creds=creds, error_cb=refusal.on_error, reconnected_cb=refusal.on_reconnect
         )
-    engine = make_engine(db_url)
+    engine = None if svc.own_connection else make_engine(db_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -502,7 +635,8 @@ async def _serve_until_signal(
         if store is not None and handlers:
             await store.ensure_stream()  # the handlers make the stream
         running = await svc.start(store, engine)
-        print(f"stratus {svc.name} ready", flush=True)
+        where = f": {svc.url}" if svc.url else ""
+        print(f"stratus {svc.name} ready{where}", flush=True)
         await stop.wait()
 
     main = asyncio.create_task(start())
@@ -524,7 +658,8 @@ async def _serve_until_signal(
                 await part.stop()
         if store is not None:
             await store.close()
-        await engine.dispose()
+        if engine is not None:
+            await engine.dispose()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -777,11 +912,12 @@ def audit(
                 "action": r["type"],
                 "resource": _flat(r)["resource"],
                 "command": r["correlation_id"],
+                "via": r.get("via", ""),
                 "result": r["result"],
             }
             for r in rows
         ]
-        emit(rows, output, ["time", "actor", "action", "resource", "command", "result"])
+        emit(rows, output, ["time", "actor", "action", "resource", "command", "via", "result"])
     else:
         emit(rows, output)
 
@@ -1145,6 +1281,7 @@ def projections_rebuild(
             "store": swapped["store"],
             "caught_up": swapped["caught_up"],
             "paused_seconds": swapped["paused_seconds"],
+            "old_store_removed": swapped["old_store_removed"],
         }
 
     try:

@@ -48,6 +48,15 @@ KINDS: dict[str, tuple[list[str], str]] = {
     "floating-ip": (["id", "address", "status", "fixed_ip", "server", "tenant"], "Floating IPs."),
     "security-group": (["id", "name", "description", "tenant"], "Security groups."),
     "qos-policy": (["id", "name", "max_kbps", "burst_kb", "tenant"], "QoS policies."),
+    # Two-level scheduling (cli.frameworks adds their verbs).
+    "framework": (
+        ["id", "name", "role", "weight", "tasks", "allocation", "dominant_share", "tenant"],
+        "Frameworks (two-level scheduling: they receive offers).",
+    ),
+    "offer": (
+        ["id", "framework", "host", "vcpus", "ram_mb", "disk_gb", "expires_at"],
+        "Open resource offers to the tenant's frameworks.",
+    ),
 }
 
 
@@ -161,6 +170,17 @@ def _switch(verb: str) -> Any:
     return switch
 
 
+def _split(line: str | None) -> list[str]:
+    import shlex
+
+    from stratus.events.errors import Invalid
+
+    try:
+        return shlex.split(line) if line else []
+    except ValueError as exc:
+        raise fail(Invalid(f"--command: {exc}")) from None
+
+
 def _hashed(file: Path) -> tuple[str, int]:
     """The file's SHA-256 and size (with a progress bar on a terminal)."""
     from stratus.cli.transfer import Bar, hash_file
@@ -215,8 +235,11 @@ def register(root: typer.Typer) -> None:
         root.add_typer(sub, name=kind)
         _reads(sub, kind)
     for kind in KINDS:
-        if kind not in ("host", "flavor", "image", "network"):
+        if kind not in ("host", "flavor", "image", "network", "framework", "offer"):
             _delete(apps[kind], kind)
+    from stratus.cli import frameworks
+
+    frameworks.register(apps["framework"], apps["offer"])
     for verb in ("stop", "start", "reboot"):
         _delete(apps["server"], "server", verb)
     _delete(apps["image"], "image")
@@ -375,6 +398,14 @@ def register(root: typer.Typer) -> None:
         host: Annotated[str | None, typer.Option()] = None,
         group: Annotated[str | None, typer.Option()] = None,
         zone: Annotated[str | None, typer.Option()] = None,
+        command_: Annotated[
+            str | None,
+            typer.Option(
+                "--command",
+                help="a container's process, split as a shell would (none is run), "
+                "in place of its image's entrypoint and cmd",
+            ),
+        ] = None,
         wait: Annotated[
             bool, typer.Option("--wait", help="until it runs or fails (exit 1 if it fails)")
         ] = False,
@@ -399,6 +430,7 @@ def register(root: typer.Typer) -> None:
             host=host,
             group=group,
             zone=zone,
+            command=_split(command_),
         )
         if not wait:
             emit(run(lambda c: c.command("server.create", cmd)).data, output)

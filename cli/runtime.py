@@ -38,8 +38,9 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     default_data_dir,
     deployment_prefix,
 )
-from stratus.events.broker import EmbeddedNats, StoreInUse, stop_pid
-from stratus.events.errors import ConcurrencyConflict
+from stratus.events.broker import BrokerError, EmbeddedNats, StoreInUse, cluster_nodes, stop_pid
+from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
+from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
@@ -71,6 +72,126 @@ def broker_config(keys: BrokerKeys) -> str:
     """The auth part of this stack's nats-server configuration (the same
     function renders every node's: ``broker_auth_config``)."""
     return broker_auth_config(keys.auth_user, keys.sys_user, keys.issuer)
+
+
+def check_cluster_size(nodes: int) -> None:
+    """1 (one node) or an odd number of nodes: an even one adds a node
+    that must agree without letting one more fail (4 nodes survive one
+    loss, as 3 do), so it is refused."""
+    if nodes < 1 or nodes % 2 == 0:
+        raise ValueError(
+            f"--cluster {nodes}: a cluster needs an odd number of nodes (1, 3, 5): "
+            f"{nodes} nodes tolerate no more failures than {nodes - 1}, since a majority "
+            "must stay up (no quorum gain)"
+        )
+
+
+async def ensure_log(
+    store: EventStore, replicas: int | None = None, *, wait: bool = False, timeout: float = 60.0
+) -> int:
+    """The stream and every bucket, created (or kept) with the log's replica
+    count; with ``wait``, until each has a leader and every replica is
+    current. Idempotent: ``up``, ``init`` and a restart all call it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        # A cluster that is just forming has no JetStream leader yet: its
+        # API calls time out until one is elected.
+        try:
+            have = await store.ensure_stream(replicas)
+            break
+        except Unavailable:
+            if not wait or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+    from stratus.events import heartbeat
+    from stratus.events.blobs import BlobStore
+    from stratus.handlers import webhooks
+
+    await heartbeat.bucket(store.js)
+    blobs = await BlobStore.open(store.js, like_stream=store.stream)
+    await webhooks.deliveries_bucket(store)
+    if wait:
+        streams = [
+            store.stream,
+            f"KV_{heartbeat.HEARTBEATS}",
+            blobs.stream,
+            f"KV_{webhooks.BUCKET}",
+        ]
+        await wait_whole(store.js, streams, max(1.0, deadline - time.monotonic()))
+    return have
+
+
+async def init_cloud(
+    url: str,
+    data_dir: Path,
+    *,
+    admin_password: str | None = None,
+    replicas: int | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """``stratus init`` on an existing JetStream cluster, idempotently: the
+    stream and every bucket (waiting until each has a leader and current
+    replicas), the public signing keys on the log, and the first admin.
+    The broker and signing keys are those of ``data_dir``; an auth callout
+    of its own admits this process's connection (the nodes may have no
+    other running yet), beside any already running (a queue group)."""
+    from stratus.cli.creds import local_creds
+
+    keyring = KeyRing.load_or_create(data_dir / "keys")
+    keys = BrokerKeys.load_or_create(data_dir / BROKER_DIR)
+    callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+    deadline = time.monotonic() + timeout
+    while True:
+        # A cluster that is just forming may not route the callout's
+        # subscription to every node yet.
+        try:
+            await callout.start()
+            break
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+    store: EventStore | None = None
+    services: list[Any] = []
+    # The command handlers need no projection store (only queries read one).
+    engine = make_engine("sqlite+aiosqlite://")
+    try:
+        store = await EventStore.connect(
+            url, persistent=False, creds=local_creds(data_dir, "handlers", ttl_s=600)
+        )
+        have = await ensure_log(store, replicas, wait=True, timeout=timeout)
+        await publish_signing_keys(store, keyring)
+        await callout.wait_ready()
+        started = await start_services(store, engine, keyring, queries=False)
+        services = list(started.parts)
+        assert started.commands is not None
+        created = await bootstrap_admin(started.commands, admin_password)
+        state = await stream_cluster(store.js, store.stream)
+    finally:
+        for svc in services:
+            with contextlib.suppress(Exception):
+                await svc.stop()
+        if store is not None:
+            await store.close()
+        await engine.dispose()
+        with contextlib.suppress(Exception):
+            await callout.stop()
+    return {
+        "replicas": have,
+        "stream_leader": state["leader"],
+        "cluster": state["name"],
+        "admin_created": created is not None,
+        "admin_password": created if created and not admin_password else None,
+        "signing_keys": sorted(keyring.public_keys()),
+    }
+
+
+def auth_block(data_dir: Path) -> str:
+    """The authorization block every node's configuration must hold for
+    this cloud: the auth callout's and the system account's users and the
+    callout itself, by their public keys only (``data_dir``'s broker keys),
+    so it is the same on every node and may be printed."""
+    return broker_config(BrokerKeys.load_or_create(data_dir / BROKER_DIR))
 
 
 async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
@@ -167,7 +288,13 @@ class Stack:
         scheduler_config: SchedulerConfig | None = None,
         webhook_allow: list[str] | None = None,
         console_port: int | None = None,
+        openstack_port: int | None = None,
+        cluster: int = 1,
     ) -> None:
+        # Brokers: 1 is the single node; an odd N > 1 is N nodes on
+        # loopback forming one JetStream cluster (the log and buckets R3).
+        check_cluster_size(cluster)
+        self.cluster = cluster
         # The web console on 127.0.0.1 (0: any free port; None: none).
         self.console_port = console_port
         self.console: Any = None
@@ -176,9 +303,14 @@ class Stack:
         # Where webhooks may point: the command handlers check it when one is
         # created, the delivery service at every POST.
         self.webhook_policy = TargetPolicy(webhook_allow or ())
+        # None: no OpenStack API; 0: on any free port.
+        self.openstack_port = openstack_port
+        self.openstack_api: Any = None
         self.scheduler_replicas = scheduler_replicas
         self.scheduler_config = scheduler_config
         self.schedulers: list[SchedulerService] = []
+        # The allocator of two-level scheduling (offers to frameworks).
+        self.allocator: Any = None
         self.quota_defaults = quota_defaults
         self.data_dir = Path(data_dir)
         # None: generate one on first start (returned by start(), printed once).
@@ -190,7 +322,7 @@ class Stack:
         self.libvirt_uri = libvirt_uri
         self.agents: list[Any] = []
         self.network: Any = None  # simulated hosts and their network agents
-        self.broker: EmbeddedNats | None = None
+        self.brokers: list[EmbeddedNats] = []
         self.store: EventStore | None = None
         self.commands: CommandService | None = None
         self.images: ImageService | None = None
@@ -206,7 +338,7 @@ class Stack:
         self.stores: list[EventStore] = []
         self._service_parts: list[Any] = []
         self.prefix = deployment_prefix(self.data_dir)
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
         # Set when the broker could not be kept running; ``failure`` says why.
         self.failed = asyncio.Event()
@@ -231,26 +363,27 @@ class Stack:
         try:
             keyring = self.keyring = KeyRing.load_or_create(self.data_dir / "keys")
             keys = BrokerKeys.load_or_create(self.data_dir / BROKER_DIR)
-            self.broker = EmbeddedNats(
-                self.data_dir / "nats",
-                port=-1 if self.port == 0 else self.port,
-                log_file=str(self.data_dir / "nats.log"),
-                extra_config=broker_config(keys),
-            )
+            self.brokers = self._make_brokers(broker_config(keys))
             await self._stop_leftover_broker()
-            url = self.url = await self.broker.start_async()
-            self._supervisor = asyncio.create_task(self._supervise_broker())
+            for b in self.brokers:
+                b.spawn()
+            urls = await asyncio.gather(*(asyncio.to_thread(b.wait_ready) for b in self.brokers))
+            url = self.url = ",".join(urls)
+            self._supervisors = [
+                asyncio.create_task(self._supervise_broker(b)) for b in self.brokers
+            ]
             # The callout first: it admits every other connection, services'
             # too, by the key ring's public keys until the log has them.
             self.callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
             await self.callout.start()
             self.store = await self.connect("handlers")
-            await self.store.ensure_stream()
+            await ensure_log(self.store, replicas_for(self.cluster), wait=self.cluster > 1)
             await publish_signing_keys(self.store, keyring)
             await self.callout.wait_ready()
             engine = make_engine(self.db_url)
             reader = await self.connect("query")
-            self.live = LiveProjection(reader, engine)
+            # The projector's own credential: it may take the projector lease.
+            self.live = LiveProjection(await self.connect("projector"), engine)
             await self.live.start()
             webhook_keys = WebhookKeys.load_or_create(self.data_dir / "keys")
             services = await start_services(
@@ -270,6 +403,8 @@ class Stack:
             self.queries = queries.queries
             self._service_parts = [*services.parts, *queries.parts]
             assert self.commands is not None and self.queries is not None
+            if self.cluster > 1:
+                self.queries.cluster_nodes = self.node_states
             self.images = ImageService(
                 self.store,
                 spool=self.data_dir / "image-spool",
@@ -290,6 +425,10 @@ class Stack:
                 sched = SchedulerService(await self.connect("scheduler"), self.scheduler_config)
                 await sched.start()
                 self.schedulers.append(sched)
+            from stratus.handlers.allocator import AllocatorService
+
+            self.allocator = AllocatorService(await self.connect("allocator"))
+            await self.allocator.start()
             self.webhooks = WebhookService(
                 await self.connect("webhooks"),
                 webhook_keys,
@@ -299,6 +438,8 @@ class Stack:
             await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
+            if self.openstack_port is not None:
+                await self._start_openstack_api(url)
             await self._start_agents()
             if self.hosts:
                 await self._start_network()
@@ -319,12 +460,76 @@ class Stack:
         self.stores.append(store)
         return store
 
+    async def _start_openstack_api(self, url: str) -> None:
+        """The OpenStack API: a gateway like the console (with an openstack-api
+        credential: requests and its own inbox only)."""
+        from stratus.api.app import ApiServer, bind
+
+        sock = bind(f"127.0.0.1:{self.openstack_port}")
+        from stratus.cli.openstack_api import SPOOL_DIR
+
+        assert self.keyring is not None and self.queries is not None
+        creds, _ = mint(self.keyring, "openstack-api", "", SERVICE_TTL_S)
+        self.openstack_api = ApiServer(
+            url, sock, self.data_dir / SPOOL_DIR, connect=creds.connect_options()
+        )
+        auth_url = await self.openstack_api.start()
+        self.queries.endpoints["openstack_auth_url"] = auth_url
+
+    def node_states(self) -> list[dict[str, Any]]:
+        """Each broker node: its name, client URL and whether it runs."""
+        return [{"name": b.server_name, "url": b.url, "alive": b.running()} for b in self.brokers]
+
+    @property
+    def broker(self) -> EmbeddedNats | None:
+        """The (first) broker."""
+        return self.brokers[0] if self.brokers else None
+
+    def _make_brokers(self, auth: str) -> list[EmbeddedNats]:
+        """One broker in ``DIR/nats``, or the cluster's nodes in
+        ``DIR/nats-1``... A data dir keeps the form its log was made in:
+        a single node's store cannot become a cluster's, nor the reverse."""
+        single, first = self.data_dir / "nats" / "jetstream", self.data_dir / "nats-1"
+        if self.cluster == 1:
+            if first.exists() and not single.exists():
+                raise BrokerError(
+                    f"{self.data_dir} holds the log of a cluster: start it with --cluster "
+                    f"{len(list(self.data_dir.glob('nats-*[0-9]')))}, or use another data dir"
+                )
+            return [
+                EmbeddedNats(
+                    self.data_dir / "nats",
+                    port=-1 if self.port == 0 else self.port,
+                    log_file=str(self.data_dir / "nats.log"),
+                    extra_config=auth,
+                )
+            ]
+        if single.exists():
+            raise BrokerError(
+                f"{self.data_dir} holds the log of a single node: start it without --cluster, "
+                "or use another data dir for the cluster"
+            )
+        have = len(list(self.data_dir.glob("nats-*[0-9]")))
+        if have and have != self.cluster:
+            raise BrokerError(
+                f"{self.data_dir} holds the log of a {have}-node cluster: start it with "
+                f"--cluster {have}, or use another data dir"
+            )
+        return cluster_nodes(
+            self.data_dir,
+            self.cluster,
+            name=self.prefix,
+            port=self.port,
+            extra_config=auth,
+            log_dir=self.data_dir,
+        )
+
     async def _stop_leftover_broker(self) -> None:
         """A nats-server still running on this data dir (its ``up`` was
         killed before it could stop it) is stopped: this process holds the
         data dir's lock, so no live ``up`` owns it."""
-        assert self.broker is not None
-        for pid in self.broker.holders():
+        pids = [pid for b in self.brokers for pid in b.holders()]
+        for pid in pids:
             log.warning("stopping a leftover nats-server of this data dir", pid=pid)
             print(f"stratus: stopping a leftover nats-server (pid {pid}) of {self.data_dir}")
             if not await asyncio.to_thread(stop_pid, pid):
@@ -334,11 +539,9 @@ class Stack:
                     [pid],
                 )
 
-    async def _supervise_broker(self) -> None:
-        """Start the broker again whenever it dies; give up after
+    async def _supervise_broker(self, broker: EmbeddedNats) -> None:
+        """Start ``broker`` again whenever it dies; give up after
         ``MAX_RESTARTS`` failures in a row (``failed`` is then set)."""
-        broker = self.broker
-        assert broker is not None
         failures = 0
         started = time.monotonic()
         while True:
@@ -434,13 +637,17 @@ class Stack:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        for sup in self._supervisors:
+            sup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._supervisor
-            self._supervisor = None
+                await sup
+        self._supervisors = []
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()
+        if self.openstack_api is not None:
+            with contextlib.suppress(Exception):
+                await self.openstack_api.stop()
+            self.openstack_api = None
         if self.console is not None:
             with contextlib.suppress(Exception):
                 await self.console.stop()
@@ -458,6 +665,7 @@ class Stack:
         for svc in (
             self.webhooks,
             *self.schedulers,
+            self.allocator,
             self.swapper,
             self.images,
             *self._service_parts,
@@ -477,8 +685,7 @@ class Stack:
             self.callout = None
         if self.live is not None:
             await self.live.engine.dispose()
-        if self.broker is not None:
-            await asyncio.to_thread(self.broker.stop)
+        await asyncio.gather(*(asyncio.to_thread(b.stop) for b in self.brokers))
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -39,6 +39,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ObjectMeta, ObjectMetaOptions, StorageType
 from nats.js.object_store import ObjectStore
 
+from stratus.events.cluster import log_replicas
 from stratus.events.errors import Invalid, NotFound, StratusError, Unavailable
 
 BUCKET = "images"
@@ -159,7 +160,7 @@ class BlobStore:
         """The bucket, created on first use with the replicas of ``like_stream``
         (raised to them if the stream gained replicas since)."""
         try:
-            replicas = await _replicas(js, like_stream)
+            replicas = await log_replicas(js, like_stream)
             try:
                 obs = await js.object_store(bucket)
             except nats.js.errors.BucketNotFoundError:
@@ -370,12 +371,3 @@ def _hex(nats_digest: str | None) -> str:
         return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
     except ValueError:
         return ""
-
-
-async def _replicas(js: JetStreamContext, stream: str) -> int:
-    """The replica count of ``stream`` (1 if it does not exist yet)."""
-    try:
-        info = await js.stream_info(stream)
-    except nats.js.errors.NotFoundError:
-        return 1
-    return info.config.num_replicas or 1

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 STORE_LOCK = "store.lock"
@@ -66,6 +67,66 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """A node's place in a cluster: the cluster's name, where this node
+    listens for routes, and the route URLs of every node (its own included:
+    nats-server ignores a route to itself, so every node's list is the same)."""
+
+    name: str
+    listen: str
+    routes: tuple[str, ...]
+
+
+def render_config(
+    *,
+    listen: str,
+    server_name: str,
+    store_dir: str,
+    ports_file_dir: str | None = None,
+    sync_always: bool = True,
+    cluster: ClusterConfig | None = None,
+    log_file: str | None = None,
+    extra: str = "",
+) -> str:
+    """The nats-server configuration of one node: the single-node broker of
+    ``stratus up``, each node of ``up --cluster N``, and what ``stratus
+    init`` prints for an operator's own nodes all come from here.
+
+    ``extra`` is appended as is (the authorization block). Every value is
+    written as a JSON string, which the config format accepts, so a path or
+    name can never be read as config syntax.
+    """
+    lines = [
+        f"listen: {_q(listen)}",
+        f"server_name: {_q(server_name)}",
+    ]
+    if ports_file_dir:
+        lines.append(f"ports_file_dir: {_q(ports_file_dir)}")
+    lines += [
+        "max_payload: 1MB",
+        "jetstream {",
+        f"  store_dir: {_q(store_dir)}",
+    ]
+    if sync_always:
+        # An acknowledged event is on disk on every replica that acknowledged it.
+        lines.append("  sync_interval: always")
+    lines.append("}")
+    if cluster is not None:
+        lines += [
+            "cluster {",
+            f"  name: {_q(cluster.name)}",
+            f"  listen: {_q(cluster.listen)}",
+            f"  routes: [{', '.join(_q(r) for r in cluster.routes)}]",
+            "}",
+        ]
+    if log_file:
+        lines.append(f"log_file: {_q(log_file)}")
+    if extra:
+        lines.append(extra.rstrip("\n"))
+    return "\n".join(lines) + "\n"
+
+
 class EmbeddedNats:
     """A nats-server child with JetStream in ``data_dir``, on loopback only."""
 
@@ -79,8 +140,13 @@ class EmbeddedNats:
         extra_config: str = "",
         log_file: str | None = None,
         die_with_parent: bool = True,
+        server_name: str = "stratus",
+        cluster: ClusterConfig | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        # Unique within a cluster: JetStream names its peers by it.
+        self.server_name = server_name
+        self.cluster = cluster
         self.port = port
         self.host = host
         self.sync_always = sync_always
@@ -105,23 +171,16 @@ class EmbeddedNats:
         return self.proc is not None and self.proc.poll() is None
 
     def config_text(self) -> str:
-        js = self.data_dir / "jetstream"
-        lines = [
-            f"listen: {_q(f'{self.host}:{self.port}')}",
-            f"server_name: {_q('stratus')}",
-            f"ports_file_dir: {_q(str(self.data_dir))}",
-            "max_payload: 1MB",
-            "jetstream {",
-            f"  store_dir: {_q(str(js))}",
-        ]
-        if self.sync_always:
-            lines.append("  sync_interval: always")
-        lines.append("}")
-        if self.log_file:
-            lines.append(f"log_file: {_q(self.log_file)}")
-        if self.extra_config:
-            lines.append(self.extra_config)
-        return "\n".join(lines) + "\n"
+        return render_config(
+            listen=f"{self.host}:{self.port}",
+            server_name=self.server_name,
+            store_dir=str(self.data_dir / "jetstream"),
+            ports_file_dir=str(self.data_dir),
+            sync_always=self.sync_always,
+            cluster=self.cluster,
+            log_file=self.log_file,
+            extra=self.extra_config,
+        )
 
     def start(self, timeout: float = 15.0) -> str:
         """Start the broker and wait until it accepts connections; its URL."""
@@ -328,6 +387,80 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# What an operator's node configuration includes for Stratus's users (the
+# authorization block ``stratus init --auth-file`` writes), beside it.
+AUTH_INCLUDE = "stratus-auth.conf"
+
+
+def node_configs(
+    clients: list[tuple[str, str]],
+    routes: list[tuple[str, str]],
+    *,
+    store_dir: str,
+    name: str = "stratus",
+    include: str = AUTH_INCLUDE,
+) -> list[str]:
+    """The configuration of each node of an operator's cluster: node ``i``
+    (from 1) listens for clients on ``clients[i-1]`` and for routes on
+    ``routes[i-1]`` (host, port: either may be a placeholder), keeps its
+    store in ``store_dir/node-i`` and includes the authorization block
+    from ``include`` (a path relative to the config file)."""
+    route_urls = tuple(f"nats://{h}:{p}" for h, p in routes)
+    out = []
+    for i, ((ch, cp), (rh, rp)) in enumerate(zip(clients, routes, strict=True), start=1):
+        text = render_config(
+            listen=f"{ch}:{cp}",
+            server_name=f"{name}-{i}",
+            store_dir=f"{store_dir}/node-{i}/jetstream",
+            cluster=ClusterConfig(name, f"{rh}:{rp}", route_urls),
+            extra=f"include {_q(include)}",
+        )
+        out.append(text)
+    return out
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the kernel's pick: never a fixed one)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def cluster_nodes(
+    base_dir: str | os.PathLike[str],
+    count: int,
+    *,
+    name: str = "stratus",
+    port: int = 0,
+    host: str = "127.0.0.1",
+    extra_config: str = "",
+    log_dir: str | os.PathLike[str] | None = None,
+) -> list[EmbeddedNats]:
+    """``count`` brokers on ``host`` forming the cluster ``name``: node ``i``
+    (from 1) keeps its store in ``base_dir/nats-i``, is called ``name-i``,
+    and takes client port ``port + i - 1`` (any free one when ``port`` is 0)
+    and a free route port. Started with ``start_async`` each; they find
+    each other through the routes every one of them lists."""
+    base = Path(base_dir)
+    route_ports = [free_port(host) for _ in range(count)]
+    routes = tuple(f"nats://{host}:{p}" for p in route_ports)
+    nodes = []
+    for i in range(1, count + 1):
+        d = base / f"nats-{i}"
+        nodes.append(
+            EmbeddedNats(
+                d,
+                port=port + i - 1 if port else free_port(host),
+                host=host,
+                server_name=f"{name}-{i}",
+                cluster=ClusterConfig(name, f"{host}:{route_ports[i - 1]}", routes),
+                extra_config=extra_config,
+                log_file=str(Path(log_dir) / f"nats-{i}.log") if log_dir else None,
+            )
+        )
+    return nodes
 
 
 def _read_pid(fd: int) -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from stratus.events import (
     compute,
     credentials,
+    frameworks,
     identity,
     integrations,
     network,
@@ -24,6 +25,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     *compute.EVENTS,
     *integrations.EVENTS,
     *network.EVENTS,
+    *frameworks.EVENTS,
 )
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
@@ -33,6 +35,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
     **compute.COMMANDS,
     **integrations.COMMANDS,
     **network.COMMANDS,
+    **frameworks.COMMANDS,
 }
 
 CODEC = Codec(EVENT_TYPES)

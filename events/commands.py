@@ -8,10 +8,12 @@ the token in a header means callers do not change when identity lands.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from stratus.events.errors import ErrorBody
-from stratus.events.ids import DISPLAY_NAME_RE, NAME_RE, TOKEN_RE
+from stratus.events.ids import DISPLAY_NAME_RE, NAME_RE, RESOURCE_NAME_RE, TOKEN_RE, new_id
 
 # Headers of a command request.
 H_COMMAND_ID = "Stratus-Command-Id"
@@ -35,6 +37,27 @@ def reply_allowed(reply: str | None) -> bool:
     if not reply or " " in reply:
         return False
     return reply.startswith(CLIENT_INBOX) or reply.startswith(SERVICE_INBOX_PREFIX + ".")
+
+
+# A client may say which channel a command came through as a prefix of its
+# id (``openstack-api-<uuid>``): the command id is the events' correlation
+# id, so the audit trail shows the channel (``via``) with nothing added to
+# the envelope. It is informational: any client chooses its own ids.
+_VIA_RE = re.compile(r"^([a-z][a-z0-9-]{0,26})-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}(?!\n)$")
+
+
+def command_id_via(via: str) -> str:
+    """A fresh command id that names ``via`` (see ``via_of``)."""
+    cid = f"{via}-{new_id()}"
+    if via_of(cid) != via:
+        raise ValueError(f"not a channel name: {via!r}")
+    return cid
+
+
+def via_of(command_id: str) -> str:
+    """The channel a command id names ("" for a plain id)."""
+    m = _VIA_RE.match(command_id)
+    return m.group(1) if m else ""
 
 
 # Larger bodies are refused before decoding; no command needs more.
@@ -66,6 +89,9 @@ _PATTERN_HELP = {
     NAME_RE.pattern: "a name: 1-63 lowercase letters, digits and '-', not starting with '-'",
     TOKEN_RE.pattern: "an id: 1-64 letters, digits, '_' and '-'",
     r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$": "a name, an id or an address (1-64 characters)",
+    RESOURCE_NAME_RE.pattern: (
+        "a name: up to 63 letters, digits, '_', '.' and '-', not starting with one of '_.-'"
+    ),
     DISPLAY_NAME_RE.pattern: "free text: 1-128 characters, not only spaces, no control characters",
 }
 

@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from stratus.events.cluster import log_replicas
 from stratus.events.errors import Unavailable
 from stratus.events.ids import NAME_RE
 from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
@@ -28,41 +29,55 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(HostHeartbeat)
 
 
-async def bucket(js: JetStreamContext) -> KeyValue:
-    """The heartbeat bucket, made on first use (by whichever side comes first)."""
+async def bucket(js: JetStreamContext, name: str = HEARTBEATS) -> KeyValue:
+    """The heartbeat bucket, made on first use (by whichever side comes first).
+    ``name``: another bucket of beats of the same kind (frameworks')."""
     try:
-        return await js.key_value(HEARTBEATS)
+        return await js.key_value(name)
     except nats.js.errors.BucketNotFoundError:
         pass
+    replicas = await log_replicas(js)
     with contextlib.suppress(nats.js.errors.BadRequestError):
         # Another process may create it at the same moment with the same config.
         await js.create_key_value(
-            bucket=HEARTBEATS,
+            bucket=name,
             history=1,
             storage=StorageType.MEMORY,
+            # As many copies as the log: a beat survives the loss of a node.
+            replicas=replicas,
             # Delete markers for expired beats, so watchers learn of a death.
             limit_marker_ttl=1.0,
         )
-    return await js.key_value(HEARTBEATS)
+    return await js.key_value(name)
 
 
 async def beat(
-    js: JetStreamContext, host: str, *, ttl: float = HEARTBEAT_TTL, instances: int = 0
+    js: JetStreamContext,
+    host: str,
+    *,
+    ttl: float = HEARTBEAT_TTL,
+    instances: int = 0,
+    name: str = HEARTBEATS,
 ) -> None:
-    """Say ``host`` is alive for the next ``ttl`` seconds."""
+    """Say ``host`` (or, in bucket ``name``, another beating thing) is alive
+    for the next ``ttl`` seconds."""
     if not NAME_RE.match(host):
         raise ValueError(f"not a host name: {host!r}")
     ttl = max(1.0, ttl)
     data = _enc.encode(HostHeartbeat(host=host, at=time.time(), ttl=ttl, instances=instances))
-    subject = f"$KV.{HEARTBEATS}.{host}"
+    subject = f"$KV.{name}.{host}"
     try:
         await js.publish(subject, data, msg_ttl=ttl)
     except nats.js.errors.NoStreamResponseError:
-        # An agent may write its own key, not make the bucket: whoever makes
-        # the stream makes it (``EventStore.ensure_stream``).
-        raise Unavailable(
-            f"no heartbeat bucket {HEARTBEATS} yet: the handlers make it with the stream"
-        ) from None
+        if name == HEARTBEATS:
+            # An agent may write its own key, not make the bucket: whoever
+            # makes the stream makes it (``EventStore.ensure_stream``).
+            raise Unavailable(
+                f"no heartbeat bucket {HEARTBEATS} yet: the handlers make it with the stream"
+            ) from None
+        # A framework's first beat (the handlers beat for it): make the bucket.
+        await bucket(js, name)
+        await js.publish(subject, data, msg_ttl=ttl)
 
 
 async def beating_hosts(js: JetStreamContext) -> set[str]:
@@ -86,8 +101,10 @@ class Liveness:
         js: JetStreamContext,
         on_change: Callable[[str, float], None] | None = None,
         ttl: float = HEARTBEAT_TTL,
+        name: str = HEARTBEATS,
     ) -> None:
         self.js = js
+        self.name = name
         self.ttl = ttl
         self.on_change = on_change
         self._until: dict[str, float] = {}
@@ -96,7 +113,7 @@ class Liveness:
         self._closing = False
 
     async def start(self) -> None:
-        kv = await bucket(self.js)
+        kv = await bucket(self.js, self.name)
         self._watcher = await kv.watchall()
         # The current beats first, so the caller starts with a full picture.
         async with asyncio.timeout(10):

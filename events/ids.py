@@ -15,6 +15,9 @@ _counter = 0
 # The lookahead refuses a trailing newline, which Python's `$` would accept;
 # it reads the same as a JSON Schema (ECMA) pattern.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}(?!\n)$")
+# A tenant resource's name (see ``events.resources.ResourceName``): what
+# OpenStack tools put in names, or nothing.
+RESOURCE_NAME_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62})?(?!\n)$")
 # Ids that reach a subject token: no dots, wildcards or white space.
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(?!\n)$")
 # Display names are free text: any printable character, not only white

@@ -25,4 +25,7 @@ PLURALS: dict[str, str] = {
     # Defined in events/integrations.py; listed here so they get views too.
     "integration": "integrations",
     "webhook": "webhooks",
+    # Defined in events/frameworks.py (two-level scheduling).
+    "framework": "frameworks",
+    "offer": "offers",
 }

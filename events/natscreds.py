@@ -42,6 +42,7 @@ SERVICE_KINDS = (
     "query",
     "projector",
     "scheduler",
+    "allocator",
     "webhooks",
     *HOST_KINDS,
     # Gateways acting for users: they forward each user's own token.

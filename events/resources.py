@@ -19,12 +19,18 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 
 from stratus.events.commands import Command
-from stratus.events.ids import NAME_RE
+from stratus.events.ids import NAME_RE, RESOURCE_NAME_RE
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 
 SYSTEM = "_system"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern, max_length=63)]
+# A tenant resource's name. It is shown and matched by refs, never part of a
+# subject or a kernel name (those use ids), so it may carry what OpenStack
+# tools put in names (upper case, '.', '_') and may be empty (Neutron's
+# unnamed subnets and ports); a cloud-wide object's name is its id: ``Name``.
+ResourceName = Annotated[str, msgspec.Meta(pattern=RESOURCE_NAME_RE.pattern, max_length=63)]
 # A reference to a resource: its id or its name (or a floating IP's address).
 # Refs are resolved against the state, never put into a subject as given.
 REF_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}(?!\n)$"
@@ -132,6 +138,11 @@ class ImageCreated(ResourceEvent, frozen=True, tag="image.created"):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    # Free-form key/value properties (Glance's extra properties).
+    properties: dict[str, str] = {}
+    # An OCI image (format ``oci``): its layers and process; ``checksum``
+    # is its config's digest. A snapshot of a container adds one layer.
+    oci: OciConfig | None = None
 
 
 class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
@@ -149,6 +160,20 @@ class ImageQueued(ResourceEvent, frozen=True, tag="image.queued"):
     min_disk_gb: int = 0
 
 
+class ImageUploading(ResourceEvent, frozen=True, tag="image.uploading"):
+    """Bytes announced for an image that has none yet (Glance's two-step
+    create: a record, then its file): what they are, as the OpenStack API
+    received them. The image is queued for them, as ``image.queued`` queues
+    one, until the image service has stored exactly these
+    (``image.activated``). ``md5`` is the checksum Glance clients verify."""
+
+    status = "queued"
+    format: str
+    size_bytes: int
+    checksum: str
+    md5: str = ""
+
+
 class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
     """The image service stored the uploaded bytes in the object store under
     ``checksum`` after checking them: the size and SHA-256 the image was
@@ -159,6 +184,9 @@ class ImageActivated(ResourceEvent, frozen=True, tag="image.activated"):
     checksum: str
     min_disk_gb: int = 0
     reason: str = ""
+    # An OCI archive's image (format ``oci``): its layers, each stored by
+    # digest, and its process; ``checksum`` is then the config's digest.
+    oci: OciConfig | None = None
 
 
 class ImageUploadFailed(ResourceEvent, frozen=True, tag="image.upload-failed"):
@@ -210,6 +238,18 @@ class ServerSpec(msgspec.Struct, frozen=True, kw_only=True):
     nics: list[Nic] = []
     group: str = ""
     zone: str = ""
+    # Free key/value pairs about the server (Nova's metadata); unlike
+    # ``labels`` the scheduler does not read them.
+    metadata: dict[str, str] = {}
+    # Addresses its users reach it at, as they say (Nova's accessIPv4/v6).
+    access_ipv4: str = ""
+    access_ipv6: str = ""
+    # A container's process (``--command``), in place of its image's
+    # entrypoint and cmd; empty: the image's own.
+    command: list[str] = []
+    # A framework's task (events.frameworks): placed by accepting an offer,
+    # never by the scheduler; its framework's id.
+    framework: str = ""
 
 
 SPEC_FIELDS = frozenset(ServerSpec.__struct_fields__)
@@ -246,6 +286,8 @@ class ServerRunning(ResourceEvent, frozen=True, tag="server.running"):
     status = "running"
     host: str
     disk: str = ""
+    # A container's OCI runtime and its version (``runc 1.1.5``).
+    runtime: str = ""
 
 
 class ServerStopRequested(ResourceEvent, frozen=True, tag="server.stop-requested"):
@@ -358,6 +400,8 @@ class SubnetCreated(ResourceEvent, frozen=True, tag="subnet.created"):
     pool_end: str
     dns: list[str] = []
     ip_version: int = 4
+    # Whether the subnet's VM ports get their addresses by DHCP.
+    dhcp: bool = True
 
 
 class SubnetDeleted(ResourceEvent, frozen=True, tag="subnet.deleted"):
@@ -410,6 +454,12 @@ class RouterCreated(ResourceEvent, frozen=True, tag="router.created"):
     external_network: str = ""
     # The router's own address on the external network (its SNAT source).
     external_ip: str = ""
+    # Administratively down: it routes nothing until set up again.
+    admin_up: bool = True
+
+
+class RouterAdminStateSet(ResourceEvent, frozen=True, tag="router.admin-state-set"):
+    admin_up: bool
 
 
 class RouterInterfaceAdded(ResourceEvent, frozen=True, tag="router.interface-added"):
@@ -502,6 +552,44 @@ class QosPolicyDeleted(ResourceEvent, frozen=True, tag="qos-policy.deleted"):
     ends = True
 
 
+# -- renames (what OpenStack's update calls change) ----------------------------------
+
+
+class Renamed(ResourceEvent, frozen=True):
+    """A tenant resource's new name (and, for a security group, description)."""
+
+    name: str
+
+
+class NetworkRenamed(Renamed, frozen=True, tag="network.renamed"):
+    pass
+
+
+class SubnetRenamed(Renamed, frozen=True, tag="subnet.renamed"):
+    pass
+
+
+class RouterRenamed(Renamed, frozen=True, tag="router.renamed"):
+    pass
+
+
+class ImageRenamed(Renamed, frozen=True, tag="image.renamed"):
+    pass
+
+
+class SecurityGroupRenamed(Renamed, frozen=True, tag="security-group.renamed"):
+    description: str = ""
+
+
+RENAMED: dict[str, type[Renamed]] = {
+    "network": NetworkRenamed,
+    "subnet": SubnetRenamed,
+    "router": RouterRenamed,
+    "image": ImageRenamed,
+    "security-group": SecurityGroupRenamed,
+}
+
+
 class QuotaSet(Event, frozen=True, tag="quota.set"):
     """The tenant's limits after the change (every resource, -1 unlimited)."""
 
@@ -518,6 +606,7 @@ EVENTS = (
     FlavorDeleted,
     ImageCreated,
     ImageQueued,
+    ImageUploading,
     ImageActivated,
     ImageUploadFailed,
     ImageDeleted,
@@ -550,6 +639,7 @@ EVENTS = (
     RouterCreated,
     RouterInterfaceAdded,
     RouterInterfaceRemoved,
+    RouterAdminStateSet,
     RouterDeleted,
     FloatingIpCreated,
     FloatingIpAssociated,
@@ -563,6 +653,11 @@ EVENTS = (
     SecurityGroupDeleted,
     QosPolicyCreated,
     QosPolicyDeleted,
+    NetworkRenamed,
+    SubnetRenamed,
+    RouterRenamed,
+    ImageRenamed,
+    SecurityGroupRenamed,
     QuotaSet,
 )
 
@@ -614,17 +709,47 @@ class FlavorDelete(Command, frozen=True):
     name: Name
 
 
+PropertyKey = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{1,255}(?!\n)$")]
+Properties = Annotated[
+    dict[PropertyKey, Annotated[str, msgspec.Meta(max_length=255)]], msgspec.Meta(max_length=64)
+]
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")]
+
+
 class ImageCreate(TenantScoped, frozen=True):
-    name: Name
-    format: Literal["qcow2", "raw"] = "qcow2"
+    name: ResourceName
+    format: Literal["qcow2", "raw", "oci"] = "qcow2"
     size_bytes: Count = 0
-    checksum: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?(?!\n)$")] = ""
+    checksum: Sha256 = ""
     public: bool = False
     min_disk_gb: Count = 0
+    properties: Properties = {}
+
+
+class PublicImageCreate(ImageCreate, frozen=True):
+    """A public image: cloud-wide, so its name is its id (``Name``)."""
+
+    name: Name
+
+
+class ImageUpload(TenantScoped, frozen=True):
+    """Queue an image without bytes for these (see ``image.uploading``)."""
+
+    ref: Ref
+    size_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 40)]
+    checksum: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
+    format: Literal["qcow2", "raw"] = "qcow2"
+    md5: Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{32})?(?!\n)$")] = ""
+
+
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(min_length=1, max_length=255)], Text],
+    msgspec.Meta(max_length=128),
+]
 
 
 class ServerCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     image: Ref
     flavor: Ref | None = None
     vcpus: Positive | None = None
@@ -637,15 +762,22 @@ class ServerCreate(TenantScoped, frozen=True):
     host: Name | None = None
     group: Ref | None = None
     zone: Name | None = None
+    metadata: Metadata = {}
+    access_ipv4: Addr | None = None
+    access_ipv6: Addr | None = None
+    command: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=4096, pattern=r"^[^\x00]*$")]],
+        msgspec.Meta(max_length=256),
+    ] = []
 
 
 class ServerGroupCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     policy: Literal["affinity", "anti-affinity"]
 
 
 class VolumeCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     size_gb: Positive
 
 
@@ -655,7 +787,7 @@ class VolumeAttach(TenantScoped, frozen=True):
 
 
 class NetworkCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     external: bool = False
     cidr: Addr | None = None
     gateway: Addr | None = None
@@ -663,18 +795,25 @@ class NetworkCreate(TenantScoped, frozen=True):
     pool_end: Addr | None = None
 
 
-class SubnetCreate(TenantScoped, frozen=True):
+class ExternalNetworkCreate(NetworkCreate, frozen=True):
+    """An external network: cloud-wide, so its name is its id (``Name``)."""
+
     name: Name
+
+
+class SubnetCreate(TenantScoped, frozen=True):
+    name: ResourceName
     network: Ref
     cidr: Addr
     gateway: Addr | None = None
     pool_start: Addr | None = None
     pool_end: Addr | None = None
     dns: Annotated[list[Addr], msgspec.Meta(max_length=4)] = []
+    dhcp: bool = True
 
 
 class PortCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     network: Ref
     subnet: Ref | None = None
     ip: Addr | None = None
@@ -693,8 +832,16 @@ class PortSet(TenantScoped, frozen=True):
 
 
 class RouterCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     external_network: Name | None = None
+    admin_up: bool = True
+
+
+class RouterSet(TenantScoped, frozen=True):
+    """A router's administrative state (up: it routes)."""
+
+    ref: Ref
+    admin_up: bool
 
 
 class RouterInterface(TenantScoped, frozen=True):
@@ -713,8 +860,10 @@ class FloatingIpAssociate(TenantScoped, frozen=True):
 
 
 class SecurityGroupCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     description: Text = ""
+    # With Neutron's two default rules: all egress, IPv4 and IPv6.
+    default_egress: bool = False
 
 
 class SecurityGroupRuleAdd(TenantScoped, frozen=True):
@@ -733,7 +882,7 @@ class SecurityGroupRuleRemove(TenantScoped, frozen=True):
 
 
 class QosPolicyCreate(TenantScoped, frozen=True):
-    name: Name
+    name: ResourceName
     max_kbps: Positive
     burst_kb: Count = 0
 
@@ -750,6 +899,14 @@ class RefCommand(TenantScoped, frozen=True):
     ref: Ref
 
 
+class Rename(TenantScoped, frozen=True):
+    """A new name (None: keep), and a security group's new description."""
+
+    ref: Ref
+    name: ResourceName | None = None
+    description: Text | None = None
+
+
 COMMANDS: dict[str, type[Command]] = {
     "host.register": HostRegister,
     "host.enable": HostSetEnabled,
@@ -758,8 +915,9 @@ COMMANDS: dict[str, type[Command]] = {
     "flavor.create": FlavorCreate,
     "flavor.delete": FlavorDelete,
     "image.create": ImageCreate,
-    "image.create-public": ImageCreate,
+    "image.create-public": PublicImageCreate,
     "image.delete": RefCommand,
+    "image.upload": ImageUpload,
     "server.create": ServerCreate,
     "server.delete": RefCommand,
     "server.stop": RefCommand,
@@ -772,7 +930,7 @@ COMMANDS: dict[str, type[Command]] = {
     "volume.attach": VolumeAttach,
     "volume.detach": VolumeAttach,
     "network.create": NetworkCreate,
-    "network.create-external": NetworkCreate,
+    "network.create-external": ExternalNetworkCreate,
     "network.delete": RefCommand,
     "subnet.create": SubnetCreate,
     "subnet.delete": RefCommand,
@@ -783,6 +941,8 @@ COMMANDS: dict[str, type[Command]] = {
     "router.delete": RefCommand,
     "router.add-subnet": RouterInterface,
     "router.remove-subnet": RouterInterface,
+    "router.set": RouterSet,
+    "security-group.ensure-default": TenantScoped,
     "floating-ip.create": FloatingIpCreate,
     "floating-ip.delete": RefCommand,
     "floating-ip.associate": FloatingIpAssociate,
@@ -794,6 +954,7 @@ COMMANDS: dict[str, type[Command]] = {
     "qos-policy.create": QosPolicyCreate,
     "qos-policy.delete": RefCommand,
     "quota.set": QuotaSetCommand,
+    **{f"{kind}.rename": Rename for kind in RENAMED},
 }
 
 

@@ -31,6 +31,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from stratus.events import heartbeat
 from stratus.events.catalog import CODEC
+from stratus.events.cluster import CLUSTER_REPLICAS, placement_refused, server_list
 from stratus.events.commands import SERVICE_INBOX_PREFIX
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -72,6 +73,9 @@ H_EXPECT_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 # What a lookup expects the stream's last message id to be: nothing that
 # appends carries (ids are tokens), so the lookup never stores anything.
 _NO_MSG_ID = "stratus lookup: never a message id"
+# ... and on a replicated stream, what it expects the subject's last
+# sequence to be: beyond any stream's.
+_NO_SEQ = str(2**62)
 # Where a lookup is sent when the caller names no subject of its own.
 LOOKUP_SUBJECT = "ev._system.lookup.command"
 
@@ -131,7 +135,7 @@ def _new_connection(fast: bool) -> NATS:
 
 
 async def connect_nats(
-    url: str,
+    url: str | Sequence[str],
     *,
     persistent: bool = True,
     timeout: float = 10.0,
@@ -140,10 +144,13 @@ async def connect_nats(
 ) -> NATS:
     """Connect to NATS, failing with ``Unavailable`` within ``timeout``.
 
-    A persistent connection (services) reconnects forever once up; a
-    one-shot one (the CLI) gives up at the first failure. ``fast=False``
+    ``url`` names one server or several (``nats://a:4222,nats://b:4222``):
+    the connection takes the whole list, and a persistent one (services)
+    reconnects across it forever once up; a one-shot one (the CLI) tries
+    each server and gives up when none answers. ``fast=False``
     asks for nats-py's own client even where the fast reader would work.
     """
+    servers = server_list(url)
     nc = _new_connection(fast)
     opts: dict[str, Any] = {
         "connect_timeout": 2,
@@ -155,11 +162,13 @@ async def connect_nats(
     }
     opts.update(options)
     try:
-        await asyncio.wait_for(nc.connect(url, **opts), timeout)
+        await asyncio.wait_for(nc.connect(servers, **opts), timeout)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
-        raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+        raise Unavailable(
+            f"cannot reach NATS at {','.join(servers)}: {exc or type(exc).__name__}"
+        ) from None
     return nc
 
 
@@ -191,10 +200,20 @@ class EventStore:
         if self.consumer_names is not None and self.reader is OrderedReader:
             self.reader = NamedReader
 
+        # The stream's replica count (None: not learnt yet; ``ensure_stream``
+        # or the first read that depends on it learns it). On a replicated
+        # stream every replica answers a direct get, a follower with what it
+        # has applied so far: a handler could then miss the event an append
+        # just acknowledged (a tenant created a moment ago "not found"), so
+        # reads that must be fresh ask the leader there. And the broker
+        # checks a publish's expectations in another order (see
+        # ``find_append``).
+        self.replicas: int | None = None
+
     @classmethod
     async def connect(
         cls,
-        url: str,
+        url: str | Sequence[str],
         *,
         persistent: bool = True,
         fast: bool = True,
@@ -219,9 +238,10 @@ class EventStore:
 
     # -- stream ---------------------------------------------------------------
 
-    def stream_config(self) -> StreamConfig:
+    def stream_config(self, replicas: int = 1) -> StreamConfig:
         return StreamConfig(
             name=self.stream,
+            num_replicas=replicas,
             subjects=[SUBJECTS],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
@@ -237,21 +257,52 @@ class EventStore:
             deny_purge=True,
         )
 
-    async def ensure_stream(self) -> None:
-        """Create the stream, or bring an existing one to our settings; and
-        the heartbeat bucket beside it (agents beat into it, and may not
-        make it themselves)."""
-        cfg = self.stream_config()
+    async def ensure_stream(self, replicas: int | None = None) -> int:
+        """Create the stream, or bring an existing one to our settings; the
+        replica count it has.
+
+        A new stream gets ``replicas``, else as many as the cluster allows
+        (``events.cluster``: R3 on three or more nodes, R1 on one); an
+        existing one keeps its count unless ``replicas`` names another, so a
+        service started with no opinion never shrinks a replicated log.
+
+        The heartbeat bucket is made beside it: agents beat into it, and may
+        not make it themselves.
+        """
         try:
             try:
-                await self.js.stream_info(self.stream)
+                info = await self.js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
-                await self.js.add_stream(cfg)
+                have = await self._create_stream(replicas)
             else:
-                await self.js.update_stream(cfg)
+                have = replicas or info.config.num_replicas or 1
+                await self.js.update_stream(self.stream_config(have))
+                self.replicas = have
             await heartbeat.bucket(self.js)
+            return have
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None
+
+    async def _create_stream(self, replicas: int | None) -> int:
+        want = replicas or CLUSTER_REPLICAS
+        try:
+            await self.js.add_stream(self.stream_config(want))
+            self.replicas = want
+            return want
+        except nats.js.errors.APIError as exc:
+            why = placement_refused(exc)
+            if replicas is None and why == "single":
+                # One node, not a cluster: one copy is all there can be.
+                await self.js.add_stream(self.stream_config(1))
+                self.replicas = 1
+                return 1
+            if why == "peers":
+                raise Unavailable(
+                    f"cannot place {want} replicas of stream {self.stream}: fewer JetStream "
+                    f"nodes are up ({exc.description}); start every node of the cluster, "
+                    "or create the stream with 1 replica on a cluster of fewer than 3"
+                ) from None
+            raise
 
     async def last_seq(self, subject: str | None = None) -> int:
         """The stream's last sequence, or the last one matching ``subject``."""
@@ -259,7 +310,8 @@ class EventStore:
             if subject is None or subject == SUBJECTS:
                 info = await self.js.stream_info(self.stream)
                 return info.state.last_seq
-            msg = await self.js.get_last_msg(self.stream, subject, direct=True)
+            direct = await self._single()
+            msg = await self.js.get_last_msg(self.stream, subject, direct=direct)
             return msg.seq or 0
         except nats.js.errors.NotFoundError:
             return 0
@@ -456,6 +508,18 @@ class EventStore:
         ack = await self.js.publish(subject, data, headers=headers)
         return list(range(ack.seq - n + 1, ack.seq + 1))
 
+    async def _single(self) -> bool:
+        """Whether the stream keeps one copy (learnt once per connection)."""
+        if self.replicas is None:
+            try:
+                info = await self.js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                return True  # nothing to read yet; learnt again next time
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _translate(exc) from None
+            self.replicas = info.config.num_replicas or 1
+        return self.replicas == 1
+
     async def find_append(self, msg_id: str, subject: str = LOOKUP_SUBJECT) -> list[Recorded]:
         """The events of the append that carried ``msg_id`` (a command id),
         with their headers, or [] if the broker does not know it.
@@ -470,11 +534,21 @@ class EventStore:
         where that publish goes (the caller must be allowed to publish
         there; nothing lands).
         """
-        headers = {H_MSG_ID: msg_id, H_EXPECT_LAST_MSG_ID: _NO_MSG_ID}
         try:
+            if await self._single():
+                headers = {H_MSG_ID: msg_id, H_EXPECT_LAST_MSG_ID: _NO_MSG_ID}
+            else:
+                # A replicated stream's leader checks the id first and a
+                # subject's last sequence before proposing, but leaves the
+                # last message id to every replica at apply time, where a
+                # mismatch is a critical write error that stalls the stream
+                # (seen with nats-server 2.15). So there: expect a last
+                # sequence no subject ever has. (A single server checks the
+                # expectations before the id: there the last id it is.)
+                headers = {H_MSG_ID: msg_id, H_EXPECT_SEQ: _NO_SEQ}
             ack = await self.js.publish(subject, b"", headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code == ERR_WRONG_LAST_MSG_ID:
+            if exc.err_code in (ERR_WRONG_LAST_MSG_ID, ERR_WRONG_LAST_SEQUENCE):
                 return []
             raise _translate(exc) from None
         except (TimeoutError, nats.errors.Error) as exc:
@@ -492,9 +566,10 @@ class EventStore:
         """
         out: list[Recorded] = []
         batch = None
+        direct = await self._single()
         for seq in range(first, first + MAX_BATCH):
             try:
-                msg = await self.js.get_msg(self.stream, seq, direct=True)
+                msg = await self.js.get_msg(self.stream, seq, direct=direct)
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _translate(exc) from None
             h = msg.headers or {}

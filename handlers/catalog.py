@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from stratus.handlers import compute, credentials, integrations, resources, routed, tenants
+from stratus.handlers import (
+    compute,
+    credentials,
+    frameworks,
+    integrations,
+    resources,
+    routed,
+    tenants,
+)
 from stratus.handlers.identity import DEFAULT_TTL_S
 from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.keyring import KeyRing
@@ -29,6 +37,7 @@ def all_handlers(
         *resources.handlers(quota_defaults),
         *routed.handlers(),
         *compute.handlers(quota_defaults),
+        *frameworks.handlers(quota_defaults),
         *integrations.handlers(
             webhook_keys,
             quota_defaults,

@@ -76,7 +76,10 @@ def decide_server_snapshot(w: World, cmd: ServerSnapshot, cause: Cause) -> list[
     t = cmd.tenant or ""
     s = w.servers.find(cmd.ref)
     if s.spec.instance_type != "vm":
-        raise Invalid(f"server {s.name} is a {s.spec.instance_type}; snapshots are of VMs")
+        image = w.images.get(s.spec.image)
+        if image is not None and image.format != "oci":
+            # A process-mode container has no root of its own to commit.
+            raise Invalid(f"server {s.name} is a container of no OCI image; nothing to snapshot")
     if s.status not in ("running", "stopped") or not s.host:
         raise Conflict(f"server {s.name} is {s.status}; snapshots need it built")
     unique(w.images, cmd.name)

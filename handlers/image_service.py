@@ -55,7 +55,7 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 
-from stratus.events import imagefile
+from stratus.events import imagefile, oci
 from stratus.events.blobs import BlobStore, DigestMismatch
 from stratus.events.commands import H_COMMAND_ID, Reply, explain
 from stratus.events.errors import (
@@ -559,6 +559,11 @@ class _Incoming(io.RawIOBase):
             got = self.h.hexdigest()
             if got != image.checksum:
                 raise DigestMismatch(f"the bytes hash to {got}, not {image.checksum}")
+        if image.format == "oci":
+            # An archive of blobs: read and checked whole by ``_store_oci``.
+            size = self.path.stat().st_size
+            self.checked = imagefile.ImageFile(str(self.path), "oci", size, 0, image.checksum)
+            return
         self.checked = imagefile.inspect(self.path, image.format, "", image.checksum)
 
     def drain(self) -> None:
@@ -606,6 +611,8 @@ class _Upload(_Session):
         active. Runs without the client once its bytes are all in."""
         assert self.reader is not None and self.svc.blobs is not None
         image = self.image
+        if image.format == "oci":
+            return await self._store_oci()
         try:
             if await self.svc.blobs.exists(image.checksum):
                 # Stored before (by another image): the bytes must still be
@@ -647,6 +654,51 @@ class _Upload(_Session):
             checksum=image.checksum,
             correlation_id=self.cause.correlation_id,
         )
+        return after
+
+    async def _store_oci(self) -> Image:
+        """An OCI archive: spooled and hashed whole, then read (``events.oci``:
+        every digest, every layer's entries); only then is each blob stored
+        by its own digest (once: a layer two images share is one object),
+        and ``image.activated`` records the layers and the image's process.
+        A refused archive stores nothing; the spool and its copies go."""
+        assert self.reader is not None and self.svc.blobs is not None
+        image = self.image
+        work = self.path.with_name(self.path.name + ".d")
+        try:
+            try:
+                await asyncio.to_thread(self.reader.drain)
+            except DigestMismatch as exc:
+                raise Invalid(f"checksum mismatch: {exc.message}") from None
+            finally:
+                self.reader.close()
+            work.mkdir(mode=0o700)
+            archive = await asyncio.to_thread(oci.read_archive, self.path, work)
+            for digest, path in archive.paths():
+                if not await self.svc.blobs.exists(digest):
+                    await self.svc.blobs.put_file(digest, path)
+        except _Interrupted as exc:
+            log.info("upload interrupted", image=image.id, reason=exc.why)
+            if exc.record:
+                with contextlib.suppress(StratusError):
+                    reason = f"upload interrupted after {self.received} bytes: {exc.why}"
+                    await self.svc.record(self, ImageUploadFailed, reason=reason)
+            raise
+        except Invalid as exc:
+            log.info("upload refused", image=image.id, reason=exc.message)
+            raise
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        after = await self.svc.record(
+            self,
+            ImageActivated,
+            size_bytes=image.size_bytes,
+            checksum=archive.digest,
+            min_disk_gb=0,
+            reason="",
+            oci=archive.config,
+        )
+        log.info("oci image stored", image=image.id, layers=len(archive.config.layers))
         return after
 
     async def answer(self, msg: Msg) -> Reply:

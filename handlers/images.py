@@ -8,11 +8,17 @@ object store: an image created with a ``checksum`` is ``queued`` until
 that service has stored bytes of exactly that size and SHA-256 and
 appended ``image.activated``. One created without is a record only,
 active at once (its instances get a blank disk).
+
+Glance makes an image in two steps, a record without bytes and then its
+file, and the OpenStack API keeps no state between them: the second step
+is ``image.upload``, which says what the bytes are (their size, SHA-256 and
+MD5, as the API received them) and queues the image for them; the API then
+sends them to the image service like ``image create --file`` does.
 """
 
 from __future__ import annotations
 
-from stratus.events.errors import Invalid
+from stratus.events.errors import Conflict, Invalid
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
 from stratus.events.resources import (
@@ -21,6 +27,8 @@ from stratus.events.resources import (
     ImageCreated,
     ImageDeleted,
     ImageQueued,
+    ImageUpload,
+    ImageUploading,
     RefCommand,
 )
 from stratus.handlers.inventory import carried, unique, unused_name
@@ -29,6 +37,8 @@ from stratus.handlers.world import Aggregate, World, live_tenant
 
 
 def _created(cmd: ImageCreate, cause: Cause, tenant: str, iid: str, visibility: str) -> Event:
+    if cmd.format == "oci" and not cmd.checksum:
+        raise Invalid("an oci image needs its archive (--file): it has no blank form")
     if cmd.checksum:
         if cmd.size_bytes <= 0:
             raise Invalid("an image with a checksum needs its size_bytes (the file's length)")
@@ -43,6 +53,18 @@ def decide_image_create(w: World, cmd: ImageCreate, cause: Cause) -> list[Event]
     live_tenant(w, t)
     unique(w.images, cmd.name)
     return [_created(cmd, cause, t, new_id(), "private")]
+
+
+def decide_image_upload(w: World, cmd: ImageUpload, cause: Cause) -> list[Event]:
+    """Queue image ``ref`` for the bytes ``cmd`` describes. Nothing if it
+    waits for (or holds) these already: a retried upload sends them again."""
+    i = w.images.find(cmd.ref)
+    if (i.checksum, i.format) == (cmd.checksum, cmd.format):
+        return []
+    if i.status != "queued" and i.checksum:
+        raise Conflict(f"image {i.name or i.id} has its data already")
+    fields = carried(cmd, ImageUploading)
+    return [cause.make(ImageUploading, cmd.tenant or "", "image", i.id, **fields)]
 
 
 def decide_image_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:

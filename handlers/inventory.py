@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 
 from stratus.events.compute import HostServerAction
-from stratus.events.errors import AlreadyExists, Conflict, NotFound
+from stratus.events.errors import AlreadyExists, Conflict, Invalid, NotFound
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, Event
-from stratus.events.resources import SYSTEM, RefCommand
+from stratus.events.resources import RENAMED, SYSTEM, RefCommand, Rename
 from stratus.handlers import quota
 from stratus.handlers.records import R, Server, shared_fields
 from stratus.handlers.world import Aggregate, Table, World, live_tenant
@@ -28,7 +28,8 @@ def carried(cmd: msgspec.Struct, event: type[Event]) -> dict[str, Any]:
 
 
 def unique(table: Table[Any], name: str) -> None:
-    if table.named(name) is not None:
+    # An empty name (an unnamed Neutron subnet or port) is nobody's to hold.
+    if name and table.named(name) is not None:
         raise AlreadyExists(
             f"a {table.record.kind} named {name} already exists in tenant {table.world.tenant}"
         )
@@ -51,6 +52,30 @@ def create(
     return [cause.make(cls, t, table.record.kind, new_id(), name=cmd.name, **fields)]
 
 
+def decide_rename(kind: str) -> Callable[[World, Rename, Cause], list[Event]]:
+    """The decision of ``<kind>.rename`` (what OpenStack's update calls
+    change): a new name, free among the tenant's resources of the kind when
+    the append lands, and a security group's new description."""
+    cls = RENAMED[kind]
+    described = "description" in cls.payload_fields()
+
+    def decide(w: World, cmd: Rename, cause: Cause) -> list[Event]:
+        table = w.tables[kind]
+        if cmd.description is not None and not described:
+            raise Invalid(f"a {table.record.label()} has no description")
+        r = table.find(cmd.ref)
+        fields: dict[str, Any] = {"name": r.name if cmd.name is None else cmd.name}
+        if described:
+            fields["description"] = r.description if cmd.description is None else cmd.description
+        if all(getattr(r, k) == v for k, v in fields.items()):
+            return []
+        if fields["name"] != r.name:
+            unique(table, fields["name"])
+        return [cause.make(cls, cmd.tenant or "", kind, r.id, **fields)]
+
+    return decide
+
+
 def delete_unused(
     table: Table[R],
     cmd: RefCommand,
@@ -62,7 +87,7 @@ def delete_unused(
     r = table.find(cmd.ref)
     using = sorted(users(r))
     if using:
-        name = getattr(r, "name", r.id)
+        name = getattr(r, "name", "") or r.id  # an unnamed one by its id
         raise Conflict(f"{r.label()} {name} is in use by {', '.join(using)}")
     return [cause.make(cls, cmd.tenant or "", table.record.kind, r.id)]
 

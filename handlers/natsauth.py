@@ -47,6 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from stratus.events import natscreds
 from stratus.events.blobs import BUCKET as IMAGE_BUCKET
 from stratus.events.errors import Invalid
+from stratus.events.frameworks import FRAMEWORK_BEATS
 from stratus.events.integrations import (
     ACK_WAIT_S,
     IntegrationConsumerReset,
@@ -54,6 +55,7 @@ from stratus.events.integrations import (
     IntegrationCredential,
     IntegrationRevoked,
 )
+from stratus.events.lease import LEASES
 from stratus.events.natsjwt import AUTH_CALLOUT_SUBJECT, Permissions, Signer, new_seed
 from stratus.events.reports import REPORT_SUBJECT
 from stratus.events.resources import SYSTEM
@@ -277,6 +279,13 @@ def service_permissions(kind: str, host: str, nkey: str) -> Permissions:
             f"$JS.API.STREAM.UPDATE.{STREAM}",
             f"$JS.API.STREAM.INFO.KV_{HEARTBEATS}",
             *_kv_make(HEARTBEATS),
+            # the webhook deliveries bucket is made with the log (``ensure_log``)
+            f"$JS.API.STREAM.INFO.KV_{WEBHOOK_BUCKET}",
+            *_kv_make(WEBHOOK_BUCKET),
+            # frameworks' beats (``framework.beat``): the handlers beat for them
+            f"$KV.{FRAMEWORK_BEATS}.*",
+            f"$JS.API.STREAM.INFO.KV_{FRAMEWORK_BEATS}",
+            *_kv_make(FRAMEWORK_BEATS),
             EXEC_SUBJECT.format(host="*"),
             # the image service (run with the handlers) writes image files
             *_objects(IMAGE_BUCKET, write=True),
@@ -288,7 +297,19 @@ def service_permissions(kind: str, host: str, nkey: str) -> Permissions:
         sub += ["q.>", SWAP_SUBJECT]
         responds = True
     elif kind == "projector":
-        pub = [*_js_read(), *_consumers()]
+        # With a shared database, the projector lease (``events.lease``):
+        # its bucket, made on first use, and the projectors' keys in it.
+        stream = f"KV_{LEASES}"
+        pub = [
+            *_js_read(),
+            *_consumers(),
+            f"$JS.API.STREAM.INFO.{stream}",
+            f"$JS.API.STREAM.CREATE.{stream}",
+            f"$JS.API.STREAM.UPDATE.{stream}",
+            f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>",
+            f"$KV.{LEASES}.projector.*",
+        ]
     elif kind == "scheduler":
         # Claims on hosts' subjects and placements on servers': no tenant,
         # quota or identity event.
@@ -300,6 +321,23 @@ def service_permissions(kind: str, host: str, nkey: str) -> Permissions:
             *_pull("scheduler"),
             *_kv_read(HEARTBEATS),
             *_kv_make(HEARTBEATS),
+        ]
+    elif kind == "allocator":
+        # Offers (on offers' and hosts' subjects), and a silent framework's
+        # removal with its tasks failed and their claims released: no tenant,
+        # quota, identity or network event. It watches hosts' and frameworks'
+        # beats, and makes their buckets if it comes first.
+        pub = [
+            f"ev.{SYSTEM}.host.*",
+            "ev.*.offer.*",
+            "ev.*.framework.*",
+            "ev.*.server.*",
+            *_js_read(),
+            *_consumers(),
+            *_kv_read(HEARTBEATS),
+            *_kv_make(HEARTBEATS),
+            *_kv_read(FRAMEWORK_BEATS),
+            *_kv_make(FRAMEWORK_BEATS),
         ]
     elif kind == "webhooks":
         # Its consumers are named by webhook ids (any), pushed to its inbox.

@@ -153,6 +153,7 @@ def decide_subnet_create(w: World, cmd: SubnetCreate, cause: Cause) -> list[Even
             pool_end=r.end,
             dns=list(cmd.dns),
             ip_version=mine.version,
+            dhcp=cmd.dhcp,
         )
     ]
 

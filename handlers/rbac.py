@@ -89,17 +89,28 @@ PERMISSIONS: dict[str, Rule] = {
     **{
         f"{kind}.{verb}": Rule(Scope.TENANT, WRITE)
         for kind, verbs in {
-            "image": ("create", "delete"),
+            "image": ("create", "delete", "upload", "rename"),
             "server": ("create", "delete", "stop", "start", "reboot", "exec", "snapshot"),
             "server-group": ("create", "delete"),
             "volume": ("create", "delete", "attach", "detach"),
-            "network": ("create", "delete"),
-            "subnet": ("create", "delete"),
+            "network": ("create", "delete", "rename"),
+            "subnet": ("create", "delete", "rename"),
             "port": ("create", "delete", "set"),
-            "router": ("create", "delete", "add-subnet", "remove-subnet"),
+            "router": ("create", "delete", "add-subnet", "remove-subnet", "rename", "set"),
             "floating-ip": ("create", "delete", "associate", "disassociate"),
-            "security-group": ("create", "delete", "rule-add", "rule-remove"),
+            "security-group": (
+                "create",
+                "delete",
+                "rule-add",
+                "rule-remove",
+                "rename",
+                "ensure-default",
+            ),
             "qos-policy": ("create", "delete"),
+            # Two-level scheduling: a framework and its answers to offers.
+            "framework": ("register", "beat"),
+            "offer": ("accept", "decline"),
+            "task": ("update", "running"),
         }.items()
         for verb in verbs
     },
@@ -118,6 +129,8 @@ PERMISSIONS: dict[str, Rule] = {
             "floating-ip",
             "security-group",
             "qos-policy",
+            "framework",
+            "offer",
         )
     },
 }

@@ -21,6 +21,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 from stratus.events.resources import SPEC_FIELDS, ServerSpec
 
 DEFAULT_TYPES = ("vm", "container")
@@ -89,8 +90,13 @@ class Image(Record):
     visibility: str = "private"
     parent: str = ""
     min_disk_gb: int = 0
+    properties: dict[str, str] = {}
+    # Glance's MD5 of the bytes (``image.uploading``: the two-step create).
+    md5: str | UnsetType = UNSET
     # Why its last upload stored nothing ("" once active).
     reason: str | UnsetType = UNSET
+    # An OCI image's layers and process (None: a disk image).
+    oci: OciConfig | None = None
 
 
 class Server(Record):
@@ -104,6 +110,8 @@ class Server(Record):
     scheduling: dict | UnsetType = UNSET
     disk: str | UnsetType = UNSET
     reason: str | UnsetType = UNSET
+    # A container's OCI runtime (``runc 1.1.5+ds1``).
+    runtime: str | UnsetType = UNSET
 
     @property
     def name(self) -> str:
@@ -151,6 +159,7 @@ class Subnet(Record):
     pool_end: str
     dns: list[str] = []
     ip_version: int = 4
+    dhcp: bool = True
 
 
 class Port(Record):
@@ -173,6 +182,7 @@ class Router(Record):
     name: str
     external_network: str = ""
     external_ip: str = ""
+    admin_up: bool = True
     # subnet id -> the id of the router's port on it
     interfaces: dict[str, str] | UnsetType = UNSET
 

@@ -24,6 +24,7 @@ from stratus.events.model import Event
 from stratus.events.resources import (
     COMMANDS,
     QUOTA_DEFAULTS,
+    RENAMED,
     ServerRebootRequested,
     ServerStartRequested,
     ServerStopRequested,
@@ -38,6 +39,7 @@ from stratus.handlers import (
     system,
     volumes,
 )
+from stratus.handlers.inventory import decide_rename
 from stratus.handlers.lookup import with_lookup
 from stratus.handlers.records import view
 from stratus.handlers.registry import Handler
@@ -146,6 +148,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _on_system("network.create-external", routers.decide_external_network_create),
         _in_tenant("image.create", images.decide_image_create),
         _in_tenant("image.delete", images.decide_image_delete),
+        _in_tenant("image.upload", images.decide_image_upload),
         _in_tenant(
             "server.create",
             servers.decide_server_create,
@@ -179,6 +182,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("router.delete", routers.decide_router_delete),
         _in_tenant("router.add-subnet", routers.decide_router_add_subnet),
         _in_tenant("router.remove-subnet", routers.decide_router_remove_subnet),
+        _in_tenant("router.set", routers.decide_router_set),
         _in_tenant("floating-ip.create", routers.decide_fip_create, also=routers.address_pool),
         _in_tenant("floating-ip.delete", routers.decide_fip_delete),
         _in_tenant("floating-ip.associate", routers.decide_fip_associate),
@@ -187,5 +191,7 @@ def handlers(quota_defaults: dict[str, int] | None = None) -> list[Handler]:
         _in_tenant("security-group.delete", security_groups.decide_sg_delete),
         _in_tenant("security-group.rule-add", security_groups.decide_sg_rule_add),
         _in_tenant("security-group.rule-remove", security_groups.decide_sg_rule_remove),
+        _in_tenant("security-group.ensure-default", security_groups.decide_ensure_default),
+        *(_in_tenant(f"{kind}.rename", decide_rename(kind)) for kind in RENAMED),
         _in_tenant("quota.set", quota.decide_quota_set),
     ]

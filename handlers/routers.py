@@ -29,12 +29,14 @@ from stratus.events.resources import (
     NetworkCreated,
     PortDeleted,
     RefCommand,
+    RouterAdminStateSet,
     RouterCreate,
     RouterCreated,
     RouterDeleted,
     RouterInterface,
     RouterInterfaceAdded,
     RouterInterfaceRemoved,
+    RouterSet,
 )
 from stratus.handlers import quota
 from stratus.handlers.addressing import address_range, first_free, parse_network
@@ -161,6 +163,7 @@ def decide_router_create(
         name=cmd.name,
         external_network=cmd.external_network or "",
         external_ip=gateway.address if gateway else "",
+        admin_up=cmd.admin_up,
     )
     return [router, gateway] if gateway else [router]
 
@@ -178,6 +181,16 @@ def decide_router_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]
         t = cmd.tenant or ""
         out.append(_give_back(r.external_network, r.external_ip, t, r.id, cause))
     return out
+
+
+def decide_router_set(w: World, cmd: RouterSet, cause: Cause) -> list[Event]:
+    """A router's administrative state: a down router routes nothing (the
+    network agent removes its namespace); nothing if it already is so."""
+    r = w.routers.find(cmd.ref)
+    if r.admin_up == cmd.admin_up:
+        return []
+    t = cmd.tenant or ""
+    return [cause.make(RouterAdminStateSet, t, "router", r.id, admin_up=cmd.admin_up)]
 
 
 def decide_router_add_subnet(w: World, cmd: RouterInterface, cause: Cause) -> list[Event]:

@@ -1,6 +1,7 @@
 """Security groups and their rules, and the tenant's ``default`` group that
 a server or port without groups is put in (made on first use, as Neutron
-does). Decided on the tenant's world (see ``handlers.world``).
+does, or when the OpenStack API first lists a tenant's groups: Neutron
+makes it then too). Decided on the tenant's world (see ``handlers.world``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,37 @@ from stratus.events.resources import (
     SecurityGroupRuleAdded,
     SecurityGroupRuleRemove,
     SecurityGroupRuleRemoved,
+    TenantScoped,
 )
+from stratus.handlers import quota
 from stratus.handlers.addressing import parse_network
 from stratus.handlers.inventory import create, delete_unused, ports_where
 from stratus.handlers.records import Rule, SecurityGroup
-from stratus.handlers.world import World
+from stratus.handlers.world import World, live_tenant
+
+
+def _allow(
+    cause: Cause,
+    tenant: str,
+    group: str,
+    direction: str,
+    *,
+    remote_cidr: str = "",
+    remote_group: str = "",
+) -> Event:
+    """A rule letting through every protocol in ``direction`` (from or to
+    ``remote_cidr`` or the members of ``remote_group``; neither: anywhere)."""
+    return cause.make(
+        SecurityGroupRuleAdded,
+        tenant,
+        "security-group",
+        group,
+        rule=new_id(),
+        direction=direction,
+        protocol="any",
+        remote_cidr=remote_cidr,
+        remote_group=remote_group,
+    )
 
 
 def _default_group(w: World, cause: Cause, tenant: str) -> tuple[str, list[Event]]:
@@ -41,20 +68,8 @@ def _default_group(w: World, cause: Cause, tenant: str) -> tuple[str, list[Event
         description="default: all egress, ingress from members of this group",
     )
     sid = sg_ev.aggregate.id
-
-    def rule(direction: str, remote_group: str = "") -> Event:
-        return cause.make(
-            SecurityGroupRuleAdded,
-            tenant,
-            "security-group",
-            sid,
-            rule=new_id(),
-            direction=direction,
-            protocol="any",
-            remote_group=remote_group,
-        )
-
-    return sid, [sg_ev, rule("egress"), rule("ingress", sid)]
+    egress = _allow(cause, tenant, sid, "egress")
+    return sid, [sg_ev, egress, _allow(cause, tenant, sid, "ingress", remote_group=sid)]
 
 
 def resolve_groups(
@@ -68,8 +83,18 @@ def resolve_groups(
     return [sid], made, 1 if made else 0
 
 
+def decide_ensure_default(w: World, cmd: TenantScoped, cause: Cause) -> list[Event]:
+    """The tenant's ``default`` group, made now if it has none yet."""
+    t = cmd.tenant or ""
+    live_tenant(w, t)
+    _, made = _default_group(w, cause, t)
+    if made:
+        quota.check(w, {"security_groups": 1})
+    return made
+
+
 def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[Event]:
-    return create(
+    made = create(
         w.security_groups,
         cmd,
         cause,
@@ -77,6 +102,11 @@ def decide_sg_create(w: World, cmd: SecurityGroupCreate, cause: Cause) -> list[E
         {"security_groups": 1},
         description=cmd.description,
     )
+    if not cmd.default_egress:
+        return made
+    # Neutron's two default rules, in the same batch: all egress, IPv4 and IPv6.
+    t, sid = cmd.tenant or "", made[0].aggregate.id
+    return [*made, *(_allow(cause, t, sid, "egress", remote_cidr=c) for c in ("", "::/0"))]
 
 
 def decide_sg_delete(w: World, cmd: RefCommand, cause: Cause) -> list[Event]:

@@ -33,6 +33,7 @@ from stratus.events.resources import (
     VolumeDetached,
 )
 from stratus.handlers import quota
+from stratus.handlers.addressing import parse_address
 from stratus.handlers.inventory import create, delete_unused, host_action, unique
 from stratus.handlers.lookup import Lookup
 from stratus.handlers.networks import new_port
@@ -89,6 +90,10 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
     if image.status != "active":
         # Queued: its bytes are not stored yet, so no host could fetch them.
         raise Conflict(f"image {image.name} is {image.status}, not active: upload its file first")
+    if image.format == "oci" and cmd.instance_type != "container":
+        raise Invalid(f"image {image.name} is an OCI image: it runs as --type container only")
+    if cmd.command and cmd.instance_type != "container":
+        raise Invalid("--command is for container servers (a VM boots its image)")
     vcpus, ram, disk = _sizes(plan)
     disk = max(disk, image.min_disk_gb)
     group = w.server_groups.find(cmd.group).id if cmd.group else ""
@@ -135,9 +140,23 @@ def decide_server_create(w: World, plan: ServerPlan, cause: Cause) -> list[Event
         nics=[Nic(port=p.aggregate.id, mac=p.mac) for p in ports],
         group=group,
         zone=cmd.zone or "",
+        metadata=dict(cmd.metadata),
+        access_ipv4=_access_ip(cmd.access_ipv4, 4),
+        access_ipv6=_access_ip(cmd.access_ipv6, 6),
+        command=list(cmd.command),
     )
     server = cause.make(ServerRequested, t, "server", sid, spec=spec)
     return [*sg_events, server, *ports]
+
+
+def _access_ip(value: str | None, version: int) -> str:
+    """An access address as the user gave it, checked to be of its version."""
+    if not value:
+        return ""
+    a = parse_address(value, f"access IPv{version}")
+    if a.version != version:
+        raise Invalid(f"access IPv{version} {value} is not an IPv{version} address")
+    return str(a)
 
 
 # Servers already placed on a host need its agent to tear them down.

@@ -48,6 +48,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 
 from stratus.events import cloudevents
+from stratus.events.cluster import log_replicas
 from stratus.events.errors import NotFound
 from stratus.events.ids import new_id
 from stratus.events.integrations import WEBHOOK, WebhookCreated, WebhookDeleted
@@ -446,8 +447,11 @@ async def deliveries_bucket(store: EventStore) -> Any:
     try:
         return await js.key_value(BUCKET)
     except nats.js.errors.BucketNotFoundError:
+        replicas = await log_replicas(js, store.stream)
         return await js.create_key_value(
-            KeyValueConfig(bucket=BUCKET, history=1, ttl=KEEP_S, storage=StorageType.FILE)
+            KeyValueConfig(
+                bucket=BUCKET, history=1, ttl=KEEP_S, storage=StorageType.FILE, replicas=replicas
+            )
         )
 
 

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from stratus.events.catalog import EVENT_TYPES
+from stratus.events.commands import via_of
 from stratus.events.errors import Invalid
 from stratus.events.model import SECRET_FIELDS, Event
 from stratus.projections.batch import Op, Upsert
@@ -239,4 +240,5 @@ def row_view(row: Any) -> dict[str, Any]:
         "causation_id": row.causation_id,
         "id": row.event_id,
         "result": row.result,
+        "via": via_of(row.correlation_id),
     }

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from sqlalchemy.schema import CreateIndex
 from stratus.events.store import EventStore, Recorded, Until
 from stratus.events.tasks import cancel, shielded
 from stratus.projections.batch import Patch, RowBatch, Statement, Upsert, insert_statement
-from stratus.projections.db import sync_writer
+from stratus.projections.db import sqlite_path, sync_writer
 from stratus.projections.schema import checkpoints, metadata, quarantine, view_schemas
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
 from stratus.projections.views import View, all_views, dispatch
@@ -35,6 +35,9 @@ from stratus.projections.writer import WriterProcess, Written
 log = structlog.get_logger("stratus.projector")
 
 DEFAULT_NAME = "main"
+
+# Called first in a write transaction; raises to stop the write.
+Fence = Callable[[AsyncConnection], Awaitable[None]]
 BULK_COMMIT_EVERY = 50_000
 
 
@@ -76,6 +79,7 @@ class Projector:
         snapshots: Snapshots | None = None,
         bulk: bool = False,
         helper: bool = False,
+        fence: Fence | None = None,
     ) -> None:
         """``bulk``: a rebuild into a new store that nothing reads until it
         is complete (``build_store``). Starting from 0, the secondary
@@ -85,7 +89,9 @@ class Projector:
         instead of every batch (``_load``), the checkpoint with the rows as
         ever. ``helper``: a bulk load into a SQLite file writes through a
         second process (``writer``) while this one reads and folds; its
-        commits are those of the in-process load, made a little later."""
+        commits are those of the in-process load, made a little later.
+        ``fence``: called first in each write transaction, it raises if this
+        projector may no longer write the store (``projections.leased``)."""
         self.store = store
         self.engine = engine
         self.views = list(views) if views is not None else all_views()
@@ -112,11 +118,13 @@ class Projector:
         # Indexes dropped for a bulk load, created again when it ends.
         self._deferred: list[Index] = []
         self._sync = sync_writer(engine, bulk=bulk)
+        if fence is not None and self._sync is not None:
+            raise ValueError("a fenced projector writes through the async engine (not SQLite)")
+        self.fence = fence
         # Checkpoint snapshots are copies of a SQLite file (time travel's
         # starting points); other backends do without.
-        db = engine.url.database if engine.dialect.name == "sqlite" else None
-        self.snapshots = snapshots if db else None
-        self._db_path = Path(db) if db else None
+        self._db_path = sqlite_path(engine)
+        self.snapshots = snapshots if self._db_path is not None else None
 
     def close(self) -> None:
         if self._sync is not None:
@@ -190,6 +198,7 @@ class Projector:
             )
             await self._rebuild_views(stale)
         async with self.engine.begin() as conn:
+            await self._fenced(conn)
             for v in stale:
                 await conn.execute(delete(view_schemas).where(view_schemas.c.view == v.name))
             await conn.execute(
@@ -199,12 +208,15 @@ class Projector:
     async def _rebuild_views(self, stale: list[View]) -> None:
         tables: list[Table] = [t for v in stale for t in v.tables]
         async with self.engine.begin() as conn:
+            await self._fenced(conn)
             for t in tables:
                 await conn.run_sync(t.drop, checkfirst=True)
                 await conn.run_sync(t.create)
             poisoned = (await conn.execute(select(quarantine.c.seq))).scalars().all()
         name = f"schema:{self.name}"
-        sub = Projector(self.store, self.engine, views=stale, name=name, batch=self.batch)
+        sub = Projector(
+            self.store, self.engine, views=stale, name=name, batch=self.batch, fence=self.fence
+        )
         # Events already quarantined stay so (and out of every view), as in
         # a full rebuild.
         sub._skip = frozenset(poisoned)
@@ -214,6 +226,7 @@ class Projector:
         finally:
             sub.close()
         async with self.engine.begin() as conn:
+            await self._fenced(conn)
             await conn.execute(delete(checkpoints).where(checkpoints.c.name == name))
 
     async def run(self) -> None:
@@ -421,6 +434,7 @@ class Projector:
             self._write_sync(p)
         else:
             async with self.engine.begin() as conn:
+                await self._fenced(conn)
                 await p.rows.flush(conn)
                 if p.poisoned:
                     await conn.execute(insert(quarantine), p.poisoned)
@@ -429,6 +443,10 @@ class Projector:
             # Between batches: the copy's read transaction sees this commit.
             self.snapshots.maybe_take(self._db_path, p.last)
         self._warn(p.poisoned)
+
+    async def _fenced(self, conn: AsyncConnection) -> None:
+        if self.fence is not None:
+            await self.fence(conn)
 
     @staticmethod
     def _warn(poisoned: list[dict[str, Any]]) -> None:

@@ -15,8 +15,9 @@ from nats.aio.msg import Msg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from stratus.events.cluster import stream_cluster
 from stratus.events.commands import H_AT, MAX_COMMAND_BYTES, Reply, explain
-from stratus.events.errors import Invalid, NotFound
+from stratus.events.errors import Invalid, NotFound, StratusError
 from stratus.events.heartbeat import beating_hosts
 from stratus.events.ids import is_name, is_token
 from stratus.events.kinds import PLURALS
@@ -24,7 +25,8 @@ from stratus.events.model import record
 from stratus.events.responder import Responder
 from stratus.events.store import EventStore, Recorded
 from stratus.projections import audit, resources, tenants, users
-from stratus.projections.db import sqlite_path
+from stratus.projections.db import SharedEngine, sqlite_path
+from stratus.projections.leased import lease_row
 from stratus.projections.projector import DEFAULT_NAME, digest, quarantine_count, read_checkpoint
 from stratus.projections.snapshots import Snapshots
 from stratus.projections.timetravel import PastStore, TimeTravel
@@ -141,10 +143,17 @@ Authorize = Callable[[CallerLike, str, "str | None"], None]
 
 class Point(msgspec.Struct, frozen=True):
     """The projection store a query reads: the live one (``seq`` None) or
-    one rebuilt from the log up to ``seq`` (time travel)."""
+    one rebuilt from the log up to ``seq`` (time travel). ``live`` is the
+    live store as of the query's start, which a past point's audit rows
+    and digest read (None: ``engine`` is the live store)."""
 
     engine: AsyncEngine
     seq: int | None = None
+    live: AsyncEngine | None = None
+
+    @property
+    def live_engine(self) -> AsyncEngine:
+        return self.live if self.live is not None else self.engine
 
 
 class Route(msgspec.Struct, frozen=True):
@@ -189,16 +198,22 @@ class QueryService(Responder):
         super().__init__(store.nc, "q.>", queue=queue, log=log)
         self.quota_defaults = {**QUOTA_DEFAULTS, **(quota_defaults or {})}
         self.store = store
-        self.engine = engine
+        # The live store, held by each query that reads it (see ``point``).
+        self._live = SharedEngine(engine)
         self.timetravel = timetravel or TimeTravel(store, snapshots=_snapshots_of(engine))
-        self._leases: dict[int, PastStore] = {}
+        self._leases: dict[int, tuple[SharedEngine, PastStore | None]] = {}
         self.authenticate = authenticate
         self.authorize = authorize
         self.projector_name = projector_name
         self._stopping = False
-        self._digest_cache: tuple[int, str] | None = None
+        # (store, checkpoint, digest) of the last live digest computed.
+        self._digest_cache: tuple[AsyncEngine, int, str] | None = None
         # Where the HTTP faces started beside this service answer (``status``).
         self.endpoints: dict[str, str] = {}
+        # The broker nodes this service was started beside (``stratus up
+        # --cluster``: name, url, alive); without it ``status`` names the
+        # nodes holding the log's replicas.
+        self.cluster_nodes: Callable[[], list[dict[str, Any]]] | None = None
         self.routes: dict[str, Route] = {
             "whoami": Route(WhoamiQuery, self.q_whoami, "tenant.list"),
             "tenants": Route(TenantsQuery, self.q_tenants, "tenant.list"),
@@ -225,15 +240,23 @@ class QueryService(Responder):
         await super().stop()
         await self.timetravel.close()
 
-    def set_engine(self, engine: AsyncEngine) -> None:
+    @property
+    def engine(self) -> AsyncEngine:
+        """The live store new queries read."""
+        return self._live.engine
+
+    def set_engine(self, engine: AsyncEngine) -> SharedEngine:
         """Answer from another live store from now on (a rebuild's swap).
 
         One assignment in the event loop: a query reads either store
-        entirely, never a mix.
+        entirely, never a mix. Returns the previous store, which queries
+        that began on it may still be reading: ``retire`` it to close it
+        once they are done.
         """
-        self.engine = engine
+        old, self._live = self._live, SharedEngine(engine)
         self.timetravel.snapshots = _snapshots_of(engine)
         self._digest_cache = None
+        return old
 
     async def answer(self, msg: Msg) -> Reply:
         return Reply(ok=True, data=await self.handle(msg.subject[2:], msg.data, msg.headers or {}))
@@ -266,23 +289,39 @@ class QueryService(Responder):
     async def point(self, at: str | None, *, build: bool = True) -> Point:
         """The store that answers as of ``at`` (None: now); see ``timetravel``.
 
-        A past store is held for the caller until ``release(point)``.
+        The live store (and a past one) is held for the caller until
+        ``release(point)``, so a swap cannot close it underneath.
         ``build=False`` only resolves the sequence (routes reading the log).
         """
-        if at is None:
-            return Point(self.engine)
-        seq = await self.timetravel.resolve(at)
-        if not build:
-            return Point(self.engine, seq)
-        past = await self.timetravel.acquire(seq)
-        point = Point(past.engine, seq)
-        self._leases[id(point)] = past
+        live = self._live
+        engine = live.hold()
+        past: PastStore | None = None
+        try:
+            if at is None:
+                point = Point(engine)
+            else:
+                seq = await self.timetravel.resolve(at)
+                if build:
+                    past = await self.timetravel.acquire(seq)
+                    point = Point(past.engine, seq, engine)
+                else:
+                    point = Point(engine, seq)
+        except BaseException:
+            await live.release()
+            raise
+        self._leases[id(point)] = (live, past)
         return point
 
     async def release(self, point: Point) -> None:
-        past = self._leases.pop(id(point), None)
-        if past is not None:
-            await self.timetravel.release(past)
+        held = self._leases.pop(id(point), None)
+        if held is None:
+            return
+        live, past = held
+        try:
+            if past is not None:
+                await self.timetravel.release(past)
+        finally:
+            await live.release()
 
     def _check(self, caller: CallerLike, permission: str, tenant: str | None) -> None:
         if self.authorize is not None:
@@ -314,6 +353,8 @@ class QueryService(Responder):
                     use = await resources.host_use(conn)
                     for row in rows:
                         resources.add_host_use(row, use.get(row["id"]))
+                elif kind == "framework":
+                    await resources.add_framework_use(conn, rows)
             if kind == "host":
                 await self._add_alive(rows, pt)
             return rows
@@ -495,16 +536,21 @@ class QueryService(Responder):
         async with pt.engine.connect() as conn, conn.begin():
             applied = await read_checkpoint(conn, self.projector_name)
             poisoned = await quarantine_count(conn)
+            # Which projector process writes a shared store (PostgreSQL).
+            lease = await lease_row(conn, self.projector_name) if pt.seq is None else None
             found: str | None = None
             if p.digest and pt.seq is not None:
                 # A past store, with the audit rows of the live one up to then.
-                await self._caught_up(self.engine, pt.seq)
-                async with self.engine.connect() as live, live.begin():
+                await self._caught_up(pt.live_engine, pt.seq)
+                async with pt.live_engine.connect() as live, live.begin():
                     found = await digest(conn, live=(live, pt.seq))
             elif p.digest:
-                if self._digest_cache is None or self._digest_cache[0] != applied:
-                    self._digest_cache = (applied, await digest(conn))
-                found = self._digest_cache[1]
+                cached = self._digest_cache
+                if cached is None or cached[:2] != (pt.engine, applied):
+                    # Keyed by store too: a query that began before a swap
+                    # must not leave the old store's digest for the new one.
+                    cached = self._digest_cache = (pt.engine, applied, await digest(conn))
+                found = cached[2]
         out: dict[str, Any] = {
             "last_seq": last,
             "projector_seq": applied,
@@ -513,6 +559,8 @@ class QueryService(Responder):
         }
         if found is not None:
             out["projection_digest"] = found
+        if lease is not None:
+            out["projector_lease"] = lease
         if pt.seq is not None:
             out["at"] = pt.seq
         elif p.parts:
@@ -552,7 +600,31 @@ class QueryService(Responder):
                 "waiting_replicas": info.num_waiting,
                 "backlog": (info.num_pending or 0) + (info.num_ack_pending or 0),
             }
-        return {"hosts": hosts, "services": services}
+        out: dict[str, Any] = {"hosts": hosts, "services": services}
+        with contextlib.suppress(StratusError):  # the stream's leader is being elected
+            state = await stream_cluster(self.store.js, self.store.stream)
+            if state["name"] is not None:  # a cluster, not one node
+                out["cluster"] = self._cluster_part(state)
+        return out
+
+    def _cluster_part(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The cluster's nodes, which one leads the log, and each replica's
+        lag (in messages) behind the leader."""
+        if self.cluster_nodes is not None:
+            nodes = self.cluster_nodes()
+        else:
+            nodes = [
+                {"name": r["name"], "url": None, "alive": not r["offline"]}
+                for r in state["replicas"]
+            ]
+        return {
+            "name": state["name"],
+            "nodes": nodes,
+            "stream": self.store.stream,
+            "stream_leader": state["leader"],
+            "replicas_configured": state["replicas_configured"],
+            "replicas": state["replicas"],
+        }
 
 
 def _snapshots_of(engine: AsyncEngine) -> Snapshots | None:

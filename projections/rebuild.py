@@ -17,7 +17,8 @@ Where things run (SQLite stores, the embedded ``stratus up``):
    the projector at it (one assignment in the event loop: a query reads one
    store or the other, never a half-built one), records the new file in
    ``DATA_DIR/projections.current`` (so a restart opens it), and removes the
-   old file with its snapshots. Queries are answered throughout, from the
+   old file with its snapshots once the last query that began on it is
+   done (``db.SharedEngine``). Queries are answered throughout, from the
    old store until the switch.
 
 PostgreSQL stores are not swapped yet: the request is refused with a message
@@ -49,15 +50,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.commands import MAX_COMMAND_BYTES, Reply
 from stratus.events.errors import Forbidden, Invalid
+from stratus.events.lease import DEFAULT_TTL_S, Lease, LeaseLost
 from stratus.events.responder import Responder
 from stratus.events.store import EventStore
+from stratus.events.tasks import cancel
 from stratus.projections.db import make_engine, sqlite_path, sqlite_url
-from stratus.projections.projector import Projector, read_checkpoint, store_digest
+from stratus.projections.leased import LeasedProjector, lease_key
+from stratus.projections.projector import DEFAULT_NAME, Projector, read_checkpoint, store_digest
 from stratus.projections.snapshots import DEFAULT_EVERY, Snapshots, snapshot_dir
 
 log = structlog.get_logger("stratus.rebuild")
 
 SWAP_SUBJECT = "ctl.projections.swap"
+# Queries are short: a swap waits this long for those still on the old store.
+OLD_STORE_WAIT_S = 5.0
 DEFAULT_STORE = "projections.db"
 LIVE_POINTER = "projections.current"
 _STORE_NAME = re.compile(r"^projections(\.[0-9]{8}T[0-9]{12}Z)?\.db$")
@@ -164,31 +170,73 @@ class LiveProjection:
 
     Restarts the projector from its checkpoint after a failure, and can be
     paused at a batch boundary and resumed on another store (a swap).
+
+    A store other processes can write too (PostgreSQL: ``leased`` None
+    means "unless SQLite") is written only while this process holds the
+    projector lease (``projections.leased``); otherwise it stands by. A
+    SQLite store belongs to its machine: each query node keeps its own.
     """
 
     def __init__(
-        self, store: EventStore, engine: AsyncEngine, *, snapshot_every: int = DEFAULT_EVERY
+        self,
+        store: EventStore,
+        engine: AsyncEngine,
+        *,
+        snapshot_every: int = DEFAULT_EVERY,
+        leased: bool | None = None,
+        lease_ttl: float = DEFAULT_TTL_S,
+        holder: str | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.snapshot_every = snapshot_every
+        self.leased = engine.dialect.name != "sqlite" if leased is None else leased
+        self.lease_ttl = lease_ttl
+        self.holder = holder
         self.projector: Projector | None = None
+        self.candidate: LeasedProjector | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.leased:
+            await self._start_leased()
+            return
         path = sqlite_path(self.engine)
         snaps = Snapshots.for_store(path, every=self.snapshot_every) if path else None
         self.projector = Projector(self.store, self.engine, snapshots=snaps)
         await self.projector.start_position()
         self._task = asyncio.create_task(self._run(self.projector))
 
+    async def _start_leased(self) -> None:
+        """Stand as a candidate for the lease; project while holding it."""
+        lease = Lease(
+            self.store.js,
+            lease_key(DEFAULT_NAME),
+            holder=self.holder,
+            ttl=self.lease_ttl,
+            stream=self.store.stream,
+        )
+
+        def using(projector: Projector | None) -> None:
+            self.projector = projector
+
+        self.candidate = LeasedProjector(
+            self.store, self.engine, lease, DEFAULT_NAME, self._run, using
+        )
+        self._task = asyncio.create_task(self.candidate.follow())
+
     async def _run(self, projector: Projector) -> None:
         while True:
             try:
                 await projector.run()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLost):
                 raise
-            except Exception:
+            except Exception as exc:
+                if self.candidate is not None and not self.candidate.lease.valid():
+                    # A write that failed once the lease ran out (the server
+                    # ended a paused holder's transaction, say): not a
+                    # hiccup to retry, the end of this holder's term.
+                    raise LeaseLost(f"projector lease lost during a write: {exc}") from None
                 # A broken connection or database hiccup: resume from the
                 # checkpoint, which is exactly where the failed batch began.
                 log.exception("projector failed; restarting from its checkpoint")
@@ -198,9 +246,8 @@ class LiveProjection:
         """Stop between batches: the store is then exactly at its checkpoint."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # (again until it takes: a lease candidate waits on NATS directly)
+            await cancel(task)
         projector, self.projector = self.projector, None
         if projector is not None:
             await projector.aclose()
@@ -237,6 +284,9 @@ class SwapService(Responder):
         # One swap at a time (``_lock``); a swap in flight may take a while
         # to catch up, and ``stop`` lets it.
         super().__init__(store.nc, SWAP_SUBJECT, drain_s=30, log=log)
+        # How long a swap waits for the queries still reading the old store
+        # before it answers; the store is removed when they end either way.
+        self.old_store_wait_s = OLD_STORE_WAIT_S
         self.store = store
         self.live = live
         self.queries = queries
@@ -275,7 +325,7 @@ class SwapService(Responder):
             raise Invalid(f"no store {name} in {self.data_dir}")
         async with self._lock:
             t0 = time.perf_counter()
-            engine = make_engine(sqlite_url(path))
+            engine = make_engine(sqlite_url(path), create=False)
             try:
                 async with engine.connect() as conn:
                     built_at = await read_checkpoint(conn)
@@ -294,15 +344,15 @@ class SwapService(Responder):
                 await self.live.resume()
                 await engine.dispose()
                 raise
-            old_engine = self.live.engine
-            self.queries.set_engine(engine)
+            old = self.queries.set_engine(engine)
             await self.live.resume(engine)
             set_live_store(self.data_dir, path)
             paused = time.perf_counter() - t0
-            # Queries that began on the old store finish on it (their
-            # connections stay open); unlinking does not disturb them.
-            await old_engine.dispose()
-            remove_store(old_path)
+            # Queries that began on the old store finish on it: it is
+            # disposed and its file removed after the last of them.
+            removed = await old.retire(lambda: remove_store(old_path), self.old_store_wait_s)
+            if not removed:
+                log.info("old store is removed when its last query ends", store=old_path.name)
             seq, found = await store_digest(engine)
             log.info("projection store swapped", store=name, built_at=built_at, reached=reached)
             return {
@@ -312,4 +362,5 @@ class SwapService(Responder):
                 "seq": seq,
                 "digest": found,
                 "paused_seconds": round(paused, 3),
+                "old_store_removed": removed,
             }

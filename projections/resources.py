@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from stratus.events import frameworks as fw
 from stratus.events import integrations as integ
 from stratus.events import resources as ev
 from stratus.events.kinds import PLURALS
@@ -77,11 +78,17 @@ def _payload_columns(cls: type) -> dict[str, tuple[str, Any]]:
     return out
 
 
+def kind_of(cls: type[ev.ResourceEvent]) -> str:
+    """The view an event's row is in: its type's prefix, unless it says
+    otherwise (``task.finished`` is about a server)."""
+    return getattr(cls, "view_kind", None) or cls.type_name().split(".")[0]
+
+
 def _kind_events() -> dict[str, list[type[ev.ResourceEvent]]]:
     out: dict[str, list[type[ev.ResourceEvent]]] = {}
-    for cls in (*ev.EVENTS, *integ.EVENTS):
+    for cls in (*ev.EVENTS, *integ.EVENTS, *fw.EVENTS):
         if isinstance(cls, type) and issubclass(cls, ev.ResourceEvent):
-            out.setdefault(cls.type_name().split(".")[0], []).append(cls)
+            out.setdefault(kind_of(cls), []).append(cls)
     return out
 
 
@@ -173,8 +180,7 @@ class _Plan:
     __slots__ = ("begins", "deep", "ends", "fixed", "json", "plain", "status", "table", "template")
 
     def __init__(self, cls: type[ev.ResourceEvent]) -> None:
-        kind = cls.type_name().split(".")[0]
-        self.table = TABLES_BY_KIND[kind]
+        self.table = TABLES_BY_KIND[kind_of(cls)]
         special = cls in _RULES or cls in _INTERFACES or cls.resets
         columns = {} if special else _payload_columns(cls)
         fields = tuple(f for f, (held, _) in columns.items() if f in self.table.c and not held)
@@ -370,6 +376,8 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
         row["floating_ips"] = [r.address for r in (await conn.execute(q)).all()]
     elif kind == "host":
         add_host_use(row, (await host_use(conn, row["id"])).get(row["id"]))
+    elif kind == "framework":
+        await add_framework_use(conn, [row])
     elif kind == "security-group":
         r = security_group_rules
         q = select(r).where(r.c.security_group == row["id"]).order_by(r.c.created_seq)
@@ -384,6 +392,45 @@ async def details(conn: AsyncConnection, kind: str, row: dict[str, Any]) -> dict
             {"subnet": x.subnet, "port": x.port, "ip": x.ip} for x in (await conn.execute(q)).all()
         ]
     return row
+
+
+async def add_framework_use(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Each framework's allocation (what its live tasks hold), task count and
+    dominant share (DRF: the largest of its shares of the enabled hosts'
+    vCPUs, RAM and disk, after allocation ratios, divided by its weight)."""
+    from stratus.handlers.allocator.drf import Res, dominant_share
+
+    if not rows:
+        return
+    hosts = TABLES_BY_KIND["host"]
+    q = select(
+        func.sum(hosts.c.vcpus * hosts.c.cpu_ratio),
+        func.sum(hosts.c.ram_mb * hosts.c.ram_ratio),
+        func.sum(hosts.c.disk_gb * hosts.c.disk_ratio),
+    ).where(hosts.c.status == "enabled")
+    cap = (await conn.execute(q)).one()
+    total = Res(*(float(x or 0) for x in cap))
+    sv = TABLES_BY_KIND["server"]
+    q = (
+        select(
+            sv.c.framework,
+            func.count(),
+            func.sum(sv.c.vcpus),
+            func.sum(sv.c.ram_mb),
+            func.sum(sv.c.disk_gb),
+        )
+        .where(sv.c.framework.in_([r["id"] for r in rows]))
+        .where(sv.c.host.is_not(None))
+        .where(sv.c.host != "")
+        .group_by(sv.c.framework)
+    )
+    use = {r[0]: r[1:] for r in (await conn.execute(q)).all()}
+    for row in rows:
+        n, v, m, d = use.get(row["id"], (0, 0, 0, 0))
+        held = Res(float(v or 0), float(m or 0), float(d or 0))
+        row["tasks"] = int(n)
+        row["allocation"] = {"vcpus": int(v or 0), "ram_mb": int(m or 0), "disk_gb": int(d or 0)}
+        row["dominant_share"] = round(dominant_share(held, total, row.get("weight") or 1.0), 4)
 
 
 async def host_use(

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    DateTime,
     Enum,
     Integer,
     LargeBinary,
@@ -73,4 +74,19 @@ view_schemas = Table(
     metadata,
     Column("view", String(64), primary_key=True),
     Column("fingerprint", String(64), nullable=False),
+)
+
+# Which projector may write this store (PostgreSQL, several candidates; see
+# ``projections.leased``): the lease it holds in the KV bucket, by the
+# bucket's generation and the revision that took the key. A projector checks
+# this row inside each of its write transactions; a new holder moves it on,
+# which fences the previous one out.
+projector_leases = Table(
+    "projector_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("holder", String(256), nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),
 )

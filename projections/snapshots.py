@@ -32,6 +32,8 @@ from pathlib import Path
 
 import structlog
 
+from stratus.projections.sqlitefile import connect_existing
+
 log = structlog.get_logger("stratus.snapshots")
 
 SUFFIX = ".snapshots"
@@ -102,7 +104,7 @@ class Snapshots:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".tmp-{uuid.uuid4().hex}.db"
         try:
-            src = sqlite3.connect(source, timeout=10, isolation_level=None)
+            src = connect_existing(source, timeout=10, isolation_level=None)
             try:
                 _copy(src, tmp)
             finally:

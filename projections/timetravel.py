@@ -40,6 +40,7 @@ from stratus.events.store import EventStore
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
+from stratus.projections.sqlitefile import connect_existing
 from stratus.projections.views import View, all_views
 
 log = structlog.get_logger("stratus.timetravel")
@@ -249,7 +250,7 @@ class TimeTravel:
 
 def _backup(source: Path, target: Path) -> None:
     # The backup API copies a consistent state, WAL included.
-    src = sqlite3.connect(source)
+    src = connect_existing(source, readonly=True)
     try:
         dst = sqlite3.connect(target)
         try:

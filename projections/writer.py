@@ -27,7 +27,6 @@ import contextlib
 import gc
 import json
 import os
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 import msgspec
 
 from stratus.events.errors import Internal
+from stratus.projections.sqlitefile import connect_existing
 
 # As the in-process bulk writer (``db._bulk_setup``), with a quarter of its
 # page cache: the rebuild's memory is now two processes' (their peaks
@@ -254,7 +254,7 @@ def run(path: str, stream: Any) -> Written | None:
     ended before the end frame (nothing after the last commit is kept)."""
     t0 = time.perf_counter()
     dec = msgspec.msgpack.Decoder(Frame)
-    db = sqlite3.connect(path, isolation_level=None)
+    db = connect_existing(path, isolation_level=None)
     statements = rows = 0
     idle = 0.0
     clock = time.perf_counter

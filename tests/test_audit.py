@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from sqlalchemy import select
 
+from stratus.events.commands import via_of
 from stratus.events.errors import Invalid, NotFound
 from stratus.events.identity import LoginFailed, RoleAssigned, UserCreated
 from stratus.events.ids import new_id
@@ -143,6 +144,8 @@ def row_from_log(seq: int, e: Event) -> dict:
         "causation_id": e.causation_id,
         "id": e.id,
         "result": reason or "ok",
+        # the channel the command id names (openstack-api-<uuid>), else ""
+        "via": via_of(e.correlation_id),
         "data": payload(e),
     }
 

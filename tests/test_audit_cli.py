@@ -79,10 +79,10 @@ def test_audit_answers_who_did_what_through_which_command(running):
     paged = ok(url, "audit", "--after", str(created["seq"]), "--limit", "1", "-o", "json")
     assert [e["seq"] for e in paged] == [renamed["seq"]]
 
-    # the table: time, actor, action, resource, command, result
+    # the table: time, actor, action, resource, command, via (the channel), result
     table = ok(url, "audit", "--type", "login.failed")
     header = next(line for line in table.splitlines() if "action" in line)
-    cols = ["time", "actor", "action", "resource", "command", "result"]
+    cols = ["time", "actor", "action", "resource", "command", "via", "result"]
     assert [c for c in header.replace("┃", " ").split()] == cols
     assert "bad credentials" in table and "login.failed" in table
 

@@ -125,7 +125,8 @@ def running_up(tmp_path: Path, *extra: str) -> Iterator[Up]:
     finally:
         u.kill()
         # A killed `up` cannot stop its broker: do it here so nothing leaks.
-        for ports in (tmp_path / "data" / "nats").glob("nats-server_*.ports"):
+        # The broker, or every node of a cluster (`--cluster N`: nats-1...).
+        for ports in (tmp_path / "data").glob("nats*/nats-server_*.ports"):
             pid = int(ports.stem.split("_")[1])
             try:
                 os.kill(pid, signal.SIGKILL)

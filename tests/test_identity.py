@@ -58,7 +58,16 @@ REVOCATION_S = 1.0
 REFUSALS = {"forbidden", "not_found", "unauthenticated"}
 # Verbs whose work happens on a host agent this matrix does not run: for
 # them "allowed" means past authentication and RBAC (no refusal above).
-AFTER_RBAC = {"cmd.server.exec"}
+AFTER_RBAC = {
+    "cmd.server.exec",
+    # No open offer, no framework's task: an allowed caller passes RBAC and
+    # is refused by the decision (conflict, invalid), a refused one never
+    # gets that far.
+    "cmd.offer.accept",
+    "cmd.offer.decline",
+    "cmd.task.update",
+    "cmd.task.running",
+}
 
 
 # -- harness ------------------------------------------------------------------
@@ -362,6 +371,20 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "network.create-routed": lambda i: {"name": f"rt-{i}", "cidr": f"10.{100 + i}.0.0/16"},
     "image.create": lambda i: {"tenant": "ta", "name": f"img-{i}"},
     "image.delete": lambda i: {"tenant": "ta", "ref": f"imgd-{i}"},
+    "image.upload": lambda i: {
+        "tenant": "ta",
+        "ref": f"img-{i}",
+        "size_bytes": 1,
+        "checksum": "a" * 64,
+    },
+    # Renames to the name a resource has (nothing appended, still allowed or not).
+    "image.rename": lambda i: {"tenant": "ta", "ref": "base", "name": "base"},
+    "network.rename": lambda i: {"tenant": "ta", "ref": "lan", "name": "lan"},
+    "subnet.rename": lambda i: {"tenant": "ta", "ref": "lan-v4", "name": "lan-v4"},
+    "router.rename": lambda i: {"tenant": "ta", "ref": f"ra-{i}"},
+    "router.set": lambda i: {"tenant": "ta", "ref": f"ra-{i}", "admin_up": True},
+    "security-group.ensure-default": lambda i: {"tenant": "ta"},
+    "security-group.rename": lambda i: {"tenant": "ta", "ref": "web"},
     "server.create": lambda i: {
         "tenant": "ta",
         "name": f"new-{i}",
@@ -434,6 +457,23 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
     "webhook.delete": lambda i: {"tenant": "ta", "ref": f"whd-{i}"},
     "credential.issue": lambda i: {"kind": "compute-agent", "host": f"hc-{i}"},
     "credential.revoke": lambda i: {"id": SEEDED[f"cred-{i}"]},
+    # Two-level scheduling (see AFTER_RBAC for the answers to offers).
+    "framework.register": lambda i: {"tenant": "ta", "name": f"fw-{i}"},
+    "framework.beat": lambda i: {"tenant": "ta", "framework": SEEDED[f"fwb-{i}"]},
+    "offer.accept": lambda i: {
+        "tenant": "ta",
+        "offer": "no-such-offer",
+        "host": f"hs-{i}",
+        "tasks": [{"name": f"task-{i}", "vcpus": 1, "ram_mb": 64}],
+    },
+    "offer.decline": lambda i: {"tenant": "ta", "offer": "no-such-offer"},
+    "task.update": lambda i: {
+        "tenant": "ta",
+        "task": f"run-{i}",
+        "host": f"hs-{i}",
+        "state": "finished",
+    },
+    "task.running": lambda i: {"tenant": "ta", "task": f"run-{i}"},
 }
 # Ids and addresses seed_inventory learned (floating IPs and rules have no name).
 SEEDED: dict[str, str] = {}
@@ -502,6 +542,26 @@ async def seed_inventory(cloud: Cloud, token: str, n: int) -> None:
         hook = {"name": f"whd-{i}", "url": "http://127.0.0.1:9/", "types": ["*"]}
         await ok("webhook.create", ta(hook))
         SEEDED[f"cred-{i}"] = (await ok("credential.issue", {"kind": "projector"}))["id"]
+        fw = await ok("framework.register", ta({"name": f"fwb-{i}"}))
+        SEEDED[f"fwb-{i}"] = fw["id"]
+    # An open offer for q.offer to show (no host beats here, so the allocator
+    # makes none of its own).
+    from stratus.events.frameworks import OfferMade
+
+    cause = Cause(actor="test", correlation_id="seed-offer", causation_id="seed-offer")
+    made = cause.make(
+        OfferMade,
+        "ta",
+        "offer",
+        "of-seed",
+        framework=SEEDED["fwb-0"],
+        host="hs-0",
+        vcpus=1.0,
+        ram_mb=64.0,
+        disk_gb=0.0,
+        expires_at=time.time() + 3600,
+    )
+    await store.append([made])
 
 
 FRESH_TOKEN = {"token.revoke", "user.set-password"}
@@ -557,6 +617,10 @@ QUERY_SAMPLES: dict[str, dict] = {
     "webhooks": {"tenant": "ta"},
     "webhook": {"tenant": "ta", "ref": "whd-0"},
     "webhook-deliveries": {"tenant": "ta", "ref": "whd-0"},
+    "frameworks": {"tenant": "ta"},
+    "framework": {"tenant": "ta", "ref": "fwb-0"},
+    "offers": {"tenant": "ta"},
+    "offer": {"tenant": "ta", "ref": "of-seed"},
 }
 
 

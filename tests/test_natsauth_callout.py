@@ -236,12 +236,27 @@ TABLE: dict[str, tuple[str, list[Attempt]]] = {
             Attempt("answer commands", sub="cmd.>"),
         ],
     ),
+    "allocator": (
+        "",
+        [
+            *COMMON,
+            Attempt("append a tenant event", "ev.ta.tenant.ta"),
+            Attempt("append a quota event", "ev.ta.quota.ta"),
+            Attempt("append a user event", "ev._system.user.admin"),
+            Attempt("append a network event", "ev.ta.network.n1"),
+            Attempt("answer commands", sub="cmd.>"),
+            Attempt("beat for a host", "$KV.stratus-heartbeats.h1"),
+            Attempt("take the projector lease", "$KV.stratus-leases.projector.main"),
+        ],
+    ),
     "projector": (
         "",
         [
             *COMMON,
             Attempt("append anything", "ev.ta.tenant.ta"),
             Attempt("answer queries", sub="q.>"),
+            Attempt("write another lease", "$KV.stratus-leases.other.main"),
+            Attempt("delete the lease bucket", "$JS.API.STREAM.DELETE.KV_stratus-leases"),
         ],
     ),
     "query": (
@@ -250,6 +265,7 @@ TABLE: dict[str, tuple[str, list[Attempt]]] = {
             *COMMON,
             Attempt("append anything", "ev.ta.tenant.ta"),
             Attempt("answer commands", sub="cmd.>"),
+            Attempt("take the projector lease", "$KV.stratus-leases.projector.main"),
         ],
     ),
     "webhooks": (
@@ -269,11 +285,22 @@ TABLE: dict[str, tuple[str, list[Attempt]]] = {
             Attempt("answer commands", sub="cmd.>"),
         ],
     ),
+    "openstack-api": (
+        "",
+        [
+            *COMMON,
+            Attempt("append anything", "ev.ta.tenant.ta"),
+            Attempt("create a consumer", "$JS.API.CONSUMER.CREATE.EVENTS"),
+            Attempt("answer commands", sub="cmd.>"),
+            Attempt("write a framework's beat", "$KV.stratus-framework-beats.f1"),
+        ],
+    ),
     "handlers": (
         "",
         [
             Attempt("read every inbox", sub="_INBOX.>"),
             Attempt("delete the stream", "$JS.API.STREAM.DELETE.EVENTS"),
+            Attempt("take the projector lease", "$KV.stratus-leases.projector.main"),
         ],
     ),
 }
@@ -308,6 +335,34 @@ async def test_each_credential_kind_is_refused_what_it_may_not_do(stack, kind):
     assert await stack.store.last_seq() == before, f"{kind}: something was appended"
     after = await stack.store.js.stream_info("EVENTS")
     assert after.state.first_seq == info.state.first_seq
+
+
+async def test_the_projector_and_the_allocator_credentials_do_what_they_are_for(stack):
+    # the allowed side for the kinds the lease and the frameworks added
+    from stratus.events.lease import Lease
+
+    assert stack.keyring is not None
+    creds, _ = mint(stack.keyring, "projector", "", SERVICE_TTL_S)
+    errors = Errors()
+    nc = await raw(stack.url, errors, **creds.connect_options())
+    try:
+        # the projector makes the lease bucket and takes the lease
+        lease = Lease(nc.jetstream(), "projector.test", holder="p-1", ttl=5)
+        assert await lease.try_acquire()
+        await lease.release()
+    finally:
+        await nc.close()
+    assert errors.seen == []
+    creds, _ = mint(stack.keyring, "allocator", "", SERVICE_TTL_S)
+    nc = await raw(stack.url, errors, **creds.connect_options())
+    try:
+        js = nc.jetstream()
+        # it watches hosts' and frameworks' beats
+        for bucket in ("stratus-heartbeats", "stratus-framework-beats"):
+            await js.stream_info(f"KV_{bucket}")
+    finally:
+        await nc.close()
+    assert errors.seen == []
 
 
 async def test_a_host_agents_credential_works_for_its_own_host(stack):

@@ -14,7 +14,9 @@ C = Cause(actor="t", correlation_id="c", causation_id="c")
 P = "tp"
 
 
-def world(routed: bool, instance_type: str = "vm", running: bool = True) -> Topology:
+def world(
+    routed: bool, instance_type: str = "vm", running: bool = True, dhcp: bool = True
+) -> Topology:
     """acme's net (10.0.0.0/24, VNI 5000) with one server on h2; agents on
     h1 (routers) and h2; with ``routed``, a router on the subnet."""
     t = Topology()
@@ -44,6 +46,7 @@ def world(routed: bool, instance_type: str = "vm", running: bool = True) -> Topo
             pool_start="10.0.0.2",
             pool_end="10.0.0.254",
             dns=["192.0.2.53"],
+            dhcp=dhcp,
         ),
         C.make(
             rs.ServerRequested,
@@ -184,6 +187,24 @@ def test_tap_names_are_kernel_safe_and_macs_are_checked():
     for bad in ("FA:16:3E:00:00:01", "01:00:5e:00:00:01", "fa:16:3e:00:00", "fa:16:3e:00:00:01\n"):
         with pytest.raises(Invalid):
             nw.check_mac(bad)
+
+
+def test_a_subnet_without_dhcp_gets_no_dhcp_server():
+    t = world(routed=False, dhcp=False)
+    assert plan(t, "h1", P).dhcp == {}
+    # its VM port is still wired on its own host
+    assert nw.vm_tap("p1") in plan(t, "h2", P).ports
+
+
+def test_an_administratively_down_router_has_no_namespace_and_dhcp_moves_out():
+    t = world(routed=True)
+    t.apply(99, C.make(rs.RouterAdminStateSet, "acme", "router", "r1", admin_up=False))
+    hp = plan(t, "h1", P)
+    assert hp.routers == {}
+    (dp,) = hp.dhcp.values()
+    assert dp.netns == nw.kernel_name(P, "dhcp", "net")  # served from a DHCP namespace
+    t.apply(100, C.make(rs.RouterAdminStateSet, "acme", "router", "r1", admin_up=True))
+    assert nw.kernel_name(P, "router", "r1") in plan(t, "h1", P).routers
 
 
 # -- the incremental planner against the full plan -----------------------------------

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,6 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.cli.runtime import publish_signing_keys
+from stratus.events.frameworks import HostOffered, OfferMade
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.resources import SYSTEM, ImageActivated
@@ -184,6 +186,24 @@ async def inventory(svc: CommandService) -> None:
         await command(svc, "webhook.create", **t, name=name, url="https://example.test/h",
                       types=["server.*", "volume.attached"])  # fmt: skip
     await command(svc, "webhook.delete", **t, ref="gone")
+    # Two-level scheduling: frameworks, an offer as the allocator makes it
+    # (made and on the host's subject), accepted with a task, another open.
+    fw = (await command(svc, "framework.register", **t, name="batch", weight=2.0))["data"]
+    await command(svc, "framework.register", **t, name="idle")
+    for offer in ("of-1", "of-2"):
+        cause = Cause(actor="allocator", correlation_id=offer, causation_id=offer)
+        await svc.store.append(
+            [
+                cause.make(OfferMade, "inv", "offer", offer, framework=fw["id"], host="h1",
+                           vcpus=8.0, ram_mb=8192.0, disk_gb=0.0,
+                           expires_at=time.time() + 3600),
+                cause.make(HostOffered, SYSTEM, "host", "h1", offer=offer,
+                           framework=fw["id"], framework_tenant="inv"),
+            ]
+        )  # fmt: skip
+        if offer == "of-1":
+            await command(svc, "offer.accept", **t, offer=offer, host="h1",
+                          tasks=[{"name": "task-1", "vcpus": 1, "ram_mb": 512}])  # fmt: skip
 
 
 async def rows(engine: AsyncEngine) -> dict[str, list[tuple]]:
@@ -231,7 +251,8 @@ async def test_a_log_from_the_command_service_gives_identical_digests(
         assert len(got["tenants"]) == 32 and len(got["users"]) == 5
         # every inventory table has rows, deletes and all
         assert all(got[t.name] for t in resources.TABLES), [t.name for t in resources.TABLES]
-        assert len(got["servers"]) == 4 and len(got["floating_ips"]) == 2
+        # four servers and a framework's task
+        assert len(got["servers"]) == 4 + 1 and len(got["floating_ips"]) == 2
         assert len(got["security_group_rules"]) == 2 + 2  # web's and default's
         assert len(got["router_interfaces"]) == 1
         assert {r[3] for r in got["tenants"]} == {"active", "deleted"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.cli.client import Client
 from stratus.events.errors import Internal, Invalid, StratusError
@@ -19,9 +22,9 @@ from stratus.handlers.identity import handlers as identity_handlers
 from stratus.handlers.resources import handlers as resource_handlers
 from stratus.handlers.service import CommandService
 from stratus.handlers.tenants import HANDLERS as tenant_handlers
-from stratus.projections.db import make_engine, sqlite_url
-from stratus.projections.projector import Projector, init_schema, store_digest
-from stratus.projections.query import QueryService
+from stratus.projections.db import make_engine, sqlite_path, sqlite_url, sync_writer
+from stratus.projections.projector import Projector, init_schema, read_checkpoint, store_digest
+from stratus.projections.query import Point, QueryService, Route, TenantsQuery
 from stratus.projections.rebuild import (
     LIVE_POINTER,
     SWAP_SUBJECT,
@@ -30,8 +33,12 @@ from stratus.projections.rebuild import (
     build_store,
     live_store_path,
     new_store_path,
+    remove_store,
 )
 from stratus.projections.resources import TABLES_BY_KIND
+from stratus.projections.snapshots import Snapshots, snapshot_dir
+from stratus.projections.sqlitefile import connect_existing
+from stratus.projections.tenants import list_tenants
 from stratus.projections.views import all_views
 
 from .test_projector import append_all, make_history, wait_for_checkpoint
@@ -382,6 +389,157 @@ async def test_swap_refuses_what_is_not_a_rebuilt_store(store, tmp_path):
                 await plant.swapper.swap(name)
             assert words in err.value.message
         assert not (data_dir / LIVE_POINTER).exists()
+
+
+class Parked:
+    """A query route that has taken its store and waits before it reads it,
+    as a real query does across an await (a NATS request) between the two."""
+
+    def __init__(self, queries: QueryService) -> None:
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+        self.seen: list[AsyncEngine] = []
+
+        async def run(_caller, _p, pt: Point) -> dict:
+            self.seen.append(pt.engine)
+            self.entered.set()
+            await self.go.wait()
+            async with pt.engine.connect() as conn:
+                hosts = (await conn.execute(select(TABLES_BY_KIND["host"].c.id))).all()
+                listed = await list_tenants(conn, True)
+                applied = await read_checkpoint(conn)
+            return {"hosts": len(hosts), "tenants": [t["id"] for t in listed], "seq": applied}
+
+        queries.routes["parked"] = Route(TenantsQuery, run, "tenant.list")
+
+
+def _files_of(path: Path) -> list[Path]:
+    """A store's file and its companions that exist."""
+    return [p for p in (Path(f"{path}{s}") for s in ("", "-wal", "-shm", "-journal")) if p.exists()]
+
+
+@pytest.mark.parametrize("ends", ["while-the-swap-waits", "after-the-swap-answered"])
+async def test_a_query_that_began_on_the_old_store_finishes_on_it(store, tmp_path, ends):
+    events = make_history(200, seed=31)
+    created = sorted(e.aggregate.id for e in events if type(e).__name__ == "TenantCreated")
+    await append_all(store, events)
+    data_dir = tmp_path / "data"
+    async with Plant(store, data_dir) as plant:
+        old_path = live_store_path(data_dir)
+        await wait_for_checkpoint(plant.live.engine, len(events))
+        old_engine = plant.queries.engine
+        path = new_store_path(data_dir)
+        await build_store(store, path)
+        # given a query that took the live store and has not read it yet
+        parked = Parked(plant.queries)
+        query = asyncio.create_task(plant.queries.handle("parked", b"{}"))
+        await asyncio.wait_for(parked.entered.wait(), 10)
+        assert parked.seen == [old_engine]
+
+        # when the rebuilt store is swapped in meanwhile
+        if ends == "after-the-swap-answered":
+            plant.swapper.old_store_wait_s = 0
+            swapped = await plant.swapper.swap(path.name)
+            assert swapped["old_store_removed"] is False
+        else:
+            swapping = asyncio.create_task(plant.swapper.swap(path.name))
+            for _ in range(500):  # bounded: the swap switches within seconds
+                if live_store_path(data_dir) == path or swapping.done():
+                    break
+                await asyncio.sleep(0.02)
+            assert not swapping.done(), "the swap waits for the query on the old store"
+        assert plant.queries.engine is not old_engine
+        assert live_store_path(data_dir) == path
+        # then the old store is still there for the query that holds it...
+        assert old_path.is_file()
+        parked.go.set()
+        answer = await asyncio.wait_for(query, 10)
+        # ...which reads it whole (not an empty file made in its place)
+        assert answer == {"hosts": 0, "tenants": created, "seq": len(events)}
+        if ends == "while-the-swap-waits":
+            swapped = await asyncio.wait_for(swapping, 30)
+            assert swapped["old_store_removed"] is True
+        # and once that query is done the old store is gone, leaving nothing behind
+        assert _files_of(old_path) == []
+        assert not snapshot_dir(old_path).exists()
+        assert sorted(p.name for p in data_dir.glob("projections*.db")) == [path.name]
+        # new queries read the new store
+        status = await plant.queries.handle("status", b"{}")
+        assert status["projector_seq"] == len(events)
+
+
+async def test_an_engine_never_makes_a_store_that_is_not_there(tmp_path):
+    # given a store that existed when its engine was made, then was removed
+    path = tmp_path / "projections.gone.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        await init_schema(engine)
+        await engine.dispose()
+        remove_store(path)
+        # when anything connects through that engine again, it is an error...
+        with pytest.raises(OperationalError, match="unable to open database file"):
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT count(*) FROM tenants")
+        # ...and no empty file took its place
+        assert _files_of(path) == []
+        # the projector's synchronous writer opens it the same way
+        sync = sync_writer(engine)
+        assert sync is not None
+        with pytest.raises(OperationalError, match="unable to open database file"):
+            sync.connect().close()
+        sync.dispose()
+        assert _files_of(path) == []
+    finally:
+        await engine.dispose()
+    # an engine on a store that must exist refuses a missing one
+    with pytest.raises(Invalid, match="no projection store"):
+        make_engine(sqlite_url(path), create=False)
+    # as do the plain sqlite3 readers (snapshots, time travel's copies)
+    with pytest.raises(sqlite3.OperationalError):
+        connect_existing(path)
+    assert Snapshots.for_store(path).take(path) is None
+    assert _files_of(path) == []
+    # a store whose path needs escaping in a URI is still found
+    odd = tmp_path / "a dir?#%" / "projections.db"
+    odd.parent.mkdir()
+    engine = make_engine(sqlite_url(odd))
+    try:
+        await init_schema(engine)
+        assert sqlite_path(engine) == odd
+        assert await store_digest(engine) == (0, await fresh_empty_digest(tmp_path))
+    finally:
+        await engine.dispose()
+    assert odd.is_file() and sorted(p.name for p in odd.parent.iterdir()) == ["projections.db"]
+
+
+async def test_an_engine_makes_its_store_at_its_first_connection_not_before(tmp_path):
+    # given an engine on a store whose directory is not there yet (a
+    # service that never opens its store, the handlers say, runs so)
+    path = tmp_path / "later" / "projections.db"
+    engine = make_engine(sqlite_url(path))
+    try:
+        # nothing is made until it connects
+        assert not path.parent.exists()
+        with pytest.raises(OperationalError, match="unable to open database file"):
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+        assert not path.parent.exists()
+        # once the directory is there, the first connection makes the file
+        path.parent.mkdir()
+        await init_schema(engine)
+        assert path.is_file()
+        assert await store_digest(engine) == (0, await fresh_empty_digest(tmp_path))
+    finally:
+        await engine.dispose()
+
+
+async def fresh_empty_digest(tmp_path: Path) -> str:
+    engine = make_engine(sqlite_url(tmp_path / "empty.db"))
+    try:
+        await init_schema(engine)
+        return (await store_digest(engine))[1]
+    finally:
+        await engine.dispose()
 
 
 async def test_poison_is_quarantined_counted_and_rebuilt_alike(store, tmp_path):

@@ -27,6 +27,7 @@ from stratus.handlers.scheduler.filters import (
 )
 from stratus.handlers.scheduler.weighers import (
     BalancedAllocation,
+    Candidates,
     LeastRequested,
     balanced_score,
     least_requested_score,
@@ -245,7 +246,7 @@ def test_balanced_allocation_prefers_even_use():
     )
     claim(t, "cpu-heavy", "x", 3, 0)
     claim(t, "even", "y", 1, 1024)
-    scores = BalancedAllocation().scores(t, req(vcpus=1, ram_mb=1024), np.arange(2))
+    scores = BalancedAllocation().scores(Candidates(t, req(vcpus=1, ram_mb=1024), np.arange(2)))
     # cpu-heavy: 4/4 CPU vs 1024/4096 RAM -> 1 - 0.75/2; even: 2/4 vs 2048/4096 -> 1
     assert scores.tolist() == pytest.approx([0.625, 1.0])
 
@@ -318,3 +319,112 @@ def test_shipped_config_file_states_the_defaults():
 
     shipped = Path(__file__).resolve().parent.parent / "ops" / "scheduler.toml"
     assert load_config(shipped) == SchedulerConfig()
+
+
+# -- sampling: filter and weigh only enough hosts ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hosts", "pct", "expected"),
+    [
+        (50, 0, 50),  # at most MIN_FEASIBLE hosts: every one
+        (1000, 0, 420),  # 50 - 1000/125 = 42 %
+        (5000, 0, 500),  # 50 - 40 = 10 %
+        (10000, 0, 500),  # 50 - 80 < 5: the 5 % floor
+        (100000, 0, 5000),  # 5 %
+        (1000, 5, 100),  # 5 % of 1000 is 50: the 100 floor
+        (10000, 100, 10000),  # full scoring
+        (10000, 20, 2000),
+    ],
+)
+def test_feasible_to_find(hosts, pct, expected):
+    from stratus.handlers.scheduler.decide import feasible_to_find
+
+    assert feasible_to_find(hosts, pct) == expected
+
+
+def test_every_filter_on_a_window_is_the_table_mask_sliced():
+    """The contract the sampling relies on: a filter over rows lo..hi says
+    what it says over the whole table for those rows."""
+    hosts = [
+        host_event(
+            f"h{i}",
+            vcpus=1 + i % 4,
+            zone=f"z{i % 3}",
+            labels={"rack": f"r{i % 5}"},
+            types=["vm"] if i % 7 == 0 else ["vm", "container"],
+        )
+        for i in range(40)
+    ]
+    t = table(*hosts)
+    g = group_event("acme", "anti-affinity")
+    t.apply(t.last_applied + 1, g)
+    claim(t, "h3", "m1", 1, 512, group=g.aggregate.id)
+    claim(t, "h30", "m2", 1, 512, group=g.aggregate.id)
+    t.alive_until[5] = 0.0
+    requests = [
+        req(vcpus=3),
+        req(instance_type="container"),
+        req(requested_host="h12"),
+        req(zone="z1"),
+        req(labels={"rack": "r2"}),
+        req(group=g.aggregate.id),
+        req(exclude=("h2", "h31")),
+    ]
+    from stratus.handlers.scheduler.filters import FILTERS
+
+    for name, cls in FILTERS.items():
+        f = cls()
+        for r in requests:
+            if not f.applies(r):
+                continue
+            whole = {why: m for why, m in f.checks(t, r)}
+            for lo, hi in [(0, 40), (0, 13), (13, 31), (31, 40)]:
+                part = {why: m for why, m in f.checks(t.window(lo, hi), r)}
+                assert part.keys() == whole.keys(), name
+                for why, m in part.items():
+                    assert m.tolist() == whole[why][lo:hi].tolist(), (name, why, lo, hi)
+
+
+def big_table(n: int, fit_every: int) -> HostTable:
+    """``n`` hosts of 4 vCPUs; all but every ``fit_every``-th nearly full."""
+    t = table(*[host_event(f"h{i:04d}", vcpus=4, cpu_ratio=1.0) for i in range(n)])
+    for i in range(n):
+        if i % fit_every:
+            claim(t, f"h{i:04d}", f"s{i}", 3, 512)
+    return t
+
+
+def test_sampled_decision_never_picks_a_host_that_does_not_fit():
+    t = big_table(2000, fit_every=37)
+    fit = {f"h{i:04d}" for i in range(0, 2000, 37)}
+    d = Decider(SchedulerConfig(seed=5, hosts_to_score_pct=5))
+    for _ in range(200):
+        out = d.decide(t, req(vcpus=2), use_holds=False)
+        assert isinstance(out, Placed)
+        assert out.host in fit
+        s = out.scheduling
+        # 100 feasible wanted out of 55: none to spare, so every host was examined
+        assert s["passed"] == len(fit) and "examined" not in s
+
+
+def test_sampled_placement_says_its_counts_are_of_the_hosts_examined():
+    t = big_table(4000, fit_every=2)  # 2000 fit; 5 % of 4000 = 200 wanted
+    out = Decider(SchedulerConfig(seed=1, hosts_to_score_pct=5)).decide(t, req(vcpus=2))
+    assert isinstance(out, Placed)
+    s = out.scheduling
+    assert s["hosts"] == 4000
+    assert 200 <= s["passed"] < 2000
+    assert s["examined"] < 4000
+    assert s["removed"]["insufficient vCPU"] + s["passed"] == s["examined"]
+    assert s["note"].startswith("sampled")
+    assert f"filtered {s['examined']} of 4000 hosts" in s["note"]
+
+
+def test_no_valid_host_when_sampling_counts_every_host():
+    t = big_table(3000, fit_every=3000)
+    claim(t, "h0000", "s0", 3, 512)  # now no host has 2 vCPUs free
+    out = Decider(SchedulerConfig(seed=1, hosts_to_score_pct=5)).decide(t, req(vcpus=2))
+    assert isinstance(out, NoValidHost)
+    assert out.reason == "No valid host: 0/3000 hosts: 3000 insufficient vCPU"
+    assert "examined" not in out.scheduling

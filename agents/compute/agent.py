@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import io
 import os
 import weakref
 from collections.abc import Iterable, Sequence
@@ -50,11 +52,12 @@ import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from stratus.agents.compute import images
+from stratus.agents.compute import images, layers
 from stratus.agents.compute.containers import ContainerDriver
 from stratus.agents.compute.desired import Desired, Want, fold
 from stratus.agents.compute.driver import Driver, ExecResult, PowerState
 from stratus.agents.compute.spec import ID_RE, InstanceSpec, check
+from stratus.events import oci
 from stratus.events.blobs import BlobStore
 from stratus.events.compute import HostReconciled, HostServerAction
 from stratus.events.errors import (
@@ -220,6 +223,7 @@ class ComputeAgent:
             d.mkdir(parents=True, exist_ok=True)
         self._blob_store: BlobStore | None = None
         self.cache = images.BaseCache(self.data_dir / "base", self.blobs)
+        self.layers = layers.LayerStore(self.data_dir / "layers", self.blobs)
         self.drivers: dict[str, Driver] = {}
         if vm is not None:
             self.drivers["vm"] = vm
@@ -533,6 +537,9 @@ class ComputeAgent:
         server = claim.server
         spec = self.instance(claim, want)
         driver = self._driver(claim.spec.instance_type)
+        runtime = ""
+        if claim.spec.instance_type == "container":
+            spec, runtime = await self._container(spec, claim, driver)
         running = want.power == "running"
         said = REPORTED[now.type]
         changed = False
@@ -583,6 +590,7 @@ class ComputeAgent:
                 "running",
                 host=self.host,
                 disk=spec.disk,
+                runtime=runtime,
             )
             log.info("server running", host=self.host, server=server)
         elif not running and said != "stopped":
@@ -829,6 +837,33 @@ class ComputeAgent:
             if Path(path).parent == self.volumes:
                 await asyncio.to_thread(driver.detach, spec, path)
 
+    async def _container(
+        self, spec: InstanceSpec, claim: HostClaimed, driver: Driver
+    ) -> tuple[InstanceSpec, str]:
+        """A container's spec with its image's layers (fetched and unpacked
+        on first use) and process, and the runtime that runs it; an image
+        that is not OCI leaves it a process-mode container."""
+        image = await self._image(claim.server_tenant, claim.spec.image)
+        command = list(claim.spec.command)
+        if image is None or image.oci is None:
+            return msgspec.structs.replace(spec, command=command), ""
+        if image.status != "active":
+            raise HostError(f"image {image.name or image.id} is {image.status or 'gone'}")
+        dirs = await self.layers.fetch(image.oci.layers)
+        spec = check(
+            msgspec.structs.replace(
+                spec,
+                layers=[str(d) for d in dirs],
+                command=image.oci.argv(command),
+                env=list(image.oci.env),
+                cwd=image.oci.working_dir,
+                user=image.oci.user,
+            )
+        )
+        # (A property that asks runc once: in a thread.)
+        version = await asyncio.to_thread(lambda: driver.runtime_version)
+        return spec, version
+
     async def _remove(self, server: str) -> None:
         for driver in self.drivers.values():
             await asyncio.to_thread(driver.remove, server)
@@ -841,11 +876,14 @@ class ComputeAgent:
     ) -> None:
         """Store the server's disk in the object store as image ``ev.image``,
         then record it: ``image.created`` only names bytes already stored."""
-        if not ID_RE.match(ev.image) or not spec.disk:
+        if not ID_RE.match(ev.image) or not (spec.disk or spec.layers):
             raise HostError(f"cannot snapshot server {ev.server} as image {ev.image!r}")
         subject = f"ev.{ev.server_tenant}.image.{ev.image}"
         if await self.store.last_seq(subject):
             return  # a redelivered request: the image is recorded already
+        if spec.layers:
+            await self._commit(ev, want, driver)
+            return
         claim = want.claim
         parent = await self._image(claim.server_tenant, claim.spec.image)
         chain = await self._chain(claim.server_tenant, parent) if parent else []
@@ -880,6 +918,58 @@ class ComputeAgent:
             min_disk_gb=images.min_disk_gb(made.virtual_size),
         )
         # Once only: a request redelivered meanwhile finds its image recorded.
+        with contextlib.suppress(ConcurrencyConflict):
+            await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
+
+    async def _commit(self, ev: HostServerAction, want: Want, driver: Driver) -> None:
+        """A container's snapshot: its upper directory committed as one new
+        layer on top of its image's (which stay as they are), stored by
+        digest with the new image's config, then ``image.created``."""
+        claim = want.claim
+        parent = await self._image(claim.server_tenant, claim.spec.image)
+        if parent is None or parent.oci is None:
+            raise HostError(f"server {ev.server} is not a container of an OCI image")
+        out = images.part(self.layers.root / f"snapshot-{ev.image}.tar")
+        try:
+            digest, size = await asyncio.to_thread(driver.commit, ev.server, out)
+            base = parent.oci
+            config = oci.OciConfig(
+                layers=[*base.layers, digest],
+                diff_ids=[*base.diff_ids, digest],  # not compressed: the same digest
+                entrypoint=base.entrypoint,
+                cmd=base.cmd,
+                env=base.env,
+                working_dir=base.working_dir,
+                user=base.user,
+            )
+            doc = oci.config_json(config)
+            config_digest = hashlib.sha256(doc).hexdigest()
+            blobs = await self.blobs()
+            if not await blobs.exists(digest):
+                await blobs.put_file(digest, out)
+            if not await blobs.exists(config_digest):
+                await blobs.put(config_digest, io.BytesIO(doc))
+            # This host has the layer already: unpacked from the same bytes.
+            await asyncio.to_thread(self.layers.adopt, digest, out)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+        created = Cause(
+            actor=self.actor, correlation_id=ev.correlation_id, causation_id=ev.id
+        ).make(
+            ImageCreated,
+            ev.server_tenant,
+            "image",
+            ev.image,
+            name=ev.image_name,
+            format="oci",
+            size_bytes=size,
+            checksum=config_digest,
+            visibility="private",
+            parent=claim.spec.image,
+            oci=config,
+        )
+        # Through the relay, as every report on a subject not the host's.
         with contextlib.suppress(ConcurrencyConflict):
             await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
 

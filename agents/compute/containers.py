@@ -2,6 +2,13 @@
 seed describes for Docker and pods, with the command as PID 1 of its own PID
 namespace.
 
+A container of an OCI image (its spec names ``layers``) is a real one: its
+own root on an overlay of the image's layers, run by runc from a generated
+bundle (``runtime.RuncContainers``). A container of an image that is not
+OCI (a record without bytes, a disk image) runs its command on the host's
+own file system, in the namespaces below: the older process mode, kept for
+what still creates such containers.
+
 Names derive from the server id (``st-<id>`` namespaces, cgroups under
 ``stratus/<host>/<id>``), so a redelivered event finds what it already made,
 and reconcile lists this host's instances from the cgroup tree alone. With a
@@ -25,6 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from stratus.agents.compute.driver import ExecResult, PowerState
+from stratus.agents.compute.layers import commit
+from stratus.agents.compute.runtime import STATE_ROOT, RuncContainers
 from stratus.agents.compute.spec import InstanceSpec, check
 from stratus.events.errors import HostError
 from stratus.events.ids import NAME_RE
@@ -77,6 +86,8 @@ class Cgroups:
             raise HostError(f"deployment prefix {deployment!r} is not [a-z0-9]{{0,16}}")
         # "." is in no host name: "<prefix>.<host>" is never another host's group.
         group = f"{deployment}.{host}" if deployment else host
+        self.group = group
+        self.root = root
         self.v1 = (root / "cpu" / "cpu.cfs_quota_us").exists() and (
             root / "memory" / "memory.limit_in_bytes"
         ).exists()
@@ -160,7 +171,12 @@ class Cgroups:
     def prune(self) -> None:
         """Remove this host's (empty) cgroup directories and the shared parent
         if no other host uses it: what an agent leaves when it goes for good."""
-        for b in self.bases:
+        bases = list(self.bases)
+        if self.v1:
+            # runc makes the group in every hierarchy (pids, freezer, ...).
+            with contextlib.suppress(OSError):
+                bases += [h / "stratus" / self.group for h in self.root.iterdir()]
+        for b in bases:
             for d in (b, b.parent):
                 with contextlib.suppress(OSError):
                     d.rmdir()
@@ -170,20 +186,41 @@ class ContainerDriver:
     """Container instances of one host (blocking: the agent runs it in a thread)."""
 
     def __init__(
-        self, host: str, log_dir: Path, cgroup_root: Path = CGROUP_ROOT, deployment: str = ""
+        self,
+        host: str,
+        log_dir: Path,
+        cgroup_root: Path = CGROUP_ROOT,
+        deployment: str = "",
+        state_root: Path = STATE_ROOT,
     ) -> None:
         self.host = host
         self.cgroups = Cgroups(host, cgroup_root, deployment)
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Bundles in the host's data dir, runc's state and cgroups under the
+        # deployment's group: nothing shared with another stack.
+        self.oci = RuncContainers(
+            log_dir / "bundles", state_root / self.cgroups.group, f"/stratus/{self.cgroups.group}"
+        )
+
+    @property
+    def runtime_version(self) -> str:
+        return self.oci.version
 
     def list_owned(self) -> dict[str, PowerState]:
         self._reap()
-        return {s: "running" if self.cgroups.pids(s) else "stopped" for s in self.cgroups.servers()}
+        owned: dict[str, PowerState] = {
+            s: "running" if self.cgroups.pids(s) else "stopped" for s in self.cgroups.servers()
+        }
+        for s in self.oci.servers():
+            owned[s] = "running" if self.oci.running(s) else "stopped"
+        return owned
 
     def state(self, server: str) -> PowerState | None:
         self._reap()
+        if self.oci.owns(server):
+            return "running" if self.oci.running(server) else "stopped"
         if not self.cgroups.dirs(server)[0].is_dir():
             return None
         return "running" if self.cgroups.pids(server) else "stopped"
@@ -196,9 +233,14 @@ class ContainerDriver:
     def ensure(self, spec: InstanceSpec, running: bool = True) -> None:
         check(spec)
         ns = netns_name(spec.server)
+        # An OCI container's bundle config first: a bad spec makes nothing.
+        config = self.oci.config(spec, NETNS_DIR / ns) if spec.layers else None
         if not (NETNS_DIR / ns).exists():
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        if config is not None:
+            self.oci.ensure(spec, config, running, self.log_dir / f"{spec.server}.log")
+            return
         dirs = self.cgroups.create(spec)
         if not running or self.cgroups.pids(spec.server):
             return
@@ -270,6 +312,9 @@ class ContainerDriver:
         return None
 
     def stop(self, server: str) -> None:
+        if self.oci.owns(server):
+            self.oci.stop(server)
+            return
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while time.monotonic() < deadline:
             pids = self.cgroups.pids(server)
@@ -294,6 +339,8 @@ class ContainerDriver:
         self.ensure(spec, running=True)
 
     def remove(self, server: str) -> None:
+        if self.oci.owns(server):
+            self.oci.remove(server)
         self.stop(server)
         self.cgroups.remove(server)
         ns = netns_name(server)
@@ -306,6 +353,8 @@ class ContainerDriver:
         """Run ``command`` inside the instance (its namespaces and cgroup)."""
         if not command or any("\0" in a for a in command):
             raise HostError("exec needs a command without NUL bytes")
+        if self.oci.owns(server):
+            return self.oci.exec(server, command, timeout)
         pid = self.init_pid(server)
         if pid is None:
             raise HostError(f"server {server} is not running on {self.host}")
@@ -334,10 +383,28 @@ class ContainerDriver:
 
     @contextlib.contextmanager
     def paused(self, server: str) -> Iterator[None]:
-        raise HostError("container instances have no disk to snapshot")
-        yield  # (a generator, for contextmanager)
+        """An OCI container frozen (its upper dir still while it is read)."""
+        if not self.oci.owns(server):
+            raise HostError("only containers of OCI images can be snapshotted")
+        frozen = self.oci.running(server)
+        if frozen:
+            self.oci.runc.call("pause", server)
+        try:
+            yield
+        finally:
+            if frozen:
+                self.oci.runc.call("resume", server)
+
+    def commit(self, server: str, out: Path) -> tuple[str, int]:
+        """An OCI container's writes (its upper directory) as a layer tar at
+        ``out``, taken while it is frozen; the layer's digest and size."""
+        if not self.oci.owns(server):
+            raise HostError(f"{server} is not a container of an OCI image")
+        with self.paused(server):
+            return commit(self.oci.upper(server), out)
 
     def close(self) -> None:
         if not self.list_owned():
             # Nothing left running here: leave no empty cgroup directories.
             self.cgroups.prune()
+            self.oci.close()

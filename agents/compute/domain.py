@@ -281,6 +281,13 @@ class LibvirtDriver:
     def exec(self, server: str, command: list[str], timeout: float) -> ExecResult:
         raise HostError("exec runs in container instances only, not in VMs")
 
+    @property
+    def runtime_version(self) -> str:
+        return ""  # a VM's runtime is its domain: nothing to record
+
+    def commit(self, server: str, out: Path) -> tuple[str, int]:
+        raise HostError("a VM's snapshot is of its disk (paused), not a layer")
+
     def attach(self, spec: InstanceSpec, volume: str, path: str) -> None:
         """Attach ``path`` as the next virtio disk, live and in the definition."""
         dom = self._lookup(spec.server)

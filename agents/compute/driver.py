@@ -14,6 +14,7 @@ else escaping a driver is a bug.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Literal, Protocol
 
 import msgspec
@@ -66,6 +67,17 @@ class Driver(Protocol):
         ...
 
     def exec(self, server: str, command: list[str], timeout: float) -> ExecResult: ...
+
+    @property
+    def runtime_version(self) -> str:
+        """The runtime that runs instances (``runc 1.1.5+ds1``), for
+        ``server.running``; "" where there is none to name."""
+        ...
+
+    def commit(self, server: str, out: Path) -> tuple[str, int]:
+        """An OCI container's writes as a layer tar at ``out``: its digest
+        and size (a snapshot); ``HostError`` where instances have no layers."""
+        ...
 
     def close(self) -> None:
         """Release what the driver holds (after the agent stopped)."""

@@ -41,6 +41,7 @@ from stratus.events.imagefile import (  # noqa: F401 (the agent's names for them
     sha256,
 )
 from stratus.events.model import Event
+from stratus.events.oci import OciConfig
 from stratus.events.resources import (
     ImageActivated,
     ImageCreated,
@@ -73,9 +74,13 @@ class ImageRecord(msgspec.Struct):
     format: str = "qcow2"
     checksum: str = ""
     parent: str = ""
+    # An OCI image's layers and process (its bytes are those layers).
+    oci: OciConfig | None = None
 
     @property
     def layer(self) -> Layer | None:
+        if self.oci is not None:
+            return None
         return Layer(self.checksum, self.format) if self.checksum else None
 
 
@@ -91,9 +96,11 @@ def fold_image(image_id: str, events: Iterable[Event]) -> ImageRecord | None:
                 format=ev.format,
                 checksum=ev.checksum,
                 parent=getattr(ev, "parent", ""),
+                oci=getattr(ev, "oci", None),
             )
         elif isinstance(ev, ImageActivated) and r is not None:
             r.status, r.checksum = "active", ev.checksum
+            r.oci = ev.oci or r.oci
         elif isinstance(ev, ImageDeleted):
             r = None
     return r

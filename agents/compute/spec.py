@@ -23,6 +23,9 @@ MAX_VCPUS = 256
 MAX_RAM_MB = 1 << 22  # 4 TiB
 MAX_VOLUMES = 16
 MAX_NICS = 16
+MAX_LAYERS = 64
+# Paths that may reach an overlay mount's options: no "," or ":" in them.
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._/+-]{1,1024}(?!\n)$")
 
 
 class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,6 +41,12 @@ class InstanceSpec(msgspec.Struct, frozen=True, kw_only=True):
     # and the command their PID 1 runs.
     cpu: float = 0.0
     command: list[str] = []
+    # Containers from OCI images: the unpacked layer directories (lowest
+    # first) their root is an overlay of, and the image's process settings.
+    layers: list[str] = []
+    env: list[str] = []
+    cwd: str = ""
+    user: str = ""
     # VMs booted straight into a kernel (the host's direct-boot setting):
     # absolute paths, and the kernel command line.
     kernel: str = ""
@@ -73,6 +82,12 @@ def check(spec: InstanceSpec) -> InstanceSpec:
         raise Invalid("kernel command line: at most 4096 characters, no NUL")
     if any("\0" in a for a in spec.command) or len(spec.command) > 256:
         raise Invalid("command: at most 256 arguments without NUL bytes")
+    if len(spec.layers) > MAX_LAYERS or not all(SAFE_PATH_RE.match(p) for p in spec.layers):
+        raise Invalid(f"layers: at most {MAX_LAYERS} absolute paths of [A-Za-z0-9._/+-]")
+    if len(spec.env) > 1024 or any("\0" in e or "=" not in e for e in spec.env):
+        raise Invalid("env: at most 1024 NAME=value entries without NUL bytes")
+    if "\0" in spec.cwd or "\0" in spec.user or len(spec.cwd) > 4096 or len(spec.user) > 64:
+        raise Invalid("working dir and user: no NUL bytes")
     if len(want.nics) > MAX_NICS:
         raise Invalid(f"nics: at most {MAX_NICS}")
     for nic in want.nics:

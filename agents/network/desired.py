@@ -140,7 +140,12 @@ class Topology:
                 "external_network": ev.external_network,
                 "external_ip": ev.external_ip,
                 "interfaces": {},
+                "up": ev.admin_up,
             }
+            touched.everything = True
+        elif isinstance(ev, rs.RouterAdminStateSet):
+            if rid in self.routers:
+                self.routers[rid]["up"] = ev.admin_up
             touched.everything = True
         elif isinstance(ev, rs.RouterInterfaceAdded):
             if rid in self.routers:
@@ -175,6 +180,7 @@ class Topology:
                 "cidr": ev.cidr,
                 "gateway": ev.gateway,
                 "dns": list(ev.dns),
+                "dhcp": ev.dhcp,
             }
             touched.everything = True
         elif isinstance(ev, rs.SubnetDeleted):
@@ -561,11 +567,12 @@ def port_plan(t: Topology, p: Port, host: str, prefix: str) -> PortPlan | None:
 
 
 def _dhcp_networks(t: Topology) -> dict[str, list[Port]]:
-    """Subnets with VM ports (DHCP serves them from the router host) -> those ports."""
+    """Subnets with VM ports (DHCP serves them from the router host) -> those
+    ports; a subnet made without DHCP has no server (its guests are set by hand)."""
     out: dict[str, list[Port]] = {}
     for p in t.ports.values():
         if p.ip and p.subnet in t.subnets and p.network in t.networks and _vm_port(t, p):
-            if t.port_host(p):
+            if t.port_host(p) and t.subnets[p.subnet]["dhcp"]:
                 out.setdefault(p.subnet, []).append(p)
     return out
 
@@ -618,6 +625,8 @@ def plan(t: Topology, host: str, prefix: str, bgp: BgpConfig | None = None) -> H
             out.ports[pp.ifname] = pp
     if host == t.router_host:
         for rid, r in sorted(t.routers.items()):
+            if not r["up"]:
+                continue  # administratively down: no namespace, nothing routed
             rp = _router(t, rid, r, out, prefix)
             if rp is not None:
                 out.routers[rp.netns] = rp
@@ -917,6 +926,8 @@ def port_chains(
         lout.append(f"-A {cout} -p udp -m udp --sport 68 --dport 67 -j RETURN")
     for g in sorted(port.security_groups):
         for _, rule in sorted(t.groups.get(g, {}).items()):
+            if ":" in rule["remote_cidr"]:
+                continue  # an IPv6 rule: these chains are iptables' (IPv4) alone
             ingress = rule["direction"] == "ingress"
             lines, chain, verdict = (lin, cin, "ACCEPT") if ingress else (lout, cout, "RETURN")
             match = _match(rule)

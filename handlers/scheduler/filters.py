@@ -7,6 +7,10 @@ them in order and counts how many hosts each one removed, which is what the
 user reads: "0/5000 hosts: 3120 insufficient RAM, 1880 label zone=b not
 matched".
 
+Masks cover the hosts a filter is given: the whole table, or a window of
+its rows when the decision samples (see ``decide``), so a filter never
+assumes it sees every host.
+
 The pure cores (``fits``) are plain functions on arrays, tested on their own.
 """
 
@@ -20,8 +24,10 @@ import msgspec
 import numpy as np
 
 from stratus.events.resources import ServerSpec
-from stratus.handlers.scheduler.table import HostTable
+from stratus.handlers.scheduler.table import HostTable, Window
 
+# What a filter reads: the whole table, or a window of its rows.
+Hosts = HostTable | Window
 Check = tuple[str, np.ndarray]
 
 
@@ -54,7 +60,7 @@ class Filter:
         """False when the request cannot be refused by this filter (skipped)."""
         return True
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         raise NotImplementedError
 
 
@@ -63,14 +69,14 @@ class HostAlive(Filter):
 
     name = "HostAlive"
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "not alive (no heartbeat)", t.col("alive_until") > time.time()
 
 
 class HostEnabled(Filter):
     name = "HostEnabled"
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "disabled", t.col("enabled")
 
 
@@ -79,7 +85,7 @@ class InstanceType(Filter):
 
     name = "InstanceType"
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         col = "container" if r.spec.instance_type == "container" else "vm"
         yield f"no {col} support", t.col(col)
 
@@ -89,7 +95,7 @@ class ResourceFit(Filter):
 
     name = "ResourceFit"
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "insufficient vCPU", fits(t.col("cap_vcpus"), t.col("used_vcpus"), r.spec.vcpus)
         yield "insufficient RAM", fits(t.col("cap_ram"), t.col("used_ram"), r.spec.ram_mb)
         if r.spec.disk_gb:
@@ -104,7 +110,7 @@ class Labels(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.spec.labels)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         for k, v in sorted(r.spec.labels.items()):
             yield f"label {k}={v} not matched", t.label_mask(k, v)
 
@@ -117,10 +123,10 @@ class HostName(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.spec.requested_host)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         host = r.spec.requested_host
         m = np.zeros(len(t), np.bool_)
-        i = t.index.get(host)
+        i = t.row_of(host)
         if i is not None:
             m[i] = True
         yield f"not host {host}", m
@@ -132,7 +138,7 @@ class AvailabilityZone(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.spec.zone)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         zone = r.spec.zone
         code = t.zones.get(zone, -1)
         yield f"not in zone {zone}", t.col("zone") == code
@@ -146,7 +152,7 @@ class ServerGroupAffinity(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.spec.group)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         group = r.spec.group
         if t.policies.get(group) != "affinity" or not t.group_hosts.get(group):
             return
@@ -161,7 +167,7 @@ class ServerGroupAntiAffinity(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.spec.group)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         group = r.spec.group
         if t.policies.get(group) != "anti-affinity" or not t.group_hosts.get(group):
             return
@@ -176,10 +182,10 @@ class Retry(Filter):
     def applies(self, r: Request) -> bool:
         return bool(r.exclude)
 
-    def checks(self, t: HostTable, r: Request) -> Iterator[Check]:
+    def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         m = np.ones(len(t), np.bool_)
         for h in r.exclude:
-            i = t.index.get(h)
+            i = t.row_of(h)
             if i is not None:
                 m[i] = False
         yield "build failed there before", m

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -66,6 +67,34 @@ WORK_SUBJECT = "ev.*.server.*"
 IN_FLIGHT = 1 << 62
 MAX_ROUNDS = 16
 FETCH = 256
+
+
+async def fold_log(
+    store: EventStore, subjects: Sequence[str], fold: Callable[[int, Any], None]
+) -> int:
+    """Fold every record on ``subjects`` now on the log (``fold(seq,
+    record)``); returns the sequence it read to, where following starts."""
+    end = await store.last_seq()
+    async for batch in store.read(0, end, subjects=subjects):
+        for rec in batch:
+            fold(rec.seq, rec)
+    return end
+
+
+async def follow_log(
+    store: EventStore,
+    after: int,
+    subjects: Sequence[str],
+    fold: Callable[[int, Any], None],
+    folded: Callable[[], None] | None = None,
+) -> None:
+    """Fold what comes on ``subjects`` after ``after``, for ever; ``folded``
+    after each batch."""
+    async for batch in store.subscribe(after, subjects=subjects):
+        for rec in batch:
+            fold(rec.seq, rec)
+        if folded is not None:
+            folded()
 
 
 def host_subject(host: str) -> str:
@@ -150,11 +179,10 @@ class SchedulerService:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        end = await self.store.last_seq()
-        async for batch in self.store.read(0, end, subjects=SUBJECTS):
-            for rec in batch:
-                self._fold(rec.seq, rec)
-        self._tasks.append(asyncio.create_task(self._follow(end)))
+        end = await fold_log(self.store, SUBJECTS, self._fold)
+        self._tasks.append(
+            asyncio.create_task(follow_log(self.store, end, SUBJECTS, self._fold, self._folded.set))
+        )
         if self.use_liveness:
             self.liveness = Liveness(self.store.js, on_change=self.table.set_alive)
             await self.liveness.start()
@@ -202,12 +230,6 @@ class SchedulerService:
             return
         self.table.apply(seq, event)
 
-    async def _follow(self, after: int) -> None:
-        async for batch in self.store.subscribe(after, subjects=SUBJECTS):
-            for rec in batch:
-                self._fold(rec.seq, rec)
-            self._folded.set()
-
     async def _caught_up(self, timeout: float = 5.0) -> None:
         """Wait until the table holds everything now on the hosts' subjects."""
         target = await self.store.last_seq(SUBJECTS[0])
@@ -252,7 +274,8 @@ class SchedulerService:
                 continue
             job: Job | None = None
             if isinstance(event, ServerRequested):
-                if event.aggregate.id in self.table.claims:
+                if event.spec.framework or event.aggregate.id in self.table.claims:
+                    # (A framework's task is placed by accepting an offer.)
                     await _ack(m)  # placed long ago (a consumer starting over the log)
                     continue
                 job = Job(m, request_of(event), _cause(event), seq)
@@ -510,6 +533,14 @@ class SchedulerService:
         if requested is None or any(isinstance(e, ServerDeleted) for e in history):
             return None
         failures = [e for e in history if isinstance(e, ServerBuildFailed)]
+        if requested.spec.framework:
+            # A framework's task is not placed again by the scheduler: its
+            # claim is given back and the framework sees it failed.
+            await self._caught_up()
+            release = failed.host if self.table.host_of(failed.aggregate.id) == failed.host else ""
+            job = Job(msg, request_of(requested), _cause(failed), seq, release=release)
+            job.give_up = f"task build failed on {failed.host}: {failed.reason}"
+            return job
         exclude = tuple(dict.fromkeys(e.host for e in failures))
         await self._caught_up()
         release = failed.host if self.table.host_of(failed.aggregate.id) == failed.host else ""

@@ -209,6 +209,13 @@ class HostTable:
             m[list(rows)] = True
         return m
 
+    def row_of(self, name: str) -> int | None:
+        return self.index.get(name)
+
+    def window(self, lo: int, hi: int) -> Window:
+        """Rows ``lo`` to ``hi`` (exclusive), as the filters read them."""
+        return Window(self, lo, hi)
+
     def host_of(self, server: str) -> str | None:
         c = self.claims.get(server)
         return self.names[c.host] if c else None
@@ -230,3 +237,37 @@ class HostTable:
                 }
             )
         return out
+
+
+class Window:
+    """Rows ``lo..hi`` of a table through the interface filters read (``col``,
+    ``label_mask``, ``group_mask``, ``row_of``, ``zones``, ``policies``,
+    ``group_hosts``): columns are numpy views (no copy), so filtering a
+    window costs what the window holds, not the whole table. Row numbers a
+    window answers are relative to ``lo``."""
+
+    def __init__(self, t: HostTable, lo: int, hi: int) -> None:
+        self.table, self.lo, self.hi = t, lo, hi
+        self.zones = t.zones
+        self.policies = t.policies
+        self.group_hosts = t.group_hosts
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def col(self, name: str) -> np.ndarray:
+        return getattr(self.table, name)[self.lo : self.hi]
+
+    def label_mask(self, key: str, value: str) -> np.ndarray:
+        return self.table.label_mask(key, value)[self.lo : self.hi]
+
+    def group_mask(self, group: str) -> np.ndarray:
+        m = np.zeros(self.hi - self.lo, np.bool_)
+        for row in self.group_hosts.get(group, ()):
+            if self.lo <= row < self.hi:
+                m[row - self.lo] = True
+        return m
+
+    def row_of(self, name: str) -> int | None:
+        i = self.table.index.get(name)
+        return i - self.lo if i is not None and self.lo <= i < self.hi else None

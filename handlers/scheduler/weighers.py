@@ -20,11 +20,13 @@ from stratus.handlers.scheduler.table import HostTable
 def least_requested_score(capacity: np.ndarray, used: np.ndarray, requested: float) -> np.ndarray:
     """Share of the host left free once the server is placed: (cap - used - req) / cap.
 
-    kube-scheduler's LeastAllocated per resource (before its x100 scale).
+    kube-scheduler's LeastAllocated per resource (before its x100 scale). A
+    host of no capacity scores 0 (divided only where capacity > 0, which is
+    also cheaper than cleaning up NaNs after: this runs on every decision).
     """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = (capacity - used - requested) / capacity
-    return np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+    out = np.zeros(len(capacity), np.float64)
+    np.divide(capacity - used - requested, capacity, out=out, where=capacity > 0)
+    return out
 
 
 def balanced_score(cpu_fraction: np.ndarray, ram_fraction: np.ndarray) -> np.ndarray:
@@ -34,10 +36,33 @@ def balanced_score(cpu_fraction: np.ndarray, ram_fraction: np.ndarray) -> np.nda
     return 1.0 - np.abs(cpu_fraction - ram_fraction) / 2.0
 
 
+class Candidates:
+    """The hosts being weighed for one request: their rows, and what more
+    than one weigher reads of them, gathered and computed once (each numpy
+    call costs about a microsecond whatever its size, and a decision over a
+    few hundred hosts is mostly calls)."""
+
+    __slots__ = ("_free", "r", "rows", "t")
+
+    def __init__(self, t: HostTable, r: Request, rows: np.ndarray) -> None:
+        self.t, self.r, self.rows = t, r, rows
+        self._free: tuple[np.ndarray, np.ndarray] | None = None
+
+    def free(self) -> tuple[np.ndarray, np.ndarray]:
+        """``least_requested_score`` of vCPUs and of RAM on each candidate."""
+        if self._free is None:
+            t, rows, spec = self.t, self.rows, self.r.spec
+            self._free = (
+                least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], spec.vcpus),
+                least_requested_score(t.cap_ram[rows], t.used_ram[rows], spec.ram_mb),
+            )
+        return self._free
+
+
 class Weigher:
     name: ClassVar[str]
 
-    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
+    def scores(self, c: Candidates) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -46,18 +71,20 @@ class LeastRequested(Weigher):
 
     name = "LeastRequested"
 
-    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
-        cpu = least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.spec.vcpus)
-        ram = least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.spec.ram_mb)
+    def scores(self, c: Candidates) -> np.ndarray:
+        cpu, ram = c.free()
         return (cpu + ram) / 2.0
 
 
 class BalancedAllocation(Weigher):
+    """Prefers hosts whose vCPU and RAM fill at the same pace."""
+
     name = "BalancedAllocation"
 
-    def scores(self, t: HostTable, r: Request, rows: np.ndarray) -> np.ndarray:
-        cpu = 1.0 - least_requested_score(t.cap_vcpus[rows], t.used_vcpus[rows], r.spec.vcpus)
-        ram = 1.0 - least_requested_score(t.cap_ram[rows], t.used_ram[rows], r.spec.ram_mb)
+    def scores(self, c: Candidates) -> np.ndarray:
+        cpu, ram = c.free()
+        # balanced_score of the used fractions (1 - free): |a - b| is the
+        # same for the free ones, so they are passed as they are.
         return balanced_score(cpu, ram)
 
 
@@ -78,7 +105,8 @@ def weigh(
 ) -> np.ndarray:
     """The total weight of each candidate row: sum of multiplier x normalised score."""
     total = np.zeros(len(rows), np.float64)
+    c = Candidates(t, r, rows)
     for w, multiplier in weighers:
         if multiplier:
-            total += multiplier * normalise(w.scores(t, r, rows))
+            total += multiplier * normalise(w.scores(c))
     return total

@@ -5,12 +5,16 @@ SUITE is ``foundation`` (broker, write, command and read paths),
 ``projections`` (rebuilds of a 1M-event log, time travel, quota-checked
 server creation), ``scheduler`` (placements at 5,000 and 10,000 hosts) or
 ``compute`` (compute agents on libvirt's test driver: claim to running,
-overlays against copies); with no SUITE all run, in that order. ``network``
-(the network agent on simulated hosts, as root), ``integrations``,
-``images`` (image upload and download against raw object-store put and
-get), ``console`` (live page latency, page cost) and ``chaos`` (SIGKILL of
-each part of a deployment under load, then the log checked; as root) run
-only when named. ``python -m
+overlays against copies); with no SUITE all run, in that order. These run
+only when named: ``network`` (the network agent on simulated hosts, as
+root), ``integrations``, ``openstack`` (the OpenStack API against the
+native path, and Tempest), ``images`` (image upload and download against
+raw object-store put and get), ``console`` (live page latency, page cost),
+``chaos`` (SIGKILL of each part of a deployment under load, then the log
+checked; as root), ``containers`` (OCI containers under runc: create ->
+running against ``runc run`` alone, disk of N containers against N copies;
+as root) and ``cluster`` (a 3-node cluster with replicated services, each
+part killed in turn; as root). ``python -m
 stratus.ops.bench identity --help`` (or ``projections --help``) lists that
 suite's options; the options below are foundation's.
 
@@ -29,11 +33,13 @@ from stratus.ops.bench import (
     chaos,
     compute,
     console,
+    containers,
     foundation,
     identity,
     images,
     integrations,
     network,
+    openstack,
     projections,
     scheduler,
 )
@@ -50,6 +56,9 @@ SUITES = (
     "network",
     "console",
     "chaos",
+    "openstack",
+    "containers",
+    "cluster",
 )
 
 
@@ -111,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "integrations":
         # Not part of the default run: its own stack, receivers and table.
         return integrations.main(argv[1:])
+    if suite == "openstack":
+        # Heavy (Tempest in its own venv): run by name only.
+        return openstack.main(argv[1:])
     if suite == "images":
         # Its own `stratus up` and a 256 MiB file: run by name.
         return images.main(argv[1:])
@@ -120,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if suite == "network":
         # Root only (namespaces): run by name, not with the others.
         return network.main(argv[1:])
+    if suite == "containers":
+        # Root only (runc, overlay mounts): run by name.
+        return containers.main(argv[1:])
+    if suite == "cluster":
+        # Root only: a 3-node cluster and replicated services, killed in turn.
+        from stratus.ops.bench import cluster
+
+        return cluster.main(argv[1:])
     if suite == "chaos":
         # Root only, kills what it starts: run by name, not with the others.
         return chaos.main(argv[1:])

@@ -203,6 +203,8 @@ class Deployment:
         self.url = ""
         self.up: subprocess.Popen[bytes] | None = None
         self.services: dict[str, subprocess.Popen[bytes]] = {}
+        # The simulated hosts the checks look at (name, its agent's data dir).
+        self.hosts = {h: data_dir for h in (*UP_HOSTS, EXTRA_HOST)}
         d = str(data_dir)
         self.argv = {
             "handlers": ["serve", "handlers", "--data-dir", d],
@@ -357,21 +359,23 @@ class Deployment:
     def remove_instances(self) -> int:
         """Every container instance of this deployment (they outlive their
         agents by design); how many there were."""
-        from stratus.agents.compute.containers import ContainerDriver
+        return remove_instances(self.hosts, self.prefix)
 
-        n = 0
-        for host in (*UP_HOSTS, EXTRA_HOST):
-            driver = ContainerDriver(
-                host,
-                self.data_dir / "hosts" / host / "containers",
-                deployment=self.prefix,
-            )
-            for server in driver.list_owned():
-                with contextlib.suppress(Exception):
-                    driver.remove(server)
-                n += 1
-            driver.cgroups.prune()
-        return n
+
+def remove_instances(hosts: dict[str, Path], prefix: str) -> int:
+    """Every container instance of the agents of ``hosts`` (host name: its
+    agent's data dir) in deployment ``prefix``; how many there were."""
+    from stratus.agents.compute.containers import ContainerDriver
+
+    n = 0
+    for host, data_dir in hosts.items():
+        driver = ContainerDriver(host, data_dir / "hosts" / host / "containers", deployment=prefix)
+        for server in driver.list_owned():
+            with contextlib.suppress(Exception):
+                driver.remove(server)
+            n += 1
+        driver.cgroups.prune()
+    return n
 
 
 # -- the clients ------------------------------------------------------------------
@@ -614,7 +618,7 @@ def host_checks(dep: Deployment, fold: LogFold, res: RunResult) -> None:
 
     orphans = []
     instances: dict[str, dict[str, bool]] = {}
-    for host in (*UP_HOSTS, EXTRA_HOST):
+    for host in dep.hosts:
         cg = Cgroups(host, deployment=dep.prefix)
         instances[host] = {s: bool(cg.pids(s)) for s in cg.servers()}
     servers = {sid: v for sid, v in fold.servers.items() if mine(v)}
@@ -809,12 +813,7 @@ async def one_run(
         res.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         if clients is not None:
-            sent = clients.sent
-            res.commands = len(sent)
-            res.acked = sum(s.outcome == "acked" for s in sent)
-            res.refused = sum(s.outcome == "refused" for s in sent)
-            res.unresolved = sum(s.outcome == "unknown" for s in sent)
-            res.retried = sum(s.attempts > 1 for s in sent)
+            tally(clients.sent, res)
         if not shared:
             problems = teardown(dep)
             if problems:
@@ -825,6 +824,15 @@ async def one_run(
         if not shared:
             keep(dep, opts, res)
     return res
+
+
+def tally(sent: list[Sent], into: Any) -> None:
+    """The commands sent, by outcome, into ``into``'s counters."""
+    into.commands = len(sent)
+    into.acked = sum(s.outcome == "acked" for s in sent)
+    into.refused = sum(s.outcome == "refused" for s in sent)
+    into.unresolved = sum(s.outcome == "unknown" for s in sent)
+    into.retried = sum(s.attempts > 1 for s in sent)
 
 
 def teardown(dep: Deployment) -> list[str]:

@@ -155,7 +155,8 @@ def print_table(t: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace, creds: dict[str, Any]) -> dict[str, Any]:
     meter = Meter(args.state)
-    nc = await nats.connect(args.url or creds["url"], **creds["connect"])
+    # One server or several (a cluster: comma-separated), reconnecting across them.
+    nc = await nats.connect((args.url or creds["url"]).split(","), **creds["connect"])
     try:
         js = nc.jetstream()
         stream, durable = creds["stream"], creds["durable"]

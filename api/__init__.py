@@ -1,0 +1,1 @@
+"""The HTTP faces of Stratus: the OpenStack-compatible API (``stratus serve openstack-api``)."""
