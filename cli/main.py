@@ -346,6 +346,10 @@ def init(
     err.write(block if auth_file is None else f"# written to {auth_file}\n")
     if config_only:
         return
+    from stratus.cli import logs
+
+    # Its services' logs (the callout's) go to stderr: stdout is the result.
+    logs.configure("WARNING")
     try:
         result = asyncio.run(
             init_cloud(
