@@ -291,7 +291,7 @@ def init(
         typer.Option(envvar="STRATUS_URL", help="the cluster's nodes: nats://a:4222,nats://b:4222"),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="where the service password and signing keys are kept")
+        Path | None, typer.Option(help="where the broker keys and token signing keys are kept")
     ] = None,
     admin_password: Annotated[
         str | None,
