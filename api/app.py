@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -66,8 +67,11 @@ class ApiServer:
         sock: socket.socket,
         spool: Path,
         public_url: str = "",
+        connect: dict[str, Any] | None = None,
     ) -> None:
+        """``connect``: the connect options of its openstack-api credential."""
         self.nats_url = url
+        self.connect = connect or {}
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
         self.spool = spool
@@ -86,7 +90,7 @@ class ApiServer:
 
     async def start(self) -> str:
         try:
-            self.plane = await ControlPlane.connect(self.nats_url)
+            self.plane = await ControlPlane.connect(self.nats_url, connect=self.connect)
             app = build_app(self.plane, self.spool, self.public_url)
             self.runner = web.AppRunner(app, access_log=None)
             await self.runner.setup()

@@ -348,6 +348,10 @@ async def list_servers(request: web.Request) -> web.Response:
     if q.get("status"):
         want = q["status"].upper()
         rows = [r for r in rows if STATUS.get(r["status"]) == want]
+    else:
+        # As Nova lists: a server shown DELETED (its delete under way) is
+        # left out, so a client that saw it DELETED does not list it again.
+        rows = [r for r in rows if STATUS.get(r["status"]) != "DELETED"]
     for key, column in (("image", "image"), ("flavor", "flavor")):
         if q.get(key):
             rows = [r for r in rows if r.get(column) == _ref(q[key])]

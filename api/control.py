@@ -21,7 +21,6 @@ import nats
 from stratus.cli.client import Client
 from stratus.events.commands import command_id_via
 from stratus.events.errors import StratusError, Unauthenticated, Unavailable
-from stratus.events.sealed import Opener
 from stratus.events.store import connect_nats
 
 VIA = "openstack-api"
@@ -143,24 +142,27 @@ class Session:
 
 
 class ControlPlane:
-    """One NATS connection and one reply key for every request of the process."""
+    """One NATS connection for every request of the process: a gateway's,
+    admitted by its openstack-api credential (``connect``: its connect
+    options, ``events.natscreds``), forwarding each caller's own token."""
 
     def __init__(self, nc: nats.NATS, timeout: float = TIMEOUT_S) -> None:
         self.nc = nc
         self.timeout = timeout
-        self.opener = Opener()
         self.settler = Settler()
 
     @classmethod
-    async def connect(cls, url: str, timeout: float = TIMEOUT_S) -> ControlPlane:
+    async def connect(
+        cls, url: str, timeout: float = TIMEOUT_S, connect: dict[str, Any] | None = None
+    ) -> ControlPlane:
         try:
-            nc = await connect_nats(url, persistent=True)
+            nc = await connect_nats(url, persistent=True, **(connect or {}))
         except Unavailable as exc:
             raise Unavailable(f"cannot reach the control plane: {exc.message}") from None
         return cls(nc, timeout)
 
     def session(self, token: str | None, request_id: str | None = None) -> Session:
-        client = Client(self.nc, token, self.timeout, opener=self.opener)
+        client = Client(self.nc, token, self.timeout)
         return Session(client, self.settler, request_id)
 
     async def close(self) -> None:

@@ -8,7 +8,9 @@ and whose import would be most of a read command's start-up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +20,9 @@ import nats.errors
 
 from stratus.events.cluster import server_list
 from stratus.events.commands import H_AT, H_AUTHORIZATION, H_COMMAND_ID, Reply
-from stratus.events.errors import Internal, StratusError, Unavailable, from_wire
+from stratus.events.errors import Internal, StratusError, Unauthenticated, Unavailable, from_wire
 from stratus.events.ids import new_id
-from stratus.events.sealed import H_REPLY_KEY, H_SEALED, Opener
+from stratus.events.natscreds import connect_options
 
 _reply = msgspec.json.Decoder(Reply)
 _enc = msgspec.json.Encoder()
@@ -70,47 +72,42 @@ class Client:
         timeout: float = 10.0,
         *,
         drops: Drops | None = None,
-        opener: Opener | None = None,
     ) -> None:
         """``drops``: fed by the callbacks of ``nc`` (``connect`` does that);
-        without it, a request watches ``nc.is_connected`` instead.
-        ``opener``: a long-lived caller (the OpenStack API: a Client per
-        request) shares one key, so the services' per-peer key cache works
-        for it."""
+        without it, a request watches ``nc.is_connected`` instead."""
         self.nc = nc
         self.token = token
         self.timeout = timeout
-        self.opener = opener or Opener()
         self.drops = drops
+        # Made by ``connect``: where, and with which token. The broker admits
+        # a connection by its token, so a token set later (after logging in)
+        # takes a connection of its own (``_as_token``).
+        self._url: str | None = None
+        self._connected_as = token
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, timeout: float = 10.0) -> Client:
         """One attempt, no reconnecting: a command reaches the control plane
-        or says at once that it cannot."""
-        # Several servers (a cluster): each is tried before giving up.
-        servers = server_list(url)
-        nc = nats.NATS()
-        drops = Drops()
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    servers,
-                    connect_timeout=2,
-                    allow_reconnect=False,
-                    # nats-py treats 0 as "no limit".
-                    max_reconnect_attempts=1,
-                    error_cb=_quiet,
-                    disconnected_cb=drops.dropped,
-                    closed_cb=drops.dropped,
-                ),
-                timeout,
-            )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            why = f"{exc or type(exc).__name__}"
-            raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
-        return cls(nc, token, timeout, drops=drops)
+        or says at once that it cannot.
+
+        The broker admits the connection by ``token`` (its auth callout
+        verifies it: a revoked or expired token does not connect), with an
+        inbox only this connection may read (``events.natscreds``). Without
+        a token it may only log in; set ``token`` later and the next request
+        connects again with it."""
+        nc, drops = await _open(url, token, timeout)
+        client = cls(nc, token, timeout, drops=drops)
+        client._url = url
+        return client
+
+    async def _as_token(self) -> None:
+        """Connect again if ``token`` changed since this client connected."""
+        if self._url is None or self.token == self._connected_as:
+            return
+        nc, drops = await _open(self._url, self.token, self.timeout)
+        old, self.nc, self.drops, self._connected_as = self.nc, nc, drops, self.token
+        with contextlib.suppress(Exception):
+            await old.close()
 
     async def close(self) -> None:
         try:
@@ -121,8 +118,7 @@ class Client:
     async def request_raw(
         self, subject: str, data: bytes, headers: dict[str, str], timeout: float | None = None
     ) -> bytes:
-        """One request; the reply's body, unsealed (see ``events.sealed``)."""
-        headers[H_REPLY_KEY] = self.opener.public_b64
+        """One request; the reply's body."""
         wait = timeout or self.timeout
         try:
             msg = await self._send(subject, data, headers, wait)
@@ -132,8 +128,7 @@ class Client:
             raise Unavailable(f"{subject}: no answer within {wait:g}s") from None
         except nats.errors.Error as exc:
             raise Unavailable(f"{subject}: {exc}") from None
-        sealed = (msg.headers or {}).get(H_SEALED)
-        return self.opener.open(sealed, msg.subject, msg.data) if sealed else msg.data
+        return msg.data
 
     async def _send(
         self, subject: str, data: bytes, headers: dict[str, str], timeout: float
@@ -186,6 +181,7 @@ class Client:
     ) -> bytes:
         """A request with this client's token; the reply's body (for bodies
         that are not JSON, such as image chunks)."""
+        await self._as_token()
         if self.token:
             headers[H_AUTHORIZATION] = f"Bearer {self.token}"
         return await self.request_raw(subject, data, headers, timeout)
@@ -208,6 +204,38 @@ class Client:
         return (await self._request(f"q.{view}", body or {}, headers)).data
 
 
+def refused_at_connect(exc: BaseException) -> bool:
+    """Whether the broker turned the connection down (its auth callout did)."""
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
+
+
+def token_refused(token: str | None) -> Unauthenticated:
+    """Why the broker refused a connection, as far as the client can tell:
+    the broker says only that it was not authorized."""
+    if not token:
+        return Unauthenticated("the control plane refused the connection")
+    expires = _expiry(token)
+    if expires is not None and expires < time.time():
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+        return Unauthenticated(f"token expired at {when}; sign in again (stratus login)")
+    return Unauthenticated(
+        "the control plane refused the token (revoked, expired, or not issued by this "
+        "cloud); sign in again (stratus login)"
+    )
+
+
+def _expiry(token: str) -> int | None:
+    """The ``exp`` a token claims (unverified: only to explain a refusal)."""
+    try:
+        payload = token.split(".")[1]
+        claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return int(claims["exp"])
+    except Exception:
+        return None
+
+
 def decode_reply(subject: str, data: bytes) -> Reply:
     """A service's ``Reply``, or the typed error it refused with."""
     try:
@@ -219,6 +247,67 @@ def decode_reply(subject: str, data: bytes) -> Reply:
             raise StratusError("refused without a reason")
         raise from_wire(reply.error)
     return reply
+
+
+# A refused connect of a token this process was admitted with before is
+# tried again for this long: while the broker restarts its auth callout may
+# not be back yet, and the server then refuses every connection alike. A
+# token never admitted here (the CLI's one connection, a revoked token
+# presented anew) is refused at once.
+REFUSED_RETRY_S = 2.0
+REFUSED_EVERY_S = 0.2
+_admitted: set[str] = set()
+_ADMITTED_MAX = 4096
+
+
+async def _open(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
+    """A connection as ``Client.connect`` makes it."""
+    deadline = time.monotonic() + REFUSED_RETRY_S
+    while True:
+        try:
+            opened = await _open_once(url, token, timeout)
+        except Unauthenticated:
+            if token not in _admitted or time.monotonic() >= deadline:
+                raise
+            expires = _expiry(token) if token else None
+            if expires is not None and expires < time.time():
+                raise
+            await asyncio.sleep(REFUSED_EVERY_S)
+            continue
+        if token:
+            if len(_admitted) >= _ADMITTED_MAX:
+                _admitted.clear()
+            _admitted.add(token)
+        return opened
+
+
+async def _open_once(url: str, token: str | None, timeout: float) -> tuple[nats.NATS, Drops]:
+    nc = nats.NATS()
+    drops = Drops()
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                # Several servers (a cluster): each is tried before giving up.
+                server_list(url),
+                connect_timeout=2,
+                allow_reconnect=False,
+                # nats-py treats 0 as "no limit".
+                max_reconnect_attempts=1,
+                error_cb=_quiet,
+                disconnected_cb=drops.dropped,
+                closed_cb=drops.dropped,
+                **connect_options(token),
+            ),
+            timeout,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        if refused_at_connect(exc):
+            raise token_refused(token) from None
+        why = f"{exc or type(exc).__name__}"
+        raise Unavailable(f"cannot reach the control plane at {url}: {why}") from None
+    return nc, drops
 
 
 async def _quiet(exc: Exception) -> None:

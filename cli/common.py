@@ -127,8 +127,13 @@ def _import_nats(url: str) -> None:
         del sys.modules["aiohttp"]
 
 
-def run(fn: Callable[[Client], Awaitable[T]]) -> T:
-    """Connect, run ``fn``, and turn refusals into CLI.md's exit codes."""
+# Sent without a token, so an expired or revoked one cannot get in the way.
+ANONYMOUS_VERBS = ("auth.login",)
+
+
+def run(fn: Callable[[Client], Awaitable[T]], *, anonymous: bool = False) -> T:
+    """Connect (as the token's holder, or ``anonymous``ly), run ``fn``, and
+    turn refusals into CLI.md's exit codes."""
     import asyncio
 
     url = resolve_url()
@@ -137,7 +142,7 @@ def run(fn: Callable[[Client], Awaitable[T]]) -> T:
     from stratus.events.errors import StratusError
 
     async def main() -> T:
-        client = await Client.connect(url, resolve_token())
+        client = await Client.connect(url, None if anonymous else resolve_token())
         try:
             return await fn(client)
         finally:
@@ -175,7 +180,7 @@ def command(verb: str, **fields: Any) -> Command:
 def send(verb: str, **fields: Any) -> Reply:
     """Build and check command ``verb`` (see ``command``), then send it."""
     cmd = command(verb, **fields)
-    return run(lambda c: c.command(verb, cmd))
+    return run(lambda c: c.command(verb, cmd), anonymous=verb in ANONYMOUS_VERBS)
 
 
 def parse_labels(pairs: list[str] | None) -> dict[str, str]:
@@ -196,13 +201,15 @@ class Service(NamedTuple):
     stop when a signal comes, in order; ``name`` is shown in its ready line,
     with ``url`` (where it answers) if it has one.
 
-    A ``client`` service (the OpenStack API) reaches the control plane as
-    the CLI does, with its callers' tokens: it is started with neither store
-    and gets no service credentials."""
+    An ``own_connection`` service connects by itself with its credentials
+    (the auth callout as a broker user; the OpenStack API forwarding its
+    callers' tokens): it is started with neither store."""
 
     name: str
     start: Callable[[Any, Any], Awaitable[list[Any]]]
-    client: bool = False
+    # It makes its own connections (the auth callout, the gateways): it is
+    # started with neither store.
+    own_connection: bool = False
     url: str = ""
 
 

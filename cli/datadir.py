@@ -12,8 +12,9 @@ from pathlib import Path
 
 # The NATS URL of the running `stratus up`, for the CLI to find.
 URL_FILE = "url"
-NATS_SERVICE_USER = "stratus"
-NATS_SERVICE_SECRET = "nats-service-password"
+# The broker's own nkeys (the auth callout's user, the system account's user,
+# the key the callout signs users with): the broker's and the callout's alone.
+BROKER_DIR = "broker"
 
 
 def default_data_dir() -> Path:

@@ -5,10 +5,12 @@
 # each time (twice per command), a third of the CLI's start-up.
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
@@ -289,7 +291,7 @@ def init(
         typer.Option(envvar="STRATUS_URL", help="the cluster's nodes: nats://a:4222,nats://b:4222"),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="where the service password and signing keys are kept")
+        Path | None, typer.Option(help="where the broker keys and token signing keys are kept")
     ] = None,
     admin_password: Annotated[
         str | None,
@@ -344,6 +346,10 @@ def init(
     err.write(block if auth_file is None else f"# written to {auth_file}\n")
     if config_only:
         return
+    from stratus.cli import logs
+
+    # Its services' logs (the callout's) go to stderr: stdout is the result.
+    logs.configure("WARNING")
     try:
         result = asyncio.run(
             init_cloud(
@@ -370,6 +376,10 @@ class ServeOptions(NamedTuple):
     args: list[str]
     # Networks webhooks may reach although internal (handlers and webhooks).
     webhook_allow: list[str]
+    # The service's credentials file (``--creds``), None without one.
+    creds: Any = None
+    url: str = ""
+    admin_password: str | None = None
 
 
 def _alone(factory: Callable[[ServeOptions], Service]) -> Callable[[ServeOptions], Service]:
@@ -396,12 +406,21 @@ def _one(name: str, make: Callable[[Any, Any], Any]) -> Service:
     return Service(name, start)
 
 
+def _webhook_keys(o: ServeOptions) -> Any:
+    """The webhook master key a handlers or webhooks credentials file carries."""
+    from stratus.handlers.integrations import WebhookKeys
+
+    master = getattr(o.creds, "webhook_master", "")
+    return WebhookKeys(master.encode()) if master else None
+
+
 def _requests(o: ServeOptions, *, commands: bool) -> Service:
     """The command service (``commands``) or the query service, behind the
     identity feed that authenticates their callers (or trusting every
     caller: ``--insecure-no-auth``)."""
     from stratus.cli.runtime import start_services
     from stratus.handlers.catalog import all_handlers
+    from stratus.handlers.identity import bootstrap_admin
     from stratus.handlers.image_service import ImageService
     from stratus.handlers.keyring import KeyRing
     from stratus.handlers.service import CommandService
@@ -428,10 +447,11 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
         )
 
     async def start(store: Any, engine: Any) -> list[Any]:
-        # Logging in needs the private signing keys; verifying needs none.
-        keys = o.data_dir / "keys"
-        keyring = KeyRing.load_or_create(keys) if commands and keys.exists() else None
-        feed, cmd, query = await start_services(
+        # Logging in needs the private signing keys (a handlers credentials
+        # file carries them); verifying needs none.
+        ring = getattr(o.creds, "signing_keys", None)
+        keyring = KeyRing.from_pem(ring.order, ring.pem) if commands and ring else None
+        services = await start_services(
             store,
             engine,
             keyring,
@@ -439,12 +459,17 @@ def _requests(o: ServeOptions, *, commands: bool) -> Service:
             queries=not commands,
             quota_defaults=defaults,
             webhook_policy=policy,
+            webhook_keys=_webhook_keys(o),
         )
+        if services.commands is not None and o.admin_password:
+            await bootstrap_admin(services.commands, o.admin_password)
+        cmd = services.commands
         if cmd is None:
-            return [query, feed]
+            return services.parts
+        # Image bytes are written through the handlers too.
         images = ImageService(store, spool=spool, authenticate=cmd.authenticate, roles=cmd.roles)
         await images.start()
-        return [images, cmd, feed]
+        return [images, *services.parts]
 
     return Service(name, start)
 
@@ -472,16 +497,35 @@ def _allocator(o: ServeOptions) -> Service:
 
 @_alone
 def _webhooks(o: ServeOptions) -> Service:
-    from stratus.handlers.integrations import WebhookKeys
     from stratus.handlers.webhooks import WebhookService
 
-    # The signing secrets derive from a key beside the token keys.
-    keys = o.data_dir / "keys"
+    keys = _webhook_keys(o)
+    if keys is None:
+        typer.echo("error: the webhook service needs webhooks credentials (--creds)", err=True)
+        raise typer.Exit(EXIT_USAGE)
     policy = webhook_policy_from(o.webhook_allow)
-    return _one(
-        "webhooks",
-        lambda store, _: WebhookService(store, WebhookKeys.load_or_create(keys), policy=policy),
-    )
+    return _one("webhooks", lambda store, _: WebhookService(store, keys, policy=policy))
+
+
+@_alone
+def _auth_callout(o: ServeOptions) -> Service:
+    from stratus.handlers.callout import AuthCallout
+    from stratus.handlers.natsauth import BrokerKeys
+
+    c = o.creds
+    if c is None or c.kind != "auth-callout":
+        typer.echo("error: the auth callout needs auth-callout credentials (--creds)", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    keys = BrokerKeys(c.auth_seed, c.sys_seed, c.issuer_seed)
+    trusted = {kid: bytes.fromhex(raw) for kid, raw in c.public_keys.items()}
+
+    async def start(_store: Any, _engine: Any) -> list[Any]:
+        callout = AuthCallout(o.url, keys, trusted_keys=trusted)
+        await callout.start()
+        return [callout]
+
+    # Its connections are its own (the broker's configured users).
+    return Service("auth-callout", start, own_connection=True)
 
 
 def _compute_agent(o: ServeOptions) -> Service:
@@ -499,7 +543,14 @@ def _network_agent(o: ServeOptions) -> Service:
 def _openstack_api(o: ServeOptions) -> Service:
     from stratus.cli.openstack_api import openstack_api_service
 
-    return openstack_api_service(o.args, resolve_url(), o.data_dir)
+    # A gateway: each request carries its caller's token; its own credential
+    # (kind openstack-api) only lets it send requests and read its inbox.
+    c = o.creds
+    if c is not None and c.kind != "openstack-api":
+        typer.echo(f"error: --creds holds {c.label} credentials, not openstack-api ones", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    connect = c.connect_options() if c is not None else None
+    return openstack_api_service(o.args, o.url, o.data_dir, connect)
 
 
 # `stratus serve NAME`: each factory checks its options (a mistake stops it
@@ -511,6 +562,7 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
     "scheduler": _scheduler,
     "allocator": _allocator,
     "webhooks": _webhooks,
+    "auth-callout": _auth_callout,
     # These take options of their own (--host, ...) after the name.
     "compute-agent": _compute_agent,
     "network-agent": _network_agent,
@@ -518,29 +570,96 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
 }
 
 
-async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) -> None:
+class BrokerRefusal:
+    """Watches a service's connection for the broker's refusals: a
+    permissions violation (its credentials are of another kind or host)
+    stops the service at once, said in one line; authorization ones
+    (revoked, expired, not this cloud's) once reconnecting has been refused
+    for ``AUTH_GRACE_S`` without a break: while the broker restarts, its
+    auth callout may not be back yet, and a refusal then means nothing."""
+
+    AUTH_GRACE_S = 30.0
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.line = ""
+        self.refused = asyncio.Event()
+        self._refused_since: float | None = None
+
+    async def on_reconnect(self) -> None:
+        """nats-py's ``reconnected_cb``: admitted again."""
+        self._refused_since = None
+
+    async def on_error(self, exc: Exception) -> None:
+        """nats-py's ``error_cb`` (which must be a coroutine function)."""
+        import nats.errors
+
+        text = str(exc).removeprefix("nats: ").strip("'")
+        if "permissions violation" in text.lower():
+            self._refuse(f"the broker refused {text[len('permissions violation for ') :]}")
+        elif isinstance(exc, nats.errors.AuthorizationError) or (
+            "authorization violation" in text.lower()
+        ):
+            now = time.monotonic()
+            if self._refused_since is None:
+                self._refused_since = now
+            elif now - self._refused_since >= self.AUTH_GRACE_S:
+                self._refuse(
+                    "the broker no longer admits them (revoked, expired, or another cloud's)"
+                )
+
+    def _refuse(self, why: str) -> None:
+        if not self.refused.is_set():
+            self.line = f"error: forbidden: {why}: {self.label} credentials do not allow it"
+            self.refused.set()
+
+
+async def _serve_until_signal(
+    svc: Service, url: str, creds: Any, db_url: str, handlers: bool
+) -> int:
+    """Run ``svc`` until a signal (0) or until the broker refuses it (1)."""
     from stratus.events.store import EventStore
     from stratus.projections.db import make_engine
 
-    store = engine = None
-    if not svc.client:
-        store = await EventStore.connect(url, **creds)
-        engine = make_engine(db_url)
+    refusal = BrokerRefusal(creds.label if creds is not None else "no")
+    store = None
+    if not svc.own_connection:
+        store = await EventStore.connect(
+            url, creds=creds, error_cb=refusal.on_error, reconnected_cb=refusal.on_reconnect
+        )
+    engine = None if svc.own_connection else make_engine(db_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     running: list[Any] = []
-    try:
-        if store is not None:
-            await store.ensure_stream()
+
+    async def start() -> None:
+        nonlocal running
+        if store is not None and handlers:
+            await store.ensure_stream()  # the handlers make the stream
         running = await svc.start(store, engine)
         where = f": {svc.url}" if svc.url else ""
         print(f"stratus {svc.name} ready{where}", flush=True)
         await stop.wait()
+
+    main = asyncio.create_task(start())
+    refused = asyncio.create_task(refusal.refused.wait())
+    try:
+        await asyncio.wait([main, refused], return_when=asyncio.FIRST_COMPLETED)
+        if refusal.refused.is_set():
+            main.cancel()
+            with contextlib.suppress(BaseException):
+                await main
+            print(refusal.line, file=sys.stderr, flush=True)
+            return 1
+        main.result()
+        return 0
     finally:
+        refused.cancel()
         for part in running:
-            await part.stop()
+            with contextlib.suppress(Exception):
+                await part.stop()
         if store is not None:
             await store.close()
         if engine is not None:
@@ -551,19 +670,33 @@ async def _serve_until_signal(svc: Service, url: str, creds: dict, db_url: str) 
 def serve(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(help=", ".join([*SERVICES, "console"]))],
+    creds: Annotated[
+        Path | None,
+        typer.Option(
+            "--creds",
+            envvar="STRATUS_CREDS",
+            help="this service's credentials file (stratus credentials issue)",
+        ),
+    ] = None,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the projection store")] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="where the signing keys and NATS secrets are")
+        Path | None, typer.Option(help="this service's own files (projections, host state)")
     ] = None,
-    nats_user: Annotated[str | None, typer.Option(envvar="STRATUS_NATS_USER")] = None,
-    nats_password: Annotated[str | None, typer.Option(envvar="STRATUS_NATS_PASSWORD")] = None,
     insecure_no_auth: Annotated[
         bool,
         typer.Option(
             "--insecure-no-auth",
-            help="trust every request as the cloud admin: benchmarks on a closed network only",
+            help="no credentials, and trust every request as the cloud admin: benchmarks "
+            "on a broker without authentication only",
         ),
     ] = False,
+    admin_password: Annotated[
+        str | None,
+        typer.Option(
+            envvar="STRATUS_ADMIN_PASSWORD",
+            help="handlers: make the user admin with this password on a log without one",
+        ),
+    ] = None,
     quota_default: QuotaDefaultOpt = None,
     config: SchedulerConfigOpt = None,
     seed: SeedOpt = None,
@@ -571,18 +704,36 @@ def serve(
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
     from stratus.cli import logs
+    from stratus.cli.creds import load_for_serve
     from stratus.cli.datadir import default_data_dir
     from stratus.projections.db import sqlite_url
     from stratus.projections.rebuild import live_store_path
 
     if service == "console":
-        # A client of the control plane rather than a service: it connects
-        # with no credentials (each request carries its browser's token).
+        # A client of the control plane rather than a service: each request
+        # carries its browser's token; its own credential (kind console) only
+        # lets it send requests and read its inbox.
         from stratus.console.server import serve_console
 
+        if creds is None and not insecure_no_auth:
+            typer.echo(
+                "error: give --creds FILE (stratus credentials issue --service console)", err=True
+            )
+            raise typer.Exit(EXIT_USAGE)
+        console_creds = load_for_serve(creds) if creds is not None else None
+        if console_creds is not None and console_creds.kind != "console":
+            typer.echo(
+                f"error: {creds} holds {console_creds.label} credentials, not console ones",
+                err=True,
+            )
+            raise typer.Exit(EXIT_USAGE)
         logs.configure("INFO")
         try:
-            serve_console(ctx.args, url=resolve_url())
+            serve_console(
+                ctx.args,
+                url=resolve_url(),
+                connect=console_creds.connect_options() if console_creds else None,
+            )
         except StratusError as err:
             raise fail(err) from None
         return
@@ -590,7 +741,14 @@ def serve(
     if factory is None:
         typer.echo(f"error: SERVICE must be one of {', '.join(SERVICES)}, console", err=True)
         raise typer.Exit(EXIT_USAGE)
+    if creds is None and not insecure_no_auth:
+        typer.echo(
+            f"error: give --creds FILE (stratus credentials issue --service {service} ...)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
     data_dir = data_dir or default_data_dir()
+    url = resolve_url()
     opts = ServeOptions(
         data_dir=data_dir,
         quota_defaults=parse_quota_defaults(quota_default),
@@ -599,16 +757,22 @@ def serve(
         seed=seed,
         args=ctx.args,
         webhook_allow=webhook_allow_network or [],
+        creds=load_for_serve(creds) if creds is not None else None,
+        url=url,
+        admin_password=admin_password,
     )
     try:
         svc = factory(opts)
         logs.configure("INFO")
-        # A client service holds no service credentials (nor reads them).
-        creds = {} if svc.client else _service_creds(data_dir, nats_user, nats_password)
+        data_dir.mkdir(parents=True, exist_ok=True)
         db_url = db or sqlite_url(live_store_path(data_dir))
-        asyncio.run(_serve_until_signal(svc, resolve_url(), creds, db_url))
+        code = asyncio.run(
+            _serve_until_signal(svc, url, opts.creds, db_url, handlers=service == "handlers")
+        )
     except StratusError as err:
         raise fail(err) from None
+    if code:
+        raise typer.Exit(EXIT_REFUSED)
 
 
 @app.command()
@@ -974,27 +1138,18 @@ def events_asyncapi() -> None:
     sys.stdout.write(dumps(CODEC, resolve_url()) + "\n")
 
 
-def _service_creds(data_dir: Path, user: str | None, password: str | None) -> dict:
-    """NATS credentials of a service: those given, else the service user of
-    the `stratus up` in ``data_dir`` when it has one, else none."""
-    from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+def service_access(data_dir: Path) -> tuple[str, Any]:
+    """The NATS URL of the `stratus up` in ``data_dir`` and a short-lived
+    credential to read its log, signed with its key ring: what reading the
+    log directly needs (a usage error where there is no key ring)."""
+    from stratus.cli.creds import key_ring_dir, local_creds
+    from stratus.cli.datadir import URL_FILE
 
-    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-    if password is None and secret_file.exists():
-        user, password = NATS_SERVICE_USER, secret_file.read_text().strip()
-    return {"user": user, "password": password} if password else {}
-
-
-def service_access(data_dir: Path) -> tuple[str, str]:
-    """The NATS URL and service password of the `stratus up` in ``data_dir``:
-    what reading the log directly needs (a usage error where there is none)."""
-    from stratus.cli.datadir import NATS_SERVICE_SECRET, URL_FILE
-
-    secret_file = data_dir / "secrets" / NATS_SERVICE_SECRET
-    if not secret_file.exists():
+    ring = key_ring_dir(data_dir)
+    if ring is None:
         typer.echo(
-            f"error: no stratus data dir at {data_dir} (its NATS service credentials are "
-            "needed): run this where `stratus up` runs, or pass --data-dir",
+            f"error: no stratus key ring in {data_dir} (a credential to read the log is "
+            "signed with it): run this where `stratus up` runs, or pass --data-dir",
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
@@ -1003,7 +1158,7 @@ def service_access(data_dir: Path) -> tuple[str, str]:
         if (data_dir / URL_FILE).exists()
         else resolve_url()
     )
-    return url, secret_file.read_text().strip()
+    return url, local_creds(ring, "projector", ttl_s=3600)
 
 
 @scheduler_app.command("replay")
@@ -1021,18 +1176,15 @@ def scheduler_replay(
 ) -> None:
     """Decide the recorded placements of --from..--to again with another
     configuration; report how many change and how the load would spread."""
-    from stratus.cli.datadir import NATS_SERVICE_USER
     from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.handlers.scheduler.replay import replay
 
     cfg = scheduler_config_from(config, seed)
-    url, password = service_access(data_dir or default_dir())
+    url, creds = service_access(data_dir or default_dir())
 
     async def main() -> dict[str, Any]:
-        store = await EventStore.connect(
-            url, persistent=False, user=NATS_SERVICE_USER, password=password
-        )
+        store = await EventStore.connect(url, persistent=False, creds=creds)
         try:
             return await replay(store, cfg, from_seq, to_seq)
         finally:
@@ -1077,7 +1229,6 @@ def projections_rebuild(
 
     from stratus.cli.client import Client
     from stratus.cli.common import resolve_token
-    from stratus.cli.datadir import NATS_SERVICE_USER
     from stratus.cli.datadir import default_data_dir as default_dir
     from stratus.events.store import EventStore
     from stratus.projections.rebuild import (
@@ -1088,17 +1239,20 @@ def projections_rebuild(
     )
 
     data_dir = data_dir or default_dir()
-    url, password = service_access(data_dir)
+    url, creds = service_access(data_dir)
     path = new_store_path(data_dir)
 
     async def main() -> dict[str, Any]:
         import time
 
         t0 = time.perf_counter()
-        store = await EventStore.connect(
-            url, persistent=False, user=NATS_SERVICE_USER, password=password
-        )
-        swap = Client(store.nc, resolve_token(), timeout=600)
+        # The swap is asked as the cloud admin, on a connection of its token.
+        swap = await Client.connect(url, resolve_token(), timeout=600)
+        try:
+            store = await EventStore.connect(url, persistent=False, creds=creds)
+        except BaseException:
+            await swap.close()
+            raise
         try:
             await swap.control(SWAP_SUBJECT, {})  # refused callers learn it before the replay
             head = await store.last_seq()
@@ -1121,6 +1275,7 @@ def projections_rebuild(
             raise
         finally:
             await store.close()
+            await swap.close()
         return {
             "digest": swapped["digest"],
             "events": built.events + swapped["caught_up"],
@@ -1147,6 +1302,10 @@ _resources.register(app)
 from stratus.cli import integrations as _integrations  # noqa: E402
 
 _integrations.register(app)
+
+from stratus.cli import creds as _creds  # noqa: E402
+
+_creds.register(app)
 
 
 def main() -> None:

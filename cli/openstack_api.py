@@ -34,7 +34,8 @@ def openstack_api(
     ] = None,
 ) -> None:
     """Serve Keystone v3, Nova v2.1, Neutron v2.0 and Glance v2 (called by
-    ``stratus serve openstack-api``); it holds no credentials of its own."""
+    ``stratus serve openstack-api``); its openstack-api credential only lets
+    it forward its callers' requests, each with the caller's own token."""
     from stratus.api.app import ApiServer, bind
 
     try:
@@ -43,15 +44,22 @@ def openstack_api(
     except (ValueError, OSError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--listen") from None
     url, data_dir = ctx.obj["url"], ctx.obj["data_dir"]
-    server = ApiServer(url, sock, spool_dir or data_dir / SPOOL_DIR, public_url)
+    server = ApiServer(
+        url, sock, spool_dir or data_dir / SPOOL_DIR, public_url, ctx.obj.get("connect")
+    )
 
     async def start(_store: Any, _engine: Any) -> list[Any]:
         await server.start()
         return [server]
 
-    ctx.obj["service"] = Service("openstack-api", start, client=True, url=server.auth_url)
+    ctx.obj["service"] = Service("openstack-api", start, own_connection=True, url=server.auth_url)
 
 
-def openstack_api_service(args: list[str], url: str, data_dir: Path) -> Service:
-    """The OpenStack API, from its own options in ``args``."""
-    return own_options(api_app, args, "stratus serve openstack-api", url=url, data_dir=data_dir)
+def openstack_api_service(
+    args: list[str], url: str, data_dir: Path, connect: dict[str, Any] | None = None
+) -> Service:
+    """The OpenStack API, from its own options in ``args`` (``connect``: the
+    connect options of its credential)."""
+    return own_options(
+        api_app, args, "stratus serve openstack-api", url=url, data_dir=data_dir, connect=connect
+    )

@@ -3,6 +3,14 @@
 ``stratus up`` and ``stratus demo`` run this; tests and benchmarks use it
 too, so they exercise exactly what an operator runs.
 
+The broker is configured as every node of a deployment is
+(``handlers.natsauth.broker_auth_config``): two nkey users (the auth
+callout's and the system account's, seeds in ``DATA_DIR/broker``) and the
+auth callout, which runs here and admits everything else. Each service in
+this process connects as a separate service would, with a credential of its
+own kind (signed here with the key ring, held in memory only), so the
+permissions tested here are the ones a multi-machine deployment gets.
+
 The stack supervises its broker: a nats-server that dies is started again
 on the same port and store (at once, then with back-off), while the
 services' connections reconnect by themselves; after ``MAX_RESTARTS``
@@ -17,20 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
-import os
-import secrets
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always offered)
-    NATS_SERVICE_SECRET,
-    NATS_SERVICE_USER,
+    BROKER_DIR,
     URL_FILE,
     default_data_dir,
     deployment_prefix,
@@ -42,13 +45,16 @@ from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
+from stratus.handlers.callout import AuthCallout
 from stratus.handlers.catalog import all_handlers
+from stratus.handlers.credentials import mint
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
 from stratus.handlers.image_service import ImageService
 from stratus.handlers.integrations import WebhookKeys
-from stratus.handlers.keyring import KeyRing
-from stratus.handlers.natsauth import IntegrationAuth
+from stratus.handlers.keyring import SERVICE_TTL_S, KeyRing
+from stratus.handlers.natsauth import BrokerKeys, broker_auth_config
 from stratus.handlers.rbac import RoleBook
+from stratus.handlers.reports import ReportRelay
 from stratus.handlers.scheduler import SchedulerConfig, SchedulerService
 from stratus.handlers.service import CommandService
 from stratus.handlers.targets import TargetPolicy
@@ -61,48 +67,11 @@ from stratus.projections.rebuild import LiveProjection, SwapService, live_store_
 
 log = structlog.get_logger("stratus.up")
 
-# Clients (the CLI, integrations) connect without credentials and get only
-# this: send commands and queries, receive replies. Appending to the log, or
-# any JetStream API call, is refused by the server itself.
-NATS_CLIENT_USER = "client"
 
-
-def secret(data_dir: Path, name: str) -> str:
-    """A random secret kept in DATA_DIR/secrets (mode 0600), made on first use."""
-    d = data_dir / "secrets"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = d / name
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
-
-
-def nats_auth_config(
-    service_password: str,
-    integration_users: list[dict] | None = None,
-    client_password: str | None = None,
-) -> str:
-    """``integration_users``: see ``handlers.natsauth`` (reloaded as they change)."""
-    client_perms = {
-        "publish": {"allow": ["cmd.>", "q.>"]},
-        "subscribe": {"allow": ["_INBOX.>"]},
-    }
-    users = [
-        {"user": NATS_SERVICE_USER, "password": service_password},
-        {
-            "user": NATS_CLIENT_USER,
-            "password": client_password or secrets.token_urlsafe(16),
-            "permissions": client_perms,
-        },
-        *(integration_users or []),
-    ]
-    # nats-server's config format accepts JSON values.
-    return (
-        f"authorization {{ users: {json.dumps(users)} }}\n"
-        f"no_auth_user: {json.dumps(NATS_CLIENT_USER)}\n"
-    )
+def broker_config(keys: BrokerKeys) -> str:
+    """The auth part of this stack's nats-server configuration (the same
+    function renders every node's: ``broker_auth_config``)."""
+    return broker_auth_config(keys.auth_user, keys.sys_user, keys.issuer)
 
 
 def check_cluster_size(nodes: int) -> None:
@@ -163,29 +132,50 @@ async def init_cloud(
     """``stratus init`` on an existing JetStream cluster, idempotently: the
     stream and every bucket (waiting until each has a leader and current
     replicas), the public signing keys on the log, and the first admin.
-    The service password and signing keys are those of ``data_dir``."""
-    password = secret(data_dir, NATS_SERVICE_SECRET)
-    store = await EventStore.connect(
-        url, persistent=False, user=NATS_SERVICE_USER, password=password
-    )
+    The broker and signing keys are those of ``data_dir``; an auth callout
+    of its own admits this process's connection (the nodes may have no
+    other running yet), beside any already running (a queue group)."""
+    from stratus.cli.creds import local_creds
+
+    keyring = KeyRing.load_or_create(data_dir / "keys")
+    keys = BrokerKeys.load_or_create(data_dir / BROKER_DIR)
+    callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+    deadline = time.monotonic() + timeout
+    while True:
+        # A cluster that is just forming may not route the callout's
+        # subscription to every node yet.
+        try:
+            await callout.start()
+            break
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.2)
+    store: EventStore | None = None
     services: list[Any] = []
     # The command handlers need no projection store (only queries read one).
     engine = make_engine("sqlite+aiosqlite://")
     try:
+        store = await EventStore.connect(
+            url, persistent=False, creds=local_creds(data_dir, "handlers", ttl_s=600)
+        )
         have = await ensure_log(store, replicas, wait=True, timeout=timeout)
-        keyring = KeyRing.load_or_create(data_dir / "keys")
         await publish_signing_keys(store, keyring)
-        feed, commands, _ = await start_services(store, engine, keyring, queries=False)
-        services = [commands, feed]
-        assert commands is not None
-        created = await bootstrap_admin(commands, admin_password)
+        await callout.wait_ready()
+        started = await start_services(store, engine, keyring, queries=False)
+        services = list(started.parts)
+        assert started.commands is not None
+        created = await bootstrap_admin(started.commands, admin_password)
         state = await stream_cluster(store.js, store.stream)
     finally:
         for svc in services:
             with contextlib.suppress(Exception):
                 await svc.stop()
-        await store.close()
+        if store is not None:
+            await store.close()
         await engine.dispose()
+        with contextlib.suppress(Exception):
+            await callout.stop()
     return {
         "replicas": have,
         "stream_leader": state["leader"],
@@ -198,9 +188,10 @@ async def init_cloud(
 
 def auth_block(data_dir: Path) -> str:
     """The authorization block every node's configuration must hold for
-    this cloud's services (the service user, with ``data_dir``'s password,
-    and the anonymous client user)."""
-    return nats_auth_config(secret(data_dir, NATS_SERVICE_SECRET))
+    this cloud: the auth callout's and the system account's users and the
+    callout itself, by their public keys only (``data_dir``'s broker keys),
+    so it is the same on every node and may be printed."""
+    return broker_config(BrokerKeys.load_or_create(data_dir / BROKER_DIR))
 
 
 async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
@@ -212,9 +203,22 @@ async def publish_signing_keys(store: EventStore, keyring: KeyRing) -> None:
             await store.append([event], Condition(event.subject, 0))
 
 
+class Services(NamedTuple):
+    """What ``start_services`` started; ``parts`` in the order to stop them."""
+
+    feed: IdentityFeed
+    commands: CommandService | None
+    queries: QueryService | None
+    relay: ReportRelay | None
+
+    @property
+    def parts(self) -> list[Any]:
+        return [p for p in (self.relay, self.commands, self.queries, self.feed) if p is not None]
+
+
 async def start_services(
     store: EventStore,
-    engine: AsyncEngine,
+    engine: AsyncEngine | None,
     keyring: KeyRing | None,
     *,
     commands: bool = True,
@@ -222,23 +226,28 @@ async def start_services(
     token_ttl_s: int = DEFAULT_TTL_S,
     quota_defaults: dict[str, int] | None = None,
     webhook_policy: TargetPolicy | None = None,
-) -> tuple[IdentityFeed, CommandService | None, QueryService | None]:
-    """The identity feed first (keys, revocations), then the services asked for."""
+    webhook_keys: WebhookKeys | None = None,
+) -> Services:
+    """The identity feed first (keys, revocations), then the services asked
+    for; with the command service, the relay of the agents' reports."""
     verifier = Verifier()
     book = RoleBook()
     feed = IdentityFeed(store, verifier, book)
     await feed.start()
     authenticate = Authenticator(verifier)
-    cmd_svc = q_svc = None
+    cmd_svc = q_svc = relay = None
     if commands:
         cmd_svc = CommandService(
             store,
-            all_handlers(keyring, token_ttl_s, quota_defaults, webhook_policy),
+            all_handlers(keyring, token_ttl_s, quota_defaults, webhook_policy, webhook_keys),
             authenticate=authenticate,
             roles=book,
         )
         await cmd_svc.start()
+        relay = ReportRelay(store)
+        await relay.start()
     if queries:
+        assert engine is not None, "the query service reads a projection store"
         q_svc = QueryService(
             store,
             engine,
@@ -248,7 +257,7 @@ async def start_services(
         )
         register_webhook_query(q_svc, store)
         await q_svc.start()
-    return feed, cmd_svc, q_svc
+    return Services(feed, cmd_svc, q_svc, relay)
 
 
 class DataDirBusy(RuntimeError):
@@ -322,6 +331,12 @@ class Stack:
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
+        self.callout: AuthCallout | None = None
+        self.keyring: KeyRing | None = None
+        self.relay: ReportRelay | None = None
+        # Every connection of the services (each with its own credential).
+        self.stores: list[EventStore] = []
+        self._service_parts: list[Any] = []
         self.prefix = deployment_prefix(self.data_dir)
         self._supervisors: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -329,7 +344,6 @@ class Stack:
         self.failed = asyncio.Event()
         self.failure = ""
         self.broker_restarts = 0
-        self.integration_auth: IntegrationAuth | None = None
         self.webhooks: WebhookService | None = None
         # WebhookService keyword arguments (retries, backoff, timeout).
         self.webhook_options: dict[str, Any] = {}
@@ -347,37 +361,47 @@ class Stack:
     async def start(self) -> str:
         self._lock()
         try:
-            service_password = secret(self.data_dir, NATS_SERVICE_SECRET)
-            self.brokers = self._make_brokers(nats_auth_config(service_password))
+            keyring = self.keyring = KeyRing.load_or_create(self.data_dir / "keys")
+            keys = BrokerKeys.load_or_create(self.data_dir / BROKER_DIR)
+            self.brokers = self._make_brokers(broker_config(keys))
             await self._stop_leftover_broker()
             for b in self.brokers:
                 b.spawn()
             urls = await asyncio.gather(*(asyncio.to_thread(b.wait_ready) for b in self.brokers))
-            url = ",".join(urls)
+            url = self.url = ",".join(urls)
             self._supervisors = [
                 asyncio.create_task(self._supervise_broker(b)) for b in self.brokers
             ]
-            self.store = await EventStore.connect(
-                url, user=NATS_SERVICE_USER, password=service_password
-            )
+            # The callout first: it admits every other connection, services'
+            # too, by the key ring's public keys until the log has them.
+            self.callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+            await self.callout.start()
+            self.store = await self.connect("handlers")
             await ensure_log(self.store, replicas_for(self.cluster), wait=self.cluster > 1)
-            self.integration_auth = IntegrationAuth(
-                self.store, self._integration_users(service_password)
-            )
-            await self.integration_auth.start()
-            engine = make_engine(self.db_url)
-            self.live = LiveProjection(self.store, engine)
-            await self.live.start()
-            keyring = KeyRing.load_or_create(self.data_dir / "keys")
             await publish_signing_keys(self.store, keyring)
-            self.feed, self.commands, self.queries = await start_services(
+            await self.callout.wait_ready()
+            engine = make_engine(self.db_url)
+            reader = await self.connect("query")
+            # The projector's own credential: it may take the projector lease.
+            self.live = LiveProjection(await self.connect("projector"), engine)
+            await self.live.start()
+            webhook_keys = WebhookKeys.load_or_create(self.data_dir / "keys")
+            services = await start_services(
                 self.store,
-                engine,
+                None,
                 keyring,
+                queries=False,
                 token_ttl_s=self.token_ttl_s,
                 quota_defaults=self.quota_defaults,
                 webhook_policy=self.webhook_policy,
+                webhook_keys=webhook_keys,
             )
+            self.feed, self.commands, self.relay = services.feed, services.commands, services.relay
+            queries = await start_services(
+                reader, engine, None, commands=False, quota_defaults=self.quota_defaults
+            )
+            self.queries = queries.queries
+            self._service_parts = [*services.parts, *queries.parts]
             assert self.commands is not None and self.queries is not None
             if self.cluster > 1:
                 self.queries.cluster_nodes = self.node_states
@@ -389,7 +413,7 @@ class Stack:
             )
             await self.images.start()
             self.swapper = SwapService(
-                self.store,
+                reader,
                 self.live,
                 self.queries,
                 self.data_dir,
@@ -398,23 +422,22 @@ class Stack:
             await self.swapper.start()
             for _ in range(self.scheduler_replicas):
                 # Replicas share the work consumer; each keeps its own host table.
-                sched = SchedulerService(self.store, self.scheduler_config)
+                sched = SchedulerService(await self.connect("scheduler"), self.scheduler_config)
                 await sched.start()
                 self.schedulers.append(sched)
             from stratus.handlers.allocator import AllocatorService
 
-            self.allocator = AllocatorService(self.store)
+            self.allocator = AllocatorService(await self.connect("allocator"))
             await self.allocator.start()
             self.webhooks = WebhookService(
-                self.store,
-                WebhookKeys.load_or_create(keyring.path),
+                await self.connect("webhooks"),
+                webhook_keys,
                 policy=self.webhook_policy,
                 **self.webhook_options,
             )
             await self.webhooks.start()
             self.admin_password = await bootstrap_admin(self.commands, self.admin_password)
             (self.data_dir / URL_FILE).write_text(url + "\n")
-            self.url = url
             if self.openstack_port is not None:
                 await self._start_openstack_api(url)
             await self._start_agents()
@@ -428,14 +451,28 @@ class Stack:
             await self.stop()
             raise
 
+    async def connect(self, kind: str, host: str = "") -> EventStore:
+        """A connection of its own for a service of ``kind`` (for ``host``),
+        admitted by a credential signed here and kept in memory only."""
+        assert self.keyring is not None and self.url is not None
+        creds, _ = mint(self.keyring, kind, host, SERVICE_TTL_S)
+        store = await EventStore.connect(self.url, creds=creds)
+        self.stores.append(store)
+        return store
+
     async def _start_openstack_api(self, url: str) -> None:
-        """The OpenStack API, a client of the broker like the CLI (no secrets)."""
+        """The OpenStack API: a gateway like the console (with an openstack-api
+        credential: requests and its own inbox only)."""
         from stratus.api.app import ApiServer, bind
 
         sock = bind(f"127.0.0.1:{self.openstack_port}")
         from stratus.cli.openstack_api import SPOOL_DIR
 
-        self.openstack_api = ApiServer(url, sock, self.data_dir / SPOOL_DIR)
+        assert self.keyring is not None and self.queries is not None
+        creds, _ = mint(self.keyring, "openstack-api", "", SERVICE_TTL_S)
+        self.openstack_api = ApiServer(
+            url, sock, self.data_dir / SPOOL_DIR, connect=creds.connect_options()
+        )
         auth_url = await self.openstack_api.start()
         self.queries.endpoints["openstack_auth_url"] = auth_url
 
@@ -539,24 +576,17 @@ class Stack:
                 log.warning("nats-server restarted", pid=broker.pid, attempt=failures)
                 break
 
-    def _integration_users(self, service_password: str) -> Callable[[list[dict]], None]:
-        client_password = secrets.token_urlsafe(16)
-
-        def apply(users: list[dict]) -> None:
-            # Every node: a user is valid wherever a client connects.
-            for b in self.brokers:
-                with contextlib.suppress(BrokerError):  # a dead node: its restart reads it
-                    b.reload(nats_auth_config(service_password, users, client_password))
-
-        return apply
-
     async def _start_console(self, url: str) -> None:
         """The web console: a client of this stack like any browser's CLI
-        (it connects as the anonymous client user, with no credentials)."""
+        (with a console credential: requests and its own inbox only)."""
         from stratus.console.server import ConsoleServer
 
         assert self.queries is not None
-        self.console = ConsoleServer(url, "127.0.0.1", self.console_port or 0)
+        assert self.keyring is not None
+        creds, _ = mint(self.keyring, "console", "", SERVICE_TTL_S)
+        self.console = ConsoleServer(
+            url, "127.0.0.1", self.console_port or 0, creds.connect_options()
+        )
         self.console_url = await self.console.start()
         self.queries.endpoints["console_url"] = self.console_url
 
@@ -573,7 +603,11 @@ class Stack:
         # Kernel names carry a prefix of this data directory's own, so two
         # stacks on one machine never touch each other's namespaces.
         self.network = SimulatedPlane(
-            self.store, self.hosts, prefix=self.prefix, state_dir=self.data_dir / "network"
+            self.store,
+            self.hosts,
+            prefix=self.prefix,
+            state_dir=self.data_dir / "network",
+            store_for=lambda host: self.connect("network-agent", host),
         )
         await self.network.start()
 
@@ -586,7 +620,7 @@ class Stack:
         for i in range(1, self.hosts + 1):
             name = f"host-{i:02d}"
             agent = build_agent(
-                self.store,
+                await self.connect("compute-agent", name),
                 name,
                 libvirt_uri=self.libvirt_uri,
                 data_dir=self.data_dir / "hosts" / name,
@@ -630,22 +664,25 @@ class Stack:
         self.agents = []
         for svc in (
             self.webhooks,
-            self.integration_auth,
             *self.schedulers,
             self.allocator,
             self.swapper,
             self.images,
-            self.commands,
-            self.queries,
-            self.feed,
+            *self._service_parts,
         ):
             if svc is not None:
                 with contextlib.suppress(Exception):
                     await svc.stop()
+        self.schedulers, self._service_parts = [], []
         if self.live is not None:
             await self.live.stop()
-        if self.store is not None:
-            await self.store.close()
+        for store in self.stores:
+            await store.close()
+        self.stores = []
+        if self.callout is not None:
+            with contextlib.suppress(Exception):
+                await self.callout.stop()
+            self.callout = None
         if self.live is not None:
             await self.live.engine.dispose()
         await asyncio.gather(*(asyncio.to_thread(b.stop) for b in self.brokers))

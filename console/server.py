@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from aiohttp import web
@@ -34,11 +34,20 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 class ConsoleServer:
-    """The console's HTTP server and its NATS connection (no credentials:
-    the broker's anonymous client user, which may only send requests)."""
+    """The console's HTTP server and its NATS connection: ``connect``, the
+    connect options of its console credential (``events.natscreds``), which
+    may send requests and read its own inbox, nothing else; each request
+    carries its browser's token."""
 
-    def __init__(self, nats_url: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        connect: dict[str, Any] | None = None,
+    ) -> None:
         self.nats_url = nats_url
+        self.connect = connect or {}
         self.host = host
         self.port = port
         self.url: str | None = None
@@ -48,7 +57,7 @@ class ConsoleServer:
     async def start(self) -> str:
         drops = Drops()
         self._nc = await connect_nats(
-            self.nats_url, disconnected_cb=drops.dropped, closed_cb=drops.dropped
+            self.nats_url, disconnected_cb=drops.dropped, closed_cb=drops.dropped, **self.connect
         )
         try:
             app = make_app(self._nc, drops=drops)
@@ -96,7 +105,7 @@ def console(
     url: str = ctx.obj["url"]
 
     async def main() -> None:
-        server = ConsoleServer(url, host, port)
+        server = ConsoleServer(url, host, port, ctx.obj.get("connect"))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,7 +120,8 @@ def console(
     asyncio.run(main())
 
 
-def serve_console(args: list[str], *, url: str) -> None:
-    """Parse the console's own options from ``args`` and serve until a signal."""
+def serve_console(args: list[str], *, url: str, connect: dict[str, Any] | None = None) -> None:
+    """Parse the console's own options from ``args`` and serve until a signal
+    (``connect``: the connect options of its credential)."""
     command = typer.main.get_command(console_app)
-    command.main(args=args, prog_name="stratus serve console", obj={"url": url})
+    command.main(args=args, prog_name="stratus serve console", obj={"url": url, "connect": connect})

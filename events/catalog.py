@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stratus.events import (
     compute,
+    credentials,
     frameworks,
     identity,
     integrations,
@@ -18,6 +19,7 @@ from stratus.events.model import Codec, Event
 EVENT_TYPES: tuple[type[Event], ...] = (
     *tenants.EVENTS,
     *identity.EVENTS,
+    *credentials.EVENTS,
     *resources.EVENTS,
     *scheduling.EVENTS,
     *compute.EVENTS,
@@ -28,6 +30,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 COMMAND_TYPES: dict[str, type[Command]] = {
     **tenants.COMMANDS,
     **identity.COMMANDS,
+    **credentials.COMMANDS,
     **resources.COMMANDS,
     **compute.COMMANDS,
     **integrations.COMMANDS,

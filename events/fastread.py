@@ -19,21 +19,17 @@ with it installed, then add its version here.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import metadata
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.protocol.parser import AWAITING_CONTROL_LINE, MAX_CONTROL_LINE_SIZE, Parser
 
-from stratus.events.reader import LogReader, Recorded, broker_error
+from stratus.events.reader import LogReader, PushReader
 
 # nats-py releases whose private hooks this module was written against and
 # that passed tests/test_logreader.py.
@@ -188,22 +184,10 @@ def _op_end(buf: bytearray) -> int:
     return eol + 2
 
 
-class FastReader(LogReader):
-    """An ephemeral push consumer created and read over core NATS.
-
-    The stream sequence, timestamp and consumer sequence of each event come
-    from its ack subject; a consumer sequence out of turn (the server
-    dropped something for us) or three heartbeats of silence restart the
-    consumer after the last event held. Flow-control requests are answered
-    only while fewer than ``high_water`` events wait unread.
-    """
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.fc_reply: str | None = None
-        self.expect_dseq = 1
-        self.sub: Any = None
-        self.consumer: str | None = None
+class FastReader(PushReader):
+    """A ``PushReader`` whose events come straight from the parser: the
+    subscription's messages are taken off nats-py's per-message path
+    (``FastConnection``), stored events by ``FastParser``'s shortcut."""
 
     @property
     def nc(self) -> FastConnection:
@@ -211,58 +195,18 @@ class FastReader(LogReader):
         assert isinstance(nc, FastConnection), "FastReader needs a FastConnection"
         return nc
 
-    async def _start(self) -> None:
+    async def _subscribe(self, inbox: str) -> Any:
         nc = self.nc
-        self.fc_reply = None
-        self.expect_dseq = 1
-        inbox = nc.new_inbox()
-        self.sub = await nc.subscribe(inbox)
-        nc.direct[self.sub._id] = self._on_raw
-        nc.fast[self.sub._id] = self._on_data
-        stream = self.source.stream
-        req = json.dumps({"stream_name": stream, "config": self._config(inbox)}).encode()
-        try:
-            resp = await nc.request(
-                f"$JS.API.CONSUMER.CREATE.{stream}", req, timeout=self.source.timeout
-            )
-        except (TimeoutError, nats.errors.Error) as exc:
-            await self._stop()
-            raise broker_error(exc) from None
-        info = json.loads(resp.data)
-        if "error" in info:
-            await self._stop()
-            err = info["error"]
-            raise broker_error(
-                nats.js.errors.APIError(
-                    code=err.get("code"),
-                    err_code=err.get("err_code"),
-                    description=err.get("description"),
-                )
-            )
-        self.consumer = info["name"]
+        sub = await nc.subscribe(inbox)
+        nc.direct[sub._id] = self._on_raw
+        nc.fast[sub._id] = self._on_data
+        return sub
 
-    async def _stop(self) -> None:
+    async def _unsubscribe(self, sub: Any) -> None:
         nc = self.nc
-        sub, self.sub = self.sub, None
-        if sub is not None:
-            nc.direct.pop(sub._id, None)
-            nc.fast.pop(sub._id, None)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        name, self.consumer = self.consumer, None
-        if name is not None and nc.is_connected:
-            with contextlib.suppress(Exception):
-                await nc.publish(f"$JS.API.CONSUMER.DELETE.{self.source.stream}.{name}", b"")
-
-    async def _drained(self) -> None:
-        if len(self.buf) < self.high_water and self.fc_reply:
-            await self.nc.publish(self.fc_reply)
-            self.fc_reply = None
-
-    async def _idle(self) -> None:
-        if not self.beat:
-            self._restart()  # consumer or connection lost
-        self.beat = False
+        nc.direct.pop(sub._id, None)
+        nc.fast.pop(sub._id, None)
+        await super()._unsubscribe(sub)
 
     async def _on_raw(
         self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -280,38 +224,6 @@ class FastReader(LogReader):
         if self.headers and headers:
             parsed = parse_header_lines(headers[10:])
         self._event(subject, reply, data, parsed)
-
-    async def _on_status(self, status: bytes, reply: bytes) -> None:
-        if status == b"100":
-            self.beat = True
-            if reply:  # a flow-control request: answer once drained
-                if len(self.buf) < self.high_water:
-                    await self.nc.publish(reply.decode())
-                else:
-                    self.fc_reply = reply.decode()
-        elif status in (b"409", b"404", b"408"):
-            self._restart()  # consumer deleted or gone: start a new one
-        self.wake.set()
-
-    def _event(
-        self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
-    ) -> None:
-        if self.broken or not reply.startswith(b"$JS.ACK."):
-            return
-        t = reply.split(b".")
-        if len(t) == 9:
-            sseq, dseq, ts = t[5], t[6], t[7]
-        else:
-            # with a domain and account hash (and maybe a final random token)
-            sseq, dseq, ts = t[7], t[8], t[9]
-        d = int(dseq)
-        if d != self.expect_dseq:
-            # A gap: the server dropped something for us. Restart after the
-            # last event we hold so nothing is skipped or doubled.
-            self._restart()
-            return
-        self.expect_dseq = d + 1
-        self._deliver(Recorded(int(sseq), subject.decode(), int(ts), data, headers))
 
 
 FastConnection.log_reader = FastReader

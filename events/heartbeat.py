@@ -21,6 +21,7 @@ from nats.js.api import StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from stratus.events.cluster import log_replicas
+from stratus.events.errors import Unavailable
 from stratus.events.ids import NAME_RE
 from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
 
@@ -68,7 +69,13 @@ async def beat(
     try:
         await js.publish(subject, data, msg_ttl=ttl)
     except nats.js.errors.NoStreamResponseError:
-        # The first beat of a fresh cloud: make the bucket, then beat.
+        if name == HEARTBEATS:
+            # An agent may write its own key, not make the bucket: whoever
+            # makes the stream makes it (``EventStore.ensure_stream``).
+            raise Unavailable(
+                f"no heartbeat bucket {HEARTBEATS} yet: the handlers make it with the stream"
+            ) from None
+        # A framework's first beat (the handlers beat for it): make the bucket.
         await bucket(js, name)
         await js.publish(subject, data, msg_ttl=ttl)
 

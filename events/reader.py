@@ -23,12 +23,19 @@ consumer and ``Msg.metadata``. ``FastReader`` (``events/fastread.py``)
 reads the protocol itself and is what ``EventStore`` uses on connections
 ``events.store.connect_nats`` made when that module's hooks fit the
 installed nats-py.
+
+A connection whose credential may only use consumers of given names (a host
+agent's: the broker's permissions see the name only in the API subject,
+never in a request's body) reads through those names (``ConsumerNames``):
+``FastReader`` names its consumer itself, and ``NamedReader`` (here, public
+API only) stands in for ``OrderedReader``, whose consumers nats-py names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -87,6 +94,27 @@ class Recorded:
 Until = int | datetime | None
 
 
+class ConsumerNames:
+    """The consumer names a connection's reads must use, one per read at a
+    time (``acquire`` waits while every one is in use)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._free = list(reversed(self.names))
+        self._released = asyncio.Event()
+
+    async def acquire(self) -> str:
+        while not self._free:
+            self._released.clear()
+            await self._released.wait()
+        return self._free.pop()
+
+    def release(self, name: str) -> None:
+        if name in self.names and name not in self._free:
+            self._free.append(name)
+            self._released.set()
+
+
 class ReadSource(Protocol):
     """What a reader needs of the event store (``EventStore`` is one)."""
 
@@ -94,8 +122,53 @@ class ReadSource(Protocol):
     js: JetStreamContext
     stream: str
     timeout: float
+    # None: consumers named by the server; else the names reads must use.
+    consumer_names: ConsumerNames | None
 
     async def last_seq(self, subject: str | None = None) -> int: ...
+
+
+async def create_consumer(source: ReadSource, config: dict[str, Any], name: str | None) -> str:
+    """Create a reader's consumer through the raw JetStream API; its name.
+
+    Unnamed, the server names it. Named, the name is in the API subject (so
+    the broker's permissions can see it) and a consumer of that name left by
+    an earlier run (killed before removing it) is removed first."""
+    stream = source.stream
+    subject = f"$JS.API.CONSUMER.CREATE.{stream}"
+    if name is not None:
+        await remove_consumer(source, name, wait=True)
+        subject += f".{name}"
+        config = {**config, "name": name}
+    req = json.dumps({"stream_name": stream, "config": config}).encode()
+    try:
+        resp = await source.nc.request(subject, req, timeout=source.timeout)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise broker_error(exc) from None
+    info = json.loads(resp.data)
+    if "error" in info:
+        err = info["error"]
+        raise broker_error(
+            nats.js.errors.APIError(
+                code=err.get("code"),
+                err_code=err.get("err_code"),
+                description=err.get("description"),
+            )
+        )
+    return str(info["name"])
+
+
+async def remove_consumer(source: ReadSource, name: str, *, wait: bool = False) -> None:
+    """Remove a reader's consumer (``wait``: until the server answered); never raises."""
+    subject = f"$JS.API.CONSUMER.DELETE.{source.stream}.{name}"
+    nc = source.nc
+    if not nc.is_connected:
+        return
+    with contextlib.suppress(Exception):
+        if wait:
+            await nc.request(subject, b"", timeout=source.timeout)
+        else:
+            await nc.publish(subject, b"")
 
 
 BROKER_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -417,3 +490,137 @@ class OrderedReader(LogReader):
         for name in names:
             with contextlib.suppress(Exception):
                 await self.source.js.delete_consumer(self.source.stream, name)
+
+
+class PushReader(LogReader):
+    """An ephemeral push consumer created and read over core NATS.
+
+    The stream sequence, timestamp and consumer sequence of each event come
+    from its ack subject; a consumer sequence out of turn (the server
+    dropped something for us) or three heartbeats of silence restart the
+    consumer after the last event held. Flow-control requests are answered
+    only while fewer than ``high_water`` events wait unread. Subclasses
+    subscribe to the delivery inbox (``_subscribe``) and feed ``_on_status``
+    and ``_event``.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.fc_reply: str | None = None
+        self.expect_dseq = 1
+        self.sub: Any = None
+        self.consumer: str | None = None
+        self.name: str | None = None
+
+    @abstractmethod
+    async def _subscribe(self, inbox: str) -> Any:
+        """Subscribe to ``inbox``, where the consumer delivers."""
+
+    async def _unsubscribe(self, sub: Any) -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+    async def _start(self) -> None:
+        self.fc_reply = None
+        self.expect_dseq = 1
+        names = getattr(self.source, "consumer_names", None)
+        if names is not None:
+            self.name = await names.acquire()
+        inbox = self.source.nc.new_inbox()
+        self.sub = await self._subscribe(inbox)
+        try:
+            self.consumer = await create_consumer(self.source, self._config(inbox), self.name)
+        except BaseException:
+            await self._stop()
+            raise
+
+    async def _stop(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            await self._unsubscribe(sub)
+        name, self.consumer = self.consumer, None
+        if name is not None:
+            await remove_consumer(self.source, name)
+        pooled, self.name = self.name, None
+        if pooled is not None:
+            self.source.consumer_names.release(pooled)  # type: ignore[union-attr]
+
+    async def _drained(self) -> None:
+        if len(self.buf) < self.high_water and self.fc_reply:
+            await self.source.nc.publish(self.fc_reply)
+            self.fc_reply = None
+
+    async def _idle(self) -> None:
+        if not self.beat:
+            self._restart()  # consumer or connection lost
+        self.beat = False
+
+    async def _on_status(self, status: bytes, reply: bytes) -> None:
+        if status == b"100":
+            self.beat = True
+            if reply:  # a flow-control request: answer once drained
+                if len(self.buf) < self.high_water:
+                    await self.source.nc.publish(reply.decode())
+                else:
+                    self.fc_reply = reply.decode()
+        elif status in (b"409", b"404", b"408"):
+            self._restart()  # consumer deleted or gone: start a new one
+        self.wake.set()
+
+    def _event(
+        self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> None:
+        if self.broken or not reply.startswith(b"$JS.ACK."):
+            return
+        t = reply.split(b".")
+        if len(t) == 9:
+            sseq, dseq, ts = t[5], t[6], t[7]
+        else:
+            # with a domain and account hash (and maybe a final random token)
+            sseq, dseq, ts = t[7], t[8], t[9]
+        d = int(dseq)
+        if d != self.expect_dseq:
+            # A gap: the server dropped something for us. Restart after the
+            # last event we hold so nothing is skipped or doubled.
+            self._restart()
+            return
+        self.expect_dseq = d + 1
+        self._deliver(Recorded(int(sseq), subject.decode(), int(ts), data, headers))
+
+
+class NamedReader(PushReader):
+    """A ``PushReader`` through nats-py's public API (a plain subscription
+    and its ``Msg``): where consumers must be named by the reader and the
+    fast reader does not fit the installed nats-py."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        # Deliveries queued for an earlier subscription are ignored.
+        self.generation = 0
+
+    async def _subscribe(self, inbox: str) -> Any:
+        self.generation += 1
+        generation = self.generation
+
+        async def on_msg(msg: Msg) -> None:
+            if generation == self.generation:
+                await self._on_msg(msg)
+
+        return await self.source.nc.subscribe(inbox, cb=on_msg)
+
+    async def _unsubscribe(self, sub: Any) -> None:
+        self.generation += 1
+        await super()._unsubscribe(sub)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status:
+            await self._on_status(status.encode(), (msg.reply or "").encode())
+            return
+        self._event(
+            msg.subject.encode(),
+            (msg.reply or "").encode(),
+            msg.data,
+            dict(headers) if self.headers and headers else None,
+        )

@@ -10,9 +10,12 @@ slow-consumer limits) instead of growing as tasks.
 
 Every answer leaves as a ``Reply``: a ``StratusError`` becomes its typed
 refusal, anything else an ``internal`` one whose traceback goes to the
-service's log, never to the caller. Replies go only to inboxes and are
-sealed when the client sent a key (``events.sealed.respond``). ``stop``
-stops taking requests, then lets the ones in flight finish.
+service's log, never to the caller. Replies go only to inboxes
+(``respond``), and in clear: the broker lets no connection but the asker
+subscribe to the asker's inbox (``events.natscreds``), which is what
+sealing replies to a per-request key did when every client shared one
+NATS user. ``stop`` stops taking requests, then lets the ones in flight
+finish.
 """
 
 from __future__ import annotations
@@ -24,9 +27,8 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from stratus.events.commands import Reply
+from stratus.events.commands import Reply, reply_allowed
 from stratus.events.errors import Internal, StratusError
-from stratus.events.sealed import Sealer, respond
 
 # Enough for hundreds of clients at once; past it requests wait in nats-py.
 MAX_IN_FLIGHT = 512
@@ -64,7 +66,6 @@ class Responder:
         self.queue = queue
         self.drain_s = drain_s
         self.log = log
-        self.sealer = Sealer()
         # Every subscription ``stop`` ends (a subclass may add its own).
         self._subs: list[Any] = []
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -109,4 +110,13 @@ class Responder:
             self.log.exception(self.failed, subject=msg.subject)
             err = Internal(self.internal_message)
             body = encode_reply(Reply(ok=False, error=err.to_wire()))
-        await respond(self.nc, msg, body, self.sealer)
+        await respond(self.nc, msg, body)
+
+
+async def respond(nc: Any, msg: Msg, body: bytes) -> None:
+    """Answer a request, only if its reply subject is an inbox (a reply
+    elsewhere, onto the log say, would be an event no one decided)."""
+    if not reply_allowed(msg.reply):
+        return
+    with contextlib.suppress(Exception):
+        await nc.publish(msg.reply, body)

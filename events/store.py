@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from stratus.events import heartbeat
 from stratus.events.catalog import CODEC
 from stratus.events.cluster import CLUSTER_REPLICAS, placement_refused, server_list
 from stratus.events.commands import SERVICE_INBOX_PREFIX
@@ -40,9 +41,12 @@ from stratus.events.errors import (
     Unavailable,
 )
 from stratus.events.model import Codec, Event
+from stratus.events.natscreds import ServiceCreds
 from stratus.events.reader import (
     SUBJECTS,
+    ConsumerNames,
     LogReader,
+    NamedReader,
     OrderedReader,
     Recorded,
     Until,
@@ -179,15 +183,23 @@ class EventStore:
         stream: str = STREAM,
         timeout: float = 5.0,
         reader: type[LogReader] | None = None,
+        consumer_names: Sequence[str] | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream(timeout=timeout)
         self.codec = codec
         self.stream = stream
         self.timeout = timeout
+        # Reads through consumers of these names only (a host agent's
+        # credential may use no others); None: any name.
+        self.consumer_names = ConsumerNames(consumer_names) if consumer_names else None
         # The fast reader's connection names its reader; any other reads
-        # through nats-py's public ordered consumer.
+        # through nats-py's public ordered consumer, or, where the consumers
+        # must have given names, through the public named reader.
         self.reader: type[LogReader] = reader or getattr(nc, "log_reader", OrderedReader)
+        if self.consumer_names is not None and self.reader is OrderedReader:
+            self.reader = NamedReader
+
         # The stream's replica count (None: not learnt yet; ``ensure_stream``
         # or the first read that depends on it learns it). On a replicated
         # stream every replica answers a direct get, a follower with what it
@@ -200,12 +212,25 @@ class EventStore:
 
     @classmethod
     async def connect(
-        cls, url: str | Sequence[str], *, persistent: bool = True, fast: bool = True, **options: Any
+        cls,
+        url: str | Sequence[str],
+        *,
+        persistent: bool = True,
+        fast: bool = True,
+        creds: ServiceCreds | None = None,
+        **options: Any,
     ) -> EventStore:
+        """A store on a new connection; with ``creds``, as that service (the
+        auth callout admits it by its token, ``events.natscreds``)."""
+        names = None
+        if creds is not None:
+            options = {**creds.connect_options(), **options}
+            names = creds.reader_names()
         # A service's inboxes (acks, event deliveries) live outside the
         # namespace clients may subscribe to.
         options.setdefault("inbox_prefix", SERVICE_INBOX_PREFIX)
-        return cls(await connect_nats(url, persistent=persistent, fast=fast, **options))
+        nc = await connect_nats(url, persistent=persistent, fast=fast, **options)
+        return cls(nc, consumer_names=names)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -240,15 +265,20 @@ class EventStore:
         (``events.cluster``: R3 on three or more nodes, R1 on one); an
         existing one keeps its count unless ``replicas`` names another, so a
         service started with no opinion never shrinks a replicated log.
+
+        The heartbeat bucket is made beside it: agents beat into it, and may
+        not make it themselves.
         """
         try:
             try:
                 info = await self.js.stream_info(self.stream)
             except nats.js.errors.NotFoundError:
-                return await self._create_stream(replicas)
-            have = replicas or info.config.num_replicas or 1
-            await self.js.update_stream(self.stream_config(have))
-            self.replicas = have
+                have = await self._create_stream(replicas)
+            else:
+                have = replicas or info.config.num_replicas or 1
+                await self.js.update_stream(self.stream_config(have))
+                self.replicas = have
+            await heartbeat.bucket(self.js)
             return have
         except (TimeoutError, nats.errors.Error) as exc:
             raise _translate(exc) from None

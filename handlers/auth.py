@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import structlog
 
 from stratus.events.commands import H_AUTHORIZATION
+from stratus.events.credentials import CREDENTIAL, CredentialRevoked
 from stratus.events.errors import Unauthenticated
 from stratus.events.identity import (
     KEY,
@@ -40,6 +42,7 @@ FEED_SUBJECTS = (
     f"ev.{SYSTEM}.{TOKEN}.*",
     f"ev.{SYSTEM}.{USER}.*",
     f"ev.{SYSTEM}.{ROLE}.*",
+    f"ev.{SYSTEM}.{CREDENTIAL}.*",
 )
 
 
@@ -59,6 +62,11 @@ class Authenticator:
 
     def __call__(self, headers: dict[str, str]) -> Caller:
         p = self.verifier.verify(bearer(headers))
+        if p.service:
+            # It admits a service to the broker; it speaks for no one.
+            raise Unauthenticated(
+                f"a {p.service} credential's token cannot send requests: log in as a user"
+            )
         return Caller(
             user=p.user,
             tenant=p.tenant,
@@ -74,7 +82,7 @@ def apply_identity_event(verifier: Verifier, event: Event, book: RoleBook | None
     match event:
         case SigningKeyAdded():
             verifier.add_public_key(event.kid, event.public_key)
-        case TokenRevoked():
+        case TokenRevoked() | CredentialRevoked():
             verifier.revoke_token(event.aggregate.id, event.expires_at)
         case UserTokensRevoked() | UserDisabled():
             verifier.revoke_user(event.aggregate.id, at)
@@ -85,10 +93,20 @@ def apply_identity_event(verifier: Verifier, event: Event, book: RoleBook | None
 
 
 class IdentityFeed:
-    def __init__(self, store: EventStore, verifier: Verifier, book: RoleBook | None = None) -> None:
+    """``on_event(event)``: called after each identity event is applied (the
+    auth callout cuts the connections a revocation voids)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        verifier: Verifier,
+        book: RoleBook | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
         self.store = store
         self.verifier = verifier
         self.book = book
+        self.on_event = on_event
         self.position = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -101,7 +119,10 @@ class IdentityFeed:
     def _apply(self, batch: list) -> None:
         for rec in batch:
             try:
-                apply_identity_event(self.verifier, rec.decode(self.store.codec), self.book)
+                event = rec.decode(self.store.codec)
+                apply_identity_event(self.verifier, event, self.book)
+                if self.on_event is not None:
+                    self.on_event(event)
             except Exception as exc:  # a poison event must not stop authentication
                 log.warning("identity event skipped", seq=rec.seq, error=str(exc))
             self.position = rec.seq

@@ -264,6 +264,11 @@ class WebhookKeys:
                 f.write(os.urandom(32).hex().encode())
         return cls(path.read_bytes().strip())
 
+    @property
+    def master(self) -> bytes:
+        """The master key as kept (what a credentials file hands over)."""
+        return self._master
+
     def secret(self, webhook_id: str) -> str:
         mac = hmac.new(self._master, b"webhook:" + webhook_id.encode(), hashlib.sha256)
         return "whsec_" + mac.hexdigest()

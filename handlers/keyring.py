@@ -28,6 +28,10 @@ from stratus.events.errors import Invalid
 from stratus.handlers.tokens import ALGORITHM, MAX_TIME, Principal
 
 DEFAULT_TTL_S = 8 * 3600
+# Service credentials live in files on hosts, re-issued now and then.
+SERVICE_TTL_S = 365 * 24 * 3600
+# The tenant a service token names: no one's (services act for no tenant).
+SERVICE_TENANT = "_system"
 # Hex characters of the public key's SHA-256 used as the key id.
 KID_CHARS = 16
 
@@ -92,9 +96,10 @@ class KeyRing:
     here until it is loaded again.
     """
 
-    def __init__(self, path: Path, keys: list[tuple[str, Ed25519PrivateKey]]) -> None:
+    def __init__(self, path: Path | None, keys: list[tuple[str, Ed25519PrivateKey]]) -> None:
         if not keys:
-            raise ValueError(f"key ring {path} holds no keys")
+            raise ValueError(f"key ring {path or '(in memory)'} holds no keys")
+        # None: a ring handed over in a credentials file, held in memory only.
         self.path = path
         self._keys: dict[str, Ed25519PrivateKey] = dict(keys)
         self._order: list[str] = [kid for kid, _ in keys]
@@ -130,6 +135,32 @@ class KeyRing:
                 order = [kid]
             return cls(path, [(kid, _load_key(path, kid)) for kid in order])
 
+    @classmethod
+    def from_pem(cls, order: list[str], pem: dict[str, str]) -> KeyRing:
+        """A ring held in memory (a handlers credentials file's keys): it
+        signs, but cannot add a key."""
+        keys = []
+        for kid in order:
+            key = serialization.load_pem_private_key(pem[kid].encode(), password=None)
+            if not isinstance(key, Ed25519PrivateKey) or key_id(key.public_key()) != kid:
+                raise ValueError(f"signing key {kid} is not the Ed25519 key its kid names")
+            keys.append((kid, key))
+        return cls(None, keys)
+
+    def to_pem(self) -> tuple[list[str], dict[str, str]]:
+        """The private keys as PEM by kid, oldest first (what ``from_pem`` reads)."""
+        pem = {
+            kid: self._keys[kid]
+            .private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            .decode()
+            for kid in self._order
+        }
+        return list(self._order), pem
+
     def add_key(self) -> str:
         """Create a new key, make it the signing key, and return its kid.
 
@@ -137,6 +168,11 @@ class KeyRing:
         it signs reaches them; keep the old ones published until the tokens
         they signed have expired.
         """
+        if self.path is None:
+            raise Invalid(
+                "this handler holds its signing keys from a credentials file: rotate the "
+                "keys where the key ring directory is, then issue new handlers credentials"
+            )
         with _locked(self.path):
             # Another process may have rotated since this ring was loaded.
             order = _read_order(self.path) or list(self._order)
@@ -172,12 +208,17 @@ class KeyRing:
         roles: Iterable[str],
         ttl_s: float = DEFAULT_TTL_S,
         now: float | None = None,
+        *,
+        service: str = "",
+        host: str = "",
     ) -> tuple[str, Principal]:
         """Issue a token for ``user`` in ``tenant`` with ``roles``, valid for ``ttl_s``.
 
         Returns the token and the ``Principal`` it verifies to. Callers have
         already checked the password and the role assignments: this only
-        refuses arguments no token should carry (``Invalid``).
+        refuses arguments no token should carry (``Invalid``). ``service``
+        (and ``host``) make it a service credential's token instead
+        (``sign_service``).
         """
         for name, value in (("user", user), ("tenant", tenant)):
             if not isinstance(value, str) or not value:
@@ -204,9 +245,11 @@ class KeyRing:
             roles=role_tuple,
             issued_at=issued_at,
             expires_at=expires_at,
+            service=service,
+            host=host,
         )
         kid = self.signing_kid
-        claims = {
+        claims: dict[str, object] = {
             "jti": principal.token_id,
             "sub": user,
             "tenant": tenant,
@@ -214,8 +257,20 @@ class KeyRing:
             "iat": issued_at,
             "exp": expires_at,
         }
+        if service:
+            claims["svc"] = service
+            if host:
+                claims["host"] = host
         token = jwt.encode(claims, self._keys[kid], algorithm=ALGORITHM, headers={"kid": kid})
         return token, principal
+
+    def sign_service(
+        self, kind: str, host: str = "", ttl_s: float = SERVICE_TTL_S
+    ) -> tuple[str, Principal]:
+        """A service credential's token: it admits a service of ``kind``
+        (for ``host``) to the broker, and speaks for no user."""
+        subject = f"service-{kind}" + (f"-{host}" if host else "")
+        return self.sign(subject[:63], SERVICE_TENANT, (), ttl_s, service=kind, host=host)
 
 
 @contextlib.contextmanager

@@ -57,6 +57,9 @@ PERMISSIONS: dict[str, Rule] = {
     "role.list": Rule(Scope.TENANT, MANAGE),
     "token.revoke": Rule(Scope.SELF),
     "key.rotate": Rule(Scope.CLOUD),
+    # Service credentials (their tokens admit services to the broker).
+    "credential.issue": Rule(Scope.CLOUD),
+    "credential.revoke": Rule(Scope.CLOUD),
     "role.create": Rule(Scope.CLOUD),
     "status.read": Rule(Scope.SELF),
     "events.read": Rule(Scope.TENANT, READ),

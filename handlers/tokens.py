@@ -59,6 +59,10 @@ class Principal(msgspec.Struct, frozen=True):
     roles: tuple[str, ...]
     issued_at: int
     expires_at: int
+    # A service credential's token: the service kind (and host) it admits
+    # to the broker. Such a token speaks for no user: it sends no commands.
+    service: str = ""
+    host: str = ""
 
     @property
     def is_cloud_admin(self) -> bool:
@@ -86,6 +90,8 @@ class _Claims(msgspec.Struct):
     iat: int
     exp: int
     nbf: int | None = None
+    svc: str | None = None
+    host: str | None = None
 
 
 def _when(ts: float) -> str:
@@ -284,6 +290,12 @@ class Verifier:
             raise
         return principal
 
+    def check(self, principal: Principal, now: float | None = None) -> None:
+        """Refuse (``Unauthenticated``) a principal verified earlier that has
+        since expired or been revoked: for what stays open after one check,
+        such as a broker connection."""
+        self._refuse_if_revoked_or_expired(principal, time.time() if now is None else now)
+
     def _refuse_if_revoked_or_expired(self, p: Principal, now: float) -> None:
         if p.expires_at + self.leeway_s < now:
             raise Unauthenticated(
@@ -368,5 +380,7 @@ class Verifier:
             roles=tuple(claims.roles),
             issued_at=claims.iat,
             expires_at=claims.exp,
+            service=claims.svc or "",
+            host=claims.host or "",
         )
         return principal, claims.nbf

@@ -18,9 +18,17 @@ def nats_server(tmp_path):
 
 @pytest.fixture
 async def store(nats_server):
+    """A connection to the test's broker with the stream made, and the relay
+    that appends host agents' reports on servers' subjects (the handlers
+    run it in a deployment; an agent under test needs it all the same)."""
+    from stratus.handlers.reports import ReportRelay
+
     s = await EventStore.connect(nats_server.url)
     await s.ensure_stream()
+    relay = ReportRelay(s)
+    await relay.start()
     yield s
+    await relay.stop()
     await s.close()
 
 

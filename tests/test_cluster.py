@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stratus.cli.client import Client
-from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+from stratus.cli.creds import local_creds
 from stratus.events.broker import ClusterConfig, pid_running, render_config
 from stratus.events.cluster import server_list, stream_cluster, whole
 from stratus.events.errors import Invalid, StratusError
@@ -122,9 +122,9 @@ def cluster_status(url: str) -> dict:
 
 
 async def replicas_of(data_dir: Path, url: str) -> dict[str, dict]:
-    password = (data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
+    # As the handlers (they make every bucket), with a credential of this data dir.
     store = await EventStore.connect(
-        url, persistent=False, user=NATS_SERVICE_USER, password=password
+        url, persistent=False, creds=local_creds(data_dir, "handlers", ttl_s=600)
     )
     try:
         return {s: await stream_cluster(store.js, s) for s in BUCKETS}

@@ -82,7 +82,7 @@ def test_init_then_separate_services_serve_the_quick_start(tmp_path):
     CONFIG_HOME["value"] = str(tmp_path / "config")
     confs, urls = fill(tmp_path)
     url = ",".join(urls)
-    ctl = tmp_path / "control"  # where tokens are issued: keys and service password
+    ctl = tmp_path / "control"  # where credentials are issued: the broker and token keys
     procs: list[subprocess.Popen] = []
     try:
         # The authorization block the example configs include, then the nodes.
@@ -117,32 +117,38 @@ def test_init_then_separate_services_serve_the_quick_start(tmp_path):
         again = json.loads(r.stdout)
         assert again["admin_created"] is False and again["replicas"] == 3
 
-        # Each service its own process on the URL list; the agent on its
-        # own data dir with only the service password handed to it.
-        password = (ctl / "secrets" / "nats-service-password").read_text().strip()
-        for args, where in (
-            (("handlers",), ctl),
-            (("projector",), ctl),
-            (("query",), ctl),
-            (("scheduler",), tmp_path / "sched"),
-            (
-                ("compute-agent", "--host", "h1", "--vcpus", "8", "--ram-mb", "8192"),
-                tmp_path / "h1",
-            ),
-        ):
+        # Each service its own process on the URL list, with nothing but its
+        # own credentials file; the auth callout first (it admits the others,
+        # and the issuing of their credentials, which records each on the log).
+        def issue(kind: str, host: str = "") -> Path:
+            path = tmp_path / f"{kind}{'-' + host if host else ''}.creds"
+            more = ("--host", host) if host else ()
+            r = stratus(
+                "--url", url, "credentials", "issue", "--service", kind, *more,
+                "--data-dir", str(ctl), "-f", str(path),
+            )  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert path.stat().st_mode & 0o077 == 0
+            return path
+
+        def serve(kind: str, where: Path, *args: str, host: str = "") -> None:
+            creds = ("--creds", str(issue(kind, host)))
             p = subprocess.Popen(
-                [*STRATUS, "--url", url, "serve", *args[:1], "--data-dir", str(where), *args[1:]],
+                [*STRATUS, "--url", url, "serve", kind, *creds, "--data-dir", str(where), *args],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
-                env={
-                    **os.environ,
-                    "STRATUS_NATS_USER": "stratus",
-                    "STRATUS_NATS_PASSWORD": password,
-                },
             )
             procs.append(p)
             wait_line(p, "ready")
+
+        serve("auth-callout", tmp_path / "callout")
+        serve("handlers", ctl)
+        serve("projector", ctl)
+        serve("query", ctl)
+        serve("scheduler", tmp_path / "sched")
+        h1 = ("--host", "h1", "--vcpus", "8", "--ram-mb", "8192")
+        serve("compute-agent", tmp_path / "h1", *h1, host="h1")
 
         login(url)
         for args in (

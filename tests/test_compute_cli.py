@@ -62,14 +62,15 @@ def last_seq(url: str) -> int:
 
 def bucket(data: Path, url: str) -> tuple[list[str], dict[str, int]]:
     """The image bucket as the services see it: objects, and chunk subjects."""
-    from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.creds import local_creds
     from stratus.events.blobs import BlobStore
     from stratus.events.store import EventStore
 
-    password = (data / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
+    # the handlers' own rights on the bucket (a credential signed in ``data``)
+    creds = local_creds(data, "handlers")
 
     async def look() -> tuple[list[str], dict[str, int]]:
-        store = await EventStore.connect(url, user=NATS_SERVICE_USER, password=password)
+        store = await EventStore.connect(url, creds=creds)
         try:
             blobs = await BlobStore.open(store.js)
             return [b.digest for b in await blobs.stored()], await blobs.chunk_subjects()
@@ -171,6 +172,16 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
     agent = None
     try:
         login(url)
+        # the agent's own credentials, issued where the cloud was initialised,
+        # and a data dir of its own
+        creds = tmp_path / "edge-7.creds"
+        r = cli(
+            url,
+            *("credentials", "issue", "--service", "compute-agent", "--host", "edge-7"),
+            *("--data-dir", str(data), "--file", str(creds)),
+        )
+        assert r.returncode == 0, r.stderr
+        assert oct(creds.stat().st_mode & 0o777) == "0o600"
         agent = subprocess.Popen(
             [
                 *STRATUS,
@@ -178,10 +189,14 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
                 url,
                 "serve",
                 "compute-agent",
+                "--creds",
+                str(creds),
                 "--data-dir",
-                str(data),
+                str(tmp_path / "edge-7"),
                 "--host",
                 "edge-7",
+                "--libvirt-uri",
+                "test:///default",
                 "--types",
                 "vm",
                 "--vcpus",
@@ -201,10 +216,26 @@ def test_serve_compute_agent_registers_its_host_and_stops_on_sigterm(tmp_path):
         host = json.loads(r.stdout)
         assert host["vcpus"] == 8 and host["labels"] == {"rack": "r1"}
         assert host["types"] == ["vm"]
+        # a server created through the CLI is placed on edge-7 and built by
+        # this agent, which has nothing but its credentials file: the image
+        # from the bucket, its reports through the handlers' relay
+        client = tmp_path / "client"
+        client.mkdir()
+        qemu_img("create", "-f", "qcow2", str(client / "base.qcow2"), "64M")
+        r = cli(url, "image", "create", "base", "--file", "base.qcow2", cwd=client)
+        assert r.returncode == 0, r.stderr
+        create_server(url, "vm-edge")
+        running = wait_status(url, "vm-edge", "running", timeout=60)
+        assert running["host"] == "edge-7"
+        assert Path(running["disk"]).is_relative_to(tmp_path / "edge-7")
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
         r = subprocess.run(
-            [*STRATUS, "--url", url, "serve", "compute-agent", "--host", "Bad Name"],
+            [
+                *STRATUS,
+                *("--url", url, "serve", "compute-agent"),
+                *("--creds", str(creds), "--host", "Bad Name"),
+            ],
             capture_output=True,
             text=True,
             timeout=30,
@@ -232,3 +263,43 @@ def test_demo_boots_servers_a_snapshot_and_a_container():
     assert data is not None
     group = f"{deployment_prefix(Path(data.group(1)))}.host-01"
     assert not Path("/sys/fs/cgroup/cpu/stratus", group).exists()
+
+
+def test_serve_with_credentials_of_another_host_or_kind_stops_in_one_line(tmp_path):
+    data = tmp_path / "d"
+    up = Up(data)
+    url = up.start(timeout=60)
+    try:
+        login(url)
+        creds = tmp_path / "edge-7.creds"
+        r = cli(
+            url,
+            *("credentials", "issue", "--service", "compute-agent", "--host", "edge-7"),
+            *("--data-dir", str(data), "--file", str(creds)),
+        )
+        assert r.returncode == 0, r.stderr
+        before = last_seq(url)
+        runs = {
+            # edge-7's credentials for host edge-8: its first append is refused
+            "another host": ["compute-agent", "--host", "edge-8", "--types", "vm"],
+            # a compute agent's credentials for the scheduler
+            "another kind": ["scheduler"],
+        }
+        for what, args in runs.items():
+            r = subprocess.run(
+                [
+                    *(*STRATUS, "--url", url, "serve", args[0], "--creds", str(creds)),
+                    *("--data-dir", str(tmp_path / what.replace(" ", "-")), *args[1:]),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert r.returncode == 1, (what, r.stderr[-2000:])
+            errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1, (what, r.stderr[-2000:])
+            assert errors[0].startswith("error: forbidden: the broker refused"), errors
+            assert "compute-agent for host edge-7 credentials" in errors[0], errors
+        assert last_seq(url) == before, "a refused service appended something"
+    finally:
+        up.stop()

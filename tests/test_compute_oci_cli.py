@@ -33,9 +33,10 @@ pytestmark = [
 
 
 async def container_host(cloud: Cloud):
-    agent = make_agent(
-        await cloud.service_store(), unique_host(), cloud.tmp / "host", vm=False, containers=True
-    )
+    # (with its own host's credential, as a deployed agent has)
+    host = unique_host()
+    store = await cloud.service_store("compute-agent", host)
+    agent = make_agent(store, host, cloud.tmp / "host", vm=False, containers=True)
     await agent.start()
     cloud.agents.append(agent)
     return agent

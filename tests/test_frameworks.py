@@ -46,6 +46,15 @@ async def stack(tmp_path) -> AsyncIterator[Stack]:
         await s.stop()
 
 
+async def register_beating(stack: Stack, hosts: list) -> None:
+    """Hosts registered, each beating as its agent does: with its own
+    compute-agent credential (only that may write the host's beat)."""
+    await register_hosts(stack.store, hosts, alive=False)
+    for h in hosts:
+        agent = await stack.connect("compute-agent", h.aggregate.id)
+        await beat(agent.js, h.aggregate.id, ttl=600)
+
+
 async def client(stack: Stack) -> Client:
     c = await Client.connect(stack.url)
     token = (await c.command("auth.login", {"user": "admin", "password": ADMIN_PASSWORD})).data[
@@ -71,8 +80,8 @@ async def settle(fws: list[Framework], quiet: float = 2.0, limit: float = 60.0) 
 
 async def test_the_drf_paper_example_allocates_three_and_two(stack):
     # given one host of 9 vCPUs and 18 GB at allocation ratio 1.0
-    await register_hosts(
-        stack.store,
+    await register_beating(
+        stack,
         [host_event("drf-h1", vcpus=9, ram_mb=18 * GB, cpu_ratio=1.0, ram_ratio=1.0)],
     )
     c = await client(stack)
@@ -109,7 +118,7 @@ async def test_the_drf_paper_example_allocates_three_and_two(stack):
 
 
 async def test_a_finished_task_frees_its_resources_and_brings_a_new_offer(stack):
-    await register_hosts(stack.store, [host_event("fin-h1", vcpus=2, ram_mb=2 * GB, cpu_ratio=1.0)])
+    await register_beating(stack, [host_event("fin-h1", vcpus=2, ram_mb=2 * GB, cpu_ratio=1.0)])
     c = await client(stack)
     try:
         fw = Framework(c, "batch", tasks_per_offer=2)
@@ -138,7 +147,7 @@ async def test_accepting_a_stale_or_rescinded_offer_is_a_conflict_and_appends_no
         await c.command(
             "host.register", {"name": "st-h1", "vcpus": 4, "ram_mb": 8 * GB, "disk_gb": 10}
         )
-        await beat(stack.store.js, "st-h1", ttl=120)
+        await beat((await stack.connect("compute-agent", "st-h1")).js, "st-h1", ttl=120)
         fw = Framework(c, "picky")
         await fw.register()
         offer = await _first_offer(fw)
@@ -168,7 +177,7 @@ async def test_accepting_a_stale_or_rescinded_offer_is_a_conflict_and_appends_no
 
 async def test_scheduler_servers_and_framework_tasks_share_one_capacity_truth(stack):
     # a host of 4 vCPUs (ratio 1.0) half taken by a framework's tasks
-    await register_hosts(stack.store, [host_event("mix-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
+    await register_beating(stack, [host_event("mix-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
     c = await client(stack)
     try:
         fw = Framework(c, "half", tasks_per_offer=2)
@@ -206,7 +215,7 @@ async def _first_offer(fw: Framework, other_than: set[str] = frozenset(), timeou
 async def test_cli_register_accept_list_and_another_tenant_refused(stack, tmp_path):
     from .test_images import Cli
 
-    await register_hosts(stack.store, [host_event("cli-h1", vcpus=8, ram_mb=16 * GB)])
+    await register_beating(stack, [host_event("cli-h1", vcpus=8, ram_mb=16 * GB)])
     user = Cli(stack.url, tmp_path / "client")
     await user("login", "--user", "admin", "--password", ADMIN_PASSWORD)
     fw = await user.json("framework", "register", "cli-fw", "--weight", "2")
@@ -267,7 +276,7 @@ async def test_cli_register_accept_list_and_another_tenant_refused(stack, tmp_pa
 async def test_quota_applies_to_tasks(stack):
     from stratus.events.errors import QuotaExceeded
 
-    await register_hosts(stack.store, [host_event("q-h1", vcpus=8, ram_mb=16 * GB)])
+    await register_beating(stack, [host_event("q-h1", vcpus=8, ram_mb=16 * GB)])
     c = await client(stack)
     try:
         await c.command("quota.set", {"tenant": "admin", "limits": {"instances": 1}})
@@ -288,7 +297,7 @@ async def test_quota_applies_to_tasks(stack):
 
 
 async def test_failover_within_the_timeout_keeps_tasks_past_it_kills_them(stack):
-    await register_hosts(stack.store, [host_event("fo-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
+    await register_beating(stack, [host_event("fo-h1", vcpus=4, ram_mb=8 * GB, cpu_ratio=1.0)])
     c = await client(stack)
     try:
         # a framework with a 2 s failover timeout runs a task

@@ -35,8 +35,10 @@ from hypothesis import strategies as st
 from stratus.cli.client import Client
 from stratus.cli.runtime import Stack
 from stratus.events.commands import H_AUTHORIZATION, H_COMMAND_ID, Reply
+from stratus.events.errors import Unauthenticated, Unavailable
 from stratus.events.identity import UserCreated
 from stratus.events.ids import new_id
+from stratus.events.natscreds import connect_options
 from stratus.events.tenants import TenantCreate
 from stratus.handlers.keyring import KeyRing
 from stratus.handlers.rbac import CLOUD_TENANT, PERMISSIONS, Rule, Scope
@@ -114,15 +116,32 @@ async def stacks(tmp_path):
 
 
 class Cloud:
-    """One client connection (the unprivileged NATS user, as the CLI has) to a stack.
+    """Client connections to a stack, as the CLI makes them: one per token
+    (the broker admits a connection by its token), and one without a token
+    (``client``: it may only log in).
 
-    ``call`` never raises on a refusal: it returns the reply as the wire has it.
+    ``call`` never raises on a refusal: it returns the reply as the wire has
+    it, and a token the broker refuses at connect as an ``unauthenticated``
+    reply (what the services would say of it).
     """
 
-    def __init__(self, stack: Stack, client: Client) -> None:
+    def __init__(self, stack: Stack, client: Client, refusals: list[str] | None = None) -> None:
         self.stack = stack
         self.client = client
         self.nc = client.nc
+        self._clients: dict[str, Client] = {}
+        # What the broker refused the tokenless connection (its error callback).
+        self.refusals = refusals if refusals is not None else []
+        self.refused = asyncio.Event()
+
+    async def connection(self, token: str | None) -> Client:
+        """The open connection of ``token`` (made, or made again if it was cut)."""
+        if token is None:
+            return self.client
+        c = self._clients.get(token)
+        if c is None or not c.nc.is_connected:
+            c = self._clients[token] = await Client.connect(self.stack.url, token)
+        return c
 
     async def call(
         self, subject: str, body: Any = None, token: str | None = None, *, raw: bytes | None = None
@@ -131,7 +150,49 @@ class Cloud:
         if token is not None:
             headers[H_AUTHORIZATION] = f"Bearer {token}"
         data = raw if raw is not None else json.dumps(body or {}).encode()
-        return json.loads(await self.client.request_raw(subject, data, headers))
+        if not token:
+            # no token to connect by (an empty one is none): the tokenless connection
+            return await self._anonymous(subject, data, headers)
+        for attempt in range(2):
+            try:
+                client = await self.connection(token)
+                return json.loads(await client.request_raw(subject, data, dict(headers)))
+            except Unauthenticated as err:
+                return {"ok": False, "error": {"kind": err.kind, "message": err.message}}
+            except Unavailable:
+                # Cut while asking (its token was revoked): connect again.
+                if (
+                    attempt
+                    or token is None
+                    or self._clients.get(token, self.client).nc.is_connected
+                ):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _anonymous(self, subject: str, data: bytes, headers: dict[str, str]) -> dict:
+        """Without a token: the services' answer, or the broker's refusal to
+        let the request out (a permissions violation), as an unauthenticated reply."""
+        violation = f'permissions violation for publish to "{subject.lower()}"'
+        request = asyncio.ensure_future(self.client.request_raw(subject, data, dict(headers)))
+        try:
+            while not request.done():
+                if any(violation in r for r in self.refusals):
+                    message = f"the broker refused {subject} to a connection without a token"
+                    return {"ok": False, "error": {"kind": "unauthenticated", "message": message}}
+                self.refused.clear()
+                waiter = asyncio.ensure_future(self.refused.wait())
+                await asyncio.wait([request, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            return json.loads(request.result())
+        finally:
+            request.cancel()
+            self.refusals.clear()
+
+    async def close(self) -> None:
+        for c in (*self._clients.values(), self.client):
+            with contextlib.suppress(Exception):
+                await c.close()
+        self._clients.clear()
 
     async def cmd(self, verb: str, body: dict, token: str | None) -> dict:
         return await self.call(f"cmd.{verb}", body, token)
@@ -168,14 +229,27 @@ def kind(reply: dict) -> str:
 
 
 async def connect(stack: Stack) -> Cloud:
-    return Cloud(stack, await Client.connect(stack.url))
+    """A ``Cloud`` whose tokenless connection reports what the broker refuses it."""
+    refusals: list[str] = []
+    cloud: Cloud | None = None
+
+    async def on_error(exc: Exception) -> None:
+        refusals.append(str(exc).lower())
+        if cloud is not None:
+            cloud.refused.set()
+
+    nc = await nats.connect(
+        stack.url, error_cb=on_error, allow_reconnect=False, **connect_options(None)
+    )
+    cloud = Cloud(stack, Client(nc), refusals)
+    return cloud
 
 
 @pytest.fixture
 async def cloud(stacks):
     c = await connect(await stacks.start())
     yield c
-    await c.client.close()
+    await c.close()
 
 
 @dataclass
@@ -381,6 +455,8 @@ COMMAND_SAMPLES: dict[str, Callable[[int], dict]] = {
         "types": ["server.*"],
     },
     "webhook.delete": lambda i: {"tenant": "ta", "ref": f"whd-{i}"},
+    "credential.issue": lambda i: {"kind": "compute-agent", "host": f"hc-{i}"},
+    "credential.revoke": lambda i: {"id": SEEDED[f"cred-{i}"]},
     # Two-level scheduling (see AFTER_RBAC for the answers to offers).
     "framework.register": lambda i: {"tenant": "ta", "name": f"fw-{i}"},
     "framework.beat": lambda i: {"tenant": "ta", "framework": SEEDED[f"fwb-{i}"]},
@@ -465,6 +541,7 @@ async def seed_inventory(cloud: Cloud, token: str, n: int) -> None:
         await ok("integration.create", ta({"name": f"intr-{i}", "secret": "s" * 40}))
         hook = {"name": f"whd-{i}", "url": "http://127.0.0.1:9/", "types": ["*"]}
         await ok("webhook.create", ta(hook))
+        SEEDED[f"cred-{i}"] = (await ok("credential.issue", {"kind": "projector"}))["id"]
         fw = await ok("framework.register", ta({"name": f"fwb-{i}"}))
         SEEDED[f"fwb-{i}"] = fw["id"]
     # An open offer for q.offer to show (no host beats here, so the allocator
@@ -903,7 +980,7 @@ async def test_revocations_survive_a_restart_of_the_services(stacks, world):
         await refused_within(cloud, token)
 
     # when the services stop and a new stack starts on the same data dir
-    await cloud.client.close()
+    await cloud.close()
     await stacks.stop(cloud.stack)
     again = await connect(await stacks.start(data_dir))
     try:
@@ -920,7 +997,7 @@ async def test_revocations_survive_a_restart_of_the_services(stacks, world):
         assert await accepted(again, fresh.token)
         assert kind(await again.q("tenant", {"tenant": "ta"}, fresh.token)) == "ok"
     finally:
-        await again.client.close()
+        await again.close()
 
 
 # -- 4. NATS itself refuses a client that tries to write the log --------------
@@ -930,15 +1007,25 @@ async def test_revocations_survive_a_restart_of_the_services(stacks, world):
 NO_ANSWER = (nats.errors.TimeoutError, nats.errors.NoRespondersError)
 
 
-async def test_a_client_connection_cannot_append_or_delete_the_stream(world):
-    cloud, stack = world.cloud, world.cloud.stack
-    before = await stack.store.last_seq()
-    errors: list[str] = []
+async def client_nc(stack: Stack, token: str | None, errors: list[str]) -> nats.NATS:
+    """A raw nats-py connection as a client with ``token``: its own nkey
+    (which names its inbox) and the token, as ``Client.connect`` makes it."""
 
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
-    nc = await nats.connect(stack.url, error_cb=on_error, allow_reconnect=False)
+    return await nats.connect(
+        stack.url, error_cb=on_error, allow_reconnect=False, **connect_options(token)
+    )
+
+
+async def test_a_client_connection_cannot_append_or_delete_the_stream(world):
+    cloud, stack = world.cloud, world.cloud.stack
+    before = await stack.store.last_seq()
+    errors: list[str] = []
+    # the cloud admin's own connection: its token may do anything, its
+    # connection only send commands and queries
+    nc = await client_nc(stack, world.admin.token, errors)
     try:
         # a plain publish on an event subject
         await nc.publish("ev.ta.tenant.x", b"forged")
@@ -981,12 +1068,12 @@ async def test_a_client_connection_cannot_append_or_delete_the_stream(world):
 
 
 async def test_a_client_cannot_make_a_service_publish_its_reply_onto_the_log(world):
-    # A request's reply subject is the client's choice; the services publish
-    # their answer there with their own, unrestricted credentials. A client
-    # naming an event subject as its reply must not get anything appended.
+    # A request's reply subject is the client's choice; the services answer
+    # it with a response permission. A client naming an event subject as its
+    # reply must not get anything appended.
     cloud, stack = world.cloud, world.cloud.stack
     before = await stack.store.last_seq()
-    nc = await nats.connect(stack.url, allow_reconnect=False)
+    nc = await client_nc(stack, world.admin.token, [])
     try:
         await nc.publish("q.status", b"{}", reply="ev.ta.tenant.injected")
         await nc.publish("cmd.tenant.create", b'{"name": "x"}', reply="ev.tb.tenant.injected")
@@ -1000,46 +1087,30 @@ async def test_a_client_cannot_make_a_service_publish_its_reply_onto_the_log(wor
     assert [r.subject for r in appended] == []
 
 
-async def test_a_client_cannot_read_other_clients_replies_or_the_services_inboxes(world):
-    # "the client user may only ... subscribe to its inbox" (issue 3, item 7):
-    # an anonymous connection must not read another client's login reply (its
-    # token) nor the event deliveries the services receive on their inboxes.
-    # All clients share one NATS user, so the broker cannot stop the sniffing
-    # itself: replies are sealed to the asking client (events/sealed.py) and
-    # the services' inboxes are outside what clients may subscribe to.
+async def test_a_connection_without_a_token_may_only_log_in(world):
     stack = world.cloud.stack
-    seen: list[tuple[str, bytes]] = []
-
-    async def quiet(exc: Exception) -> None:
-        pass
-
-    nc = await nats.connect(stack.url, allow_reconnect=False, error_cb=quiet)
+    errors: list[str] = []
+    nc = await client_nc(stack, None, errors)
     try:
-
-        async def sniff(msg) -> None:
-            seen.append((msg.subject, msg.data[:120]))
-
-        await nc.subscribe("_INBOX.>", cb=sniff)
-        await nc.flush(timeout=2)
-        other = await connect(stack)
-        try:
-            d = await other.login("mia", PASSWORD, "ta")
-            await other.ok(
-                "cmd.user.create", {"name": "zed", "password": PASSWORD}, world.admin.token
-            )
-        finally:
-            await other.client.close()
-        await asyncio.sleep(0.3)
+        # logging in works
+        msg = await nc.request(
+            "cmd.auth.login",
+            json.dumps({"user": "mia", "password": PASSWORD, "tenant": "ta"}).encode(),
+            timeout=5,
+        )
+        assert kind(json.loads(msg.data)) == "ok"
+        # anything else, even with a good token in its header, the broker refuses
+        for subject in ("q.status", "cmd.tenant.create", "ctl.projections.swap"):
+            with pytest.raises(NO_ANSWER):
+                await nc.request(
+                    subject,
+                    b"{}",
+                    timeout=0.5,
+                    headers={H_AUTHORIZATION: f"Bearer {world.admin.token}"},
+                )
     finally:
         await nc.close()
-    # Replies to other clients may pass by, but sealed: nothing readable.
-    readable = [
-        (s, data)
-        for s, data in seen
-        if d["token"][:60].encode() in data or b'"ok"' in data or s.startswith("ev.")
-    ]
-    assert readable == [], f"{len(readable)} readable messages of others seen"
-    assert not any(s.startswith("_STRATUS_INBOX") for s, _ in seen)
+    assert sum("permissions violation for publish" in e for e in errors) == 3, errors
 
 
 # -- 5. a wrong password ------------------------------------------------------
@@ -1205,7 +1276,7 @@ async def garbage_target(stacks):
     CLUSTER["kid"] = json.loads(_unb64(admin.token.split(".")[0]))["kid"]
     CLUSTER["token"] = admin.token
     yield c, admin
-    await c.client.close()
+    await c.close()
 
 
 @settings(
@@ -1230,10 +1301,14 @@ async def test_garbage_bearer_tokens_are_unauthenticated_and_the_services_keep_a
 
 
 async def test_an_empty_or_non_bearer_authorization_is_unauthenticated(cloud):
+    # over a connection the broker admitted by a good token: the services
+    # check each request's own header all the same
+    admin = await sign_in(cloud, "admin", password=ADMIN_PASSWORD)
+    nc = (await cloud.connection(admin.token)).nc
     for value in ("", "Bearer", "Bearer ", "Basic YWRtaW46YWRtaW4=", "bearer", "Token abc"):
-        msg = await cloud.nc.request("q.status", b"{}", timeout=5, headers={H_AUTHORIZATION: value})
+        msg = await nc.request("q.status", b"{}", timeout=5, headers={H_AUTHORIZATION: value})
         assert kind(json.loads(msg.data)) == "unauthenticated", value
-    msg = await cloud.nc.request("cmd.tenant.create", b'{"name": "x"}', timeout=5)
+    msg = await nc.request("cmd.tenant.create", b'{"name": "x"}', timeout=5)
     assert kind(json.loads(msg.data)) == "unauthenticated"
 
 

@@ -26,10 +26,10 @@ import pytest
 from stratus.agents.compute import images
 from stratus.cli import transfer
 from stratus.cli.client import Client
-from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
 from stratus.cli.runtime import Stack
 from stratus.events.blobs import BlobStore
 from stratus.events.errors import Conflict, Forbidden, Invalid, NotFound
+from stratus.events.natscreds import connect_options
 from stratus.events.store import EventStore
 from stratus.events.transfer import BUSY, H_OFFSET, UPLOAD_OPEN
 
@@ -98,19 +98,18 @@ class Cloud:
         self.stack = stack
         self.tmp = tmp
         self.url = stack.url or ""
-        self.password = (stack.data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
         self.agents: list[Any] = []
         self.stores: list[EventStore] = []
 
-    async def service_store(self) -> EventStore:
+    async def service_store(self, kind: str = "handlers", host: str = "") -> EventStore:
         """A connection of its own with the services' credentials (an agent's)."""
-        s = await EventStore.connect(self.url, user=NATS_SERVICE_USER, password=self.password)
-        self.stores.append(s)
-        return s
+        # (the stack closes it when it stops)
+        return await self.stack.connect(kind, host)
 
     async def agent(self, data_dir: Path) -> Any:
         """A compute agent on libvirt's test driver, in ``data_dir``."""
-        agent = make_agent(await self.service_store(), unique_host(), data_dir)
+        host = unique_host()
+        agent = make_agent(await self.service_store("compute-agent", host), host, data_dir)
         await agent.start()
         self.agents.append(agent)
         return agent
@@ -242,7 +241,8 @@ async def test_two_builds_of_one_image_at_once_fetch_it_once(cloud):
         await transfer.upload(c, image, src)
         first, second = await asyncio.gather(
             *(
-                place(agent.store, agent.host, image=created.data["id"], tenant="admin")
+                # placed as the scheduler would (the agent's credential may not)
+                place(cloud.stack.store, agent.host, image=created.data["id"], tenant="admin")
                 for _ in "ab"
             )
         )
@@ -414,7 +414,13 @@ async def test_the_broker_keeps_clients_off_the_object_store(cloud):
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc).lower())
 
-    nc = await nats.connect(cloud.url, error_cb=on_error, allow_reconnect=False)
+    # a client as the CLI connects, with the cloud admin's own token
+    nc = await nats.connect(
+        cloud.url,
+        error_cb=on_error,
+        allow_reconnect=False,
+        **connect_options(await cloud.token()),
+    )
     try:
         js = nc.jetstream(timeout=0.5)
         for subject in ("$O.images.C.forged", "$O.images.M.forged"):

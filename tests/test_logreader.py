@@ -1,8 +1,10 @@
 """The log-reader contract (events/reader.py): every implementation, the fast
-one and nats-py's public ordered consumer, against a real nats-server.
+one and nats-py's public ordered consumer, and both as a connection reads
+that may use consumers of given names only (a host agent's), against a real
+nats-server.
 
 Each test runs once per reader. The store fixture here reads through the
-reader named by the parameter; appends and the broker are the same for both.
+reader named by the parameter; appends and the broker are the same for all.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from nats.aio.client import Client as NATS
 from stratus.events import fastread
 from stratus.events.errors import Invalid
 from stratus.events.fastread import FastConnection, FastReader
-from stratus.events.reader import LogReader, OrderedReader
-from stratus.events.store import STREAM, Condition, EventStore
+from stratus.events.reader import LogReader, NamedReader, OrderedReader
+from stratus.events.store import STREAM, Condition, EventStore, connect_nats
 
 from .test_store import bounded, created, renamed
 
 pytestmark = pytest.mark.timeout(90)
 
-READERS = {"fast": FastReader, "public": OrderedReader}
+READERS = {
+    "fast": FastReader,
+    "public": OrderedReader,
+    "fast-named": FastReader,
+    "public-named": NamedReader,
+}
+# The consumer names a "-named" store's reads may use (as an agent's).
+NAMES = ("rd_test_0", "rd_test_1", "rd_test_2")
 
 
 class QuickFast(FastReader):
@@ -36,17 +45,28 @@ class QuickPublic(OrderedReader):
     HEARTBEAT_S = 0.25
 
 
+class QuickNamed(NamedReader):
+    HEARTBEAT_S = 0.25
+
+
 # The same readers with short heartbeats, for the tests that wait for a loss
 # to be noticed (three heartbeats of silence).
-QUICK = {"fast": QuickFast, "public": QuickPublic}
+QUICK = {
+    "fast": QuickFast,
+    "public": QuickPublic,
+    "fast-named": QuickFast,
+    "public-named": QuickNamed,
+}
 
 
 async def _open(url: str, kind: str) -> EventStore:
-    if kind == "fast" and (reason := fastread.unsupported()):
+    fast = kind.startswith("fast")
+    if fast and (reason := fastread.unsupported()):
         pytest.fail(f"the fast reader refuses the installed nats-py: {reason}", pytrace=False)
-    store = await EventStore.connect(url, fast=kind == "fast")
+    names = NAMES if kind.endswith("-named") else None
+    store = EventStore(await connect_nats(url, fast=fast), consumer_names=names)
     # Each reader on the connection it is made for.
-    assert isinstance(store.nc, FastConnection) == (kind == "fast")
+    assert isinstance(store.nc, FastConnection) == fast
     assert store.reader is READERS[kind]
     return store
 
@@ -485,3 +505,46 @@ async def test_stopping_early_or_cancelling_leaves_no_consumer(rstore, kind):
         with contextlib.suppress(asyncio.CancelledError):
             await task
         assert await no_consumers_left(rstore)
+
+
+# -- reads through given consumer names (a host agent's) ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["fast-named", "public-named"])
+async def test_named_reads_use_only_their_names_and_replace_a_leftover(nats_server, kind):
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    store = await _open(nats_server.url, kind)
+    try:
+        await store.ensure_stream()
+        await append_many(store, 3000)
+        # a consumer of one of the names, left by a reader that was killed
+        await store.js.add_consumer(
+            STREAM,
+            ConsumerConfig(
+                name=NAMES[0],
+                deliver_subject="_INBOX.gone",
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=60,
+            ),
+        )
+        seen: set[str] = set()
+
+        async def sample() -> None:
+            while True:
+                seen.update(c.name for c in await store.js.consumers_info(STREAM))
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            # more reads at once than there are names: each waits for one
+            reads = await asyncio.gather(*(bounded(store.read_all()) for _ in range(5)))
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        assert [[r.seq for r in read] for read in reads] == [list(range(1, 3001))] * 5
+        assert seen and seen <= set(NAMES), seen
+        assert await no_consumers_left(store)
+    finally:
+        await store.close()

@@ -117,7 +117,7 @@ async def test_killed_and_restarted_metering_counts_the_same_as_an_uninterrupted
             assert await wait_usable(info) is not None
             creds[name] = tmp_path / f"{name}.json"
             creds[name].write_text(json.dumps(info))
-        await c.client.close()
+        await c.close()
 
         whole = await asyncio.to_thread(meter, creds["whole"], tmp_path / "whole.db")
         assert whole.returncode == 0, whole.stderr

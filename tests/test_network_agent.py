@@ -333,7 +333,7 @@ async def test_an_agent_killed_and_restarted_changes_nothing_on_its_host(lab, na
         await a.stop()
     host = "host-2"
     argv = [sys.executable, "-m", "stratus.cli.main", "--url", nats_server.url, "serve",
-            "network-agent", "--host", host, "--vtep", lab.sim.vtep(host),
+            "--insecure-no-auth", "network-agent", "--host", host, "--vtep", lab.sim.vtep(host),
             "--netns", lab.sim.netns(host), "--prefix", lab.prefix]  # fmt: skip
     kernel = Host(lab.prefix, "", lab.sim.netns(host))
     before = await asyncio.to_thread(kernel.links)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -23,11 +22,14 @@ from pathlib import Path
 import pytest
 
 from stratus.cli.client import Client
-from stratus.cli.runtime import publish_signing_keys
+from stratus.cli.creds import local_creds
+from stratus.cli.runtime import auth_block, publish_signing_keys
 from stratus.events.broker import EmbeddedNats
 from stratus.events.commands import Reply
 from stratus.events.errors import Conflict
+from stratus.events.heartbeat import beat
 from stratus.events.ids import new_id
+from stratus.events.natscreds import dumps, write_private
 from stratus.events.resources import ServerScheduled
 from stratus.events.scheduling import HostClaimed
 from stratus.events.store import EventStore
@@ -47,6 +49,8 @@ pytestmark = pytest.mark.timeout(240)
 STRATUS = [sys.executable, "-m", "stratus.cli.main"]
 PASSWORD = "replica-admin-pass"
 SERVICES = ("handlers", "query", "projector", "scheduler")
+# The machine holding the keys: it issues every credential and runs the auth callout.
+KEYS_MACHINE = "m1"
 SERVERS = 40
 TENANTS = ("acme", "globex", "initech", "umbrella")
 # A create refused as `conflict` is sent again, at most this many times in all.
@@ -55,8 +59,11 @@ CREATE_TRIES = 8
 
 @pytest.fixture
 def broker(tmp_path) -> Iterator[tuple[str, str]]:
-    """A nats-server with its monitoring port: (client URL, monitoring URL)."""
-    srv = EmbeddedNats(tmp_path / "nats", extra_config='http: "127.0.0.1:-1"')
+    """A nats-server with its monitoring port and the auth callout's
+    configuration (the keys of machine m1, where the cloud is initialised):
+    (client URL, monitoring URL)."""
+    auth = auth_block(tmp_path / "machines" / KEYS_MACHINE)
+    srv = EmbeddedNats(tmp_path / "nats", extra_config=f'http: "127.0.0.1:-1"\n{auth}')
     url = srv.start()
     ports = json.loads(next((tmp_path / "nats").glob("nats-server_*.ports")).read_text())
     yield url, ports["monitoring"][0]
@@ -72,11 +79,26 @@ class Machines:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, machine: str, service: str, *args: str) -> None:
+        """``service`` on ``machine`` with its own credentials file, issued
+        where the cloud was initialised (as `stratus credentials issue`)."""
         data = self.root / machine
         name = f"{machine}-{service}"
+        creds = self.root / f"{name}.creds"
+        write_private(creds, dumps(local_creds(self.root / KEYS_MACHINE, service)))
         with open(self.root / f"{name}.log", "ab") as out:
             self.procs[name] = subprocess.Popen(
-                [*STRATUS, "--url", self.url, "serve", service, "--data-dir", str(data), *args],
+                [
+                    *STRATUS,
+                    "--url",
+                    self.url,
+                    "serve",
+                    service,
+                    "--creds",
+                    str(creds),
+                    "--data-dir",
+                    str(data),
+                    *args,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "STRATUS_DATA_DIR": str(data)},
@@ -146,16 +168,27 @@ async def test_two_replicas_of_each_service_on_two_machines_share_the_work(
 ):
     url, monitoring = broker
     root = machines.root
-    store = await EventStore.connect(url)
+    # given the auth callout (it admits every other connection, this test's too)
+    machines.start(KEYS_MACHINE, "auth-callout")
+    await machines.ready()
+    keys = KeyRing.load_or_create(root / KEYS_MACHINE / "keys")
+    store = await EventStore.connect(url, creds=local_creds(root / KEYS_MACHINE, "handlers"))
     try:
         await store.ensure_stream()
-        # given the signing key handed to both machines (both issue tokens),
-        # its public half on the log, and the first admin
-        keys = KeyRing.load_or_create(root / "m1" / "keys")
-        shutil.copytree(root / "m1" / "keys", root / "m2" / "keys")
+        # the signing key handed to both machines' handlers (in their
+        # credentials: both issue tokens), its public half on the log, and
+        # the first admin
         await publish_signing_keys(store, keys)
         assert await bootstrap_admin(CommandService(store, all_handlers(keys)), PASSWORD)
-        await register_hosts(store, [host_event(f"h{i}", vcpus=16) for i in range(4)])
+        await register_hosts(store, [host_event(f"h{i}", vcpus=16) for i in range(4)], alive=False)
+        # each host beating, as its agent would (only its credential may)
+        for i in range(4):
+            agent = local_creds(root / KEYS_MACHINE, "compute-agent", f"h{i}")
+            host = await EventStore.connect(url, persistent=False, creds=agent)
+            try:
+                await beat(host.js, f"h{i}", ttl=600)
+            finally:
+                await host.close()
         # and on each machine: handlers, query, projector and scheduler
         for i, machine in enumerate(("m1", "m2")):
             for service in SERVICES:

@@ -347,6 +347,8 @@ def _serve_scheduler(url: str, seed: int, log_path):
                 url,
                 "serve",
                 "scheduler",
+                # a broker without authentication: no credentials to give
+                "--insecure-no-auth",
                 "--seed",
                 str(seed),
             ],

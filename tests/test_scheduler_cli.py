@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 
-from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+from stratus.cli.creds import local_creds
 from stratus.events.heartbeat import beat
 from stratus.events.store import EventStore
 
@@ -17,16 +17,17 @@ from .test_cli import up as up
 
 
 def _beat(url: str, data_dir, hosts: list[str]) -> None:
-    """What each host's agent does: beat into the heartbeat bucket."""
-    password = (data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
+    """What each host's agent does: beat into the heartbeat bucket (with the
+    credentials of that host's agent: a key of its own only)."""
 
     async def main() -> None:
-        store = await EventStore.connect(url, user=NATS_SERVICE_USER, password=password)
-        try:
-            for h in hosts:
+        for h in hosts:
+            creds = local_creds(data_dir, "compute-agent", h)
+            store = await EventStore.connect(url, creds=creds)
+            try:
                 await beat(store.js, h, ttl=300)
-        finally:
-            await store.close()
+            finally:
+                await store.close()
 
     asyncio.run(main())
 

@@ -188,7 +188,7 @@ async def test_every_event_type_validates_in_all_three_forms_as_delivered(tmp_pa
         for ce, _body, headers, _ in rx.posts:
             assert not errors("cloudevent", ce), (ce["type"], errors("cloudevent", ce))
             assert headers["Content-Type"] == cloudevents.CONTENT_TYPE
-        await c.client.close()
+        await c.close()
     finally:
         await stacks.close()
         await rx.stop()

@@ -21,7 +21,10 @@ and for the periodic pass alike.
   ``stopped``, ``build-failed``, ``failed``, ``deleted``) is appended on
   the condition that the subject has not moved since the agent read the
   state its work was for, so no report can contradict the server's later
-  history (a ``server.running`` after ``server.deleting``, say).
+  history (a ``server.running`` after ``server.deleting``, say). Its
+  credential may append on its host's subject only: reports on servers'
+  subjects go through the handlers' relay (``events.reports``), which
+  appends them if the server is placed on this host.
 - Converges every ``reconcile_interval`` too: instances the log wants and
   the host lacks are rebuilt, Stratus-owned ones it no longer wants are
   removed, and what had to change although the log did not ask for it is
@@ -67,6 +70,8 @@ from stratus.events.errors import (
 from stratus.events.heartbeat import beat
 from stratus.events.ids import NAME_RE, new_id
 from stratus.events.model import Cause, Event
+from stratus.events.natscreds import durable_name
+from stratus.events.reports import Reporter
 from stratus.events.resources import (
     SYSTEM,
     HostRegistered,
@@ -172,7 +177,7 @@ def host_subject(host: str) -> str:
 
 
 def consumer_name(host: str) -> str:
-    return f"compute-{host}"
+    return durable_name("compute-agent", host)
 
 
 def server_subject(tenant: str, server: str) -> str:
@@ -207,6 +212,8 @@ class ComputeAgent:
             raise Invalid(f"host name {host!r} is not a valid name")
         self.store = store
         self.host = host
+        # Reports on servers' subjects, through the relay of this host.
+        self.reports = Reporter(store.nc, host, codec=store.codec)
         self.spec = spec
         self.data_dir = Path(data_dir)
         self.disks = self.data_dir / "disks"
@@ -705,7 +712,7 @@ class ComputeAgent:
             causation_id=cause_event.id,
         )
         ev = cause.make(cls, tenant, "server", server, **fields)
-        done = await self.store.append(
+        done = await self.reports.append(
             [ev], Condition(ev.subject, now.seq), msg_id=f"{cause_event.id}.{key}.{now.seq}"
         )
         now.seq, now.type = done.seqs[0], cls.type_name()
@@ -912,7 +919,7 @@ class ComputeAgent:
         )
         # Once only: a request redelivered meanwhile finds its image recorded.
         with contextlib.suppress(ConcurrencyConflict):
-            await self.store.append([created], Condition(created.subject, 0))
+            await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
 
     async def _commit(self, ev: HostServerAction, want: Want, driver: Driver) -> None:
         """A container's snapshot: its upper directory committed as one new
@@ -962,8 +969,9 @@ class ComputeAgent:
             parent=claim.spec.image,
             oci=config,
         )
+        # Through the relay, as every report on a subject not the host's.
         with contextlib.suppress(ConcurrencyConflict):
-            await self.store.append([created], Condition(created.subject, 0))
+            await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
 
     # -- exec -------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from stratus.events import network as nw
 from stratus.events.errors import ConcurrencyConflict
 from stratus.events.ids import new_id
 from stratus.events.model import Cause, UnknownEvent
+from stratus.events.reports import Reporter
 from stratus.events.resources import SYSTEM
 from stratus.events.store import EventStore, Recorded
 
@@ -59,6 +60,8 @@ class NetworkAgent:
     ) -> None:
         self.store = store
         self.host = host
+        # ``port.bound`` is on the port's subject: through the relay of this host.
+        self.reports = Reporter(store.nc, host, codec=store.codec)
         self.vtep = vtep
         self.prefix = prefix
         self.kernel = Host(prefix, vtep, host_ns, routers, state_dir)
@@ -270,7 +273,8 @@ class NetworkAgent:
         reports = self._retry + reports
         self._retry = []
         results = await asyncio.gather(
-            *(self.store.append(a.events, msg_id=a.msg_id) for a in reports),
+            # (on the ports' subjects: through this host's relay)
+            *(self.reports.append(a.events, msg_id=a.msg_id) for a in reports),
             return_exceptions=True,
         )
         for a, res in zip(reports, results, strict=True):
@@ -301,7 +305,7 @@ class NetworkAgent:
     async def _append_each(self, events: list) -> None:
         results = await asyncio.gather(
             *(
-                self.store.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
+                self.reports.append([ev], msg_id=f"bind-{ev.aggregate.id}-{self.host}")
                 for ev in events
             ),
             return_exceptions=True,

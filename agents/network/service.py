@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from stratus.agents.network.agent import NetworkAgent
@@ -48,9 +49,14 @@ class SimulatedPlane:
         prefix: str = DEFAULT_PREFIX,
         state_dir: Path | None = None,
         bgp: BgpConfig | None = None,
+        *,
+        store_for: Callable[[str], Awaitable[EventStore]] | None = None,
     ) -> None:
+        """``store_for(host)``: each host agent's own connection (with its
+        host's credentials), else all use ``store``."""
         self.sim = SimulatedHosts(prefix, host_names(hosts))
         self.store = store
+        self.store_for = store_for
         self.prefix = prefix
         self.state_dir = state_dir
         self.bgp = bgp
@@ -60,7 +66,7 @@ class SimulatedPlane:
         await asyncio.to_thread(self.sim.start)
         for i, h in enumerate(self.sim.names):
             agent = NetworkAgent(
-                self.store,
+                await self.store_for(h) if self.store_for else self.store,
                 h,
                 vtep=self.sim.vtep(h),
                 prefix=self.prefix,

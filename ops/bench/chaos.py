@@ -240,11 +240,24 @@ class Deployment:
         # A restart listens where the first did: the neighbours know that URL.
         self.port = int(self.url.rsplit(":", 1)[1])
 
+    def creds(self, name: str) -> Path:
+        """The credentials file of service ``name``, issued from the data dir
+        `up` initialised (as an operator would: `stratus credentials issue`)."""
+        from stratus.cli.creds import local_creds
+        from stratus.events.natscreds import dumps, write_private
+
+        path = self.data_dir / f"{name}.creds"
+        if not path.exists():
+            host = EXTRA_HOST if name == "compute-agent" else ""
+            write_private(path, dumps(local_creds(self.data_dir, name, host)))
+        return path
+
     async def start_service(self, name: str) -> None:
         from stratus.ops.bench.foundation import start_service_processes
 
+        argv = [*self.argv[name][:2], "--creds", str(self.creds(name)), *self.argv[name][2:]]
         (self.services[name],) = await start_service_processes(
-            self.url, self.argv[name], 1, self.logs, [], label=name
+            self.url, argv, 1, self.logs, [], label=name
         )
 
     async def start_all(self) -> None:
@@ -718,11 +731,11 @@ async def _setup(dep: Deployment, opts: Options, run: int) -> tuple[str, list[st
 
 
 async def _store(dep: Deployment) -> Any:
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.creds import local_creds
     from stratus.events.store import EventStore
 
-    password = (dep.data_dir / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
-    return await EventStore.connect(dep.url, user=NATS_SERVICE_USER, password=password)
+    # a reader of the log, with a credential signed by the deployment's key ring
+    return await EventStore.connect(dep.url, creds=local_creds(dep.data_dir, "projector"))
 
 
 async def _settle(dep: Deployment, fold: LogFold, until: float) -> None:

@@ -147,7 +147,7 @@ class ClusterDeployment:
         from stratus.cli.datadir import deployment_prefix
 
         self.root = root
-        # Where tokens are issued from: the service password, the signing key.
+        # Where credentials are issued from: the broker keys, the signing key.
         self.data_dir = root / "control"
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -190,10 +190,8 @@ class ClusterDeployment:
         urls = await asyncio.gather(*(asyncio.to_thread(n.wait_ready) for n in self.nodes))
         self.url = ",".join(urls)
         await init_cloud(self.url, self.data_dir, admin_password=PASSWORD)
-        password = (self.data_dir / "secrets" / "nats-service-password").read_text().strip()
-        # Handed to each service process (its environment), as an operator would.
-        os.environ["STRATUS_NATS_USER"] = "stratus"
-        os.environ["STRATUS_NATS_PASSWORD"] = password
+        # The auth callout first: it admits every other process.
+        self.argv = {"auth-callout": ["serve", "auth-callout"], **self.argv}
         for i in (1, 2):
             shutil.copytree(self.data_dir / "keys", self.root / f"h{i}" / "keys")
             for d in (f"s{i}", f"q{i}"):
@@ -202,25 +200,41 @@ class ClusterDeployment:
             d.mkdir(parents=True, exist_ok=True)
         # The projectors first (the query nodes read their stores).
         names = list(self.argv)
+        await self.start_service("auth-callout")
         first = [n for n in names if n.startswith(("projector", "handlers"))]
         await asyncio.gather(*(self.start_service(n) for n in first))
-        await asyncio.gather(*(self.start_service(n) for n in names if n not in first))
+        rest = [n for n in names if n not in first and n != "auth-callout"]
+        await asyncio.gather(*(self.start_service(n) for n in rest))
+
+    def creds(self, name: str) -> Path:
+        """The credentials file of service ``name``, issued from the data
+        dir init used (as an operator would: `stratus credentials issue`)."""
+        from stratus.cli.creds import local_creds
+        from stratus.events.natscreds import dumps, write_private
+
+        argv = self.argv[name]
+        kind = argv[1]
+        host = argv[argv.index("--host") + 1] if "--host" in argv else ""
+        path = self.root / "creds" / f"{name}.creds"
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(path, dumps(local_creds(self.data_dir, kind, host)))
+        return path
 
     async def start_service(self, name: str) -> None:
         from stratus.ops.bench.foundation import start_service_processes
 
+        argv = [*self.argv[name][:2], "--creds", str(self.creds(name)), *self.argv[name][2:]]
         (self.procs[name],) = await start_service_processes(
-            self.url, self.argv[name], 1, self.logs, [], label=name
+            self.url, argv, 1, self.logs, [], label=name
         )
 
     async def store(self) -> Any:
-        from stratus.cli.datadir import NATS_SERVICE_USER
+        from stratus.cli.creds import local_creds
         from stratus.events.store import EventStore
 
-        password = os.environ["STRATUS_NATS_PASSWORD"]
-        return await EventStore.connect(
-            self.url, persistent=False, user=NATS_SERVICE_USER, password=password
-        )
+        creds = local_creds(self.data_dir, "handlers", ttl_s=3600)
+        return await EventStore.connect(self.url, persistent=False, creds=creds)
 
     async def leader(self) -> str:
         from stratus.events.cluster import stream_cluster

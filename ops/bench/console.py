@@ -107,7 +107,7 @@ async def _member_session(console: str) -> aiohttp.ClientSession:
 
 async def _bench(opts: Options, report: Report, url: str, console: str, data: Path) -> None:
     from stratus.cli.client import Client
-    from stratus.cli.runtime import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.creds import local_creds
 
     admin = await Client.connect(url, timeout=opts.timeout_s)
     admin.token = (await admin.command("auth.login", {"user": "admin", "password": PASSWORD})).data[
@@ -126,8 +126,8 @@ async def _bench(opts: Options, report: Report, url: str, console: str, data: Pa
             "auth.login", {"user": "alice", "password": "alice-secret", "tenant": "acme"}
         )
     ).data["token"]
-    password = (data / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
-    service = await nats.connect(url, user=NATS_SERVICE_USER, password=password)
+    # the broker's own delivery, seen as the handlers see the log
+    service = await nats.connect(url, **local_creds(data, "handlers").connect_options())
     session = await _member_session(console)
     try:
         # -- live: the broker's own delivery next to the page's stream ------------

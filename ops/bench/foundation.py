@@ -414,8 +414,16 @@ async def _start_handlers(
     auth_dir: Path | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     # Without auth_dir the service trusts every request (the write path
-    # alone); with it, it verifies each request's token as in production.
-    auth = ["--data-dir", str(auth_dir)] if auth_dir else ["--insecure-no-auth"]
+    # alone); with it, it verifies each request's token as in production,
+    # with the handlers credentials of that key ring.
+    auth = ["--insecure-no-auth"]
+    if auth_dir is not None:
+        from stratus.cli.creds import local_creds
+        from stratus.events.natscreds import dumps, write_private
+
+        creds = auth_dir / "handlers.creds"
+        write_private(creds, dumps(local_creds(auth_dir, "handlers")))
+        auth = ["--creds", str(creds)]
     label = f"handlers-{count}-{'auth' if auth_dir else 'open'}"
     return await start_service_processes(
         url, ["serve", "handlers", *auth], count, tmp, procs, label=label

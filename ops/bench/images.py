@@ -86,15 +86,17 @@ async def _body(opts: Options, report: Report, tmp: Path, procs: Procs) -> None:
 
     from stratus.cli import transfer
     from stratus.cli.client import Client
-    from stratus.cli.datadir import NATS_SERVICE_SECRET, NATS_SERVICE_USER
+    from stratus.cli.creds import local_creds
     from stratus.events.blobs import CHUNK_BYTES, BlobStore
 
     data = tmp / "up"
     url = await asyncio.to_thread(_up, data, procs)
     src = tmp / "image.raw"
     await asyncio.to_thread(_file, src, opts.mib)
-    password = (data / "secrets" / NATS_SERVICE_SECRET).read_text().strip()
-    svc = await nats.connect(url, user=NATS_SERVICE_USER, password=password)
+    # the handlers' rights: the image bucket. NOTE: the baseline bucket below
+    # is not theirs, and the broker refuses to make it since the auth
+    # callout (issue 14): this bench needs a baseline broker of its own.
+    svc = await nats.connect(url, **local_creds(data, "handlers").connect_options())
     js = svc.jetstream(timeout=60)
     raw = await js.create_object_store("bench-raw", storage=StorageType.FILE)
     blobs = await BlobStore.open(js)

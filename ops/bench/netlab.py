@@ -35,6 +35,7 @@ from stratus.events.store import EventStore
 from stratus.events.tenants import TenantCreated
 from stratus.handlers import networks, routers, servers
 from stratus.handlers.records import Image, Port
+from stratus.handlers.reports import ReportRelay
 from stratus.handlers.scheduler.service import claim_event, request_of
 from stratus.handlers.world import Aggregate, World, fold, fold_aggregate
 
@@ -158,10 +159,14 @@ class Lab:
         self.cloud = Cloud(store)
         self.agents: dict[str, NetworkAgent] = {}
         self.instances: list[str] = []
+        self.relay: ReportRelay | None = None
         # The agents' files (BIRD's): a short path, for BIRD's control socket.
         self.state = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
 
     async def start(self) -> None:
+        # The agents' port.bound reports go through the handlers' relay.
+        self.relay = ReportRelay(self.store)
+        await self.relay.start()
         # pyroute2's synchronous API runs its own event loop: off ours.
         await asyncio.to_thread(self.sim.start)
 
@@ -209,6 +214,8 @@ class Lab:
         try:
             for a in self.agents.values():
                 await asyncio.wait_for(a.stop(), 20)
+            if self.relay is not None:
+                await self.relay.stop()
         finally:
             await asyncio.to_thread(self._remove)
 

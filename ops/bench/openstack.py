@@ -138,8 +138,14 @@ def run(opts: Options) -> Report:
         procs.append(up)
         url = (tmp / "data" / "url").read_text().strip()
         env["STRATUS_URL"] = url
+        # Its own credential, issued from the data dir `up` initialised.
+        from stratus.cli.creds import local_creds
+        from stratus.events.natscreds import dumps, write_private
+
+        creds = tmp / "openstack-api.creds"
+        write_private(creds, dumps(local_creds(tmp / "data", "openstack-api")))
         api, line = _start(
-            ["serve", "openstack-api", "--listen", "127.0.0.1:0"],
+            ["serve", "openstack-api", "--creds", str(creds), "--listen", "127.0.0.1:0"],
             "openstack-api ready",
             tmp / "api.log",
             env,

@@ -143,7 +143,15 @@ async def _one(
         config.write_text(f"hosts_to_score_pct = {float(pct)}\n")
         await start_service_processes(
             url,
-            ["serve", "scheduler", "--seed", str(opts.seed), "--config", str(config)],
+            [
+                "serve",
+                "scheduler",
+                "--insecure-no-auth",
+                "--seed",
+                str(opts.seed),
+                "--config",
+                str(config),
+            ],
             replicas,
             tmp,
             procs,

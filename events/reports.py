@@ -1,0 +1,104 @@
+"""Host agents' reports on subjects they may not write: sent through a relay.
+
+An agent's credential may append on its own host's subject only
+(``ev._system.host.<host>``, ``ev._system.network-agent.<host>``): subject
+permissions cannot know which servers are placed on a host, so it may not
+append on ``ev.<tenant>.server.<id>`` at all. Its reports there (a server
+building, running, stopped, failed, deleted; a snapshot's image; a port
+bound) go as a request to ``report.<host>``, which the broker lets only
+that host's agent send. The relay (``handlers.reports``, in the handlers)
+appends each one, with the agent's own condition and message id, if and
+only if it is about a server placed on that host. The agent sees what the
+store's ``append`` gives: the sequence numbers, or the same typed errors
+(``ConcurrencyConflict`` when its condition no longer holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+
+from stratus.events.catalog import CODEC
+from stratus.events.errors import (
+    ConcurrencyConflict,
+    ErrorBody,
+    StratusError,
+    Unavailable,
+    from_wire,
+)
+from stratus.events.model import Codec, Event
+from stratus.events.store import AppendResult, Condition
+
+REPORT_SUBJECT = "report.{host}"
+
+
+class ReportRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One event (codec-encoded) an agent reports, with its append's terms.
+
+    ``server`` names the server (of the event's tenant) the report is about
+    when the event is not on that server's own subject (a snapshot's image).
+    """
+
+    event: bytes
+    condition: Condition | None = None
+    msg_id: str | None = None
+    server: str = ""
+
+
+class ReportReply(msgspec.Struct, frozen=True, omit_defaults=True):
+    ok: bool
+    seqs: list[int] = []
+    duplicate: bool = False
+    error: ErrorBody | None = None
+    # A refused condition: the subject's last sequence, when the broker said.
+    actual: int | None = None
+
+
+_request = msgspec.msgpack.Encoder()
+REQUEST = msgspec.msgpack.Decoder(ReportRequest)
+_reply = msgspec.msgpack.Decoder(ReportReply)
+REPLY = msgspec.msgpack.Encoder()
+
+
+class Reporter:
+    """An agent's side: ``append`` like ``EventStore.append``, one event at
+    a time, through the relay of ``host``."""
+
+    def __init__(self, nc: Any, host: str, *, codec: Codec = CODEC, timeout: float = 10.0) -> None:
+        self.nc = nc
+        self.subject = REPORT_SUBJECT.format(host=host)
+        self.codec = codec
+        self.timeout = timeout
+
+    async def append(
+        self,
+        events: Sequence[Event],
+        condition: Condition | None = None,
+        *,
+        msg_id: str | None = None,
+        server: str = "",
+    ) -> AppendResult:
+        if len(events) != 1:
+            raise ValueError("a report is one event")
+        req = ReportRequest(self.codec.encode(events[0]), condition, msg_id, server)
+        try:
+            msg = await self.nc.request(self.subject, _request.encode(req), timeout=self.timeout)
+        except nats.errors.NoRespondersError:
+            raise Unavailable(
+                f"no relay answers {self.subject}: are the handlers running?"
+            ) from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise Unavailable(f"{self.subject}: {type(exc).__name__} {exc}") from None
+        try:
+            reply = _reply.decode(msg.data)
+        except msgspec.DecodeError:
+            raise StratusError(f"{self.subject}: an unreadable answer") from None
+        if reply.ok:
+            return AppendResult(reply.seqs, reply.duplicate)
+        err = reply.error or ErrorBody("error", "refused without a reason")
+        if err.kind == ConcurrencyConflict.kind and condition is not None:
+            raise ConcurrencyConflict(err.message, condition.last_seq, reply.actual)
+        raise from_wire(err)
