@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stratus.cli import logs
 from stratus.ops.bench.chaos import (
     PASSWORD,
     Clients,
@@ -504,6 +505,8 @@ def report(out: Outcome, opts: Options) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     opts, as_json = parse_args(argv)
+    # Warnings only, on stderr: stdout is the report (one JSON object with --json).
+    logs.configure("WARNING")
     out = run(opts)
     data = report(out, opts)
     if as_json:
