@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from stratus.cli.client import Client
 from stratus.cli.creds import local_creds
 from stratus.events.broker import ClusterConfig, pid_running, render_config
 from stratus.events.cluster import server_list, stream_cluster, whole
-from stratus.events.errors import Invalid, StratusError
+from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.store import EventStore
 
+from .load import create_tenants
 from .test_cli import cli, login, running_up, wait_projected
 from .test_up_supervision import admin_token
 
@@ -141,29 +141,14 @@ async def commands_under_leader_kill(url: str, data_dir: Path, leader: str) -> d
     last_ack = [time.monotonic()]
     gaps: list[float] = []
 
-    async def worker(w: int) -> None:
-        client: Client | None = None
-        n, cid = 0, new_id()
-        while not stop.is_set():
-            try:
-                if client is None:
-                    # One-shot, as the CLI connects: a dropped node means a
-                    # new connection to the list, which skips dead nodes.
-                    client = await Client.connect(url, token, timeout=3)
-                name = f"w{w}-{n}"
-                await client.command("tenant.create", {"name": name}, cid)
-                now = time.monotonic()
-                gaps.append(now - last_ack[0])
-                last_ack[0] = now
-                acked[cid] = name
-                n, cid = n + 1, new_id()
-            except StratusError:
-                if client is not None:
-                    await client.close()
-                client = None
-                await asyncio.sleep(0.05)
-        if client is not None:
-            await client.close()
+    def acked_now(cid: str, name: str) -> None:
+        now = time.monotonic()
+        gaps.append(now - last_ack[0])
+        last_ack[0] = now
+        acked[cid] = name
+
+    def worker(w: int):
+        return create_tenants(url, token, w, stop, acked_now)
 
     workers = [asyncio.create_task(worker(w)) for w in range(4)]
     await asyncio.sleep(1.5)

@@ -18,6 +18,7 @@ from stratus.events.broker import EmbeddedNats, StoreInUse, nats_server_binary, 
 from stratus.events.errors import StratusError
 from stratus.events.ids import new_id
 
+from .load import create_tenants
 from .test_cli import ADMIN_PASSWORD, cli, login, running_up, wait_projected
 
 pytestmark = pytest.mark.timeout(180)
@@ -84,27 +85,8 @@ def test_a_killed_broker_is_restarted_and_commands_succeed_again_within_10s(tmp_
             acked: set[str] = set()
             stop = asyncio.Event()
 
-            async def worker(w: int) -> None:
-                client: Client | None = None
-                n, cid = 0, new_id()
-                while not stop.is_set():
-                    try:
-                        if client is None:
-                            # A one-shot connection, as the CLI makes: it
-                            # does not survive the broker, the client retries.
-                            client = await Client.connect(url, token, timeout=3)
-                        name = f"w{w}-{n}"
-                        await client.command("tenant.create", {"name": name}, cid)
-                        acked.add(name)
-                        n, cid = n + 1, new_id()
-                    except StratusError:
-                        # Unknown outcome: the same command again, same id.
-                        if client is not None:
-                            await client.close()
-                        client = None
-                        await asyncio.sleep(0.05)
-                if client is not None:
-                    await client.close()
+            def worker(w: int):
+                return create_tenants(url, token, w, stop, lambda _cid, name: acked.add(name))
 
             async def probe(n: int) -> bool:
                 try:
