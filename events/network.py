@@ -114,6 +114,13 @@ def kernel_name(prefix: str, role: str, ident: str) -> str:
     return check_kernel_name(head + digest[: IFNAME_MAX - len(head)])
 
 
+def bridge_mac(network: str) -> str:
+    """A network bridge's MAC: locally administered, unicast, the same for
+    the same network on every host and run (the hash of its id)."""
+    digest = hashlib.sha256(f"bridge {network}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def owned(prefix: str, name: str, role: str | None = None) -> bool:
     """Whether ``name`` is one of ours (of ``role``, if given)."""
     letters = [ROLES[role]] if role else list(ROLES.values())

@@ -103,6 +103,8 @@ class Topology:
     member_of: dict[str, set[str]] = field(default_factory=dict)  # port -> its groups above
     placed: dict[str, str] = field(default_factory=dict)  # port -> host (port_host)
     spread: dict[str, dict[str, int]] = field(default_factory=dict)  # network -> host -> ports
+    # network -> port -> (host, ip, mac) of its addressed ports placed somewhere
+    addressed: dict[str, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
     held: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # port -> (subject, ip)
     touched: Touched = field(default_factory=Touched)
 
@@ -355,6 +357,19 @@ class Topology:
                 self.placed[pid] = now
             else:
                 self.placed.pop(pid, None)
+        if net:
+            # Its address and MAC behind its host: every host of the network
+            # answers ARP for it and sends its frames to that host's VTEP.
+            entry = (now, p.ip, p.mac) if now and p is not None and p.ip else None
+            on_net = self.addressed.get(net, {})
+            if on_net.get(pid) != entry:
+                if entry is None:
+                    del on_net[pid]
+                    if not on_net:
+                        self.addressed.pop(net, None)
+                else:
+                    self.addressed.setdefault(net, {})[pid] = entry
+                self.touched.networks.add(net)
         # Its groups' member addresses.
         groups = set(p.security_groups) if p is not None and p.ip else set()
         for g in self.member_of.get(pid, set()) - groups:
@@ -423,6 +438,14 @@ class BridgePlan:
     vxlan: str
     vni: int
     remotes: frozenset[str]
+    # The network's ports on other hosts: (ip, MAC, their host's VTEP). The
+    # host's bridge answers ARP for them and its VXLAN device sends their
+    # frames straight to that VTEP (what Neutron's l2population does), so a
+    # new port's first packets never wait on ARP across the overlay.
+    neighbours: frozenset[tuple[str, str, str]] = frozenset()
+    # The bridge's own MAC, set: one it picks itself follows its ports, and
+    # each change flushes its neighbour entries (the kernel's NETDEV_CHANGEADDR).
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -596,6 +619,12 @@ def bridge_plan(
         nw.kernel_name(prefix, "vxlan", network),
         net["vni"],
         frozenset(t.vteps[h] for h in spread if h != host and h in t.vteps),
+        frozenset(
+            (ip, mac, t.vteps[h])
+            for h, ip, mac in t.addressed.get(network, {}).values()
+            if h != host and h in t.vteps
+        ),
+        nw.bridge_mac(network),
     )
 
 

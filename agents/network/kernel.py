@@ -44,7 +44,7 @@ from stratus.agents.network.desired import (
     unordered,
 )
 from stratus.agents.network.ipset import IpSetError, IpSets
-from stratus.agents.network.rtnl import Link, Rtnl, RtnlError, netns_fd
+from stratus.agents.network.rtnl import Fdb, Link, Rtnl, RtnlError, netns_fd
 from stratus.events import network as nw
 
 # The links the agent owns on its host (a simulated host's uplink is not one).
@@ -180,6 +180,8 @@ def _info(link: Link) -> dict:
         "master": link.master,
         "vni": link.vni,
         "up": link.up,
+        "suppress": link.suppress,
+        "mac": link.mac,
     }
 
 
@@ -234,6 +236,27 @@ class Links:
         return [(k, v) for k, v in self.known.items() if v is not None]
 
 
+@dataclass
+class _Entries:
+    """A bridge's FDB and neighbour entries of ours: head-end replication
+    VTEPs, remote MAC -> VTEP (VXLAN device), remote MACs behind the VXLAN
+    port (bridge), remote address -> MAC (the bridge's ARP answers)."""
+
+    flood: frozenset[str]
+    unicast: dict[str, str]
+    static: set[str]
+    neigh: dict[str, str]
+
+    @classmethod
+    def planned(cls, b: BridgePlan) -> _Entries:
+        return cls(
+            b.remotes,
+            {mac: vtep for _, mac, vtep in b.neighbours},
+            {mac for _, mac, _ in b.neighbours},
+            {ip: mac for ip, mac, _ in b.neighbours},
+        )
+
+
 class Host:
     """One host's kernel (the namespace ``host_ns``, or the current one).
     ``state_dir`` holds BIRD's files (routed networks need it)."""
@@ -270,7 +293,8 @@ class Host:
         self._sets: dict[str, frozenset[str]] | None = None  # the member sets last applied
         self._sockets: dict[str | None, Rtnl] | None = None
         self._pass_thread = 0
-        self._fdb: dict[int, set[str]] | None = None
+        self._fdb: Fdb | None = None
+        self._neigh: dict[int, dict[str, str]] | None = None
         self._qdiscs: dict[int, tuple[str, int]] | None = None
         self._deep = True
         self._names: set[str] = set()  # the link names of the last plan
@@ -316,11 +340,12 @@ class Host:
     def _pass(self) -> Iterator[None]:
         """The scope of one reconcile pass: its sockets and its dumps."""
         self._sockets, self._pass_thread = {}, threading.get_ident()
-        self._fdb = self._qdiscs = None
+        self._fdb = self._qdiscs = self._neigh = None
         try:
             yield
         finally:
             sockets, self._sockets, self._fdb, self._qdiscs = self._sockets, None, None, None
+            self._neigh = None
             for sock in sockets.values():
                 with contextlib.suppress(Exception):
                     sock.close()
@@ -364,8 +389,8 @@ class Host:
         """The head-end replication entries (remote VTEPs) on VXLAN device
         ``index``. A pass dumps the host's table once, not once per device."""
         if self._fdb is None:
-            self._fdb = self._nl().fdb()
-        return set(self._fdb.get(index, ()))
+            self._fdb = self._nl().fdb_table()
+        return set(self._fdb.flood.get(index, ()))
 
     def qdisc_rate(self, index: int) -> int:
         """The tbf rate on a link in kbit/s (0: none of ours). A pass dumps
@@ -478,6 +503,9 @@ class Host:
                 self._delete(name)
                 ch.removed.append(name)
                 actual.pop(name)
+                # (made again later, it is made from scratch: new index, no entries)
+                self._done.pop(name, None)
+                self._done.pop(f"index {name}", None)
         before = len(ch.created)
         for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
             self._bridge(b, actual, ch)
@@ -541,8 +569,7 @@ class Host:
                 ch.created.append("firewall")
             self._chains = dict(hp.chains)
         clock.lap("firewall")
-        for pp in self._unplugged:
-            self._plug(pp, actual)
+        self._plug_all(self._unplugged, actual)
         clock.lap("plug")
         for name in sorted(stale):
             try:
@@ -573,12 +600,13 @@ class Host:
         if same and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
             return
         vx = self._done.get(f"index {b.vxlan}")
-        if not self._deep and isinstance(done, BridgePlan) and done.vni == b.vni and vx:
-            # Only its remotes changed: a shallow pass trusts the FDB entries
-            # it made itself last time, and the devices it made.
-            self._fdb_now(b, int(vx), done.remotes, ch)  # type: ignore[arg-type]
+        br = self._done.get(f"index {b.bridge}")
+        if not self._deep and isinstance(done, BridgePlan) and done.vni == b.vni and vx and br:
+            # Only its remotes changed: a shallow pass trusts the FDB and
+            # neighbour entries it made itself last time, and the devices.
+            self._fdb_now(b, int(vx), int(br), _Entries.planned(done), ch)  # type: ignore[arg-type]
         else:
-            trusted = done.remotes if isinstance(done, BridgePlan) and b.vxlan in actual else None
+            trusted = done if isinstance(done, BridgePlan) and b.vxlan in actual else None
             self._bridge_now(b, actual, ch, trusted)
         self._done[b.bridge] = b
 
@@ -587,14 +615,18 @@ class Host:
         b: BridgePlan,
         actual: Links,
         ch: Changes,
-        trusted: frozenset[str] | None = None,
+        trusted: BridgePlan | None = None,
     ) -> None:
         nl = self._nl()
         brl, vxl = actual.get(b.bridge), actual.get(b.vxlan)
         if brl is None:
-            nl.add_bridge(b.bridge)
+            nl.add_bridge(b.bridge, b.mac)
             ch.created.append(b.bridge)
         br = brl["index"] if brl is not None else nl.index(b.bridge)
+        if brl is not None and b.mac and brl["mac"] != b.mac:
+            nl.set(br, mac=b.mac)  # (flushes its neighbour entries: all made again below)
+            ch.created.append(f"mac {b.bridge}")
+            trusted = None
         if brl is None or not brl["up"]:
             nl.set(br, up=True)
         if vxl is None:
@@ -603,18 +635,68 @@ class Host:
         vx = vxl["index"] if vxl is not None else nl.index(b.vxlan)
         if vxl is None or vxl["master"] != br or not vxl["up"]:
             nl.set(vx, master=br, up=True)
+        if vxl is None or not vxl["suppress"]:
+            # ARP for the network's remote ports is answered by the bridge
+            # from its neighbour entries (below), never flooded to the others.
+            nl.neigh_suppress(vx)
+            if vxl is not None:
+                ch.created.append(f"neigh_suppress {b.vxlan}")
         self._done[f"index {b.vxlan}"] = vx
-        have = set(trusted) if trusted is not None else self.fdb(vx)
-        self._fdb_now(b, vx, frozenset(have), ch)
+        self._done[f"index {b.bridge}"] = br
+        have = _Entries.planned(trusted) if trusted is not None else self._probe_entries(vx, br)
+        self._fdb_now(b, vx, br, have, ch)
 
-    def _fdb_now(self, b: BridgePlan, vx: int, have: frozenset[str], ch: Changes) -> None:
+    def _probe_entries(self, vx: int, br: int) -> _Entries:
+        """What the host has of a bridge's entries (from the pass's dumps)."""
+        if self._fdb is None:
+            self._fdb = self._nl().fdb_table()
+        if self._neigh is None:
+            self._neigh = self._nl().permanent_neighbours()
+        return _Entries(
+            frozenset(self._fdb.flood.get(vx, ())),
+            dict(self._fdb.unicast.get(vx, {})),
+            set(self._fdb.static.get(vx, ())),
+            dict(self._neigh.get(br, {})),
+        )
+
+    def _fdb_now(self, b: BridgePlan, vx: int, br: int, have: _Entries, ch: Changes) -> None:
+        """Head-end replication to the network's other hosts, and per remote
+        port: its MAC behind the VXLAN port (bridge) and its VTEP (VXLAN
+        device), its address answered by the bridge (ARP suppression)."""
         nl = self._nl()
-        for dst in sorted(b.remotes - have):
+        for dst in sorted(b.remotes - have.flood):
             nl.fdb_append(vx, dst)
             ch.created.append(f"fdb {b.vxlan} {dst}")
-        for dst in sorted(have - b.remotes):
+        for dst in sorted(have.flood - b.remotes):
             nl.fdb_delete(vx, dst)
             ch.removed.append(f"fdb {b.vxlan} {dst}")
+        want = _Entries.planned(b)
+        # Stale ones first: a MAC or address may come back under another port.
+        for ip in sorted(set(have.neigh) - set(want.neigh)):
+            with contextlib.suppress(RtnlError):  # (gone already)
+                nl.del_neighbour(br, ip)
+            ch.removed.append(f"neigh {b.bridge} {ip}")
+        for mac in sorted(have.static - want.static):
+            with contextlib.suppress(RtnlError):
+                nl.fdb_static_delete(vx, mac)
+            ch.removed.append(f"fdb {b.bridge} {mac}")
+        for mac in sorted(set(have.unicast) - set(want.unicast)):
+            with contextlib.suppress(RtnlError):
+                nl.fdb_unicast_delete(vx, mac)
+            ch.removed.append(f"fdb {b.vxlan} {mac}")
+        # The VXLAN device knows where a MAC lives before the bridge sends to it,
+        # and the bridge knows the MAC before it answers for the address.
+        for mac, dst in sorted(want.unicast.items()):
+            if have.unicast.get(mac) != dst:
+                nl.fdb_unicast(vx, mac, dst)
+                ch.created.append(f"fdb {b.vxlan} {mac} {dst}")
+        for mac in sorted(want.static - have.static):
+            nl.fdb_static(vx, mac)
+            ch.created.append(f"fdb {b.bridge} {mac}")
+        for ip, mac in sorted(want.neigh.items()):
+            if have.neigh.get(ip) != mac:
+                nl.permanent_neighbour(br, ip, mac)
+                ch.created.append(f"neigh {b.bridge} {ip}")
 
     def _routes(self) -> set[tuple[str, int]]:
         """The host's routes straight out of a link: (destination, link index)."""
@@ -721,7 +803,7 @@ class Host:
     def _veth(self, pp: PortPlan, actual: Links) -> None:
         """The port's veth: the peer made straight inside the instance's
         namespace (with the port's MAC), the host's side left down, neither
-        addressed: ``_plug`` finishes it once the port's rules are loaded."""
+        addressed: ``_plug_all`` finishes it once the port's rules are loaded."""
         nl = self._nl()
         with netns_fd(pp.netns) as fd:
             nl.add_veth(
@@ -732,14 +814,47 @@ class Host:
                 peer_mac=pp.mac,
             )
         idx = nl.index(pp.ifname)
-        actual[pp.ifname] = {"index": idx, "kind": "veth", "master": 0, "vni": 0, "up": False}
+        actual[pp.ifname] = {
+            "index": idx,
+            "kind": "veth",
+            "master": 0,
+            "vni": 0,
+            "up": False,
+            "suppress": False,
+            "mac": "",
+        }
 
-    def _plug(self, pp: PortPlan, actual: Links) -> None:
-        """Plug a new veth in: the host's side first (bridged, or routed to),
-        then the instance's side up, addressed and routed. Before this the
-        instance cannot send: no traffic passes unfiltered, and no first
-        ARP request is lost on an unplugged link (it would be retried only
-        a second later)."""
+    def _plug_all(self, pps: list[PortPlan], actual: Links) -> None:
+        """Plug new veths in: both sides up (the host's bridged or routed
+        to), then, once the host's side is operationally up, the instance's
+        addressed and routed. Before that the instance cannot send: no
+        traffic passes unfiltered, and its first packets are not lost.
+
+        Why wait: a veth's side brought up before its peer has its carrier
+        come on later, from the kernel's link watch (asynchronous, under
+        the RTNL lock, batched), and until that has run the side's queue
+        drops what is sent through it: the ARP replies to the instance's
+        first request, which it retries only a second later."""
+        for pp in pps:
+            self._plug_links(pp, actual)
+        self._await_oper_up([pp.ifname for pp in pps])
+        for pp in pps:
+            self._plug_addresses(pp)
+
+    def _await_oper_up(self, names: list[str], timeout: float = 2.0) -> None:
+        """Until each of the host's links ``names`` is operationally up
+        (bounded: after ``timeout`` the pass goes on; the instance's ARP
+        retries then cover the rest)."""
+        nl = self._nl()
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while pending:
+            pending = [n for n in pending if not ((ln := nl.link(n)) is None or ln.oper_up)]
+            if not pending or time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+
+    def _plug_links(self, pp: PortPlan, actual: Links) -> None:
         nl = self._nl()
         idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
         if pp.routed:
@@ -751,8 +866,11 @@ class Host:
         lo = inner.link("lo")
         if lo is not None and not lo.up:
             inner.set(lo.index, up=True)
+        inner.set(inner.index(pp.peer), up=True)
+
+    def _plug_addresses(self, pp: PortPlan) -> None:
+        inner = self._nl(pp.netns)
         pidx = inner.index(pp.peer)
-        inner.set(pidx, up=True)
         if pp.routed:
             # The host's side answers for the link-local next hop (Calico's
             # 169.254.1.1): a permanent neighbour entry, so no ARP proxy.

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Self
 
 # message types
@@ -38,22 +38,24 @@ NLA_F_NESTED = 0x8000
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 # link attributes
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER = 1, 3, 5, 10
-IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_LINK_NETNSID = 18, 28, 37
-IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_LINK_NETNSID = 16, 18, 28, 37
+IF_OPER_UP = 6
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_BRPORT_NEIGH_SUPPRESS = 32
 VETH_INFO_PEER = 1
 IFLA_VXLAN_ID, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT = 1, 4, 7, 15
 IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
 # address, route, neighbour attributes
 IFA_ADDRESS, IFA_LOCAL, IFA_LABEL = 1, 2, 3
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
-NDA_DST, NDA_LLADDR = 1, 2
+NDA_DST, NDA_LLADDR, NDA_MASTER = 1, 2, 9
 RT_TABLE_MAIN = 254
 RTPROT_BOOT, RTPROT_STATIC = 3, 4
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 4
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
-NTF_SELF = 0x02
+NTF_SELF, NTF_MASTER = 0x02, 0x04
 AF_BRIDGE = 7
 
 _HDR = struct.Struct("=LHHLL")
@@ -84,6 +86,8 @@ class Link:
     mac: str = ""
     netnsid: int = -1  # a veth's peer namespace, as this namespace numbers it
     peer: int = 0  # the peer's index there (IFLA_LINK)
+    suppress: bool = False  # a bridge port answering ARP from the bridge's table
+    oper_up: bool = False  # operationally up (RFC 2863), as the kernel's link watch set it
 
 
 @dataclass(frozen=True)
@@ -253,7 +257,7 @@ class Rtnl(Netlink):
         mac = _fmt_mac(bytes(a[IFLA_ADDRESS])) if IFLA_ADDRESS in a else ""
         nsid = _I32.unpack_from(a[IFLA_LINK_NETNSID])[0] if IFLA_LINK_NETNSID in a else -1
         peer = _U32.unpack_from(a[IFLA_LINK])[0] if IFLA_LINK in a else 0
-        kind, vni = "", 0
+        kind, vni, suppress = "", 0, False
         if IFLA_LINKINFO in a:
             info = nla_map(a[IFLA_LINKINFO])
             if IFLA_INFO_KIND in info:
@@ -262,7 +266,14 @@ class Rtnl(Netlink):
                 data = nla_map(info[IFLA_INFO_DATA])
                 if IFLA_VXLAN_ID in data:
                     vni = _U32.unpack_from(data[IFLA_VXLAN_ID])[0]
-        return Link(index, name, kind, master, bool(flags & IFF_UP), vni, mac, nsid, peer)
+                # (only a VXLAN device's port settings are read: the agent sets no other's)
+                if IFLA_INFO_SLAVE_DATA in info:
+                    port = nla_map(info[IFLA_INFO_SLAVE_DATA])
+                    if IFLA_BRPORT_NEIGH_SUPPRESS in port:
+                        suppress = bool(port[IFLA_BRPORT_NEIGH_SUPPRESS][0])
+        up = bool(flags & IFF_UP)
+        oper = IFLA_OPERSTATE in a and a[IFLA_OPERSTATE][0] == IF_OPER_UP
+        return Link(index, name, kind, master, up, vni, mac, nsid, peer, suppress, oper)
 
     def links(self) -> list[Link]:
         return [self._link(p) for p in self.dump(RTM_GETLINK, _IFINFO.pack(0, 0, 0, 0, 0))]
@@ -294,8 +305,8 @@ class Rtnl(Netlink):
         )
         self.do(RTM_NEWLINK, F_CREATE | F_EXCL, body)
 
-    def add_bridge(self, name: str) -> None:
-        self.add(name, "bridge")
+    def add_bridge(self, name: str, mac: str = "") -> None:
+        self.add(name, "bridge", b"", *([nla(IFLA_ADDRESS, _mac(mac))] if mac else []))
 
     def add_vxlan(self, name: str, vni: int, local: str, port: int, learning: bool = True) -> None:
         data = (
@@ -348,6 +359,15 @@ class Rtnl(Netlink):
         if name:
             attrs += _str(IFLA_IFNAME, name)
         self.do(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs)
+
+    def neigh_suppress(self, index: int, on: bool = True) -> None:
+        """Bridge port ``index`` answers ARP requests from its bridge's
+        neighbour table instead of flooding them out of it (the kernel's
+        ARP suppression, as EVPN uses on a VXLAN port)."""
+        port = nla(IFLA_BRPORT_NEIGH_SUPPRESS, bytes([1 if on else 0]))
+        info = _str(IFLA_INFO_SLAVE_KIND, "bridge") + _nested(IFLA_INFO_SLAVE_DATA, port)
+        body = _IFINFO.pack(0, 0, index, 0, 0) + _nested(IFLA_LINKINFO, info)
+        self.do(RTM_NEWLINK, 0, body)
 
     def delete(self, index: int) -> None:
         self.do(RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0))
@@ -479,26 +499,54 @@ class Rtnl(Netlink):
                 out[socket.inet_ntoa(bytes(a[NDA_DST][:4]))] = (mac, state)
         return out
 
+    def permanent_neighbours(self) -> dict[int, dict[str, str]]:
+        """Every link's permanent IPv4 neighbours: index -> address -> MAC (one dump)."""
+        out: dict[int, dict[str, str]] = {}
+        for p in self.dump(RTM_GETNEIGH, _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0)):
+            family, idx, state, _, _ = _NDMSG.unpack_from(p)
+            if family != socket.AF_INET or not state & NUD_PERMANENT:
+                continue
+            a = nla_map(p, _NDMSG.size)
+            if NDA_DST in a and NDA_LLADDR in a:
+                ip = socket.inet_ntoa(bytes(a[NDA_DST][:4]))
+                out.setdefault(idx, {})[ip] = _fmt_mac(bytes(a[NDA_LLADDR]))
+        return out
+
     def permanent_neighbour(self, index: int, address: str, mac: str) -> None:
         body = _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
         body += nla(NDA_DST, _ip4(address)) + nla(NDA_LLADDR, _mac(mac))
         self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
 
+    def del_neighbour(self, index: int, address: str) -> None:
+        body = _NDMSG.pack(socket.AF_INET, index, 0, 0, 0) + nla(NDA_DST, _ip4(address))
+        self.do(RTM_DELNEIGH, 0, body)
+
     def fdb(self) -> dict[int, set[str]]:
         """Head-end replication entries (all-zero MAC, a remote VTEP): link index -> VTEPs."""
-        out: dict[int, set[str]] = {}
+        return self.fdb_table().flood
+
+    def fdb_table(self) -> Fdb:
+        """The bridge FDB (one dump): head-end replication entries, permanent
+        unicast entries of VXLAN devices, and static entries of bridge ports."""
+        out = Fdb()
+        zero = b"\0" * 6
         for p in self.dump(RTM_GETNEIGH, _NDMSG.pack(AF_BRIDGE, 0, 0, 0, 0)):
-            family, idx, _, _, _ = _NDMSG.unpack_from(p)
+            family, idx, state, _, _ = _NDMSG.unpack_from(p)
             if family != AF_BRIDGE:
                 continue
-            dst = mac = None
-            for t, v in nlas(p, _NDMSG.size):
-                if t == NDA_DST and len(v) == 4:
-                    dst = socket.inet_ntoa(v)
-                elif t == NDA_LLADDR:
-                    mac = v
-            if dst and mac == b"\0" * 6:
-                out.setdefault(idx, set()).add(dst)
+            a = nla_map(p, _NDMSG.size)
+            if NDA_LLADDR not in a:
+                continue
+            mac = bytes(a[NDA_LLADDR])
+            dst = a.get(NDA_DST)
+            if dst is not None and len(dst) == 4:
+                if mac == zero:
+                    out.flood.setdefault(idx, set()).add(socket.inet_ntoa(bytes(dst)))
+                elif state & NUD_PERMANENT:
+                    out.unicast.setdefault(idx, {})[_fmt_mac(mac)] = socket.inet_ntoa(bytes(dst))
+            elif NDA_MASTER in a and state & NUD_NOARP and not state & NUD_PERMANENT:
+                # (the bridge's own entries carry their bridge, not NTF_MASTER)
+                out.static.setdefault(idx, set()).add(_fmt_mac(mac))
         return out
 
     def _fdb(self, kind: int, flags: int, index: int, dst: str) -> None:
@@ -511,6 +559,36 @@ class Rtnl(Netlink):
 
     def fdb_delete(self, index: int, dst: str) -> None:
         self._fdb(RTM_DELNEIGH, 0, index, dst)
+
+    def fdb_unicast(self, index: int, mac: str, dst: str) -> None:
+        """VXLAN device ``index`` sends frames for ``mac`` to VTEP ``dst``
+        (permanent: what it learns from traffic does not move it)."""
+        body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
+        body += nla(NDA_LLADDR, _mac(mac)) + nla(NDA_DST, _ip4(dst))
+        self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+
+    def fdb_unicast_delete(self, index: int, mac: str) -> None:
+        body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + nla(NDA_LLADDR, _mac(mac))
+        self.do(RTM_DELNEIGH, 0, body)
+
+    def fdb_static(self, port: int, mac: str) -> None:
+        """The bridge of ``port`` forwards frames for ``mac`` out of it (a
+        static entry: neither learned over nor aged out)."""
+        body = _NDMSG.pack(AF_BRIDGE, port, NUD_NOARP, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
+        self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+
+    def fdb_static_delete(self, port: int, mac: str) -> None:
+        body = _NDMSG.pack(AF_BRIDGE, port, 0, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
+        self.do(RTM_DELNEIGH, 0, body)
+
+
+@dataclass
+class Fdb:
+    """The bridge FDB as the agent reads it, by link index."""
+
+    flood: dict[int, set[str]] = field(default_factory=dict)  # all-zero MAC -> VTEPs
+    unicast: dict[int, dict[str, str]] = field(default_factory=dict)  # MAC -> VTEP
+    static: dict[int, set[str]] = field(default_factory=dict)  # MACs behind a port
 
 
 @contextlib.contextmanager
