@@ -417,3 +417,80 @@ async def test_a_port_whose_instance_appears_later_is_wired_without_another_even
     later = [rec.decode().type_name() for rec in await lab.store.read_all(after=seq)]
     assert set(later) <= {"port.bound"}, later
     assert ip
+
+
+def _l2pop(host: Host, bridge: str, vxlan: str) -> tuple[set[tuple[str, str, str]], bool]:
+    """What host's kernel holds for a network's remote ports, read from its
+    tables: (ip, MAC, VTEP) where the bridge's neighbour entry, its static
+    FDB entry and the VXLAN device's unicast entry all agree; and whether
+    the VXLAN port suppresses ARP."""
+    from stratus.agents.network.rtnl import Rtnl
+
+    with Rtnl.open(host.host_ns) as nl:
+        br, vx = nl.link(bridge), nl.link(vxlan)
+        assert br is not None and vx is not None
+        fdb = nl.fdb_table()
+        neigh = nl.permanent_neighbours().get(br.index, {})
+        unicast, static = fdb.unicast.get(vx.index, {}), fdb.static.get(vx.index, set())
+        # (nothing of ours that does not pair up)
+        assert set(neigh.values()) == static == set(unicast), (neigh, static, unicast)
+        return {(ip, mac, unicast[mac]) for ip, mac in neigh.items()}, vx.suppress
+
+
+async def test_a_remote_port_is_known_to_each_host_of_its_network_until_it_is_deleted(
+    lab, connect_store
+):
+    """l2population: every other host of the network holds the new port's
+    MAC behind its VTEP and answers ARP for its address itself; deleting the
+    port removes that everywhere; a restart with nothing changed changes nothing."""
+    from stratus.handlers import servers
+
+    s = await acme_pair(lab)  # c1 on host-1, srv on host-2
+    c = lab.cloud
+    net = c.worlds["acme"].networks.find("net").id
+    bridge = nw.kernel_name(lab.prefix, "bridge", net)
+    vxlan = nw.kernel_name(lab.prefix, "vxlan", net)
+    sid = await c.server("acme", "c3", "host-3", ["net"])
+    ns3 = await lab.instance(sid)
+    await lab.converge()
+    p3 = c.port_of("acme", sid)
+    # (its namespace came after the event: wired by the agent's next shallow pass)
+    name = nw.kernel_name(lab.prefix, "port", p3.id)
+    for _ in range(100):
+        if name in lab.agents["host-3"].kernel.wired():
+            break
+        await asyncio.sleep(0.05)
+    mine = (p3.ip, p3.mac, lab.sim.vtep("host-3"))
+    srv = next(p for p in c.worlds["acme"].ports.values() if p.id == s["srv-port"])
+    for h in ("host-1", "host-2"):
+        entries, suppress = await asyncio.to_thread(_l2pop, lab.agents[h].kernel, bridge, vxlan)
+        assert mine in entries and suppress, (h, entries)
+    on3, _ = await asyncio.to_thread(_l2pop, lab.agents["host-3"].kernel, bridge, vxlan)
+    assert {e[2] for e in on3} == {lab.sim.vtep("host-1"), lab.sim.vtep("host-2")}
+    assert (srv.ip, srv.mac, lab.sim.vtep("host-2")) in on3 and mine not in on3
+    # c1 resolves c3's address at once, answered by host-1's bridge (first try)
+    assert ping(s["c1"][0], p3.ip, tries=1)
+    assert ping(ns3, s["srv"][1], tries=1)
+    # an agent restarted with nothing changed finds its entries in place
+    await lab.agents["host-1"].stop()
+    again = lab.agent("host-1", store=await connect_store())
+    await again.start()
+    assert not again.last_changes, again.last_changes
+    # c3 deleted: its entries go from every other host
+    await c.do("acme", servers.decide_server_delete, RefCommand(tenant="acme", ref=sid))
+    await lab.converge()
+    for h in ("host-1", "host-2"):
+        entries, _ = await asyncio.to_thread(_l2pop, lab.agents[h].kernel, bridge, vxlan)
+        assert mine not in entries and entries, (h, entries)
+    # an entry removed by hand is drift: the next deep pass puts it back, and says so
+    from stratus.agents.network.rtnl import Rtnl
+
+    def drop_neighbour() -> None:
+        with Rtnl.open(lab.sim.netns("host-1")) as nl:
+            nl.del_neighbour(nl.index(bridge), srv.ip)
+
+    await asyncio.to_thread(drop_neighbour)
+    changes = await again.reconcile(correction=True)
+    assert changes.created == [f"neigh {bridge} {srv.ip}"], changes
+    entries, _ = await asyncio.to_thread(_l2pop, again.kernel, bridge, vxlan)
+    assert (srv.ip, srv.mac, lab.sim.vtep("host-2")) in entries

@@ -143,3 +143,65 @@ def test_an_ipset_made_here_is_what_iptables_matches(two_ns):
             sysctl(a, "net/ipv4/../../x")
     finally:
         sets.close()
+
+
+def test_l2pop_entries_made_in_one_batch_read_by_pyroute2_and_back(two_ns):
+    """A bridge's entries for a remote port (its MAC behind the VXLAN port,
+    its VTEP, its address) sent as one batch: a refused request in it is
+    reported with its errno and does not stop the others."""
+    from stratus.agents.network import rtnl
+
+    a, _ = two_ns
+    nl = Rtnl.open(a)
+    ipr = _ipr(a)
+    try:
+        nl.add_bridge("br0", "02:00:00:00:00:01")
+        nl.add_vxlan("vx0", 4242, "198.18.0.1", 4789)
+        br, vx = nl.index("br0"), nl.index("vx0")
+        nl.set(br, up=True)
+        nl.set(vx, master=br, up=True)
+        nl.neigh_suppress(vx)
+        mac = "fa:16:3e:00:00:09"
+        errors = nl.do_many(
+            [
+                rtnl.fdb_unicast(vx, mac, "198.18.0.7"),
+                rtnl.fdb_static(vx, mac),
+                rtnl.neighbour_add(9999, "10.0.0.8", mac),  # no such link
+                rtnl.neighbour_add(br, "10.0.0.9", mac),
+            ]
+        )
+        assert [e is None for e in errors] == [True, True, False, True]
+        assert errors[2].errno == 19  # ENODEV
+        # pyroute2 sees what we made
+        link = {ln.get_attr("IFLA_IFNAME"): ln for ln in ipr.get_links()}
+        assert link["br0"].get_attr("IFLA_ADDRESS") == "02:00:00:00:00:01"
+        port = link["vx0"].get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_SLAVE_DATA")
+        assert port.get_attr("IFLA_BRPORT_NEIGH_SUPPRESS") == 1
+        fdb = [e for e in ipr.fdb("dump") if e.get_attr("NDA_LLADDR") == mac]
+        assert {(e.get_attr("NDA_DST"), e["state"]) for e in fdb} == {
+            ("198.18.0.7", 0xC0),  # the VXLAN device's: permanent, no ARP
+            (None, 0x40),  # the bridge's: static
+        }
+        neigh = [n for n in ipr.get_neighbours(ifindex=br) if n.get_attr("NDA_DST") == "10.0.0.9"]
+        assert neigh and neigh[0].get_attr("NDA_LLADDR") == mac and neigh[0]["state"] == 0x80
+        # and we read it as pyroute2 does
+        table = nl.fdb_table()
+        assert table.unicast[vx] == {mac: "198.18.0.7"} and table.static[vx] == {mac}
+        assert nl.permanent_neighbours()[br] == {"10.0.0.9": mac}
+        assert nl.link("vx0").suppress and not nl.link("br0").suppress
+        # removed in a batch too; one already gone is an error of its own
+        errors = nl.do_many(
+            [
+                rtnl.neighbour_delete(br, "10.0.0.9"),
+                rtnl.fdb_static_delete(vx, mac),
+                rtnl.fdb_unicast_delete(vx, mac),
+                rtnl.fdb_unicast_delete(vx, mac),
+            ]
+        )
+        assert [e is None for e in errors] == [True, True, True, False]
+        table = nl.fdb_table()
+        assert mac not in table.unicast.get(vx, {}) and mac not in table.static.get(vx, set())
+        assert br not in nl.permanent_neighbours()
+    finally:
+        nl.close()
+        ipr.close()

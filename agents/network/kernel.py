@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
+from stratus.agents.network import rtnl
 from stratus.agents.network.bird import BgpPlan, Bird, BirdError, render
 from stratus.agents.network.daemons import pid_of, terminate
 from stratus.agents.network.desired import (
@@ -671,32 +672,38 @@ class Host:
             nl.fdb_delete(vx, dst)
             ch.removed.append(f"fdb {b.vxlan} {dst}")
         want = _Entries.planned(b)
-        # Stale ones first: a MAC or address may come back under another port.
+        # Stale ones first (a MAC or address may come back under another
+        # port); then the VXLAN device learns where a MAC lives before the
+        # bridge sends to it, and the bridge the MAC before it answers for
+        # the address. All in one batch: a wave of ports is many entries.
+        gone: list[rtnl.Request] = []
+        made: list[rtnl.Request] = []
         for ip in sorted(set(have.neigh) - set(want.neigh)):
-            with contextlib.suppress(RtnlError):  # (gone already)
-                nl.del_neighbour(br, ip)
+            gone.append(rtnl.neighbour_delete(br, ip))
             ch.removed.append(f"neigh {b.bridge} {ip}")
         for mac in sorted(have.static - want.static):
-            with contextlib.suppress(RtnlError):
-                nl.fdb_static_delete(vx, mac)
+            gone.append(rtnl.fdb_static_delete(vx, mac))
             ch.removed.append(f"fdb {b.bridge} {mac}")
         for mac in sorted(set(have.unicast) - set(want.unicast)):
-            with contextlib.suppress(RtnlError):
-                nl.fdb_unicast_delete(vx, mac)
+            gone.append(rtnl.fdb_unicast_delete(vx, mac))
             ch.removed.append(f"fdb {b.vxlan} {mac}")
-        # The VXLAN device knows where a MAC lives before the bridge sends to it,
-        # and the bridge knows the MAC before it answers for the address.
         for mac, dst in sorted(want.unicast.items()):
             if have.unicast.get(mac) != dst:
-                nl.fdb_unicast(vx, mac, dst)
+                made.append(rtnl.fdb_unicast(vx, mac, dst))
                 ch.created.append(f"fdb {b.vxlan} {mac} {dst}")
         for mac in sorted(want.static - have.static):
-            nl.fdb_static(vx, mac)
+            made.append(rtnl.fdb_static(vx, mac))
             ch.created.append(f"fdb {b.bridge} {mac}")
         for ip, mac in sorted(want.neigh.items()):
             if have.neigh.get(ip) != mac:
-                nl.permanent_neighbour(br, ip, mac)
+                made.append(rtnl.neighbour_add(br, ip, mac))
                 ch.created.append(f"neigh {b.bridge} {ip}")
+        if gone or made:
+            errors = nl.do_many(gone + made)
+            # (an entry already gone is what was wanted; one not made fails the pass)
+            failed = [e for e in errors[len(gone) :] if e is not None]
+            if failed:
+                raise failed[0]
 
     def _routes(self) -> set[tuple[str, int]]:
         """The host's routes straight out of a link: (destination, link index)."""

@@ -71,6 +71,9 @@ TCA_TBF_PARMS, TCA_TBF_RATE64 = 1, 4
 TC_H_ROOT = 0xFFFFFFFF
 
 
+Request = tuple[int, int, bytes]  # message type, flags, body (see Netlink.do_many)
+
+
 class RtnlError(OSError):
     """The kernel refused a request; ``errno`` says why (EEXIST, ENODEV ...)."""
 
@@ -238,6 +241,38 @@ class Netlink:
         """A change, acknowledged."""
         for _ in self._replies(self._send(kind, flags | F_ACK, body)):
             pass
+
+    def do_many(self, requests: list[Request], chunk: int = 256) -> list[RtnlError | None]:
+        """Changes sent together (``chunk`` messages per write), each
+        acknowledged: the kernel applies them in order and answers each, a
+        refused one not stopping the others. One error (or None) per request."""
+        out: list[RtnlError | None] = []
+        for i in range(0, len(requests), chunk):
+            part = requests[i : i + chunk]
+            seqs = []
+            buf = bytearray()
+            for kind, flags, body in part:
+                self.seq = (self.seq + 1) & 0xFFFFFFFF
+                seqs.append(self.seq)
+                flags |= F_REQUEST | F_ACK
+                buf += _HDR.pack(_HDR.size + len(body), kind, flags, self.seq, 0)
+                buf += body + b"\0" * (-len(body) % 4)
+            self.sock.send(bytes(buf))
+            answers: dict[int, RtnlError | None] = {}
+            while len(answers) < len(seqs):
+                data = self.sock.recv(1 << 20)
+                offset = 0
+                while offset + _HDR.size <= len(data):
+                    size, kind, _, mseq, _ = _HDR.unpack_from(data, offset)
+                    if size < _HDR.size:
+                        break
+                    if kind == NLMSG_ERROR and mseq in seqs:
+                        code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
+                        text = os.strerror(code) if 0 < code < 4096 else f"error {code}"
+                        answers[mseq] = self.error(code, text) if code else None
+                    offset += (size + 3) & ~3
+            out += [answers[s] for s in seqs]
+        return out
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
         return [p for _, p in self._replies(self._send(kind, F_DUMP, body))]
@@ -513,13 +548,10 @@ class Rtnl(Netlink):
         return out
 
     def permanent_neighbour(self, index: int, address: str, mac: str) -> None:
-        body = _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
-        body += nla(NDA_DST, _ip4(address)) + nla(NDA_LLADDR, _mac(mac))
-        self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+        self.do(*neighbour_add(index, address, mac))
 
     def del_neighbour(self, index: int, address: str) -> None:
-        body = _NDMSG.pack(socket.AF_INET, index, 0, 0, 0) + nla(NDA_DST, _ip4(address))
-        self.do(RTM_DELNEIGH, 0, body)
+        self.do(*neighbour_delete(index, address))
 
     def fdb(self) -> dict[int, set[str]]:
         """Head-end replication entries (all-zero MAC, a remote VTEP): link index -> VTEPs."""
@@ -561,25 +593,50 @@ class Rtnl(Netlink):
         self._fdb(RTM_DELNEIGH, 0, index, dst)
 
     def fdb_unicast(self, index: int, mac: str, dst: str) -> None:
-        """VXLAN device ``index`` sends frames for ``mac`` to VTEP ``dst``
-        (permanent: what it learns from traffic does not move it)."""
-        body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-        body += nla(NDA_LLADDR, _mac(mac)) + nla(NDA_DST, _ip4(dst))
-        self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
-
-    def fdb_unicast_delete(self, index: int, mac: str) -> None:
-        body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + nla(NDA_LLADDR, _mac(mac))
-        self.do(RTM_DELNEIGH, 0, body)
+        self.do(*fdb_unicast(index, mac, dst))
 
     def fdb_static(self, port: int, mac: str) -> None:
-        """The bridge of ``port`` forwards frames for ``mac`` out of it (a
-        static entry: neither learned over nor aged out)."""
-        body = _NDMSG.pack(AF_BRIDGE, port, NUD_NOARP, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
-        self.do(RTM_NEWNEIGH, F_CREATE | F_REPLACE, body)
+        self.do(*fdb_static(port, mac))
 
-    def fdb_static_delete(self, port: int, mac: str) -> None:
-        body = _NDMSG.pack(AF_BRIDGE, port, 0, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
-        self.do(RTM_DELNEIGH, 0, body)
+
+# Requests for ``Netlink.do_many`` (and the single calls above).
+
+
+def neighbour_add(index: int, address: str, mac: str) -> Request:
+    """A permanent IPv4 neighbour entry on link ``index`` (replacing one there)."""
+    body = _NDMSG.pack(socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+    body += nla(NDA_DST, _ip4(address)) + nla(NDA_LLADDR, _mac(mac))
+    return RTM_NEWNEIGH, F_CREATE | F_REPLACE, body
+
+
+def neighbour_delete(index: int, address: str) -> Request:
+    body = _NDMSG.pack(socket.AF_INET, index, 0, 0, 0) + nla(NDA_DST, _ip4(address))
+    return RTM_DELNEIGH, 0, body
+
+
+def fdb_unicast(index: int, mac: str, dst: str) -> Request:
+    """VXLAN device ``index`` sends frames for ``mac`` to VTEP ``dst``
+    (permanent: what it learns from traffic does not move it)."""
+    body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
+    body += nla(NDA_LLADDR, _mac(mac)) + nla(NDA_DST, _ip4(dst))
+    return RTM_NEWNEIGH, F_CREATE | F_REPLACE, body
+
+
+def fdb_unicast_delete(index: int, mac: str) -> Request:
+    body = _NDMSG.pack(AF_BRIDGE, index, 0, NTF_SELF, 0) + nla(NDA_LLADDR, _mac(mac))
+    return RTM_DELNEIGH, 0, body
+
+
+def fdb_static(port: int, mac: str) -> Request:
+    """The bridge of ``port`` forwards frames for ``mac`` out of it (a
+    static entry: neither learned over nor aged out)."""
+    body = _NDMSG.pack(AF_BRIDGE, port, NUD_NOARP, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
+    return RTM_NEWNEIGH, F_CREATE | F_REPLACE, body
+
+
+def fdb_static_delete(port: int, mac: str) -> Request:
+    body = _NDMSG.pack(AF_BRIDGE, port, 0, NTF_MASTER, 0) + nla(NDA_LLADDR, _mac(mac))
+    return RTM_DELNEIGH, 0, body
 
 
 @dataclass
