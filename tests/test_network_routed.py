@@ -203,9 +203,12 @@ async def test_containers_on_three_hosts_reach_each_other_over_bgp_routes_withou
         links = await asyncio.to_thread(lab.agents[h].kernel.links)
         assert {v["kind"] for v in links.values()} == {"veth"}, links
     host3 = run_in(lab.sim.netns("host-3"), ["ip", "route"]).stdout
-    assert (
-        f"{c['c3'][2]} dev {nw.kernel_name(lab.prefix, 'port', port_of(lab, c['c3'][0]))}" in host3
-    )
+    veth = nw.kernel_name(lab.prefix, "port", port_of(lab, c["c3"][0]))
+    assert f"{c['c3'][2]} dev {veth}" in host3
+    # and the host knows the container's MAC for good: no ARP, no entry to age
+    neigh = run_in(lab.sim.netns("host-3"), ["ip", "neigh", "show", "dev", veth]).stdout
+    mac = next(p.mac for p in lab.agents["host-3"].topology.ports.values() if p.ip == c["c3"][2])
+    assert f"{c['c3'][2]} lladdr {mac} PERMANENT" in neigh, neigh
 
 
 def port_of(lab: Lab, server: str) -> str:

@@ -647,17 +647,21 @@ class Host:
         have = _Entries.planned(trusted) if trusted is not None else self._probe_entries(vx, br)
         self._fdb_now(b, vx, br, have, ch)
 
+    def _permanent_neighbours(self) -> dict[int, dict[str, str]]:
+        """The host's permanent neighbour entries (one dump per pass)."""
+        if self._neigh is None:
+            self._neigh = self._nl().permanent_neighbours()
+        return self._neigh
+
     def _probe_entries(self, vx: int, br: int) -> _Entries:
         """What the host has of a bridge's entries (from the pass's dumps)."""
         if self._fdb is None:
             self._fdb = self._nl().fdb_table()
-        if self._neigh is None:
-            self._neigh = self._nl().permanent_neighbours()
         return _Entries(
             frozenset(self._fdb.flood.get(vx, ())),
             dict(self._fdb.unicast.get(vx, {})),
             set(self._fdb.static.get(vx, ())),
-            dict(self._neigh.get(br, {})),
+            dict(self._permanent_neighbours().get(br, {})),
         )
 
     def _fdb_now(self, b: BridgePlan, vx: int, br: int, have: _Entries, ch: Changes) -> None:
@@ -764,6 +768,11 @@ class Host:
                 nl.replace_route(pp.address, oif=idx)
                 if routes is not None:
                     ch.created.append(f"route {pp.address}")
+            ip = pp.address.split("/")[0]
+            if routes is None or self._permanent_neighbours().get(idx, {}).get(ip) != pp.mac:
+                nl.permanent_neighbour(idx, ip, pp.mac)
+                if routes is not None:
+                    ch.created.append(f"neigh {pp.address}")
         else:
             br_index = self._bridge_index(pp.bridge, actual)
             if link["master"] != br_index or not link["up"]:
@@ -867,6 +876,10 @@ class Host:
         if pp.routed:
             nl.set(idx, up=True)
             nl.replace_route(pp.address, oif=idx)
+            # The host knows the instance's MAC (it set it): no ARP for it,
+            # and no dynamic entry (the kernel's table of those is bounded,
+            # gc_thresh3, and a full one drops packets to new neighbours).
+            nl.permanent_neighbour(idx, pp.address.split("/")[0], pp.mac)
         else:
             nl.set(idx, master=self._bridge_index(pp.bridge, actual), up=True)
         inner = self._nl(pp.netns)
