@@ -214,26 +214,36 @@ class Netlink:
         self.sock.send(head + body)
         return self.seq
 
+    def _frames(self) -> Iterator[tuple[int, int, bytes]]:
+        """(type, sequence number, payload) of each message of one read."""
+        data = self.sock.recv(1 << 20)
+        offset = 0
+        while offset + _HDR.size <= len(data):
+            size, kind, _, mseq, _ = _HDR.unpack_from(data, offset)
+            if size < _HDR.size:
+                return
+            yield kind, mseq, data[offset + _HDR.size : offset + size]
+            offset += (size + 3) & ~3
+
+    def _error(self, payload: bytes) -> RtnlError | None:
+        """An acknowledgement's error (None: the request was applied)."""
+        code = -struct.unpack_from("=i", payload)[0]
+        if not code:
+            return None
+        return self.error(code, os.strerror(code) if 0 < code < 4096 else f"error {code}")
+
     def _replies(self, seq: int) -> Iterator[tuple[int, bytes]]:
         """(type, payload) of each message answering ``seq``, until done or acked."""
         while True:
-            data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + _HDR.size <= len(data):
-                size, kind, _, mseq, _ = _HDR.unpack_from(data, offset)
-                if size < _HDR.size:
-                    return
-                payload = data[offset + _HDR.size : offset + size]
-                offset += (size + 3) & ~3
+            for kind, mseq, payload in self._frames():
                 if mseq != seq:
                     continue  # a late answer to an earlier request
                 if kind == NLMSG_DONE:
                     return
                 if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
-                    if code:
-                        text = os.strerror(code) if code < 4096 else f"error {code}"
-                        raise self.error(code, text)
+                    err = self._error(payload)
+                    if err is not None:
+                        raise err
                     return
                 yield kind, payload
 
@@ -260,17 +270,9 @@ class Netlink:
             self.sock.send(bytes(buf))
             answers: dict[int, RtnlError | None] = {}
             while len(answers) < len(seqs):
-                data = self.sock.recv(1 << 20)
-                offset = 0
-                while offset + _HDR.size <= len(data):
-                    size, kind, _, mseq, _ = _HDR.unpack_from(data, offset)
-                    if size < _HDR.size:
-                        break
+                for kind, mseq, payload in self._frames():
                     if kind == NLMSG_ERROR and mseq in seqs:
-                        code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
-                        text = os.strerror(code) if 0 < code < 4096 else f"error {code}"
-                        answers[mseq] = self.error(code, text) if code else None
-                    offset += (size + 3) & ~3
+                        answers[mseq] = self._error(payload)
             out += [answers[s] for s in seqs]
         return out
 
