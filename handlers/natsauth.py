@@ -383,13 +383,11 @@ def _agent_permissions(kind: str, host: str, inbox: str) -> tuple[list[str], lis
         ]
         sub.append(EXEC_SUBJECT.format(host=host))
         return pub, sub, True  # it answers container exec
+    # Its registration, corrections and BGP observations: its own subject.
+    # A routed network's blocks (claims, releases, addresses) are on
+    # subjects without the host: through the relay, which checks them
+    # (``handlers.blocks``), as every other report.
     pub.append(f"ev.{system}.network-agent.{host}")
-    # Routed networks: the agent claims and returns address blocks (on the
-    # network's subject) and records a block's allocations (on the block's),
-    # each on the condition that the subject did not move. The subjects do
-    # not carry the host, so any agent could write any network's blocks:
-    # the widest grant an agent has (a relay for them is the way to close it).
-    pub += [f"ev.{system}.network.*", f"ev.{system}.ipblock.*"]
     return pub, sub, False
 
 

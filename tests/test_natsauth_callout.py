@@ -224,6 +224,14 @@ TABLE: dict[str, tuple[str, list[Attempt]]] = {
         [
             *forbidden_for_agents("hn-1", "hn-2"),
             Attempt("append on its host's compute subject", "ev._system.host.hn-1"),
+            # a routed network's blocks: only through the relay (below)
+            Attempt("claim a block for itself directly", "ev._system.network.rn1"),
+            Attempt(
+                "hand out another host's block's addresses",
+                "ev._system.ipblock.rn1-10-90-0-0-26",
+            ),
+            Attempt("append a tenant's network event", "ev.ta.network.n1"),
+            Attempt("append a tenant's port event", "ev.ta.port.p1"),
         ],
     ),
     "scheduler": (
@@ -381,3 +389,98 @@ async def test_a_host_agents_credential_works_for_its_own_host(stack):
     finally:
         await nc.close()
     assert errors.seen == []
+
+
+async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
+    """The relay's side of the address blocks: hn-2 claims a block of a
+    routed network; hn-1 (its own credentials) cannot hand out that block's
+    addresses, give it back, claim it, or claim one in hn-2's name; each
+    is refused and nothing is appended. A tenant's network event is not a
+    report at all."""
+    from stratus.events import network as nw
+    from stratus.events.errors import Forbidden
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+    from stratus.events.store import Condition
+
+    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
+    try:
+        await admin.command(
+            "network.create-routed", {"name": "rn1", "cidr": "10.90.0.0/16", "block_prefix": 26}
+        )
+    finally:
+        await admin.close()
+    store = stack.store
+    net = (await store.read_all(subjects=["ev._system.network.>"]))[-1]
+    network = net.decode().aggregate.id
+    subject = f"ev._system.network.{network}"
+
+    async def agent(host: str):
+        creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
+        nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+        return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
+
+    nc2, r2, c2 = await agent("hn-2")
+    nc1, r1, c1 = await agent("hn-1")
+    try:
+        block = "10.90.0.0/26"
+        claim = c2.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-2")
+        last = await store.last_seq(subject)
+        assert (await r2.append([claim], Condition(subject, last))).seqs
+        before = await store.last_seq()
+        bsub = nw.block_subject(network, block)
+        holder = nw.Holder("ta", "p1")
+        attempts = [
+            (
+                c1.make(
+                    nw.BlockAddresses,
+                    "_system",
+                    "ipblock",
+                    bsub.rsplit(".", 1)[-1],
+                    network=network,
+                    block=block,
+                    allocated={"10.90.0.5": holder},
+                ),
+                Condition(bsub, 0),
+            ),
+            (
+                c1.make(nw.BlockReleased, "_system", "network", network, block=block, host="hn-1"),
+                Condition(subject, before),
+            ),
+            (
+                c1.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-1"),
+                Condition(subject, before),
+            ),
+            (
+                c1.make(
+                    nw.BlockClaimed,
+                    "_system",
+                    "network",
+                    network,
+                    block="10.90.0.64/26",
+                    host="hn-2",
+                ),
+                Condition(subject, before),
+            ),
+            # a tenant's network event, even conditioned on its own subject
+            (
+                c1.make(nw.BlockClaimed, "ta", "network", "n1", block=block, host="hn-1"),
+                Condition("ev.ta.network.n1", 0),
+            ),
+        ]
+        for ev, cond in attempts:
+            with pytest.raises(Forbidden):
+                await r1.append([ev], cond)
+        # without a condition, hn-1's claim of a free block is refused too
+        free = c1.make(
+            nw.BlockClaimed, "_system", "network", network, block="10.90.0.128/26", host="hn-1"
+        )
+        with pytest.raises(Forbidden):
+            await r1.append([free])
+        assert await store.last_seq() == before
+        # and the same claim, conditioned, is hn-1's to make
+        assert (await r1.append([free], Condition(subject, before))).seqs
+    finally:
+        await nc1.close()
+        await nc2.close()
