@@ -24,6 +24,7 @@ no kick: the user JWT expires with it, and the server cuts it then.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -135,6 +136,11 @@ class AuthCallout:
         self.admitted = 0
         self.refused = 0
         self.kicked = 0
+        # Requests that had expired before they were answered (the server
+        # had given up on them), and the last answers' handling times in
+        # seconds, from the request's arrival to the answer sent.
+        self.late = 0
+        self.handled_s: collections.deque[float] = collections.deque(maxlen=10_000)
         # Set once the identity and integration events are folded.
         self.ready = asyncio.Event()
         self._sub: Any = None
@@ -181,13 +187,17 @@ class AuthCallout:
     # -- admitting ---------------------------------------------------------------
 
     async def _on_request(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._answer(msg))
+        task = asyncio.create_task(self._answer(msg, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Msg, arrived: float) -> None:
         try:
             req = natsjwt.auth_request(msg.data.decode())
+        except natsjwt.Expired:
+            self.late += 1
+            log.warning("authorization request expired before it was answered")
+            return
         except (JWTError, UnicodeDecodeError) as exc:
             log.warning("unreadable authorization request", error=str(exc))
             return
@@ -206,6 +216,7 @@ class AuthCallout:
             answer = natsjwt.auth_response(req, self.issuer, error=str(why))
         with contextlib.suppress(Exception):
             await msg.respond(answer.encode())
+        self.handled_s.append(time.perf_counter() - arrived)
 
     async def admit(self, req: AuthRequest) -> str:
         """The user JWT for one connection attempt; ``Refused`` saying why not."""
