@@ -11,7 +11,9 @@ report, read fresh from the log:
   own subject, whose last placement (``server.scheduled``, or a report of
   its host: ``building``, ``running``) names this host;
 * a snapshot's ``image.created``: a new image (condition: nothing on its
-  subject yet) of the tenant of a server placed on this host;
+  subject yet) of the tenant of a server placed on this host; its bytes
+  are copied from the host's own bucket into the image bucket first
+  (``handlers.snapshots``);
 * ``port.bound`` to this host: a port of a server placed on it, or a router
   port on a host registered as running the routers;
 * a routed network's address blocks claimed and given back by this host,
@@ -32,6 +34,7 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 
+from stratus.events.blobs import BlobStore
 from stratus.events.errors import ConcurrencyConflict, Forbidden, Invalid, StratusError
 from stratus.events.ids import NAME_RE, TOKEN_RE
 from stratus.events.model import Event
@@ -53,7 +56,7 @@ from stratus.events.resources import (
 from stratus.events.responder import Responder
 from stratus.events.scheduling import ServerBuildFailed
 from stratus.events.store import EventStore
-from stratus.handlers import blocks
+from stratus.handlers import blocks, snapshots
 
 log = structlog.get_logger("stratus.reports")
 
@@ -82,6 +85,7 @@ class ReportRelay(Responder):
     def __init__(self, store: EventStore, queue: str = QUEUE_GROUP) -> None:
         super().__init__(store.nc, REPORT_SUBJECT.format(host="*"), queue=queue, log=log)
         self.store = store
+        self._images: BlobStore | None = None
 
     async def answer(self, msg: Msg) -> bytes:
         host = msg.subject.partition(".")[2]
@@ -91,6 +95,8 @@ class ReportRelay(Responder):
                 await self._blocks(host, events, req)
             else:
                 await self.authorize(host, events[0], req)
+            if isinstance(events[0], ImageCreated):
+                await self._snapshot_bytes(host, events[0])
             result = await self.store.append(events, req.condition, msg_id=req.msg_id)
         except ConcurrencyConflict as err:
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire(), actual=err.actual))
@@ -99,6 +105,13 @@ class ReportRelay(Responder):
                 log.warning("report refused", host=host, reason=err.message)
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire()))
         return REPLY.encode(ReportReply(ok=True, seqs=result.seqs, duplicate=result.duplicate))
+
+    async def _snapshot_bytes(self, host: str, event: ImageCreated) -> None:
+        """A snapshot's objects, from its host's bucket into the image bucket
+        (``handlers.snapshots``), before its image is recorded."""
+        if self._images is None:
+            self._images = await BlobStore.open(self.store.js)
+        await snapshots.adopt(self.store.js, self._images, host, snapshots.digests_of(event))
 
     def _decode(self, host: str, data: bytes) -> tuple[ReportRequest, list[Event]]:
         if not NAME_RE.match(host):

@@ -9,7 +9,10 @@ wire, nothing seen, nothing appended.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import pytest
 
 from stratus.cli.client import Client
 from stratus.cli.runtime import Stack
+from stratus.events.blobs import BlobStore, upload_bucket
 from stratus.events.errors import Unauthenticated
 from stratus.events.natscreds import connect_options, reader_names
 from stratus.events.reports import REPORT_SUBJECT
@@ -210,6 +214,10 @@ def forbidden_for_agents(host: str, other: str) -> list[Attempt]:
     ]
 
 
+# The meta subject of an image's object (``sha256/<hex>``, base64url as
+# nats-py names it).
+IMAGE_META = base64.urlsafe_b64encode(b"sha256/" + b"ab" * 32).decode()
+
 COMMON = [
     Attempt("delete the stream", "$JS.API.STREAM.DELETE.EVENTS"),
     Attempt("purge the stream", "$JS.API.STREAM.PURGE.EVENTS"),
@@ -218,7 +226,19 @@ COMMON = [
 
 # kind -> (host, forbidden actions)
 TABLE: dict[str, tuple[str, list[Attempt]]] = {
-    "compute-agent": ("hc-1", forbidden_for_agents("hc-1", "hc-2")),
+    "compute-agent": (
+        "hc-1",
+        [
+            *forbidden_for_agents("hc-1", "hc-2"),
+            # the image bucket: read only (snapshots go to its own bucket)
+            Attempt("overwrite or delete a user's image (its meta)", f"$O.images.M.{IMAGE_META}"),
+            Attempt("add chunks to a user's image", "$O.images.C.SOMEOBJECTNUID"),
+            Attempt("purge the image bucket", "$JS.API.STREAM.PURGE.OBJ_images"),
+            Attempt("delete the image bucket", "$JS.API.STREAM.DELETE.OBJ_images"),
+            Attempt("write another host's uploads", "$O.uploads-hc-2.M.eA"),
+            Attempt("purge another host's uploads", "$JS.API.STREAM.PURGE.OBJ_uploads-hc-2"),
+        ],
+    ),
     "network-agent": (
         "hn-1",
         [
@@ -385,6 +405,17 @@ async def test_a_host_agents_credential_works_for_its_own_host(stack):
         assert ack.seq > 0
         await nc.subscribe("agent.hc-1.exec")
         await nc.flush()
+        # its own upload bucket: made, written, read back, emptied
+        uploads = await BlobStore.open(js, bucket=upload_bucket("hc-1"))
+        data = b"snapshot bytes of hc-1"
+        digest = hashlib.sha256(data).hexdigest()
+        await uploads.put(digest, io.BytesIO(data))
+        out = io.BytesIO()
+        await uploads.get(digest, out)
+        assert out.getvalue() == data
+        assert await uploads.delete(digest)
+        # and it reads the image bucket (as its cache does)
+        await BlobStore.open(js)
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
