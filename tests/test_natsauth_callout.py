@@ -515,3 +515,55 @@ async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
     finally:
         await nc1.close()
         await nc2.close()
+
+
+async def test_a_snapshot_is_recorded_only_with_bytes_its_host_uploaded(stack):
+    """A compute agent reports a snapshot of a server placed on it: without
+    the bytes in its own upload bucket the relay refuses and nothing is
+    appended; another host's uploads do not count; with its own, the relay
+    copies them into the image bucket and records the image."""
+    from stratus.events.errors import Forbidden
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+    from stratus.events.resources import ImageCreated, ServerScheduled
+    from stratus.events.store import Condition
+
+    admin = Cause("scheduler", new_id(), new_id())
+    await stack.store.append([admin.make(ServerScheduled, "ta", "server", "s-1", host="hc-1")])
+
+    async def agent(host: str):
+        creds, _ = mint(stack.keyring, "compute-agent", host, SERVICE_TTL_S)
+        return await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+
+    nc1, nc2 = await agent("hc-1"), await agent("hc-2")
+    try:
+        data = b"the disk of s-1 at a moment"
+        digest = hashlib.sha256(data).hexdigest()
+        snap = Cause("compute-agent:hc-1", new_id(), new_id()).make(
+            ImageCreated, "ta", "image", "img-1", name="snap", format="raw",
+            size_bytes=len(data), checksum=digest,
+        )  # fmt: skip
+        cond = Condition(snap.subject, 0)
+        reporter = Reporter(nc1, "hc-1")
+        before = await stack.store.last_seq()
+        with pytest.raises(Forbidden):  # no bytes anywhere
+            await reporter.append([snap], cond, server="s-1")
+        # hc-2 uploads them into its own bucket: still not hc-1's
+        other = await BlobStore.open(nc2.jetstream(), bucket=upload_bucket("hc-2"))
+        await other.put(digest, io.BytesIO(data))
+        with pytest.raises(Forbidden):
+            await reporter.append([snap], cond, server="s-1")
+        assert await stack.store.last_seq() == before
+        images = await BlobStore.open(stack.store.js)
+        assert await images.exists(digest) is None
+        # hc-1's own upload: copied, checked, recorded
+        mine = await BlobStore.open(nc1.jetstream(), bucket=upload_bucket("hc-1"))
+        await mine.put(digest, io.BytesIO(data))
+        assert (await reporter.append([snap], cond, server="s-1")).seqs
+        out = io.BytesIO()
+        await images.get(digest, out)
+        assert out.getvalue() == data
+    finally:
+        await nc1.close()
+        await nc2.close()
