@@ -32,7 +32,8 @@ the handlers and the projector, as it does there.
 
 Options: ``--connects N`` per row and round (default 100), ``--rounds R``
 (default 4), ``--storm N``, ``--storm-rounds R`` (default 3), ``--load N``,
-``--busy``, ``--json``.
+``--busy``, ``--callout-on-main-loop`` (the callout on the services'
+event loop, as before it had one of its own: the comparison), ``--json``.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ async def _bench(
     storm_rounds: int = 3,
     load: int = 0,
     busy: bool = False,
+    callout_thread: bool = True,
 ) -> dict[str, Any]:
     from stratus.cli.client import Client
     from stratus.cli.runtime import Stack
@@ -174,7 +176,13 @@ async def _bench(
 
     plain = EmbeddedNats(tmp / "plain", host="127.0.0.1", log_file=str(tmp / "plain.log"))
     plain_url = await asyncio.to_thread(plain.start)
-    stack = Stack(tmp / "up", port=0, admin_password=PASSWORD, scheduler_replicas=0)
+    stack = Stack(
+        tmp / "up",
+        port=0,
+        admin_password=PASSWORD,
+        scheduler_replicas=0,
+        callout_thread=callout_thread,
+    )
     try:
         url = await stack.start()
         anon = await Client.connect(url)
@@ -259,6 +267,7 @@ async def _bench(
                 "storm_rounds": storm_rounds,
                 "load": load,
                 "storm_from": "the callout's process (--busy)" if busy else "a child process",
+                "callout": "own thread and loop" if callout_thread else "the services' loop",
             },
             "rows": out,
             "callout": {
@@ -289,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="storm from the callout's own process: its event loop busy with the clients' work",
     )
+    p.add_argument(
+        "--callout-on-main-loop",
+        action="store_true",
+        help="the callout on the services' event loop (as before it had a thread of its own)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="stratus-bench-connect-"))
@@ -302,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 max(args.storm_rounds, 1),
                 max(args.load, 0),
                 args.busy,
+                not args.callout_on_main_loop,
             )
         )
     finally:
