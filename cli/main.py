@@ -553,6 +553,63 @@ def _openstack_api(o: ServeOptions) -> Service:
     return openstack_api_service(o.args, o.url, o.data_dir, connect)
 
 
+# Which of `serve`'s own options each kind reads (besides --creds,
+# --insecure-no-auth and --url, which all do); the kinds in OWN_OPTIONS
+# take more options of their own after the name (`serve KIND --help`).
+SERVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "handlers": ("--data-dir", "--admin-password", "--quota-default", "--webhook-allow-network"),
+    "projector": ("--db", "--data-dir"),
+    "query": ("--db", "--data-dir", "--quota-default"),
+    "scheduler": ("--config", "--seed"),
+    "allocator": (),
+    "webhooks": ("--webhook-allow-network",),
+    "auth-callout": (),
+    "compute-agent": ("--data-dir",),
+    "network-agent": ("--data-dir",),
+    "openstack-api": ("--data-dir",),
+    "console": (),
+}
+OWN_OPTIONS = ("projector", "compute-agent", "network-agent", "openstack-api", "console")
+COMMON_OPTIONS = ("--creds", "--insecure-no-auth", "--help")
+
+
+def _serve_help(ctx: typer.Context, service: str | None) -> None:
+    """``serve --help``: every option, then which kinds read which; ``serve
+    KIND --help``: the options that kind reads, then its own options."""
+    if service not in SERVE_OPTIONS:
+        typer.echo(ctx.get_help())
+        typer.echo("\nOptions by kind (all: --creds, --insecure-no-auth):")
+        for kind, names in SERVE_OPTIONS.items():
+            own = " (and its own options: stratus serve KIND --help)" if kind in OWN_OPTIONS else ""
+            typer.echo(f"  {kind:<14} {', '.join(names) or '-'}{own}")
+        return
+    fmt = ctx.make_formatter()
+    wanted = {*COMMON_OPTIONS, *SERVE_OPTIONS[service]}
+    records = [
+        rec
+        for param in ctx.command.get_params(ctx)
+        if wanted & set(param.opts) and (rec := param.get_help_record(ctx)) is not None
+    ]
+    fmt.write_usage(
+        f"{ctx.command_path} {service}",
+        "[OPTIONS]" + (" [OWN OPTIONS]" if service in OWN_OPTIONS else ""),
+    )
+    with fmt.section(f"Options of serve that {service} reads"):
+        fmt.write_dl(records)
+    typer.echo(fmt.getvalue(), nl=False)
+    if service not in OWN_OPTIONS:
+        return
+    typer.echo("\nIts own options (after the name):\n")
+    # The kind's own command prints them and exits (0) on --help, before
+    # anything is read or connected.
+    if service == "console":
+        from stratus.console.server import serve_console
+
+        serve_console(["--help"], url="")
+    else:
+        SERVICES[service](ServeOptions(Path(), None, True, None, None, ["--help"], []))
+
+
 # `stratus serve NAME`: each factory checks its options (a mistake stops it
 # before anything connects) and says how to start the service.
 SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
@@ -666,10 +723,15 @@ async def _serve_until_signal(
             await engine.dispose()
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
 def serve(
     ctx: typer.Context,
-    service: Annotated[str, typer.Argument(help=", ".join([*SERVICES, "console"]))],
+    service: Annotated[
+        str | None, typer.Argument(help=", ".join([*SERVICES, "console"]), show_default=False)
+    ] = None,
     creds: Annotated[
         Path | None,
         typer.Option(
@@ -701,8 +763,17 @@ def serve(
     config: SchedulerConfigOpt = None,
     seed: SeedOpt = None,
     webhook_allow_network: WebhookAllowOpt = None,
+    help_: Annotated[
+        bool, typer.Option("--help", help="this help; after a KIND: that kind's options")
+    ] = False,
 ) -> None:
     """Run one service alone against an existing NATS (multi-process deployments)."""
+    if help_ or service is None:
+        _serve_help(ctx, service)
+        if not help_:
+            typer.echo("error: give the SERVICE to run", err=True)
+            raise typer.Exit(EXIT_USAGE)
+        raise typer.Exit(0)
     from stratus.cli import logs
     from stratus.cli.creds import load_for_serve
     from stratus.cli.datadir import default_data_dir

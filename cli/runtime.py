@@ -45,7 +45,7 @@ from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
 from stratus.handlers.auth import Authenticator, IdentityFeed
-from stratus.handlers.callout import AuthCallout
+from stratus.handlers.callout import AuthCallout, CalloutThread
 from stratus.handlers.catalog import all_handlers
 from stratus.handlers.credentials import mint
 from stratus.handlers.identity import DEFAULT_TTL_S, bootstrap_admin, signing_key_event
@@ -290,7 +290,11 @@ class Stack:
         console_port: int | None = None,
         openstack_port: int | None = None,
         cluster: int = 1,
+        callout_thread: bool = True,
     ) -> None:
+        # The auth callout on a loop of its own (``CalloutThread``), or (the
+        # connect benchmark's comparison) on this one.
+        self.callout_thread = callout_thread
         # Brokers: 1 is the single node; an odd N > 1 is N nodes on
         # loopback forming one JetStream cluster (the log and buckets R3).
         check_cluster_size(cluster)
@@ -331,7 +335,7 @@ class Stack:
         self.swapper: SwapService | None = None
         self._lock_file: IO[str] | None = None
         self.url: str | None = None
-        self.callout: AuthCallout | None = None
+        self.callout: CalloutThread | AuthCallout | None = None
         self.keyring: KeyRing | None = None
         self.relay: ReportRelay | None = None
         # Every connection of the services (each with its own credential).
@@ -374,7 +378,9 @@ class Stack:
             ]
             # The callout first: it admits every other connection, services'
             # too, by the key ring's public keys until the log has them.
-            self.callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+            # (on a loop of its own: admitting waits for none of the services)
+            kind = CalloutThread if self.callout_thread else AuthCallout
+            self.callout = kind(url, keys, trusted_keys=keyring.public_keys())
             await self.callout.start()
             self.store = await self.connect("handlers")
             await ensure_log(self.store, replicas_for(self.cluster), wait=self.cluster > 1)

@@ -44,6 +44,17 @@ from stratus.events.errors import Invalid, NotFound, StratusError, Unavailable
 
 BUCKET = "images"
 PREFIX = "sha256/"
+
+
+def upload_bucket(host: str) -> str:
+    """The bucket of ``host``'s compute agent for its snapshots' bytes: the
+    only one its credential may write (``images`` is not: an object store's
+    subjects carry an object's whole name in one token, so no permission
+    can tell a snapshot's object from a user's image there). The report
+    relay copies them into ``images``, checked, before it records the image."""
+    return f"uploads-{host}"
+
+
 # One message per chunk: larger than nats-py's 128 KiB default (fewer
 # messages for the same bytes), well under the broker's 1 MB max_payload.
 CHUNK_BYTES = 512 * 1024

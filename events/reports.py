@@ -40,12 +40,15 @@ class ReportRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``server`` names the server (of the event's tenant) the report is about
     when the event is not on that server's own subject (a snapshot's image).
+    ``more``: further events on the same subject, appended with ``event``
+    as one atomic batch (a network agent's address-block claims).
     """
 
     event: bytes
     condition: Condition | None = None
     msg_id: str | None = None
     server: str = ""
+    more: list[bytes] = []
 
 
 class ReportReply(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -64,8 +67,8 @@ REPLY = msgspec.msgpack.Encoder()
 
 
 class Reporter:
-    """An agent's side: ``append`` like ``EventStore.append``, one event at
-    a time, through the relay of ``host``."""
+    """An agent's side: ``append`` like ``EventStore.append``, through the
+    relay of ``host``: one event, or several on one subject (atomic)."""
 
     def __init__(self, nc: Any, host: str, *, codec: Codec = CODEC, timeout: float = 10.0) -> None:
         self.nc = nc
@@ -81,9 +84,10 @@ class Reporter:
         msg_id: str | None = None,
         server: str = "",
     ) -> AppendResult:
-        if len(events) != 1:
-            raise ValueError("a report is one event")
-        req = ReportRequest(self.codec.encode(events[0]), condition, msg_id, server)
+        if not events:
+            raise ValueError("a report holds an event")
+        first, *more = (self.codec.encode(ev) for ev in events)
+        req = ReportRequest(first, condition, msg_id, server, more)
         try:
             msg = await self.nc.request(self.subject, _request.encode(req), timeout=self.timeout)
         except nats.errors.NoRespondersError:

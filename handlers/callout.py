@@ -24,9 +24,12 @@ no kick: the user JWT expires with it, and the server cuts it then.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import json
 import math
+import threading
 import time
 from typing import Any
 
@@ -135,6 +138,11 @@ class AuthCallout:
         self.admitted = 0
         self.refused = 0
         self.kicked = 0
+        # Requests that had expired before they were answered (the server
+        # had given up on them), and the last answers' handling times in
+        # seconds, from the request's arrival to the answer sent.
+        self.late = 0
+        self.handled_s: collections.deque[float] = collections.deque(maxlen=10_000)
         # Set once the identity and integration events are folded.
         self.ready = asyncio.Event()
         self._sub: Any = None
@@ -181,13 +189,17 @@ class AuthCallout:
     # -- admitting ---------------------------------------------------------------
 
     async def _on_request(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._answer(msg))
+        task = asyncio.create_task(self._answer(msg, time.perf_counter()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Msg, arrived: float) -> None:
         try:
             req = natsjwt.auth_request(msg.data.decode())
+        except natsjwt.Expired:
+            self.late += 1
+            log.warning("authorization request expired before it was answered")
+            return
         except (JWTError, UnicodeDecodeError) as exc:
             log.warning("unreadable authorization request", error=str(exc))
             return
@@ -206,6 +218,7 @@ class AuthCallout:
             answer = natsjwt.auth_response(req, self.issuer, error=str(why))
         with contextlib.suppress(Exception):
             await msg.respond(answer.encode())
+        self.handled_s.append(time.perf_counter() - arrived)
 
     async def admit(self, req: AuthRequest) -> str:
         """The user JWT for one connection attempt; ``Refused`` saying why not."""
@@ -365,3 +378,83 @@ class AuthCallout:
         if self.sys is not None:
             with contextlib.suppress(Exception):
                 await self.sys.drain()
+
+
+class CalloutThread:
+    """An ``AuthCallout`` answering on an event loop of its own, in a thread
+    of its own: the form ``stratus up`` runs it in, beside every other
+    service of its process. On their loop, a connect's authorization request
+    waited behind whatever they were doing (folding a batch, answering
+    commands), and under load expired before it was read; here it waits
+    only for the interpreter's lock, which a busy thread hands over every
+    few milliseconds. Its counters are read from any thread."""
+
+    def __init__(self, url: str, keys: BrokerKeys, **kw: Any) -> None:
+        self.callout = AuthCallout(url, keys, **kw)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        started: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            started.set_result(loop)
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="auth-callout", daemon=True)
+        self._thread.start()
+        self._loop = await asyncio.wrap_future(started)
+        try:
+            await self._on_its_loop(self.callout.start())
+        except BaseException:
+            await self._end()
+            raise
+
+    async def _on_its_loop(self, coro: Any) -> Any:
+        assert self._loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        await self._on_its_loop(self.callout.wait_ready(timeout))
+
+    async def sweep(self) -> int:
+        return await self._on_its_loop(self.callout.sweep())
+
+    async def stop(self) -> None:
+        try:
+            if self._loop is not None:
+                await self._on_its_loop(self.callout.stop())
+        finally:
+            await self._end()
+
+    async def _end(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        self._loop = self._thread = None
+
+    # What the callout has counted (tests and benchmarks read them).
+    @property
+    def admitted(self) -> int:
+        return self.callout.admitted
+
+    @property
+    def refused(self) -> int:
+        return self.callout.refused
+
+    @property
+    def kicked(self) -> int:
+        return self.callout.kicked
+
+    @property
+    def late(self) -> int:
+        return self.callout.late
+
+    @property
+    def handled_s(self) -> collections.deque[float]:
+        return self.callout.handled_s

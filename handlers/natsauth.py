@@ -46,6 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from stratus.events import natscreds
 from stratus.events.blobs import BUCKET as IMAGE_BUCKET
+from stratus.events.blobs import upload_bucket
 from stratus.events.errors import Invalid
 from stratus.events.frameworks import FRAMEWORK_BEATS
 from stratus.events.integrations import (
@@ -222,8 +223,9 @@ def _kv_read(bucket: str) -> list[str]:
 def _objects(bucket: str, *, write: bool) -> list[str]:
     """An object store bucket: reading its objects (info, chunks through
     ordered consumers), and with ``write`` putting, deleting and purging
-    them and making the bucket."""
-    stream = f"OBJ_{bucket}"
+    them and making the bucket. ``bucket`` "*": reading every stream (a
+    stream's name is one token: ``OBJ_`` cannot be matched apart)."""
+    stream = "*" if bucket == "*" else f"OBJ_{bucket}"
     out = [
         # nats-py finds a subscription's stream by its subject
         "$JS.API.STREAM.NAMES",
@@ -289,6 +291,8 @@ def service_permissions(kind: str, host: str, nkey: str) -> Permissions:
             EXEC_SUBJECT.format(host="*"),
             # the image service (run with the handlers) writes image files
             *_objects(IMAGE_BUCKET, write=True),
+            # the relay reads snapshots from the hosts' upload buckets
+            *_objects("*", write=False),
         ]
         sub += ["cmd.>", REPORT_SUBJECT.format(host="*"), "ev.>"]
         responds = True
@@ -369,13 +373,14 @@ def _agent_permissions(kind: str, host: str, inbox: str) -> tuple[list[str], lis
     sub = [inbox]
     if kind == "compute-agent":
         pub += [
-            # images are fetched from the bucket into the host's cache, and a
-            # snapshot's bytes put there before its image.created is reported.
-            # Objects are named by their SHA-256 and every read checks it, so
-            # an agent can spoil an object (readers refuse it) but not forge
-            # one; it cannot purge the bucket or remove it.
+            # Images are fetched from the image bucket into the host's cache;
+            # it may not write there (an object store's subjects name an
+            # object in one token: no permission tells a snapshot's object
+            # from a user's). A snapshot's bytes go into its host's own
+            # bucket, whence the relay copies them, checked
+            # (``handlers.snapshots``).
             *_objects(IMAGE_BUCKET, write=False),
-            f"$O.{IMAGE_BUCKET}.>",
+            *_objects(upload_bucket(host), write=True),
             f"ev.{system}.host.{host}",
             *_named_consumer(natscreds.durable_name(kind, host), pull=True),
             f"$KV.{HEARTBEATS}.{host}",
@@ -383,13 +388,11 @@ def _agent_permissions(kind: str, host: str, inbox: str) -> tuple[list[str], lis
         ]
         sub.append(EXEC_SUBJECT.format(host=host))
         return pub, sub, True  # it answers container exec
+    # Its registration, corrections and BGP observations: its own subject.
+    # A routed network's blocks (claims, releases, addresses) are on
+    # subjects without the host: through the relay, which checks them
+    # (``handlers.blocks``), as every other report.
     pub.append(f"ev.{system}.network-agent.{host}")
-    # Routed networks: the agent claims and returns address blocks (on the
-    # network's subject) and records a block's allocations (on the block's),
-    # each on the condition that the subject did not move. The subjects do
-    # not carry the host, so any agent could write any network's blocks:
-    # the widest grant an agent has (a relay for them is the way to close it).
-    pub += [f"ev.{system}.network.*", f"ev.{system}.ipblock.*"]
     return pub, sub, False
 
 

@@ -11,9 +11,14 @@ report, read fresh from the log:
   own subject, whose last placement (``server.scheduled``, or a report of
   its host: ``building``, ``running``) names this host;
 * a snapshot's ``image.created``: a new image (condition: nothing on its
-  subject yet) of the tenant of a server placed on this host;
+  subject yet) of the tenant of a server placed on this host; its bytes
+  are copied from the host's own bucket into the image bucket first
+  (``handlers.snapshots``);
 * ``port.bound`` to this host: a port of a server placed on it, or a router
-  port on a host registered as running the routers.
+  port on a host registered as running the routers;
+* a routed network's address blocks claimed and given back by this host,
+  and the addresses of its blocks (``handlers.blocks``); several claims or
+  releases on one network are one atomic append.
 
 The event's actor must be the agent of this host, and its condition, if
 any, on the event's own subject; the message id is the agent's, so a
@@ -29,6 +34,7 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 
+from stratus.events.blobs import BlobStore
 from stratus.events.errors import ConcurrencyConflict, Forbidden, Invalid, StratusError
 from stratus.events.ids import NAME_RE, TOKEN_RE
 from stratus.events.model import Event
@@ -50,10 +56,13 @@ from stratus.events.resources import (
 from stratus.events.responder import Responder
 from stratus.events.scheduling import ServerBuildFailed
 from stratus.events.store import EventStore
+from stratus.handlers import blocks, snapshots
 
 log = structlog.get_logger("stratus.reports")
 
 QUEUE_GROUP = "reports"
+# Events in one report, at most (an atomic batch holds 1,000).
+MAX_EVENTS = 200
 # Events on a server's subject that say where it is (all appended by the
 # scheduler, or through this relay after the same check).
 PLACEMENTS = (ServerScheduled, ServerBuilding, ServerRunning)
@@ -76,13 +85,19 @@ class ReportRelay(Responder):
     def __init__(self, store: EventStore, queue: str = QUEUE_GROUP) -> None:
         super().__init__(store.nc, REPORT_SUBJECT.format(host="*"), queue=queue, log=log)
         self.store = store
+        self._images: BlobStore | None = None
 
     async def answer(self, msg: Msg) -> bytes:
         host = msg.subject.partition(".")[2]
         try:
-            req, event = self._decode(host, msg.data)
-            await self.authorize(host, event, req)
-            result = await self.store.append([event], req.condition, msg_id=req.msg_id)
+            req, events = self._decode(host, msg.data)
+            if len(events) > 1 or isinstance(events[0], blocks.BLOCK_EVENTS):
+                await self._blocks(host, events, req)
+            else:
+                await self.authorize(host, events[0], req)
+            if isinstance(events[0], ImageCreated):
+                await self._snapshot_bytes(host, events[0])
+            result = await self.store.append(events, req.condition, msg_id=req.msg_id)
         except ConcurrencyConflict as err:
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire(), actual=err.actual))
         except StratusError as err:
@@ -91,18 +106,46 @@ class ReportRelay(Responder):
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire()))
         return REPLY.encode(ReportReply(ok=True, seqs=result.seqs, duplicate=result.duplicate))
 
-    def _decode(self, host: str, data: bytes) -> tuple[ReportRequest, Event]:
+    async def _snapshot_bytes(self, host: str, event: ImageCreated) -> None:
+        """A snapshot's objects, from its host's bucket into the image bucket
+        (``handlers.snapshots``), before its image is recorded."""
+        if self._images is None:
+            self._images = await BlobStore.open(self.store.js)
+        await snapshots.adopt(self.store.js, self._images, host, snapshots.digests_of(event))
+
+    def _decode(self, host: str, data: bytes) -> tuple[ReportRequest, list[Event]]:
         if not NAME_RE.match(host):
             raise Invalid(f"report subject names no host: {host!r}")
         try:
             req = REQUEST.decode(data)
         except msgspec.DecodeError as exc:
             raise Invalid(f"not a report request: {exc}") from None
+        if len(req.more) >= MAX_EVENTS:
+            raise Invalid(f"a report holds at most {MAX_EVENTS} events")
         try:
-            event = self.store.codec.decode(req.event)
+            events = [self.store.codec.decode(b) for b in (req.event, *req.more)]
         except Exception as exc:  # an unknown or malformed event
             raise Invalid(f"not an event this relay knows: {exc}") from None
-        return req, event
+        return req, events
+
+    async def _blocks(self, host: str, events: list[Event], req: ReportRequest) -> None:
+        """Address-block reports (``handlers.blocks``): one subject, its
+        condition required, checked against its network's history."""
+        first = events[0]
+        what = f"{first.type_name()} on {first.subject}"
+        if not all(isinstance(ev, blocks.BLOCK_EVENTS) for ev in events):
+            raise Forbidden(f"{what}: only address-block reports come several at once")
+        if any(ev.subject != first.subject for ev in events):
+            raise Forbidden(f"{what}: the events of one report are on one subject")
+        cond = req.condition
+        if cond is None or cond.subject != first.subject or cond.index != 0:
+            raise Forbidden(f"{what}: a block report is conditioned on its own subject")
+        for ev in events:
+            self._actor(ev, f"network-agent:{host}")
+        network = blocks.network_of(first)
+        if not TOKEN_RE.match(network) or any(blocks.network_of(e) != network for e in events):
+            raise Forbidden(f"{what}: not of one routed network")
+        blocks.check(host, events, await self._history(f"ev.{SYSTEM}.network.{network}"))
 
     async def authorize(self, host: str, event: Event, req: ReportRequest) -> None:
         """Refuse (``Forbidden``) what is not this host's to report."""

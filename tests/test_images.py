@@ -27,7 +27,7 @@ from stratus.agents.compute import images
 from stratus.cli import transfer
 from stratus.cli.client import Client
 from stratus.cli.runtime import Stack
-from stratus.events.blobs import BlobStore
+from stratus.events.blobs import BlobStore, upload_bucket
 from stratus.events.errors import Conflict, Forbidden, Invalid, NotFound
 from stratus.events.natscreds import connect_options
 from stratus.events.store import EventStore
@@ -191,6 +191,14 @@ async def test_an_image_from_an_unrelated_client_boots_on_other_hosts_and_comes_
     snap = await until(lambda: _active(user, "snap"), 30, "the snapshot to be recorded")
     assert snap["parent"] == image["id"]
     assert sorted((await cloud.bucket())[0]) == sorted([checksum, snap["checksum"]])
+    # (A put its bytes into its own bucket, the relay copied them into the
+    # image bucket, and A then emptied its own)
+    uploads = await BlobStore.open(cloud.stack.store.js, bucket=upload_bucket(a.host))
+
+    async def emptied() -> bool:
+        return not await uploads.stored()
+
+    await until(emptied, 10, f"{a.host}'s upload bucket to be emptied")
 
     # then host B boots it: it fetches the snapshot and the image beneath it
     vm2 = await user.json(

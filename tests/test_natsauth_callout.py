@@ -9,7 +9,10 @@ wire, nothing seen, nothing appended.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import pytest
 
 from stratus.cli.client import Client
 from stratus.cli.runtime import Stack
+from stratus.events.blobs import BlobStore, upload_bucket
 from stratus.events.errors import Unauthenticated
 from stratus.events.natscreds import connect_options, reader_names
 from stratus.events.reports import REPORT_SUBJECT
@@ -210,6 +214,10 @@ def forbidden_for_agents(host: str, other: str) -> list[Attempt]:
     ]
 
 
+# The meta subject of an image's object (``sha256/<hex>``, base64url as
+# nats-py names it).
+IMAGE_META = base64.urlsafe_b64encode(b"sha256/" + b"ab" * 32).decode()
+
 COMMON = [
     Attempt("delete the stream", "$JS.API.STREAM.DELETE.EVENTS"),
     Attempt("purge the stream", "$JS.API.STREAM.PURGE.EVENTS"),
@@ -218,12 +226,32 @@ COMMON = [
 
 # kind -> (host, forbidden actions)
 TABLE: dict[str, tuple[str, list[Attempt]]] = {
-    "compute-agent": ("hc-1", forbidden_for_agents("hc-1", "hc-2")),
+    "compute-agent": (
+        "hc-1",
+        [
+            *forbidden_for_agents("hc-1", "hc-2"),
+            # the image bucket: read only (snapshots go to its own bucket)
+            Attempt("overwrite or delete a user's image (its meta)", f"$O.images.M.{IMAGE_META}"),
+            Attempt("add chunks to a user's image", "$O.images.C.SOMEOBJECTNUID"),
+            Attempt("purge the image bucket", "$JS.API.STREAM.PURGE.OBJ_images"),
+            Attempt("delete the image bucket", "$JS.API.STREAM.DELETE.OBJ_images"),
+            Attempt("write another host's uploads", "$O.uploads-hc-2.M.eA"),
+            Attempt("purge another host's uploads", "$JS.API.STREAM.PURGE.OBJ_uploads-hc-2"),
+        ],
+    ),
     "network-agent": (
         "hn-1",
         [
             *forbidden_for_agents("hn-1", "hn-2"),
             Attempt("append on its host's compute subject", "ev._system.host.hn-1"),
+            # a routed network's blocks: only through the relay (below)
+            Attempt("claim a block for itself directly", "ev._system.network.rn1"),
+            Attempt(
+                "hand out another host's block's addresses",
+                "ev._system.ipblock.rn1-10-90-0-0-26",
+            ),
+            Attempt("append a tenant's network event", "ev.ta.network.n1"),
+            Attempt("append a tenant's port event", "ev.ta.port.p1"),
         ],
     ),
     "scheduler": (
@@ -377,7 +405,165 @@ async def test_a_host_agents_credential_works_for_its_own_host(stack):
         assert ack.seq > 0
         await nc.subscribe("agent.hc-1.exec")
         await nc.flush()
+        # its own upload bucket: made, written, read back, emptied
+        uploads = await BlobStore.open(js, bucket=upload_bucket("hc-1"))
+        data = b"snapshot bytes of hc-1"
+        digest = hashlib.sha256(data).hexdigest()
+        await uploads.put(digest, io.BytesIO(data))
+        out = io.BytesIO()
+        await uploads.get(digest, out)
+        assert out.getvalue() == data
+        assert await uploads.delete(digest)
+        # and it reads the image bucket (as its cache does)
+        await BlobStore.open(js)
         await asyncio.sleep(0.2)
     finally:
         await nc.close()
     assert errors.seen == []
+
+
+async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
+    """The relay's side of the address blocks: hn-2 claims a block of a
+    routed network; hn-1 (its own credentials) cannot hand out that block's
+    addresses, give it back, claim it, or claim one in hn-2's name; each
+    is refused and nothing is appended. A tenant's network event is not a
+    report at all."""
+    from stratus.events import network as nw
+    from stratus.events.errors import Forbidden
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+    from stratus.events.store import Condition
+
+    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
+    try:
+        await admin.command(
+            "network.create-routed", {"name": "rn1", "cidr": "10.90.0.0/16", "block_prefix": 26}
+        )
+    finally:
+        await admin.close()
+    store = stack.store
+    net = (await store.read_all(subjects=["ev._system.network.>"]))[-1]
+    network = net.decode().aggregate.id
+    subject = f"ev._system.network.{network}"
+
+    async def agent(host: str):
+        creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
+        nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+        return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
+
+    nc2, r2, c2 = await agent("hn-2")
+    nc1, r1, c1 = await agent("hn-1")
+    try:
+        block = "10.90.0.0/26"
+        claim = c2.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-2")
+        last = await store.last_seq(subject)
+        assert (await r2.append([claim], Condition(subject, last))).seqs
+        before = await store.last_seq()
+        bsub = nw.block_subject(network, block)
+        holder = nw.Holder("ta", "p1")
+        attempts = [
+            (
+                c1.make(
+                    nw.BlockAddresses,
+                    "_system",
+                    "ipblock",
+                    bsub.rsplit(".", 1)[-1],
+                    network=network,
+                    block=block,
+                    allocated={"10.90.0.5": holder},
+                ),
+                Condition(bsub, 0),
+            ),
+            (
+                c1.make(nw.BlockReleased, "_system", "network", network, block=block, host="hn-1"),
+                Condition(subject, before),
+            ),
+            (
+                c1.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-1"),
+                Condition(subject, before),
+            ),
+            (
+                c1.make(
+                    nw.BlockClaimed,
+                    "_system",
+                    "network",
+                    network,
+                    block="10.90.0.64/26",
+                    host="hn-2",
+                ),
+                Condition(subject, before),
+            ),
+            # a tenant's network event, even conditioned on its own subject
+            (
+                c1.make(nw.BlockClaimed, "ta", "network", "n1", block=block, host="hn-1"),
+                Condition("ev.ta.network.n1", 0),
+            ),
+        ]
+        for ev, cond in attempts:
+            with pytest.raises(Forbidden):
+                await r1.append([ev], cond)
+        # without a condition, hn-1's claim of a free block is refused too
+        free = c1.make(
+            nw.BlockClaimed, "_system", "network", network, block="10.90.0.128/26", host="hn-1"
+        )
+        with pytest.raises(Forbidden):
+            await r1.append([free])
+        assert await store.last_seq() == before
+        # and the same claim, conditioned, is hn-1's to make
+        assert (await r1.append([free], Condition(subject, before))).seqs
+    finally:
+        await nc1.close()
+        await nc2.close()
+
+
+async def test_a_snapshot_is_recorded_only_with_bytes_its_host_uploaded(stack):
+    """A compute agent reports a snapshot of a server placed on it: without
+    the bytes in its own upload bucket the relay refuses and nothing is
+    appended; another host's uploads do not count; with its own, the relay
+    copies them into the image bucket and records the image."""
+    from stratus.events.errors import Forbidden
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+    from stratus.events.resources import ImageCreated, ServerScheduled
+    from stratus.events.store import Condition
+
+    admin = Cause("scheduler", new_id(), new_id())
+    await stack.store.append([admin.make(ServerScheduled, "ta", "server", "s-1", host="hc-1")])
+
+    async def agent(host: str):
+        creds, _ = mint(stack.keyring, "compute-agent", host, SERVICE_TTL_S)
+        return await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+
+    nc1, nc2 = await agent("hc-1"), await agent("hc-2")
+    try:
+        data = b"the disk of s-1 at a moment"
+        digest = hashlib.sha256(data).hexdigest()
+        snap = Cause("compute-agent:hc-1", new_id(), new_id()).make(
+            ImageCreated, "ta", "image", "img-1", name="snap", format="raw",
+            size_bytes=len(data), checksum=digest,
+        )  # fmt: skip
+        cond = Condition(snap.subject, 0)
+        reporter = Reporter(nc1, "hc-1")
+        before = await stack.store.last_seq()
+        with pytest.raises(Forbidden):  # no bytes anywhere
+            await reporter.append([snap], cond, server="s-1")
+        # hc-2 uploads them into its own bucket: still not hc-1's
+        other = await BlobStore.open(nc2.jetstream(), bucket=upload_bucket("hc-2"))
+        await other.put(digest, io.BytesIO(data))
+        with pytest.raises(Forbidden):
+            await reporter.append([snap], cond, server="s-1")
+        assert await stack.store.last_seq() == before
+        images = await BlobStore.open(stack.store.js)
+        assert await images.exists(digest) is None
+        # hc-1's own upload: copied, checked, recorded
+        mine = await BlobStore.open(nc1.jetstream(), bucket=upload_bucket("hc-1"))
+        await mine.put(digest, io.BytesIO(data))
+        assert (await reporter.append([snap], cond, server="s-1")).seqs
+        out = io.BytesIO()
+        await images.get(digest, out)
+        assert out.getvalue() == data
+    finally:
+        await nc1.close()
+        await nc2.close()

@@ -58,7 +58,7 @@ from stratus.agents.compute.desired import Desired, Want, fold
 from stratus.agents.compute.driver import Driver, ExecResult, PowerState
 from stratus.agents.compute.spec import ID_RE, InstanceSpec, check
 from stratus.events import oci
-from stratus.events.blobs import BlobStore
+from stratus.events.blobs import BlobStore, upload_bucket
 from stratus.events.compute import HostReconciled, HostServerAction
 from stratus.events.errors import (
     ConcurrencyConflict,
@@ -222,6 +222,7 @@ class ComputeAgent:
         for d in (self.disks, self.volumes, self.consoles):
             d.mkdir(parents=True, exist_ok=True)
         self._blob_store: BlobStore | None = None
+        self._upload_store: BlobStore | None = None
         self.cache = images.BaseCache(self.data_dir / "base", self.blobs)
         self.layers = layers.LayerStore(self.data_dir / "layers", self.blobs)
         self.drivers: dict[str, Driver] = {}
@@ -763,10 +764,41 @@ class ComputeAgent:
         return out
 
     async def blobs(self) -> BlobStore:
-        """The object store's image bucket, opened on first use."""
+        """The object store's image bucket (read only), opened on first use."""
         if self._blob_store is None:
             self._blob_store = await BlobStore.open(self.store.js)
         return self._blob_store
+
+    async def uploads(self) -> BlobStore:
+        """This host's own bucket (``upload_bucket``): a snapshot's bytes go
+        there, and the report relay copies them into the image bucket."""
+        if self._upload_store is None:
+            self._upload_store = await BlobStore.open(
+                self.store.js, bucket=upload_bucket(self.host)
+            )
+        return self._upload_store
+
+    async def _report_image(self, created: ImageCreated, server: str, digests: list[str]) -> None:
+        """``image.created`` through the relay, which first copies the
+        snapshot's objects (``digests``) from this host's bucket into the
+        image bucket; once recorded, they leave this host's bucket."""
+        # The relay copies the bytes before it answers: as long as a fetch
+        # of them may take (``BlobStore.get``), and a store as long again.
+        relay = Reporter(
+            self.store.nc,
+            self.host,
+            codec=self.store.codec,
+            timeout=2 * (60 + created.size_bytes / (4 << 20)),
+        )
+        # Once only: a request redelivered meanwhile finds its image recorded.
+        with contextlib.suppress(ConcurrencyConflict):
+            await relay.append([created], Condition(created.subject, 0), server=server)
+        uploads = await self.uploads()
+        for digest in digests:
+            try:
+                await uploads.delete(digest)
+            except Exception as exc:  # (a leftover in our own bucket: harmless)
+                log.warning("upload not removed", digest=digest, error=str(exc))
 
     async def _image(self, tenant: str, image_id: str) -> images.ImageRecord | None:
         """Image ``image_id`` (the tenant's or a public one) as the log has it
@@ -898,7 +930,7 @@ class ComputeAgent:
 
         made = await asyncio.to_thread(make)
         try:
-            await (await self.blobs()).put_file(made.checksum, Path(made.path))
+            await (await self.uploads()).put_file(made.checksum, Path(made.path))
         finally:
             layer = images.Layer(made.checksum, made.format)
             await asyncio.to_thread(self.cache.keep, Path(made.path), layer)
@@ -917,9 +949,7 @@ class ComputeAgent:
             parent=claim.spec.image,
             min_disk_gb=images.min_disk_gb(made.virtual_size),
         )
-        # Once only: a request redelivered meanwhile finds its image recorded.
-        with contextlib.suppress(ConcurrencyConflict):
-            await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
+        await self._report_image(created, ev.server, [made.checksum])
 
     async def _commit(self, ev: HostServerAction, want: Want, driver: Driver) -> None:
         """A container's snapshot: its upper directory committed as one new
@@ -944,11 +974,11 @@ class ComputeAgent:
             )
             doc = oci.config_json(config)
             config_digest = hashlib.sha256(doc).hexdigest()
-            blobs = await self.blobs()
-            if not await blobs.exists(digest):
-                await blobs.put_file(digest, out)
-            if not await blobs.exists(config_digest):
-                await blobs.put(config_digest, io.BytesIO(doc))
+            # (into this host's bucket; the relay copies what the image
+            # bucket does not hold yet)
+            uploads = await self.uploads()
+            await uploads.put_file(digest, out)
+            await uploads.put(config_digest, io.BytesIO(doc))
             # This host has the layer already: unpacked from the same bytes.
             await asyncio.to_thread(self.layers.adopt, digest, out)
         finally:
@@ -969,9 +999,7 @@ class ComputeAgent:
             parent=claim.spec.image,
             oci=config,
         )
-        # Through the relay, as every report on a subject not the host's.
-        with contextlib.suppress(ConcurrencyConflict):
-            await self.reports.append([created], Condition(created.subject, 0), server=ev.server)
+        await self._report_image(created, ev.server, [digest, config_digest])
 
     # -- exec -------------------------------------------------------------------
 

@@ -267,6 +267,10 @@ class NetworkAgent:
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)
 
+    def _report(self, a: ipam.Append) -> Any:
+        # (its conditions: one at most, on the append's own subject)
+        return self.reports.append(a.events, *a.conditions[:1], msg_id=a.msg_id)
+
     async def _append_reports(self, reports: list[ipam.Append]) -> None:
         """Append ``port.address-assigned`` reports; failed ones go again
         with the next addresses handed out (their ids make repeats duplicates)."""
@@ -274,7 +278,7 @@ class NetworkAgent:
         self._retry = []
         results = await asyncio.gather(
             # (on the ports' subjects: through this host's relay)
-            *(self.reports.append(a.events, msg_id=a.msg_id) for a in reports),
+            *(self._report(a) for a in reports),
             return_exceptions=True,
         )
         for a, res in zip(reports, results, strict=True):
@@ -344,8 +348,9 @@ class NetworkAgent:
                     self._spawn(self._append_reports([]))
                 return
             for step in ipam.steps(t, self.host, w, self.actor):
+                # (subjects without the host: through the relay, which checks)
                 results = await asyncio.gather(
-                    *(self.store.append(a.events, a.conditions, msg_id=a.msg_id) for a in step),
+                    *(self._report(a) for a in step),
                     return_exceptions=True,
                 )
                 failed = False

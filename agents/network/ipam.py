@@ -4,8 +4,9 @@ instances placed on it, and gives the block back once none is in use.
 
 ``work(topology, host, ports)`` is pure: what this host must append for
 the given ports (None: all), worked out from the log as folded. The agent
-appends it as one atomic batch, conditioned on the last event of every
-subject it writes (the network's for claims and returns, each block's for
+sends it through its host's report relay (which checks the blocks are its
+host's: ``handlers.blocks``), each append conditioned on the last event of
+the subject it writes (the network's for claims and returns, each block's for
 its addresses), so two hosts never claim one block and one block never
 hands out an address twice; refused, the work is worked out again once
 the events that beat it are folded.
@@ -149,7 +150,7 @@ class Append:
 def steps(t: Topology, host: str, w: Work, actor: str) -> list[list[Append]]:
     """``w`` as appends, in steps: the appends of a step are independent
     (sent together), a step starts once the one before is stored. Claims
-    first (conditioned on their network's last event), then one event per
+    first (one append per network, conditioned on its last event), then one event per
     block of the addresses it hands out and takes back (conditioned on the
     block's last event: its host's agent is its only writer, so that is one
     publish, no batch), then the blocks given back. Each port's address is
@@ -159,20 +160,23 @@ def steps(t: Topology, host: str, w: Work, actor: str) -> list[list[Append]]:
     own = Cause(actor, new_id(), new_id())
     out: list[list[Append]] = []
 
-    def on_networks(events: list[Event]) -> Append:
-        conditions, seen = [], set()
-        for i, ev in enumerate(events):
-            if ev.subject not in seen:
-                seen.add(ev.subject)
-                conditions.append(Condition(ev.subject, t.routed[ev.aggregate.id].seq, i))
-        return Append(events, conditions)
+    def on_networks(events: list[Event]) -> list[Append]:
+        # One append per network (its events on its subject, atomic): each
+        # goes through the host's report relay, which takes one subject.
+        by_net: dict[str, list[Event]] = {}
+        for ev in events:
+            by_net.setdefault(ev.aggregate.id, []).append(ev)
+        return [
+            Append(evs, [Condition(evs[0].subject, t.routed[net].seq)])
+            for net, evs in sorted(by_net.items())
+        ]
 
     if w.claims:
         claims = [
             own.make(nw.BlockClaimed, SYSTEM, "network", net, block=block, host=host)
             for net, block in w.claims
         ]
-        out.append([on_networks(claims)])
+        out.append(on_networks(claims))
     blocks: dict[tuple[str, str], tuple[dict, dict]] = {}
     for subject, ip, tenant, holder in w.releases:
         net, block = t.block_subjects[subject]
@@ -200,7 +204,7 @@ def steps(t: Topology, host: str, w: Work, actor: str) -> list[list[Append]]:
             own.make(nw.BlockReleased, SYSTEM, "network", net, block=block, host=host)
             for net, block in w.returns
         ]
-        out.append([on_networks(returns)])
+        out.append(on_networks(returns))
     return out
 
 

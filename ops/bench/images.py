@@ -7,8 +7,9 @@ moves one file of ``--mib`` random MiB (a raw image) four ways, in an
 order that alternates between rounds:
 
 - raw put / raw get: nats-py's object store ``put`` and ``get`` of the
-  file, with the services' credentials, into a bucket of the same broker
-  with the same chunk size: the same-run baseline;
+  file, with the handlers' credentials, into the same bucket (``images``,
+  the one bucket those may write; the object named ``bench-raw``) of the
+  same broker with the same chunk size: the same-run baseline;
 - image create --file: what ``stratus image create NAME --file F`` does
   (SHA-256 of the file, ``image.create``, the upload through the image
   service, which checks size, digest and format and stores the object),
@@ -45,6 +46,8 @@ from stratus.ops.bench.common import (
 )
 
 PASSWORD = "bench-admin-password"
+# The baseline's object, in the image bucket.
+RAW = "bench-raw"
 
 
 @dataclass
@@ -82,24 +85,24 @@ def _up(data: Path, procs: Procs) -> str:
 
 async def _body(opts: Options, report: Report, tmp: Path, procs: Procs) -> None:
     import nats
-    from nats.js.api import ObjectMeta, ObjectMetaOptions, StorageType
+    from nats.js.api import ObjectMeta, ObjectMetaOptions
 
     from stratus.cli import transfer
     from stratus.cli.client import Client
     from stratus.cli.creds import local_creds
-    from stratus.events.blobs import CHUNK_BYTES, BlobStore
+    from stratus.events.blobs import BUCKET, CHUNK_BYTES, BlobStore
 
     data = tmp / "up"
     url = await asyncio.to_thread(_up, data, procs)
     src = tmp / "image.raw"
     await asyncio.to_thread(_file, src, opts.mib)
-    # the handlers' rights: the image bucket. NOTE: the baseline bucket below
-    # is not theirs, and the broker refuses to make it since the auth
-    # callout (issue 14): this bench needs a baseline broker of its own.
+    # The handlers' rights: the image bucket, and no other (the broker
+    # refuses to make one): the baseline writes there too, under a name no
+    # image has (images are named sha256/<hex>).
     svc = await nats.connect(url, **local_creds(data, "handlers").connect_options())
     js = svc.jetstream(timeout=60)
-    raw = await js.create_object_store("bench-raw", storage=StorageType.FILE)
     blobs = await BlobStore.open(js)
+    raw = await js.object_store(BUCKET)
     client = await Client.connect(url, timeout=60)
     login = {"user": "admin", "password": PASSWORD}
     client.token = (await client.command("auth.login", login)).data["token"]
@@ -107,17 +110,17 @@ async def _body(opts: Options, report: Report, tmp: Path, procs: Procs) -> None:
     checksum = ""
 
     async def raw_put() -> None:
-        meta = ObjectMeta(name="x", options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
+        meta = ObjectMeta(name=RAW, options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES))
         f = await asyncio.to_thread(open, src, "rb")
         try:
-            await raw.put("x", f, meta=meta)
+            await raw.put(RAW, f, meta=meta)
         finally:
             f.close()
 
     async def raw_get() -> None:
         f = await asyncio.to_thread(open, tmp / "raw-out", "wb")
         try:
-            await raw.get("x", writeinto=f)
+            await raw.get(RAW, writeinto=f)
         finally:
             f.close()
 
@@ -157,7 +160,7 @@ async def _body(opts: Options, report: Report, tmp: Path, procs: Procs) -> None:
             same = await asyncio.to_thread(transfer.hash_file, tmp / "out.raw")
             if same[0] != checksum:
                 report.failures.append(f"round {r}: the download is not the upload")
-            await raw.delete("x")
+            await raw.delete(RAW)
             await client.command("image.delete", {"ref": f"bench-{r}"})
             await blobs.delete(checksum)
     finally:
