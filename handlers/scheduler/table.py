@@ -33,7 +33,8 @@ SUBJECTS = ("ev._system.host.>", "ev.*.server-group.*")
 
 class Claim(msgspec.Struct, frozen=True, gc=False):
     """(``gc=False``: ints and strings only, never part of a cycle, so the
-    collector need not walk the thousands a busy table holds.)"""
+    collector need not walk the hundreds of thousands a big cloud's table
+    holds.)"""
 
     host: int
     vcpus: int
