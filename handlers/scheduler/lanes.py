@@ -8,8 +8,9 @@ one placed (a cursor sweeping the rows, which also spreads claims evenly),
 and it jumps to a random row only when it sees another replica's claims
 land near its cursor (that replica is walking there now). Two replicas then
 meet only when one catches the other up, instead of in nearly every pair of
-concurrent batches as with a random start per batch (measured at 10,000
-hosts, 2 replicas: about one refused batch in two).
+concurrent batches as with a random start per decision (measured at
+10,000 hosts, 2 replicas: 200-400 refused claims per replica's 1,500
+placements before, none with lanes).
 
 Pure bookkeeping over row numbers; the decision stays exact whatever start
 it is given (``Decider.decide``).
