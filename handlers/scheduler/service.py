@@ -212,6 +212,7 @@ class SchedulerService:
             gc.freeze()
         # (Collections from here on: the serving replica's, not the start's.)
         self.phases.watch_gc()
+        self.phases.serving()
         self._tasks.append(
             asyncio.create_task(follow_log(self.store, end, SUBJECTS, self._fold, self._folded.set))
         )
@@ -257,7 +258,7 @@ class SchedulerService:
     # -- host state ----------------------------------------------------------
 
     def _fold(self, seq: int, rec: Any) -> None:
-        t0 = time.perf_counter()
+        t0 = self.phases.mark()
         try:
             event = rec.decode()
         except UnknownEvent:
@@ -269,7 +270,7 @@ class SchedulerService:
             row = t.index[event.aggregate.id]
             if t.hold[row] not in (IN_FLIGHT, seq):
                 self.lane.foreign(row)  # another replica's (see ``lanes``)
-        self.phases.add("fold", time.perf_counter() - t0)
+        self.phases.add("fold", t0)
 
     async def _caught_up(self, timeout: float = 5.0) -> None:
         """Wait until the table holds everything now on the hosts' subjects."""
@@ -292,7 +293,7 @@ class SchedulerService:
             if len(running) >= PIPELINE:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            t0 = time.perf_counter()
+            t0 = self.phases.mark()
             try:
                 msgs = await fetch_ready(self._sub, FETCH, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):
@@ -302,7 +303,7 @@ class SchedulerService:
                 await asyncio.sleep(0.5)
                 continue
             # (Only fetches that brought work: an idle wait is not a cost.)
-            self.phases.add("fetch", time.perf_counter() - t0)
+            self.phases.add("fetch", t0)
             task = asyncio.create_task(self._settle(msgs))
             running.add(task)
             task.add_done_callback(running.discard)
@@ -323,7 +324,7 @@ class SchedulerService:
         for one read from the log rather than delivered)."""
         jobs: list[Job] = []
         for seq, data, m in items:
-            t0 = time.perf_counter()
+            t0 = self.phases.mark()
             try:
                 event = CODEC.decode(data)
             except UnknownEvent:
@@ -337,7 +338,7 @@ class SchedulerService:
                     await _ack(m)  # placed long ago (a consumer starting over the log)
                     continue
                 job = Job(m, request_of(event), _cause(event), seq)
-                self.phases.add("decode", time.perf_counter() - t0)
+                self.phases.add("decode", t0)
             elif isinstance(event, ServerBuildFailed):
                 job = await self._retry(m, seq, event)
             elif isinstance(event, ServerDeleted):
@@ -383,7 +384,7 @@ class SchedulerService:
         t = self.table
         later: list[Job] = []
         sent: list[Sent] = []
-        t0 = time.perf_counter()
+        t0 = self.phases.mark()
         # One start for the round, in this replica's lane (see ``lanes``);
         # a decision that scores every host walks them all from row 0.
         n = len(t)
@@ -414,9 +415,9 @@ class SchedulerService:
                 placed_rows.append(row)
             sent.append(Sent(job, out, self._append_request(job, out, expected), row, expected))
         self.lane.placed(start, placed_rows, n)
-        self.phases.add("decide", time.perf_counter() - t0)
+        self.phases.add("decide", t0)
         results = await self._append(sent)
-        t0 = time.perf_counter()
+        t0 = self.phases.mark()
         for s, res in zip(sent, results, strict=True):
             job = s.job
             if isinstance(res, AppendResult):
@@ -444,7 +445,7 @@ class SchedulerService:
             else:
                 log.warning("placement not appended", server=job.request.server, error=str(res))
                 later.append(job)
-        self.phases.add("ack", time.perf_counter() - t0)
+        self.phases.add("ack", t0)
         if later and len(later) == len(jobs):
             # Nothing landed: give claims in flight (ours or a replica's) a
             # moment to reach the table before deciding again.
