@@ -266,10 +266,9 @@ class SchedulerService:
             return
         t = self.table
         t.apply(seq, event)
-        if isinstance(event, HostClaimed):
-            row = t.index[event.aggregate.id]
-            if t.hold[row] not in (IN_FLIGHT, seq):
-                self.lane.foreign(row)  # another replica's (see ``lanes``)
+        row = t.index.get(event.aggregate.id) if isinstance(event, HostClaimed) else None
+        if row is not None and t.hold[row] not in (IN_FLIGHT, seq):
+            self.lane.foreign(row)  # another replica's claim (see ``lanes``)
         self.phases.add("fold", t0)
 
     async def _caught_up(self, timeout: float = 5.0) -> None:
