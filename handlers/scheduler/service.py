@@ -286,15 +286,22 @@ class SchedulerService:
         """Fetch, and hand each batch to a round of its own: up to
         ``PIPELINE`` rounds at once, so the next batch is decided while the
         last one's claims are on their way to the log (a host with a claim
-        of ours in flight is held, so rounds never claim one host twice)."""
+        of ours in flight is held, so rounds never claim one host twice).
+
+        The rounds in flight hold at most ``FETCH`` work messages together,
+        as one unpipelined round did: one replica's thread decides no
+        faster for holding more, and work it holds is work another replica,
+        idle, cannot take."""
         running = self._rounds
+        holding: dict[asyncio.Task[None], int] = {}
         while not self._closing:
-            if len(running) >= PIPELINE:
+            room = FETCH - sum(holding.values())
+            if len(running) >= PIPELINE or room <= 0:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             t0 = self.phases.mark()
             try:
-                msgs = await fetch_ready(self._sub, FETCH, timeout=1)
+                msgs = await fetch_ready(self._sub, room, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.Error as exc:
@@ -305,7 +312,9 @@ class SchedulerService:
             self.phases.add("fetch", t0)
             task = asyncio.create_task(self._settle(msgs))
             running.add(task)
+            holding[task] = len(msgs)
             task.add_done_callback(running.discard)
+            task.add_done_callback(lambda done: holding.pop(done, None))
 
     async def _settle(self, msgs: list[Any]) -> None:
         try:
