@@ -9,8 +9,8 @@ and it jumps to a random row only when it sees another replica's claims
 land near its cursor (that replica is walking there now). Two replicas then
 meet only when one catches the other up, instead of in nearly every pair of
 concurrent batches as with a random start per decision (measured at
-10,000 hosts, 2 replicas, side by side: 5-10 of a replica's 19-29 batches
-refused before, 0-3 of 15-22 with lanes).
+10,000 hosts, 2 replicas, side by side: 5-13 of a replica's 18-68 batches
+refused before, 0-3 of 15-62 with lanes).
 
 Pure bookkeeping over row numbers; the decision stays exact whatever start
 it is given (``Decider.decide``).
