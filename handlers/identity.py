@@ -218,13 +218,13 @@ def decide_role_create(state: RoleState, cmd: RoleCreate, cause: Cause) -> list[
 
 async def prepare_role(cmd: RoleAssign | RoleRevoke, _caller: Caller, svc: Any) -> Any:
     if isinstance(cmd, RoleAssign) and cmd.role not in BUILT_IN_ROLES:
-        r = svc.cache.get(role_subject(cmd.role), RoleState)
+        r = svc.cache.get(role_subject(cmd.role), RoleState, fold_role)
         await svc.cache.refresh(role_subject(cmd.role), r, fold_role)
         if not r.state.defined:
             raise NotFound(f"role {cmd.role} not found (create it with role.create)")
     if isinstance(cmd, RoleAssign):
         # A grant in a tenant that does not exist would be a dangling right.
-        t = svc.cache.get(tenants.subject(cmd.tenant), tenants.TenantState)
+        t = svc.cache.get(tenants.subject(cmd.tenant), tenants.TenantState, tenants.fold)
         await svc.cache.refresh(tenants.subject(cmd.tenant), t, tenants.fold)
         if not t.state.live:
             raise NotFound(f"tenant {cmd.tenant} not found")
@@ -345,7 +345,7 @@ class LoginFlow:
         cause = msgspec.structs.replace(cause, actor=name[:63] if is_name(name) else "anonymous")
         subject = user_subject(name) if is_name(name) else None
         for _ in range(svc.max_attempts):
-            tracked = svc.cache.get(subject, UserState) if subject else None
+            tracked = svc.cache.get(subject, UserState, fold_user) if subject else None
             if tracked is not None:
                 # Always from the log: a disabled user must not get in on a
                 # cached state. The conditional append below closes the gap.
@@ -489,7 +489,7 @@ async def bootstrap_admin(svc: Any, password: str | None) -> str | None:
     with the cloud admin role. Returns the password it set (generated when
     none was given), or None when the admin already existed."""
     subject = user_subject(BOOTSTRAP_ADMIN)
-    tracked = svc.cache.get(subject, UserState)
+    tracked = svc.cache.get(subject, UserState, fold_user)
     await svc.cache.refresh(subject, tracked, fold_user)
     if tracked.state.created:
         return None

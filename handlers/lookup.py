@@ -40,7 +40,7 @@ class CachedLookup:
         if not is_name(name):
             return None  # not a name a subject can hold, so no such object
         subject = system_subject(record.kind, name)
-        tracked = self._cache.get(subject, Aggregate)
+        tracked = self._cache.get(subject, Aggregate, fold_aggregate)
         if tracked.seq == 0 or fresh:
             await self._cache.refresh(subject, tracked, fold_aggregate)
         found = tracked.state.attrs

@@ -183,13 +183,13 @@ class CommandService(Responder):
         initial = (
             (lambda: handler.initial_for(boundary)) if handler.initial_for else handler.initial
         )
-        tracked = self.cache.get(boundary, initial)
+        also_fold = handler.also_fold or handler.fold
+        tracked = self.cache.get(boundary, initial, handler.fold)
         other = (
-            self.cache.get(second, handler.also_initial)  # type: ignore[arg-type]
+            self.cache.get(second, handler.also_initial, also_fold)  # type: ignore[arg-type]
             if second is not None
             else None
         )
-        also_fold = handler.also_fold or handler.fold
 
         async def refresh() -> None:
             # (Tracked.stale is cleared by the refresh itself.)

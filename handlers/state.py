@@ -48,32 +48,48 @@ class Tracked(Generic[S]):
 
 
 class StateCache:
-    """Tracked states keyed by boundary subject, least recently used evicted."""
+    """Tracked states keyed by boundary subject and fold, least recently
+    used evicted.
+
+    The fold is part of the key: two verbs may fold the same subject into
+    different states (a tenant's quota usage and its list of names, say),
+    and one entry shared between them would hand each the other's state.
+    """
 
     def __init__(self, store: EventStore, max_entries: int = 50_000) -> None:
         self.store = store
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, Tracked[Any]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, Fold[Any]], Tracked[Any]] = OrderedDict()
+        # subject -> the folds cached for it (what ``invalidate`` marks).
+        self._folds: dict[str, set[Fold[Any]]] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    def get(self, subject: str, initial: Callable[[], S]) -> Tracked[S]:
-        t = self._entries.get(subject)
+    def get(self, subject: str, initial: Callable[[], S], fold: Fold[S]) -> Tracked[S]:
+        key = (subject, fold)
+        t = self._entries.get(key)
         if t is None:
             t = Tracked(initial())
-            self._entries[subject] = t
+            self._entries[key] = t
+            self._folds.setdefault(subject, set()).add(fold)
             if len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                (old, old_fold), _ = self._entries.popitem(last=False)
+                folds = self._folds.get(old)
+                if folds is not None:
+                    folds.discard(old_fold)
+                    if not folds:
+                        del self._folds[old]
         else:
-            self._entries.move_to_end(subject)
+            self._entries.move_to_end(key)
         return t
 
     def invalidate(self, subject: str, tenant: str) -> None:
         """An event landed on ``subject``: the cached boundaries it matches
-        (its aggregate, its tenant's whole log) are behind."""
-        for key in (subject, f"ev.{tenant}.>"):
-            t = self._entries.get(key)
-            if t is not None:
-                t.stale = True
+        (its aggregate, its tenant's whole log), under every fold, are behind."""
+        for boundary in (subject, f"ev.{tenant}.>"):
+            for fold in self._folds.get(boundary, ()):
+                t = self._entries.get((boundary, fold))
+                if t is not None:
+                    t.stale = True
 
     async def refresh(self, subject: str, tracked: Tracked[S], fold: Fold[S]) -> None:
         """Fold every event on ``subject`` after what ``tracked`` has seen."""

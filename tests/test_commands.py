@@ -703,7 +703,7 @@ async def test_the_stream_tells_a_handler_its_tenant_moved_so_it_reads_before_de
         async def marked(svc: CommandService) -> None:
             # bounded wait for the other's event to reach this handler
             deadline = time.monotonic() + 5
-            while not svc.cache.get("ev.turns.>", dict).stale:
+            while not svc.cache.get("ev.turns.>", dict, svc.handlers["volume.create"].fold).stale:
                 assert time.monotonic() < deadline, "the stream never marked the boundary"
                 await asyncio.sleep(0.005)
 
@@ -715,7 +715,7 @@ async def test_the_stream_tells_a_handler_its_tenant_moved_so_it_reads_before_de
             await create(svc, i)
             # its own events, coming back on the stream, do not mark it
             await asyncio.sleep(0.05)
-            assert not svc.cache.get("ev.turns.>", dict).stale
+            assert not svc.cache.get("ev.turns.>", dict, svc.handlers["volume.create"].fold).stale
         assert a.conflicts == 0 and b.conflicts == 0, (a.conflicts, b.conflicts)
         names = {r.decode().name for r in await store.read_all(subjects=["ev.turns.volume.*"])}
         assert names == {f"v{i}" for i in range(10)}

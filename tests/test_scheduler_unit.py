@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stratus.events.errors import Invalid
 from stratus.events.resources import SYSTEM, HostDisabled, ServerSpec
@@ -428,3 +430,44 @@ def test_no_valid_host_when_sampling_counts_every_host():
     assert isinstance(out, NoValidHost)
     assert out.reason == "No valid host: 0/3000 hosts: 3000 insufficient vCPU"
     assert "examined" not in out.scheduling
+
+
+# -- a sampled walk from any start, against a scan of every host ---------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(101, 400),
+    fill=st.lists(st.tuples(st.integers(0, 399), st.integers(1, 4)), max_size=600),
+    held=st.sets(st.integers(0, 399), max_size=80),
+    start=st.one_of(st.none(), st.integers(-5, 450)),
+    vcpus=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_a_decision_from_any_start_is_exact_against_a_full_scan(n, fill, held, start, vcpus, seed):
+    """Whatever row a batch's walk starts from, a chosen host fits (vCPUs
+    left >= asked), is not held by a claim in flight, and ``NoValidHost``
+    comes only when a scan of every host finds none that fits."""
+    t = table(*[host_event(f"h{i:03d}", vcpus=4, cpu_ratio=1.0) for i in range(n)])
+    for k, (row, size) in enumerate(fill):
+        row %= n
+        if t.used_vcpus[row] + size <= 4:
+            claim(t, f"h{row:03d}", f"s{k}", size, 512)
+    for row in held:
+        if row < n:
+            t.hold[row] = 1 << 62
+    fits_all = (t.col("cap_vcpus") - t.col("used_vcpus")) >= vcpus
+    free = fits_all & (t.col("last_seq") >= t.col("hold"))
+    d = Decider(SchedulerConfig(seed=seed, hosts_to_score_pct=5))
+    out = d.decide(t, req(vcpus=vcpus), start=start)
+    if not fits_all.any():
+        assert isinstance(out, NoValidHost)
+        assert out.scheduling["removed"]["insufficient vCPU"] == n
+    elif not free.any():
+        assert isinstance(out, Busy)
+    else:
+        # Held hosts found first may make a sampled walk come back Busy only
+        # if it saw no free host; it walks on until it has found enough.
+        assert isinstance(out, Placed), out
+        assert fits_all[out.row] and free[out.row]
+        assert out.scheduling["passed"] <= int(fits_all.sum())

@@ -150,15 +150,30 @@ class Decider:
             pos = 0 if hi == n else hi
             size *= 2
 
-    def decide(self, t: HostTable, r: Request, use_holds: bool = True) -> Outcome:
+    def first_row(self, t: HostTable, salt: str) -> int:
+        """A random row to start walking from, salted (by a server id) so
+        replicas sharing a seed do not walk the same rows for the requests
+        they each get."""
+        n = len(t)
+        return int(self.rng.integers(n) + zlib.crc32(salt.encode())) % n if n else 0
+
+    def decide(
+        self, t: HostTable, r: Request, use_holds: bool = True, start: int | None = None
+    ) -> Outcome:
+        """``start``: the row a sampled walk begins at (random if None). A
+        replica gives every decision of one batch the same start: its claims
+        then land in one stretch of rows (its own claims in flight held, so
+        they spread over it), and another replica's batch, starting
+        elsewhere, rarely claims the same host before either has folded the
+        other's; decisions each from their own random row would collide in
+        nearly every pair of concurrent batches."""
         n = len(t)
         total = int(np.count_nonzero(t.col("exists")))
         want = feasible_to_find(total, self.config.hosts_to_score_pct)
-        start = 0
-        if want < total:
-            # A random first row, salted by the server so replicas sharing a
-            # seed do not walk the same rows for the requests they each get.
-            start = int(self.rng.integers(n) + zlib.crc32(r.server.encode())) % n
+        if want >= total:
+            start = 0
+        elif start is None or not 0 <= start < n:
+            start = self.first_row(t, r.server)
         removed: dict[str, int] = {}
         found: list[np.ndarray] = []
         count = passed = examined = 0

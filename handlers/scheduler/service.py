@@ -13,18 +13,27 @@ on the condition that the server is still as it was requested. If another
 replica claimed that host first, the batch is refused; this replica waits
 until its table has folded what it missed and decides again (bounded).
 Concurrent decisions go to the log together (one batch, one disk sync).
+
+Work is taken as it is ready (``events.pull.fetch_ready``: never waiting to
+fill a batch) and up to ``PIPELINE`` rounds are in flight, so a batch is
+decided while the previous one's append is on its way; the hosts a round
+claims are held until the claims are in the table. A sampled round walks
+from this replica's lane (``lanes``), away from other replicas' latest
+claims, so concurrent replicas rarely refuse each other's batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 import nats.errors
+import numpy as np
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -32,6 +41,7 @@ from stratus.events.catalog import CODEC
 from stratus.events.errors import ConcurrencyConflict, StratusError
 from stratus.events.heartbeat import Liveness
 from stratus.events.model import Cause, Event, UnknownEvent
+from stratus.events.pull import fetch_ready
 from stratus.events.resources import (
     SYSTEM,
     ServerBuilding,
@@ -54,8 +64,11 @@ from stratus.handlers.scheduler.decide import (
     Outcome,
     Placed,
     SchedulerConfig,
+    feasible_to_find,
 )
 from stratus.handlers.scheduler.filters import Request
+from stratus.handlers.scheduler.lanes import Lane
+from stratus.handlers.scheduler.phases import Phases
 from stratus.handlers.scheduler.table import SUBJECTS, HostTable
 
 log = structlog.get_logger("stratus.scheduler")
@@ -67,6 +80,9 @@ WORK_SUBJECT = "ev.*.server.*"
 IN_FLIGHT = 1 << 62
 MAX_ROUNDS = 16
 FETCH = 256
+# Rounds in flight at once per replica: deciding the next batch overlaps the
+# last one's append.
+PIPELINE = 3
 
 
 async def fold_log(
@@ -166,6 +182,8 @@ class SchedulerService:
         self.table = HostTable()
         self.liveness: Liveness | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Rounds of fetched work under way (see ``_work``).
+        self._rounds: set[asyncio.Task[None]] = set()
         self._sub: Any = None
         self._folded = asyncio.Event()
         self._closing = False
@@ -175,11 +193,26 @@ class SchedulerService:
         self._built: dict[str, int] = {}
         # Counters for ``status`` and the benchmark.
         self.placed = self.failed = self.conflicts = self.rounds = 0
+        self.phases = Phases()
+        self.lane = Lane()
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
         end = await fold_log(self.store, SUBJECTS, self._fold)
+        # What the process holds by now (about 100,000 objects, nearly all
+        # from its imports; the host table adds few) lives as long as it
+        # does: out of the collector's sight, a full collection walks only
+        # what came after. Measured: each full collection a 50-150 ms stall
+        # of every decision behind it, under 10 ms after. Once a process:
+        # freezing again would pin whatever else lives by then (tests start
+        # many replicas in one process).
+        if not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
+        # (Collections from here on: the serving replica's, not the start's.)
+        self.phases.watch_gc()
+        self.phases.serving()
         self._tasks.append(
             asyncio.create_task(follow_log(self.store, end, SUBJECTS, self._fold, self._folded.set))
         )
@@ -204,13 +237,15 @@ class SchedulerService:
         log.info("scheduler started", hosts=len(self.table), folded=self.table.last_applied)
 
     async def stop(self) -> None:
-        log.info("scheduler stopping", **self.stats())
+        log.info("scheduler stopping", **self.stats(), phases=self.phases.report(self.placed))
+        self.phases.unwatch_gc()
         self._closing = True
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._rounds]
+        for t in tasks:
             t.cancel()
         # nats-py may turn a cancellation inside a request into its own
         # error; the loops then see ``_closing`` on their next turn.
-        _, late = await asyncio.wait(self._tasks, timeout=5)
+        _, late = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
         if late:
             log.warning("scheduler tasks still running at stop", tasks=len(late))
         self._tasks.clear()
@@ -223,12 +258,18 @@ class SchedulerService:
     # -- host state ----------------------------------------------------------
 
     def _fold(self, seq: int, rec: Any) -> None:
+        t0 = self.phases.mark()
         try:
             event = rec.decode()
         except UnknownEvent:
             log.warning("event not understood; host table skips it", seq=seq)
             return
-        self.table.apply(seq, event)
+        t = self.table
+        t.apply(seq, event)
+        row = t.index.get(event.aggregate.id) if isinstance(event, HostClaimed) else None
+        if row is not None and t.hold[row] not in (IN_FLIGHT, seq):
+            self.lane.foreign(row)  # another replica's claim (see ``lanes``)
+        self.phases.add("fold", t0)
 
     async def _caught_up(self, timeout: float = 5.0) -> None:
         """Wait until the table holds everything now on the hosts' subjects."""
@@ -242,20 +283,45 @@ class SchedulerService:
     # -- work ------------------------------------------------------------------
 
     async def _work(self) -> None:
+        """Fetch, and hand each batch to a round of its own: up to
+        ``PIPELINE`` rounds at once, so the next batch is decided while the
+        last one's claims are on their way to the log (a host with a claim
+        of ours in flight is held, so rounds never claim one host twice).
+
+        The rounds in flight hold at most ``FETCH`` work messages together,
+        as one unpipelined round did: one replica's thread decides no
+        faster for holding more, and work it holds is work another replica,
+        idle, cannot take."""
+        running = self._rounds
+        holding: dict[asyncio.Task[None], int] = {}
         while not self._closing:
+            room = FETCH - sum(holding.values())
+            if len(running) >= PIPELINE or room <= 0:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            t0 = self.phases.mark()
             try:
-                msgs = await self._sub.fetch(FETCH, timeout=1)
+                msgs = await fetch_ready(self._sub, room, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.Error as exc:
                 log.warning("fetch failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            try:
-                await self.handle(msgs)
-            except Exception:
-                # A bug, not a refusal: leave the messages to be redelivered.
-                log.exception("scheduler round failed")
+            # (Only fetches that brought work: an idle wait is not a cost.)
+            self.phases.add("fetch", t0)
+            task = asyncio.create_task(self._settle(msgs))
+            running.add(task)
+            holding[task] = len(msgs)
+            task.add_done_callback(running.discard)
+            task.add_done_callback(lambda done: holding.pop(done, None))
+
+    async def _settle(self, msgs: list[Any]) -> None:
+        try:
+            await self.handle(msgs)
+        except Exception:
+            # A bug, not a refusal: leave the messages to be redelivered.
+            log.exception("scheduler round failed")
 
     async def handle(self, msgs: list[Any]) -> None:
         """One fetched batch of work messages."""
@@ -266,6 +332,7 @@ class SchedulerService:
         for one read from the log rather than delivered)."""
         jobs: list[Job] = []
         for seq, data, m in items:
+            t0 = self.phases.mark()
             try:
                 event = CODEC.decode(data)
             except UnknownEvent:
@@ -279,6 +346,7 @@ class SchedulerService:
                     await _ack(m)  # placed long ago (a consumer starting over the log)
                     continue
                 job = Job(m, request_of(event), _cause(event), seq)
+                self.phases.add("decode", t0)
             elif isinstance(event, ServerBuildFailed):
                 job = await self._retry(m, seq, event)
             elif isinstance(event, ServerDeleted):
@@ -324,12 +392,27 @@ class SchedulerService:
         t = self.table
         later: list[Job] = []
         sent: list[Sent] = []
+        t0 = self.phases.mark()
+        # One start for the round, in this replica's lane (see ``lanes``);
+        # a decision that scores every host walks them all from row 0.
+        n = len(t)
+        total = int(np.count_nonzero(t.col("exists")))
+        want = feasible_to_find(total, self.config.hosts_to_score_pct)
+        salt = jobs[0].request.server if jobs else ""
+        start = (
+            self.lane.start(
+                n, min(n // 2, 2 * want + len(jobs)), lambda: self.decider.first_row(t, salt)
+            )
+            if want < total
+            else 0
+        )
+        placed_rows: list[int] = []
         for job in jobs:
             out: Outcome
             if job.give_up:
                 out = NoValidHost(job.give_up, {"attempt": job.request.attempt})
             else:
-                out = self.decider.decide(t, job.request)
+                out = self.decider.decide(t, job.request, start=start)
             if isinstance(out, Busy):
                 later.append(job)
                 continue
@@ -337,8 +420,12 @@ class SchedulerService:
             if isinstance(out, Placed):
                 row, expected = out.row, int(t.last_seq[out.row])
                 t.hold[row] = IN_FLIGHT
+                placed_rows.append(row)
             sent.append(Sent(job, out, self._append_request(job, out, expected), row, expected))
+        self.lane.placed(start, placed_rows, n)
+        self.phases.add("decide", t0)
         results = await self._append(sent)
+        t0 = self.phases.mark()
         for s, res in zip(sent, results, strict=True):
             job = s.job
             if isinstance(res, AppendResult):
@@ -366,12 +453,14 @@ class SchedulerService:
             else:
                 log.warning("placement not appended", server=job.request.server, error=str(res))
                 later.append(job)
+        self.phases.add("ack", t0)
         if later and len(later) == len(jobs):
             # Nothing landed: give claims in flight (ours or a replica's) a
             # moment to reach the table before deciding again.
-            self._folded.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._folded.wait(), 0.05)
+            with self.phases.timed("conflict"):
+                self._folded.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._folded.wait(), 0.05)
         return later
 
     async def _append(self, sent: list[Sent]) -> list[AppendResult | Exception]:
@@ -384,16 +473,20 @@ class SchedulerService:
         for _ in range(3):
             if not todo:
                 break
-            got = await self.store.append_group([sent[i].req for i in todo], one_by_one=False)
+            self.phases.count("batches")
+            with self.phases.timed("append"):
+                got = await self.store.append_group([sent[i].req for i in todo], one_by_one=False)
             if not any(isinstance(r, Exception) for r in got):
                 for i, r in zip(todo, got, strict=True):
                     results[i] = r
                 todo = []
                 break
             err = next(r for r in got if isinstance(r, Exception))
+            self.phases.count("refused")
             if not isinstance(err, ConcurrencyConflict):
                 break
-            await self._caught_up()
+            with self.phases.timed("conflict"):
+                await self._caught_up()
             stale = {
                 i
                 for i in todo
@@ -405,7 +498,9 @@ class SchedulerService:
                 results[i] = HostMoved(str(err), sent[i].expected, None)
             todo = [i for i in todo if i not in stale]
         if todo:
-            got = await self.store.append_group([sent[i].req for i in todo])
+            self.phases.count("one_by_one")
+            with self.phases.timed("conflict"):
+                got = await self.store.append_group([sent[i].req for i in todo])
             for i, r in zip(todo, got, strict=True):
                 results[i] = r
         return [r if r is not None else HostMoved("not sent", 0, None) for r in results]
@@ -587,6 +682,7 @@ class SchedulerService:
             "no_valid_host": self.failed,
             "conflicts": self.conflicts,
             "rounds": self.rounds,
+            "lane_jumps": self.lane.jumps,
         }
 
 

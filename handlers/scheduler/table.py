@@ -31,7 +31,11 @@ from stratus.events.scheduling import HostClaimed, HostReleased
 SUBJECTS = ("ev._system.host.>", "ev.*.server-group.*")
 
 
-class Claim(msgspec.Struct, frozen=True):
+class Claim(msgspec.Struct, frozen=True, gc=False):
+    """(``gc=False``: ints and strings only, never part of a cycle, so the
+    collector need not walk the hundreds of thousands a big cloud's table
+    holds.)"""
+
     host: int
     vcpus: int
     ram_mb: int

@@ -141,7 +141,7 @@ async def _one(
         await register_hosts(store, hosts, ttl=opts.timeout_s + 600)
         config = tmp / f"scheduler-{pct:g}.toml"
         config.write_text(f"hosts_to_score_pct = {float(pct)}\n")
-        await start_service_processes(
+        scheds = await start_service_processes(
             url,
             [
                 "serve",
@@ -205,6 +205,7 @@ async def _one(
         report_claims, _ = await fold_claims(store)
         over = overcommitted(report_claims)
         missing = len(ids) - len(answered)
+        phases = _phases(scheds, tmp, f"scheduler-{n_hosts}-{replicas}-{pct:g}")
         return {
             "hosts": n_hosts,
             "replicas": replicas,
@@ -223,9 +224,48 @@ async def _one(
                 {e.host for _, e in answered.values() if isinstance(e, ServerScheduled)}
             ),
             **await _spread(store),
+            "phases": phases,
         }
     finally:
         await store.close()
+
+
+def _phases(procs: list, tmp: Path, label: str) -> list[dict]:
+    """Stop the replicas and read where each one's time went (the phase
+    totals its ``scheduler stopping`` log line carries)."""
+    from stratus.ops.bench.common import stop_process
+
+    out = []
+    for i, p in enumerate(procs):
+        stop_process(p)
+        log_path = tmp / f"{label}-{i}.log"
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "scheduler stopping" in line:
+                out.append(_fields(line))
+    return out
+
+
+def _fields(line: str) -> dict:
+    """``key=value`` pairs of a console log line (values as Python literals)."""
+    import ast
+    import re
+
+    out: dict = {}
+    for m in re.finditer(r"(\w+)=", line):
+        rest = line[m.end() :]
+        # The longest prefix that is a literal: a number, or a whole dict.
+        for end in range(len(rest), 0, -1):
+            if end < len(rest) and rest[end] != " ":
+                continue
+            try:
+                out[m.group(1)] = ast.literal_eval(rest[:end])
+                break
+            except (ValueError, SyntaxError):
+                continue
+    return {
+        k: out.get(k)
+        for k in ("placed", "no_valid_host", "conflicts", "rounds", "lane_jumps", "phases")
+    }
 
 
 def _label(pct: float) -> str:
