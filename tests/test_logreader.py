@@ -481,7 +481,10 @@ async def test_stopping_early_or_cancelling_leaves_no_consumer(rstore, kind):
     # a read left after its first batch
     async with contextlib.aclosing(rstore.read(batch=10)) as batches:
         async for batch in batches:
-            assert [r.seq for r in batch] == list(range(1, 11))
+            # a batch holds at most 10, from the start, in order: the store
+            # promises "at most batch" (under load a first batch held 4)
+            seqs = [r.seq for r in batch]
+            assert 1 <= len(seqs) <= 10 and seqs == list(range(1, len(seqs) + 1))
             assert await consumers(rstore) == 1
             break
     assert await no_consumers_left(rstore)
