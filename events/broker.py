@@ -225,6 +225,9 @@ class EmbeddedNats:
             raise BrokerError(f"nats-server already runs on {self.data_dir} (pid {self.pid})")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.conf_path
+        if self.port in (-1, 0):
+            # Any port, but one it can have again on a restart (stable_port).
+            self.port = stable_port(self.host)
         lock_fd = self._lock_store()
         try:
             # A server started before the lock existed holds none: its
@@ -419,6 +422,34 @@ def node_configs(
         )
         out.append(text)
     return out
+
+
+def stable_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+    """A TCP port free on ``host`` now, below the kernel's ephemeral range.
+
+    For a listener that must come back on the same port after its process
+    dies (a broker restarted by ``up``, a whole tree restarted): a port the
+    kernel hands out for ``bind(0)`` is in the ephemeral range, where any
+    outgoing connection on the machine may take it while the listener is
+    down, and the restart then fails with "address already in use". Below
+    that range only another prober picking the same random port competes,
+    as with an operator's fixed port. Falls back to the kernel's pick."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start = 10000 if low > 12000 else 1024
+    for _ in range(attempts):
+        port = random.randrange(start, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
