@@ -351,3 +351,19 @@ def wait_deleted(url: str, ref: str, token: str, timeout: float = 60) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{ref} not deleted: {r.stdout} {r.stderr}")
+
+
+def test_a_broker_on_any_port_gets_one_it_can_have_again(tmp_path):
+    """`port=-1` takes a port below the kernel's ephemeral range, so an
+    outgoing connection cannot take it while the broker is down, and the
+    restart listens where clients knew it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    broker = EmbeddedNats(tmp_path / "nats", port=-1)
+    try:
+        url = broker.start()
+        port = int(url.rsplit(":", 1)[1])
+        assert port < low, (port, low)
+        broker.stop()
+        assert broker.start() == url
+    finally:
+        broker.stop()
