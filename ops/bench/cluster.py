@@ -3,7 +3,7 @@ separate processes, mixed commands from 8 clients while one part after
 another is killed with SIGKILL; then the log is checked.
 
 ``python -m stratus.ops.bench cluster [--clients 8] [--window 12]
-[--restart-after 3] [--settle 60] [--seed S] [--json]``
+[--restart-after 3] [--settle 60] [--seed S] [--keep-failed] [--json]``
 
 The deployment, each part its own process with its own data dir, as on
 separate machines (root only: container instances need cgroups):
@@ -65,6 +65,7 @@ from typing import Any
 
 from stratus.cli import logs
 from stratus.ops.bench.chaos import (
+    FINAL,
     PASSWORD,
     Clients,
     LogFold,
@@ -93,6 +94,7 @@ class Options:
     settle_s: float = 60.0
     tenants: int = 6
     seed: int = 1
+    keep_failed: bool = False
 
 
 @dataclass
@@ -104,6 +106,12 @@ class Fault:
     max_unavailable_s: float | None = None
     # For the leader: seconds from the kill until another node leads the stream.
     new_leader_s: float | None = None
+    # Attempts begun in the window that went unanswered (the client's
+    # timeout or no responders), begun before the restart and after it.
+    unanswered_before_restart: int = 0
+    unanswered_after_restart: int = 0
+    # Why, counted (the error's kind and the start of its message).
+    unanswered_why: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
 
@@ -397,8 +405,16 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         await phase
         acks = [s.answered for s in clients.sent if s.outcome == "acked"]
         out.baseline_gap_s = unavailable(acks, began + 1.0, began + WARMUP_S)
+        tries = [t for s in clients.sent for t in s.unanswered]
         for f, at in zip(out.faults, kills, strict=True):
             f.max_unavailable_s = unavailable(acks, at, at + opts.window_s)
+            back = at + f.restarted_after_s
+            f.unanswered_before_restart = sum(at - 1.0 <= t < back for t, _ in tries)
+            f.unanswered_after_restart = sum(back <= t < at + opts.window_s for t, _ in tries)
+            for t, why in tries:
+                if at - 1.0 <= t < at + opts.window_s:
+                    key = why[:70]
+                    f.unanswered_why[key] = f.unanswered_why.get(key, 0) + 1
         _say("settling and checking")
         fold = LogFold(QUOTA_DEFAULTS, set(work.tenants))
         await _settle(dep, fold, last_restart + opts.settle_s)  # type: ignore[arg-type]
@@ -409,6 +425,8 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         out.stuck, out.orphaned, out.servers = res.stuck, res.orphaned, res.servers
         out.over_quota = len(fold.over_quota)
         out.details.update({k: v[:10] for k, v in res.details.items() if v})
+        if res.stuck:
+            out.details["stuck_history"] = await stuck_histories(dep, fold)
         if fold.over_quota:
             out.details["over_quota"] = fold.over_quota[:10]
         await digest_check(dep, out)
@@ -433,6 +451,26 @@ async def run_async(opts: Options, root: Path) -> Outcome:
     return out
 
 
+async def stuck_histories(dep: ClusterDeployment, fold: LogFold) -> list[str]:
+    """Each stuck server's events (seq, type, actor, host), to find why."""
+    store = await dep.store()
+    lines = []
+    try:
+        for sid, v in fold.servers.items():
+            if v.status in FINAL or (fold.scope is not None and v.tenant not in fold.scope):
+                continue
+            recs = await store.read_all(subjects=[f"ev.{v.tenant}.server.{sid}"])
+            steps = []
+            for rec in recs:
+                ev = rec.decode()
+                host = getattr(ev, "host", "")
+                steps.append(f"{rec.seq} {ev.type_name()} {ev.actor}{' ' + host if host else ''}")
+            lines.append(f"{sid}: " + "; ".join(steps))
+    finally:
+        await store.close()
+    return lines
+
+
 def _say(text: str) -> None:
     print(f"cluster: {text}", file=sys.stderr, flush=True)
 
@@ -442,10 +480,16 @@ def run(opts: Options) -> Outcome:
         raise SystemExit("the cluster run needs root: container instances need cgroups")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="stratus-cluster-"))
+    out = None
     try:
-        return asyncio.run(run_async(opts, root))
+        out = asyncio.run(run_async(opts, root))
+        return out
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if opts.keep_failed and out is not None and not out.ok:
+            # Every process's log and the nodes' stores, to read after.
+            out.details["kept"] = [str(root)]
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
@@ -462,6 +506,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     )
     p.add_argument("--settle", type=float, default=d.settle_s, help="seconds to become final")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--keep-failed", action="store_true", help="keep a failed run's data dir and logs"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.restart_after >= a.window:
@@ -472,6 +519,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
         restart_after_s=a.restart_after,
         settle_s=a.settle,
         seed=a.seed,
+        keep_failed=a.keep_failed,
     )
     return opts, a.json
 
