@@ -452,7 +452,10 @@ async def run_async(opts: Options, root: Path) -> Outcome:
 
 
 async def stuck_histories(dep: ClusterDeployment, fold: LogFold) -> list[str]:
-    """Each stuck server's events (seq, type, actor, host), to find why."""
+    """Each stuck server's events (seq, type, actor, host), and each host
+    agent's consumer, to find why."""
+    from stratus.events.store import STREAM
+
     store = await dep.store()
     lines = []
     try:
@@ -466,6 +469,18 @@ async def stuck_histories(dep: ClusterDeployment, fold: LogFold) -> list[str]:
                 host = getattr(ev, "host", "")
                 steps.append(f"{rec.seq} {ev.type_name()} {ev.actor}{' ' + host if host else ''}")
             lines.append(f"{sid}: " + "; ".join(steps))
+        # Whether the hosts' agents have deliveries they never acknowledged.
+        from stratus.agents.compute.agent import consumer_name
+
+        for host in dep.hosts:
+            with contextlib.suppress(Exception):
+                info = await store.js.consumer_info(STREAM, consumer_name(host))
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                lines.append(
+                    f"consumer of {host}: ack pending {info.num_ack_pending}, redelivered "
+                    f"{info.num_redelivered}, delivered up to {info.delivered.stream_seq}, "
+                    f"ack floor {floor}, leader {info.cluster.leader if info.cluster else '-'}"
+                )
     finally:
         await store.close()
     return lines
