@@ -38,7 +38,14 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     default_data_dir,
     deployment_prefix,
 )
-from stratus.events.broker import BrokerError, EmbeddedNats, StoreInUse, cluster_nodes, stop_pid
+from stratus.events.broker import (
+    BrokerError,
+    EmbeddedNats,
+    StoreInUse,
+    cluster_nodes,
+    start_nodes,
+    stop_pid,
+)
 from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
 from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
@@ -363,11 +370,10 @@ class Stack:
         try:
             keyring = self.keyring = KeyRing.load_or_create(self.data_dir / "keys")
             keys = BrokerKeys.load_or_create(self.data_dir / BROKER_DIR)
-            self.brokers = self._make_brokers(broker_config(keys))
+            auth = broker_config(keys)
+            self.brokers = self._make_brokers(auth)
             await self._stop_leftover_broker()
-            for b in self.brokers:
-                b.spawn()
-            urls = await asyncio.gather(*(asyncio.to_thread(b.wait_ready) for b in self.brokers))
+            self.brokers, urls = await start_nodes(self.brokers, lambda: self._make_brokers(auth))
             url = self.url = ",".join(urls)
             self._supervisors = [
                 asyncio.create_task(self._supervise_broker(b)) for b in self.brokers

@@ -185,18 +185,18 @@ class ClusterDeployment:
 
     async def start(self) -> None:
         from stratus.cli.runtime import auth_block, init_cloud
-        from stratus.events.broker import cluster_nodes
+        from stratus.events.broker import cluster_nodes, start_nodes
 
-        self.nodes = cluster_nodes(
-            self.root / "nodes",
-            NODES,
-            name=self.prefix,
-            extra_config=auth_block(self.data_dir),
-            log_dir=self.logs,
-        )
-        for n in self.nodes:
-            n.spawn()
-        urls = await asyncio.gather(*(asyncio.to_thread(n.wait_ready) for n in self.nodes))
+        def make() -> list[Any]:
+            return cluster_nodes(
+                self.root / "nodes",
+                NODES,
+                name=self.prefix,
+                extra_config=auth_block(self.data_dir),
+                log_dir=self.logs,
+            )
+
+        self.nodes, urls = await start_nodes(make(), make)
         self.url = ",".join(urls)
         await init_cloud(self.url, self.data_dir, admin_password=PASSWORD)
         # The auth callout first: it admits every other process.
