@@ -147,7 +147,12 @@ async def init_cloud(
     keyring = KeyRing.load_or_create(data_dir / "keys")
     keys = BrokerKeys.load_or_create(data_dir / BROKER_DIR)
     callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+    # One budget for the whole of init: each wait below gets what is left.
     deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     while True:
         # A cluster that is just forming may not route the callout's
         # subscription to every node yet.
@@ -166,9 +171,14 @@ async def init_cloud(
         store = await EventStore.connect(
             url, persistent=False, creds=local_creds(data_dir, "handlers", ttl_s=600)
         )
-        have = await ensure_log(store, replicas, wait=True, timeout=timeout)
+        have = await ensure_log(store, replicas, wait=True, timeout=left())
         await publish_signing_keys(store, keyring)
-        await callout.wait_ready()
+        try:
+            await callout.wait_ready(left())
+        except TimeoutError:
+            raise Unavailable(
+                f"init: the auth callout did not catch up with the log within {timeout:g}s"
+            ) from None
         started = await start_services(store, engine, keyring, queries=False)
         services = list(started.parts)
         assert started.commands is not None
