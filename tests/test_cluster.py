@@ -289,3 +289,27 @@ def test_up_cluster_3_keeps_every_command_when_the_stream_leader_dies(tmp_path):
 
         rc, _ = up.stop(timeout=30)
         assert rc == 0
+
+
+async def test_a_refused_reply_after_a_node_died_does_not_stop_a_service():
+    """A request that came through a node that died is answered on the
+    connection's new node, which holds no permission for that reply and
+    refuses it: the asker sends again, and the service (the other handler
+    replica, in the cluster bench) must keep serving. A refusal of anything
+    else is still its credentials' fault, and stops it."""
+    import nats.errors
+
+    from stratus.cli.main import BrokerRefusal
+
+    refusal = BrokerRefusal("handlers")
+    # (nats-py lowercases the broker's -ERR line, subject included)
+    for inbox in ("_inbox.uaxn.0b49.0b4d", "_inbox_01abc.events"):
+        await refusal.on_error(
+            nats.errors.Error(f"nats: 'permissions violation for publish to \"{inbox}\"'")
+        )
+        assert not refusal.refused.is_set()
+    await refusal.on_error(
+        nats.errors.Error("nats: 'permissions violation for publish to \"ev.acme.tenant.acme\"'")
+    )
+    assert refusal.refused.is_set()
+    assert refusal.line.startswith('error: forbidden: the broker refused publish to "ev.acme')

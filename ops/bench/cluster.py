@@ -41,7 +41,8 @@ no fault, measured in the same run); ``digest_equal`` (both query nodes'
 stores, caught up, equal a fresh rebuild from the log);
 ``overcommitted_hosts`` (hosts whose claims ever exceeded capacity),
 ``over_quota`` (events after which a tenant used more than its quota) and
-``stuck`` (servers not final 60 s after the last restart).
+``stuck`` (servers not final 60 s after the last restart); ``crashed``
+(service processes that exited without being killed).
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class Outcome:
     over_quota: int = 0
     stuck: int = 0
     orphaned: int = 0
+    # Service processes that died without being killed (the other replica
+    # of a killed one would leave nothing serving).
+    crashed: int = 0
     baseline_gap_s: float | None = None
     faults: list[Fault] = field(default_factory=list)
     servers: dict[str, int] = field(default_factory=dict)
@@ -143,6 +147,7 @@ class Outcome:
             not self.error
             and not any(counted)
             and self.stuck == 0
+            and self.crashed == 0
             and self.unresolved == 0
             and self.digest_equal
         )
@@ -306,6 +311,14 @@ class ClusterDeployment:
         await self.start_service(name)
         return name
 
+    def crashed(self) -> list[str]:
+        """Services that exited on their own (a killed one was started again)."""
+        return [
+            f"{n} exited on its own with {p.returncode}"
+            for n, p in self.procs.items()
+            if p.poll() is not None
+        ]
+
     def stop(self) -> list[str]:
         problems = []
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
@@ -444,6 +457,10 @@ async def run_async(opts: Options, root: Path) -> Outcome:
     finally:
         if clients is not None:
             tally(clients.sent, out)
+        crashed = dep.crashed()
+        out.crashed = len(crashed)
+        if crashed:
+            out.details["crashed"] = crashed
         problems = await asyncio.to_thread(dep.stop)
         if problems:
             out.details["stop"] = problems
@@ -557,6 +574,7 @@ def report(out: Outcome, opts: Options) -> dict[str, Any]:
         "over_quota": out.over_quota,
         "stuck": out.stuck,
         "orphaned": out.orphaned,
+        "crashed": out.crashed,
         "servers": out.servers,
         "faults": [asdict(f) for f in out.faults],
         "details": out.details,
@@ -577,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for k in ("acked", "refused", "lost", "duplicated", "digest_equal"):
             print(f"{k:>22}: {data[k]}")
-        for k in ("overcommitted_hosts", "over_quota", "stuck", "orphaned"):
+        for k in ("overcommitted_hosts", "over_quota", "stuck", "orphaned", "crashed"):
             print(f"{k:>22}: {data[k]}")
         print(f"{'baseline_gap_s':>22}: {out.baseline_gap_s}  (warm-up, no fault)")
         for f in out.faults:
