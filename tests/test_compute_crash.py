@@ -264,25 +264,36 @@ class DiesAfterAppending(ReportRelay):
         return out
 
 
-async def test_a_report_whose_relay_replica_dies_mid_request_goes_again_and_lands_once(
-    connect_store,
-):
+async def a_placed_server(connect_store):
+    """A server placed on a new host, and its agent's ``server.building``
+    report (to send through the relay on the condition of the placement)."""
     admin = await connect_store()
     await admin.ensure_stream()
     host, sid = unique_host(), new_id()
     placed = cause().make(ServerScheduled, TENANT, "server", sid, host=host)
     [seq] = (await admin.append([placed])).seqs
-    dying = DiesAfterAppending(await connect_store())
-    await dying.start()
-    agent_side = await connect_store()
-    report = Reporter(agent_side.nc, host)
     building = Cause(f"compute-agent:{host}", new_id(), placed.id).make(
         ServerBuilding, TENANT, "server", sid, host=host
     )
-    t0 = time.monotonic()
-    sent = asyncio.create_task(
-        report.append([building], Condition(building.subject, seq), msg_id=f"{placed.id}.b")
+    return admin, host, seq, building
+
+
+def send(report, building, seq):
+    return asyncio.create_task(
+        report.append([building], Condition(building.subject, seq), msg_id=f"{building.id}.b")
     )
+
+
+async def test_a_report_whose_relay_replica_dies_mid_request_goes_again_and_lands_once(
+    connect_store,
+):
+    admin, host, seq, building = await a_placed_server(connect_store)
+    sid = building.aggregate.id
+    dying = DiesAfterAppending(await connect_store())
+    await dying.start()
+    report = Reporter((await connect_store()).nc, host)
+    t0 = time.monotonic()
+    sent = send(report, building, seq)
     # The report landed; its replica is dead; the other replica starts.
     while not dying.store.nc.is_closed:
         assert time.monotonic() - t0 < 5 and not sent.done()
@@ -301,18 +312,10 @@ async def test_a_report_whose_relay_replica_dies_mid_request_goes_again_and_land
 
 
 async def test_a_report_sent_while_no_relay_runs_lands_when_one_starts(connect_store):
-    admin = await connect_store()
-    await admin.ensure_stream()
-    host, sid = unique_host(), new_id()
-    placed = cause().make(ServerScheduled, TENANT, "server", sid, host=host)
-    [seq] = (await admin.append([placed])).seqs
+    admin, host, seq, building = await a_placed_server(connect_store)
+    sid = building.aggregate.id
     report = Reporter((await connect_store()).nc, host)
-    building = Cause(f"compute-agent:{host}", new_id(), placed.id).make(
-        ServerBuilding, TENANT, "server", sid, host=host
-    )
-    sent = asyncio.create_task(
-        report.append([building], Condition(building.subject, seq), msg_id=f"{placed.id}.b")
-    )
+    sent = send(report, building, seq)
     await asyncio.sleep(1.0)  # no responders, tried again meanwhile
     assert not sent.done() and report.retried >= 1
     relay = ReportRelay(await connect_store())
