@@ -85,6 +85,7 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.drops = drops
+        self.resent = 0  # requests sent again while unanswered (RESEND_AFTER_S)
         # Made by ``connect``: where, and with which token. The broker admits
         # a connection by its token, so a token set later (after logging in)
         # takes a connection of its own (``_as_token``).
@@ -140,6 +141,7 @@ class Client:
                     if attempt >= left:
                         raise
                 attempt *= 2
+                self.resent += 1
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):
