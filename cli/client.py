@@ -31,6 +31,12 @@ _enc = msgspec.json.Encoder()
 # How often a request on a connection made elsewhere (whose disconnect
 # callbacks are not ours) checks that the connection is still up.
 POLL_S = 0.05
+# A replica that dies with a request in flight never answers it, and a
+# queue group gives no sign: a request that is safe to send again (a
+# command with its id, which makes a repeat a duplicate; a query) goes
+# again after RESEND_AFTER_S, then after twice as long each time, to
+# whichever replica the broker picks, within the caller's timeout.
+RESEND_AFTER_S = 1.0
 
 
 class Drops:
@@ -79,6 +85,7 @@ class Client:
         self.token = token
         self.timeout = timeout
         self.drops = drops
+        self.resent = 0  # requests sent again while unanswered (RESEND_AFTER_S)
         # Made by ``connect``: where, and with which token. The broker admits
         # a connection by its token, so a token set later (after logging in)
         # takes a connection of its own (``_as_token``).
@@ -118,10 +125,23 @@ class Client:
     async def request_raw(
         self, subject: str, data: bytes, headers: dict[str, str], timeout: float | None = None
     ) -> bytes:
-        """One request; the reply's body."""
+        """One request (sent again while unanswered, if that is safe: see
+        RESEND_AFTER_S); the reply's body."""
         wait = timeout or self.timeout
+        deadline = time.monotonic() + wait
+        again = subject.startswith("q.") or (subject.startswith("cmd.") and H_COMMAND_ID in headers)
+        attempt = RESEND_AFTER_S if again else wait
         try:
-            msg = await self._send(subject, data, headers, wait)
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    msg = await self._send(subject, data, headers, min(attempt, left))
+                    break
+                except (TimeoutError, nats.errors.TimeoutError):
+                    if attempt >= left:
+                        raise
+                attempt *= 2
+                self.resent += 1
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no service answers {subject}: is stratus up running?") from None
         except (TimeoutError, nats.errors.TimeoutError):

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -627,10 +628,16 @@ SERVICES: dict[str, Callable[[ServeOptions], Service]] = {
 }
 
 
+# The broker's refusal of a reply (to a requester's inbox) this connection
+# may no longer send.
+LOST_REPLY = re.compile(r'permissions violation for publish to "_INBOX[._]', re.IGNORECASE)
+
+
 class BrokerRefusal:
     """Watches a service's connection for the broker's refusals: a
     permissions violation (its credentials are of another kind or host)
-    stops the service at once, said in one line; authorization ones
+    stops the service at once, said in one line (a refused reply only is
+    logged: see ``LOST_REPLY``); authorization ones
     (revoked, expired, not this cloud's) once reconnecting has been refused
     for ``AUTH_GRACE_S`` without a break: while the broker restarts, its
     auth callout may not be back yet, and a refusal then means nothing."""
@@ -652,7 +659,16 @@ class BrokerRefusal:
         import nats.errors
 
         text = str(exc).removeprefix("nats: ").strip("'")
-        if "permissions violation" in text.lower():
+        if LOST_REPLY.match(text):
+            # A reply the broker would not pass on: the request came through
+            # a node that died since, and this connection, now on another
+            # node, holds no permission to answer it (nor could the answer
+            # reach the asker there). The asker sends it again; nothing is
+            # wrong with these credentials.
+            import structlog
+
+            structlog.get_logger("stratus.serve").warning("a reply was lost", refused=text)
+        elif "permissions violation" in text.lower():
             self._refuse(f"the broker refused {text[len('permissions violation for ') :]}")
         elif isinstance(exc, nats.errors.AuthorizationError) or (
             "authorization violation" in text.lower()

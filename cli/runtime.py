@@ -38,7 +38,14 @@ from stratus.cli.datadir import (  # noqa: F401 (the names runtime has always of
     default_data_dir,
     deployment_prefix,
 )
-from stratus.events.broker import BrokerError, EmbeddedNats, StoreInUse, cluster_nodes, stop_pid
+from stratus.events.broker import (
+    BrokerError,
+    EmbeddedNats,
+    StoreInUse,
+    cluster_nodes,
+    start_nodes,
+    stop_pid,
+)
 from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
 from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
@@ -140,7 +147,12 @@ async def init_cloud(
     keyring = KeyRing.load_or_create(data_dir / "keys")
     keys = BrokerKeys.load_or_create(data_dir / BROKER_DIR)
     callout = AuthCallout(url, keys, trusted_keys=keyring.public_keys())
+    # One budget for the whole of init: each wait below gets what is left.
     deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     while True:
         # A cluster that is just forming may not route the callout's
         # subscription to every node yet.
@@ -159,9 +171,14 @@ async def init_cloud(
         store = await EventStore.connect(
             url, persistent=False, creds=local_creds(data_dir, "handlers", ttl_s=600)
         )
-        have = await ensure_log(store, replicas, wait=True, timeout=timeout)
+        have = await ensure_log(store, replicas, wait=True, timeout=left())
         await publish_signing_keys(store, keyring)
-        await callout.wait_ready()
+        try:
+            await callout.wait_ready(left())
+        except TimeoutError:
+            raise Unavailable(
+                f"init: the auth callout did not catch up with the log within {timeout:g}s"
+            ) from None
         started = await start_services(store, engine, keyring, queries=False)
         services = list(started.parts)
         assert started.commands is not None
@@ -367,11 +384,10 @@ class Stack:
         try:
             keyring = self.keyring = KeyRing.load_or_create(self.data_dir / "keys")
             keys = BrokerKeys.load_or_create(self.data_dir / BROKER_DIR)
-            self.brokers = self._make_brokers(broker_config(keys))
+            auth = broker_config(keys)
+            self.brokers = self._make_brokers(auth)
             await self._stop_leftover_broker()
-            for b in self.brokers:
-                b.spawn()
-            urls = await asyncio.gather(*(asyncio.to_thread(b.wait_ready) for b in self.brokers))
+            self.brokers, urls = await start_nodes(self.brokers, lambda: self._make_brokers(auth))
             url = self.url = ",".join(urls)
             self._supervisors = [
                 asyncio.create_task(self._supervise_broker(b)) for b in self.brokers

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ CONF = "nats-server.conf"
 
 class BrokerError(RuntimeError):
     pass
+
+
+class PortInUse(BrokerError):
+    """A port the broker was given was taken before it could bind it."""
 
 
 class StoreInUse(BrokerError):
@@ -311,9 +316,10 @@ class EmbeddedNats:
         ports = self.data_dir / f"nats-server_{proc.pid}.ports"
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise BrokerError(
-                    f"nats-server exited with {proc.returncode}; see {self.log_file or conf}"
-                )
+                why = f"nats-server exited with {proc.returncode}; see {self.log_file or conf}"
+                if self._port_taken():
+                    raise PortInUse(f"{why} (a port it was given is in use)")
+                raise BrokerError(why)
             if ports.exists():
                 try:
                     info = json.loads(ports.read_text())
@@ -327,6 +333,17 @@ class EmbeddedNats:
             time.sleep(0.02)
         self.stop()
         raise BrokerError(f"nats-server did not become ready within {timeout}s")
+
+    def _port_taken(self) -> bool:
+        """Whether the broker's log says a port was in use (the last lines)."""
+        if not self.log_file:
+            return False
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                return b"address already in use" in f.read()
+        except OSError:
+            return False
 
     async def wait_exit(self) -> int:
         """Until the current child exits (at once, through a pidfd); its code."""
@@ -472,14 +489,22 @@ def cluster_nodes(
     """``count`` brokers on ``host`` forming the cluster ``name``: node ``i``
     (from 1) keeps its store in ``base_dir/nats-i``, is called ``name-i``,
     and takes client port ``port + i - 1`` (any free one when ``port`` is 0)
-    and a free route port. Started with ``start_async`` each; they find
-    each other through the routes every one of them lists."""
+    and a free route port. Start them with ``start_nodes``; they find each
+    other through the routes every one of them lists.
+
+    The free ports are probed and released (every node's routes must name
+    the others' before any starts, which a port the kernel picks at bind
+    time cannot give), so another process may take one first:
+    ``start_nodes`` then makes the nodes again. Each node logs to
+    ``log_dir/nats-i.log`` (its own directory without ``log_dir``), where
+    such a failure is read."""
     base = Path(base_dir)
     route_ports = [free_port(host) for _ in range(count)]
     routes = tuple(f"nats://{host}:{p}" for p in route_ports)
     nodes = []
     for i in range(1, count + 1):
         d = base / f"nats-{i}"
+        logs = Path(log_dir) if log_dir else d
         nodes.append(
             EmbeddedNats(
                 d,
@@ -488,10 +513,43 @@ def cluster_nodes(
                 server_name=f"{name}-{i}",
                 cluster=ClusterConfig(name, f"{host}:{route_ports[i - 1]}", routes),
                 extra_config=extra_config,
-                log_file=str(Path(log_dir) / f"nats-{i}.log") if log_dir else None,
+                log_file=str(logs / f"nats-{i}.log"),
             )
         )
     return nodes
+
+
+# Times ``start_nodes`` makes the nodes again after a port was taken.
+START_ATTEMPTS = 3
+
+
+async def start_nodes(
+    nodes: list[EmbeddedNats],
+    remake: Callable[[], list[EmbeddedNats]] | None = None,
+    *,
+    timeout: float = 15.0,
+) -> tuple[list[EmbeddedNats], list[str]]:
+    """Start ``nodes`` and wait until each accepts connections: the nodes
+    and their URLs. If a port given to one was taken meanwhile (``PortInUse``),
+    all are stopped and ``remake()`` (fresh ports) is started instead, at
+    most ``START_ATTEMPTS`` times in all. Spawned from the calling (event
+    loop's) thread, so the children die with this process."""
+    attempt = 1
+    while True:
+        for n in nodes:
+            n.spawn()
+        got = await asyncio.gather(
+            *(asyncio.to_thread(n.wait_ready, timeout) for n in nodes), return_exceptions=True
+        )
+        errors = [g for g in got if isinstance(g, BaseException)]
+        if not errors:
+            return nodes, [str(u) for u in got]
+        for n in nodes:
+            n.stop()
+        taken = [e for e in errors if isinstance(e, PortInUse)]
+        if remake is None or len(taken) < len(errors) or attempt == START_ATTEMPTS:
+            raise errors[0]
+        nodes, attempt = remake(), attempt + 1
 
 
 def _read_pid(fd: int) -> int | None:

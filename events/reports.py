@@ -15,6 +15,8 @@ store's ``append`` gives: the sequence numbers, or the same typed errors
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +35,15 @@ from stratus.events.model import Codec, Event
 from stratus.events.store import AppendResult, Condition
 
 REPORT_SUBJECT = "report.{host}"
+
+# A relay replica killed with a report in flight never answers it, and one
+# not started yet is "no responders": an identified report (a message id)
+# goes again, to whichever replica answers, after at most ATTEMPT_S, with
+# a growing pause between tries, until the whole ``timeout`` is spent. The
+# id makes a retry of a report that did land a duplicate (the relay's store
+# finds the first append), so a retry never appends twice.
+ATTEMPT_S = 2.5
+PAUSES_S = (0.05, 0.2, 0.5, 1.0)
 
 
 class ReportRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,11 +81,21 @@ class Reporter:
     """An agent's side: ``append`` like ``EventStore.append``, through the
     relay of ``host``: one event, or several on one subject (atomic)."""
 
-    def __init__(self, nc: Any, host: str, *, codec: Codec = CODEC, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        host: str,
+        *,
+        codec: Codec = CODEC,
+        timeout: float = 15.0,
+        attempt_s: float = ATTEMPT_S,
+    ) -> None:
         self.nc = nc
         self.subject = REPORT_SUBJECT.format(host=host)
         self.codec = codec
         self.timeout = timeout
+        self.attempt_s = attempt_s
+        self.retried = 0  # tries after the first (for tests and status)
 
     async def append(
         self,
@@ -88,8 +109,27 @@ class Reporter:
             raise ValueError("a report holds an event")
         first, *more = (self.codec.encode(ev) for ev in events)
         req = ReportRequest(first, condition, msg_id, server, more)
+        data = _request.encode(req)
+        deadline = time.monotonic() + self.timeout
+        tries = 0
+        while True:
+            try:
+                return await self._once(data, condition, deadline, retry=msg_id is not None)
+            except Unavailable:
+                pause = PAUSES_S[min(tries, len(PAUSES_S) - 1)]
+                if msg_id is None or time.monotonic() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            tries += 1
+            self.retried += 1
+
+    async def _once(
+        self, data: bytes, condition: Condition | None, deadline: float, *, retry: bool
+    ) -> AppendResult:
+        left = deadline - time.monotonic()
+        wait = min(self.attempt_s, left) if retry else left
         try:
-            msg = await self.nc.request(self.subject, _request.encode(req), timeout=self.timeout)
+            msg = await self.nc.request(self.subject, data, timeout=max(wait, 0.01))
         except nats.errors.NoRespondersError:
             raise Unavailable(
                 f"no relay answers {self.subject}: are the handlers running?"

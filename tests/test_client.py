@@ -112,3 +112,43 @@ def test_the_cli_exits_3_at_once_when_the_broker_dies_mid_command(nats_server):
     assert done.returncode == 3, done.stderr
     assert "error: unavailable:" in done.stderr
     assert took < FAST_S, f"the CLI exited {took:.1f}s after the broker died"
+
+
+async def test_a_command_whose_replica_dies_before_answering_is_sent_again_and_applied_once(
+    nats_server, store
+):
+    """A handler replica killed with a command in flight: nothing tells the
+    client, and it used to wait its whole timeout. It sends the command
+    again (its id makes that safe) to the replica that lives."""
+    from stratus.handlers.service import QUEUE_GROUP, CommandService
+    from stratus.handlers.tenants import HANDLERS
+
+    # given a replica that takes the command and dies before answering
+    dead = await nats.connect(nats_server.url, allow_reconnect=False)
+    arrived = asyncio.Event()
+
+    async def take(_msg) -> None:
+        arrived.set()
+
+    await dead.subscribe("cmd.>", queue=QUEUE_GROUP, cb=take)
+    await dead.flush()
+    client = await Client.connect(nats_server.url, timeout=TIMEOUT_S)
+    live = CommandService(store, HANDLERS)
+    try:
+        t0 = time.monotonic()
+        sent = asyncio.create_task(client.command("tenant.create", {"name": "acme"}, "cmd-1"))
+        await asyncio.wait_for(arrived.wait(), 10)
+        await dead.close()
+        # when the other replica runs
+        await live.start()
+        # then the command is answered within seconds, not after TIMEOUT_S
+        reply = await asyncio.wait_for(sent, TIMEOUT_S * 2)
+        took = time.monotonic() - t0
+        assert reply.ok and reply.seqs and took < FAST_S, f"answered after {took:.1f}s"
+        # and applied once: the same id again is the same append
+        again = await client.command("tenant.create", {"name": "acme"}, "cmd-1")
+        assert again.seqs == reply.seqs
+        assert len(await store.read_all(subjects=["ev.acme.>"])) == len(reply.seqs)
+    finally:
+        await live.stop()
+        await client.close()

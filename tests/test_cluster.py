@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from stratus.cli.creds import local_creds
 from stratus.events.broker import ClusterConfig, pid_running, render_config
-from stratus.events.cluster import server_list, stream_cluster, whole
+from stratus.events.cluster import server_list, stream_cluster, wait_whole, whole
 from stratus.events.errors import Invalid
 from stratus.events.ids import new_id
 from stratus.events.store import EventStore
@@ -76,15 +77,15 @@ async def test_a_command_id_lookup_on_a_replicated_stream_stores_nothing_and_bre
     check (the last message id) is a critical write error on each of them
     that stalls the stream: the lookup must not use it there."""
     from stratus.cli.runtime import ensure_log
-    from stratus.events.broker import cluster_nodes
+    from stratus.events.broker import cluster_nodes, start_nodes
 
     from .test_store import created
 
-    nodes = cluster_nodes(tmp_path, 3, name="t")
+    def make():
+        return cluster_nodes(tmp_path, 3, name="t")
+
+    nodes, urls = await start_nodes(make(), make)
     try:
-        for n in nodes:
-            n.spawn()
-        urls = await asyncio.gather(*(asyncio.to_thread(n.wait_ready) for n in nodes))
         store = await EventStore.connect(",".join(urls))
         try:
             assert await ensure_log(store, wait=True, timeout=30) == 3
@@ -97,7 +98,44 @@ async def test_a_command_id_lookup_on_a_replicated_stream_stores_nothing_and_bre
             assert await store.last_seq() == appended.seqs[-1]
             more = await asyncio.wait_for(store.append([created("beta")], msg_id=new_id()), 10)
             assert more.seqs == [appended.seqs[-1] + 1]
-            assert whole(await stream_cluster(store.js))
+            # Every replica catches up (a follower may be a moment behind an
+            # append; a stalled one never is current again).
+            await wait_whole(store.js, ["EVENTS"], timeout=10)
+        finally:
+            await store.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+async def test_a_port_taken_between_its_pick_and_the_start_gets_the_nodes_fresh_ports(tmp_path):
+    """Free ports are probed and released before the nodes start (each
+    node's routes name the others'): one taken meanwhile, by another
+    process, makes the nodes again; without a way to, the start says so."""
+    from stratus.cli.runtime import ensure_log
+    from stratus.events.broker import PortInUse, cluster_nodes, start_nodes
+
+    made = []
+
+    def make():
+        made.append(cluster_nodes(tmp_path, 3, name="t"))
+        return made[-1]
+
+    first = make()
+    route = int(first[1].cluster.listen.rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", route))
+        taken.listen()
+        with pytest.raises(PortInUse, match="in use"):
+            await start_nodes(first)
+        assert not any(n.running() for n in first)
+        nodes, urls = await start_nodes(first, make)
+    try:
+        assert len(made) == 2 and nodes is made[1]  # made again once
+        assert all(f":{route}" not in n.cluster.listen for n in nodes)
+        store = await EventStore.connect(",".join(urls))
+        try:
+            assert await ensure_log(store, wait=True, timeout=30) == 3
         finally:
             await store.close()
     finally:
@@ -251,3 +289,27 @@ def test_up_cluster_3_keeps_every_command_when_the_stream_leader_dies(tmp_path):
 
         rc, _ = up.stop(timeout=30)
         assert rc == 0
+
+
+async def test_a_refused_reply_after_a_node_died_does_not_stop_a_service():
+    """A request that came through a node that died is answered on the
+    connection's new node, which holds no permission for that reply and
+    refuses it: the asker sends again, and the service (the other handler
+    replica, in the cluster bench) must keep serving. A refusal of anything
+    else is still its credentials' fault, and stops it."""
+    import nats.errors
+
+    from stratus.cli.main import BrokerRefusal
+
+    refusal = BrokerRefusal("handlers")
+    # (nats-py lowercases the broker's -ERR line, subject included)
+    for inbox in ("_inbox.uaxn.0b49.0b4d", "_inbox_01abc.events"):
+        await refusal.on_error(
+            nats.errors.Error(f"nats: 'permissions violation for publish to \"{inbox}\"'")
+        )
+        assert not refusal.refused.is_set()
+    await refusal.on_error(
+        nats.errors.Error("nats: 'permissions violation for publish to \"ev.acme.tenant.acme\"'")
+    )
+    assert refusal.refused.is_set()
+    assert refusal.line.startswith('error: forbidden: the broker refused publish to "ev.acme')

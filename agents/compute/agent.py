@@ -41,7 +41,7 @@ import hashlib
 import io
 import os
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,12 @@ FETCH_BATCH = 64
 # reported, but an error of the agent's own) is tried this often, then given up.
 MAX_DELIVERIES = 5
 RETRY_DELAY_S = 5.0
+# A delivery lost on its way (the node leading the consumer died, the
+# agent's connection was moving to another node) is sent again only after
+# the consumer's ack_wait, and nothing else would bring its event to the
+# agent: so it is short, and the agent keeps the events it works on alive
+# with in-progress acks (every third of it) while a build takes longer.
+ACK_WAIT_S = 15.0
 # A server's subject moving while the agent works on it (a verb, a report of
 # the scheduler's) makes it look again; this often at most per pass.
 MAX_LOOKS = 4
@@ -232,6 +238,7 @@ class ComputeAgent:
             self.drivers["container"] = containers
         self.reconcile_interval = reconcile_interval
         self.retry_delay = RETRY_DELAY_S
+        self.ack_wait = ACK_WAIT_S
         self.direct_boot = direct_boot
         self.heartbeat_interval = heartbeat_interval
         self.subject = host_subject(host)
@@ -350,12 +357,14 @@ class ComputeAgent:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             filter_subject=self.subject,
-            # A build may take a while (a real base image copied to the cache).
-            # Nothing waits for a redelivery: a restarted agent folds the
-            # subject itself, so an unacknowledged event only wakes it again.
-            ack_wait=300,
+            # (A restarted agent folds the subject itself; a redelivery is
+            # for a delivery the running agent never got: see ACK_WAIT_S.)
+            ack_wait=self.ack_wait,
             max_ack_pending=1000,
         )
+        # Created, or updated in place (a consumer of an older agent had
+        # a longer ack_wait), before binding to it.
+        await self.store.js.add_consumer(STREAM, config=config)
         self._psub = await self.store.js.pull_subscribe(
             self.subject, durable=name, stream=STREAM, config=config
         )
@@ -417,7 +426,9 @@ class ComputeAgent:
                 self.handled += 1
         if not touched:
             return
-        failed = await self.converge(touched)
+        msgs = [m for items in touched.values() for m, _ in items]
+        async with self._kept_alive(msgs, self.ack_wait / 3):
+            failed = await self.converge(touched)
         for server, items in touched.items():
             exc = failed.get(server)
             for m, ev in items:
@@ -431,6 +442,26 @@ class ComputeAgent:
                     # Tried again later, by then perhaps doable (the broker
                     # back, the disk freed); the periodic pass tries too.
                     await m.nak(delay=self.retry_delay)
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _kept_alive(msgs: list[Any], every: float) -> AsyncIterator[None]:
+        """While the body runs, tell the broker ``msgs`` are being worked on."""
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(every)
+                for m in msgs:
+                    with contextlib.suppress(Exception):  # the broker away: it redelivers
+                        await m.in_progress()
+
+        ticking = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
 
     async def handle(self, ev: Event, seq: int = 0) -> None:
         """Fold one event (``seq`` 0: not from the log) and converge its server."""

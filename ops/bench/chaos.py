@@ -144,6 +144,9 @@ class Sent:
     attempts: int = 0
     first_sent: float = 0.0
     answered: float = 0.0
+    # Each attempt that went unanswered (timed out, no responders...): when
+    # it began, and why.
+    unanswered: list[tuple[float, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -466,6 +469,7 @@ class Clients:
                 pause = 0.1
                 while time.monotonic() < give_up:
                     sent.attempts += 1
+                    began = time.monotonic()
                     try:
                         if client is None:
                             # The URL may not be there while `up` restarts.
@@ -476,6 +480,7 @@ class Clients:
                     except (Unavailable, Internal) as err:
                         # Unknown outcome: the same command, same id, again.
                         sent.error = f"{err.kind}: {err.message}"[:200]
+                        sent.unanswered.append((began, sent.error))
                         if client is not None:
                             await client.close()
                         client = None

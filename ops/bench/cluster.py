@@ -3,7 +3,7 @@ separate processes, mixed commands from 8 clients while one part after
 another is killed with SIGKILL; then the log is checked.
 
 ``python -m stratus.ops.bench cluster [--clients 8] [--window 12]
-[--restart-after 3] [--settle 60] [--seed S] [--json]``
+[--restart-after 3] [--settle 60] [--seed S] [--keep-failed] [--json]``
 
 The deployment, each part its own process with its own data dir, as on
 separate machines (root only: container instances need cgroups):
@@ -41,7 +41,8 @@ no fault, measured in the same run); ``digest_equal`` (both query nodes'
 stores, caught up, equal a fresh rebuild from the log);
 ``overcommitted_hosts`` (hosts whose claims ever exceeded capacity),
 ``over_quota`` (events after which a tenant used more than its quota) and
-``stuck`` (servers not final 60 s after the last restart).
+``stuck`` (servers not final 60 s after the last restart); ``crashed``
+(service processes that exited without being killed).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from typing import Any
 
 from stratus.cli import logs
 from stratus.ops.bench.chaos import (
+    FINAL,
     PASSWORD,
     Clients,
     LogFold,
@@ -93,6 +95,7 @@ class Options:
     settle_s: float = 60.0
     tenants: int = 6
     seed: int = 1
+    keep_failed: bool = False
 
 
 @dataclass
@@ -104,6 +107,12 @@ class Fault:
     max_unavailable_s: float | None = None
     # For the leader: seconds from the kill until another node leads the stream.
     new_leader_s: float | None = None
+    # Attempts begun in the window that went unanswered (the client's
+    # timeout or no responders), begun before the restart and after it.
+    unanswered_before_restart: int = 0
+    unanswered_after_restart: int = 0
+    # Why, counted (the error's kind and the start of its message).
+    unanswered_why: dict[str, int] = field(default_factory=dict)
     error: str = ""
 
 
@@ -121,6 +130,9 @@ class Outcome:
     over_quota: int = 0
     stuck: int = 0
     orphaned: int = 0
+    # Service processes that died without being killed (the other replica
+    # of a killed one would leave nothing serving).
+    crashed: int = 0
     baseline_gap_s: float | None = None
     faults: list[Fault] = field(default_factory=list)
     servers: dict[str, int] = field(default_factory=dict)
@@ -135,6 +147,7 @@ class Outcome:
             not self.error
             and not any(counted)
             and self.stuck == 0
+            and self.crashed == 0
             and self.unresolved == 0
             and self.digest_equal
         )
@@ -177,18 +190,18 @@ class ClusterDeployment:
 
     async def start(self) -> None:
         from stratus.cli.runtime import auth_block, init_cloud
-        from stratus.events.broker import cluster_nodes
+        from stratus.events.broker import cluster_nodes, start_nodes
 
-        self.nodes = cluster_nodes(
-            self.root / "nodes",
-            NODES,
-            name=self.prefix,
-            extra_config=auth_block(self.data_dir),
-            log_dir=self.logs,
-        )
-        for n in self.nodes:
-            n.spawn()
-        urls = await asyncio.gather(*(asyncio.to_thread(n.wait_ready) for n in self.nodes))
+        def make() -> list[Any]:
+            return cluster_nodes(
+                self.root / "nodes",
+                NODES,
+                name=self.prefix,
+                extra_config=auth_block(self.data_dir),
+                log_dir=self.logs,
+            )
+
+        self.nodes, urls = await start_nodes(make(), make)
         self.url = ",".join(urls)
         await init_cloud(self.url, self.data_dir, admin_password=PASSWORD)
         # The auth callout first: it admits every other process.
@@ -298,6 +311,14 @@ class ClusterDeployment:
         await self.start_service(name)
         return name
 
+    def crashed(self) -> list[str]:
+        """Services that exited on their own (a killed one was started again)."""
+        return [
+            f"{n} exited on its own with {p.returncode}"
+            for n, p in self.procs.items()
+            if p.poll() is not None
+        ]
+
     def stop(self) -> list[str]:
         problems = []
         live = {n: p for n, p in self.procs.items() if p.poll() is None}
@@ -397,8 +418,16 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         await phase
         acks = [s.answered for s in clients.sent if s.outcome == "acked"]
         out.baseline_gap_s = unavailable(acks, began + 1.0, began + WARMUP_S)
+        tries = [t for s in clients.sent for t in s.unanswered]
         for f, at in zip(out.faults, kills, strict=True):
             f.max_unavailable_s = unavailable(acks, at, at + opts.window_s)
+            back = at + f.restarted_after_s
+            f.unanswered_before_restart = sum(at - 1.0 <= t < back for t, _ in tries)
+            f.unanswered_after_restart = sum(back <= t < at + opts.window_s for t, _ in tries)
+            for t, why in tries:
+                if at - 1.0 <= t < at + opts.window_s:
+                    key = why[:70]
+                    f.unanswered_why[key] = f.unanswered_why.get(key, 0) + 1
         _say("settling and checking")
         fold = LogFold(QUOTA_DEFAULTS, set(work.tenants))
         await _settle(dep, fold, last_restart + opts.settle_s)  # type: ignore[arg-type]
@@ -409,6 +438,8 @@ async def run_async(opts: Options, root: Path) -> Outcome:
         out.stuck, out.orphaned, out.servers = res.stuck, res.orphaned, res.servers
         out.over_quota = len(fold.over_quota)
         out.details.update({k: v[:10] for k, v in res.details.items() if v})
+        if res.stuck:
+            out.details["stuck_history"] = await stuck_histories(dep, fold)
         if fold.over_quota:
             out.details["over_quota"] = fold.over_quota[:10]
         await digest_check(dep, out)
@@ -426,11 +457,50 @@ async def run_async(opts: Options, root: Path) -> Outcome:
     finally:
         if clients is not None:
             tally(clients.sent, out)
+        crashed = dep.crashed()
+        out.crashed = len(crashed)
+        if crashed:
+            out.details["crashed"] = crashed
         problems = await asyncio.to_thread(dep.stop)
         if problems:
             out.details["stop"] = problems
         out.seconds = round(time.monotonic() - t0, 1)
     return out
+
+
+async def stuck_histories(dep: ClusterDeployment, fold: LogFold) -> list[str]:
+    """Each stuck server's events (seq, type, actor, host), and each host
+    agent's consumer, to find why."""
+    from stratus.events.store import STREAM
+
+    store = await dep.store()
+    lines = []
+    try:
+        for sid, v in fold.servers.items():
+            if v.status in FINAL or (fold.scope is not None and v.tenant not in fold.scope):
+                continue
+            recs = await store.read_all(subjects=[f"ev.{v.tenant}.server.{sid}"])
+            steps = []
+            for rec in recs:
+                ev = rec.decode()
+                host = getattr(ev, "host", "")
+                steps.append(f"{rec.seq} {ev.type_name()} {ev.actor}{' ' + host if host else ''}")
+            lines.append(f"{sid}: " + "; ".join(steps))
+        # Whether the hosts' agents have deliveries they never acknowledged.
+        from stratus.agents.compute.agent import consumer_name
+
+        for host in dep.hosts:
+            with contextlib.suppress(Exception):
+                info = await store.js.consumer_info(STREAM, consumer_name(host))
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                lines.append(
+                    f"consumer of {host}: ack pending {info.num_ack_pending}, redelivered "
+                    f"{info.num_redelivered}, delivered up to {info.delivered.stream_seq}, "
+                    f"ack floor {floor}, leader {info.cluster.leader if info.cluster else '-'}"
+                )
+    finally:
+        await store.close()
+    return lines
 
 
 def _say(text: str) -> None:
@@ -442,10 +512,16 @@ def run(opts: Options) -> Outcome:
         raise SystemExit("the cluster run needs root: container instances need cgroups")
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="stratus-cluster-"))
+    out = None
     try:
-        return asyncio.run(run_async(opts, root))
+        out = asyncio.run(run_async(opts, root))
+        return out
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if opts.keep_failed and out is not None and not out.ok:
+            # Every process's log and the nodes' stores, to read after.
+            out.details["kept"] = [str(root)]
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
@@ -462,6 +538,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
     )
     p.add_argument("--settle", type=float, default=d.settle_s, help="seconds to become final")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--keep-failed", action="store_true", help="keep a failed run's data dir and logs"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     if a.restart_after >= a.window:
@@ -472,6 +551,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, bool]:
         restart_after_s=a.restart_after,
         settle_s=a.settle,
         seed=a.seed,
+        keep_failed=a.keep_failed,
     )
     return opts, a.json
 
@@ -494,6 +574,7 @@ def report(out: Outcome, opts: Options) -> dict[str, Any]:
         "over_quota": out.over_quota,
         "stuck": out.stuck,
         "orphaned": out.orphaned,
+        "crashed": out.crashed,
         "servers": out.servers,
         "faults": [asdict(f) for f in out.faults],
         "details": out.details,
@@ -514,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for k in ("acked", "refused", "lost", "duplicated", "digest_equal"):
             print(f"{k:>22}: {data[k]}")
-        for k in ("overcommitted_hosts", "over_quota", "stuck", "orphaned"):
+        for k in ("overcommitted_hosts", "over_quota", "stuck", "orphaned", "crashed"):
             print(f"{k:>22}: {data[k]}")
         print(f"{'baseline_gap_s':>22}: {out.baseline_gap_s}  (warm-up, no fault)")
         for f in out.faults:
