@@ -27,7 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,7 +441,7 @@ def node_configs(
     return out
 
 
-def stable_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
+def stable_port(host: str = "127.0.0.1", attempts: int = 64, avoid: Iterable[int] = ()) -> int:
     """A TCP port free on ``host`` now, below the kernel's ephemeral range.
 
     For a listener that must come back on the same port after its process
@@ -458,8 +458,11 @@ def stable_port(host: str = "127.0.0.1", attempts: int = 64) -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     start = 10000 if low > 12000 else 1024
+    taken = set(avoid)
     for _ in range(attempts):
         port = random.randrange(start, low)
+        if port in taken:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
@@ -492,14 +495,20 @@ def cluster_nodes(
     and a free route port. Start them with ``start_nodes``; they find each
     other through the routes every one of them lists.
 
-    The free ports are probed and released (every node's routes must name
+    The free ports (below the ephemeral range: ``stable_port``, so a
+    restarted node gets its ports back) are probed and released (every node's routes must name
     the others' before any starts, which a port the kernel picks at bind
     time cannot give), so another process may take one first:
     ``start_nodes`` then makes the nodes again. Each node logs to
     ``log_dir/nats-i.log`` (its own directory without ``log_dir``), where
     such a failure is read."""
     base = Path(base_dir)
-    route_ports = [free_port(host) for _ in range(count)]
+    route_ports: list[int] = []
+    for _ in range(count * 2 if not port else count):
+        route_ports.append(stable_port(host, avoid=route_ports))
+    # (the first ``count`` are the routes; the rest the client ports)
+    client_ports = route_ports[count:]
+    route_ports = route_ports[:count]
     routes = tuple(f"nats://{host}:{p}" for p in route_ports)
     nodes = []
     for i in range(1, count + 1):
@@ -508,7 +517,7 @@ def cluster_nodes(
         nodes.append(
             EmbeddedNats(
                 d,
-                port=port + i - 1 if port else free_port(host),
+                port=port + i - 1 if port else client_ports[i - 1],
                 host=host,
                 server_name=f"{name}-{i}",
                 cluster=ClusterConfig(name, f"{host}:{route_ports[i - 1]}", routes),
