@@ -58,16 +58,18 @@ async def beat(
     ttl: float = HEARTBEAT_TTL,
     instances: int = 0,
     name: str = HEARTBEATS,
+    timeout: float | None = None,
 ) -> None:
     """Say ``host`` (or, in bucket ``name``, another beating thing) is alive
-    for the next ``ttl`` seconds."""
+    for the next ``ttl`` seconds; ``timeout`` bounds the wait for the
+    broker's answer (the JetStream context's own without)."""
     if not NAME_RE.match(host):
         raise ValueError(f"not a host name: {host!r}")
     ttl = max(1.0, ttl)
     data = _enc.encode(HostHeartbeat(host=host, at=time.time(), ttl=ttl, instances=instances))
     subject = f"$KV.{name}.{host}"
     try:
-        await js.publish(subject, data, msg_ttl=ttl)
+        await js.publish(subject, data, msg_ttl=ttl, timeout=timeout)
     except nats.js.errors.NoStreamResponseError:
         if name == HEARTBEATS:
             # An agent may write its own key, not make the bucket: whoever

@@ -186,6 +186,38 @@ async def test_registration_and_heartbeat(store, tmp_path):
         await cleanup(agent)
 
 
+async def test_a_failed_heartbeat_goes_again_soon_not_an_interval_later(store, tmp_path):
+    """While beats fail (a cluster electing the bucket's leader takes 4-9 s)
+    the agent beats again within a second or so, so the host's TTL does not
+    lapse on top of the outage: here the bucket is gone for a while."""
+    from stratus.events.heartbeat import beating_hosts, bucket
+    from stratus.events.scheduling import HEARTBEATS
+
+    host = unique_host()
+    agent = make_agent(store, host, tmp_path)
+    agent.heartbeat_interval = 6.0
+    try:
+        await agent.start()
+        started = asyncio.get_running_loop().time()
+        assert host in await beating_hosts(store.js)  # the start's own beat
+        # given beats failing: the bucket is gone at the first periodic beat
+        await store.js.delete_key_value(HEARTBEATS)
+        await asyncio.sleep(max(0.0, started + 6.5 - asyncio.get_running_loop().time()))
+        # when it is back (the next periodic beat would be 5.5 s away)
+        await bucket(store.js)
+        back = asyncio.get_running_loop().time()
+        # then the host beats again within the retry, not an interval later
+        for _ in range(60):
+            if host in await beating_hosts(store.js):
+                break
+            await asyncio.sleep(0.05)
+        waited = asyncio.get_running_loop().time() - back
+        assert host in await beating_hosts(store.js), waited
+        assert waited < 3.0, waited
+    finally:
+        await cleanup(agent)
+
+
 async def wait_image(store, image_id, timeout=20.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:

@@ -104,6 +104,9 @@ ACK_WAIT_S = 15.0
 MAX_LOOKS = 4
 # Servers one periodic pass works on at once.
 PASS_CONCURRENCY = 8
+# A beat not answered in BEAT_TIMEOUT_S is sent again BEAT_RETRY_S later.
+BEAT_TIMEOUT_S = 2.0
+BEAT_RETRY_S = 1.0
 EXEC_SUBJECT = "agent.{host}.exec"
 
 # What the last event on a server's subject says its instance is doing, as
@@ -341,12 +344,24 @@ class ComputeAgent:
             await beat(self.store.js, self.host, instances=len(self.desired.instances))
 
     async def _heartbeat(self) -> None:
+        pause = self.heartbeat_interval
         while not self._stopping.is_set():
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(pause)
             try:
-                await beat(self.store.js, self.host, instances=len(self.desired.instances))
-            except Exception as exc:  # the next beat may get through
+                await beat(
+                    self.store.js,
+                    self.host,
+                    instances=len(self.desired.instances),
+                    timeout=BEAT_TIMEOUT_S,
+                )
+                pause = self.heartbeat_interval
+            except Exception as exc:
+                # Again soon, not a whole interval later: while a cluster
+                # elects the bucket's new leader (4-9 s) beats fail, and one
+                # interval more on top would let the host's TTL lapse, so the
+                # scheduler would see a live host as dead.
                 log.warning("heartbeat failed", host=self.host, error=str(exc))
+                pause = min(BEAT_RETRY_S, self.heartbeat_interval)
 
     # -- the durable consumer: new events into the desired state -------------------
 
