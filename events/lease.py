@@ -41,7 +41,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from stratus.events.cluster import log_replicas
 from stratus.events.errors import Invalid, StratusError, Unavailable
-from stratus.events.store import STREAM
+from stratus.events.store import STREAM, WRONG_LAST_SEQUENCE
 
 LEASES = "stratus-leases"
 DEFAULT_TTL_S = 5.0
@@ -286,7 +286,7 @@ class Lease:
                 self.subject, data, headers={_H_EXPECT: str(last)}, msg_ttl=self.ttl
             )
         except nats.js.errors.APIError as exc:
-            if exc.err_code == 10071:  # wrong last sequence
+            if exc.err_code in WRONG_LAST_SEQUENCE:  # the key moved on, or is moving
                 return None
             raise Unavailable(f"lease {self.key}: {exc}") from None
         except (nats.errors.Error, TimeoutError) as exc:

@@ -59,6 +59,10 @@ MAX_BATCH = 1000
 DUPLICATE_WINDOW_S = 15 * 60
 
 ERR_WRONG_LAST_SEQUENCE = 10071
+# The same refusal without the subject's sequence: a replicated stream's
+# leader says it while another write to the subject is still being proposed.
+ERR_WRONG_LAST_SEQUENCE_CONST = 10164
+WRONG_LAST_SEQUENCE = (ERR_WRONG_LAST_SEQUENCE, ERR_WRONG_LAST_SEQUENCE_CONST)
 ERR_WRONG_LAST_MSG_ID = 10070
 ERR_BATCH_DUPLICATE_MSG_ID = 10201
 _LAST_SEQ_RE = re.compile(r"wrong last sequence: (\d+)")
@@ -548,7 +552,7 @@ class EventStore:
                 headers = {H_MSG_ID: msg_id, H_EXPECT_SEQ: _NO_SEQ}
             ack = await self.js.publish(subject, b"", headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code in (ERR_WRONG_LAST_MSG_ID, ERR_WRONG_LAST_SEQUENCE):
+            if exc.err_code in (ERR_WRONG_LAST_MSG_ID, *WRONG_LAST_SEQUENCE):
                 return []
             raise _translate(exc) from None
         except (TimeoutError, nats.errors.Error) as exc:
@@ -630,7 +634,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
 
 
 def _translate(exc: BaseException, conds: dict[int, Condition] | None = None) -> Exception:
-    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == ERR_WRONG_LAST_SEQUENCE:
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code in WRONG_LAST_SEQUENCE:
         m = _LAST_SEQ_RE.search(exc.description or "")
         cond = next(iter(conds.values()), None) if conds else None
         return ConcurrencyConflict(

@@ -363,3 +363,21 @@ async def test_find_append_answers_from_the_broker_whatever_came_between(store):
     # and an id never used is not found, and no lookup stored anything
     assert await bounded(store.find_append("never-used")) == []
     assert await store.last_seq() == last
+
+
+@pytest.mark.parametrize(
+    ("err_code", "description", "actual"),
+    [(10071, "wrong last sequence: 7", 7), (10164, "wrong last sequence", None)],
+)
+def test_both_wrong_last_sequence_refusals_are_a_conflict(err_code, description, actual):
+    """A replicated stream's leader refuses a condition with 10164 (no
+    sequence) while another write to the subject is being proposed: a
+    conflict like 10071, not an internal error (seen in the cluster bench)."""
+    import nats.js.errors
+
+    from stratus.events.store import _translate
+
+    exc = nats.js.errors.APIError(code=400, err_code=err_code, description=description)
+    got = _translate(exc, {0: Condition("ev.t.server.s", 3)})
+    assert isinstance(got, ConcurrencyConflict)
+    assert got.expected == 3 and got.actual == actual
