@@ -71,6 +71,7 @@ from stratus.events.heartbeat import beat
 from stratus.events.ids import NAME_RE, new_id
 from stratus.events.model import Cause, Event
 from stratus.events.natscreds import durable_name
+from stratus.events.pull import fetch_ready
 from stratus.events.reports import Reporter
 from stratus.events.resources import (
     SYSTEM,
@@ -391,7 +392,9 @@ class ComputeAgent:
     async def _consume(self) -> None:
         while not self._stopping.is_set():
             try:
-                msgs = await self._psub.fetch(FETCH_BATCH, timeout=1.0)
+                # (not fetch(FETCH_BATCH): with one claim waiting it holds
+                # it until the batch fills or the timeout, up to 1 s)
+                msgs = await fetch_ready(self._psub, FETCH_BATCH, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.Error as exc:
