@@ -129,6 +129,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from stratus.events.store import EventStore
     from stratus.handlers import servers
     from stratus.handlers.records import Image, Network
+    from stratus.handlers.reports import ReportRelay
     from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
     from stratus.ops.bench.netlab import CAUSE, Cloud, Echo
@@ -141,6 +142,10 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     state = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     store = await EventStore.connect(url)
     await store.ensure_stream()
+    # The handlers' report relay: agents' port.bound reports and a routed
+    # network's block claims and addresses go through it.
+    relay = ReportRelay(store)
+    await relay.start()
     agents: list[NetworkAgent] = []
     made: list[str] = []
     bgp = BgpConfig(hold=3)
@@ -395,6 +400,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         if files:
             report.failures.append(f"files left behind: {files[:5]}")
         shutil.rmtree(state, ignore_errors=True)
+        await relay.stop()
         await store.close()
 
 
