@@ -472,6 +472,14 @@ def stable_port(host: str = "127.0.0.1", attempts: int = 64, avoid: Iterable[int
     return free_port(host)
 
 
+def stable_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ``stable_port``s."""
+    picked: list[int] = []
+    for _ in range(count):
+        picked.append(stable_port(host, avoid=picked))
+    return picked
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` now (the kernel's pick: never a fixed one)."""
     with socket.socket() as s:
@@ -503,12 +511,8 @@ def cluster_nodes(
     ``log_dir/nats-i.log`` (its own directory without ``log_dir``), where
     such a failure is read."""
     base = Path(base_dir)
-    route_ports: list[int] = []
-    for _ in range(count * 2 if not port else count):
-        route_ports.append(stable_port(host, avoid=route_ports))
-    # (the first ``count`` are the routes; the rest the client ports)
-    client_ports = route_ports[count:]
-    route_ports = route_ports[:count]
+    picked = stable_ports(count if port else 2 * count, host)
+    route_ports, client_ports = picked[:count], picked[count:]
     routes = tuple(f"nats://{host}:{p}" for p in route_ports)
     nodes = []
     for i in range(1, count + 1):

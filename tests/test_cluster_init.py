@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stratus.events.broker import nats_server_binary, node_configs, stable_port
+from stratus.events.broker import nats_server_binary, node_configs, stable_ports
 from stratus.events.cluster import server_list
 
 from .test_cli import ADMIN_PASSWORD, CONFIG_HOME, STRATUS, cli, login, wait_projected
@@ -39,9 +39,7 @@ def test_the_example_configs_are_what_the_one_renderer_makes():
 
 def fill(tmp: Path) -> tuple[list[Path], list[str]]:
     """The example files with free ports and ``tmp`` filled in; their URLs."""
-    picked: list[int] = []
-    for _ in range(2 * NODES):
-        picked.append(stable_port(avoid=picked))
+    picked = stable_ports(2 * NODES)
     ports = {f"@CLIENT_PORT_{i}@": str(picked[i - 1]) for i in range(1, NODES + 1)}
     ports |= {f"@ROUTE_PORT_{i}@": str(picked[NODES + i - 1]) for i in range(1, NODES + 1)}
     ports["@STORE_DIR@"] = str(tmp / "store")
