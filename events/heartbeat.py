@@ -23,7 +23,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from stratus.events.cluster import log_replicas
 from stratus.events.errors import Unavailable
 from stratus.events.ids import NAME_RE
-from stratus.events.scheduling import HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
+from stratus.events.scheduling import HEARTBEAT_INTERVAL, HEARTBEAT_TTL, HEARTBEATS, HostHeartbeat
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(HostHeartbeat)
@@ -104,10 +104,13 @@ class Liveness:
         on_change: Callable[[str, float], None] | None = None,
         ttl: float = HEARTBEAT_TTL,
         name: str = HEARTBEATS,
+        stall_s: float = 2 * HEARTBEAT_INTERVAL,
     ) -> None:
         self.js = js
         self.name = name
         self.ttl = ttl
+        # No update for this long: watch again (``_follow``).
+        self.stall_s = stall_s
         self.on_change = on_change
         self._until: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -127,11 +130,23 @@ class Liveness:
         self._task = asyncio.create_task(self._follow())
 
     async def _follow(self) -> None:
-        assert self._watcher is not None
         while not self._closing:
+            if self._watcher is None:
+                try:
+                    self._watcher = await (await bucket(self.js, self.name)).watchall()
+                except Exception:  # (the bucket has no leader yet: again soon)
+                    await asyncio.sleep(1.0)
+                    continue
             try:
-                entry = await self._watcher.updates(timeout=60)
+                entry = await self._watcher.updates(timeout=self.stall_s)
             except (TimeoutError, nats.errors.TimeoutError):
+                # Nothing for longer than beats come: the watch may have died
+                # with the bucket's leader (a node lost; nothing tells its
+                # ordered consumer), and every host would then lapse for
+                # good. Watch again: its first entries are the beats now.
+                watcher, self._watcher = self._watcher, None
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
                 continue
             if entry is not None:
                 self._apply(entry)

@@ -186,6 +186,43 @@ async def test_registration_and_heartbeat(store, tmp_path):
         await cleanup(agent)
 
 
+async def test_liveness_watches_again_when_its_watch_dies_with_the_bucket(store):
+    """A cluster's node loss can take the bucket's leader and the watch's
+    consumer with it, and nothing tells the watcher: the scheduler then saw
+    every host lapse for good ('no valid host: not alive' after a leader
+    kill). A watch quiet for longer than beats come is made again."""
+    from stratus.events.heartbeat import beat, bucket
+    from stratus.events.scheduling import HEARTBEATS
+
+    host = unique_host()
+    seen: list[float] = []
+    liveness = Liveness(
+        store.js, on_change=lambda h, until: seen.append(until) if h == host else None, stall_s=1.0
+    )
+    await liveness.start()
+    try:
+        await beat(store.js, host)
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert seen and liveness.alive(host)
+        # given the watch's consumer gone with its stream
+        await store.js.delete_key_value(HEARTBEATS)
+        await bucket(store.js)
+        before = len(seen)
+        # when the host beats again
+        await beat(store.js, host)
+        # then the watcher learns of it (a dead watch never would)
+        for _ in range(200):  # 4 s at most: a stall of 1 s, then a new watch
+            if len(seen) > before and seen[-1] > 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(seen) > before and seen[-1] > 0, seen
+    finally:
+        await liveness.stop()
+
+
 async def test_a_failed_heartbeat_goes_again_soon_not_an_interval_later(store, tmp_path):
     """While beats fail (a cluster electing the bucket's leader takes 4-9 s)
     the agent beats again within a second or so, so the host's TTL does not
