@@ -15,7 +15,9 @@ report, read fresh from the log:
   are copied from the host's own bucket into the image bucket first
   (``handlers.snapshots``);
 * ``port.bound`` to this host: a port of a server placed on it, or a router
-  port on a host registered as running the routers;
+  port on a host registered as running the routers; ``port.address-assigned``
+  the same, for a port of a routed network with an address from a block
+  this host holds;
 * a routed network's address blocks claimed and given back by this host,
   and the addresses of its blocks (``handlers.blocks``); several claims or
   releases on one network are one atomic append.
@@ -170,7 +172,12 @@ class ReportRelay(Responder):
             self._actor(event, f"network-agent:{host}")
             if event.host != host:
                 raise Forbidden(f"{what}: binds it to {event.host}, not to {host}")
-            await self._port_here(event, host, what)
+            port = await self._port_here(event, host, what)
+            if isinstance(event, PortAddressAssigned):
+                if not TOKEN_RE.match(port.network):
+                    raise Forbidden(f"{what}: no such network")
+                history = await self._history(f"ev.{SYSTEM}.network.{port.network}")
+                blocks.check_address(host, event.ip, history, what)
         else:
             raise Forbidden(f"{what}: not a report a host agent makes through the relay")
 
@@ -200,7 +207,8 @@ class ReportRelay(Responder):
 
     async def _port_here(
         self, event: PortBound | PortAddressAssigned, host: str, what: str
-    ) -> None:
+    ) -> PortCreated:
+        """The port ``event`` is about, if it is on ``host``."""
         port = None
         for ev in await self._history(event.subject):
             if isinstance(ev, PortCreated):
@@ -209,9 +217,9 @@ class ReportRelay(Responder):
             raise Forbidden(f"{what}: no such port")
         if port.device_owner == "compute":
             await self._placed(event.tenant, port.device, host, what)
-            return
+            return port
         if port.device_owner == "router_interface" and await self._router_host(host):
-            return
+            return port
         raise Forbidden(f"{what}: the port is not on host {host}")
 
     async def _router_host(self, host: str) -> bool:
