@@ -44,6 +44,7 @@ from stratus.events.network import NetworkAgentRegistered
 from stratus.events.reports import REPLY, REPORT_SUBJECT, REQUEST, ReportReply, ReportRequest
 from stratus.events.resources import (
     SYSTEM,
+    ImageActivated,
     ImageCreated,
     PortAddressAssigned,
     PortBound,
@@ -51,6 +52,7 @@ from stratus.events.resources import (
     ServerBuilding,
     ServerDeleted,
     ServerFailed,
+    ServerRequested,
     ServerRunning,
     ServerScheduled,
     ServerStopped,
@@ -98,7 +100,7 @@ class ReportRelay(Responder):
             else:
                 await self.authorize(host, events[0], req)
             if isinstance(events[0], ImageCreated):
-                await self._snapshot_bytes(host, events[0])
+                await self._snapshot_bytes(host, events[0], req.server)
             result = await self.store.append(events, req.condition, msg_id=req.msg_id)
         except ConcurrencyConflict as err:
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire(), actual=err.actual))
@@ -108,12 +110,30 @@ class ReportRelay(Responder):
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire()))
         return REPLY.encode(ReportReply(ok=True, seqs=result.seqs, duplicate=result.duplicate))
 
-    async def _snapshot_bytes(self, host: str, event: ImageCreated) -> None:
+    async def _snapshot_bytes(self, host: str, event: ImageCreated, server: str) -> None:
         """A snapshot's objects, from its host's bucket into the image bucket
         (``handlers.snapshots``), before its image is recorded."""
         if self._images is None:
             self._images = await BlobStore.open(self.store.js)
-        await snapshots.adopt(self.store.js, self._images, host, snapshots.digests_of(event))
+        inherited = await self._server_image_objects(event, server)
+        await snapshots.adopt(
+            self.store.js, self._images, host, snapshots.digests_of(event), inherited
+        )
+
+    async def _server_image_objects(self, event: ImageCreated, server: str) -> set[str]:
+        """The objects of the image ``server`` runs, if the snapshot names it
+        as its parent (what the snapshot may hold without uploading it)."""
+        image = ""
+        for ev in await self._history(f"ev.{event.tenant}.server.{server}"):
+            if isinstance(ev, ServerRequested):
+                image = ev.spec.image
+        if not image or event.parent != image or not TOKEN_RE.match(image):
+            return set()
+        out: set[str] = set()
+        for ev in await self._history(f"ev.*.image.{image}"):
+            if isinstance(ev, (ImageCreated, ImageActivated)):
+                out = set(snapshots.digests_of(ev))
+        return out
 
     def _decode(self, host: str, data: bytes) -> tuple[ReportRequest, list[Event]]:
         if not NAME_RE.match(host):

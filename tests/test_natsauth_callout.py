@@ -643,6 +643,22 @@ async def test_a_snapshot_is_recorded_only_with_bytes_its_host_uploaded(stack):
         out = io.BytesIO()
         await images.get(digest, out)
         assert out.getvalue() == data
+        # another tenant's private image is in the image bucket: naming its
+        # digest without its bytes does not make it this tenant's image
+        secret = b"tenant tb's private disk"
+        secret_digest = hashlib.sha256(secret).hexdigest()
+        await images.put(secret_digest, io.BytesIO(secret))
+        steal = Cause("compute-agent:hc-1", new_id(), new_id()).make(
+            ImageCreated, "ta", "image", "img-2", name="stolen", format="raw",
+            size_bytes=len(secret), checksum=secret_digest,
+        )  # fmt: skip
+        before = await stack.store.last_seq()
+        with pytest.raises(Forbidden):
+            await reporter.append([steal], Condition(steal.subject, 0), server="s-1")
+        assert await stack.store.last_seq() == before
+        # with the bytes in its own bucket (it has them, whole), it may
+        await mine.put(secret_digest, io.BytesIO(secret))
+        assert (await reporter.append([steal], Condition(steal.subject, 0), server="s-1")).seqs
     finally:
         await nc1.close()
         await nc2.close()
