@@ -74,6 +74,32 @@ class Errors:
         raise AssertionError(f"no error with {text!r} within {timeout}s: {self.seen}")
 
 
+async def routed_network(stack: Stack, name: str, cidr: str) -> str:
+    """A routed network made by the admin, as ``network create --mode
+    routed`` makes one; its id."""
+    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
+    try:
+        await admin.command(
+            "network.create-routed", {"name": name, "cidr": cidr, "block_prefix": 26}
+        )
+    finally:
+        await admin.close()
+    net = (await stack.store.read_all(subjects=["ev._system.network.>"]))[-1]
+    return net.decode().aggregate.id
+
+
+async def network_agent(stack: Stack, host: str):
+    """A network agent of ``host`` on its own credentials: its connection,
+    its relay reporter, and a cause in its name."""
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+
+    creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
+    nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+    return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
+
+
 async def raw(url: str, errors: Errors, **opts) -> nats.NATS:
     return await nats.connect(url, error_cb=errors.on_error, allow_reconnect=False, **opts)
 
@@ -430,30 +456,13 @@ async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
     report at all."""
     from stratus.events import network as nw
     from stratus.events.errors import Forbidden
-    from stratus.events.ids import new_id
-    from stratus.events.model import Cause
-    from stratus.events.reports import Reporter
     from stratus.events.store import Condition
 
-    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
-    try:
-        await admin.command(
-            "network.create-routed", {"name": "rn1", "cidr": "10.90.0.0/16", "block_prefix": 26}
-        )
-    finally:
-        await admin.close()
+    network = await routed_network(stack, "rn1", "10.90.0.0/16")
     store = stack.store
-    net = (await store.read_all(subjects=["ev._system.network.>"]))[-1]
-    network = net.decode().aggregate.id
     subject = f"ev._system.network.{network}"
-
-    async def agent(host: str):
-        creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
-        nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
-        return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
-
-    nc2, r2, c2 = await agent("hn-2")
-    nc1, r1, c1 = await agent("hn-1")
+    nc2, r2, c2 = await network_agent(stack, "hn-2")
+    nc1, r1, c1 = await network_agent(stack, "hn-1")
     try:
         block = "10.90.0.0/26"
         claim = c2.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-2")
@@ -528,17 +537,10 @@ async def test_a_network_agent_addresses_only_its_own_routed_ports_from_its_own_
     from stratus.events.errors import Forbidden
     from stratus.events.ids import new_id
     from stratus.events.model import Cause
-    from stratus.events.reports import Reporter
     from stratus.events.resources import PortAddressAssigned, PortCreated, ServerScheduled
     from stratus.events.store import Condition
 
-    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
-    try:
-        await admin.command(
-            "network.create-routed", {"name": "rn2", "cidr": "10.91.0.0/16", "block_prefix": 26}
-        )
-    finally:
-        await admin.close()
+    network = await routed_network(stack, "rn2", "10.91.0.0/16")
     store = stack.store
     network = (await store.read_all(subjects=["ev._system.network.>"]))[-1].decode().aggregate.id
     subject = f"ev._system.network.{network}"
@@ -554,13 +556,8 @@ async def test_a_network_agent_addresses_only_its_own_routed_ports_from_its_own_
             ]
         )  # fmt: skip
 
-    async def agent(host: str):
-        creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
-        nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
-        return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
-
-    nc1, r1, c1 = await agent("hn-1")
-    nc2, r2, c2 = await agent("hn-2")
+    nc1, r1, c1 = await network_agent(stack, "hn-1")
+    nc2, r2, c2 = await network_agent(stack, "hn-2")
     try:
         theirs, mine = "10.91.0.0/26", "10.91.0.64/26"
         for reporter, cause, block, host in ((r2, c2, theirs, "hn-2"), (r1, c1, mine, "hn-1")):

@@ -59,6 +59,15 @@ def test_serve_without_a_kind_is_a_usage_error():
     assert "give the SERVICE" in out.stderr
 
 
+def stop(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+
+
 @pytest.fixture
 def broker(tmp_path):
     srv = EmbeddedNats(tmp_path / "nats", log_file=str(tmp_path / "nats.log"))
@@ -87,12 +96,7 @@ def test_serve_makes_its_data_dir(broker, tmp_path, kind):
             time.sleep(0.1)
         assert data.is_dir()
     finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        stop(p)
 
 
 def test_a_projector_before_init_says_so_once_not_a_traceback_a_second(broker, tmp_path):
@@ -122,9 +126,4 @@ def test_a_projector_before_init_says_so_once_not_a_traceback_a_second(broker, t
         assert "Traceback" not in text
         assert text.count("projector started") >= 3, text[-2000:]  # it did retry
     finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        stop(p)
