@@ -51,6 +51,7 @@ from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
 from stratus.events.store import Condition, EventStore
+from stratus.events.tasks import cancel
 from stratus.handlers.auth import Authenticator, IdentityFeed
 from stratus.handlers.callout import AuthCallout, CalloutThread
 from stratus.handlers.catalog import all_handlers
@@ -660,9 +661,7 @@ class Stack:
     async def stop(self) -> None:
         self._stopping = True
         for sup in self._supervisors:
-            sup.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sup
+            await cancel(sup)
         self._supervisors = []
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / URL_FILE).unlink()

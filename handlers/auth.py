@@ -9,7 +9,6 @@ revocation as soon as the event reaches it (milliseconds on one broker).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -32,6 +31,7 @@ from stratus.events.identity import (
 )
 from stratus.events.model import Event
 from stratus.events.store import EventStore
+from stratus.events.tasks import cancel
 from stratus.handlers.rbac import Caller, RoleBook
 from stratus.handlers.tokens import Verifier
 
@@ -142,7 +142,5 @@ class IdentityFeed:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel(self._task)  # (it follows the log: ``events.tasks``)
             self._task = None

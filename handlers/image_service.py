@@ -72,6 +72,7 @@ from stratus.events.model import Cause
 from stratus.events.resources import SYSTEM, ImageActivated, ImageUploadFailed
 from stratus.events.responder import Responder
 from stratus.events.store import Condition, EventStore
+from stratus.events.tasks import cancel
 from stratus.events.transfer import (
     BUSY,
     H_DONE,
@@ -183,11 +184,7 @@ class ImageService(Responder):
 
     async def stop(self) -> None:
         await super().stop()
-        for t in self._tasks_bg:
-            t.cancel()
-        for t in self._tasks_bg:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await asyncio.gather(*(cancel(t) for t in self._tasks_bg))
         self._tasks_bg = []
         for s in list(self.sessions.values()):
             await s.abort("the image service stopped")

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.errors import Internal, Invalid
 from stratus.events.store import EventStore
+from stratus.events.tasks import cancel
 from stratus.projections.db import make_engine, sqlite_url
 from stratus.projections.projector import Projector
 from stratus.projections.snapshots import LIVE_ONLY, Snapshots
@@ -169,11 +170,7 @@ class TimeTravel:
             await past.close()
 
     async def close(self) -> None:
-        for task in list(self._building.values()):
-            task.cancel()
-        for task in list(self._building.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*(cancel(t) for t in list(self._building.values())))
         for past in list(self._cache.values()):
             await past.close()
         self._cache.clear()

@@ -86,6 +86,7 @@ from stratus.events.resources import (
 )
 from stratus.events.scheduling import HEARTBEAT_INTERVAL, HostClaimed, ServerBuildFailed
 from stratus.events.store import STREAM, Condition, EventStore
+from stratus.events.tasks import cancel
 
 log = structlog.get_logger("stratus.compute")
 
@@ -279,11 +280,8 @@ class ComputeAgent:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # (cancelled again until they end: ``events.tasks``)
+        await asyncio.gather(*(cancel(t) for t in self._tasks))
         self._tasks = []
         for sub in (self._exec_sub, self._psub):
             if sub is not None:
@@ -477,9 +475,7 @@ class ComputeAgent:
         try:
             yield
         finally:
-            ticking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticking
+            await cancel(ticking)
 
     async def handle(self, ev: Event, seq: int = 0) -> None:
         """Fold one event (``seq`` 0: not from the log) and converge its server."""
