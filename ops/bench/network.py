@@ -499,6 +499,43 @@ async def _bind_and_probe(
     return ok
 
 
+# The machine's table of dynamic neighbour entries (every namespace's: the
+# kernel keeps one) refuses new ones at gc_thresh3 once none is old enough
+# to collect. Per measured port the workload makes about two (the instance's
+# entry for its peer, the peer's for it), and each host one per other
+# host's VTEP.
+NEIGH_TABLE = Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+
+
+def neigh_table_size() -> int | None:
+    """The machine's ``gc_thresh3`` (None: not readable here)."""
+    try:
+        return int(NEIGH_TABLE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def neigh_entries_needed(ports: int, hosts: int) -> int:
+    """Dynamic neighbour entries the workload may hold at once (an upper
+    estimate, see ``NEIGH_TABLE``)."""
+    return 2 * ports + hosts * (hosts - 1)
+
+
+def neigh_table_warning(size: int | None, ports: int, hosts: int) -> str | None:
+    """A warning when the machine's neighbour table is smaller than the
+    workload needs (its first packets would be dropped: the tail measured
+    would be the kernel's, not the agent's)."""
+    need = neigh_entries_needed(ports, hosts)
+    if size is None or size >= need:
+        return None
+    return (
+        f"the machine's neighbour table (net.ipv4.neigh.default.gc_thresh3 = {size}) is "
+        f"smaller than this workload's ~{need} dynamic entries: once full, packets to new "
+        "neighbours are dropped and the latencies measured are the kernel's; "
+        "ops/bootstrap raises it (/etc/sysctl.d/60-stratus-neigh.conf)"
+    )
+
+
 def _arp_table_fulls() -> int:
     """How often the machine's ARP table was found full (summed over CPUs;
     the counter counts every namespace: another run on the machine adds to it)."""
@@ -533,6 +570,11 @@ def run(opts: Options) -> Report:
     from stratus.ops.bench.common import with_broker
 
     report = Report("network", opts)
+    # (read, never changed: the machine's setting is the operator's, see ops/bootstrap)
+    report.info["gc_thresh3"] = size = neigh_table_size()
+    warning = neigh_table_warning(size, opts.ports, opts.hosts)
+    if warning:
+        report.info["warnings"] = [warning]
 
     async def body(url, tmp, procs) -> None:
         for mode in opts.modes:
@@ -586,6 +628,9 @@ def main(argv: list[str]) -> int:
 
     # The agents' logs on stderr, warnings only: stdout is the table or JSON.
     logs.configure(os.environ.get("STRATUS_BENCH_LOG", "WARNING"))
+    warning = neigh_table_warning(neigh_table_size(), opts.ports, opts.hosts)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     report = run(opts)
     report.info["wall_seconds"] = round(time.perf_counter() - t0, 1)
