@@ -304,6 +304,10 @@ class Host:
         # agent passes again for them on its next events, or soon.
         self.waiting: set[str] = set()
         self._applied: HostPlan | None = None  # the plan the last full pass applied
+        self._unplugged: list[PortPlan] = []
+        self._entries: list[rtnl.Request] = []
+        self._entries_for: set[str] = set()
+        self._stale_sets: set[str] = set()
 
     def _nl(self, ns: str | None = None) -> Rtnl:
         """A netlink socket in ``ns`` (default: the host's). The host's is
@@ -450,6 +454,12 @@ class Host:
                 return self._reconcile(hp, deep)
             except RtnlError as exc:
                 raise KernelError(f"netlink: {exc}") from None
+            finally:
+                # Bridges whose new entries were worked out but not all made
+                # (the pass failed first): probed again by the next pass.
+                for name in self._entries_for:
+                    self._done.pop(name, None)
+                self._entries, self._entries_for = [], set()
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
@@ -460,8 +470,18 @@ class Host:
         self._ns = namespaces() if deep else None
         self._deep = deep
         self._unplugged: list[PortPlan] = []
+        self._entries: list[rtnl.Request] = []  # remote ports' entries (``_send_entries``)
+        self._entries_for: set[str] = set()  # the bridges they are of
         last = self._applied
         self._applied = None  # (until this pass ends well)
+        # Member sets first: they need no link, and a new member elsewhere
+        # (an instance on another host, say, whose first packets this
+        # host's rules must let in) is not kept waiting behind this host's
+        # own new ports. Stale ones go after the rules (``_after_links``;
+        # kept until then, should this pass fail before).
+        if hp.ipsets != self._sets:
+            self._stale_sets |= self._sync_sets(hp.ipsets, ch)
+        clock.lap("ipsets")
         links_same = (
             not deep
             and last is not None
@@ -562,9 +582,8 @@ class Host:
                     # below still get their update; the pass fails after.
                     failed = failed or KernelError(f"DHCP in {dp.netns}: {exc}")
         clock.lap("routers")
-        # Member sets before the rules that match them; stale ones after.
-        stale = self._sync_sets(hp.ipsets, ch) if hp.ipsets != self._sets else set()
-        clock.lap("ipsets")
+        # (member sets were made first: the rules below may match them)
+        stale, self._stale_sets = self._stale_sets - set(hp.ipsets), set()
         if hp.chains and hp.chains != self._chains:
             if self._firewall(hp.chains, deep):
                 ch.created.append("firewall")
@@ -572,6 +591,8 @@ class Host:
         clock.lap("firewall")
         self._plug_all(self._unplugged, actual)
         clock.lap("plug")
+        self._send_entries()
+        clock.lap("entries")
         for name in sorted(stale):
             try:
                 self._ipsets().destroy(name)
@@ -644,7 +665,15 @@ class Host:
                 ch.created.append(f"neigh_suppress {b.vxlan}")
         self._done[f"index {b.vxlan}"] = vx
         self._done[f"index {b.bridge}"] = br
-        have = _Entries.planned(trusted) if trusted is not None else self._probe_entries(vx, br)
+        if trusted is not None:
+            have = _Entries.planned(trusted)
+        elif brl is None and vxl is None:
+            # Both made just now: they hold none of ours yet. (Probing would
+            # dump the host's whole FDB, every other network's entries too,
+            # for each network a wave brings to this host.)
+            have = _Entries(frozenset(), {}, set(), {})
+        else:
+            have = self._probe_entries(vx, br)
         self._fdb_now(b, vx, br, have, ch)
 
     def _permanent_neighbours(self) -> dict[int, dict[str, str]]:
@@ -676,10 +705,11 @@ class Host:
             nl.fdb_delete(vx, dst)
             ch.removed.append(f"fdb {b.vxlan} {dst}")
         want = _Entries.planned(b)
-        # Stale ones first (a MAC or address may come back under another
-        # port); then the VXLAN device learns where a MAC lives before the
-        # bridge sends to it, and the bridge the MAC before it answers for
-        # the address. All in one batch: a wave of ports is many entries.
+        # Stale ones now (a MAC or address may come back under another
+        # port, even this host's); the new ones are sent once the pass's
+        # own new ports are plugged in (``_send_entries``): the VXLAN device
+        # learns where a MAC lives before the bridge sends to it, and the
+        # bridge the MAC before it answers for the address.
         gone: list[rtnl.Request] = []
         made: list[rtnl.Request] = []
         for ip in sorted(set(have.neigh) - set(want.neigh)):
@@ -702,12 +732,27 @@ class Host:
             if have.neigh.get(ip) != mac:
                 made.append(rtnl.neighbour_add(br, ip, mac))
                 ch.created.append(f"neigh {b.bridge} {ip}")
-        if gone or made:
-            errors = nl.do_many(gone + made)
-            # (an entry already gone is what was wanted; one not made fails the pass)
-            failed = [e for e in errors[len(gone) :] if e is not None]
+        if gone:
+            nl.do_many(gone)  # (an entry already gone is what was wanted)
+        if made:
+            self._entries += made
+            self._entries_for.add(b.bridge)
+
+    def _send_entries(self) -> None:
+        """The remote ports' entries the pass worked out, in one batch, after
+        its own new ports are wired. They spare the network's flooding (each
+        remote port's MAC sent to its VTEP, its address answered by the
+        bridge), but traffic needs none of them: unknown MACs and
+        unanswered ARP requests go to every VTEP of the network (the flood
+        entries, made at once). A wave of bindings brings each host many
+        remote ports and a few of its own: the own ones are not kept
+        waiting behind the others' entries."""
+        if self._entries:
+            # (one not made fails the pass)
+            failed = [e for e in self._nl().do_many(self._entries) if e is not None]
             if failed:
                 raise failed[0]
+        self._entries, self._entries_for = [], set()
 
     def _routes(self) -> set[tuple[str, int]]:
         """The host's routes straight out of a link: (destination, link index)."""
