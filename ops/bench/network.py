@@ -132,7 +132,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from stratus.handlers.reports import ReportRelay
     from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
-    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo
+    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo, Echoes
 
     prefix = "b" + secrets.token_hex(2)
     # Hosts and tenants of this mode's own: the log holds the other mode's
@@ -163,6 +163,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         )
 
     procs = AgentProcesses(url, sim, prefix, state / "data")
+    echoes = Echoes()
     threads = opts.agents == "thread"
 
     async def settled(timeout: float = 120) -> None:
@@ -267,6 +268,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
         by_host = {a.host: a.kernel for a in agents}
+        echoes.start()
         for w0 in range(0, measured, opts.wave):
             wave = []
             for i in range(w0, min(measured, w0 + opts.wave)):
@@ -284,7 +286,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 # pipelined, so its bindings land as a burst.
                 ends = await asyncio.gather(
                     *(
-                        _bind_and_probe(store, p, e, tg, opts.timeout, load, wired, by_host)
+                        _bind_and_probe(store, p, echoes, e, tg, opts.timeout, load, wired, by_host)
                         for p, tg, e in wave
                     )
                 )
@@ -292,6 +294,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 for *_, e in wave:
                     e.close()
             busy += max(ends) - first
+        echoes.close()
         load.seconds = busy
         report.results.append(
             result(
@@ -377,6 +380,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             await a.stop()
         await fresh_store.close()
     finally:
+        echoes.close()
         for a in agents:
             await a.stop()
         await asyncio.to_thread(procs.stop)
@@ -477,14 +481,23 @@ async def _restart_processes(report: Report, mode: str, store, procs, hosts: lis
 
 
 async def _bind_and_probe(
-    store, p: Placed, probe, target: str, timeout: float, load: Load, wired: Load, agents: dict
+    store,
+    p: Placed,
+    echoes,
+    probe,
+    target: str,
+    timeout: float,
+    load: Load,
+    wired: Load,
+    agents: dict,
 ) -> float:
     """Append a port's binding, then probe until ``target`` answers through
-    it: the answer's time (or the time it gave up), latency into ``load``
-    and the agent's part (binding to wired) into ``wired``."""
+    it (``echoes``' thread sends ``probe``'s requests): the answer's time
+    (or the time it gave up), latency into ``load`` and the agent's part
+    (binding to wired) into ``wired``."""
     await store.append(p.binding)
     t0 = time.monotonic()
-    ok = await probe.first_reply(target, t0 + timeout)
+    ok = await echoes.first_reply(probe, target, t0 + timeout)
     kernel = agents.get(p.host)
     made = kernel.wired_at.get(p.port) if kernel is not None else None
     if made is not None:
