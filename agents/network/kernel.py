@@ -896,8 +896,15 @@ class Host:
         the RTNL lock, batched), and until that has run the side's queue
         drops what is sent through it: the ARP replies to the instance's
         first request, which it retries only a second later."""
+        if not pps:
+            return
+        # In batches (a request each is a round trip, and in a process
+        # holding many agents a wait for the interpreter after each): the
+        # host's sides in one, each instance's in one or two.
+        _do_all(self._nl(), [r for pp in pps for r in self._plug_links(pp, actual)])
         for pp in pps:
-            self._plug_links(pp, actual)
+            up = [rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True), rtnl.link_set(name=pp.peer, up=True)]
+            _do_all(self._nl(pp.netns), up)
         self._await_oper_up([pp.ifname for pp in pps])
         for pp in pps:
             self._plug_addresses(pp)
@@ -915,40 +922,39 @@ class Host:
                 return
             time.sleep(0.002)
 
-    def _plug_links(self, pp: PortPlan, actual: Links) -> None:
-        nl = self._nl()
+    def _plug_links(self, pp: PortPlan, actual: Links) -> list[rtnl.Request]:
+        """The host's side of a new veth up: bridged, or routed to."""
         idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
-        if pp.routed:
-            nl.set(idx, up=True)
-            nl.replace_route(pp.address, oif=idx)
-            # The host knows the instance's MAC (it set it): no ARP for it,
-            # and no dynamic entry (the kernel's table of those is bounded,
-            # gc_thresh3, and a full one drops packets to new neighbours).
-            nl.permanent_neighbour(idx, pp.address.split("/")[0], pp.mac)
-        else:
-            nl.set(idx, master=self._bridge_index(pp.bridge, actual), up=True)
-        inner = self._nl(pp.netns)
-        lo = inner.link("lo")
-        if lo is not None and not lo.up:
-            inner.set(lo.index, up=True)
-        inner.set(inner.index(pp.peer), up=True)
+        if not pp.routed:
+            return [rtnl.link_set(idx, master=self._bridge_index(pp.bridge, actual), up=True)]
+        # The host knows the instance's MAC (it set it): no ARP for it, and
+        # no dynamic entry (the kernel's table of those is bounded,
+        # gc_thresh3, and a full one drops packets to new neighbours).
+        return [
+            rtnl.link_set(idx, up=True),
+            rtnl.route_replace(pp.address, oif=idx),
+            rtnl.neighbour_add(idx, pp.address.split("/")[0], pp.mac),
+        ]
 
     def _plug_addresses(self, pp: PortPlan) -> None:
         inner = self._nl(pp.netns)
         pidx = inner.index(pp.peer)
+        requests = []
         if pp.routed:
             # The host's side answers for the link-local next hop (Calico's
             # 169.254.1.1): a permanent neighbour entry, so no ARP proxy.
-            inner.permanent_neighbour(pidx, nw.ROUTED_GATEWAY, nw.ROUTED_HOST_MAC)
-            inner.replace_route(f"{nw.ROUTED_GATEWAY}/32", oif=pidx)
+            requests += [
+                rtnl.neighbour_add(pidx, nw.ROUTED_GATEWAY, nw.ROUTED_HOST_MAC),
+                rtnl.route_replace(f"{nw.ROUTED_GATEWAY}/32", oif=pidx),
+            ]
         ip, plen = pp.address.split("/")
-        try:
-            inner.add_addr(pidx, ip, int(plen))
-        except RtnlError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
+        addr = len(requests)  # (its address there already is what was wanted)
+        requests.append(rtnl.addr_add(pidx, ip, int(plen)))
         if pp.gateway:
-            inner.replace_route("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+            requests.append(
+                rtnl.route_replace("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+            )
+        _do_all(inner, requests, exists_ok=addr)
         self._done[pp.ifname] = pp
         self.wired_at[pp.port] = time.monotonic()
         if len(self.wired_at) > 20_000:
@@ -1249,6 +1255,14 @@ class Host:
                     self.bird.dir.parent.rmdir()
             self.close()
             return ch
+
+
+def _do_all(nl: Rtnl, requests: list[rtnl.Request], exists_ok: int = -1) -> None:
+    """``requests`` in one batch; the first refused one raises (request
+    ``exists_ok`` may find what it makes there already)."""
+    for i, err in enumerate(nl.do_many(requests)):
+        if err is not None and not (i == exists_ok and err.errno == errno.EEXIST):
+            raise err
 
 
 def dnsmasq_pid(ns: str) -> int:
