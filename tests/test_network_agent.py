@@ -542,3 +542,31 @@ async def test_a_remote_port_is_its_three_entries_and_a_failed_pass_leaves_them_
     assert ch.created == []
     entries, _ = await asyncio.to_thread(_l2pop, kernel, b.bridge, b.vxlan)
     assert (ip, mac, vtep) not in entries and entries
+
+
+async def test_member_sets_handed_in_before_a_pass_never_undo_its_plan(lab):
+    """Member sets the agent hands a running pass (``members_soon``: folded
+    while it ran) are applied between its steps; ones handed in before a
+    pass are older than its plan and dropped, so they never take a member
+    out that the plan has."""
+    from stratus.agents.network.ipset import IpSets
+
+    s = await acme_pair(lab)  # c1 on host-1, srv on host-2: both in acme's default group
+    agent = lab.agents["host-1"]
+    await agent.stop()
+    kernel = agent.kernel
+    hp = agent.plan()
+    (name,) = [n for n, m in hp.ipsets.items() if s["srv"][1] in m]
+    kernel.members_soon({name: frozenset()})  # (stale: before the plan)
+    await asyncio.to_thread(kernel.reconcile, hp, False)
+
+    def members() -> set[str]:
+        sets = IpSets.open(lab.sim.netns("host-1"))
+        try:
+            return set(sets.listing()[name])
+        finally:
+            sets.close()
+
+    have = await asyncio.to_thread(members)
+    assert have == set(hp.ipsets[name]) and s["srv"][1] in have
+    assert ping(s["c1"][0], s["srv"][1], tries=2)

@@ -308,6 +308,9 @@ class Host:
         self._entries: list[rtnl.Request] = []
         self._entries_for: set[str] = set()
         self._stale_sets: set[str] = set()
+        # Member sets the agent folded while a pass ran (``members_soon``).
+        self._soon: dict[str, frozenset[str]] = {}
+        self._soon_lock = threading.Lock()
 
     def _nl(self, ns: str | None = None) -> Rtnl:
         """A netlink socket in ``ns`` (default: the host's). The host's is
@@ -479,6 +482,8 @@ class Host:
         # host's rules must let in) is not kept waiting behind this host's
         # own new ports. Stale ones go after the rules (``_after_links``;
         # kept until then, should this pass fail before).
+        with self._soon_lock:
+            self._soon = {}  # (the plan is as new as any handed in before it)
         if hp.ipsets != self._sets:
             self._stale_sets |= self._sync_sets(hp.ipsets, ch)
         clock.lap("ipsets")
@@ -498,6 +503,7 @@ class Host:
                 if pp is not None:
                     self._port(pp, actual, ch, None)
             clock.lap("ports")
+            self._members_now(ch)
             self._after_links(hp, deep, ch, clock, last, actual, failed)
             return ch
         actual = Links(self, hp.taps(), dump=deep)
@@ -548,6 +554,7 @@ class Host:
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, ch, routes)
         clock.lap("ports")
+        self._members_now(ch)
         self._after_links(hp, deep, ch, clock, last, actual, failed)
         return ch
 
@@ -591,6 +598,7 @@ class Host:
         clock.lap("firewall")
         self._plug_all(self._unplugged, actual)
         clock.lap("plug")
+        self._members_now(ch)
         self._send_entries()
         clock.lap("entries")
         for name in sorted(stale):
@@ -1075,6 +1083,27 @@ class Host:
                 ch.created.append(f"{rp.netns} default via {rp.gateway}")
 
     # -- member sets -------------------------------------------------------------------
+
+    def members_soon(self, sets: dict[str, frozenset[str]]) -> None:
+        """Member sets as the log has them now, for a pass already running
+        to apply between its steps (from any thread). A new member's
+        address (an instance on another host, which this host's ingress
+        rules must let in) then waits for the step under way, not for the
+        rest of the pass and the next one's plan."""
+        with self._soon_lock:
+            self._soon.update(sets)
+
+    def _members_now(self, ch: Changes) -> None:
+        """Within a pass: the member sets handed in since it started, of
+        the sets this host has."""
+        with self._soon_lock:
+            soon, self._soon = self._soon, {}
+        have = self._sets
+        if have is None:
+            return  # (a deep pass probes them)
+        newer = {n: m for n, m in soon.items() if n in have and have[n] != m}
+        if newer:
+            self._sync_sets({**have, **newer}, ch)
 
     def _sync_sets(self, wanted: dict[str, frozenset[str]], ch: Changes) -> set[str]:
         """Make our ipsets hold ``wanted`` (a deep pass lists them; a shallow
