@@ -9,6 +9,7 @@ import asyncio
 
 import pytest
 
+from stratus.agents.network.desired import HostPlan
 from stratus.agents.network.kernel import Host
 from stratus.agents.network.sim import leftovers
 from stratus.events import network as nw
@@ -494,3 +495,78 @@ async def test_a_remote_port_is_known_to_each_host_of_its_network_until_it_is_de
     assert changes.created == [f"neigh {bridge} {srv.ip}"], changes
     entries, _ = await asyncio.to_thread(_l2pop, again.kernel, bridge, vxlan)
     assert (srv.ip, srv.mac, lab.sim.vtep("host-2")) in entries
+
+
+async def test_a_remote_port_is_its_three_entries_and_a_failed_pass_leaves_them_to_the_next(lab):
+    """A shallow pass for a port placed on another host of the network makes
+    that port's three entries on this host and nothing else, after the
+    pass's own work (member sets first, its new ports, their rules). A pass
+    that fails before it sent them (its rules refused) leaves the bridge
+    to be looked at again: the next shallow pass makes them."""
+    import dataclasses
+
+    from stratus.agents.network.kernel import KernelError
+
+    await acme_pair(lab)  # c1 on host-1, srv on host-2
+    agent = lab.agents["host-1"]
+    await agent.stop()  # (the passes below are the test's alone)
+    kernel = agent.kernel
+    hp = agent.plan()
+    (b,) = hp.bridges.values()
+    ip, mac, vtep = "10.0.0.250", "fa:16:3e:00:00:fa", lab.sim.vtep("host-2")
+    extra = dataclasses.replace(b, neighbours=b.neighbours | {(ip, mac, vtep)})
+
+    def plan(chains: dict) -> HostPlan:
+        return dataclasses.replace(hp, bridges={b.bridge: extra}, chains=chains)
+
+    broken = dict(hp.chains)
+    broken[("filter", nw.kernel_name(lab.prefix, "chain", "broken"))] = (
+        f"-A {nw.kernel_name(lab.prefix, 'chain', 'broken')} -j NO-SUCH-TARGET",
+    )
+    with pytest.raises(KernelError, match="iptables-restore"):
+        await asyncio.to_thread(kernel.reconcile, plan(broken), False)
+    ch = await asyncio.to_thread(kernel.reconcile, plan(dict(hp.chains)), False)
+    assert sorted(ch.created) == sorted(
+        [f"fdb {b.vxlan} {mac} {vtep}", f"fdb {b.bridge} {mac}", f"neigh {b.bridge} {ip}"]
+    ), ch
+    assert ch.removed == [] and ch.wired == []
+    steps = list(kernel.last_pass)
+    assert steps[0] == "ipsets" and steps.index("entries") > steps.index("plug"), steps
+    entries, _ = await asyncio.to_thread(_l2pop, kernel, b.bridge, b.vxlan)
+    assert (ip, mac, vtep) in entries
+    # and the port gone again: its three entries go, nothing else
+    ch = await asyncio.to_thread(kernel.reconcile, hp, False)
+    assert sorted(ch.removed) == sorted(
+        [f"fdb {b.vxlan} {mac}", f"fdb {b.bridge} {mac}", f"neigh {b.bridge} {ip}"]
+    ), ch
+    assert ch.created == []
+    entries, _ = await asyncio.to_thread(_l2pop, kernel, b.bridge, b.vxlan)
+    assert (ip, mac, vtep) not in entries and entries
+
+
+async def test_member_sets_handed_in_before_a_pass_never_undo_its_plan(lab):
+    """Member sets the agent hands a running pass (``members_soon``: folded
+    while it ran) are applied between its steps; ones handed in before a
+    pass are older than its plan and dropped, so they never take a member
+    out that the plan has."""
+    from stratus.agents.network.ipset import IpSets
+
+    s = await acme_pair(lab)  # c1 on host-1, srv on host-2: both in acme's default group
+    agent = lab.agents["host-1"]
+    await agent.stop()
+    kernel = agent.kernel
+    hp = agent.plan()
+    (name,) = [n for n, m in hp.ipsets.items() if s["srv"][1] in m]
+    kernel.members_soon({name: frozenset()})  # (stale: before the plan)
+    await asyncio.to_thread(kernel.reconcile, hp, False)
+
+    def members() -> set[str]:
+        sets = IpSets.open(lab.sim.netns("host-1"))
+        try:
+            return set(sets.listing()[name])
+        finally:
+            sets.close()
+
+    have = await asyncio.to_thread(members)
+    assert have == set(hp.ipsets[name]) and s["srv"][1] in have
+    assert ping(s["c1"][0], s["srv"][1], tries=2)

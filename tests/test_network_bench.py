@@ -10,6 +10,13 @@ import sys
 
 import pytest
 
+from stratus.ops.bench.network import (
+    NEIGH_TABLE,
+    neigh_entries_needed,
+    neigh_table_size,
+    neigh_table_warning,
+)
+
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -26,6 +33,8 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["failures"] == []
+    # the neighbour table it ran with, as the machine has it (read, not changed)
+    assert out["info"]["gc_thresh3"] == int(NEIGH_TABLE.read_text())
     rows = {row["name"].split(" (")[0]: row for row in out["results"]}
     for mode in ("vxlan", "routed"):
         # every new port answered an echo across hosts (routed: its host's
@@ -36,3 +45,30 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
         # and a restart with nothing changed changed nothing
         restart = rows[f"{mode}: restart to converged"]
         assert restart["errors"] == 0 and restart["note"].startswith("0 changes"), restart
+
+
+@pytest.mark.parametrize(
+    ("size", "ports", "hosts", "warned"),
+    [
+        # 1,000 ports on 10 hosts: 2 * 1000 + 10 * 9 = 2,090 entries
+        (1024, 1000, 10, True),  # Linux's default: the full run overflows it
+        (2089, 1000, 10, True),
+        (2090, 1000, 10, False),
+        (32768, 1000, 10, False),  # what ops/bootstrap sets
+        (1024, 24, 3, False),  # the short form fits the default
+        (None, 1000, 10, False),  # not readable: nothing to say
+    ],
+)
+def test_the_bench_warns_when_the_neighbour_table_is_smaller_than_its_workload(
+    size, ports, hosts, warned
+):
+    assert neigh_entries_needed(1000, 10) == 2090
+    warning = neigh_table_warning(size, ports, hosts)
+    assert (warning is not None) == warned
+    if warned:
+        assert f"gc_thresh3 = {size}" in warning and "ops/bootstrap" in warning
+
+
+def test_the_neighbour_table_size_is_read_from_proc():
+    size = neigh_table_size()
+    assert size is not None and size == int(NEIGH_TABLE.read_text())

@@ -205,3 +205,56 @@ def test_l2pop_entries_made_in_one_batch_read_by_pyroute2_and_back(two_ns):
     finally:
         nl.close()
         ipr.close()
+
+
+def test_an_instance_side_plugged_in_one_batch_by_name_read_by_pyroute2(two_ns):
+    """A new veth's instance side as the agent plugs it in: loopback (by the
+    kernel's fixed index) and the peer (by name: no lookup first) up in one
+    batch, then its address and routes in another; a link named but absent
+    is refused with ENODEV and does not stop the others."""
+    from stratus.agents.network import rtnl
+
+    a, b = two_ns
+    nl, inner = Rtnl.open(a), Rtnl.open(b)
+    ipr = _ipr(b)
+    try:
+        with netns_fd(b) as fd:
+            nl.add_veth("v0", "eth0", fd, peer_mac="fa:16:3e:00:00:01")
+        errors = inner.do_many(
+            [
+                rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True),
+                rtnl.link_set(name="no-such", up=True),
+                rtnl.link_set(name="eth0", up=True),
+            ]
+        )
+        assert [e is None for e in errors] == [True, False, True]
+        assert errors[1].errno == 19  # ENODEV
+        idx = inner.index("eth0")
+        assert (
+            inner.do_many(
+                [
+                    rtnl.neighbour_add(idx, "169.254.1.1", "ee:ee:ee:ee:ee:ee"),
+                    rtnl.route_replace("169.254.1.1/32", oif=idx),
+                    rtnl.addr_add(idx, "10.244.0.5", 32),
+                    rtnl.route_replace("0.0.0.0/0", gateway="169.254.1.1", oif=idx, onlink=True),
+                ]
+            )
+            == [None] * 4
+        )
+        # the same address again: EEXIST, what the agent takes as done
+        (again,) = inner.do_many([rtnl.addr_add(idx, "10.244.0.5", 32)])
+        assert again is not None and again.errno == 17
+        links = {ln.get_attr("IFLA_IFNAME"): ln for ln in ipr.get_links()}
+        assert links["lo"]["flags"] & 1 and links["eth0"]["flags"] & 1  # IFF_UP
+        assert links["lo"]["index"] == rtnl.LOOPBACK_INDEX
+        addrs = {(x.get_attr("IFA_ADDRESS"), x["prefixlen"]) for x in ipr.get_addr(index=idx)}
+        assert ("10.244.0.5", 32) in addrs
+        routes = {
+            (r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY"), r["dst_len"])
+            for r in ipr.get_routes(oif=idx)
+        }
+        assert (None, "169.254.1.1", 0) in routes and ("169.254.1.1", None, 32) in routes
+    finally:
+        ipr.close()
+        inner.close()
+        nl.close()

@@ -30,7 +30,7 @@ import structlog
 
 from stratus.agents.network import ipam
 from stratus.agents.network.bird import BgpConfig
-from stratus.agents.network.desired import HostPlan, Planner, Topology, Touched
+from stratus.agents.network.desired import HostPlan, Planner, Topology, Touched, member_sets
 from stratus.agents.network.kernel import Changes, Host
 from stratus.events import network as nw
 from stratus.events.errors import ConcurrencyConflict
@@ -78,6 +78,7 @@ class NetworkAgent:
         self._last_plan: HostPlan | None = None
         self._reported: set[str] = set()
         self._lock = asyncio.Lock()
+        self._more = asyncio.Event()  # events folded that no pass has taken yet
         self._tasks: list[asyncio.Task[Any]] = []
         self._ipam_todo: set[str] = set()
         self._ipam_all = True
@@ -117,6 +118,7 @@ class NetworkAgent:
         await self.reconcile(correction=True)
         self._tasks = [
             asyncio.create_task(self._follow(), name=f"{self.actor} follow"),
+            asyncio.create_task(self._passes(), name=f"{self.actor} passes"),
             asyncio.create_task(self._periodic(), name=f"{self.actor} periodic"),
             asyncio.create_task(self._watch_bgp(), name=f"{self.actor} bgp"),
         ]
@@ -172,16 +174,33 @@ class NetworkAgent:
             self.topology.apply(rec.seq, ev)
 
     async def _follow(self) -> None:
+        """Fold the log as it comes, also while a pass runs (``_passes``
+        takes what was folded once it is done), and hand the running pass
+        the member sets that changed."""
         async for batch in self.store.subscribe(after=self.topology.seq):
             self._fold(batch)
+            t = self.topology
+            if t.routed:
+                self._ipam_todo |= t.touched.ports  # (addresses for them: ``_passes``)
+            if t.touched.members:
+                self.kernel.members_soon(member_sets(t, t.touched.members, self.prefix))
+            self._more.set()
+
+    async def _passes(self) -> None:
+        """A shallow pass over what the events folded since the last one changed."""
+        while True:
+            await self._more.wait()
+            self._more.clear()
             try:
                 # (its own events are folded at once: the pass below wires them)
-                await self._addresses(set(self.topology.touched.ports))
+                await self._addresses(set())
             except Exception:  # the store: the next batch (or deep pass) retries
                 log.exception("addresses failed", host=self.host)
                 self._ipam_all = True
             try:
-                await self.reconcile(correction=False, touched=self.topology.take())
+                # (what it changed is taken with the log's position, under the
+                # pass's lock: folding goes on meanwhile)
+                await self.reconcile(correction=False)
             except Exception:  # a kernel failure: the periodic pass retries
                 log.exception("reconcile failed", host=self.host)
 

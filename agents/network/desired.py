@@ -916,6 +916,11 @@ def _nodes(prefix: str) -> str:
     return nw.kernel_name(prefix, "chain", "nodes")
 
 
+def member_sets(t: Topology, groups: Iterable[str], prefix: str) -> dict[str, frozenset[str]]:
+    """The member sets of ``groups`` as the log has them (set name -> addresses)."""
+    return {member_set(prefix, g): frozenset(t.members_of(g)) for g in groups}
+
+
 def member_set(prefix: str, group: str) -> str:
     """The ipset of a security group's member addresses."""
     return nw.kernel_name(prefix, "chain", f"{group}/in")

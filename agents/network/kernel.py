@@ -304,6 +304,13 @@ class Host:
         # agent passes again for them on its next events, or soon.
         self.waiting: set[str] = set()
         self._applied: HostPlan | None = None  # the plan the last full pass applied
+        self._unplugged: list[PortPlan] = []
+        self._entries: list[rtnl.Request] = []
+        self._entries_for: set[str] = set()
+        self._stale_sets: set[str] = set()
+        # Member sets the agent folded while a pass ran (``members_soon``).
+        self._soon: dict[str, frozenset[str]] = {}
+        self._soon_lock = threading.Lock()
 
     def _nl(self, ns: str | None = None) -> Rtnl:
         """A netlink socket in ``ns`` (default: the host's). The host's is
@@ -450,6 +457,12 @@ class Host:
                 return self._reconcile(hp, deep)
             except RtnlError as exc:
                 raise KernelError(f"netlink: {exc}") from None
+            finally:
+                # Bridges whose new entries were worked out but not all made
+                # (the pass failed first): probed again by the next pass.
+                for name in self._entries_for:
+                    self._done.pop(name, None)
+                self._entries, self._entries_for = [], set()
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
@@ -460,8 +473,20 @@ class Host:
         self._ns = namespaces() if deep else None
         self._deep = deep
         self._unplugged: list[PortPlan] = []
+        self._entries: list[rtnl.Request] = []  # remote ports' entries (``_send_entries``)
+        self._entries_for: set[str] = set()  # the bridges they are of
         last = self._applied
         self._applied = None  # (until this pass ends well)
+        # Member sets first: they need no link, and a new member elsewhere
+        # (an instance on another host, say, whose first packets this
+        # host's rules must let in) is not kept waiting behind this host's
+        # own new ports. Stale ones go after the rules (``_after_links``;
+        # kept until then, should this pass fail before).
+        with self._soon_lock:
+            self._soon = {}  # (the plan is as new as any handed in before it)
+        if hp.ipsets != self._sets:
+            self._stale_sets |= self._sync_sets(hp.ipsets, ch)
+        clock.lap("ipsets")
         links_same = (
             not deep
             and last is not None
@@ -478,6 +503,7 @@ class Host:
                 if pp is not None:
                     self._port(pp, actual, ch, None)
             clock.lap("ports")
+            self._members_now(ch)
             self._after_links(hp, deep, ch, clock, last, actual, failed)
             return ch
         actual = Links(self, hp.taps(), dump=deep)
@@ -528,6 +554,7 @@ class Host:
         for pp in sorted(hp.ports.values(), key=lambda p: p.ifname):
             self._port(pp, actual, ch, routes)
         clock.lap("ports")
+        self._members_now(ch)
         self._after_links(hp, deep, ch, clock, last, actual, failed)
         return ch
 
@@ -562,9 +589,8 @@ class Host:
                     # below still get their update; the pass fails after.
                     failed = failed or KernelError(f"DHCP in {dp.netns}: {exc}")
         clock.lap("routers")
-        # Member sets before the rules that match them; stale ones after.
-        stale = self._sync_sets(hp.ipsets, ch) if hp.ipsets != self._sets else set()
-        clock.lap("ipsets")
+        # (member sets were made first: the rules below may match them)
+        stale, self._stale_sets = self._stale_sets - set(hp.ipsets), set()
         if hp.chains and hp.chains != self._chains:
             if self._firewall(hp.chains, deep):
                 ch.created.append("firewall")
@@ -572,6 +598,9 @@ class Host:
         clock.lap("firewall")
         self._plug_all(self._unplugged, actual)
         clock.lap("plug")
+        self._members_now(ch)
+        self._send_entries()
+        clock.lap("entries")
         for name in sorted(stale):
             try:
                 self._ipsets().destroy(name)
@@ -644,7 +673,15 @@ class Host:
                 ch.created.append(f"neigh_suppress {b.vxlan}")
         self._done[f"index {b.vxlan}"] = vx
         self._done[f"index {b.bridge}"] = br
-        have = _Entries.planned(trusted) if trusted is not None else self._probe_entries(vx, br)
+        if trusted is not None:
+            have = _Entries.planned(trusted)
+        elif brl is None and vxl is None:
+            # Both made just now: they hold none of ours yet. (Probing would
+            # dump the host's whole FDB, every other network's entries too,
+            # for each network a wave brings to this host.)
+            have = _Entries(frozenset(), {}, set(), {})
+        else:
+            have = self._probe_entries(vx, br)
         self._fdb_now(b, vx, br, have, ch)
 
     def _permanent_neighbours(self) -> dict[int, dict[str, str]]:
@@ -676,10 +713,11 @@ class Host:
             nl.fdb_delete(vx, dst)
             ch.removed.append(f"fdb {b.vxlan} {dst}")
         want = _Entries.planned(b)
-        # Stale ones first (a MAC or address may come back under another
-        # port); then the VXLAN device learns where a MAC lives before the
-        # bridge sends to it, and the bridge the MAC before it answers for
-        # the address. All in one batch: a wave of ports is many entries.
+        # Stale ones now (a MAC or address may come back under another
+        # port, even this host's); the new ones are sent once the pass's
+        # own new ports are plugged in (``_send_entries``): the VXLAN device
+        # learns where a MAC lives before the bridge sends to it, and the
+        # bridge the MAC before it answers for the address.
         gone: list[rtnl.Request] = []
         made: list[rtnl.Request] = []
         for ip in sorted(set(have.neigh) - set(want.neigh)):
@@ -702,12 +740,27 @@ class Host:
             if have.neigh.get(ip) != mac:
                 made.append(rtnl.neighbour_add(br, ip, mac))
                 ch.created.append(f"neigh {b.bridge} {ip}")
-        if gone or made:
-            errors = nl.do_many(gone + made)
-            # (an entry already gone is what was wanted; one not made fails the pass)
-            failed = [e for e in errors[len(gone) :] if e is not None]
+        if gone:
+            nl.do_many(gone)  # (an entry already gone is what was wanted)
+        if made:
+            self._entries += made
+            self._entries_for.add(b.bridge)
+
+    def _send_entries(self) -> None:
+        """The remote ports' entries the pass worked out, in one batch, after
+        its own new ports are wired. They spare the network's flooding (each
+        remote port's MAC sent to its VTEP, its address answered by the
+        bridge), but traffic needs none of them: unknown MACs and
+        unanswered ARP requests go to every VTEP of the network (the flood
+        entries, made at once). A wave of bindings brings each host many
+        remote ports and a few of its own: the own ones are not kept
+        waiting behind the others' entries."""
+        if self._entries:
+            # (one not made fails the pass)
+            failed = [e for e in self._nl().do_many(self._entries) if e is not None]
             if failed:
                 raise failed[0]
+        self._entries, self._entries_for = [], set()
 
     def _routes(self) -> set[tuple[str, int]]:
         """The host's routes straight out of a link: (destination, link index)."""
@@ -851,8 +904,15 @@ class Host:
         the RTNL lock, batched), and until that has run the side's queue
         drops what is sent through it: the ARP replies to the instance's
         first request, which it retries only a second later."""
+        if not pps:
+            return
+        # In batches (a request each is a round trip, and in a process
+        # holding many agents a wait for the interpreter after each): the
+        # host's sides in one, each instance's in one or two.
+        _do_all(self._nl(), [r for pp in pps for r in self._plug_links(pp, actual)])
         for pp in pps:
-            self._plug_links(pp, actual)
+            up = [rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True), rtnl.link_set(name=pp.peer, up=True)]
+            _do_all(self._nl(pp.netns), up)
         self._await_oper_up([pp.ifname for pp in pps])
         for pp in pps:
             self._plug_addresses(pp)
@@ -870,40 +930,39 @@ class Host:
                 return
             time.sleep(0.002)
 
-    def _plug_links(self, pp: PortPlan, actual: Links) -> None:
-        nl = self._nl()
+    def _plug_links(self, pp: PortPlan, actual: Links) -> list[rtnl.Request]:
+        """The host's side of a new veth up: bridged, or routed to."""
         idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
-        if pp.routed:
-            nl.set(idx, up=True)
-            nl.replace_route(pp.address, oif=idx)
-            # The host knows the instance's MAC (it set it): no ARP for it,
-            # and no dynamic entry (the kernel's table of those is bounded,
-            # gc_thresh3, and a full one drops packets to new neighbours).
-            nl.permanent_neighbour(idx, pp.address.split("/")[0], pp.mac)
-        else:
-            nl.set(idx, master=self._bridge_index(pp.bridge, actual), up=True)
-        inner = self._nl(pp.netns)
-        lo = inner.link("lo")
-        if lo is not None and not lo.up:
-            inner.set(lo.index, up=True)
-        inner.set(inner.index(pp.peer), up=True)
+        if not pp.routed:
+            return [rtnl.link_set(idx, master=self._bridge_index(pp.bridge, actual), up=True)]
+        # The host knows the instance's MAC (it set it): no ARP for it, and
+        # no dynamic entry (the kernel's table of those is bounded,
+        # gc_thresh3, and a full one drops packets to new neighbours).
+        return [
+            rtnl.link_set(idx, up=True),
+            rtnl.route_replace(pp.address, oif=idx),
+            rtnl.neighbour_add(idx, pp.address.split("/")[0], pp.mac),
+        ]
 
     def _plug_addresses(self, pp: PortPlan) -> None:
         inner = self._nl(pp.netns)
         pidx = inner.index(pp.peer)
+        requests = []
         if pp.routed:
             # The host's side answers for the link-local next hop (Calico's
             # 169.254.1.1): a permanent neighbour entry, so no ARP proxy.
-            inner.permanent_neighbour(pidx, nw.ROUTED_GATEWAY, nw.ROUTED_HOST_MAC)
-            inner.replace_route(f"{nw.ROUTED_GATEWAY}/32", oif=pidx)
+            requests += [
+                rtnl.neighbour_add(pidx, nw.ROUTED_GATEWAY, nw.ROUTED_HOST_MAC),
+                rtnl.route_replace(f"{nw.ROUTED_GATEWAY}/32", oif=pidx),
+            ]
         ip, plen = pp.address.split("/")
-        try:
-            inner.add_addr(pidx, ip, int(plen))
-        except RtnlError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
+        addr = len(requests)  # (its address there already is what was wanted)
+        requests.append(rtnl.addr_add(pidx, ip, int(plen)))
         if pp.gateway:
-            inner.replace_route("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+            requests.append(
+                rtnl.route_replace("0.0.0.0/0", gateway=pp.gateway, oif=pidx, onlink=pp.routed)
+            )
+        _do_all(inner, requests, exists_ok=addr)
         self._done[pp.ifname] = pp
         self.wired_at[pp.port] = time.monotonic()
         if len(self.wired_at) > 20_000:
@@ -1024,6 +1083,27 @@ class Host:
                 ch.created.append(f"{rp.netns} default via {rp.gateway}")
 
     # -- member sets -------------------------------------------------------------------
+
+    def members_soon(self, sets: dict[str, frozenset[str]]) -> None:
+        """Member sets as the log has them now, for a pass already running
+        to apply between its steps (from any thread). A new member's
+        address (an instance on another host, which this host's ingress
+        rules must let in) then waits for the step under way, not for the
+        rest of the pass and the next one's plan."""
+        with self._soon_lock:
+            self._soon.update(sets)
+
+    def _members_now(self, ch: Changes) -> None:
+        """Within a pass: the member sets handed in since it started, of
+        the sets this host has."""
+        with self._soon_lock:
+            soon, self._soon = self._soon, {}
+        have = self._sets
+        if have is None:
+            return  # (a deep pass probes them)
+        newer = {n: m for n, m in soon.items() if n in have and have[n] != m}
+        if newer:
+            self._sync_sets({**have, **newer}, ch)
 
     def _sync_sets(self, wanted: dict[str, frozenset[str]], ch: Changes) -> set[str]:
         """Make our ipsets hold ``wanted`` (a deep pass lists them; a shallow
@@ -1204,6 +1284,14 @@ class Host:
                     self.bird.dir.parent.rmdir()
             self.close()
             return ch
+
+
+def _do_all(nl: Rtnl, requests: list[rtnl.Request], exists_ok: int = -1) -> None:
+    """``requests`` in one batch; the first refused one raises (request
+    ``exists_ok`` may find what it makes there already)."""
+    for i, err in enumerate(nl.do_many(requests)):
+        if err is not None and not (i == exists_ok and err.errno == errno.EEXIST):
+            raise err
 
 
 def dnsmasq_pid(ns: str) -> int:

@@ -383,19 +383,7 @@ class Rtnl(Netlink):
         netns_fd: int | None = None,
         name: str = "",
     ) -> None:
-        flags = change = 0
-        if up is not None:
-            flags, change = (IFF_UP if up else 0), IFF_UP
-        attrs = b""
-        if master is not None:
-            attrs += _u32(IFLA_MASTER, master)
-        if mac:
-            attrs += nla(IFLA_ADDRESS, _mac(mac))
-        if netns_fd is not None:
-            attrs += _u32(IFLA_NET_NS_FD, netns_fd)
-        if name:
-            attrs += _str(IFLA_IFNAME, name)
-        self.do(RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs)
+        self.do(*link_set(index, up=up, master=master, mac=mac, netns_fd=netns_fd, name=name))
 
     def neigh_suppress(self, index: int, on: bool = True) -> None:
         """Bridge port ``index`` answers ARP requests from its bridge's
@@ -430,10 +418,7 @@ class Rtnl(Netlink):
         return out
 
     def add_addr(self, index: int, address: str, prefixlen: int) -> None:
-        raw = _ip4(address)
-        body = _IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index)
-        body += nla(IFA_LOCAL, raw) + nla(IFA_ADDRESS, raw)
-        self.do(RTM_NEWADDR, F_CREATE | F_EXCL, body)
+        self.do(*addr_add(index, address, prefixlen))
 
     def del_addr(self, index: int, address: str, prefixlen: int) -> None:
         raw = _ip4(address)
@@ -467,26 +452,7 @@ class Rtnl(Netlink):
         self, dst: str, *, gateway: str = "", oif: int = 0, onlink: bool = False
     ) -> None:
         """``dst`` (a.b.c.d/len) via ``gateway`` or straight out of ``oif``."""
-        net = ipaddress.IPv4Network(dst)
-        scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
-        body = _RTMSG.pack(
-            socket.AF_INET,
-            net.prefixlen,
-            0,
-            0,
-            RT_TABLE_MAIN,
-            RTPROT_STATIC,
-            scope,
-            RTN_UNICAST,
-            RTNH_F_ONLINK if onlink else 0,
-        )
-        if net.prefixlen:
-            body += nla(RTA_DST, net.network_address.packed)
-        if gateway:
-            body += nla(RTA_GATEWAY, _ip4(gateway))
-        if oif:
-            body += _u32(RTA_OIF, oif)
-        self.do(RTM_NEWROUTE, F_CREATE | F_REPLACE, body)
+        self.do(*route_replace(dst, gateway=gateway, oif=oif, onlink=onlink))
 
     def del_route(self, dst: str, oif: int = 0) -> None:
         net = ipaddress.IPv4Network(dst)
@@ -602,6 +568,66 @@ class Rtnl(Netlink):
 
 
 # Requests for ``Netlink.do_many`` (and the single calls above).
+
+# Every namespace's loopback device has this index (the kernel's LOOPBACK_IFINDEX).
+LOOPBACK_INDEX = 1
+
+
+def link_set(
+    index: int = 0,
+    *,
+    up: bool | None = None,
+    master: int | None = None,
+    mac: str = "",
+    netns_fd: int | None = None,
+    name: str = "",
+) -> Request:
+    """Change link ``index`` (0: the link named ``name``, which the kernel
+    looks up itself: no request for its index first)."""
+    flags = change = 0
+    if up is not None:
+        flags, change = (IFF_UP if up else 0), IFF_UP
+    attrs = b""
+    if master is not None:
+        attrs += _u32(IFLA_MASTER, master)
+    if mac:
+        attrs += nla(IFLA_ADDRESS, _mac(mac))
+    if netns_fd is not None:
+        attrs += _u32(IFLA_NET_NS_FD, netns_fd)
+    if name:
+        attrs += _str(IFLA_IFNAME, name)
+    return RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs
+
+
+def addr_add(index: int, address: str, prefixlen: int) -> Request:
+    raw = _ip4(address)
+    body = _IFADDR.pack(socket.AF_INET, prefixlen, 0, 0, index)
+    body += nla(IFA_LOCAL, raw) + nla(IFA_ADDRESS, raw)
+    return RTM_NEWADDR, F_CREATE | F_EXCL, body
+
+
+def route_replace(dst: str, *, gateway: str = "", oif: int = 0, onlink: bool = False) -> Request:
+    """``dst`` (a.b.c.d/len) via ``gateway`` or straight out of ``oif``."""
+    net = ipaddress.IPv4Network(dst)
+    scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_LINK
+    body = _RTMSG.pack(
+        socket.AF_INET,
+        net.prefixlen,
+        0,
+        0,
+        RT_TABLE_MAIN,
+        RTPROT_STATIC,
+        scope,
+        RTN_UNICAST,
+        RTNH_F_ONLINK if onlink else 0,
+    )
+    if net.prefixlen:
+        body += nla(RTA_DST, net.network_address.packed)
+    if gateway:
+        body += nla(RTA_GATEWAY, _ip4(gateway))
+    if oif:
+        body += _u32(RTA_OIF, oif)
+    return RTM_NEWROUTE, F_CREATE | F_REPLACE, body
 
 
 def neighbour_add(index: int, address: str, mac: str) -> Request:

@@ -132,7 +132,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
     from stratus.handlers.reports import ReportRelay
     from stratus.handlers.routed import SystemNetworks, decide_routed_network_create
     from stratus.handlers.world import fold
-    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo
+    from stratus.ops.bench.netlab import CAUSE, Cloud, Echo, Echoes
 
     prefix = "b" + secrets.token_hex(2)
     # Hosts and tenants of this mode's own: the log holds the other mode's
@@ -163,6 +163,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         )
 
     procs = AgentProcesses(url, sim, prefix, state / "data")
+    echoes = Echoes()
     threads = opts.agents == "thread"
 
     async def settled(timeout: float = 120) -> None:
@@ -267,6 +268,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
         by_host = {a.host: a.kernel for a in agents}
+        echoes.start()
         for w0 in range(0, measured, opts.wave):
             wave = []
             for i in range(w0, min(measured, w0 + opts.wave)):
@@ -284,7 +286,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 # pipelined, so its bindings land as a burst.
                 ends = await asyncio.gather(
                     *(
-                        _bind_and_probe(store, p, e, tg, opts.timeout, load, wired, by_host)
+                        _bind_and_probe(store, p, echoes, e, tg, opts.timeout, load, wired, by_host)
                         for p, tg, e in wave
                     )
                 )
@@ -292,6 +294,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 for *_, e in wave:
                     e.close()
             busy += max(ends) - first
+        echoes.close()
         load.seconds = busy
         report.results.append(
             result(
@@ -377,6 +380,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             await a.stop()
         await fresh_store.close()
     finally:
+        echoes.close()
         for a in agents:
             await a.stop()
         await asyncio.to_thread(procs.stop)
@@ -477,14 +481,23 @@ async def _restart_processes(report: Report, mode: str, store, procs, hosts: lis
 
 
 async def _bind_and_probe(
-    store, p: Placed, probe, target: str, timeout: float, load: Load, wired: Load, agents: dict
+    store,
+    p: Placed,
+    echoes,
+    probe,
+    target: str,
+    timeout: float,
+    load: Load,
+    wired: Load,
+    agents: dict,
 ) -> float:
     """Append a port's binding, then probe until ``target`` answers through
-    it: the answer's time (or the time it gave up), latency into ``load``
-    and the agent's part (binding to wired) into ``wired``."""
+    it (``echoes``' thread sends ``probe``'s requests): the answer's time
+    (or the time it gave up), latency into ``load`` and the agent's part
+    (binding to wired) into ``wired``."""
     await store.append(p.binding)
     t0 = time.monotonic()
-    ok = await probe.first_reply(target, t0 + timeout)
+    ok = await echoes.first_reply(probe, target, t0 + timeout)
     kernel = agents.get(p.host)
     made = kernel.wired_at.get(p.port) if kernel is not None else None
     if made is not None:
@@ -497,6 +510,43 @@ async def _bind_and_probe(
     load.done += 1
     load.latencies.append(ok - t0)
     return ok
+
+
+# The machine's table of dynamic neighbour entries (every namespace's: the
+# kernel keeps one) refuses new ones at gc_thresh3 once none is old enough
+# to collect. Per measured port the workload makes about two (the instance's
+# entry for its peer, the peer's for it), and each host one per other
+# host's VTEP.
+NEIGH_TABLE = Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+
+
+def neigh_table_size() -> int | None:
+    """The machine's ``gc_thresh3`` (None: not readable here)."""
+    try:
+        return int(NEIGH_TABLE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def neigh_entries_needed(ports: int, hosts: int) -> int:
+    """Dynamic neighbour entries the workload may hold at once (an upper
+    estimate, see ``NEIGH_TABLE``)."""
+    return 2 * ports + hosts * (hosts - 1)
+
+
+def neigh_table_warning(size: int | None, ports: int, hosts: int) -> str | None:
+    """A warning when the machine's neighbour table is smaller than the
+    workload needs (its first packets would be dropped: the tail measured
+    would be the kernel's, not the agent's)."""
+    need = neigh_entries_needed(ports, hosts)
+    if size is None or size >= need:
+        return None
+    return (
+        f"the machine's neighbour table (net.ipv4.neigh.default.gc_thresh3 = {size}) is "
+        f"smaller than this workload's ~{need} dynamic entries: once full, packets to new "
+        "neighbours are dropped and the latencies measured are the kernel's; "
+        "ops/bootstrap raises it (/etc/sysctl.d/60-stratus-neigh.conf)"
+    )
 
 
 def _arp_table_fulls() -> int:
@@ -533,6 +583,11 @@ def run(opts: Options) -> Report:
     from stratus.ops.bench.common import with_broker
 
     report = Report("network", opts)
+    # (read, never changed: the machine's setting is the operator's, see ops/bootstrap)
+    report.info["gc_thresh3"] = size = neigh_table_size()
+    warning = neigh_table_warning(size, opts.ports, opts.hosts)
+    if warning:
+        report.info["warnings"] = [warning]
 
     async def body(url, tmp, procs) -> None:
         for mode in opts.modes:
@@ -586,6 +641,9 @@ def main(argv: list[str]) -> int:
 
     # The agents' logs on stderr, warnings only: stdout is the table or JSON.
     logs.configure(os.environ.get("STRATUS_BENCH_LOG", "WARNING"))
+    warning = neigh_table_warning(neigh_table_size(), opts.ports, opts.hosts)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     report = run(opts)
     report.info["wall_seconds"] = round(time.perf_counter() - t0, 1)
