@@ -14,7 +14,7 @@ replica claimed that host first, the batch is refused; this replica waits
 until its table has folded what it missed and decides again (bounded).
 Concurrent decisions go to the log together (one batch, one disk sync).
 
-Work is taken as it is ready (``events.pull.fetch_ready``: never waiting to
+Work is taken as it is ready (``events.pull.Puller``: never waiting to
 fill a batch) and up to ``PIPELINE`` rounds are in flight, so a batch is
 decided while the previous one's append is on its way; the hosts a round
 claims are held until the claims are in the table. A sampled round walks
@@ -41,7 +41,7 @@ from stratus.events.catalog import CODEC
 from stratus.events.errors import ConcurrencyConflict, StratusError
 from stratus.events.heartbeat import Liveness
 from stratus.events.model import Cause, Event, UnknownEvent
-from stratus.events.pull import fetch_ready
+from stratus.events.pull import Puller
 from stratus.events.resources import (
     SYSTEM,
     ServerBuilding,
@@ -184,7 +184,7 @@ class SchedulerService:
         self._tasks: list[asyncio.Task[None]] = []
         # Rounds of fetched work under way (see ``_work``).
         self._rounds: set[asyncio.Task[None]] = set()
-        self._sub: Any = None
+        self._puller: Puller | None = None
         self._folded = asyncio.Event()
         self._closing = False
         # The build timer: since when each host row has been seen dead, and
@@ -219,16 +219,16 @@ class SchedulerService:
         if self.use_liveness:
             self.liveness = Liveness(self.store.js, on_change=self.table.set_alive)
             await self.liveness.start()
-        self._sub = await self.store.js.pull_subscribe(
-            WORK_SUBJECT,
-            durable=self.durable,
-            stream=self.store.stream,
-            config=ConsumerConfig(
+        self._puller = Puller(self.store.js, self.store.nc, self.store.stream, self.durable)
+        await self._puller.start(
+            ConsumerConfig(
+                durable_name=self.durable,
+                filter_subject=WORK_SUBJECT,
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
                 ack_wait=30,
                 max_ack_pending=20_000,
-            ),
+            )
         )
         await self._resume()
         self._tasks.append(asyncio.create_task(self._work()))
@@ -251,9 +251,8 @@ class SchedulerService:
         self._tasks.clear()
         if self.liveness is not None:
             await self.liveness.stop()
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        if self._puller is not None:
+            await self._puller.stop()
 
     # -- host state ----------------------------------------------------------
 
@@ -294,6 +293,8 @@ class SchedulerService:
         idle, cannot take."""
         running = self._rounds
         holding: dict[asyncio.Task[None], int] = {}
+        puller = self._puller
+        assert puller is not None
         while not self._closing:
             room = FETCH - sum(holding.values())
             if len(running) >= PIPELINE or room <= 0:
@@ -301,7 +302,7 @@ class SchedulerService:
                 continue
             t0 = self.phases.mark()
             try:
-                msgs = await fetch_ready(self._sub, room, timeout=1)
+                msgs = await puller.fetch(room, timeout=1)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except nats.errors.Error as exc:
