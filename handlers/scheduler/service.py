@@ -411,12 +411,15 @@ class SchedulerService:
             else 0
         )
         placed_rows: list[int] = []
+        # Nothing is folded until the round's appends are sent: its
+        # decisions share their filtering and weighing by request key.
+        memo: dict = {}
         for job in jobs:
             out: Outcome
             if job.give_up:
                 out = NoValidHost(job.give_up, {"attempt": job.request.attempt})
             else:
-                out = self.decider.decide(t, job.request, start=start)
+                out = self.decider.decide(t, job.request, start=start, memo=memo)
             if isinstance(out, Busy):
                 later.append(job)
                 continue
