@@ -144,7 +144,7 @@ class Walk:
     def __init__(self, windows: Iterator[tuple[int, int]]) -> None:
         self.windows = windows
         self.parts: list[Filtered] = []
-        self._weighed: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._weighed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def extend(self, d: Decider, t: HostTable, r: Request) -> bool:
         """Filter the next window; False when every row has been walked."""
@@ -156,13 +156,16 @@ class Walk:
 
     def weighed(
         self, d: Decider, t: HostTable, r: Request, used: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows that passed in the first ``used`` windows (held or not)
-        and their weights."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows that passed in the first ``used`` windows (held or not),
+        their weights, and their positions heaviest first."""
         got = self._weighed.get(used)
         if got is None:
             rows = np.concatenate([p.rows for p in self.parts[:used]])
-            got = self._weighed[used] = (rows, weigh(t, r, rows, d.weighers))
+            weights = weigh(t, r, rows, d.weighers)
+            # Heaviest first; equal weights in walk order.
+            order = np.argsort(-weights, kind="stable")
+            got = self._weighed[used] = (rows, weights, order)
         return got
 
 
@@ -309,22 +312,27 @@ class Decider:
         rows = np.concatenate(found)
         if len(rows) == 0:
             return Busy()
+        k = min(self.config.host_subset_size, len(rows))
         if walk is None:
             weights = weigh(t, r, rows, self.weighers)
+            best = np.argpartition(-weights, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
+            best = best[np.argsort(-weights[best], kind="stable")]
+            tied = np.flatnonzero(weights >= weights[best[0]] - 1e-9)
+            ties = len(tied)
         else:
-            every, weights = walk.weighed(self, t, r, used)
+            # The walk's hosts in order of weight, once per round; this
+            # decision's are those not held, in the same order.
+            every, weights, order = walk.weighed(self, t, r, used)
             if len(every) != len(rows):
-                keep = t.last_seq[every] >= t.hold[every]
-                weights = weights[keep]
-        k = min(self.config.host_subset_size, len(rows))
-        best = np.argpartition(-weights, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
-        best = best[np.argsort(-weights[best], kind="stable")]
-        tied = np.flatnonzero(weights >= weights[best[0]] - 1e-9)
-        if len(tied) > k:
+                order = order[(t.last_seq[every] >= t.hold[every])[order]]
+            rows, best = every, order[:k]
+            ties = int(np.count_nonzero(weights[order] >= weights[best[0]] - 1e-9))
+            tied = order[:ties]
+        if ties > k:
             # More hosts share the best weight than the subset holds (empty
             # hosts of one size, say): any of them is as good, and replicas
             # that each pick at random among them rarely pick the same.
-            pick = int(tied[self.rng.integers(len(tied))])
+            pick = int(tied[self.rng.integers(ties)])
             best = np.concatenate(([pick], best[best != pick]))[:k]
         else:
             pick = int(best[self.rng.integers(k)]) if k > 1 else int(best[0])
