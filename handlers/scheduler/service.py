@@ -491,6 +491,7 @@ class SchedulerService:
             err = next(r for r in got if isinstance(r, Exception))
             self.phases.count("refused")
             if not isinstance(err, ConcurrencyConflict):
+                log.warning("placement batch refused", error=str(err))
                 break
             with self.phases.timed("conflict"):
                 await self._caught_up()
@@ -500,7 +501,9 @@ class SchedulerService:
                 if sent[i].row >= 0 and self.table.last_seq[sent[i].row] != sent[i].expected
             }
             if not stale:
-                break  # a server subject moved: only one by one can tell which
+                # A server subject moved: only one by one can tell which.
+                log.info("placement batch refused, no host moved", error=str(err))
+                break
             for i in stale:
                 results[i] = HostMoved(str(err), sent[i].expected, None)
             todo = [i for i in todo if i not in stale]
