@@ -433,6 +433,7 @@ class SchedulerService:
         self.phases.add("decide", t0)
         results = await self._append(sent)
         t0 = self.phases.mark()
+        unsure: list[Job] = []
         for s, res in zip(sent, results, strict=True):
             job = s.job
             if isinstance(res, AppendResult):
@@ -446,20 +447,37 @@ class SchedulerService:
                 continue
             if s.row >= 0:
                 t.hold[s.row] = 0
-            if isinstance(res, HostMoved):
+            if isinstance(res, HostMoved) or (
+                isinstance(res, ConcurrencyConflict)
+                and s.row >= 0
+                and t.last_seq[s.row] != s.expected
+            ):
                 self.conflicts += 1
                 later.append(job)
             elif isinstance(res, ConcurrencyConflict):
                 self.conflicts += 1
-                subject = f"ev.{job.request.tenant}.server.{job.request.server}"
-                if await self.store.last_seq(subject) != job.server_seq:
+                unsure.append(job)
+            else:
+                log.warning("placement not appended", server=job.request.server, error=str(res))
+                later.append(job)
+        if unsure:
+            # Refused, and not (as far as the table knows yet) for its host:
+            # has the server moved on? Asked all at once, not one after
+            # another (a batch sent one by one after three refusals once had
+            # 105 of these, 0.4 s asked in turn).
+            lasts = await asyncio.gather(
+                *(
+                    self.store.last_seq(f"ev.{j.request.tenant}.server.{j.request.server}")
+                    for j in unsure
+                ),
+                return_exceptions=True,
+            )
+            for job, last in zip(unsure, lasts, strict=True):
+                if isinstance(last, int) and last != job.server_seq:
                     # The server moved on (deleted, or placed by another replica).
                     await _ack(job.msg)
                 else:
                     later.append(job)
-            else:
-                log.warning("placement not appended", server=job.request.server, error=str(res))
-                later.append(job)
         self.phases.add("ack", t0)
         if later and len(later) == len(jobs):
             # Nothing landed: give claims in flight (ours or a replica's) a
