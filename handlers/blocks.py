@@ -12,7 +12,12 @@ against the network's history, read fresh from the log:
 * a claim: for the agent's own host, of a block of a live routed network
   (of the network's block size, inside its prefix) that no host holds;
 * a release: of a block its own host holds;
-* addresses: on the subject of a block its own host holds.
+* addresses: on the subject of a block its own host holds, each inside
+  that block;
+* a port's address (``port.address-assigned``, ``check_address``): a port
+  of a routed network, with an address inside a block its host holds. A
+  tenant network's addresses are the handlers' to give: an agent that
+  could re-address a port there could take another port's traffic.
 
 ``check`` is pure: the relay reads, this decides. Every report also
 carries a condition on its own subject (the relay requires it), so what
@@ -74,6 +79,10 @@ def check(host: str, events: Sequence[Event], history: Iterable[Event]) -> None:
                 raise Forbidden(f"{what}: not the subject of block {ev.block}")
             if blocks.get(ev.block) != host:
                 raise Forbidden(f"{what}: block {ev.block} is not held by {host}")
+            inside = ipaddress.ip_network(ev.block)
+            for address in (*ev.allocated, *ev.released):
+                if _address(address, what) not in inside:
+                    raise Forbidden(f"{what}: {address} is not in block {ev.block}")
             continue
         if ev.aggregate.kind != "network" or ev.host != host:
             raise Forbidden(f"{what}: not a block report of host {host}")
@@ -98,3 +107,24 @@ def _claimable(net: NetworkCreated, block: str, blocks: dict[str, str], what: st
         raise Forbidden(f"{what}: {block} is not a /{net.block_prefix} block of {net.cidr}")
     if block in blocks:
         raise Forbidden(f"{what}: block {block} is held by {blocks[block]}")
+
+
+def check_address(host: str, ip: str, history: Iterable[Event], what: str) -> None:
+    """Refuse (``Forbidden``) a port's address that is not inside a block
+    ``host`` holds, given its network's subject history (none: the port is
+    on no routed network)."""
+    net, blocks = holders(history)
+    if net is None:
+        raise Forbidden(f"{what}: the port is on no routed network; its address is not a host's")
+    address = _address(ip, what)
+    for block, holder in blocks.items():
+        if holder == host and address in ipaddress.ip_network(block):
+            return
+    raise Forbidden(f"{what}: {ip} is in no block {host} holds")
+
+
+def _address(text: str, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise Forbidden(f"{what}: {text!r} is not an address") from None

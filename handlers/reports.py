@@ -15,7 +15,9 @@ report, read fresh from the log:
   are copied from the host's own bucket into the image bucket first
   (``handlers.snapshots``);
 * ``port.bound`` to this host: a port of a server placed on it, or a router
-  port on a host registered as running the routers;
+  port on a host registered as running the routers; ``port.address-assigned``
+  the same, for a port of a routed network with an address from a block
+  this host holds;
 * a routed network's address blocks claimed and given back by this host,
   and the addresses of its blocks (``handlers.blocks``); several claims or
   releases on one network are one atomic append.
@@ -42,6 +44,7 @@ from stratus.events.network import NetworkAgentRegistered
 from stratus.events.reports import REPLY, REPORT_SUBJECT, REQUEST, ReportReply, ReportRequest
 from stratus.events.resources import (
     SYSTEM,
+    ImageActivated,
     ImageCreated,
     PortAddressAssigned,
     PortBound,
@@ -49,6 +52,7 @@ from stratus.events.resources import (
     ServerBuilding,
     ServerDeleted,
     ServerFailed,
+    ServerRequested,
     ServerRunning,
     ServerScheduled,
     ServerStopped,
@@ -96,7 +100,7 @@ class ReportRelay(Responder):
             else:
                 await self.authorize(host, events[0], req)
             if isinstance(events[0], ImageCreated):
-                await self._snapshot_bytes(host, events[0])
+                await self._snapshot_bytes(host, events[0], req.server)
             result = await self.store.append(events, req.condition, msg_id=req.msg_id)
         except ConcurrencyConflict as err:
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire(), actual=err.actual))
@@ -106,12 +110,30 @@ class ReportRelay(Responder):
             return REPLY.encode(ReportReply(ok=False, error=err.to_wire()))
         return REPLY.encode(ReportReply(ok=True, seqs=result.seqs, duplicate=result.duplicate))
 
-    async def _snapshot_bytes(self, host: str, event: ImageCreated) -> None:
+    async def _snapshot_bytes(self, host: str, event: ImageCreated, server: str) -> None:
         """A snapshot's objects, from its host's bucket into the image bucket
         (``handlers.snapshots``), before its image is recorded."""
         if self._images is None:
             self._images = await BlobStore.open(self.store.js)
-        await snapshots.adopt(self.store.js, self._images, host, snapshots.digests_of(event))
+        inherited = await self._server_image_objects(event, server)
+        await snapshots.adopt(
+            self.store.js, self._images, host, snapshots.digests_of(event), inherited
+        )
+
+    async def _server_image_objects(self, event: ImageCreated, server: str) -> set[str]:
+        """The objects of the image ``server`` runs, if the snapshot names it
+        as its parent (what the snapshot may hold without uploading it)."""
+        image = ""
+        for ev in await self._history(f"ev.{event.tenant}.server.{server}"):
+            if isinstance(ev, ServerRequested):
+                image = ev.spec.image
+        if not image or event.parent != image or not TOKEN_RE.match(image):
+            return set()
+        out: set[str] = set()
+        for ev in await self._history(f"ev.*.image.{image}"):
+            if isinstance(ev, (ImageCreated, ImageActivated)):
+                out = set(snapshots.digests_of(ev))
+        return out
 
     def _decode(self, host: str, data: bytes) -> tuple[ReportRequest, list[Event]]:
         if not NAME_RE.match(host):
@@ -170,7 +192,12 @@ class ReportRelay(Responder):
             self._actor(event, f"network-agent:{host}")
             if event.host != host:
                 raise Forbidden(f"{what}: binds it to {event.host}, not to {host}")
-            await self._port_here(event, host, what)
+            port = await self._port_here(event, host, what)
+            if isinstance(event, PortAddressAssigned):
+                if not TOKEN_RE.match(port.network):
+                    raise Forbidden(f"{what}: no such network")
+                history = await self._history(f"ev.{SYSTEM}.network.{port.network}")
+                blocks.check_address(host, event.ip, history, what)
         else:
             raise Forbidden(f"{what}: not a report a host agent makes through the relay")
 
@@ -200,7 +227,8 @@ class ReportRelay(Responder):
 
     async def _port_here(
         self, event: PortBound | PortAddressAssigned, host: str, what: str
-    ) -> None:
+    ) -> PortCreated:
+        """The port ``event`` is about, if it is on ``host``."""
         port = None
         for ev in await self._history(event.subject):
             if isinstance(ev, PortCreated):
@@ -209,9 +237,9 @@ class ReportRelay(Responder):
             raise Forbidden(f"{what}: no such port")
         if port.device_owner == "compute":
             await self._placed(event.tenant, port.device, host, what)
-            return
+            return port
         if port.device_owner == "router_interface" and await self._router_host(host):
-            return
+            return port
         raise Forbidden(f"{what}: the port is not on host {host}")
 
     async def _router_host(self, host: str) -> bool:

@@ -49,7 +49,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from stratus.events.commands import MAX_COMMAND_BYTES, Reply
-from stratus.events.errors import Forbidden, Invalid
+from stratus.events.errors import Forbidden, Invalid, StratusError
 from stratus.events.lease import DEFAULT_TTL_S, Lease, LeaseLost
 from stratus.events.responder import Responder
 from stratus.events.store import EventStore
@@ -226,6 +226,7 @@ class LiveProjection:
         self._task = asyncio.create_task(self.candidate.follow())
 
     async def _run(self, projector: Projector) -> None:
+        said = ""  # the known failure last logged
         while True:
             try:
                 await projector.run()
@@ -239,7 +240,14 @@ class LiveProjection:
                     raise LeaseLost(f"projector lease lost during a write: {exc}") from None
                 # A broken connection or database hiccup: resume from the
                 # checkpoint, which is exactly where the failed batch began.
-                log.exception("projector failed; restarting from its checkpoint")
+                if not isinstance(exc, StratusError):
+                    log.exception("projector failed; restarting from its checkpoint")
+                elif str(exc) != said:
+                    # A known cause (no stream yet: `stratus init` not run;
+                    # the broker away): one line when it changes, not a
+                    # traceback every second while it lasts.
+                    log.warning("projector waiting; retrying from its checkpoint", error=str(exc))
+                said = str(exc) if isinstance(exc, StratusError) else ""
                 await asyncio.sleep(1)
 
     async def pause(self) -> None:

@@ -98,6 +98,65 @@ def test_pid_one_own_network_namespace_and_clean_removal(driver):
     assert not any(d.exists() for d in driver.cgroups.dirs(s.server))
 
 
+class _Killed(BaseException):
+    """The agent dying between two steps of a build."""
+
+
+def test_a_namespace_left_by_a_build_cut_short_is_listed_and_removed(tmp_path, monkeypatch):
+    """An agent killed after `ip netns add` and before the cgroup: the
+    namespace alone is the instance's only trace. A new agent's listing
+    must show it (as stopped) so its pass, or a teardown, removes it."""
+    host = unique_host()
+    first = ContainerDriver(host, tmp_path / "containers")
+    s = spec()
+    ns = NETNS_DIR / netns_name(s.server)
+
+    def die(_spec):
+        raise _Killed
+
+    monkeypatch.setattr(first.cgroups, "create", die)
+    try:
+        with pytest.raises(_Killed):
+            first.ensure(s)
+        assert ns.exists() and not first.cgroups.dirs(s.server)[0].exists()
+        restarted = ContainerDriver(host, tmp_path / "containers")
+        assert restarted.list_owned() == {s.server: "stopped"}
+        assert restarted.state(s.server) == "stopped"
+        restarted.remove(s.server)
+        assert not ns.exists()
+        assert restarted.list_owned() == {} and restarted.state(s.server) is None
+    finally:
+        first.remove(s.server)  # whatever the test left
+        first.cgroups.prune()
+
+
+async def test_a_restarted_agent_removes_a_namespace_no_claim_wants(store, tmp_path, monkeypatch):
+    host = unique_host()
+    data = tmp_path / host / "containers"
+    s = spec()
+    ns = NETNS_DIR / netns_name(s.server)
+    cut = ContainerDriver(host, data)
+
+    def die(_spec):
+        raise _Killed
+
+    monkeypatch.setattr(cut.cgroups, "create", die)
+    with pytest.raises(_Killed):
+        cut.ensure(s)
+    assert ns.exists()
+    agent = make_agent(store, host, tmp_path, vm=False, containers=True)
+    await agent.start()
+    try:
+        assert not ns.exists()
+        recs = await store.read_all(subjects=[f"ev._system.host.{host}"])
+        fixes = [r.decode() for r in recs if r.decode().type_name() == "host.reconciled"]
+        assert [f.removed for f in fixes] == [[s.server]]
+        assert owned(agent) == {}
+    finally:
+        await cleanup(agent)
+        cut.remove(s.server)
+
+
 def test_same_host_name_in_two_deployments_sees_only_its_own_instances(tmp_path):
     """Two stacks on one machine both have a host of this name: each
     driver lists (so reconciles) only its own deployment's containers."""

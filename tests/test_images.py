@@ -235,6 +235,31 @@ async def _active(user: Cli, name: str) -> dict | None:
     return row if row["status"] == "active" else None
 
 
+async def test_a_refused_snapshot_leaves_nothing_in_its_hosts_bucket(cloud):
+    # given an agent whose snapshot bytes are in its own bucket
+    import io
+
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.resources import ImageCreated
+
+    a = await cloud.agent(cloud.tmp / "host-a")
+    uploads = await a.uploads()
+    data = b"a snapshot the relay will refuse"
+    digest = hashlib.sha256(data).hexdigest()
+    await uploads.put(digest, io.BytesIO(data))
+    created = Cause(a.actor, new_id(), new_id()).make(
+        ImageCreated, "ta", "image", new_id(), name="x", format="raw",
+        size_bytes=len(data), checksum=digest,
+    )  # fmt: skip
+    # when its report is refused (the server is on no host: not its to make)
+    with pytest.raises(Forbidden):
+        await a._report_image(created, new_id(), [digest])
+    # then the bytes left its bucket all the same, and no image was recorded
+    assert await uploads.stored() == []
+    assert await cloud.stack.store.read_all(subjects=[created.subject]) == []
+
+
 async def test_two_builds_of_one_image_at_once_fetch_it_once(cloud):
     token = await cloud.token()
     c = await cloud.client(token)

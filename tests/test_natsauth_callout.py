@@ -74,6 +74,32 @@ class Errors:
         raise AssertionError(f"no error with {text!r} within {timeout}s: {self.seen}")
 
 
+async def routed_network(stack: Stack, name: str, cidr: str) -> str:
+    """A routed network made by the admin, as ``network create --mode
+    routed`` makes one; its id."""
+    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
+    try:
+        await admin.command(
+            "network.create-routed", {"name": name, "cidr": cidr, "block_prefix": 26}
+        )
+    finally:
+        await admin.close()
+    net = (await stack.store.read_all(subjects=["ev._system.network.>"]))[-1]
+    return net.decode().aggregate.id
+
+
+async def network_agent(stack: Stack, host: str):
+    """A network agent of ``host`` on its own credentials: its connection,
+    its relay reporter, and a cause in its name."""
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.reports import Reporter
+
+    creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
+    nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
+    return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
+
+
 async def raw(url: str, errors: Errors, **opts) -> nats.NATS:
     return await nats.connect(url, error_cb=errors.on_error, allow_reconnect=False, **opts)
 
@@ -430,30 +456,13 @@ async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
     report at all."""
     from stratus.events import network as nw
     from stratus.events.errors import Forbidden
-    from stratus.events.ids import new_id
-    from stratus.events.model import Cause
-    from stratus.events.reports import Reporter
     from stratus.events.store import Condition
 
-    admin = await Client.connect(stack.url, token=(await login(stack.url))["token"])
-    try:
-        await admin.command(
-            "network.create-routed", {"name": "rn1", "cidr": "10.90.0.0/16", "block_prefix": 26}
-        )
-    finally:
-        await admin.close()
+    network = await routed_network(stack, "rn1", "10.90.0.0/16")
     store = stack.store
-    net = (await store.read_all(subjects=["ev._system.network.>"]))[-1]
-    network = net.decode().aggregate.id
     subject = f"ev._system.network.{network}"
-
-    async def agent(host: str):
-        creds, _ = mint(stack.keyring, "network-agent", host, SERVICE_TTL_S)
-        nc = await nats.connect(stack.url, allow_reconnect=False, **creds.connect_options())
-        return nc, Reporter(nc, host), Cause(f"network-agent:{host}", new_id(), new_id())
-
-    nc2, r2, c2 = await agent("hn-2")
-    nc1, r1, c1 = await agent("hn-1")
+    nc2, r2, c2 = await network_agent(stack, "hn-2")
+    nc1, r1, c1 = await network_agent(stack, "hn-1")
     try:
         block = "10.90.0.0/26"
         claim = c2.make(nw.BlockClaimed, "_system", "network", network, block=block, host="hn-2")
@@ -517,6 +526,73 @@ async def test_a_network_agent_reports_only_its_own_hosts_blocks(stack):
         await nc2.close()
 
 
+async def test_a_network_agent_addresses_only_its_own_routed_ports_from_its_own_blocks(stack):
+    """``port.address-assigned`` through the relay: hn-1 may give a port of
+    its own server an address of a block it holds, and nothing else: not
+    an address of hn-2's block or of no block, not a port of a tenant
+    network (the handlers give those; re-addressing one would take
+    another port's traffic), and its block ledger holds only addresses
+    inside the block. Each refusal appends nothing."""
+    from stratus.events import network as nw
+    from stratus.events.errors import Forbidden
+    from stratus.events.ids import new_id
+    from stratus.events.model import Cause
+    from stratus.events.resources import PortAddressAssigned, PortCreated, ServerScheduled
+    from stratus.events.store import Condition
+
+    network = await routed_network(stack, "rn2", "10.91.0.0/16")
+    store = stack.store
+    network = (await store.read_all(subjects=["ev._system.network.>"]))[-1].decode().aggregate.id
+    subject = f"ev._system.network.{network}"
+    boss = Cause("handlers", new_id(), new_id())
+    await store.append([boss.make(ServerScheduled, "ta", "server", "s-9", host="hn-1")])
+    for port, net in (("p-routed", network), ("p-tenant", "n1")):
+        await store.append(
+            [
+                boss.make(
+                    PortCreated, "ta", "port", port, name=port, network=net, subnet="",
+                    mac="02:00:00:00:00:09", ip="", device="s-9", device_owner="compute",
+                )
+            ]
+        )  # fmt: skip
+
+    nc1, r1, c1 = await network_agent(stack, "hn-1")
+    nc2, r2, c2 = await network_agent(stack, "hn-2")
+    try:
+        theirs, mine = "10.91.0.0/26", "10.91.0.64/26"
+        for reporter, cause, block, host in ((r2, c2, theirs, "hn-2"), (r1, c1, mine, "hn-1")):
+            claim = cause.make(
+                nw.BlockClaimed, "_system", "network", network, block=block, host=host
+            )
+            assert (
+                await reporter.append([claim], Condition(subject, await store.last_seq(subject)))
+            ).seqs
+
+        def assign(port: str, ip: str) -> PortAddressAssigned:
+            return c1.make(PortAddressAssigned, "ta", "port", port, host="hn-1", ip=ip)
+
+        bsub = nw.block_subject(network, mine)
+        outside = c1.make(
+            nw.BlockAddresses, "_system", "ipblock", bsub.rsplit(".", 1)[-1], network=network,
+            block=mine, allocated={"10.91.0.5": nw.Holder("ta", "p-routed")},
+        )  # fmt: skip
+        before = await store.last_seq()
+        for ev, cond in (
+            (assign("p-routed", "10.91.0.5"), None),  # hn-2's block
+            (assign("p-routed", "10.92.0.5"), None),  # no block at all
+            (assign("p-routed", "not-an-ip"), None),
+            (assign("p-tenant", "10.91.0.70"), None),  # a tenant network's port
+            (outside, Condition(bsub, 0)),
+        ):
+            with pytest.raises(Forbidden):
+                await r1.append([ev], cond)
+        assert await store.last_seq() == before
+        assert (await r1.append([assign("p-routed", "10.91.0.70")])).seqs
+    finally:
+        await nc1.close()
+        await nc2.close()
+
+
 async def test_a_snapshot_is_recorded_only_with_bytes_its_host_uploaded(stack):
     """A compute agent reports a snapshot of a server placed on it: without
     the bytes in its own upload bucket the relay refuses and nothing is
@@ -564,6 +640,22 @@ async def test_a_snapshot_is_recorded_only_with_bytes_its_host_uploaded(stack):
         out = io.BytesIO()
         await images.get(digest, out)
         assert out.getvalue() == data
+        # another tenant's private image is in the image bucket: naming its
+        # digest without its bytes does not make it this tenant's image
+        secret = b"tenant tb's private disk"
+        secret_digest = hashlib.sha256(secret).hexdigest()
+        await images.put(secret_digest, io.BytesIO(secret))
+        steal = Cause("compute-agent:hc-1", new_id(), new_id()).make(
+            ImageCreated, "ta", "image", "img-2", name="stolen", format="raw",
+            size_bytes=len(secret), checksum=secret_digest,
+        )  # fmt: skip
+        before = await stack.store.last_seq()
+        with pytest.raises(Forbidden):
+            await reporter.append([steal], Condition(steal.subject, 0), server="s-1")
+        assert await stack.store.last_seq() == before
+        # with the bytes in its own bucket (it has them, whole), it may
+        await mine.put(secret_digest, io.BytesIO(secret))
+        assert (await reporter.append([steal], Condition(steal.subject, 0), server="s-1")).seqs
     finally:
         await nc1.close()
         await nc2.close()

@@ -59,6 +59,15 @@ def test_serve_without_a_kind_is_a_usage_error():
     assert "give the SERVICE" in out.stderr
 
 
+def stop(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+
+
 @pytest.fixture
 def broker(tmp_path):
     srv = EmbeddedNats(tmp_path / "nats", log_file=str(tmp_path / "nats.log"))
@@ -87,9 +96,34 @@ def test_serve_makes_its_data_dir(broker, tmp_path, kind):
             time.sleep(0.1)
         assert data.is_dir()
     finally:
-        p.terminate()
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+        stop(p)
+
+
+def test_a_projector_before_init_says_so_once_not_a_traceback_a_second(broker, tmp_path):
+    """A projector served on a broker where `stratus init` has not made the
+    stream yet retries every second: one line says why, not a traceback
+    per retry (it was 780 lines of traceback in 6 s)."""
+    log = tmp_path / "projector.log"
+    env = {**os.environ, "STRATUS_URL": broker}
+    with open(log, "wb") as out:
+        p = subprocess.Popen(
+            [*STRATUS, "serve", "projector", "--insecure-no-auth", "--data-dir", str(tmp_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "projector waiting" not in log.read_text(errors="replace"):
+            assert p.poll() is None, log.read_text(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "no word on the missing stream in 30 s"
+            time.sleep(0.1)
+        time.sleep(3.5)  # three more retries
+        text = log.read_text(errors="replace")
+        assert p.poll() is None, text[-2000:]
+        assert text.count("projector waiting") == 1, text[-2000:]
+        assert "stream not found" in text
+        assert "Traceback" not in text
+        assert text.count("projector started") >= 3, text[-2000:]  # it did retry
+    finally:
+        stop(p)

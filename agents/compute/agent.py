@@ -839,15 +839,19 @@ class ComputeAgent:
             codec=self.store.codec,
             timeout=2 * (60 + created.size_bytes / (4 << 20)),
         )
-        # Once only: a request redelivered meanwhile finds its image recorded.
-        with contextlib.suppress(ConcurrencyConflict):
-            await relay.append([created], Condition(created.subject, 0), server=server)
-        uploads = await self.uploads()
-        for digest in digests:
-            try:
-                await uploads.delete(digest)
-            except Exception as exc:  # (a leftover in our own bucket: harmless)
-                log.warning("upload not removed", digest=digest, error=str(exc))
+        try:
+            # Once only: a request redelivered meanwhile finds its image recorded.
+            with contextlib.suppress(ConcurrencyConflict):
+                await relay.append([created], Condition(created.subject, 0), server=server)
+        finally:
+            # Recorded or refused, the bytes have done their part here: a
+            # retried snapshot takes and uploads them again.
+            uploads = await self.uploads()
+            for digest in digests:
+                try:
+                    await uploads.delete(digest)
+                except Exception as exc:  # (a leftover in our own bucket: harmless)
+                    log.warning("upload not removed", digest=digest, error=str(exc))
 
     async def _image(self, tenant: str, image_id: str) -> images.ImageRecord | None:
         """Image ``image_id`` (the tenant's or a public one) as the log has it

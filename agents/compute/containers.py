@@ -198,6 +198,12 @@ class ContainerDriver:
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # One empty file per instance namespace, made before the namespace
+        # and removed after it: an agent killed between `ip netns add` and
+        # the cgroup (or bundle) would otherwise leave a namespace that no
+        # listing shows, so no pass or teardown would ever remove it.
+        self.netns_marks = log_dir / "netns"
+        self.netns_marks.mkdir(exist_ok=True)
         # Bundles in the host's data dir, runc's state and cgroups under the
         # deployment's group: nothing shared with another stack.
         self.oci = RuncContainers(
@@ -215,14 +221,19 @@ class ContainerDriver:
         }
         for s in self.oci.servers():
             owned[s] = "running" if self.oci.running(s) else "stopped"
+        for s in self._marked():
+            owned.setdefault(s, "stopped")  # a namespace and nothing else yet
         return owned
+
+    def _marked(self) -> list[str]:
+        return [p.name for p in self.netns_marks.iterdir() if NAME_RE.match(p.name)]
 
     def state(self, server: str) -> PowerState | None:
         self._reap()
         if self.oci.owns(server):
             return "running" if self.oci.running(server) else "stopped"
         if not self.cgroups.dirs(server)[0].is_dir():
-            return None
+            return "stopped" if (self.netns_marks / server).exists() else None
         return "running" if self.cgroups.pids(server) else "stopped"
 
     def _reap(self) -> None:
@@ -236,6 +247,7 @@ class ContainerDriver:
         # An OCI container's bundle config first: a bad spec makes nothing.
         config = self.oci.config(spec, NETNS_DIR / ns) if spec.layers else None
         if not (NETNS_DIR / ns).exists():
+            (self.netns_marks / spec.server).touch()
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
         if config is not None:
@@ -346,6 +358,7 @@ class ContainerDriver:
         ns = netns_name(server)
         if (NETNS_DIR / ns).exists():
             _run(["ip", "netns", "delete", ns])
+        (self.netns_marks / server).unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (self.log_dir / f"{server}.log").unlink()
 

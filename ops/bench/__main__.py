@@ -43,7 +43,7 @@ from stratus.ops.bench import (
     projections,
     scheduler,
 )
-from stratus.ops.bench.common import positive, print_table
+from stratus.ops.bench.common import bench_logs, positive, print_table
 
 SUITES = (
     "foundation",
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    bench_logs()
     suite = argv[0] if argv and argv[0] in SUITES else None
     if suite == "identity":
         # Only identity: its own options, table and JSON.

@@ -276,3 +276,11 @@ def stop_process(p: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
+
+
+def bench_logs() -> None:
+    """Services' log lines to stderr (at STRATUS_BENCH_LOG, WARNING unless
+    set): an unconfigured structlog prints to stdout, into ``--json``."""
+    from stratus.cli import logs
+
+    logs.configure(os.environ.get("STRATUS_BENCH_LOG", "WARNING"))

@@ -52,7 +52,7 @@ from typing import Any
 
 import nats
 
-from stratus.ops.bench.common import machine_facts, percentile
+from stratus.ops.bench.common import bench_logs, machine_facts, percentile
 
 PASSWORD = "bench-connect-pw"
 
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         got = asyncio.run(_storm_here(url, os.environ.get("STRATUS_BENCH_TOKEN", ""), n))
         print(json.dumps(got))
         return 0
+    bench_logs()
     p = argparse.ArgumentParser(prog="python -m stratus.ops.bench.connect", description=__doc__)
     p.add_argument("--connects", type=int, default=100)
     p.add_argument("--rounds", type=int, default=4)
