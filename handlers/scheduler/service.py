@@ -184,6 +184,8 @@ class SchedulerService:
         self._tasks: list[asyncio.Task[None]] = []
         # Rounds of fetched work under way (see ``_work``).
         self._rounds: set[asyncio.Task[None]] = set()
+        # What each of them holds: its fetched messages, then its jobs.
+        self._holding: dict[asyncio.Task[None], int] = {}
         self._puller: Puller | None = None
         self._folded = asyncio.Event()
         self._closing = False
@@ -290,12 +292,15 @@ class SchedulerService:
         last one's claims are on their way to the log (a host with a claim
         of ours in flight is held, so rounds never claim one host twice).
 
-        The rounds in flight hold at most ``FETCH`` work messages together,
+        The rounds in flight hold at most ``FETCH`` pieces of work together,
         as one unpipelined round did: one replica's thread decides no
         faster for holding more, and work it holds is work another replica,
-        idle, cannot take."""
+        idle, cannot take. A message that is no work (a ``server.scheduled``
+        the consumer brings along: as many as the requests) is settled as
+        soon as the round has read it and holds nothing after (``_handle``):
+        counted until its round ended, it took half the bound."""
         running = self._rounds
-        holding: dict[asyncio.Task[None], int] = {}
+        holding = self._holding
         puller = self._puller
         assert puller is not None
         while not self._closing:
@@ -359,6 +364,9 @@ class SchedulerService:
                 await _ack(m)
             else:
                 jobs.append(job)
+        task = asyncio.current_task()
+        if task in self._holding:
+            self._holding[task] = len(jobs)  # the rest is settled
         if jobs:
             await self.place(jobs)
 
