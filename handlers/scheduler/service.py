@@ -80,6 +80,8 @@ WORK_SUBJECT = "ev.*.server.*"
 IN_FLIGHT = 1 << 62
 MAX_ROUNDS = 16
 FETCH = 256
+# Allocations between young garbage collections in a serving replica.
+GC_YOUNG = 20_000
 # Rounds in flight at once per replica: deciding the next batch overlaps the
 # last one's append.
 PIPELINE = 3
@@ -212,6 +214,13 @@ class SchedulerService:
         if not gc.get_freeze_count():
             gc.collect()
             gc.freeze()
+        # A young collection every 700 allocations (Python's default) was
+        # about 170 collections and 30 ms of a replica's 3,000 placements;
+        # the objects a placement makes die young or live on (claims), so
+        # it frees little. One every GC_YOUNG: none in that run, 8-9 % less
+        # CPU a placement.
+        if gc.get_threshold()[0] < GC_YOUNG:
+            gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
         self.phases.watch_gc()
         self._tasks.append(
             asyncio.create_task(follow_log(self.store, end, SUBJECTS, self._fold, self._folded.set))
