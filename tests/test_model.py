@@ -308,3 +308,28 @@ def test_validation_messages_say_our_patterns_in_words():
     text = explain(info.value)
     assert "regex" not in text
     assert "lowercase letters" in text and "$.name" in text
+
+
+def test_new_id_text_is_the_uuid_text_and_ids_stay_distinct_past_the_random_page():
+    ids = [new_id() for _ in range(2_000)]  # more than one page of random bits
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 7 for i in ids)
+    assert len(set(ids)) == len(ids) and ids == sorted(ids)
+    # the random part differs from id to id, not only the counter
+    assert len({i[-12:] for i in ids}) == len(ids)
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_bits():
+    import os
+
+    new_id()  # the parent holds a page of random bits
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one id back through the pipe, then gone
+        os.write(w, new_id().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    mine = new_id()
+    assert child[-12:] != mine[-12:]

@@ -471,3 +471,98 @@ def test_a_decision_from_any_start_is_exact_against_a_full_scan(n, fill, held, s
         assert isinstance(out, Placed), out
         assert fits_all[out.row] and free[out.row]
         assert out.scheduling["passed"] <= int(fits_all.sum())
+
+
+# -- a round's decisions sharing their filtering (``memo``) ------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(101, 400),
+    fill=st.lists(st.tuples(st.integers(0, 399), st.integers(1, 4)), max_size=600),
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=60),
+    pct=st.sampled_from([5.0, 100.0]),
+    start=st.integers(0, 399),
+    seed=st.integers(0, 2**16),
+)
+def test_a_round_sharing_its_filtering_decides_as_each_decision_alone_would(
+    n, fill, sizes, pct, start, seed
+):
+    """A round of decisions over one table, each claim held as the round
+    holds it: with the round's memo, every decision filters exactly as it
+    would alone (same counts, same outcome kind, a chosen host fits and is
+    not held), though the hosts it picks may differ."""
+    t = table(*[host_event(f"h{i:03d}", vcpus=4, cpu_ratio=1.0) for i in range(n)])
+    for k, (row, size) in enumerate(fill):
+        row %= n
+        if t.used_vcpus[row] + size <= 4:
+            claim(t, f"h{row:03d}", f"s{k}", size, 512)
+    shared = Decider(SchedulerConfig(seed=seed, hosts_to_score_pct=pct))
+    alone = Decider(SchedulerConfig(seed=seed, hosts_to_score_pct=pct))
+    memo: dict = {}
+    start %= n
+    for vcpus in sizes:
+        r = req(vcpus=vcpus)
+        fits_all = (t.col("cap_vcpus") - t.col("used_vcpus")) >= vcpus
+        free = fits_all & (t.col("last_seq") >= t.col("hold"))
+        expect = alone.decide(t, r, start=start)
+        out = shared.decide(t, r, start=start, memo=memo)
+        assert type(out) is type(expect)
+        if isinstance(out, Busy):
+            assert not free.any()
+            continue
+        drop = ("top",)
+        assert {k: v for k, v in out.scheduling.items() if k not in drop} == {
+            k: v for k, v in expect.scheduling.items() if k not in drop
+        }
+        if isinstance(out, Placed):
+            assert fits_all[out.row] and free[out.row]
+            t.hold[out.row] = 1 << 62  # in flight until the round ends
+    assert len(memo) <= len(set(sizes))
+
+
+def test_requests_that_read_alike_share_a_key_and_others_do_not():
+    d = Decider()
+    a = req(vcpus=2, ram_mb=1024)
+    b = Request(
+        server="other",
+        tenant="elsewhere",
+        spec=ServerSpec(name="b", image="j", vcpus=2, ram_mb=1024),
+    )
+    assert d.key(a) == d.key(b)  # name, image, server and tenant: read by no filter
+    for other in (
+        req(vcpus=3, ram_mb=1024),
+        req(vcpus=2, ram_mb=2048),
+        req(vcpus=2, ram_mb=1024, disk_gb=5),
+        req(vcpus=2, ram_mb=1024, labels={"rack": "r1"}),
+        req(vcpus=2, ram_mb=1024, zone="az1"),
+        req(vcpus=2, ram_mb=1024, group="g1"),
+        req(vcpus=2, ram_mb=1024, requested_host="h1"),
+        req(vcpus=2, ram_mb=1024, instance_type="container"),
+        req(("h1",), vcpus=2, ram_mb=1024),
+    ):
+        assert d.key(other) != d.key(a), other
+
+
+def test_a_filter_that_does_not_say_what_it_reads_is_never_shared():
+    from stratus.handlers.scheduler.filters import FILTERS, Filter
+
+    calls = []
+
+    class Odd(Filter):
+        name = "Odd"
+
+        def checks(self, t, r):
+            calls.append(r.server)
+            yield "odd", np.ones(len(t), np.bool_)
+
+    FILTERS["Odd"] = Odd
+    try:
+        d = Decider(SchedulerConfig(filters=["Odd", "ResourceFit"]))
+        t = table(*[host_event(f"h{i}") for i in range(4)])
+        memo: dict = {}
+        for _ in range(3):
+            assert isinstance(d.decide(t, req(), memo=memo, use_holds=False), Placed)
+        assert len(calls) == 3 and len(memo) == 3
+    finally:
+        del FILTERS["Odd"]

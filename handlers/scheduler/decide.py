@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import tomllib
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -125,6 +126,49 @@ class Busy(msgspec.Struct, frozen=True):
 Outcome = Placed | NoValidHost | Busy
 
 
+class Filtered(msgspec.Struct):
+    """One window of a walk, filtered: the rows that passed (table rows),
+    how many hosts it examined, and what each check removed."""
+
+    rows: np.ndarray
+    examined: int
+    removed: dict[str, int]
+
+
+class Walk:
+    """A walk from one start for one request key, kept for a round's later
+    decisions of that key (``Decider.decide``'s ``memo``)."""
+
+    __slots__ = ("_weighed", "parts", "windows")
+
+    def __init__(self, windows: Iterator[tuple[int, int]]) -> None:
+        self.windows = windows
+        self.parts: list[Filtered] = []
+        self._weighed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def extend(self, d: Decider, t: HostTable, r: Request) -> bool:
+        """Filter the next window; False when every row has been walked."""
+        span = next(self.windows, None)
+        if span is None:
+            return False
+        self.parts.append(d.filter_window(t, r, *span))
+        return True
+
+    def weighed(
+        self, d: Decider, t: HostTable, r: Request, used: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows that passed in the first ``used`` windows (held or not),
+        their weights, and their positions heaviest first."""
+        got = self._weighed.get(used)
+        if got is None:
+            rows = np.concatenate([p.rows for p in self.parts[:used]])
+            weights = weigh(t, r, rows, d.weighers)
+            # Heaviest first; equal weights in walk order.
+            order = np.argsort(-weights, kind="stable")
+            got = self._weighed[used] = (rows, weights, order)
+        return got
+
+
 class Decider:
     """Filters and weighers built once from a config; ``decide`` per request."""
 
@@ -157,8 +201,41 @@ class Decider:
         n = len(t)
         return int(self.rng.integers(n) + zlib.crc32(salt.encode())) % n if n else 0
 
+    def filter_window(self, t: HostTable, r: Request, lo: int, hi: int) -> Filtered:
+        """Every filter over rows ``lo..hi``: the rows that pass, how many
+        were examined, and how many each check removed."""
+        w = t.window(lo, hi)
+        remaining = w.col("exists").copy()
+        left = examined = int(np.count_nonzero(remaining))
+        removed: dict[str, int] = {}
+        for f in self.filters:
+            if not f.applies(r):
+                continue
+            for reason, mask in f.checks(w, r):
+                # What a check removes is what it leaves fewer (two
+                # numpy calls a check: they dominate a small window).
+                np.logical_and(remaining, mask, out=remaining)
+                now = int(np.count_nonzero(remaining))
+                if now < left:
+                    removed[reason] = removed.get(reason, 0) + left - now
+                    left = now
+        return Filtered(lo + np.flatnonzero(remaining), examined, removed)
+
+    def key(self, r: Request) -> tuple:
+        """What the filters and weighers read of ``r``: requests with equal
+        keys are filtered and weighed alike over the same table."""
+        return (
+            tuple((f.name, f.key(r)) for f in self.filters if f.applies(r)),
+            tuple((w.name, w.key(r)) for w, m in self.weighers if m),
+        )
+
     def decide(
-        self, t: HostTable, r: Request, use_holds: bool = True, start: int | None = None
+        self,
+        t: HostTable,
+        r: Request,
+        use_holds: bool = True,
+        start: int | None = None,
+        memo: dict | None = None,
     ) -> Outcome:
         """``start``: the row a sampled walk begins at (random if None). A
         replica gives every decision of one batch the same start: its claims
@@ -166,7 +243,19 @@ class Decider:
         they spread over it), and another replica's batch, starting
         elsewhere, rarely claims the same host before either has folded the
         other's; decisions each from their own random row would collide in
-        nearly every pair of concurrent batches."""
+        nearly every pair of concurrent batches.
+
+        ``memo``: a dict the caller keeps for decisions over one unchanged
+        table (one round of a replica: nothing is folded between its
+        decisions, only its own claims are held). A request whose ``key``
+        an earlier one of them had reuses that one's filtered windows and
+        weights instead of computing them again: the same filters pass the
+        same hosts, so every filter stays exact and the counts are the same.
+        Two things differ, both bounded by the round: hosts held by the
+        round's earlier claims are dropped after weighing rather than
+        before, so weights are normalised over the hosts that passed
+        including those; and heartbeats are read at the round's first
+        decision of that key, not at each (a round lasts milliseconds)."""
         n = len(t)
         total = int(np.count_nonzero(t.col("exists")))
         want = feasible_to_find(total, self.config.hosts_to_score_pct)
@@ -174,27 +263,32 @@ class Decider:
             start = 0
         elif start is None or not 0 <= start < n:
             start = self.first_row(t, r.server)
+        walk: Walk | None = None
+        if memo is not None:
+            mkey = (start, want, self.key(r))
+            walk = memo.get(mkey)
+            if walk is None:
+                walk = memo[mkey] = Walk(self._windows(n, want + want // 4, start))
+        windows = self._windows(n, want + want // 4, start) if walk is None else None
         removed: dict[str, int] = {}
         found: list[np.ndarray] = []
-        count = passed = examined = 0
+        count = passed = examined = used = 0
         # First window: about what should hold ``want`` feasible hosts.
-        for lo, hi in self._windows(n, want + want // 4, start):
-            w = t.window(lo, hi)
-            remaining = w.col("exists").copy()
-            left = int(np.count_nonzero(remaining))
-            examined += left
-            for f in self.filters:
-                if not f.applies(r):
-                    continue
-                for reason, mask in f.checks(w, r):
-                    # What a check removes is what it leaves fewer (two
-                    # numpy calls a check: they dominate a small window).
-                    np.logical_and(remaining, mask, out=remaining)
-                    now = int(np.count_nonzero(remaining))
-                    if now < left:
-                        removed[reason] = removed.get(reason, 0) + left - now
-                        left = now
-            rows = lo + np.flatnonzero(remaining)
+        while count < want:
+            if walk is not None:
+                if used == len(walk.parts) and not walk.extend(self, t, r):
+                    break
+                part = walk.parts[used]
+            else:
+                span = next(windows, None)  # type: ignore[arg-type]
+                if span is None:
+                    break
+                part = self.filter_window(t, r, *span)
+            used += 1
+            examined += part.examined
+            for reason, k in part.removed.items():
+                removed[reason] = removed.get(reason, 0) + k
+            rows = part.rows
             passed += len(rows)
             if use_holds and len(rows):
                 # A host with a claim of ours in flight is decided on again
@@ -203,8 +297,6 @@ class Decider:
                 rows = rows[t.last_seq[rows] >= t.hold[rows]]
             found.append(rows)
             count += len(rows)
-            if count >= want:
-                break
         summary: dict = {"hosts": total, "passed": passed, "removed": removed}
         if examined < total:
             # A sample: say so, since the counts are not of every host.
@@ -220,16 +312,27 @@ class Decider:
         rows = np.concatenate(found)
         if len(rows) == 0:
             return Busy()
-        weights = weigh(t, r, rows, self.weighers)
         k = min(self.config.host_subset_size, len(rows))
-        best = np.argpartition(-weights, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
-        best = best[np.argsort(-weights[best], kind="stable")]
-        tied = np.flatnonzero(weights >= weights[best[0]] - 1e-9)
-        if len(tied) > k:
+        if walk is None:
+            weights = weigh(t, r, rows, self.weighers)
+            best = np.argpartition(-weights, k - 1)[:k] if k < len(rows) else np.arange(len(rows))
+            best = best[np.argsort(-weights[best], kind="stable")]
+            tied = np.flatnonzero(weights >= weights[best[0]] - 1e-9)
+            ties = len(tied)
+        else:
+            # The walk's hosts in order of weight, once per round; this
+            # decision's are those not held, in the same order.
+            every, weights, order = walk.weighed(self, t, r, used)
+            if len(every) != len(rows):
+                order = order[(t.last_seq[every] >= t.hold[every])[order]]
+            rows, best = every, order[:k]
+            ties = int(np.count_nonzero(weights[order] >= weights[best[0]] - 1e-9))
+            tied = order[:ties]
+        if ties > k:
             # More hosts share the best weight than the subset holds (empty
             # hosts of one size, say): any of them is as good, and replicas
             # that each pick at random among them rarely pick the same.
-            pick = int(tied[self.rng.integers(len(tied))])
+            pick = int(tied[self.rng.integers(ties)])
             best = np.concatenate(([pick], best[best != pick]))[:k]
         else:
             pick = int(best[self.rng.integers(k)]) if k > 1 else int(best[0])

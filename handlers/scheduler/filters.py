@@ -17,7 +17,7 @@ The pure cores (``fits``) are plain functions on arrays, tested on their own.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import ClassVar
 
 import msgspec
@@ -60,6 +60,13 @@ class Filter:
         """False when the request cannot be refused by this filter (skipped)."""
         return True
 
+    def key(self, r: Request) -> Hashable:
+        """Everything of ``r`` that ``applies`` and ``checks`` read: two
+        requests with equal keys get the same masks from the same table
+        (``Decider.decide`` reuses one for the other within a round). A
+        filter that does not say is never shared."""
+        return object()
+
     def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         raise NotImplementedError
 
@@ -69,12 +76,18 @@ class HostAlive(Filter):
 
     name = "HostAlive"
 
+    def key(self, r: Request) -> Hashable:
+        return ()
+
     def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "not alive (no heartbeat)", t.col("alive_until") > time.time()
 
 
 class HostEnabled(Filter):
     name = "HostEnabled"
+
+    def key(self, r: Request) -> Hashable:
+        return ()
 
     def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "disabled", t.col("enabled")
@@ -85,6 +98,9 @@ class InstanceType(Filter):
 
     name = "InstanceType"
 
+    def key(self, r: Request) -> Hashable:
+        return r.spec.instance_type
+
     def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         col = "container" if r.spec.instance_type == "container" else "vm"
         yield f"no {col} support", t.col(col)
@@ -94,6 +110,9 @@ class ResourceFit(Filter):
     """vCPU, RAM and disk, each against capacity x allocation ratio."""
 
     name = "ResourceFit"
+
+    def key(self, r: Request) -> Hashable:
+        return (r.spec.vcpus, r.spec.ram_mb, r.spec.disk_gb)
 
     def checks(self, t: Hosts, r: Request) -> Iterator[Check]:
         yield "insufficient vCPU", fits(t.col("cap_vcpus"), t.col("used_vcpus"), r.spec.vcpus)
@@ -107,6 +126,9 @@ class Labels(Filter):
 
     name = "Labels"
 
+    def key(self, r: Request) -> Hashable:
+        return tuple(sorted(r.spec.labels.items()))
+
     def applies(self, r: Request) -> bool:
         return bool(r.spec.labels)
 
@@ -119,6 +141,9 @@ class HostName(Filter):
     """``--host``: that host and no other."""
 
     name = "HostName"
+
+    def key(self, r: Request) -> Hashable:
+        return r.spec.requested_host
 
     def applies(self, r: Request) -> bool:
         return bool(r.spec.requested_host)
@@ -135,6 +160,9 @@ class HostName(Filter):
 class AvailabilityZone(Filter):
     name = "AvailabilityZone"
 
+    def key(self, r: Request) -> Hashable:
+        return r.spec.zone
+
     def applies(self, r: Request) -> bool:
         return bool(r.spec.zone)
 
@@ -148,6 +176,9 @@ class ServerGroupAffinity(Filter):
     """Members of an affinity group share a host (any host for the first)."""
 
     name = "ServerGroupAffinity"
+
+    def key(self, r: Request) -> Hashable:
+        return r.spec.group
 
     def applies(self, r: Request) -> bool:
         return bool(r.spec.group)
@@ -164,6 +195,9 @@ class ServerGroupAntiAffinity(Filter):
 
     name = "ServerGroupAntiAffinity"
 
+    def key(self, r: Request) -> Hashable:
+        return r.spec.group
+
     def applies(self, r: Request) -> bool:
         return bool(r.spec.group)
 
@@ -178,6 +212,9 @@ class Retry(Filter):
     """Hosts this server's build already failed on."""
 
     name = "Retry"
+
+    def key(self, r: Request) -> Hashable:
+        return r.exclude
 
     def applies(self, r: Request) -> bool:
         return bool(r.exclude)

@@ -9,6 +9,7 @@ Nova, so a weigher never worries about scale: a positive multiplier on
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import ClassVar
 
 import numpy as np
@@ -62,6 +63,11 @@ class Candidates:
 class Weigher:
     name: ClassVar[str]
 
+    def key(self, r: Request) -> Hashable:
+        """Everything of ``r`` that ``scores`` reads (see ``Filter.key``);
+        a weigher that does not say is never shared."""
+        return object()
+
     def scores(self, c: Candidates) -> np.ndarray:
         raise NotImplementedError
 
@@ -70,6 +76,10 @@ class LeastRequested(Weigher):
     """Prefers the emptiest host (spread); a negative multiplier stacks."""
 
     name = "LeastRequested"
+
+    def key(self, r: Request) -> Hashable:
+        # (``Candidates.free``: the request's vCPUs and RAM.)
+        return (r.spec.vcpus, r.spec.ram_mb)
 
     def scores(self, c: Candidates) -> np.ndarray:
         cpu, ram = c.free()
@@ -80,6 +90,10 @@ class BalancedAllocation(Weigher):
     """Prefers hosts whose vCPU and RAM fill at the same pace."""
 
     name = "BalancedAllocation"
+
+    def key(self, r: Request) -> Hashable:
+        # (``Candidates.free``: the request's vCPUs and RAM.)
+        return (r.spec.vcpus, r.spec.ram_mb)
 
     def scores(self, c: Candidates) -> np.ndarray:
         cpu, ram = c.free()
