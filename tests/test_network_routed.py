@@ -469,3 +469,77 @@ def _birds_naming(path) -> list[int]:
             if argv and argv[0].endswith(b"bird") and any(str(path).encode() in a for a in argv):
                 found.append(int(d))
     return found
+
+
+def test_a_routed_port_is_plugged_in_before_its_address_and_addressed_without_a_replug():
+    """A routed port placed here is plugged in while its address is still
+    being decided (both sides up, its chains dropping everything, nothing
+    addressed); once the address lands the same veth gets it, its host
+    route and neighbour entry. Each state is one a restarted agent's deep
+    pass leaves as it is."""
+    from dataclasses import replace
+
+    from pyroute2 import IPRoute, netns
+
+    from stratus.agents.network.desired import HostPlan, PortPlan
+    from stratus.agents.network.kernel import Host
+
+    tag = "q" + os.urandom(2).hex()
+    host_ns, inst = f"{tag}-h", f"{tag}-i"
+    netns.create(host_ns)
+    netns.create(inst)
+    k = Host(tag, "198.18.0.1", host_ns)
+    try:
+        early = PortPlan(
+            port="p1",
+            ifname=nw.kernel_name(tag, "port", "p1"),
+            bridge="",
+            netns=inst,
+            peer=nw.kernel_name(tag, "peer", "p1"),
+            mac="fa:16:3e:00:00:07",
+            address="",
+            gateway=nw.ROUTED_GATEWAY,
+            kbps=0,
+            zone=0,
+            routed=True,
+        )
+        ch = k.reconcile(HostPlan(ports={early.ifname: early}), deep=False)
+        assert ch.wired == [early.ifname] and not ch.removed
+        link = k.link(early.ifname)
+        assert link is not None and link["up"]
+        with in_netns(inst):
+            ipr = IPRoute()
+        try:
+            (peer,) = ipr.link_lookup(ifname=early.peer)
+            assert ipr.get_links(peer)[0]["flags"] & 1  # IFF_UP
+            assert ipr.get_addr(family=socket.AF_INET, index=peer) == ()
+        finally:
+            ipr.close()
+        assert "p1" not in k.wired_at  # (not wired: no address yet)
+        # a restarted agent finds it as it should be
+        again = Host(tag, "198.18.0.1", host_ns)
+        try:
+            assert not again.reconcile(HostPlan(ports={early.ifname: early}), deep=True)
+        finally:
+            again.close()
+
+        full = replace(early, address="10.244.0.7/32")
+        ch = k.reconcile(HostPlan(ports={full.ifname: full}), deep=False)
+        assert ch.wired == [full.ifname] and not ch.removed and not ch.created
+        assert k.link(full.ifname)["index"] == link["index"]  # the same veth
+        assert "p1" in k.wired_at
+        assert "inet 10.244.0.7/32" in run_in(inst, ["ip", "-4", "addr", "show"]).stdout
+        assert f"default via {nw.ROUTED_GATEWAY}" in run_in(inst, ["ip", "-4", "route"]).stdout
+        routes = run_in(host_ns, ["ip", "-4", "route", "show", "10.244.0.7"]).stdout
+        assert f"dev {full.ifname}" in routes
+        neigh = run_in(host_ns, ["ip", "-4", "neigh", "show", "10.244.0.7"]).stdout
+        assert "fa:16:3e:00:00:07" in neigh and "PERMANENT" in neigh
+        again = Host(tag, "198.18.0.1", host_ns)
+        try:
+            assert not again.reconcile(HostPlan(ports={full.ifname: full}), deep=True)
+        finally:
+            again.close()
+    finally:
+        k.close()
+        netns.remove(inst)
+        netns.remove(host_ns)
