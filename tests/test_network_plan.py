@@ -511,3 +511,66 @@ def test_a_floating_ip_is_held_by_its_own_tenants_router_only_when_cidrs_overlap
     assert not [line for line in acme.nat if "203.0.113.5" in line]
     assert "-A PREROUTING -d 203.0.113.5/32 -j DNAT --to-destination 10.0.0.3" in globex.nat
     assert not [line for line in globex.nat if "203.0.113.3" in line]
+
+
+def test_a_routed_port_is_planned_before_its_address_with_chains_that_drop_everything():
+    """A container on the routed network placed on h2: h2 plugs its veth in
+    before the address comes (nothing in or out meanwhile), then plans the
+    same port with the address; no other host plans it."""
+    from stratus.agents.network.desired import port_chains
+
+    t = Topology()
+    events = [
+        C.make(
+            nw.NetworkAgentRegistered, "_system", "network-agent", "h2", host="h2", vtep="192.0.2.2"
+        ),
+        C.make(
+            rs.NetworkCreated,
+            "_system",
+            "network",
+            "pods",
+            name="pods",
+            cidr="10.244.0.0/16",
+            mode=nw.ROUTED,
+            block_prefix=26,
+        ),
+        C.make(rs.SecurityGroupCreated, "acme", "security-group", "sg", name="default"),
+        C.make(
+            rs.ServerRequested,
+            "acme",
+            "server",
+            "s1",
+            spec=rs.ServerSpec(name="s1", image="i", vcpus=1, ram_mb=64, instance_type="container"),
+        ),
+        C.make(
+            rs.PortCreated,
+            "acme",
+            "port",
+            "p1",
+            name="p1",
+            network="pods",
+            subnet="",
+            mac="fa:16:3e:00:00:01",
+            ip="",
+            device="s1",
+            device_owner="compute",
+            security_groups=["sg"],
+        ),
+        C.make(rs.ServerScheduled, "acme", "server", "s1", host="h2"),
+    ]
+    for seq, ev in enumerate(events, 1):
+        t.apply(seq, ev)
+    assert plan(t, "h1", P).ports == {}
+    (early,) = plan(t, "h2", P).ports.values()
+    assert early.routed and early.address == "" and early.netns == nw.instance_netns("s1")
+    chains, _ = port_chains(t, early, P)
+    assert sorted(len(rules) for rules in chains.values()) == [1, 1]
+    assert all(rules[0].endswith("-j DROP") for rules in chains.values())
+    t.apply(
+        len(events) + 1,
+        C.make(rs.PortAddressAssigned, "acme", "port", "p1", host="h2", ip="10.244.0.5"),
+    )
+    (full,) = plan(t, "h2", P).ports.values()
+    assert full.ifname == early.ifname and full.address == "10.244.0.5/32"
+    chains, _ = port_chains(t, full, P)
+    assert any("! -s 10.244.0.5/32 -j DROP" in r for rules in chains.values() for r in rules)
