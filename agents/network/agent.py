@@ -194,32 +194,18 @@ class NetworkAgent:
         while True:
             await self._more.wait()
             self._more.clear()
-            # A routed port's address is decided (a round trip through the
-            # relay) while the pass plugs its veth in; its own events are
-            # folded at once, and the pass after adds the address alone.
-            addressing = asyncio.create_task(self._addresses(set()))
             try:
-                await self._pass()
-            except asyncio.CancelledError:
-                # (stopping: not left to run on; at worst it ends its own
-                # bounded round trip, should a wait in it swallow this)
-                addressing.cancel()
-                raise
-            try:
-                await addressing
+                # (its own events are folded at once: the pass below wires them)
+                await self._addresses(set())
             except Exception:  # the store: the next batch (or deep pass) retries
                 log.exception("addresses failed", host=self.host)
                 self._ipam_all = True
-            if self.topology.touched:
-                await self._pass()
-
-    async def _pass(self) -> None:
-        try:
-            # (what it changed is taken with the log's position, under the
-            # pass's lock: folding goes on meanwhile)
-            await self.reconcile(correction=False)
-        except Exception:  # a kernel failure: the periodic pass retries
-            log.exception("reconcile failed", host=self.host)
+            try:
+                # (what it changed is taken with the log's position, under the
+                # pass's lock: folding goes on meanwhile)
+                await self.reconcile(correction=False)
+            except Exception:  # a kernel failure: the periodic pass retries
+                log.exception("reconcile failed", host=self.host)
 
     async def _periodic(self) -> None:
         """A deep pass every ``interval`` seconds; in between, twice a second,

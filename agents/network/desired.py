@@ -423,7 +423,7 @@ class PortPlan:
     netns: str  # the instance's namespace ("" for a VM's tap)
     peer: str  # the name inside it
     mac: str
-    address: str  # ip/prefixlen ("": a routed port before its address)
+    address: str  # ip/prefixlen
     gateway: str
     kbps: int
     zone: int
@@ -548,13 +548,8 @@ def port_plan(t: Topology, p: Port, host: str, prefix: str) -> PortPlan | None:
     if p.device_owner != "compute":
         return None
     if p.network in t.routed:
-        if not t.routed_here(p, host):
-            return None
-        # Before its address (this host's block hands it out, through the
-        # relay: a round trip) the port is plugged in all the same, the
-        # address alone added once it lands: the kernel's work overlaps
-        # the round trip.
-        addressed = p.host == host and p.ip
+        if not (t.routed_here(p, host) and p.host == host and p.ip):
+            return None  # the address comes from this host's block first
         return PortPlan(
             port=p.id,
             ifname=nw.kernel_name(prefix, "port", p.id),
@@ -562,7 +557,7 @@ def port_plan(t: Topology, p: Port, host: str, prefix: str) -> PortPlan | None:
             netns=nw.instance_netns(p.device),
             peer=nw.kernel_name(prefix, "peer", p.id),
             mac=p.mac,
-            address=f"{p.ip}/32" if addressed else "",
+            address=f"{p.ip}/32",
             gateway=nw.ROUTED_GATEWAY if _first_port(t, p) else "",
             kbps=t.qos.get(p.qos_policy, 0),
             zone=0,
@@ -985,10 +980,6 @@ def port_chains(
             lines.append(" ".join([f"-A {chain}", *match, "-j", verdict]))
     lin.append(f"-A {cin} -j DROP")
     lout.append(f"-A {cout} -j DROP")
-    if not pp.address:
-        # A routed port waiting for its address: nothing in or out yet (the
-        # sets its rules will match are made all the same).
-        lin, lout = lin[-1:], lout[-1:]
     return {("filter", cin): tuple(lin), ("filter", cout): tuple(lout)}, sets
 
 

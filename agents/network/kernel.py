@@ -25,7 +25,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
@@ -421,9 +421,6 @@ class Host:
         if not self._has_ns(pp.netns):
             return False
         nl = self._nl(pp.netns)
-        if not pp.address:  # (a routed port before its address: only up)
-            peer = nl.link(pp.peer)
-            return peer is not None and peer.up
         ip, plen = pp.address.split("/")
         want = (pp.peer, ip, int(plen))
         found = [i for i, *rest in nl.labelled_addrs() if tuple(rest) == want]
@@ -805,12 +802,6 @@ class Host:
             self.waiting.add(pp.ifname)
             return False
         elif pp.ifname in actual and not self.peer_ok(pp):
-            if self._addressing(pp):
-                # Its address landed: added to the veth plugged in before
-                # (``_plug_all``: what is there already is left as it is).
-                ch.wired.append(pp.ifname)
-                self._unplugged.append(pp)
-                return True
             self._delete(pp.ifname)
             ch.removed.append(pp.ifname)
             actual.pop(pp.ifname)
@@ -828,10 +819,7 @@ class Host:
         if link is None:
             raise KernelError(f"{pp.ifname} vanished while it was wired")
         idx = link["index"]
-        if pp.routed and not pp.address:
-            if not link["up"]:
-                nl.set(idx, up=True)
-        elif pp.routed:
+        if pp.routed:
             if not link["up"]:
                 nl.set(idx, up=True)
             if routes is None or (pp.address, idx) not in routes:
@@ -849,17 +837,6 @@ class Host:
                 nl.set(idx, master=br_index, up=True)
         self._qdisc(pp, idx, self.qdisc_rate(idx), ch)
         return True
-
-    def _addressing(self, pp: PortPlan) -> bool:
-        """Whether routed port ``pp`` was plugged in before its address and
-        this is the same port with it."""
-        done = self._done.get(pp.ifname)
-        return (
-            pp.routed
-            and bool(pp.address)
-            and isinstance(done, PortPlan)
-            and done == replace(pp, address="")
-        )
 
     def _qdisc(self, pp: PortPlan, idx: int, rate: int, ch: Changes) -> None:
         """The port's rate limit, when link ``idx`` has another (``rate``)."""
@@ -978,8 +955,6 @@ class Host:
         idx = actual.known[pp.ifname]["index"]  # type: ignore[index]
         if not pp.routed:
             return [rtnl.link_set(idx, master=self._bridge_index(pp.bridge, actual), up=True)]
-        if not pp.address:
-            return [rtnl.link_set(idx, up=True)]
         # The host knows the instance's MAC (it set it): no ARP for it, and
         # no dynamic entry (the kernel's table of those is bounded,
         # gc_thresh3, and a full one drops packets to new neighbours).
@@ -990,9 +965,6 @@ class Host:
         ]
 
     def _plug_addresses(self, pp: PortPlan) -> None:
-        if not pp.address:
-            self._done[pp.ifname] = pp  # (plugged in; addressed by a later pass)
-            return
         inner = self._nl(pp.netns)
         pidx = inner.index(pp.peer)
         requests = []
