@@ -293,6 +293,10 @@ def test_veths_made_and_looked_up_in_one_exchange_read_by_pyroute2(two_ns):
             )
         assert err.value.errno == 17  # EEXIST
         assert nl.link("v2") is not None and nl.link("v0").index == made["v0"].index
+        # looked up by name in one exchange: an absent one is None, not an error
+        named = nl.links_named(["v1", "nope", "v0"])
+        assert named["nope"] is None
+        assert (named["v0"].index, named["v1"].index) == (made["v0"].index, made["v1"].index)
     finally:
         inner.close()
         ipr.close()

@@ -24,7 +24,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,6 +218,15 @@ class Links:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
 
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Look up now, in one exchange, those of ``names`` the pass will ask
+        about (one request each is a wait each, for the interpreter too)."""
+        if self.complete:
+            return
+        todo = sorted({n for n in names if n not in self.known})
+        if todo:
+            self.known.update(self.host.links_named(todo))
+
     def __setitem__(self, name: str, info: dict) -> None:
         self.known[name] = info
 
@@ -389,6 +398,11 @@ class Host:
                     out[link.name] = _info(link)
             return out
 
+    def links_named(self, names: list[str]) -> dict[str, dict | None]:
+        """Links by name (one exchange, not a dump), None for an absent one."""
+        found = self._nl().links_named(names)
+        return {n: _info(ln) if ln is not None else None for n, ln in found.items()}
+
     def link(self, name: str) -> dict | None:
         """One link by name (a single request, not a dump), None if absent."""
         found = self._nl().link(name)
@@ -500,6 +514,7 @@ class Host:
             # Nothing of the links changed (a new member somewhere, say):
             # only the ports still waiting for their instance are looked at.
             actual = Links(self, set(), dump=False)
+            actual.prefetch(n for n in self.waiting if n in hp.ports)
             for name in sorted(self.waiting):
                 pp = hp.ports.get(name)
                 if pp is not None:
@@ -513,7 +528,14 @@ class Host:
         wanted = hp.names()
         if not deep:
             # What the last plan had and this one has not: the stray links a
-            # shallow pass can know of without probing the whole host.
+            # shallow pass can know of without probing the whole host; and
+            # the ports the pass looks at (not done as planned).
+            actual.prefetch(
+                [
+                    *(self._names - wanted),
+                    *(n for n, pp in hp.ports.items() if self._done.get(n) != pp),
+                ]
+            )
             for name in sorted(self._names - wanted):
                 actual.get(name)
         self._names = wanted
@@ -945,7 +967,8 @@ class Host:
         deadline = time.monotonic() + timeout
         pending = list(names)
         while pending:
-            pending = [n for n in pending if not ((ln := nl.link(n)) is None or ln.oper_up)]
+            found = nl.links_named(pending)  # (one exchange for all)
+            pending = [n for n in pending if not ((ln := found[n]) is None or ln.oper_up)]
             if not pending or time.monotonic() > deadline:
                 return
             time.sleep(0.002)

@@ -340,6 +340,16 @@ class Rtnl(Netlink):
             raise
         return self._link(found[0]) if found else None
 
+    def links_named(self, names: list[str]) -> dict[str, Link | None]:
+        """Links by name, all looked up in one exchange (None: no such link)."""
+        out: dict[str, Link | None] = {}
+        answers = self.exchange([link_get(n) for n in names])
+        for name, (err, payloads) in zip(names, answers, strict=True):
+            if err is not None and err.errno != errno.ENODEV:
+                raise err
+            out[name] = self._link(payloads[0]) if err is None and payloads else None
+        return out
+
     def index(self, name: str) -> int:
         link = self.link(name)
         if link is None:
