@@ -285,6 +285,8 @@ def test_veths_made_and_looked_up_in_one_exchange_read_by_pyroute2(two_ns):
         assert made["v0"].kind == "veth" and not made["v0"].up
         assert host["v1"].get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
         peers = {ln.get_attr("IFLA_IFNAME"): ln for ln in inner.get_links()}
+        # each host side names its peer's index in the other namespace
+        assert made["v1"].peer == peers["eth1"]["index"]
         assert peers["eth1"].get_attr("IFLA_ADDRESS") == "fa:16:3e:00:00:02"
         assert "eth0" in peers and "v0" not in peers
         with netns_fd(b) as fd, pytest.raises(RtnlError) as err:

@@ -314,6 +314,7 @@ class Host:
         self.waiting: set[str] = set()
         self._applied: HostPlan | None = None  # the plan the last full pass applied
         self._unplugged: list[PortPlan] = []
+        self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
         self._fresh: list[PortPlan] = []  # new veths, made together (``_make_veths``)
         self._entries: list[rtnl.Request] = []
         self._entries_for: set[str] = set()
@@ -488,6 +489,7 @@ class Host:
         self._ns = namespaces() if deep else None
         self._deep = deep
         self._unplugged: list[PortPlan] = []
+        self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
         self._fresh: list[PortPlan] = []
         self._entries: list[rtnl.Request] = []  # remote ports' entries (``_send_entries``)
         self._entries_for: set[str] = set()  # the bridges they are of
@@ -923,6 +925,9 @@ class Host:
                 made = self._nl().create(requests, [pp.ifname for pp in part])
             for pp in part:
                 idx = made[pp.ifname].index
+                # (the host's side names its peer's index: IFLA_LINK)
+                if made[pp.ifname].peer:
+                    self._peers[pp.ifname] = made[pp.ifname].peer
                 actual[pp.ifname] = {
                     "index": idx,
                     "kind": "veth",
@@ -989,7 +994,7 @@ class Host:
 
     def _plug_addresses(self, pp: PortPlan) -> None:
         inner = self._nl(pp.netns)
-        pidx = inner.index(pp.peer)
+        pidx = self._peers.pop(pp.ifname, 0) or inner.index(pp.peer)
         requests = []
         if pp.routed:
             # The host's side answers for the link-local next hop (Calico's
