@@ -42,6 +42,14 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
         traffic = rows[f"{mode}: binding to traffic"]
         assert traffic["count"] == 18 and traffic["errors"] == 0, traffic
         assert traffic["p99_ms"] is not None and traffic["p99_ms"] > 0
+        # the passes that wired them, broken down by step (every port of
+        # the waves came through one of them)
+        wiring = out["info"][f"{mode}_wiring_passes"]
+        assert 1 <= wiring["count"] <= 18 and wiring["ports_p50"] >= 1, wiring
+        for step in ("ports", "firewall", "plug"):
+            p50, p90 = wiring[f"{step}_ms_p50_p90"]
+            assert 0 <= p50 <= p90, (step, wiring)
+        assert wiring["plug_ms_p50_p90"][1] > 0, wiring  # plugging in is never free
         # and a restart with nothing changed changed nothing
         restart = rows[f"{mode}: restart to converged"]
         assert restart["errors"] == 0 and restart["note"].startswith("0 changes"), restart

@@ -258,3 +258,48 @@ def test_an_instance_side_plugged_in_one_batch_by_name_read_by_pyroute2(two_ns):
         ipr.close()
         inner.close()
         nl.close()
+
+
+def test_veths_made_and_looked_up_in_one_exchange_read_by_pyroute2(two_ns):
+    """New veths as a pass makes them: every pair (peers straight into the
+    instance's namespace) and a lookup of each host side in one exchange;
+    the indexes returned are pyroute2's. A name taken already is refused
+    (EEXIST) and raises; the rest of that batch is made all the same."""
+    from stratus.agents.network import rtnl
+
+    a, b = two_ns
+    nl = Rtnl.open(a)
+    ipr, inner = _ipr(a), _ipr(b)
+    try:
+        with netns_fd(b) as fd:
+            reqs = [
+                rtnl.veth_add(f"v{i}", f"eth{i}", fd, mac="ee:ee:ee:ee:ee:ee", peer_mac=mac)
+                for i, mac in enumerate(["fa:16:3e:00:00:01", "fa:16:3e:00:00:02"])
+            ]
+            made = nl.create(reqs, ["v0", "v1"])
+        host = {ln.get_attr("IFLA_IFNAME"): ln for ln in ipr.get_links()}
+        assert {n: ln.index for n, ln in made.items()} == {
+            "v0": host["v0"]["index"],
+            "v1": host["v1"]["index"],
+        }
+        assert made["v0"].kind == "veth" and not made["v0"].up
+        assert host["v1"].get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
+        peers = {ln.get_attr("IFLA_IFNAME"): ln for ln in inner.get_links()}
+        # each host side names its peer's index in the other namespace
+        assert made["v1"].peer == peers["eth1"]["index"]
+        assert peers["eth1"].get_attr("IFLA_ADDRESS") == "fa:16:3e:00:00:02"
+        assert "eth0" in peers and "v0" not in peers
+        with netns_fd(b) as fd, pytest.raises(RtnlError) as err:
+            nl.create(
+                [rtnl.veth_add("v0", "eth9", fd), rtnl.veth_add("v2", "eth2", fd)], ["v0", "v2"]
+            )
+        assert err.value.errno == 17  # EEXIST
+        assert nl.link("v2") is not None and nl.link("v0").index == made["v0"].index
+        # looked up by name in one exchange: an absent one is None, not an error
+        named = nl.links_named(["v1", "nope", "v0"])
+        assert named["nope"] is None
+        assert (named["v0"].index, named["v1"].index) == (made["v0"].index, made["v1"].index)
+    finally:
+        inner.close()
+        ipr.close()
+        nl.close()

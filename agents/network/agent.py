@@ -75,6 +75,9 @@ class NetworkAgent:
         self.last_changes = Changes()
         self.corrections: list[Changes] = []
         self.timings: list[tuple[bool, float]] = []
+        # Seconds per step of each shallow pass that wired new ports, and
+        # how many (what the benchmark breaks a binding's wait down by).
+        self.wiring_steps: list[tuple[int, dict[str, float]]] = []
         self._last_plan: HostPlan | None = None
         self._reported: set[str] = set()
         self._lock = asyncio.Lock()
@@ -248,6 +251,9 @@ class NetworkAgent:
             # (deep pass?, seconds): what the benchmark compares
             self.timings.append((correction, time.perf_counter() - started))
             del self.timings[:-10_000]
+            if ch.wired and not correction:
+                self.wiring_steps.append((len(ch.wired), self.kernel.last_pass))
+                del self.wiring_steps[:-10_000]
             # Drift: what had to change although the plan had not (the log
             # moved on by events that do not concern this host, or not at all).
             drift = correction or hp is self._last_plan

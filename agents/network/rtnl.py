@@ -256,7 +256,15 @@ class Netlink:
         """Changes sent together (``chunk`` messages per write), each
         acknowledged: the kernel applies them in order and answers each, a
         refused one not stopping the others. One error (or None) per request."""
-        out: list[RtnlError | None] = []
+        return [err for err, _ in self.exchange(requests, chunk)]
+
+    def exchange(
+        self, requests: list[Request], chunk: int = 256
+    ) -> list[tuple[RtnlError | None, list[bytes]]]:
+        """``do_many`` that also keeps what the kernel answers each request
+        with before its acknowledgement (a lookup's reply): the error (or
+        None) and those payloads, per request."""
+        out: list[tuple[RtnlError | None, list[bytes]]] = []
         for i in range(0, len(requests), chunk):
             part = requests[i : i + chunk]
             seqs = []
@@ -268,12 +276,18 @@ class Netlink:
                 buf += _HDR.pack(_HDR.size + len(body), kind, flags, self.seq, 0)
                 buf += body + b"\0" * (-len(body) % 4)
             self.sock.send(bytes(buf))
+            wanted = set(seqs)
             answers: dict[int, RtnlError | None] = {}
+            replies: dict[int, list[bytes]] = {s: [] for s in seqs}
             while len(answers) < len(seqs):
                 for kind, mseq, payload in self._frames():
-                    if kind == NLMSG_ERROR and mseq in seqs:
+                    if mseq not in wanted:
+                        continue  # a late answer to an earlier request
+                    if kind == NLMSG_ERROR:
                         answers[mseq] = self._error(payload)
-            out += [answers[s] for s in seqs]
+                    elif kind != NLMSG_DONE:
+                        replies[mseq].append(payload)
+            out += [(answers[s], replies[s]) for s in seqs]
         return out
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
@@ -317,14 +331,24 @@ class Rtnl(Netlink):
 
     def link(self, name: str) -> Link | None:
         """One link by name (a single request, not a dump)."""
-        body = _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+        kind, flags, body = link_get(name)
         try:
-            found = [p for _, p in self._replies(self._send(RTM_GETLINK, F_ACK, body))]
+            found = [p for _, p in self._replies(self._send(kind, flags | F_ACK, body))]
         except RtnlError as exc:
             if exc.errno == errno.ENODEV:
                 return None
             raise
         return self._link(found[0]) if found else None
+
+    def links_named(self, names: list[str]) -> dict[str, Link | None]:
+        """Links by name, all looked up in one exchange (None: no such link)."""
+        out: dict[str, Link | None] = {}
+        answers = self.exchange([link_get(n) for n in names])
+        for name, (err, payloads) in zip(names, answers, strict=True):
+            if err is not None and err.errno != errno.ENODEV:
+                raise err
+            out[name] = self._link(payloads[0]) if err is None and payloads else None
+        return out
 
     def index(self, name: str) -> int:
         link = self.link(name)
@@ -333,14 +357,23 @@ class Rtnl(Netlink):
         return link.index
 
     def add(self, name: str, kind: str, data: bytes = b"", *extra: bytes) -> None:
-        info = _str(IFLA_INFO_KIND, kind) + (_nested(IFLA_INFO_DATA, data) if data else b"")
-        body = (
-            _IFINFO.pack(0, 0, 0, 0, 0)
-            + _str(IFLA_IFNAME, name)
-            + b"".join(extra)
-            + _nested(IFLA_LINKINFO, info)
-        )
-        self.do(RTM_NEWLINK, F_CREATE | F_EXCL, body)
+        self.do(*link_add(name, kind, data, *extra))
+
+    def create(self, requests: list[Request], names: list[str]) -> dict[str, Link]:
+        """Links made and then looked up by name, all in one exchange (a
+        round trip each is a wait, and in a process of many agents a wait
+        for the interpreter too): each of ``names`` as the kernel has it
+        once ``requests`` were applied. The first refused request raises."""
+        answers = self.exchange([*requests, *(link_get(n) for n in names)])
+        for err, _ in answers:
+            if err is not None:
+                raise err
+        found = {}
+        for name, (_, payloads) in zip(names, answers[len(requests) :], strict=True):
+            if not payloads:
+                raise RtnlError(errno.ENODEV, f"no link {name}")
+            found[name] = self._link(payloads[0])
+        return found
 
     def add_bridge(self, name: str, mac: str = "") -> None:
         self.add(name, "bridge", b"", *([nla(IFLA_ADDRESS, _mac(mac))] if mac else []))
@@ -364,14 +397,7 @@ class Rtnl(Netlink):
     ) -> None:
         """A veth pair; its ``peer`` made directly in the namespace of
         ``peer_netns_fd`` (an open ``/run/netns`` file) when given."""
-        peer_attrs = _str(IFLA_IFNAME, peer)
-        if peer_netns_fd is not None:
-            peer_attrs += _u32(IFLA_NET_NS_FD, peer_netns_fd)
-        if peer_mac:
-            peer_attrs += nla(IFLA_ADDRESS, _mac(peer_mac))
-        data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
-        extra = [nla(IFLA_ADDRESS, _mac(mac))] if mac else []
-        self.add(name, "veth", data, *extra)
+        self.do(*veth_add(name, peer, peer_netns_fd, mac, peer_mac))
 
     def set(
         self,
@@ -597,6 +623,38 @@ def link_set(
     if name:
         attrs += _str(IFLA_IFNAME, name)
     return RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs
+
+
+def link_add(name: str, kind: str, data: bytes = b"", *extra: bytes) -> Request:
+    """A new link ``name`` of ``kind`` (``data``: its kind's settings)."""
+    info = _str(IFLA_INFO_KIND, kind) + (_nested(IFLA_INFO_DATA, data) if data else b"")
+    body = (
+        _IFINFO.pack(0, 0, 0, 0, 0)
+        + _str(IFLA_IFNAME, name)
+        + b"".join(extra)
+        + _nested(IFLA_LINKINFO, info)
+    )
+    return RTM_NEWLINK, F_CREATE | F_EXCL, body
+
+
+def veth_add(
+    name: str, peer: str, peer_netns_fd: int | None = None, mac: str = "", peer_mac: str = ""
+) -> Request:
+    """A veth pair (see ``Rtnl.add_veth``); the descriptor must stay open
+    until the request is sent."""
+    peer_attrs = _str(IFLA_IFNAME, peer)
+    if peer_netns_fd is not None:
+        peer_attrs += _u32(IFLA_NET_NS_FD, peer_netns_fd)
+    if peer_mac:
+        peer_attrs += nla(IFLA_ADDRESS, _mac(peer_mac))
+    data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
+    extra = [nla(IFLA_ADDRESS, _mac(mac))] if mac else []
+    return link_add(name, "veth", data, *extra)
+
+
+def link_get(name: str) -> Request:
+    """A lookup of the link ``name`` (its reply: the link)."""
+    return RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
 
 
 def addr_add(index: int, address: str, prefixlen: int) -> Request:

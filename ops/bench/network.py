@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,6 +261,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             await _routes_spread(store, kernels, 60)
         for a in agents:
             a.timings.clear()
+            a.wiring_steps.clear()
 
         # -- phase 2: binding to traffic, incremental -----------------------------
         load, wired = Load(), Load()
@@ -325,20 +327,31 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             await _restart_processes(report, mode, store, procs, hosts)
             return
         shallow = [s for a in agents for deep, s in a.timings if not deep]
+        # The passes that wired the wave's ports: how many each, and where
+        # their time went (p50 and p90 of each step).
+        wiring = [w for a in agents for w in a.wiring_steps]
+        if wiring:
+            report.info[f"{mode}_wiring_passes"] = {
+                "count": len(wiring),
+                "ports_p50": percentile([n for n, _ in wiring], 50),
+                **{
+                    f"{k}_ms_p50_p90": [round((percentile(v, q) or 0) * 1000, 1) for q in (50, 90)]
+                    for k, v in _by_step(s for _, s in wiring).items()
+                },
+            }
 
         # -- phase 3: one deep pass per host over the finished state ---------------
         deep_t = []
-        steps: dict[str, list[float]] = {}
+        laps = []
         for a in agents:
             t0 = time.perf_counter()
             ch = await a.reconcile(correction=True)
             deep_t.append(time.perf_counter() - t0)
-            for k, v in a.kernel.last_pass.items():
-                steps.setdefault(k, []).append(v)
+            laps.append(a.kernel.last_pass)
             if ch:
                 report.failures.append(f"{mode} {a.host}: a deep pass changed {ch}")
         report.info[f"{mode}_deep_pass_steps_ms_p50"] = {
-            k: round((percentile(v, 50) or 0) * 1000, 1) for k, v in steps.items()
+            k: round((percentile(v, 50) or 0) * 1000, 1) for k, v in _by_step(laps).items()
         }
         per_host = measured // len(hosts) + opts.networks // len(hosts)
         report.results.append(
@@ -478,6 +491,15 @@ async def _restart_processes(report: Report, mode: str, store, procs, hosts: lis
     )
     if fixes:
         report.failures.append(f"{mode}: restart with nothing changed corrected {fixes[:3]}")
+
+
+def _by_step(passes: Iterable[dict[str, float]]) -> dict[str, list[float]]:
+    """Passes' seconds per step (``Host.last_pass``) as each step's list."""
+    steps: dict[str, list[float]] = {}
+    for laps in passes:
+        for k, v in laps.items():
+            steps.setdefault(k, []).append(v)
+    return steps
 
 
 async def _bind_and_probe(
