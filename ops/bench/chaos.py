@@ -232,6 +232,10 @@ class Deployment:
 
         argv = [
             *("up", "--data-dir", str(self.data_dir), "--port", str(self.port)),
+            # Any free port for the OpenStack API at every start: with the
+            # broker's port given (a restart), `up` would take 5000, and two
+            # deployments on one machine restarting then collide there.
+            *("--openstack-port", "0"),
             *("--hosts", str(len(UP_HOSTS)), "--scheduler-replicas", "0"),
             *("--admin-password", PASSWORD),
         ]
