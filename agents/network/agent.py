@@ -19,7 +19,6 @@ routes went and came back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from stratus.events.model import Cause, UnknownEvent
 from stratus.events.reports import Reporter
 from stratus.events.resources import SYSTEM
 from stratus.events.store import EventStore, Recorded
+from stratus.events.tasks import cancel
 
 log = structlog.get_logger("stratus.network-agent")
 
@@ -130,17 +130,8 @@ class NetworkAgent:
     async def stop(self) -> None:
         """Stop following the log; the host keeps what it has (links, BIRD)."""
         for t in self._tasks:
-            # Cancelled again until it ends: Python 3.11's wait_for (in the
-            # store's follower) can swallow a cancellation that races with
-            # the event it waits for, and the follower would wait on.
-            for _ in range(100):
-                t.cancel()
-                done, _ = await asyncio.wait({t}, timeout=0.1)
-                if done:
-                    break
-            if t.done():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    t.result()
+            # (cancelled again until it ends: ``events.tasks``)
+            await cancel(t, tries=40)
         self._tasks = []
         if self._reports:
             await asyncio.wait(self._reports, timeout=10)
