@@ -50,9 +50,36 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
             p50, p90 = wiring[f"{step}_ms_p50_p90"]
             assert 0 <= p50 <= p90, (step, wiring)
         assert wiring["plug_ms_p50_p90"][1] > 0, wiring  # plugging in is never free
+        # what the waves cost in CPU (the machine's busy share, ours per port)
+        cpu = out["info"][f"{mode}_wave_cpu"]
+        assert 0 < cpu["machine_busy"] <= 1.0, cpu
+        assert cpu["this_process_user_s_per_port"] > 0, cpu
         # and a restart with nothing changed changed nothing
         restart = rows[f"{mode}: restart to converged"]
         assert restart["errors"] == 0 and restart["note"].startswith("0 changes"), restart
+
+
+def test_the_short_network_bench_with_an_agent_process_per_host():
+    """``--agents process``: each host's agent is its own ``stratus serve
+    network-agent`` (as deployed), started against the bench's broker."""
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "stratus.ops.bench", "network", "--agents", "process"),
+            *("--ports", "12", "--hosts", "2", "--networks", "4", "--wave", "4"),
+            *("--modes", "vxlan", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["failures"] == []  # (nothing left behind: the agents' logs neither)
+    rows = {row["name"].split(" (")[0]: row for row in out["results"]}
+    traffic = rows["vxlan: binding to traffic"]
+    assert traffic["count"] == 8 and traffic["errors"] == 0, traffic
+    restart = rows["vxlan: restart to converged"]
+    assert restart["errors"] == 0 and restart["note"].startswith("0 corrections"), restart
 
 
 @pytest.mark.parametrize(

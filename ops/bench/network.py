@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -79,33 +80,45 @@ class AgentProcesses:
 
     def __init__(self, url: str, sim, prefix: str, state: Path) -> None:
         self.url, self.sim, self.prefix, self.state = url, sim, prefix, state
-        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def _argv(self, host: str) -> list[str]:
         return [
             sys.executable, "-m", "stratus.cli.main", "--url", self.url, "serve",
-            "--data-dir", str(self.state), "network-agent", "--host", host,
+            # the bench's broker has no authentication
+            "--insecure-no-auth", "--data-dir", str(self.state), "network-agent", "--host", host,
             "--vtep", self.sim.vtep(host), "--netns", self.sim.netns(host),
             "--prefix", self.prefix, "--interval", "3600", "--bgp-hold", "3",
         ]  # fmt: skip
 
     def start(self, hosts: list[str], timeout: float = 120) -> None:
         """Start them all, then wait until each says it is ready (bounded)."""
+        self.state.mkdir(parents=True, exist_ok=True)
         for h in hosts:
-            self.procs[h] = subprocess.Popen(
-                self._argv(h), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-            )
+            # Its log to a file, not a pipe nobody drains (a full pipe would
+            # stall the agent); read back when it does not start.
+            with open(self.state / f"{h}.log", "w") as log:
+                self.procs[h] = subprocess.Popen(self._argv(h), stdout=subprocess.PIPE, stderr=log)
         deadline = time.monotonic() + timeout
         for h in hosts:
             out = self.procs[h].stdout
             assert out is not None
-            line = ""
-            while "ready" not in line:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the agent of {h} did not start")
-                line = out.readline()
-                if not line and self.procs[h].poll() is not None:
-                    raise RuntimeError(f"the agent of {h} exited")
+            # Raw reads on the descriptor: select() cannot see what a
+            # buffered reader already holds.
+            seen = b""
+            while b"ready" not in seen:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([out], [], [], left)[0]:
+                    raise TimeoutError(f"the agent of {h} did not start: {self._tail(h)}")
+                chunk = os.read(out.fileno(), 4096)
+                if not chunk:
+                    self.procs[h].wait(5)
+                    raise RuntimeError(f"the agent of {h} exited: {self._tail(h)}")
+                seen = seen[-16:] + chunk
+
+    def _tail(self, host: str) -> str:
+        lines = (self.state / f"{host}.log").read_text(errors="replace").splitlines()
+        return " | ".join(lines[-3:]) or "(nothing logged)"
 
     def stop(self) -> None:
         from stratus.ops.bench.common import stop_process
@@ -114,6 +127,8 @@ class AgentProcesses:
             stop_process(p)  # type: ignore[arg-type]
             if p.stdout:
                 p.stdout.close()
+        for h in self.procs:
+            (self.state / f"{h}.log").unlink(missing_ok=True)
         self.procs = {}
 
 
@@ -267,6 +282,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         load, wired = Load(), Load()
         fulls = _arp_table_fulls()
         busy = 0.0  # seconds from each wave's first binding to its last answer
+        wave_cpu = [0.0, 0.0, 0.0]  # CPU seconds in the waves: machine busy, ours user, sys
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
         by_host = {a.host: a.kernel for a in agents}
@@ -282,6 +298,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 p = await place(t, net, i, host)
                 wave.append((p, anchors[k].ip, await Echo.open(p.ns)))
             first = time.monotonic()
+            cpu0 = _cpu_seconds()
             try:
                 # Each port's binding is appended and then probed from the
                 # moment it was stored; gathered, the wave's appends are
@@ -296,6 +313,8 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 for *_, e in wave:
                     e.close()
             busy += max(ends) - first
+            cpu = [b - a for a, b in zip(cpu0, _cpu_seconds(), strict=True)]
+            wave_cpu = [x + y for x, y in zip(wave_cpu, cpu, strict=True)]
         echoes.close()
         load.seconds = busy
         report.results.append(
@@ -320,6 +339,14 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         # what H real hosts would have each. When full, packets to a new
         # neighbour are dropped until entries older than 5 s can go.
         report.info[f"{mode}_arp_table_fulls"] = _arp_table_fulls() - fulls
+        # Were the waves bound by the machine's CPUs? (all CPUs busy: the
+        # agents' work, the kernel's, the broker's and any other load)
+        cores = os.cpu_count() or 1
+        report.info[f"{mode}_wave_cpu"] = {
+            "machine_busy": round(wave_cpu[0] / (busy * cores), 2) if busy else None,
+            "this_process_user_s_per_port": round(wave_cpu[1] / max(1, load.done), 4),
+            "this_process_sys_s_per_port": round(wave_cpu[2] / max(1, load.done), 4),
+        }
         report.info[f"{mode}_end_to_end_ports_per_s"] = round(
             load.done / (time.perf_counter() - started), 1
         )
@@ -569,6 +596,16 @@ def neigh_table_warning(size: int | None, ports: int, hosts: int) -> str | None:
         "neighbours are dropped and the latencies measured are the kernel's; "
         "ops/bootstrap raises it (/etc/sysctl.d/60-stratus-neigh.conf)"
     )
+
+
+def _cpu_seconds() -> tuple[float, float, float]:
+    """CPU seconds so far: the machine's busy time (all CPUs, /proc/stat),
+    and this process's user and system time (all its threads)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    t = os.times()
+    return ((sum(fields[:8]) - idle) / hz, t.user, t.system)
 
 
 def _arp_table_fulls() -> int:
