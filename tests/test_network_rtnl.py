@@ -145,6 +145,32 @@ def test_an_ipset_made_here_is_what_iptables_matches(two_ns):
         sets.close()
 
 
+def test_ipset_members_changed_in_one_exchange_as_the_kernel_lists_them(two_ns):
+    """``IpSets.change``: adds and deletes over several sets written at once, as
+    the kernel lists them after. A refused one (a set that is not
+    there) raises, and the others are applied all the same."""
+    a, _ = two_ns
+    sets = IpSets.open(a)
+    try:
+        sets.create("g1")
+        sets.create("g2")
+        sets.change([("g1", f"10.0.0.{i}") for i in range(1, 41)] + [("g2", "10.1.0.1")], [])
+        sets.change(
+            [("g2", "10.1.0.2"), ("g1", "10.0.0.1")], [("g1", f"10.0.0.{i}") for i in (2, 3)]
+        )
+        want = {"10.0.0.1"} | {f"10.0.0.{i}" for i in range(4, 41)}
+        assert sets.listing("g1") == {"g1": want}
+        assert sets.listing("g2") == {"g2": {"10.1.0.1", "10.1.0.2"}}
+        with pytest.raises(OSError):
+            sets.change([("nope", "10.2.0.1"), ("g2", "10.1.0.3")], [])
+        assert sets.listing("g2") == {"g2": {"10.1.0.1", "10.1.0.2", "10.1.0.3"}}
+        sets.change([], [])  # (nothing: no exchange)
+    finally:
+        for name in ("g1", "g2"):
+            sets.destroy(name)
+        sets.close()
+
+
 def test_l2pop_entries_made_in_one_batch_read_by_pyroute2_and_back(two_ns):
     """A bridge's entries for a remote port (its MAC behind the VXLAN port,
     its VTEP, its address) sent as one batch: a refused request in it is
@@ -301,5 +327,99 @@ def test_veths_made_and_looked_up_in_one_exchange_read_by_pyroute2(two_ns):
         assert (named["v0"].index, named["v1"].index) == (made["v0"].index, made["v1"].index)
     finally:
         inner.close()
+        ipr.close()
+        nl.close()
+
+
+def test_veths_made_with_the_instance_side_up_and_the_host_side_down(two_ns):
+    """``veth_inside``: the instance's side made inside its namespace and up
+    by the create itself, the host's side here and down; pyroute2 reads it
+    so. No carrier on either until the host's side comes up, so nothing
+    the instance sends passes before then; after, both are operationally up."""
+    import time
+
+    from stratus.agents.network import rtnl
+
+    a, b = two_ns
+    nl = Rtnl.open(a)
+    ipr, inner = _ipr(a), _ipr(b)
+    try:
+        with netns_fd(b) as fd:
+            made = nl.create(
+                [rtnl.veth_inside("v0", "eth0", fd, "ee:ee:ee:ee:ee:ee", "fa:16:3e:00:00:01")],
+                ["v0"],
+            )
+        (peer,) = [ln for ln in inner.get_links() if ln.get_attr("IFLA_IFNAME") == "eth0"]
+        (host,) = [ln for ln in ipr.get_links() if ln.get_attr("IFLA_IFNAME") == "v0"]
+        assert made["v0"].index == host["index"] and made["v0"].peer == peer["index"]
+        assert peer["flags"] & 1 and not host["flags"] & 1  # IFF_UP: inside only
+        assert peer.get_attr("IFLA_ADDRESS") == "fa:16:3e:00:00:01"
+        assert host.get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
+        assert peer.get_attr("IFLA_CARRIER") == 0 and not made["v0"].oper_up
+        nl.do_many([rtnl.link_set(made["v0"].index, up=True)])
+        deadline = time.monotonic() + 5
+        while not nl.link("v0").oper_up and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert nl.link("v0").oper_up
+        with Rtnl.open(b) as nb:
+            assert nb.link("eth0").oper_up
+        # a name taken inside is refused, and nothing is made here
+        with netns_fd(b) as fd, pytest.raises(RtnlError) as err:
+            nl.create([rtnl.veth_inside("v1", "eth0", fd)], ["v1"])
+        assert err.value.errno == 17  # EEXIST
+        assert nl.link("v1") is None
+    finally:
+        inner.close()
+        ipr.close()
+        nl.close()
+
+
+def test_a_batch_reports_each_refusal_at_its_place_with_one_acknowledgement(two_ns):
+    """``do_many``/``exchange`` ask only the last request of a write for an
+    acknowledgement: a refused one before it is still reported, at its own
+    place, and the ones after it are applied; a lookup's reply is kept; a
+    refused last request is reported too. Every request is done when the
+    call returns."""
+    from stratus.agents.network import rtnl
+
+    a, _ = two_ns
+    nl = Rtnl.open(a)
+    ipr = _ipr(a)
+    try:
+        nl.add_bridge("br0")
+        br = nl.index("br0")
+        answers = nl.exchange(
+            [
+                rtnl.neighbour_add(br, "10.9.0.1", "fa:16:3e:00:00:01"),
+                rtnl.link_set(9999, up=True),  # no such link: refused
+                rtnl.link_get("br0"),
+                rtnl.link_get("nope"),  # refused (ENODEV)
+                rtnl.neighbour_add(br, "10.9.0.2", "fa:16:3e:00:00:02"),
+            ]
+        )
+        errs = [e.errno if e is not None else None for e, _ in answers]
+        assert errs == [None, 19, None, 19, None]  # ENODEV
+        assert len(answers[2][1]) == 1 and not answers[0][1]
+        neigh = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(ifindex=br)}
+        assert {"10.9.0.1", "10.9.0.2"} <= neigh
+        # a refused last request is the write's acknowledgement: reported
+        errs = nl.do_many([rtnl.link_set(br, up=True), rtnl.link_set(9998, up=True)])
+        assert errs[0] is None and errs[1] is not None and errs[1].errno == 19
+        # and the socket is in step after: the next exchange gets its own answers
+        assert nl.links_named(["br0"])["br0"].index == br
+        # a write of more than one chunk: each chunk's last is acknowledged
+        many = [rtnl.neighbour_add(br, f"10.9.1.{i}", "fa:16:3e:00:01:00") for i in range(1, 40)]
+        assert nl.do_many(many, chunk=16) == [None] * 39
+        assert (
+            len(
+                [
+                    n
+                    for n in ipr.get_neighbours(ifindex=br)
+                    if n.get_attr("NDA_DST").startswith("10.9.1.")
+                ]
+            )
+            == 39
+        )
+    finally:
         ipr.close()
         nl.close()

@@ -97,12 +97,26 @@ class IpSets(Netlink):
                 raise
 
     def add(self, name: str, address: str) -> None:
-        flags = nla(ATTR_FLAGS, struct.pack("!I", FLAG_EXIST))
-        self._request(CMD_ADD, F_ACK, _name(name) + _ip(address) + flags)
+        self.change([(name, address)], [])
 
     def delete(self, name: str, address: str) -> None:
+        self.change([], [(name, address)])
+
+    def change(self, add: list[tuple[str, str]], delete: list[tuple[str, str]]) -> None:
+        """Members added and deleted, (set, address) each, in one exchange
+        (a request a member, all written at once: a round trip each would
+        be a wait for the interpreter in a busy agent). The kernel applies
+        them in order; the first it refused raises, after the rest."""
+        body = _NFGEN.pack(NFPROTO_IPV4, 0, 0) + nla(ATTR_PROTOCOL, bytes([IPSET_PROTOCOL]))
         flags = nla(ATTR_FLAGS, struct.pack("!I", FLAG_EXIST))
-        self._request(CMD_DEL, F_ACK, _name(name) + _ip(address) + flags)
+        requests = [
+            ((NFNL_SUBSYS_IPSET << 8) | cmd, 0, body + _name(name) + _ip(address) + flags)
+            for cmd, pairs in ((CMD_ADD, add), (CMD_DEL, delete))
+            for name, address in pairs
+        ]
+        for err in self.do_many(requests) if requests else []:
+            if err is not None:
+                raise err
 
     def listing(self, name: str | None = None) -> dict[str, set[str]]:
         """Sets (one, or all) and their IPv4 members."""

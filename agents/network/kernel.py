@@ -297,6 +297,8 @@ class Host:
         # When each port's veth was made (monotonic), by port id: what the
         # benchmark splits its latency by (the last 10,000).
         self.wired_at: dict[str, float] = {}
+        self.pass_of: dict[str, float] = {}  # and when the pass that made it began
+        self._pass_began = 0.0
         self._mutex = threading.RLock()
         self._host_nl: Rtnl | None = None  # the host's socket, kept for the agent's life
         self._host_sets: IpSets | None = None  # and its netfilter one, for the ipsets
@@ -482,6 +484,7 @@ class Host:
 
     def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
         ch = Changes()
+        self._pass_began = time.monotonic()
         failed: KernelError | None = None
         clock = _Clock()
         if deep:
@@ -902,23 +905,23 @@ class Host:
         return br["index"] if br is not None else self._nl().index(bridge)
 
     def _make_veths(self, actual: Links, ch: Changes) -> None:
-        """The pass's new veths: each peer made straight inside its
-        instance's namespace (with the port's MAC), the host's sides left
-        down, none addressed (``_plug_all`` finishes them once their rules
-        are loaded). All made and looked up in one exchange: under a busy
-        interpreter each round trip is a wait (traced: ~10 ms a port in
-        the full bench), not the kernel's work (~1 ms)."""
+        """The pass's new veths: each made with its instance's side inside
+        the instance's namespace (with the port's MAC) and already up, the
+        host's side down, none addressed (``_plug_all`` finishes them).
+        All made and looked up in one exchange: under a busy interpreter
+        each round trip is a wait (traced: ~10 ms a port in the full
+        bench), not the kernel's work (~1 ms for a port's whole sequence)."""
         fresh, self._fresh = self._fresh, []
         for i in range(0, len(fresh), 64):  # (a namespace descriptor open per veth until sent)
             part = fresh[i : i + 64]
             with contextlib.ExitStack() as stack:
                 requests = [
-                    rtnl.veth_add(
+                    rtnl.veth_inside(
                         pp.ifname,
                         pp.peer,
                         stack.enter_context(netns_fd(pp.netns)),
-                        mac=nw.ROUTED_HOST_MAC if pp.routed else "",
-                        peer_mac=pp.mac,
+                        outer_mac=nw.ROUTED_HOST_MAC if pp.routed else "",
+                        inner_mac=pp.mac,
                     )
                     for pp in part
                 ]
@@ -941,25 +944,22 @@ class Host:
                 self._qdisc(pp, idx, 0, ch)
 
     def _plug_all(self, pps: list[PortPlan], actual: Links) -> None:
-        """Plug new veths in: both sides up (the host's bridged or routed
-        to), then, once the host's side is operationally up, the instance's
-        addressed and routed. Before that the instance cannot send: no
-        traffic passes unfiltered, and its first packets are not lost.
+        """Plug new veths in, once their rules are loaded (their instance's
+        sides are up since they were made): the host's sides up, bridged or
+        routed to, in one exchange; then, once they are operationally up,
+        each instance's side addressed and routed, in one exchange per
+        instance. Before that the instance cannot send, and its first
+        packets are not lost.
 
-        Why wait: a veth's side brought up before its peer has its carrier
-        come on later, from the kernel's link watch (asynchronous, under
-        the RTNL lock, batched), and until that has run the side's queue
-        drops what is sent through it: the ARP replies to the instance's
-        first request, which it retries only a second later."""
+        Why wait: a veth's carrier comes on from the kernel's link watch
+        (asynchronous, under the RTNL lock, batched), and until that has
+        run its queue drops what is sent through it: the ARP replies to the
+        instance's first request, which it retries only a second later."""
         if not pps:
             return
         # In batches (a request each is a round trip, and in a process
-        # holding many agents a wait for the interpreter after each): the
-        # host's sides in one, each instance's in one or two.
+        # holding many agents a wait for the interpreter after each).
         _do_all(self._nl(), [r for pp in pps for r in self._plug_links(pp, actual)])
-        for pp in pps:
-            up = [rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True), rtnl.link_set(name=pp.peer, up=True)]
-            _do_all(self._nl(pp.netns), up)
         self._await_oper_up([pp.ifname for pp in pps])
         for pp in pps:
             self._plug_addresses(pp)
@@ -995,7 +995,9 @@ class Host:
     def _plug_addresses(self, pp: PortPlan) -> None:
         inner = self._nl(pp.netns)
         pidx = self._peers.pop(pp.ifname, 0) or inner.index(pp.peer)
-        requests = []
+        # (the instance's side was made up; its loopback comes up here, in
+        # the same exchange as its address and routes)
+        requests = [rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True)]
         if pp.routed:
             # The host's side answers for the link-local next hop (Calico's
             # 169.254.1.1): a permanent neighbour entry, so no ARP proxy.
@@ -1013,9 +1015,11 @@ class Host:
         _do_all(inner, requests, exists_ok=addr)
         self._done[pp.ifname] = pp
         self.wired_at[pp.port] = time.monotonic()
+        self.pass_of[pp.port] = self._pass_began
         if len(self.wired_at) > 20_000:
             for k in list(self.wired_at)[:10_000]:
                 del self.wired_at[k]
+                self.pass_of.pop(k, None)
 
     # -- routers ---------------------------------------------------------------------
 
@@ -1162,6 +1166,8 @@ class Host:
             have = {n: frozenset(m) for n, m in ips.listing().items() if nw.owned(self.prefix, n)}
         else:
             have = dict(self._sets)
+        adds: list[tuple[str, str]] = []
+        drops: list[tuple[str, str]] = []
         for name, members in sorted(wanted.items()):
             cur = have.get(name)
             if cur is members:
@@ -1170,13 +1176,15 @@ class Host:
                 ips.create(name)
                 cur = frozenset()
             add, drop = members - cur, cur - members
-            for ip in sorted(add):
-                ips.add(name, ip)
-            for ip in sorted(drop):
-                ips.delete(name, ip)
+            adds += [(name, ip) for ip in sorted(add)]
+            drops += [(name, ip) for ip in sorted(drop)]
             if probed and (add or drop or name not in have):
                 # (found wrong by probing: drift; after events it is the plan's work)
                 ch.created.append(f"ipset {name}")
+        # (every set's members in one exchange; a refusal fails the pass,
+        # and the next one, trusting nothing it did not finish, syncs again)
+        self._sets = None
+        ips.change(adds, drops)
         self._sets = dict(wanted)
         return set(have) - set(wanted)
 

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Self
@@ -166,6 +167,18 @@ def _fmt_mac(b: bytes) -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
+_BUFFERS = threading.local()
+
+
+def _recv_buffer() -> memoryview:
+    """This thread's receive buffer (one per thread: a socket is read by
+    the thread that sent on it, and two threads may read two sockets)."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None:
+        buf = _BUFFERS.buf = memoryview(bytearray(1 << 20))
+    return buf
+
+
 class Netlink:
     """One netlink socket of ``protocol``, in the namespace it was opened in:
     a request, then its answers up to the acknowledgement or the dump's end."""
@@ -216,7 +229,13 @@ class Netlink:
 
     def _frames(self) -> Iterator[tuple[int, int, bytes]]:
         """(type, sequence number, payload) of each message of one read."""
-        data = self.sock.recv(1 << 20)
+        # Into the thread's own buffer: ``recv(1 << 20)`` would map a fresh
+        # megabyte for every answer and unmap it again (in a process of many
+        # threads each unmap interrupts every CPU to flush its TLB), where
+        # an answer is one kernel buffer of at most 32 KiB.
+        buf = _recv_buffer()
+        n = self.sock.recv_into(buf)
+        data = bytes(buf[:n])
         offset = 0
         while offset + _HDR.size <= len(data):
             size, kind, _, mseq, _ = _HDR.unpack_from(data, offset)
@@ -262,24 +281,32 @@ class Netlink:
         self, requests: list[Request], chunk: int = 256
     ) -> list[tuple[RtnlError | None, list[bytes]]]:
         """``do_many`` that also keeps what the kernel answers each request
-        with before its acknowledgement (a lookup's reply): the error (or
-        None) and those payloads, per request."""
+        with (a lookup's reply): the error (or None) and those payloads,
+        per request.
+
+        Only the last request of each write asks for an acknowledgement.
+        The kernel applies a write's messages in order and answers a
+        refused one whether asked or not, so once the last is acknowledged
+        every one before it is done, and each has its error if it had one.
+        An acknowledgement each would be a read each: in a process of busy
+        threads every read gives up the interpreter and waits to get it
+        back (the 135 entries of a wave were 135 such waits)."""
         out: list[tuple[RtnlError | None, list[bytes]]] = []
         for i in range(0, len(requests), chunk):
             part = requests[i : i + chunk]
             seqs = []
             buf = bytearray()
-            for kind, flags, body in part:
+            for j, (kind, flags, body) in enumerate(part):
                 self.seq = (self.seq + 1) & 0xFFFFFFFF
                 seqs.append(self.seq)
-                flags |= F_REQUEST | F_ACK
+                flags |= F_REQUEST | (F_ACK if j == len(part) - 1 else 0)
                 buf += _HDR.pack(_HDR.size + len(body), kind, flags, self.seq, 0)
                 buf += body + b"\0" * (-len(body) % 4)
             self.sock.send(bytes(buf))
-            wanted = set(seqs)
+            wanted, last = set(seqs), seqs[-1]
             answers: dict[int, RtnlError | None] = {}
             replies: dict[int, list[bytes]] = {s: [] for s in seqs}
-            while len(answers) < len(seqs):
+            while last not in answers:
                 for kind, mseq, payload in self._frames():
                     if mseq not in wanted:
                         continue  # a late answer to an earlier request
@@ -287,7 +314,7 @@ class Netlink:
                         answers[mseq] = self._error(payload)
                     elif kind != NLMSG_DONE:
                         replies[mseq].append(payload)
-            out += [(answers[s], replies[s]) for s in seqs]
+            out += [(answers.get(s), replies[s]) for s in seqs]
         return out
 
     def dump(self, kind: int, body: bytes) -> list[bytes]:
@@ -625,11 +652,13 @@ def link_set(
     return RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, flags, change) + attrs
 
 
-def link_add(name: str, kind: str, data: bytes = b"", *extra: bytes) -> Request:
-    """A new link ``name`` of ``kind`` (``data``: its kind's settings)."""
+def link_add(name: str, kind: str, data: bytes = b"", *extra: bytes, up: bool = False) -> Request:
+    """A new link ``name`` of ``kind`` (``data``: its kind's settings),
+    brought up by the same request with ``up``."""
     info = _str(IFLA_INFO_KIND, kind) + (_nested(IFLA_INFO_DATA, data) if data else b"")
+    flags = IFF_UP if up else 0
     body = (
-        _IFINFO.pack(0, 0, 0, 0, 0)
+        _IFINFO.pack(0, 0, 0, flags, flags)
         + _str(IFLA_IFNAME, name)
         + b"".join(extra)
         + _nested(IFLA_LINKINFO, info)
@@ -650,6 +679,25 @@ def veth_add(
     data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
     extra = [nla(IFLA_ADDRESS, _mac(mac))] if mac else []
     return link_add(name, "veth", data, *extra)
+
+
+def veth_inside(
+    outer: str, inner: str, inner_netns_fd: int, outer_mac: str = "", inner_mac: str = ""
+) -> Request:
+    """A veth pair whose side ``inner`` is made in the namespace of
+    ``inner_netns_fd`` and up, and ``outer`` here and down: the inner side
+    is the request's own link, so the kernel brings it up as it makes it
+    (the peer of a pair is made first, before the pair is joined, and
+    cannot come up in the same request). Nothing passes until ``outer``
+    comes up. The descriptor must stay open until the request is sent."""
+    peer_attrs = _str(IFLA_IFNAME, outer)
+    if outer_mac:
+        peer_attrs += nla(IFLA_ADDRESS, _mac(outer_mac))
+    data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
+    extra = [_u32(IFLA_NET_NS_FD, inner_netns_fd)]
+    if inner_mac:
+        extra.append(nla(IFLA_ADDRESS, _mac(inner_mac)))
+    return link_add(inner, "veth", data, *extra, up=True)
 
 
 def link_get(name: str) -> Request:

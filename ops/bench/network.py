@@ -286,6 +286,7 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
         started = time.perf_counter()
         measured = max(0, opts.ports - opts.networks)
         by_host = {a.host: a.kernel for a in agents}
+        split: list[tuple[float, float, float]] = []  # binding to pass, to wired, to echo
         echoes.start()
         for w0 in range(0, measured, opts.wave):
             wave = []
@@ -305,7 +306,9 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 # pipelined, so its bindings land as a burst.
                 ends = await asyncio.gather(
                     *(
-                        _bind_and_probe(store, p, echoes, e, tg, opts.timeout, load, wired, by_host)
+                        _bind_and_probe(
+                            store, p, echoes, e, tg, opts.timeout, load, wired, by_host, split
+                        )
                         for p, tg, e in wave
                     )
                 )
@@ -347,6 +350,13 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
             "this_process_user_s_per_port": round(wave_cpu[1] / max(1, load.done), 4),
             "this_process_sys_s_per_port": round(wave_cpu[2] / max(1, load.done), 4),
         }
+        if split:
+            # Where a port's wait went: until the pass that made it began,
+            # that pass until the port was wired, then until the first echo.
+            report.info[f"{mode}_binding_split_ms_p50_p90"] = {
+                k: [round(1000 * (percentile([x[i] for x in split], q) or 0), 1) for q in (50, 90)]
+                for i, k in enumerate(("binding_to_pass", "pass_to_wired", "wired_to_echo"))
+            }
         report.info[f"{mode}_end_to_end_ports_per_s"] = round(
             load.done / (time.perf_counter() - started), 1
         )
@@ -539,6 +549,7 @@ async def _bind_and_probe(
     load: Load,
     wired: Load,
     agents: dict,
+    split: list[tuple[float, float, float]],
 ) -> float:
     """Append a port's binding, then probe until ``target`` answers through
     it (``echoes``' thread sends ``probe``'s requests): the answer's time
@@ -552,6 +563,9 @@ async def _bind_and_probe(
     if made is not None:
         wired.done += 1
         wired.latencies.append(max(0.0, made - t0))
+        began = kernel.pass_of.get(p.port)
+        if began is not None and ok is not None:
+            split.append((max(0.0, began - t0), made - began, ok - made))
     if ok is None:
         load.errors += 1
         load.first_error = load.first_error or f"no answer from {target}"
