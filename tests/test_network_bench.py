@@ -20,18 +20,20 @@ from stratus.ops.bench.network import (
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_the_short_network_bench_wires_every_port_in_both_modes():
+def _bench(*args: str) -> dict:
+    """``python -m stratus.ops.bench network ARGS --json``: its report."""
     r = subprocess.run(
-        [
-            *(sys.executable, "-m", "stratus.ops.bench", "network"),
-            *("--ports", "24", "--hosts", "3", "--networks", "6", "--wave", "6", "--json"),
-        ],
+        [sys.executable, "-m", "stratus.ops.bench", "network", *args, "--json"],
         capture_output=True,
         text=True,
         timeout=200,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_the_short_network_bench_wires_every_port_in_both_modes():
+    out = _bench("--ports", "24", "--hosts", "3", "--networks", "6", "--wave", "6")
     assert out["failures"] == []
     # the neighbour table it ran with, as the machine has it (read, not changed)
     assert out["info"]["gc_thresh3"] == int(NEIGH_TABLE.read_text())
@@ -54,6 +56,11 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
         cpu = out["info"][f"{mode}_wave_cpu"]
         assert 0 < cpu["machine_busy"] <= 1.0, cpu
         assert cpu["this_process_user_s_per_port"] > 0, cpu
+        # where each port's wait went: to its pass, the pass, then to the echo
+        split = out["info"][f"{mode}_binding_split_ms_p50_p90"]
+        assert set(split) == {"binding_to_pass", "pass_to_wired", "wired_to_echo"}
+        assert all(0 <= p50 <= p90 for p50, p90 in split.values()), split
+        assert split["pass_to_wired"][0] > 0, split
         # and a restart with nothing changed changed nothing
         restart = rows[f"{mode}: restart to converged"]
         assert restart["errors"] == 0 and restart["note"].startswith("0 changes"), restart
@@ -62,18 +69,10 @@ def test_the_short_network_bench_wires_every_port_in_both_modes():
 def test_the_short_network_bench_with_an_agent_process_per_host():
     """``--agents process``: each host's agent is its own ``stratus serve
     network-agent`` (as deployed), started against the bench's broker."""
-    r = subprocess.run(
-        [
-            *(sys.executable, "-m", "stratus.ops.bench", "network", "--agents", "process"),
-            *("--ports", "12", "--hosts", "2", "--networks", "4", "--wave", "4"),
-            *("--modes", "vxlan", "--json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=200,
+    out = _bench(
+        *("--agents", "process", "--ports", "12", "--hosts", "2", "--networks", "4"),
+        *("--wave", "4", "--modes", "vxlan"),
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout)
     assert out["failures"] == []  # (nothing left behind: the agents' logs neither)
     rows = {row["name"].split(" (")[0]: row for row in out["results"]}
     traffic = rows["vxlan: binding to traffic"]
