@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+import nats.js.errors
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -46,7 +47,7 @@ from stratus.events.broker import (
     start_nodes,
     stop_pid,
 )
-from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
+from stratus.events.cluster import placement_refused, replicas_for, stream_cluster, wait_whole
 from stratus.events.errors import ConcurrencyConflict, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
@@ -100,24 +101,34 @@ async def ensure_log(
     """The stream and every bucket, created (or kept) with the log's replica
     count; with ``wait``, until each has a leader and every replica is
     current. Idempotent: ``up``, ``init`` and a restart all call it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        # A cluster that is just forming has no JetStream leader yet: its
-        # API calls time out until one is elected.
-        try:
-            have = await store.ensure_stream(replicas)
-            break
-        except Unavailable:
-            if not wait or time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.2)
     from stratus.events import heartbeat
     from stratus.events.blobs import BlobStore
     from stratus.handlers import webhooks
 
-    await heartbeat.bucket(store.js)
-    blobs = await BlobStore.open(store.js, like_stream=store.stream)
-    await webhooks.deliveries_bucket(store)
+    deadline = time.monotonic() + timeout
+    while True:
+        # A cluster that is just forming has no JetStream leader yet: its
+        # API calls time out until one is elected. And one whose node is
+        # slow to report refuses to place replicas ("no suitable peers
+        # for placement, peer offline") for a moment, the buckets' as
+        # well as the stream's: every step is made again (each keeps what
+        # is there already) until all are made.
+        try:
+            have = await store.ensure_stream(replicas)
+            await heartbeat.bucket(store.js)
+            blobs = await BlobStore.open(store.js, like_stream=store.stream)
+            await webhooks.deliveries_bucket(store)
+            break
+        except (Unavailable, TimeoutError, nats.js.errors.APIError) as exc:
+            if isinstance(exc, nats.js.errors.APIError):
+                if placement_refused(exc) != "peers":
+                    raise
+                exc = Unavailable(f"cannot place the buckets' replicas: {exc.description}")
+            elif isinstance(exc, TimeoutError):
+                exc = Unavailable("JetStream did not answer (no leader yet?)")
+            if not wait or time.monotonic() >= deadline:
+                raise exc from None
+            await asyncio.sleep(0.2)
     if wait:
         streams = [
             store.stream,

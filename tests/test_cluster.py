@@ -108,6 +108,44 @@ async def test_a_command_id_lookup_on_a_replicated_stream_stores_nothing_and_bre
             n.stop()
 
 
+async def test_the_log_and_its_buckets_wait_for_a_node_that_is_not_up_yet(tmp_path):
+    """``init`` against a cluster whose third node is not up yet: R3 cannot
+    be placed. Without ``wait`` that is a typed Unavailable; with it, the
+    stream and every bucket are made once the node is up. (CI saw a node
+    slow under load refuse a bucket after the stream was made, "no
+    suitable peers for placement, peer offline": every step is retried,
+    not the stream's only. That refusal could not be brought about on
+    demand here: a node stopped, or in lame duck mode, still gets
+    replicas placed on it.)"""
+    from stratus.cli.runtime import ensure_log
+    from stratus.events.broker import cluster_nodes
+    from stratus.events.errors import Unavailable
+    from stratus.handlers import webhooks
+
+    nodes = cluster_nodes(tmp_path, 3, name="t")
+    try:
+        for n in nodes[:2]:
+            await asyncio.to_thread(n.start)
+        urls = [n.url for n in nodes[:2]]
+        store = await EventStore.connect(",".join(urls))
+        try:
+            with pytest.raises(Unavailable):
+                await ensure_log(store)
+            waiting = asyncio.create_task(ensure_log(store, wait=True, timeout=60))
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
+            await asyncio.to_thread(nodes[2].start)
+            assert await asyncio.wait_for(waiting, 70) == 3
+            for stream in ("EVENTS", f"KV_{webhooks.BUCKET}"):
+                info = await store.js.stream_info(stream)
+                assert info.config.num_replicas == 3
+        finally:
+            await store.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
 async def test_a_port_taken_between_its_pick_and_the_start_gets_the_nodes_fresh_ports(tmp_path):
     """Free ports are probed and released before the nodes start (each
     node's routes name the others'): one taken meanwhile, by another
