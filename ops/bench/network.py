@@ -357,6 +357,12 @@ async def _bench(url: str, opts: Options, report: Report, mode: str) -> None:
                 k: [round(1000 * (percentile([x[i] for x in split], q) or 0), 1) for q in (50, 90)]
                 for i, k in enumerate(("binding_to_pass", "pass_to_wired", "wired_to_echo"))
             }
+            # and the slowest ports' (a tail of ~1 s in wired_to_echo is a
+            # first ARP request that went unanswered, retried after 1 s)
+            report.info[f"{mode}_slowest_split_ms"] = [
+                [round(1000 * x, 1) for x in parts]
+                for parts in sorted(split, key=sum, reverse=True)[:5]
+            ]
         report.info[f"{mode}_end_to_end_ports_per_s"] = round(
             load.done / (time.perf_counter() - started), 1
         )
