@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-import nats.js.errors
+import nats.errors
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -47,10 +47,11 @@ from stratus.events.broker import (
     start_nodes,
     stop_pid,
 )
-from stratus.events.cluster import placement_refused, replicas_for, stream_cluster, wait_whole
-from stratus.events.errors import ConcurrencyConflict, Unavailable
+from stratus.events.cluster import replicas_for, stream_cluster, wait_whole
+from stratus.events.errors import ConcurrencyConflict, StratusError, Unavailable
 from stratus.events.ids import new_id
 from stratus.events.model import Cause
+from stratus.events.reader import broker_error
 from stratus.events.store import Condition, EventStore
 from stratus.events.tasks import cancel
 from stratus.handlers.auth import Authenticator, IdentityFeed
@@ -114,20 +115,14 @@ async def ensure_log(
         # well as the stream's: every step is made again (each keeps what
         # is there already) until all are made.
         try:
-            have = await store.ensure_stream(replicas)
-            await heartbeat.bucket(store.js)
+            have = await store.ensure_stream(replicas)  # (and the heartbeat bucket)
             blobs = await BlobStore.open(store.js, like_stream=store.stream)
             await webhooks.deliveries_bucket(store)
             break
-        except (Unavailable, TimeoutError, nats.js.errors.APIError) as exc:
-            if isinstance(exc, nats.js.errors.APIError):
-                if placement_refused(exc) != "peers":
-                    raise
-                exc = Unavailable(f"cannot place the buckets' replicas: {exc.description}")
-            elif isinstance(exc, TimeoutError):
-                exc = Unavailable("JetStream did not answer (no leader yet?)")
-            if not wait or time.monotonic() >= deadline:
-                raise exc from None
+        except (StratusError, TimeoutError, nats.errors.Error) as exc:
+            err = exc if isinstance(exc, StratusError) else broker_error(exc)
+            if not isinstance(err, Unavailable) or not wait or time.monotonic() >= deadline:
+                raise err from None
             await asyncio.sleep(0.2)
     if wait:
         streams = [

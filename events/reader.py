@@ -188,6 +188,11 @@ def broker_error(exc: BaseException) -> StratusError:
     if isinstance(exc, BROKER_UNAVAILABLE):
         return Unavailable(f"event store unavailable: {type(exc).__name__} {exc}".strip())
     if isinstance(exc, nats.js.errors.APIError):
+        from stratus.events.cluster import placement_refused
+
+        if placement_refused(exc) == "peers":
+            # (too few nodes up to place the replicas: for now, not for good)
+            return Unavailable(f"event store cannot place replicas: {exc.description}")
         return Internal(f"event store refused: {exc.err_code} {exc.description}")
     return Unavailable(f"event store error: {type(exc).__name__}: {exc}")
 

@@ -108,6 +108,23 @@ async def test_a_command_id_lookup_on_a_replicated_stream_stores_nothing_and_bre
             n.stop()
 
 
+def test_a_refusal_to_place_replicas_is_unavailable_and_other_refusals_are_internal():
+    """The broker's answers as ``broker_error`` types them: too few nodes up
+    to place replicas (10005, 10023) is for now (Unavailable, retried
+    under ``init --wait``); another refusal is not."""
+    import nats.js.errors
+
+    from stratus.events.errors import Internal, Unavailable
+    from stratus.events.reader import broker_error
+
+    for code, text in ((10005, "no suitable peers for placement, peer offline"),
+                       (10023, "insufficient resources")):  # fmt: skip
+        err = broker_error(nats.js.errors.APIError(code=400, err_code=code, description=text))
+        assert isinstance(err, Unavailable) and text in str(err)
+    other = nats.js.errors.APIError(code=400, err_code=10058, description="stream name in use")
+    assert isinstance(broker_error(other), Internal)
+
+
 async def test_the_log_and_its_buckets_wait_for_a_node_that_is_not_up_yet(tmp_path):
     """``init`` against a cluster whose third node is not up yet: R3 cannot
     be placed. Without ``wait`` that is a typed Unavailable; with it, the

@@ -667,18 +667,30 @@ def link_add(name: str, kind: str, data: bytes = b"", *extra: bytes, up: bool = 
 
 
 def veth_add(
-    name: str, peer: str, peer_netns_fd: int | None = None, mac: str = "", peer_mac: str = ""
+    name: str,
+    peer: str,
+    peer_netns_fd: int | None = None,
+    mac: str = "",
+    peer_mac: str = "",
+    *,
+    netns_fd: int | None = None,
+    up: bool = False,
 ) -> Request:
-    """A veth pair (see ``Rtnl.add_veth``); the descriptor must stay open
-    until the request is sent."""
+    """A veth pair (see ``Rtnl.add_veth``): ``name`` here (or in the
+    namespace of ``netns_fd``), brought up by the request with ``up``, and
+    ``peer`` made down (the peer of a pair is made before the pair is
+    joined, and cannot come up in the same request). Descriptors must stay
+    open until the request is sent."""
     peer_attrs = _str(IFLA_IFNAME, peer)
     if peer_netns_fd is not None:
         peer_attrs += _u32(IFLA_NET_NS_FD, peer_netns_fd)
     if peer_mac:
         peer_attrs += nla(IFLA_ADDRESS, _mac(peer_mac))
     data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
-    extra = [nla(IFLA_ADDRESS, _mac(mac))] if mac else []
-    return link_add(name, "veth", data, *extra)
+    extra = [_u32(IFLA_NET_NS_FD, netns_fd)] if netns_fd is not None else []
+    if mac:
+        extra.append(nla(IFLA_ADDRESS, _mac(mac)))
+    return link_add(name, "veth", data, *extra, up=up)
 
 
 def veth_inside(
@@ -686,18 +698,9 @@ def veth_inside(
 ) -> Request:
     """A veth pair whose side ``inner`` is made in the namespace of
     ``inner_netns_fd`` and up, and ``outer`` here and down: the inner side
-    is the request's own link, so the kernel brings it up as it makes it
-    (the peer of a pair is made first, before the pair is joined, and
-    cannot come up in the same request). Nothing passes until ``outer``
-    comes up. The descriptor must stay open until the request is sent."""
-    peer_attrs = _str(IFLA_IFNAME, outer)
-    if outer_mac:
-        peer_attrs += nla(IFLA_ADDRESS, _mac(outer_mac))
-    data = nla(VETH_INFO_PEER | NLA_F_NESTED, _IFINFO.pack(0, 0, 0, 0, 0) + peer_attrs)
-    extra = [_u32(IFLA_NET_NS_FD, inner_netns_fd)]
-    if inner_mac:
-        extra.append(nla(IFLA_ADDRESS, _mac(inner_mac)))
-    return link_add(inner, "veth", data, *extra, up=True)
+    is the request's own link, so the kernel brings it up as it makes it.
+    Nothing passes until ``outer`` comes up."""
+    return veth_add(inner, outer, None, inner_mac, outer_mac, netns_fd=inner_netns_fd, up=True)
 
 
 def link_get(name: str) -> Request:
