@@ -356,11 +356,20 @@ def test_veths_made_with_the_instance_side_up_and_the_host_side_down(two_ns):
         assert peer.get_attr("IFLA_ADDRESS") == "fa:16:3e:00:00:01"
         assert host.get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
         assert peer.get_attr("IFLA_CARRIER") == 0 and not made["v0"].oper_up
+        # the instance's side looked up from here, by the id this namespace
+        # has for the instance's (``Link.netnsid``); a name only there is
+        # not found here
+        assert made["v0"].netnsid >= 0
+        inside = rtnl.link_get("eth0", made["v0"].netnsid)
+        (found, nothing) = nl.lookup([inside, rtnl.link_get("eth0")])
+        assert found is not None and nothing is None
+        assert found.index == peer["index"] and found.up and not found.oper_up
         nl.do_many([rtnl.link_set(made["v0"].index, up=True)])
+        both = [inside, rtnl.link_get("v0")]
         deadline = time.monotonic() + 5
-        while not nl.link("v0").oper_up and time.monotonic() < deadline:
+        while not all(ln.oper_up for ln in nl.lookup(both)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert nl.link("v0").oper_up
+        assert all(ln.oper_up for ln in nl.lookup(both))
         with Rtnl.open(b) as nb:
             assert nb.link("eth0").oper_up
         # a name taken inside is refused, and nothing is made here

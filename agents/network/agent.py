@@ -170,7 +170,7 @@ class NetworkAgent:
     async def _follow(self) -> None:
         """Fold the log as it comes, also while a pass runs (``_passes``
         takes what was folded once it is done), and hand the running pass
-        the member sets that changed."""
+        the member sets and bridges that changed."""
         async for batch in self.store.subscribe(after=self.topology.seq):
             self._fold(batch)
             t = self.topology
@@ -178,6 +178,9 @@ class NetworkAgent:
                 self._ipam_todo |= t.touched.ports  # (addresses for them: ``_passes``)
             if t.touched.members:
                 self.kernel.members_soon(member_sets(t, t.touched.members, self.prefix))
+            bridges = t.take_bridges()
+            if bridges:
+                self.kernel.bridges_soon(self.planner.bridges(t, bridges))
             self._more.set()
 
     async def _passes(self) -> None:
@@ -232,9 +235,13 @@ class NetworkAgent:
                 hp = self.planner.full(self.topology)
             else:
                 hp = self.planner.update(self.topology, touched)
+            # What was handed to a pass before is in this plan; what is
+            # handed from now on is newer (the pass applies it as it goes).
+            self.topology.take_bridges()
+            self.kernel.plan_made()
             started = time.perf_counter()
             if correction or hp is not self._last_plan or self.kernel.waiting:
-                ch = await self._in_thread(self.kernel.reconcile, hp, correction)
+                ch = await self._in_thread(self.kernel.reconcile, hp, correction, True)
             else:
                 ch = Changes()  # nothing here changed: nothing to do
             self.reconciles += 1
