@@ -370,6 +370,7 @@ class NetworkAgent:
                 if self._retry:
                     self._spawn(self._append_reports([]))
                 return
+            stored: set[tuple[str, str]] = set()  # (network, block) of addresses stored
             for step in ipam.steps(t, self.host, w, self.actor):
                 # (subjects without the host: through the relay, which checks)
                 results = await asyncio.gather(
@@ -388,21 +389,26 @@ class NetworkAgent:
                     # events to come round (they fold to the same state again).
                     for seq, ev in zip(res.seqs, a.events, strict=True):
                         t.apply(seq, ev, own=True)
+                        if isinstance(ev, nw.BlockAddresses):
+                            stored.add((ev.network, ev.block))
                 if failed:
-                    # (another host claimed first, or the store failed: all again)
+                    # (another host claimed first, or the store failed: all
+                    # again, once the events that beat it are folded)
                     self._ipam_all = True
-                    return
-            # The addresses are decided and stored: each port's own record of
-            # it follows in the background (its host wires it meanwhile, as
-            # a VXLAN port is wired before its port.bound is appended).
-            self._spawn(self._append_reports(ipam.assignments(w, self.host, self.actor)))
+                    break
+            # The addresses stored are decided: each port's own record of it
+            # follows in the background (its host wires it meanwhile, as a
+            # VXLAN port is wired before its port.bound is appended).
+            self._spawn(self._append_reports(ipam.assignments(w, self.host, self.actor, stored)))
             log.info(
                 "addresses",
                 host=self.host,
                 assigned=len(w.assigns),
                 released=len(w.releases),
                 claimed=[b for _, b in w.claims],
+                ahead=[b for _, b in w.ahead],
                 returned=[b for _, b in w.returns],
+                refused=self._ipam_all,
             )
 
     # -- BGP sessions ------------------------------------------------------------------
