@@ -5,6 +5,7 @@ All in namespaces of the test's own, removed at the end."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import pytest
@@ -432,3 +433,25 @@ def test_a_batch_reports_each_refusal_at_its_place_with_one_acknowledgement(two_
     finally:
         ipr.close()
         nl.close()
+
+
+def test_a_namespace_being_made_is_not_ready_and_a_link_into_it_is_refused(two_ns):
+    """``ip netns add`` creates the namespace's file first and binds the
+    namespace onto it after: in between, ``netns_ready`` says no, and the
+    kernel refuses a link made into it (what failed a whole pass when the
+    agent took the file for the namespace)."""
+    from stratus.agents.network import rtnl
+    from stratus.agents.network.rtnl import netns_fd, netns_ready
+
+    a, b = two_ns
+    half = "r" + secrets.token_hex(3) + "-half"
+    path = f"/run/netns/{half}"
+    with open(path, "x"):
+        pass  # (the file as it is before the bind mount)
+    try:
+        assert netns_ready(b) and not netns_ready(half) and not netns_ready(half + "x")
+        with Rtnl.open(a) as nl, netns_fd(half) as fd, pytest.raises(RtnlError) as err:
+            nl.create([rtnl.veth_inside("v0", "eth0", fd)], ["v0"])
+        assert err.value.errno == 22  # EINVAL
+    finally:
+        os.unlink(path)

@@ -435,9 +435,11 @@ class Host:
         return rate * 8 // 1000 if kind == "tbf" else 0
 
     def _has_ns(self, ns: str) -> bool:
-        if self._ns is not None:
-            return ns in self._ns
-        return os.path.exists(f"/run/netns/{nw.check_netns_name(ns)}")
+        """Whether the instance's namespace is there, and made (one still
+        being made is waited for, as one not there yet)."""
+        if self._ns is not None and ns not in self._ns:
+            return False
+        return rtnl.netns_ready(ns)
 
     def peer_ok(self, pp: PortPlan) -> bool:
         """The instance side exists, up, with its address and routes: two
@@ -1268,14 +1270,13 @@ class Host:
             self._soon.update(sets)
 
     def bridges_soon(self, plans: dict[str, BridgePlan]) -> None:
-        """Bridges as the log has them now (``Planner.bridges``), for a pass
-        already running to apply between its steps (from any thread). A
-        port bound on another host, and that host when it is new to the
-        network, then wait for the step under way, not for the rest of the
-        pass: the port's first packets come as soon as its own host wired
-        it, and this host's instances answer them (an ARP request for it
-        goes out to its host only once that host is in the flood list, or
-        is answered here from its neighbour entry)."""
+        """Bridges as the log has them now (``Planner.bridges``: those a host
+        joined or left), for a pass already running to apply between its
+        steps (from any thread). A host new to the network then waits for
+        the step under way, not for the rest of the pass: its new port's
+        first packets come as soon as its own host wired it, and this
+        host's instances answer them (their ARP request for it goes out to
+        its host only once that host is in the flood list)."""
         with self._soon_lock:
             self._bridges_soon.update(plans)
 

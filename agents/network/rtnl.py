@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -810,6 +811,29 @@ class Fdb:
     flood: dict[int, set[str]] = field(default_factory=dict)  # all-zero MAC -> VTEPs
     unicast: dict[int, dict[str, str]] = field(default_factory=dict)  # MAC -> VTEP
     static: dict[int, set[str]] = field(default_factory=dict)  # MACs behind a port
+
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its kind (linux/nsfs.h)
+CLONE_NEWNET = 0x40000000
+
+
+def netns_ready(name: str) -> bool:
+    """Whether namespace ``name`` is there and made: ``ip netns add`` (and
+    pyroute2) create its file under /run/netns first and bind the new
+    namespace onto it after; until then the file is a plain one, and a
+    link made "in" it is refused (EINVAL)."""
+    from stratus.events import network as nw
+
+    try:
+        fd = os.open(f"/run/netns/{nw.check_netns_name(name)}", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:  # (ENOTTY: not a namespace yet)
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
