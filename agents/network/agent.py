@@ -170,7 +170,7 @@ class NetworkAgent:
     async def _follow(self) -> None:
         """Fold the log as it comes, also while a pass runs (``_passes``
         takes what was folded once it is done), and hand the running pass
-        the member sets and bridges that changed."""
+        the member sets and the bridges a host joined or left."""
         async for batch in self.store.subscribe(after=self.topology.seq):
             self._fold(batch)
             t = self.topology

@@ -107,8 +107,9 @@ class Topology:
     addressed: dict[str, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
     held: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # port -> (subject, ip)
     touched: Touched = field(default_factory=Touched)
-    # Networks whose bridges changed (hosts, ports' entries) since the agent
-    # last handed them to a running pass (``take_bridges``).
+    # Networks a host joined or left since the agent last handed their
+    # bridges to a running pass (``take_bridges``): the flood lists change.
+    # (A port's own entries only spare flooding: they wait for the pass.)
     bridges_touched: set[str] = field(default_factory=set)
 
     @property
@@ -121,7 +122,7 @@ class Topology:
         return out
 
     def take_bridges(self) -> set[str]:
-        """The networks whose bridges changed since the last call."""
+        """The networks a host joined or left since the last call."""
         out, self.bridges_touched = self.bridges_touched, set()
         return out
 
@@ -332,7 +333,7 @@ class Topology:
         for pid in self.by_device.get(server, ()):
             self._port_changed(pid)
 
-    def _bridge_touched(self, net: str) -> None:
+    def _hosts_changed(self, net: str) -> None:
         self.touched.networks.add(net)
         self.bridges_touched.add(net)
 
@@ -358,11 +359,11 @@ class Topology:
                 counts[was] -= 1
                 if not counts[was]:
                     del counts[was]
-                    self._bridge_touched(net)
+                    self._hosts_changed(net)
             if now:
                 counts[now] = counts.get(now, 0) + 1
                 if counts[now] == 1:
-                    self._bridge_touched(net)
+                    self._hosts_changed(net)
             if not counts:
                 self.spread.pop(net, None)
             if now:
@@ -381,7 +382,7 @@ class Topology:
                         self.addressed.pop(net, None)
                 else:
                     self.addressed.setdefault(net, {})[pid] = entry
-                self._bridge_touched(net)
+                self.touched.networks.add(net)
         # Its groups' member addresses.
         groups = set(p.security_groups) if p is not None and p.ip else set()
         for g in self.member_of.get(pid, set()) - groups:
