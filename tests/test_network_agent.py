@@ -544,6 +544,55 @@ async def test_a_remote_port_is_its_three_entries_and_a_failed_pass_leaves_them_
     assert (ip, mac, vtep) not in entries and entries
 
 
+async def test_bridges_handed_to_a_running_pass_are_applied_by_it_and_older_ones_dropped(lab):
+    """``bridges_soon``: a bridge the agent hands in once the pass's plan is
+    made (a port bound on a host new to the network, folded while the pass
+    runs) is applied by that pass between its steps: the new host's flood
+    entry and the port's three entries are there when it returns, though
+    its plan has neither. Planned work, not drift: not in its changes, and
+    the next pass, whose plan has them, finds nothing to do. One handed in
+    before the plan was made is older than the plan and dropped."""
+    import dataclasses
+
+    from stratus.agents.network.rtnl import Rtnl
+
+    await acme_pair(lab)  # c1 on host-1, srv on host-2
+    agent = lab.agents["host-1"]
+    await agent.stop()  # (the passes below are the test's alone)
+    kernel = agent.kernel
+    hp = agent.plan()
+    (b,) = hp.bridges.values()
+    # (what the agent hands in: the planner's bridges of the networks touched,
+    # of those the host has)
+    assert agent.planner.bridges(agent.topology, {b.network, "no-such-network"}) == {b.bridge: b}
+    await asyncio.to_thread(kernel.reconcile, hp, True)
+    ip, mac, vtep = "10.0.0.250", "fa:16:3e:00:00:fa", "198.18.0.200"
+    newer = dataclasses.replace(
+        b, remotes=b.remotes | {vtep}, neighbours=b.neighbours | {(ip, mac, vtep)}
+    )
+
+    def flood() -> frozenset[str]:
+        with Rtnl.open(kernel.host_ns) as nl:
+            return frozenset(nl.fdb_table().flood.get(nl.index(b.vxlan), ()))
+
+    kernel.bridges_soon({b.bridge: newer})  # (before the plan: dropped)
+    ch = await asyncio.to_thread(kernel.reconcile, hp, False)
+    entries, _ = await asyncio.to_thread(_l2pop, kernel, b.bridge, b.vxlan)
+    assert (ip, mac, vtep) not in entries and vtep not in await asyncio.to_thread(flood)
+    assert not ch, ch
+    kernel.plan_made()
+    kernel.bridges_soon({b.bridge: newer})  # (after it: applied)
+    ch = await asyncio.to_thread(kernel.reconcile, hp, False, True)
+    assert not ch, ch
+    entries, _ = await asyncio.to_thread(_l2pop, kernel, b.bridge, b.vxlan)
+    assert (ip, mac, vtep) in entries and entries - {(ip, mac, vtep)}
+    assert await asyncio.to_thread(flood) == newer.remotes
+    ch = await asyncio.to_thread(
+        kernel.reconcile, dataclasses.replace(hp, bridges={b.bridge: newer}), False
+    )
+    assert not ch, ch
+
+
 async def test_member_sets_handed_in_before_a_pass_never_undo_its_plan(lab):
     """Member sets the agent hands a running pass (``members_soon``: folded
     while it ran) are applied between its steps; ones handed in before a

@@ -5,6 +5,7 @@ All in namespaces of the test's own, removed at the end."""
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import pytest
@@ -356,11 +357,20 @@ def test_veths_made_with_the_instance_side_up_and_the_host_side_down(two_ns):
         assert peer.get_attr("IFLA_ADDRESS") == "fa:16:3e:00:00:01"
         assert host.get_attr("IFLA_ADDRESS") == "ee:ee:ee:ee:ee:ee"
         assert peer.get_attr("IFLA_CARRIER") == 0 and not made["v0"].oper_up
+        # the instance's side looked up from here, by the id this namespace
+        # has for the instance's (``Link.netnsid``); a name only there is
+        # not found here
+        assert made["v0"].netnsid >= 0
+        inside = rtnl.link_get("eth0", made["v0"].netnsid)
+        (found, nothing) = nl.lookup([inside, rtnl.link_get("eth0")])
+        assert found is not None and nothing is None
+        assert found.index == peer["index"] and found.up and not found.oper_up
         nl.do_many([rtnl.link_set(made["v0"].index, up=True)])
+        both = [inside, rtnl.link_get("v0")]
         deadline = time.monotonic() + 5
-        while not nl.link("v0").oper_up and time.monotonic() < deadline:
+        while not all(ln.oper_up for ln in nl.lookup(both)) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert nl.link("v0").oper_up
+        assert all(ln.oper_up for ln in nl.lookup(both))
         with Rtnl.open(b) as nb:
             assert nb.link("eth0").oper_up
         # a name taken inside is refused, and nothing is made here
@@ -423,3 +433,25 @@ def test_a_batch_reports_each_refusal_at_its_place_with_one_acknowledgement(two_
     finally:
         ipr.close()
         nl.close()
+
+
+def test_a_namespace_being_made_is_not_ready_and_a_link_into_it_is_refused(two_ns):
+    """``ip netns add`` creates the namespace's file first and binds the
+    namespace onto it after: in between, ``netns_ready`` says no, and the
+    kernel refuses a link made into it (what failed a whole pass when the
+    agent took the file for the namespace)."""
+    from stratus.agents.network import rtnl
+    from stratus.agents.network.rtnl import netns_fd, netns_ready
+
+    a, b = two_ns
+    half = "r" + secrets.token_hex(3) + "-half"
+    path = f"/run/netns/{half}"
+    with open(path, "x"):
+        pass  # (the file as it is before the bind mount)
+    try:
+        assert netns_ready(b) and not netns_ready(half) and not netns_ready(half + "x")
+        with Rtnl.open(a) as nl, netns_fd(half) as fd, pytest.raises(RtnlError) as err:
+            nl.create([rtnl.veth_inside("v0", "eth0", fd)], ["v0"])
+        assert err.value.errno == 22  # EINVAL
+    finally:
+        os.unlink(path)

@@ -170,7 +170,7 @@ class NetworkAgent:
     async def _follow(self) -> None:
         """Fold the log as it comes, also while a pass runs (``_passes``
         takes what was folded once it is done), and hand the running pass
-        the member sets that changed."""
+        the member sets and the bridges a host joined or left."""
         async for batch in self.store.subscribe(after=self.topology.seq):
             self._fold(batch)
             t = self.topology
@@ -178,6 +178,9 @@ class NetworkAgent:
                 self._ipam_todo |= t.touched.ports  # (addresses for them: ``_passes``)
             if t.touched.members:
                 self.kernel.members_soon(member_sets(t, t.touched.members, self.prefix))
+            bridges = t.take_bridges()
+            if bridges:
+                self.kernel.bridges_soon(self.planner.bridges(t, bridges))
             self._more.set()
 
     async def _passes(self) -> None:
@@ -232,9 +235,13 @@ class NetworkAgent:
                 hp = self.planner.full(self.topology)
             else:
                 hp = self.planner.update(self.topology, touched)
+            # What was handed to a pass before is in this plan; what is
+            # handed from now on is newer (the pass applies it as it goes).
+            self.topology.take_bridges()
+            self.kernel.plan_made()
             started = time.perf_counter()
             if correction or hp is not self._last_plan or self.kernel.waiting:
-                ch = await self._in_thread(self.kernel.reconcile, hp, correction)
+                ch = await self._in_thread(self.kernel.reconcile, hp, correction, True)
             else:
                 ch = Changes()  # nothing here changed: nothing to do
             self.reconciles += 1
@@ -363,6 +370,7 @@ class NetworkAgent:
                 if self._retry:
                     self._spawn(self._append_reports([]))
                 return
+            stored: set[tuple[str, str]] = set()  # (network, block) of addresses stored
             for step in ipam.steps(t, self.host, w, self.actor):
                 # (subjects without the host: through the relay, which checks)
                 results = await asyncio.gather(
@@ -381,21 +389,26 @@ class NetworkAgent:
                     # events to come round (they fold to the same state again).
                     for seq, ev in zip(res.seqs, a.events, strict=True):
                         t.apply(seq, ev, own=True)
+                        if isinstance(ev, nw.BlockAddresses):
+                            stored.add((ev.network, ev.block))
                 if failed:
-                    # (another host claimed first, or the store failed: all again)
+                    # (another host claimed first, or the store failed: all
+                    # again, once the events that beat it are folded)
                     self._ipam_all = True
-                    return
-            # The addresses are decided and stored: each port's own record of
-            # it follows in the background (its host wires it meanwhile, as
-            # a VXLAN port is wired before its port.bound is appended).
-            self._spawn(self._append_reports(ipam.assignments(w, self.host, self.actor)))
+                    break
+            # The addresses stored are decided: each port's own record of it
+            # follows in the background (its host wires it meanwhile, as a
+            # VXLAN port is wired before its port.bound is appended).
+            self._spawn(self._append_reports(ipam.assignments(w, self.host, self.actor, stored)))
             log.info(
                 "addresses",
                 host=self.host,
                 assigned=len(w.assigns),
                 released=len(w.releases),
                 claimed=[b for _, b in w.claims],
+                ahead=[b for _, b in w.ahead],
                 returned=[b for _, b in w.returns],
+                refused=self._ipam_all,
             )
 
     # -- BGP sessions ------------------------------------------------------------------

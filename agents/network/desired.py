@@ -107,6 +107,10 @@ class Topology:
     addressed: dict[str, dict[str, tuple[str, str, str]]] = field(default_factory=dict)
     held: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # port -> (subject, ip)
     touched: Touched = field(default_factory=Touched)
+    # Networks a host joined or left since the agent last handed their
+    # bridges to a running pass (``take_bridges``): the flood lists change.
+    # (A port's own entries only spare flooding: they wait for the pass.)
+    bridges_touched: set[str] = field(default_factory=set)
 
     @property
     def router_host(self) -> str:
@@ -115,6 +119,11 @@ class Topology:
     def take(self) -> Touched:
         """What changed since the last call."""
         out, self.touched = self.touched, Touched()
+        return out
+
+    def take_bridges(self) -> set[str]:
+        """The networks a host joined or left since the last call."""
+        out, self.bridges_touched = self.bridges_touched, set()
         return out
 
     def apply(self, seq: int, ev: Event, own: bool = False) -> None:
@@ -324,6 +333,10 @@ class Topology:
         for pid in self.by_device.get(server, ()):
             self._port_changed(pid)
 
+    def _hosts_changed(self, net: str) -> None:
+        self.touched.networks.add(net)
+        self.bridges_touched.add(net)
+
     def _replace_all(self) -> None:
         for pid in list(self.ports):
             self._port_changed(pid)
@@ -346,11 +359,11 @@ class Topology:
                 counts[was] -= 1
                 if not counts[was]:
                     del counts[was]
-                    self.touched.networks.add(net)
+                    self._hosts_changed(net)
             if now:
                 counts[now] = counts.get(now, 0) + 1
                 if counts[now] == 1:
-                    self.touched.networks.add(net)
+                    self._hosts_changed(net)
             if not counts:
                 self.spread.pop(net, None)
             if now:
@@ -737,6 +750,21 @@ class Planner:
                 setattr(new, name, getattr(hp, name))
         self.hp = new
         return new
+
+    def bridges(self, t: Topology, networks: Iterable[str]) -> dict[str, BridgePlan]:
+        """The bridges of ``networks`` as the log has them now, of those in
+        the host's plan (for a pass already running: ``Host.bridges_soon``);
+        a network new to the host waits for the next plan."""
+        if self.hp is None:
+            return {}
+        out = {}
+        for net in networks:
+            name = nw.kernel_name(self.prefix, "bridge", net)
+            if name in self.hp.bridges:
+                b = bridge_plan(t, net, self.host, self.prefix, self._dhcp_nets)
+                if b is not None:
+                    out[name] = b
+        return out
 
 
 def _dhcp(

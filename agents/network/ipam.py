@@ -28,6 +28,9 @@ from stratus.events.store import Condition
 @dataclass
 class Work:
     claims: list[tuple[str, str]] = field(default_factory=list)  # (network, block)
+    # Blocks claimed ahead: the host's blocks of a network are running low
+    # (appended after the addresses, which do not wait for them).
+    ahead: list[tuple[str, str]] = field(default_factory=list)  # (network, block)
     assigns: list[tuple[Port, str, str]] = field(default_factory=list)  # (port, block, ip)
     releases: list[tuple[str, str, str, str]] = field(default_factory=list)
     # ^ (block subject, ip, holder tenant, holder port)
@@ -35,15 +38,26 @@ class Work:
     exhausted: list[str] = field(default_factory=list)  # networks with no block left
 
     def __bool__(self) -> bool:
-        return bool(self.claims or self.assigns or self.releases or self.returns)
+        return bool(self.claims or self.ahead or self.assigns or self.releases or self.returns)
+
+
+def reserve(t: Topology, network: str) -> int:
+    """Free addresses below which a host claims its next block of the
+    network ahead (a quarter of a block). Every claim on a network is
+    conditioned on the network's last event, so hosts claiming at once
+    are refused in turn and each tries again once it has folded the one
+    that beat it; a port should not wait through that."""
+    return max(1, 2 ** (32 - t.routed[network].block_prefix) // 4)
 
 
 def work(t: Topology, host: str, ports: Iterable[str] | None = None, limit: int = 200) -> Work:
     """What ``host`` appends for ``ports`` (None: every port): addresses
     for its routed ports that have none from it, releases of what its
     blocks hold for ports gone or moved, claims of new blocks when its own
-    are full, and blocks it holds but no longer uses, given back. At most
-    ``limit`` addresses at a time (an atomic batch holds 1,000 events)."""
+    are full (and ahead, when they run low: ``reserve``), and blocks it
+    holds but no longer uses, given back (one kept while the others run
+    low). At most ``limit`` addresses at a time (an atomic batch holds
+    1,000 events)."""
     out = Work()
     mine = {b: net for b, (net, h) in t.blocks.items() if h == host}
     candidates = t.ports.keys() if ports is None else ports
@@ -86,13 +100,44 @@ def work(t: Topology, host: str, ports: Iterable[str] | None = None, limit: int 
         assert ip is not None  # (a fresh or non-full block has one)
         taken.setdefault(block, set()).add(ip)
         out.assigns.append((p, block, ip))
-    # Blocks of ours that hold nothing (and get nothing now) go back.
-    for block, network in sorted(mine.items()):
+    # Per network: the free addresses of our blocks, and the empty blocks.
+    free: dict[str, int] = {}
+    empty: dict[str, list[str]] = {}
+    held: dict[str, int] = {}  # blocks
+    for block, network in sorted(mine.items(), key=lambda kv: ipaddress.ip_network(kv[0])):
         subject = nw.block_subject(network, block)
         left = {ip for ip in t.allocations.get(subject, {}) if (subject, ip) not in released}
-        if not left and not taken.get(block) and (network, block) not in out.claims:
-            out.returns.append((network, block))
+        left |= taken.get(block, set())
+        free[network] = free.get(network, 0) + _size(t, network, block) - len(left)
+        held[network] = held.get(network, 0) + 1
+        if not left:
+            empty.setdefault(network, []).append(block)
+    for network in sorted(free):
+        low = reserve(t, network)
+        if len(empty.get(network, ())) == held[network]:
+            # Nothing of the network here any more: every block goes back.
+            out.returns += [(network, b) for b in empty.get(network, [])]
+            continue
+        # Empty blocks go back, but for one while the rest run low (the
+        # next ports' block, claimed ahead); twice the reserve before it
+        # goes, so a block is not claimed and returned wave after wave.
+        for b in empty.get(network, []):
+            if (network, b) in out.claims:
+                continue
+            if free[network] - _size(t, network, b) >= 2 * low:
+                out.returns.append((network, b))
+                free[network] -= _size(t, network, b)
+        if free[network] < low:
+            block = _new_block(t, network, {b for _, b in out.claims})
+            if block is not None:
+                out.ahead.append((network, block))
     return out
+
+
+def _size(t: Topology, network: str, block: str) -> int:
+    """How many addresses of ``block`` instances may have (``_usable``)."""
+    net, b = ipaddress.ip_network(t.routed[network].cidr), ipaddress.ip_network(block)
+    return b.num_addresses - sum(a in b for a in (net.network_address, net.broadcast_address))
 
 
 def _usable(t: Topology, network: str, block: str) -> Iterable[ipaddress.IPv4Address]:
@@ -150,11 +195,14 @@ class Append:
 def steps(t: Topology, host: str, w: Work, actor: str) -> list[list[Append]]:
     """``w`` as appends, in steps: the appends of a step are independent
     (sent together), a step starts once the one before is stored. Claims
-    first (one append per network, conditioned on its last event), then one event per
-    block of the addresses it hands out and takes back (conditioned on the
-    block's last event: its host's agent is its only writer, so that is one
-    publish, no batch), then the blocks given back. Each port's address is
-    reported by ``assignments``."""
+    first (one append per network, conditioned on its last event), then one
+    event per block of the addresses it hands out and takes back
+    (conditioned on the block's last event: its host's agent is its only
+    writer, so that is one publish, no batch), then the blocks given back
+    and claimed ahead, of the networks that had no claim first (their
+    condition is what the work was decided on; the next work, from the log
+    with the claim, does them). Each port's address is reported by
+    ``assignments``."""
     from stratus.events.ids import new_id
 
     own = Cause(actor, new_id(), new_id())
@@ -199,23 +247,34 @@ def steps(t: Topology, host: str, w: Work, actor: str) -> list[list[Append]]:
         per_block.append(Append([ev], [Condition(subject, t.block_seq.get(subject, 0))]))
     if per_block:
         out.append(per_block)
-    if w.returns:
-        returns = [
-            own.make(nw.BlockReleased, SYSTEM, "network", net, block=block, host=host)
-            for net, block in w.returns
-        ]
-        out.append(on_networks(returns))
+    claimed = {net for net, _ in w.claims}
+    last = [
+        own.make(nw.BlockReleased, SYSTEM, "network", net, block=block, host=host)
+        for net, block in w.returns
+        if net not in claimed
+    ] + [
+        own.make(nw.BlockClaimed, SYSTEM, "network", net, block=block, host=host)
+        for net, block in w.ahead
+        if net not in claimed
+    ]
+    if last:
+        out.append(on_networks(last))
     return out
 
 
-def assignments(w: Work, host: str, actor: str) -> list[Append]:
+def assignments(
+    w: Work, host: str, actor: str, stored: set[tuple[str, str]] | None = None
+) -> list[Append]:
     """Each port's ``port.address-assigned``: a report of what its block's
     event decided (as ``port.bound`` is of a wired port), with an id that
-    makes a retry a duplicate."""
+    makes a retry a duplicate; of the blocks ``stored`` (network, block)
+    only, when given (their events were stored, the others' not)."""
     from stratus.events.ids import new_id
 
     out = []
-    for p, _, ip in w.assigns:
+    for p, block, ip in w.assigns:
+        if stored is not None and (p.network, block) not in stored:
+            continue
         corr, causation = p.cause
         cause = Cause(actor, corr or new_id(), causation or new_id())
         ev = cause.make(PortAddressAssigned, p.tenant, "port", p.id, host=host, ip=ip)

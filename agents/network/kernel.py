@@ -317,12 +317,20 @@ class Host:
         self._applied: HostPlan | None = None  # the plan the last full pass applied
         self._unplugged: list[PortPlan] = []
         self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
+        self._peer_ns: dict[str, int] = {}  # and the ids of their peers' namespaces here
         self._fresh: list[PortPlan] = []  # new veths, made together (``_make_veths``)
         self._entries: list[rtnl.Request] = []
         self._entries_for: set[str] = set()
+        # What a pass sends at once, in one exchange (``_flush_now``): a
+        # request and whether it may find nothing to remove; and the bridges
+        # it is of (probed again if the pass fails before it is sent).
+        self._now: list[tuple[rtnl.Request, bool]] = []
+        self._now_for: set[str] = set()
         self._stale_sets: set[str] = set()
-        # Member sets the agent folded while a pass ran (``members_soon``).
+        # Member sets and bridges the agent folded while a pass ran
+        # (``members_soon``, ``bridges_soon``).
         self._soon: dict[str, frozenset[str]] = {}
+        self._bridges_soon: dict[str, BridgePlan] = {}
         self._soon_lock = threading.Lock()
 
     def _nl(self, ns: str | None = None) -> Rtnl:
@@ -427,9 +435,11 @@ class Host:
         return rate * 8 // 1000 if kind == "tbf" else 0
 
     def _has_ns(self, ns: str) -> bool:
-        if self._ns is not None:
-            return ns in self._ns
-        return os.path.exists(f"/run/netns/{nw.check_netns_name(ns)}")
+        """Whether the instance's namespace is there, and made (one still
+        being made is waited for, as one not there yet)."""
+        if self._ns is not None and ns not in self._ns:
+            return False
+        return rtnl.netns_ready(ns)
 
     def peer_ok(self, pp: PortPlan) -> bool:
         """The instance side exists, up, with its address and routes: two
@@ -465,24 +475,28 @@ class Host:
 
     # -- changing ------------------------------------------------------------------
 
-    def reconcile(self, hp: HostPlan, deep: bool = True) -> Changes:
-        """Make the host match ``hp``; what had to change is returned."""
+    def reconcile(self, hp: HostPlan, deep: bool = True, soon_newer: bool = False) -> Changes:
+        """Make the host match ``hp``; what had to change is returned.
+        ``soon_newer``: what was handed in since the caller's ``plan_made``
+        is newer than ``hp`` (else whatever was handed in before the pass
+        is taken as older)."""
         # One pass at a time: a pass whose awaiting task was cancelled (the
         # agent stopping) runs on in its thread, and the next (a teardown)
         # must not interleave with it.
         with self._mutex, self._pass():
             try:
-                return self._reconcile(hp, deep)
+                return self._reconcile(hp, deep, soon_newer)
             except RtnlError as exc:
                 raise KernelError(f"netlink: {exc}") from None
             finally:
                 # Bridges whose new entries were worked out but not all made
                 # (the pass failed first): probed again by the next pass.
-                for name in self._entries_for:
+                for name in self._entries_for | self._now_for:
                     self._done.pop(name, None)
                 self._entries, self._entries_for = [], set()
+                self._now, self._now_for = [], set()
 
-    def _reconcile(self, hp: HostPlan, deep: bool) -> Changes:
+    def _reconcile(self, hp: HostPlan, deep: bool, soon_newer: bool = False) -> Changes:
         ch = Changes()
         self._pass_began = time.monotonic()
         failed: KernelError | None = None
@@ -493,6 +507,7 @@ class Host:
         self._deep = deep
         self._unplugged: list[PortPlan] = []
         self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
+        self._peer_ns: dict[str, int] = {}  # and the ids of their peers' namespaces here
         self._fresh: list[PortPlan] = []
         self._entries: list[rtnl.Request] = []  # remote ports' entries (``_send_entries``)
         self._entries_for: set[str] = set()  # the bridges they are of
@@ -503,8 +518,8 @@ class Host:
         # host's rules must let in) is not kept waiting behind this host's
         # own new ports. Stale ones go after the rules (``_after_links``;
         # kept until then, should this pass fail before).
-        with self._soon_lock:
-            self._soon = {}  # (the plan is as new as any handed in before it)
+        if not soon_newer:
+            self.plan_made()  # (the plan is as new as any handed in before it)
         if hp.ipsets != self._sets:
             self._stale_sets |= self._sync_sets(hp.ipsets, ch)
         clock.lap("ipsets")
@@ -526,19 +541,26 @@ class Host:
                     self._port(pp, actual, ch, None)
             self._make_veths(actual, ch)
             clock.lap("ports")
-            self._members_now(ch)
+            self._soon_now(ch)
             self._after_links(hp, deep, ch, clock, last, actual, failed)
             return ch
         actual = Links(self, hp.taps(), dump=deep)
         wanted = hp.names()
         if not deep:
             # What the last plan had and this one has not: the stray links a
-            # shallow pass can know of without probing the whole host; and
-            # the ports the pass looks at (not done as planned).
+            # shallow pass can know of without probing the whole host; the
+            # ports the pass looks at (not done as planned), and the bridges
+            # it does not trust (new here, say).
             actual.prefetch(
                 [
                     *(self._names - wanted),
                     *(n for n, pp in hp.ports.items() if self._done.get(n) != pp),
+                    *(
+                        n
+                        for b in hp.bridges.values()
+                        if not isinstance(self._done.get(b.bridge), BridgePlan)
+                        for n in (b.bridge, b.vxlan)
+                    ),
                 ]
             )
             for name in sorted(self._names - wanted):
@@ -564,8 +586,21 @@ class Host:
                 self._done.pop(name, None)
                 self._done.pop(f"index {name}", None)
         before = len(ch.created)
-        for b in sorted(hp.bridges.values(), key=lambda b: b.bridge):
-            self._bridge(b, actual, ch)
+        # Bridges here already whose remotes changed first, their flood
+        # entries at once: a host new to a network is reached only once it
+        # is in the flood list of the network's other hosts (an ARP request
+        # for its new port goes nowhere else). Then the ones to make.
+        rest = [
+            b
+            for b in sorted(hp.bridges.values(), key=lambda b: b.bridge)
+            if not self._remotes(b, ch)
+        ]
+        self._flush_now()
+        fresh: list[BridgePlan] = []
+        for b in rest:
+            self._bridge(b, actual, ch, fresh)
+        self._make_bridges(fresh, ch)
+        self._flush_now()
         for name in sorted(n for n in hp.externals if n not in actual):
             nl = self._nl()
             nl.add_bridge(name)
@@ -585,7 +620,7 @@ class Host:
             self._port(pp, actual, ch, routes)
         self._make_veths(actual, ch)
         clock.lap("ports")
-        self._members_now(ch)
+        self._soon_now(ch)
         self._after_links(hp, deep, ch, clock, last, actual, failed)
         return ch
 
@@ -627,9 +662,10 @@ class Host:
                 ch.created.append("firewall")
             self._chains = dict(hp.chains)
         clock.lap("firewall")
-        self._plug_all(self._unplugged, actual)
+        self._soon_now(ch)
+        self._plug_all(self._unplugged, actual, ch)
         clock.lap("plug")
-        self._members_now(ch)
+        self._soon_now(ch)
         self._send_entries()
         clock.lap("entries")
         for name in sorted(stale):
@@ -655,21 +691,82 @@ class Host:
             with contextlib.suppress(RtnlError):  # (gone with its peer meanwhile)
                 nl.delete(link.index)
 
-    def _bridge(self, b: BridgePlan, actual: Links, ch: Changes) -> None:
+    def _remotes(self, b: BridgePlan, ch: Changes) -> bool:
+        """A bridge a shallow pass need not look at (done as planned), or
+        whose remotes only changed (its flood and stale entries queued,
+        ``_flush_now``): the FDB and neighbour entries it made itself last
+        time, and the devices, are trusted. False: ``_bridge`` it."""
+        done = self._done.get(b.bridge)
+        if self._deep:
+            return False
+        if done is b or done == b:
+            return True
+        vx = self._done.get(f"index {b.vxlan}")
+        br = self._done.get(f"index {b.bridge}")
+        if not (isinstance(done, BridgePlan) and done.vni == b.vni and vx and br):
+            return False
+        self._fdb_now(b, int(vx), int(br), _Entries.planned(done), ch)  # type: ignore[arg-type]
+        self._done[b.bridge] = b
+        return True
+
+    def _bridge(self, b: BridgePlan, actual: Links, ch: Changes, fresh: list[BridgePlan]) -> None:
+        """Bridge ``b`` made or repaired (one new here, with neither device,
+        is left in ``fresh``: ``_make_bridges`` makes them all at once)."""
         done = self._done.get(b.bridge)
         same = done is b or done == b
         if same and (not self._deep or (b.bridge in actual and b.vxlan in actual)):
             return
-        vx = self._done.get(f"index {b.vxlan}")
-        br = self._done.get(f"index {b.bridge}")
-        if not self._deep and isinstance(done, BridgePlan) and done.vni == b.vni and vx and br:
-            # Only its remotes changed: a shallow pass trusts the FDB and
-            # neighbour entries it made itself last time, and the devices.
-            self._fdb_now(b, int(vx), int(br), _Entries.planned(done), ch)  # type: ignore[arg-type]
-        else:
-            trusted = done if isinstance(done, BridgePlan) and b.vxlan in actual else None
-            self._bridge_now(b, actual, ch, trusted)
+        if actual.get(b.bridge) is None and actual.get(b.vxlan) is None:
+            fresh.append(b)
+            return
+        trusted = done if isinstance(done, BridgePlan) and b.vxlan in actual else None
+        self._bridge_now(b, actual, ch, trusted)
         self._done[b.bridge] = b
+
+    def _make_bridges(self, fresh: list[BridgePlan], ch: Changes) -> None:
+        """New bridges, each with its VXLAN device and flood entries, in two
+        exchanges for all of them: a wave of bindings brings a host several
+        networks at once, and each request alone is a wait (for the
+        interpreter too, in a process of many agents)."""
+        if not fresh:
+            return
+        nl = self._nl()
+        made = nl.create(
+            [
+                r
+                for b in fresh
+                for r in (
+                    rtnl.bridge_add(b.bridge, b.mac, up=True),
+                    rtnl.vxlan_add(b.vxlan, b.vni, self.vtep, nw.VXLAN_PORT),
+                )
+            ],
+            [n for b in fresh for n in (b.bridge, b.vxlan)],
+        )
+        for b in fresh:
+            br, vx = made[b.bridge].index, made[b.vxlan].index
+            ch.created += [b.bridge, b.vxlan]
+            # (ARP for the network's remote ports answered by the bridge from
+            # its neighbour entries, never flooded to the others)
+            self._now += [(rtnl.link_set(vx, master=br, up=True), False)]
+            self._now += [(rtnl.neigh_suppress(vx), False)]
+            self._now_for.add(b.bridge)
+            self._done[f"index {b.vxlan}"] = vx
+            self._done[f"index {b.bridge}"] = br
+            # (both made just now: they hold none of ours yet)
+            self._fdb_now(b, vx, br, _Entries(frozenset(), {}, set(), {}), ch)
+            self._done[b.bridge] = b
+
+    def _flush_now(self) -> None:
+        """Send what the pass queued to be done at once (flood entries, stale
+        entries, new bridges' settings), in one exchange. A stale entry
+        already gone is what was wanted; any other refusal fails the pass."""
+        now, self._now = self._now, []
+        if now:
+            errors = self._nl().do_many([r for r, _ in now])
+            for (_, gone_ok), err in zip(now, errors, strict=True):
+                if err is not None and not gone_ok:
+                    raise err
+        self._now_for = set()
 
     def _bridge_now(
         self,
@@ -732,16 +829,20 @@ class Host:
             dict(self._permanent_neighbours().get(br, {})),
         )
 
-    def _fdb_now(self, b: BridgePlan, vx: int, br: int, have: _Entries, ch: Changes) -> None:
+    def _fdb_now(
+        self, b: BridgePlan, vx: int, br: int, have: _Entries, ch: Changes, later: bool = True
+    ) -> None:
         """Head-end replication to the network's other hosts, and per remote
         port: its MAC behind the VXLAN port (bridge) and its VTEP (VXLAN
-        device), its address answered by the bridge (ARP suppression)."""
-        nl = self._nl()
+        device), its address answered by the bridge (ARP suppression). New
+        entries are sent with the pass's others (``_send_entries``), or at
+        once if not ``later``."""
+        now: list[tuple[rtnl.Request, bool]] = []  # (a request, whether it may find nothing)
         for dst in sorted(b.remotes - have.flood):
-            nl.fdb_append(vx, dst)
+            now.append((rtnl.fdb_flood(vx, dst), False))
             ch.created.append(f"fdb {b.vxlan} {dst}")
         for dst in sorted(have.flood - b.remotes):
-            nl.fdb_delete(vx, dst)
+            now.append((rtnl.fdb_flood(vx, dst, delete=True), True))
             ch.removed.append(f"fdb {b.vxlan} {dst}")
         want = _Entries.planned(b)
         # Stale ones now (a MAC or address may come back under another
@@ -749,16 +850,15 @@ class Host:
         # own new ports are plugged in (``_send_entries``): the VXLAN device
         # learns where a MAC lives before the bridge sends to it, and the
         # bridge the MAC before it answers for the address.
-        gone: list[rtnl.Request] = []
         made: list[rtnl.Request] = []
         for ip in sorted(set(have.neigh) - set(want.neigh)):
-            gone.append(rtnl.neighbour_delete(br, ip))
+            now.append((rtnl.neighbour_delete(br, ip), True))
             ch.removed.append(f"neigh {b.bridge} {ip}")
         for mac in sorted(have.static - want.static):
-            gone.append(rtnl.fdb_static_delete(vx, mac))
+            now.append((rtnl.fdb_static_delete(vx, mac), True))
             ch.removed.append(f"fdb {b.bridge} {mac}")
         for mac in sorted(set(have.unicast) - set(want.unicast)):
-            gone.append(rtnl.fdb_unicast_delete(vx, mac))
+            now.append((rtnl.fdb_unicast_delete(vx, mac), True))
             ch.removed.append(f"fdb {b.vxlan} {mac}")
         for mac, dst in sorted(want.unicast.items()):
             if have.unicast.get(mac) != dst:
@@ -771,8 +871,14 @@ class Host:
             if have.neigh.get(ip) != mac:
                 made.append(rtnl.neighbour_add(br, ip, mac))
                 ch.created.append(f"neigh {b.bridge} {ip}")
-        if gone:
-            nl.do_many(gone)  # (an entry already gone is what was wanted)
+        if not later:
+            # (all at once, in the order worked out: stale ones first)
+            self._now += now + [(m, False) for m in made]
+            self._flush_now()
+            return
+        if now:
+            self._now += now
+            self._now_for.add(b.bridge)
         if made:
             self._entries += made
             self._entries_for.add(b.bridge)
@@ -931,6 +1037,8 @@ class Host:
                 # (the host's side names its peer's index: IFLA_LINK)
                 if made[pp.ifname].peer:
                     self._peers[pp.ifname] = made[pp.ifname].peer
+                if made[pp.ifname].netnsid >= 0:
+                    self._peer_ns[pp.ifname] = made[pp.ifname].netnsid
                 actual[pp.ifname] = {
                     "index": idx,
                     "kind": "veth",
@@ -943,39 +1051,55 @@ class Host:
                 # A veth made just now has no qdisc: only a rate asks for one.
                 self._qdisc(pp, idx, 0, ch)
 
-    def _plug_all(self, pps: list[PortPlan], actual: Links) -> None:
+    def _plug_all(self, pps: list[PortPlan], actual: Links, ch: Changes) -> None:
         """Plug new veths in, once their rules are loaded (their instance's
         sides are up since they were made): the host's sides up, bridged or
-        routed to, in one exchange; then, once they are operationally up,
-        each instance's side addressed and routed, in one exchange per
+        routed to, in one exchange; then, once both sides are operationally
+        up, each instance's side addressed and routed, in one exchange per
         instance. Before that the instance cannot send, and its first
         packets are not lost.
 
         Why wait: a veth's carrier comes on from the kernel's link watch
         (asynchronous, under the RTNL lock, batched), and until that has
-        run its queue drops what is sent through it: the ARP replies to the
-        instance's first request, which it retries only a second later."""
+        run for a side its queue drops what is sent through it: the
+        instance's first ARP request (traced: dropped by its qdisc 0.3 ms
+        after its host's side was seen up), or the replies to it; the
+        instance retries only a second later. The host's side comes up in
+        the exchange below (its queue is made there); the instance's side,
+        up since it was made, waits for the link watch."""
         if not pps:
             return
         # In batches (a request each is a round trip, and in a process
         # holding many agents a wait for the interpreter after each).
         _do_all(self._nl(), [r for pp in pps for r in self._plug_links(pp, actual)])
-        self._await_oper_up([pp.ifname for pp in pps])
+        lookups = [rtnl.link_get(pp.ifname) for pp in pps]
+        # (the instance's side looked up from here, through the id this
+        # namespace has for the instance's: one exchange for all of them)
+        lookups += [
+            rtnl.link_get(pp.peer, self._peer_ns[pp.ifname])
+            for pp in pps
+            if pp.ifname in self._peer_ns
+        ]
+        self._await_oper_up(lookups, ch)
         for pp in pps:
             self._plug_addresses(pp)
 
-    def _await_oper_up(self, names: list[str], timeout: float = 2.0) -> None:
-        """Until each of the host's links ``names`` is operationally up
-        (bounded: after ``timeout`` the pass goes on; the instance's ARP
-        retries then cover the rest)."""
+    def _await_oper_up(
+        self, lookups: list[rtnl.Request], ch: Changes, timeout: float = 2.0
+    ) -> None:
+        """Until each link of ``lookups`` (``rtnl.link_get``) is
+        operationally up (bounded: after ``timeout`` the pass goes on; the
+        instance's ARP retries then cover the rest). Meanwhile what the
+        agent handed in since the pass began is applied (``_soon_now``)."""
         nl = self._nl()
         deadline = time.monotonic() + timeout
-        pending = list(names)
+        pending = list(lookups)
         while pending:
-            found = nl.links_named(pending)  # (one exchange for all)
-            pending = [n for n in pending if not ((ln := found[n]) is None or ln.oper_up)]
+            found = nl.lookup(pending)  # (one exchange for all)
+            pending = [r for r, ln in zip(pending, found, strict=True) if ln and not ln.oper_up]
             if not pending or time.monotonic() > deadline:
                 return
+            self._soon_now(ch)
             time.sleep(0.002)
 
     def _plug_links(self, pp: PortPlan, actual: Links) -> list[rtnl.Request]:
@@ -1144,6 +1268,57 @@ class Host:
         rest of the pass and the next one's plan."""
         with self._soon_lock:
             self._soon.update(sets)
+
+    def bridges_soon(self, plans: dict[str, BridgePlan]) -> None:
+        """Bridges as the log has them now (``Planner.bridges``: those a host
+        joined or left), for a pass already running to apply between its
+        steps (from any thread). A host new to the network then waits for
+        the step under way, not for the rest of the pass: its new port's
+        first packets come as soon as its own host wired it, and this
+        host's instances answer them (their ARP request for it goes out to
+        its host only once that host is in the flood list)."""
+        with self._soon_lock:
+            self._bridges_soon.update(plans)
+
+    def plan_made(self) -> None:
+        """A plan was made from the log as folded now: what was handed in
+        before (``members_soon``, ``bridges_soon``) is in it."""
+        with self._soon_lock:
+            self._soon, self._bridges_soon = {}, {}
+
+    def _soon_now(self, ch: Changes) -> None:
+        """Within a pass: what the agent handed in since it began."""
+        self._members_now(ch)
+        self._bridges_now()
+
+    def _bridges_now(self) -> None:
+        """The bridges handed in since the pass began, of those it has made
+        (or trusts) already: their flood and remote ports' entries changed
+        at once. (Planned changes, not drift: not in the pass's changes.)"""
+        with self._soon_lock:
+            soon, self._bridges_soon = self._bridges_soon, {}
+        if not soon:
+            return
+        if self._entries_for & set(soon):
+            # The pass's own entries of these bridges first: what the newer
+            # plan removes must not be sent after it is gone.
+            self._send_entries()
+        for name, b in sorted(soon.items()):
+            done = self._done.get(name)
+            vx = self._done.get(f"index {b.vxlan}")
+            br = self._done.get(f"index {b.bridge}")
+            if (
+                not isinstance(done, BridgePlan)
+                or done == b
+                or done.vni != b.vni
+                or not vx
+                or not br
+            ):
+                continue  # (not made by this pass or the last, or nothing new)
+            # (not trusted until made: a failure has the next pass probe it)
+            self._done.pop(name)
+            self._fdb_now(b, int(vx), int(br), _Entries.planned(done), Changes(), later=False)  # type: ignore[arg-type]
+            self._done[name] = b
 
     def _members_now(self, ch: Changes) -> None:
         """Within a pass: the member sets handed in since it started, of

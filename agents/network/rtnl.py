@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -40,6 +41,7 @@ SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
 # link attributes
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER = 1, 3, 5, 10
 IFLA_OPERSTATE, IFLA_LINKINFO, IFLA_NET_NS_FD, IFLA_LINK_NETNSID = 16, 18, 28, 37
+IFLA_TARGET_NETNSID = 46  # (a lookup of a link in another namespace, by its id here)
 IF_OPER_UP = 6
 IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
 IFLA_BRPORT_NEIGH_SUPPRESS = 32
@@ -369,12 +371,15 @@ class Rtnl(Netlink):
 
     def links_named(self, names: list[str]) -> dict[str, Link | None]:
         """Links by name, all looked up in one exchange (None: no such link)."""
-        out: dict[str, Link | None] = {}
-        answers = self.exchange([link_get(n) for n in names])
-        for name, (err, payloads) in zip(names, answers, strict=True):
+        return dict(zip(names, self.lookup([link_get(n) for n in names]), strict=True))
+
+    def lookup(self, requests: list[Request]) -> list[Link | None]:
+        """The links of lookups (``link_get``), in one exchange (None: no such link)."""
+        out: list[Link | None] = []
+        for err, payloads in self.exchange(requests):
             if err is not None and err.errno != errno.ENODEV:
                 raise err
-            out[name] = self._link(payloads[0]) if err is None and payloads else None
+            out.append(self._link(payloads[0]) if err is None and payloads else None)
         return out
 
     def index(self, name: str) -> int:
@@ -403,16 +408,10 @@ class Rtnl(Netlink):
         return found
 
     def add_bridge(self, name: str, mac: str = "") -> None:
-        self.add(name, "bridge", b"", *([nla(IFLA_ADDRESS, _mac(mac))] if mac else []))
+        self.do(*bridge_add(name, mac))
 
     def add_vxlan(self, name: str, vni: int, local: str, port: int, learning: bool = True) -> None:
-        data = (
-            _u32(IFLA_VXLAN_ID, vni)
-            + nla(IFLA_VXLAN_LOCAL, _ip4(local))
-            + nla(IFLA_VXLAN_PORT, struct.pack("!H", port))
-            + nla(IFLA_VXLAN_LEARNING, bytes([1 if learning else 0]))
-        )
-        self.add(name, "vxlan", data)
+        self.do(*vxlan_add(name, vni, local, port, learning))
 
     def add_veth(
         self,
@@ -439,13 +438,7 @@ class Rtnl(Netlink):
         self.do(*link_set(index, up=up, master=master, mac=mac, netns_fd=netns_fd, name=name))
 
     def neigh_suppress(self, index: int, on: bool = True) -> None:
-        """Bridge port ``index`` answers ARP requests from its bridge's
-        neighbour table instead of flooding them out of it (the kernel's
-        ARP suppression, as EVPN uses on a VXLAN port)."""
-        port = nla(IFLA_BRPORT_NEIGH_SUPPRESS, bytes([1 if on else 0]))
-        info = _str(IFLA_INFO_SLAVE_KIND, "bridge") + _nested(IFLA_INFO_SLAVE_DATA, port)
-        body = _IFINFO.pack(0, 0, index, 0, 0) + _nested(IFLA_LINKINFO, info)
-        self.do(RTM_NEWLINK, 0, body)
+        self.do(*neigh_suppress(index, on))
 
     def delete(self, index: int) -> None:
         self.do(RTM_DELLINK, 0, _IFINFO.pack(0, 0, index, 0, 0))
@@ -602,16 +595,11 @@ class Rtnl(Netlink):
                 out.static.setdefault(idx, set()).add(_fmt_mac(mac))
         return out
 
-    def _fdb(self, kind: int, flags: int, index: int, dst: str) -> None:
-        body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-        body += nla(NDA_LLADDR, b"\0" * 6) + nla(NDA_DST, _ip4(dst))
-        self.do(kind, flags, body)
-
     def fdb_append(self, index: int, dst: str) -> None:
-        self._fdb(RTM_NEWNEIGH, F_CREATE | F_APPEND, index, dst)
+        self.do(*fdb_flood(index, dst))
 
     def fdb_delete(self, index: int, dst: str) -> None:
-        self._fdb(RTM_DELNEIGH, 0, index, dst)
+        self.do(*fdb_flood(index, dst, delete=True))
 
     def fdb_unicast(self, index: int, mac: str, dst: str) -> None:
         self.do(*fdb_unicast(index, mac, dst))
@@ -666,6 +654,41 @@ def link_add(name: str, kind: str, data: bytes = b"", *extra: bytes, up: bool = 
     return RTM_NEWLINK, F_CREATE | F_EXCL, body
 
 
+def bridge_add(name: str, mac: str = "", up: bool = False) -> Request:
+    """A new bridge ``name`` (with its MAC ``mac``), up with ``up``."""
+    return link_add(name, "bridge", b"", *([nla(IFLA_ADDRESS, _mac(mac))] if mac else []), up=up)
+
+
+def vxlan_add(name: str, vni: int, local: str, port: int, learning: bool = True) -> Request:
+    """A new VXLAN device ``name`` for ``vni`` from ``local`` (UDP ``port``), down."""
+    data = (
+        _u32(IFLA_VXLAN_ID, vni)
+        + nla(IFLA_VXLAN_LOCAL, _ip4(local))
+        + nla(IFLA_VXLAN_PORT, struct.pack("!H", port))
+        + nla(IFLA_VXLAN_LEARNING, bytes([1 if learning else 0]))
+    )
+    return link_add(name, "vxlan", data)
+
+
+def neigh_suppress(index: int, on: bool = True) -> Request:
+    """Bridge port ``index`` answers ARP requests from its bridge's
+    neighbour table instead of flooding them out of it (the kernel's ARP
+    suppression, as EVPN uses on a VXLAN port)."""
+    port = nla(IFLA_BRPORT_NEIGH_SUPPRESS, bytes([1 if on else 0]))
+    info = _str(IFLA_INFO_SLAVE_KIND, "bridge") + _nested(IFLA_INFO_SLAVE_DATA, port)
+    return RTM_NEWLINK, 0, _IFINFO.pack(0, 0, index, 0, 0) + _nested(IFLA_LINKINFO, info)
+
+
+def fdb_flood(index: int, dst: str, delete: bool = False) -> Request:
+    """VXLAN device ``index`` sends broadcast and unknown frames to VTEP
+    ``dst`` too (head-end replication), or no more with ``delete``."""
+    body = _NDMSG.pack(AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
+    body += nla(NDA_LLADDR, b"\0" * 6) + nla(NDA_DST, _ip4(dst))
+    if delete:
+        return RTM_DELNEIGH, 0, body
+    return RTM_NEWNEIGH, F_CREATE | F_APPEND, body
+
+
 def veth_add(
     name: str,
     peer: str,
@@ -703,9 +726,14 @@ def veth_inside(
     return veth_add(inner, outer, None, inner_mac, outer_mac, netns_fd=inner_netns_fd, up=True)
 
 
-def link_get(name: str) -> Request:
-    """A lookup of the link ``name`` (its reply: the link)."""
-    return RTM_GETLINK, 0, _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+def link_get(name: str, netnsid: int = -1) -> Request:
+    """A lookup of the link ``name`` (its reply: the link); of the one in
+    namespace ``netnsid`` (as this namespace numbers it: a veth's
+    ``Link.netnsid``) when given."""
+    body = _IFINFO.pack(0, 0, 0, 0, 0) + _str(IFLA_IFNAME, name)
+    if netnsid >= 0:
+        body += nla(IFLA_TARGET_NETNSID, _I32.pack(netnsid))
+    return RTM_GETLINK, 0, body
 
 
 def addr_add(index: int, address: str, prefixlen: int) -> Request:
@@ -783,6 +811,29 @@ class Fdb:
     flood: dict[int, set[str]] = field(default_factory=dict)  # all-zero MAC -> VTEPs
     unicast: dict[int, dict[str, str]] = field(default_factory=dict)  # MAC -> VTEP
     static: dict[int, set[str]] = field(default_factory=dict)  # MACs behind a port
+
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its kind (linux/nsfs.h)
+CLONE_NEWNET = 0x40000000
+
+
+def netns_ready(name: str) -> bool:
+    """Whether namespace ``name`` is there and made: ``ip netns add`` (and
+    pyroute2) create its file under /run/netns first and bind the new
+    namespace onto it after; until then the file is a plain one, and a
+    link made "in" it is refused (EINVAL)."""
+    from stratus.events import network as nw
+
+    try:
+        fd = os.open(f"/run/netns/{nw.check_netns_name(name)}", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:  # (ENOTTY: not a namespace yet)
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
