@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from stratus.agents.network.desired import HostPlan
+from stratus.agents.network.agent import NetworkAgent
+from stratus.agents.network.desired import BridgePlan, HostPlan
 from stratus.agents.network.kernel import Host
 from stratus.agents.network.sim import leftovers
 from stratus.events import network as nw
@@ -497,6 +498,18 @@ async def test_a_remote_port_is_known_to_each_host_of_its_network_until_it_is_de
     assert (srv.ip, srv.mac, lab.sim.vtep("host-2")) in entries
 
 
+async def _host1_alone(lab) -> tuple[NetworkAgent, HostPlan, BridgePlan]:
+    """acme's pair (c1 on host-1, srv on host-2), host-1's agent stopped so
+    that the passes a test makes are its alone: the agent, its plan, and
+    the plan's one bridge."""
+    await acme_pair(lab)
+    agent = lab.agents["host-1"]
+    await agent.stop()
+    hp = agent.plan()
+    (b,) = hp.bridges.values()
+    return agent, hp, b
+
+
 async def test_a_remote_port_is_its_three_entries_and_a_failed_pass_leaves_them_to_the_next(lab):
     """A shallow pass for a port placed on another host of the network makes
     that port's three entries on this host and nothing else, after the
@@ -507,12 +520,8 @@ async def test_a_remote_port_is_its_three_entries_and_a_failed_pass_leaves_them_
 
     from stratus.agents.network.kernel import KernelError
 
-    await acme_pair(lab)  # c1 on host-1, srv on host-2
-    agent = lab.agents["host-1"]
-    await agent.stop()  # (the passes below are the test's alone)
+    agent, hp, b = await _host1_alone(lab)
     kernel = agent.kernel
-    hp = agent.plan()
-    (b,) = hp.bridges.values()
     ip, mac, vtep = "10.0.0.250", "fa:16:3e:00:00:fa", lab.sim.vtep("host-2")
     extra = dataclasses.replace(b, neighbours=b.neighbours | {(ip, mac, vtep)})
 
@@ -556,12 +565,8 @@ async def test_bridges_handed_to_a_running_pass_are_applied_by_it_and_older_ones
 
     from stratus.agents.network.rtnl import Rtnl
 
-    await acme_pair(lab)  # c1 on host-1, srv on host-2
-    agent = lab.agents["host-1"]
-    await agent.stop()  # (the passes below are the test's alone)
+    agent, hp, b = await _host1_alone(lab)
     kernel = agent.kernel
-    hp = agent.plan()
-    (b,) = hp.bridges.values()
     # (what the agent hands in: the planner's bridges of the networks touched,
     # of those the host has)
     assert agent.planner.bridges(agent.topology, {b.network, "no-such-network"}) == {b.bridge: b}
