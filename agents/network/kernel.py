@@ -316,8 +316,9 @@ class Host:
         self.waiting: set[str] = set()
         self._applied: HostPlan | None = None  # the plan the last full pass applied
         self._unplugged: list[PortPlan] = []
-        self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
-        self._peer_ns: dict[str, int] = {}  # and the ids of their peers' namespaces here
+        # New veths' host sides as made: their peers' indexes (IFLA_LINK) and
+        # the ids here of their peers' namespaces (IFLA_LINK_NETNSID).
+        self._veths: dict[str, rtnl.Link] = {}
         self._fresh: list[PortPlan] = []  # new veths, made together (``_make_veths``)
         self._entries: list[rtnl.Request] = []
         self._entries_for: set[str] = set()
@@ -506,8 +507,7 @@ class Host:
         self._ns = namespaces() if deep else None
         self._deep = deep
         self._unplugged: list[PortPlan] = []
-        self._peers: dict[str, int] = {}  # new veths: their peers' indexes inside
-        self._peer_ns: dict[str, int] = {}  # and the ids of their peers' namespaces here
+        self._veths = {}
         self._fresh: list[PortPlan] = []
         self._entries: list[rtnl.Request] = []  # remote ports' entries (``_send_entries``)
         self._entries_for: set[str] = set()  # the bridges they are of
@@ -696,18 +696,29 @@ class Host:
         whose remotes only changed (its flood and stale entries queued,
         ``_flush_now``): the FDB and neighbour entries it made itself last
         time, and the devices, are trusted. False: ``_bridge`` it."""
-        done = self._done.get(b.bridge)
         if self._deep:
             return False
+        done = self._done.get(b.bridge)
         if done is b or done == b:
             return True
-        vx = self._done.get(f"index {b.vxlan}")
-        br = self._done.get(f"index {b.bridge}")
-        if not (isinstance(done, BridgePlan) and done.vni == b.vni and vx and br):
+        trusted = self._trusted(b)
+        if trusted is None:
             return False
-        self._fdb_now(b, int(vx), int(br), _Entries.planned(done), ch)  # type: ignore[arg-type]
+        done, vx, br = trusted
+        self._fdb_now(b, vx, br, _Entries.planned(done), ch)
         self._done[b.bridge] = b
         return True
+
+    def _trusted(self, b: BridgePlan) -> tuple[BridgePlan, int, int] | None:
+        """The plan this host last applied to ``b``'s bridge and its
+        devices' indexes, when a pass may trust them (same VNI): only the
+        remotes' entries can differ. None: look at the host."""
+        done = self._done.get(b.bridge)
+        vx = self._done.get(f"index {b.vxlan}")
+        br = self._done.get(f"index {b.bridge}")
+        if isinstance(done, BridgePlan) and done.vni == b.vni and vx and br:
+            return done, int(vx), int(br)  # type: ignore[call-overload]
+        return None
 
     def _bridge(self, b: BridgePlan, actual: Links, ch: Changes, fresh: list[BridgePlan]) -> None:
         """Bridge ``b`` made or repaired (one new here, with neither device,
@@ -1034,11 +1045,7 @@ class Host:
                 made = self._nl().create(requests, [pp.ifname for pp in part])
             for pp in part:
                 idx = made[pp.ifname].index
-                # (the host's side names its peer's index: IFLA_LINK)
-                if made[pp.ifname].peer:
-                    self._peers[pp.ifname] = made[pp.ifname].peer
-                if made[pp.ifname].netnsid >= 0:
-                    self._peer_ns[pp.ifname] = made[pp.ifname].netnsid
+                self._veths[pp.ifname] = made[pp.ifname]
                 actual[pp.ifname] = {
                     "index": idx,
                     "kind": "veth",
@@ -1076,9 +1083,9 @@ class Host:
         # (the instance's side looked up from here, through the id this
         # namespace has for the instance's: one exchange for all of them)
         lookups += [
-            rtnl.link_get(pp.peer, self._peer_ns[pp.ifname])
+            rtnl.link_get(pp.peer, self._veths[pp.ifname].netnsid)
             for pp in pps
-            if pp.ifname in self._peer_ns
+            if pp.ifname in self._veths and self._veths[pp.ifname].netnsid >= 0
         ]
         self._await_oper_up(lookups, ch)
         for pp in pps:
@@ -1118,7 +1125,8 @@ class Host:
 
     def _plug_addresses(self, pp: PortPlan) -> None:
         inner = self._nl(pp.netns)
-        pidx = self._peers.pop(pp.ifname, 0) or inner.index(pp.peer)
+        made = self._veths.pop(pp.ifname, None)
+        pidx = (made.peer if made is not None else 0) or inner.index(pp.peer)
         # (the instance's side was made up; its loopback comes up here, in
         # the same exchange as its address and routes)
         requests = [rtnl.link_set(rtnl.LOOPBACK_INDEX, up=True)]
@@ -1304,20 +1312,13 @@ class Host:
             # plan removes must not be sent after it is gone.
             self._send_entries()
         for name, b in sorted(soon.items()):
-            done = self._done.get(name)
-            vx = self._done.get(f"index {b.vxlan}")
-            br = self._done.get(f"index {b.bridge}")
-            if (
-                not isinstance(done, BridgePlan)
-                or done == b
-                or done.vni != b.vni
-                or not vx
-                or not br
-            ):
+            trusted = self._trusted(b)
+            if trusted is None or trusted[0] == b:
                 continue  # (not made by this pass or the last, or nothing new)
+            done, vx, br = trusted
             # (not trusted until made: a failure has the next pass probe it)
             self._done.pop(name)
-            self._fdb_now(b, int(vx), int(br), _Entries.planned(done), Changes(), later=False)  # type: ignore[arg-type]
+            self._fdb_now(b, vx, br, _Entries.planned(done), Changes(), later=False)
             self._done[name] = b
 
     def _members_now(self, ch: Changes) -> None:
